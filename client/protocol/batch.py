@@ -1,0 +1,160 @@
+"""The batch: encoding messages into it and decoding them out of it.
+
+A batch is ``count u32 | crc u32 | records`` (protocol.md, "Batches"). The
+broker only ever calls :func:`check_batch`, which is O(1) plus one
+``zlib.crc32``; per-message work (:func:`encode_batch`, :func:`decode_batch`)
+happens in clients.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
+
+from .errors import ErrorCode, RemoteProtocolError
+
+BATCH_HEADER = struct.Struct(">II")  # count, crc32 of records
+RECORD_HEADER = struct.Struct(">IH")  # payload_len, headers_len
+_U16 = struct.Struct(">H")
+
+#: Shared, immutable headers of a message published without headers.
+EMPTY_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+Headers = Mapping[str, str]
+
+
+def encode_headers(headers: Headers | None) -> bytes:
+    if not headers:
+        return b""
+    parts: list[bytes] = []
+    for key, value in headers.items():
+        k = key.encode("utf-8")
+        v = value.encode("utf-8")
+        if not k:
+            raise ValueError("header keys must be non-empty")
+        if len(k) > 0xFFFF or len(v) > 0xFFFF:
+            raise ValueError(f"header {key!r} is longer than 65535 bytes")
+        parts.append(_U16.pack(len(k)))
+        parts.append(k)
+        parts.append(_U16.pack(len(v)))
+        parts.append(v)
+    block = b"".join(parts)
+    if len(block) > 0xFFFF:
+        raise ValueError("headers block is longer than 65535 bytes")
+    return block
+
+
+def encode_record(payload: bytes, headers: Headers | None = None) -> bytes:
+    """One record; clients cache these to build batches cheaply."""
+    block = encode_headers(headers)
+    return RECORD_HEADER.pack(len(payload), len(block)) + block + payload
+
+
+def encode_batch_from_records(records: Sequence[bytes]) -> bytes:
+    body = b"".join(records)
+    return BATCH_HEADER.pack(len(records), zlib.crc32(body)) + body
+
+
+def encode_batch(
+    messages: Iterable[bytes | tuple[bytes, Headers | None]],
+) -> bytes:
+    """Encode payloads (or ``(payload, headers)`` pairs) into one batch."""
+    records = []
+    for item in messages:
+        if isinstance(item, tuple):
+            records.append(encode_record(bytes(item[0]), item[1]))
+        else:
+            records.append(encode_record(bytes(item)))
+    if not records:
+        raise ValueError("a batch holds at least one message")
+    return encode_batch_from_records(records)
+
+
+def batch_count(batch: bytes | memoryview) -> int:
+    return int.from_bytes(batch[0:4], "big")
+
+
+def check_batch(batch: bytes | memoryview) -> tuple[int, bool]:
+    """Check a batch's envelope: return ``(count, crc_ok)``.
+
+    Raises RemoteProtocolError(MALFORMED_FRAME) when the envelope cannot be
+    a batch at all (too short, zero messages, fewer record bytes than the
+    count allows). A CRC mismatch is returned rather than raised, because the
+    broker answers it without closing the connection.
+    """
+    if len(batch) < BATCH_HEADER.size:
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED_FRAME, "batch shorter than its 8-byte header"
+        )
+    count, crc = BATCH_HEADER.unpack_from(batch, 0)
+    if count == 0:
+        raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "batch with 0 messages")
+    records_len = len(batch) - BATCH_HEADER.size
+    if records_len < RECORD_HEADER.size * count:
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED_FRAME,
+            f"batch of {count} messages has only {records_len} record bytes",
+        )
+    return count, zlib.crc32(memoryview(batch)[BATCH_HEADER.size :]) == crc
+
+
+class MalformedBatch(ValueError):
+    """A batch whose CRC matched but whose records do not parse.
+
+    The publisher produced it; the subscriber reports it for that batch and
+    goes on (protocol.md, "Batches")."""
+
+
+def decode_batch(batch: bytes) -> list[tuple[bytes, Headers]]:
+    """Decode every record of a batch into ``(payload, headers)`` pairs."""
+    if len(batch) < BATCH_HEADER.size:
+        raise MalformedBatch("batch shorter than its header")
+    count, crc = BATCH_HEADER.unpack_from(batch, 0)
+    end = len(batch)
+    pos = BATCH_HEADER.size
+    out: list[tuple[bytes, Headers]] = []
+    unpack_record = RECORD_HEADER.unpack_from
+    rec_size = RECORD_HEADER.size
+    try:
+        for _ in range(count):
+            payload_len, headers_len = unpack_record(batch, pos)
+            pos += rec_size
+            if headers_len:
+                headers = _decode_headers(batch, pos, pos + headers_len)
+                pos += headers_len
+            else:
+                headers = EMPTY_HEADERS
+            stop = pos + payload_len
+            if stop > end:
+                raise MalformedBatch("record payload runs past the batch")
+            out.append((batch[pos:stop], headers))
+            pos = stop
+    except struct.error as exc:
+        raise MalformedBatch(f"record header runs past the batch: {exc}") from None
+    if pos != end:
+        raise MalformedBatch(f"{end - pos} bytes after the last of {count} records")
+    return out
+
+
+def _decode_headers(buf: bytes, pos: int, end: int) -> dict[str, str]:
+    if end > len(buf):
+        raise MalformedBatch("headers run past the batch")
+    headers: dict[str, str] = {}
+    try:
+        while pos < end:
+            (klen,) = _U16.unpack_from(buf, pos)
+            pos += 2
+            key = buf[pos : pos + klen].decode("utf-8")
+            pos += klen
+            (vlen,) = _U16.unpack_from(buf, pos)
+            pos += 2
+            value = buf[pos : pos + vlen].decode("utf-8")
+            pos += vlen
+            if not key or pos > end:
+                raise MalformedBatch("bad header entry")
+            headers[key] = value
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise MalformedBatch(f"bad headers: {exc}") from None
+    return headers

@@ -1,0 +1,557 @@
+"""The sans-I/O codec: bytes in, events out; events in, bytes out.
+
+Modelled on h11: :class:`Connection` holds a receive buffer and the handshake
+state of both sides, does no I/O, and knows nothing of Trio. The broker and the
+client use this one module.
+
+Rules of the state machine (protocol.md, "Handshake", "GOODBYE"):
+
+- Both sides start in AWAIT_HELLO. The client may send only HELLO; the server
+  may send only a fatal ERROR (to refuse a connection that never says hello).
+- After HELLO: AWAIT_WELCOME. The server may send WELCOME or ERROR; the
+  client sends nothing.
+- After WELCOME: OPEN. Each side may send the frames of its direction
+  (``_SENDS`` below).
+- A side that has sent GOODBYE or a fatal ERROR sends nothing more; frames
+  received from such a side are UNEXPECTED_FRAME.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable, Mapping
+
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from .frames import (
+    ERROR_FLAG_FATAL,
+    EVENT_TYPES,
+    MAGIC,
+    PROTOCOL_VERSION,
+    Deliver,
+    Durability,
+    Error,
+    Event,
+    FrameType,
+    Goodbye,
+    Hello,
+    Ping,
+    Pong,
+    PubAck,
+    Publish,
+    StartKind,
+    SubAck,
+    Subscribe,
+    UnsubAck,
+    Unsubscribe,
+    Welcome,
+)
+
+FRAME_HEADER = struct.Struct(">IBB")  # body size, type, flags
+HEADER_SIZE = FRAME_HEADER.size
+DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
+
+_U8 = struct.Struct(">B")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_PUBACK = struct.Struct(">QQIQB")
+_DELIVER_FIXED = struct.Struct(">IQQ")
+_SUBSCRIBE_START = struct.Struct(">BQ")
+_ERROR_FIXED = struct.Struct(">HQ")
+_U64_MAX = 2**64 - 1
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    AWAIT_HELLO = "await-hello"
+    AWAIT_WELCOME = "await-welcome"
+    OPEN = "open"
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+#: ``next_event`` answers this when no complete frame is buffered yet.
+NEED_DATA = _Sentinel("NEED_DATA")
+#: ``next_event`` answers this once the peer closed its end (EOF) cleanly.
+CLOSED = _Sentinel("CLOSED")
+
+_CLIENT_SENDS = frozenset(
+    {
+        FrameType.PUBLISH,
+        FrameType.SUBSCRIBE,
+        FrameType.UNSUBSCRIBE,
+        FrameType.PING,
+        FrameType.PONG,
+        FrameType.ERROR,
+        FrameType.GOODBYE,
+    }
+)
+_SERVER_SENDS = frozenset(
+    {
+        FrameType.PUBACK,
+        FrameType.SUBACK,
+        FrameType.UNSUBACK,
+        FrameType.DELIVER,
+        FrameType.PING,
+        FrameType.PONG,
+        FrameType.ERROR,
+        FrameType.GOODBYE,
+    }
+)
+
+# (sender, state) -> frame types the sender may send in that state.
+_SENDS: dict[tuple[Role, State], frozenset[FrameType]] = {
+    (Role.CLIENT, State.AWAIT_HELLO): frozenset({FrameType.HELLO}),
+    (Role.SERVER, State.AWAIT_HELLO): frozenset({FrameType.ERROR}),
+    (Role.CLIENT, State.AWAIT_WELCOME): frozenset(),
+    (Role.SERVER, State.AWAIT_WELCOME): frozenset({FrameType.WELCOME, FrameType.ERROR}),
+    (Role.CLIENT, State.OPEN): _CLIENT_SENDS,
+    (Role.SERVER, State.OPEN): _SERVER_SENDS,
+}
+
+# Frame types that move the shared handshake state forward.
+_ADVANCES: dict[FrameType, tuple[State, State]] = {
+    FrameType.HELLO: (State.AWAIT_HELLO, State.AWAIT_WELCOME),
+    FrameType.WELCOME: (State.AWAIT_WELCOME, State.OPEN),
+}
+
+
+# --------------------------------------------------------------------------
+# Body decoding
+
+
+class _Body:
+    """A cursor over one frame body; every read past the end is malformed."""
+
+    __slots__ = ("buf", "pos", "end")
+
+    def __init__(self, buf: bytes | bytearray | memoryview, pos: int, end: int) -> None:
+        self.buf = buf
+        self.pos = pos
+        self.end = end
+
+    def _need(self, n: int) -> int:
+        start = self.pos
+        if start + n > self.end:
+            raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "frame body too short")
+        self.pos = start + n
+        return start
+
+    def unpack(self, st: struct.Struct) -> tuple[int, ...]:
+        return st.unpack_from(self.buf, self._need(st.size))
+
+    def u16(self) -> int:
+        return _U16.unpack_from(self.buf, self._need(2))[0]
+
+    def u32(self) -> int:
+        return _U32.unpack_from(self.buf, self._need(4))[0]
+
+    def u64(self) -> int:
+        return _U64.unpack_from(self.buf, self._need(8))[0]
+
+    def raw(self, n: int) -> bytes:
+        start = self._need(n)
+        return bytes(self.buf[start : start + n])
+
+    def str16(self) -> str:
+        n = self.u16()
+        start = self._need(n)
+        try:
+            return str(self.buf[start : start + n], "utf-8")
+        except UnicodeDecodeError:
+            raise RemoteProtocolError(
+                ErrorCode.MALFORMED_FRAME, "string is not valid UTF-8"
+            ) from None
+
+    def str_map(self) -> dict[str, str]:
+        return {self.str16(): self.str16() for _ in range(self.u16())}
+
+    def int_map(self) -> dict[str, int]:
+        return {self.str16(): self.u64() for _ in range(self.u16())}
+
+    def rest(self) -> bytes:
+        start = self.pos
+        self.pos = self.end
+        return bytes(self.buf[start : self.end])
+
+    def done(self) -> None:
+        if self.pos != self.end:
+            raise RemoteProtocolError(
+                ErrorCode.MALFORMED_FRAME,
+                f"{self.end - self.pos} unexpected bytes at the end of the frame",
+            )
+
+
+def _d_hello(b: _Body) -> Hello:
+    if b.raw(4) != MAGIC:
+        raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "bad magic in HELLO")
+    version = b.u16()
+    name = b.str16()
+    options = b.str_map()
+    return Hello(client_name=name, version=version, options=options)
+
+
+def _d_welcome(b: _Body) -> Welcome:
+    version = b.u16()
+    server_version = b.str16()
+    server_name = b.str16()
+    limits = b.int_map()
+    return Welcome(server_version, server_name, limits, version)
+
+
+def _d_publish(b: _Body) -> Publish:
+    request_id = b.u64()
+    topic = b.str16()
+    return Publish(request_id, topic, b.rest())
+
+
+def _d_puback(b: _Body) -> PubAck:
+    request_id, base, count, ts, durability = b.unpack(_PUBACK)
+    try:
+        d = Durability(durability)
+    except ValueError:
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED_FRAME, f"unknown durability {durability}"
+        ) from None
+    return PubAck(request_id, base, count, ts, d)
+
+
+def _d_subscribe(b: _Body) -> Subscribe:
+    sub_id = b.u32()
+    pattern = b.str16()
+    start, value = b.unpack(_SUBSCRIBE_START)
+    options = b.str_map()
+    # An unknown start kind is a value the server refuses (BAD_REQUEST, not
+    # fatal), so it is carried through as a plain int rather than rejected.
+    kind: StartKind | int
+    try:
+        kind = StartKind(start)
+    except ValueError:
+        kind = start
+    return Subscribe(sub_id, pattern, kind, value, options)  # type: ignore[arg-type]
+
+
+def _d_deliver(b: _Body) -> Deliver:
+    sub_id, base, ts = b.unpack(_DELIVER_FIXED)
+    topic = b.str16()
+    return Deliver(sub_id, topic, base, ts, b.rest())
+
+
+def _d_error(b: _Body, flags: int) -> Error:
+    code, ref = b.unpack(_ERROR_FIXED)
+    message = b.str16()
+    return Error(code, message, ref, bool(flags & ERROR_FLAG_FATAL))
+
+
+_DECODERS: dict[FrameType, Callable[[_Body], Event]] = {
+    FrameType.HELLO: _d_hello,
+    FrameType.WELCOME: _d_welcome,
+    FrameType.PUBLISH: _d_publish,
+    FrameType.PUBACK: _d_puback,
+    FrameType.SUBSCRIBE: _d_subscribe,
+    FrameType.SUBACK: lambda b: SubAck(b.u32()),
+    FrameType.UNSUBSCRIBE: lambda b: Unsubscribe(b.u32()),
+    FrameType.UNSUBACK: lambda b: UnsubAck(b.u32()),
+    FrameType.DELIVER: _d_deliver,
+    FrameType.PING: lambda b: Ping(b.u64()),
+    FrameType.PONG: lambda b: Pong(b.u64()),
+    FrameType.GOODBYE: lambda b: Goodbye(),
+}
+
+_TYPES_BY_VALUE = {int(t): t for t in FrameType}
+
+
+def decode_body(ftype: FrameType, flags: int, body: bytes | memoryview) -> Event:
+    """Decode one frame body; raises RemoteProtocolError if it is malformed."""
+    allowed_flags = ERROR_FLAG_FATAL if ftype is FrameType.ERROR else 0
+    if flags & ~allowed_flags:
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED_FRAME, f"reserved flags {flags:#04x} set on {ftype.name}"
+        )
+    cursor = _Body(body, 0, len(body))
+    if ftype is FrameType.ERROR:
+        event: Event = _d_error(cursor, flags)
+    else:
+        event = _DECODERS[ftype](cursor)
+    cursor.done()
+    return event
+
+
+# --------------------------------------------------------------------------
+# Encoding
+
+
+def _s16(text: str) -> bytes:
+    data = text.encode("utf-8")
+    if len(data) > 0xFFFF:
+        raise LocalProtocolError(ErrorCode.BAD_REQUEST, "string longer than 65535 bytes")
+    return _U16.pack(len(data)) + data
+
+
+def _str_map(m: Mapping[str, str]) -> bytes:
+    return _U16.pack(len(m)) + b"".join(_s16(k) + _s16(v) for k, v in m.items())
+
+
+def _int_map(m: Mapping[str, int]) -> bytes:
+    return _U16.pack(len(m)) + b"".join(_s16(k) + _U64.pack(v) for k, v in m.items())
+
+
+def frame(ftype: FrameType, body: bytes, flags: int = 0) -> bytes:
+    return FRAME_HEADER.pack(len(body), ftype, flags) + body
+
+
+def encode_publish(request_id: int, topic: str, batch: bytes) -> bytes:
+    """PUBLISH frame; the client's hot path, so it skips the event object."""
+    t = topic.encode("utf-8")
+    return b"".join(
+        (
+            FRAME_HEADER.pack(8 + 2 + len(t) + len(batch), FrameType.PUBLISH, 0),
+            _U64.pack(request_id),
+            _U16.pack(len(t)),
+            t,
+            batch,
+        )
+    )
+
+
+def deliver_header(
+    sub_id: int, topic_bytes: bytes, base_offset: int, timestamp: int, batch_len: int
+) -> bytes:
+    """Everything of a DELIVER frame before its batch.
+
+    The broker sends ``deliver_header(...)`` followed by the shared batch
+    bytes, so one stored batch serves every subscriber without re-encoding.
+    """
+    body_len = _DELIVER_FIXED.size + 2 + len(topic_bytes) + batch_len
+    return (
+        FRAME_HEADER.pack(body_len, FrameType.DELIVER, 0)
+        + _DELIVER_FIXED.pack(sub_id, base_offset, timestamp)
+        + _U16.pack(len(topic_bytes))
+        + topic_bytes
+    )
+
+
+def encode_puback(ack: PubAck) -> bytes:
+    return FRAME_HEADER.pack(_PUBACK.size, FrameType.PUBACK, 0) + _PUBACK.pack(
+        ack.request_id, ack.base_offset, ack.count, ack.timestamp, ack.durability
+    )
+
+
+def encode_event(event: Event) -> bytes:
+    """Bytes of one frame, without any state checks (see Connection.send)."""
+    if isinstance(event, Publish):
+        return encode_publish(event.request_id, event.topic, event.batch)
+    if isinstance(event, Deliver):
+        t = event.topic.encode("utf-8")
+        return (
+            deliver_header(event.sub_id, t, event.base_offset, event.timestamp, len(event.batch))
+            + event.batch
+        )
+    if isinstance(event, PubAck):
+        return encode_puback(event)
+    flags = 0
+    if isinstance(event, Hello):
+        body = MAGIC + _U16.pack(event.version) + _s16(event.client_name) + _str_map(event.options)
+    elif isinstance(event, Welcome):
+        body = (
+            _U16.pack(event.version)
+            + _s16(event.server_version)
+            + _s16(event.server_name)
+            + _int_map(event.limits)
+        )
+    elif isinstance(event, Subscribe):
+        body = (
+            _U32.pack(event.sub_id)
+            + _s16(event.pattern)
+            + _SUBSCRIBE_START.pack(event.start, event.start_value)
+            + _str_map(event.options)
+        )
+    elif isinstance(event, (SubAck, Unsubscribe, UnsubAck)):
+        body = _U32.pack(event.sub_id)
+    elif isinstance(event, (Ping, Pong)):
+        body = _U64.pack(event.nonce)
+    elif isinstance(event, Error):
+        body = _ERROR_FIXED.pack(event.code, event.ref) + _s16(event.message[:1000])
+        flags = ERROR_FLAG_FATAL if event.fatal else 0
+    elif isinstance(event, Goodbye):
+        body = b""
+    else:  # pragma: no cover - the Event union is closed
+        raise TypeError(f"not a frame event: {event!r}")
+    return frame(EVENT_TYPES[type(event)], body, flags)
+
+
+# --------------------------------------------------------------------------
+# The connection state machine
+
+
+class Connection:
+    """One side of a pybroker connection, with no I/O.
+
+    ``receive_data(bytes)`` buffers what arrived (``b""`` means end of
+    stream); ``next_event()`` returns the next complete event, ``NEED_DATA``
+    or ``CLOSED``; ``send(event)`` checks the event is legal now and returns
+    its bytes. Protocol violations raise RemoteProtocolError (the peer's fault)
+    or LocalProtocolError (ours), each with the code for the ERROR frame.
+    """
+
+    def __init__(self, role: Role, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        self.our_role = role
+        self.their_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
+        #: The largest body we accept; a client raises it to whatever the
+        #: server announces once WELCOME arrives, if it likes.
+        self.max_frame_bytes = max_frame_bytes
+        self.state = State.AWAIT_HELLO
+        self.we_finished = False  # we sent GOODBYE or a fatal ERROR
+        self.they_finished = False  # they did
+        self.peer_hello: Hello | None = None
+        self.peer_welcome: Welcome | None = None
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+        self._broken: RemoteProtocolError | None = None
+
+    # -- receiving --------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self._eof and data:
+            raise RuntimeError("received data after end of stream")
+        if not data:
+            self._eof = True
+            return
+        if self._pos and self._pos * 2 >= len(self._buf):
+            # Drop consumed bytes once they are at least half the buffer, so
+            # the cost of compaction stays linear in the bytes received.
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def buffered_bytes(self) -> int:
+        return len(self._buf) - self._pos
+
+    def next_event(self) -> Event | _Sentinel:
+        if self._broken is not None:
+            raise self._broken
+        try:
+            return self._next_event()
+        except RemoteProtocolError as exc:
+            # A broken stream stays broken: the framing is lost.
+            self._broken = exc
+            raise
+
+    def _next_event(self) -> Event | _Sentinel:
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail < HEADER_SIZE:
+            if self._eof:
+                if avail:
+                    raise RemoteProtocolError(
+                        ErrorCode.MALFORMED_FRAME, "stream ended inside a frame header"
+                    )
+                return CLOSED
+            return NEED_DATA
+        size, type_value, flags = FRAME_HEADER.unpack_from(buf, pos)
+        ftype = _TYPES_BY_VALUE.get(type_value)
+        if ftype is None:
+            raise RemoteProtocolError(
+                ErrorCode.UNKNOWN_FRAME_TYPE, f"unknown frame type {type_value:#04x}"
+            )
+        if size > self.max_frame_bytes:
+            raise RemoteProtocolError(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"{ftype.name} frame of {size} bytes, limit {self.max_frame_bytes}",
+            )
+        self._check_receive(ftype)
+        if avail < HEADER_SIZE + size:
+            if self._eof:
+                raise RemoteProtocolError(
+                    ErrorCode.MALFORMED_FRAME, f"stream ended inside a {ftype.name} frame"
+                )
+            return NEED_DATA
+        start = pos + HEADER_SIZE
+        end = start + size
+        self._pos = end
+        with memoryview(buf) as view:
+            event = decode_body(ftype, flags, view[start:end])
+        self._after(ftype, event, sender=self.their_role)
+        return event
+
+    def events(self) -> list[Event]:
+        """Every complete event buffered now (the session's per-read batch)."""
+        out: list[Event] = []
+        while True:
+            event = self.next_event()
+            if isinstance(event, _Sentinel):
+                return out
+            out.append(event)
+
+    def _check_receive(self, ftype: FrameType) -> None:
+        if self.they_finished:
+            raise RemoteProtocolError(
+                ErrorCode.UNEXPECTED_FRAME, f"{ftype.name} after the peer finished"
+            )
+        if ftype in _SENDS[(self.their_role, self.state)]:
+            return
+        if self.our_role is Role.SERVER and self.state is State.AWAIT_HELLO:
+            raise RemoteProtocolError(
+                ErrorCode.HANDSHAKE_REQUIRED, f"{ftype.name} before HELLO"
+            )
+        raise RemoteProtocolError(
+            ErrorCode.UNEXPECTED_FRAME,
+            f"{ftype.name} from the {self.their_role.value} in state {self.state.value}",
+        )
+
+    def _after(self, ftype: FrameType, event: Event, sender: Role) -> None:
+        advance = _ADVANCES.get(ftype)
+        if advance is not None and self.state is advance[0]:
+            self.state = advance[1]
+            if isinstance(event, Hello):
+                self.peer_hello = event if sender is not self.our_role else self.peer_hello
+                if event.version != PROTOCOL_VERSION and sender is self.their_role:
+                    raise RemoteProtocolError(
+                        ErrorCode.UNSUPPORTED_VERSION,
+                        f"protocol version {event.version}, this side speaks {PROTOCOL_VERSION}",
+                    )
+            elif isinstance(event, Welcome) and sender is self.their_role:
+                self.peer_welcome = event
+        finished = isinstance(event, Goodbye) or (isinstance(event, Error) and event.fatal)
+        if finished:
+            if sender is self.our_role:
+                self.we_finished = True
+            else:
+                self.they_finished = True
+
+    # -- sending ----------------------------------------------------------
+
+    def send(self, event: Event) -> bytes:
+        ftype = EVENT_TYPES[type(event)]
+        if self.we_finished:
+            raise LocalProtocolError(
+                ErrorCode.UNEXPECTED_FRAME, f"cannot send {ftype.name} after finishing"
+            )
+        if ftype not in _SENDS[(self.our_role, self.state)]:
+            raise LocalProtocolError(
+                ErrorCode.UNEXPECTED_FRAME,
+                f"{self.our_role.value} may not send {ftype.name} in state {self.state.value}",
+            )
+        data = encode_event(event)
+        if len(data) - HEADER_SIZE > _U64_MAX:  # pragma: no cover - sanity
+            raise LocalProtocolError(ErrorCode.FRAME_TOO_LARGE, "frame too large")
+        self._after(ftype, event, sender=self.our_role)
+        return data
+
+    def send_failed(self) -> None:
+        """Tell the codec the transport is gone: nothing more may be sent."""
+        self.we_finished = True

@@ -1,0 +1,172 @@
+"""Frame events: one class per frame type of protocol.md.
+
+These are plain values. The codec (:mod:`.codec`) turns bytes into them and
+them into bytes. Hot-path events (Publish, Deliver) carry the batch as one
+opaque ``bytes`` object that the broker stores and forwards unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+import attrs
+
+PROTOCOL_VERSION = 1
+MAGIC = b"PYBK"
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 0x01
+    WELCOME = 0x02
+    PUBLISH = 0x10
+    PUBACK = 0x11
+    SUBSCRIBE = 0x20
+    SUBACK = 0x21
+    UNSUBSCRIBE = 0x22
+    UNSUBACK = 0x23
+    DELIVER = 0x30
+    PING = 0x40
+    PONG = 0x41
+    ERROR = 0x50
+    GOODBYE = 0x60
+
+
+class Durability(enum.IntEnum):
+    """What a PUBACK promises about the batch it acknowledges."""
+
+    MEMORY = 0
+    OS = 1
+    DISK = 2
+
+
+class StartKind(enum.IntEnum):
+    """Where a subscription starts reading (SUBSCRIBE ``start``)."""
+
+    NEW = 0
+    EARLIEST = 1
+    OFFSET = 2
+    TIME = 3
+
+
+ERROR_FLAG_FATAL = 0x01
+
+
+@attrs.frozen
+class Hello:
+    client_name: str = ""
+    version: int = PROTOCOL_VERSION
+    options: Mapping[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Welcome:
+    server_version: str
+    server_name: str
+    limits: Mapping[str, int] = attrs.field(factory=dict)
+    version: int = PROTOCOL_VERSION
+
+
+@attrs.frozen
+class Publish:
+    request_id: int
+    topic: str
+    batch: bytes  # count | crc | records, exactly as on the wire
+
+
+@attrs.frozen
+class PubAck:
+    request_id: int
+    base_offset: int
+    count: int
+    timestamp: int  # microseconds since the epoch
+    durability: Durability
+
+
+@attrs.frozen
+class Subscribe:
+    sub_id: int
+    pattern: str
+    start: StartKind = StartKind.NEW
+    start_value: int = 0
+    options: Mapping[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class SubAck:
+    sub_id: int
+
+
+@attrs.frozen
+class Unsubscribe:
+    sub_id: int
+
+
+@attrs.frozen
+class UnsubAck:
+    sub_id: int
+
+
+@attrs.frozen
+class Deliver:
+    sub_id: int
+    topic: str
+    base_offset: int
+    timestamp: int
+    batch: bytes
+
+
+@attrs.frozen
+class Ping:
+    nonce: int = 0
+
+
+@attrs.frozen
+class Pong:
+    nonce: int = 0
+
+
+@attrs.frozen
+class Error:
+    code: int
+    message: str = ""
+    ref: int = 0
+    fatal: bool = False
+
+
+@attrs.frozen
+class Goodbye:
+    pass
+
+
+Event = (
+    Hello
+    | Welcome
+    | Publish
+    | PubAck
+    | Subscribe
+    | SubAck
+    | Unsubscribe
+    | UnsubAck
+    | Deliver
+    | Ping
+    | Pong
+    | Error
+    | Goodbye
+)
+
+EVENT_TYPES: dict[type[Event], FrameType] = {
+    Hello: FrameType.HELLO,
+    Welcome: FrameType.WELCOME,
+    Publish: FrameType.PUBLISH,
+    PubAck: FrameType.PUBACK,
+    Subscribe: FrameType.SUBSCRIBE,
+    SubAck: FrameType.SUBACK,
+    Unsubscribe: FrameType.UNSUBSCRIBE,
+    UnsubAck: FrameType.UNSUBACK,
+    Deliver: FrameType.DELIVER,
+    Ping: FrameType.PING,
+    Pong: FrameType.PONG,
+    Error: FrameType.ERROR,
+    Goodbye: FrameType.GOODBYE,
+}
