@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .frames import (
     ERROR_FLAG_FATAL,
+    Credit,
+    RefKind,
     EVENT_TYPES,
     MAGIC,
     PROTOCOL_VERSION,
@@ -57,8 +59,9 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _PUBACK = struct.Struct(">QQIQB")
 _DELIVER_FIXED = struct.Struct(">IQQ")
-_SUBSCRIBE_START = struct.Struct(">BQ")
-_ERROR_FIXED = struct.Struct(">HQ")
+_SUBSCRIBE_START = struct.Struct(">BQI")  # start, start_value, credit
+_CREDIT = struct.Struct(">II")
+_ERROR_FIXED = struct.Struct(">HBQ")  # code, ref_kind, ref
 _U64_MAX = 2**64 - 1
 
 
@@ -91,6 +94,7 @@ _CLIENT_SENDS = frozenset(
         FrameType.PUBLISH,
         FrameType.SUBSCRIBE,
         FrameType.UNSUBSCRIBE,
+        FrameType.CREDIT,
         FrameType.PING,
         FrameType.PONG,
         FrameType.ERROR,
@@ -230,7 +234,7 @@ def _d_puback(b: _Body) -> PubAck:
 def _d_subscribe(b: _Body) -> Subscribe:
     sub_id = b.u32()
     pattern = b.str16()
-    start, value = b.unpack(_SUBSCRIBE_START)
+    start, value, credit = b.unpack(_SUBSCRIBE_START)
     options = b.str_map()
     # An unknown start kind is a value the server refuses (BAD_REQUEST, not
     # fatal), so it is carried through as a plain int rather than rejected.
@@ -239,7 +243,7 @@ def _d_subscribe(b: _Body) -> Subscribe:
         kind = StartKind(start)
     except ValueError:
         kind = start
-    return Subscribe(sub_id, pattern, kind, value, options)  # type: ignore[arg-type]
+    return Subscribe(sub_id, pattern, kind, value, credit, options)  # type: ignore[arg-type]
 
 
 def _d_deliver(b: _Body) -> Deliver:
@@ -249,9 +253,15 @@ def _d_deliver(b: _Body) -> Deliver:
 
 
 def _d_error(b: _Body, flags: int) -> Error:
-    code, ref = b.unpack(_ERROR_FIXED)
+    code, ref_kind, ref = b.unpack(_ERROR_FIXED)
+    try:
+        kind = RefKind(ref_kind)
+    except ValueError:
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED_FRAME, f"unknown ref_kind {ref_kind}"
+        ) from None
     message = b.str16()
-    return Error(code, message, ref, bool(flags & ERROR_FLAG_FATAL))
+    return Error(code, message, ref, kind, bool(flags & ERROR_FLAG_FATAL))
 
 
 _DECODERS: dict[FrameType, Callable[[_Body], Event]] = {
@@ -263,6 +273,7 @@ _DECODERS: dict[FrameType, Callable[[_Body], Event]] = {
     FrameType.SUBACK: lambda b: SubAck(b.u32()),
     FrameType.UNSUBSCRIBE: lambda b: Unsubscribe(b.u32()),
     FrameType.UNSUBACK: lambda b: UnsubAck(b.u32()),
+    FrameType.CREDIT: lambda b: Credit(*b.unpack(_CREDIT)),
     FrameType.DELIVER: _d_deliver,
     FrameType.PING: lambda b: Ping(b.u64()),
     FrameType.PONG: lambda b: Pong(b.u64()),
@@ -374,15 +385,19 @@ def encode_event(event: Event) -> bytes:
         body = (
             _U32.pack(event.sub_id)
             + _s16(event.pattern)
-            + _SUBSCRIBE_START.pack(event.start, event.start_value)
+            + _SUBSCRIBE_START.pack(event.start, event.start_value, event.credit)
             + _str_map(event.options)
         )
     elif isinstance(event, (SubAck, Unsubscribe, UnsubAck)):
         body = _U32.pack(event.sub_id)
+    elif isinstance(event, Credit):
+        body = _CREDIT.pack(event.sub_id, event.messages)
     elif isinstance(event, (Ping, Pong)):
         body = _U64.pack(event.nonce)
     elif isinstance(event, Error):
-        body = _ERROR_FIXED.pack(event.code, event.ref) + _s16(event.message[:1000])
+        body = _ERROR_FIXED.pack(event.code, event.ref_kind, event.ref) + _s16(
+            event.message[:1000]
+        )
         flags = ERROR_FLAG_FATAL if event.fatal else 0
     elif isinstance(event, Goodbye):
         body = b""

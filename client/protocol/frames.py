@@ -25,6 +25,7 @@ class FrameType(enum.IntEnum):
     SUBACK = 0x21
     UNSUBSCRIBE = 0x22
     UNSUBACK = 0x23
+    CREDIT = 0x24
     DELIVER = 0x30
     PING = 0x40
     PONG = 0x41
@@ -50,6 +51,17 @@ class StartKind(enum.IntEnum):
 
 
 ERROR_FLAG_FATAL = 0x01
+
+#: SUBSCRIBE credit meaning "no flow control".
+UNLIMITED_CREDIT = 0xFFFFFFFF
+
+
+class RefKind(enum.IntEnum):
+    """What an ERROR's ``ref`` names."""
+
+    NONE = 0
+    REQUEST = 1
+    SUBSCRIPTION = 2
 
 
 @attrs.frozen
@@ -89,6 +101,7 @@ class Subscribe:
     pattern: str
     start: StartKind = StartKind.NEW
     start_value: int = 0
+    credit: int = UNLIMITED_CREDIT
     options: Mapping[str, str] = attrs.field(factory=dict)
 
 
@@ -105,6 +118,12 @@ class Unsubscribe:
 @attrs.frozen
 class UnsubAck:
     sub_id: int
+
+
+@attrs.frozen
+class Credit:
+    sub_id: int
+    messages: int
 
 
 @attrs.frozen
@@ -131,6 +150,7 @@ class Error:
     code: int
     message: str = ""
     ref: int = 0
+    ref_kind: RefKind = RefKind.NONE
     fatal: bool = False
 
 
@@ -148,6 +168,7 @@ Event = (
     | SubAck
     | Unsubscribe
     | UnsubAck
+    | Credit
     | Deliver
     | Ping
     | Pong
@@ -164,6 +185,7 @@ EVENT_TYPES: dict[type[Event], FrameType] = {
     SubAck: FrameType.SUBACK,
     Unsubscribe: FrameType.UNSUBSCRIBE,
     UnsubAck: FrameType.UNSUBACK,
+    Credit: FrameType.CREDIT,
     Deliver: FrameType.DELIVER,
     Ping: FrameType.PING,
     Pong: FrameType.PONG,

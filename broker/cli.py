@@ -1,0 +1,177 @@
+"""The ``pybroker`` command: serve, pub, sub."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as _dt
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import __version__
+from .config import DEFAULT_HOST, DEFAULT_PORT, Config
+from .logs import LEVELS, configure, get_logger
+
+DEFAULT_URL = os.environ.get("PYBROKER_URL", f"pybroker://{DEFAULT_HOST}:{DEFAULT_PORT}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pybroker", description="A durable pub/sub broker on Trio.")
+    parser.add_argument("--version", action="version", version=f"pybroker {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the broker")
+    serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    serve.add_argument("--data-dir", type=Path, default=Path("pybroker-data"), help="data directory (default ./pybroker-data)")
+    serve.add_argument("--name", default=None, help="server name announced to clients (default: host name)")
+    serve.add_argument("--log-level", choices=LEVELS, default="info")
+    serve.add_argument("--log-format", choices=("console", "json"), default="console")
+
+    pub = commands.add_parser("pub", help="publish a message (or one per line of stdin)")
+    pub.add_argument("topic")
+    pub.add_argument("message", nargs="?", default="-", help="the payload; '-' or nothing reads lines from stdin")
+    pub.add_argument("--header", "-H", action="append", default=[], metavar="KEY=VALUE")
+    pub.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL}, or $PYBROKER_URL)")
+
+    sub = commands.add_parser("sub", help="print messages as they arrive, until interrupted")
+    sub.add_argument("pattern", help="topic or pattern: '*' matches one token, '>' the rest")
+    sub.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL}, or $PYBROKER_URL)")
+    start = sub.add_mutually_exclusive_group()
+    start.add_argument("--from", dest="start", choices=("new", "earliest"), default="new", help="where to start (default new)")
+    start.add_argument("--from-offset", type=int, metavar="N", help="start at offset N (a topic, not a pattern)")
+    start.add_argument("--since", metavar="TIME", help="start at the first message at or after an ISO 8601 time")
+    sub.add_argument("--count", type=int, default=0, metavar="N", help="exit after N messages")
+    sub.add_argument("--json", action="store_true", help="one JSON object per line")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            configure(args.log_level, args.log_format)
+            return trio.run(_serve, args)
+        configure("warning", "console")
+        if args.command == "pub":
+            return trio.run(_pub, args)
+        return trio.run(_sub, args)
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"pybroker: {exc}", file=sys.stderr)
+        return 1
+
+
+# -- serve ----------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from .server import Server
+
+    overrides: dict[str, Any] = {}
+    if args.name:
+        overrides["server_name"] = args.name
+    config = Config(host=args.host, port=args.port, data_dir=args.data_dir, **overrides)
+    log = get_logger()
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(Server(config).serve)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("signal received, shutting down", signal=signal.Signals(signum).name)
+                server.shutdown()
+                break
+    return 0
+
+
+# -- pub / sub ------------------------------------------------------------
+
+
+def _headers(pairs: list[str]) -> dict[str, str]:
+    headers = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"pybroker pub: --header wants KEY=VALUE, got {pair!r}")
+        headers[key] = value
+    return headers
+
+
+async def _pub(args: argparse.Namespace) -> int:
+    import client
+
+    headers = _headers(args.header) or None
+    try:
+        async with client.connect(args.url, name="pybroker-cli") as c:
+            if args.message != "-":
+                ack = await c.publish(args.topic, args.message.encode(), headers)
+                print(f"published to {ack.topic} at offset {ack.offset} ({ack.durability.name.lower()})")
+                return 0
+            pending = []
+            for line in sys.stdin:
+                pending.append(await c.send(args.topic, line.rstrip("\n").encode(), headers))
+            await c.flush()
+            acks = [await p.wait() for p in pending]
+            if acks:
+                print(f"published {len(acks)} messages to {args.topic}, offsets {acks[0].offset}..{acks[-1].offset}")
+            else:
+                print("nothing to publish (stdin was empty)")
+            return 0
+    except (client.BrokerError, client.ConnectionClosed, ValueError) as exc:
+        print(f"pybroker pub: {exc}", file=sys.stderr)
+        return 1
+
+
+def _format(msg: Any, as_json: bool) -> str:
+    if as_json:
+        try:
+            payload: dict[str, str] = {"payload": msg.payload.decode("utf-8")}
+        except UnicodeDecodeError:
+            payload = {"payload_base64": base64.b64encode(msg.payload).decode()}
+        return json.dumps(
+            {
+                "topic": msg.topic,
+                "offset": msg.offset,
+                "timestamp": msg.datetime.isoformat(),
+                "headers": dict(msg.headers),
+                **payload,
+            }
+        )
+    text = msg.payload.decode("utf-8", "backslashreplace")
+    headers = "".join(f" {k}={v}" for k, v in msg.headers.items())
+    return f"{msg.topic} [{msg.offset}]{headers} {text}"
+
+
+async def _sub(args: argparse.Namespace) -> int:
+    import client
+
+    start: Any = args.start
+    if args.from_offset is not None:
+        start = args.from_offset
+    elif args.since:
+        since = _dt.datetime.fromisoformat(args.since)
+        start = since if since.tzinfo else since.astimezone()
+    try:
+        async with client.connect(args.url, name="pybroker-cli") as c:
+            async with c.subscribe(args.pattern, start=start) as sub:
+                seen = 0
+                async for msg in sub:
+                    print(_format(msg, args.json), flush=True)
+                    seen += 1
+                    if args.count and seen >= args.count:
+                        break
+        return 0
+    except (client.BrokerError, client.ConnectionClosed, ValueError) as exc:
+        print(f"pybroker sub: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

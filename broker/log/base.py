@@ -1,0 +1,79 @@
+"""The log interface the server depends on, and nothing else.
+
+A batch is stored exactly as it arrived on the wire (``count | crc |
+records``), with the offsets and timestamp the broker assigned, so delivery
+can hand the stored bytes on without re-encoding them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import attrs
+
+from client.protocol import Durability
+
+
+@attrs.frozen
+class StoredBatch:
+    base_offset: int
+    count: int
+    timestamp: int  # µs since the epoch, non-decreasing within a topic
+    batch: bytes
+
+    @property
+    def next_offset(self) -> int:
+        return self.base_offset + self.count
+
+
+class TopicLog(Protocol):
+    """One topic's append-only log. Synchronous: appends and reads must not
+    block the event loop for long (file writes go to the OS page cache; fsync
+    belongs in :meth:`LogStore.sync`)."""
+
+    name: str
+
+    @property
+    def first_offset(self) -> int:
+        """The first offset still retained (== next_offset when empty)."""
+
+    @property
+    def next_offset(self) -> int:
+        """The offset the next appended message will get."""
+
+    def append(self, batch: bytes, count: int, timestamp: int) -> int:
+        """Store a checked batch of ``count`` messages; return its base offset."""
+
+    def read(self, offset: int, max_bytes: int) -> list[StoredBatch]:
+        """Batches from the one containing ``offset`` on, in order, up to
+        about ``max_bytes`` (always at least one batch when one exists).
+        An offset below first_offset reads from first_offset."""
+
+    def offset_at_time(self, timestamp: int) -> int:
+        """The first offset whose timestamp is >= ``timestamp`` (next_offset
+        when there is none)."""
+
+
+class LogStore(Protocol):
+    """All topic logs of one broker."""
+
+    @property
+    def durability(self) -> Durability:
+        """What an acknowledgement means once :meth:`sync` has returned."""
+
+    @property
+    def needs_sync(self) -> bool:
+        """True when acknowledgements must wait for :meth:`sync`."""
+
+    def topic(self, name: str) -> TopicLog:
+        """Open a topic's log, creating it if it does not exist."""
+
+    def topic_names(self) -> list[str]:
+        """Topics that already exist (recovered on start)."""
+
+    async def sync(self) -> Durability:
+        """Return once every batch appended before the call is as durable as
+        the store's policy promises (group commit: one sync covers all)."""
+
+    def close(self) -> None:
+        """Release files; the store is not used afterwards."""

@@ -1,0 +1,116 @@
+"""An in-memory LogStore: bounded per topic by retained bytes.
+
+Used by tests and as the foundation's storage. Old batches are evicted once a
+topic holds more than ``max_bytes`` (never the newest batch), which is what
+file retention does with whole segments.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from client.protocol import Durability
+
+from .base import StoredBatch
+
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+
+
+class MemoryTopicLog:
+    def __init__(self, name: str, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.name = name
+        self.max_bytes = max_bytes
+        self._batches: list[StoredBatch] = []
+        self._bases: list[int] = []  # parallel to _batches, for bisect
+        self._times: list[int] = []
+        self._head = 0  # index of the first retained batch
+        self._bytes = 0
+        self._next = 0
+
+    @property
+    def first_offset(self) -> int:
+        if self._head < len(self._batches):
+            return self._bases[self._head]
+        return self._next
+
+    @property
+    def next_offset(self) -> int:
+        return self._next
+
+    @property
+    def retained_bytes(self) -> int:
+        return self._bytes
+
+    def append(self, batch: bytes, count: int, timestamp: int) -> int:
+        base = self._next
+        if self._times and timestamp < self._times[-1]:
+            timestamp = self._times[-1]  # keep the time index sorted
+        self._batches.append(StoredBatch(base, count, timestamp, batch))
+        self._bases.append(base)
+        self._times.append(timestamp)
+        self._next = base + count
+        self._bytes += len(batch)
+        self._evict()
+        return base
+
+    def _evict(self) -> None:
+        while self._bytes > self.max_bytes and self._head < len(self._batches) - 1:
+            self._bytes -= len(self._batches[self._head].batch)
+            self._head += 1
+        if self._head > 1024 and self._head * 2 > len(self._batches):
+            del self._batches[: self._head]
+            del self._bases[: self._head]
+            del self._times[: self._head]
+            self._head = 0
+
+    def read(self, offset: int, max_bytes: int) -> list[StoredBatch]:
+        i = bisect.bisect_right(self._bases, offset, lo=self._head) - 1
+        i = max(i, self._head)
+        out: list[StoredBatch] = []
+        size = 0
+        batches = self._batches
+        while i < len(batches):
+            b = batches[i]
+            if out and size + len(b.batch) > max_bytes:
+                break
+            out.append(b)
+            size += len(b.batch)
+            i += 1
+        return out
+
+    def offset_at_time(self, timestamp: int) -> int:
+        i = bisect.bisect_left(self._times, timestamp, lo=self._head)
+        if i < len(self._batches):
+            return self._bases[i]
+        return self._next
+
+
+class MemoryStore:
+    """Every acknowledgement means "held in memory"; nothing survives a restart."""
+
+    def __init__(self, max_bytes_per_topic: int = DEFAULT_MAX_BYTES) -> None:
+        self.max_bytes_per_topic = max_bytes_per_topic
+        self._topics: dict[str, MemoryTopicLog] = {}
+
+    @property
+    def durability(self) -> Durability:
+        return Durability.MEMORY
+
+    @property
+    def needs_sync(self) -> bool:
+        return False
+
+    def topic(self, name: str) -> MemoryTopicLog:
+        log = self._topics.get(name)
+        if log is None:
+            log = self._topics[name] = MemoryTopicLog(name, self.max_bytes_per_topic)
+        return log
+
+    def topic_names(self) -> list[str]:
+        return list(self._topics)
+
+    async def sync(self) -> Durability:
+        return Durability.MEMORY
+
+    def close(self) -> None:
+        self._topics.clear()

@@ -1,0 +1,141 @@
+"""Topics, subscriptions and which subscription sees which topic.
+
+Synchronous, no I/O: the router keeps, for every topic, the list of
+subscriptions whose pattern matches it, so a publish costs one dict lookup
+and one pass over that list. Matching runs only when a subscription or a
+topic is added.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from client.protocol.subjects import tokens_match
+
+from .log import LogStore, TopicLog
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+class Subscriber(Protocol):
+    """What the router needs of a session to hand it a batch."""
+
+    def deliver(
+        self,
+        sub: Subscription,
+        topic: Topic,
+        base_offset: int,
+        timestamp: int,
+        batch: bytes,
+        count: int,
+    ) -> None: ...
+
+
+class Topic:
+    __slots__ = ("name", "name_bytes", "log", "subs", "messages_in", "bytes_in", "last_timestamp")
+
+    def __init__(self, name: str, log: TopicLog) -> None:
+        self.name = name
+        self.name_bytes = name.encode("utf-8")
+        self.log = log
+        self.subs: list[Subscription] = []
+        self.messages_in = 0
+        self.bytes_in = 0
+        self.last_timestamp = 0
+
+    def __repr__(self) -> str:
+        return f"Topic({self.name!r})"
+
+
+class Subscription:
+    __slots__ = ("session", "sub_id", "pattern", "tokens", "wildcard", "lag", "credit")
+
+    def __init__(self, session: Session, sub_id: int, pattern: str, credit: int) -> None:
+        self.session = session
+        self.sub_id = sub_id
+        self.pattern = pattern
+        self.tokens = pattern.split(".")
+        self.wildcard = "*" in self.tokens or ">" in self.tokens
+        #: Topics this subscription reads from the log rather than live, with
+        #: the next offset to read (replay, or a full outbound queue).
+        self.lag: dict[Topic, int] = {}
+        #: Messages the subscriber can still take (protocol.md, "Credit").
+        self.credit = credit
+
+    def __repr__(self) -> str:
+        return f"Subscription({self.sub_id}, {self.pattern!r})"
+
+
+class Router:
+    def __init__(self, store: LogStore) -> None:
+        self.store = store
+        self.topics: dict[str, Topic] = {}
+        # Subscriptions by exact pattern, and the wildcard ones, so a new
+        # topic is matched against the wildcards only.
+        self._exact: dict[str, list[Subscription]] = {}
+        self._wild: list[Subscription] = []
+
+    def recover(self) -> None:
+        for name in self.store.topic_names():
+            self.topic(name)
+
+    def topic(self, name: str) -> Topic:
+        """The topic called ``name`` (already validated), created on first use."""
+        topic = self.topics.get(name)
+        if topic is None:
+            topic = self.topics[name] = Topic(name, self.store.topic(name))
+            tokens = name.split(".")
+            topic.subs.extend(self._exact.get(name, ()))
+            topic.subs.extend(s for s in self._wild if tokens_match(s.tokens, tokens))
+        return topic
+
+    def add(self, sub: Subscription) -> list[Topic]:
+        """Register ``sub``; return the existing topics it matches."""
+        if sub.wildcard:
+            self._wild.append(sub)
+            matched = [
+                t for t in self.topics.values() if tokens_match(sub.tokens, t.name.split("."))
+            ]
+        else:
+            self._exact.setdefault(sub.pattern, []).append(sub)
+            t = self.topics.get(sub.pattern)
+            matched = [t] if t is not None else []
+        for t in matched:
+            t.subs.append(sub)
+        return matched
+
+    def remove(self, sub: Subscription) -> None:
+        if sub.wildcard:
+            self._wild.remove(sub)
+            candidates = list(self.topics.values())
+        else:
+            subs = self._exact[sub.pattern]
+            subs.remove(sub)
+            if not subs:
+                del self._exact[sub.pattern]
+            t = self.topics.get(sub.pattern)
+            candidates = [t] if t is not None else []
+        for t in candidates:
+            if sub in t.subs:
+                # Rebuild rather than mutate: a publish may be iterating the
+                # old list (deliver never awaits, but be safe and cheap).
+                t.subs = [s for s in t.subs if s is not sub]
+        sub.lag.clear()
+
+    def publish(self, topic: Topic, batch: bytes, count: int, now: int) -> tuple[int, int]:
+        """Append a checked batch and hand it to every matching subscription.
+
+        The hot path: no loop over the batch's messages, one loop over the
+        topic's subscriptions, the same ``bytes`` object for all of them.
+        """
+        # Timestamps never go backwards within a topic, so the time index
+        # stays sorted even if the wall clock steps back.
+        timestamp = now if now > topic.last_timestamp else topic.last_timestamp
+        topic.last_timestamp = timestamp
+        base = topic.log.append(batch, count, timestamp)
+        topic.messages_in += count
+        topic.bytes_in += len(batch)
+        for sub in topic.subs:
+            sub.session.deliver(sub, topic, base, timestamp, batch, count)
+        return base, timestamp

@@ -1,0 +1,125 @@
+"""The TCP server: listeners, one Session per connection, graceful shutdown.
+
+Lifecycle as in Trio's ``serve_listeners``: connection tasks run in a
+nursery the server owns, so none outlives it; ``task_status.started(server)``
+hands the bound port to whoever started it. Shutdown stops accepting first,
+then asks every session to flush and say GOODBYE, bounded by
+``config.shutdown_grace``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+
+from .config import Config
+from .log import LogStore, MemoryStore
+from .logs import get_logger
+from .router import Router
+from .session import Session
+
+
+class Server:
+    def __init__(self, config: Config | None = None, store: LogStore | None = None) -> None:
+        self.config = config or Config()
+        self.store: LogStore = store or MemoryStore(self.config.memory_retention_bytes)
+        self.router = Router(self.store)
+        self.sessions: set[Session] = set()
+        self.host = self.config.host
+        self.port: int = 0
+        self.connections_total = 0
+        self._ids = itertools.count(1)
+        self._shutdown = trio.Event()
+        self._stopped = trio.Event()
+        self.log: Any = get_logger()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"pybroker://{host}:{self.port}"
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown; ``serve`` returns when it is done."""
+        self._shutdown.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.router.recover()
+        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        try:
+            sockname = listeners[0].socket.getsockname()
+            self.host, self.port = sockname[0], sockname[1]
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    await accepting.start(
+                        partial(
+                            trio.serve_listeners,
+                            self._handle,
+                            listeners,
+                            handler_nursery=connections,
+                        )
+                    )
+                    self.log.info(
+                        "listening",
+                        host=self.host,
+                        port=self.port,
+                        url=self.url,
+                        data_dir=str(self.config.data_dir),
+                        storage=type(self.store).__name__,
+                    )
+                    task_status.started(self)
+                    await self._shutdown.wait()
+                    accepting.cancel_scope.cancel()
+                self.log.info("shutting down", connections=len(self.sessions))
+                for session in list(self.sessions):
+                    session.shutdown()
+                # Sessions bound their own flush by shutdown_grace; this is the
+                # backstop for one stuck anywhere else.
+                connections.cancel_scope.deadline = (
+                    trio.current_time() + self.config.shutdown_grace + 1.0
+                )
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+            self.store.close()
+            self._stopped.set()
+            self.log.info("stopped")
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        conn_id = next(self._ids)
+        try:
+            peer_addr = stream.socket.getpeername()
+            peer = f"{peer_addr[0]}:{peer_addr[1]}"
+        except OSError:
+            peer = "?"
+        session = Session(self, stream, conn_id, peer)
+        self.sessions.add(session)
+        self.connections_total += 1
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+
+
+@asynccontextmanager
+async def run_broker(config: Config | None = None, **overrides: Any) -> AsyncIterator[Server]:
+    """Run a broker for the body of an ``async with``; it stops on exit.
+
+    ``overrides`` replace fields of ``config`` (or of the defaults), e.g.
+    ``run_broker(port=0)``. Used by the test fixture in ``broker.testing``.
+    """
+    config = attrs.evolve(config or Config(), **overrides)
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(Server(config).serve)
+        try:
+            yield server
+        finally:
+            server.shutdown()

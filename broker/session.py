@@ -1,0 +1,520 @@
+"""One client connection: read frames, act on them, write what they produce.
+
+Three tasks per connection, all owned by the session's nursery:
+
+- the reader decodes every complete frame of each socket read and handles
+  them synchronously (no awaits on the hot path), then queues the PUBACKs of
+  that read in one go;
+- the writer joins everything queued into one ``send_all`` per wake-up
+  (write coalescing) and, when the queue has room, refills it from the log
+  for subscriptions that are lagging (replay, or a queue that was full);
+- the acker, only for stores whose acknowledgements wait for an fsync,
+  awaits ``store.sync()`` (group commit) and then queues the PUBACKs it covers.
+
+Memory per connection is bounded by ``outbound_queue_bytes``: a delivery that
+would go over it is not queued; that subscription reads the topic forward
+from the log instead until it has caught up (protocol.md, "Flow control").
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from client.protocol import (
+    CLOSED,
+    UNLIMITED_CREDIT,
+    Credit,
+    RefKind,
+    NEED_DATA,
+    Connection,
+    Error,
+    ErrorCode,
+    Goodbye,
+    Hello,
+    Ping,
+    Pong,
+    PubAck,
+    Publish,
+    RemoteProtocolError,
+    Role,
+    StartKind,
+    State,
+    SubAck,
+    Subscribe,
+    UnsubAck,
+    Unsubscribe,
+    Welcome,
+    check_batch,
+    deliver_header,
+    encode_puback,
+    pattern_error,
+    topic_error,
+)
+from client.protocol.frames import Durability, Event
+
+from . import __version__
+from .logs import get_logger
+from .router import Subscription, Topic
+
+if TYPE_CHECKING:
+    from .server import Server
+
+RECEIVE_SIZE = 256 * 1024
+#: Bytes of unread input drained (and dropped) before closing after a fatal
+#: error, so the kernel does not reset the connection before our ERROR frame
+#: reaches the peer.
+LINGER_BYTES = 1024 * 1024
+LINGER_SECONDS = 1.0
+#: Credit standing for "unlimited": large enough never to run out.
+_NO_FLOW_CONTROL = 1 << 62
+_MAX_CREDIT = UNLIMITED_CREDIT - 1
+
+
+class _Stop(Exception):
+    """Ends the read loop with a reason for the log."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class Session:
+    def __init__(self, server: Server, stream: trio.abc.Stream, conn_id: int, peer: str) -> None:
+        self.server = server
+        self.router = server.router
+        self.store = server.store
+        self.config = server.config
+        self.limits = server.config.limits
+        self.stream = stream
+        self.conn_id = conn_id
+        self.peer = peer
+        self.log: Any = get_logger(conn_id=conn_id, peer=peer)
+        self.conn = Connection(Role.SERVER, max_frame_bytes=self.limits.max_frame_bytes)
+        self.client_name = ""
+        self.subs: dict[int, Subscription] = {}
+        # Insertion-ordered set of subscriptions with topics to read from the log.
+        self._lagging: dict[Subscription, None] = {}
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._out_limit = server.config.outbound_queue_bytes
+        self._wake = trio.Event()
+        self._room = trio.Event()
+        self._closing = False
+        self._writer_done = trio.Event()
+        self._read_scope = trio.CancelScope()
+        self._accepting_deliveries = True
+        # PUBACKs of the current read, and those waiting for the acker's sync.
+        self._acks: list[tuple[int, int, int, int]] = []
+        self._acks_for_sync: list[tuple[int, int, int, int]] = []
+        self._ack_wake = trio.Event()
+        self._acks_closing = False
+        self._acker_done = trio.Event()
+        self.messages_in = 0
+        self.bytes_out = 0
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def run(self) -> None:
+        reason = "closed"
+        self.log.info("connection opened")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                if self.store.needs_sync:
+                    nursery.start_soon(self._acker)
+                reason = await self._read_loop()
+                self._drop_subscriptions()
+                await self._finish_acks()
+                if self.conn.state is State.OPEN and not self.conn.we_finished:
+                    self._queue(self.conn.send(Goodbye()))
+                self._closing = True
+                self._wake.set()
+                with trio.move_on_after(self.config.shutdown_grace):
+                    await self._writer_done.wait()
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            reason = "connection lost"
+        except Exception:
+            self.log.exception("internal error; closing this connection")
+            reason = "internal error"
+        finally:
+            self._drop_subscriptions()
+            with trio.CancelScope(shield=True):
+                await self._linger_close()
+            self.log.info("connection closed", reason=reason, client=self.client_name)
+
+    def shutdown(self) -> None:
+        """Server shutdown: stop reading; run() then flushes and says GOODBYE."""
+        self._read_scope.cancel()
+
+    async def _linger_close(self) -> None:
+        try:
+            if isinstance(self.stream, trio.SocketStream):
+                await self.stream.send_eof()
+                with trio.move_on_after(LINGER_SECONDS):
+                    drained = 0
+                    while drained < LINGER_BYTES:
+                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                        if not data:
+                            break
+                        drained += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        await trio.aclose_forcefully(self.stream)
+
+    def _drop_subscriptions(self) -> None:
+        self._accepting_deliveries = False
+        for sub in self.subs.values():
+            self.router.remove(sub)
+        self.subs.clear()
+        self._lagging.clear()
+
+    # -- reading ----------------------------------------------------------
+
+    async def _read_loop(self) -> str:
+        conn = self.conn
+        deadline = trio.current_time() + self.config.handshake_timeout
+        with self._read_scope:
+            try:
+                while True:
+                    while self._out_bytes > self._out_limit:
+                        # Backpressure on a peer that does not read what we
+                        # answer (PUBACKs): stop reading until it does.
+                        self._room = trio.Event()
+                        await self._room.wait()
+                    if conn.state is State.OPEN:
+                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                    else:
+                        data = None
+                        with trio.move_on_at(deadline):
+                            data = await self.stream.receive_some(RECEIVE_SIZE)
+                        if data is None:
+                            self._fatal(ErrorCode.HANDSHAKE_REQUIRED, "no HELLO in time")
+                            return "handshake timeout"
+                    conn.receive_data(data)
+                    while True:
+                        event = conn.next_event()
+                        if event is NEED_DATA:
+                            break
+                        if event is CLOSED:
+                            return "peer closed"
+                        self._handle(event)  # type: ignore[arg-type]
+                    self._flush_acks()
+            except RemoteProtocolError as exc:
+                self._flush_acks()
+                self.log.warning(
+                    "protocol error", code=int(exc.code), error=exc.code.name, detail=exc.message
+                )
+                self._fatal(exc.code, exc.message)
+                return f"protocol error {exc.code.name}"
+            except _Stop as stop:
+                self._flush_acks()
+                return stop.reason
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return "connection lost"
+        return "server shutdown"
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, Publish):
+            self._on_publish(event)
+        elif isinstance(event, Credit):
+            self._on_credit(event)
+        elif isinstance(event, Subscribe):
+            self._on_subscribe(event)
+        elif isinstance(event, Unsubscribe):
+            self._on_unsubscribe(event)
+        elif isinstance(event, Ping):
+            self._queue(self.conn.send(Pong(event.nonce)))
+        elif isinstance(event, Hello):
+            self._on_hello(event)
+        elif isinstance(event, Goodbye):
+            raise _Stop("client said goodbye")
+        elif isinstance(event, Error):
+            self.log.warning("error from client", code=event.code, detail=event.message)
+            if event.fatal:
+                raise _Stop("client sent a fatal error")
+        # Pong: nothing to do.
+
+    def _on_hello(self, hello: Hello) -> None:
+        self.client_name = hello.client_name
+        self.log = self.log.bind(client=hello.client_name)
+        welcome = Welcome(
+            server_version=__version__,
+            server_name=self.config.server_name,
+            limits=self.limits.announced(),
+        )
+        self._queue(self.conn.send(welcome))
+        self.log.debug("handshake done")
+
+    def _on_publish(self, pub: Publish) -> None:
+        topic = self.router.topics.get(pub.topic)
+        if topic is None:
+            problem = topic_error(
+                pub.topic, self.limits.max_topic_bytes, self.limits.max_topic_depth
+            )
+            if problem is not None:
+                self._request_error(ErrorCode.BAD_TOPIC, problem, pub.request_id, RefKind.REQUEST)
+                return
+        count, crc_ok = check_batch(pub.batch)
+        if count > self.limits.max_batch_messages:
+            self._request_error(
+                ErrorCode.BATCH_LIMIT,
+                f"batch of {count} messages, limit {self.limits.max_batch_messages}",
+                pub.request_id,
+                RefKind.REQUEST,
+            )
+            return
+        if not crc_ok:
+            self._request_error(
+                ErrorCode.CHECKSUM_MISMATCH, "batch CRC mismatch", pub.request_id, RefKind.REQUEST
+            )
+            return
+        if topic is None:
+            topic = self.router.topic(pub.topic)
+        base, timestamp = self.router.publish(topic, pub.batch, count, time.time_ns() // 1000)
+        self.messages_in += count
+        if pub.request_id:
+            self._acks.append((pub.request_id, base, count, timestamp))
+
+    def _on_subscribe(self, req: Subscribe) -> None:
+        sid = req.sub_id
+        if sid in self.subs:
+            self._request_error(ErrorCode.DUPLICATE_SUBSCRIPTION, f"sub_id {sid} is active", sid)
+            return
+        if len(self.subs) >= self.limits.max_subscriptions:
+            self._request_error(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"limit is {self.limits.max_subscriptions} per connection",
+                sid,
+            )
+            return
+        problem = pattern_error(req.pattern, self.limits.max_topic_bytes, self.limits.max_topic_depth)
+        if problem is not None:
+            self._request_error(ErrorCode.BAD_PATTERN, problem, sid)
+            return
+        if not isinstance(req.start, StartKind):
+            self._request_error(ErrorCode.BAD_REQUEST, f"unknown start kind {req.start}", sid)
+            return
+        if req.options:
+            self._request_error(
+                ErrorCode.BAD_REQUEST, f"unknown options {sorted(req.options)}", sid
+            )
+            return
+        if req.start is StartKind.OFFSET and ("*" in req.pattern or ">" in req.pattern):
+            self._request_error(
+                ErrorCode.BAD_REQUEST, "an offset start needs a pattern without wildcards", sid
+            )
+            return
+        if req.credit == 0:
+            self._request_error(ErrorCode.BAD_REQUEST, "credit must be at least 1", sid)
+            return
+        credit = _NO_FLOW_CONTROL if req.credit == UNLIMITED_CREDIT else req.credit
+        sub = Subscription(self, sid, req.pattern, credit)
+        matched = self.router.add(sub)
+        self.subs[sid] = sub
+        self._queue(self.conn.send(SubAck(sid)))
+        if req.start is not StartKind.NEW:
+            for topic in matched:
+                log = topic.log
+                if req.start is StartKind.EARLIEST:
+                    start = log.first_offset
+                elif req.start is StartKind.OFFSET:
+                    start = max(req.start_value, log.first_offset)
+                else:
+                    start = log.offset_at_time(req.start_value)
+                if start < log.next_offset:
+                    sub.lag[topic] = start
+            if sub.lag:
+                self._lagging[sub] = None
+                self._wake.set()
+        self.log.debug("subscribed", sub_id=sid, pattern=req.pattern, start=req.start.name)
+
+    def _on_credit(self, req: Credit) -> None:
+        sub = self.subs.get(req.sub_id)
+        if sub is None:
+            return  # may cross an UNSUBACK; harmless
+        sub.credit = min(sub.credit + req.messages, max(sub.credit, _MAX_CREDIT))
+        if sub in self._lagging:
+            self._wake.set()
+
+    def _on_unsubscribe(self, req: Unsubscribe) -> None:
+        sub = self.subs.pop(req.sub_id, None)
+        if sub is None:
+            self._request_error(
+                ErrorCode.UNKNOWN_SUBSCRIPTION, f"sub_id {req.sub_id} is not active", req.sub_id
+            )
+            return
+        self.router.remove(sub)
+        self._lagging.pop(sub, None)
+        self._queue(self.conn.send(UnsubAck(req.sub_id)))
+
+    # -- acknowledgements ---------------------------------------------------
+
+    def _flush_acks(self) -> None:
+        if not self._acks:
+            return
+        acks, self._acks = self._acks, []
+        if self.store.needs_sync:
+            self._acks_for_sync.extend(acks)
+            self._ack_wake.set()
+        else:
+            self._queue_acks(acks, self.store.durability)
+
+    def _queue_acks(self, acks: list[tuple[int, int, int, int]], durability: Durability) -> None:
+        self._queue(
+            b"".join(encode_puback(PubAck(r, b, c, t, durability)) for r, b, c, t in acks)
+        )
+
+    async def _acker(self) -> None:
+        try:
+            while True:
+                if self._acks_for_sync:
+                    acks, self._acks_for_sync = self._acks_for_sync, []
+                    durability = await self.store.sync()
+                    self._queue_acks(acks, durability)
+                    continue
+                if self._acks_closing:
+                    return
+                await self._ack_wake.wait()
+                self._ack_wake = trio.Event()
+        finally:
+            self._acker_done.set()
+
+    async def _finish_acks(self) -> None:
+        self._flush_acks()
+        if self.store.needs_sync:
+            self._acks_closing = True
+            self._ack_wake.set()
+            await self._acker_done.wait()
+
+    # -- writing ----------------------------------------------------------
+
+    def _queue(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_bytes += len(data)
+        self._wake.set()
+
+    def _fatal(self, code: ErrorCode, message: str) -> None:
+        self._accepting_deliveries = False
+        if not self.conn.we_finished:
+            self._queue(self.conn.send(Error(int(code), message, fatal=True)))
+
+    def _request_error(
+        self,
+        code: ErrorCode,
+        message: str,
+        ref: int,
+        ref_kind: RefKind = RefKind.SUBSCRIPTION,
+    ) -> None:
+        self.log.info("request refused", code=int(code), error=code.name, detail=message, ref=ref)
+        self._queue(self.conn.send(Error(int(code), message, ref, ref_kind, fatal=False)))
+
+    def deliver(
+        self,
+        sub: Subscription,
+        topic: Topic,
+        base_offset: int,
+        timestamp: int,
+        batch: bytes,
+        count: int,
+    ) -> None:
+        """Hand one batch to one subscription (called by the router)."""
+        if sub.lag and topic in sub.lag:
+            return  # the log reader will get to it, in order
+        size = len(batch)
+        if sub.credit <= 0 or (self._out and self._out_bytes + size > self._out_limit):
+            sub.lag[topic] = base_offset
+            self._lagging[sub] = None
+            return
+        sub.credit -= count
+        header = deliver_header(sub.sub_id, topic.name_bytes, base_offset, timestamp, size)
+        out = self._out
+        out.append(header)
+        out.append(batch)
+        self._out_bytes += len(header) + size
+        self._wake.set()
+
+    def _refill(self) -> None:
+        """Queue batches from the log for lagging subscriptions, up to the bound."""
+        limit = self._out_limit
+        for sub in list(self._lagging):
+            lag = sub.lag
+            for topic in list(lag):
+                offset = lag[topic]
+                log = topic.log
+                while offset < log.next_offset:
+                    if sub.credit <= 0:
+                        break
+                    if self._out_bytes >= limit:
+                        lag[topic] = offset
+                        return
+                    first = log.first_offset
+                    if offset < first:
+                        self._queue(
+                            self.conn.send(
+                                Error(
+                                    int(ErrorCode.DATA_LOST),
+                                    f"topic {topic.name}: offsets {offset}..{first - 1} "
+                                    "were removed by retention before delivery",
+                                    sub.sub_id,
+                                    RefKind.SUBSCRIPTION,
+                                )
+                            )
+                        )
+                        self.log.warning(
+                            "lagging subscriber lost data",
+                            sub_id=sub.sub_id,
+                            topic=topic.name,
+                            first_missing=offset,
+                            count=first - offset,
+                        )
+                        offset = first
+                        continue
+                    for stored in log.read(offset, limit - self._out_bytes):
+                        sub.credit -= stored.count
+                        header = deliver_header(
+                            sub.sub_id,
+                            topic.name_bytes,
+                            stored.base_offset,
+                            stored.timestamp,
+                            len(stored.batch),
+                        )
+                        self._out.append(header)
+                        self._out.append(stored.batch)
+                        self._out_bytes += len(header) + len(stored.batch)
+                        offset = stored.next_offset
+                        if sub.credit <= 0:
+                            break
+                if offset < log.next_offset:
+                    lag[topic] = offset  # out of credit: resume when CREDIT comes
+                else:
+                    del lag[topic]  # caught up: live delivery takes over
+            if not lag:
+                del self._lagging[sub]
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                if self._lagging and self._out_bytes < self._out_limit and self._accepting_deliveries:
+                    self._refill()
+                if self._out:
+                    out = self._out
+                    data = out[0] if len(out) == 1 else b"".join(out)
+                    self._out = []
+                    self._out_bytes = 0
+                    self._room.set()
+                    await self.stream.send_all(data)
+                    self.bytes_out += len(data)
+                    continue
+                if self._closing:
+                    return
+                await self._wake.wait()
+                self._wake = trio.Event()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.conn.send_failed()
+            self._read_scope.cancel()
+            raise
+        finally:
+            self._writer_done.set()

@@ -1,0 +1,36 @@
+"""Run a real broker inside a test suite.
+
+    from broker.testing import running_broker
+
+    async def test_something(tmp_path):
+        async with running_broker(data_dir=tmp_path) as server:
+            async with client.connect(server.url) as c:
+                ...
+
+Pytest users can instead enable the fixtures of :mod:`broker.pytest_plugin`
+with ``pytest_plugins = ["broker.pytest_plugin"]`` in their conftest.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from .config import Config
+from .server import Server, run_broker
+
+
+@asynccontextmanager
+async def running_broker(**overrides: Any) -> AsyncIterator[Server]:
+    """A broker on 127.0.0.1 and a free port (``server.url``), stopped on exit.
+
+    Keyword arguments override :class:`broker.config.Config` fields.
+    """
+    overrides.setdefault("host", "127.0.0.1")
+    overrides.setdefault("port", 0)
+    async with run_broker(Config(), **overrides) as server:
+        yield server
+
+
+__all__ = ["Server", "running_broker"]

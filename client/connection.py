@@ -1,0 +1,676 @@
+"""The Trio client: one connection to a broker, publishing and subscribing.
+
+Two tasks run in a nursery the client owns: the reader decodes frames and
+resolves acknowledgements and deliveries without ever blocking; the writer
+turns queued publishes into batches (one per topic per wake-up, Kafka-style)
+and sends everything queued with one ``send_all``.
+
+Batching is adaptive, like Nagle's algorithm: while fewer than
+``max_inflight_batches`` batches await their PUBACK, messages go out at once
+(low latency when idle); beyond that they accumulate until an ack returns,
+so batches grow by themselves under load. ``linger`` adds an optional wait.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import inspect
+import itertools
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+import trio
+
+from .errors import BrokerError, ConnectionClosed
+from .message import Message, PublishAck
+from .protocol import (
+    CLOSED,
+    NEED_DATA,
+    UNLIMITED_CREDIT,
+    Connection,
+    Credit,
+    Deliver,
+    Durability,
+    Error,
+    ErrorCode,
+    Goodbye,
+    Hello,
+    MalformedBatch,
+    Ping,
+    Pong,
+    ProtocolError,
+    PubAck,
+    RefKind,
+    Role,
+    StartKind,
+    SubAck,
+    Subscribe,
+    UnsubAck,
+    Unsubscribe,
+    Welcome,
+    decode_batch,
+    encode_batch_from_records,
+    encode_publish,
+    encode_record,
+    pattern_error,
+    topic_error,
+)
+from .protocol.batch import BATCH_HEADER
+from .protocol.codec import HEADER_SIZE
+from .subscription import Subscription
+
+DEFAULT_URL = "pybroker://127.0.0.1:7420"
+DEFAULT_PORT = 7420
+RECEIVE_SIZE = 256 * 1024
+_TOPIC_CACHE_LIMIT = 4096
+
+Callback = Callable[[Message], Awaitable[None] | None]
+Start = str | int | _dt.datetime
+
+_log = structlog.get_logger("pybroker.client")
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    """``pybroker://host:port`` (port defaults to 7420) -> (host, port)."""
+    parts = urlsplit(url)
+    if parts.scheme != "pybroker":
+        raise ValueError(f"unsupported URL scheme in {url!r}: expected pybroker://host:port")
+    if not parts.hostname:
+        raise ValueError(f"no host in {url!r}")
+    return parts.hostname, parts.port or DEFAULT_PORT
+
+
+class PendingAck:
+    """The acknowledgement of one queued message; ``await p.wait()`` for it."""
+
+    __slots__ = ("topic", "offset", "timestamp_us", "durability", "error", "_event")
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.offset = -1
+        self.timestamp_us = 0
+        self.durability = Durability.MEMORY
+        self.error: BaseException | None = None
+        self._event: trio.Event | None = None
+
+    def done(self) -> bool:
+        return self.offset >= 0 or self.error is not None
+
+    def _resolve(self, offset: int, timestamp_us: int, durability: Durability) -> None:
+        self.offset = offset
+        self.timestamp_us = timestamp_us
+        self.durability = durability
+        if self._event is not None:
+            self._event.set()
+
+    def _fail(self, error: BaseException) -> None:
+        if not self.done():
+            self.error = error
+            if self._event is not None:
+                self._event.set()
+
+    def result(self) -> PublishAck:
+        """The acknowledgement; raises if it failed or has not arrived."""
+        if self.error is not None:
+            raise self.error
+        if self.offset < 0:
+            raise RuntimeError("not acknowledged yet")
+        return PublishAck(self.topic, self.offset, self.timestamp_us, self.durability)
+
+    async def wait(self) -> PublishAck:
+        if not self.done():
+            if self._event is None:
+                self._event = trio.Event()
+            await self._event.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+        return self.result()
+
+
+class _Waiter:
+    """A SUBSCRIBE or UNSUBSCRIBE waiting for its answer."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.error: BaseException | None = None
+
+    def done(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.event.set()
+
+
+class _SubscribeCall:
+    """What ``Client.subscribe`` returns: await it, or ``async with`` it."""
+
+    def __init__(self, client: Client, args: tuple[Any, ...]) -> None:
+        self._client = client
+        self._args = args
+        self._sub: Subscription | None = None
+
+    def __await__(self) -> Generator[Any, None, Subscription]:
+        return self._client._subscribe(*self._args).__await__()
+
+    async def __aenter__(self) -> Subscription:
+        self._sub = await self._client._subscribe(*self._args)
+        return self._sub
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._sub is not None:
+            await self._sub.__aexit__(*exc)
+
+
+class Client:
+    """A connection to a broker. Make one with :func:`connect`."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        nursery: trio.Nursery,
+        *,
+        name: str,
+        linger: float,
+        max_pending: int,
+        max_inflight_batches: int,
+    ) -> None:
+        self._stream = stream
+        self._nursery = nursery
+        self.name = name
+        self._linger = linger
+        self._max_pending = max_pending
+        self._max_inflight_batches = max_inflight_batches
+        self._conn = Connection(Role.CLIENT)
+        self.server: Welcome | None = None
+        self._max_batch_messages = 100_000
+        self._max_frame_bytes = self._conn.max_frame_bytes
+        self._max_topic_bytes = 255
+        self._max_topic_depth = 16
+        self._out: list[bytes] = []
+        self._wake = trio.Event()
+        # topic -> [(record bytes, PendingAck)] not yet sent
+        self._unsent: dict[str, list[tuple[bytes, PendingAck]]] = {}
+        self._unsent_count = 0
+        self._pending_count = 0  # unsent + in flight
+        self._inflight: dict[int, list[PendingAck]] = {}
+        self._room = trio.Event()
+        self._drained = trio.Event()
+        self._drained.set()
+        self._request_ids = itertools.count(1)
+        self._sub_ids = itertools.count(1)
+        self._subs: dict[int, Subscription] = {}
+        self._waiters: dict[int, _Waiter] = {}
+        self._valid_topics: set[str] = set()
+        self._closed: ConnectionClosed | None = None
+        self._goodbye_received = trio.Event()
+        self._reader_done = trio.Event()
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def _handshake(self, timeout: float) -> None:
+        await self._stream.send_all(self._conn.send(Hello(client_name=self.name)))
+        with trio.fail_after(timeout):
+            while True:
+                event = self._conn.next_event()
+                if event is NEED_DATA:
+                    self._conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+                    continue
+                if isinstance(event, Welcome):
+                    break
+                if isinstance(event, Error):
+                    raise BrokerError(event.code, event.message)
+                raise ConnectionClosed(f"no WELCOME from the broker (got {event!r})")
+        self.server = event
+        limits = event.limits
+        self._max_batch_messages = limits.get("max_batch_messages", self._max_batch_messages)
+        self._max_frame_bytes = limits.get("max_frame_bytes", self._max_frame_bytes)
+        self._max_topic_bytes = limits.get("max_topic_bytes", self._max_topic_bytes)
+        self._max_topic_depth = limits.get("max_topic_depth", self._max_topic_depth)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise self._closed
+
+    def _fail(self, error: ConnectionClosed) -> None:
+        """The connection is over: fail everything still waiting."""
+        if self._closed is not None:
+            return
+        self._closed = error
+        for topic_items in self._unsent.values():
+            for _, p in topic_items:
+                p._fail(error)
+        self._unsent.clear()
+        for ps in self._inflight.values():
+            for p in ps:
+                p._fail(error)
+        self._inflight.clear()
+        self._pending_count = self._unsent_count = 0
+        for waiter in self._waiters.values():
+            waiter.done(error)
+        self._waiters.clear()
+        for sub in self._subs.values():
+            sub._close(error)
+        self._room.set()
+        self._drained.set()
+        self._wake.set()
+
+    async def aclose(self, timeout: float = 5.0, *, graceful: bool = True) -> None:
+        """Flush publishes, say GOODBYE, wait for the broker's, close."""
+        if graceful and self._closed is None:
+            with trio.move_on_after(timeout):
+                await self.flush()
+                if self._closed is None:
+                    self._out.append(self._conn.send(Goodbye()))
+                    self._wake.set()
+                    await self._reader_done.wait()
+        self._fail(ConnectionClosed("client closed"))
+        self._nursery.cancel_scope.cancel()
+        await trio.aclose_forcefully(self._stream)
+
+    # -- publishing -------------------------------------------------------
+
+    def _check_topic(self, topic: str) -> None:
+        if topic in self._valid_topics:
+            return
+        problem = topic_error(topic, self._max_topic_bytes, self._max_topic_depth)
+        if problem is not None:
+            raise ValueError(problem)
+        if len(self._valid_topics) >= _TOPIC_CACHE_LIMIT:
+            self._valid_topics.clear()
+        self._valid_topics.add(topic)
+
+    def publish_nowait(
+        self, topic: str, payload: bytes, headers: Mapping[str, str] | None = None
+    ) -> PendingAck:
+        """Queue one message; return its PendingAck at once.
+
+        Raises ``trio.WouldBlock`` when ``max_pending`` messages are already
+        queued or awaiting acknowledgement.
+        """
+        self._check_open()
+        self._check_topic(topic)
+        if self._pending_count >= self._max_pending:
+            raise trio.WouldBlock
+        record = encode_record(payload, headers)
+        limit = self._max_frame_bytes - (8 + 2 + len(topic.encode()) + BATCH_HEADER.size)
+        if len(record) > limit:
+            raise ValueError(
+                f"message of {len(record)} bytes does not fit the broker's "
+                f"max_frame_bytes ({self._max_frame_bytes})"
+            )
+        pending = PendingAck(topic)
+        items = self._unsent.get(topic)
+        if items is None:
+            items = self._unsent[topic] = []
+        items.append((record, pending))
+        self._unsent_count += 1
+        self._pending_count += 1
+        self._drained = trio.Event() if self._drained.is_set() else self._drained
+        self._wake.set()
+        return pending
+
+    async def send(
+        self, topic: str, payload: bytes, headers: Mapping[str, str] | None = None
+    ) -> PendingAck:
+        """Queue one message, waiting for room if the pipeline is full;
+        return its PendingAck without waiting for the acknowledgement.
+
+        It yields to other tasks only when it has to wait for room, so a loop
+        of ``send`` calls fills large batches instead of sending one message
+        per scheduler pass (the writer runs when this task waits).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self._pending_count >= self._max_pending:
+            self._check_open()
+            self._room = trio.Event()
+            await self._room.wait()
+        return self.publish_nowait(topic, payload, headers)
+
+    async def publish(
+        self, topic: str, payload: bytes, headers: Mapping[str, str] | None = None
+    ) -> PublishAck:
+        """Publish one message and return once the broker acknowledged it."""
+        pending = await self.send(topic, payload, headers)
+        return await pending.wait()
+
+    async def publish_many(
+        self, topic: str, payloads: Iterable[bytes | tuple[bytes, Mapping[str, str] | None]]
+    ) -> list[PublishAck]:
+        """Publish many messages pipelined; return their acks in order."""
+        pendings = []
+        for item in payloads:
+            if isinstance(item, tuple):
+                pendings.append(await self.send(topic, item[0], item[1]))
+            else:
+                pendings.append(await self.send(topic, item))
+        return [await p.wait() for p in pendings]
+
+    async def flush(self) -> None:
+        """Wait until every message queued so far is acknowledged (or failed)."""
+        while self._pending_count and self._closed is None:
+            await self._drained.wait()
+        await trio.lowlevel.checkpoint()
+
+    def _take_batches(self) -> list[bytes]:
+        """Turn everything unsent into PUBLISH frames, within the broker's limits."""
+        frames: list[bytes] = []
+        max_messages = self._max_batch_messages
+        for topic, items in self._unsent.items():
+            max_body = self._max_frame_bytes - (8 + 2 + len(topic.encode()) + BATCH_HEADER.size)
+            start = 0
+            size = 0
+            for i, (record, _) in enumerate(items):
+                if i > start and (i - start >= max_messages or size + len(record) > max_body):
+                    frames.append(self._batch_frame(topic, items[start:i]))
+                    start, size = i, 0
+                size += len(record)
+            frames.append(self._batch_frame(topic, items[start:]))
+        self._unsent = {}
+        self._unsent_count = 0
+        return frames
+
+    def _batch_frame(self, topic: str, items: list[tuple[bytes, PendingAck]]) -> bytes:
+        request_id = next(self._request_ids)
+        self._inflight[request_id] = [p for _, p in items]
+        batch = encode_batch_from_records([r for r, _ in items])
+        return encode_publish(request_id, topic, batch)
+
+    # -- subscribing ------------------------------------------------------
+
+    def subscribe(
+        self,
+        pattern: str,
+        callback: Callback | None = None,
+        *,
+        start: Start = "new",
+        window: int = 4096,
+    ) -> _SubscribeCall:
+        """Subscribe to a topic or pattern (``*`` one token, ``>`` the rest).
+
+        ``await c.subscribe(p, callback)`` calls ``callback(msg)`` (sync or
+        async) for every message in a task the client owns;
+        ``async with c.subscribe(p) as sub: async for msg in sub`` iterates.
+        ``start``: ``"new"`` (default), ``"earliest"``, an offset (int, for a
+        topic without wildcards) or a ``datetime`` (first message at or after
+        it). ``window`` is the credit: at most that many messages (plus one
+        batch) are buffered in this process for the subscription.
+        """
+        return _SubscribeCall(self, (pattern, callback, start, window))
+
+    async def _subscribe(
+        self, pattern: str, callback: Callback | None, start: Start, window: int
+    ) -> Subscription:
+        self._check_open()
+        problem = pattern_error(pattern, self._max_topic_bytes, self._max_topic_depth)
+        if problem is not None:
+            raise ValueError(problem)
+        if not 1 <= window < UNLIMITED_CREDIT:
+            raise ValueError("window must be between 1 and 2**32 - 2")
+        kind, value = _start_position(start)
+        sub_id = next(self._sub_ids)
+        sub = Subscription(self, sub_id, pattern, window)
+        if kind is StartKind.OFFSET:
+            sub._skip_below = value
+        self._subs[sub_id] = sub
+        waiter = self._waiters[sub_id] = _Waiter()
+        self._queue(self._conn.send(Subscribe(sub_id, pattern, kind, value, window)))
+        await waiter.event.wait()
+        if waiter.error is not None:
+            self._subs.pop(sub_id, None)
+            raise waiter.error
+        if callback is not None:
+            self._nursery.start_soon(_run_callback, sub, callback, name=f"pybroker sub {pattern}")
+        return sub
+
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        self._check_open()
+        waiter = self._waiters[sub.sub_id] = _Waiter()
+        self._queue(self._conn.send(Unsubscribe(sub.sub_id)))
+        await waiter.event.wait()
+        self._subs.pop(sub.sub_id, None)
+        sub._close()
+        if waiter.error is not None and not isinstance(waiter.error, BrokerError):
+            raise waiter.error
+
+    def _grant_credit(self, sub_id: int, messages: int) -> None:
+        if self._closed is None and sub_id in self._subs:
+            self._queue(self._conn.send(Credit(sub_id, messages)))
+
+    async def ping(self) -> None:
+        """Round trip to the broker (PING, wait for PONG)."""
+        self._check_open()
+        nonce = next(self._request_ids)
+        waiter = self._waiters[-nonce] = _Waiter()
+        self._queue(self._conn.send(Ping(nonce)))
+        await waiter.event.wait()
+        if waiter.error is not None:
+            raise waiter.error
+
+    # -- the tasks --------------------------------------------------------
+
+    def _queue(self, data: bytes) -> None:
+        self._out.append(data)
+        self._wake.set()
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                if (
+                    self._unsent_count
+                    and self._linger > 0
+                    and self._unsent_count < self._max_batch_messages
+                    and not self._out
+                ):
+                    await trio.sleep(self._linger)
+                frames = self._out
+                self._out = []
+                if self._unsent_count and len(self._inflight) < self._max_inflight_batches:
+                    frames.extend(self._take_batches())
+                if frames:
+                    await self._stream.send_all(b"".join(frames))
+                    continue
+                if self._closed is not None:
+                    return
+                await self._wake.wait()
+                self._wake = trio.Event()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._fail(ConnectionClosed(f"connection lost while sending: {exc!r}"))
+
+    async def _reader(self) -> None:
+        conn = self._conn
+        try:
+            while self._closed is None:
+                while True:
+                    event = conn.next_event()
+                    if event is NEED_DATA:
+                        break
+                    if event is CLOSED:
+                        self._fail(ConnectionClosed("the broker closed the connection"))
+                        return
+                    self._on_event(event)  # type: ignore[arg-type]
+                    if self._closed is not None:
+                        return
+                conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+        except ProtocolError as exc:
+            try:
+                await self._stream.send_all(
+                    conn.send(Error(int(exc.code), exc.message, fatal=True))
+                )
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
+                pass
+            self._fail(ConnectionClosed(f"protocol error: {exc}"))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._fail(ConnectionClosed(f"connection lost: {exc!r}"))
+        finally:
+            self._reader_done.set()
+
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, Deliver):
+            self._on_deliver(event)
+        elif isinstance(event, PubAck):
+            self._on_puback(event)
+        elif isinstance(event, (SubAck, UnsubAck)):
+            waiter = self._waiters.pop(event.sub_id, None)
+            if waiter is not None:
+                waiter.done()
+        elif isinstance(event, Ping):
+            self._queue(self._conn.send(Pong(event.nonce)))
+        elif isinstance(event, Pong):
+            waiter = self._waiters.pop(-event.nonce, None)
+            if waiter is not None:
+                waiter.done()
+        elif isinstance(event, Error):
+            self._on_error(event)
+        elif isinstance(event, Goodbye):
+            self._goodbye_received.set()
+            self._fail(ConnectionClosed("the broker said goodbye"))
+
+    def _on_deliver(self, d: Deliver) -> None:
+        sub = self._subs.get(d.sub_id)
+        if sub is None:
+            return  # unsubscribed; these were in flight
+        try:
+            records = decode_batch(d.batch)
+        except MalformedBatch as exc:
+            sub._note_malformed()
+            _log.warning(
+                "skipping malformed batch",
+                topic=d.topic,
+                base_offset=d.base_offset,
+                error=str(exc),
+            )
+            return
+        topic, base, ts = d.topic, d.base_offset, d.timestamp
+        sub._push(
+            [Message(topic, payload, headers, base + i, ts) for i, (payload, headers) in enumerate(records)]
+        )
+
+    def _on_puback(self, ack: PubAck) -> None:
+        pendings = self._inflight.pop(ack.request_id, None)
+        if pendings is None:
+            return
+        base, ts, durability = ack.base_offset, ack.timestamp, ack.durability
+        for i, p in enumerate(pendings):
+            p._resolve(base + i, ts, durability)
+        self._settled(len(pendings))
+
+    def _settled(self, count: int) -> None:
+        self._pending_count -= count
+        self._room.set()
+        self._wake.set()  # an in-flight slot is free
+        if not self._pending_count:
+            self._drained.set()
+
+    def _on_error(self, err: Error) -> None:
+        error = BrokerError(err.code, err.message)
+        if err.fatal:
+            self._fail(ConnectionClosed(f"the broker closed the connection: {error}"))
+            return
+        if err.ref_kind is RefKind.REQUEST:
+            pendings = self._inflight.pop(err.ref, None)
+            if pendings is not None:
+                for p in pendings:
+                    p._fail(error)
+                self._settled(len(pendings))
+                return
+        elif err.ref_kind is RefKind.SUBSCRIPTION:
+            waiter = self._waiters.pop(err.ref, None)
+            if waiter is not None:
+                waiter.done(error)
+                return
+            sub = self._subs.get(err.ref)
+            if sub is not None and err.code == ErrorCode.DATA_LOST:
+                sub._note_lost(_lost_count(err.message))
+        _log.warning("error from broker", code=err.code, detail=err.message, ref=err.ref)
+
+
+def _lost_count(message: str) -> int:
+    # "topic T: offsets A..B were removed ..." (session._refill)
+    try:
+        span = message.split("offsets ", 1)[1].split(" ", 1)[0]
+        first, last = span.split("..")
+        return int(last) - int(first) + 1
+    except (IndexError, ValueError):
+        return 0
+
+
+def _start_position(start: Start) -> tuple[StartKind, int]:
+    if isinstance(start, bool):
+        raise TypeError("start must be 'new', 'earliest', an offset or a datetime")
+    if isinstance(start, int):
+        if start < 0:
+            raise ValueError("a start offset cannot be negative")
+        return StartKind.OFFSET, start
+    if isinstance(start, _dt.datetime):
+        if start.tzinfo is None:
+            raise ValueError("a start datetime must be timezone-aware")
+        return StartKind.TIME, max(0, math.floor(start.timestamp() * 1_000_000))
+    if start == "new":
+        return StartKind.NEW, 0
+    if start == "earliest":
+        return StartKind.EARLIEST, 0
+    raise ValueError(f"start must be 'new', 'earliest', an offset or a datetime, not {start!r}")
+
+
+async def _run_callback(sub: Subscription, callback: Callback) -> None:
+    async for msg in sub:
+        result = callback(msg)
+        if inspect.isawaitable(result):
+            await result
+
+
+@asynccontextmanager
+async def connect(
+    url: str = DEFAULT_URL,
+    *,
+    name: str = "",
+    linger: float = 0.0,
+    max_pending: int = 65536,
+    max_inflight_batches: int = 8,
+    connect_timeout: float = 10.0,
+    close_timeout: float = 5.0,
+) -> AsyncIterator[Client]:
+    """Connect to a broker for the body of an ``async with``.
+
+    On a normal exit the client waits (up to ``close_timeout``) for every
+    queued publish to be acknowledged, then closes cleanly with GOODBYE.
+    """
+    host, port = parse_url(url)
+    with trio.fail_after(connect_timeout):
+        stream = await trio.open_tcp_stream(host, port)
+    try:
+        async with trio.open_nursery() as nursery:
+            client = Client(
+                stream,
+                nursery,
+                name=name,
+                linger=linger,
+                max_pending=max_pending,
+                max_inflight_batches=max_inflight_batches,
+            )
+            try:
+                with trio.fail_after(connect_timeout):
+                    await client._handshake(connect_timeout)
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+            nursery.start_soon(client._reader, name="pybroker reader")
+            nursery.start_soon(client._writer, name="pybroker writer")
+            try:
+                yield client
+            except BaseException:
+                await client.aclose(graceful=False)
+                raise
+            await client.aclose(close_timeout)
+    except BaseExceptionGroup as group:
+        # The nursery is ours, not the caller's: hand back a lone exception
+        # as itself (a failing body, a callback's error) rather than a group.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

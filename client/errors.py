@@ -1,0 +1,26 @@
+"""Exceptions the client library raises."""
+
+from __future__ import annotations
+
+from .protocol import ErrorCode
+from .protocol.errors import code_name
+
+
+class BrokerError(Exception):
+    """The broker refused a request (an ERROR frame), with its numeric code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{code_name(code)} ({code}): {message}")
+        self.code = code
+        self.message = message
+
+    @property
+    def error_code(self) -> ErrorCode | None:
+        try:
+            return ErrorCode(self.code)
+        except ValueError:
+            return None
+
+
+class ConnectionClosed(Exception):
+    """The connection ended; requests still waiting fail with this."""

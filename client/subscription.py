@@ -1,0 +1,142 @@
+"""A subscription: an async iterator of messages with credit-based flow control.
+
+The client's reader task decodes each DELIVER into a list of Messages and
+appends it here without ever blocking; the amount buffered is bounded by the
+credit this subscription grants the broker (``window`` messages, plus at most
+one batch), and new credit is granted as the application consumes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from .errors import ConnectionClosed
+from .message import Message
+
+if TYPE_CHECKING:
+    from .connection import Client
+
+
+@attrs.frozen
+class SubscriptionStatistics:
+    pattern: str
+    #: Messages received and not yet handed to the application.
+    pending_messages: int
+    delivered_messages: int
+    #: Batches the broker forwarded that did not decode (a bad publisher's).
+    malformed_batches: int
+    #: Messages the broker reported lost to retention (ERROR 208).
+    lost_messages: int
+
+
+class Subscription:
+    """Iterate with ``async for msg in sub``; stop with ``await sub.unsubscribe()``."""
+
+    def __init__(self, client: Client, sub_id: int, pattern: str, window: int) -> None:
+        self._client = client
+        self.sub_id = sub_id
+        self.pattern = pattern
+        self.window = window
+        self._batches: deque[list[Message]] = deque()
+        self._current: list[Message] = []
+        self._index = 0
+        self._pending = 0
+        self._consumed = 0  # messages consumed since the last credit grant
+        self._arrived = trio.Event()
+        self._closed = False
+        self._error: BaseException | None = None
+        self._delivered = 0
+        self._malformed = 0
+        self._lost = 0
+        #: Per topic, offsets below this are skipped (a start offset inside a batch).
+        self._skip_below: int | None = None
+
+    # -- called by the client's reader (sync, never blocks) ---------------
+
+    def _push(self, messages: list[Message]) -> None:
+        if self._closed:
+            return
+        if self._skip_below is not None:
+            messages = [m for m in messages if m.offset >= self._skip_below]
+            if not messages:
+                return
+        self._batches.append(messages)
+        self._pending += len(messages)
+        self._arrived.set()
+
+    def _note_malformed(self) -> None:
+        self._malformed += 1
+
+    def _note_lost(self, count: int) -> None:
+        self._lost += count
+
+    def _close(self, error: BaseException | None = None) -> None:
+        """No more messages will arrive; iteration ends once the buffer is
+        drained, raising ``error`` if the connection was lost."""
+        if not self._closed:
+            self._closed = True
+            self._error = error
+            self._arrived.set()
+
+    # -- the application's side -------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self
+
+    async def __anext__(self) -> Message:
+        while self._index >= len(self._current):
+            if self._current:
+                self._account(len(self._current))
+                self._current = []
+                self._index = 0
+            if self._batches:
+                self._current = self._batches.popleft()
+                # One checkpoint per batch, not per message: iterating a
+                # large backlog stays cheap and still lets other tasks run.
+                await trio.lowlevel.checkpoint()
+                continue
+            if self._closed:
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+            self._arrived = trio.Event()
+            await self._arrived.wait()
+        msg = self._current[self._index]
+        self._index += 1
+        self._pending -= 1
+        self._delivered += 1
+        return msg
+
+    def _account(self, consumed: int) -> None:
+        self._consumed += consumed
+        if self._consumed * 2 >= self.window and not self._closed:
+            self._client._grant_credit(self.sub_id, self._consumed)
+            self._consumed = 0
+
+    async def unsubscribe(self) -> None:
+        """Stop the subscription; messages already buffered are still iterated."""
+        if not self._closed:
+            await self._client._unsubscribe(self)
+
+    def statistics(self) -> SubscriptionStatistics:
+        return SubscriptionStatistics(
+            pattern=self.pattern,
+            pending_messages=self._pending,
+            delivered_messages=self._delivered,
+            malformed_batches=self._malformed,
+            lost_messages=self._lost,
+        )
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.unsubscribe()
+        except ConnectionClosed:
+            pass
