@@ -187,12 +187,13 @@ class Session:
                     if conn.state is State.OPEN:
                         data = await self.stream.receive_some(RECEIVE_SIZE)
                     else:
-                        data = None
+                        received: bytes | bytearray | None = None
                         with trio.move_on_at(deadline):
-                            data = await self.stream.receive_some(RECEIVE_SIZE)
-                        if data is None:
+                            received = await self.stream.receive_some(RECEIVE_SIZE)
+                        if received is None:
                             self._fatal(ErrorCode.HANDSHAKE_REQUIRED, "no HELLO in time")
                             return "handshake timeout"
+                        data = received
                     conn.receive_data(data)
                     while True:
                         event = conn.next_event()

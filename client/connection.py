@@ -493,7 +493,7 @@ class Client:
                     if event is CLOSED:
                         self._fail(ConnectionClosed("the broker closed the connection"))
                         return
-                    self._on_event(event)  # type: ignore[arg-type]
+                    self._on_event(event)
                     if self._closed is not None:
                         return
                 conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))

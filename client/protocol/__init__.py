@@ -4,6 +4,7 @@ broker and the client."""
 from .batch import (
     EMPTY_HEADERS,
     MalformedBatch,
+    batch_count,
     check_batch,
     decode_batch,
     encode_batch,
@@ -87,6 +88,7 @@ __all__ = [
     "UnsubAck",
     "Unsubscribe",
     "Welcome",
+    "batch_count",
     "check_batch",
     "decode_batch",
     "decode_body",
@@ -96,6 +98,7 @@ __all__ = [
     "encode_event",
     "encode_puback",
     "encode_publish",
+    "encode_record",
     "matches",
     "pattern_error",
     "topic_error",

@@ -121,6 +121,7 @@ def decode_batch(batch: bytes) -> list[tuple[bytes, Headers]]:
         for _ in range(count):
             payload_len, headers_len = unpack_record(batch, pos)
             pos += rec_size
+            headers: Headers
             if headers_len:
                 headers = _decode_headers(batch, pos, pos + headers_len)
                 pos += headers_len

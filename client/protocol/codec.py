@@ -156,13 +156,16 @@ class _Body:
         return st.unpack_from(self.buf, self._need(st.size))
 
     def u16(self) -> int:
-        return _U16.unpack_from(self.buf, self._need(2))[0]
+        value: int = _U16.unpack_from(self.buf, self._need(2))[0]
+        return value
 
     def u32(self) -> int:
-        return _U32.unpack_from(self.buf, self._need(4))[0]
+        value: int = _U32.unpack_from(self.buf, self._need(4))[0]
+        return value
 
     def u64(self) -> int:
-        return _U64.unpack_from(self.buf, self._need(8))[0]
+        value: int = _U64.unpack_from(self.buf, self._need(8))[0]
+        return value
 
     def raw(self, n: int) -> bytes:
         start = self._need(n)
