@@ -206,6 +206,7 @@ class Client:
         self._closed: ConnectionClosed | None = None
         self._goodbye_received = trio.Event()
         self._reader_done = trio.Event()
+        self._closing_by_us = False
 
     # -- lifecycle --------------------------------------------------------
 
@@ -238,10 +239,15 @@ class Client:
             raise self._closed
 
     def _fail(self, error: ConnectionClosed) -> None:
-        """The connection is over: fail everything still waiting."""
+        """The connection is over: fail everything still waiting.
+
+        Subscriptions end with ``error`` unless we closed on purpose (our
+        GOODBYE went out), in which case their iteration simply stops.
+        """
         if self._closed is not None:
             return
         self._closed = error
+        sub_error = None if self._closing_by_us else error
         for topic_items in self._unsent.values():
             for _, p in topic_items:
                 p._fail(error)
@@ -255,13 +261,14 @@ class Client:
             waiter.done(error)
         self._waiters.clear()
         for sub in self._subs.values():
-            sub._close(error)
+            sub._close(sub_error)
         self._room.set()
         self._drained.set()
         self._wake.set()
 
     async def aclose(self, timeout: float = 5.0, *, graceful: bool = True) -> None:
         """Flush publishes, say GOODBYE, wait for the broker's, close."""
+        self._closing_by_us = True
         if graceful and self._closed is None:
             with trio.move_on_after(timeout):
                 await self.flush()

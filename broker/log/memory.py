@@ -64,6 +64,8 @@ class MemoryTopicLog:
             self._head = 0
 
     def read(self, offset: int, max_bytes: int) -> list[StoredBatch]:
+        if offset >= self._next:
+            return []
         i = bisect.bisect_right(self._bases, offset, lo=self._head) - 1
         i = max(i, self._head)
         out: list[StoredBatch] = []
