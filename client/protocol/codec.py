@@ -52,6 +52,8 @@ from .frames import (
 FRAME_HEADER = struct.Struct(">IBB")  # body size, type, flags
 HEADER_SIZE = FRAME_HEADER.size
 DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
+#: Senders cut ERROR messages to this many characters (protocol.md).
+ERROR_MESSAGE_CHARS = 1000
 
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
@@ -62,7 +64,6 @@ _DELIVER_FIXED = struct.Struct(">IQQ")
 _SUBSCRIBE_START = struct.Struct(">BQI")  # start, start_value, credit
 _CREDIT = struct.Struct(">II")
 _ERROR_FIXED = struct.Struct(">HBQ")  # code, ref_kind, ref
-_U64_MAX = 2**64 - 1
 
 
 class Role(enum.Enum):
@@ -308,8 +309,7 @@ def decode_body(ftype: FrameType, flags: int, body: bytes | memoryview) -> Event
 
 def _s16(text: str) -> bytes:
     data = text.encode("utf-8")
-    if len(data) > 0xFFFF:
-        raise LocalProtocolError(ErrorCode.BAD_REQUEST, "string longer than 65535 bytes")
+    _check_str16(data)
     return _U16.pack(len(data)) + data
 
 
@@ -325,9 +325,15 @@ def frame(ftype: FrameType, body: bytes, flags: int = 0) -> bytes:
     return FRAME_HEADER.pack(len(body), ftype, flags) + body
 
 
+def _check_str16(data: bytes) -> None:
+    if len(data) > 0xFFFF:
+        raise LocalProtocolError(ErrorCode.BAD_REQUEST, "string longer than 65535 bytes")
+
+
 def encode_publish(request_id: int, topic: str, batch: bytes) -> bytes:
     """PUBLISH frame; the client's hot path, so it skips the event object."""
     t = topic.encode("utf-8")
+    _check_str16(t)
     return b"".join(
         (
             FRAME_HEADER.pack(8 + 2 + len(t) + len(batch), FrameType.PUBLISH, 0),
@@ -347,6 +353,7 @@ def deliver_header(
     The broker sends ``deliver_header(...)`` followed by the shared batch
     bytes, so one stored batch serves every subscriber without re-encoding.
     """
+    _check_str16(topic_bytes)
     body_len = _DELIVER_FIXED.size + 2 + len(topic_bytes) + batch_len
     return (
         FRAME_HEADER.pack(body_len, FrameType.DELIVER, 0)
@@ -399,7 +406,7 @@ def encode_event(event: Event) -> bytes:
         body = _U64.pack(event.nonce)
     elif isinstance(event, Error):
         body = _ERROR_FIXED.pack(event.code, event.ref_kind, event.ref) + _s16(
-            event.message[:1000]
+            event.message[:ERROR_MESSAGE_CHARS]
         )
         flags = ERROR_FLAG_FATAL if event.fatal else 0
     elif isinstance(event, Goodbye):
@@ -460,7 +467,7 @@ class Connection:
 
     def next_event(self) -> Event | _Sentinel:
         if self._broken is not None:
-            raise self._broken
+            raise self._broken.with_traceback(None)
         try:
             return self._next_event()
         except RemoteProtocolError as exc:
@@ -501,8 +508,16 @@ class Connection:
         start = pos + HEADER_SIZE
         end = start + size
         self._pos = end
-        with memoryview(buf) as view:
-            event = decode_body(ftype, flags, view[start:end])
+        view = memoryview(buf)
+        body = view[start:end]
+        try:
+            event = decode_body(ftype, flags, body)
+        finally:
+            # Release both exports even when decoding raised: a traceback
+            # holding the slice would otherwise pin the buffer (BufferError
+            # on the next receive_data).
+            body.release()
+            view.release()
         self._after(ftype, event, sender=self.their_role)
         return event
 
@@ -535,15 +550,21 @@ class Connection:
         advance = _ADVANCES.get(ftype)
         if advance is not None and self.state is advance[0]:
             self.state = advance[1]
-            if isinstance(event, Hello):
-                self.peer_hello = event if sender is not self.our_role else self.peer_hello
-                if event.version != PROTOCOL_VERSION and sender is self.their_role:
+            if isinstance(event, Hello) and sender is self.their_role:
+                self.peer_hello = event
+                if event.version != PROTOCOL_VERSION:
                     raise RemoteProtocolError(
                         ErrorCode.UNSUPPORTED_VERSION,
                         f"protocol version {event.version}, this side speaks {PROTOCOL_VERSION}",
                     )
             elif isinstance(event, Welcome) and sender is self.their_role:
                 self.peer_welcome = event
+                if event.version != PROTOCOL_VERSION:
+                    raise RemoteProtocolError(
+                        ErrorCode.UNSUPPORTED_VERSION,
+                        f"server chose protocol version {event.version}, "
+                        f"this side speaks {PROTOCOL_VERSION}",
+                    )
         finished = isinstance(event, Goodbye) or (isinstance(event, Error) and event.fatal)
         if finished:
             if sender is self.our_role:
@@ -564,9 +585,13 @@ class Connection:
                 ErrorCode.UNEXPECTED_FRAME,
                 f"{self.our_role.value} may not send {ftype.name} in state {self.state.value}",
             )
-        data = encode_event(event)
-        if len(data) - HEADER_SIZE > _U64_MAX:  # pragma: no cover - sanity
-            raise LocalProtocolError(ErrorCode.FRAME_TOO_LARGE, "frame too large")
+        try:
+            data = encode_event(event)
+        except (struct.error, UnicodeEncodeError, ValueError) as exc:
+            # Out-of-range integers, unencodable strings: our bug, not a frame.
+            raise LocalProtocolError(
+                ErrorCode.BAD_REQUEST, f"cannot encode {ftype.name}: {exc}"
+            ) from exc
         self._after(ftype, event, sender=self.our_role)
         return data
 
