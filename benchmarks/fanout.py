@@ -26,28 +26,11 @@ from pathlib import Path
 
 import trio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import start_broker, stop_broker  # noqa: E402
+
 HERE = Path(__file__).resolve()
 TOPIC = "bench.fanout"
-
-
-def start_broker(data_dir: str) -> tuple[subprocess.Popen[bytes], str, Path]:
-    log_path = Path(data_dir) / "broker.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "broker.cli", "serve", "--port", "0", "--data-dir", data_dir,
-         "--log-format", "json"],
-        stdout=subprocess.DEVNULL, stderr=log,
-    )
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        for line in log_path.read_text().splitlines():
-            if '"listening"' in line:
-                return proc, json.loads(line)["url"], log_path
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    raise SystemExit(f"broker did not start:\n{log_path.read_text()}")
 
 
 # -- child processes -------------------------------------------------------
@@ -145,6 +128,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--mode", choices=("decode", "raw"), default="raw")
     parser.add_argument("--url", help="use a running broker instead of starting one")
+    parser.add_argument("--broker-args", nargs="*", default=[], help="extra `pybroker serve` flags, e.g. --fsync never (prefix with --broker-args=)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -158,13 +142,12 @@ def main() -> None:
         broker = None
         url = args.url
         if url is None:
-            broker, url, _ = start_broker(tmp)
+            broker, url = start_broker(tmp, *args.broker_args)
         try:
             report(run(url, args, tmp), args)
         finally:
             if broker is not None:
-                broker.terminate()
-                broker.wait(timeout=15)
+                stop_broker(broker)
 
 
 def run(url: str, args: argparse.Namespace, tmp: str) -> dict[str, object]:

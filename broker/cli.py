@@ -17,6 +17,7 @@ import trio
 
 from . import __version__
 from .config import DEFAULT_HOST, DEFAULT_PORT, Config
+from .log.settings import FSYNC_MODES, SettingsResolver, TopicSettings
 from .logs import LEVELS, configure, get_logger
 
 DEFAULT_URL = os.environ.get("PYBROKER_URL", f"pybroker://{DEFAULT_HOST}:{DEFAULT_PORT}")
@@ -32,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
     serve.add_argument("--data-dir", type=Path, default=Path("pybroker-data"), help="data directory (default ./pybroker-data)")
     serve.add_argument("--name", default=None, help="server name announced to clients (default: host name)")
+    serve.add_argument("--storage", choices=("file", "memory"), default="file", help="file: the durable log in --data-dir (default); memory: nothing on disk")
+    serve.add_argument("--fsync", choices=FSYNC_MODES, default="always", help="always: acks wait for the fsync covering them (group commit, default); interval: fsync every --fsync-interval-ms; never: leave it to the OS")
+    serve.add_argument("--fsync-interval-ms", type=int, default=200, metavar="MS")
+    serve.add_argument("--segment-bytes", type=int, default=64 * 1024 * 1024, metavar="N", help="roll segments at this size (default 64 MiB)")
+    serve.add_argument("--retention-bytes", type=int, default=None, metavar="N", help="per topic: delete whole old segments beyond N bytes")
+    serve.add_argument("--retention", type=_duration, default=None, metavar="AGE", help="per topic: delete whole segments older than AGE (e.g. 3600, 90m, 12h, 7d)")
+    serve.add_argument("--topic", action="append", default=[], metavar="PATTERN:KEY=VALUE,...", help="settings for matching topics, e.g. 'metrics.>:fsync=never,retention_seconds=3600' (first match wins)")
     serve.add_argument("--log-level", choices=LEVELS, default="info")
     serve.add_argument("--log-format", choices=("console", "json"), default="console")
 
@@ -53,12 +61,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _duration(text: str) -> float:
+    """Seconds, or a number with s/m/h/d."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 3600, 90m, 12h, 7d)") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             configure(args.log_level, args.log_format)
-            return trio.run(_serve, args)
+            try:
+                return trio.run(_serve, args)
+            except ValueError as exc:  # bad settings
+                parser.error(str(exc))
         configure("warning", "console")
         if args.command == "pub":
             return trio.run(_pub, args)
@@ -79,7 +102,21 @@ async def _serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.name:
         overrides["server_name"] = args.name
-    config = Config(host=args.host, port=args.port, data_dir=args.data_dir, **overrides)
+    default = TopicSettings(
+        fsync=args.fsync,
+        fsync_interval_ms=args.fsync_interval_ms,
+        segment_bytes=args.segment_bytes,
+        retention_bytes=args.retention_bytes,
+        retention_seconds=args.retention,
+    )
+    config = Config(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        storage=args.storage,
+        topic_settings=SettingsResolver.from_specs(default, args.topic),
+        **overrides,
+    )
     log = get_logger()
     async with trio.open_nursery() as nursery:
         server: Server = await nursery.start(Server(config).serve)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Literal
 
 import attrs
 
 from client.protocol import DEFAULT_MAX_FRAME_BYTES
 from client.protocol.subjects import DEFAULT_MAX_TOPIC_BYTES, DEFAULT_MAX_TOPIC_DEPTH
+
+from .log.settings import SettingsResolver
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7420
@@ -34,12 +37,17 @@ class Config:
     #: 0 picks a free port (tests); the bound port is on ``Server.port``.
     port: int = DEFAULT_PORT
     data_dir: Path = Path("pybroker-data")
+    #: ``file``: the durable log under data_dir; ``memory``: nothing on disk.
+    storage: Literal["file", "memory"] = "file"
+    #: fsync policy, retention and segment size, per topic pattern.
+    topic_settings: SettingsResolver = SettingsResolver()
+    retention_check_seconds: float = 5.0
     server_name: str = attrs.field(factory=socket.gethostname)
     limits: Limits = Limits()
     #: Bound on the bytes queued for one connection before its subscriptions
     #: are switched to catching up from the log (protocol.md, "Flow control").
     outbound_queue_bytes: int = 4 * 1024 * 1024
-    #: Bytes kept per topic by the in-memory store.
+    #: Bytes kept per topic by the in-memory store (storage="memory").
     memory_retention_bytes: int = 64 * 1024 * 1024
     handshake_timeout: float = 10.0
     #: How long a graceful shutdown waits for connections to flush.

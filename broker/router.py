@@ -8,6 +8,8 @@ topic is added.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from client.protocol.subjects import tokens_match
@@ -33,7 +35,17 @@ class Subscriber(Protocol):
 
 
 class Topic:
-    __slots__ = ("name", "name_bytes", "log", "subs", "messages_in", "bytes_in", "last_timestamp")
+    __slots__ = (
+        "name",
+        "name_bytes",
+        "log",
+        "subs",
+        "messages_in",
+        "bytes_in",
+        "last_timestamp",
+        "visible_next",
+        "held",
+    )
 
     def __init__(self, name: str, log: TopicLog) -> None:
         self.name = name
@@ -42,7 +54,14 @@ class Topic:
         self.subs: list[Subscription] = []
         self.messages_in = 0
         self.bytes_in = 0
-        self.last_timestamp = 0
+        self.last_timestamp = getattr(log, "last_timestamp", 0)
+        #: Offsets below this have been handed to subscribers (or may be
+        #: read from the log by them): appended and, if the topic needs
+        #: sync, durable.
+        self.visible_next = log.next_offset
+        #: Appended batches waiting for the sync that covers them:
+        #: (hold sequence, base offset, timestamp, batch, count).
+        self.held: deque[tuple[int, int, int, bytes, int]] = deque()
 
     def __repr__(self) -> str:
         return f"Topic({self.name!r})"
@@ -68,8 +87,12 @@ class Subscription:
 
 
 class Router:
-    def __init__(self, store: LogStore) -> None:
+    def __init__(self, store: LogStore, on_held: Callable[[], None] | None = None) -> None:
         self.store = store
+        self.on_held = on_held or (lambda: None)
+        #: Sequence number of the last batch held for a sync.
+        self.held_seq = 0
+        self._held_topics: dict[Topic, None] = {}
         self.topics: dict[str, Topic] = {}
         # Subscriptions by exact pattern, and the wildcard ones, so a new
         # topic is matched against the wildcards only.
@@ -123,11 +146,13 @@ class Router:
                 t.subs = [s for s in t.subs if s is not sub]
         sub.lag.clear()
 
-    def publish(self, topic: Topic, batch: bytes, count: int, now: int) -> tuple[int, int]:
-        """Append a checked batch and hand it to every matching subscription.
+    def publish(self, topic: Topic, batch: bytes, count: int, now: int) -> tuple[int, int, int]:
+        """Append a checked batch; hand it to every matching subscription now,
+        or, for a topic that needs sync, once the committer made it durable.
 
-        The hot path: no loop over the batch's messages, one loop over the
-        topic's subscriptions, the same ``bytes`` object for all of them.
+        Returns (base offset, timestamp, hold sequence or 0). The hot path:
+        no loop over the batch's messages, one loop over the topic's
+        subscriptions, the same ``bytes`` object for all of them.
         """
         # Timestamps never go backwards within a topic, so the time index
         # stays sorted even if the wall clock steps back.
@@ -136,6 +161,25 @@ class Router:
         base = topic.log.append(batch, count, timestamp)
         topic.messages_in += count
         topic.bytes_in += len(batch)
+        if topic.log.needs_sync:
+            self.held_seq += 1
+            topic.held.append((self.held_seq, base, timestamp, batch, count))
+            self._held_topics[topic] = None
+            self.on_held()
+            return base, timestamp, self.held_seq
+        topic.visible_next = base + count
         for sub in topic.subs:
             sub.session.deliver(sub, topic, base, timestamp, batch, count)
-        return base, timestamp
+        return base, timestamp, 0
+
+    def release(self, seq: int) -> None:
+        """Deliver every held batch with hold sequence <= ``seq``, in order."""
+        for topic in list(self._held_topics):
+            held = topic.held
+            while held and held[0][0] <= seq:
+                _, base, timestamp, batch, count = held.popleft()
+                topic.visible_next = base + count
+                for sub in topic.subs:
+                    sub.session.deliver(sub, topic, base, timestamp, batch, count)
+            if not held:
+                del self._held_topics[topic]

@@ -18,8 +18,9 @@ from typing import Any
 import attrs
 import trio
 
+from .committer import Committer
 from .config import Config
-from .log import LogStore, MemoryStore
+from .log import FileStore, LogStore, MemoryStore
 from .logs import get_logger
 from .router import Router
 from .session import Session
@@ -28,8 +29,17 @@ from .session import Session
 class Server:
     def __init__(self, config: Config | None = None, store: LogStore | None = None) -> None:
         self.config = config or Config()
-        self.store: LogStore = store or MemoryStore(self.config.memory_retention_bytes)
+        self.log: Any = get_logger()
+        if store is None:
+            if self.config.storage == "memory":
+                store = MemoryStore(self.config.memory_retention_bytes)
+            else:
+                # Recovery runs here, before anything listens.
+                store = FileStore(self.config.data_dir, self.config.topic_settings)
+        self.store: LogStore = store
         self.router = Router(self.store)
+        self.committer = Committer(self.store, self.router, self.config.retention_check_seconds)
+        self.router.on_held = self.committer.wake
         self.sessions: set[Session] = set()
         self.host = self.config.host
         self.port: int = 0
@@ -37,7 +47,6 @@ class Server:
         self._ids = itertools.count(1)
         self._shutdown = trio.Event()
         self._stopped = trio.Event()
-        self.log: Any = get_logger()
 
     @property
     def url(self) -> str:
@@ -57,41 +66,51 @@ class Server:
         try:
             sockname = listeners[0].socket.getsockname()
             self.host, self.port = sockname[0], sockname[1]
-            async with trio.open_nursery() as connections:
-                async with trio.open_nursery() as accepting:
-                    await accepting.start(
-                        partial(
-                            trio.serve_listeners,
-                            self._handle,
-                            listeners,
-                            handler_nursery=connections,
-                        )
-                    )
-                    self.log.info(
-                        "listening",
-                        host=self.host,
-                        port=self.port,
-                        url=self.url,
-                        data_dir=str(self.config.data_dir),
-                        storage=type(self.store).__name__,
-                    )
-                    task_status.started(self)
-                    await self._shutdown.wait()
-                    accepting.cancel_scope.cancel()
-                self.log.info("shutting down", connections=len(self.sessions))
-                for session in list(self.sessions):
-                    session.shutdown()
-                # Sessions bound their own flush by shutdown_grace; this is the
-                # backstop for one stuck anywhere else.
-                connections.cancel_scope.deadline = (
-                    trio.current_time() + self.config.shutdown_grace + 1.0
-                )
+            async with trio.open_nursery() as background:
+                # The committer outlives the connections: closing sessions
+                # still wait on it for their last acknowledgements.
+                await background.start(self.committer.run)
+                await self._serve_connections(listeners, task_status)
+                background.cancel_scope.cancel()
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
             self.store.close()
             self._stopped.set()
             self.log.info("stopped")
+
+    async def _serve_connections(
+        self, listeners: list[trio.SocketListener], task_status: Any
+    ) -> None:
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                await accepting.start(
+                    partial(
+                        trio.serve_listeners,
+                        self._handle,
+                        listeners,
+                        handler_nursery=connections,
+                    )
+                )
+                self.log.info(
+                    "listening",
+                    host=self.host,
+                    port=self.port,
+                    url=self.url,
+                    storage=self.config.storage if isinstance(self.store, (FileStore, MemoryStore)) else type(self.store).__name__,
+                    data_dir=str(self.config.data_dir),
+                )
+                task_status.started(self)
+                await self._shutdown.wait()
+                accepting.cancel_scope.cancel()
+            self.log.info("shutting down", connections=len(self.sessions))
+            for session in list(self.sessions):
+                session.shutdown()
+            # Sessions bound their own flush by shutdown_grace; this is the
+            # backstop for one stuck anywhere else.
+            connections.cancel_scope.deadline = (
+                trio.current_time() + self.config.shutdown_grace + 1.0
+            )
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         conn_id = next(self._ids)

@@ -73,6 +73,9 @@ _NO_FLOW_CONTROL = 1 << 62
 _MAX_CREDIT = UNLIMITED_CREDIT - 1
 
 
+_Ack = tuple[int, int, int, int, int, Durability]
+
+
 class _Stop(Exception):
     """Ends the read loop with a reason for the log."""
 
@@ -84,7 +87,7 @@ class Session:
     def __init__(self, server: Server, stream: trio.abc.Stream, conn_id: int, peer: str) -> None:
         self.server = server
         self.router = server.router
-        self.store = server.store
+        self.committer = server.committer
         self.config = server.config
         self.limits = server.config.limits
         self.stream = stream
@@ -105,9 +108,10 @@ class Session:
         self._writer_done = trio.Event()
         self._read_scope = trio.CancelScope()
         self._accepting_deliveries = True
-        # PUBACKs of the current read, and those waiting for the acker's sync.
-        self._acks: list[tuple[int, int, int, int]] = []
-        self._acks_for_sync: list[tuple[int, int, int, int]] = []
+        # PUBACKs of the current read, and those waiting for a commit round:
+        # (request_id, base, count, timestamp, hold seq or 0, durability).
+        self._acks: list[_Ack] = []
+        self._acks_for_sync: list[_Ack] = []
         self._ack_wake = trio.Event()
         self._acks_closing = False
         self._acker_done = trio.Event()
@@ -122,8 +126,7 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
-                if self.store.needs_sync:
-                    nursery.start_soon(self._acker)
+                nursery.start_soon(self._acker)
                 reason = await self._read_loop()
                 self._drop_subscriptions()
                 await self._finish_acks()
@@ -274,10 +277,12 @@ class Session:
             return
         if topic is None:
             topic = self.router.topic(pub.topic)
-        base, timestamp = self.router.publish(topic, pub.batch, count, time.time_ns() // 1000)
+        base, timestamp, seq = self.router.publish(
+            topic, pub.batch, count, time.time_ns() // 1000
+        )
         self.messages_in += count
         if pub.request_id:
-            self._acks.append((pub.request_id, base, count, timestamp))
+            self._acks.append((pub.request_id, base, count, timestamp, seq, topic.log.durability))
 
     def _on_subscribe(self, req: Subscribe) -> None:
         sid = req.sub_id
@@ -325,7 +330,7 @@ class Session:
                     start = max(req.start_value, log.first_offset)
                 else:
                     start = log.offset_at_time(req.start_value)
-                if start < log.next_offset:
+                if start < topic.visible_next:
                     sub.lag[topic] = start
             if sub.lag:
                 self._lagging[sub] = None
@@ -354,18 +359,23 @@ class Session:
     # -- acknowledgements ---------------------------------------------------
 
     def _flush_acks(self) -> None:
+        """Queue this read's PUBACKs, or hand them to the acker when any of
+        them (or an earlier one: acks go out in order) waits for a sync."""
         if not self._acks:
             return
         acks, self._acks = self._acks, []
-        if self.store.needs_sync:
+        if self._acks_for_sync or any(a[4] for a in acks):
             self._acks_for_sync.extend(acks)
             self._ack_wake.set()
         else:
-            self._queue_acks(acks, self.store.durability)
+            self._queue_acks(acks, None)
 
-    def _queue_acks(self, acks: list[tuple[int, int, int, int]], durability: Durability) -> None:
+    def _queue_acks(self, acks: list[_Ack], synced: Durability | None) -> None:
         self._queue(
-            b"".join(encode_puback(PubAck(r, b, c, t, durability)) for r, b, c, t in acks)
+            b"".join(
+                encode_puback(PubAck(r, b, c, t, synced if seq and synced is not None else d))
+                for r, b, c, t, seq, d in acks
+            )
         )
 
     async def _acker(self) -> None:
@@ -373,8 +383,8 @@ class Session:
             while True:
                 if self._acks_for_sync:
                     acks, self._acks_for_sync = self._acks_for_sync, []
-                    durability = await self.store.sync()
-                    self._queue_acks(acks, durability)
+                    synced = await self.committer.wait(max(a[4] for a in acks))
+                    self._queue_acks(acks, synced)
                     continue
                 if self._acks_closing:
                     return
@@ -385,10 +395,9 @@ class Session:
 
     async def _finish_acks(self) -> None:
         self._flush_acks()
-        if self.store.needs_sync:
-            self._acks_closing = True
-            self._ack_wake.set()
-            await self._acker_done.wait()
+        self._acks_closing = True
+        self._ack_wake.set()
+        await self._acker_done.wait()
 
     # -- writing ----------------------------------------------------------
 
@@ -445,7 +454,9 @@ class Session:
             for topic in list(lag):
                 offset = lag[topic]
                 log = topic.log
-                while offset < log.next_offset:
+                # Read only what is visible: with fsync "always", batches
+                # still waiting for their fsync are delivered on release.
+                while offset < topic.visible_next:
                     if sub.credit <= 0:
                         break
                     if self._out_bytes >= limit:
@@ -474,6 +485,8 @@ class Session:
                         offset = first
                         continue
                     for stored in log.read(offset, limit - self._out_bytes):
+                        if stored.base_offset >= topic.visible_next:
+                            break  # appended, not yet durable: release() delivers it
                         sub.credit -= stored.count
                         header = deliver_header(
                             sub.sub_id,
@@ -488,7 +501,7 @@ class Session:
                         offset = stored.next_offset
                         if sub.credit <= 0:
                             break
-                if offset < log.next_offset:
+                if offset < topic.visible_next:
                     lag[topic] = offset  # out of credit: resume when CREDIT comes
                 else:
                     del lag[topic]  # caught up: live delivery takes over

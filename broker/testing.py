@@ -25,10 +25,16 @@ from .server import Server, run_broker
 async def running_broker(**overrides: Any) -> AsyncIterator[Server]:
     """A broker on 127.0.0.1 and a free port (``server.url``), stopped on exit.
 
-    Keyword arguments override :class:`broker.config.Config` fields.
+    Keyword arguments override :class:`broker.config.Config` fields. With a
+    ``data_dir`` it uses the durable file log there (fsync ``always`` unless
+    ``topic_settings`` says otherwise); without one, memory storage.
     """
     overrides.setdefault("host", "127.0.0.1")
     overrides.setdefault("port", 0)
+    if "data_dir" not in overrides:
+        # Nowhere to put files: keep everything in memory rather than
+        # writing into the current directory.
+        overrides.setdefault("storage", "memory")
     async with run_broker(Config(), **overrides) as server:
         yield server
 

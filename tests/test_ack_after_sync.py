@@ -1,10 +1,9 @@
-"""The server's acknowledgement path for stores whose acks wait for a sync.
+"""The server's acknowledgement path for topics whose acks wait for a sync.
 
-The durable log plugs in behind LogStore; this checks, with a store whose
-``sync()`` the test controls, that the server never acknowledges a batch
-before the sync covering it returns, that one sync covers every batch
-appended before it (group commit), and that the PUBACK carries the
-durability the store reports.
+This checks, with a store whose ``sync()`` the test controls, that the
+server neither acknowledges nor delivers a batch before the sync covering it
+returns, that one sync covers every batch appended before it (group commit),
+and that the PUBACK carries the durability the store reports.
 """
 
 from __future__ import annotations
@@ -14,9 +13,14 @@ import trio
 
 import client
 from broker.config import Config
-from broker.log import MemoryStore
+from broker.log import MemoryStore, MemoryTopicLog
 from broker.server import Server
 from client.protocol import Durability
+
+
+class SyncedTopicLog(MemoryTopicLog):
+    needs_sync = True
+    durability = Durability.DISK
 
 
 class GatedStore(MemoryStore):
@@ -27,14 +31,12 @@ class GatedStore(MemoryStore):
         self.gate = trio.Event()
         self.syncs = 0
         self.sync_started = trio.Event()
+        self._logs: dict[str, SyncedTopicLog] = {}
 
-    @property
-    def needs_sync(self) -> bool:
-        return True
-
-    @property
-    def durability(self) -> Durability:
-        return Durability.DISK
+    def topic(self, name: str) -> SyncedTopicLog:
+        if name not in self._logs:
+            self._logs[name] = SyncedTopicLog(name)
+        return self._logs[name]
 
     async def sync(self) -> Durability:
         self.sync_started.set()
@@ -54,15 +56,17 @@ async def test_puback_waits_for_sync_and_one_sync_covers_many() -> None:
             pendings = [c.publish_nowait("t", b"%d" % i) for i in range(50)]
             with trio.fail_after(10):
                 await store.sync_started.wait()
-            # Deliveries are not held back by the sync; acknowledgements are.
-            with trio.fail_after(10):
-                while len(got) < 50:
-                    await trio.sleep(0.01)
+            # Neither acknowledgements nor deliveries get ahead of the sync:
+            # a subscriber never sees a batch a crash could still take back.
             await trio.sleep(0.1)
             assert not any(p.done() for p in pendings)
+            assert got == []
             store.gate.set()
             with trio.fail_after(10):
                 acks = [await p.wait() for p in pendings]
+                while len(got) < 50:
+                    await trio.sleep(0.01)
+            assert got == list(range(50))
             assert [a.offset for a in acks] == list(range(50))
             assert {a.durability for a in acks} == {Durability.DISK}
             # Every batch queued before the gate opened shared few syncs.

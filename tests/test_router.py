@@ -78,8 +78,8 @@ def test_same_bytes_object_forwarded_to_every_subscriber() -> None:
     for sid in range(1, 6):
         router.add(make_sub(session, sid, "t"))
     batch = encode_batch([b"1", b"2", b"3"])
-    base, ts = router.publish(router.topic("t"), batch, 3, 42)
-    assert (base, ts) == (0, 42)
+    base, ts, held = router.publish(router.topic("t"), batch, 3, 42)
+    assert (base, ts, held) == (0, 42, 0)  # memory topics are never held
     assert all(g[4] is batch for g in session.got)
     assert [g[2:4] + (g[5],) for g in session.got] == [(0, 42, 3)] * 5
 
@@ -88,11 +88,38 @@ def test_offsets_and_timestamps_per_topic() -> None:
     router = Router(MemoryStore())
     t = router.topic("t")
     u = router.topic("u")
-    assert router.publish(t, encode_batch([b"a", b"b"]), 2, 1000) == (0, 1000)
-    assert router.publish(u, encode_batch([b"c"]), 1, 1001) == (0, 1001)
+    assert router.publish(t, encode_batch([b"a", b"b"]), 2, 1000) == (0, 1000, 0)
+    assert router.publish(u, encode_batch([b"c"]), 1, 1001) == (0, 1001, 0)
     # The clock stepping back does not make timestamps go backwards.
-    assert router.publish(t, encode_batch([b"d"]), 1, 500) == (2, 1000)
+    assert router.publish(t, encode_batch([b"d"]), 1, 500) == (2, 1000, 0)
     assert t.log.next_offset == 3 and u.log.next_offset == 1
+
+
+def test_held_batches_are_delivered_in_order_on_release() -> None:
+    class Synced(MemoryStore):
+        def topic(self, name: str) -> MemoryTopicLog:
+            log = super().topic(name)
+            log.needs_sync = True  # type: ignore[misc]
+            return log
+
+    woken: list[int] = []
+    router = Router(Synced(), on_held=lambda: woken.append(router.held_seq))
+    session = RecordingSession()
+    router.add(make_sub(session, 1, ">"))
+    t, u = router.topic("t"), router.topic("u")
+    assert router.publish(t, encode_batch([b"a"]), 1, 1)[2] == 1
+    assert router.publish(u, encode_batch([b"b"]), 1, 2)[2] == 2
+    assert router.publish(t, encode_batch([b"c", b"d"]), 2, 3)[2] == 3
+    assert woken == [1, 2, 3]
+    assert session.got == [] and t.visible_next == 0
+    router.release(2)
+    assert [(g[1], g[2]) for g in session.got] == [("t", 0), ("u", 0)]
+    assert (t.visible_next, u.visible_next) == (1, 1)
+    router.release(3)
+    assert [(g[1], g[2]) for g in session.got][2:] == [("t", 1)]
+    assert t.visible_next == 3
+    router.release(3)  # nothing held: nothing more
+    assert len(session.got) == 3
 
 
 def test_memory_log_read_and_time_index() -> None:

@@ -6,6 +6,18 @@ foundation), the durable file log implements the same interface.
 """
 
 from .base import LogStore, StoredBatch, TopicLog
+from .file import FileStore, FileTopicLog
 from .memory import MemoryStore, MemoryTopicLog
+from .settings import SettingsResolver, TopicSettings
 
-__all__ = ["LogStore", "MemoryStore", "MemoryTopicLog", "StoredBatch", "TopicLog"]
+__all__ = [
+    "FileStore",
+    "FileTopicLog",
+    "LogStore",
+    "MemoryStore",
+    "MemoryTopicLog",
+    "SettingsResolver",
+    "StoredBatch",
+    "TopicLog",
+    "TopicSettings",
+]

@@ -32,6 +32,10 @@ class TopicLog(Protocol):
     belongs in :meth:`LogStore.sync`)."""
 
     name: str
+    #: Whether acknowledgements (and deliveries) wait for LogStore.sync.
+    needs_sync: bool
+    #: What an acknowledgement for this topic promises (after sync if needed).
+    durability: Durability
 
     @property
     def first_offset(self) -> int:
@@ -72,8 +76,18 @@ class LogStore(Protocol):
         """Topics that already exist (recovered on start)."""
 
     async def sync(self) -> Durability:
-        """Return once every batch appended before the call is as durable as
-        the store's policy promises (group commit: one sync covers all)."""
+        """Return once every batch appended before the call to a topic that
+        needs sync is durable (group commit: one sync covers all)."""
+
+    @property
+    def sync_interval(self) -> float | None:
+        """Seconds between :meth:`sync_interval_topics` calls, or None."""
+
+    async def sync_interval_topics(self) -> None:
+        """fsync what ``interval`` topics appended since the last call."""
+
+    def enforce_retention(self) -> int:
+        """Delete what retention allows; return how many segments went."""
 
     def close(self) -> None:
         """Release files; the store is not used afterwards."""

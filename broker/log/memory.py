@@ -17,6 +17,9 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 
 class MemoryTopicLog:
+    needs_sync = False
+    durability = Durability.MEMORY
+
     def __init__(self, name: str, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.name = name
         self.max_bytes = max_bytes
@@ -113,6 +116,14 @@ class MemoryStore:
 
     async def sync(self) -> Durability:
         return Durability.MEMORY
+
+    sync_interval = None
+
+    async def sync_interval_topics(self) -> None:
+        return None
+
+    def enforce_retention(self) -> int:
+        return 0  # eviction happens on append, by bytes
 
     def close(self) -> None:
         self._topics.clear()
