@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--since", metavar="TIME", help="start at the first message at or after an ISO 8601 time")
     sub.add_argument("--count", type=int, default=0, metavar="N", help="exit after N messages")
     sub.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    topics = commands.add_parser("topics", help="list topics with their first and next offsets")
+    topics.add_argument("pattern", nargs="?", default=">", help="topic pattern (default: every topic)")
+    topics.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL}, or $PYBROKER_URL)")
+    topics.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
 
 
@@ -85,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure("warning", "console")
         if args.command == "pub":
             return trio.run(_pub, args)
+        if args.command == "topics":
+            return trio.run(_topics, args)
         return trio.run(_sub, args)
     except KeyboardInterrupt:
         return 130
@@ -208,6 +215,37 @@ async def _sub(args: argparse.Namespace) -> int:
     except (client.BrokerError, client.ConnectionClosed, ValueError) as exc:
         print(f"pybroker sub: {exc}", file=sys.stderr)
         return 1
+
+
+async def _topics(args: argparse.Namespace) -> int:
+    import client
+
+    try:
+        async with client.connect(args.url, name="pybroker-cli") as c:
+            infos = await c.topics(args.pattern)
+    except (client.BrokerError, client.ConnectionClosed, ValueError) as exc:
+        print(f"pybroker topics: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        for info in infos:
+            print(json.dumps(
+                {
+                    "topic": info.topic,
+                    "first_offset": info.first_offset,
+                    "next_offset": info.next_offset,
+                    "retained_bytes": info.retained_bytes,
+                    "subscriptions": info.subscriptions,
+                }
+            ))
+        return 0
+    if not infos:
+        print("no topics")
+        return 0
+    width = max(len(i.topic) for i in infos)
+    print(f"{'TOPIC':<{width}}  {'FIRST':>10}  {'NEXT':>10}  {'BYTES':>12}  SUBS")
+    for i in infos:
+        print(f"{i.topic:<{width}}  {i.first_offset:>10}  {i.next_offset:>10}  {i.retained_bytes:>12}  {i.subscriptions}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from client.protocol import (
     ErrorCode,
     Goodbye,
     Hello,
+    Info,
+    InfoReply,
     Ping,
     Pong,
     PubAck,
@@ -44,6 +46,7 @@ from client.protocol import (
     State,
     SubAck,
     Subscribe,
+    TopicInfo,
     UnsubAck,
     Unsubscribe,
     Welcome,
@@ -53,7 +56,8 @@ from client.protocol import (
     pattern_error,
     topic_error,
 )
-from client.protocol.frames import Durability, Event
+from client.protocol.frames import MAX_INFO_ENTRIES, Durability, Event
+from client.protocol.subjects import tokens_match
 
 from . import __version__
 from .logs import get_logger
@@ -233,6 +237,8 @@ class Session:
             self._queue(self.conn.send(Pong(event.nonce)))
         elif isinstance(event, Hello):
             self._on_hello(event)
+        elif isinstance(event, Info):
+            self._on_info(event)
         elif isinstance(event, Goodbye):
             raise _Stop("client said goodbye")
         elif isinstance(event, Error):
@@ -336,6 +342,23 @@ class Session:
                 self._lagging[sub] = None
                 self._wake.set()
         self.log.debug("subscribed", sub_id=sid, pattern=req.pattern, start=req.start.name)
+
+    def _on_info(self, req: Info) -> None:
+        problem = pattern_error(req.pattern, self.limits.max_topic_bytes, self.limits.max_topic_depth)
+        if problem is not None:
+            self._request_error(ErrorCode.BAD_PATTERN, problem, req.request_id, RefKind.REQUEST)
+            return
+        tokens = req.pattern.split(".")
+        names = sorted(n for n in self.router.topics if tokens_match(tokens, n.split(".")))
+        entries = []
+        for name in names[:MAX_INFO_ENTRIES]:
+            topic = self.router.topics[name]
+            log = topic.log
+            entries.append(
+                TopicInfo(name, log.first_offset, log.next_offset, log.size_bytes, len(topic.subs))
+            )
+        truncated = len(names) > MAX_INFO_ENTRIES
+        self._queue(self.conn.send(InfoReply(req.request_id, tuple(entries), truncated)))
 
     def _on_credit(self, req: Credit) -> None:
         sub = self.subs.get(req.sub_id)

@@ -10,7 +10,7 @@
 from .connection import DEFAULT_URL, Client, PendingAck, connect, parse_url
 from .errors import BrokerError, ConnectionClosed
 from .message import Message, PublishAck
-from .protocol import Durability, ErrorCode
+from .protocol import Durability, ErrorCode, TopicInfo
 from .subscription import Subscription, SubscriptionStatistics
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "PublishAck",
     "Subscription",
     "SubscriptionStatistics",
+    "TopicInfo",
     "connect",
     "parse_url",
 ]

@@ -39,6 +39,8 @@ from .protocol import (
     ErrorCode,
     Goodbye,
     Hello,
+    Info,
+    InfoReply,
     MalformedBatch,
     Ping,
     Pong,
@@ -49,6 +51,7 @@ from .protocol import (
     StartKind,
     SubAck,
     Subscribe,
+    TopicInfo,
     UnsubAck,
     Unsubscribe,
     Welcome,
@@ -132,14 +135,16 @@ class PendingAck:
 
 
 class _Waiter:
-    """A SUBSCRIBE or UNSUBSCRIBE waiting for its answer."""
+    """A request (SUBSCRIBE, UNSUBSCRIBE, PING, INFO) waiting for its answer."""
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.error: BaseException | None = None
+        self.result: Any = None
 
-    def done(self, error: BaseException | None = None) -> None:
+    def done(self, error: BaseException | None = None, result: Any = None) -> None:
         self.error = error
+        self.result = result
         self.event.set()
 
 
@@ -202,6 +207,7 @@ class Client:
         self._sub_ids = itertools.count(1)
         self._subs: dict[int, Subscription] = {}
         self._waiters: dict[int, _Waiter] = {}
+        self._info_waiters: dict[int, _Waiter] = {}
         self._valid_topics: set[str] = set()
         self._closed: ConnectionClosed | None = None
         self._goodbye_received = trio.Event()
@@ -257,9 +263,10 @@ class Client:
                 p._fail(error)
         self._inflight.clear()
         self._pending_count = self._unsent_count = 0
-        for waiter in self._waiters.values():
-            waiter.done(error)
-        self._waiters.clear()
+        for waiters in (self._waiters, self._info_waiters):
+            for waiter in waiters.values():
+                waiter.done(error)
+            waiters.clear()
         for sub in self._subs.values():
             sub._close(sub_error)
         self._room.set()
@@ -277,8 +284,11 @@ class Client:
                     self._wake.set()
                     await self._reader_done.wait()
         self._fail(ConnectionClosed("client closed"))
-        self._nursery.cancel_scope.cancel()
+        # Close before cancelling our nursery: an await inside the cancelled
+        # scope would raise Cancelled over an exception the caller's body is
+        # propagating, and the nursery would then swallow both.
         await trio.aclose_forcefully(self._stream)
+        self._nursery.cancel_scope.cancel()
 
     # -- publishing -------------------------------------------------------
 
@@ -459,6 +469,22 @@ class Client:
         if waiter.error is not None:
             raise waiter.error
 
+    async def topics(self, pattern: str = ">") -> list[TopicInfo]:
+        """The topics matching ``pattern`` with their first and next offsets,
+        retained bytes and subscription counts (at most 10,000, by name)."""
+        self._check_open()
+        problem = pattern_error(pattern, self._max_topic_bytes, self._max_topic_depth)
+        if problem is not None:
+            raise ValueError(problem)
+        request_id = next(self._request_ids)
+        waiter = self._info_waiters[request_id] = _Waiter()
+        self._queue(self._conn.send(Info(request_id, pattern)))
+        await waiter.event.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        reply: InfoReply = waiter.result
+        return list(reply.topics)
+
     # -- the tasks --------------------------------------------------------
 
     def _queue(self, data: bytes) -> None:
@@ -534,6 +560,10 @@ class Client:
                 waiter.done()
         elif isinstance(event, Error):
             self._on_error(event)
+        elif isinstance(event, InfoReply):
+            waiter = self._info_waiters.pop(event.request_id, None)
+            if waiter is not None:
+                waiter.done(result=event)
         elif isinstance(event, Goodbye):
             self._goodbye_received.set()
             self._fail(ConnectionClosed("the broker said goodbye"))
@@ -585,6 +615,10 @@ class Client:
                 for p in pendings:
                     p._fail(error)
                 self._settled(len(pendings))
+                return
+            waiter = self._info_waiters.pop(err.ref, None)
+            if waiter is not None:
+                waiter.done(error)
                 return
         elif err.ref_kind is RefKind.SUBSCRIPTION:
             waiter = self._waiters.pop(err.ref, None)

@@ -37,6 +37,9 @@ from client.protocol import (
     FrameType,
     Goodbye,
     Hello,
+    Info,
+    InfoReply,
+    TopicInfo,
     LocalProtocolError,
     Ping,
     Pong,
@@ -213,6 +216,8 @@ SAMPLES: dict[FrameType, Event] = {
     FrameType.PONG: Pong(12345),
     FrameType.ERROR: Error(ErrorCode.CHECKSUM_MISMATCH, "crc mismatch", 1, RefKind.REQUEST),
     FrameType.GOODBYE: Goodbye(),
+    FrameType.INFO: Info(9, "orders.>"),
+    FrameType.INFO_REPLY: InfoReply(9, (TopicInfo("orders.eu", 3, 42, 4096, 2),)),
 }
 CLIENT_ONLY = [
     FrameType.HELLO,
@@ -220,6 +225,7 @@ CLIENT_ONLY = [
     FrameType.SUBSCRIBE,
     FrameType.UNSUBSCRIBE,
     FrameType.CREDIT,
+    FrameType.INFO,
 ]
 SERVER_ONLY = [
     FrameType.WELCOME,
@@ -227,6 +233,7 @@ SERVER_ONLY = [
     FrameType.SUBACK,
     FrameType.UNSUBACK,
     FrameType.DELIVER,
+    FrameType.INFO_REPLY,
 ]
 EITHER = [FrameType.PING, FrameType.PONG, FrameType.ERROR, FrameType.GOODBYE]
 
@@ -316,6 +323,20 @@ CASES = [
         S,
         Phase.FRESH,
         Error(ErrorCode.SHUTTING_DOWN, "going away", fatal=True),
+    ),
+    Case("info", C, Phase.OPEN, SAMPLES[FrameType.INFO]),
+    Case("info-unicode", C, Phase.OPEN, Info(2**64 - 1, "ü.*")),
+    Case("info-reply", S, Phase.OPEN, SAMPLES[FrameType.INFO_REPLY]),
+    Case("info-reply-empty", S, Phase.OPEN, InfoReply(0)),
+    Case(
+        "info-reply-truncated",
+        S,
+        Phase.OPEN,
+        InfoReply(
+            1,
+            (TopicInfo("a", 0, 0, 0, 0), TopicInfo("é.b", 2**64 - 1, 2**64 - 1, 1, 2**32 - 1)),
+            truncated=True,
+        ),
     ),
     Case("goodbye-from-client", C, Phase.OPEN, Goodbye()),
     Case("goodbye-from-server", S, Phase.OPEN, Goodbye()),
@@ -590,7 +611,7 @@ def test_fast_paths_match_encode_event() -> None:
 
 
 def test_frame_type_table_matches_protocol_md() -> None:
-    rows = re.findall(r"^\| (0x[0-9a-f]{2}) \| ([A-Z]+) \| ([^|]+?) \|", doc_text(), re.M)
+    rows = re.findall(r"^\| (0x[0-9a-f]{2}) \| ([A-Z_]+) \| ([^|]+?) \|", doc_text(), re.M)
     assert {name: int(value, 16) for value, name, _ in rows} == {t.name: int(t) for t in FrameType}
     directions = {name: direction.strip() for _, name, direction in rows}
     for ftype in FrameType:

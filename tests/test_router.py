@@ -148,7 +148,7 @@ def test_memory_log_retention_evicts_oldest_but_never_the_newest() -> None:
         assert log.append(batch, 1, i) == i
     assert log.next_offset == 2000
     assert log.first_offset == 1997
-    assert log.retained_bytes == len(batch) * 3
+    assert log.size_bytes == len(batch) * 3
     assert [b.base_offset for b in log.read(0, 1 << 20)] == [1997, 1998, 1999]
     tiny = MemoryTopicLog("u", max_bytes=1)
     tiny.append(batch, 1, 1)

@@ -45,6 +45,10 @@ class TopicLog(Protocol):
     def next_offset(self) -> int:
         """The offset the next appended message will get."""
 
+    @property
+    def size_bytes(self) -> int:
+        """Bytes the log holds now."""
+
     def append(self, batch: bytes, count: int, timestamp: int) -> int:
         """Store a checked batch of ``count`` messages; return its base offset."""
 

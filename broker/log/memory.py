@@ -41,7 +41,7 @@ class MemoryTopicLog:
         return self._next
 
     @property
-    def retained_bytes(self) -> int:
+    def size_bytes(self) -> int:
         return self._bytes
 
     def append(self, batch: bytes, count: int, timestamp: int) -> int:

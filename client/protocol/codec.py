@@ -25,7 +25,11 @@ from collections.abc import Callable, Mapping
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .frames import (
     ERROR_FLAG_FATAL,
+    INFO_FLAG_TRUNCATED,
     Credit,
+    Info,
+    InfoReply,
+    TopicInfo,
     RefKind,
     EVENT_TYPES,
     MAGIC,
@@ -63,6 +67,7 @@ _PUBACK = struct.Struct(">QQIQB")
 _DELIVER_FIXED = struct.Struct(">IQQ")
 _SUBSCRIBE_START = struct.Struct(">BQI")  # start, start_value, credit
 _CREDIT = struct.Struct(">II")
+_INFO_ENTRY = struct.Struct(">QQQI")  # first, next, retained bytes, subscriptions
 _ERROR_FIXED = struct.Struct(">HBQ")  # code, ref_kind, ref
 
 
@@ -96,6 +101,7 @@ _CLIENT_SENDS = frozenset(
         FrameType.SUBSCRIBE,
         FrameType.UNSUBSCRIBE,
         FrameType.CREDIT,
+        FrameType.INFO,
         FrameType.PING,
         FrameType.PONG,
         FrameType.ERROR,
@@ -108,6 +114,7 @@ _SERVER_SENDS = frozenset(
         FrameType.SUBACK,
         FrameType.UNSUBACK,
         FrameType.DELIVER,
+        FrameType.INFO_REPLY,
         FrameType.PING,
         FrameType.PONG,
         FrameType.ERROR,
@@ -268,6 +275,17 @@ def _d_error(b: _Body, flags: int) -> Error:
     return Error(code, message, ref, kind, bool(flags & ERROR_FLAG_FATAL))
 
 
+def _d_info_reply(b: _Body, flags: int) -> InfoReply:
+    request_id = b.u64()
+    count = b.u32()
+    entries = []
+    for _ in range(count):
+        topic = b.str16()
+        first, nxt, size, subs = b.unpack(_INFO_ENTRY)
+        entries.append(TopicInfo(topic, first, nxt, size, subs))
+    return InfoReply(request_id, tuple(entries), bool(flags & INFO_FLAG_TRUNCATED))
+
+
 _DECODERS: dict[FrameType, Callable[[_Body], Event]] = {
     FrameType.HELLO: _d_hello,
     FrameType.WELCOME: _d_welcome,
@@ -282,14 +300,17 @@ _DECODERS: dict[FrameType, Callable[[_Body], Event]] = {
     FrameType.PING: lambda b: Ping(b.u64()),
     FrameType.PONG: lambda b: Pong(b.u64()),
     FrameType.GOODBYE: lambda b: Goodbye(),
+    FrameType.INFO: lambda b: Info(b.u64(), b.str16()),
 }
 
 _TYPES_BY_VALUE = {int(t): t for t in FrameType}
+# Flag bits defined per frame type; all others must be 0.
+_FLAGS = {FrameType.ERROR: ERROR_FLAG_FATAL, FrameType.INFO_REPLY: INFO_FLAG_TRUNCATED}
 
 
 def decode_body(ftype: FrameType, flags: int, body: bytes | memoryview) -> Event:
     """Decode one frame body; raises RemoteProtocolError if it is malformed."""
-    allowed_flags = ERROR_FLAG_FATAL if ftype is FrameType.ERROR else 0
+    allowed_flags = _FLAGS.get(ftype, 0)
     if flags & ~allowed_flags:
         raise RemoteProtocolError(
             ErrorCode.MALFORMED_FRAME, f"reserved flags {flags:#04x} set on {ftype.name}"
@@ -297,6 +318,8 @@ def decode_body(ftype: FrameType, flags: int, body: bytes | memoryview) -> Event
     cursor = _Body(body, 0, len(body))
     if ftype is FrameType.ERROR:
         event: Event = _d_error(cursor, flags)
+    elif ftype is FrameType.INFO_REPLY:
+        event = _d_info_reply(cursor, flags)
     else:
         event = _DECODERS[ftype](cursor)
     cursor.done()
@@ -411,6 +434,19 @@ def encode_event(event: Event) -> bytes:
         flags = ERROR_FLAG_FATAL if event.fatal else 0
     elif isinstance(event, Goodbye):
         body = b""
+    elif isinstance(event, Info):
+        body = _U64.pack(event.request_id) + _s16(event.pattern)
+    elif isinstance(event, InfoReply):
+        body = (
+            _U64.pack(event.request_id)
+            + _U32.pack(len(event.topics))
+            + b"".join(
+                _s16(t.topic)
+                + _INFO_ENTRY.pack(t.first_offset, t.next_offset, t.retained_bytes, t.subscriptions)
+                for t in event.topics
+            )
+        )
+        flags = INFO_FLAG_TRUNCATED if event.truncated else 0
     else:  # pragma: no cover - the Event union is closed
         raise TypeError(f"not a frame event: {event!r}")
     return frame(EVENT_TYPES[type(event)], body, flags)

@@ -31,6 +31,8 @@ class FrameType(enum.IntEnum):
     PONG = 0x41
     ERROR = 0x50
     GOODBYE = 0x60
+    INFO = 0x70
+    INFO_REPLY = 0x71
 
 
 class Durability(enum.IntEnum):
@@ -51,6 +53,9 @@ class StartKind(enum.IntEnum):
 
 
 ERROR_FLAG_FATAL = 0x01
+INFO_FLAG_TRUNCATED = 0x01
+#: Entries an INFO_REPLY holds at most.
+MAX_INFO_ENTRIES = 10_000
 
 #: SUBSCRIBE credit meaning "no flow control".
 UNLIMITED_CREDIT = 0xFFFFFFFF
@@ -159,6 +164,28 @@ class Goodbye:
     pass
 
 
+@attrs.frozen
+class Info:
+    request_id: int
+    pattern: str = ">"
+
+
+@attrs.frozen
+class TopicInfo:
+    topic: str
+    first_offset: int
+    next_offset: int
+    retained_bytes: int
+    subscriptions: int
+
+
+@attrs.frozen
+class InfoReply:
+    request_id: int
+    topics: tuple[TopicInfo, ...] = ()
+    truncated: bool = False
+
+
 Event = (
     Hello
     | Welcome
@@ -174,6 +201,8 @@ Event = (
     | Pong
     | Error
     | Goodbye
+    | Info
+    | InfoReply
 )
 
 EVENT_TYPES: dict[type[Event], FrameType] = {
@@ -191,4 +220,6 @@ EVENT_TYPES: dict[type[Event], FrameType] = {
     Pong: FrameType.PONG,
     Error: FrameType.ERROR,
     Goodbye: FrameType.GOODBYE,
+    Info: FrameType.INFO,
+    InfoReply: FrameType.INFO_REPLY,
 }
