@@ -60,8 +60,11 @@ class FileTopicLog:
         cls, store: FileStore, name: str, directory: Path, settings: TopicSettings
     ) -> tuple[FileTopicLog, list[Truncation]]:
         log = cls(store, name, directory, settings)
-        bases = sorted(int(p.stem) for p in directory.glob("*.log") if p.stem.isdigit())
+        bases = sorted(
+            int(p.stem) for p in directory.glob("*.log") if len(p.stem) == 20 and p.stem.isdigit()
+        )
         truncations: list[Truncation] = []
+        scanned_last = False
         for i, base in enumerate(bases):
             newest = i == len(bases) - 1
             if log.segments and base != log.segments[-1].next_offset:
@@ -76,6 +79,17 @@ class FileTopicLog:
                     seg.delete()
                 break
             seg, cut = Segment.recover(directory, base, full_scan=newest)
+            if cut is not None:
+                truncations.append(cut)
+            log._add_segment(seg)
+            scanned_last = newest
+        if log.segments and not scanned_last:
+            # Later segments were dropped, so this one is now the newest: it
+            # was cut off by the crash too, so check every batch of it.
+            seg = log.segments.pop()
+            log._bases.pop()
+            seg.close()
+            seg, cut = Segment.recover(directory, seg.base_offset, full_scan=True)
             if cut is not None:
                 truncations.append(cut)
             log._add_segment(seg)

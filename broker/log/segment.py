@@ -93,14 +93,16 @@ class Segment:
         """Open an existing segment.
 
         With ``full_scan`` (the newest segment, written when the broker last
-        stopped) every batch is checked and an invalid tail truncated.
-        Otherwise the indexes are trusted if they are consistent with the
-        file, and rebuilt by a scan if not.
+        stopped) every batch is checked. Otherwise the indexes are used if
+        every entry points at a valid batch header and the file ends where the
+        last indexed batches end, and rebuilt by a full scan if not. Either
+        scan truncates the file at the first invalid batch, so nothing past
+        the valid prefix can ever be read or appended after.
         """
         seg = cls(directory, base_offset)
         truncation = None
         if full_scan or not seg._load_indexes():
-            truncation = seg._scan(truncate=full_scan)
+            truncation = seg._scan(truncate=True)
             seg._open_files(truncate_indexes=True)
             seg._write_indexes()
         else:
@@ -138,8 +140,10 @@ class Segment:
         for ts, rel in TIME_ENTRY.iter_unpack(times):
             stamps.append(ts)
             toffs.append(self.base_offset + rel)
-        # Both indexes get their entries for the same batches.
-        if toffs != offsets:
+        # Both indexes get their entries for the same batches, in time order.
+        if toffs != offsets or any(a > b for a, b in zip(stamps, stamps[1:])):
+            return False
+        if not self._entries_match(offsets, positions, stamps):
             return False
         # The last indexed batch must be a valid batch whose end we can find;
         # walk from it to the end of the file to learn next_offset.
@@ -162,6 +166,26 @@ class Segment:
         # need a full walk of the segment.
         self.batches = len(offsets) + end[3]
         self._since_index = end[0] - positions[-1]
+        return True
+
+    def _entries_match(self, offsets: list[int], positions: list[int], stamps: list[int]) -> bool:
+        """Every index entry points at a valid batch header with that base
+        offset and timestamp (one small read per entry, every 4 KiB)."""
+        need = HEADER_SIZE + WIRE_BATCH_HEADER.size
+        try:
+            with open(self.path, "rb") as f:
+                for offset, pos, stamp in zip(offsets, positions, stamps):
+                    f.seek(pos)
+                    head = f.read(need)
+                    if len(head) < need:
+                        return False
+                    base, _count, _length, first, _last, crc = HEADER.unpack_from(head)
+                    if base != offset or first != stamp:
+                        return False
+                    if header_crc(head[: HEADER_SIZE - 4], head[HEADER_SIZE:]) != crc:
+                        return False
+        except OSError:
+            return False
         return True
 
     def _walk(
@@ -312,14 +336,15 @@ class Segment:
         total = 0
         chunk = max(64 * 1024, min(max_bytes, 8 << 20))
         while pos < self.size:
-            data = os.pread(self._fd, chunk, pos)
+            # Never parse past the valid end, whatever the file holds there.
+            data = os.pread(self._fd, min(chunk, self.size - pos), pos)
             rel = 0
             progressed = False
             while len(data) - rel >= HEADER_SIZE:
                 base, count, length, first, _last, _crc = HEADER.unpack_from(data, rel)
                 end = rel + HEADER_SIZE + length
                 if end > len(data):
-                    if not progressed:
+                    if not progressed and pos + HEADER_SIZE + length <= self.size:
                         # One batch larger than the chunk: read exactly it.
                         data = os.pread(self._fd, HEADER_SIZE + length, pos)
                         rel = 0
