@@ -9,7 +9,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"pybroker: {exc}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:
+        # Nurseries wrap what their tasks raise; report the plain cases plainly.
+        leaves = list(_leaves(group))
+        if all(isinstance(e, KeyboardInterrupt) for e in leaves):
+            return 130
+        if len(leaves) == 1 and isinstance(leaves[0], OSError):
+            print(f"pybroker: {leaves[0]}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 # -- serve ----------------------------------------------------------------
@@ -125,9 +142,17 @@ async def _serve(args: argparse.Namespace) -> int:
         **overrides,
     )
     log = get_logger()
-    async with trio.open_nursery() as nursery:
-        server: Server = await nursery.start(Server(config).serve)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # Signals are caught before anything listens, so a SIGTERM at any moment
+    # of start-up still means a clean shutdown.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            server = Server(config)
+
+            async def serve_then_stop_waiting() -> None:
+                await server.serve()
+                nursery.cancel_scope.cancel()  # stopped by itself
+
+            nursery.start_soon(serve_then_stop_waiting)
             async for signum in signals:
                 log.info("signal received, shutting down", signal=signal.Signals(signum).name)
                 server.shutdown()

@@ -110,6 +110,7 @@ class Session:
         self._room = trio.Event()
         self._closing = False
         self._writer_done = trio.Event()
+        self._lost = False  # the writer found the connection broken
         self._read_scope = trio.CancelScope()
         self._accepting_deliveries = True
         # PUBACKs of the current read, and those waiting for a commit round:
@@ -141,8 +142,8 @@ class Session:
                 with trio.move_on_after(self.config.shutdown_grace):
                     await self._writer_done.wait()
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            reason = "connection lost"
+            if self._lost:
+                reason = "connection lost"
         except Exception:
             self.log.exception("internal error; closing this connection")
             reason = "internal error"
@@ -550,8 +551,11 @@ class Session:
                 await self._wake.wait()
                 self._wake = trio.Event()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The peer is gone. Not an error of ours: stop reading and let
+            # run() close up (raising here would reach run() wrapped in an
+            # ExceptionGroup and read as an internal error).
             self.conn.send_failed()
+            self._lost = True
             self._read_scope.cancel()
-            raise
         finally:
             self._writer_done.set()
