@@ -11,9 +11,11 @@ Three tasks per connection, all owned by the session's nursery:
 - the acker, only for stores whose acknowledgements wait for an fsync,
   awaits ``store.sync()`` (group commit) and then queues the PUBACKs it covers.
 
-Memory per connection is bounded by ``outbound_queue_bytes``: a delivery that
-would go over it is not queued; that subscription reads the topic forward
-from the log instead until it has caught up (protocol.md, "Flow control").
+Memory per connection is bounded: the bytes queued plus the bytes being sent
+stay under ``outbound_queue_bytes`` plus one batch (batches are never split)
+and the control frames of one read. A delivery that would go over it is not
+queued; that subscription reads the topic forward from the log instead until
+it has caught up (protocol.md, "Flow control").
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ class Session:
         self._lagging: dict[Subscription, None] = {}
         self._out: list[bytes] = []
         self._out_bytes = 0
+        self._sending = 0  # bytes handed to send_all and not yet sent
         self._out_limit = server.config.outbound_queue_bytes
         self._wake = trio.Event()
         self._room = trio.Event()
@@ -458,7 +461,9 @@ class Session:
         if sub.lag and topic in sub.lag:
             return  # the log reader will get to it, in order
         size = len(batch)
-        if sub.credit <= 0 or (self._out and self._out_bytes + size > self._out_limit):
+        if sub.credit <= 0 or (
+            (self._out or self._sending) and self._out_bytes + self._sending + size > self._out_limit
+        ):
             sub.lag[topic] = base_offset
             self._lagging[sub] = None
             return
@@ -483,7 +488,7 @@ class Session:
                 while offset < topic.visible_next:
                     if sub.credit <= 0:
                         break
-                    if self._out_bytes >= limit:
+                    if self._out_bytes + self._sending >= limit:
                         lag[topic] = offset
                         return
                     first = log.first_offset
@@ -508,7 +513,7 @@ class Session:
                         )
                         offset = first
                         continue
-                    for stored in log.read(offset, limit - self._out_bytes):
+                    for stored in log.read(offset, limit - self._out_bytes - self._sending):
                         if stored.base_offset >= topic.visible_next:
                             break  # appended, not yet durable: release() delivers it
                         sub.credit -= stored.count
@@ -542,8 +547,10 @@ class Session:
                     data = out[0] if len(out) == 1 else b"".join(out)
                     self._out = []
                     self._out_bytes = 0
+                    self._sending = len(data)
                     self._room.set()
                     await self.stream.send_all(data)
+                    self._sending = 0
                     self.bytes_out += len(data)
                     continue
                 if self._closing:

@@ -434,6 +434,8 @@ class Client:
         sub = Subscription(self, sub_id, pattern, window)
         if kind is StartKind.OFFSET:
             sub._skip_below = value
+        elif kind is StartKind.TIME:
+            sub._skip_before_us = value
         self._subs[sub_id] = sub
         waiter = self._waiters[sub_id] = _Waiter()
         self._queue(self._conn.send(Subscribe(sub_id, pattern, kind, value, window)))

@@ -53,16 +53,25 @@ class Subscription:
         self._delivered = 0
         self._malformed = 0
         self._lost = 0
-        #: Per topic, offsets below this are skipped (a start offset inside a batch).
+        #: Offsets below this are skipped (a start offset inside a stored batch).
         self._skip_below: int | None = None
+        #: Batches older than this (µs) are skipped: a start time in the future
+        #: must not yield messages published before it.
+        self._skip_before_us = 0
 
     # -- called by the client's reader (sync, never blocks) ---------------
 
     def _push(self, messages: list[Message]) -> None:
         if self._closed:
             return
+        received = len(messages)
         if self._skip_below is not None:
             messages = [m for m in messages if m.offset >= self._skip_below]
+        if self._skip_before_us and messages and messages[0].timestamp_us < self._skip_before_us:
+            messages = []  # one timestamp per batch: all of it is too early
+        if len(messages) < received:
+            # Skipped messages still used the broker's credit: return it.
+            self._account(received - len(messages))
             if not messages:
                 return
         self._batches.append(messages)

@@ -52,7 +52,10 @@ class FileTopicLog:
         directory.mkdir(parents=True, exist_ok=True)
         log = cls(store, name, directory, settings)
         log._add_segment(Segment.create(directory, 0))
+        # Both the topic's directory (in topics/) and its first segment (in
+        # the topic's directory) are new entries a DISK ack depends on.
         store._new_entry(directory.parent)
+        store._new_entry(directory)
         return log
 
     @classmethod
@@ -198,6 +201,10 @@ class FileStore:
         self._dirty_interval: set[Segment] = set()
         self._dirs_to_sync: set[Path] = set()
         self._syncing = 0
+        # One sync at a time: an "always" round must not acknowledge while a
+        # directory entry it depends on is still being synced by an
+        # "interval" round in another thread.
+        self._sync_lock = trio.StrictFIFOLock()
         self.fsyncs = 0
         self.truncations: list[Truncation] = []
         self.topics_dir.mkdir(parents=True, exist_ok=True)
@@ -290,16 +297,17 @@ class FileStore:
         return segs
 
     async def _sync(self, segs: list[Segment]) -> None:
-        dirs = list(self._dirs_to_sync)
-        self._dirs_to_sync.clear()
-        if not segs and not dirs:
-            return
-        self._syncing += 1
-        try:
-            await trio.to_thread.run_sync(_fsync_all, segs, dirs)
-        finally:
-            self._syncing -= 1
-        self.fsyncs += 1
+        async with self._sync_lock:
+            dirs = list(self._dirs_to_sync)
+            self._dirs_to_sync.clear()
+            if not segs and not dirs:
+                return
+            self._syncing += 1
+            try:
+                await trio.to_thread.run_sync(_fsync_all, segs, dirs)
+            finally:
+                self._syncing -= 1
+            self.fsyncs += 1
 
     def enforce_retention(self) -> int:
         """Apply every topic's retention; returns the segments deleted."""
