@@ -70,6 +70,8 @@ DEFAULT_URL = "pybroker://127.0.0.1:7420"
 DEFAULT_PORT = 7420
 RECEIVE_SIZE = 256 * 1024
 _TOPIC_CACHE_LIMIT = 4096
+#: Bytes a server frame may exceed the announced max_frame_bytes by.
+SERVER_FRAME_ALLOWANCE = 1024
 
 Callback = Callable[[Message], Awaitable[None] | None]
 Start = str | int | _dt.datetime
@@ -233,6 +235,11 @@ class Client:
         limits = event.limits
         self._max_batch_messages = limits.get("max_batch_messages", self._max_batch_messages)
         self._max_frame_bytes = limits.get("max_frame_bytes", self._max_frame_bytes)
+        # Accept what the server may send: a DELIVER carries a batch that fit
+        # a PUBLISH under max_frame_bytes, with a larger header (protocol.md).
+        self._conn.max_frame_bytes = max(
+            self._conn.max_frame_bytes, self._max_frame_bytes + SERVER_FRAME_ALLOWANCE
+        )
         self._max_topic_bytes = limits.get("max_topic_bytes", self._max_topic_bytes)
         self._max_topic_depth = limits.get("max_topic_depth", self._max_topic_depth)
 
