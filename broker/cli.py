@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from . import __version__
-from .config import DEFAULT_HOST, DEFAULT_PORT, Config
+from .config import DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_PORT, Config
 from .log.settings import FSYNC_MODES, SettingsResolver, TopicSettings
 from .logs import LEVELS, configure, get_logger
 
@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the broker")
     serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    http = serve.add_mutually_exclusive_group()
+    http.add_argument("--http-port", type=int, default=None, metavar="N", help=f"HTTP port for health, metrics, the JSON API and the dashboard (default {DEFAULT_HTTP_PORT}, or a free one with --port 0; 0 picks a free one)")
+    http.add_argument("--no-http", action="store_true", help="do not serve HTTP")
+    serve.add_argument("--http-host", default=None, help="address to bind for HTTP (default: --host)")
     serve.add_argument("--data-dir", type=Path, default=Path("pybroker-data"), help="data directory (default ./pybroker-data)")
     serve.add_argument("--name", default=None, help="server name announced to clients (default: host name)")
     serve.add_argument("--storage", choices=("file", "memory"), default="file", help="file: the durable log in --data-dir (default); memory: nothing on disk")
@@ -63,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     topics.add_argument("pattern", nargs="?", default=">", help="topic pattern (default: every topic)")
     topics.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL}, or $PYBROKER_URL)")
     topics.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    # Listed here for --help; main() hands `bench ...` to broker.bench, imported only then.
+    bench = commands.add_parser("bench", help="benchmarks with verified delivery (pybroker bench --help)", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -78,6 +86,11 @@ def _duration(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(words[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -136,6 +149,8 @@ async def _serve(args: argparse.Namespace) -> int:
     config = Config(
         host=args.host,
         port=args.port,
+        http_host=args.http_host,
+        http_port=None if args.no_http else _http_port(args),
         data_dir=args.data_dir,
         storage=args.storage,
         topic_settings=SettingsResolver.from_specs(default, args.topic),
@@ -158,6 +173,14 @@ async def _serve(args: argparse.Namespace) -> int:
                 server.shutdown()
                 break
     return 0
+
+
+def _http_port(args: argparse.Namespace) -> int:
+    if args.http_port is not None:
+        return int(args.http_port)
+    # Asking for a free TCP port (tests, several brokers on one machine)
+    # asks for a free HTTP port too.
+    return 0 if args.port == 0 else DEFAULT_HTTP_PORT
 
 
 # -- pub / sub ------------------------------------------------------------

@@ -15,6 +15,7 @@ from .log.settings import SettingsResolver
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7420
+DEFAULT_HTTP_PORT = 7421
 
 
 @attrs.frozen
@@ -29,6 +30,27 @@ class Limits:
 
     def announced(self) -> dict[str, int]:
         return attrs.asdict(self)
+
+
+@attrs.frozen
+class HttpSettings:
+    """Limits and timeouts of the HTTP side (broker/http)."""
+
+    #: Larger request bodies get 413.
+    max_body_bytes: int = 1024 * 1024
+    #: Request line plus headers (h11's max_incomplete_event_size); 431 beyond.
+    max_header_bytes: int = 16 * 1024
+    #: A request must arrive whole within this many seconds of its first
+    #: byte (or of the connection opening); else 408 and close.
+    request_timeout: float = 10.0
+    #: An idle keep-alive connection is closed after this many seconds.
+    keepalive_timeout: float = 30.0
+    #: A response write (or one SSE event) must be taken by the peer in time.
+    write_timeout: float = 30.0
+    #: Connections beyond this get 503 and are closed.
+    max_connections: int = 1024
+    #: Seconds between SSE comment lines that keep idle streams alive.
+    sse_keepalive: float = 15.0
 
 
 @attrs.frozen
@@ -52,3 +74,9 @@ class Config:
     handshake_timeout: float = 10.0
     #: How long a graceful shutdown waits for connections to flush.
     shutdown_grace: float = 5.0
+    #: The HTTP side (health, metrics, JSON API, SSE, dashboard). None: the
+    #: same host as the TCP listener. Port 0 picks a free port (the bound
+    #: one is on ``Server.http_port``); None or a negative port disables it.
+    http_host: str | None = None
+    http_port: int | None = DEFAULT_HTTP_PORT
+    http: HttpSettings = HttpSettings()

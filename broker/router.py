@@ -17,6 +17,7 @@ from client.protocol.subjects import tokens_match
 from .log import LogStore, TopicLog
 
 if TYPE_CHECKING:
+    from .groups import Group, GroupManager, Member
     from .session import Session
 
 
@@ -42,9 +43,12 @@ class Topic:
         "subs",
         "messages_in",
         "bytes_in",
+        "messages_out",
+        "bytes_out",
         "last_timestamp",
         "visible_next",
         "held",
+        "groups",
     )
 
     def __init__(self, name: str, log: TopicLog) -> None:
@@ -54,6 +58,10 @@ class Topic:
         self.subs: list[Subscription] = []
         self.messages_in = 0
         self.bytes_in = 0
+        #: Messages and bytes handed to subscribers (TCP and HTTP), counted
+        #: per batch where they are queued for sending.
+        self.messages_out = 0
+        self.bytes_out = 0
         self.last_timestamp = getattr(log, "last_timestamp", 0)
         #: Offsets below this have been handed to subscribers (or may be
         #: read from the log by them): appended and, if the topic needs
@@ -62,13 +70,25 @@ class Topic:
         #: Appended batches waiting for the sync that covers them:
         #: (hold sequence, base offset, timestamp, batch, count).
         self.held: deque[tuple[int, int, int, bytes, int]] = deque()
+        #: Consumer groups reading this topic (they read from the log).
+        self.groups: list[Group] = []
 
     def __repr__(self) -> str:
         return f"Topic({self.name!r})"
 
 
 class Subscription:
-    __slots__ = ("session", "sub_id", "pattern", "tokens", "wildcard", "lag", "credit")
+    __slots__ = (
+        "session",
+        "sub_id",
+        "pattern",
+        "tokens",
+        "wildcard",
+        "lag",
+        "credit",
+        "group",
+        "member",
+    )
 
     def __init__(self, session: Session, sub_id: int, pattern: str, credit: int) -> None:
         self.session = session
@@ -81,6 +101,9 @@ class Subscription:
         self.lag: dict[Topic, int] = {}
         #: Messages the subscriber can still take (protocol.md, "Credit").
         self.credit = credit
+        #: Set for a consumer-group member, which the router does not fan out to.
+        self.group: Group | None = None
+        self.member: Member | None = None
 
     def __repr__(self) -> str:
         return f"Subscription({self.sub_id}, {self.pattern!r})"
@@ -93,6 +116,8 @@ class Router:
         #: Sequence number of the last batch held for a sync.
         self.held_seq = 0
         self._held_topics: dict[Topic, None] = {}
+        #: Set by the server: told about new topics, woken by new data.
+        self.groups: GroupManager | None = None
         self.topics: dict[str, Topic] = {}
         # Subscriptions by exact pattern, and the wildcard ones, so a new
         # topic is matched against the wildcards only.
@@ -111,6 +136,8 @@ class Router:
             tokens = name.split(".")
             topic.subs.extend(self._exact.get(name, ()))
             topic.subs.extend(s for s in self._wild if tokens_match(s.tokens, tokens))
+            if self.groups is not None:
+                self.groups.topic_created(topic)
         return topic
 
     def add(self, sub: Subscription) -> list[Topic]:
@@ -168,6 +195,8 @@ class Router:
             self.on_held()
             return base, timestamp, self.held_seq
         topic.visible_next = base + count
+        if topic.groups and self.groups is not None:
+            self.groups.wake()
         for sub in topic.subs:
             sub.session.deliver(sub, topic, base, timestamp, batch, count)
         return base, timestamp, 0
@@ -181,5 +210,7 @@ class Router:
                 topic.visible_next = base + count
                 for sub in topic.subs:
                     sub.session.deliver(sub, topic, base, timestamp, batch, count)
+            if topic.groups and self.groups is not None:
+                self.groups.wake()
             if not held:
                 del self._held_topics[topic]

@@ -10,6 +10,7 @@ then asks every session to flush and say GOODBYE, bounded by
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -18,8 +19,12 @@ from typing import Any
 import attrs
 import trio
 
+from client.protocol import Durability
+
 from .committer import Committer
 from .config import Config
+from .groups import GroupManager
+from .http import HttpServer
 from .log import FileStore, LogStore, MemoryStore
 from .logs import get_logger
 from .router import Router
@@ -39,11 +44,23 @@ class Server:
         self.store: LogStore = store
         self.router = Router(self.store)
         self.committer = Committer(self.store, self.router, self.config.retention_check_seconds)
+        self.groups = GroupManager(self.router)
+        self.router.groups = self.groups
         self.router.on_held = self.committer.wake
         self.sessions: set[Session] = set()
         self.host = self.config.host
         self.port: int = 0
         self.connections_total = 0
+        #: Publish acknowledgements sent, by what they promise (GET /metrics).
+        self.acks_by_durability: dict[Durability, int] = dict.fromkeys(Durability, 0)
+        #: Listeners accepting and recovery done (GET /readyz); False again
+        #: once shutdown begins.
+        self.ready = False
+        self.started_at = time.time()
+        http_port = self.config.http_port
+        #: The HTTP side (broker/http), on its own port; None when disabled.
+        self.http = HttpServer(self) if http_port is not None and http_port >= 0 else None
+        self.http_port: int | None = None
         self._ids = itertools.count(1)
         self._shutdown = trio.Event()
         self._stopped = trio.Event()
@@ -70,7 +87,14 @@ class Server:
                 # The committer outlives the connections: closing sessions
                 # still wait on it for their last acknowledgements.
                 await background.start(self.committer.run)
+                await background.start(self.groups.run)
+                if self.http is not None:
+                    self.http_port = await background.start(self.http.serve)
                 await self._serve_connections(listeners, task_status)
+                if self.http is not None:
+                    # Its requests in progress may still wait on the committer.
+                    with trio.move_on_after(self.config.shutdown_grace):
+                        await self.http.wait_stopped()
                 background.cancel_scope.cancel()
         finally:
             for listener in listeners:
@@ -99,9 +123,14 @@ class Server:
                     url=self.url,
                     storage=self.config.storage if isinstance(self.store, (FileStore, MemoryStore)) else type(self.store).__name__,
                     data_dir=str(self.config.data_dir),
+                    http_port=self.http_port,
                 )
+                self.ready = True
                 task_status.started(self)
                 await self._shutdown.wait()
+                self.ready = False
+                if self.http is not None:
+                    self.http.shutdown()
                 accepting.cancel_scope.cancel()
             self.log.info("shutting down", connections=len(self.sessions))
             for session in list(self.sessions):

@@ -27,6 +27,8 @@ import trio
 
 from client.protocol import (
     CLOSED,
+    Ack,
+    AckKind,
     UNLIMITED_CREDIT,
     Credit,
     RefKind,
@@ -54,6 +56,7 @@ from client.protocol import (
     Welcome,
     check_batch,
     deliver_header,
+    group_deliver_header,
     encode_puback,
     pattern_error,
     topic_error,
@@ -63,6 +66,7 @@ from client.protocol.subjects import tokens_match
 
 from . import __version__
 from .logs import get_logger
+from .groups import GroupConfig, group_name_error
 from .router import Subscription, Topic
 
 if TYPE_CHECKING:
@@ -178,7 +182,7 @@ class Session:
     def _drop_subscriptions(self) -> None:
         self._accepting_deliveries = False
         for sub in self.subs.values():
-            self.router.remove(sub)
+            self._remove(sub)
         self.subs.clear()
         self._lagging.clear()
 
@@ -231,6 +235,8 @@ class Session:
     def _handle(self, event: Event) -> None:
         if isinstance(event, Publish):
             self._on_publish(event)
+        elif isinstance(event, Ack):
+            self._on_ack(event)
         elif isinstance(event, Credit):
             self._on_credit(event)
         elif isinstance(event, Subscribe):
@@ -313,7 +319,7 @@ class Session:
         if not isinstance(req.start, StartKind):
             self._request_error(ErrorCode.BAD_REQUEST, f"unknown start kind {req.start}", sid)
             return
-        if req.options:
+        if req.options and "group" not in req.options:
             self._request_error(
                 ErrorCode.BAD_REQUEST, f"unknown options {sorted(req.options)}", sid
             )
@@ -328,6 +334,9 @@ class Session:
             return
         credit = _NO_FLOW_CONTROL if req.credit == UNLIMITED_CREDIT else req.credit
         sub = Subscription(self, sid, req.pattern, credit)
+        if "group" in req.options:
+            self._join_group(sub, req)
+            return
         matched = self.router.add(sub)
         self.subs[sid] = sub
         self._queue(self.conn.send(SubAck(sid)))
@@ -379,9 +388,77 @@ class Session:
                 ErrorCode.UNKNOWN_SUBSCRIPTION, f"sub_id {req.sub_id} is not active", req.sub_id
             )
             return
-        self.router.remove(sub)
+        self._remove(sub)
         self._lagging.pop(sub, None)
         self._queue(self.conn.send(UnsubAck(req.sub_id)))
+
+    def _remove(self, sub: Subscription) -> None:
+        if sub.group is not None and sub.member is not None:
+            self.server.groups.leave(sub.group, sub.member)
+        else:
+            self.router.remove(sub)
+
+    # -- consumer groups ----------------------------------------------------
+
+    def _join_group(self, sub: Subscription, req: Subscribe) -> None:
+        name = req.options["group"]
+        problem = group_name_error(name)
+        try:
+            if problem:
+                raise ValueError(f"group name: {problem}")
+            config = GroupConfig.from_options(name, req.options)
+            assert isinstance(req.start, StartKind)
+            sub.member = self.server.groups.join(
+                sub, name, req.pattern, config, req.start, req.start_value
+            )
+        except ValueError as exc:
+            self._request_error(ErrorCode.BAD_REQUEST, str(exc), req.sub_id)
+            return
+        sub.group = self.server.groups.groups[name]
+        self.subs[req.sub_id] = sub
+        self._queue(self.conn.send(SubAck(req.sub_id)))
+        self.log.debug("joined group", sub_id=req.sub_id, group=name, pattern=req.pattern)
+
+    def _on_ack(self, req: Ack) -> None:
+        sub = self.subs.get(req.sub_id)
+        problem = None
+        if sub is None or sub.group is None or sub.member is None:
+            problem = f"sub_id {req.sub_id} is not an active group member"
+        elif not isinstance(req.kind, AckKind):
+            problem = f"unknown ack kind {req.kind}"
+        elif not req.ranges or any(first > last for first, last in req.ranges):
+            problem = "an ACK needs ranges with first <= last"
+        if problem is not None:
+            self._request_error(ErrorCode.BAD_REQUEST, problem, req.sub_id)
+            return
+        assert sub is not None and sub.group is not None and sub.member is not None
+        self.server.groups.settle(
+            sub.group, sub.member, req.topic, req.kind, req.ranges, req.delay_ms / 1000
+        )
+
+    @property
+    def accepting(self) -> bool:
+        """Whether deliveries may still be queued (a group asks before handing out)."""
+        return self._accepting_deliveries
+
+    def deliver_group(
+        self,
+        sub: Subscription,
+        topic: Topic,
+        base_offset: int,
+        timestamp: int,
+        deliveries: int,
+        batch: bytes,
+    ) -> None:
+        """Queue a batch for a group member. Not subject to the queue bound:
+        the group's max_ack_pending already bounds what a member holds."""
+        header = group_deliver_header(
+            sub.sub_id, topic.name_bytes, base_offset, timestamp, deliveries, len(batch)
+        )
+        self._out.append(header)
+        self._out.append(batch)
+        self._out_bytes += len(header) + len(batch)
+        self._wake.set()
 
     # -- acknowledgements ---------------------------------------------------
 
@@ -398,12 +475,13 @@ class Session:
             self._queue_acks(acks, None)
 
     def _queue_acks(self, acks: list[_Ack], synced: Durability | None) -> None:
-        self._queue(
-            b"".join(
-                encode_puback(PubAck(r, b, c, t, synced if seq and synced is not None else d))
-                for r, b, c, t, seq, d in acks
-            )
-        )
+        counted = self.server.acks_by_durability  # for /metrics: one add per batch
+        frames = []
+        for r, b, c, t, seq, d in acks:
+            durability = synced if seq and synced is not None else d
+            counted[durability] += 1
+            frames.append(encode_puback(PubAck(r, b, c, t, durability)))
+        self._queue(b"".join(frames))
 
     async def _acker(self) -> None:
         try:
@@ -468,6 +546,8 @@ class Session:
             self._lagging[sub] = None
             return
         sub.credit -= count
+        topic.messages_out += count
+        topic.bytes_out += size
         header = deliver_header(sub.sub_id, topic.name_bytes, base_offset, timestamp, size)
         out = self._out
         out.append(header)
@@ -517,6 +597,8 @@ class Session:
                         if stored.base_offset >= topic.visible_next:
                             break  # appended, not yet durable: release() delivers it
                         sub.credit -= stored.count
+                        topic.messages_out += stored.count
+                        topic.bytes_out += len(stored.batch)
                         header = deliver_header(
                             sub.sub_id,
                             topic.name_bytes,

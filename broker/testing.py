@@ -24,6 +24,7 @@ from .server import Server, run_broker
 @asynccontextmanager
 async def running_broker(**overrides: Any) -> AsyncIterator[Server]:
     """A broker on 127.0.0.1 and a free port (``server.url``), stopped on exit.
+    Its HTTP side listens on another free port (``server.http_port``).
 
     Keyword arguments override :class:`broker.config.Config` fields. With a
     ``data_dir`` it uses the durable file log there (fsync ``always`` unless
@@ -31,6 +32,7 @@ async def running_broker(**overrides: Any) -> AsyncIterator[Server]:
     """
     overrides.setdefault("host", "127.0.0.1")
     overrides.setdefault("port", 0)
+    overrides.setdefault("http_port", 0)  # the HTTP side too: server.http_port
     if "data_dir" not in overrides:
         # Nowhere to put files: keep everything in memory rather than
         # writing into the current directory.

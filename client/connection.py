@@ -17,7 +17,15 @@ import datetime as _dt
 import inspect
 import itertools
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,7 +45,10 @@ from .protocol import (
     Durability,
     Error,
     ErrorCode,
+    Ack,
+    AckKind,
     Goodbye,
+    GroupDeliver,
     Hello,
     Info,
     InfoReply,
@@ -63,6 +74,7 @@ from .protocol import (
     topic_error,
 )
 from .protocol.batch import BATCH_HEADER
+from .protocol.frames import MAX_ACK_RANGES
 from .protocol.codec import HEADER_SIZE
 from .subscription import Subscription
 
@@ -210,6 +222,8 @@ class Client:
         self._subs: dict[int, Subscription] = {}
         self._waiters: dict[int, _Waiter] = {}
         self._info_waiters: dict[int, _Waiter] = {}
+        # Group acknowledgements waiting for the writer, by frame key.
+        self._settlements: dict[tuple[int, str, AckKind, int], list[int]] = {}
         self._valid_topics: set[str] = set()
         self._closed: ConnectionClosed | None = None
         self._goodbye_received = trio.Event()
@@ -414,6 +428,14 @@ class Client:
         *,
         start: Start = "new",
         window: int = 4096,
+        group: str | None = None,
+        concurrency: int = 1,
+        auto_ack: bool = True,
+        ack_wait: float | None = None,
+        max_deliver: int | None = None,
+        backoff: Sequence[float] | None = None,
+        max_ack_pending: int | None = None,
+        dead_letter: str | None = None,
     ) -> _SubscribeCall:
         """Subscribe to a topic or pattern (``*`` one token, ``>`` the rest).
 
@@ -424,11 +446,50 @@ class Client:
         topic without wildcards) or a ``datetime`` (first message at or after
         it). ``window`` is the credit: at most that many messages (plus one
         batch) are buffered in this process for the subscription.
+
+        ``group="workers"`` joins a consumer group: each message goes to one
+        member, which settles it (``await msg.ack()``, ``nak(delay)``,
+        ``term()``, ``in_progress()``). With a callback and ``auto_ack``, a
+        callback that returns acks and one that raises naks (and the error is
+        logged, not raised). ``ack_wait``, ``max_deliver``, ``backoff``
+        (seconds per delivery), ``max_ack_pending`` and ``dead_letter`` set
+        the group up when this call creates it (protocol.md).
+        ``concurrency`` callbacks run at once, in a nursery the client owns.
         """
-        return _SubscribeCall(self, (pattern, callback, start, window))
+        if ack_wait is not None and ack_wait <= 0:
+            raise ValueError("ack_wait must be positive")
+        if backoff is not None and any(b <= 0 for b in backoff):
+            raise ValueError("backoff waits must be positive")
+        options: dict[str, str] = {}
+        if group is not None:
+            options["group"] = group
+            if ack_wait is not None:
+                options["ack_wait_ms"] = str(max(1, round(ack_wait * 1000)))
+            if max_deliver is not None:
+                options["max_deliver"] = str(max_deliver)
+            if backoff:
+                options["backoff_ms"] = ",".join(str(max(1, round(b * 1000))) for b in backoff)
+            if max_ack_pending is not None:
+                options["max_ack_pending"] = str(max_ack_pending)
+            if dead_letter is not None:
+                options["dead_letter"] = dead_letter
+        elif any(x is not None for x in (ack_wait, max_deliver, backoff, max_ack_pending, dead_letter)):
+            raise ValueError("ack_wait, max_deliver, backoff, max_ack_pending and dead_letter need group=")
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        return _SubscribeCall(
+            self, (pattern, callback, start, window, options, concurrency, auto_ack)
+        )
 
     async def _subscribe(
-        self, pattern: str, callback: Callback | None, start: Start, window: int
+        self,
+        pattern: str,
+        callback: Callback | None,
+        start: Start,
+        window: int,
+        options: dict[str, str],
+        concurrency: int,
+        auto_ack: bool,
     ) -> Subscription:
         self._check_open()
         problem = pattern_error(pattern, self._max_topic_bytes, self._max_topic_depth)
@@ -438,20 +499,26 @@ class Client:
             raise ValueError("window must be between 1 and 2**32 - 2")
         kind, value = _start_position(start)
         sub_id = next(self._sub_ids)
-        sub = Subscription(self, sub_id, pattern, window)
-        if kind is StartKind.OFFSET:
+        sub = Subscription(self, sub_id, pattern, window, group=options.get("group"))
+        # A group's start is the broker's business (it hands out from the
+        # group's cursor; a later member's start is ignored): no client skips.
+        if kind is StartKind.OFFSET and sub.group is None:
             sub._skip_below = value
-        elif kind is StartKind.TIME:
+        elif kind is StartKind.TIME and sub.group is None:
             sub._skip_before_us = value
         self._subs[sub_id] = sub
         waiter = self._waiters[sub_id] = _Waiter()
-        self._queue(self._conn.send(Subscribe(sub_id, pattern, kind, value, window)))
+        # Group members are flow-controlled by max_ack_pending, not credit.
+        credit = UNLIMITED_CREDIT if sub.group else window
+        self._queue(self._conn.send(Subscribe(sub_id, pattern, kind, value, credit, options)))
         await waiter.event.wait()
         if waiter.error is not None:
             self._subs.pop(sub_id, None)
             raise waiter.error
         if callback is not None:
-            self._nursery.start_soon(_run_callback, sub, callback, name=f"pybroker sub {pattern}")
+            self._nursery.start_soon(
+                _run_callback, sub, callback, concurrency, auto_ack, name=f"pybroker sub {pattern}"
+            )
         return sub
 
     async def _unsubscribe(self, sub: Subscription) -> None:
@@ -463,6 +530,30 @@ class Client:
         sub._close()
         if waiter.error is not None and not isinstance(waiter.error, BrokerError):
             raise waiter.error
+
+    def _settle(self, sub_id: int, topic: str, offset: int, kind: AckKind, delay: float) -> None:
+        """Queue one group acknowledgement; the writer sends them as ranges."""
+        if self._closed is not None or sub_id not in self._subs:
+            return  # the broker redelivers whatever was not settled
+        key = (sub_id, topic, kind, max(0, round(delay * 1000)))
+        offsets = self._settlements.get(key)
+        if offsets is None:
+            offsets = self._settlements[key] = []
+        offsets.append(offset)
+        self._wake.set()
+
+    def _take_settlements(self) -> list[bytes]:
+        frames = []
+        for (sub_id, topic, kind, delay_ms), offsets in self._settlements.items():
+            ranges = _ranges(offsets)
+            for i in range(0, len(ranges), MAX_ACK_RANGES):
+                frames.append(
+                    self._conn.send(
+                        Ack(sub_id, kind, topic, tuple(ranges[i : i + MAX_ACK_RANGES]), delay_ms)
+                    )
+                )
+        self._settlements = {}
+        return frames
 
     def _grant_credit(self, sub_id: int, messages: int) -> None:
         if self._closed is None and sub_id in self._subs:
@@ -512,6 +603,8 @@ class Client:
                     await trio.sleep(self._linger)
                 frames = self._out
                 self._out = []
+                if self._settlements:
+                    frames.extend(self._take_settlements())
                 if self._unsent_count and len(self._inflight) < self._max_inflight_batches:
                     frames.extend(self._take_batches())
                 if frames:
@@ -555,6 +648,8 @@ class Client:
     def _on_event(self, event: Any) -> None:
         if isinstance(event, Deliver):
             self._on_deliver(event)
+        elif isinstance(event, GroupDeliver):
+            self._on_group_deliver(event)
         elif isinstance(event, PubAck):
             self._on_puback(event)
         elif isinstance(event, (SubAck, UnsubAck)):
@@ -595,6 +690,24 @@ class Client:
         topic, base, ts = d.topic, d.base_offset, d.timestamp
         sub._push(
             [Message(topic, payload, headers, base + i, ts) for i, (payload, headers) in enumerate(records)]
+        )
+
+    def _on_group_deliver(self, d: GroupDeliver) -> None:
+        sub = self._subs.get(d.sub_id)
+        if sub is None:
+            return  # left the group; the broker gives these to another member
+        try:
+            records = decode_batch(d.batch)
+        except MalformedBatch as exc:
+            sub._note_malformed()
+            _log.warning("skipping malformed batch", topic=d.topic, base_offset=d.base_offset, error=str(exc))
+            return
+        topic, base, ts, n, sid = d.topic, d.base_offset, d.timestamp, d.deliveries, d.sub_id
+        sub._push(
+            [
+                Message(topic, payload, headers, base + i, ts, n, self, sid)
+                for i, (payload, headers) in enumerate(records)
+            ]
         )
 
     def _on_puback(self, ack: PubAck) -> None:
@@ -668,11 +781,53 @@ def _start_position(start: Start) -> tuple[StartKind, int]:
     raise ValueError(f"start must be 'new', 'earliest', an offset or a datetime, not {start!r}")
 
 
-async def _run_callback(sub: Subscription, callback: Callback) -> None:
-    async for msg in sub:
-        result = callback(msg)
-        if inspect.isawaitable(result):
-            await result
+def _ranges(offsets: list[int]) -> list[tuple[int, int]]:
+    """Sorted, merged inclusive ranges covering ``offsets``."""
+    out: list[tuple[int, int]] = []
+    for offset in sorted(set(offsets)):
+        if out and out[-1][1] + 1 == offset:
+            out[-1] = (out[-1][0], offset)
+        else:
+            out.append((offset, offset))
+    return out
+
+
+async def _run_callback(
+    sub: Subscription, callback: Callback, concurrency: int, auto_ack: bool
+) -> None:
+    """Call ``callback`` for every message, up to ``concurrency`` at a time."""
+    # A semaphore, not a CapacityLimiter: a slot is taken by the dispatching
+    # loop and given back by whichever task ran the callback.
+    slots = trio.Semaphore(concurrency)
+
+    async def handle(msg: Message) -> None:
+        try:
+            try:
+                result = callback(msg)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                if not (msg.is_group_message and auto_ack):
+                    raise  # plain subscriptions: errors are the application's
+                _log.exception("callback failed; nak", topic=msg.topic, offset=msg.offset)
+                if msg.settled is None or msg.settled is AckKind.IN_PROGRESS:
+                    msg._settle(AckKind.NAK)
+                return
+            if msg.is_group_message and auto_ack:
+                if msg.settled is None or msg.settled is AckKind.IN_PROGRESS:
+                    msg._settle(AckKind.ACK)
+        finally:
+            slots.release()
+
+    if concurrency == 1:
+        async for msg in sub:
+            await slots.acquire()
+            await handle(msg)
+        return
+    async with trio.open_nursery() as nursery:
+        async for msg in sub:
+            await slots.acquire()
+            nursery.start_soon(handle, msg)
 
 
 @asynccontextmanager

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Mapping
+from typing import Protocol
 
 import attrs
+import trio
 
-from .protocol import Durability
+from .protocol import AckKind, Durability
 
 
 def _utc(timestamp_us: int) -> _dt.datetime:
     return _dt.datetime.fromtimestamp(timestamp_us / 1_000_000, tz=_dt.timezone.utc)
+
+
+class Settler(Protocol):
+    """Where a group message's acknowledgement goes (the client)."""
+
+    def _settle(self, sub_id: int, topic: str, offset: int, kind: AckKind, delay: float) -> None: ...
 
 
 # slots and not frozen: a subscriber creates one per message, and frozen
@@ -23,6 +31,45 @@ class Message:
     headers: Mapping[str, str]
     offset: int
     timestamp_us: int  #: broker append time, µs since the Unix epoch
+    #: How many times this message has been delivered, this time included
+    #: (above 1 only for consumer-group redeliveries).
+    deliveries: int = 1
+    _settler: Settler | None = attrs.field(default=None, repr=False, eq=False)
+    _sub_id: int = attrs.field(default=0, repr=False, eq=False)
+    #: The AckKind this message was settled with, or None (group messages).
+    settled: AckKind | None = attrs.field(default=None, repr=False, eq=False)
+
+    @property
+    def is_group_message(self) -> bool:
+        return self._settler is not None
+
+    def _settle(self, kind: AckKind, delay: float = 0.0) -> None:
+        if self._settler is None:
+            raise RuntimeError("only consumer-group messages are acknowledged")
+        if self.settled is not None and self.settled is not AckKind.IN_PROGRESS:
+            raise RuntimeError(f"message already settled ({self.settled.name.lower()})")
+        self.settled = kind
+        self._settler._settle(self._sub_id, self.topic, self.offset, kind, delay)
+
+    async def ack(self) -> None:
+        """Done: the group will not deliver it again."""
+        self._settle(AckKind.ACK)
+        await trio.lowlevel.checkpoint()
+
+    async def nak(self, delay: float = 0.0) -> None:
+        """Not done: deliver it again, now or after ``delay`` seconds."""
+        self._settle(AckKind.NAK, delay)
+        await trio.lowlevel.checkpoint()
+
+    async def term(self) -> None:
+        """Never deliver it again, and do not dead-letter it."""
+        self._settle(AckKind.TERM)
+        await trio.lowlevel.checkpoint()
+
+    async def in_progress(self) -> None:
+        """Still working on it: restart its ack-wait clock."""
+        self._settle(AckKind.IN_PROGRESS)
+        await trio.lowlevel.checkpoint()
 
     @property
     def timestamp(self) -> float:

@@ -37,11 +37,15 @@ class SubscriptionStatistics:
 class Subscription:
     """Iterate with ``async for msg in sub``; stop with ``await sub.unsubscribe()``."""
 
-    def __init__(self, client: Client, sub_id: int, pattern: str, window: int) -> None:
+    def __init__(
+        self, client: Client, sub_id: int, pattern: str, window: int, group: str | None = None
+    ) -> None:
         self._client = client
         self.sub_id = sub_id
         self.pattern = pattern
         self.window = window
+        #: The consumer group this subscription is a member of, if any.
+        self.group = group
         self._batches: deque[list[Message]] = deque()
         self._current: list[Message] = []
         self._index = 0
@@ -122,6 +126,8 @@ class Subscription:
         return msg
 
     def _account(self, consumed: int) -> None:
+        if self.group is not None:
+            return  # members are flow-controlled by max_ack_pending, not credit
         self._consumed += consumed
         if self._consumed * 2 >= self.window and not self._closed:
             self._client._grant_credit(self.sub_id, self._consumed)

@@ -35,7 +35,10 @@ from client.protocol import (
     ErrorCode,
     Event,
     FrameType,
+    Ack,
+    AckKind,
     Goodbye,
+    GroupDeliver,
     Hello,
     Info,
     InfoReply,
@@ -216,6 +219,8 @@ SAMPLES: dict[FrameType, Event] = {
     FrameType.PONG: Pong(12345),
     FrameType.ERROR: Error(ErrorCode.CHECKSUM_MISMATCH, "crc mismatch", 1, RefKind.REQUEST),
     FrameType.GOODBYE: Goodbye(),
+    FrameType.ACK: Ack(7, AckKind.NAK, "orders.eu", ((40, 45), (47, 47)), 250),
+    FrameType.GROUP_DELIVER: GroupDeliver(7, "orders.eu", 41, 1_700_000_000_000_000, 2, BATCH),
     FrameType.INFO: Info(9, "orders.>"),
     FrameType.INFO_REPLY: InfoReply(9, (TopicInfo("orders.eu", 3, 42, 4096, 2),)),
 }
@@ -225,6 +230,7 @@ CLIENT_ONLY = [
     FrameType.SUBSCRIBE,
     FrameType.UNSUBSCRIBE,
     FrameType.CREDIT,
+    FrameType.ACK,
     FrameType.INFO,
 ]
 SERVER_ONLY = [
@@ -233,6 +239,7 @@ SERVER_ONLY = [
     FrameType.SUBACK,
     FrameType.UNSUBACK,
     FrameType.DELIVER,
+    FrameType.GROUP_DELIVER,
     FrameType.INFO_REPLY,
 ]
 EITHER = [FrameType.PING, FrameType.PONG, FrameType.ERROR, FrameType.GOODBYE]
@@ -324,6 +331,11 @@ CASES = [
         Phase.FRESH,
         Error(ErrorCode.SHUTTING_DOWN, "going away", fatal=True),
     ),
+    Case("ack", C, Phase.OPEN, SAMPLES[FrameType.ACK]),
+    Case("ack-max", C, Phase.OPEN, Ack(2**32 - 1, AckKind.IN_PROGRESS, "é", ((0, 2**64 - 1),), 2**32 - 1)),
+    Case("ack-term", C, Phase.OPEN, Ack(1, AckKind.TERM, "a", ((3, 3),))),
+    Case("group-deliver", S, Phase.OPEN, SAMPLES[FrameType.GROUP_DELIVER]),
+    Case("group-deliver-max", S, Phase.OPEN, GroupDeliver(2**32 - 1, "т", 2**64 - 1, 0, 65535, BATCH)),
     Case("info", C, Phase.OPEN, SAMPLES[FrameType.INFO]),
     Case("info-unicode", C, Phase.OPEN, Info(2**64 - 1, "ü.*")),
     Case("info-reply", S, Phase.OPEN, SAMPLES[FrameType.INFO_REPLY]),
@@ -852,7 +864,7 @@ def test_hello_unsupported_version(version: int) -> None:
     server.send(Error(ErrorCode.UNSUPPORTED_VERSION, str(exc), fatal=True))
 
 
-@pytest.mark.parametrize("type_value", [0x00, 0x03, 0x0F, 0x12, 0x25, 0x31, 0x42, 0x51, 0x61, 0xFF])
+@pytest.mark.parametrize("type_value", [0x00, 0x03, 0x0F, 0x12, 0x26, 0x32, 0x42, 0x51, 0x61, 0x72, 0xFF])
 @pytest.mark.parametrize("role", [C, S], ids=["client", "server"])
 @pytest.mark.parametrize("phase", [Phase.FRESH, Phase.OPEN])
 def test_unknown_frame_type(type_value: int, role: Role, phase: Phase) -> None:
@@ -955,7 +967,11 @@ def sender_for(ftype: FrameType) -> Role:
 
 # Publish and Deliver end in "the rest of the body", so extra bytes there are
 # part of the batch, not trailing garbage.
-FIXED_LENGTH = [t for t in FrameType if t not in (FrameType.PUBLISH, FrameType.DELIVER)]
+FIXED_LENGTH = [
+    t
+    for t in FrameType
+    if t not in (FrameType.PUBLISH, FrameType.DELIVER, FrameType.GROUP_DELIVER)
+]
 
 
 @pytest.mark.parametrize("ftype", FIXED_LENGTH, ids=lambda t: t.name)

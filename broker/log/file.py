@@ -21,6 +21,7 @@ from client.protocol import Durability
 from client.protocol.subjects import topic_error
 
 from ..logs import get_logger
+from ..stats import Histogram
 from .base import StoredBatch
 from .segment import Segment, Truncation
 from .settings import SettingsResolver, TopicSettings
@@ -206,6 +207,8 @@ class FileStore:
         # "interval" round in another thread.
         self._sync_lock = trio.StrictFIFOLock()
         self.fsyncs = 0
+        #: Seconds per fsync round (worker thread hand-off included).
+        self.fsync_seconds = Histogram()
         self.truncations: list[Truncation] = []
         self.topics_dir.mkdir(parents=True, exist_ok=True)
         self._recover()
@@ -303,10 +306,12 @@ class FileStore:
             if not segs and not dirs:
                 return
             self._syncing += 1
+            started = time.monotonic()
             try:
                 await trio.to_thread.run_sync(_fsync_all, segs, dirs)
             finally:
                 self._syncing -= 1
+            self.fsync_seconds.observe(time.monotonic() - started)
             self.fsyncs += 1
 
     def enforce_retention(self) -> int:

@@ -100,6 +100,24 @@ def check_batch(batch: bytes | memoryview) -> tuple[int, bool]:
     return count, zlib.crc32(memoryview(batch)[BATCH_HEADER.size :]) == crc
 
 
+def split_records(batch: bytes) -> list[bytes]:
+    """The raw records of a batch, each re-encodable as a batch of its own.
+
+    Used where one message must travel alone (a group's redelivery, a dead
+    letter); never on the hot path."""
+    count = batch_count(batch)
+    pos = BATCH_HEADER.size
+    out = []
+    for _ in range(count):
+        payload_len, headers_len = RECORD_HEADER.unpack_from(batch, pos)
+        end = pos + RECORD_HEADER.size + headers_len + payload_len
+        if end > len(batch):
+            raise MalformedBatch("record runs past the batch")
+        out.append(batch[pos:end])
+        pos = end
+    return out
+
+
 class MalformedBatch(ValueError):
     """A batch whose CRC matched but whose records do not parse.
 

@@ -26,6 +26,10 @@ from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .frames import (
     ERROR_FLAG_FATAL,
     INFO_FLAG_TRUNCATED,
+    MAX_ACK_RANGES,
+    Ack,
+    AckKind,
+    GroupDeliver,
     Credit,
     Info,
     InfoReply,
@@ -68,6 +72,9 @@ _DELIVER_FIXED = struct.Struct(">IQQ")
 _SUBSCRIBE_START = struct.Struct(">BQI")  # start, start_value, credit
 _CREDIT = struct.Struct(">II")
 _INFO_ENTRY = struct.Struct(">QQQI")  # first, next, retained bytes, subscriptions
+_ACK_FIXED = struct.Struct(">IBI")  # sub_id, kind, delay_ms
+_RANGE = struct.Struct(">QQ")
+_GROUP_DELIVER_FIXED = struct.Struct(">IQQH")  # sub_id, base, timestamp, deliveries
 _ERROR_FIXED = struct.Struct(">HBQ")  # code, ref_kind, ref
 
 
@@ -101,6 +108,7 @@ _CLIENT_SENDS = frozenset(
         FrameType.SUBSCRIBE,
         FrameType.UNSUBSCRIBE,
         FrameType.CREDIT,
+        FrameType.ACK,
         FrameType.INFO,
         FrameType.PING,
         FrameType.PONG,
@@ -114,6 +122,7 @@ _SERVER_SENDS = frozenset(
         FrameType.SUBACK,
         FrameType.UNSUBACK,
         FrameType.DELIVER,
+        FrameType.GROUP_DELIVER,
         FrameType.INFO_REPLY,
         FrameType.PING,
         FrameType.PONG,
@@ -275,6 +284,27 @@ def _d_error(b: _Body, flags: int) -> Error:
     return Error(code, message, ref, kind, bool(flags & ERROR_FLAG_FATAL))
 
 
+def _d_ack(b: _Body) -> Ack:
+    sub_id, kind, delay = b.unpack(_ACK_FIXED)
+    topic = b.str16()
+    count = b.u16()
+    ranges = tuple((first, last) for first, last in (b.unpack(_RANGE) for _ in range(count)))
+    # An unknown kind, no ranges or a reversed range is a request the server
+    # refuses (BAD_REQUEST, not fatal), so the values are carried through.
+    ack_kind: AckKind | int
+    try:
+        ack_kind = AckKind(kind)
+    except ValueError:
+        ack_kind = kind
+    return Ack(sub_id, ack_kind, topic, ranges, delay)  # type: ignore[arg-type]
+
+
+def _d_group_deliver(b: _Body) -> GroupDeliver:
+    sub_id, base, ts, deliveries = b.unpack(_GROUP_DELIVER_FIXED)
+    topic = b.str16()
+    return GroupDeliver(sub_id, topic, base, ts, deliveries, b.rest())
+
+
 def _d_info_reply(b: _Body, flags: int) -> InfoReply:
     request_id = b.u64()
     count = b.u32()
@@ -297,6 +327,8 @@ _DECODERS: dict[FrameType, Callable[[_Body], Event]] = {
     FrameType.UNSUBACK: lambda b: UnsubAck(b.u32()),
     FrameType.CREDIT: lambda b: Credit(*b.unpack(_CREDIT)),
     FrameType.DELIVER: _d_deliver,
+    FrameType.GROUP_DELIVER: _d_group_deliver,
+    FrameType.ACK: _d_ack,
     FrameType.PING: lambda b: Ping(b.u64()),
     FrameType.PONG: lambda b: Pong(b.u64()),
     FrameType.GOODBYE: lambda b: Goodbye(),
@@ -386,6 +418,25 @@ def deliver_header(
     )
 
 
+def group_deliver_header(
+    sub_id: int,
+    topic_bytes: bytes,
+    base_offset: int,
+    timestamp: int,
+    deliveries: int,
+    batch_len: int,
+) -> bytes:
+    """Everything of a GROUP_DELIVER frame before its batch."""
+    _check_str16(topic_bytes)
+    body_len = _GROUP_DELIVER_FIXED.size + 2 + len(topic_bytes) + batch_len
+    return (
+        FRAME_HEADER.pack(body_len, FrameType.GROUP_DELIVER, 0)
+        + _GROUP_DELIVER_FIXED.pack(sub_id, base_offset, timestamp, min(deliveries, 0xFFFF))
+        + _U16.pack(len(topic_bytes))
+        + topic_bytes
+    )
+
+
 def encode_puback(ack: PubAck) -> bytes:
     return FRAME_HEADER.pack(_PUBACK.size, FrameType.PUBACK, 0) + _PUBACK.pack(
         ack.request_id, ack.base_offset, ack.count, ack.timestamp, ack.durability
@@ -404,6 +455,14 @@ def encode_event(event: Event) -> bytes:
         )
     if isinstance(event, PubAck):
         return encode_puback(event)
+    if isinstance(event, GroupDeliver):
+        t = event.topic.encode("utf-8")
+        return (
+            group_deliver_header(
+                event.sub_id, t, event.base_offset, event.timestamp, event.deliveries, len(event.batch)
+            )
+            + event.batch
+        )
     flags = 0
     if isinstance(event, Hello):
         body = MAGIC + _U16.pack(event.version) + _s16(event.client_name) + _str_map(event.options)
@@ -425,6 +484,17 @@ def encode_event(event: Event) -> bytes:
         body = _U32.pack(event.sub_id)
     elif isinstance(event, Credit):
         body = _CREDIT.pack(event.sub_id, event.messages)
+    elif isinstance(event, Ack):
+        if len(event.ranges) > MAX_ACK_RANGES:
+            raise LocalProtocolError(
+                ErrorCode.BAD_REQUEST, f"more than {MAX_ACK_RANGES} ranges in one ACK"
+            )
+        body = (
+            _ACK_FIXED.pack(event.sub_id, event.kind, event.delay_ms)
+            + _s16(event.topic)
+            + _U16.pack(len(event.ranges))
+            + b"".join(_RANGE.pack(first, last) for first, last in event.ranges)
+        )
     elif isinstance(event, (Ping, Pong)):
         body = _U64.pack(event.nonce)
     elif isinstance(event, Error):

@@ -26,7 +26,9 @@ class FrameType(enum.IntEnum):
     UNSUBSCRIBE = 0x22
     UNSUBACK = 0x23
     CREDIT = 0x24
+    ACK = 0x25
     DELIVER = 0x30
+    GROUP_DELIVER = 0x31
     PING = 0x40
     PONG = 0x41
     ERROR = 0x50
@@ -59,6 +61,19 @@ MAX_INFO_ENTRIES = 10_000
 
 #: SUBSCRIBE credit meaning "no flow control".
 UNLIMITED_CREDIT = 0xFFFFFFFF
+
+
+class AckKind(enum.IntEnum):
+    """How an ACK frame settles group deliveries."""
+
+    ACK = 0
+    NAK = 1
+    TERM = 2
+    IN_PROGRESS = 3
+
+
+#: Ranges one ACK frame carries at most.
+MAX_ACK_RANGES = 1024
 
 
 class RefKind(enum.IntEnum):
@@ -132,6 +147,25 @@ class Credit:
 
 
 @attrs.frozen
+class Ack:
+    sub_id: int
+    kind: AckKind
+    topic: str
+    ranges: tuple[tuple[int, int], ...]  # inclusive (first, last)
+    delay_ms: int = 0
+
+
+@attrs.frozen
+class GroupDeliver:
+    sub_id: int
+    topic: str
+    base_offset: int
+    timestamp: int
+    deliveries: int
+    batch: bytes
+
+
+@attrs.frozen
 class Deliver:
     sub_id: int
     topic: str
@@ -196,6 +230,8 @@ Event = (
     | Unsubscribe
     | UnsubAck
     | Credit
+    | Ack
+    | GroupDeliver
     | Deliver
     | Ping
     | Pong
@@ -215,6 +251,8 @@ EVENT_TYPES: dict[type[Event], FrameType] = {
     Unsubscribe: FrameType.UNSUBSCRIBE,
     UnsubAck: FrameType.UNSUBACK,
     Credit: FrameType.CREDIT,
+    Ack: FrameType.ACK,
+    GroupDeliver: FrameType.GROUP_DELIVER,
     Deliver: FrameType.DELIVER,
     Ping: FrameType.PING,
     Pong: FrameType.PONG,

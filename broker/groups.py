@@ -1,0 +1,495 @@
+"""Consumer groups: each message to one member, acknowledged, redelivered.
+
+A group reads its topics from the log (never from the live fan-out), from
+its own cursor, and hands batches to members with room under
+``max_ack_pending``. Every handed-out message is pending until the member
+settles it (ACK frame); a pending message whose ack wait expires, that is
+nak'ed, or whose member leaves, is delivered again, alone; one delivered
+``max_deliver`` times goes to the dead-letter topic.
+
+All of it is synchronous and takes ``now`` (Trio's clock) as an argument;
+:class:`GroupManager` is the one task that runs timers and dispatch, so a
+test with ``MockClock`` drives redelivery in milliseconds. Tracking is per
+message (a dict entry per pending offset): work queues settle messages one
+by one, so this is inherent, and it stays off the plain pub/sub hot path.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from client.protocol import AckKind, StartKind, decode_batch, encode_batch, encode_batch_from_records
+from client.protocol.batch import split_records
+from client.protocol.subjects import pattern_error, tokens_match, topic_error
+
+from .log import StoredBatch
+from .logs import get_logger
+
+if TYPE_CHECKING:
+    from .router import Router, Subscription, Topic
+
+DEFAULT_ACK_WAIT = 30.0
+DEFAULT_MAX_DELIVER = 5
+DEFAULT_MAX_ACK_PENDING = 1000
+
+
+@attrs.frozen
+class GroupConfig:
+    ack_wait: float = DEFAULT_ACK_WAIT
+    max_deliver: int = DEFAULT_MAX_DELIVER  # 0: unlimited
+    backoff: tuple[float, ...] = ()
+    max_ack_pending: int = DEFAULT_MAX_ACK_PENDING
+    dead_letter: str = ""
+
+    @classmethod
+    def from_options(cls, name: str, options: Mapping[str, str]) -> GroupConfig:
+        """Parse SUBSCRIBE options (protocol.md, "Consumer groups")."""
+        known = {"group", "ack_wait_ms", "max_deliver", "backoff_ms", "max_ack_pending", "dead_letter"}
+        unknown = set(options) - known
+        if unknown:
+            raise ValueError(f"unknown options {sorted(unknown)}")
+        try:
+            ack_wait = int(options.get("ack_wait_ms", DEFAULT_ACK_WAIT * 1000)) / 1000
+            max_deliver = int(options.get("max_deliver", DEFAULT_MAX_DELIVER))
+            max_ack_pending = int(options.get("max_ack_pending", DEFAULT_MAX_ACK_PENDING))
+            backoff_text = options.get("backoff_ms", "")
+            backoff = tuple(int(x) / 1000 for x in backoff_text.split(",") if x.strip())
+        except ValueError as exc:
+            raise ValueError(f"bad group option: {exc}") from None
+        dead_letter = options.get("dead_letter") or f"dlq.{name}"
+        if ack_wait <= 0 or any(b <= 0 for b in backoff):
+            raise ValueError("ack_wait_ms and backoff_ms must be positive")
+        if max_deliver < 0 or not 1 <= max_ack_pending <= 1_000_000:
+            raise ValueError("max_deliver must be >= 0 and max_ack_pending 1..1000000")
+        problem = topic_error(dead_letter)
+        if problem:
+            raise ValueError(f"dead_letter: {problem}")
+        return cls(ack_wait, max_deliver, backoff, max_ack_pending, dead_letter)
+
+    def wait_for(self, deliveries: int) -> float:
+        """The ack wait of a message's ``deliveries``-th delivery."""
+        if self.backoff:
+            return self.backoff[min(deliveries, len(self.backoff)) - 1]
+        return self.ack_wait
+
+
+def group_name_error(name: str) -> str | None:
+    problem = topic_error(name)
+    if problem is None and "." in name:
+        problem = "a group name is one token (no dots)"
+    return problem
+
+
+class Member:
+    __slots__ = ("sub", "unacked")
+
+    def __init__(self, sub: Subscription) -> None:
+        self.sub = sub
+        self.unacked = 0
+
+
+class Pending:
+    """One unsettled message: handed to ``member`` (or waiting to be)."""
+
+    __slots__ = ("member", "deliveries", "deadline", "queued")
+
+    def __init__(self, member: Member | None, deliveries: int, deadline: float) -> None:
+        self.member = member
+        self.deliveries = deliveries
+        self.deadline = deadline  # ack wait expiry, or when a nak'ed message is due
+        self.queued = False  # in the topic's redelivery queue
+
+
+class GroupTopic:
+    """A group's position in one topic."""
+
+    __slots__ = ("topic", "cursor", "pending", "ready", "_cached", "_records")
+
+    def __init__(self, topic: Topic, cursor: int) -> None:
+        self.topic = topic
+        self.cursor = cursor  # next offset never handed out yet
+        self.pending: dict[int, Pending] = {}
+        self.ready: deque[int] = deque()  # offsets to deliver again, in order
+        # The last stored batch read and, once needed, its records split
+        # out: handing a big batch out in pieces, or redelivering its
+        # messages one by one, reads and splits it once, not once per piece.
+        self._cached: StoredBatch | None = None
+        self._records: list[bytes] | None = None
+
+    def batch_at(self, offset: int) -> StoredBatch | None:
+        """The stored batch holding ``offset`` (None if not retained)."""
+        log = self.topic.log
+        if offset < log.first_offset:
+            return None  # retention removed it (cached or not)
+        cached = self._cached
+        if cached is not None and cached.base_offset <= offset < cached.next_offset:
+            return cached
+        found = log.read(offset, 1)[:1]
+        if not found or not found[0].base_offset <= offset < found[0].next_offset:
+            return None
+        self._cached, self._records = found[0], None
+        return found[0]
+
+    def records_of(self, stored: StoredBatch) -> list[bytes]:
+        if self._cached is not stored or self._records is None:
+            self._cached, self._records = stored, split_records(stored.batch)
+        return self._records
+
+
+class Group:
+    def __init__(
+        self,
+        manager: GroupManager,
+        name: str,
+        pattern: str,
+        config: GroupConfig,
+        start: StartKind,
+        start_value: int,
+    ) -> None:
+        self.manager = manager
+        self.name = name
+        self.pattern = pattern
+        self.tokens = pattern.split(".")
+        self.config = config
+        self.start = start
+        self.start_value = start_value
+        self.members: list[Member] = []
+        self._next_member = 0
+        self.topics: dict[Topic, GroupTopic] = {}
+        # (due, tie-breaker, topic state, first offset, last offset): one
+        # entry per hand-out, checked against each message's own deadline.
+        self._timers: list[tuple[float, int, GroupTopic, int, int]] = []
+        self.delivered = 0
+        self.redelivered = 0
+        self.acked = 0
+        self.termed = 0
+        self.dead_lettered = 0
+
+    def matches(self, topic: Topic) -> bool:
+        return tokens_match(self.tokens, topic.name.split("."))
+
+    # -- topics and members -----------------------------------------------
+
+    def attach(self, topic: Topic, *, created_now: bool = False) -> None:
+        """Start following ``topic`` (an existing one, or one just created)."""
+        if topic in self.topics:
+            return
+        log = topic.log
+        if created_now or self.start is StartKind.EARLIEST:
+            cursor = log.first_offset
+        elif self.start is StartKind.OFFSET:
+            cursor = max(self.start_value, log.first_offset)
+        elif self.start is StartKind.TIME:
+            cursor = log.offset_at_time(self.start_value)
+        else:
+            cursor = topic.visible_next
+        self.topics[topic] = GroupTopic(topic, cursor)
+
+    def add_member(self, sub: Subscription) -> Member:
+        member = Member(sub)
+        self.members.append(member)
+        return member
+
+    def remove_member(self, member: Member, now: float) -> None:
+        """Its unsettled messages go to the other members (or wait for one)."""
+        if member in self.members:
+            self.members.remove(member)
+        for gt in self.topics.values():
+            for offset, p in gt.pending.items():
+                if p.member is member:
+                    p.member = None
+                    self._make_ready(gt, offset, p)
+        member.unacked = 0
+
+    # -- settling -----------------------------------------------------------
+
+    def settle(
+        self,
+        member: Member,
+        topic: Topic,
+        kind: AckKind,
+        ranges: tuple[tuple[int, int], ...],
+        delay: float,
+        now: float,
+    ) -> int:
+        """Apply an ACK frame; return how many pending messages it touched."""
+        gt = self.topics.get(topic)
+        if gt is None:
+            return 0
+        touched = 0
+        for offset in self._offsets_in(gt, ranges):
+            p = gt.pending.get(offset)
+            if p is None or p.member is not member:
+                continue  # settled already, or since given to another member
+            touched += 1
+            if kind is AckKind.IN_PROGRESS:
+                p.deadline = now + self.config.wait_for(p.deliveries)
+                self._timer(p.deadline, gt, offset, offset)
+                continue
+            member.unacked -= 1
+            if kind is AckKind.NAK:
+                p.member = None
+                if delay > 0:
+                    p.deadline = now + delay
+                    self._timer(p.deadline, gt, offset, offset)
+                else:
+                    self._make_ready(gt, offset, p)
+            else:
+                del gt.pending[offset]
+                if kind is AckKind.ACK:
+                    self.acked += 1
+                else:
+                    self.termed += 1
+        return touched
+
+    @staticmethod
+    def _offsets_in(gt: GroupTopic, ranges: tuple[tuple[int, int], ...]) -> list[int]:
+        out: list[int] = []
+        for first, last in ranges:
+            span = last - first + 1
+            if span <= 2 * len(gt.pending):
+                out.extend(range(first, last + 1))
+            else:  # a huge range: walk what is pending instead
+                out.extend(o for o in gt.pending if first <= o <= last)
+        return out
+
+    def _make_ready(self, gt: GroupTopic, offset: int, p: Pending) -> None:
+        if not p.queued:
+            p.queued = True
+            gt.ready.append(offset)
+
+    def _timer(self, due: float, gt: GroupTopic, first: int, last: int) -> None:
+        heapq.heappush(self._timers, (due, next(self.manager.timer_ids), gt, first, last))
+        self.manager.wake()
+
+    @property
+    def next_deadline(self) -> float | None:
+        return self._timers[0][0] if self._timers else None
+
+    def run_timers(self, now: float) -> None:
+        """Expired ack waits: deliver again (or dead-letter); due naks: ready."""
+        while self._timers and self._timers[0][0] <= now:
+            due, _, gt, first, last = heapq.heappop(self._timers)
+            for offset in range(first, last + 1):
+                p = gt.pending.get(offset)
+                if p is None or p.deadline != due or p.queued:
+                    continue  # settled, extended or already waiting: stale for it
+                if p.member is not None:
+                    p.member.unacked -= 1
+                    p.member = None
+                self._make_ready(gt, offset, p)
+
+    # -- dispatch -----------------------------------------------------------
+
+    def _member_with_room(self) -> Member | None:
+        n = len(self.members)
+        for i in range(n):
+            member = self.members[(self._next_member + i) % n]
+            if member.unacked < self.config.max_ack_pending and member.sub.session.accepting:
+                self._next_member = (self._next_member + i + 1) % n
+                return member
+        return None
+
+    def dispatch(self, now: float) -> None:
+        """Hand out what is ready again, then new messages, while members have room."""
+        # Lists: a dead letter may create a topic this group then follows.
+        for gt in list(self.topics.values()):
+            while gt.ready:
+                member = self._member_with_room()
+                if member is None:
+                    return
+                offset = gt.ready.popleft()
+                p = gt.pending.get(offset)
+                if p is None:
+                    continue
+                p.queued = False
+                self._redeliver(gt, offset, p, member, now)
+        for gt in list(self.topics.values()):
+            visible = gt.topic.visible_next
+            while gt.cursor < visible:
+                member = self._member_with_room()
+                if member is None:
+                    return
+                self._deliver_new(gt, member, now)
+
+    def _deliver_new(self, gt: GroupTopic, member: Member, now: float) -> None:
+        log = gt.topic.log
+        if gt.cursor < log.first_offset:
+            gt.cursor = log.first_offset  # retention removed what we had not read
+        batch = gt.batch_at(gt.cursor)
+        if batch is None or batch.base_offset >= gt.topic.visible_next:
+            gt.cursor = max(gt.cursor, gt.topic.visible_next)
+            return
+        room = self.config.max_ack_pending - member.unacked
+        skip = gt.cursor - batch.base_offset
+        if skip or batch.count > room:
+            # Part of a batch: from the cursor, and only what the member has room for.
+            records = gt.records_of(batch)[skip : skip + room]
+            payload = encode_batch_from_records(records)
+            base, count = gt.cursor, len(records)
+        else:
+            payload, base, count = batch.batch, batch.base_offset, batch.count
+        deadline = now + self.config.wait_for(1)
+        for offset in range(base, base + count):
+            gt.pending[offset] = Pending(member, 1, deadline)
+        member.unacked += count
+        gt.cursor = base + count
+        self.delivered += count
+        self._timer(deadline, gt, base, base + count - 1)
+        member.sub.session.deliver_group(member.sub, gt.topic, base, batch.timestamp, 1, payload)
+
+    def _redeliver(self, gt: GroupTopic, offset: int, p: Pending, member: Member, now: float) -> None:
+        stored = gt.batch_at(offset)
+        if stored is None:
+            del gt.pending[offset]  # removed by retention meanwhile
+            self.manager.log.warning(
+                "group message lost to retention", group=self.name, topic=gt.topic.name, offset=offset
+            )
+            return
+        record = gt.records_of(stored)[offset - stored.base_offset]
+        if self.config.max_deliver and p.deliveries >= self.config.max_deliver:
+            self._dead_letter(gt, offset, p, stored.timestamp, record)
+            return
+        p.deliveries += 1
+        p.member = member
+        p.deadline = now + self.config.wait_for(p.deliveries)
+        member.unacked += 1
+        self.redelivered += 1
+        self._timer(p.deadline, gt, offset, offset)
+        member.sub.session.deliver_group(
+            member.sub,
+            gt.topic,
+            offset,
+            stored.timestamp,
+            p.deliveries,
+            encode_batch_from_records([record]),
+        )
+
+    def _dead_letter(self, gt: GroupTopic, offset: int, p: Pending, timestamp: int, record: bytes) -> None:
+        ((payload, headers),) = decode_batch(encode_batch_from_records([record]))
+        extra = dict(headers)
+        extra.update(
+            {
+                "x-original-topic": gt.topic.name,
+                "x-original-offset": str(offset),
+                "x-group": self.name,
+                "x-deliveries": str(p.deliveries),
+                "x-reason": "max_deliver",
+            }
+        )
+        router = self.manager.router
+        dlq = router.topic(self.config.dead_letter)
+        router.publish(dlq, encode_batch([(payload, extra)]), 1, time.time_ns() // 1000)
+        del gt.pending[offset]
+        self.dead_lettered += 1
+        self.manager.log.info(
+            "dead-lettered",
+            group=self.name,
+            topic=gt.topic.name,
+            offset=offset,
+            deliveries=p.deliveries,
+            dead_letter=self.config.dead_letter,
+        )
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "group": self.name,
+            "pattern": self.pattern,
+            "members": len(self.members),
+            "pending": sum(len(gt.pending) for gt in self.topics.values()),
+            "delivered": self.delivered,
+            "redelivered": self.redelivered,
+            "acked": self.acked,
+            "termed": self.termed,
+            "dead_lettered": self.dead_lettered,
+            "topics": {
+                gt.topic.name: {"cursor": gt.cursor, "pending": len(gt.pending)}
+                for gt in self.topics.values()
+            },
+        }
+
+
+class GroupManager:
+    """Every group of one broker, and the one task that runs them."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.groups: dict[str, Group] = {}
+        self.timer_ids = itertools.count()
+        self._wake = trio.Event()
+        self.log: Any = get_logger(component="groups")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def join(
+        self,
+        sub: Subscription,
+        name: str,
+        pattern: str,
+        config: GroupConfig,
+        start: StartKind,
+        start_value: int,
+    ) -> Member:
+        """Add ``sub`` to group ``name``, creating it; ValueError if the
+        group exists with another pattern."""
+        group = self.groups.get(name)
+        if group is None:
+            if pattern_error(pattern):
+                raise ValueError(f"bad pattern {pattern!r}")
+            group = self.groups[name] = Group(self, name, pattern, config, start, start_value)
+            for topic in self.router.topics.values():
+                if group.matches(topic):
+                    group.attach(topic)
+                    topic.groups.append(group)
+        elif group.pattern != pattern:
+            raise ValueError(f"group {name!r} reads {group.pattern!r}, not {pattern!r}")
+        member = group.add_member(sub)
+        self.wake()
+        return member
+
+    def topic_created(self, topic: Topic) -> None:
+        for group in self.groups.values():
+            if group.matches(topic):
+                group.attach(topic, created_now=True)
+                topic.groups.append(group)
+
+    def leave(self, group: Group, member: Member) -> None:
+        group.remove_member(member, trio.current_time())
+        self.wake()
+
+    def settle(
+        self,
+        group: Group,
+        member: Member,
+        topic_name: str,
+        kind: AckKind,
+        ranges: tuple[tuple[int, int], ...],
+        delay: float,
+    ) -> None:
+        topic = self.router.topics.get(topic_name)
+        if topic is not None and group.settle(member, topic, kind, ranges, delay, trio.current_time()):
+            self.wake()
+
+    def run_once(self) -> None:
+        now = trio.current_time()
+        for group in list(self.groups.values()):
+            group.run_timers(now)
+            group.dispatch(now)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            deadlines = [d for g in self.groups.values() if (d := g.next_deadline) is not None]
+            with trio.move_on_at(min(deadlines) if deadlines else float("inf")):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            self.run_once()

@@ -1,0 +1,259 @@
+"""The JSON API: health, broker and topic figures, publishing and reading messages.
+
+- ``GET /healthz``: the process answers. ``GET /readyz``: 200 once the
+  listeners accept and log recovery is done, 503 before and while stopping.
+- ``GET /v1/broker``: version, connections, totals.
+- ``GET /v1/topics``, ``GET /v1/topics/{topic}`` (with its subscriptions).
+- ``POST /v1/topics/{topic}/messages``: one message
+  ``{"payload": "text", "headers": {...}}`` (or ``"payload_base64"``) or
+  ``{"messages": [...]}``, published as one batch through the router, as a
+  TCP PUBLISH is; for a topic that needs sync the answer waits for the
+  fsync covering it. Answers the offsets and what they promise.
+- ``GET /v1/topics/{topic}/messages?from=OFFSET&limit=N``: read from the log.
+
+Consumer groups do not exist yet; their figures will join these answers
+when they land.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from client.protocol import Durability
+from client.protocol.batch import MalformedBatch, check_batch, decode_batch, encode_batch, encode_headers
+
+from .. import __version__
+from . import state
+from .messages import HttpError, Request, Response, json_response
+from .sse import message_json
+from .validate import check_query, existing_topic, parse_int, parse_offset, valid_topic
+
+if TYPE_CHECKING:
+    from .server import HttpServer
+
+DEFAULT_FETCH_LIMIT = 100
+MAX_FETCH_LIMIT = 1000
+#: Bytes of stored batches one fetch reads at most (at least one batch).
+MAX_FETCH_BYTES = 1024 * 1024
+#: Bytes a DELIVER frame adds to its batch beyond the topic name: sub_id,
+#: base offset, timestamp, topic length (protocol.md). A published batch
+#: must still fit a subscriber's frame limit.
+_DELIVER_OVERHEAD = 4 + 8 + 8 + 2
+_MESSAGE_KEYS = frozenset({"payload", "payload_base64", "headers"})
+
+
+async def healthz(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
+    if http.server.ready:
+        return json_response({"status": "ready"})
+    reason = "stopping" if http.stopping else "starting"
+    raise HttpError(503, f"not ready: {reason}", code="not_ready")
+
+
+async def broker_info(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
+    check_query(request, ())
+    server = http.server
+    topics = server.router.topics.values()
+    return json_response(
+        {
+            "version": __version__,
+            "server_name": server.config.server_name,
+            "storage": state.storage(http),
+            "ready": server.ready,
+            "uptime_seconds": round(time.time() - server.started_at, 3),
+            "tcp": {
+                "host": server.host,
+                "port": server.port,
+                "connections": len(server.sessions),
+                "connections_total": server.connections_total,
+            },
+            "http": {
+                "host": http.host,
+                "port": http.port,
+                "connections": len(http.connections),
+                "connections_total": http.connections_total,
+            },
+            "topics": len(server.router.topics),
+            "messages_in": sum(t.messages_in for t in topics),
+            "messages_out": sum(t.messages_out for t in topics),
+            "publish_acks": {d.name.lower(): n for d, n in server.acks_by_durability.items()},
+            "fsyncs": getattr(server.store, "fsyncs", 0),
+            "clients": state.connections(http),
+            # Consumer groups are not implemented yet.
+            "consumer_groups": None,
+        }
+    )
+
+
+async def list_topics(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
+    check_query(request, ())
+    router = http.server.router
+    topics = [state.topic_summary(http, router.topics[name]) for name in sorted(router.topics)]
+    return json_response({"topics": topics})
+
+
+async def topic_detail(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
+    check_query(request, ())
+    topic = existing_topic(http, params["topic"])
+    body = state.topic_summary(http, topic)
+    body["subscriptions"] = [v.json() for v in state.subscriptions(topic)]
+    body["consumer_groups"] = None  # not implemented yet
+    return json_response(body)
+
+
+# -- publishing ---------------------------------------------------------------
+
+
+def _message(item: Any, where: str) -> tuple[bytes, dict[str, str] | None]:
+    if not isinstance(item, dict):
+        raise HttpError(422, f"{where} must be an object")
+    unknown = sorted(set(item) - _MESSAGE_KEYS)
+    if unknown:
+        raise HttpError(422, f"{where}: unknown field {unknown[0]!r} (known: headers, payload, payload_base64)")
+    if ("payload" in item) == ("payload_base64" in item):
+        raise HttpError(422, f"{where} needs exactly one of 'payload' (text) and 'payload_base64'")
+    if "payload" in item:
+        text = item["payload"]
+        if not isinstance(text, str):
+            raise HttpError(422, f"{where}: 'payload' must be a string (use 'payload_base64' for bytes)")
+        try:
+            payload = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HttpError(422, f"{where}: 'payload' is not valid Unicode text") from None
+    else:
+        encoded = item["payload_base64"]
+        if not isinstance(encoded, str):
+            raise HttpError(422, f"{where}: 'payload_base64' must be a string")
+        try:
+            payload = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise HttpError(422, f"{where}: 'payload_base64' is not valid base64") from None
+    headers = item.get("headers")
+    if headers is None:
+        return payload, None
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise HttpError(422, f"{where}: 'headers' must be an object of strings")
+    try:
+        encode_headers(headers)
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise HttpError(422, f"{where}: bad headers: {exc}") from None
+    return payload, headers
+
+
+def _parse_publish(body: Any, max_messages: int) -> list[tuple[bytes, dict[str, str] | None]]:
+    if not isinstance(body, dict):
+        raise HttpError(422, "the body must be a JSON object: one message or {\"messages\": [...]}")
+    if "messages" in body:
+        if len(body) != 1:
+            raise HttpError(422, "with 'messages', the body holds nothing else")
+        items = body["messages"]
+        if not isinstance(items, list) or not items:
+            raise HttpError(422, "'messages' must be a non-empty array")
+        if len(items) > max_messages:
+            raise HttpError(422, f"{len(items)} messages in one request, limit {max_messages}")
+        return [_message(item, f"messages[{i}]") for i, item in enumerate(items)]
+    return [_message(body, "the message")]
+
+
+async def publish_messages(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
+    server = http.server
+    check_query(request, ())
+    name = params["topic"]
+    topic = server.router.topics.get(name)
+    if topic is None:
+        valid_topic(http, name)
+    body = request.json()
+    messages = _parse_publish(body, server.config.limits.max_batch_messages)
+    batch = encode_batch(messages)
+    limit = server.config.limits.max_frame_bytes - _DELIVER_OVERHEAD - len(name.encode("utf-8"))
+    if len(batch) > limit:
+        raise HttpError(413, f"the batch is {len(batch)} bytes, limit {limit}")
+    count, _ = check_batch(batch)
+    if topic is None:
+        topic = server.router.topic(name)
+    base, timestamp, seq = server.router.publish(topic, batch, count, time.time_ns() // 1000)
+    durability: Durability = topic.log.durability
+    if seq:
+        try:
+            durability = await server.committer.wait(seq)
+        except OSError as exc:
+            raise HttpError(503, f"the log could not be synced: {exc}", code="storage_failure") from None
+    server.acks_by_durability[durability] += 1
+    answer: dict[str, Any] = {
+        "topic": name,
+        "base_offset": base,
+        "last_offset": base + count - 1,
+        "count": count,
+        "timestamp_us": timestamp,
+        "durability": durability.name.lower(),
+    }
+    if "messages" not in body:
+        answer["offset"] = base
+    return json_response(answer)
+
+
+# -- reading ------------------------------------------------------------------
+
+
+async def fetch_messages(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
+    check_query(request, {"from", "limit"})
+    topic = existing_topic(http, params["topic"])
+    log = topic.log
+    limit = DEFAULT_FETCH_LIMIT
+    if "limit" in request.query:
+        limit = parse_int(request.query["limit"], "limit", 1, MAX_FETCH_LIMIT)
+    first = log.first_offset
+    start = parse_offset(request.query["from"], "from") if "from" in request.query else first
+    offset = max(start, first)
+    messages: list[dict[str, Any]] = []
+    malformed: list[dict[str, int]] = []
+    read = 0
+    payload_bytes = 0
+    # Bounded: every pass moves ``offset`` forward or stops.
+    while len(messages) < limit and offset < topic.visible_next and read < MAX_FETCH_BYTES:
+        batches = log.read(offset, MAX_FETCH_BYTES - read)
+        if not batches:
+            break
+        moved = False
+        for stored in batches:
+            if stored.base_offset >= topic.visible_next or len(messages) >= limit:
+                break
+            read += len(stored.batch)
+            try:
+                records = decode_batch(stored.batch)
+            except MalformedBatch:
+                malformed.append({"offset": stored.base_offset, "count": stored.count})
+                offset, moved = stored.next_offset, True
+                continue
+            for i, (payload, headers) in enumerate(records):
+                at = stored.base_offset + i
+                if at < offset:
+                    continue
+                if len(messages) >= limit:
+                    break
+                messages.append(message_json(topic.name, at, stored.timestamp, payload, headers))
+                payload_bytes += len(payload)
+                offset, moved = at + 1, True
+        if not moved:
+            break
+    topic.messages_out += len(messages)
+    topic.bytes_out += payload_bytes
+    body: dict[str, Any] = {
+        "topic": topic.name,
+        "first_offset": first,
+        "next_offset": offset,
+        "end_offset": topic.visible_next,
+        "messages": messages,
+    }
+    if malformed:
+        body["malformed_batches"] = malformed
+    return json_response(body)

@@ -1,0 +1,126 @@
+"""What the HTTP side reads of the broker's state: topics, subscriptions, lag.
+
+Shared by the JSON API and /metrics so both report the same figures.
+Lag is counted in messages: the topic's visible end (appended and, for
+fsync ``always`` topics, durable) minus the next offset the subscription
+will be handed. A caught-up TCP subscription has lag 0 (what sits in its
+connection's outbound queue is not counted).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from ..log import FileStore, MemoryStore
+from ..router import Subscription, Topic
+from ..session import Session
+from .sse import SseConsumer
+
+if TYPE_CHECKING:
+    from .server import HttpServer
+
+
+@attrs.frozen
+class SubscriptionView:
+    transport: str  #: "tcp" or "sse"
+    connection: int
+    client: str
+    peer: str
+    sub_id: int
+    pattern: str
+    position: int  #: the next offset it will be handed
+    lag: int
+
+    def json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+def subscription_view(sub: Subscription, topic: Topic) -> SubscriptionView:
+    session: Any = sub.session
+    if isinstance(session, SseConsumer):
+        position = session.position_in(topic)
+        transport, conn, client, peer = "sse", session.conn_id, session.client, session.peer
+    elif isinstance(session, Session):
+        position = sub.lag.get(topic, topic.visible_next)
+        transport, conn, client, peer = "tcp", session.conn_id, session.client_name, session.peer
+    else:  # another Subscriber implementation (tests)
+        position = sub.lag.get(topic, topic.visible_next)
+        transport, conn, client, peer = "other", 0, "", ""
+    return SubscriptionView(
+        transport=transport,
+        connection=conn,
+        client=client,
+        peer=peer,
+        sub_id=sub.sub_id,
+        pattern=sub.pattern,
+        position=position,
+        lag=max(0, topic.visible_next - position),
+    )
+
+
+def subscriptions(topic: Topic) -> list[SubscriptionView]:
+    return [subscription_view(sub, topic) for sub in topic.subs]
+
+
+def max_lag(topic: Topic) -> int:
+    return max((v.lag for v in subscriptions(topic)), default=0)
+
+
+def storage(http: HttpServer) -> str:
+    store = http.server.store
+    if isinstance(store, FileStore):
+        return "file"
+    if isinstance(store, MemoryStore):
+        return "memory"
+    return type(store).__name__
+
+
+def _iso(timestamp_us: int) -> str | None:
+    if not timestamp_us:
+        return None
+    return _dt.datetime.fromtimestamp(timestamp_us / 1_000_000, tz=_dt.timezone.utc).isoformat()
+
+
+def topic_summary(http: HttpServer, topic: Topic) -> dict[str, Any]:
+    log = topic.log
+    first = log.first_offset
+    nxt = log.next_offset
+    rate_in, rate_out = http.rates.rates(topic)
+    views = subscriptions(topic)
+    return {
+        "name": topic.name,
+        "first_offset": first,
+        "last_offset": nxt - 1 if nxt > first else None,
+        "next_offset": nxt,
+        "messages": nxt - first,
+        "bytes": log.size_bytes,
+        "messages_in": topic.messages_in,
+        "bytes_in": topic.bytes_in,
+        "messages_out": topic.messages_out,
+        "bytes_out": topic.bytes_out,
+        "message_rate": round(rate_in, 3),
+        "message_rate_out": round(rate_out, 3),
+        "subscriptions": len(views),
+        "max_lag": max((v.lag for v in views), default=0),
+        "durability": log.durability.name.lower(),
+        "last_timestamp": _iso(topic.last_timestamp),
+    }
+
+
+def connections(http: HttpServer, limit: int = 200) -> list[dict[str, Any]]:
+    out = []
+    for session in sorted(http.server.sessions, key=lambda s: s.conn_id)[:limit]:
+        out.append(
+            {
+                "connection": session.conn_id,
+                "peer": session.peer,
+                "client": session.client_name,
+                "subscriptions": len(session.subs),
+                "messages_in": session.messages_in,
+                "bytes_out": session.bytes_out,
+            }
+        )
+    return out
