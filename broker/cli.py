@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--from", dest="start", choices=("new", "earliest"), default="new", help="where to start (default new)")
     start.add_argument("--from-offset", type=int, metavar="N", help="start at offset N (a topic, not a pattern)")
     start.add_argument("--since", metavar="TIME", help="start at the first message at or after an ISO 8601 time")
+    sub.add_argument("--group", metavar="NAME", help="join consumer group NAME: each message to one member, acknowledged once printed")
     sub.add_argument("--count", type=int, default=0, metavar="N", help="exit after N messages")
     sub.add_argument("--json", action="store_true", help="one JSON object per line")
 
@@ -252,10 +253,12 @@ async def _sub(args: argparse.Namespace) -> int:
         start = since if since.tzinfo else since.astimezone()
     try:
         async with client.connect(args.url, name="pybroker-cli") as c:
-            async with c.subscribe(args.pattern, start=start) as sub:
+            async with c.subscribe(args.pattern, start=start, group=args.group) as sub:
                 seen = 0
                 async for msg in sub:
                     print(_format(msg, args.json), flush=True)
+                    if msg.is_group_message:
+                        await msg.ack()
                     seen += 1
                     if args.count and seen >= args.count:
                         break

@@ -140,6 +140,20 @@ class Router:
                 self.groups.topic_created(topic)
         return topic
 
+    def has_receivers(self, name: str) -> bool:
+        """Whether a message published to ``name`` now would reach any
+        subscription or consumer group (a request's NEEDS_RECEIVER)."""
+        topic = self.topics.get(name)
+        if topic is not None:
+            return bool(topic.subs or topic.groups)
+        if name in self._exact:
+            return True
+        tokens = name.split(".")
+        if any(tokens_match(s.tokens, tokens) for s in self._wild):
+            return True
+        groups = self.groups.groups.values() if self.groups is not None else ()
+        return any(tokens_match(g.tokens, tokens) for g in groups)
+
     def add(self, sub: Subscription) -> list[Topic]:
         """Register ``sub``; return the existing topics it matches."""
         if sub.wildcard:

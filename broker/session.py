@@ -291,6 +291,14 @@ class Session:
                 ErrorCode.CHECKSUM_MISMATCH, "batch CRC mismatch", pub.request_id, RefKind.REQUEST
             )
             return
+        if pub.needs_receiver and not self.router.has_receivers(pub.topic):
+            self._request_error(
+                ErrorCode.NO_RECEIVERS,
+                f"no subscription or group receives {pub.topic!r}",
+                pub.request_id,
+                RefKind.REQUEST,
+            )
+            return
         if topic is None:
             topic = self.router.topic(pub.topic)
         base, timestamp, seq = self.router.publish(

@@ -17,6 +17,7 @@ import datetime as _dt
 import inspect
 import itertools
 import math
+import secrets
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -33,7 +34,7 @@ from urllib.parse import urlsplit
 import structlog
 import trio
 
-from .errors import BrokerError, ConnectionClosed
+from .errors import BrokerError, ConnectionClosed, NoReceivers
 from .message import Message, PublishAck
 from .protocol import (
     CLOSED,
@@ -222,6 +223,8 @@ class Client:
         self._subs: dict[int, Subscription] = {}
         self._waiters: dict[int, _Waiter] = {}
         self._info_waiters: dict[int, _Waiter] = {}
+        self._inbox: str | None = None
+        self._replies: dict[str, _Waiter] = {}
         # Group acknowledgements waiting for the writer, by frame key.
         self._settlements: dict[tuple[int, str, AckKind, int], list[int]] = {}
         self._valid_topics: set[str] = set()
@@ -284,7 +287,7 @@ class Client:
                 p._fail(error)
         self._inflight.clear()
         self._pending_count = self._unsent_count = 0
-        for waiters in (self._waiters, self._info_waiters):
+        for waiters in (self._waiters, self._info_waiters, self._replies):
             for waiter in waiters.values():
                 waiter.done(error)
             waiters.clear()
@@ -388,6 +391,77 @@ class Client:
             else:
                 pendings.append(await self.send(topic, item))
         return [await p.wait() for p in pendings]
+
+    async def request(
+        self,
+        topic: str,
+        payload: bytes,
+        headers: Mapping[str, str] | None = None,
+        *,
+        timeout: float = 5.0,
+    ) -> Message:
+        """Publish a request and return the first reply to it.
+
+        Raises :class:`NoReceivers` at once when no subscription or group
+        matches ``topic``, and ``trio.TooSlowError`` when no reply comes
+        within ``timeout`` seconds (protocol.md, "Request and reply").
+        """
+        self._check_open()
+        self._check_topic(topic)
+        with trio.fail_after(timeout):
+            inbox = await self._reply_inbox()
+            correlation = str(next(self._request_ids))
+            waiter = self._replies[correlation] = _Waiter()
+            try:
+                request_headers = dict(headers or {})
+                request_headers["reply-to"] = inbox
+                request_headers["correlation-id"] = correlation
+                pending = PendingAck(topic)
+                request_id = next(self._request_ids)
+                self._inflight[request_id] = [pending]
+                self._pending_count += 1
+                self._drained = trio.Event() if self._drained.is_set() else self._drained
+                batch = encode_batch_from_records([encode_record(payload, request_headers)])
+                self._queue(encode_publish(request_id, topic, batch, needs_receiver=True))
+                try:
+                    await pending.wait()
+                except BrokerError as exc:
+                    if exc.code == ErrorCode.NO_RECEIVERS:
+                        raise NoReceivers(exc.code, exc.message) from None
+                    raise
+                await waiter.event.wait()
+            finally:
+                self._replies.pop(correlation, None)
+        if waiter.error is not None:
+            raise waiter.error
+        reply: Message = waiter.result
+        return reply
+
+    async def respond(
+        self, request: Message, payload: bytes, headers: Mapping[str, str] | None = None
+    ) -> PublishAck:
+        """Answer a request message (publish to its ``reply-to`` topic)."""
+        reply_to = request.headers.get("reply-to")
+        if not reply_to:
+            raise ValueError("the message is not a request (no reply-to header)")
+        reply_headers = dict(headers or {})
+        correlation = request.headers.get("correlation-id")
+        if correlation is not None:
+            reply_headers["correlation-id"] = correlation
+        return await self.publish(reply_to, payload, reply_headers)
+
+    async def _reply_inbox(self) -> str:
+        """This client's reply topic, subscribed on first use."""
+        if self._inbox is None:
+            inbox = f"_inbox.{secrets.token_hex(8)}"
+            await self.subscribe(inbox, self._on_reply)
+            self._inbox = inbox
+        return self._inbox
+
+    def _on_reply(self, msg: Message) -> None:
+        waiter = self._replies.pop(msg.headers.get("correlation-id", ""), None)
+        if waiter is not None:
+            waiter.done(result=msg)
 
     async def flush(self) -> None:
         """Wait until every message queued so far is acknowledged (or failed)."""

@@ -24,3 +24,7 @@ class BrokerError(Exception):
 
 class ConnectionClosed(Exception):
     """The connection ended; requests still waiting fail with this."""
+
+
+class NoReceivers(BrokerError):
+    """A request matched no subscription or group: nobody could answer it."""

@@ -559,3 +559,23 @@ def test_serve_signal_as_soon_as_it_is_listening(tmp_path: Path, signum: signal.
             if process.poll() is None:
                 process.kill()
             process.communicate(timeout=TIMEOUT)
+
+
+async def test_sub_group_shares_work_and_acks(broker: Broker) -> None:
+    """Two `pybroker sub --group` processes split a backlog between them;
+    a third run of the same group finds nothing left: every message was
+    acknowledged once printed."""
+    words = [f"job-{i}" for i in range(10)]
+    assert await pub_lines(broker, "cli.jobs", words) == (0, 9)
+    first = await sub_once(
+        broker, "cli.jobs", "--group", "cli-workers", "--from", "earliest", "--count", "4"
+    )
+    second = await sub_once(broker, "cli.jobs", "--group", "cli-workers", "--count", "6")
+    got = [parse_plain(line) for line in (first.stdout + second.stdout).decode().splitlines()]
+    assert sorted(got) == [("cli.jobs", i, w) for i, w in enumerate(words)]
+    # The group's position moved past everything: a new member gets only new jobs.
+    assert await pub(broker, "cli.jobs", "job-10") == 10
+    third = await sub_once(broker, "cli.jobs", "--group", "cli-workers", "--count", "1")
+    assert [parse_plain(line) for line in third.stdout.decode().splitlines()] == [
+        ("cli.jobs", 10, "job-10")
+    ]

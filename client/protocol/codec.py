@@ -27,6 +27,7 @@ from .frames import (
     ERROR_FLAG_FATAL,
     INFO_FLAG_TRUNCATED,
     MAX_ACK_RANGES,
+    PUBLISH_FLAG_NEEDS_RECEIVER,
     Ack,
     AckKind,
     GroupDeliver,
@@ -234,10 +235,10 @@ def _d_welcome(b: _Body) -> Welcome:
     return Welcome(server_version, server_name, limits, version)
 
 
-def _d_publish(b: _Body) -> Publish:
+def _d_publish(b: _Body, flags: int) -> Publish:
     request_id = b.u64()
     topic = b.str16()
-    return Publish(request_id, topic, b.rest())
+    return Publish(request_id, topic, b.rest(), bool(flags & PUBLISH_FLAG_NEEDS_RECEIVER))
 
 
 def _d_puback(b: _Body) -> PubAck:
@@ -319,7 +320,6 @@ def _d_info_reply(b: _Body, flags: int) -> InfoReply:
 _DECODERS: dict[FrameType, Callable[[_Body], Event]] = {
     FrameType.HELLO: _d_hello,
     FrameType.WELCOME: _d_welcome,
-    FrameType.PUBLISH: _d_publish,
     FrameType.PUBACK: _d_puback,
     FrameType.SUBSCRIBE: _d_subscribe,
     FrameType.SUBACK: lambda b: SubAck(b.u32()),
@@ -337,7 +337,11 @@ _DECODERS: dict[FrameType, Callable[[_Body], Event]] = {
 
 _TYPES_BY_VALUE = {int(t): t for t in FrameType}
 # Flag bits defined per frame type; all others must be 0.
-_FLAGS = {FrameType.ERROR: ERROR_FLAG_FATAL, FrameType.INFO_REPLY: INFO_FLAG_TRUNCATED}
+_FLAGS = {
+    FrameType.ERROR: ERROR_FLAG_FATAL,
+    FrameType.INFO_REPLY: INFO_FLAG_TRUNCATED,
+    FrameType.PUBLISH: PUBLISH_FLAG_NEEDS_RECEIVER,
+}
 
 
 def decode_body(ftype: FrameType, flags: int, body: bytes | memoryview) -> Event:
@@ -352,6 +356,8 @@ def decode_body(ftype: FrameType, flags: int, body: bytes | memoryview) -> Event
         event: Event = _d_error(cursor, flags)
     elif ftype is FrameType.INFO_REPLY:
         event = _d_info_reply(cursor, flags)
+    elif ftype is FrameType.PUBLISH:
+        event = _d_publish(cursor, flags)
     else:
         event = _DECODERS[ftype](cursor)
     cursor.done()
@@ -385,13 +391,16 @@ def _check_str16(data: bytes) -> None:
         raise LocalProtocolError(ErrorCode.BAD_REQUEST, "string longer than 65535 bytes")
 
 
-def encode_publish(request_id: int, topic: str, batch: bytes) -> bytes:
+def encode_publish(
+    request_id: int, topic: str, batch: bytes, needs_receiver: bool = False
+) -> bytes:
     """PUBLISH frame; the client's hot path, so it skips the event object."""
     t = topic.encode("utf-8")
     _check_str16(t)
+    flags = PUBLISH_FLAG_NEEDS_RECEIVER if needs_receiver else 0
     return b"".join(
         (
-            FRAME_HEADER.pack(8 + 2 + len(t) + len(batch), FrameType.PUBLISH, 0),
+            FRAME_HEADER.pack(8 + 2 + len(t) + len(batch), FrameType.PUBLISH, flags),
             _U64.pack(request_id),
             _U16.pack(len(t)),
             t,
@@ -446,7 +455,7 @@ def encode_puback(ack: PubAck) -> bytes:
 def encode_event(event: Event) -> bytes:
     """Bytes of one frame, without any state checks (see Connection.send)."""
     if isinstance(event, Publish):
-        return encode_publish(event.request_id, event.topic, event.batch)
+        return encode_publish(event.request_id, event.topic, event.batch, event.needs_receiver)
     if isinstance(event, Deliver):
         t = event.topic.encode("utf-8")
         return (

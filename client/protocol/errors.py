@@ -29,6 +29,7 @@ class ErrorCode(enum.IntEnum):
     TOO_MANY_SUBSCRIPTIONS = 206
     BAD_REQUEST = 207
     DATA_LOST = 208
+    NO_RECEIVERS = 209
     INTERNAL_ERROR = 500
     SHUTTING_DOWN = 503
 

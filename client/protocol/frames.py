@@ -56,6 +56,7 @@ class StartKind(enum.IntEnum):
 
 ERROR_FLAG_FATAL = 0x01
 INFO_FLAG_TRUNCATED = 0x01
+PUBLISH_FLAG_NEEDS_RECEIVER = 0x01
 #: Entries an INFO_REPLY holds at most.
 MAX_INFO_ENTRIES = 10_000
 
@@ -104,6 +105,7 @@ class Publish:
     request_id: int
     topic: str
     batch: bytes  # count | crc | records, exactly as on the wire
+    needs_receiver: bool = False
 
 
 @attrs.frozen
