@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--count", type=int, default=0, metavar="N", help="exit after N messages")
     sub.add_argument("--json", action="store_true", help="one JSON object per line")
 
+    groups = commands.add_parser("groups", help="consumer groups: list, inspect NAME, delete NAME")
+    groups.add_argument("action", nargs="?", choices=("list", "inspect", "delete"), default="list")
+    groups.add_argument("name", nargs="?", default="")
+    groups.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL}, or $PYBROKER_URL)")
+    groups.add_argument("--json", action="store_true", help="print the broker's JSON answer")
+
     topics = commands.add_parser("topics", help="list topics with their first and next offsets")
     topics.add_argument("pattern", nargs="?", default=">", help="topic pattern (default: every topic)")
     topics.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL}, or $PYBROKER_URL)")
@@ -106,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(_pub, args)
         if args.command == "topics":
             return trio.run(_topics, args)
+        if args.command == "groups":
+            return trio.run(_groups, args)
         return trio.run(_sub, args)
     except KeyboardInterrupt:
         return 130
@@ -266,6 +274,38 @@ async def _sub(args: argparse.Namespace) -> int:
     except (client.BrokerError, client.ConnectionClosed, ValueError) as exc:
         print(f"pybroker sub: {exc}", file=sys.stderr)
         return 1
+
+
+async def _groups(args: argparse.Namespace) -> int:
+    import client
+
+    if args.action != "list" and not args.name:
+        print(f"pybroker groups {args.action}: a group NAME is needed", file=sys.stderr)
+        return 2
+    try:
+        async with client.connect(args.url, name="pybroker-cli") as c:
+            doc = await c.groups(args.action, args.name)
+    except (client.BrokerError, client.ConnectionClosed, ValueError) as exc:
+        print(f"pybroker groups: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    elif args.action == "delete":
+        print(f"deleted group {doc['deleted']}")
+    else:
+        summaries = doc["groups"] if args.action == "list" else [doc]
+        if not summaries:
+            print("no groups")
+        for g in summaries:
+            print(
+                f"{g['group']}  pattern={g['pattern']}  members={g['members']}  "
+                f"pending={g['pending']}  delivered={g['delivered']}  "
+                f"redelivered={g['redelivered']}  dead_lettered={g['dead_lettered']}"
+            )
+            if args.action == "inspect":
+                for topic, t in sorted(g["topics"].items()):
+                    print(f"  {topic}: next offset {t['cursor']}, pending {t['pending']}")
+    return 0
 
 
 async def _topics(args: argparse.Namespace) -> int:

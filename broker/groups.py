@@ -400,9 +400,17 @@ class Group:
         )
 
     def statistics(self) -> dict[str, Any]:
+        config = self.config
         return {
             "group": self.name,
             "pattern": self.pattern,
+            "config": {
+                "ack_wait_ms": round(config.ack_wait * 1000),
+                "max_deliver": config.max_deliver,
+                "backoff_ms": [round(b * 1000) for b in config.backoff],
+                "max_ack_pending": config.max_ack_pending,
+                "dead_letter": config.dead_letter,
+            },
             "members": len(self.members),
             "pending": sum(len(gt.pending) for gt in self.topics.values()),
             "delivered": self.delivered,
@@ -455,6 +463,15 @@ class GroupManager:
         member = group.add_member(sub)
         self.wake()
         return member
+
+    def delete(self, name: str) -> None:
+        """Forget a group with no members (KeyError if unknown, ValueError if in use)."""
+        group = self.groups[name]
+        if group.members:
+            raise ValueError(f"group {name!r} has {len(group.members)} members")
+        del self.groups[name]
+        for gt in group.topics.values():
+            gt.topic.groups = [g for g in gt.topic.groups if g is not group]
 
     def topic_created(self, topic: Topic) -> None:
         for group in self.groups.values():

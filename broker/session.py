@@ -20,6 +20,7 @@ it has caught up (protocol.md, "Flow control").
 
 from __future__ import annotations
 
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,9 @@ import trio
 
 from client.protocol import (
     CLOSED,
+    Groups,
+    GroupsAction,
+    GroupsReply,
     Ack,
     AckKind,
     UNLIMITED_CREDIT,
@@ -249,6 +253,8 @@ class Session:
             self._on_hello(event)
         elif isinstance(event, Info):
             self._on_info(event)
+        elif isinstance(event, Groups):
+            self._on_groups(event)
         elif isinstance(event, Goodbye):
             raise _Stop("client said goodbye")
         elif isinstance(event, Error):
@@ -380,6 +386,31 @@ class Session:
             )
         truncated = len(names) > MAX_INFO_ENTRIES
         self._queue(self.conn.send(InfoReply(req.request_id, tuple(entries), truncated)))
+
+    def _on_groups(self, req: Groups) -> None:
+        manager = self.server.groups
+        rid = req.request_id
+        if req.action is GroupsAction.LIST:
+            doc: dict[str, Any] = {
+                "groups": [manager.groups[n].statistics() for n in sorted(manager.groups)]
+            }
+        elif not isinstance(req.action, GroupsAction):
+            self._request_error(ErrorCode.BAD_REQUEST, f"unknown action {req.action}", rid, RefKind.REQUEST)
+            return
+        elif req.name not in manager.groups:
+            self._request_error(ErrorCode.UNKNOWN_GROUP, f"no group {req.name!r}", rid, RefKind.REQUEST)
+            return
+        elif req.action is GroupsAction.INSPECT:
+            doc = manager.groups[req.name].statistics()
+        else:
+            try:
+                manager.delete(req.name)
+            except ValueError as exc:
+                self._request_error(ErrorCode.BAD_REQUEST, str(exc), rid, RefKind.REQUEST)
+                return
+            self.log.info("group deleted", group=req.name)
+            doc = {"deleted": req.name}
+        self._queue(self.conn.send(GroupsReply(rid, json.dumps(doc))))
 
     def _on_credit(self, req: Credit) -> None:
         sub = self.subs.get(req.sub_id)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import inspect
 import itertools
+import json
 import math
 import secrets
 from collections.abc import (
@@ -50,6 +51,9 @@ from .protocol import (
     AckKind,
     Goodbye,
     GroupDeliver,
+    Groups,
+    GroupsAction,
+    GroupsReply,
     Hello,
     Info,
     InfoReply,
@@ -659,6 +663,23 @@ class Client:
         reply: InfoReply = waiter.result
         return list(reply.topics)
 
+    async def groups(self, action: str = "list", name: str = "") -> dict[str, Any]:
+        """Consumer-group admin: ``"list"``, ``"inspect"`` or ``"delete"``
+        (with ``name``); returns the broker's JSON answer (protocol.md)."""
+        self._check_open()
+        kinds = {"list": GroupsAction.LIST, "inspect": GroupsAction.INSPECT, "delete": GroupsAction.DELETE}
+        if action not in kinds:
+            raise ValueError(f"action must be one of {', '.join(kinds)}")
+        request_id = next(self._request_ids)
+        waiter = self._info_waiters[request_id] = _Waiter()
+        self._queue(self._conn.send(Groups(request_id, kinds[action], name)))
+        await waiter.event.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        reply: GroupsReply = waiter.result
+        document: dict[str, Any] = json.loads(reply.document)
+        return document
+
     # -- the tasks --------------------------------------------------------
 
     def _queue(self, data: bytes) -> None:
@@ -738,7 +759,7 @@ class Client:
                 waiter.done()
         elif isinstance(event, Error):
             self._on_error(event)
-        elif isinstance(event, InfoReply):
+        elif isinstance(event, (InfoReply, GroupsReply)):
             waiter = self._info_waiters.pop(event.request_id, None)
             if waiter is not None:
                 waiter.done(result=event)

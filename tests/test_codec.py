@@ -39,6 +39,9 @@ from client.protocol import (
     AckKind,
     Goodbye,
     GroupDeliver,
+    Groups,
+    GroupsAction,
+    GroupsReply,
     Hello,
     Info,
     InfoReply,
@@ -221,6 +224,8 @@ SAMPLES: dict[FrameType, Event] = {
     FrameType.GOODBYE: Goodbye(),
     FrameType.ACK: Ack(7, AckKind.NAK, "orders.eu", ((40, 45), (47, 47)), 250),
     FrameType.GROUP_DELIVER: GroupDeliver(7, "orders.eu", 41, 1_700_000_000_000_000, 2, BATCH),
+    FrameType.GROUPS: Groups(9, GroupsAction.INSPECT, "workers"),
+    FrameType.GROUPS_REPLY: GroupsReply(9, '{"group": "workers", "pending": 3}'),
     FrameType.INFO: Info(9, "orders.>"),
     FrameType.INFO_REPLY: InfoReply(9, (TopicInfo("orders.eu", 3, 42, 4096, 2),)),
 }
@@ -232,6 +237,7 @@ CLIENT_ONLY = [
     FrameType.CREDIT,
     FrameType.ACK,
     FrameType.INFO,
+    FrameType.GROUPS,
 ]
 SERVER_ONLY = [
     FrameType.WELCOME,
@@ -241,6 +247,7 @@ SERVER_ONLY = [
     FrameType.DELIVER,
     FrameType.GROUP_DELIVER,
     FrameType.INFO_REPLY,
+    FrameType.GROUPS_REPLY,
 ]
 EITHER = [FrameType.PING, FrameType.PONG, FrameType.ERROR, FrameType.GOODBYE]
 
@@ -336,6 +343,10 @@ CASES = [
     Case("ack-term", C, Phase.OPEN, Ack(1, AckKind.TERM, "a", ((3, 3),))),
     Case("group-deliver", S, Phase.OPEN, SAMPLES[FrameType.GROUP_DELIVER]),
     Case("group-deliver-max", S, Phase.OPEN, GroupDeliver(2**32 - 1, "т", 2**64 - 1, 0, 65535, BATCH)),
+    Case("groups", C, Phase.OPEN, SAMPLES[FrameType.GROUPS]),
+    Case("groups-list", C, Phase.OPEN, Groups(2**64 - 1, GroupsAction.LIST)),
+    Case("groups-reply", S, Phase.OPEN, SAMPLES[FrameType.GROUPS_REPLY]),
+    Case("groups-reply-unicode", S, Phase.OPEN, GroupsReply(0, '{"g": "ü"}')),
     Case("info", C, Phase.OPEN, SAMPLES[FrameType.INFO]),
     Case("info-unicode", C, Phase.OPEN, Info(2**64 - 1, "ü.*")),
     Case("info-reply", S, Phase.OPEN, SAMPLES[FrameType.INFO_REPLY]),
@@ -864,7 +875,7 @@ def test_hello_unsupported_version(version: int) -> None:
     server.send(Error(ErrorCode.UNSUPPORTED_VERSION, str(exc), fatal=True))
 
 
-@pytest.mark.parametrize("type_value", [0x00, 0x03, 0x0F, 0x12, 0x26, 0x32, 0x42, 0x51, 0x61, 0x72, 0xFF])
+@pytest.mark.parametrize("type_value", [0x00, 0x03, 0x0F, 0x12, 0x26, 0x32, 0x42, 0x51, 0x61, 0x74, 0xFF])
 @pytest.mark.parametrize("role", [C, S], ids=["client", "server"])
 @pytest.mark.parametrize("phase", [Phase.FRESH, Phase.OPEN])
 def test_unknown_frame_type(type_value: int, role: Role, phase: Phase) -> None:

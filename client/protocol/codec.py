@@ -32,6 +32,9 @@ from .frames import (
     AckKind,
     GroupDeliver,
     Credit,
+    Groups,
+    GroupsAction,
+    GroupsReply,
     Info,
     InfoReply,
     TopicInfo,
@@ -111,6 +114,7 @@ _CLIENT_SENDS = frozenset(
         FrameType.CREDIT,
         FrameType.ACK,
         FrameType.INFO,
+        FrameType.GROUPS,
         FrameType.PING,
         FrameType.PONG,
         FrameType.ERROR,
@@ -125,6 +129,7 @@ _SERVER_SENDS = frozenset(
         FrameType.DELIVER,
         FrameType.GROUP_DELIVER,
         FrameType.INFO_REPLY,
+        FrameType.GROUPS_REPLY,
         FrameType.PING,
         FrameType.PONG,
         FrameType.ERROR,
@@ -306,6 +311,30 @@ def _d_group_deliver(b: _Body) -> GroupDeliver:
     return GroupDeliver(sub_id, topic, base, ts, deliveries, b.rest())
 
 
+def _d_groups(b: _Body) -> Groups:
+    request_id = b.u64()
+    action = b.unpack(_U8)[0]
+    name = b.str16()
+    # An unknown action is refused by the server (BAD_REQUEST, not fatal).
+    kind: GroupsAction | int
+    try:
+        kind = GroupsAction(action)
+    except ValueError:
+        kind = action
+    return Groups(request_id, kind, name)  # type: ignore[arg-type]
+
+
+def _d_groups_reply(b: _Body) -> GroupsReply:
+    request_id = b.u64()
+    size = b.u32()
+    start = b._need(size)
+    try:
+        document = str(b.buf[start : start + size], "utf-8")
+    except UnicodeDecodeError:
+        raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "document is not UTF-8") from None
+    return GroupsReply(request_id, document)
+
+
 def _d_info_reply(b: _Body, flags: int) -> InfoReply:
     request_id = b.u64()
     count = b.u32()
@@ -333,6 +362,8 @@ _DECODERS: dict[FrameType, Callable[[_Body], Event]] = {
     FrameType.PONG: lambda b: Pong(b.u64()),
     FrameType.GOODBYE: lambda b: Goodbye(),
     FrameType.INFO: lambda b: Info(b.u64(), b.str16()),
+    FrameType.GROUPS: _d_groups,
+    FrameType.GROUPS_REPLY: _d_groups_reply,
 }
 
 _TYPES_BY_VALUE = {int(t): t for t in FrameType}
@@ -513,6 +544,11 @@ def encode_event(event: Event) -> bytes:
         flags = ERROR_FLAG_FATAL if event.fatal else 0
     elif isinstance(event, Goodbye):
         body = b""
+    elif isinstance(event, Groups):
+        body = _U64.pack(event.request_id) + _U8.pack(event.action) + _s16(event.name)
+    elif isinstance(event, GroupsReply):
+        doc = event.document.encode("utf-8")
+        body = _U64.pack(event.request_id) + _U32.pack(len(doc)) + doc
     elif isinstance(event, Info):
         body = _U64.pack(event.request_id) + _s16(event.pattern)
     elif isinstance(event, InfoReply):

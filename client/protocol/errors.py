@@ -30,6 +30,7 @@ class ErrorCode(enum.IntEnum):
     BAD_REQUEST = 207
     DATA_LOST = 208
     NO_RECEIVERS = 209
+    UNKNOWN_GROUP = 210
     INTERNAL_ERROR = 500
     SHUTTING_DOWN = 503
 

@@ -35,6 +35,8 @@ class FrameType(enum.IntEnum):
     GOODBYE = 0x60
     INFO = 0x70
     INFO_REPLY = 0x71
+    GROUPS = 0x72
+    GROUPS_REPLY = 0x73
 
 
 class Durability(enum.IntEnum):
@@ -206,6 +208,25 @@ class Info:
     pattern: str = ">"
 
 
+class GroupsAction(enum.IntEnum):
+    LIST = 0
+    INSPECT = 1
+    DELETE = 2
+
+
+@attrs.frozen
+class Groups:
+    request_id: int
+    action: GroupsAction
+    name: str = ""
+
+
+@attrs.frozen
+class GroupsReply:
+    request_id: int
+    document: str  # UTF-8 JSON
+
+
 @attrs.frozen
 class TopicInfo:
     topic: str
@@ -241,6 +262,8 @@ Event = (
     | Goodbye
     | Info
     | InfoReply
+    | Groups
+    | GroupsReply
 )
 
 EVENT_TYPES: dict[type[Event], FrameType] = {
@@ -262,4 +285,6 @@ EVENT_TYPES: dict[type[Event], FrameType] = {
     Goodbye: FrameType.GOODBYE,
     Info: FrameType.INFO,
     InfoReply: FrameType.INFO_REPLY,
+    Groups: FrameType.GROUPS,
+    GroupsReply: FrameType.GROUPS_REPLY,
 }

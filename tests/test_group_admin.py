@@ -1,0 +1,98 @@
+"""Listing, inspecting and deleting consumer groups (GROUPS frame, CLI)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+import client
+from broker.server import Server
+from client.protocol import ErrorCode
+
+
+async def _wait_for(predicate: object, seconds: float = 10) -> None:
+    assert callable(predicate)
+    with trio.fail_after(seconds):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def test_list_inspect_delete(pybroker_server: Server) -> None:
+    async with client.connect(pybroker_server.url) as c, client.connect(pybroker_server.url) as w:
+        assert await c.groups() == {"groups": []}
+        held: list[client.Message] = []
+        async with w.subscribe(
+            "jobs.*", group="workers", max_ack_pending=3, ack_wait=60, auto_ack=False
+        ) as sub:
+            await c.publish_many("jobs.a", [b"1", b"2", b"3", b"4", b"5"])
+
+            async def take() -> None:
+                async for msg in sub:
+                    held.append(msg)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(take)
+                await _wait_for(lambda: len(held) == 3)
+                await held[0].ack()
+                await _wait_for(lambda: len(held) == 4)
+                nursery.cancel_scope.cancel()
+
+            listed = await c.groups("list")
+            assert [g["group"] for g in listed["groups"]] == ["workers"]
+            info = await c.groups("inspect", "workers")
+            assert info["pattern"] == "jobs.*"
+            assert info["members"] == 1
+            assert info["pending"] == 3
+            assert info["delivered"] == 4 and info["acked"] == 1
+            assert info["topics"] == {"jobs.a": {"cursor": 4, "pending": 3}}
+            assert info["config"]["max_ack_pending"] == 3
+            assert info["config"]["ack_wait_ms"] == 60000
+            assert info["config"]["dead_letter"] == "dlq.workers"
+            # A group with members is not deleted.
+            with pytest.raises(client.BrokerError) as refused:
+                await c.groups("delete", "workers")
+            assert refused.value.code == ErrorCode.BAD_REQUEST
+        # The member left: its messages wait, the group keeps its position.
+        info = await c.groups("inspect", "workers")
+        assert info["members"] == 0 and info["pending"] == 3
+        assert await c.groups("delete", "workers") == {"deleted": "workers"}
+        assert await c.groups() == {"groups": []}
+        with pytest.raises(client.BrokerError) as unknown:
+            await c.groups("inspect", "workers")
+        assert unknown.value.code == ErrorCode.UNKNOWN_GROUP
+        with pytest.raises(ValueError):
+            await c.groups("explode")
+        # A deleted group starts afresh when joined again (from new messages).
+        got: list[int] = []
+        await w.subscribe("jobs.*", lambda m: got.append(m.offset), group="workers")
+        await c.publish("jobs.a", b"6")
+        await _wait_for(lambda: got == [5])
+
+
+async def test_pybroker_groups_cli(pybroker_server: Server, tmp_path: Path) -> None:
+    async with client.connect(pybroker_server.url) as c:
+        await c.subscribe("cli.q", lambda m: None, group="cli-group")
+        await c.publish("cli.q", b"x")
+        await _wait_for(lambda: pybroker_server.groups.groups["cli-group"].acked == 1)
+
+        async def cli(*args: str) -> tuple[int, str, str]:
+            with trio.fail_after(30):
+                result = await trio.run_process(
+                    [sys.executable, "-m", "broker.cli", "groups", *args, "--url", pybroker_server.url],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
+            return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+        code, out, _ = await cli()
+        assert code == 0 and out.startswith("cli-group  pattern=cli.q  members=1")
+        code, out, _ = await cli("inspect", "cli-group")
+        assert code == 0 and "cli.q: next offset 1, pending 0" in out
+        code, _, err = await cli("inspect", "nope")
+        assert code == 1 and "UNKNOWN_GROUP" in err
+        code, _, err = await cli("delete")
+        assert code == 2 and "NAME" in err
