@@ -44,7 +44,8 @@ class Server:
         self.store: LogStore = store
         self.router = Router(self.store)
         self.committer = Committer(self.store, self.router, self.config.retention_check_seconds)
-        self.groups = GroupManager(self.router)
+        state_dir = self.config.data_dir / "groups" if isinstance(store, FileStore) else None
+        self.groups = GroupManager(self.router, state_dir)
         self.router.groups = self.groups
         self.router.on_held = self.committer.wake
         self.sessions: set[Session] = set()
@@ -79,6 +80,7 @@ class Server:
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.router.recover()
+        self.groups.load()
         listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
         try:
             sockname = listeners[0].socket.getsockname()
@@ -99,6 +101,7 @@ class Server:
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
+            self.groups.persist_now()
             self.store.close()
             self._stopped.set()
             self.log.info("stopped")

@@ -1,0 +1,169 @@
+"""Consumer groups across broker restarts: positions and pending survive."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+import client
+from broker.testing import running_broker
+
+
+async def _wait_for(predicate: object, seconds: float = 10) -> None:
+    assert callable(predicate)
+    with trio.fail_after(seconds):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def test_restart_keeps_position_and_redelivers_unacked(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    held: list[client.Message] = []
+    async with running_broker(data_dir=data) as server:
+        async with client.connect(server.url) as pub, client.connect(server.url) as w:
+            await pub.publish_many("jobs", [b"%d" % i for i in range(100)])
+            async with w.subscribe(
+                "jobs", group="workers", start="earliest", max_ack_pending=50, auto_ack=False
+            ) as sub:
+
+                async def take() -> None:
+                    async for msg in sub:
+                        held.append(msg)
+                        if msg.offset < 40:
+                            await msg.ack()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(take)
+                    # 40 acked, then 50 more handed out and held unacked.
+                    await _wait_for(lambda: len(held) == 90)
+                    await trio.sleep(0.1)  # the acks reach the broker
+                    nursery.cancel_scope.cancel()
+                info = await pub.groups("inspect", "workers")
+                assert info["topics"]["jobs"] == {"cursor": 90, "pending": 50}
+                # Stop the broker with the member still in: no goodbye to the group.
+    assert (data / "groups" / "workers.json").exists()
+
+    async with running_broker(data_dir=data) as server:
+        async with client.connect(server.url) as c:
+            info = await c.groups("inspect", "workers")
+            assert info["members"] == 0
+            assert info["topics"]["jobs"] == {"cursor": 90, "pending": 50}
+            got: list[client.Message] = []
+            await c.subscribe("jobs", got.append, group="workers")
+            await _wait_for(lambda: len(got) == 60)
+            await trio.sleep(0.2)
+            assert sorted(m.offset for m in got) == list(range(40, 100))
+            # The 50 held before the restart are deliveries 2; the rest are new.
+            assert {m.offset: m.deliveries for m in got} == {
+                **{o: 2 for o in range(40, 90)},
+                **{o: 1 for o in range(90, 100)},
+            }
+            await _wait_for(lambda: server.groups.groups["workers"].acked == 60)
+    # Everything acknowledged: a third start has nothing to deliver.
+    async with running_broker(data_dir=data) as server:
+        info = server.groups.groups["workers"].statistics()
+        assert info["pending"] == 0 and info["topics"]["jobs"]["cursor"] == 100
+
+
+async def test_deleted_group_stays_deleted(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    async with running_broker(data_dir=data) as server:
+        async with client.connect(server.url) as c:
+            async with c.subscribe("t", group="gone"):
+                pass
+            await c.groups("delete", "gone")
+    async with running_broker(data_dir=data) as server:
+        assert "gone" not in server.groups.groups
+
+
+async def test_damaged_group_state_is_reported_not_fatal(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "groups").mkdir(parents=True)
+    (data / "groups" / "broken.json").write_text("{not json")
+    async with running_broker(data_dir=data) as server:
+        assert "broken" not in server.groups.groups
+        async with client.connect(server.url) as c:
+            got: list[int] = []
+            await c.subscribe("t", lambda m: got.append(m.offset), group="broken")
+            await c.publish("t", b"x")
+            await _wait_for(lambda: got == [0])
+
+
+class Broker:
+    """`pybroker serve` as a subprocess, restartable on the same data dir."""
+
+    def __init__(self, data: Path, log: Path) -> None:
+        self.data, self.log = data, log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self._starts = 0
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "broker.cli", "serve", "--port", "0", "--no-http",
+                 "--data-dir", str(self.data), "--log-format", "json"],
+                stdout=subprocess.DEVNULL,
+                stderr=out,
+            )
+        for _ in range(600):
+            events = [json.loads(x) for x in self.log.read_text().splitlines() if x.startswith("{")]
+            urls = [e["url"] for e in events if e.get("event") == "listening"]
+            if len(urls) > self._starts:
+                self._starts = len(urls)
+                self.url = urls[-1]
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise AssertionError(self.log.read_text())
+
+    def kill_9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+async def test_kill_9_loses_no_job(tmp_path: Path) -> None:
+    """At least once across SIGKILL: every published job is processed,
+    whatever the broker's last group snapshot held."""
+    broker = Broker(tmp_path / "data", tmp_path / "serve.log")
+    done: set[int] = set()
+    broker.start()
+    try:
+        async with client.connect(broker.url) as pub:
+            await pub.publish_many("jobs", [b"%d" % i for i in range(2000)])
+        async def slow_worker(msg: client.Message) -> None:
+            await trio.sleep(0.002)  # so each cycle ends mid-stream
+            done.add(msg.offset)
+
+        for _ in range(3):
+            # Work for a while, then kill the broker mid-stream.
+            with trio.move_on_after(0.3):
+                async with client.connect(broker.url) as w:
+                    await w.subscribe(
+                        "jobs", slow_worker, group="w", start="earliest", max_ack_pending=20
+                    )
+                    await trio.sleep_forever()
+            broker.kill_9()
+            broker.start()
+        assert 0 < len(done) < 2000, len(done)  # the kills did land mid-stream
+        async with client.connect(broker.url) as w:
+            await w.subscribe("jobs", lambda m: done.add(m.offset), group="w", start="earliest")
+            await _wait_for(lambda: len(done) == 2000, seconds=30)
+        assert done == set(range(2000))
+    finally:
+        broker.stop()
