@@ -70,6 +70,7 @@ from client.protocol.subjects import tokens_match
 
 from . import __version__
 from .logs import get_logger
+from .closing import linger_close
 from .groups import GroupConfig, group_name_error
 from .router import Subscription, Topic
 
@@ -77,11 +78,6 @@ if TYPE_CHECKING:
     from .server import Server
 
 RECEIVE_SIZE = 256 * 1024
-#: Bytes of unread input drained (and dropped) before closing after a fatal
-#: error, so the kernel does not reset the connection before our ERROR frame
-#: reaches the peer.
-LINGER_BYTES = 1024 * 1024
-LINGER_SECONDS = 1.0
 #: Credit standing for "unlimited": large enough never to run out.
 _NO_FLOW_CONTROL = 1 << 62
 _MAX_CREDIT = UNLIMITED_CREDIT - 1
@@ -161,27 +157,12 @@ class Session:
         finally:
             self._drop_subscriptions()
             with trio.CancelScope(shield=True):
-                await self._linger_close()
+                await linger_close(self.stream)
             self.log.info("connection closed", reason=reason, client=self.client_name)
 
     def shutdown(self) -> None:
         """Server shutdown: stop reading; run() then flushes and says GOODBYE."""
         self._read_scope.cancel()
-
-    async def _linger_close(self) -> None:
-        try:
-            if isinstance(self.stream, trio.SocketStream):
-                await self.stream.send_eof()
-                with trio.move_on_after(LINGER_SECONDS):
-                    drained = 0
-                    while drained < LINGER_BYTES:
-                        data = await self.stream.receive_some(RECEIVE_SIZE)
-                        if not data:
-                            break
-                        drained += len(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        await trio.aclose_forcefully(self.stream)
 
     def _drop_subscriptions(self) -> None:
         self._accepting_deliveries = False

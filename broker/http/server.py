@@ -34,6 +34,7 @@ import h11
 import trio
 
 from .. import __version__
+from ..closing import drain, linger_close
 from ..logs import get_logger
 from .messages import HttpError, Request, Response, StreamResponse
 from .rates import RateSampler
@@ -43,11 +44,6 @@ if TYPE_CHECKING:
     from ..server import Server
 
 RECEIVE_SIZE = 64 * 1024
-#: After answering a request we did not read whole, bytes of further input
-#: drained (and dropped) before closing, so the kernel does not reset the
-#: connection before the answer reaches the peer.
-LINGER_BYTES = 1024 * 1024
-LINGER_SECONDS = 1.0
 SERVER_HEADER = f"pybroker/{__version__}"
 
 
@@ -414,15 +410,7 @@ class HttpConnection:
 
     async def _watch_for_close(self, scope: trio.CancelScope) -> None:
         """While streaming, notice the peer closing (it sends nothing else)."""
-        drained = 0
-        try:
-            while drained < LINGER_BYTES:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-                if not data:
-                    break
-                drained += len(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+        await drain(self.stream)
         self._peer_closed = True
         scope.cancel()
 
@@ -443,19 +431,7 @@ class HttpConnection:
             raise _PeerGone()
 
     async def _close(self) -> None:
-        try:
-            if not self._peer_closed:
-                await self.stream.send_eof()
-                with trio.move_on_after(LINGER_SECONDS):
-                    drained = 0
-                    while drained < LINGER_BYTES:
-                        data = await self.stream.receive_some(RECEIVE_SIZE)
-                        if not data:
-                            break
-                        drained += len(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        await trio.aclose_forcefully(self.stream)
+        await linger_close(self.stream, send_eof=not self._peer_closed)
 
 
 def _reason(status: int) -> bytes:
