@@ -912,16 +912,21 @@ async def _run_callback(
                 if msg.settled is None or msg.settled is AckKind.IN_PROGRESS:
                     msg._settle(AckKind.ACK)
         finally:
-            slots.release()
+            if concurrency > 1:
+                slots.release()
 
     if concurrency == 1:
+        # No slots to take: a semaphore's await is a scheduler trip per
+        # message, which cut this path to a quarter of its speed.
         async for msg in sub:
-            await slots.acquire()
             await handle(msg)
         return
     async with trio.open_nursery() as nursery:
         async for msg in sub:
-            await slots.acquire()
+            try:
+                slots.acquire_nowait()
+            except trio.WouldBlock:
+                await slots.acquire()
             nursery.start_soon(handle, msg)
 
 

@@ -1,0 +1,18 @@
+"""Memory and scale: broker RSS idle, with idle subscriber connections, with a stalled subscriber.
+
+    python benchmarks/memory.py --connections 1000,10000
+
+The same as `pybroker bench memory ...` (every option: --help). The code
+lives in broker/bench/ so the installed command has it too; this script runs
+it from this source tree. See benchmarks/README.md.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from broker.bench import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["memory", *sys.argv[1:]]))

@@ -1,0 +1,806 @@
+"""The load processes of `pybroker bench`: ``python -m broker.bench.worker SPEC``.
+
+SPEC is one JSON object naming the role and its parameters. Each process
+writes its progress to the shared board (``board.py``) and, when it is done,
+one JSON line with its verified results on stdout. Every wait is bounded by
+the spec's ``deadline`` (a ``time.time()`` value) and by the parent's STOP
+command.
+
+Roles:
+
+- ``publish``: one publisher connection, for ``messages`` messages or, when
+  that is 0, for ``duration`` seconds (it then posts the total it sent on
+  the board, so subscribers know when they have everything). ``fast``
+  pre-encodes a batch of ``batch`` messages once and sends it as PUBLISH
+  frames over a raw connection, at most ``window`` frames unacknowledged,
+  checking every PUBACK (in order, offsets contiguous, counts right,
+  durability tallied); ``client`` goes through the client library (``send``
+  in a loop, batches formed by the library, ``max_pending`` unacknowledged).
+- ``paced``: a publisher at a fixed rate for the latency scenario: every
+  tick it publishes the messages due, each carrying ``time.time_ns()`` in
+  its first 8 bytes.
+- ``subscribe``: one or more subscriber connections in this process.
+  ``raw`` counts messages from batch headers with the codec alone (no
+  per-message decode); ``decode`` goes through the client library with a
+  callback per message. Either checks that offsets arrive in order, each
+  once, and names gaps and duplicates. With ``latency`` each message's
+  embedded timestamp is compared with ``time.time_ns()`` on arrival.
+- ``idle``: opens connections with plain sockets (HELLO, SUBSCRIBE, SUBACK)
+  and holds them until told to close.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import sys
+import time
+from array import array
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from client import Message, PendingAck, connect, parse_url
+from client.protocol import (
+    CLOSED,
+    DEFAULT_MAX_FRAME_BYTES,
+    NEED_DATA,
+    Connection,
+    Deliver,
+    Error,
+    FrameType,
+    Goodbye,
+    Hello,
+    ProtocolError,
+    PubAck,
+    Role,
+    SubAck,
+    Subscribe,
+    Welcome,
+    batch_count,
+    decode_body,
+    encode_batch,
+    encode_batch_from_records,
+    encode_event,
+    encode_publish,
+)
+from client.protocol.batch import RECORD_HEADER
+from client.protocol.codec import FRAME_HEADER
+
+from . import board as b
+
+Spec = dict[str, Any]
+Result = dict[str, Any]
+
+RECEIVE_SIZE = 1 << 20
+#: A client accepts server frames this much over max_frame_bytes (protocol.md).
+MAX_SERVER_FRAME = DEFAULT_MAX_FRAME_BYTES + 1024
+MAX_GAPS = 10
+#: The publisher's slot on the board; its EXTRA field is the total published.
+PUBLISHER_SLOT = 1
+_TS = struct.Struct(">q")  # the send time embedded in latency payloads
+DELIVER_FIXED = struct.Struct(">IQQ")  # sub_id, base_offset, timestamp (protocol.md, DELIVER)
+U16, U32 = struct.Struct(">H"), struct.Struct(">I")
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming what went wrong, through nurseries' exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Tally:
+    """Offsets one subscriber connection received: in order, once each?"""
+
+    __slots__ = ("slot", "next", "received", "duplicates", "gaps", "missing", "first_t", "last_t", "error")
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.next = 0  # the offset expected next
+        self.received = 0
+        self.duplicates = 0
+        self.gaps: list[tuple[int, int]] = []
+        self.missing = 0
+        self.first_t = 0.0
+        self.last_t = 0.0
+        self.error = ""
+
+    def add(self, base: int, count: int) -> None:
+        if base > self.next:
+            self.missing += base - self.next
+            if len(self.gaps) < MAX_GAPS:
+                self.gaps.append((self.next, base - 1))
+        elif base < self.next:
+            self.duplicates += min(count, self.next - base)
+        self.received += count
+        self.next = max(self.next, base + count)
+
+    def result(self, expected: int) -> Result:
+        gaps = list(self.gaps)
+        missing = self.missing
+        if self.next < expected:
+            missing += expected - self.next
+            gaps.append((self.next, expected - 1))  # the tail never arrived
+        return {
+            "slot": self.slot,
+            "received": self.received,
+            "missing": missing,
+            "gaps": gaps[:MAX_GAPS],
+            "duplicates": self.duplicates,
+            "complete": missing == 0 and self.duplicates == 0 and self.received == expected,
+            "first": self.first_t,
+            "last": self.last_t,
+            "error": self.error,
+        }
+
+
+class Total:
+    """How many messages the run publishes: fixed by the spec, or reported on
+    the board by a publisher that publishes for a duration, once it stops."""
+
+    UNKNOWN = 1 << 62
+
+    def __init__(self, spec: Spec, board: b.Board) -> None:
+        self.fixed: int = spec.get("messages") or 0
+        self.board = board
+        self.value = self.fixed or self.UNKNOWN
+
+    def refresh(self) -> int:
+        if not self.fixed:
+            reported = self.board.get(PUBLISHER_SLOT, b.EXTRA)
+            if reported:
+                self.value = reported
+        return self.value
+
+    @property
+    def known(self) -> bool:
+        return self.value != self.UNKNOWN
+
+
+async def _watch_stop(board: b.Board, scope: trio.CancelScope) -> None:
+    while not board.command(b.STOP):
+        await trio.sleep(0.1)
+    scope.cancel()
+
+
+async def _bounded(spec: Spec, board: b.Board, body: Callable[[], Awaitable[None]]) -> bool:
+    """Run body until it returns, the deadline passes or the parent says STOP.
+    Returns True if body finished."""
+    finished = False
+    with trio.move_on_at(trio.current_time() + max(0.0, spec["deadline"] - time.time())) as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_stop, board, scope)
+            await body()
+            finished = True
+            nursery.cancel_scope.cancel()
+    return finished
+
+
+async def _handshake(stream: trio.SocketStream, conn: Connection, name: str) -> None:
+    await stream.send_all(conn.send(Hello(name)))
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            data = await stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                raise ConnectionError("connection closed during the handshake")
+            conn.receive_data(data)
+        elif isinstance(event, Welcome):
+            return
+        else:
+            raise ConnectionError(f"no WELCOME: {event!r}")
+
+
+# -- publishers --------------------------------------------------------------
+
+
+async def publish(spec: Spec, board: b.Board) -> Result:
+    slot: int = spec["slot"]
+    state: Result = {"start": 0.0, "sent_at": 0.0, "acked_at": 0.0, "sent": 0, "acked": 0,
+                     "in_order": True, "durability": {}, "error": "", "finished_sending": False}
+
+    async def body() -> None:
+        if spec["publisher"] == "client":
+            await _publish_client(spec, board, state)
+        else:
+            await _publish_fast(spec, board, state)
+
+    try:
+        finished = await _bounded(spec, board, body)
+        if not finished and not state["error"]:
+            state["error"] = f"stopped after {state['acked']:,} of {state['sent']:,} acknowledged"
+    except Exception as exc:  # reported to the parent, which names it
+        state["error"] = describe(exc)
+    complete = state["finished_sending"] and state["acked"] == state["sent"] and not state["error"]
+    board.set(slot, b.STATE, b.DONE if complete else b.FAILED)
+    return state
+
+
+def _sending(spec: Spec, state: Result) -> Callable[[], int]:
+    """How many more messages to send: up to spec messages, or while the
+    spec duration lasts (counted from the first send)."""
+    messages: int = spec.get("messages") or 0
+    duration: float = spec.get("duration") or 0.0
+
+    def remaining() -> int:
+        if messages:
+            return messages - int(state["sent"])
+        return Total.UNKNOWN if time.time() - state["start"] < duration else 0
+
+    return remaining
+
+
+def _finish_sending(board: b.Board, slot: int, state: Result) -> None:
+    state["sent_at"] = time.time()
+    state["finished_sending"] = True
+    board.set(slot, b.EXTRA, state["sent"])  # subscribers now know the total
+
+
+async def _publish_fast(spec: Spec, board: b.Board, state: Result) -> None:
+    slot, topic = spec["slot"], spec["topic"]
+    per_batch, window = spec["batch"], spec["window"]
+    host, port = parse_url(spec["url"])
+    stream = await trio.open_tcp_stream(host, port)
+    conn = Connection(Role.CLIENT, max_frame_bytes=MAX_SERVER_FRAME)
+    await _handshake(stream, conn, "bench-pub-fast")
+    payload = b"x" * spec["size"]
+    batches: dict[int, bytes] = {per_batch: encode_batch([payload] * per_batch)}
+    sizes: list[int] = []  # messages in each frame sent; request_id i is sizes[i - 1]
+    inflight = 0
+    room = trio.Event()
+    all_acked = trio.Event()
+    durability: dict[str, int] = state["durability"]
+
+    async def read_acks() -> None:
+        nonlocal inflight, room
+        next_id, next_base = 1, 0
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    raise ConnectionError("the broker closed the connection")
+                conn.receive_data(data)
+            elif isinstance(event, PubAck):
+                if not 0 < event.request_id <= len(sizes):
+                    raise RuntimeError(f"PUBACK for request {event.request_id}, never sent")
+                if next_id == 1:
+                    next_base = event.base_offset
+                    state["first_offset"] = next_base
+                if (
+                    event.request_id != next_id
+                    or event.base_offset != next_base
+                    or event.count != sizes[event.request_id - 1]
+                ):
+                    state["in_order"] = False
+                next_id = event.request_id + 1
+                next_base = event.base_offset + event.count
+                name = event.durability.name
+                durability[name] = durability.get(name, 0) + event.count
+                state["acked"] += event.count
+                board.set(slot, b.ACKED, state["acked"])
+                inflight -= 1
+                room.set()
+                if state["finished_sending"] and state["acked"] >= state["sent"]:
+                    state["acked_at"] = time.time()
+                    all_acked.set()
+            elif isinstance(event, Error):
+                raise RuntimeError(f"ERROR {event.code} from the broker: {event.message}")
+            elif event is CLOSED:
+                raise ConnectionError("the broker closed the connection")
+
+    remaining = _sending(spec, state)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_acks)
+        board.set(slot, b.STATE, b.RUNNING)
+        state["start"] = time.time()
+        while True:
+            left = remaining()
+            if left <= 0:
+                break
+            while inflight >= window:
+                room = trio.Event()
+                await room.wait()
+            chunk = []
+            for _ in range(min(window - inflight, 8)):
+                n = min(per_batch, left)
+                if n not in batches:
+                    batches[n] = encode_batch([payload] * n)  # the last, shorter batch
+                sizes.append(n)
+                chunk.append(encode_publish(len(sizes), topic, batches[n]))
+                left -= n
+                state["sent"] += n
+                if left <= 0:
+                    break
+            await stream.send_all(b"".join(chunk))
+            inflight += len(chunk)
+            board.set(slot, b.COUNT, state["sent"])
+        _finish_sending(board, slot, state)
+        if state["acked"] < state["sent"]:
+            await all_acked.wait()
+        else:
+            state["acked_at"] = time.time()
+        nursery.cancel_scope.cancel()
+    await stream.send_all(conn.send(Goodbye()))
+    await trio.aclose_forcefully(stream)
+
+
+async def _publish_client(spec: Spec, board: b.Board, state: Result) -> None:
+    slot, topic = spec["slot"], spec["topic"]
+    payload = b"x" * spec["size"]
+    pending: deque[PendingAck] = deque()
+    durability: dict[str, int] = state["durability"]
+    expected: int | None = None
+
+    def settle(force: bool) -> None:
+        nonlocal expected
+        while pending and (force or pending[0].done()):
+            ack = pending.popleft().result()
+            if expected is None:
+                expected = ack.offset
+                state["first_offset"] = expected
+            if ack.offset != expected:
+                state["in_order"] = False
+            expected = ack.offset + 1
+            name = ack.durability.name
+            durability[name] = durability.get(name, 0) + 1
+            state["acked"] += 1
+
+    remaining = _sending(spec, state)
+    async with connect(spec["url"], name="bench-pub-client", max_pending=spec["max_pending"]) as c:
+        board.set(slot, b.STATE, b.RUNNING)
+        state["start"] = time.time()
+        while (left := remaining()) > 0:
+            for _ in range(min(left, 1024)):
+                pending.append(await c.send(topic, payload))
+            state["sent"] += min(left, 1024)
+            settle(False)
+            board.set(slot, b.COUNT, state["sent"])
+            board.set(slot, b.ACKED, state["acked"])
+        _finish_sending(board, slot, state)
+        await c.flush()
+        state["acked_at"] = time.time()
+        settle(True)
+        board.set(slot, b.ACKED, state["acked"])
+
+
+async def paced(spec: Spec, board: b.Board) -> Result:
+    """Publish ``rate`` messages a second for ``duration`` seconds, in ticks."""
+    slot, topic = spec["slot"], spec["topic"]
+    rate, duration, tick = spec["rate"], spec["duration"], spec["tick"]
+    pad = b"x" * max(0, spec["size"] - 8)
+    state: Result = {"start": 0.0, "end": 0.0, "sent": 0, "acked": 0, "max_behind": 0.0, "error": "",
+                     "durability": {}}
+
+    async def body() -> None:
+        if spec["publisher"] == "client":
+            await _paced_client(spec, board, state, pad)
+        else:
+            await _paced_fast(spec, board, state, pad)
+
+    try:
+        finished = await _bounded(spec, board, body)
+        if not finished and not state["error"]:
+            state["error"] = f"stopped after {state['sent']} messages"
+    except Exception as exc:
+        state["error"] = describe(exc)
+    ok = not state["error"] and state["acked"] == state["sent"] == int(rate * duration)
+    board.set(slot, b.STATE, b.DONE if ok else b.FAILED)
+    return state
+
+
+async def _ticks(spec: Spec, board: b.Board, state: Result, send: Callable[[int], Awaitable[None]]) -> None:
+    """Call send(n) every tick with the n messages due by then."""
+    rate, duration, tick, slot = spec["rate"], spec["duration"], spec["tick"], spec["slot"]
+    total = int(rate * duration)
+    board.set(slot, b.STATE, b.RUNNING)
+    state["start"] = time.time()
+    t0 = trio.current_time()
+    sent = 0
+    step = 0
+    while sent < total:
+        step += 1
+        await trio.sleep_until(t0 + step * tick)
+        now = trio.current_time()
+        state["max_behind"] = max(state["max_behind"], now - (t0 + step * tick))
+        due = min(total, int((now - t0) * rate)) - sent
+        if due > 0:
+            await send(due)
+            sent += due
+            state["sent"] = sent
+            board.set(slot, b.COUNT, sent)
+    state["end"] = time.time()
+    board.set(slot, b.EXTRA, sent)
+
+
+async def _paced_fast(spec: Spec, board: b.Board, state: Result, pad: bytes) -> None:
+    host, port = parse_url(spec["url"])
+    stream = await trio.open_tcp_stream(host, port)
+    conn = Connection(Role.CLIENT, max_frame_bytes=MAX_SERVER_FRAME)
+    await _handshake(stream, conn, "bench-pub-paced")
+    head = RECORD_HEADER.pack(8 + len(pad), 0)
+    request_id = 0
+    durability: dict[str, int] = state["durability"]
+
+    async def read_acks() -> None:
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    raise ConnectionError("the broker closed the connection")
+                conn.receive_data(data)
+            elif isinstance(event, PubAck):
+                state["acked"] += event.count
+                durability[event.durability.name] = durability.get(event.durability.name, 0) + event.count
+                board.set(spec["slot"], b.ACKED, state["acked"])
+            elif isinstance(event, Error):
+                raise RuntimeError(f"ERROR {event.code} from the broker: {event.message}")
+
+    async def send(n: int) -> None:
+        nonlocal request_id
+        request_id += 1
+        records = [head + _TS.pack(time.time_ns()) + pad for _ in range(n)]
+        await stream.send_all(encode_publish(request_id, spec["topic"], encode_batch_from_records(records)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_acks)
+        await _ticks(spec, board, state, send)
+        while state["acked"] < state["sent"]:
+            await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    await stream.send_all(conn.send(Goodbye()))
+    await trio.aclose_forcefully(stream)
+
+
+async def _paced_client(spec: Spec, board: b.Board, state: Result, pad: bytes) -> None:
+    pending: list[PendingAck] = []
+
+    async with connect(spec["url"], name="bench-pub-paced", max_pending=1 << 20) as c:
+
+        async def send(n: int) -> None:
+            for _ in range(n):
+                pending.append(await c.send(spec["topic"], _TS.pack(time.time_ns()) + pad))
+
+        await _ticks(spec, board, state, send)
+        await c.flush()
+    durability: dict[str, int] = state["durability"]
+    for p in pending:
+        name = p.result().durability.name
+        durability[name] = durability.get(name, 0) + 1
+    state["acked"] = len(pending)
+
+
+# -- subscribers -------------------------------------------------------------
+
+
+async def subscribe(spec: Spec, board: b.Board) -> Result:
+    slots: list[int] = spec["slots"]
+    total = Total(spec, board)
+    tallies = [Tally(slot) for slot in slots]
+    samples = [array("q") for _ in slots] if spec.get("latency") else None
+    #: Connections still running, by slot: how to stop one that has everything.
+    stoppers: dict[int, Callable[[], None]] = {}
+
+    async def watch_total() -> None:
+        # A connection blocked in a read when the publisher reports its total
+        # (duration runs) would wait for bytes that never come: stop it here.
+        while True:
+            await trio.sleep(0.02)
+            value = total.refresh()
+            for tally in tallies:
+                if tally.next >= value and tally.slot in stoppers:
+                    stoppers.pop(tally.slot)()
+
+    async def connection(tally: Tally, sample: array[int] | None) -> None:
+        run = _raw_subscriber if spec["mode"] == "raw" else _decode_subscriber
+        with trio.CancelScope() as scope:
+            stoppers[tally.slot] = scope.cancel
+            try:
+                await run(spec, board, tally, total, sample)
+            except Exception as exc:  # one connection's failure is reported, not fatal to the others
+                tally.error = describe(exc)
+        stoppers.pop(tally.slot, None)
+        complete = total.known and tally.next >= total.value and not tally.error
+        board.set(tally.slot, b.STATE, b.DONE if complete else b.FAILED)
+
+    async def body() -> None:
+        async with trio.open_nursery() as outer:
+            outer.start_soon(watch_total)
+            async with trio.open_nursery() as nursery:
+                for i, tally in enumerate(tallies):
+                    nursery.start_soon(connection, tally, samples[i] if samples else None)
+            outer.cancel_scope.cancel()
+
+    await _bounded(spec, board, body)
+    if samples is not None:
+        with open(spec["samples"], "wb") as f:
+            for s in samples:
+                s.tofile(f)
+    total.refresh()
+    results = []
+    for t in tallies:
+        if not total.known and not t.error:
+            t.error = "the publisher never reported how many messages it published"
+        results.append(t.result(total.value if total.known else t.next))
+    return {"connections": results, "total": total.value if total.known else None}
+
+
+async def _raw_subscriber(
+    spec: Spec, board: b.Board, tally: Tally, total: Total, samples: array[int] | None
+) -> None:
+    host, port = parse_url(spec["url"])
+    stream = await trio.open_tcp_stream(host, port)
+    try:
+        conn = Connection(Role.CLIENT, max_frame_bytes=MAX_SERVER_FRAME)
+        await _handshake(stream, conn, "bench-sub-raw")
+        await stream.send_all(conn.send(Subscribe(1, spec["topic"])))
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    raise ConnectionError("connection closed before SUBACK")
+                conn.receive_data(data)
+            elif isinstance(event, SubAck):
+                break
+            elif isinstance(event, Error):
+                raise RuntimeError(f"SUBSCRIBE refused: ERROR {event.code}: {event.message}")
+        board.set(tally.slot, b.STATE, b.READY)
+        if samples is None and not conn.buffered_bytes:
+            await _count_deliveries(spec, board, tally, total, stream)
+        else:
+            await _decode_deliveries(spec, board, tally, total, stream, conn, samples)
+        if not conn.we_finished:
+            with trio.move_on_after(2):
+                await stream.send_all(encode_event(Goodbye()))
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _stall(spec: Spec, board: b.Board, tally: Tally) -> None:
+    """The stalled subscriber of the memory scenario stops reading here."""
+    board.set(tally.slot, b.EXTRA, 1)
+    while not board.command(b.RESUME):
+        await trio.sleep(0.05)
+    board.set(tally.slot, b.EXTRA, 0)
+
+
+async def _count_deliveries(
+    spec: Spec, board: b.Board, tally: Tally, total: Total, stream: trio.SocketStream
+) -> None:
+    """Count messages from DELIVER and batch headers as bytes arrive, without
+    buffering or copying the batches: the load side must cost far less than
+    the broker, or the benchmark measures its own subscribers."""
+    stall_after: int = spec.get("stall_after", -1) if tally.slot == spec.get("stall_slot") else -1
+    slot = tally.slot
+    skip = 0  # bytes of the current frame still to come
+    partial = b""  # the start of a frame whose headers are not complete yet
+    unpack_frame, unpack_deliver, unpack_u16, unpack_u32 = (
+        FRAME_HEADER.unpack_from, DELIVER_FIXED.unpack_from, U16.unpack_from, U32.unpack_from,
+    )
+    deliver = int(FrameType.DELIVER)
+    while tally.next < total.refresh():
+        if 0 <= stall_after <= tally.received:
+            await _stall(spec, board, tally)
+            stall_after = -1
+        data: bytes = await stream.receive_some(RECEIVE_SIZE)
+        if not data:
+            tally.error = "the server closed the connection"
+            return
+        size_now = len(data)
+        if skip >= size_now:
+            skip -= size_now
+            continue
+        pos, skip = skip, 0
+        if partial:
+            data, pos, partial = partial + data[pos:], 0, b""
+            size_now = len(data)
+        before = tally.received
+        while pos < size_now:
+            if size_now - pos < 6 + DELIVER_FIXED.size + 2:
+                partial = data[pos:]
+                break
+            size, ftype, flags = unpack_frame(data, pos)
+            end = pos + 6 + size
+            if ftype == deliver:
+                _, base, _ = unpack_deliver(data, pos + 6)
+                batch_at = pos + 6 + DELIVER_FIXED.size + 2 + unpack_u16(data, pos + 6 + DELIVER_FIXED.size)[0]
+                if batch_at + 4 > size_now:
+                    partial = data[pos:]
+                    break
+                count = unpack_u32(data, batch_at)[0]
+                if base == tally.next:
+                    tally.next += count
+                    tally.received += count
+                else:
+                    tally.add(base, count)
+            else:
+                if end > size_now:  # control frames are decoded whole
+                    partial = data[pos:]
+                    break
+                event = decode_body(FrameType(ftype), flags, memoryview(data)[pos + 6 : end])
+                if isinstance(event, Error):
+                    tally.error = f"ERROR {event.code}: {event.message}"
+                    if event.fatal:
+                        return
+                elif isinstance(event, Goodbye):
+                    tally.error = "the server said GOODBYE"
+                    return
+            if end > size_now:
+                skip = end - size_now
+                break
+            pos = end
+        if tally.received != before:
+            now = time.time()
+            if not before:
+                tally.first_t = now
+            tally.last_t = now
+            board.set(slot, b.COUNT, tally.received)
+
+
+async def _decode_deliveries(
+    spec: Spec, board: b.Board, tally: Tally, total: Total, stream: trio.SocketStream, conn: Connection,
+    samples: array[int] | None,
+) -> None:
+    """The codec's Connection decodes every frame; with samples (latency)
+    each record's embedded timestamp is read too."""
+    stall_after: int = spec.get("stall_after", -1) if tally.slot == spec.get("stall_slot") else -1
+    slot = tally.slot
+    unpack_record, unpack_ts, rec = RECORD_HEADER.unpack_from, _TS.unpack_from, RECORD_HEADER.size
+    while tally.next < total.value:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            total.refresh()
+            if 0 <= stall_after <= tally.received:
+                await _stall(spec, board, tally)
+                stall_after = -1
+            data = await stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                tally.error = "the server closed the connection"
+                return
+            conn.receive_data(data)
+        elif isinstance(event, Deliver):
+            batch = event.batch
+            count = batch_count(batch)
+            now = time.time()
+            if not tally.received:
+                tally.first_t = now
+            tally.last_t = now
+            if event.base_offset == tally.next:
+                tally.next += count
+                tally.received += count
+            else:
+                tally.add(event.base_offset, count)
+            board.set(slot, b.COUNT, tally.received)
+            if samples is not None:
+                now_ns, pos = time.time_ns(), 8
+                for _ in range(count):
+                    plen, hlen = unpack_record(batch, pos)
+                    ts = unpack_ts(batch, pos + rec + hlen)[0]
+                    samples.append(ts)
+                    samples.append(now_ns - ts)
+                    pos += rec + hlen + plen
+        elif isinstance(event, Error):
+            tally.error = f"ERROR {event.code}: {event.message}"
+            if event.fatal:
+                return
+        elif event is CLOSED or isinstance(event, Goodbye):
+            tally.error = "the server closed the connection"
+            return
+
+
+async def _decode_subscriber(
+    spec: Spec, board: b.Board, tally: Tally, total: Total, samples: array[int] | None
+) -> None:
+    slot = tally.slot
+    done = trio.Event()
+
+    def on_message(msg: Message) -> None:
+        # A callback per message through the client library: what an
+        # application pays for every message.
+        offset = msg.offset
+        now = time.time()
+        if not tally.received:
+            tally.first_t = now
+        tally.last_t = now
+        if offset == tally.next:
+            tally.next += 1
+            tally.received += 1
+        else:
+            tally.add(offset, 1)
+        if samples is not None:
+            now_ns = time.time_ns()
+            ts = _TS.unpack_from(msg.payload)[0]
+            samples.append(ts)
+            samples.append(now_ns - ts)
+        if tally.received & 1023 == 0 or tally.next >= total.value:
+            board.set(slot, b.COUNT, tally.received)
+            if tally.next >= total.refresh():
+                done.set()
+
+    async with connect(spec["url"], name="bench-sub-decode") as c:
+        await c.subscribe(spec["topic"], on_message, window=spec.get("window", 65536))
+        board.set(slot, b.STATE, b.READY)
+        await done.wait()
+
+
+# -- idle connections --------------------------------------------------------
+
+
+def idle(spec: Spec, board: b.Board) -> Result:
+    """Open ``count`` subscriber connections with plain sockets; hold them."""
+    host, port = parse_url(spec["url"])
+    slot, count, deadline = spec["slot"], spec["count"], spec["deadline"]
+    socks: list[socket.socket] = []
+    error = ""
+    board.set(slot, b.STATE, b.RUNNING)
+    opened = 0
+    try:
+        for _ in range(count):
+            if board.command(b.STOP) or time.time() > deadline:
+                error = "stopped"
+                break
+            s = socket.create_connection((host, port), timeout=10)
+            socks.append(s)
+            conn = Connection(Role.CLIENT, max_frame_bytes=MAX_SERVER_FRAME)
+            s.sendall(conn.send(Hello("bench-idle")))
+            _wait_for(s, conn, Welcome)
+            s.sendall(conn.send(Subscribe(1, spec["pattern"])))
+            _wait_for(s, conn, SubAck)
+            opened += 1
+            board.set(slot, b.COUNT, opened)
+    except (OSError, ProtocolError) as exc:  # EMFILE, a refused or timed-out connection
+        error = f"{type(exc).__name__} after {opened} connections: {exc}"
+    if error:
+        print(error, file=sys.stderr, flush=True)  # the parent reads it while we hold the rest open
+    board.set(slot, b.STATE, b.FAILED if error else b.READY)
+    while not board.command(b.CLOSE) and not board.command(b.STOP) and time.time() < deadline:
+        time.sleep(0.1)
+    for s in socks:
+        s.close()
+    return {"opened": opened, "error": error}
+
+
+def _wait_for(s: socket.socket, conn: Connection, kind: type) -> None:
+    while True:
+        event = conn.next_event()
+        if isinstance(event, kind):
+            return
+        if event is NEED_DATA:
+            data = s.recv(65536)
+            conn.receive_data(data)
+            if not data:
+                raise ConnectionError("closed by the server")
+        elif isinstance(event, Error):
+            raise ConnectionError(f"ERROR {event.code}: {event.message}")
+
+
+# -- entry point -------------------------------------------------------------
+
+ASYNC_ROLES: dict[str, Callable[[Spec, b.Board], Awaitable[Result]]] = {
+    "publish": publish,
+    "paced": paced,
+    "subscribe": subscribe,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    spec: Spec = json.loads(args[0])
+    if spec.get("cpus"):
+        os.sched_setaffinity(0, set(spec["cpus"]))
+    board = b.Board(spec["board"], spec["board_slots"])
+    role = spec["role"]
+    result = idle(spec, board) if role == "idle" else trio.run(ASYNC_ROLES[role], spec, board)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
