@@ -837,3 +837,32 @@ def test_serve_help_mentions_http() -> None:
         [sys.executable, "-m", "broker.cli", "serve", "--help"], capture_output=True, timeout=TIMEOUT, check=True
     ).stdout.decode()
     assert "--http-port" in out and "--no-http" in out and "--http-host" in out
+
+
+async def test_metrics_show_consumer_groups() -> None:
+    async with running_broker() as server:
+        port = server.http_port
+        assert port is not None
+        async with client.connect(server.url) as c:
+            dead: list[client.Message] = []
+            await c.subscribe("dlq.g", dead.append)
+            done: list[int] = []
+
+            def work(msg: client.Message) -> None:
+                if msg.payload == b"poison":
+                    raise ValueError("poison")  # nak: redelivered, then dead-lettered
+                done.append(msg.offset)
+
+            await c.subscribe("q", work, group="g", max_deliver=2)
+            await c.publish_many("q", [b"a", b"poison", b"b"])
+            with trio.fail_after(TIMEOUT):
+                while len(done) < 2 or not dead:
+                    await trio.sleep(0.01)
+            metrics = await request(port, "GET", "/metrics")
+    parsed = samples(metrics.body.decode("utf-8"))
+    assert value(parsed, "pybroker_group_members", group="g") == 1
+    assert value(parsed, "pybroker_group_pending", group="g") == 0
+    assert value(parsed, "pybroker_group_delivered_total", group="g") == 3
+    assert value(parsed, "pybroker_group_redelivered_total", group="g") == 1
+    assert value(parsed, "pybroker_group_acked_total", group="g") == 2
+    assert value(parsed, "pybroker_group_dead_lettered_total", group="g") == 1

@@ -16,8 +16,10 @@ path. Families:
 - ``pybroker_fsyncs_total``, ``pybroker_fsync_duration_seconds`` (histogram),
   ``pybroker_commit_rounds_total`` (file storage)
 
-Consumer-group figures (pending, redelivered, dead-lettered) are not here:
-consumer groups do not exist yet.
+- per consumer group: ``pybroker_group_members``, ``pybroker_group_pending``
+  (delivered or waiting to be, not yet settled), and the counters
+  ``pybroker_group_delivered_total``, ``..._redelivered_total``,
+  ``..._acked_total``, ``..._termed_total``, ``..._dead_lettered_total``
 """
 
 from __future__ import annotations
@@ -175,6 +177,26 @@ def render(http: HttpServer) -> str:
         "Group-commit rounds completed by the committer.",
         [({}, server.committer.rounds)],
     )
+    groups = [server.groups.groups[n] for n in sorted(server.groups.groups)]
+    out.family(
+        "pybroker_group_members", "gauge", "Members of a consumer group.",
+        [({"group": g.name}, len(g.members)) for g in groups],
+    )
+    out.family(
+        "pybroker_group_pending", "gauge", "Messages a consumer group has not settled yet.",
+        [({"group": g.name}, sum(len(gt.pending) for gt in g.topics.values())) for g in groups],
+    )
+    for field, help_text in (
+        ("delivered", "Messages handed out for the first time."),
+        ("redelivered", "Messages delivered again (ack wait expired, nak, member left)."),
+        ("acked", "Messages acknowledged."),
+        ("termed", "Messages terminated (never delivered again, not dead-lettered)."),
+        ("dead_lettered", "Messages moved to the dead-letter topic after max_deliver."),
+    ):
+        out.family(
+            f"pybroker_group_{field}", "counter", help_text,
+            [({"group": g.name}, getattr(g, field)) for g in groups],
+        )
     fsyncs = getattr(server.store, "fsyncs", None)
     hist = getattr(server.store, "fsync_seconds", None)
     if isinstance(fsyncs, int) and isinstance(hist, Histogram):
