@@ -308,6 +308,8 @@ class Client:
             with trio.move_on_after(timeout):
                 await self.flush()
                 if self._closed is None:
+                    if self._settlements:
+                        self._out.extend(self._take_settlements())
                     self._out.append(self._conn.send(Goodbye()))
                     self._wake.set()
                     await self._reader_done.wait()
@@ -696,10 +698,12 @@ class Client:
                     and not self._out
                 ):
                     await trio.sleep(self._linger)
-                frames = self._out
+                # Acknowledgements first: an UNSUBSCRIBE or GOODBYE queued
+                # after them must not overtake them (the broker would
+                # redeliver acknowledged messages).
+                frames = self._take_settlements() if self._settlements else []
+                frames.extend(self._out)
                 self._out = []
-                if self._settlements:
-                    frames.extend(self._take_settlements())
                 if self._unsent_count and len(self._inflight) < self._max_inflight_batches:
                     frames.extend(self._take_batches())
                 if frames:

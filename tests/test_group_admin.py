@@ -10,7 +10,7 @@ import trio
 
 import client
 from broker.server import Server
-from client.protocol import ErrorCode
+from client.protocol import AckKind, ErrorCode
 
 
 async def _wait_for(predicate: object, seconds: float = 10) -> None:
@@ -96,3 +96,26 @@ async def test_pybroker_groups_cli(pybroker_server: Server, tmp_path: Path) -> N
         assert code == 1 and "UNKNOWN_GROUP" in err
         code, _, err = await cli("delete")
         assert code == 2 and "NAME" in err
+
+
+async def test_acks_right_before_leaving_are_not_lost(pybroker_server: Server) -> None:
+    """Acks queued just before UNSUBSCRIBE and GOODBYE reach the broker
+    first; otherwise the member leaves first and they come back."""
+    async with client.connect(pybroker_server.url) as pub:
+        await pub.publish_many("acked.q", [b"%d" % i for i in range(5)])
+    async with client.connect(pybroker_server.url) as w:
+        async with w.subscribe("acked.q", group="g", start="earliest", auto_ack=False) as sub:
+            seen = 0
+            with trio.fail_after(10):
+                async for msg in sub:
+                    seen += 1
+                    if seen == 5:
+                        # Queue the last ack with no checkpoint before leaving,
+                        # as the auto-ack callback path does: nothing lets the
+                        # writer send it before the UNSUBSCRIBE is queued.
+                        msg._settle(AckKind.ACK)
+                        break
+                    await msg.ack()
+    async with client.connect(pybroker_server.url) as c:
+        info = await c.groups("inspect", "g")
+    assert (info["acked"], info["pending"], info["redelivered"]) == (5, 0, 0)
