@@ -181,19 +181,24 @@ async def _bounded(spec: Spec, board: b.Board, body: Callable[[], Awaitable[None
     return finished
 
 
-async def _handshake(stream: trio.SocketStream, conn: Connection, name: str) -> None:
-    await stream.send_all(conn.send(Hello(name)))
+async def _next_event(stream: trio.SocketStream, conn: Connection, closed: str) -> Any:
+    """The next event, reading from the socket while none is buffered;
+    ConnectionError(``closed``) if the server closes first."""
     while True:
         event = conn.next_event()
-        if event is NEED_DATA:
-            data = await stream.receive_some(RECEIVE_SIZE)
-            if not data:
-                raise ConnectionError("connection closed during the handshake")
-            conn.receive_data(data)
-        elif isinstance(event, Welcome):
-            return
-        else:
-            raise ConnectionError(f"no WELCOME: {event!r}")
+        if event is not NEED_DATA:
+            return event
+        data = await stream.receive_some(RECEIVE_SIZE)
+        if not data:
+            raise ConnectionError(closed)
+        conn.receive_data(data)
+
+
+async def _handshake(stream: trio.SocketStream, conn: Connection, name: str) -> None:
+    await stream.send_all(conn.send(Hello(name)))
+    event = await _next_event(stream, conn, "connection closed during the handshake")
+    if not isinstance(event, Welcome):
+        raise ConnectionError(f"no WELCOME: {event!r}")
 
 
 # -- publishers --------------------------------------------------------------
@@ -260,13 +265,8 @@ async def _publish_fast(spec: Spec, board: b.Board, state: Result) -> None:
         nonlocal inflight, room
         next_id, next_base = 1, 0
         while True:
-            event = conn.next_event()
-            if event is NEED_DATA:
-                data = await stream.receive_some(RECEIVE_SIZE)
-                if not data:
-                    raise ConnectionError("the broker closed the connection")
-                conn.receive_data(data)
-            elif isinstance(event, PubAck):
+            event = await _next_event(stream, conn, "the broker closed the connection")
+            if isinstance(event, PubAck):
                 if not 0 < event.request_id <= len(sizes):
                     raise RuntimeError(f"PUBACK for request {event.request_id}, never sent")
                 if next_id == 1:
@@ -429,13 +429,8 @@ async def _paced_fast(spec: Spec, board: b.Board, state: Result, pad: bytes) -> 
 
     async def read_acks() -> None:
         while True:
-            event = conn.next_event()
-            if event is NEED_DATA:
-                data = await stream.receive_some(RECEIVE_SIZE)
-                if not data:
-                    raise ConnectionError("the broker closed the connection")
-                conn.receive_data(data)
-            elif isinstance(event, PubAck):
+            event = await _next_event(stream, conn, "the broker closed the connection")
+            if isinstance(event, PubAck):
                 state["acked"] += event.count
                 durability[event.durability.name] = durability.get(event.durability.name, 0) + event.count
                 board.set(spec["slot"], b.ACKED, state["acked"])
@@ -541,13 +536,8 @@ async def _raw_subscriber(
         await _handshake(stream, conn, "bench-sub-raw")
         await stream.send_all(conn.send(Subscribe(1, spec["topic"])))
         while True:
-            event = conn.next_event()
-            if event is NEED_DATA:
-                data = await stream.receive_some(RECEIVE_SIZE)
-                if not data:
-                    raise ConnectionError("connection closed before SUBACK")
-                conn.receive_data(data)
-            elif isinstance(event, SubAck):
+            event = await _next_event(stream, conn, "connection closed before SUBACK")
+            if isinstance(event, SubAck):
                 break
             elif isinstance(event, Error):
                 raise RuntimeError(f"SUBSCRIBE refused: ERROR {event.code}: {event.message}")
