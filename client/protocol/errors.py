@@ -20,6 +20,9 @@ class ErrorCode(enum.IntEnum):
     UNSUPPORTED_VERSION = 103
     HANDSHAKE_REQUIRED = 104
     UNEXPECTED_FRAME = 105
+    AUTH_FAILED = 106
+    IDLE_TIMEOUT = 107
+    TOO_MANY_CONNECTIONS = 108
     BAD_TOPIC = 200
     BAD_PATTERN = 201
     CHECKSUM_MISMATCH = 202
@@ -31,12 +34,13 @@ class ErrorCode(enum.IntEnum):
     DATA_LOST = 208
     NO_RECEIVERS = 209
     UNKNOWN_GROUP = 210
+    PERMISSION_DENIED = 211
     INTERNAL_ERROR = 500
     SHUTTING_DOWN = 503
 
     @property
     def fatal(self) -> bool:
-        """Protocol violations (1xx) and internal errors close the connection."""
+        """Connection-level errors (1xx) and internal errors close the connection."""
         return self < 200 or self == ErrorCode.INTERNAL_ERROR
 
 
