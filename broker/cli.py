@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--group", metavar="NAME", help="join consumer group NAME: each message to one member, acknowledged once printed")
     sub.add_argument("--count", type=int, default=0, metavar="N", help="exit after N messages")
     sub.add_argument("--json", action="store_true", help="one JSON object per line")
+    sub.add_argument(
+        "--no-reconnect",
+        dest="reconnect",
+        action="store_false",
+        help="exit when the connection is lost (default: reconnect and resume, without gaps)",
+    )
 
     groups = commands.add_parser("groups", help="consumer groups: list, inspect NAME, delete NAME")
     groups.add_argument("action", nargs="?", choices=("list", "inspect", "delete"), default="list")
@@ -260,7 +266,7 @@ async def _sub(args: argparse.Namespace) -> int:
         since = _dt.datetime.fromisoformat(args.since)
         start = since if since.tzinfo else since.astimezone()
     try:
-        async with client.connect(args.url, name="pybroker-cli") as c:
+        async with client.connect(args.url, name="pybroker-cli", reconnect=args.reconnect) as c:
             async with c.subscribe(args.pattern, start=start, group=args.group) as sub:
                 seen = 0
                 async for msg in sub:

@@ -34,6 +34,7 @@ from client.protocol import (
     Ack,
     AckKind,
     UNLIMITED_CREDIT,
+    RESUME_OPTION_PREFIX,
     Credit,
     RefKind,
     NEED_DATA,
@@ -314,11 +315,20 @@ class Session:
         if not isinstance(req.start, StartKind):
             self._request_error(ErrorCode.BAD_REQUEST, f"unknown start kind {req.start}", sid)
             return
-        if req.options and "group" not in req.options:
-            self._request_error(
-                ErrorCode.BAD_REQUEST, f"unknown options {sorted(req.options)}", sid
-            )
-            return
+        resume: dict[str, int] = {}
+        if "group" in req.options:
+            if any(key.startswith(RESUME_OPTION_PREFIX) for key in req.options):
+                self._request_error(
+                    ErrorCode.BAD_REQUEST,
+                    "resume positions are for plain subscriptions (a group keeps its own)",
+                    sid,
+                )
+                return
+        elif req.options:
+            problem = self._resume_positions(req, resume)
+            if problem is not None:
+                self._request_error(ErrorCode.BAD_REQUEST, problem, sid)
+                return
         if req.start is StartKind.OFFSET and ("*" in req.pattern or ">" in req.pattern):
             self._request_error(
                 ErrorCode.BAD_REQUEST, "an offset start needs a pattern without wildcards", sid
@@ -334,11 +344,18 @@ class Session:
             return
         matched = self.router.add(sub)
         self.subs[sid] = sub
-        self._queue(self.conn.send(SubAck(sid)))
-        if req.start is not StartKind.NEW:
+        self._queue(self.conn.send(SubAck(sid, time.time_ns() // 1000)))
+        if req.start is not StartKind.NEW or resume:
             for topic in matched:
                 log = topic.log
-                if req.start is StartKind.EARLIEST:
+                position = resume.get(topic.name)
+                if position is not None:
+                    # Below the first retained offset: _refill reports the
+                    # gap as DATA_LOST. Past the end: nothing to replay.
+                    start = position
+                elif req.start is StartKind.NEW:
+                    continue
+                elif req.start is StartKind.EARLIEST:
                     start = log.first_offset
                 elif req.start is StartKind.OFFSET:
                     start = max(req.start_value, log.first_offset)
@@ -350,6 +367,23 @@ class Session:
                 self._lagging[sub] = None
                 self._wake.set()
         self.log.debug("subscribed", sub_id=sid, pattern=req.pattern, start=req.start.name)
+
+    def _resume_positions(self, req: Subscribe, into: dict[str, int]) -> str | None:
+        """Parse ``resume:<topic>`` options into ``into``; the problem, if any."""
+        tokens = req.pattern.split(".")
+        for key, value in req.options.items():
+            if not key.startswith(RESUME_OPTION_PREFIX):
+                return f"unknown option {key!r}"
+            topic = key[len(RESUME_OPTION_PREFIX) :]
+            problem = topic_error(topic, self.limits.max_topic_bytes, self.limits.max_topic_depth)
+            if problem is not None:
+                return f"resume position for an invalid topic: {problem}"
+            if not tokens_match(tokens, topic.split(".")):
+                return f"resume position for {topic!r}, which {req.pattern!r} does not match"
+            if not (value.isascii() and value.isdigit()) or len(value) > 20:
+                return f"resume position for {topic!r} is not an offset: {value!r}"
+            into[topic] = int(value)
+        return None
 
     def _on_info(self, req: Info) -> None:
         problem = pattern_error(req.pattern, self.limits.max_topic_bytes, self.limits.max_topic_depth)
@@ -436,7 +470,7 @@ class Session:
             return
         sub.group = self.server.groups.groups[name]
         self.subs[req.sub_id] = sub
-        self._queue(self.conn.send(SubAck(req.sub_id)))
+        self._queue(self.conn.send(SubAck(req.sub_id, time.time_ns() // 1000)))
         self.log.debug("joined group", sub_id=req.sub_id, group=name, pattern=req.pattern)
 
     def _on_ack(self, req: Ack) -> None:

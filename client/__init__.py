@@ -11,6 +11,7 @@ from .connection import DEFAULT_URL, Client, PendingAck, connect, parse_url
 from .errors import BrokerError, ConnectionClosed, NoReceivers
 from .message import Message, PublishAck
 from .protocol import Durability, ErrorCode, TopicInfo
+from .reconnect import Reconnect
 from .subscription import Subscription, SubscriptionStatistics
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "NoReceivers",
     "PendingAck",
     "PublishAck",
+    "Reconnect",
     "Subscription",
     "SubscriptionStatistics",
     "TopicInfo",

@@ -37,6 +37,7 @@ import trio
 
 from .errors import BrokerError, ConnectionClosed, NoReceivers
 from .message import Message, PublishAck
+from .reconnect import RETRYABLE_CODES, Reconnect
 from .protocol import (
     CLOSED,
     NEED_DATA,
@@ -92,6 +93,7 @@ SERVER_FRAME_ALLOWANCE = 1024
 
 Callback = Callable[[Message], Awaitable[None] | None]
 Start = str | int | _dt.datetime
+StreamOpener = Callable[[], Awaitable[trio.abc.Stream]]
 
 _log = structlog.get_logger("pybroker.client")
 
@@ -199,9 +201,23 @@ class Client:
         linger: float,
         max_pending: int,
         max_inflight_batches: int,
+        opener: StreamOpener | None = None,
+        reconnect: Reconnect | None = None,
+        connect_timeout: float = 10.0,
     ) -> None:
         self._stream = stream
         self._nursery = nursery
+        self._opener = opener
+        self._reconnect_policy = reconnect if opener is not None else None
+        self._connect_timeout = connect_timeout
+        #: Set while a connection is up; a lost one is replaced by a new
+        #: unset Event until the client has reconnected.
+        self._connected = trio.Event()
+        self._connected.set()
+        self._loss: BaseException | None = None
+        self._conn_scope = trio.CancelScope()
+        #: Times the connection was lost and got back.
+        self.reconnects = 0
         self.name = name
         self._linger = linger
         self._max_pending = max_pending
@@ -219,6 +235,8 @@ class Client:
         self._unsent_count = 0
         self._pending_count = 0  # unsent + in flight
         self._inflight: dict[int, list[PendingAck]] = {}
+        # The PUBLISH frames of _inflight, sent again after a reconnect.
+        self._inflight_frames: dict[int, bytes] = {}
         self._room = trio.Event()
         self._drained = trio.Event()
         self._drained.set()
@@ -239,9 +257,9 @@ class Client:
 
     # -- lifecycle --------------------------------------------------------
 
-    async def _handshake(self, timeout: float) -> None:
+    async def _handshake(self) -> None:
         await self._stream.send_all(self._conn.send(Hello(client_name=self.name)))
-        with trio.fail_after(timeout):
+        with trio.fail_after(self._connect_timeout):
             while True:
                 event = self._conn.next_event()
                 if event is NEED_DATA:
@@ -268,6 +286,17 @@ class Client:
     def closed(self) -> bool:
         return self._closed is not None
 
+    @property
+    def connected(self) -> bool:
+        """False while the client is reconnecting (and once it is closed)."""
+        return self._closed is None and self._connected.is_set()
+
+    async def _wait_connected(self) -> None:
+        while not self._connected.is_set():
+            self._check_open()
+            await self._connected.wait()
+        self._check_open()
+
     def _check_open(self) -> None:
         if self._closed is not None:
             raise self._closed
@@ -290,6 +319,7 @@ class Client:
             for p in ps:
                 p._fail(error)
         self._inflight.clear()
+        self._inflight_frames.clear()
         self._pending_count = self._unsent_count = 0
         for waiters in (self._waiters, self._info_waiters, self._replies):
             for waiter in waiters.values():
@@ -300,6 +330,44 @@ class Client:
         self._room.set()
         self._drained.set()
         self._wake.set()
+        self._connected.set()  # wakes _wait_connected, which then raises
+        self._conn_scope.cancel()
+
+    def _lost(self, error: ConnectionClosed) -> None:
+        """The connection broke: reconnect if allowed, else close for good."""
+        if self._reconnect_policy is None or self._closing_by_us or self._closed is not None:
+            self._fail(error)
+            return
+        if self._connected.is_set():  # the first task to notice
+            self._connected = trio.Event()
+            self._loss = error
+            self._forget_connection()
+        self._conn_scope.cancel()
+
+    def _forget_connection(self) -> None:
+        """Drop what only the lost connection could answer.
+
+        Queued frames were encoded for it; SUBSCRIBEs awaiting their SUBACK
+        stay (every subscription is sent again on the next connection), an
+        UNSUBSCRIBE is done (the subscription went with the connection), and
+        PING, INFO and GROUPS requests fail: their answers are gone.
+        """
+        self._out = []
+        lost = ConnectionClosed(f"connection lost: {self._loss}")
+        for key, waiter in list(self._waiters.items()):
+            sub = self._subs.get(key) if key > 0 else None
+            if sub is not None and not sub._unsubscribing:
+                continue
+            del self._waiters[key]
+            if sub is not None:
+                del self._subs[key]
+                sub._close()
+                waiter.done()
+            else:
+                waiter.done(lost)
+        for waiter in self._info_waiters.values():
+            waiter.done(lost)
+        self._info_waiters.clear()
 
     async def aclose(self, timeout: float = 5.0, *, graceful: bool = True) -> None:
         """Flush publishes, say GOODBYE, wait for the broker's, close."""
@@ -307,7 +375,7 @@ class Client:
         if graceful and self._closed is None:
             with trio.move_on_after(timeout):
                 await self.flush()
-                if self._closed is None:
+                if self._closed is None and self._connected.is_set():
                     if self._settlements:
                         self._out.extend(self._take_settlements())
                     self._out.append(self._conn.send(Goodbye()))
@@ -428,7 +496,10 @@ class Client:
                 self._pending_count += 1
                 self._drained = trio.Event() if self._drained.is_set() else self._drained
                 batch = encode_batch_from_records([encode_record(payload, request_headers)])
-                self._queue(encode_publish(request_id, topic, batch, needs_receiver=True))
+                frame = encode_publish(request_id, topic, batch, needs_receiver=True)
+                self._inflight_frames[request_id] = frame
+                if self._connected.is_set():
+                    self._queue(frame)  # else it goes out when reconnected
                 try:
                     await pending.wait()
                 except BrokerError as exc:
@@ -497,7 +568,8 @@ class Client:
         request_id = next(self._request_ids)
         self._inflight[request_id] = [p for _, p in items]
         batch = encode_batch_from_records([r for r, _ in items])
-        return encode_publish(request_id, topic, batch)
+        frame = self._inflight_frames[request_id] = encode_publish(request_id, topic, batch)
+        return frame
 
     # -- subscribing ------------------------------------------------------
 
@@ -579,7 +651,9 @@ class Client:
             raise ValueError("window must be between 1 and 2**32 - 2")
         kind, value = _start_position(start)
         sub_id = next(self._sub_ids)
-        sub = Subscription(self, sub_id, pattern, window, group=options.get("group"))
+        sub = Subscription(
+            self, sub_id, pattern, window, group=options.get("group"), start=(kind, value), options=options
+        )
         # A group's start is the broker's business (it hands out from the
         # group's cursor; a later member's start is ignored): no client skips.
         if kind is StartKind.OFFSET and sub.group is None:
@@ -590,7 +664,9 @@ class Client:
         waiter = self._waiters[sub_id] = _Waiter()
         # Group members are flow-controlled by max_ack_pending, not credit.
         credit = UNLIMITED_CREDIT if sub.group else window
-        self._queue(self._conn.send(Subscribe(sub_id, pattern, kind, value, credit, options)))
+        if self._connected.is_set():
+            self._queue(self._conn.send(Subscribe(sub_id, pattern, kind, value, credit, options)))
+        # else: reconnecting, which sends every subscription in _subs
         await waiter.event.wait()
         if waiter.error is not None:
             self._subs.pop(sub_id, None)
@@ -603,6 +679,13 @@ class Client:
 
     async def _unsubscribe(self, sub: Subscription) -> None:
         self._check_open()
+        if not self._connected.is_set():
+            # Reconnecting: the broker forgot it with the old connection.
+            self._subs.pop(sub.sub_id, None)
+            sub._close()
+            await trio.lowlevel.checkpoint()
+            return
+        sub._unsubscribing = True
         waiter = self._waiters[sub.sub_id] = _Waiter()
         self._queue(self._conn.send(Unsubscribe(sub.sub_id)))
         await waiter.event.wait()
@@ -636,12 +719,14 @@ class Client:
         return frames
 
     def _grant_credit(self, sub_id: int, messages: int) -> None:
-        if self._closed is None and sub_id in self._subs:
+        # While reconnecting nothing is sent: the resumed SUBSCRIBE carries
+        # the credit the subscription has room for.
+        if self._closed is None and sub_id in self._subs and self._connected.is_set():
             self._queue(self._conn.send(Credit(sub_id, messages)))
 
     async def ping(self) -> None:
         """Round trip to the broker (PING, wait for PONG)."""
-        self._check_open()
+        await self._wait_connected()
         nonce = next(self._request_ids)
         waiter = self._waiters[-nonce] = _Waiter()
         self._queue(self._conn.send(Ping(nonce)))
@@ -652,7 +737,7 @@ class Client:
     async def topics(self, pattern: str = ">") -> list[TopicInfo]:
         """The topics matching ``pattern`` with their first and next offsets,
         retained bytes and subscription counts (at most 10,000, by name)."""
-        self._check_open()
+        await self._wait_connected()
         problem = pattern_error(pattern, self._max_topic_bytes, self._max_topic_depth)
         if problem is not None:
             raise ValueError(problem)
@@ -668,7 +753,7 @@ class Client:
     async def groups(self, action: str = "list", name: str = "") -> dict[str, Any]:
         """Consumer-group admin: ``"list"``, ``"inspect"`` or ``"delete"``
         (with ``name``); returns the broker's JSON answer (protocol.md)."""
-        self._check_open()
+        await self._wait_connected()
         kinds = {"list": GroupsAction.LIST, "inspect": GroupsAction.INSPECT, "delete": GroupsAction.DELETE}
         if action not in kinds:
             raise ValueError(f"action must be one of {', '.join(kinds)}")
@@ -683,6 +768,88 @@ class Client:
         return document
 
     # -- the tasks --------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Run the reader and writer of each connection; between connections,
+        reconnect (when allowed) and resume where the last one stopped."""
+        while True:
+            self._reader_done = trio.Event()
+            async with trio.open_nursery() as nursery:
+                self._conn_scope = nursery.cancel_scope
+                nursery.start_soon(self._reader, name="pybroker reader")
+                nursery.start_soon(self._writer, name="pybroker writer")
+            if self._closed is not None:
+                return
+            if self._connected.is_set():  # both tasks ended without a word
+                self._lost(ConnectionClosed("the connection ended"))
+                if self._closed is not None:
+                    return
+            await trio.aclose_forcefully(self._stream)  # the lost one
+            if not await self._reconnect():
+                return
+
+    async def _reconnect(self) -> bool:
+        """Get a new connection and resume on it; False once given up."""
+        assert self._reconnect_policy is not None and self._opener is not None
+        error = self._loss
+        _log.warning("connection lost; reconnecting", error=str(error))
+        attempts = 0
+        for delay in self._reconnect_policy.delays():
+            await trio.sleep(delay)
+            if self._closed is not None or self._closing_by_us:
+                break
+            attempts += 1
+            stream: trio.abc.Stream | None = None
+            try:
+                with trio.fail_after(self._connect_timeout):
+                    stream = await self._opener()
+                    self._stream = stream
+                    self._conn = Connection(Role.CLIENT)
+                    await self._handshake()
+                    await stream.send_all(self._resume_frames())
+            except BrokerError as exc:
+                if stream is not None:
+                    await trio.aclose_forcefully(stream)
+                if exc.code not in RETRYABLE_CODES:
+                    self._fail(ConnectionClosed(f"reconnecting was refused: {exc}"))
+                    return False
+                error = exc
+                continue
+            except (
+                OSError,
+                trio.TooSlowError,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                ConnectionClosed,
+                ProtocolError,
+            ) as exc:
+                # OSError includes trio's failure to connect to any address.
+                if stream is not None:
+                    await trio.aclose_forcefully(stream)
+                error = exc
+                continue
+            self.reconnects += 1
+            self._connected.set()
+            self._wake.set()
+            _log.info("reconnected", attempts=attempts, subscriptions=len(self._subs))
+            return True
+        self._fail(
+            ConnectionClosed(f"gave up reconnecting after {attempts} attempts; last error: {error!r}")
+        )
+        return False
+
+    def _resume_frames(self) -> bytes:
+        """Every subscription, continued, then every unacknowledged PUBLISH again.
+
+        Built and sent before the writer runs, so nothing a subscription's
+        messages need (group ACKs, CREDIT) can overtake its SUBSCRIBE.
+        """
+        self._out = []
+        frames = [self._conn.send(sub._resubscribe()) for sub in self._subs.values()]
+        # A PUBLISH whose PUBACK was lost may have been stored: sending it
+        # again may store it twice, never loses it (protocol.md).
+        frames.extend(self._inflight_frames.values())
+        return b"".join(frames)
 
     def _queue(self, data: bytes) -> None:
         self._out.append(data)
@@ -714,7 +881,7 @@ class Client:
                 await self._wake.wait()
                 self._wake = trio.Event()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._fail(ConnectionClosed(f"connection lost while sending: {exc!r}"))
+            self._lost(ConnectionClosed(f"connection lost while sending: {exc!r}"))
 
     async def _reader(self) -> None:
         conn = self._conn
@@ -725,10 +892,10 @@ class Client:
                     if event is NEED_DATA:
                         break
                     if event is CLOSED:
-                        self._fail(ConnectionClosed("the broker closed the connection"))
+                        self._lost(ConnectionClosed("the broker closed the connection"))
                         return
                     self._on_event(event)
-                    if self._closed is not None:
+                    if self._closed is not None or not self._connected.is_set():
                         return
                 conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
         except ProtocolError as exc:
@@ -740,7 +907,7 @@ class Client:
                 pass
             self._fail(ConnectionClosed(f"protocol error: {exc}"))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._fail(ConnectionClosed(f"connection lost: {exc!r}"))
+            self._lost(ConnectionClosed(f"connection lost: {exc!r}"))
         finally:
             self._reader_done.set()
 
@@ -751,7 +918,16 @@ class Client:
             self._on_group_deliver(event)
         elif isinstance(event, PubAck):
             self._on_puback(event)
-        elif isinstance(event, (SubAck, UnsubAck)):
+        elif isinstance(event, SubAck):
+            sub = self._subs.get(event.sub_id)
+            if sub is not None:
+                sub._resuming = False
+                if sub._registered_us is None:
+                    sub._registered_us = event.timestamp
+            waiter = self._waiters.pop(event.sub_id, None)
+            if waiter is not None:
+                waiter.done()
+        elif isinstance(event, UnsubAck):
             waiter = self._waiters.pop(event.sub_id, None)
             if waiter is not None:
                 waiter.done()
@@ -769,7 +945,7 @@ class Client:
                 waiter.done(result=event)
         elif isinstance(event, Goodbye):
             self._goodbye_received.set()
-            self._fail(ConnectionClosed("the broker said goodbye"))
+            self._lost(ConnectionClosed("the broker said goodbye"))
 
     def _on_deliver(self, d: Deliver) -> None:
         sub = self._subs.get(d.sub_id)
@@ -813,6 +989,7 @@ class Client:
         pendings = self._inflight.pop(ack.request_id, None)
         if pendings is None:
             return
+        self._inflight_frames.pop(ack.request_id, None)
         base, ts, durability = ack.base_offset, ack.timestamp, ack.durability
         for i, p in enumerate(pendings):
             p._resolve(base + i, ts, durability)
@@ -828,11 +1005,16 @@ class Client:
     def _on_error(self, err: Error) -> None:
         error = BrokerError(err.code, err.message)
         if err.fatal:
-            self._fail(ConnectionClosed(f"the broker closed the connection: {error}"))
+            closed = ConnectionClosed(f"the broker closed the connection: {error}")
+            if err.code in RETRYABLE_CODES:
+                self._lost(closed)
+            else:
+                self._fail(closed)
             return
         if err.ref_kind is RefKind.REQUEST:
             pendings = self._inflight.pop(err.ref, None)
             if pendings is not None:
+                self._inflight_frames.pop(err.ref, None)
                 for p in pendings:
                     p._fail(error)
                 self._settled(len(pendings))
@@ -849,6 +1031,12 @@ class Client:
             sub = self._subs.get(err.ref)
             if sub is not None and err.code == ErrorCode.DATA_LOST:
                 sub._note_lost(_lost_count(err.message))
+            elif sub is not None and sub._resuming:
+                # The broker refused to continue it on the new connection.
+                del self._subs[err.ref]
+                sub._close(error)
+                _log.warning("subscription not resumed", pattern=sub.pattern, error=str(error))
+                return
         _log.warning("error from broker", code=err.code, detail=err.message, ref=err.ref)
 
 
@@ -944,15 +1132,33 @@ async def connect(
     max_inflight_batches: int = 8,
     connect_timeout: float = 10.0,
     close_timeout: float = 5.0,
+    reconnect: bool | Reconnect = False,
 ) -> AsyncIterator[Client]:
     """Connect to a broker for the body of an ``async with``.
 
     On a normal exit the client waits (up to ``close_timeout``) for every
     queued publish to be acknowledged, then closes cleanly with GOODBYE.
+
+    With ``reconnect=True`` (or a :class:`Reconnect` policy) a lost
+    connection is reopened with backoff and jitter, and every subscription
+    resumes where it stopped: no message is skipped, unacknowledged
+    publishes are sent again (at-least-once), group members rejoin and get
+    what they had not acknowledged redelivered. Meanwhile publishes queue
+    (up to ``max_pending``) and requests wait. The first connection is not
+    retried: a broker that is not there fails ``connect`` at once.
     """
     host, port = parse_url(url)
+    policy: Reconnect | None = None
+    if isinstance(reconnect, Reconnect):
+        policy = reconnect
+    elif reconnect:
+        policy = Reconnect()
+
+    async def opener() -> trio.abc.Stream:
+        return await trio.open_tcp_stream(host, port)
+
     with trio.fail_after(connect_timeout):
-        stream = await trio.open_tcp_stream(host, port)
+        stream = await opener()
     try:
         async with trio.open_nursery() as nursery:
             client = Client(
@@ -962,15 +1168,17 @@ async def connect(
                 linger=linger,
                 max_pending=max_pending,
                 max_inflight_batches=max_inflight_batches,
+                opener=opener,
+                reconnect=policy,
+                connect_timeout=connect_timeout,
             )
             try:
                 with trio.fail_after(connect_timeout):
-                    await client._handshake(connect_timeout)
+                    await client._handshake()
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
-            nursery.start_soon(client._reader, name="pybroker reader")
-            nursery.start_soon(client._writer, name="pybroker writer")
+            nursery.start_soon(client._run, name="pybroker connection")
             try:
                 yield client
             except BaseException:

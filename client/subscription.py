@@ -17,6 +17,7 @@ import trio
 
 from .errors import ConnectionClosed
 from .message import Message
+from .protocol import RESUME_OPTION_PREFIX, UNLIMITED_CREDIT, StartKind, Subscribe
 
 if TYPE_CHECKING:
     from .connection import Client
@@ -38,7 +39,14 @@ class Subscription:
     """Iterate with ``async for msg in sub``; stop with ``await sub.unsubscribe()``."""
 
     def __init__(
-        self, client: Client, sub_id: int, pattern: str, window: int, group: str | None = None
+        self,
+        client: Client,
+        sub_id: int,
+        pattern: str,
+        window: int,
+        group: str | None = None,
+        start: tuple[StartKind, int] = (StartKind.NEW, 0),
+        options: dict[str, str] | None = None,
     ) -> None:
         self._client = client
         self.sub_id = sub_id
@@ -46,6 +54,18 @@ class Subscription:
         self.window = window
         #: The consumer group this subscription is a member of, if any.
         self.group = group
+        self._start = start
+        self._options = dict(options or {})
+        #: Plain subscriptions: the next offset of every topic received from,
+        #: where a resumed subscription continues (protocol.md, "Resuming
+        #: after a reconnect").
+        self._positions: dict[str, int] = {}
+        #: The broker's clock at the first SUBACK: where topics not received
+        #: from yet resume, for a subscription that started with "new".
+        self._registered_us: int | None = None
+        #: A SUBSCRIBE sent again after a reconnect awaits its SUBACK.
+        self._resuming = False
+        self._unsubscribing = False
         self._batches: deque[list[Message]] = deque()
         self._current: list[Message] = []
         self._index = 0
@@ -69,6 +89,18 @@ class Subscription:
         if self._closed:
             return
         received = len(messages)
+        if self.group is None and messages:
+            topic = messages[0].topic
+            last = messages[-1].offset
+            position = self._positions.get(topic)
+            if position is not None and messages[0].offset < position <= last:
+                # A resumed topic restarts at the stored batch holding its
+                # position: drop what this subscription already had.
+                messages = [m for m in messages if m.offset >= position]
+            # A whole batch below the position is not a repeat: the broker
+            # lost that topic's tail (memory storage restarted) and these
+            # are new messages, so they are delivered.
+            self._positions[topic] = last + 1
         if self._skip_below is not None:
             messages = [m for m in messages if m.offset >= self._skip_below]
         if self._skip_before_us and messages and messages[0].timestamp_us < self._skip_before_us:
@@ -81,6 +113,25 @@ class Subscription:
         self._batches.append(messages)
         self._pending += len(messages)
         self._arrived.set()
+
+    def _resubscribe(self) -> Subscribe:
+        """The SUBSCRIBE that continues this subscription on a new connection."""
+        kind, value = self._start
+        options = dict(self._options)
+        if self.group is not None:
+            credit = UNLIMITED_CREDIT  # the broker redelivers what was pending
+        else:
+            if kind is StartKind.NEW and self._registered_us is not None:
+                kind, value = StartKind.TIME, self._registered_us
+            for topic, position in self._positions.items():
+                options[RESUME_OPTION_PREFIX + topic] = str(position)
+            # The broker's credit starts afresh: what is still buffered here
+            # counts against the window. The current batch's consumed part is
+            # accounted again when it ends, so it is subtracted in advance.
+            credit = max(1, self.window - self._pending)
+            self._consumed = -self._index if self._current else 0
+        self._resuming = True
+        return Subscribe(self.sub_id, self.pattern, kind, value, credit, options)
 
     def _note_malformed(self) -> None:
         self._malformed += 1

@@ -14,6 +14,7 @@ import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -479,7 +480,7 @@ async def test_serve_stops_cleanly_on_signal(tmp_path: Path, signum: signal.Sign
 
 async def test_serve_stops_with_a_subscriber_connected(tmp_path: Path) -> None:
     async with serve(tmp_path) as broker:
-        async with spawn(["sub", ">", "--url", broker.url], "sub") as sub:
+        async with spawn(["sub", ">", "--url", broker.url, "--no-reconnect"], "sub") as sub:
             # Wait until the subscriber is live, then stop the broker.
             for i in range(MAX_PROBES):
                 await pub(broker, "cli.stop", f"probe-{i}")
@@ -493,6 +494,35 @@ async def test_serve_stops_with_a_subscriber_connected(tmp_path: Path) -> None:
             assert "stopped" in [e.get("event") for e in json_events(broker.child.stderr.lines)]
             # The subscriber notices (GOODBYE / EOF) and exits by itself.
             await sub.wait()
+            assert "Traceback" not in sub.stderr.text()
+
+
+async def test_sub_reconnects_and_resumes_across_a_restart(tmp_path: Path) -> None:
+    """By default `sub` rides over a broker restart (same port, same data)
+    and prints what was published while it was away, then what comes live."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with serve(tmp_path, "--port", str(port)) as broker:
+        async with spawn(["sub", "cli.re.>", "--url", broker.url], "sub") as sub:
+            for i in range(MAX_PROBES):
+                await pub(broker, "cli.re.probe", f"probe-{i}")
+                with trio.move_on_after(1.0):
+                    await sub.stdout.wait_for(lambda lines: lines or None)
+                    break
+            else:
+                raise AssertionError(f"sub printed nothing: {sub.stderr.text()}")
+            broker.child.process.send_signal(signal.SIGTERM)
+            assert await broker.child.wait() == 0, broker.child.stderr.text()
+            async with serve(tmp_path, "--port", str(port)) as again:
+                assert await pub(again, "cli.re.away", "while-away") == 0
+                await sub.stdout.wait_for(
+                    lambda lines: any(line.endswith(" while-away") for line in lines) or None
+                )
+                assert await pub(again, "cli.re.live", "live") == 0
+                await sub.stdout.wait_for(
+                    lambda lines: any(line.endswith(" live") for line in lines) or None
+                )
             assert "Traceback" not in sub.stderr.text()
 
 

@@ -213,7 +213,7 @@ SAMPLES: dict[FrameType, Event] = {
     FrameType.PUBLISH: Publish(1, "orders.eu", BATCH),
     FrameType.PUBACK: PubAck(1, 41, 2, 1_700_000_000_000_000, Durability.DISK),
     FrameType.SUBSCRIBE: Subscribe(7, "orders.eu", StartKind.OFFSET, 40, 1000, {"k": "v"}),
-    FrameType.SUBACK: SubAck(7),
+    FrameType.SUBACK: SubAck(7, 1_764_316_800_000_000),
     FrameType.UNSUBSCRIBE: Unsubscribe(7),
     FrameType.UNSUBACK: UnsubAck(7),
     FrameType.CREDIT: Credit(7, 500),
@@ -587,7 +587,7 @@ HEX_FRAMES = [
         "0000001c 20 00 00000001 0001 3e 00 0000000000000000 00000100 0001 0001 78 0001 79",
         id="subscribe-options",
     ),
-    pytest.param(SubAck(5), "00000004 21 00 00000005", id="suback"),
+    pytest.param(SubAck(5, 0x0102030405060708), "0000000c 21 00 00000005 0102030405060708", id="suback"),
     pytest.param(Unsubscribe(5), "00000004 22 00 00000005", id="unsubscribe"),
     pytest.param(UnsubAck(0xFFFFFFFF), "00000004 23 00 ffffffff", id="unsuback"),
     pytest.param(Credit(5, 100), "00000008 24 00 00000005 00000064", id="credit"),
@@ -620,6 +620,14 @@ def test_exact_bytes(event: Event, hex_bytes: str) -> None:
     data = bytes.fromhex(hex_bytes)
     assert encode_event(event) == data
     assert decode_body(FrameType(data[4]), data[5], data[HEADER_SIZE:]) == event
+
+
+def test_suback_timestamp_survives_decoding() -> None:
+    # SubAck's equality ignores the clock reading, so test_exact_bytes alone
+    # would not notice a timestamp decoded wrongly.
+    data = encode_event(SubAck(5, 0x0102030405060708))
+    decoded = decode_body(FrameType.SUBACK, data[5], data[HEADER_SIZE:])
+    assert isinstance(decoded, SubAck) and decoded.timestamp == 0x0102030405060708
 
 
 def test_fast_paths_match_encode_event() -> None:

@@ -351,7 +351,7 @@ _DECODERS: dict[FrameType, Callable[[_Body], Event]] = {
     FrameType.WELCOME: _d_welcome,
     FrameType.PUBACK: _d_puback,
     FrameType.SUBSCRIBE: _d_subscribe,
-    FrameType.SUBACK: lambda b: SubAck(b.u32()),
+    FrameType.SUBACK: lambda b: SubAck(b.u32(), b.u64()),
     FrameType.UNSUBSCRIBE: lambda b: Unsubscribe(b.u32()),
     FrameType.UNSUBACK: lambda b: UnsubAck(b.u32()),
     FrameType.CREDIT: lambda b: Credit(*b.unpack(_CREDIT)),
@@ -520,7 +520,9 @@ def encode_event(event: Event) -> bytes:
             + _SUBSCRIBE_START.pack(event.start, event.start_value, event.credit)
             + _str_map(event.options)
         )
-    elif isinstance(event, (SubAck, Unsubscribe, UnsubAck)):
+    elif isinstance(event, SubAck):
+        body = _U32.pack(event.sub_id) + _U64.pack(event.timestamp)
+    elif isinstance(event, (Unsubscribe, UnsubAck)):
         body = _U32.pack(event.sub_id)
     elif isinstance(event, Credit):
         body = _CREDIT.pack(event.sub_id, event.messages)

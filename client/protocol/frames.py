@@ -64,6 +64,10 @@ MAX_INFO_ENTRIES = 10_000
 
 #: SUBSCRIBE credit meaning "no flow control".
 UNLIMITED_CREDIT = 0xFFFFFFFF
+#: SUBSCRIBE option ``resume:<topic>`` = decimal offset: where a resumed
+#: subscription continues in that topic (protocol.md, "Resuming after a
+#: reconnect").
+RESUME_OPTION_PREFIX = "resume:"
 
 
 class AckKind(enum.IntEnum):
@@ -132,6 +136,12 @@ class Subscribe:
 @attrs.frozen
 class SubAck:
     sub_id: int
+    #: The broker's clock (µs since the epoch) when it registered the
+    #: subscription: every message delivered live to it has a timestamp at or
+    #: after this, so a client resuming after a reconnect starts topics it
+    #: has not seen yet from here. A reading of a clock, not part of the
+    #: answer's identity: ``SubAck(1) == SubAck(1, t)``.
+    timestamp: int = attrs.field(default=0, eq=False)
 
 
 @attrs.frozen

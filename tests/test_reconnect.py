@@ -1,0 +1,472 @@
+"""Clients that reconnect by themselves and resume where they stopped.
+
+The broker is stopped (gracefully, or with SIGKILL) and started again on the
+same data directory and port while clients are connected; a client made with
+``reconnect=`` must come back and miss nothing: plain subscriptions resume
+every topic from its position (wildcards included, and topics first written
+while the client was away), group members get their unacknowledged jobs
+again, and publishes sent but not acknowledged are sent again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+import client
+from broker.server import Server
+from broker.testing import running_broker
+from client import Message, Reconnect
+from client.protocol import (
+    NEED_DATA,
+    Connection,
+    Deliver,
+    Error,
+    ErrorCode,
+    Hello,
+    Publish,
+    PubAck,
+    Role,
+    StartKind,
+    SubAck,
+    Subscribe,
+    Welcome,
+    encode_batch_from_records,
+    encode_record,
+)
+from test_durability import broker_process
+
+TIMEOUT = 30.0
+#: Quick retries, bounded: at most ~40 s of trying.
+FAST = Reconnect(max_attempts=200, initial_delay=0.02, max_delay=0.2, jitter=0.5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Collector:
+    """Messages of one subscription by topic, with a way to wait for counts."""
+
+    def __init__(self) -> None:
+        self.by_topic: dict[str, list[Message]] = defaultdict(list)
+        self.changed = trio.Event()
+
+    def __call__(self, msg: Message) -> None:
+        self.by_topic[msg.topic].append(msg)
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def payloads(self, topic: str) -> list[bytes]:
+        return [m.payload for m in self.by_topic[topic]]
+
+    async def wait_for(self, counts: dict[str, int], timeout: float = TIMEOUT) -> None:
+        with trio.fail_after(timeout):
+            while any(len(self.by_topic[t]) < n for t, n in counts.items()):
+                await self.changed.wait()
+
+
+async def publish_all(url: str, topic: str, payloads: list[bytes]) -> None:
+    async with client.connect(url) as c:
+        await c.publish_many(topic, payloads)
+
+
+def batch(prefix: str, n: int) -> list[bytes]:
+    return [f"{prefix}-{i}".encode() for i in range(n)]
+
+
+# ---------------------------------------------------------------------------
+# The policy
+
+
+def test_delays_grow_to_the_cap_and_are_bounded_in_number() -> None:
+    policy = Reconnect(max_attempts=8, initial_delay=0.1, max_delay=1.0, multiplier=2.0, jitter=0)
+    assert list(policy.delays()) == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0])
+
+
+def test_jitter_draws_within_the_delay() -> None:
+    policy = Reconnect(max_attempts=200, initial_delay=1.0, max_delay=1.0, jitter=0.5)
+    delays = list(policy.delays())
+    assert len(delays) == 200
+    assert all(0.5 <= d <= 1.0 for d in delays)
+    assert len(set(delays)) > 1  # drawn, not constant
+
+
+def test_unbounded_policy_never_overflows() -> None:
+    delays = Reconnect(max_attempts=None, initial_delay=0.5, max_delay=30.0, jitter=0).delays()
+    assert list(itertools.islice(delays, 5000))[-1] == 30.0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_attempts": 0},
+        {"initial_delay": -1},
+        {"initial_delay": 10.0, "max_delay": 1.0},
+        {"multiplier": 0.5},
+        {"jitter": 1.5},
+    ],
+)
+def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        Reconnect(**kwargs)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------
+# A broker restarted on the same data directory and port
+
+
+async def test_reconnecting_subscriber_misses_nothing(tmp_path: Path) -> None:
+    """A wildcard subscription started with "new" rides over two restarts.
+
+    While the subscriber is away a second broker (another port, the same
+    data) takes messages for a topic it had seen and for one it had never
+    seen; after it reconnects it receives exactly those, in order, then the
+    live ones: no gap, no repeat.
+    """
+    data, port = tmp_path / "data", free_port()
+    got = Collector()
+    async with trio.open_nursery() as nursery:
+        async with running_broker(data_dir=data, port=port) as first:
+            url = first.url
+            c = await nursery.start(_subscriber, url, "orders.>", got)
+            await publish_all(url, "orders.a", batch("a1", 50))
+            await publish_all(url, "orders.b", batch("b1", 20))
+            await got.wait_for({"orders.a": 50, "orders.b": 20})
+        # Away: the subscriber retries a port that refuses it.
+        async with running_broker(data_dir=data) as elsewhere:
+            await publish_all(elsewhere.url, "orders.a", batch("a2", 30))
+            await publish_all(elsewhere.url, "orders.c", batch("c2", 10))
+            assert not c.connected
+        async with running_broker(data_dir=data, port=port) as back:
+            await got.wait_for({"orders.a": 80, "orders.c": 10})
+            assert c.connected and c.reconnects == 1
+            await publish_all(back.url, "orders.b", batch("b3", 5))
+            await publish_all(back.url, "orders.d", batch("d3", 5))
+            await got.wait_for({"orders.b": 25, "orders.d": 5})
+            nursery.cancel_scope.cancel()
+    assert got.payloads("orders.a") == batch("a1", 50) + batch("a2", 30)
+    assert got.payloads("orders.b") == batch("b1", 20) + batch("b3", 5)
+    assert got.payloads("orders.c") == batch("c2", 10)
+    assert got.payloads("orders.d") == batch("d3", 5)
+    for msgs in got.by_topic.values():
+        offsets = [m.offset for m in msgs]
+        assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))
+
+
+async def _subscriber(
+    url: str,
+    pattern: str,
+    got: Collector,
+    *,
+    task_status: trio.TaskStatus[client.Client] = trio.TASK_STATUS_IGNORED,
+    **subscribe: object,
+) -> None:
+    async with client.connect(url, reconnect=FAST) as c:
+        await c.subscribe(pattern, got, **subscribe)  # type: ignore[arg-type]
+        task_status.started(c)
+        await trio.sleep_forever()
+
+
+async def _one(sub: client.Subscription) -> Message:
+    with trio.fail_after(TIMEOUT):
+        async for msg in sub:
+            return msg
+    raise AssertionError("subscription ended")
+
+
+async def test_group_workers_finish_every_job_across_a_restart(tmp_path: Path) -> None:
+    """Three reconnecting workers; the broker restarts halfway: every job is
+    done at least once, and none is lost."""
+    data, port = tmp_path / "data", free_port()
+    jobs = batch("job", 300)
+    done: list[bytes] = []
+    progressed = trio.Event()
+
+    async def work(msg: Message) -> None:
+        done.append(msg.payload)
+        if len(set(done)) >= 100:
+            progressed.set()
+        await trio.sleep(0.001)
+
+    async def worker(url: str, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with client.connect(url, reconnect=FAST) as c:
+            await c.subscribe("jobs", work, group="workers", max_ack_pending=20)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        async with running_broker(data_dir=data, port=port) as first:
+            for _ in range(3):
+                await nursery.start(worker, first.url)
+            async with client.connect(first.url) as pub:
+                await pub.publish_many("jobs", jobs)
+            with trio.fail_after(TIMEOUT):
+                await progressed.wait()
+        async with running_broker(data_dir=data, port=port):
+            with trio.fail_after(TIMEOUT):
+                while set(done) != set(jobs):
+                    await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    assert set(done) == set(jobs)
+
+
+async def test_publishes_made_while_away_are_sent_once_back(tmp_path: Path) -> None:
+    """Messages published while the broker is down wait in the client and
+    are stored once it is back: each exactly once, in order."""
+    data, port = tmp_path / "data", free_port()
+    async with trio.open_nursery() as nursery:
+        async with running_broker(data_dir=data, port=port) as first:
+            c = await nursery.start(_publisher, first.url)
+            await c.publish("away.t", b"before")
+        with trio.fail_after(TIMEOUT):
+            while c.connected:  # the broker's GOODBYE has arrived
+                await trio.sleep(0.01)
+        pendings = [await c.send("away.t", p) for p in batch("away", 50)]
+        assert not any(p.done() for p in pendings)
+        async with running_broker(data_dir=data, port=port) as back:
+            with trio.fail_after(TIMEOUT):
+                acks = [await p.wait() for p in pendings]
+            assert [a.offset for a in acks] == list(range(1, 51))
+            async with client.connect(back.url) as reader:
+                async with reader.subscribe("away.t", start="earliest") as sub:
+                    stored = [(await _one(sub)).payload for _ in range(51)]
+            assert stored == [b"before"] + batch("away", 50)
+            nursery.cancel_scope.cancel()
+
+
+async def _publisher(
+    url: str, task_status: trio.TaskStatus[client.Client] = trio.TASK_STATUS_IGNORED
+) -> None:
+    async with client.connect(url, reconnect=FAST) as c:
+        task_status.started(c)
+        await trio.sleep_forever()
+
+
+async def _serve_until(
+    stop: trio.Event,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    **config: object,
+) -> None:
+    async with running_broker(**config) as server:
+        task_status.started(server)
+        await stop.wait()
+
+
+async def test_giving_up_fails_everything_waiting(tmp_path: Path) -> None:
+    """After max_attempts the client closes: iteration raises, publishes fail."""
+    policy = Reconnect(max_attempts=3, initial_delay=0.01, max_delay=0.02)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(_serve_until, stop)
+        async with client.connect(server.url, reconnect=policy) as c:
+            sub = await c.subscribe("gone.>")
+            stop.set()
+            with trio.fail_after(TIMEOUT):
+                with pytest.raises(client.ConnectionClosed, match="gave up reconnecting after 3 attempts"):
+                    async for _ in sub:
+                        pass
+            assert c.closed and c.reconnects == 0
+            with pytest.raises(client.ConnectionClosed):
+                await c.publish("gone.t", b"x")
+
+
+async def test_without_reconnect_a_lost_connection_is_final(tmp_path: Path) -> None:
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(_serve_until, stop)
+        async with client.connect(server.url) as c:
+            sub = await c.subscribe("final.>")
+            stop.set()
+            with trio.fail_after(TIMEOUT):
+                with pytest.raises(client.ConnectionClosed):
+                    async for _ in sub:
+                        pass
+            assert c.closed and c.reconnects == 0
+
+
+async def test_sigkill_mid_publish_loses_no_acknowledged_message(tmp_path: Path) -> None:
+    """The broker (a subprocess, fsync always) is SIGKILLed while a
+    reconnecting publisher pipelines into two topics and a reconnecting
+    wildcard subscriber reads them; it restarts on the same port. Every
+    acknowledged message reaches the subscriber, offsets have no gaps, and
+    the only repeats are publishes resent after the kill (at-least-once)."""
+    data, port = tmp_path / "data", free_port()
+    work = tmp_path / "work"
+    work.mkdir()
+    got = Collector()
+    acked: set[bytes] = set()
+    sent = 0
+    async with broker_process(data, work, "--port", str(port), "--http-port", "-1") as broker:
+        url = await broker.start()
+        async with trio.open_nursery() as nursery:
+            subscriber = await nursery.start(_subscriber, url, "crash.>", got)
+            reconnects: list[int] = []
+
+            async def publish(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                nonlocal sent
+                async with client.connect(url, reconnect=FAST) as c:
+                    task_status.started()
+                    pendings = []
+                    for i in range(3000):
+                        payload = f"m-{i}".encode()
+                        pendings.append((payload, await c.send(f"crash.t{i % 2}", payload)))
+                        sent += 1
+                        if i % 50 == 49:
+                            await trio.sleep(0.005)  # spread over the kill
+                    for payload, pending in pendings:
+                        await pending.wait()  # raises if any publish failed
+                        acked.add(payload)
+                    reconnects.append(c.reconnects)
+
+            await nursery.start(publish)
+            with trio.fail_after(TIMEOUT):
+                while sent < 1000:
+                    await trio.sleep(0.005)
+            await broker.kill()
+            sent_at_kill = sent
+            await broker.start()
+            with trio.fail_after(TIMEOUT * 2):
+                while len(acked) < 3000 or not _covers(got, acked):
+                    await trio.sleep(0.05)
+            assert subscriber.reconnects == 1
+            nursery.cancel_scope.cancel()
+    assert sent_at_kill < 3000 and reconnects == [1]  # the kill came mid-stream
+    assert len(acked) == 3000
+    for topic, msgs in got.by_topic.items():
+        offsets = [m.offset for m in msgs]
+        assert offsets == list(range(offsets[0], offsets[0] + len(offsets))), topic
+    received = [m.payload for msgs in got.by_topic.values() for m in msgs]
+    assert set(received) == acked
+    assert len(received) - len(set(received)) < 3000  # repeats: resent ones only
+
+
+def _covers(got: Collector, acked: set[bytes]) -> bool:
+    return acked <= {m.payload for msgs in got.by_topic.values() for m in msgs}
+
+
+# ---------------------------------------------------------------------------
+# The resume option on the wire
+
+
+class _Raw:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.conn = Connection(Role.CLIENT)
+
+    async def send(self, event: object) -> None:
+        await self.stream.send_all(self.conn.send(event))  # type: ignore[arg-type]
+
+    async def next(self) -> object:
+        with trio.fail_after(TIMEOUT):
+            while True:
+                event = self.conn.next_event()
+                if event is not NEED_DATA:
+                    return event
+                self.conn.receive_data(await self.stream.receive_some(65536))
+
+
+@asynccontextmanager
+async def _raw(url: str) -> AsyncIterator[_Raw]:
+    host, port = client.parse_url(url)
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        raw = _Raw(stream)
+        await raw.send(Hello(client_name="raw"))
+        assert isinstance(await raw.next(), Welcome)
+        yield raw
+
+
+async def _publish_one_batch(url: str, topic: str, payloads: list[bytes]) -> None:
+    """One PUBLISH frame (one stored batch) with all of ``payloads``."""
+    async with _raw(url) as raw:
+        records = [encode_record(p, None) for p in payloads]
+        await raw.send(Publish(1, topic, encode_batch_from_records(records)))
+        ack = await raw.next()
+        assert isinstance(ack, PubAck) and ack.count == len(payloads)
+
+
+async def test_resume_position_inside_a_batch_replays_that_batch(tmp_path: Path) -> None:
+    async with running_broker(data_dir=tmp_path / "data") as server:
+        await _publish_one_batch(server.url, "wire.t", batch("x", 10))
+        async with _raw(server.url) as raw:
+            await raw.send(Subscribe(1, "wire.>", StartKind.NEW, 0, 1000, {"resume:wire.t": "4"}))
+            assert await raw.next() == SubAck(1)
+            got = await raw.next()
+            assert isinstance(got, Deliver) and got.base_offset == 0 and got.topic == "wire.t"
+        # The client library drops the part it already had.
+        async with client.connect(server.url) as c:
+            async with c.subscribe("wire.t", start=4) as sub:
+                first = await _one(sub)
+                assert (first.offset, first.payload) == (4, b"x-4")
+
+
+async def test_resume_position_past_the_end_waits_for_the_next_message(tmp_path: Path) -> None:
+    async with running_broker(data_dir=tmp_path / "data") as server:
+        await publish_all(server.url, "wire.end", batch("old", 3))
+        async with _raw(server.url) as raw:
+            await raw.send(Subscribe(1, "wire.end", StartKind.EARLIEST, 0, 1000, {"resume:wire.end": "99"}))
+            assert await raw.next() == SubAck(1)
+            await publish_all(server.url, "wire.end", [b"new"])
+            got = await raw.next()
+            assert isinstance(got, Deliver) and got.base_offset == 3
+
+
+async def test_resume_position_below_retention_reports_data_lost(tmp_path: Path) -> None:
+    async with running_broker(storage="memory", memory_retention_bytes=1) as server:
+        for i in range(5):  # each publish its own batch; retention keeps the last
+            await publish_all(server.url, "wire.gone", [f"g-{i}".encode()])
+        async with _raw(server.url) as raw:
+            await raw.send(Subscribe(1, "wire.gone", StartKind.NEW, 0, 1000, {"resume:wire.gone": "0"}))
+            assert await raw.next() == SubAck(1)
+            lost = await raw.next()
+            assert isinstance(lost, Error) and lost.code == ErrorCode.DATA_LOST and lost.ref == 1
+            got = await raw.next()
+            assert isinstance(got, Deliver) and got.base_offset > 0
+
+
+async def test_suback_carries_the_registration_time(tmp_path: Path) -> None:
+    async with running_broker(storage="memory") as server:
+        async with _raw(server.url) as raw:
+            before = time.time_ns() // 1000
+            await raw.send(Subscribe(1, "wire.time"))
+            ack = await raw.next()
+            after = time.time_ns() // 1000
+            assert isinstance(ack, SubAck) and before <= ack.timestamp <= after
+
+
+@pytest.mark.parametrize(
+    ("pattern", "options", "why"),
+    [
+        ("wire.a", {"resume:wire.b": "1"}, "does not match"),
+        ("wire.*", {"resume:wire.a.b": "1"}, "does not match"),
+        ("wire.>", {"resume:wire..x": "1"}, "invalid topic"),
+        ("wire.>", {"resume:wire.a": "-1"}, "not an offset"),
+        ("wire.>", {"resume:wire.a": "1e3"}, "not an offset"),
+        ("wire.>", {"resume:wire.a": "\u0661"}, "not an offset"),
+        ("wire.>", {"resume:wire.a": "1" * 21}, "not an offset"),
+        ("wire.>", {"resume:wire.a": "1", "group": "g"}, "plain subscriptions"),
+        ("wire.>", {"resume": "1"}, "unknown option"),
+    ],
+)
+async def test_bad_resume_options_are_bad_requests(pattern: str, options: dict[str, str], why: str) -> None:
+    async with running_broker(storage="memory") as server:
+        async with _raw(server.url) as raw:
+            await raw.send(Subscribe(7, pattern, StartKind.NEW, 0, 100, options))
+            err = await raw.next()
+            assert isinstance(err, Error) and err.code == ErrorCode.BAD_REQUEST and err.ref == 7
+            assert why in err.message
+            # Not fatal: the connection goes on.
+            await raw.send(Subscribe(8, "wire.ok"))
+            assert await raw.next() == SubAck(8)
