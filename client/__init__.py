@@ -7,14 +7,15 @@
                 ...
 """
 
-from .connection import DEFAULT_URL, Client, PendingAck, connect, parse_url
-from .errors import BrokerError, ConnectionClosed, NoReceivers
+from .connection import DEFAULT_URL, Client, PendingAck, connect, parse_url, url_credentials
+from .errors import AuthenticationError, BrokerError, ConnectionClosed, NoReceivers, PermissionDenied
 from .message import Message, PublishAck
 from .protocol import Durability, ErrorCode, TopicInfo
 from .subscription import Subscription, SubscriptionStatistics
 
 __all__ = [
     "DEFAULT_URL",
+    "AuthenticationError",
     "BrokerError",
     "Client",
     "ConnectionClosed",
@@ -23,10 +24,12 @@ __all__ = [
     "Message",
     "NoReceivers",
     "PendingAck",
+    "PermissionDenied",
     "PublishAck",
     "Subscription",
     "SubscriptionStatistics",
     "TopicInfo",
     "connect",
     "parse_url",
+    "url_credentials",
 ]

@@ -30,12 +30,12 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import structlog
 import trio
 
-from .errors import BrokerError, ConnectionClosed, NoReceivers
+from .errors import AuthenticationError, BrokerError, ConnectionClosed, NoReceivers, broker_error
 from .message import Message, PublishAck
 from .protocol import (
     CLOSED,
@@ -104,6 +104,34 @@ def parse_url(url: str) -> tuple[str, int]:
     if not parts.hostname:
         raise ValueError(f"no host in {url!r}")
     return parts.hostname, parts.port or DEFAULT_PORT
+
+
+def url_credentials(url: str) -> dict[str, str]:
+    """HELLO credential options from a URL's user info (protocol.md,
+    "Authentication"): ``pybroker://user:password@host`` or
+    ``pybroker://token@host``; percent-escapes are decoded."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return {}
+    username = unquote(parts.username)
+    if parts.password is None:
+        return {"token": username}
+    return {"user": username, "password": unquote(parts.password)}
+
+
+def _credentials(
+    url: str, token: str | None, user: str | None, password: str | None
+) -> dict[str, str]:
+    """Explicit arguments win over the URL's user info."""
+    if token is not None and user is not None:
+        raise ValueError("give a token or a user name and password, not both")
+    if token is not None:
+        return {"token": token}
+    if user is not None:
+        return {"user": user, "password": password or ""}
+    if password is not None:
+        raise ValueError("a password needs a user name")
+    return url_credentials(url)
 
 
 class PendingAck:
@@ -199,8 +227,11 @@ class Client:
         linger: float,
         max_pending: int,
         max_inflight_batches: int,
+        credentials: Mapping[str, str] | None = None,
     ) -> None:
         self._stream = stream
+        #: HELLO options; kept (not logged) so a reconnect can send them again.
+        self._credentials = dict(credentials or {})
         self._nursery = nursery
         self.name = name
         self._linger = linger
@@ -240,7 +271,8 @@ class Client:
     # -- lifecycle --------------------------------------------------------
 
     async def _handshake(self, timeout: float) -> None:
-        await self._stream.send_all(self._conn.send(Hello(client_name=self.name)))
+        hello = Hello(client_name=self.name, options=self._credentials)
+        await self._stream.send_all(self._conn.send(hello))
         with trio.fail_after(timeout):
             while True:
                 event = self._conn.next_event()
@@ -250,6 +282,8 @@ class Client:
                 if isinstance(event, Welcome):
                     break
                 if isinstance(event, Error):
+                    if event.code == ErrorCode.AUTH_FAILED:
+                        raise AuthenticationError(event.code, event.message)
                     raise BrokerError(event.code, event.message)
                 raise ConnectionClosed(f"no WELCOME from the broker (got {event!r})")
         self.server = event
@@ -826,7 +860,7 @@ class Client:
             self._drained.set()
 
     def _on_error(self, err: Error) -> None:
-        error = BrokerError(err.code, err.message)
+        error = broker_error(err.code, err.message)
         if err.fatal:
             self._fail(ConnectionClosed(f"the broker closed the connection: {error}"))
             return
@@ -944,13 +978,23 @@ async def connect(
     max_inflight_batches: int = 8,
     connect_timeout: float = 10.0,
     close_timeout: float = 5.0,
+    token: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to a broker for the body of an ``async with``.
 
     On a normal exit the client waits (up to ``close_timeout``) for every
     queued publish to be acknowledged, then closes cleanly with GOODBYE.
+
+    Credentials for a broker with a users file: ``token``, or ``user`` and
+    ``password``, or in the URL (``pybroker://user:password@host``,
+    ``pybroker://token@host``). Refused ones raise
+    :class:`AuthenticationError`; an action the user may not take raises
+    :class:`PermissionDenied` where it is awaited.
     """
     host, port = parse_url(url)
+    credentials = _credentials(url, token, user, password)
     with trio.fail_after(connect_timeout):
         stream = await trio.open_tcp_stream(host, port)
     try:
@@ -962,6 +1006,7 @@ async def connect(
                 linger=linger,
                 max_pending=max_pending,
                 max_inflight_batches=max_inflight_batches,
+                credentials=credentials,
             )
             try:
                 with trio.fail_after(connect_timeout):
