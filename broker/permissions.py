@@ -82,8 +82,9 @@ class Permissions:
     publish_deny: tuple[str, ...] = ()
     subscribe_allow: tuple[str, ...] = ()
     subscribe_deny: tuple[str, ...] = ()
-    #: May delete any consumer group and read the broker-wide HTTP figures
-    #: (/metrics, /v1/broker); grants no publish or subscribe right.
+    #: May list, inspect and delete every consumer group and read the
+    #: broker-wide HTTP figures (/metrics, /v1/broker); grants no publish
+    #: or subscribe right.
     admin: bool = False
     _pa: tuple[tuple[str, ...], ...] = attrs.field(init=False, eq=False, repr=False)
     _pd: tuple[tuple[str, ...], ...] = attrs.field(init=False, eq=False, repr=False)

@@ -427,7 +427,9 @@ class Session:
     def _on_groups(self, req: Groups) -> None:
         manager = self.server.groups
         rid = req.request_id
-        perms = self.perms
+        # Group administration is for those who may read the group's
+        # pattern, and for admins (protocol.md, "Authentication ...").
+        perms = None if self.perms is None or self.perms.admin else self.perms
         if req.action is GroupsAction.LIST:
             doc: dict[str, Any] = {
                 "groups": [
@@ -442,9 +444,7 @@ class Session:
         elif req.name not in manager.groups:
             self._request_error(ErrorCode.UNKNOWN_GROUP, f"no group {req.name!r}", rid, RefKind.REQUEST)
             return
-        elif perms is not None and not perms.may_subscribe(manager.groups[req.name].pattern) and not (
-            req.action is GroupsAction.DELETE and perms.admin
-        ):
+        elif perms is not None and not perms.may_subscribe(manager.groups[req.name].pattern):
             action = "inspect" if req.action is GroupsAction.INSPECT else "delete"
             self._denied(f"{action} group {req.name!r} (pattern {manager.groups[req.name].pattern!r})", rid, RefKind.REQUEST)
             return

@@ -34,7 +34,7 @@ from broker.auth import (
 from broker.config import Config
 from broker.server import Server
 from broker.testing import running_broker
-from client.protocol import ErrorCode
+from client.protocol import ErrorCode, Hello, Welcome
 
 TIMEOUT = 10.0
 TOKEN = "t0ken-for-the-ingest-service"
@@ -332,3 +332,51 @@ def test_users_toml_helper_round_trips() -> None:
     users = Users.parse(text)
     perms = users.by_name["u"].permissions
     assert perms.publish_allow == ("a.>",) and perms.subscribe_deny == ("b",) and perms.admin
+
+
+# -- on the wire ------------------------------------------------------------------
+
+
+async def test_auth_failed_is_fatal_on_the_wire_and_nothing_else_is_served(tmp_path: Path) -> None:
+    from test_bad_input import expect_fatal, raw_client
+
+    async with running_broker(auth_file=users_file(tmp_path)) as server:
+        async with raw_client(server) as raw:
+            await raw.send_event(Hello(client_name="raw", options={"user": "alice", "password": "nope"}))
+            error = await expect_fatal(raw, ErrorCode.AUTH_FAILED)
+            assert error.message == "authentication failed"
+        async with raw_client(server) as raw:
+            await raw.send_event(Hello(client_name="raw", options={"token": TOKEN, "future-key": "x"}))
+            welcome = await raw.next_event()
+            assert isinstance(welcome, Welcome), welcome
+
+
+async def test_the_handshake_timeout_covers_checking_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def never(self: Authenticator, options: object) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(Authenticator, "hello", never)
+    async with running_broker(auth_file=users_file(tmp_path), handshake_timeout=0.2) as server:
+        with trio.fail_after(TIMEOUT), structlog.testing.capture_logs() as logs:
+            with pytest.raises(client.AuthenticationError):
+                async with client.connect(server.url, token=TOKEN):
+                    pass
+        assert [e["reason"] for e in logs if e["event"] == "authentication failed"] == ["timed out"]
+
+
+async def test_a_request_to_a_forbidden_topic_is_refused(tmp_path: Path) -> None:
+    async with running_broker(auth_file=users_file(tmp_path)) as server:
+        async with client.connect(server.url, user="alice", password=PASSWORD) as alice:
+            with trio.fail_after(TIMEOUT), pytest.raises(client.PermissionDenied):
+                await alice.request("billing.lookup", b"?")
+
+
+async def test_the_dashboard_needs_a_user(tmp_path: Path) -> None:
+    async with running_broker(auth_file=users_file(tmp_path)) as server:
+        assert server.http_port is not None
+        status, _, _ = await http_request(server.http_port, "GET", "/")
+        assert status == 401
+        status, _, _ = await http_request(server.http_port, "GET", "/", auth=basic("alice", PASSWORD))
+        assert status == 200

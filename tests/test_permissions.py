@@ -274,9 +274,13 @@ async def test_groups_admin_shows_only_readable_groups(tmp_path: Path) -> None:
             with pytest.raises(client.PermissionDenied):
                 await worker.groups("delete", "hidden")
             assert "hidden" in server.groups.groups
-            # bob reads everything; admin reads nothing but may delete.
+            # bob reads everything; admin may read no topic but sees and
+            # administers every group.
             assert {g["group"] for g in (await bob.groups())["groups"]} == {"hidden", "visible"}
-            assert (await admin.groups())["groups"] == []
+            assert {g["group"] for g in (await admin.groups())["groups"]} == {"hidden", "visible"}
+            assert (await admin.groups("inspect", "hidden"))["pattern"] == "secret.*"
+            with pytest.raises(client.PermissionDenied):
+                await admin.subscribe("secret.*")
             assert await admin.groups("delete", "hidden") == {"deleted": "hidden"}
             assert await worker.groups("delete", "visible") == {"deleted": "visible"}
             assert not server.groups.groups
