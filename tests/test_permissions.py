@@ -66,6 +66,27 @@ def test_covers_is_exactly_a_subset(outer: str, inner: str) -> None:
     assert covers(outer.split("."), inner.split(".")) == expected
 
 
+@given(
+    st.lists(patterns(), max_size=3),
+    st.lists(patterns(), max_size=2),
+    patterns(),
+)
+def test_an_accepted_subscription_never_reaches_a_forbidden_topic(
+    allow: list[str], deny: list[str], pattern: str
+) -> None:
+    """The security property: whatever SUBSCRIBE accepts, every topic it can
+    match is allowed and not denied, so fan-out needs no filtering."""
+    perms = Permissions(subscribe_allow=tuple(allow), subscribe_deny=tuple(deny))
+    if perms.may_subscribe(pattern):
+        for topic in _matching(pattern):
+            assert any(matches(a, topic) for a in allow), (pattern, topic)
+            assert not any(matches(d, topic) for d in deny), (pattern, topic)
+    # And a topic is readable exactly when the rules say so.
+    for topic in _TOPICS[:12]:
+        expected = any(matches(a, topic) for a in allow) and not any(matches(d, topic) for d in deny)
+        assert perms.may_read(topic) == expected
+
+
 @pytest.mark.parametrize(
     ("outer", "inner", "covered"),
     [
