@@ -1,10 +1,11 @@
-"""The ``pybroker`` command: serve, pub, sub."""
+"""The ``pybroker`` command: serve, pub, sub, topics, groups, auth, bench."""
 
 from __future__ import annotations
 
 import argparse
 import base64
 import datetime as _dt
+import getpass
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import trio
 from . import __version__
 from .config import DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_PORT, Config
 from .log.settings import FSYNC_MODES, SettingsResolver, TopicSettings
+from .auth import DEFAULT_SCRYPT_N, Users, authenticator_for, hash_password, hash_token, new_token
 from .logs import LEVELS, configure, get_logger
 
 DEFAULT_URL = os.environ.get("PYBROKER_URL", f"pybroker://{DEFAULT_HOST}:{DEFAULT_PORT}")
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--retention-bytes", type=int, default=None, metavar="N", help="per topic: delete whole old segments beyond N bytes")
     serve.add_argument("--retention", type=_duration, default=None, metavar="AGE", help="per topic: delete whole segments older than AGE (e.g. 3600, 90m, 12h, 7d)")
     serve.add_argument("--topic", action="append", default=[], metavar="PATTERN:KEY=VALUE,...", help="settings for matching topics, e.g. 'metrics.>:fsync=never,retention_seconds=3600' (first match wins)")
+    serve.add_argument("--auth", type=Path, default=None, metavar="FILE", help="users file (TOML): clients must authenticate and their permissions apply (README, 'Authentication and permissions')")
+    serve.add_argument("--allow-anonymous-remote", action="store_true", help="without --auth, listen on a non-loopback address anyway (anyone reaching it may publish and subscribe)")
     serve.add_argument("--log-level", choices=LEVELS, default="info")
     serve.add_argument("--log-format", choices=("console", "json"), default="console")
 
@@ -52,10 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("message", nargs="?", default="-", help="the payload; '-' or nothing reads lines from stdin")
     pub.add_argument("--header", "-H", action="append", default=[], metavar="KEY=VALUE")
     pub.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL}, or $PYBROKER_URL)")
+    _credential_flags(pub)
 
     sub = commands.add_parser("sub", help="print messages as they arrive, until interrupted")
     sub.add_argument("pattern", help="topic or pattern: '*' matches one token, '>' the rest")
     sub.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL}, or $PYBROKER_URL)")
+    _credential_flags(sub)
     start = sub.add_mutually_exclusive_group()
     start.add_argument("--from", dest="start", choices=("new", "earliest"), default="new", help="where to start (default new)")
     start.add_argument("--from-offset", type=int, metavar="N", help="start at offset N (a topic, not a pattern)")
@@ -74,17 +80,47 @@ def build_parser() -> argparse.ArgumentParser:
     groups.add_argument("action", nargs="?", choices=("list", "inspect", "delete"), default="list")
     groups.add_argument("name", nargs="?", default="")
     groups.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL}, or $PYBROKER_URL)")
+    _credential_flags(groups)
     groups.add_argument("--json", action="store_true", help="print the broker's JSON answer")
 
     topics = commands.add_parser("topics", help="list topics with their first and next offsets")
     topics.add_argument("pattern", nargs="?", default=">", help="topic pattern (default: every topic)")
     topics.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL}, or $PYBROKER_URL)")
+    _credential_flags(topics)
     topics.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    auth = commands.add_parser("auth", help="make password and token hashes for a users file, check one")
+    steps = auth.add_subparsers(dest="auth_command", required=True, metavar="ACTION")
+    hp = steps.add_parser("hash-password", help="read a password (prompt, or stdin's first line) and print its scrypt hash")
+    hp.add_argument("--scrypt-n", type=int, default=DEFAULT_SCRYPT_N, metavar="N", help=f"scrypt cost, a power of two (default {DEFAULT_SCRYPT_N})")
+    steps.add_parser("hash-token", help="read a token (prompt, or stdin's first line) and print its hash")
+    steps.add_parser("new-token", help="print a new random token and, on the next line, its hash for the users file")
+    check = steps.add_parser("check", help="check a users file and list its users")
+    check.add_argument("file", type=Path)
 
     # Listed here for --help; main() hands `bench ...` to broker.bench, imported only then.
     bench = commands.add_parser("bench", help="benchmarks with verified delivery (pybroker bench --help)", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
+
+
+def _credential_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token", default=os.environ.get("PYBROKER_TOKEN"), help="authentication token (default $PYBROKER_TOKEN)")
+    parser.add_argument("--user", default=os.environ.get("PYBROKER_USER"), help="user name (default $PYBROKER_USER); the password comes from $PYBROKER_PASSWORD or a prompt")
+
+
+def _connect(args: argparse.Namespace, **options: Any) -> Any:
+    """client.connect() with the command's credentials (else the URL's user info)."""
+    import client
+
+    if args.user:
+        password = os.environ.get("PYBROKER_PASSWORD")
+        if password is None:
+            password = getpass.getpass(f"password for {args.user}: ")
+        return client.connect(
+            args.url, name="pybroker-cli", user=args.user, password=password, **options
+        )
+    return client.connect(args.url, name="pybroker-cli", token=args.token or None, **options)
 
 
 def _duration(text: str) -> float:
@@ -111,8 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             configure(args.log_level, args.log_format)
             try:
                 return trio.run(_serve, args)
-            except ValueError as exc:  # bad settings
+            except ValueError as exc:  # bad settings, users file, unsafe listen address
                 parser.error(str(exc))
+        if args.command == "auth":
+            return _auth(args)
         configure("warning", "console")
         if args.command == "pub":
             return trio.run(_pub, args)
@@ -169,8 +207,13 @@ async def _serve(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         storage=args.storage,
         topic_settings=SettingsResolver.from_specs(default, args.topic),
+        auth_file=args.auth,
+        allow_anonymous_remote=args.allow_anonymous_remote,
         **overrides,
     )
+    # Here, not inside the nursery below, so a bad users file or an unsafe
+    # address is a plain ValueError (a usage error), not an exception group.
+    authenticator_for(config)
     log = get_logger()
     # Signals are caught before anything listens, so a SIGTERM at any moment
     # of start-up still means a clean shutdown.
@@ -198,6 +241,41 @@ def _http_port(args: argparse.Namespace) -> int:
     return 0 if args.port == 0 else DEFAULT_HTTP_PORT
 
 
+# -- auth -----------------------------------------------------------------
+
+
+def _read_secret(what: str) -> str:
+    """From a prompt on a terminal (asked twice), else stdin's first line:
+    never from argv, where other users could see it in the process list."""
+    if sys.stdin.isatty():
+        first = getpass.getpass(f"{what}: ")
+        if getpass.getpass(f"{what} again: ") != first:
+            raise ValueError(f"the two {what}s differ")
+        return first
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def _auth(args: argparse.Namespace) -> int:
+    try:
+        if args.auth_command == "hash-password":
+            print(hash_password(_read_secret("password"), n=args.scrypt_n))
+        elif args.auth_command == "hash-token":
+            print(hash_token(_read_secret("token")))
+        elif args.auth_command == "new-token":
+            token = new_token()
+            print(token)
+            print(hash_token(token))
+        else:
+            users = Users.load(args.file)
+            for user in users.by_name.values():
+                kinds = [k for k, v in (("password", user.password), ("token", user.token_digest)) if v is not None]
+                print(f"{user.name}: {' and '.join(kinds)}{', admin' if user.permissions.admin else ''}")
+    except ValueError as exc:
+        print(f"pybroker auth {args.auth_command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # -- pub / sub ------------------------------------------------------------
 
 
@@ -216,7 +294,7 @@ async def _pub(args: argparse.Namespace) -> int:
 
     headers = _headers(args.header) or None
     try:
-        async with client.connect(args.url, name="pybroker-cli") as c:
+        async with _connect(args) as c:
             if args.message != "-":
                 ack = await c.publish(args.topic, args.message.encode(), headers)
                 print(f"published to {ack.topic} at offset {ack.offset} ({ack.durability.name.lower()})")
@@ -266,7 +344,7 @@ async def _sub(args: argparse.Namespace) -> int:
         since = _dt.datetime.fromisoformat(args.since)
         start = since if since.tzinfo else since.astimezone()
     try:
-        async with client.connect(args.url, name="pybroker-cli", reconnect=args.reconnect) as c:
+        async with _connect(args, reconnect=args.reconnect) as c:
             async with c.subscribe(args.pattern, start=start, group=args.group) as sub:
                 seen = 0
                 async for msg in sub:
@@ -289,7 +367,7 @@ async def _groups(args: argparse.Namespace) -> int:
         print(f"pybroker groups {args.action}: a group NAME is needed", file=sys.stderr)
         return 2
     try:
-        async with client.connect(args.url, name="pybroker-cli") as c:
+        async with _connect(args) as c:
             doc = await c.groups(args.action, args.name)
     except (client.BrokerError, client.ConnectionClosed, ValueError) as exc:
         print(f"pybroker groups: {exc}", file=sys.stderr)
@@ -318,7 +396,7 @@ async def _topics(args: argparse.Namespace) -> int:
     import client
 
     try:
-        async with client.connect(args.url, name="pybroker-cli") as c:
+        async with _connect(args) as c:
             infos = await c.topics(args.pattern)
     except (client.BrokerError, client.ConnectionClosed, ValueError) as exc:
         print(f"pybroker topics: {exc}", file=sys.stderr)

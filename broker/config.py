@@ -80,3 +80,10 @@ class Config:
     http_host: str | None = None
     http_port: int | None = DEFAULT_HTTP_PORT
     http: HttpSettings = HttpSettings()
+    #: The users file (broker/auth.py): every TCP connection and HTTP
+    #: request (but /healthz and /readyz) must authenticate, and each user's
+    #: permissions apply. None: no authentication, everything allowed.
+    auth_file: Path | None = None
+    #: Without auth_file the broker refuses to listen on a non-loopback
+    #: address (TCP or HTTP) unless this is set.
+    allow_anonymous_remote: bool = False

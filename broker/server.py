@@ -21,6 +21,7 @@ import trio
 
 from client.protocol import Durability
 
+from .auth import Authenticator, authenticator_for, unprotected_hosts
 from .committer import Committer
 from .config import Config
 from .groups import GroupManager
@@ -35,6 +36,8 @@ class Server:
     def __init__(self, config: Config | None = None, store: LogStore | None = None) -> None:
         self.config = config or Config()
         self.log: Any = get_logger()
+        #: None when the broker runs without a users file (Config.auth_file).
+        self.auth: Authenticator | None = authenticator_for(self.config)
         if store is None:
             if self.config.storage == "memory":
                 store = MemoryStore(self.config.memory_retention_bytes)
@@ -127,7 +130,9 @@ class Server:
                     storage=self.config.storage if isinstance(self.store, (FileStore, MemoryStore)) else type(self.store).__name__,
                     data_dir=str(self.config.data_dir),
                     http_port=self.http_port,
+                    auth=str(self.config.auth_file) if self.auth else "none",
                 )
+                self._log_auth()
                 self.ready = True
                 task_status.started(self)
                 await self._shutdown.wait()
@@ -143,6 +148,24 @@ class Server:
             connections.cancel_scope.deadline = (
                 trio.current_time() + self.config.shutdown_grace + 1.0
             )
+
+    def _log_auth(self) -> None:
+        if self.auth is not None:
+            self.log.info("authentication required", users_file=self.auth.users.source, users=len(self.auth.users.by_name))
+        elif unprotected_hosts(self._hosts()):
+            self.log.warning(
+                "no authentication configured and listening beyond loopback: "
+                "anyone who can reach the broker may publish and subscribe",
+                hosts=self._hosts(),
+            )
+        else:
+            self.log.info("no authentication configured (no --auth); listening on loopback only")
+
+    def _hosts(self) -> list[str]:
+        hosts = [self.config.host]
+        if self.http is not None and self.config.http_host is not None:
+            hosts.append(self.config.http_host)
+        return hosts
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         conn_id = next(self._ids)

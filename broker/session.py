@@ -70,9 +70,11 @@ from client.protocol.frames import MAX_INFO_ENTRIES, Durability, Event
 from client.protocol.subjects import tokens_match
 
 from . import __version__
+from .auth import User
 from .logs import get_logger
 from .closing import linger_close
 from .groups import GroupConfig, group_name_error
+from .permissions import DecisionCache, Permissions
 from .router import Subscription, Topic
 
 if TYPE_CHECKING:
@@ -130,6 +132,12 @@ class Session:
         self._acker_done = trio.Event()
         self.messages_in = 0
         self.bytes_out = 0
+        # Authentication (broker/auth.py): set by the HELLO when the server
+        # has a users file; None means no checks at all.
+        self.user: User | None = None
+        self.perms: Permissions | None = None
+        self._may_publish: DecisionCache | None = None
+        self._may_read: DecisionCache | None = None
 
     # -- lifecycle --------------------------------------------------------
 
@@ -202,6 +210,12 @@ class Session:
                             break
                         if event is CLOSED:
                             return "peer closed"
+                        if type(event) is Hello and self.server.auth is not None:
+                            # The one await between frames: checking a
+                            # password runs scrypt in a worker thread.
+                            if not await self._authenticate(event, deadline):
+                                return "authentication failed"
+                            continue
                         self._handle(event)  # type: ignore[arg-type]
                     self._flush_acks()
             except RemoteProtocolError as exc:
@@ -245,6 +259,36 @@ class Session:
                 raise _Stop("client sent a fatal error")
         # Pong: nothing to do.
 
+    async def _authenticate(self, hello: Hello, deadline: float) -> bool:
+        """Check HELLO's credentials (protocol.md, "Authentication"); answer
+        WELCOME, or ERROR AUTH_FAILED that does not say which part was wrong."""
+        assert self.server.auth is not None
+        user = None
+        with trio.move_on_at(deadline) as scope:
+            user = await self.server.auth.hello(hello.options)
+        if user is None:
+            # Never the secret itself; the user name helps the operator.
+            self.log.warning(
+                "authentication failed",
+                client=hello.client_name,
+                user=hello.options.get("user"),
+                method="token" if "token" in hello.options else "password" if "user" in hello.options else "none",
+                reason="timed out" if scope.cancelled_caught else "bad or missing credentials",
+            )
+            self._fatal(ErrorCode.AUTH_FAILED, "authentication failed")
+            return False
+        self.user = user
+        self.perms = user.permissions
+        self._may_publish = DecisionCache(user.permissions.may_publish)
+        self._may_read = DecisionCache(user.permissions.may_read)
+        self.log = self.log.bind(user=user.name)
+        self._on_hello(hello)
+        return True
+
+    def _denied(self, what: str, ref: int, ref_kind: RefKind) -> None:
+        name = self.user.name if self.user is not None else "?"
+        self._request_error(ErrorCode.PERMISSION_DENIED, f"user {name!r} may not {what}", ref, ref_kind)
+
     def _on_hello(self, hello: Hello) -> None:
         self.client_name = hello.client_name
         self.log = self.log.bind(client=hello.client_name)
@@ -265,6 +309,9 @@ class Session:
             if problem is not None:
                 self._request_error(ErrorCode.BAD_TOPIC, problem, pub.request_id, RefKind.REQUEST)
                 return
+        if self._may_publish is not None and not self._may_publish(pub.topic):
+            self._denied(f"publish to {pub.topic!r}", pub.request_id, RefKind.REQUEST)
+            return
         count, crc_ok = check_batch(pub.batch)
         if count > self.limits.max_batch_messages:
             self._request_error(
@@ -311,6 +358,10 @@ class Session:
         problem = pattern_error(req.pattern, self.limits.max_topic_bytes, self.limits.max_topic_depth)
         if problem is not None:
             self._request_error(ErrorCode.BAD_PATTERN, problem, sid)
+            return
+        if self.perms is not None and not self.perms.may_subscribe(req.pattern):
+            # Covers group members too: a group reads what its pattern does.
+            self._denied(f"subscribe to {req.pattern!r}", sid, RefKind.SUBSCRIPTION)
             return
         if not isinstance(req.start, StartKind):
             self._request_error(ErrorCode.BAD_REQUEST, f"unknown start kind {req.start}", sid)
@@ -391,7 +442,12 @@ class Session:
             self._request_error(ErrorCode.BAD_PATTERN, problem, req.request_id, RefKind.REQUEST)
             return
         tokens = req.pattern.split(".")
-        names = sorted(n for n in self.router.topics if tokens_match(tokens, n.split(".")))
+        may_read = self._may_read
+        names = sorted(
+            n
+            for n in self.router.topics
+            if tokens_match(tokens, n.split(".")) and (may_read is None or may_read(n))
+        )
         entries = []
         for name in names[:MAX_INFO_ENTRIES]:
             topic = self.router.topics[name]
@@ -405,15 +461,26 @@ class Session:
     def _on_groups(self, req: Groups) -> None:
         manager = self.server.groups
         rid = req.request_id
+        # Group administration is for those who may read the group's
+        # pattern, and for admins (protocol.md, "Authentication ...").
+        perms = None if self.perms is None or self.perms.admin else self.perms
         if req.action is GroupsAction.LIST:
             doc: dict[str, Any] = {
-                "groups": [manager.groups[n].statistics() for n in sorted(manager.groups)]
+                "groups": [
+                    manager.groups[n].statistics()
+                    for n in sorted(manager.groups)
+                    if perms is None or perms.may_subscribe(manager.groups[n].pattern)
+                ]
             }
         elif not isinstance(req.action, GroupsAction):
             self._request_error(ErrorCode.BAD_REQUEST, f"unknown action {req.action}", rid, RefKind.REQUEST)
             return
         elif req.name not in manager.groups:
             self._request_error(ErrorCode.UNKNOWN_GROUP, f"no group {req.name!r}", rid, RefKind.REQUEST)
+            return
+        elif perms is not None and not perms.may_subscribe(manager.groups[req.name].pattern):
+            action = "inspect" if req.action is GroupsAction.INSPECT else "delete"
+            self._denied(f"{action} group {req.name!r} (pattern {manager.groups[req.name].pattern!r})", rid, RefKind.REQUEST)
             return
         elif req.action is GroupsAction.INSPECT:
             doc = manager.groups[req.name].statistics()
@@ -461,6 +528,19 @@ class Session:
             if problem:
                 raise ValueError(f"group name: {problem}")
             config = GroupConfig.from_options(name, req.options)
+            if (
+                self._may_publish is not None
+                and name not in self.server.groups.groups
+                and config.max_deliver
+                and not self._may_publish(config.dead_letter)
+            ):
+                # Creating a group picks the topic it dead-letters into.
+                self._denied(
+                    f"publish to {config.dead_letter!r}, the dead-letter topic of new group {name!r}",
+                    req.sub_id,
+                    RefKind.SUBSCRIPTION,
+                )
+                return
             assert isinstance(req.start, StartKind)
             sub.member = self.server.groups.join(
                 sub, name, req.pattern, config, req.start, req.start_value

@@ -7,8 +7,8 @@
                 ...
 """
 
-from .connection import DEFAULT_URL, Client, PendingAck, connect, parse_url
-from .errors import BrokerError, ConnectionClosed, NoReceivers
+from .connection import DEFAULT_URL, Client, PendingAck, connect, parse_url, url_credentials
+from .errors import AuthenticationError, BrokerError, ConnectionClosed, NoReceivers, PermissionDenied
 from .message import Message, PublishAck
 from .protocol import Durability, ErrorCode, TopicInfo
 from .reconnect import Reconnect
@@ -16,6 +16,7 @@ from .subscription import Subscription, SubscriptionStatistics
 
 __all__ = [
     "DEFAULT_URL",
+    "AuthenticationError",
     "BrokerError",
     "Client",
     "ConnectionClosed",
@@ -24,6 +25,7 @@ __all__ = [
     "Message",
     "NoReceivers",
     "PendingAck",
+    "PermissionDenied",
     "PublishAck",
     "Reconnect",
     "Subscription",
@@ -31,4 +33,5 @@ __all__ = [
     "TopicInfo",
     "connect",
     "parse_url",
+    "url_credentials",
 ]

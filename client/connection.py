@@ -30,12 +30,12 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import structlog
 import trio
 
-from .errors import BrokerError, ConnectionClosed, NoReceivers
+from .errors import AuthenticationError, BrokerError, ConnectionClosed, NoReceivers, broker_error
 from .message import Message, PublishAck
 from .reconnect import RETRYABLE_CODES, Reconnect
 from .protocol import (
@@ -106,6 +106,34 @@ def parse_url(url: str) -> tuple[str, int]:
     if not parts.hostname:
         raise ValueError(f"no host in {url!r}")
     return parts.hostname, parts.port or DEFAULT_PORT
+
+
+def url_credentials(url: str) -> dict[str, str]:
+    """HELLO credential options from a URL's user info (protocol.md,
+    "Authentication"): ``pybroker://user:password@host`` or
+    ``pybroker://token@host``; percent-escapes are decoded."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return {}
+    username = unquote(parts.username)
+    if parts.password is None:
+        return {"token": username}
+    return {"user": username, "password": unquote(parts.password)}
+
+
+def _credentials(
+    url: str, token: str | None, user: str | None, password: str | None
+) -> dict[str, str]:
+    """Explicit arguments win over the URL's user info."""
+    if token is not None and user is not None:
+        raise ValueError("give a token or a user name and password, not both")
+    if token is not None:
+        return {"token": token}
+    if user is not None:
+        return {"user": user, "password": password or ""}
+    if password is not None:
+        raise ValueError("a password needs a user name")
+    return url_credentials(url)
 
 
 class PendingAck:
@@ -201,11 +229,14 @@ class Client:
         linger: float,
         max_pending: int,
         max_inflight_batches: int,
+        credentials: Mapping[str, str] | None = None,
         opener: StreamOpener | None = None,
         reconnect: Reconnect | None = None,
         connect_timeout: float = 10.0,
     ) -> None:
         self._stream = stream
+        #: HELLO options; kept (not logged) so a reconnect can send them again.
+        self._credentials = dict(credentials or {})
         self._nursery = nursery
         self._opener = opener
         self._reconnect_policy = reconnect if opener is not None else None
@@ -258,7 +289,8 @@ class Client:
     # -- lifecycle --------------------------------------------------------
 
     async def _handshake(self) -> None:
-        await self._stream.send_all(self._conn.send(Hello(client_name=self.name)))
+        hello = Hello(client_name=self.name, options=self._credentials)
+        await self._stream.send_all(self._conn.send(hello))
         with trio.fail_after(self._connect_timeout):
             while True:
                 event = self._conn.next_event()
@@ -268,6 +300,8 @@ class Client:
                 if isinstance(event, Welcome):
                     break
                 if isinstance(event, Error):
+                    if event.code == ErrorCode.AUTH_FAILED:
+                        raise AuthenticationError(event.code, event.message)
                     raise BrokerError(event.code, event.message)
                 raise ConnectionClosed(f"no WELCOME from the broker (got {event!r})")
         self.server = event
@@ -1003,7 +1037,7 @@ class Client:
             self._drained.set()
 
     def _on_error(self, err: Error) -> None:
-        error = BrokerError(err.code, err.message)
+        error = broker_error(err.code, err.message)
         if err.fatal:
             closed = ConnectionClosed(f"the broker closed the connection: {error}")
             if err.code in RETRYABLE_CODES:
@@ -1133,6 +1167,9 @@ async def connect(
     connect_timeout: float = 10.0,
     close_timeout: float = 5.0,
     reconnect: bool | Reconnect = False,
+    token: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to a broker for the body of an ``async with``.
 
@@ -1146,8 +1183,15 @@ async def connect(
     what they had not acknowledged redelivered. Meanwhile publishes queue
     (up to ``max_pending``) and requests wait. The first connection is not
     retried: a broker that is not there fails ``connect`` at once.
+
+    Credentials for a broker with a users file: ``token``, or ``user`` and
+    ``password``, or in the URL (``pybroker://user:password@host``,
+    ``pybroker://token@host``). Refused ones raise
+    :class:`AuthenticationError`; an action the user may not take raises
+    :class:`PermissionDenied` where it is awaited.
     """
     host, port = parse_url(url)
+    credentials = _credentials(url, token, user, password)
     policy: Reconnect | None = None
     if isinstance(reconnect, Reconnect):
         policy = reconnect
@@ -1168,6 +1212,7 @@ async def connect(
                 linger=linger,
                 max_pending=max_pending,
                 max_inflight_batches=max_inflight_batches,
+                credentials=credentials,
                 opener=opener,
                 reconnect=policy,
                 connect_timeout=connect_timeout,

@@ -28,3 +28,25 @@ class ConnectionClosed(Exception):
 
 class NoReceivers(BrokerError):
     """A request matched no subscription or group: nobody could answer it."""
+
+
+class AuthenticationError(BrokerError):
+    """The broker refused the credentials (AUTH_FAILED): raised by ``connect()``.
+
+    The broker does not say which part was wrong, and neither can we."""
+
+
+class PermissionDenied(BrokerError):
+    """The authenticated user may not publish to, subscribe to or administer
+    that topic or group (PERMISSION_DENIED); the connection stays open."""
+
+
+def broker_error(code: int, message: str) -> BrokerError:
+    """The most specific exception for an ERROR frame's code."""
+    if code == ErrorCode.AUTH_FAILED:
+        return AuthenticationError(code, message)
+    if code == ErrorCode.PERMISSION_DENIED:
+        return PermissionDenied(code, message)
+    if code == ErrorCode.NO_RECEIVERS:
+        return NoReceivers(code, message)
+    return BrokerError(code, message)

@@ -11,6 +11,7 @@ again, and publishes sent but not acknowledged are sent again.
 from __future__ import annotations
 
 import itertools
+from functools import partial
 import socket
 import time
 from collections import defaultdict
@@ -42,6 +43,7 @@ from client.protocol import (
     encode_batch_from_records,
     encode_record,
 )
+from authfiles import user_entry, write_users
 from test_durability import broker_process
 
 TIMEOUT = 30.0
@@ -470,3 +472,56 @@ async def test_bad_resume_options_are_bad_requests(pattern: str, options: dict[s
             # Not fatal: the connection goes on.
             await raw.send(Subscribe(8, "wire.ok"))
             assert await raw.next() == SubAck(8)
+
+
+async def test_reconnect_sends_the_credentials_again(tmp_path: Path) -> None:
+    """Against a broker with a users file the client authenticates again on
+    every new connection, and its resumed subscription is checked again."""
+    users = write_users(
+        tmp_path,
+        {"svc": user_entry(password="pw-svc", publish=["auth.>"], subscribe=["auth.>"])},
+    )
+    data, port = tmp_path / "data", free_port()
+    got = Collector()
+    async with trio.open_nursery() as nursery:
+        async with running_broker(data_dir=data, port=port, auth_file=users) as first:
+            url = first.url.replace("pybroker://", "pybroker://svc:pw-svc@")
+            c = await nursery.start(_subscriber, url, "auth.>", got)
+            async with client.connect(url) as pub:
+                await pub.publish("auth.a", b"one")
+            await got.wait_for({"auth.a": 1})
+        async with running_broker(data_dir=data, port=port, auth_file=users):
+            async with client.connect(url) as pub:
+                await pub.publish("auth.a", b"two")
+            await got.wait_for({"auth.a": 2})
+            assert c.reconnects == 1
+            nursery.cancel_scope.cancel()
+    assert got.payloads("auth.a") == [b"one", b"two"]
+
+
+async def test_reconnect_refused_by_the_broker_gives_up_at_once(tmp_path: Path) -> None:
+    """Credentials the restarted broker no longer accepts: no retry loop, the
+    client closes with the reason."""
+    data, port = tmp_path / "data", free_port()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    before = write_users(tmp_path / "a", {"svc": user_entry(token="t" * 20, subscribe=[">"])})
+    after = write_users(tmp_path / "b", {"svc": user_entry(token="u" * 20, subscribe=[">"])})
+    stop_first, stop_second = trio.Event(), trio.Event()
+    async with trio.open_nursery() as nursery:
+        first = await nursery.start(
+            partial(_serve_until, stop_first, data_dir=data, port=port, auth_file=before)
+        )
+        async with client.connect(first.url, token="t" * 20, reconnect=FAST) as c:
+            sub = await c.subscribe("refused.>")
+            stop_first.set()
+            await first.wait_stopped()
+            await nursery.start(
+                partial(_serve_until, stop_second, data_dir=data, port=port, auth_file=after)
+            )
+            with trio.fail_after(TIMEOUT):
+                with pytest.raises(client.ConnectionClosed, match="refused"):
+                    async for _ in sub:
+                        pass
+            assert c.closed and c.reconnects == 0
+        stop_second.set()

@@ -6,6 +6,7 @@ protocol's codec but the batch format (``encode_batch`` / ``decode_batch``)
 used to publish and read messages. Modules:
 
 - :mod:`.server`: the listener and the connection loop (limits, timeouts).
+- :mod:`.access`: credentials (Bearer, Basic) and permissions, 401 and 403.
 - :mod:`.routes`: which handler answers which method and path.
 - :mod:`.api`: health and the JSON API; :mod:`.validate`: checking input;
   :mod:`.state`: the figures shown (topics, subscriptions, lag).

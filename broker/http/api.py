@@ -28,6 +28,7 @@ from client.protocol.batch import MalformedBatch, check_batch, decode_batch, enc
 
 from .. import __version__
 from . import state
+from .access import readable, require_admin, require_publish, require_read
 from .messages import HttpError, Request, Response, json_response
 from .sse import message_json
 from .validate import check_query, existing_topic, parse_int, parse_offset, valid_topic
@@ -59,6 +60,7 @@ async def readyz(http: HttpServer, request: Request, params: Mapping[str, str]) 
 
 async def broker_info(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
     check_query(request, ())
+    require_admin(request)
     server = http.server
     topics = server.router.topics.values()
     return json_response(
@@ -95,12 +97,18 @@ async def broker_info(http: HttpServer, request: Request, params: Mapping[str, s
 async def list_topics(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
     check_query(request, ())
     router = http.server.router
-    topics = [state.topic_summary(http, router.topics[name]) for name in sorted(router.topics)]
+    may_read = readable(request)
+    topics = [
+        state.topic_summary(http, router.topics[name])
+        for name in sorted(router.topics)
+        if may_read(name)
+    ]
     return json_response({"topics": topics})
 
 
 async def topic_detail(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
     check_query(request, ())
+    require_read(request, params["topic"])
     topic = existing_topic(http, params["topic"])
     body = state.topic_summary(http, topic)
     body["subscriptions"] = [v.json() for v in state.subscriptions(topic)]
@@ -171,6 +179,7 @@ async def publish_messages(http: HttpServer, request: Request, params: Mapping[s
     topic = server.router.topics.get(name)
     if topic is None:
         valid_topic(http, name)
+    require_publish(request, name)
     body = request.json()
     messages = _parse_publish(body, server.config.limits.max_batch_messages)
     batch = encode_batch(messages)
@@ -206,6 +215,7 @@ async def publish_messages(http: HttpServer, request: Request, params: Mapping[s
 
 async def fetch_messages(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
     check_query(request, {"from", "limit"})
+    require_read(request, params["topic"])
     topic = existing_topic(http, params["topic"])
     log = topic.log
     limit = DEFAULT_FETCH_LIMIT

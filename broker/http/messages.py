@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
+
+if TYPE_CHECKING:
+    from ..auth import User
 
 JSON = "application/json"
 
 #: The machine-readable ``code`` of each error status.
 ERROR_CODES: dict[int, str] = {
     400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     408: "request_timeout",
@@ -71,6 +76,8 @@ class Request:
     body: bytes
     conn_id: int
     peer: str
+    #: Who sent it, when the broker has a users file (set by .access).
+    user: User | None = None
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)

@@ -33,6 +33,7 @@ from .. import __version__
 from ..router import Topic
 from ..stats import Histogram
 from . import state
+from .access import require_admin
 from .messages import Request, Response
 
 if TYPE_CHECKING:
@@ -206,4 +207,5 @@ def render(http: HttpServer) -> str:
 
 
 async def handle(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
+    require_admin(request)  # broker-wide figures name every topic and client
     return Response(200, render(http).encode("utf-8"), CONTENT_TYPE)

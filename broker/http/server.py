@@ -36,6 +36,7 @@ import trio
 from .. import __version__
 from ..closing import drain, linger_close
 from ..logs import get_logger
+from .access import authenticate
 from .messages import HttpError, Request, Response, StreamResponse
 from .rates import RateSampler
 from .routes import build_routes, dispatch
@@ -240,6 +241,7 @@ class HttpConnection:
 
         head = request.method == "HEAD"
         try:
+            request = await authenticate(self.http, request)
             response = await dispatch(self.http.routes, request)
         except HttpError as exc:
             response = exc.response()

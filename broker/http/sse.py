@@ -31,6 +31,7 @@ import trio
 from client.protocol.batch import MalformedBatch, decode_batch
 
 from ..router import Subscription, Topic
+from .access import require_read
 from .messages import Request, Send, StreamResponse
 from .validate import check_query, parse_offset, valid_topic
 
@@ -79,6 +80,7 @@ class SseConsumer:
 async def events(http: HttpServer, request: Request, params: Mapping[str, str]) -> StreamResponse:
     name = valid_topic(http, params["topic"])
     check_query(request, {"from"})
+    require_read(request, name)
     start: int | None = None
     last_id = request.header("last-event-id")
     if last_id is not None and last_id.strip():
