@@ -8,6 +8,7 @@ import datetime as _dt
 import json
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from .log.settings import FSYNC_MODES, SettingsResolver, TopicSettings
 from .logs import LEVELS, configure, get_logger
 
 DEFAULT_URL = os.environ.get("PYBROKER_URL", f"pybroker://{DEFAULT_HOST}:{DEFAULT_PORT}")
+DEFAULT_CA = os.environ.get("PYBROKER_CA") or None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--retention-bytes", type=int, default=None, metavar="N", help="per topic: delete whole old segments beyond N bytes")
     serve.add_argument("--retention", type=_duration, default=None, metavar="AGE", help="per topic: delete whole segments older than AGE (e.g. 3600, 90m, 12h, 7d)")
     serve.add_argument("--topic", action="append", default=[], metavar="PATTERN:KEY=VALUE,...", help="settings for matching topics, e.g. 'metrics.>:fsync=never,retention_seconds=3600' (first match wins)")
+    serve.add_argument("--tls-cert", type=Path, default=None, metavar="FILE", help="serve TLS on the TCP and HTTP ports with this PEM certificate chain (clients use pybrokers://)")
+    serve.add_argument("--tls-key", type=Path, default=None, metavar="FILE", help="the certificate's PEM private key, unencrypted (default: read from --tls-cert)")
     serve.add_argument("--log-level", choices=LEVELS, default="info")
     serve.add_argument("--log-format", choices=("console", "json"), default="console")
 
@@ -52,10 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("message", nargs="?", default="-", help="the payload; '-' or nothing reads lines from stdin")
     pub.add_argument("--header", "-H", action="append", default=[], metavar="KEY=VALUE")
     pub.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL}, or $PYBROKER_URL)")
+    _ca_option(pub)
 
     sub = commands.add_parser("sub", help="print messages as they arrive, until interrupted")
     sub.add_argument("pattern", help="topic or pattern: '*' matches one token, '>' the rest")
     sub.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL}, or $PYBROKER_URL)")
+    _ca_option(sub)
     start = sub.add_mutually_exclusive_group()
     start.add_argument("--from", dest="start", choices=("new", "earliest"), default="new", help="where to start (default new)")
     start.add_argument("--from-offset", type=int, metavar="N", help="start at offset N (a topic, not a pattern)")
@@ -68,17 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
     groups.add_argument("action", nargs="?", choices=("list", "inspect", "delete"), default="list")
     groups.add_argument("name", nargs="?", default="")
     groups.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL}, or $PYBROKER_URL)")
+    _ca_option(groups)
     groups.add_argument("--json", action="store_true", help="print the broker's JSON answer")
 
     topics = commands.add_parser("topics", help="list topics with their first and next offsets")
     topics.add_argument("pattern", nargs="?", default=">", help="topic pattern (default: every topic)")
     topics.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL}, or $PYBROKER_URL)")
+    _ca_option(topics)
     topics.add_argument("--json", action="store_true", help="one JSON object per line")
 
     # Listed here for --help; main() hands `bench ...` to broker.bench, imported only then.
     bench = commands.add_parser("bench", help="benchmarks with verified delivery (pybroker bench --help)", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
+
+
+def _ca_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ca", default=DEFAULT_CA, metavar="FILE", help="verify the broker's TLS certificate against the CAs in this PEM file, and connect over TLS (default $PYBROKER_CA; pybrokers:// URLs without it use the system's CAs)")
 
 
 def _duration(text: str) -> float:
@@ -163,6 +175,8 @@ async def _serve(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         storage=args.storage,
         topic_settings=SettingsResolver.from_specs(default, args.topic),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         **overrides,
     )
     log = get_logger()
@@ -210,7 +224,7 @@ async def _pub(args: argparse.Namespace) -> int:
 
     headers = _headers(args.header) or None
     try:
-        async with client.connect(args.url, name="pybroker-cli") as c:
+        async with client.connect(args.url, name="pybroker-cli", ca_file=args.ca) as c:
             if args.message != "-":
                 ack = await c.publish(args.topic, args.message.encode(), headers)
                 print(f"published to {ack.topic} at offset {ack.offset} ({ack.durability.name.lower()})")
@@ -225,7 +239,7 @@ async def _pub(args: argparse.Namespace) -> int:
             else:
                 print("nothing to publish (stdin was empty)")
             return 0
-    except (client.BrokerError, client.ConnectionClosed, ValueError) as exc:
+    except (client.BrokerError, client.ConnectionClosed, ValueError, ssl.SSLError) as exc:
         print(f"pybroker pub: {exc}", file=sys.stderr)
         return 1
 
@@ -260,7 +274,7 @@ async def _sub(args: argparse.Namespace) -> int:
         since = _dt.datetime.fromisoformat(args.since)
         start = since if since.tzinfo else since.astimezone()
     try:
-        async with client.connect(args.url, name="pybroker-cli") as c:
+        async with client.connect(args.url, name="pybroker-cli", ca_file=args.ca) as c:
             async with c.subscribe(args.pattern, start=start, group=args.group) as sub:
                 seen = 0
                 async for msg in sub:
@@ -271,7 +285,7 @@ async def _sub(args: argparse.Namespace) -> int:
                     if args.count and seen >= args.count:
                         break
         return 0
-    except (client.BrokerError, client.ConnectionClosed, ValueError) as exc:
+    except (client.BrokerError, client.ConnectionClosed, ValueError, ssl.SSLError) as exc:
         print(f"pybroker sub: {exc}", file=sys.stderr)
         return 1
 
@@ -283,9 +297,9 @@ async def _groups(args: argparse.Namespace) -> int:
         print(f"pybroker groups {args.action}: a group NAME is needed", file=sys.stderr)
         return 2
     try:
-        async with client.connect(args.url, name="pybroker-cli") as c:
+        async with client.connect(args.url, name="pybroker-cli", ca_file=args.ca) as c:
             doc = await c.groups(args.action, args.name)
-    except (client.BrokerError, client.ConnectionClosed, ValueError) as exc:
+    except (client.BrokerError, client.ConnectionClosed, ValueError, ssl.SSLError) as exc:
         print(f"pybroker groups: {exc}", file=sys.stderr)
         return 1
     if args.json:
@@ -312,9 +326,9 @@ async def _topics(args: argparse.Namespace) -> int:
     import client
 
     try:
-        async with client.connect(args.url, name="pybroker-cli") as c:
+        async with client.connect(args.url, name="pybroker-cli", ca_file=args.ca) as c:
             infos = await c.topics(args.pattern)
-    except (client.BrokerError, client.ConnectionClosed, ValueError) as exc:
+    except (client.BrokerError, client.ConnectionClosed, ValueError, ssl.SSLError) as exc:
         print(f"pybroker topics: {exc}", file=sys.stderr)
         return 1
     if args.json:

@@ -80,3 +80,8 @@ class Config:
     http_host: str | None = None
     http_port: int | None = DEFAULT_HTTP_PORT
     http: HttpSettings = HttpSettings()
+    #: TLS for both listeners (broker/tls.py): a PEM certificate chain and its
+    #: private key. Without a key file the key is read from the certificate
+    #: file. None: plain TCP and HTTP.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None

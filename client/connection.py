@@ -82,6 +82,7 @@ from .protocol.batch import BATCH_HEADER
 from .protocol.frames import MAX_ACK_RANGES
 from .protocol.codec import HEADER_SIZE
 from .subscription import Subscription
+from .transport import CAFile, TLSOption, client_context, open_stream
 
 DEFAULT_URL = "pybroker://127.0.0.1:7420"
 DEFAULT_PORT = 7420
@@ -97,13 +98,23 @@ _log = structlog.get_logger("pybroker.client")
 
 
 def parse_url(url: str) -> tuple[str, int]:
-    """``pybroker://host:port`` (port defaults to 7420) -> (host, port)."""
+    """``pybroker://host:port`` or ``pybrokers://host:port`` (TLS; port
+    defaults to 7420) -> (host, port)."""
+    host, port, _ = _split_url(url)
+    return host, port
+
+
+def _split_url(url: str) -> tuple[str, int, bool]:
+    """(host, port, whether the scheme asks for TLS)."""
     parts = urlsplit(url)
-    if parts.scheme != "pybroker":
-        raise ValueError(f"unsupported URL scheme in {url!r}: expected pybroker://host:port")
+    if parts.scheme not in ("pybroker", "pybrokers"):
+        raise ValueError(
+            f"unsupported URL scheme in {url!r}: expected pybroker://host:port"
+            " or pybrokers://host:port (TLS)"
+        )
     if not parts.hostname:
         raise ValueError(f"no host in {url!r}")
-    return parts.hostname, parts.port or DEFAULT_PORT
+    return parts.hostname, parts.port or DEFAULT_PORT, parts.scheme == "pybrokers"
 
 
 class PendingAck:
@@ -944,15 +955,23 @@ async def connect(
     max_inflight_batches: int = 8,
     connect_timeout: float = 10.0,
     close_timeout: float = 5.0,
+    tls: TLSOption = None,
+    ca_file: CAFile = None,
 ) -> AsyncIterator[Client]:
     """Connect to a broker for the body of an ``async with``.
 
     On a normal exit the client waits (up to ``close_timeout``) for every
     queued publish to be acknowledged, then closes cleanly with GOODBYE.
+
+    TLS: a ``pybrokers://`` URL, ``tls=True`` or a ``ca_file`` connects
+    over TLS, verifying the broker's certificate and host name against the
+    system's CAs or those in ``ca_file``; ``tls`` may also be a ready
+    ``ssl.SSLContext``. A failed verification raises
+    ``ssl.SSLCertVerificationError``.
     """
-    host, port = parse_url(url)
-    with trio.fail_after(connect_timeout):
-        stream = await trio.open_tcp_stream(host, port)
+    host, port, url_tls = _split_url(url)
+    ssl_context = client_context(tls, ca_file, url_tls=url_tls)
+    stream = await open_stream(host, port, ssl_context=ssl_context, timeout=connect_timeout)
     try:
         async with trio.open_nursery() as nursery:
             client = Client(
