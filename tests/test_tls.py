@@ -353,7 +353,7 @@ async def test_bad_tls_input_is_disconnected_cleanly(certs: Certs, send: Any) ->
                     with trio.fail_after(TIMEOUT):
                         await ok.publish("tls.bad", b"fine")
                         assert (await anext(sub)).payload == b"fine"
-        await wait_sessions(server, 0)
+            await wait_sessions(server, 0)
 
 
 @pytest.mark.parametrize("first_flight", [False, True], ids=["silent", "stalls-after-client-hello"])
@@ -560,6 +560,40 @@ async def test_https_rejects_untrusted_and_plain_http(certs: Certs, tmp_path: Pa
             assert status == 200
 
 
+async def read_until(stream: trio.abc.ReceiveStream, buf: bytearray, marker: bytes) -> None:
+    with trio.fail_after(TIMEOUT):
+        while marker not in buf:
+            chunk = await stream.receive_some(65536)
+            assert chunk, f"stream ended before {marker!r}: {bytes(buf)!r}"
+            buf += chunk
+
+
+async def test_sse_over_https(certs: Certs) -> None:
+    """An event stream reads and writes one SSLStream at once (it watches
+    for the client closing while it sends events)."""
+    with broker_log():
+        async with tls_broker(certs) as server:
+            assert server.http is not None and server.http_port is not None
+            tcp = await trio.open_tcp_stream("127.0.0.1", server.http_port)
+            stream = trio.SSLStream(tcp, trusting(certs), server_hostname="127.0.0.1")
+            async with stream:
+                await stream.send_all(
+                    b"GET /v1/topics/tls.sse/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                )
+                buf = bytearray()
+                await read_until(stream, buf, b"\r\n\r\n")
+                assert buf.startswith(b"HTTP/1.1 200"), bytes(buf)
+                await read_until(stream, buf, b"\n\n")  # the opening comment: subscribed
+                async with client.connect(server.url, ca_file=certs.ca_file) as c:
+                    await c.publish_many("tls.sse", [b"sse over tls 1", b"sse over tls 2"])
+                await read_until(stream, buf, b"sse over tls 2")
+                assert b"sse over tls 1" in buf
+            # Closing our end ends the stream on the broker's side.
+            with trio.fail_after(TIMEOUT):
+                while server.http.connections:
+                    await trio.sleep(0.01)
+
+
 async def test_https_request_timeout_covers_a_stalled_handshake(certs: Certs) -> None:
     http = attrs.evolve(Config().http, request_timeout=HANDSHAKE_TIMEOUT)
     async with tls_broker(certs, http=http) as server:
@@ -638,6 +672,14 @@ def test_client_context_choices(certs: Certs) -> None:
         client_context(mine, certs.ca_file, url_tls=True)
     with pytest.raises(FileNotFoundError, match="no such CA file"):
         client_context(None, certs.ca_file.with_name("missing.pem"), url_tls=True)
+
+
+async def test_bench_refuses_tls_brokers() -> None:
+    """Its raw workers speak plain TCP: refused up front, not halfway."""
+    for extra in (["--url", "pybrokers://127.0.0.1:7420"], ["--broker-args=--tls-cert x.pem"]):
+        result = await run(["bench", "latency", *extra])
+        assert result.returncode == 2, result
+        assert "TLS brokers" in result.stderr.decode(), result
 
 
 def test_parse_url_accepts_both_schemes() -> None:
