@@ -38,7 +38,7 @@ def server_context(config: Config) -> ssl.SSLContext | None:
     """
     if config.tls_cert is None:
         if config.tls_key is not None:
-            raise TLSConfigError("a TLS key was given without a certificate (tls_cert)")
+            raise TLSConfigError("a TLS key was given without a certificate (--tls-cert, Config.tls_cert)")
         return None
     cert = Path(config.tls_cert)
     key = Path(config.tls_key) if config.tls_key is not None else None

@@ -60,7 +60,8 @@ async def open_stream(
 
     The handshake runs here rather than lazily on the first send, so a
     certificate that fails verification raises from ``connect()`` itself as
-    the ``ssl.SSLCertVerificationError`` (an ``ssl.SSLError``) it is.
+    the ``ssl.SSLCertVerificationError`` it is; other TLS failures raise
+    ``ssl.SSLError``.
     """
     with trio.fail_after(timeout):
         tcp = await trio.open_tcp_stream(host, port)
@@ -72,9 +73,15 @@ async def open_stream(
         except trio.BrokenResourceError as exc:
             await trio.aclose_forcefully(stream)
             cause = exc.__cause__
-            if isinstance(cause, ssl.SSLError):
+            if isinstance(cause, ssl.SSLCertVerificationError):
                 cause.add_note(f"(TLS handshake with {host}:{port})")
                 raise cause from None
+            if isinstance(cause, ssl.SSLError):
+                # Usually a peer that does not speak TLS: say so.
+                raise ssl.SSLError(
+                    f"TLS handshake with {host}:{port} failed: {cause}"
+                    " (does the broker serve TLS on that port?)"
+                ) from cause
             raise ConnectionClosed(
                 f"the TLS handshake with {host}:{port} failed: {cause or exc!r}"
             ) from exc
