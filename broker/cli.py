@@ -9,6 +9,7 @@ import getpass
 import json
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from .auth import DEFAULT_SCRYPT_N, Users, authenticator_for, hash_password, has
 from .logs import LEVELS, configure, get_logger
 
 DEFAULT_URL = os.environ.get("PYBROKER_URL", f"pybroker://{DEFAULT_HOST}:{DEFAULT_PORT}")
+DEFAULT_CA = os.environ.get("PYBROKER_CA") or None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--topic", action="append", default=[], metavar="PATTERN:KEY=VALUE,...", help="settings for matching topics, e.g. 'metrics.>:fsync=never,retention_seconds=3600' (first match wins)")
     serve.add_argument("--auth", type=Path, default=None, metavar="FILE", help="users file (TOML): clients must authenticate and their permissions apply (README, 'Authentication and permissions')")
     serve.add_argument("--allow-anonymous-remote", action="store_true", help="without --auth, listen on a non-loopback address anyway (anyone reaching it may publish and subscribe)")
+    serve.add_argument("--tls-cert", type=Path, default=None, metavar="FILE", help="serve TLS on the TCP and HTTP ports with this PEM certificate chain (clients use pybrokers://)")
+    serve.add_argument("--tls-key", type=Path, default=None, metavar="FILE", help="the certificate's PEM private key, unencrypted (default: read from --tls-cert)")
     serve.add_argument("--log-level", choices=LEVELS, default="info")
     serve.add_argument("--log-format", choices=("console", "json"), default="console")
 
@@ -57,11 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--header", "-H", action="append", default=[], metavar="KEY=VALUE")
     pub.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL}, or $PYBROKER_URL)")
     _credential_flags(pub)
+    _ca_option(pub)
 
     sub = commands.add_parser("sub", help="print messages as they arrive, until interrupted")
     sub.add_argument("pattern", help="topic or pattern: '*' matches one token, '>' the rest")
     sub.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL}, or $PYBROKER_URL)")
     _credential_flags(sub)
+    _ca_option(sub)
     start = sub.add_mutually_exclusive_group()
     start.add_argument("--from", dest="start", choices=("new", "earliest"), default="new", help="where to start (default new)")
     start.add_argument("--from-offset", type=int, metavar="N", help="start at offset N (a topic, not a pattern)")
@@ -81,12 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     groups.add_argument("name", nargs="?", default="")
     groups.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL}, or $PYBROKER_URL)")
     _credential_flags(groups)
+    _ca_option(groups)
     groups.add_argument("--json", action="store_true", help="print the broker's JSON answer")
 
     topics = commands.add_parser("topics", help="list topics with their first and next offsets")
     topics.add_argument("pattern", nargs="?", default=">", help="topic pattern (default: every topic)")
     topics.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL}, or $PYBROKER_URL)")
     _credential_flags(topics)
+    _ca_option(topics)
     topics.add_argument("--json", action="store_true", help="one JSON object per line")
 
     auth = commands.add_parser("auth", help="make password and token hashes for a users file, check one")
@@ -118,9 +126,13 @@ def _connect(args: argparse.Namespace, **options: Any) -> Any:
         if password is None:
             password = getpass.getpass(f"password for {args.user}: ")
         return client.connect(
-            args.url, name="pybroker-cli", user=args.user, password=password, **options
+            args.url, name="pybroker-cli", user=args.user, password=password, ca_file=args.ca, **options
         )
-    return client.connect(args.url, name="pybroker-cli", token=args.token or None, **options)
+    return client.connect(
+        args.url, name="pybroker-cli", token=args.token or None, ca_file=args.ca, **options
+    )
+def _ca_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ca", default=DEFAULT_CA, metavar="FILE", help="verify the broker's TLS certificate against the CAs in this PEM file, and connect over TLS (default $PYBROKER_CA; pybrokers:// URLs without it use the system's CAs)")
 
 
 def _duration(text: str) -> float:
@@ -209,6 +221,8 @@ async def _serve(args: argparse.Namespace) -> int:
         topic_settings=SettingsResolver.from_specs(default, args.topic),
         auth_file=args.auth,
         allow_anonymous_remote=args.allow_anonymous_remote,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         **overrides,
     )
     # Here, not inside the nursery below, so a bad users file or an unsafe
@@ -309,7 +323,7 @@ async def _pub(args: argparse.Namespace) -> int:
             else:
                 print("nothing to publish (stdin was empty)")
             return 0
-    except (client.BrokerError, client.ConnectionClosed, ValueError) as exc:
+    except (client.BrokerError, client.ConnectionClosed, ValueError, ssl.SSLError) as exc:
         print(f"pybroker pub: {exc}", file=sys.stderr)
         return 1
 
@@ -355,7 +369,7 @@ async def _sub(args: argparse.Namespace) -> int:
                     if args.count and seen >= args.count:
                         break
         return 0
-    except (client.BrokerError, client.ConnectionClosed, ValueError) as exc:
+    except (client.BrokerError, client.ConnectionClosed, ValueError, ssl.SSLError) as exc:
         print(f"pybroker sub: {exc}", file=sys.stderr)
         return 1
 
@@ -369,7 +383,7 @@ async def _groups(args: argparse.Namespace) -> int:
     try:
         async with _connect(args) as c:
             doc = await c.groups(args.action, args.name)
-    except (client.BrokerError, client.ConnectionClosed, ValueError) as exc:
+    except (client.BrokerError, client.ConnectionClosed, ValueError, ssl.SSLError) as exc:
         print(f"pybroker groups: {exc}", file=sys.stderr)
         return 1
     if args.json:
@@ -398,7 +412,7 @@ async def _topics(args: argparse.Namespace) -> int:
     try:
         async with _connect(args) as c:
             infos = await c.topics(args.pattern)
-    except (client.BrokerError, client.ConnectionClosed, ValueError) as exc:
+    except (client.BrokerError, client.ConnectionClosed, ValueError, ssl.SSLError) as exc:
         print(f"pybroker topics: {exc}", file=sys.stderr)
         return 1
     if args.json:

@@ -87,3 +87,8 @@ class Config:
     #: Without auth_file the broker refuses to listen on a non-loopback
     #: address (TCP or HTTP) unless this is set.
     allow_anonymous_remote: bool = False
+    #: TLS for both listeners (broker/tls.py): a PEM certificate chain and its
+    #: private key. Without a key file the key is read from the certificate
+    #: file. None: plain TCP and HTTP.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None

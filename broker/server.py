@@ -10,6 +10,7 @@ then asks every session to flush and say GOODBYE, bounded by
 from __future__ import annotations
 
 import itertools
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ from .log import FileStore, LogStore, MemoryStore
 from .logs import get_logger
 from .router import Router
 from .session import Session
+from .tls import server_context, wrap_server_stream
 
 
 class Server:
@@ -38,6 +40,9 @@ class Server:
         self.log: Any = get_logger()
         #: None when the broker runs without a users file (Config.auth_file).
         self.auth: Authenticator | None = authenticator_for(self.config)
+        #: TLS for both listeners (broker/tls.py); None: plain. Loaded first,
+        #: so a bad certificate stops the start before any recovery work.
+        self.tls: ssl.SSLContext | None = server_context(self.config)
         if store is None:
             if self.config.storage == "memory":
                 store = MemoryStore(self.config.memory_retention_bytes)
@@ -72,7 +77,8 @@ class Server:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"pybroker://{host}:{self.port}"
+        scheme = "pybrokers" if self.tls is not None else "pybroker"
+        return f"{scheme}://{host}:{self.port}"
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown; ``serve`` returns when it is done."""
@@ -127,6 +133,7 @@ class Server:
                     host=self.host,
                     port=self.port,
                     url=self.url,
+                    tls=self.tls is not None,
                     storage=self.config.storage if isinstance(self.store, (FileStore, MemoryStore)) else type(self.store).__name__,
                     data_dir=str(self.config.data_dir),
                     http_port=self.http_port,
@@ -174,7 +181,7 @@ class Server:
             peer = f"{peer_addr[0]}:{peer_addr[1]}"
         except OSError:
             peer = "?"
-        session = Session(self, stream, conn_id, peer)
+        session = Session(self, wrap_server_stream(stream, self.tls), conn_id, peer)
         self.sessions.add(session)
         self.connections_total += 1
         try:
@@ -191,8 +198,11 @@ async def run_broker(config: Config | None = None, **overrides: Any) -> AsyncIte
     ``run_broker(port=0)``. Used by the test fixture in ``broker.testing``.
     """
     config = attrs.evolve(config or Config(), **overrides)
+    # Built outside the nursery: a bad setting (a TLS certificate that will
+    # not load) raises as itself, not wrapped in an ExceptionGroup.
+    server = Server(config)
     async with trio.open_nursery() as nursery:
-        server: Server = await nursery.start(Server(config).serve)
+        await nursery.start(server.serve)
         try:
             yield server
         finally:

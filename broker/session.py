@@ -158,7 +158,10 @@ class Session:
                 with trio.move_on_after(self.config.shutdown_grace):
                     await self._writer_done.wait()
                 nursery.cancel_scope.cancel()
-            if self._lost:
+            if self._lost and reason == "server shutdown":
+                # The writer found the peer gone and stopped the reader. A
+                # reason the reader gave itself stands: over TLS, the ERROR
+                # after a handshake timeout cannot be sent at all.
                 reason = "connection lost"
         except Exception:
             self.log.exception("internal error; closing this connection")

@@ -83,6 +83,7 @@ from .protocol.batch import BATCH_HEADER
 from .protocol.frames import MAX_ACK_RANGES
 from .protocol.codec import HEADER_SIZE
 from .subscription import Subscription
+from .transport import CAFile, TLSOption, client_context, open_stream
 
 DEFAULT_URL = "pybroker://127.0.0.1:7420"
 DEFAULT_PORT = 7420
@@ -99,13 +100,23 @@ _log = structlog.get_logger("pybroker.client")
 
 
 def parse_url(url: str) -> tuple[str, int]:
-    """``pybroker://host:port`` (port defaults to 7420) -> (host, port)."""
+    """``pybroker://host:port`` or ``pybrokers://host:port`` (TLS; port
+    defaults to 7420) -> (host, port)."""
+    host, port, _ = _split_url(url)
+    return host, port
+
+
+def _split_url(url: str) -> tuple[str, int, bool]:
+    """(host, port, whether the scheme asks for TLS)."""
     parts = urlsplit(url)
-    if parts.scheme != "pybroker":
-        raise ValueError(f"unsupported URL scheme in {url!r}: expected pybroker://host:port")
+    if parts.scheme not in ("pybroker", "pybrokers"):
+        raise ValueError(
+            f"unsupported URL scheme in {url!r}: expected pybroker://host:port"
+            " or pybrokers://host:port (TLS)"
+        )
     if not parts.hostname:
         raise ValueError(f"no host in {url!r}")
-    return parts.hostname, parts.port or DEFAULT_PORT
+    return parts.hostname, parts.port or DEFAULT_PORT, parts.scheme == "pybrokers"
 
 
 def url_credentials(url: str) -> dict[str, str]:
@@ -1170,6 +1181,8 @@ async def connect(
     token: str | None = None,
     user: str | None = None,
     password: str | None = None,
+    tls: TLSOption = None,
+    ca_file: CAFile = None,
 ) -> AsyncIterator[Client]:
     """Connect to a broker for the body of an ``async with``.
 
@@ -1189,8 +1202,15 @@ async def connect(
     ``pybroker://token@host``). Refused ones raise
     :class:`AuthenticationError`; an action the user may not take raises
     :class:`PermissionDenied` where it is awaited.
+
+    TLS: a ``pybrokers://`` URL, ``tls=True`` or a ``ca_file`` connects
+    over TLS, verifying the broker's certificate and host name against the
+    system's CAs or those in ``ca_file``; ``tls`` may also be a ready
+    ``ssl.SSLContext``. A failed verification raises
+    ``ssl.SSLCertVerificationError``.
     """
-    host, port = parse_url(url)
+    host, port, url_tls = _split_url(url)
+    ssl_context = client_context(tls, ca_file, url_tls=url_tls)
     credentials = _credentials(url, token, user, password)
     policy: Reconnect | None = None
     if isinstance(reconnect, Reconnect):
@@ -1199,10 +1219,9 @@ async def connect(
         policy = Reconnect()
 
     async def opener() -> trio.abc.Stream:
-        return await trio.open_tcp_stream(host, port)
+        return await open_stream(host, port, ssl_context=ssl_context, timeout=connect_timeout)
 
-    with trio.fail_after(connect_timeout):
-        stream = await opener()
+    stream = await opener()
     try:
         async with trio.open_nursery() as nursery:
             client = Client(

@@ -45,6 +45,7 @@ from client.protocol import (
 )
 from authfiles import user_entry, write_users
 from test_durability import broker_process
+from test_tls import make_certs
 
 TIMEOUT = 30.0
 #: Quick retries, bounded: at most ~40 s of trying.
@@ -525,3 +526,31 @@ async def test_reconnect_refused_by_the_broker_gives_up_at_once(tmp_path: Path) 
                         pass
             assert c.closed and c.reconnects == 0
         stop_second.set()
+
+
+async def test_reconnect_over_tls(tmp_path: Path) -> None:
+    """A pybrokers:// client reconnects over TLS, verifying the broker again."""
+    certs = make_certs(tmp_path)
+    tls = {"tls_cert": certs.cert_file, "tls_key": certs.key_file}
+    data, port = tmp_path / "data", free_port()
+    got = Collector()
+    stop_first, stop_second = trio.Event(), trio.Event()
+    async with trio.open_nursery() as nursery:
+        first = await nursery.start(partial(_serve_until, stop_first, data_dir=data, port=port, **tls))
+        assert first.url.startswith("pybrokers://")
+        async with client.connect(first.url, ca_file=certs.ca_file, reconnect=FAST) as c:
+            await c.subscribe("tls.>", got)
+            async with client.connect(first.url, ca_file=certs.ca_file) as pub:
+                await pub.publish("tls.a", b"one")
+            await got.wait_for({"tls.a": 1})
+            stop_first.set()
+            await first.wait_stopped()
+            second = await nursery.start(
+                partial(_serve_until, stop_second, data_dir=data, port=port, **tls)
+            )
+            async with client.connect(second.url, ca_file=certs.ca_file) as pub:
+                await pub.publish("tls.a", b"two")
+            await got.wait_for({"tls.a": 2})
+            assert c.reconnects == 1
+        stop_second.set()
+    assert got.payloads("tls.a") == [b"one", b"two"]

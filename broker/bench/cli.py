@@ -174,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The raw-codec workers open plain TCP connections: a TLS broker would
+    # fail every run halfway, so refuse up front.
+    if (args.url or "").startswith("pybrokers:") or "--tls-cert" in args.broker_args:
+        parser.error("benchmarks run over plain TCP; TLS brokers (pybrokers://, --tls-cert) are not supported")
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     workdir = Path(tempfile.mkdtemp(prefix="pybroker-bench-", dir=args.workdir))
     ctx = _context(args, workdir)

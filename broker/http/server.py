@@ -37,6 +37,7 @@ from .. import __version__
 from ..closing import drain, linger_close
 from ..logs import get_logger
 from .access import authenticate
+from ..tls import wrap_server_stream
 from .messages import HttpError, Request, Response, StreamResponse
 from .rates import RateSampler
 from .routes import build_routes, dispatch
@@ -108,7 +109,12 @@ class HttpServer:
                                 handler_nursery=connections,
                             )
                         )
-                        self.log.info("http listening", host=self.host, port=self.port)
+                        self.log.info(
+                            "http listening",
+                            host=self.host,
+                            port=self.port,
+                            tls=self.server.tls is not None,
+                        )
                         task_status.started(self.port)
                         await self._shutdown.wait()
                         accepting.cancel_scope.cancel()
@@ -129,7 +135,9 @@ class HttpServer:
             peer = f"{addr[0]}:{addr[1]}"
         except OSError:
             peer = "?"
-        conn = HttpConnection(self, stream, conn_id, peer)
+        # HTTPS peers often close without close_notify: https_compatible.
+        tls_stream = wrap_server_stream(stream, self.server.tls, https=True)
+        conn = HttpConnection(self, tls_stream, conn_id, peer)
         if len(self.connections) >= self.settings.max_connections or self.stopping:
             await conn.refuse(HttpError(503, "too many HTTP connections" if not self.stopping else "shutting down"))
             return
@@ -142,7 +150,7 @@ class HttpServer:
 
 
 class HttpConnection:
-    def __init__(self, http: HttpServer, stream: trio.SocketStream, conn_id: int, peer: str) -> None:
+    def __init__(self, http: HttpServer, stream: trio.abc.Stream, conn_id: int, peer: str) -> None:
         self.http = http
         self.settings = http.settings
         self.stream = stream
