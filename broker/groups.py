@@ -31,7 +31,7 @@ import attrs
 import trio
 
 from client.protocol import AckKind, StartKind, decode_batch, encode_batch, encode_batch_from_records
-from client.protocol.batch import split_records
+from client.protocol.batch import RECORD_HEADER, MalformedBatch, split_records
 from client.protocol.subjects import pattern_error, tokens_match, topic_error
 
 from .log import StoredBatch
@@ -340,7 +340,12 @@ class Group:
         skip = gt.cursor - batch.base_offset
         if skip or batch.count > room:
             # Part of a batch: from the cursor, and only what the member has room for.
-            records = gt.records_of(batch)[skip : skip + room]
+            try:
+                records = gt.records_of(batch)[skip : skip + room]
+            except MalformedBatch as exc:
+                self._settle_malformed(gt, range(gt.cursor, batch.next_offset), exc)
+                gt.cursor = batch.next_offset
+                return
             payload = encode_batch_from_records(records)
             base, count = gt.cursor, len(records)
         else:
@@ -363,7 +368,12 @@ class Group:
                 "group message lost to retention", group=self.name, topic=gt.topic.name, offset=offset
             )
             return
-        record = gt.records_of(stored)[offset - stored.base_offset]
+        try:
+            record = gt.records_of(stored)[offset - stored.base_offset]
+        except MalformedBatch as exc:
+            del gt.pending[offset]
+            self._settle_malformed(gt, range(offset, offset + 1), exc)
+            return
         if self.config.max_deliver and p.deliveries >= self.config.max_deliver:
             self._dead_letter(gt, offset, p, stored.timestamp, record)
             return
@@ -383,21 +393,46 @@ class Group:
             encode_batch_from_records([record]),
         )
 
-    def _dead_letter(self, gt: GroupTopic, offset: int, p: Pending, timestamp: int, record: bytes) -> None:
-        ((payload, headers),) = decode_batch(encode_batch_from_records([record]))
-        extra = dict(headers)
-        extra.update(
-            {
-                "x-original-topic": gt.topic.name,
-                "x-original-offset": str(offset),
-                "x-group": self.name,
-                "x-deliveries": str(p.deliveries),
-                "x-reason": "max_deliver",
-            }
+    def _settle_malformed(self, gt: GroupTopic, offsets: range, exc: MalformedBatch) -> None:
+        """Messages of a stored batch that does not split into its records.
+
+        The broker stores batches without parsing records (protocol.md,
+        "Batches"), so a client can publish one whose CRC matches but whose
+        records do not tile it. Where the group must hand it out in pieces
+        or one message alone, it cannot: those messages are settled as
+        termed, and the log says so. Plain subscribers still get the batch."""
+        self.termed += len(offsets)
+        self.version += 1
+        self.manager.log.warning(
+            "malformed batch settled",
+            group=self.name,
+            topic=gt.topic.name,
+            offsets=f"{offsets.start}..{offsets.stop - 1}",
+            detail=str(exc),
         )
+
+    def _dead_letter(self, gt: GroupTopic, offset: int, p: Pending, timestamp: int, record: bytes) -> None:
+        dead_letter_headers = {
+            "x-original-topic": gt.topic.name,
+            "x-original-offset": str(offset),
+            "x-group": self.name,
+            "x-deliveries": str(p.deliveries),
+            "x-reason": "max_deliver",
+        }
+        try:
+            ((payload, headers),) = decode_batch(encode_batch_from_records([record]))
+        except MalformedBatch:
+            # The record splits but its headers do not parse: keep the payload.
+            headers_len = RECORD_HEADER.unpack_from(record, 0)[1]
+            payload, headers = record[RECORD_HEADER.size + headers_len :], {}
+        try:
+            batch = encode_batch([(payload, {**headers, **dead_letter_headers})])
+        except ValueError:
+            # Headers already near the 65535-byte block limit: ours must fit.
+            batch = encode_batch([(payload, dead_letter_headers)])
         router = self.manager.router
         dlq = router.topic(self.config.dead_letter)
-        router.publish(dlq, encode_batch([(payload, extra)]), 1, time.time_ns() // 1000)
+        router.publish(dlq, batch, 1, time.time_ns() // 1000)
         del gt.pending[offset]
         self.version += 1
         self.dead_lettered += 1

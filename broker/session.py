@@ -130,6 +130,9 @@ class Session:
         self._ack_wake = trio.Event()
         self._acks_closing = False
         self._acker_done = trio.Event()
+        # A protocol error's fatal ERROR, held back until the PUBACKs still
+        # owed (waiting for a sync) are out: nothing may follow a fatal ERROR.
+        self._pending_fatal: RemoteProtocolError | None = None
         self.messages_in = 0
         self.bytes_out = 0
         # Authentication (broker/auth.py): set by the HELLO when the server
@@ -151,6 +154,8 @@ class Session:
                 reason = await self._read_loop()
                 self._drop_subscriptions()
                 await self._finish_acks()
+                if self._pending_fatal is not None:
+                    self._fatal(self._pending_fatal.code, self._pending_fatal.message)
                 if self.conn.state is State.OPEN and not self.conn.we_finished:
                     self._queue(self.conn.send(Goodbye()))
                 self._closing = True
@@ -226,7 +231,8 @@ class Session:
                 self.log.warning(
                     "protocol error", code=int(exc.code), error=exc.code.name, detail=exc.message
                 )
-                self._fatal(exc.code, exc.message)
+                self._accepting_deliveries = False
+                self._pending_fatal = exc
                 return f"protocol error {exc.code.name}"
             except _Stop as stop:
                 self._flush_acks()

@@ -104,11 +104,15 @@ def split_records(batch: bytes) -> list[bytes]:
     """The raw records of a batch, each re-encodable as a batch of its own.
 
     Used where one message must travel alone (a group's redelivery, a dead
-    letter); never on the hot path."""
+    letter); never on the hot path. The broker stores batches without parsing
+    their records, so a stored batch may not split: that is MalformedBatch,
+    like every other verdict on records."""
     count = batch_count(batch)
     pos = BATCH_HEADER.size
-    out = []
+    out: list[bytes] = []
     for _ in range(count):
+        if pos + RECORD_HEADER.size > len(batch):
+            raise MalformedBatch(f"{count} records announced, the batch ends after {len(out)}")
         payload_len, headers_len = RECORD_HEADER.unpack_from(batch, pos)
         end = pos + RECORD_HEADER.size + headers_len + payload_len
         if end > len(batch):

@@ -1,0 +1,649 @@
+"""Fuzzing a running broker over loopback (issue 7, "Fuzzing").
+
+A broker with durable storage in ``tmp_path`` gets thousands of frames over
+many raw TCP connections, in rounds: random bytes, valid client frames with
+flipped bits, overwritten bytes, wrong lengths and truncations, frames the
+client may not send (server frames, a second HELLO, anything before HELLO),
+batches whose records were mutated and whose CRC was then fixed up (so the
+broker stores them: it does not parse records), and plain valid requests.
+A raw consumer-group member settles what it gets at random meanwhile, so
+malformed stored batches go through the groups' split, redelivery and
+dead-letter paths too.
+
+After every round a well-behaved client (``client.connect``) must still
+publish, subscribe and receive; at the end every message it had
+acknowledged is replayed from the earliest offset, payload for payload.
+The broker must never answer INTERNAL_ERROR, never send a frame that the
+client-side codec rejects, never log at error level, and end every fuzz
+connection itself (fatal ERROR or GOODBYE, then EOF).
+
+The random seed is fixed and printed; ``PYBROKER_FUZZ_SEED=N`` replays
+another run. Counts and times are bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import sys
+import zlib
+from collections.abc import AsyncIterator, Iterator, MutableMapping
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import structlog.testing
+import trio
+
+import client
+from broker.config import Limits
+from broker.server import Server
+from broker.testing import running_broker
+from client.protocol import (
+    CLOSED,
+    NEED_DATA,
+    UNLIMITED_CREDIT,
+    Ack,
+    AckKind,
+    Connection,
+    Credit,
+    Deliver,
+    Durability,
+    Error,
+    ErrorCode,
+    Event,
+    GroupDeliver,
+    Goodbye,
+    Groups,
+    GroupsAction,
+    GroupsReply,
+    Hello,
+    Info,
+    InfoReply,
+    MalformedBatch,
+    Ping,
+    Pong,
+    PubAck,
+    Publish,
+    RefKind,
+    RemoteProtocolError,
+    Role,
+    StartKind,
+    SubAck,
+    Subscribe,
+    TopicInfo,
+    UnsubAck,
+    Unsubscribe,
+    Welcome,
+    decode_batch,
+    encode_batch,
+    encode_event,
+)
+
+SEED = int(os.environ.get("PYBROKER_FUZZ_SEED", "20261128"))
+ROUNDS = 20
+CONNECTIONS_PER_ROUND = 25
+#: A connection sends this many valid frames, then (mostly) one fault, then
+#: a few more frames the broker must not act on once the fault was fatal.
+VALID_PREFIX = (0, 16)
+SUFFIX = (0, 4)
+#: Bound on any single wait for the broker.
+TIMEOUT = 15.0
+#: Bound on the whole fuzz run.
+RUN_TIMEOUT = 240.0
+#: A fuzz connection that gets more answers than this is flooding us.
+MAX_ANSWERS = 20_000
+
+HEALTHY_TOPIC = "healthy.data"
+FUZZ_TOPICS = ["fuzz.a", "fuzz.b.c", "fuzz.group.x", "fuzz.group.y"]
+GROUP = "fuzzers"
+GROUP_PATTERN = "fuzz.>"
+
+_HEADER = struct.Struct(">IBB")
+_BATCH_HEADER = struct.Struct(">II")
+
+
+# --------------------------------------------------------------------------
+# Frame generators (seeded; byte builders independent of the codec's checks)
+
+
+def fixed_crc(records: bytes, count: int) -> bytes:
+    """A batch around arbitrary record bytes whose CRC matches them."""
+    return _BATCH_HEADER.pack(count, zlib.crc32(records)) + records
+
+
+def random_batch(rng: random.Random) -> bytes:
+    messages: list[bytes | tuple[bytes, dict[str, str] | None]] = []
+    for _ in range(rng.randint(1, 4)):
+        payload = rng.randbytes(rng.randint(0, 24))
+        if rng.random() < 0.3:
+            messages.append((payload, {"k": str(rng.randint(0, 9)), "é": "ü"}))
+        else:
+            messages.append(payload)
+    return encode_batch(messages)
+
+
+def crc_fixed_mutant(rng: random.Random) -> bytes:
+    """A batch whose records were mutated after encoding, CRC recomputed.
+
+    The broker checks only the envelope, so it stores these; whatever reads
+    records later (groups splitting or dead-lettering, subscribers) must cope.
+    """
+    batch = bytearray(random_batch(rng))
+    records = batch[_BATCH_HEADER.size :]
+    count = _BATCH_HEADER.unpack_from(batch, 0)[0]
+    choice = rng.randrange(4)
+    if choice == 0 and records:
+        for _ in range(rng.randint(1, 3)):
+            records[rng.randrange(len(records))] = rng.randrange(256)
+    elif choice == 1:
+        # More records announced than there are, with just enough bytes for
+        # the broker's envelope check (6 per record) to pass.
+        count += rng.randint(1, 3)
+        records += bytes(max(0, 6 * count - len(records)) + rng.randint(0, 3))
+    elif choice == 2 and len(records) >= 4:
+        # The first record's payload_len swallows what follows.
+        struct.pack_into(">I", records, 0, len(records) - rng.randint(0, 5))
+        count = max(count, 2)
+        records += bytes(6 * count)
+    else:
+        records += rng.randbytes(rng.randint(1, 7))  # trailing bytes
+    return fixed_crc(bytes(records), count)
+
+
+def valid_client_event(rng: random.Random) -> Event:
+    topic = rng.choice(FUZZ_TOPICS)
+    pick = rng.randrange(11)
+    if pick <= 2:
+        batch = crc_fixed_mutant(rng) if rng.random() < 0.35 else random_batch(rng)
+        return Publish(rng.choice([0, rng.getrandbits(64)]), topic, batch, rng.random() < 0.1)
+    if pick == 3:
+        options: dict[str, str] = {}
+        if rng.random() < 0.3:
+            options = {"group": rng.choice([GROUP, "fz1", "fz2"]), "max_ack_pending": "1"}
+        return Subscribe(
+            rng.randrange(8),
+            rng.choice(["fuzz.>", "fuzz.*", topic, "fuzz.*.x"]),
+            StartKind(rng.randrange(4)) if not options else StartKind.EARLIEST,
+            rng.choice([0, 1, rng.getrandbits(64)]),
+            rng.choice([1, 5, UNLIMITED_CREDIT]),
+            options,
+        )
+    if pick == 4:
+        return Unsubscribe(rng.randrange(8))
+    if pick == 5:
+        return Credit(rng.randrange(8), rng.choice([1, 100, 2**32 - 1]))
+    if pick == 6:
+        first = rng.randrange(50)
+        return Ack(
+            rng.randrange(8),
+            AckKind(rng.randrange(4)),
+            topic,
+            ((first, first + rng.randrange(5)),),
+            rng.choice([0, 10]),
+        )
+    if pick == 7:
+        return Info(rng.getrandbits(64), rng.choice([">", "fuzz.>", "*"]))
+    if pick == 8:
+        return Groups(rng.getrandbits(64), GroupsAction(rng.randrange(3)), rng.choice(["", GROUP, "fz1"]))
+    if pick == 9:
+        return Ping(rng.getrandbits(64))
+    rest: list[Event] = [Pong(1), Error(ErrorCode.BAD_REQUEST, "fuzz", 0, RefKind.NONE)]
+    return rng.choice(rest)
+
+
+def wrong_direction_event(rng: random.Random) -> Event:
+    """A frame the client may never send, or not now."""
+    events: list[Event] = [
+        Hello("again"),
+        Welcome("0.1.0", "fake"),
+        PubAck(1, 0, 1, 0, Durability.DISK),
+        SubAck(1),
+        UnsubAck(1),
+        Deliver(1, "fuzz.a", 0, 0, random_batch(rng)),
+        GroupDeliver(1, "fuzz.a", 0, 0, 1, random_batch(rng)),
+        InfoReply(1, (TopicInfo("fuzz.a", 0, 1, 10, 0),)),
+        GroupsReply(1, "{}"),
+    ]
+    return rng.choice(events)
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    out = bytearray(data)
+    how = rng.randrange(5)
+    if how == 0:  # flip bits
+        for _ in range(rng.randint(1, 3)):
+            out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
+    elif how == 1:  # overwrite bytes
+        for _ in range(rng.randint(1, 4)):
+            out[rng.randrange(len(out))] = rng.randrange(256)
+    elif how == 2:  # wrong length in the header
+        size = _HEADER.unpack_from(out, 0)[0]
+        delta = rng.choice([-3, -1, 1, 2, 9, 2**20, 2**31])
+        struct.pack_into(">I", out, 0, max(0, min(size + delta, 2**32 - 1)))
+    elif how == 3:  # truncated
+        del out[rng.randrange(len(out)) :]
+    else:  # bytes inserted
+        pos = rng.randrange(len(out) + 1)
+        out[pos:pos] = rng.randbytes(rng.randint(1, 5))
+    return bytes(out)
+
+
+def fault(rng: random.Random) -> bytes:
+    """One frame (or bytes) that breaks the protocol, more often than not."""
+    kind = rng.random()
+    if kind < 0.15:
+        return rng.randbytes(rng.randint(1, 48))
+    if kind < 0.75:
+        return mutate(rng, encode_event(valid_client_event(rng)))
+    if kind < 0.92:
+        return encode_event(wrong_direction_event(rng))
+    return encode_event(Goodbye())
+
+
+@attrs.frozen
+class FuzzConnection:
+    handshake: bool  # opens with a real HELLO
+    data: bytes
+    frames: int
+
+
+def fuzz_connection(rng: random.Random) -> FuzzConnection:
+    # A fault ends a connection (every 1xx is fatal), so each connection gets
+    # a run of valid frames first: the broker is in some state worth breaking.
+    frames = [encode_event(valid_client_event(rng)) for _ in range(rng.randint(*VALID_PREFIX))]
+    if rng.random() < 0.9:
+        frames.append(fault(rng))
+    for _ in range(rng.randint(*SUFFIX)):
+        frames.append(fault(rng) if rng.random() < 0.5 else encode_event(valid_client_event(rng)))
+    return FuzzConnection(rng.random() < 0.92, b"".join(frames), len(frames))
+
+
+# --------------------------------------------------------------------------
+# Talking to the broker
+
+
+class RawPeer:
+    """A TCP connection: raw bytes out, the broker's frames in through the
+    client-side codec (so an invalid frame from the broker fails the test)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.conn = Connection(Role.CLIENT)
+
+    async def send(self, data: bytes) -> None:
+        with trio.fail_after(TIMEOUT):
+            await self.stream.send_all(data)
+
+    async def next_event(self, timeout: float = TIMEOUT) -> Event | None:
+        """The broker's next frame, or None at EOF."""
+        with trio.fail_after(timeout):
+            while True:
+                event = self.conn.next_event()
+                if event is NEED_DATA:
+                    try:
+                        data = await self.stream.receive_some(65536)
+                    except trio.BrokenResourceError:
+                        data = b""  # a reset after the broker's close
+                    self.conn.receive_data(data)
+                    continue
+                if event is CLOSED:
+                    return None
+                assert not isinstance(event, type(NEED_DATA)), event
+                return event  # type: ignore[return-value]
+
+
+@asynccontextmanager
+async def raw_peer(server: Server) -> AsyncIterator[RawPeer]:
+    with trio.fail_after(TIMEOUT):
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    try:
+        yield RawPeer(stream)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+@attrs.define
+class Tally:
+    connections: int = 0
+    frames: int = 0
+    bytes: int = 0
+    answers: int = 0
+    fatal: dict[str, int] = attrs.Factory(dict)
+    goodbyes: int = 0
+
+
+async def run_fuzz_connection(server: Server, fc: FuzzConnection, tally: Tally) -> None:
+    async with raw_peer(server) as peer:
+        # The codec believes HELLO went out either way, so a WELCOME (a HELLO
+        # may hide in the random bytes) or an ERROR are both legal answers.
+        hello = peer.conn.send(Hello("fuzz"))
+        data = (hello if fc.handshake else b"") + fc.data
+        try:
+            await peer.send(data)
+            with trio.fail_after(TIMEOUT):
+                await peer.stream.send_eof()
+        except trio.BrokenResourceError:
+            pass  # it closed on us mid-send: a fatal ERROR is waiting
+        last: Event | None = None
+        for _ in range(MAX_ANSWERS):
+            try:
+                event = await peer.next_event()
+            except RemoteProtocolError as exc:
+                raise AssertionError(f"the broker sent an invalid frame: {exc}") from exc
+            if event is None:
+                break
+            tally.answers += 1
+            if isinstance(event, Error):
+                assert event.code != ErrorCode.INTERNAL_ERROR, event
+                assert event.fatal == ErrorCode(event.code).fatal, event
+            last = event
+        else:
+            raise AssertionError(f"more than {MAX_ANSWERS} answers to {fc.frames} frames")
+        # Every connection ends by the broker's word, never a bare close.
+        if isinstance(last, Error) and last.fatal:
+            name = ErrorCode(last.code).name
+            tally.fatal[name] = tally.fatal.get(name, 0) + 1
+        else:
+            assert isinstance(last, Goodbye), f"ended without a fatal ERROR or GOODBYE: {last!r}"
+            tally.goodbyes += 1
+    tally.connections += 1
+    tally.frames += fc.frames
+    tally.bytes += len(data)
+
+
+async def group_member(
+    server: Server,
+    rng: random.Random,
+    stop: trio.Event,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> int:
+    """A raw group member that acks, naks or ignores at random; returns how
+    many GROUP_DELIVERs it got. Started once it created the group, so the
+    group has its settings (fuzz connections join it too)."""
+    got = 0
+    async with raw_peer(server) as peer:
+        await peer.send(peer.conn.send(Hello("member")))
+        assert isinstance(await peer.next_event(), Welcome)
+        options = {"group": GROUP, "max_ack_pending": "3", "ack_wait_ms": "30", "max_deliver": "2"}
+        await peer.send(peer.conn.send(Subscribe(1, GROUP_PATTERN, StartKind.EARLIEST, options=options)))
+        assert await peer.next_event() == SubAck(1)
+        assert server.groups.groups[GROUP].config.max_ack_pending == 3
+        task_status.started()
+
+        async def read() -> None:
+            nonlocal got
+            while True:
+                # Idle while the group has nothing for it: the run's bound.
+                event = await peer.next_event(RUN_TIMEOUT)
+                assert event is not None, "the broker closed the member's connection"
+                assert not isinstance(event, Error), event
+                if isinstance(event, GroupDeliver):
+                    got += 1
+                    try:
+                        count = len(decode_batch(event.batch))
+                    except MalformedBatch:
+                        # Like the client library: report, settle nothing. The
+                        # ack wait expires and the group must redeliver it alone.
+                        continue
+                    last = event.base_offset + count - 1
+                    choice = rng.random()
+                    if choice < 0.85:
+                        kind = AckKind.ACK
+                    elif choice < 0.95:
+                        kind = AckKind.NAK
+                    else:
+                        continue  # let the ack wait expire: redelivery, dead letter
+                    await peer.send(
+                        peer.conn.send(Ack(1, kind, event.topic, ((event.base_offset, last),)))
+                    )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await stop.wait()
+            nursery.cancel_scope.cancel()
+    return got
+
+
+async def group_caught_up(server: Server) -> None:
+    """Wait (bounded) until the member's group has handed out and settled
+    everything stored, so every stored batch went through its paths."""
+    group = server.groups.groups[GROUP]
+    with trio.move_on_after(RUN_TIMEOUT / 4):
+        while any(
+            gt.cursor < gt.topic.visible_next or gt.pending for gt in group.topics.values()
+        ):
+            await trio.sleep(0.05)
+        return
+    state = {
+        gt.topic.name: (gt.cursor, gt.topic.visible_next, dict(list(gt.pending.items())[:5]), list(gt.ready)[:5])
+        for gt in group.topics.values()
+    }
+    members = [(m.sub.sub_id, m.unacked, m.sub.session.accepting) for m in group.members]
+    raise AssertionError(f"group stuck: {state}, members {members}, {group.config}")
+
+
+class Healthy:
+    """The well-behaved client: what it published and had acknowledged."""
+
+    def __init__(self, c: client.Client) -> None:
+        self.c = c
+        self.acked: dict[int, bytes] = {}  # offset -> payload
+        self.counter = 0
+
+    async def check(self, n: int = 5) -> None:
+        """Publish n messages with a live subscription; all arrive intact."""
+        payloads = []
+        for _ in range(n):
+            payloads.append(f"healthy-{self.counter}-".encode() + bytes(range(self.counter % 256)))
+            self.counter += 1
+        with trio.fail_after(TIMEOUT):
+            async with self.c.subscribe(HEALTHY_TOPIC) as sub:
+                acks = await self.c.publish_many(HEALTHY_TOPIC, payloads)
+                got = [await anext(sub) for _ in range(n)]
+            await self.c.ping()
+        assert [m.payload for m in got] == payloads
+        assert [m.offset for m in got] == [a.offset for a in acks]
+        for ack, payload in zip(acks, payloads, strict=True):
+            assert ack.offset not in self.acked
+            self.acked[ack.offset] = payload
+
+    async def verify_replay(self, server: Server) -> None:
+        async with client.connect(server.url, name="replay", connect_timeout=TIMEOUT) as c:
+            with trio.fail_after(TIMEOUT):
+                async with c.subscribe(HEALTHY_TOPIC, start="earliest") as sub:
+                    replayed = [await anext(sub) for _ in range(len(self.acked))]
+        assert {m.offset: m.payload for m in replayed} == self.acked
+        assert [m.offset for m in replayed] == sorted(self.acked)
+
+
+def _exception_now(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+    if event_dict.get("exc_info") is True:
+        event_dict["exc_info"] = repr(sys.exc_info()[1])
+    return event_dict
+
+
+@contextmanager
+def broker_log() -> Iterator[list[MutableMapping[str, Any]]]:
+    """The broker's log; nothing at error level, no session ended by an
+    internal error."""
+    with structlog.testing.capture_logs(processors=[_exception_now]) as logs:
+        yield logs
+    bad = [e for e in logs if e.get("log_level") in ("error", "critical", "exception")]
+    bad += [e for e in logs if e.get("reason") == "internal error"]
+    assert not bad, f"the broker logged errors: {bad[:5]}"
+
+
+def broker_config(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "data_dir": tmp_path / "data",
+        "handshake_timeout": 5.0,
+        "limits": Limits(max_batch_messages=50, max_subscriptions=6),
+    }
+
+
+# --------------------------------------------------------------------------
+# Directed regressions for what the fuzzer found
+
+
+def malformed_but_crc_ok() -> bytes:
+    """Two records announced; the first one's payload takes all but 3 bytes."""
+    records = struct.pack(">IH", 3, 0) + b"abc" + b"\x00\x00\x00"
+    return fixed_crc(records, 2)
+
+
+async def test_group_survives_batch_whose_records_do_not_tile(tmp_path: Path) -> None:
+    """A batch with a valid CRC but records that do not tile it, stored on a
+    topic a group follows whose member has room for one message: the group
+    cannot split it. That once raised struct.error in the groups' dispatch
+    task and took the whole broker down."""
+    with broker_log() as logs:
+        async with running_broker(**broker_config(tmp_path)) as server:
+            async with raw_peer(server) as member:
+                await member.send(member.conn.send(Hello("member")))
+                assert isinstance(await member.next_event(), Welcome)
+                options = {"group": "g", "max_ack_pending": "1", "ack_wait_ms": "30"}
+                await member.send(member.conn.send(Subscribe(1, "bad.>", StartKind.EARLIEST, options=options)))
+                assert await member.next_event() == SubAck(1)
+                async with client.connect(server.url, connect_timeout=TIMEOUT) as c:
+                    async with raw_peer(server) as pub:
+                        await pub.send(pub.conn.send(Hello("pub")))
+                        assert isinstance(await pub.next_event(), Welcome)
+                        await pub.send(pub.conn.send(Publish(5, "bad.topic", malformed_but_crc_ok())))
+                        ack = await pub.next_event()
+                        assert isinstance(ack, PubAck) and ack.count == 2, ack
+                    # Then a good message, which the member must get.
+                    good = await c.publish("bad.topic", b"good")
+                    with trio.fail_after(TIMEOUT):
+                        while True:
+                            event = await member.next_event()
+                            assert isinstance(event, GroupDeliver), event
+                            if event.base_offset == good.offset:
+                                break
+                    await c.ping()
+                    stats = await c.groups("inspect", "g")
+                    assert stats["termed"] == 2, stats
+    assert any(e.get("event") == "malformed batch settled" for e in logs), logs
+
+
+async def test_dead_letter_of_message_with_malformed_headers(tmp_path: Path) -> None:
+    """A message whose record tiles but whose headers do not parse still goes
+    to the dead-letter topic (payload kept) instead of crashing dispatch."""
+    # One record: headers_len 3 with a headers block that is not (str16, str16).
+    records = struct.pack(">IH", 2, 3) + b"\x00\x05x" + b"hi"
+    with broker_log():
+        async with running_broker(**broker_config(tmp_path)) as server:
+            async with client.connect(server.url, connect_timeout=TIMEOUT) as c:
+                async with raw_peer(server) as member:
+                    await member.send(member.conn.send(Hello("member")))
+                    assert isinstance(await member.next_event(), Welcome)
+                    options = {"group": "g", "ack_wait_ms": "20", "max_deliver": "1"}
+                    await member.send(
+                        member.conn.send(Subscribe(1, "dl.>", StartKind.EARLIEST, options=options))
+                    )
+                    assert await member.next_event() == SubAck(1)
+                    await member.send(member.conn.send(Publish(0, "dl.t", fixed_crc(records, 1))))
+                    event = await member.next_event()
+                    assert isinstance(event, GroupDeliver), event
+                    # Not acked: after 20 ms it is dead-lettered.
+                    with trio.fail_after(TIMEOUT):
+                        async with c.subscribe("dlq.g", start="earliest") as sub:
+                            msg = await anext(sub)
+                assert msg.payload == b"hi"
+                assert msg.headers["x-original-topic"] == "dl.t"
+                assert msg.headers["x-reason"] == "max_deliver"
+
+
+async def test_dead_letter_of_message_with_maximal_headers(tmp_path: Path) -> None:
+    """A message whose headers block is at the 65535-byte limit: the
+    dead-letter headers no longer fit beside it, so they replace it."""
+    headers = {"big": "x" * (65535 - 2 - 3 - 2)}
+    with broker_log():
+        async with running_broker(**broker_config(tmp_path)) as server:
+            async with client.connect(server.url, connect_timeout=TIMEOUT) as c:
+                async with c.subscribe("big.>", group="g", ack_wait=0.02, max_deliver=1, auto_ack=False) as sub:
+                    await c.publish("big.t", b"payload", headers=headers)
+                    with trio.fail_after(TIMEOUT):
+                        first = await anext(sub)
+                    assert first.headers == headers
+                    with trio.fail_after(TIMEOUT):
+                        async with c.subscribe("dlq.g", start="earliest") as dlq:
+                            msg = await anext(dlq)
+                assert msg.payload == b"payload"
+                assert msg.headers["x-original-topic"] == "big.t"
+                assert "big" not in msg.headers
+
+
+async def test_pubacks_owed_go_out_before_the_fatal_error(tmp_path: Path) -> None:
+    """PUBLISHes followed by a broken frame in one read: the PUBACKs (which
+    wait for fsync) come first, the fatal ERROR last, then EOF. The broker
+    once queued the ERROR at once and the PUBACKs after it, which the
+    client's codec rightly rejects as frames after the peer finished."""
+    with broker_log():
+        async with running_broker(**broker_config(tmp_path)) as server:
+            async with raw_peer(server) as peer:
+                await peer.send(peer.conn.send(Hello("pub")))
+                assert isinstance(await peer.next_event(), Welcome)
+                publishes = b"".join(
+                    encode_event(Publish(i + 1, "acks.t", encode_batch([b"m%d" % i]))) for i in range(20)
+                )
+                await peer.send(publishes + _HEADER.pack(1, 0x40, 0) + b"\x00")  # a 1-byte PING
+                events = []
+                while (event := await peer.next_event()) is not None:
+                    events.append(event)
+            assert [e.request_id for e in events[:-1] if isinstance(e, PubAck)] == list(range(1, 21))
+            assert len(events) == 21, events
+            last = events[-1]
+            assert isinstance(last, Error) and last.fatal and last.code == ErrorCode.MALFORMED_FRAME, last
+
+
+# --------------------------------------------------------------------------
+# The fuzz run
+
+
+async def test_fuzz_broker_over_loopback(tmp_path: Path) -> None:
+    print(f"fuzz seed {SEED} (PYBROKER_FUZZ_SEED={SEED} replays this run)")
+    rng = random.Random(SEED)
+    tally = Tally()
+    with broker_log() as logs:
+        async with running_broker(**broker_config(tmp_path)) as server:
+            with trio.fail_after(RUN_TIMEOUT):
+                async with client.connect(server.url, name="healthy", connect_timeout=TIMEOUT) as c:
+                    healthy = Healthy(c)
+                    await healthy.check()
+                    stop = trio.Event()
+                    member_got = 0
+
+                    async def member(task_status: trio.TaskStatus[None]) -> None:
+                        nonlocal member_got
+                        member_got = await group_member(
+                            server, random.Random(SEED + 1), stop, task_status=task_status
+                        )
+
+                    async with trio.open_nursery() as background:
+                        await background.start(member)
+                        for round_no in range(ROUNDS):
+                            conns = [fuzz_connection(rng) for _ in range(CONNECTIONS_PER_ROUND)]
+                            async with trio.open_nursery() as nursery:
+                                for fc in conns:
+                                    nursery.start_soon(run_fuzz_connection, server, fc, tally)
+                            await healthy.check()
+                            assert server.groups.groups[GROUP].members, f"member lost in round {round_no}"
+                        await group_caught_up(server)
+                        stop.set()
+                    await healthy.check()
+                await healthy.verify_replay(server)
+                with trio.fail_after(TIMEOUT):
+                    while server.sessions:
+                        await trio.sleep(0.01)
+    malformed_settled = sum(1 for e in logs if e.get("event") == "malformed batch settled")
+    print(f"fuzz: {tally}, group member got {member_got} batches, {malformed_settled} malformed settled")
+    assert tally.connections == ROUNDS * CONNECTIONS_PER_ROUND
+    assert tally.frames >= 2000
+    assert member_got > 0, "the group path was never exercised"
+    assert malformed_settled > 0, "no stored batch ever failed to split in a group"
+    # The fuzzer reached both ends of a connection's life, and varied errors.
+    assert tally.goodbyes > 0 and len(tally.fatal) >= 3, tally
