@@ -478,19 +478,24 @@ async def test_serve_stops_cleanly_on_signal(tmp_path: Path, signum: signal.Sign
         assert "Traceback" not in broker.child.stderr.text()
 
 
+async def stop_once_sub_is_live(broker: Broker, sub: Child, topic: str) -> None:
+    """Publish probes to ``topic`` until ``sub`` prints one, then SIGTERM the
+    broker and wait for its clean exit."""
+    for i in range(MAX_PROBES):
+        await pub(broker, topic, f"probe-{i}")
+        with trio.move_on_after(1.0):
+            await sub.stdout.wait_for(lambda lines: lines or None)
+            break
+    else:
+        raise AssertionError(f"sub printed nothing: {sub.stderr.text()}")
+    broker.child.process.send_signal(signal.SIGTERM)
+    assert await broker.child.wait() == 0, broker.child.stderr.text()
+
+
 async def test_serve_stops_with_a_subscriber_connected(tmp_path: Path) -> None:
     async with serve(tmp_path) as broker:
         async with spawn(["sub", ">", "--url", broker.url, "--no-reconnect"], "sub") as sub:
-            # Wait until the subscriber is live, then stop the broker.
-            for i in range(MAX_PROBES):
-                await pub(broker, "cli.stop", f"probe-{i}")
-                with trio.move_on_after(1.0):
-                    await sub.stdout.wait_for(lambda lines: lines or None)
-                    break
-            else:
-                raise AssertionError(f"sub printed nothing: {sub.stderr.text()}")
-            broker.child.process.send_signal(signal.SIGTERM)
-            assert await broker.child.wait() == 0, broker.child.stderr.text()
+            await stop_once_sub_is_live(broker, sub, "cli.stop")
             assert "stopped" in [e.get("event") for e in json_events(broker.child.stderr.lines)]
             # The subscriber notices (GOODBYE / EOF) and exits by itself.
             await sub.wait()
@@ -505,15 +510,7 @@ async def test_sub_reconnects_and_resumes_across_a_restart(tmp_path: Path) -> No
         port = s.getsockname()[1]
     async with serve(tmp_path, "--port", str(port)) as broker:
         async with spawn(["sub", "cli.re.>", "--url", broker.url], "sub") as sub:
-            for i in range(MAX_PROBES):
-                await pub(broker, "cli.re.probe", f"probe-{i}")
-                with trio.move_on_after(1.0):
-                    await sub.stdout.wait_for(lambda lines: lines or None)
-                    break
-            else:
-                raise AssertionError(f"sub printed nothing: {sub.stderr.text()}")
-            broker.child.process.send_signal(signal.SIGTERM)
-            assert await broker.child.wait() == 0, broker.child.stderr.text()
+            await stop_once_sub_is_live(broker, sub, "cli.re.probe")
             async with serve(tmp_path, "--port", str(port)) as again:
                 assert await pub(again, "cli.re.away", "while-away") == 0
                 await sub.stdout.wait_for(
