@@ -24,9 +24,16 @@ class Limits:
 
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_batch_messages: int = 100_000
-    max_topic_bytes: int = DEFAULT_MAX_TOPIC_BYTES
+    #: At most 65535: topics travel as str16.
+    max_topic_bytes: int = attrs.field(
+        default=DEFAULT_MAX_TOPIC_BYTES, validator=attrs.validators.le(0xFFFF)
+    )
     max_topic_depth: int = DEFAULT_MAX_TOPIC_DEPTH
     max_subscriptions: int = 1024
+    #: PUBLISH frames wanting a PUBACK that the server has read and not yet
+    #: answered (waiting for their fsync, say). At the limit the server stops
+    #: reading the connection until answers go out: backpressure, no error.
+    max_inflight_publishes: int = 1024
 
     def announced(self) -> dict[str, int]:
         return attrs.asdict(self)
@@ -71,7 +78,15 @@ class Config:
     outbound_queue_bytes: int = 4 * 1024 * 1024
     #: Bytes kept per topic by the in-memory store (storage="memory").
     memory_retention_bytes: int = 64 * 1024 * 1024
+    #: Seconds from accepting a connection to its HELLO; then ERROR 104.
     handshake_timeout: float = 10.0
+    #: Seconds without a complete frame from a client before the server
+    #: PINGs it; as long again without one and it gets ERROR 107 (fatal).
+    #: 0 disables (protocol.md, "Liveness").
+    idle_timeout: float = 60.0
+    #: Connections served at once (including those still in their
+    #: handshake); one more gets ERROR 108 (fatal) and is closed.
+    max_connections: int = 10_000
     #: How long a graceful shutdown waits for connections to flush.
     shutdown_grace: float = 5.0
     #: The HTTP side (health, metrics, JSON API, SSE, dashboard). None: the

@@ -8,7 +8,7 @@
 """
 
 from .connection import DEFAULT_URL, Client, PendingAck, connect, parse_url
-from .errors import BrokerError, ConnectionClosed, NoReceivers
+from .errors import BrokerError, ConnectionClosed, MessageTooLarge, NoReceivers
 from .message import Message, PublishAck
 from .protocol import Durability, ErrorCode, TopicInfo
 from .subscription import Subscription, SubscriptionStatistics
@@ -21,6 +21,7 @@ __all__ = [
     "Durability",
     "ErrorCode",
     "Message",
+    "MessageTooLarge",
     "NoReceivers",
     "PendingAck",
     "PublishAck",

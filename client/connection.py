@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import structlog
 import trio
 
-from .errors import BrokerError, ConnectionClosed, NoReceivers
+from .errors import BrokerError, ConnectionClosed, MessageTooLarge, NoReceivers
 from .message import Message, PublishAck
 from .protocol import (
     CLOSED,
@@ -263,6 +263,11 @@ class Client:
         )
         self._max_topic_bytes = limits.get("max_topic_bytes", self._max_topic_bytes)
         self._max_topic_depth = limits.get("max_topic_depth", self._max_topic_depth)
+        # Never more PUBLISH frames awaiting their PUBACK than the broker
+        # answers at once: past that it would only stop reading us.
+        self._max_inflight_batches = max(
+            1, min(self._max_inflight_batches, limits.get("max_inflight_publishes", 1 << 62))
+        )
 
     @property
     def closed(self) -> bool:
@@ -345,12 +350,7 @@ class Client:
         if self._pending_count >= self._max_pending:
             raise trio.WouldBlock
         record = encode_record(payload, headers)
-        limit = self._max_frame_bytes - (8 + 2 + len(topic.encode()) + BATCH_HEADER.size)
-        if len(record) > limit:
-            raise ValueError(
-                f"message of {len(record)} bytes does not fit the broker's "
-                f"max_frame_bytes ({self._max_frame_bytes})"
-            )
+        self._check_size(topic, record, len(payload))
         pending = PendingAck(topic)
         items = self._unsent.get(topic)
         if items is None:
@@ -361,6 +361,20 @@ class Client:
         self._drained = trio.Event() if self._drained.is_set() else self._drained
         self._wake.set()
         return pending
+
+    def _check_size(self, topic: str, record: bytes, payload_len: int) -> None:
+        """A message must fit one PUBLISH frame under the broker's
+        max_frame_bytes; refuse it here rather than have the broker close
+        the connection with FRAME_TOO_LARGE."""
+        limit = self._max_frame_bytes - (8 + 2 + len(topic.encode()) + BATCH_HEADER.size)
+        if len(record) > limit:
+            extra = len(record) - payload_len  # record header and headers block
+            raise MessageTooLarge(
+                f"message of {payload_len} payload bytes ({len(record)} with its headers) "
+                f"is too large for topic {topic!r}: the broker's max_frame_bytes "
+                f"({self._max_frame_bytes}) leaves room for {max(0, limit - extra)} payload "
+                "bytes with these headers"
+            )
 
     async def send(
         self, topic: str, payload: bytes, headers: Mapping[str, str] | None = None
@@ -374,10 +388,16 @@ class Client:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         while self._pending_count >= self._max_pending:
-            self._check_open()
-            self._room = trio.Event()
-            await self._room.wait()
+            await self._wait_room()
         return self.publish_nowait(topic, payload, headers)
+
+    async def _wait_room(self) -> None:
+        """Wait for an acknowledgement (or the end). Several tasks may wait:
+        they share one event, and a new one is made only once it fired."""
+        self._check_open()
+        if self._room.is_set():
+            self._room = trio.Event()
+        await self._room.wait()
 
     async def publish(
         self, topic: str, payload: bytes, headers: Mapping[str, str] | None = None
@@ -417,17 +437,22 @@ class Client:
         with trio.fail_after(timeout):
             inbox = await self._reply_inbox()
             correlation = str(next(self._request_ids))
+            request_headers = dict(headers or {})
+            request_headers["reply-to"] = inbox
+            request_headers["correlation-id"] = correlation
+            record = encode_record(payload, request_headers)
+            self._check_size(topic, record, len(payload))
+            # Requests count against the same window as batches.
+            while len(self._inflight) >= self._max_inflight_batches:
+                await self._wait_room()
             waiter = self._replies[correlation] = _Waiter()
             try:
-                request_headers = dict(headers or {})
-                request_headers["reply-to"] = inbox
-                request_headers["correlation-id"] = correlation
                 pending = PendingAck(topic)
                 request_id = next(self._request_ids)
                 self._inflight[request_id] = [pending]
                 self._pending_count += 1
                 self._drained = trio.Event() if self._drained.is_set() else self._drained
-                batch = encode_batch_from_records([encode_record(payload, request_headers)])
+                batch = encode_batch_from_records([record])
                 self._queue(encode_publish(request_id, topic, batch, needs_receiver=True))
                 try:
                     await pending.wait()
@@ -475,11 +500,13 @@ class Client:
             await self._drained.wait()
         await trio.lowlevel.checkpoint()
 
-    def _take_batches(self) -> list[bytes]:
-        """Turn everything unsent into PUBLISH frames, within the broker's limits."""
+    def _take_batches(self, room: int) -> list[bytes]:
+        """Turn what is unsent into at most ``room`` PUBLISH frames, within
+        the broker's limits; the rest waits for the next acknowledgement."""
         frames: list[bytes] = []
         max_messages = self._max_batch_messages
-        for topic, items in self._unsent.items():
+        for topic in list(self._unsent):
+            items = self._unsent[topic]
             max_body = self._max_frame_bytes - (8 + 2 + len(topic.encode()) + BATCH_HEADER.size)
             start = 0
             size = 0
@@ -487,10 +514,19 @@ class Client:
                 if i > start and (i - start >= max_messages or size + len(record) > max_body):
                     frames.append(self._batch_frame(topic, items[start:i]))
                     start, size = i, 0
+                    if len(frames) >= room:
+                        break
                 size += len(record)
-            frames.append(self._batch_frame(topic, items[start:]))
-        self._unsent = {}
-        self._unsent_count = 0
+            else:
+                frames.append(self._batch_frame(topic, items[start:]))
+                start = len(items)
+            self._unsent_count -= start
+            if start < len(items):
+                self._unsent[topic] = items[start:]
+                break  # out of room
+            del self._unsent[topic]
+            if len(frames) >= room:
+                break
         return frames
 
     def _batch_frame(self, topic: str, items: list[tuple[bytes, PendingAck]]) -> bytes:
@@ -704,8 +740,9 @@ class Client:
                 frames = self._take_settlements() if self._settlements else []
                 frames.extend(self._out)
                 self._out = []
-                if self._unsent_count and len(self._inflight) < self._max_inflight_batches:
-                    frames.extend(self._take_batches())
+                room = self._max_inflight_batches - len(self._inflight)
+                if self._unsent_count and room > 0:
+                    frames.extend(self._take_batches(room))
                 if frames:
                     await self._stream.send_all(b"".join(frames))
                     continue

@@ -28,3 +28,8 @@ class ConnectionClosed(Exception):
 
 class NoReceivers(BrokerError):
     """A request matched no subscription or group: nobody could answer it."""
+
+
+class MessageTooLarge(ValueError):
+    """A message that cannot fit one frame under the broker's max_frame_bytes;
+    raised before anything is sent (protocol.md, "Limits")."""
