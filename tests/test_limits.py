@@ -19,6 +19,7 @@ import trio
 
 import client
 from broker.config import Limits
+from broker.http.metrics import render
 from broker.log import FileStore
 from broker.log.settings import SettingsResolver, TopicSettings
 from broker.server import Server
@@ -219,6 +220,8 @@ async def test_max_connections() -> None:
                 await fourth.handshake()
                 await check_raw_healthy(fourth, "conn.after")
         assert server.connections_refused == 2
+        assert server.http is not None
+        assert 'pybroker_connections_refused_total{transport="tcp"} 2' in render(server.http)
 
 
 async def test_max_connections_flood_costs_a_bounded_amount() -> None:
