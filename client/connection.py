@@ -236,6 +236,8 @@ class Client:
         self._goodbye_received = trio.Event()
         self._reader_done = trio.Event()
         self._closing_by_us = False
+        # When the reader last got bytes from the broker (keepalive).
+        self._received_at = trio.current_time()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -768,6 +770,7 @@ class Client:
                     if self._closed is not None:
                         return
                 conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+                self._received_at = trio.current_time()
         except ProtocolError as exc:
             try:
                 await self._stream.send_all(
@@ -780,6 +783,25 @@ class Client:
             self._fail(ConnectionClosed(f"connection lost: {exc!r}"))
         finally:
             self._reader_done.set()
+
+    async def _keepalive(self, interval: float) -> None:
+        """Notice a broker that is gone without closing the connection (its
+        host died, the network was cut): after ``interval`` seconds without
+        a byte from it, PING; if nothing arrives within ``interval`` more,
+        the connection is over and everything waiting fails."""
+        while self._closed is None:
+            await trio.sleep_until(self._received_at + interval)
+            if trio.current_time() < self._received_at + interval or self._conn.we_finished:
+                continue  # it spoke meanwhile, or we are closing anyway
+            sent_at = trio.current_time()
+            self._queue(self._conn.send(Ping(next(self._request_ids))))
+            await trio.sleep(interval)
+            if self._closed is None and self._received_at <= sent_at:
+                self._fail(
+                    ConnectionClosed(f"no answer from the broker within {interval:g} s of a PING")
+                )
+                await trio.aclose_forcefully(self._stream)  # ends the reader and writer
+                return
 
     def _on_event(self, event: Any) -> None:
         if isinstance(event, Deliver):
@@ -981,12 +1003,21 @@ async def connect(
     max_inflight_batches: int = 8,
     connect_timeout: float = 10.0,
     close_timeout: float = 5.0,
+    keepalive: float | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to a broker for the body of an ``async with``.
 
     On a normal exit the client waits (up to ``close_timeout``) for every
     queued publish to be acknowledged, then closes cleanly with GOODBYE.
+
+    The client always answers the broker's PINGs (its idle timeout).
+    ``keepalive=S`` also PINGs the broker after S seconds without hearing
+    from it, and ends the connection (``ConnectionClosed``) if it does not
+    answer within S more: a broker that vanished without closing the
+    connection is noticed in at most 2 S.
     """
+    if keepalive is not None and not keepalive > 0:
+        raise ValueError("keepalive must be a positive number of seconds")
     host, port = parse_url(url)
     with trio.fail_after(connect_timeout):
         stream = await trio.open_tcp_stream(host, port)
@@ -1008,6 +1039,9 @@ async def connect(
                 raise
             nursery.start_soon(client._reader, name="pybroker reader")
             nursery.start_soon(client._writer, name="pybroker writer")
+            if keepalive is not None:
+                client._received_at = trio.current_time()
+                nursery.start_soon(client._keepalive, keepalive, name="pybroker keepalive")
             try:
                 yield client
             except BaseException:

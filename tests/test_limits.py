@@ -488,3 +488,51 @@ async def test_serve_flags_reach_the_broker(tmp_path: Path) -> None:
             assert limits["max_subscriptions"] == 5
             with pytest.raises(client.MessageTooLarge):
                 await c.publish("cli.t", b"x" * 65536)
+
+
+# -- the client's keepalive: noticing a broker that vanished ----------------------
+
+
+async def test_client_keepalive_notices_a_silent_broker() -> None:
+    """A 'broker' that says WELCOME and then nothing, ever (a dead host)."""
+    from client.protocol import NEED_DATA, Connection, Hello, Role, Welcome
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def silent_broker() -> None:
+        stream = await listeners[0].accept()
+        conn = Connection(Role.SERVER)
+        while not isinstance(event := conn.next_event(), Hello):
+            assert event is NEED_DATA, event
+            conn.receive_data(await stream.receive_some(65536))
+        await stream.send_all(conn.send(Welcome("0", "silent", {})))
+        try:
+            while await stream.receive_some(65536):
+                pass  # reads everything, answers nothing
+        except trio.BrokenResourceError:
+            pass
+        await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(silent_broker)
+        with trio.fail_after(TIMEOUT):
+            async with client.connect(f"pybroker://127.0.0.1:{port}", keepalive=0.2) as c:
+                with pytest.raises(client.ConnectionClosed, match="no answer from the broker"):
+                    await c.ping()
+                assert c.closed
+        nursery.cancel_scope.cancel()
+    for listener in listeners:
+        await listener.aclose()
+
+
+async def test_client_keepalive_keeps_a_live_connection() -> None:
+    async with running_broker(idle_timeout=0) as server:
+        async with client.connect(server.url, keepalive=0.1) as c:
+            await trio.sleep(1.0)  # ten keepalive periods of application silence
+            assert not c.closed
+            ack = await c.publish("keepalive.t", b"fine")
+            assert ack.offset == 0
+    with pytest.raises(ValueError):
+        async with client.connect(server.url, keepalive=0):
+            pass
