@@ -11,11 +11,17 @@ Three tasks per connection, all owned by the session's nursery:
 - the acker, only for stores whose acknowledgements wait for an fsync,
   awaits ``store.sync()`` (group commit) and then queues the PUBACKs it covers.
 
-Memory per connection is bounded: the bytes queued plus the bytes being sent
-stay under ``outbound_queue_bytes`` plus one batch (batches are never split)
-and the control frames of one read. A delivery that would go over it is not
+A fourth, the watchdog, enforces the idle timeout (PING, then ERROR 107).
+
+Memory per connection is bounded. A delivery that would take the bytes
+queued plus the bytes being sent over ``outbound_queue_bytes`` is not
 queued; that subscription reads the topic forward from the log instead until
-it has caught up (protocol.md, "Flow control").
+it has caught up (protocol.md, "Flow control"). Answers (PUBACK, PONG,
+replies) are always queued, but after every frame the reader checks the
+queue and the PUBLISHes not yet answered, and stops reading until the peer
+catches up (protocol.md, "Limits"): the queue and the bytes being sent each
+stay under the bound plus one batch, one frame's answer or
+``max_inflight_publishes`` PUBACKs.
 """
 
 from __future__ import annotations

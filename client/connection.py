@@ -444,9 +444,9 @@ class Client:
             request_headers["correlation-id"] = correlation
             record = encode_record(payload, request_headers)
             self._check_size(topic, record, len(payload))
-            # Requests count against the same window as batches.
-            while len(self._inflight) >= self._max_inflight_batches:
-                await self._wait_room()
+            # Not held to the batch window: waiting for a slot there could
+            # starve behind a busy publisher. Past the broker's
+            # max_inflight_publishes it merely reads us more slowly.
             waiter = self._replies[correlation] = _Waiter()
             try:
                 pending = PendingAck(topic)
