@@ -112,8 +112,9 @@ def stalled_run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     workdir = ctx.workdir / name
     samples: list[tuple[float, int | None]] = []
     marks: dict[str, float] = {}
-    # The stalled subscriber sends nothing: no idle timeout may close it mid-run.
-    with ctx.target("pybroker", name, ["--idle-timeout", "0"]) as target:
+    # The stalled subscriber sends nothing: no idle timeout may close it
+    # mid-run (a long one, not 0, so the idle watchdog's memory is counted).
+    with ctx.target("pybroker", name, ["--idle-timeout", "3600"]) as target:
         stalled_slot = 2  # subscriber 1
         before = _settled_rss(target.pid)
         next_sample = [0.0]
@@ -195,8 +196,9 @@ def run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         )
         ctx.progress.note("memory: " + result["nofile_note"])
     # Idle connections that never answer PING, more than the default
-    # connection limit allows: lift both limits for this run.
-    limits = ["--idle-timeout", "0", "--max-connections", str(wanted)]
+    # connection limit allows: lift both limits for this run (a long idle
+    # timeout, not 0, so that the idle watchdog's memory is counted).
+    limits = ["--idle-timeout", "3600", "--max-connections", str(wanted)]
     with ctx.target("pybroker", "memory-idle", limits) as target:
         result["idle"] = idle_connections(ctx, args, target, ctx.workdir / "memory-idle-load")
     if args.stall_messages:
