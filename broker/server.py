@@ -32,6 +32,8 @@ from .logs import get_logger
 from .router import Router
 from .session import Session
 
+#: Idle-timeout sweeps per idle_timeout: the precision of the timeout.
+IDLE_SWEEPS = 4
 #: Refused connections (max_connections) being told so at once; beyond this
 #: they are closed without a word, so a flood costs a bounded amount.
 MAX_REFUSING = 64
@@ -113,6 +115,8 @@ class Server:
                 # still wait on it for their last acknowledgements.
                 await background.start(self.committer.run)
                 await background.start(self.groups.run)
+                if self.config.idle_timeout > 0:
+                    background.start_soon(self._sweep_idle, self.config.idle_timeout)
                 if self.http is not None:
                     self.http_port = await background.start(self.http.serve)
                 await self._serve_connections(listeners, task_status)
@@ -166,6 +170,16 @@ class Server:
             connections.cancel_scope.deadline = (
                 trio.current_time() + self.config.shutdown_grace + 1.0
             )
+
+    async def _sweep_idle(self, idle: float) -> None:
+        """The idle timeout of every session (Session.check_idle): a PING
+        goes out between ``idle`` and ``idle * (1 + 1/IDLE_SWEEPS)`` seconds
+        after a client's last frame, ERROR 107 as long again after that."""
+        while True:
+            await trio.sleep(idle / IDLE_SWEEPS)
+            now = trio.current_time()
+            for session in list(self.sessions):
+                session.check_idle(now, idle)
 
     def _check_descriptor_limit(self) -> None:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
