@@ -211,7 +211,6 @@ class Server:
         finally:
             self.sessions.discard(session)
 
-
     async def _refuse(self, stream: trio.SocketStream) -> None:
         """ERROR 108 without reading anything first, then close.
 

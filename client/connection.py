@@ -791,8 +791,10 @@ class Client:
         the connection is over and everything waiting fails."""
         while self._closed is None:
             await trio.sleep_until(self._received_at + interval)
-            if trio.current_time() < self._received_at + interval or self._conn.we_finished:
-                continue  # it spoke meanwhile, or we are closing anyway
+            if self._conn.we_finished:
+                return  # we said GOODBYE: closing has its own timeout
+            if trio.current_time() < self._received_at + interval:
+                continue  # it spoke meanwhile
             sent_at = trio.current_time()
             self._queue(self._conn.send(Ping(next(self._request_ids))))
             await trio.sleep(interval)
