@@ -170,6 +170,56 @@ async def test_thousands_of_connections_leak_no_fds_or_tasks() -> None:
             await check_raw_healthy(raw, "churn.after")
 
 
+async def test_refused_connections_leak_no_fds_or_tasks() -> None:
+    """At max_connections: a flood of refused connections (some say HELLO,
+    some say nothing, some reset) costs nothing once it is over."""
+    flood = 600
+    async with running_broker(max_connections=1) as server:
+        async with raw_client(server) as inside:
+            await inside.handshake()
+            async with raw_client(server) as warm_up:
+                await expect_fatal(warm_up, ErrorCode.TOO_MANY_CONNECTIONS)
+            assert await settle(lambda: server._refusing == 0)
+            await trio.sleep(0.2)
+            fds_before, tasks_before = open_fds(), trio_tasks()
+            limiter = trio.CapacityLimiter(CONCURRENCY * 2)
+
+            async def knock(i: int) -> None:
+                async with limiter:
+                    with trio.fail_after(TIMEOUT):
+                        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+                    try:
+                        if i % 3 == 1:
+                            await stream.send_all(HELLO)
+                        elif i % 3 == 2:
+                            stream.socket.setsockopt(
+                                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                            )
+                    except trio.BrokenResourceError:
+                        pass  # already closed by the broker
+                    finally:
+                        await trio.aclose_forcefully(stream)
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for i in range(flood):
+                        nursery.start_soon(knock, i)
+            settled = await settle(
+                lambda: server._refusing == 0
+                and open_fds() == fds_before
+                and trio_tasks() == tasks_before
+            )
+            fds_after, tasks_after = open_fds(), trio_tasks()
+            print(
+                f"\n{flood} refused connections: fds {fds_before} -> {fds_after}, "
+                f"tasks {tasks_before} -> {tasks_after}, refused {server.connections_refused}"
+            )
+            assert settled, (fds_before, fds_after, tasks_before, tasks_after)
+            assert server.connections_refused == flood + 1
+            assert len(server.sessions) == 1
+            await check_raw_healthy(inside, "refused.after")
+
+
 # -- a subscriber that never reads ---------------------------------------------------
 
 
