@@ -473,6 +473,22 @@ def test_serve_flags_set_every_limit() -> None:
             build_parser().parse_args(["serve", *bad])
 
 
+def test_limits_below_one_are_refused() -> None:
+    from broker.config import Config
+
+    for bad in (
+        {"max_inflight_publishes": 0},
+        {"max_frame_bytes": 0},
+        {"max_subscriptions": 0},
+        {"max_topic_bytes": 0x10000},
+    ):
+        with pytest.raises(ValueError):
+            Limits(**bad)
+    for bad_config in ({"max_connections": 0}, {"handshake_timeout": 0}, {"idle_timeout": -1}):
+        with pytest.raises(ValueError):
+            Config(**bad_config)  # type: ignore[arg-type]
+
+
 async def test_serve_flags_reach_the_broker(tmp_path: Path) -> None:
     """`pybroker serve` with limit flags announces them in WELCOME."""
     from test_cli import serve
