@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from . import __version__
-from .config import DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_PORT, Config
+from .config import DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_PORT, Config, Limits
 from .log.settings import FSYNC_MODES, SettingsResolver, TopicSettings
 from .auth import DEFAULT_SCRYPT_N, Users, authenticator_for, hash_password, hash_token, new_token
 from .logs import LEVELS, configure, get_logger
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-anonymous-remote", action="store_true", help="without --auth, listen on a non-loopback address anyway (anyone reaching it may publish and subscribe)")
     serve.add_argument("--tls-cert", type=Path, default=None, metavar="FILE", help="serve TLS on the TCP and HTTP ports with this PEM certificate chain (clients use pybrokers://)")
     serve.add_argument("--tls-key", type=Path, default=None, metavar="FILE", help="the certificate's PEM private key, unencrypted (default: read from --tls-cert)")
+    _add_limit_flags(serve)
     serve.add_argument("--log-level", choices=LEVELS, default="info")
     serve.add_argument("--log-format", choices=("console", "json"), default="console")
 
@@ -131,8 +132,50 @@ def _connect(args: argparse.Namespace, **options: Any) -> Any:
     return client.connect(
         args.url, name="pybroker-cli", token=args.token or None, ca_file=args.ca, **options
     )
+
+
 def _ca_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca", default=DEFAULT_CA, metavar="FILE", help="verify the broker's TLS certificate against the CAs in this PEM file, and connect over TLS (default $PYBROKER_CA; pybrokers:// URLs without it use the system's CAs)")
+
+
+def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
+    """Flags for every limit (README, "Limits"; protocol.md, "Limits")."""
+    config, limits = Config(), Limits()
+    group = serve.add_argument_group("limits (protocol.md, \"Limits\")")
+    group.add_argument("--max-connections", type=_positive_int, default=config.max_connections, metavar="N", help=f"connections served at once; one more gets ERROR 108 (default {config.max_connections:,})")
+    group.add_argument("--max-frame-bytes", type=_positive_int, default=limits.max_frame_bytes, metavar="N", help=f"largest frame body accepted, bounding a message's payload (default {limits.max_frame_bytes:,})")
+    group.add_argument("--max-batch-messages", type=_positive_int, default=limits.max_batch_messages, metavar="N", help=f"messages per PUBLISH batch (default {limits.max_batch_messages:,})")
+    group.add_argument("--max-topic-bytes", type=_positive_int, default=limits.max_topic_bytes, metavar="N", help=f"topic and pattern length in bytes, at most 65535 (default {limits.max_topic_bytes})")
+    group.add_argument("--max-topic-depth", type=_positive_int, default=limits.max_topic_depth, metavar="N", help=f"tokens per topic or pattern (default {limits.max_topic_depth})")
+    group.add_argument("--max-subscriptions", type=_positive_int, default=limits.max_subscriptions, metavar="N", help=f"active subscriptions per connection (default {limits.max_subscriptions:,})")
+    group.add_argument("--max-inflight-publishes", type=_positive_int, default=limits.max_inflight_publishes, metavar="N", help=f"unanswered PUBLISH frames per connection before the broker stops reading it (default {limits.max_inflight_publishes:,})")
+    group.add_argument("--outbound-queue-bytes", type=_positive_int, default=config.outbound_queue_bytes, metavar="N", help=f"bytes queued for one connection before its subscriptions are served from the log and its reading pauses (default {config.outbound_queue_bytes:,})")
+    group.add_argument("--handshake-timeout", type=_positive_seconds, default=config.handshake_timeout, metavar="S", help=f"seconds from connecting to HELLO (default {config.handshake_timeout:g})")
+    group.add_argument("--idle-timeout", type=_seconds, default=config.idle_timeout, metavar="S", help=f"seconds without a frame from a client before a PING; as long again and it is closed with ERROR 107; 0 disables (default {config.idle_timeout:g})")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _duration(text)
+    if value < 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a usable number of seconds: {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return value
 
 
 def _duration(text: str) -> float:
@@ -223,6 +266,18 @@ async def _serve(args: argparse.Namespace) -> int:
         allow_anonymous_remote=args.allow_anonymous_remote,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        limits=Limits(
+            max_frame_bytes=args.max_frame_bytes,
+            max_batch_messages=args.max_batch_messages,
+            max_topic_bytes=args.max_topic_bytes,
+            max_topic_depth=args.max_topic_depth,
+            max_subscriptions=args.max_subscriptions,
+            max_inflight_publishes=args.max_inflight_publishes,
+        ),
+        max_connections=args.max_connections,
+        outbound_queue_bytes=args.outbound_queue_bytes,
+        handshake_timeout=args.handshake_timeout,
+        idle_timeout=args.idle_timeout,
         **overrides,
     )
     # Here, not inside the nursery below, so a bad users file or an unsafe

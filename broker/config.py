@@ -18,15 +18,27 @@ DEFAULT_PORT = 7420
 DEFAULT_HTTP_PORT = 7421
 
 
+#: A limit of 0 would refuse everything, or (max_inflight_publishes) stop
+#: reading every connection for good: each must be at least 1.
+_AT_LEAST_ONE = attrs.validators.ge(1)
+
+
 @attrs.frozen
 class Limits:
     """Limits announced in WELCOME and enforced by every session."""
 
-    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-    max_batch_messages: int = 100_000
-    max_topic_bytes: int = DEFAULT_MAX_TOPIC_BYTES
-    max_topic_depth: int = DEFAULT_MAX_TOPIC_DEPTH
-    max_subscriptions: int = 1024
+    max_frame_bytes: int = attrs.field(default=DEFAULT_MAX_FRAME_BYTES, validator=_AT_LEAST_ONE)
+    max_batch_messages: int = attrs.field(default=100_000, validator=_AT_LEAST_ONE)
+    #: At most 65535: topics travel as str16.
+    max_topic_bytes: int = attrs.field(
+        default=DEFAULT_MAX_TOPIC_BYTES, validator=[_AT_LEAST_ONE, attrs.validators.le(0xFFFF)]
+    )
+    max_topic_depth: int = attrs.field(default=DEFAULT_MAX_TOPIC_DEPTH, validator=_AT_LEAST_ONE)
+    max_subscriptions: int = attrs.field(default=1024, validator=_AT_LEAST_ONE)
+    #: PUBLISH frames wanting a PUBACK that the server has read and not yet
+    #: answered (waiting for their fsync, say). At the limit the server stops
+    #: reading the connection until answers go out: backpressure, no error.
+    max_inflight_publishes: int = attrs.field(default=1024, validator=_AT_LEAST_ONE)
 
     def announced(self) -> dict[str, int]:
         return attrs.asdict(self)
@@ -68,10 +80,18 @@ class Config:
     limits: Limits = Limits()
     #: Bound on the bytes queued for one connection before its subscriptions
     #: are switched to catching up from the log (protocol.md, "Flow control").
-    outbound_queue_bytes: int = 4 * 1024 * 1024
+    outbound_queue_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_AT_LEAST_ONE)
     #: Bytes kept per topic by the in-memory store (storage="memory").
     memory_retention_bytes: int = 64 * 1024 * 1024
-    handshake_timeout: float = 10.0
+    #: Seconds from accepting a connection to its HELLO; then ERROR 104.
+    handshake_timeout: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    #: Seconds without a complete frame from a client before the server
+    #: PINGs it; as long again without one and it gets ERROR 107 (fatal).
+    #: 0 disables (protocol.md, "Liveness").
+    idle_timeout: float = attrs.field(default=60.0, validator=attrs.validators.ge(0))
+    #: Connections served at once (including those still in their
+    #: handshake); one more gets ERROR 108 (fatal) and is closed.
+    max_connections: int = attrs.field(default=10_000, validator=_AT_LEAST_ONE)
     #: How long a graceful shutdown waits for connections to flush.
     shutdown_grace: float = 5.0
     #: The HTTP side (health, metrics, JSON API, SSE, dashboard). None: the

@@ -10,6 +10,7 @@ then asks every session to flush and say GOODBYE, bounded by
 from __future__ import annotations
 
 import itertools
+import resource
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -20,9 +21,10 @@ from typing import Any
 import attrs
 import trio
 
-from client.protocol import Durability
+from client.protocol import Durability, Error, ErrorCode, encode_event
 
 from .auth import Authenticator, authenticator_for, unprotected_hosts
+from .closing import drain
 from .committer import Committer
 from .config import Config
 from .groups import GroupManager
@@ -32,6 +34,17 @@ from .logs import get_logger
 from .router import Router
 from .session import Session
 from .tls import server_context, wrap_server_stream
+
+#: Idle-timeout sweeps per idle_timeout: the precision of the timeout.
+IDLE_SWEEPS = 4
+#: Refused connections (max_connections) being told so at once; beyond this
+#: they are closed without a word, so a flood costs a bounded amount.
+MAX_REFUSING = 64
+#: A refused connection gets this long to take its ERROR 108 ...
+REFUSE_SECONDS = 1.0
+#: ... and this much of its input (its HELLO) is read and dropped, so that
+#: closing does not reset the connection before the ERROR is read.
+REFUSE_DRAIN_BYTES = 4096
 
 
 class Server:
@@ -60,6 +73,17 @@ class Server:
         self.host = self.config.host
         self.port: int = 0
         self.connections_total = 0
+        #: Connections turned away with ERROR 108 (config.max_connections).
+        self.connections_refused = 0
+        self._refusing = 0
+        self._at_limit_logged = False
+        self._refusal = encode_event(
+            Error(
+                int(ErrorCode.TOO_MANY_CONNECTIONS),
+                f"the broker serves at most {self.config.max_connections} connections; try later",
+                fatal=True,
+            )
+        )
         #: Publish acknowledgements sent, by what they promise (GET /metrics).
         self.acks_by_durability: dict[Durability, int] = dict.fromkeys(Durability, 0)
         #: Listeners accepting and recovery done (GET /readyz); False again
@@ -91,6 +115,7 @@ class Server:
         self.router.recover()
         self.groups.load()
         listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        self._check_descriptor_limit()
         try:
             sockname = listeners[0].socket.getsockname()
             self.host, self.port = sockname[0], sockname[1]
@@ -99,6 +124,8 @@ class Server:
                 # still wait on it for their last acknowledgements.
                 await background.start(self.committer.run)
                 await background.start(self.groups.run)
+                if self.config.idle_timeout > 0:
+                    background.start_soon(self._sweep_idle, self.config.idle_timeout)
                 if self.http is not None:
                     self.http_port = await background.start(self.http.serve)
                 await self._serve_connections(listeners, task_status)
@@ -174,7 +201,32 @@ class Server:
             hosts.append(self.config.http_host)
         return hosts
 
+    async def _sweep_idle(self, idle: float) -> None:
+        """The idle timeout of every session (Session.check_idle): a PING
+        goes out between ``idle`` and ``idle * (1 + 1/IDLE_SWEEPS)`` seconds
+        after a client's last frame, ERROR 107 as long again after that."""
+        while True:
+            await trio.sleep(idle / IDLE_SWEEPS)
+            now = trio.current_time()
+            for session in list(self.sessions):
+                session.check_idle(now, idle)
+
+    def _check_descriptor_limit(self) -> None:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < self.config.max_connections + 64:
+            # Past the descriptor limit accepting stalls (Trio retries after
+            # EMFILE) instead of answering ERROR 108: say so now.
+            self.log.warning(
+                "max_connections is above what RLIMIT_NOFILE allows",
+                max_connections=self.config.max_connections,
+                nofile=soft,
+            )
+
     async def _handle(self, stream: trio.SocketStream) -> None:
+        if len(self.sessions) >= self.config.max_connections:
+            await self._refuse(stream)
+            return
+        self._at_limit_logged = False
         conn_id = next(self._ids)
         try:
             peer_addr = stream.socket.getpeername()
@@ -188,6 +240,32 @@ class Server:
             await session.run()
         finally:
             self.sessions.discard(session)
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        """ERROR 108 without reading anything first, then close.
+
+        Costs at most REFUSE_SECONDS, REFUSE_DRAIN_BYTES and one task each,
+        for at most MAX_REFUSING connections at a time; the rest are closed
+        at once.
+        """
+        self.connections_refused += 1
+        if not self._at_limit_logged:
+            self._at_limit_logged = True  # once per episode, not per refusal
+            self.log.warning("connection limit reached", max_connections=self.config.max_connections)
+        if self._refusing >= MAX_REFUSING:
+            await trio.aclose_forcefully(stream)
+            return
+        self._refusing += 1
+        try:
+            with trio.move_on_after(REFUSE_SECONDS):
+                await stream.send_all(self._refusal)
+                await stream.send_eof()
+                await drain(stream, REFUSE_DRAIN_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self._refusing -= 1
+            await trio.aclose_forcefully(stream)
 
 
 @asynccontextmanager

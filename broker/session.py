@@ -11,11 +11,18 @@ Three tasks per connection, all owned by the session's nursery:
 - the acker, only for stores whose acknowledgements wait for an fsync,
   awaits ``store.sync()`` (group commit) and then queues the PUBACKs it covers.
 
-Memory per connection is bounded: the bytes queued plus the bytes being sent
-stay under ``outbound_queue_bytes`` plus one batch (batches are never split)
-and the control frames of one read. A delivery that would go over it is not
+The idle timeout (PING, then ERROR 107) is checked by one server-wide task
+(``Server._sweep_idle`` calling ``check_idle``), not one per connection.
+
+Memory per connection is bounded. A delivery that would take the bytes
+queued plus the bytes being sent over ``outbound_queue_bytes`` is not
 queued; that subscription reads the topic forward from the log instead until
-it has caught up (protocol.md, "Flow control").
+it has caught up (protocol.md, "Flow control"). Answers (PUBACK, PONG,
+replies) are always queued, but after every frame the reader checks the
+queue and the PUBLISHes not yet answered, and stops reading until the peer
+catches up (protocol.md, "Limits"): the queue and the bytes being sent each
+stay under the bound plus one batch, one frame's answer or
+``max_inflight_publishes`` PUBACKs.
 """
 
 from __future__ import annotations
@@ -122,6 +129,17 @@ class Session:
         self._writer_done = trio.Event()
         self._lost = False  # the writer found the connection broken
         self._read_scope = trio.CancelScope()
+        # PUBLISHes read whose PUBACK is not queued yet (limits.max_inflight_publishes).
+        self._unacked = 0
+        #: The reader waits for the peer (backpressure); for tests and metrics.
+        self.reading_paused = False
+        self._max_inflight = self.limits.max_inflight_publishes
+        # Idle timeout (config.idle_timeout, see check_idle): when it acts
+        # next, whether it sent its PING, whether it gave up.
+        self._idle_deadline = trio.current_time() + server.config.idle_timeout
+        self._idle_pinged = False
+        self._idle_expired = False
+        self._ping_nonce = 0
         self._accepting_deliveries = True
         # PUBACKs of the current read, and those waiting for a commit round:
         # (request_id, base, count, timestamp, hold seq or 0, durability).
@@ -193,14 +211,14 @@ class Session:
     async def _read_loop(self) -> str:
         conn = self.conn
         deadline = trio.current_time() + self.config.handshake_timeout
+        idle = self.config.idle_timeout
+        out_limit = self._out_limit
+        max_inflight = self._max_inflight
         with self._read_scope:
             try:
                 while True:
-                    while self._out_bytes > self._out_limit:
-                        # Backpressure on a peer that does not read what we
-                        # answer (PUBACKs): stop reading until it does.
-                        self._room = trio.Event()
-                        await self._room.wait()
+                    if self._out_bytes > out_limit or self._unacked >= max_inflight:
+                        await self._pause_reading()
                     if conn.state is State.OPEN:
                         data = await self.stream.receive_some(RECEIVE_SIZE)
                     else:
@@ -212,12 +230,14 @@ class Session:
                             return "handshake timeout"
                         data = received
                     conn.receive_data(data)
+                    framed = False
                     while True:
                         event = conn.next_event()
                         if event is NEED_DATA:
                             break
                         if event is CLOSED:
                             return "peer closed"
+                        framed = True
                         if type(event) is Hello and self.server.auth is not None:
                             # The one await between frames: checking a
                             # password runs scrypt in a worker thread.
@@ -225,6 +245,14 @@ class Session:
                                 return "authentication failed"
                             continue
                         self._handle(event)  # type: ignore[arg-type]
+                        # Checked per frame, not per read: one read holds
+                        # thousands of small frames, each of which may queue
+                        # an answer (an INFO_REPLY can be large).
+                        if self._out_bytes > out_limit or self._unacked >= max_inflight:
+                            await self._pause_reading()
+                    if framed:
+                        self._idle_deadline = trio.current_time() + idle
+                        self._idle_pinged = False
                     self._flush_acks()
             except RemoteProtocolError as exc:
                 self._flush_acks()
@@ -239,7 +267,56 @@ class Session:
                 return stop.reason
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return "connection lost"
+        if self._idle_expired:
+            self._fatal(ErrorCode.IDLE_TIMEOUT, f"no frame for {2 * idle:g} s, not even PONG")
+            return "idle timeout"
         return "server shutdown"
+
+    async def _pause_reading(self) -> None:
+        """Backpressure: stop reading until the peer has taken what we queued
+        for it and the PUBLISHes read so far are answered.
+
+        Bounds the memory of a peer that does not read (PUBACKs, PONGs,
+        replies pile up otherwise) and of one that publishes faster than its
+        acknowledgements can be given (fsync). Never an error.
+        """
+        self._flush_acks()
+        self.reading_paused = True
+        try:
+            while self._out_bytes > self._out_limit or self._unacked >= self._max_inflight:
+                self._room = trio.Event()
+                await self._room.wait()
+        finally:
+            self.reading_paused = False
+        # Not the peer's silence: we were not listening. A fresh idle period.
+        self._idle_deadline = trio.current_time() + self.config.idle_timeout
+        self._idle_pinged = False
+
+    def check_idle(self, now: float, idle: float) -> None:
+        """Idle timeout, called by the server's sweeper (Server._sweep_idle):
+        PING a peer silent for ``idle`` seconds; stop reading (the reader
+        then sends ERROR 107) if it stays silent as long again.
+
+        Neither a deadline on every read (a cancel scope per read cost ~8 us)
+        nor a task per connection (~3 KiB each): the reader stores a time
+        per read, one server task looks at them all now and then.
+        """
+        if now < self._idle_deadline or self._idle_expired or self.conn.we_finished:
+            return  # not yet, or this connection is ending anyway
+        if self.reading_paused or self.conn.state is not State.OPEN:
+            # Before HELLO the handshake timeout rules; while we do not
+            # read (backpressure) silence says nothing about the peer.
+            self._idle_deadline = now + idle
+            return
+        if not self._idle_pinged:
+            self._idle_pinged = True
+            self._idle_deadline = now + idle
+            self._ping_nonce += 1
+            self._queue(self.conn.send(Ping(self._ping_nonce)))
+            self.log.debug("idle; ping sent", idle_timeout=idle)
+            return
+        self._idle_expired = True
+        self._read_scope.cancel()
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, Publish):
@@ -351,6 +428,7 @@ class Session:
         self.messages_in += count
         if pub.request_id:
             self._acks.append((pub.request_id, base, count, timestamp, seq, topic.log.durability))
+            self._unacked += 1
 
     def _on_subscribe(self, req: Subscribe) -> None:
         sid = req.sub_id
@@ -625,6 +703,8 @@ class Session:
             counted[durability] += 1
             frames.append(encode_puback(PubAck(r, b, c, t, durability)))
         self._queue(b"".join(frames))
+        self._unacked -= len(acks)
+        self._room.set()  # a reader paused on max_inflight_publishes may go on
 
     async def _acker(self) -> None:
         try:

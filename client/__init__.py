@@ -8,7 +8,14 @@
 """
 
 from .connection import DEFAULT_URL, Client, PendingAck, connect, parse_url, url_credentials
-from .errors import AuthenticationError, BrokerError, ConnectionClosed, NoReceivers, PermissionDenied
+from .errors import (
+    AuthenticationError,
+    BrokerError,
+    ConnectionClosed,
+    MessageTooLarge,
+    NoReceivers,
+    PermissionDenied,
+)
 from .message import Message, PublishAck
 from .protocol import Durability, ErrorCode, TopicInfo
 from .reconnect import Reconnect
@@ -23,6 +30,7 @@ __all__ = [
     "Durability",
     "ErrorCode",
     "Message",
+    "MessageTooLarge",
     "NoReceivers",
     "PendingAck",
     "PermissionDenied",

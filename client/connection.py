@@ -35,7 +35,14 @@ from urllib.parse import unquote, urlsplit
 import structlog
 import trio
 
-from .errors import AuthenticationError, BrokerError, ConnectionClosed, NoReceivers, broker_error
+from .errors import (
+    AuthenticationError,
+    BrokerError,
+    ConnectionClosed,
+    MessageTooLarge,
+    NoReceivers,
+    broker_error,
+)
 from .message import Message, PublishAck
 from .reconnect import RETRYABLE_CODES, Reconnect
 from .protocol import (
@@ -244,6 +251,7 @@ class Client:
         opener: StreamOpener | None = None,
         reconnect: Reconnect | None = None,
         connect_timeout: float = 10.0,
+        keepalive: float | None = None,
     ) -> None:
         self._stream = stream
         #: HELLO options; kept (not logged) so a reconnect can send them again.
@@ -252,6 +260,7 @@ class Client:
         self._opener = opener
         self._reconnect_policy = reconnect if opener is not None else None
         self._connect_timeout = connect_timeout
+        self._keepalive_interval = keepalive
         #: Set while a connection is up; a lost one is replaced by a new
         #: unset Event until the client has reconnected.
         self._connected = trio.Event()
@@ -296,6 +305,8 @@ class Client:
         self._goodbye_received = trio.Event()
         self._reader_done = trio.Event()
         self._closing_by_us = False
+        # When the reader last got bytes from the broker (keepalive).
+        self._received_at = trio.current_time()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -326,6 +337,11 @@ class Client:
         )
         self._max_topic_bytes = limits.get("max_topic_bytes", self._max_topic_bytes)
         self._max_topic_depth = limits.get("max_topic_depth", self._max_topic_depth)
+        # Never more PUBLISH frames awaiting their PUBACK than the broker
+        # answers at once: past that it would only stop reading us.
+        self._max_inflight_batches = max(
+            1, min(self._max_inflight_batches, limits.get("max_inflight_publishes", 1 << 62))
+        )
 
     @property
     def closed(self) -> bool:
@@ -417,21 +433,26 @@ class Client:
     async def aclose(self, timeout: float = 5.0, *, graceful: bool = True) -> None:
         """Flush publishes, say GOODBYE, wait for the broker's, close."""
         self._closing_by_us = True
-        if graceful and self._closed is None:
-            with trio.move_on_after(timeout):
-                await self.flush()
-                if self._closed is None and self._connected.is_set():
-                    if self._settlements:
-                        self._out.extend(self._take_settlements())
-                    self._out.append(self._conn.send(Goodbye()))
-                    self._wake.set()
-                    await self._reader_done.wait()
-        self._fail(ConnectionClosed("client closed"))
-        # Close before cancelling our nursery: an await inside the cancelled
-        # scope would raise Cancelled over an exception the caller's body is
-        # propagating, and the nursery would then swallow both.
-        await trio.aclose_forcefully(self._stream)
-        self._nursery.cancel_scope.cancel()
+        try:
+            if graceful and self._closed is None:
+                with trio.move_on_after(timeout):
+                    await self.flush()
+                    if self._closed is None and self._connected.is_set():
+                        if self._settlements:
+                            self._out.extend(self._take_settlements())
+                        self._out.append(self._conn.send(Goodbye()))
+                        self._wake.set()
+                        await self._reader_done.wait()
+        finally:
+            # Also when the graceful part is cancelled from outside: the
+            # socket must not be left open.
+            self._fail(ConnectionClosed("client closed"))
+            # Close before cancelling our nursery: an await inside the
+            # cancelled scope would raise Cancelled over an exception the
+            # caller's body is propagating, and the nursery would then
+            # swallow both.
+            await trio.aclose_forcefully(self._stream)
+            self._nursery.cancel_scope.cancel()
 
     # -- publishing -------------------------------------------------------
 
@@ -458,12 +479,7 @@ class Client:
         if self._pending_count >= self._max_pending:
             raise trio.WouldBlock
         record = encode_record(payload, headers)
-        limit = self._max_frame_bytes - (8 + 2 + len(topic.encode()) + BATCH_HEADER.size)
-        if len(record) > limit:
-            raise ValueError(
-                f"message of {len(record)} bytes does not fit the broker's "
-                f"max_frame_bytes ({self._max_frame_bytes})"
-            )
+        self._check_size(topic, record, len(payload))
         pending = PendingAck(topic)
         items = self._unsent.get(topic)
         if items is None:
@@ -474,6 +490,20 @@ class Client:
         self._drained = trio.Event() if self._drained.is_set() else self._drained
         self._wake.set()
         return pending
+
+    def _check_size(self, topic: str, record: bytes, payload_len: int) -> None:
+        """A message must fit one PUBLISH frame under the broker's
+        max_frame_bytes; refuse it here rather than have the broker close
+        the connection with FRAME_TOO_LARGE."""
+        limit = self._max_frame_bytes - (8 + 2 + len(topic.encode()) + BATCH_HEADER.size)
+        if len(record) > limit:
+            extra = len(record) - payload_len  # record header and headers block
+            raise MessageTooLarge(
+                f"message of {payload_len} payload bytes ({len(record)} with its headers) "
+                f"is too large for topic {topic!r}: the broker's max_frame_bytes "
+                f"({self._max_frame_bytes}) leaves room for {max(0, limit - extra)} payload "
+                "bytes with these headers"
+            )
 
     async def send(
         self, topic: str, payload: bytes, headers: Mapping[str, str] | None = None
@@ -487,10 +517,16 @@ class Client:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         while self._pending_count >= self._max_pending:
-            self._check_open()
-            self._room = trio.Event()
-            await self._room.wait()
+            await self._wait_room()
         return self.publish_nowait(topic, payload, headers)
+
+    async def _wait_room(self) -> None:
+        """Wait for an acknowledgement (or the end). Several tasks may wait:
+        they share one event, and a new one is made only once it fired."""
+        self._check_open()
+        if self._room.is_set():
+            self._room = trio.Event()
+        await self._room.wait()
 
     async def publish(
         self, topic: str, payload: bytes, headers: Mapping[str, str] | None = None
@@ -530,17 +566,22 @@ class Client:
         with trio.fail_after(timeout):
             inbox = await self._reply_inbox()
             correlation = str(next(self._request_ids))
+            request_headers = dict(headers or {})
+            request_headers["reply-to"] = inbox
+            request_headers["correlation-id"] = correlation
+            record = encode_record(payload, request_headers)
+            self._check_size(topic, record, len(payload))
+            # Not held to the batch window: waiting for a slot there could
+            # starve behind a busy publisher. Past the broker's
+            # max_inflight_publishes it merely reads us more slowly.
             waiter = self._replies[correlation] = _Waiter()
             try:
-                request_headers = dict(headers or {})
-                request_headers["reply-to"] = inbox
-                request_headers["correlation-id"] = correlation
                 pending = PendingAck(topic)
                 request_id = next(self._request_ids)
                 self._inflight[request_id] = [pending]
                 self._pending_count += 1
                 self._drained = trio.Event() if self._drained.is_set() else self._drained
-                batch = encode_batch_from_records([encode_record(payload, request_headers)])
+                batch = encode_batch_from_records([record])
                 frame = encode_publish(request_id, topic, batch, needs_receiver=True)
                 self._inflight_frames[request_id] = frame
                 if self._connected.is_set():
@@ -591,11 +632,13 @@ class Client:
             await self._drained.wait()
         await trio.lowlevel.checkpoint()
 
-    def _take_batches(self) -> list[bytes]:
-        """Turn everything unsent into PUBLISH frames, within the broker's limits."""
+    def _take_batches(self, room: int) -> list[bytes]:
+        """Turn what is unsent into at most ``room`` PUBLISH frames, within
+        the broker's limits; the rest waits for the next acknowledgement."""
         frames: list[bytes] = []
         max_messages = self._max_batch_messages
-        for topic, items in self._unsent.items():
+        for topic in list(self._unsent):
+            items = self._unsent[topic]
             max_body = self._max_frame_bytes - (8 + 2 + len(topic.encode()) + BATCH_HEADER.size)
             start = 0
             size = 0
@@ -603,10 +646,19 @@ class Client:
                 if i > start and (i - start >= max_messages or size + len(record) > max_body):
                     frames.append(self._batch_frame(topic, items[start:i]))
                     start, size = i, 0
+                    if len(frames) >= room:
+                        break
                 size += len(record)
-            frames.append(self._batch_frame(topic, items[start:]))
-        self._unsent = {}
-        self._unsent_count = 0
+            else:
+                frames.append(self._batch_frame(topic, items[start:]))
+                start = len(items)
+            self._unsent_count -= start
+            if start < len(items):
+                self._unsent[topic] = items[start:]
+                break  # out of room
+            del self._unsent[topic]
+            if len(frames) >= room:
+                break
         return frames
 
     def _batch_frame(self, topic: str, items: list[tuple[bytes, PendingAck]]) -> bytes:
@@ -823,6 +875,11 @@ class Client:
                 self._conn_scope = nursery.cancel_scope
                 nursery.start_soon(self._reader, name="pybroker reader")
                 nursery.start_soon(self._writer, name="pybroker writer")
+                if self._keepalive_interval is not None:
+                    self._received_at = trio.current_time()
+                    nursery.start_soon(
+                        self._keepalive, self._keepalive_interval, name="pybroker keepalive"
+                    )
             if self._closed is not None:
                 return
             if self._connected.is_set():  # both tasks ended without a word
@@ -873,6 +930,15 @@ class Client:
                     await trio.aclose_forcefully(stream)
                 error = exc
                 continue
+            except BaseException:
+                # Cancelled (the client is closing): this stream may never
+                # have become self._stream, which aclose() closes.
+                if stream is not None:
+                    await trio.aclose_forcefully(stream)
+                raise
+            if self._closed is not None:  # closed while we were connecting
+                await trio.aclose_forcefully(stream)
+                return False
             self.reconnects += 1
             self._connected.set()
             self._wake.set()
@@ -916,8 +982,9 @@ class Client:
                 frames = self._take_settlements() if self._settlements else []
                 frames.extend(self._out)
                 self._out = []
-                if self._unsent_count and len(self._inflight) < self._max_inflight_batches:
-                    frames.extend(self._take_batches())
+                room = self._max_inflight_batches - len(self._inflight)
+                if self._unsent_count and room > 0:
+                    frames.extend(self._take_batches(room))
                 if frames:
                     await self._stream.send_all(b"".join(frames))
                     continue
@@ -943,6 +1010,7 @@ class Client:
                     if self._closed is not None or not self._connected.is_set():
                         return
                 conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+                self._received_at = trio.current_time()
         except ProtocolError as exc:
             try:
                 await self._stream.send_all(
@@ -955,6 +1023,27 @@ class Client:
             self._lost(ConnectionClosed(f"connection lost: {exc!r}"))
         finally:
             self._reader_done.set()
+
+    async def _keepalive(self, interval: float) -> None:
+        """Notice a broker that is gone without closing the connection (its
+        host died, the network was cut): after ``interval`` seconds without
+        a byte from it, PING; if nothing arrives within ``interval`` more,
+        the connection is over and everything waiting fails."""
+        while self._closed is None:
+            await trio.sleep_until(self._received_at + interval)
+            if self._conn.we_finished:
+                return  # we said GOODBYE: closing has its own timeout
+            if trio.current_time() < self._received_at + interval:
+                continue  # it spoke meanwhile
+            sent_at = trio.current_time()
+            self._queue(self._conn.send(Ping(next(self._request_ids))))
+            await trio.sleep(interval)
+            if self._closed is None and self._received_at <= sent_at:
+                # Ends this connection's reader and writer; reconnects if allowed.
+                self._lost(
+                    ConnectionClosed(f"no answer from the broker within {interval:g} s of a PING")
+                )
+                return
 
     def _on_event(self, event: Any) -> None:
         if isinstance(event, Deliver):
@@ -1183,6 +1272,7 @@ async def connect(
     password: str | None = None,
     tls: TLSOption = None,
     ca_file: CAFile = None,
+    keepalive: float | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to a broker for the body of an ``async with``.
 
@@ -1208,7 +1298,15 @@ async def connect(
     system's CAs or those in ``ca_file``; ``tls`` may also be a ready
     ``ssl.SSLContext``. A failed verification raises
     ``ssl.SSLCertVerificationError``.
+
+    The client always answers the broker's PINGs (its idle timeout).
+    ``keepalive=S`` also PINGs the broker after S seconds without hearing
+    from it, and ends the connection (``ConnectionClosed``) if it does not
+    answer within S more: a broker that vanished without closing the
+    connection is noticed in at most 2 S.
     """
+    if keepalive is not None and not keepalive > 0:
+        raise ValueError("keepalive must be a positive number of seconds")
     host, port, url_tls = _split_url(url)
     ssl_context = client_context(tls, ca_file, url_tls=url_tls)
     credentials = _credentials(url, token, user, password)
@@ -1235,6 +1333,7 @@ async def connect(
                 opener=opener,
                 reconnect=policy,
                 connect_timeout=connect_timeout,
+                keepalive=keepalive,
             )
             try:
                 with trio.fail_after(connect_timeout):

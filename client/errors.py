@@ -50,3 +50,8 @@ def broker_error(code: int, message: str) -> BrokerError:
     if code == ErrorCode.NO_RECEIVERS:
         return NoReceivers(code, message)
     return BrokerError(code, message)
+
+
+class MessageTooLarge(ValueError):
+    """A message that cannot fit one frame under the broker's max_frame_bytes;
+    raised before anything is sent (protocol.md, "Limits")."""

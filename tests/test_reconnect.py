@@ -554,3 +554,42 @@ async def test_reconnect_over_tls(tmp_path: Path) -> None:
             assert c.reconnects == 1
         stop_second.set()
     assert got.payloads("tls.a") == [b"one", b"two"]
+
+
+async def test_keepalive_notices_a_silent_broker_and_reconnects() -> None:
+    """A 'broker' that completes the handshake and then never answers
+    anything: keepalive= gives the connection up and reconnect= opens a new
+    one (the stand-in counts them)."""
+    connections = 0
+    second = trio.Event()
+
+    async def silent_broker(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        if connections == 2:
+            second.set()
+        conn = Connection(Role.SERVER)
+        with trio.move_on_after(TIMEOUT):
+            while True:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    conn.receive_data(data)
+                elif isinstance(event, Hello):
+                    await stream.send_all(conn.send(Welcome("0", "silent", {})))
+                # anything else: no answer, ever
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, silent_broker, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        async with client.connect(
+            f"pybroker://127.0.0.1:{port}", keepalive=0.1, reconnect=FAST
+        ) as c:
+            with trio.fail_after(TIMEOUT):
+                await second.wait()
+                while not c.reconnects:
+                    await trio.sleep(0.01)
+            assert connections >= 2 and not c.closed
+            nursery.cancel_scope.cancel()

@@ -112,7 +112,9 @@ def stalled_run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     workdir = ctx.workdir / name
     samples: list[tuple[float, int | None]] = []
     marks: dict[str, float] = {}
-    with ctx.target("pybroker", name) as target:
+    # The stalled subscriber sends nothing: no idle timeout may close it
+    # mid-run (a long one, not 0, so the idle watchdog's memory is counted).
+    with ctx.target("pybroker", name, ["--idle-timeout", "3600"]) as target:
         stalled_slot = 2  # subscriber 1
         before = _settled_rss(target.pid)
         next_sample = [0.0]
@@ -193,7 +195,11 @@ def run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
             f"so {max(args.connections):,} connections may not all open"
         )
         ctx.progress.note("memory: " + result["nofile_note"])
-    with ctx.target("pybroker", "memory-idle") as target:
+    # Idle connections that never answer PING, more than the default
+    # connection limit allows: lift both limits for this run (a long idle
+    # timeout, not 0, so that the idle watchdog's memory is counted).
+    limits = ["--idle-timeout", "3600", "--max-connections", str(wanted)]
+    with ctx.target("pybroker", "memory-idle", limits) as target:
         result["idle"] = idle_connections(ctx, args, target, ctx.workdir / "memory-idle-load")
     if args.stall_messages:
         result["stalled"] = stalled_run(ctx, args)

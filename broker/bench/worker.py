@@ -55,6 +55,8 @@ from client.protocol import (
     FrameType,
     Goodbye,
     Hello,
+    Ping,
+    Pong,
     ProtocolError,
     PubAck,
     Role,
@@ -622,6 +624,9 @@ async def _count_deliveries(
                 elif isinstance(event, Goodbye):
                     tally.error = "the server said GOODBYE"
                     return
+                elif isinstance(event, Ping):
+                    # A run longer than the broker's idle timeout: stay alive.
+                    await stream.send_all(encode_event(Pong(event.nonce)))
             if end > size_now:
                 skip = end - size_now
                 break
@@ -683,6 +688,9 @@ async def _decode_deliveries(
         elif event is CLOSED or isinstance(event, Goodbye):
             tally.error = "the server closed the connection"
             return
+        elif isinstance(event, Ping):
+            # A run longer than the broker's idle timeout: stay alive.
+            await stream.send_all(conn.send(Pong(event.nonce)))
 
 
 async def _decode_subscriber(

@@ -6,7 +6,8 @@ path. Families:
 
 - ``pybroker_info``, ``pybroker_ready``, ``pybroker_uptime_seconds``
 - ``pybroker_connections`` / ``pybroker_connections_opened_total`` by
-  transport (tcp, http); ``pybroker_http_requests_total`` by status code
+  transport (tcp, http); ``pybroker_connections_refused_total`` (tcp, at
+  max_connections); ``pybroker_http_requests_total`` by status code
 - ``pybroker_topics``; per topic: ``pybroker_topic_messages_in_total``,
   ``..._bytes_in_total``, ``..._messages_out_total``, ``..._bytes_out_total``,
   ``pybroker_topic_log_bytes``, ``..._first_offset``, ``..._next_offset``,
@@ -118,6 +119,12 @@ def render(http: HttpServer) -> str:
         "counter",
         "Client connections accepted since start, by transport.",
         [({"transport": "tcp"}, server.connections_total), ({"transport": "http"}, http.connections_total)],
+    )
+    out.family(
+        "pybroker_connections_refused",
+        "counter",
+        "TCP connections turned away at max_connections (ERROR 108).",
+        [({"transport": "tcp"}, server.connections_refused)],
     )
     out.family(
         "pybroker_http_requests",
