@@ -235,8 +235,21 @@ class Group:
         touched = 0
         for offset in self._offsets_in(gt, ranges):
             p = gt.pending.get(offset)
-            if p is None or p.member is not member:
-                continue  # settled already, or since given to another member
+            if p is None:
+                continue  # settled already
+            if p.member is None and kind in (AckKind.ACK, AckKind.TERM):
+                # Waiting for redelivery because the member it went to left
+                # (a client that reconnects acks what it processed while
+                # away): done is done, whoever in the group says so.
+                del gt.pending[offset]
+                touched += 1
+                if kind is AckKind.ACK:
+                    self.acked += 1
+                else:
+                    self.termed += 1
+                continue
+            if p.member is not member:
+                continue  # since given to another member
             touched += 1
             if kind is AckKind.IN_PROGRESS:
                 p.deadline = now + self.config.wait_for(p.deliveries)

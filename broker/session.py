@@ -487,9 +487,21 @@ class Session:
             for topic in matched:
                 log = topic.log
                 position = resume.get(topic.name)
+                if position is not None and position > log.next_offset:
+                    # Past the end: this log is not the one the client read
+                    # (memory storage restarted, or a crash lost an unsynced
+                    # tail), so the start rule decides, as for a topic the
+                    # client had not seen.
+                    self.log.warning(
+                        "resume position past the end of the topic",
+                        topic=topic.name,
+                        position=position,
+                        next_offset=log.next_offset,
+                    )
+                    position = None
                 if position is not None:
                     # Below the first retained offset: _refill reports the
-                    # gap as DATA_LOST. Past the end: nothing to replay.
+                    # gap as DATA_LOST.
                     start = position
                 elif req.start is StartKind.NEW:
                     continue

@@ -79,6 +79,7 @@ from .protocol import (
     UnsubAck,
     Unsubscribe,
     Welcome,
+    check_batch,
     decode_batch,
     encode_batch_from_records,
     encode_publish,
@@ -288,6 +289,8 @@ class Client:
         self._inflight: dict[int, list[PendingAck]] = {}
         # The PUBLISH frames of _inflight, sent again after a reconnect.
         self._inflight_frames: dict[int, bytes] = {}
+        # What the writer sends first on a new connection (_resume_frames).
+        self._resume: list[bytes] = []
         self._room = trio.Event()
         self._drained = trio.Event()
         self._drained.set()
@@ -414,6 +417,7 @@ class Client:
         PING, INFO and GROUPS requests fail: their answers are gone.
         """
         self._out = []
+        self._resume = []
         lost = ConnectionClosed(f"connection lost: {self._loss}")
         for key, waiter in list(self._waiters.items()):
             sub = self._subs.get(key) if key > 0 else None
@@ -764,7 +768,16 @@ class Client:
         if self._connected.is_set():
             self._queue(self._conn.send(Subscribe(sub_id, pattern, kind, value, credit, options)))
         # else: reconnecting, which sends every subscription in _subs
-        await waiter.event.wait()
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            # Cancelled (a timeout): forget it here, and on the broker, or
+            # every reconnect would resume a subscription nobody reads.
+            self._waiters.pop(sub_id, None)
+            if self._subs.pop(sub_id, None) is not None and self.connected:
+                self._queue(self._conn.send(Unsubscribe(sub_id)))
+            sub._close()
+            raise
         if waiter.error is not None:
             self._subs.pop(sub_id, None)
             raise waiter.error
@@ -898,8 +911,8 @@ class Client:
         attempts = 0
         for delay in self._reconnect_policy.delays():
             await trio.sleep(delay)
-            if self._closed is not None or self._closing_by_us:
-                break
+            if self._closed is not None:
+                break  # (a graceful close keeps trying while it flushes)
             attempts += 1
             stream: trio.abc.Stream | None = None
             try:
@@ -908,7 +921,6 @@ class Client:
                     self._stream = stream
                     self._conn = Connection(Role.CLIENT)
                     await self._handshake()
-                    await stream.send_all(self._resume_frames())
             except BrokerError as exc:
                 if stream is not None:
                     await trio.aclose_forcefully(stream)
@@ -939,6 +951,10 @@ class Client:
             if self._closed is not None:  # closed while we were connecting
                 await trio.aclose_forcefully(stream)
                 return False
+            # Built and marked connected with no await in between: a call
+            # made from now on queues its frames after the resume, and one
+            # made before is part of it.
+            self._resume = self._resume_frames()
             self.reconnects += 1
             self._connected.set()
             self._wake.set()
@@ -949,18 +965,20 @@ class Client:
         )
         return False
 
-    def _resume_frames(self) -> bytes:
+    def _resume_frames(self) -> list[bytes]:
         """Every subscription, continued, then every unacknowledged PUBLISH again.
 
-        Built and sent before the writer runs, so nothing a subscription's
-        messages need (group ACKs, CREDIT) can overtake its SUBSCRIBE.
+        The writer sends these before anything else, so nothing a
+        subscription's messages need (group ACKs, CREDIT) overtakes its
+        SUBSCRIBE.
         """
-        self._out = []
-        frames = [self._conn.send(sub._resubscribe()) for sub in self._subs.values()]
+        self._out = []  # encoded for the lost connection
+        limit = self._max_frame_bytes
+        frames = [self._conn.send(sub._resubscribe(limit)) for sub in self._subs.values()]
         # A PUBLISH whose PUBACK was lost may have been stored: sending it
         # again may store it twice, never loses it (protocol.md).
         frames.extend(self._inflight_frames.values())
-        return b"".join(frames)
+        return frames
 
     def _queue(self, data: bytes) -> None:
         self._out.append(data)
@@ -976,10 +994,13 @@ class Client:
                     and not self._out
                 ):
                     await trio.sleep(self._linger)
-                # Acknowledgements first: an UNSUBSCRIBE or GOODBYE queued
-                # after them must not overtake them (the broker would
-                # redeliver acknowledged messages).
-                frames = self._take_settlements() if self._settlements else []
+                # After a reconnect the resumed subscriptions go first. Then
+                # acknowledgements: an UNSUBSCRIBE or GOODBYE queued after
+                # them must not overtake them (the broker would redeliver
+                # acknowledged messages).
+                frames, self._resume = self._resume, []
+                if self._settlements:
+                    frames.extend(self._take_settlements())
                 frames.extend(self._out)
                 self._out = []
                 room = self._max_inflight_batches - len(self._inflight)
@@ -1088,7 +1109,7 @@ class Client:
         try:
             records = decode_batch(d.batch)
         except MalformedBatch as exc:
-            sub._note_malformed()
+            sub._note_malformed(d.topic, d.base_offset, d.timestamp, check_batch(d.batch)[0])
             _log.warning(
                 "skipping malformed batch",
                 topic=d.topic,
@@ -1108,7 +1129,7 @@ class Client:
         try:
             records = decode_batch(d.batch)
         except MalformedBatch as exc:
-            sub._note_malformed()
+            sub._note_malformed(d.topic, d.base_offset, d.timestamp, 0)  # groups: not credit-counted
             _log.warning("skipping malformed batch", topic=d.topic, base_offset=d.base_offset, error=str(exc))
             return
         topic, base, ts, n, sid = d.topic, d.base_offset, d.timestamp, d.deliveries, d.sub_id
@@ -1352,5 +1373,8 @@ async def connect(
         # The nursery is ours, not the caller's: hand back a lone exception
         # as itself (a failing body, a callback's error) rather than a group.
         if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        # Every callback subscription ends with the same lost connection.
+        if all(isinstance(e, ConnectionClosed) for e in group.exceptions):
             raise group.exceptions[0] from None
         raise

@@ -56,10 +56,10 @@ class Subscription:
         self.group = group
         self._start = start
         self._options = dict(options or {})
-        #: Plain subscriptions: the next offset of every topic received from,
-        #: where a resumed subscription continues (protocol.md, "Resuming
-        #: after a reconnect").
-        self._positions: dict[str, int] = {}
+        #: Plain subscriptions: for every topic received from, the next
+        #: offset (where a resumed subscription continues: protocol.md,
+        #: "Resuming after a reconnect") and the last batch's timestamp.
+        self._positions: dict[str, tuple[int, int]] = {}
         #: The broker's clock at the first SUBACK: where topics not received
         #: from yet resume, for a subscription that started with "new".
         self._registered_us: int | None = None
@@ -90,17 +90,24 @@ class Subscription:
             return
         received = len(messages)
         if self.group is None and messages:
-            topic = messages[0].topic
-            last = messages[-1].offset
-            position = self._positions.get(topic)
-            if position is not None and messages[0].offset < position <= last:
-                # A resumed topic restarts at the stored batch holding its
-                # position: drop what this subscription already had.
-                messages = [m for m in messages if m.offset >= position]
-            # A whole batch below the position is not a repeat: the broker
-            # lost that topic's tail (memory storage restarted) and these
-            # are new messages, so they are delivered.
-            self._positions[topic] = last + 1
+            first = messages[0]
+            topic, timestamp = first.topic, first.timestamp_us
+            next_offset = messages[-1].offset + 1
+            seen = self._positions.get(topic)
+            if seen is not None and first.offset < seen[0]:
+                if timestamp <= seen[1]:
+                    # Appended no later than what we last had from this
+                    # topic: a repeat (a resume that replays by the start
+                    # rule, or a batch holding the position). Drop what we had.
+                    messages = [m for m in messages if m.offset >= seen[0]]
+                    if next_offset > seen[0]:
+                        self._positions[topic] = (next_offset, max(timestamp, seen[1]))
+                else:
+                    # Appended after it, at offsets we had: the topic's log
+                    # was reset (memory storage restarted). New messages.
+                    self._positions[topic] = (next_offset, timestamp)
+            else:
+                self._positions[topic] = (next_offset, timestamp)
         if self._skip_below is not None:
             messages = [m for m in messages if m.offset >= self._skip_below]
         if self._skip_before_us and messages and messages[0].timestamp_us < self._skip_before_us:
@@ -114,7 +121,7 @@ class Subscription:
         self._pending += len(messages)
         self._arrived.set()
 
-    def _resubscribe(self) -> Subscribe:
+    def _resubscribe(self, max_frame_bytes: int) -> Subscribe:
         """The SUBSCRIBE that continues this subscription on a new connection."""
         kind, value = self._start
         options = dict(self._options)
@@ -123,8 +130,11 @@ class Subscription:
         else:
             if kind is StartKind.NEW and self._registered_us is not None:
                 kind, value = StartKind.TIME, self._registered_us
-            for topic, position in self._positions.items():
-                options[RESUME_OPTION_PREFIX + topic] = str(position)
+            # Too many topics to name in one frame: the start rule alone
+            # replays from earlier (never later), and _push drops repeats.
+            if _resume_fits(self.pattern, self._positions, max_frame_bytes):
+                for topic, (position, _) in self._positions.items():
+                    options[RESUME_OPTION_PREFIX + topic] = str(position)
             # The broker's credit starts afresh: what is still buffered here
             # counts against the window. The current batch's consumed part is
             # accounted again when it ends, so it is subtracted in advance.
@@ -133,8 +143,13 @@ class Subscription:
         self._resuming = True
         return Subscribe(self.sub_id, self.pattern, kind, value, credit, options)
 
-    def _note_malformed(self) -> None:
+    def _note_malformed(self, topic: str, base_offset: int, timestamp: int, count: int) -> None:
+        """A batch that did not decode: count it, move past it, and give back
+        the credit the broker spent on it (else the window shrinks for good)."""
         self._malformed += 1
+        if self.group is None:
+            self._positions[topic] = (base_offset + count, timestamp)
+            self._account(count)
 
     def _note_lost(self, count: int) -> None:
         self._lost += count
@@ -206,3 +221,21 @@ class Subscription:
             await self.unsubscribe()
         except ConnectionClosed:
             pass
+
+
+#: Options a SUBSCRIBE can carry (a u16 count), less room for the others.
+_MAX_RESUME_TOPICS = 60_000
+
+
+def _resume_fits(
+    pattern: str, positions: dict[str, tuple[int, int]], max_frame_bytes: int
+) -> bool:
+    """Whether one SUBSCRIBE can carry every position (protocol.md)."""
+    if len(positions) > _MAX_RESUME_TOPICS:
+        return False
+    # sub_id, pattern, start, credit and the other options: well under 1 KiB;
+    # each position: two str16 lengths, the key and the value.
+    size = 1024 + len(pattern.encode())
+    for topic, (position, _) in positions.items():
+        size += 4 + len(RESUME_OPTION_PREFIX) + len(topic.encode()) + len(str(position))
+    return size <= max_frame_bytes

@@ -415,15 +415,20 @@ async def test_resume_position_inside_a_batch_replays_that_batch(tmp_path: Path)
                 assert (first.offset, first.payload) == (4, b"x-4")
 
 
-async def test_resume_position_past_the_end_waits_for_the_next_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("start", "first_base"), [(StartKind.EARLIEST, 0), (StartKind.NEW, 3)])
+async def test_resume_position_past_the_end_falls_back_to_the_start_rule(
+    tmp_path: Path, start: StartKind, first_base: int
+) -> None:
+    """A position past the topic's end means the log is not the one the
+    client read (reset, or an unsynced tail lost): the start rule decides."""
     async with running_broker(data_dir=tmp_path / "data") as server:
         await publish_all(server.url, "wire.end", batch("old", 3))
         async with _raw(server.url) as raw:
-            await raw.send(Subscribe(1, "wire.end", StartKind.EARLIEST, 0, 1000, {"resume:wire.end": "99"}))
+            await raw.send(Subscribe(1, "wire.end", start, 0, 1000, {"resume:wire.end": "99"}))
             assert await raw.next() == SubAck(1)
             await publish_all(server.url, "wire.end", [b"new"])
             got = await raw.next()
-            assert isinstance(got, Deliver) and got.base_offset == 3
+            assert isinstance(got, Deliver) and got.base_offset == first_base
 
 
 async def test_resume_position_below_retention_reports_data_lost(tmp_path: Path) -> None:
