@@ -103,6 +103,8 @@ def hash_password(
     """``scrypt$n=N,r=R,p=P$<salt b64>$<key b64>`` for the users file."""
     if not password:
         raise ValueError("the password is empty")
+    if "\0" in password:
+        raise ValueError("a password cannot contain a NUL character")
     params = _Scrypt(n, r, p, secrets.token_bytes(_SALT_BYTES), b"\0" * _KEY_BYTES)
     _check_params(params)
     key = params.derive(password)
@@ -164,6 +166,11 @@ def parse_password_hash(encoded: str) -> _Scrypt:
 def verify_password(password: str, encoded: str | _Scrypt) -> bool:
     """Blocking (runs scrypt): call it in a worker thread."""
     params = parse_password_hash(encoded) if isinstance(encoded, str) else encoded
+    if "\0" in password:
+        # scrypt's PBKDF2 pads an HMAC key shorter than 64 bytes with zero
+        # bytes, so "pw" and "pw\0" derive the same key. No stored password
+        # has a NUL (hash_password refuses it): one that does is wrong.
+        return False
     return hmac.compare_digest(params.derive(password), params.key)
 
 
