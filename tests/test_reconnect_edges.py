@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import client
 import client.connection as client_connection
@@ -60,8 +61,8 @@ async def _until(predicate: Any, timeout: float = WAIT) -> None:
 
 class _Gate:
     """Holds the send of a reconnect's resume frames (the SUBSCRIBEs and
-    resent PUBLISHes, sent with one ``send_all`` right after the handshake)
-    until released: a slow network, a TLS record, a large resume."""
+    resent PUBLISHes: the first ``send_all`` after the handshake's) until
+    released: a slow network, a TLS record, a large resume."""
 
     def __init__(self) -> None:
         #: The next stream opened (the reconnect) is gated.
@@ -240,10 +241,14 @@ async def test_unsubscribe_while_the_resume_is_being_sent_leaves_nothing_on_the_
             await broker.start()
             with trio.fail_after(WAIT):
                 await gate.entered.wait()
-            await sub.unsubscribe()
-            gate.release.set()
-            await _until(lambda: c.connected)
-            await c.ping()  # the resume has been read
+                # The resume (with this subscription's SUBSCRIBE) is on its
+                # way: the UNSUBSCRIBE follows it on the same connection.
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(sub.unsubscribe)
+                    await trio.testing.wait_all_tasks_blocked()
+                    gate.release.set()
+                await _until(lambda: c.connected)
+                await c.ping()  # the resume has been read
             assert broker.subscription_count() == 0, "a zombie subscription stays on the broker"
             nursery.cancel_scope.cancel()
 
