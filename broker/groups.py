@@ -237,25 +237,20 @@ class Group:
             p = gt.pending.get(offset)
             if p is None:
                 continue  # settled already
-            if p.member is None and kind in (AckKind.ACK, AckKind.TERM):
+            if p.member is not member and not (
                 # Waiting for redelivery because the member it went to left
                 # (a client that reconnects acks what it processed while
                 # away): done is done, whoever in the group says so.
-                del gt.pending[offset]
-                touched += 1
-                if kind is AckKind.ACK:
-                    self.acked += 1
-                else:
-                    self.termed += 1
-                continue
-            if p.member is not member:
+                p.member is None and kind in (AckKind.ACK, AckKind.TERM)
+            ):
                 continue  # since given to another member
             touched += 1
             if kind is AckKind.IN_PROGRESS:
                 p.deadline = now + self.config.wait_for(p.deliveries)
                 self._timer(p.deadline, gt, offset, offset)
                 continue
-            member.unacked -= 1
+            if p.member is member:
+                member.unacked -= 1
             if kind is AckKind.NAK:
                 p.member = None
                 if delay > 0:

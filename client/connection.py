@@ -106,6 +106,18 @@ StreamOpener = Callable[[], Awaitable[trio.abc.Stream]]
 
 _log = structlog.get_logger("pybroker.client")
 
+#: Failures of one reconnect attempt that the next attempt may not meet.
+#: OSError includes trio's failure to connect to any address (and ssl's).
+_RETRY_AFTER = (
+    OSError,
+    trio.TooSlowError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    ConnectionClosed,
+    ProtocolError,
+    BrokerError,  # one of RETRYABLE_CODES
+)
+
 
 def parse_url(url: str) -> tuple[str, int]:
     """``pybroker://host:port`` or ``pybrokers://host:port`` (TLS; port
@@ -755,12 +767,6 @@ class Client:
         sub = Subscription(
             self, sub_id, pattern, window, group=options.get("group"), start=(kind, value), options=options
         )
-        # A group's start is the broker's business (it hands out from the
-        # group's cursor; a later member's start is ignored): no client skips.
-        if kind is StartKind.OFFSET and sub.group is None:
-            sub._skip_below = value
-        elif kind is StartKind.TIME and sub.group is None:
-            sub._skip_before_us = value
         self._subs[sub_id] = sub
         waiter = self._waiters[sub_id] = _Waiter()
         # Group members are flow-controlled by max_ack_pending, not credit.
@@ -921,33 +927,18 @@ class Client:
                     self._stream = stream
                     self._conn = Connection(Role.CLIENT)
                     await self._handshake()
-            except BrokerError as exc:
+            except BaseException as exc:
+                # Also when cancelled (the client is closing): this stream
+                # may never have become self._stream, which aclose() closes.
                 if stream is not None:
                     await trio.aclose_forcefully(stream)
-                if exc.code not in RETRYABLE_CODES:
+                if isinstance(exc, BrokerError) and exc.code not in RETRYABLE_CODES:
                     self._fail(ConnectionClosed(f"reconnecting was refused: {exc}"))
                     return False
+                if not isinstance(exc, _RETRY_AFTER):
+                    raise
                 error = exc
                 continue
-            except (
-                OSError,
-                trio.TooSlowError,
-                trio.BrokenResourceError,
-                trio.ClosedResourceError,
-                ConnectionClosed,
-                ProtocolError,
-            ) as exc:
-                # OSError includes trio's failure to connect to any address.
-                if stream is not None:
-                    await trio.aclose_forcefully(stream)
-                error = exc
-                continue
-            except BaseException:
-                # Cancelled (the client is closing): this stream may never
-                # have become self._stream, which aclose() closes.
-                if stream is not None:
-                    await trio.aclose_forcefully(stream)
-                raise
             if self._closed is not None:  # closed while we were connecting
                 await trio.aclose_forcefully(stream)
                 return False

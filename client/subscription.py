@@ -22,6 +22,9 @@ from .protocol import RESUME_OPTION_PREFIX, UNLIMITED_CREDIT, StartKind, Subscri
 if TYPE_CHECKING:
     from .connection import Client
 
+#: A timestamp no batch has: with it, everything below a position is a repeat.
+_ANY_TIME = 1 << 64
+
 
 @attrs.frozen
 class SubscriptionStatistics:
@@ -77,11 +80,17 @@ class Subscription:
         self._delivered = 0
         self._malformed = 0
         self._lost = 0
-        #: Offsets below this are skipped (a start offset inside a stored batch).
-        self._skip_below: int | None = None
         #: Batches older than this (µs) are skipped: a start time in the future
         #: must not yield messages published before it.
         self._skip_before_us = 0
+        # A group's start is the broker's business (it hands out from the
+        # group's cursor; a later member's start is ignored): no client skips.
+        if group is None and start[0] is StartKind.OFFSET:
+            # A position held before anything arrived: what lies below it
+            # (the rest of the stored batch it is in) is skipped as a repeat.
+            self._positions[pattern] = (start[1], _ANY_TIME)
+        elif group is None and start[0] is StartKind.TIME:
+            self._skip_before_us = start[1]
 
     # -- called by the client's reader (sync, never blocks) ---------------
 
@@ -101,15 +110,13 @@ class Subscription:
                     # rule, or a batch holding the position). Drop what we had.
                     messages = [m for m in messages if m.offset >= seen[0]]
                     if next_offset > seen[0]:
-                        self._positions[topic] = (next_offset, max(timestamp, seen[1]))
+                        self._positions[topic] = (next_offset, timestamp)
                 else:
                     # Appended after it, at offsets we had: the topic's log
                     # was reset (memory storage restarted). New messages.
                     self._positions[topic] = (next_offset, timestamp)
             else:
                 self._positions[topic] = (next_offset, timestamp)
-        if self._skip_below is not None:
-            messages = [m for m in messages if m.offset >= self._skip_below]
         if self._skip_before_us and messages and messages[0].timestamp_us < self._skip_before_us:
             messages = []  # one timestamp per batch: all of it is too early
         if len(messages) < received:
