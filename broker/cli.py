@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default=None, help="server name announced to clients (default: host name)")
     serve.add_argument("--storage", choices=("file", "memory"), default="file", help="file: the durable log in --data-dir (default); memory: nothing on disk")
     serve.add_argument("--fsync", choices=FSYNC_MODES, default="always", help="always: acks wait for the fsync covering them (group commit, default); interval: fsync every --fsync-interval-ms; never: leave it to the OS")
-    serve.add_argument("--fsync-interval-ms", type=int, default=200, metavar="MS")
+    serve.add_argument("--fsync-interval-ms", type=int, default=200, metavar="MS", help="with --fsync interval: milliseconds between fsyncs (default 200)")
+    serve.add_argument("--min-free-bytes", type=int, default=0, metavar="N", help="refuse publishes (STORAGE_FULL) while the data directory's file system has fewer than N bytes free, before it is completely full (default 0: off)")
     serve.add_argument("--segment-bytes", type=int, default=64 * 1024 * 1024, metavar="N", help="roll segments at this size (default 64 MiB)")
     serve.add_argument("--retention-bytes", type=int, default=None, metavar="N", help="per topic: delete whole old segments beyond N bytes")
     serve.add_argument("--retention", type=_duration, default=None, metavar="AGE", help="per topic: delete whole segments older than AGE (e.g. 3600, 90m, 12h, 7d)")
@@ -242,6 +243,7 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from .log import DataDirLocked, StorageError
     from .server import Server
 
     overrides: dict[str, Any] = {}
@@ -261,6 +263,7 @@ async def _serve(args: argparse.Namespace) -> int:
         http_port=None if args.no_http else _http_port(args),
         data_dir=args.data_dir,
         storage=args.storage,
+        min_free_bytes=args.min_free_bytes,
         topic_settings=SettingsResolver.from_specs(default, args.topic),
         auth_file=args.auth,
         allow_anonymous_remote=args.allow_anonymous_remote,
@@ -287,8 +290,13 @@ async def _serve(args: argparse.Namespace) -> int:
     # Signals are caught before anything listens, so a SIGTERM at any moment
     # of start-up still means a clean shutdown.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
+        try:
+            # Locks the data directory and recovers the log.
             server = Server(config)
+        except (DataDirLocked, StorageError) as exc:
+            print(f"pybroker: {exc}", file=sys.stderr)
+            return 1
+        async with trio.open_nursery() as nursery:
 
             async def serve_then_stop_waiting() -> None:
                 await server.serve()

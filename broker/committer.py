@@ -22,7 +22,7 @@ from client.protocol import Durability
 
 from .log import LogStore
 from .logs import get_logger
-from .router import Router
+from .router import Held, Router
 
 
 class Committer:
@@ -35,20 +35,26 @@ class Committer:
         self.durability = Durability.DISK
         self._wake = trio.Event()
         self._round_done = trio.Event()
-        self._failed: BaseException | None = None
         self.log: Any = get_logger(component="committer")
 
     def wake(self) -> None:
         """Something was appended that needs a sync (called by the router)."""
         self._wake.set()
 
-    async def wait(self, seq: int) -> Durability:
-        """Return once the batch with hold sequence ``seq`` is durable."""
+    async def wait_seq(self, seq: int) -> Durability:
+        """Return once every held batch with sequence <= ``seq`` is settled:
+        durable, or refused (its ``Held.error`` set) because its fsync failed."""
         while self.committed_seq < seq:
-            if self._failed is not None:
-                raise self._failed
             await self._round_done.wait()
         return self.durability
+
+    async def wait(self, held: Held) -> Durability:
+        """Return once ``held`` is durable; raise its StorageError if its
+        fsync failed (it was rolled back: not stored, not delivered)."""
+        durability = await self.wait_seq(held.seq)
+        if held.error is not None:
+            raise held.error
+        return durability
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -58,18 +64,22 @@ class Committer:
                 await self._wake.wait()
                 self._wake = trio.Event()
                 target = self.router.held_seq
-                try:
-                    self.durability = await self.store.sync()
-                except OSError as exc:
-                    # A failed fsync means we cannot promise durability for
-                    # anything appended: fail the waiters loudly, stop.
-                    self.log.error("fsync failed; acknowledgements stop", error=repr(exc))
-                    self._failed = exc
-                    self._finish_round()
-                    raise
+                # A failed fsync is never retried and then trusted: the store
+                # rolled those segments back to their last good sync, and the
+                # batches it would have covered are refused (release below).
+                result = await self.store.sync()
+                self.durability = result.durability
                 self.committed_seq = target
                 self.rounds += 1
-                self.router.release(target)
+                self.router.release(target, result.failed)
+                if result.failed:
+                    self.log.error(
+                        "fsync failed; the batches it covered are refused",
+                        topics={name: cut for name, (cut, _) in result.failed.items()},
+                    )
+                    # Batches appended during the failed round were dropped
+                    # too: a round soon settles their waiters.
+                    self._wake.set()
                 self._finish_round()
 
     def _finish_round(self) -> None:
@@ -87,3 +97,6 @@ class Committer:
             if trio.current_time() >= next_retention:
                 next_retention = trio.current_time() + self.retention_check_seconds
                 self.store.enforce_retention()
+                # Degraded storage: see whether it works again, so that
+                # readiness recovers without waiting for a publish.
+                await self.store.probe()

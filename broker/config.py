@@ -76,6 +76,9 @@ class Config:
     #: fsync policy, retention and segment size, per topic pattern.
     topic_settings: SettingsResolver = SettingsResolver()
     retention_check_seconds: float = 5.0
+    #: Refuse publishes (STORAGE_FULL) once the data directory's file system
+    #: has fewer free bytes than this; 0: only when it is really full.
+    min_free_bytes: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     server_name: str = attrs.field(factory=socket.gethostname)
     limits: Limits = Limits()
     #: Bound on the bytes queued for one connection before its subscriptions

@@ -34,7 +34,7 @@ from client.protocol import AckKind, StartKind, decode_batch, encode_batch, enco
 from client.protocol.batch import RECORD_HEADER, MalformedBatch, split_records
 from client.protocol.subjects import pattern_error, tokens_match, topic_error
 
-from .log import StoredBatch
+from .log import DataLoss, StorageError, StoredBatch
 from .logs import get_logger
 
 if TYPE_CHECKING:
@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 DEFAULT_ACK_WAIT = 30.0
 DEFAULT_MAX_DELIVER = 5
 DEFAULT_MAX_ACK_PENDING = 1000
+#: Seconds before a dead letter the log refused (disk full) is tried again.
+DEAD_LETTER_RETRY_SECONDS = 1.0
 
 
 @attrs.frozen
@@ -129,7 +131,8 @@ class GroupTopic:
         self._records: list[bytes] | None = None
 
     def batch_at(self, offset: int) -> StoredBatch | None:
-        """The stored batch holding ``offset`` (None if not retained)."""
+        """The stored batch holding ``offset`` (None if not retained);
+        DataLoss if the log lost it (damage, a hole)."""
         log = self.topic.log
         if offset < log.first_offset:
             return None  # retention removed it (cached or not)
@@ -178,6 +181,8 @@ class Group:
         self.acked = 0
         self.termed = 0
         self.dead_lettered = 0
+        #: Messages the log lost (damage, holes) before they could be handed out.
+        self.lost = 0
 
     def matches(self, topic: Topic) -> bool:
         return tokens_match(self.tokens, topic.name.split("."))
@@ -340,7 +345,17 @@ class Group:
         log = gt.topic.log
         if gt.cursor < log.first_offset:
             gt.cursor = log.first_offset  # retention removed what we had not read
-        batch = gt.batch_at(gt.cursor)
+        try:
+            batch = gt.batch_at(gt.cursor)
+        except DataLoss as lost:
+            # Damaged or missing in the log: nobody can be given these.
+            self.lost += lost.count
+            self.manager.log.error(
+                "group skipped lost offsets",
+                group=self.name, topic=lost.topic, first=lost.first, last=lost.last, reason=lost.reason,
+            )
+            gt.cursor = lost.last + 1
+            return
         if batch is None or batch.base_offset >= gt.topic.visible_next:
             gt.cursor = max(gt.cursor, gt.topic.visible_next)
             return
@@ -369,7 +384,16 @@ class Group:
         member.sub.session.deliver_group(member.sub, gt.topic, base, batch.timestamp, 1, payload)
 
     def _redeliver(self, gt: GroupTopic, offset: int, p: Pending, member: Member, now: float) -> None:
-        stored = gt.batch_at(offset)
+        try:
+            stored = gt.batch_at(offset)
+        except DataLoss as lost:
+            del gt.pending[offset]
+            self.lost += 1
+            self.manager.log.error(
+                "group message lost from the log", group=self.name, topic=gt.topic.name,
+                offset=offset, reason=lost.reason,
+            )
+            return
         if stored is None:
             del gt.pending[offset]  # removed by retention meanwhile
             self.manager.log.warning(
@@ -383,7 +407,17 @@ class Group:
             self._settle_malformed(gt, range(offset, offset + 1), exc)
             return
         if self.config.max_deliver and p.deliveries >= self.config.max_deliver:
-            self._dead_letter(gt, offset, p, stored.timestamp, record)
+            try:
+                self._dead_letter(gt, offset, p, stored.timestamp, record)
+            except StorageError as exc:
+                # The dead-letter topic cannot take it now (disk full): the
+                # message stays pending here and is tried again later.
+                p.deadline = now + DEAD_LETTER_RETRY_SECONDS
+                self._timer(p.deadline, gt, offset, offset)
+                self.manager.log.error(
+                    "dead letter could not be stored; retrying",
+                    group=self.name, topic=gt.topic.name, offset=offset, error=exc.message,
+                )
             return
         p.deliveries += 1
         self.version += 1

@@ -9,12 +9,12 @@ topic is added.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from client.protocol.subjects import tokens_match
 
-from .log import LogStore, TopicLog
+from .log import LogStore, StorageError, TopicLog
 
 if TYPE_CHECKING:
     from .groups import Group, GroupManager, Member
@@ -33,6 +33,23 @@ class Subscriber(Protocol):
         batch: bytes,
         count: int,
     ) -> None: ...
+
+
+class Held:
+    """A batch appended to a topic that needs sync, waiting for the fsync
+    that covers it. Its publisher keeps it to learn the outcome: released
+    (delivered, acknowledged) or ``error`` (its fsync failed, the log was
+    rolled back: never acknowledged, never delivered)."""
+
+    __slots__ = ("seq", "base", "timestamp", "batch", "count", "error")
+
+    def __init__(self, seq: int, base: int, timestamp: int, batch: bytes, count: int) -> None:
+        self.seq = seq
+        self.base = base
+        self.timestamp = timestamp
+        self.batch = batch
+        self.count = count
+        self.error: StorageError | None = None
 
 
 class Topic:
@@ -67,9 +84,8 @@ class Topic:
         #: read from the log by them): appended and, if the topic needs
         #: sync, durable.
         self.visible_next = log.next_offset
-        #: Appended batches waiting for the sync that covers them:
-        #: (hold sequence, base offset, timestamp, batch, count).
-        self.held: deque[tuple[int, int, int, bytes, int]] = deque()
+        #: Appended batches waiting for the sync that covers them, in order.
+        self.held: deque[Held] = deque()
         #: Consumer groups reading this topic (they read from the log).
         self.groups: list[Group] = []
 
@@ -187,40 +203,55 @@ class Router:
                 t.subs = [s for s in t.subs if s is not sub]
         sub.lag.clear()
 
-    def publish(self, topic: Topic, batch: bytes, count: int, now: int) -> tuple[int, int, int]:
+    def publish(self, topic: Topic, batch: bytes, count: int, now: int) -> tuple[int, int, Held | None]:
         """Append a checked batch; hand it to every matching subscription now,
         or, for a topic that needs sync, once the committer made it durable.
 
-        Returns (base offset, timestamp, hold sequence or 0). The hot path:
-        no loop over the batch's messages, one loop over the topic's
-        subscriptions, the same ``bytes`` object for all of them.
+        Returns (base offset, timestamp, the held batch or None); raises
+        StorageError, with nothing stored or delivered, if the append fails.
+        The hot path: no loop over the batch's messages, one loop over the
+        topic's subscriptions, the same ``bytes`` object for all of them.
         """
         # Timestamps never go backwards within a topic, so the time index
         # stays sorted even if the wall clock steps back.
         timestamp = now if now > topic.last_timestamp else topic.last_timestamp
-        topic.last_timestamp = timestamp
         base = topic.log.append(batch, count, timestamp)
+        topic.last_timestamp = timestamp
         topic.messages_in += count
         topic.bytes_in += len(batch)
         if topic.log.needs_sync:
             self.held_seq += 1
-            topic.held.append((self.held_seq, base, timestamp, batch, count))
+            held = Held(self.held_seq, base, timestamp, batch, count)
+            topic.held.append(held)
             self._held_topics[topic] = None
             self.on_held()
-            return base, timestamp, self.held_seq
+            return base, timestamp, held
         topic.visible_next = base + count
         if topic.groups and self.groups is not None:
             self.groups.wake()
         for sub in topic.subs:
             sub.session.deliver(sub, topic, base, timestamp, batch, count)
-        return base, timestamp, 0
+        return base, timestamp, None
 
-    def release(self, seq: int) -> None:
-        """Deliver every held batch with hold sequence <= ``seq``, in order."""
+    def release(self, seq: int, failed: Mapping[str, tuple[int, StorageError]] | None = None) -> None:
+        """Deliver every held batch with hold sequence <= ``seq``, in order.
+
+        ``failed``: topics whose fsync failed, with the offset their log was
+        cut back to. Their held batches at or past it are gone from the log:
+        marked with the error (their publishers are refused), never delivered.
+        """
         for topic in list(self._held_topics):
             held = topic.held
-            while held and held[0][0] <= seq:
-                _, base, timestamp, batch, count = held.popleft()
+            failure = failed.get(topic.name) if failed else None
+            if failure is not None:
+                cut, error = failure
+                for h in held:
+                    if h.base >= cut:
+                        h.error = error
+                topic.held = held = deque(h for h in held if h.error is None)
+            while held and held[0].seq <= seq:
+                h = held.popleft()
+                base, timestamp, batch, count = h.base, h.timestamp, h.batch, h.count
                 topic.visible_next = base + count
                 for sub in topic.subs:
                     sub.session.deliver(sub, topic, base, timestamp, batch, count)

@@ -61,7 +61,11 @@ class Server:
                 store = MemoryStore(self.config.memory_retention_bytes)
             else:
                 # Recovery runs here, before anything listens.
-                store = FileStore(self.config.data_dir, self.config.topic_settings)
+                store = FileStore(
+                    self.config.data_dir,
+                    self.config.topic_settings,
+                    min_free_bytes=self.config.min_free_bytes,
+                )
         self.store: LogStore = store
         self.router = Router(self.store)
         self.committer = Committer(self.store, self.router, self.config.retention_check_seconds)
@@ -269,16 +273,19 @@ class Server:
 
 
 @asynccontextmanager
-async def run_broker(config: Config | None = None, **overrides: Any) -> AsyncIterator[Server]:
+async def run_broker(
+    config: Config | None = None, *, store: LogStore | None = None, **overrides: Any
+) -> AsyncIterator[Server]:
     """Run a broker for the body of an ``async with``; it stops on exit.
 
     ``overrides`` replace fields of ``config`` (or of the defaults), e.g.
-    ``run_broker(port=0)``. Used by the test fixture in ``broker.testing``.
+    ``run_broker(port=0)``; ``store`` replaces the one the config would
+    open. Used by the test fixture in ``broker.testing``.
     """
     config = attrs.evolve(config or Config(), **overrides)
     # Built outside the nursery: a bad setting (a TLS certificate that will
     # not load) raises as itself, not wrapped in an ExceptionGroup.
-    server = Server(config)
+    server = Server(config, store)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
         try:

@@ -35,6 +35,7 @@ import trio
 
 from client.protocol import (
     CLOSED,
+    ERROR_FIELDS_OPTION,
     Groups,
     GroupsAction,
     GroupsReply,
@@ -82,7 +83,8 @@ from .logs import get_logger
 from .closing import linger_close
 from .groups import GroupConfig, group_name_error
 from .permissions import DecisionCache, Permissions
-from .router import Subscription, Topic
+from .log import DataLoss, StorageError
+from .router import Held, Subscription, Topic
 
 if TYPE_CHECKING:
     from .server import Server
@@ -93,7 +95,21 @@ _NO_FLOW_CONTROL = 1 << 62
 _MAX_CREDIT = UNLIMITED_CREDIT - 1
 
 
-_Ack = tuple[int, int, int, int, int, Durability]
+class _PendingAck:
+    """A PUBLISH read whose PUBACK (or refusal) is not queued yet."""
+
+    __slots__ = ("request_id", "base", "count", "timestamp", "held", "durability")
+
+    def __init__(
+        self, request_id: int, base: int, count: int, timestamp: int, held: Held | None, durability: Durability
+    ) -> None:
+        self.request_id = request_id
+        self.base = base
+        self.count = count
+        self.timestamp = timestamp
+        #: Set when the topic needs sync: the PUBACK waits for its commit round.
+        self.held = held
+        self.durability = durability
 
 
 class _Stop(Exception):
@@ -141,10 +157,9 @@ class Session:
         self._idle_expired = False
         self._ping_nonce = 0
         self._accepting_deliveries = True
-        # PUBACKs of the current read, and those waiting for a commit round:
-        # (request_id, base, count, timestamp, hold seq or 0, durability).
-        self._acks: list[_Ack] = []
-        self._acks_for_sync: list[_Ack] = []
+        # PUBACKs of the current read, and those waiting for a commit round.
+        self._acks: list[_PendingAck] = []
+        self._acks_for_sync: list[_PendingAck] = []
         self._ack_wake = trio.Event()
         self._acks_closing = False
         self._acker_done = trio.Event()
@@ -153,6 +168,8 @@ class Session:
         self._pending_fatal: RemoteProtocolError | None = None
         self.messages_in = 0
         self.bytes_out = 0
+        #: The client asked for ERROR fields in its HELLO.
+        self._error_fields = False
         # Authentication (broker/auth.py): set by the HELLO when the server
         # has a users file; None means no checks at all.
         self.user: User | None = None
@@ -377,6 +394,7 @@ class Session:
 
     def _on_hello(self, hello: Hello) -> None:
         self.client_name = hello.client_name
+        self._error_fields = hello.options.get(ERROR_FIELDS_OPTION) == "1"
         self.log = self.log.bind(client=hello.client_name)
         welcome = Welcome(
             server_version=__version__,
@@ -420,14 +438,22 @@ class Session:
                 RefKind.REQUEST,
             )
             return
-        if topic is None:
-            topic = self.router.topic(pub.topic)
-        base, timestamp, seq = self.router.publish(
-            topic, pub.batch, count, time.time_ns() // 1000
-        )
+        try:
+            if topic is None:
+                topic = self.router.topic(pub.topic)
+            base, timestamp, held = self.router.publish(
+                topic, pub.batch, count, time.time_ns() // 1000
+            )
+        except StorageError as exc:
+            # Disk full or failing: an answer for this PUBLISH, not the end
+            # of the connection. Nothing was stored (the log rolled back).
+            self._request_error(exc.code, exc.message, pub.request_id, RefKind.REQUEST, {"topic": pub.topic})
+            return
         self.messages_in += count
         if pub.request_id:
-            self._acks.append((pub.request_id, base, count, timestamp, seq, topic.log.durability))
+            self._acks.append(
+                _PendingAck(pub.request_id, base, count, timestamp, held, topic.log.durability)
+            )
             self._unacked += 1
 
     def _on_subscribe(self, req: Subscribe) -> None:
@@ -701,19 +727,25 @@ class Session:
         if not self._acks:
             return
         acks, self._acks = self._acks, []
-        if self._acks_for_sync or any(a[4] for a in acks):
+        if self._acks_for_sync or any(a.held is not None for a in acks):
             self._acks_for_sync.extend(acks)
             self._ack_wake.set()
         else:
             self._queue_acks(acks, None)
 
-    def _queue_acks(self, acks: list[_Ack], synced: Durability | None) -> None:
+    def _queue_acks(self, acks: list[_PendingAck], synced: Durability | None) -> None:
         counted = self.server.acks_by_durability  # for /metrics: one add per batch
         frames = []
-        for r, b, c, t, seq, d in acks:
-            durability = synced if seq and synced is not None else d
+        for a in acks:
+            held = a.held
+            if held is not None and held.error is not None:
+                # Its fsync failed and the log rolled it back: refused,
+                # never acknowledged (protocol.md, STORAGE_ERROR).
+                frames.append(self._error_frame(held.error.code, held.error.message, a.request_id))
+                continue
+            durability = synced if held is not None and synced is not None else a.durability
             counted[durability] += 1
-            frames.append(encode_puback(PubAck(r, b, c, t, durability)))
+            frames.append(encode_puback(PubAck(a.request_id, a.base, a.count, a.timestamp, durability)))
         self._queue(b"".join(frames))
         self._unacked -= len(acks)
         self._room.set()  # a reader paused on max_inflight_publishes may go on
@@ -723,7 +755,9 @@ class Session:
             while True:
                 if self._acks_for_sync:
                     acks, self._acks_for_sync = self._acks_for_sync, []
-                    synced = await self.committer.wait(max(a[4] for a in acks))
+                    synced = await self.committer.wait_seq(
+                        max(a.held.seq for a in acks if a.held is not None)
+                    )
                     self._queue_acks(acks, synced)
                     continue
                 if self._acks_closing:
@@ -757,9 +791,17 @@ class Session:
         message: str,
         ref: int,
         ref_kind: RefKind = RefKind.SUBSCRIPTION,
+        fields: dict[str, str] | None = None,
     ) -> None:
         self.log.info("request refused", code=int(code), error=code.name, detail=message, ref=ref)
-        self._queue(self.conn.send(Error(int(code), message, ref, ref_kind, fatal=False)))
+        if not self._error_fields:
+            fields = None  # the client did not ask for them (protocol.md, "ERROR")
+        self._queue(self.conn.send(Error(int(code), message, ref, ref_kind, fatal=False, fields=fields or {})))
+
+    def _error_frame(self, code: ErrorCode, message: str, request_id: int) -> bytes:
+        """A request's refusal, encoded for a batch of acknowledgements."""
+        self.log.info("request refused", code=int(code), error=code.name, detail=message, ref=request_id)
+        return self.conn.send(Error(int(code), message, request_id, RefKind.REQUEST, fatal=False))
 
     def deliver(
         self,
@@ -800,6 +842,8 @@ class Session:
                 log = topic.log
                 # Read only what is visible: with fsync "always", batches
                 # still waiting for their fsync are delivered on release.
+                # Every pass delivers a batch, steps over lost offsets, or
+                # leaves the loop: it cannot spin.
                 while offset < topic.visible_next:
                     if sub.credit <= 0:
                         break
@@ -807,28 +851,22 @@ class Session:
                         lag[topic] = offset
                         return
                     first = log.first_offset
-                    if offset < first:
-                        self._queue(
-                            self.conn.send(
-                                Error(
-                                    int(ErrorCode.DATA_LOST),
-                                    f"topic {topic.name}: offsets {offset}..{first - 1} "
-                                    "were removed by retention before delivery",
-                                    sub.sub_id,
-                                    RefKind.SUBSCRIPTION,
-                                )
-                            )
-                        )
-                        self.log.warning(
-                            "lagging subscriber lost data",
-                            sub_id=sub.sub_id,
-                            topic=topic.name,
-                            first_missing=offset,
-                            count=first - offset,
-                        )
-                        offset = first
+                    try:
+                        if offset < first:
+                            raise DataLoss(topic.name, offset, first - 1, "retention")
+                        batches = log.read(offset, limit - self._out_bytes - self._sending)
+                    except DataLoss as lost:
+                        self._data_lost(sub, lost)
+                        offset = lost.last + 1
                         continue
-                    for stored in log.read(offset, limit - self._out_bytes - self._sending):
+                    if not batches:
+                        # The log holds less than it said: never spin on it.
+                        self.log.error(
+                            "log read returned nothing below the visible end",
+                            topic=topic.name, offset=offset, visible_next=topic.visible_next,
+                        )
+                        break
+                    for stored in batches:
                         if stored.base_offset >= topic.visible_next:
                             break  # appended, not yet durable: release() delivers it
                         sub.credit -= stored.count
@@ -853,6 +891,20 @@ class Session:
                     del lag[topic]  # caught up: live delivery takes over
             if not lag:
                 del self._lagging[sub]
+
+    def _data_lost(self, sub: Subscription, lost: DataLoss) -> None:
+        """Tell a subscription which offsets it will never get, and why."""
+        self._request_error(
+            ErrorCode.DATA_LOST, lost.describe(), sub.sub_id, RefKind.SUBSCRIPTION, lost.fields()
+        )
+        self.log.warning(
+            "subscriber skipped lost offsets",
+            sub_id=sub.sub_id,
+            topic=lost.topic,
+            first_missing=lost.first,
+            count=lost.count,
+            reason=lost.reason,
+        )
 
     async def _writer(self) -> None:
         try:

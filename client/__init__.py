@@ -15,6 +15,8 @@ from .errors import (
     MessageTooLarge,
     NoReceivers,
     PermissionDenied,
+    StorageError,
+    StorageFull,
 )
 from .message import Message, PublishAck
 from .protocol import Durability, ErrorCode, TopicInfo
@@ -36,6 +38,8 @@ __all__ = [
     "PermissionDenied",
     "PublishAck",
     "Reconnect",
+    "StorageError",
+    "StorageFull",
     "Subscription",
     "SubscriptionStatistics",
     "TopicInfo",

@@ -47,6 +47,7 @@ from .message import Message, PublishAck
 from .reconnect import RETRYABLE_CODES, Reconnect
 from .protocol import (
     CLOSED,
+    ERROR_FIELDS_OPTION,
     NEED_DATA,
     UNLIMITED_CREDIT,
     Connection,
@@ -326,7 +327,8 @@ class Client:
     # -- lifecycle --------------------------------------------------------
 
     async def _handshake(self) -> None:
-        hello = Hello(client_name=self.name, options=self._credentials)
+        # Ask for ERROR fields: DATA_LOST then says which offsets, as numbers.
+        hello = Hello(client_name=self.name, options={**self._credentials, ERROR_FIELDS_OPTION: "1"})
         await self._stream.send_all(self._conn.send(hello))
         with trio.fail_after(self._connect_timeout):
             while True:
@@ -1149,7 +1151,7 @@ class Client:
             self._drained.set()
 
     def _on_error(self, err: Error) -> None:
-        error = broker_error(err.code, err.message)
+        error = broker_error(err.code, err.message, err.fields)
         if err.fatal:
             closed = ConnectionClosed(f"the broker closed the connection: {error}")
             if err.code in RETRYABLE_CODES:
@@ -1176,7 +1178,7 @@ class Client:
                 return
             sub = self._subs.get(err.ref)
             if sub is not None and err.code == ErrorCode.DATA_LOST:
-                sub._note_lost(_lost_count(err.message))
+                sub._note_lost(_lost_count(err))
             elif sub is not None and sub._resuming:
                 # The broker refused to continue it on the new connection.
                 del self._subs[err.ref]
@@ -1186,10 +1188,14 @@ class Client:
         _log.warning("error from broker", code=err.code, detail=err.message, ref=err.ref)
 
 
-def _lost_count(message: str) -> int:
-    # "topic T: offsets A..B were removed ..." (session._refill)
+def _lost_count(err: Error) -> int:
+    """How many messages a DATA_LOST reports, from its fields (protocol.md,
+    "ERROR"); a broker that sends none gets its message text parsed."""
     try:
-        span = message.split("offsets ", 1)[1].split(" ", 1)[0]
+        if "first" in err.fields and "last" in err.fields:
+            return int(err.fields["last"]) - int(err.fields["first"]) + 1
+        # "topic T: offsets A..B were removed ..."
+        span = err.message.split("offsets ", 1)[1].split(" ", 1)[0]
         first, last = span.split("..")
         return int(last) - int(first) + 1
     except (IndexError, ValueError):

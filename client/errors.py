@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from .protocol import ErrorCode
 from .protocol.errors import code_name
 
 
 class BrokerError(Exception):
-    """The broker refused a request (an ERROR frame), with its numeric code."""
+    """The broker refused a request (an ERROR frame), with its numeric code
+    and, where the broker gives them, machine-readable ``fields``."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, fields: Mapping[str, str] | None = None) -> None:
         super().__init__(f"{code_name(code)} ({code}): {message}")
         self.code = code
         self.message = message
+        self.fields: Mapping[str, str] = dict(fields or {})
 
     @property
     def error_code(self) -> ErrorCode | None:
@@ -41,15 +45,29 @@ class PermissionDenied(BrokerError):
     that topic or group (PERMISSION_DENIED); the connection stays open."""
 
 
-def broker_error(code: int, message: str) -> BrokerError:
+class StorageFull(BrokerError):
+    """The broker's disk (or its --min-free-bytes reserve) is full: that
+    publish was not stored. The connection stays open; publishing works
+    again once the broker has space (STORAGE_FULL)."""
+
+
+class StorageError(BrokerError):
+    """The broker's storage failed to write or fsync that publish, which was
+    not stored and will never be delivered (STORAGE_ERROR)."""
+
+
+_BY_CODE: dict[int, type[BrokerError]] = {
+    ErrorCode.AUTH_FAILED: AuthenticationError,
+    ErrorCode.PERMISSION_DENIED: PermissionDenied,
+    ErrorCode.NO_RECEIVERS: NoReceivers,
+    ErrorCode.STORAGE_FULL: StorageFull,
+    ErrorCode.STORAGE_ERROR: StorageError,
+}
+
+
+def broker_error(code: int, message: str, fields: Mapping[str, str] | None = None) -> BrokerError:
     """The most specific exception for an ERROR frame's code."""
-    if code == ErrorCode.AUTH_FAILED:
-        return AuthenticationError(code, message)
-    if code == ErrorCode.PERMISSION_DENIED:
-        return PermissionDenied(code, message)
-    if code == ErrorCode.NO_RECEIVERS:
-        return NoReceivers(code, message)
-    return BrokerError(code, message)
+    return _BY_CODE.get(code, BrokerError)(code, message, fields)
 
 
 class MessageTooLarge(ValueError):

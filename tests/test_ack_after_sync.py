@@ -13,7 +13,7 @@ import trio
 
 import client
 from broker.config import Config
-from broker.log import MemoryStore, MemoryTopicLog
+from broker.log import MemoryStore, MemoryTopicLog, SyncResult
 from broker.server import Server
 from client.protocol import Durability
 
@@ -38,11 +38,11 @@ class GatedStore(MemoryStore):
             self._logs[name] = SyncedTopicLog(name)
         return self._logs[name]
 
-    async def sync(self) -> Durability:
+    async def sync(self) -> SyncResult:
         self.sync_started.set()
         await self.gate.wait()
         self.syncs += 1
-        return Durability.DISK
+        return SyncResult(Durability.DISK)
 
 
 async def test_puback_waits_for_sync_and_one_sync_covers_many() -> None:

@@ -315,6 +315,21 @@ CASES = [
     Case("error-from-server", S, Phase.OPEN, SAMPLES[FrameType.ERROR]),
     Case("error-unknown-code", S, Phase.OPEN, Error(65535, "", ref=2**64 - 1)),
     Case(
+        "error-with-fields",
+        S,
+        Phase.OPEN,
+        Error(
+            ErrorCode.DATA_LOST, "lost", 3, RefKind.SUBSCRIPTION,
+            fields={"topic": "t", "first": "10", "last": "12", "reason": "damaged"},
+        ),
+    ),
+    Case(
+        "error-fatal-with-fields",
+        S,
+        Phase.OPEN,
+        Error(ErrorCode.INTERNAL_ERROR, "", fatal=True, fields={"ключ": "値"}),
+    ),
+    Case(
         "error-fatal-from-client",
         C,
         Phase.OPEN,
@@ -949,6 +964,7 @@ RESERVED_FLAGS = [
     pytest.param(FrameType.ERROR, error_body(), 0x02, id="error-0x02"),
     pytest.param(FrameType.ERROR, error_body(), 0x03, id="error-0x03"),
     pytest.param(FrameType.ERROR, error_body(), 0x80, id="error-0x80"),
+    pytest.param(FrameType.ERROR, error_body() + u16(0), 0x04, id="error-0x04"),
     pytest.param(
         FrameType.PUBLISH, u64(1) + s16(b"t") + encode_batch([b"x"]), 0x02, id="publish-0x02"
     ),
@@ -968,10 +984,18 @@ def test_reserved_flags_on_hello() -> None:
     assert_remote(server, raw_frame(FrameType.HELLO, hello_body(), 0x01), ErrorCode.MALFORMED_FRAME)
 
 
-def test_error_fatal_flag_is_the_only_error_flag() -> None:
+def test_error_flags_fatal_and_fields() -> None:
     client, _ = pair(Phase.OPEN)
     client.receive_data(raw_frame(FrameType.ERROR, error_body(100, b"x"), 0x01))
     assert client.next_event() == Error(100, "x", 0, RefKind.NONE, fatal=True)
+    # FIELDS: a str16 map after the message, exactly as protocol.md lays it out.
+    block = u16(2) + s16(b"first") + s16(b"4") + s16(b"reason") + s16(b"missing")
+    client, _ = pair(Phase.OPEN)
+    client.receive_data(raw_frame(FrameType.ERROR, error_body(208, b"y") + block, 0x02))
+    assert client.next_event() == Error(208, "y", fields={"first": "4", "reason": "missing"})
+    # Without the flag the same bytes are trailing garbage.
+    client, _ = pair(Phase.OPEN)
+    assert_remote(client, raw_frame(FrameType.ERROR, error_body(208, b"y") + block, 0), ErrorCode.MALFORMED_FRAME)
 
 
 def phase_for(ftype: FrameType) -> Phase:

@@ -454,7 +454,7 @@ async def test_damaged_tail_is_dropped_and_valid_prefix_served(
         warning = dropped[0]
         assert warning["level"] == "warning"
         assert warning["topic"] == DAMAGED_TOPIC
-        assert warning["first_dropped_offset"] == DAMAGED_MESSAGES
+        assert warning["first_offset"] == DAMAGED_MESSAGES
         assert warning["dropped_bytes"] == len(garbage)
         assert isinstance(warning["reason"], str) and warning["reason"]
         assert newest.stat().st_size == good_size  # the tail is cut off the file

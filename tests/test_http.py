@@ -510,7 +510,7 @@ async def test_sse_reports_messages_lost_to_retention() -> None:
         assert first > 0
         async with sse(port, "/v1/topics/lost.t/events?from=0") as reader:
             lost, after = await sse_events(reader, 2)
-        assert lost["event"] == "lost" and lost["data"] == {"topic": "lost.t", "from": 0, "to": first - 1}
+        assert lost["event"] == "lost" and lost["data"] == {"topic": "lost.t", "from": 0, "to": first - 1, "reason": "retention"}
         assert after["event"] == "message" and int(after["id"]) == first
 
 

@@ -9,6 +9,7 @@ store is closed, the way a crash or a bad disk would leave things.
 from __future__ import annotations
 
 import bisect
+import json
 import os
 import random
 import struct
@@ -23,8 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.log.base import StoredBatch
+from broker.log.errors import DataLoss
 from broker.log.file import FileStore, FileTopicLog
-from broker.log.segment import HEADER, HEADER_SIZE, INDEX_ENTRY, INDEX_INTERVAL, TIME_ENTRY, Segment
+from broker.log.segment import HEADER, HEADER_SIZE, INDEX_ENTRY, INDEX_INTERVAL, TIME_ENTRY, Segment, header_crc
 from broker.log.settings import SettingsResolver, TopicSettings
 from client.protocol import Durability, encode_batch
 
@@ -99,6 +101,28 @@ def assert_log_holds(log: FileTopicLog, expected: Sequence[StoredBatch]) -> None
     assert walked == list(expected)
 
 
+def walk(log: FileTopicLog) -> tuple[list[StoredBatch], list[tuple[int, int, str]]]:
+    """Read the whole log as a subscriber would, stepping over holes and
+    damage: the batches served and the (first, last, reason) of each loss."""
+    batches: list[StoredBatch] = []
+    losses: list[tuple[int, int, str]] = []
+    offset = log.first_offset
+    for _ in range(10_000):
+        if offset >= log.next_offset:
+            return batches, losses
+        try:
+            got = log.read(offset, 4096)
+        except DataLoss as lost:
+            assert lost.first == offset <= lost.last
+            losses.append((lost.first, lost.last, lost.reason))
+            offset = lost.last + 1
+            continue
+        assert got and got[0].base_offset <= offset < got[0].next_offset
+        batches.extend(got)
+        offset = got[-1].next_offset
+    raise AssertionError("the walk did not end")
+
+
 def log_files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
@@ -166,7 +190,7 @@ def reopen_continues(
     assert_log_holds(log, whole)
     store.close()
     store = open_store(data_dir, **settings)
-    assert store.truncations == []
+    assert store.findings == []
     assert_log_holds(store.topic(topic), whole)
     store.close()
 
@@ -314,7 +338,7 @@ def test_reopen_reads_back_everything(tmp_path: Path) -> None:
     store.close()
 
     store = open_store(tmp_path, segment_bytes=SMALL_SEGMENT)
-    assert store.truncations == []
+    assert store.findings == []
     assert sorted(store.topic_names()) == sorted([*topics, "empty.topic"])
     for name, batches in expected.items():
         log = store.topic(name)
@@ -342,13 +366,13 @@ def test_index_is_sparse_and_reopen_does_not_scan_old_segments(
     store.close()
 
     scans: list[int] = []
-    real_scan = Segment._scan
+    real_scan = Segment.scan
 
-    def counting_scan(self: Segment, *, truncate: bool) -> Any:
+    def counting_scan(self: Segment) -> Any:
         scans.append(self.base_offset)
-        return real_scan(self, truncate=truncate)
+        return real_scan(self)
 
-    monkeypatch.setattr(Segment, "_scan", counting_scan)
+    monkeypatch.setattr(Segment, "scan", counting_scan)
     store = open_store(tmp_path, segment_bytes=segment_bytes)
     log = store.topic("t")
     # Only the newest segment is scanned; older ones trust their indexes.
@@ -400,12 +424,12 @@ def test_torn_tail_of_newest_segment(tmp_path: Path) -> None:
     os.truncate(newest, cut)
 
     store = open_store(tmp_path, segment_bytes=SMALL_SEGMENT)
-    assert len(store.truncations) == 1
-    t = store.truncations[0]
+    assert len(store.findings) == 1
+    t = store.findings[0]
     assert t.segment == newest
     assert t.position == pos
     assert t.dropped_bytes == cut - pos
-    assert t.first_dropped_offset == base
+    assert t.first_offset == base
     assert "torn" in t.reason
     assert newest.stat().st_size == pos  # cut off on disk
     prefix = [b for b in expected if b.next_offset <= base]
@@ -428,9 +452,9 @@ def test_torn_tail_at_every_kind_of_cut(tmp_path: Path, keep: int) -> None:
     os.truncate(path, pos + keep)
     store = open_store(tmp_path)
     if keep == 0:
-        assert store.truncations == []
+        assert store.findings == []
     else:
-        assert [(t.position, t.dropped_bytes, t.first_dropped_offset) for t in store.truncations] == [
+        assert [(t.position, t.dropped_bytes, t.first_offset) for t in store.findings] == [
             (pos, keep, base)
         ]
     assert_log_holds(store.topic("t"), expected[:-1])
@@ -444,29 +468,43 @@ def test_flipped_byte_in_last_batch_records(tmp_path: Path) -> None:
     flip_byte(newest, pos + HEADER_SIZE + 8 + (length - 8) // 2)  # inside the records
 
     store = open_store(tmp_path, segment_bytes=SMALL_SEGMENT)
-    assert [(t.segment, t.position, t.first_dropped_offset) for t in store.truncations] == [(newest, pos, base)]
-    assert "checksum" in store.truncations[0].reason
+    assert [(t.segment, t.position, t.first_offset) for t in store.findings] == [(newest, pos, base)]
+    assert "checksum" in store.findings[0].reason
     prefix = [b for b in expected if b.next_offset <= base]
     assert_log_holds(store.topic("t"), prefix)
     reopen_continues(tmp_path, "t", prefix, store, segment_bytes=SMALL_SEGMENT)
 
 
-def test_flipped_byte_in_middle_batch_drops_it_and_everything_after(tmp_path: Path) -> None:
+def test_flipped_byte_in_middle_batch_costs_only_that_batch(tmp_path: Path) -> None:
     store = open_store(tmp_path)  # one big segment
     log = store.topic("t")
     expected = append_many(log, [1 + i % 3 for i in range(12)])
     path = log.segments[0].path
     store.close()
-    size = path.stat().st_size
-    pos, base, _count, length = headers_in(path)[5]
+    original = path.read_bytes()
+    pos, base, count, length = headers_in(path)[5]
     flip_byte(path, pos + HEADER_SIZE + length - 1)
     store = open_store(tmp_path)
-    assert [(t.position, t.dropped_bytes, t.first_dropped_offset) for t in store.truncations] == [
-        (pos, size - pos, base)
-    ]
-    assert path.stat().st_size == pos
-    assert_log_holds(store.topic("t"), expected[:5])
-    reopen_continues(tmp_path, "t", expected[:5], store)
+    [found] = store.findings
+    assert (found.action, found.position, found.dropped_bytes) == ("quarantined", pos, HEADER_SIZE + length)
+    assert (found.first_offset, found.last_offset) == (base, base + count - 1)
+    # The damaged bytes are set aside, with a note, not destroyed.
+    assert found.quarantined_to is not None
+    assert found.quarantined_to.read_bytes()[:-1] == original[pos : pos + HEADER_SIZE + length - 1]
+    assert json.loads(found.quarantined_to.with_suffix(".json").read_text())["first_lost_offset"] == base
+    log = store.topic("t")
+    kept = expected[:5] + expected[6:]
+    assert walk(log) == (kept, [(base, base + count - 1, "damaged")])
+    assert log.next_offset == expected[-1].next_offset  # later offsets unchanged, none reused
+    store.close()
+    # The hole and its reason survive a restart; appends go on after it.
+    store = open_store(tmp_path)
+    assert store.findings == []
+    log = store.topic("t")
+    assert walk(log)[1] == [(base, base + count - 1, "damaged")]
+    more = append_many(log, [2], ts0=10**7, tag0=500)
+    assert more[0].base_offset == expected[-1].next_offset
+    store.close()
 
 
 # Header: base u64 | count u32 | length u32 | first_ts u64 | last_ts u64 | crc u32,
@@ -484,7 +522,7 @@ def test_flipped_byte_in_batch_header(tmp_path: Path, where: int) -> None:
     pos, base, _count, _length = headers_in(path)[-1]
     flip_byte(path, pos + where)
     store = open_store(tmp_path)
-    assert [(t.position, t.first_dropped_offset) for t in store.truncations] == [(pos, base)]
+    assert [(t.position, t.first_offset) for t in store.findings] == [(pos, base)]
     assert path.stat().st_size == pos
     assert_log_holds(store.topic("t"), expected[:-1])
     reopen_continues(tmp_path, "t", expected[:-1], store)
@@ -506,7 +544,7 @@ def test_garbage_after_last_batch_is_dropped(tmp_path: Path, garbage: str) -> No
     with open(newest, "ab") as f:
         f.write(junk)
     store = open_store(tmp_path, segment_bytes=SMALL_SEGMENT)
-    assert [(t.segment, t.position, t.dropped_bytes, t.first_dropped_offset) for t in store.truncations] == [
+    assert [(t.segment, t.position, t.dropped_bytes, t.first_offset) for t in store.findings] == [
         (newest, size, len(junk), expected[-1].next_offset)
     ]
     assert newest.stat().st_size == size
@@ -526,7 +564,7 @@ def test_deleted_index_of_older_segment_is_rebuilt(tmp_path: Path, which: str) -
     if which in ("timeindex", "both"):
         seg.time_path.unlink()
     store = open_store(tmp_path, segment_bytes=SMALL_SEGMENT)
-    assert store.truncations == []
+    assert store.findings == []
     assert seg.index_path.read_bytes() == index_before
     assert seg.time_path.read_bytes() == time_before
     log = store.topic("t")
@@ -579,7 +617,7 @@ def test_corrupt_index_of_older_segment_is_rebuilt(
     store.close()
     damage(path)
     store = open_store(tmp_path, segment_bytes=20 * 1024)
-    assert store.truncations == []
+    assert store.findings == []
     log = store.topic("t")
     assert victim.index_path.read_bytes() == good_index
     assert victim.time_path.read_bytes() == good_time
@@ -643,7 +681,7 @@ def test_empty_newest_segment(tmp_path: Path) -> None:
     empty = Segment(directory, expected[-1].next_offset)
     empty.path.write_bytes(b"")
     store = open_store(tmp_path, segment_bytes=SMALL_SEGMENT)
-    assert store.truncations == []
+    assert store.findings == []
     log = store.topic("t")
     assert [s.base_offset for s in log.segments] == [*bases, empty.base_offset]
     assert empty.index_path.exists() and empty.time_path.exists()
@@ -661,7 +699,7 @@ def test_only_segment_empty_and_indexes_missing(tmp_path: Path) -> None:
         if p.suffix != ".log":
             p.unlink()
     store = open_store(tmp_path)
-    assert store.truncations == []
+    assert store.findings == []
     log = store.topic("t")
     assert log.first_offset == log.next_offset == 0
     assert log.read(0, BIG) == []
@@ -671,37 +709,42 @@ def test_only_segment_empty_and_indexes_missing(tmp_path: Path) -> None:
 def test_topic_directory_without_segments(tmp_path: Path) -> None:
     (tmp_path / "topics" / "lonely").mkdir(parents=True)
     store = open_store(tmp_path)
-    assert store.truncations == []
+    assert store.findings == []
     assert store.topic_names() == ["lonely"]
     log = store.topic("lonely")
     assert log.next_offset == 0
     reopen_continues(tmp_path, "lonely", [], store)
 
 
-@pytest.mark.parametrize("shift", [1, -1, 1000])
-def test_segment_not_following_its_predecessor_is_dropped(tmp_path: Path, shift: int) -> None:
+@pytest.mark.parametrize("shift", [1, 1000])
+def test_segment_after_a_gap_keeps_its_offsets(tmp_path: Path, shift: int) -> None:
+    """A newest segment whose base is past its predecessor's end (offsets in
+    between missing): kept where it is, the gap reported as a hole."""
     expected, directory, bases = build_multi_segment(tmp_path)
     last = bases[-1]
     moved = last + shift
-    old = Segment(directory, last)
-    new = Segment(directory, moved)
-    # Rename the newest segment (and its indexes) to a base that does not fit,
-    # with the header offsets rewritten to match, so the file itself is valid.
-    data = bytearray(old.path.read_bytes())
-    for pos, base, _count, _length in headers_in(old.path):
-        struct.pack_into(">Q", data, pos, base + shift)
-    old.path.unlink()
-    new.path.write_bytes(bytes(data))
-    old.index_path.rename(new.index_path)
-    old.time_path.rename(new.time_path)
-    dropped_size = len(data)
-
+    shifted = _shift_segment(directory, last, shift)
     store = open_store(tmp_path, segment_bytes=SMALL_SEGMENT)
-    assert [(t.segment, t.position, t.dropped_bytes, t.first_dropped_offset) for t in store.truncations] == [
-        (new.path, 0, dropped_size, moved)
-    ]
-    assert "predecessor" in store.truncations[0].reason
-    assert not new.path.exists() and not new.index_path.exists() and not new.time_path.exists()
+    assert store.findings == []
+    log = store.topic("t")
+    assert [s.base_offset for s in log.segments] == [*bases[:-1], moved]
+    prefix = [b for b in expected if b.next_offset <= last]
+    assert walk(log) == (prefix + shifted, [(last, moved - 1, "missing")])
+    store.close()
+
+
+def test_segment_overlapping_its_predecessor_is_set_aside(tmp_path: Path) -> None:
+    expected, directory, bases = build_multi_segment(tmp_path)
+    last = bases[-1]
+    _shift_segment(directory, last, -1)
+    overlapping = Segment(directory, last - 1)
+    data = overlapping.path.read_bytes()
+    store = open_store(tmp_path, segment_bytes=SMALL_SEGMENT)
+    [found] = store.findings
+    assert (found.action, found.segment, found.dropped_bytes) == ("quarantined", overlapping.path, len(data))
+    assert "overlaps" in found.reason
+    assert found.quarantined_to is not None and found.quarantined_to.read_bytes() == data
+    assert not overlapping.path.exists() and not overlapping.index_path.exists()
     prefix = [b for b in expected if b.next_offset <= last]
     log = store.topic("t")
     assert [s.base_offset for s in log.segments] == bases[:-1]
@@ -709,40 +752,78 @@ def test_segment_not_following_its_predecessor_is_dropped(tmp_path: Path, shift:
     reopen_continues(tmp_path, "t", prefix, store, segment_bytes=SMALL_SEGMENT)
 
 
-def test_missing_middle_segment_drops_everything_after_it(tmp_path: Path) -> None:
+def _shift_segment(directory: Path, base: int, shift: int) -> list[StoredBatch]:
+    """Rename a segment (and its indexes) to ``base + shift`` with its header
+    offsets rewritten to match, so the file itself is valid; return what it
+    now holds."""
+    old = Segment(directory, base)
+    new = Segment(directory, base + shift)
+    data = bytearray(old.path.read_bytes())
+    held = []
+    for pos, b, count, length in headers_in(old.path):
+        struct.pack_into(">Q", data, pos, b + shift)
+        first = HEADER.unpack_from(data, pos)[3]
+        fields = bytes(data[pos : pos + HEADER_SIZE - 4])
+        envelope = bytes(data[pos + HEADER_SIZE : pos + HEADER_SIZE + 8])
+        struct.pack_into(">I", data, pos + HEADER_SIZE - 4, header_crc(fields, envelope))
+        held.append(StoredBatch(b + shift, count, first, bytes(data[pos + HEADER_SIZE : pos + HEADER_SIZE + length])))
+    old.path.unlink()
+    new.path.write_bytes(bytes(data))
+    old.index_path.unlink()
+    old.time_path.unlink()
+    return held
+
+
+def test_missing_middle_segment_is_a_hole_and_later_segments_stay(tmp_path: Path) -> None:
     expected, directory, bases = build_multi_segment(tmp_path)
     for suffix in (".log", ".index", ".timeindex"):
         (directory / f"{bases[2]:020d}{suffix}").unlink()
     store = open_store(tmp_path, segment_bytes=SMALL_SEGMENT)
-    assert [t.first_dropped_offset for t in store.truncations] == bases[3:]
-    assert all(t.position == 0 for t in store.truncations)
-    prefix = [b for b in expected if b.next_offset <= bases[2]]
+    assert store.findings == []
     log = store.topic("t")
-    assert [s.base_offset for s in log.segments] == bases[:2]
-    assert_log_holds(log, prefix)
-    assert sorted(p.name for p in segment_paths(directory)) == [f"{b:020d}.log" for b in bases[:2]]
-    reopen_continues(tmp_path, "t", prefix, store, segment_bytes=SMALL_SEGMENT)
+    assert [s.base_offset for s in log.segments] == [b for b in bases if b != bases[2]]
+    kept = [b for b in expected if not bases[2] <= b.base_offset < bases[3]]
+    assert walk(log) == (kept, [(bases[2], bases[3] - 1, "missing")])
+    assert log.next_offset == expected[-1].next_offset
+    store.close()
+
+
+def test_missing_newest_segment_file_does_not_reuse_its_offsets(tmp_path: Path) -> None:
+    """Only the .log of the newest segment is gone: its index still shows
+    which offsets it handed out, and new appends start after them."""
+    expected, directory, bases = build_multi_segment(tmp_path)
+    newest = Segment(directory, bases[-1])
+    last_indexed = bases[-1] + INDEX_ENTRY.unpack(newest.index_path.read_bytes()[-INDEX_ENTRY.size :])[0]
+    newest.path.unlink()
+    store = open_store(tmp_path, segment_bytes=SMALL_SEGMENT)
+    log = store.topic("t")
+    assert log.next_offset == last_indexed + 1
+    prefix = [b for b in expected if b.next_offset <= bases[-1]]
+    assert walk(log) == (prefix, [(bases[-1], last_indexed, "missing")])
+    assert not newest.index_path.exists() and not newest.time_path.exists()
+    reopen = append_many(log, [2], ts0=10**7, tag0=77)
+    assert reopen[0].base_offset == last_indexed + 1
+    store.close()
 
 
 def test_torn_tail_of_older_segment(tmp_path: Path) -> None:
     """The segment before the newest lost its tail (e.g. an fsync=never topic
     rolled, then the machine crashed before the page cache was written). The
-    valid prefix is kept, the segments after it dropped, and the recovered
-    segment is the active one: new appends must land right after the prefix
-    and survive a reopen."""
+    torn bytes are set aside, the newest segment keeps its batches and
+    offsets, and the lost offsets are a hole."""
     expected, directory, bases = build_multi_segment(tmp_path)
     older = Segment(directory, bases[-2])
     pos, base, _count, length = headers_in(older.path)[-1]
     os.truncate(older.path, pos + HEADER_SIZE + length // 2)
     store = open_store(tmp_path, segment_bytes=SMALL_SEGMENT)
-    assert [t.first_dropped_offset for t in store.truncations] == [base, bases[-1]]
-    assert store.truncations[0].segment == older.path
-    assert store.truncations[0].position == pos
-    prefix = [b for b in expected if b.next_offset <= base]
+    [found] = store.findings
+    assert (found.segment, found.position, found.action) == (older.path, pos, "quarantined")
+    assert (found.first_offset, found.last_offset) == (base, bases[-1] - 1)
     log = store.topic("t")
-    assert log.next_offset == base
-    assert_log_holds(log, prefix)
-    reopen_continues(tmp_path, "t", prefix, store, segment_bytes=SMALL_SEGMENT)
+    kept = [b for b in expected if b.base_offset != base]
+    assert walk(log) == (kept, [(base, bases[-1] - 1, "damaged")])
+    assert log.next_offset == expected[-1].next_offset
+    store.close()
 
 
 def test_garbage_after_last_batch_of_older_segment_is_never_read(tmp_path: Path) -> None:
@@ -777,7 +858,7 @@ def test_directory_that_is_not_a_topic_is_ignored(tmp_path: Path, name: str) -> 
     (tmp_path / "topics" / "stray-file").write_bytes(b"x")
     store = open_store(tmp_path)
     assert store.topic_names() == ["good"]
-    assert store.truncations == []
+    assert store.findings == []
     assert_log_holds(store.topic("good"), expected)
     store.close()
     # Left alone, not deleted.
@@ -787,8 +868,9 @@ def test_directory_that_is_not_a_topic_is_ignored(tmp_path: Path, name: str) -> 
 def test_many_kinds_of_damage_at_once_never_raise(tmp_path: Path) -> None:
     rng = random.Random(11)
     store = open_store(tmp_path, segment_bytes=SMALL_SEGMENT)
+    written: dict[str, list[StoredBatch]] = {}
     for n in range(6):
-        append_many(store.topic(f"t{n}"), [1 + i % 4 for i in range(25)], size=50)
+        written[f"t{n}"] = append_many(store.topic(f"t{n}"), [1 + i % 4 for i in range(25)], size=50)
     store.close()
     for n in range(6):
         directory = tmp_path / "topics" / f"t{n}"
@@ -811,15 +893,14 @@ def test_many_kinds_of_damage_at_once_never_raise(tmp_path: Path) -> None:
     store = open_store(tmp_path, segment_bytes=SMALL_SEGMENT)
     for n in range(6):
         log = store.topic(f"t{n}")
-        # Whatever survived is a readable, contiguous run of batches.
-        offset = log.first_offset
-        for _ in range(200):
-            if offset >= log.next_offset:
-                break
-            got = log.read(offset, 4096)
-            assert got and got[0].base_offset <= offset < got[0].next_offset
-            offset = got[-1].next_offset
-        assert offset == log.next_offset
+        # Whatever is served is exactly what was written, at its offsets;
+        # everything else is reported lost, nothing is skipped silently.
+        served, losses = walk(log)
+        original = {b.base_offset: b for b in written[f"t{n}"]}
+        for b in served:
+            assert original[b.base_offset] == b
+        covered = sum(b.count for b in served) + sum(last - first + 1 for first, last, _ in losses)
+        assert covered == log.next_offset - log.first_offset
     store.close()
 
 
@@ -847,7 +928,7 @@ def test_retention_bytes_never_deletes_the_active_segment(tmp_path: Path, limit:
     )
     store.close()
     store = open_store(tmp_path, segment_bytes=SMALL_SEGMENT, retention_bytes=limit)
-    assert store.truncations == []
+    assert store.findings == []
     log = store.topic("t")
     assert_log_holds(log, kept)
     reopen_continues(tmp_path, "t", kept, store, segment_bytes=SMALL_SEGMENT, retention_bytes=limit)
@@ -885,7 +966,7 @@ def test_retention_bytes_keeps_the_newest_segments(tmp_path: Path) -> None:
     assert_log_holds(log, whole)
     store.close()
     store = open_store(tmp_path, segment_bytes=SMALL_SEGMENT, retention_bytes=limit)
-    assert store.truncations == []
+    assert store.findings == []
     assert_log_holds(store.topic("t"), whole)
     store.close()
 
@@ -967,18 +1048,18 @@ async def test_sync_fsyncs_only_when_something_was_appended(tmp_path: Path) -> N
     store = open_store(tmp_path)
     assert store.durability is Durability.DISK
     assert store.needs_sync
-    assert await store.sync() is Durability.DISK
+    assert (await store.sync()).durability is Durability.DISK
     assert store.fsyncs == 0  # nothing at all to do
     log = store.topic("t")
     assert log.needs_sync and log.durability is Durability.DISK
     log.append(make_batch(0, 2), 2, 1)
-    assert await store.sync() is Durability.DISK
+    assert (await store.sync()).durability is Durability.DISK
     assert store.fsyncs == 1
-    assert await store.sync() is Durability.DISK
+    assert (await store.sync()).durability is Durability.DISK
     assert store.fsyncs == 1  # nothing new
     log.append(make_batch(1, 1), 1, 2)
     log.append(make_batch(2, 1), 1, 3)
-    assert await store.sync() is Durability.DISK
+    assert (await store.sync()).durability is Durability.DISK
     assert store.fsyncs == 2  # one group commit covers both appends
     assert not any(s.dirty for s in log.segments)
     await store.sync_interval_topics()
@@ -992,7 +1073,7 @@ async def test_sync_covers_rolled_segments(tmp_path: Path) -> None:
     append_many(log, [2] * 40, size=60)
     assert len(log.segments) >= 3
     assert any(s.dirty for s in log.segments)
-    assert await store.sync() is Durability.DISK
+    assert (await store.sync()).durability is Durability.DISK
     assert store.fsyncs == 1
     assert not any(s.dirty for s in log.segments)
     store.close()
@@ -1012,12 +1093,12 @@ async def test_per_topic_fsync_settings(tmp_path: Path) -> None:
     await store.sync()  # the new topic directories
     base = store.fsyncs
     logs.append(make_batch(0, 1), 1, 1)
-    assert await store.sync() is Durability.DISK
+    assert (await store.sync()).durability is Durability.DISK
     assert store.fsyncs == base  # a never-topic append needs no fsync
     await store.sync_interval_topics()
     assert store.fsyncs == base
     orders.append(make_batch(1, 1), 1, 1)
-    assert await store.sync() is Durability.DISK
+    assert (await store.sync()).durability is Durability.DISK
     assert store.fsyncs == base + 1
     # close() flushes whatever was written, whatever the policy.
     store.close()
@@ -1183,7 +1264,7 @@ def test_random_appends_and_reads_match_a_model(
         store.close()
 
         store = open_store(data_dir, segment_bytes=SMALL_SEGMENT)
-        assert store.truncations == []
+        assert store.findings == []
         log = store.topic("prop.t")
         _check_against_model(log, model, reads, times)
         # Appends after reopening continue the model.

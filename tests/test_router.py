@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from broker.log import MemoryStore, MemoryTopicLog
-from broker.router import Router, Subscription, Topic
+from broker.router import Held, Router, Subscription, Topic
 from client.protocol import encode_batch
 
 
@@ -79,7 +79,7 @@ def test_same_bytes_object_forwarded_to_every_subscriber() -> None:
         router.add(make_sub(session, sid, "t"))
     batch = encode_batch([b"1", b"2", b"3"])
     base, ts, held = router.publish(router.topic("t"), batch, 3, 42)
-    assert (base, ts, held) == (0, 42, 0)  # memory topics are never held
+    assert (base, ts, held) == (0, 42, None)  # memory topics are never held
     assert all(g[4] is batch for g in session.got)
     assert [g[2:4] + (g[5],) for g in session.got] == [(0, 42, 3)] * 5
 
@@ -88,11 +88,16 @@ def test_offsets_and_timestamps_per_topic() -> None:
     router = Router(MemoryStore())
     t = router.topic("t")
     u = router.topic("u")
-    assert router.publish(t, encode_batch([b"a", b"b"]), 2, 1000) == (0, 1000, 0)
-    assert router.publish(u, encode_batch([b"c"]), 1, 1001) == (0, 1001, 0)
+    assert router.publish(t, encode_batch([b"a", b"b"]), 2, 1000) == (0, 1000, None)
+    assert router.publish(u, encode_batch([b"c"]), 1, 1001) == (0, 1001, None)
     # The clock stepping back does not make timestamps go backwards.
-    assert router.publish(t, encode_batch([b"d"]), 1, 500) == (2, 1000, 0)
+    assert router.publish(t, encode_batch([b"d"]), 1, 500) == (2, 1000, None)
     assert t.log.next_offset == 3 and u.log.next_offset == 1
+
+
+def held_seq(published: tuple[int, int, Held | None]) -> int:
+    assert published[2] is not None
+    return published[2].seq
 
 
 def test_held_batches_are_delivered_in_order_on_release() -> None:
@@ -107,9 +112,9 @@ def test_held_batches_are_delivered_in_order_on_release() -> None:
     session = RecordingSession()
     router.add(make_sub(session, 1, ">"))
     t, u = router.topic("t"), router.topic("u")
-    assert router.publish(t, encode_batch([b"a"]), 1, 1)[2] == 1
-    assert router.publish(u, encode_batch([b"b"]), 1, 2)[2] == 2
-    assert router.publish(t, encode_batch([b"c", b"d"]), 2, 3)[2] == 3
+    assert held_seq(router.publish(t, encode_batch([b"a"]), 1, 1)) == 1
+    assert held_seq(router.publish(u, encode_batch([b"b"]), 1, 2)) == 2
+    assert held_seq(router.publish(t, encode_batch([b"c", b"d"]), 2, 3)) == 3
     assert woken == [1, 2, 3]
     assert session.got == [] and t.visible_next == 0
     router.release(2)

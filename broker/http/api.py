@@ -11,8 +11,9 @@
   fsync covering it. Answers the offsets and what they promise.
 - ``GET /v1/topics/{topic}/messages?from=OFFSET&limit=N``: read from the log.
 
-Consumer groups do not exist yet; their figures will join these answers
-when they land.
+A publish the log refuses (disk full: 507 ``storage_full``; failing storage:
+503 ``storage_error``) stores nothing. A fetch that meets offsets the log
+lost (retention, damage, a missing segment) lists them under ``missing``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from client.protocol import Durability
 from client.protocol.batch import MalformedBatch, check_batch, decode_batch, encode_batch, encode_headers
 
 from .. import __version__
+from ..log import DataLoss, StorageError
 from . import state
 from .access import readable, require_admin, require_publish, require_read
 from .messages import HttpError, Request, Response, json_response
@@ -40,6 +42,9 @@ DEFAULT_FETCH_LIMIT = 100
 MAX_FETCH_LIMIT = 1000
 #: Bytes of stored batches one fetch reads at most (at least one batch).
 MAX_FETCH_BYTES = 1024 * 1024
+#: Log reads one fetch makes at most (each returns at least one batch or
+#: one lost range, so a log full of holes cannot keep a request busy).
+MAX_FETCH_PASSES = 2 * MAX_FETCH_LIMIT
 #: Bytes a DELIVER frame adds to its batch beyond the topic name: sub_id,
 #: base offset, timestamp, topic length (protocol.md). A published batch
 #: must still fit a subscriber's frame limit.
@@ -52,6 +57,10 @@ async def healthz(http: HttpServer, request: Request, params: Mapping[str, str])
 
 
 async def readyz(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
+    problem = http.server.store.problem
+    if http.server.ready and problem is not None:
+        # Up, reading and delivering, but publishes are refused.
+        raise HttpError(503, f"degraded: {problem}", code="degraded")
     if http.server.ready:
         return json_response({"status": "ready"})
     reason = "stopping" if http.stopping else "starting"
@@ -187,15 +196,18 @@ async def publish_messages(http: HttpServer, request: Request, params: Mapping[s
     if len(batch) > limit:
         raise HttpError(413, f"the batch is {len(batch)} bytes, limit {limit}")
     count, _ = check_batch(batch)
-    if topic is None:
-        topic = server.router.topic(name)
-    base, timestamp, seq = server.router.publish(topic, batch, count, time.time_ns() // 1000)
-    durability: Durability = topic.log.durability
-    if seq:
-        try:
-            durability = await server.committer.wait(seq)
-        except OSError as exc:
-            raise HttpError(503, f"the log could not be synced: {exc}", code="storage_failure") from None
+    try:
+        if topic is None:
+            topic = server.router.topic(name)
+        base, timestamp, held = server.router.publish(topic, batch, count, time.time_ns() // 1000)
+        durability: Durability = topic.log.durability
+        if held is not None:
+            durability = await server.committer.wait(held)
+    except StorageError as exc:
+        # 507 for a full disk; 503 for one that fails (the broker is up,
+        # the request may succeed later). Nothing was stored.
+        status = 507 if exc.full else 503
+        raise HttpError(status, exc.message, code="storage_full" if exc.full else "storage_error") from None
     server.acks_by_durability[durability] += 1
     answer: dict[str, Any] = {
         "topic": name,
@@ -226,11 +238,23 @@ async def fetch_messages(http: HttpServer, request: Request, params: Mapping[str
     offset = max(start, first)
     messages: list[dict[str, Any]] = []
     malformed: list[dict[str, int]] = []
+    missing: list[dict[str, Any]] = []
+    if start < first and start < topic.visible_next:
+        missing.append({"first": start, "last": first - 1, "reason": "retention"})
     read = 0
     payload_bytes = 0
     # Bounded: every pass moves ``offset`` forward or stops.
-    while len(messages) < limit and offset < topic.visible_next and read < MAX_FETCH_BYTES:
-        batches = log.read(offset, MAX_FETCH_BYTES - read)
+    for _ in range(MAX_FETCH_PASSES):
+        if len(messages) >= limit or offset >= topic.visible_next or read >= MAX_FETCH_BYTES:
+            break
+        try:
+            batches = log.read(offset, MAX_FETCH_BYTES - read)
+        except DataLoss as lost:
+            # Damaged or missing in the log: say which offsets, go on after.
+            last = min(lost.last, topic.visible_next - 1)
+            missing.append({"first": lost.first, "last": last, "reason": lost.reason})
+            offset = last + 1
+            continue
         if not batches:
             break
         moved = False
@@ -266,4 +290,6 @@ async def fetch_messages(http: HttpServer, request: Request, params: Mapping[str
     }
     if malformed:
         body["malformed_batches"] = malformed
+    if missing:
+        body["missing"] = missing
     return json_response(body)

@@ -36,6 +36,7 @@ ERROR_CODES: dict[int, str] = {
     501: "not_implemented",
     503: "unavailable",
     505: "http_version_not_supported",
+    507: "insufficient_storage",
 }
 
 

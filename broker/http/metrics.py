@@ -16,6 +16,10 @@ path. Families:
 - ``pybroker_publish_acks_total`` by durability (memory, os, disk)
 - ``pybroker_fsyncs_total``, ``pybroker_fsync_duration_seconds`` (histogram),
   ``pybroker_commit_rounds_total`` (file storage)
+- storage faults: ``pybroker_storage_degraded``,
+  ``pybroker_storage_errors_total`` by kind (full, io),
+  ``pybroker_fsync_failures_total``, ``pybroker_storage_damaged_batches_total``,
+  ``pybroker_topic_holes`` per topic, ``pybroker_group_lost_total`` per group
 
 - per consumer group: ``pybroker_group_members``, ``pybroker_group_pending``
   (delivered or waiting to be, not yet settled), and the counters
@@ -31,6 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from .. import __version__
+from ..log import FileStore
 from ..router import Topic
 from ..stats import Histogram
 from . import state
@@ -205,11 +210,30 @@ def render(http: HttpServer) -> str:
             f"pybroker_group_{field}", "counter", help_text,
             [({"group": g.name}, getattr(g, field)) for g in groups],
         )
-    fsyncs = getattr(server.store, "fsyncs", None)
-    hist = getattr(server.store, "fsync_seconds", None)
-    if isinstance(fsyncs, int) and isinstance(hist, Histogram):
-        out.family("pybroker_fsyncs", "counter", "fsync rounds of the file log.", [({}, fsyncs)])
-        out.histogram("pybroker_fsync_duration_seconds", "Seconds per fsync round of the file log.", hist)
+    out.family(
+        "pybroker_group_lost", "counter", "Messages a group could not hand out: lost from the log (damage, holes).",
+        [({"group": g.name}, g.lost) for g in groups],
+    )
+    out.family(
+        "pybroker_storage_degraded", "gauge",
+        "1 while storage refuses publishes (disk full or failing), else 0.",
+        [({}, int(server.store.problem is not None))],
+    )
+    store = server.store
+    if isinstance(store, FileStore):
+        out.family("pybroker_fsyncs", "counter", "fsync rounds of the file log.", [({}, store.fsyncs)])
+        out.histogram("pybroker_fsync_duration_seconds", "Seconds per fsync round of the file log.", store.fsync_seconds)
+        out.family(
+            "pybroker_storage_errors", "counter",
+            "Publishes refused because storage failed: full (disk or quota full, --min-free-bytes) or io.",
+            [({"kind": kind}, n) for kind, n in sorted(store.storage_errors.items())],
+        )
+        out.family("pybroker_fsync_failures", "counter", "Segment fsyncs that failed (their batches refused).", [({}, store.fsync_failures)])
+        out.family("pybroker_storage_damaged_batches", "counter", "Damaged batches found by reads (never delivered).", [({}, store.damaged_batches)])
+        out.family(
+            "pybroker_topic_holes", "gauge", "Ranges of offsets a topic's log does not hold (damage or missing files).",
+            [({"topic": t.name}, len(getattr(t.log, "holes", ()))) for t in topics],
+        )
     return out.text()
 
 

@@ -13,7 +13,7 @@ Events: ``id:`` is the message's offset and ``data:`` one line of JSON
 a ``Last-Event-ID`` header (what EventSource sends when it reconnects)
 starts after that offset; else ``?from=OFFSET`` starts at OFFSET; else
 only messages published from now on are sent. Named events ``lost``
-(offsets removed by retention before they were sent) and ``malformed`` (a
+(offsets removed by retention, damaged on disk or missing, with a ``reason``) and ``malformed`` (a
 batch whose records do not decode) report gaps; comment lines keep idle
 streams alive.
 """
@@ -30,6 +30,7 @@ import trio
 
 from client.protocol.batch import MalformedBatch, decode_batch
 
+from ..log import DataLoss
 from ..router import Subscription, Topic
 from .access import require_read
 from .messages import Request, Send, StreamResponse
@@ -142,11 +143,19 @@ def _read_events(topic: Topic, consumer: SseConsumer) -> bytes:
     out: list[bytes] = []
     first = log.first_offset
     if position < first:
-        out.append(_named("lost", {"topic": topic.name, "from": position, "to": first - 1}))
+        out.append(_named("lost", {"topic": topic.name, "from": position, "to": first - 1, "reason": "retention"}))
         position = first
     sent = 0
     size = 0
-    for stored in log.read(position, READ_BYTES):
+    try:
+        batches = log.read(position, READ_BYTES) if position < topic.visible_next else []
+    except DataLoss as lost:
+        # Damaged or missing in the log: say so, go on after it next send.
+        last = min(lost.last, topic.visible_next - 1)
+        out.append(_named("lost", {"topic": topic.name, "from": lost.first, "to": last, "reason": lost.reason}))
+        batches = []
+        position = last + 1
+    for stored in batches:
         if stored.base_offset >= topic.visible_next or sent >= MAX_EVENTS:
             break  # appended but not yet durable, or enough for one send
         try:

@@ -5,19 +5,25 @@ in :mod:`.base`; :class:`MemoryStore` keeps batches in memory (tests, and the
 foundation), the durable file log implements the same interface.
 """
 
-from .base import LogStore, StoredBatch, TopicLog
+from .base import LogStore, StoredBatch, SyncResult, TopicLog
+from .errors import DataLoss, StorageError
 from .file import FileStore, FileTopicLog
+from .lock import DataDirLocked
 from .memory import MemoryStore, MemoryTopicLog
 from .settings import SettingsResolver, TopicSettings
 
 __all__ = [
+    "DataDirLocked",
+    "DataLoss",
     "FileStore",
     "FileTopicLog",
     "LogStore",
     "MemoryStore",
     "MemoryTopicLog",
     "SettingsResolver",
+    "StorageError",
     "StoredBatch",
+    "SyncResult",
     "TopicLog",
     "TopicSettings",
 ]

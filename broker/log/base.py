@@ -7,11 +7,14 @@ can hand the stored bytes on without re-encoding them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 import attrs
 
 from client.protocol import Durability
+
+from .errors import StorageError
 
 
 @attrs.frozen
@@ -24,6 +27,16 @@ class StoredBatch:
     @property
     def next_offset(self) -> int:
         return self.base_offset + self.count
+
+
+@attrs.frozen
+class SyncResult:
+    """What one group-commit round made durable."""
+
+    durability: Durability
+    #: Topics whose fsync failed, with the offset their log was cut back to
+    #: (every batch appended at or after it is gone) and the error.
+    failed: Mapping[str, tuple[int, StorageError]] = attrs.field(factory=dict)
 
 
 class TopicLog(Protocol):
@@ -50,12 +63,15 @@ class TopicLog(Protocol):
         """Bytes the log holds now."""
 
     def append(self, batch: bytes, count: int, timestamp: int) -> int:
-        """Store a checked batch of ``count`` messages; return its base offset."""
+        """Store a checked batch of ``count`` messages; return its base offset.
+        Raises StorageError, having stored nothing, when storage fails."""
 
     def read(self, offset: int, max_bytes: int) -> list[StoredBatch]:
         """Batches from the one containing ``offset`` on, in order, up to
-        about ``max_bytes`` (always at least one batch when one exists).
-        An offset below first_offset reads from first_offset."""
+        about ``max_bytes``: at least one while ``offset`` < next_offset, or
+        DataLoss when the batch holding ``offset`` cannot be served (a hole,
+        damage). An offset below first_offset reads from first_offset.
+        Every batch returned is intact (its CRCs checked)."""
 
     def offset_at_time(self, timestamp: int) -> int:
         """The first offset whose timestamp is >= ``timestamp`` (next_offset
@@ -79,9 +95,17 @@ class LogStore(Protocol):
     def topic_names(self) -> list[str]:
         """Topics that already exist (recovered on start)."""
 
-    async def sync(self) -> Durability:
+    async def sync(self) -> SyncResult:
         """Return once every batch appended before the call to a topic that
-        needs sync is durable (group commit: one sync covers all)."""
+        needs sync is durable (group commit: one sync covers all), or has
+        been rolled back because its sync failed (``SyncResult.failed``)."""
+
+    @property
+    def problem(self) -> str | None:
+        """Why storage is degraded (appends failing), or None."""
+
+    async def probe(self) -> None:
+        """While degraded, check whether storage works again."""
 
     @property
     def sync_interval(self) -> float | None:

@@ -1,9 +1,18 @@
 """The durable log: per topic, a directory of segment files.
 
 Layout: ``DATA_DIR/topics/<quoted topic name>/<base offset>.log`` (+
-``.index``, ``.timeindex``). Appends are plain ``writev`` calls (to the OS
-page cache, cheap enough for the event loop); fsyncs run in a worker thread
-from :meth:`FileStore.sync`, driven by the server's committer (group commit).
+``.index``, ``.timeindex``); ``DATA_DIR/LOCK`` (one broker per directory);
+``DATA_DIR/quarantine/`` (damaged bytes recovery set aside). Appends are
+plain ``writev`` calls (to the OS page cache, cheap enough for the event
+loop); fsyncs run in a worker thread from :meth:`FileStore.sync`, driven by
+the server's committer (group commit).
+
+When storage fails (README, "Durability"): an append that fails is rolled
+back and refused (:class:`~.errors.StorageError`); an fsync that fails rolls
+its segment back to the last good sync and the batches it would have covered
+are refused, never acknowledged; the store reports itself degraded
+(:attr:`FileStore.problem`) until a write succeeds again, and probes the disk
+meanwhile so that publishing resumes by itself when space returns.
 """
 
 from __future__ import annotations
@@ -22,19 +31,20 @@ from client.protocol.subjects import topic_error
 
 from ..logs import get_logger
 from ..stats import Histogram
-from .base import StoredBatch
-from .segment import Segment, Truncation
+from .base import StoredBatch, SyncResult
+from .errors import DataLoss, LossReason, StorageError
+from .fileops import REAL, FileOps, fsync_dir
+from .lock import DataDirLock
+from .recovery import Finding, Hole, TopicRecovery
+from .segment import Damage, Segment, SyncMark
 from .settings import SettingsResolver, TopicSettings
 
 _DURABILITY = {"always": Durability.DISK, "interval": Durability.OS, "never": Durability.OS}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+#: Seconds between log lines about the same kind of storage failure.
+FAILURE_LOG_SECONDS = 10.0
+#: Seconds between checks of the free space (--min-free-bytes).
+FREE_CHECK_SECONDS = 0.5
+PROBE_FILE = ".write-probe"
 
 
 class FileTopicLog:
@@ -44,66 +54,42 @@ class FileTopicLog:
         self.directory = directory
         self.settings = settings
         self.segments: list[Segment] = []
-        self._bases: list[int] = []
+        self.bases: list[int] = []
+        #: Offsets between segments that the log does not hold, and why.
+        self.holes: list[Hole] = []
         self.needs_sync = settings.fsync == "always"
         self.durability = _DURABILITY[settings.fsync]
 
     @classmethod
     def create(cls, store: FileStore, name: str, directory: Path, settings: TopicSettings) -> FileTopicLog:
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError.from_os(exc, f"creating topic directory {directory.name}", name) from exc
         log = cls(store, name, directory, settings)
-        log._add_segment(Segment.create(directory, 0))
+        log.add_segment(log._new_segment(0))
         # Both the topic's directory (in topics/) and its first segment (in
         # the topic's directory) are new entries a DISK ack depends on.
-        store._new_entry(directory.parent)
-        store._new_entry(directory)
+        store.new_entry(directory.parent)
+        store.new_entry(directory)
         return log
 
     @classmethod
     def recover(
         cls, store: FileStore, name: str, directory: Path, settings: TopicSettings
-    ) -> tuple[FileTopicLog, list[Truncation]]:
+    ) -> tuple[FileTopicLog, list[Finding]]:
         log = cls(store, name, directory, settings)
-        bases = sorted(
-            int(p.stem) for p in directory.glob("*.log") if len(p.stem) == 20 and p.stem.isdigit()
-        )
-        truncations: list[Truncation] = []
-        scanned_last = False
-        for i, base in enumerate(bases):
-            newest = i == len(bases) - 1
-            if log.segments and base != log.segments[-1].next_offset:
-                # A gap or overlap between segments: everything from here on
-                # cannot be trusted to be in order. Keep the valid prefix.
-                for later in bases[i:]:
-                    seg = Segment(directory, later)
-                    size = seg.path.stat().st_size if seg.path.exists() else 0
-                    truncations.append(
-                        Truncation(seg.path, 0, size, later, "segment does not follow its predecessor")
-                    )
-                    seg.delete()
-                break
-            seg, cut = Segment.recover(directory, base, full_scan=newest)
-            if cut is not None:
-                truncations.append(cut)
-            log._add_segment(seg)
-            scanned_last = newest
-        if log.segments and not scanned_last:
-            # Later segments were dropped, so this one is now the newest: it
-            # was cut off by the crash too, so check every batch of it.
-            seg = log.segments.pop()
-            log._bases.pop()
-            seg.close()
-            seg, cut = Segment.recover(directory, seg.base_offset, full_scan=True)
-            if cut is not None:
-                truncations.append(cut)
-            log._add_segment(seg)
-        if not log.segments:
-            log._add_segment(Segment.create(directory, 0))
-        return log, truncations
+        findings = TopicRecovery(log).run()
+        return log, findings
 
-    def _add_segment(self, seg: Segment) -> None:
+    def _new_segment(self, base: int) -> Segment:
+        return Segment.create(
+            self.directory, base, topic=self.name, ops=self.store.ops, on_damage=self.store.note_damage
+        )
+
+    def add_segment(self, seg: Segment) -> None:
         self.segments.append(seg)
-        self._bases.append(seg.base_offset)
+        self.bases.append(seg.base_offset)
 
     # -- the TopicLog interface ---------------------------------------------
 
@@ -127,37 +113,69 @@ class FileTopicLog:
         return sum(seg.size for seg in self.segments)
 
     def append(self, batch: bytes, count: int, timestamp: int) -> int:
-        active = self.segments[-1]
-        if active.size >= self.settings.segment_bytes and active.batches:
-            active = self._roll()
-        base = active.next_offset
-        active.append(batch, count, timestamp)
-        self.store._appended(self, active)
+        """Store a checked batch; StorageError (nothing stored) if that fails."""
+        store = self.store
+        try:
+            store.check_room(self.name)
+            active = self.segments[-1]
+            if active.size >= self.settings.segment_bytes and active.batches:
+                active = self._roll()
+            base = active.next_offset
+            active.append(batch, count, timestamp)
+        except StorageError as exc:
+            store.failed(exc)
+            raise
+        store.appended(self, active)
         return base
 
     def _roll(self) -> Segment:
-        seg = Segment.create(self.directory, self.next_offset)
-        self._add_segment(seg)
-        self.store._new_entry(self.directory)
+        seg = self._new_segment(self.next_offset)
+        self.add_segment(seg)
+        self.store.new_entry(self.directory)
         return seg
 
     def read(self, offset: int, max_bytes: int) -> list[StoredBatch]:
+        """Intact batches from the one holding ``offset`` (at least one while
+        offset < next_offset); DataLoss when that offset is in a hole or a
+        damaged batch."""
         if offset >= self.next_offset:
             return []
         offset = max(offset, self.first_offset)
-        i = max(0, bisect.bisect_right(self._bases, offset) - 1)
-        while i < len(self.segments):
-            found = self.segments[i].read(offset, max_bytes)
-            if found:
-                return found
-            i += 1  # offset was at the end of that segment
-        return []
+        i = bisect.bisect_right(self.bases, offset) - 1
+        seg = self.segments[i]
+        if offset >= seg.next_offset:
+            # Between this segment's end and the next one's base: a hole.
+            end = self.segments[i + 1].base_offset - 1
+            raise DataLoss(self.name, offset, end, self._hole_reason(offset))
+        return seg.read(offset, max_bytes)
+
+    def _hole_reason(self, offset: int) -> LossReason:
+        for hole in self.holes:
+            if hole.first <= offset <= hole.last:
+                return hole.reason
+        return "missing"
 
     def offset_at_time(self, timestamp: int) -> int:
         for seg in self.segments:
             found = seg.offset_at_time(timestamp)
             if found is not None:
                 return found
+        return self.next_offset
+
+    # -- faults -------------------------------------------------------------
+
+    def rollback_unsynced(self, seg: Segment) -> int:
+        """After ``seg``'s fsync failed: cut the topic back to what its last
+        good sync covered (later segments, all unsynced, are removed); return
+        the topic's next offset. Raises StorageError if the cut itself fails
+        (the segment then refuses appends until it can be repaired)."""
+        i = self.segments.index(seg)
+        for later in self.segments[i + 1 :]:
+            later.delete()
+        if len(self.segments) > i + 1:
+            del self.segments[i + 1 :], self.bases[i + 1 :]
+            self.store.new_entry(self.directory)
+        seg.rollback_to_synced()
         return self.next_offset
 
     # -- retention --------------------------------------------------------
@@ -176,8 +194,10 @@ class FileTopicLog:
                 break
             total -= oldest.size
             self.segments.pop(0)
-            self._bases.pop(0)
+            self.bases.pop(0)
             removed.append(oldest)
+        if removed:
+            self.holes = [h for h in self.holes if h.last >= self.first_offset]
         return removed
 
     def close(self) -> None:
@@ -186,16 +206,27 @@ class FileTopicLog:
 
 
 class FileStore:
-    """Every topic's log under ``data_dir``; recovers them when opened."""
+    """Every topic's log under ``data_dir``; recovers them when opened.
+
+    ``ops`` is the file layer segments write through (tests pass a faulty
+    one); ``min_free_bytes`` refuses appends (STORAGE_FULL) once the file
+    system has less free space than that, before it is completely full.
+    """
 
     def __init__(
         self,
         data_dir: Path,
         settings: SettingsResolver | Callable[[str], TopicSettings] | None = None,
+        *,
+        ops: FileOps = REAL,
+        min_free_bytes: int = 0,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.topics_dir = self.data_dir / "topics"
+        self.quarantine_dir = self.data_dir / "quarantine"
         self.settings_for = settings or SettingsResolver()
+        self.ops = ops
+        self.min_free_bytes = min_free_bytes
         self.log = get_logger(component="log")
         self._topics: dict[str, FileTopicLog] = {}
         self._dirty_always: set[Segment] = set()
@@ -209,9 +240,32 @@ class FileStore:
         self.fsyncs = 0
         #: Seconds per fsync round (worker thread hand-off included).
         self.fsync_seconds = Histogram()
-        self.truncations: list[Truncation] = []
-        self.topics_dir.mkdir(parents=True, exist_ok=True)
-        self._recover()
+        #: What recovery changed (torn tails cut, damage set aside).
+        self.findings: list[Finding] = []
+        #: Appends refused and fsyncs failed, by kind ("full", "io"); damaged
+        #: batches found by reads (GET /metrics).
+        self.storage_errors: dict[str, int] = {"full": 0, "io": 0}
+        self.fsync_failures = 0
+        self.damaged_batches = 0
+        #: Why the store is degraded (GET /readyz), None when it is not.
+        self.problem: str | None = None
+        self._last_failure_log: dict[str, float] = {}
+        self._next_free_check = 0.0
+        self._low_on_space = False
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = DataDirLock(self.data_dir)
+        self._lock.acquire()  # before recovery touches a file
+        try:
+            self.topics_dir.mkdir(parents=True, exist_ok=True)
+            self._recover()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    @property
+    def truncations(self) -> list[Finding]:
+        """Recovery's findings (the name of the first versions)."""
+        return self.findings
 
     def _recover(self) -> None:
         started = time.monotonic()
@@ -220,22 +274,35 @@ class FileStore:
             if topic_error(name) is not None:
                 self.log.warning("ignoring a directory that is not a topic", path=str(directory))
                 continue
-            log, cuts = FileTopicLog.recover(self, name, directory, self.settings_for(name))
+            log, findings = FileTopicLog.recover(self, name, directory, self.settings_for(name))
             self._topics[name] = log
-            for cut in cuts:
-                self.truncations.append(cut)
+            for found in findings:
+                self.findings.append(found)
                 self.log.warning(
-                    "recovery dropped an invalid log tail",
+                    "recovery dropped an invalid log tail"
+                    if found.action == "truncated"
+                    else "recovery set damaged log bytes aside",
                     topic=name,
-                    segment=cut.segment.name,
-                    first_dropped_offset=cut.first_dropped_offset,
-                    dropped_bytes=cut.dropped_bytes,
-                    reason=cut.reason,
+                    segment=found.segment.name,
+                    position=found.position,
+                    dropped_bytes=found.dropped_bytes,
+                    first_offset=found.first_offset,
+                    lost_offsets=found.lost,
+                    reason=found.reason,
+                    quarantined_to=str(found.quarantined_to) if found.quarantined_to else None,
+                )
+            for hole in log.holes:
+                self.log.warning(
+                    "topic has a hole: readers get DATA_LOST for it",
+                    topic=name,
+                    first=hole.first,
+                    last=hole.last,
+                    reason=hole.reason,
                 )
         self.log.info(
             "log recovered",
             topics=len(self._topics),
-            truncated_segments=len(self.truncations),
+            findings=len(self.findings),
             seconds=round(time.monotonic() - started, 3),
         )
 
@@ -255,7 +322,11 @@ class FileStore:
         log = self._topics.get(name)
         if log is None:
             directory = self.topics_dir / quote(name, safe="")
-            log = FileTopicLog.create(self, name, directory, self.settings_for(name))
+            try:
+                log = FileTopicLog.create(self, name, directory, self.settings_for(name))
+            except StorageError as exc:
+                self.failed(exc)
+                raise
             self._topics[name] = log
         return log
 
@@ -275,44 +346,157 @@ class FileStore:
             intervals.append(default.fsync_interval_ms)
         return min(intervals) / 1000 if intervals else None
 
-    def _appended(self, log: FileTopicLog, seg: Segment) -> None:
+    # -- bookkeeping from the topic logs -------------------------------------
+
+    def appended(self, log: FileTopicLog, seg: Segment) -> None:
         mode = log.settings.fsync
         if mode == "always":
             self._dirty_always.add(seg)
         elif mode == "interval":
             self._dirty_interval.add(seg)
+        if self.problem is not None:
+            self._recovered("an append succeeded")
 
-    def _new_entry(self, directory: Path) -> None:
+    def new_entry(self, directory: Path) -> None:
         self._dirs_to_sync.add(directory)
 
-    async def sync(self) -> Durability:
+    def check_room(self, topic: str) -> None:
+        """The --min-free-bytes guard (checked at most every FREE_CHECK_SECONDS)."""
+        if not self.min_free_bytes:
+            return
+        now = time.monotonic()
+        if now >= self._next_free_check:
+            self._next_free_check = now + FREE_CHECK_SECONDS
+            try:
+                st = os.statvfs(self.data_dir)
+                self._low_on_space = st.f_bavail * st.f_frsize < self.min_free_bytes
+            except OSError:
+                self._low_on_space = False
+        if self._low_on_space:
+            raise StorageError(
+                f"storage full: less than {self.min_free_bytes} bytes free in {self.data_dir} "
+                "(--min-free-bytes)",
+                full=True,
+                topic=topic,
+            )
+
+    def failed(self, exc: StorageError) -> None:
+        """An append or sync failed: count it, say so (not once per publish)."""
+        kind = "full" if exc.full else "io"
+        self.storage_errors[kind] += 1
+        self.problem = exc.message
+        now = time.monotonic()
+        if now - self._last_failure_log.get(kind, -FAILURE_LOG_SECONDS) >= FAILURE_LOG_SECONDS:
+            self._last_failure_log[kind] = now
+            self.log.error(
+                "storage failure: publishes are refused until it clears",
+                topic=exc.topic,
+                error=exc.message,
+                refused_so_far=self.storage_errors[kind],
+            )
+
+    def _recovered(self, how: str) -> None:
+        self.log.warning("storage works again", how=how, was=self.problem)
+        self.problem = None
+        self._last_failure_log.clear()
+        self._next_free_check = 0.0
+
+    def note_damage(self, seg: Segment, damage: Damage) -> None:
+        self.damaged_batches += 1
+        self.log.error(
+            "damaged log data found while reading: readers get DATA_LOST for it",
+            topic=seg.topic,
+            segment=seg.path.name,
+            position=damage.position,
+            first_offset=damage.first_offset,
+            last_offset=damage.last_offset,
+        )
+
+    async def probe(self) -> None:
+        """While degraded, try a small durable write; clear the problem if it
+        works (so /readyz recovers without waiting for a publish)."""
+        if self.problem is None:
+            return
+        if self.min_free_bytes:
+            self._next_free_check = 0.0
+            try:
+                self.check_room("")
+            except StorageError:
+                return
+        try:
+            await trio.to_thread.run_sync(_write_probe, self.data_dir / PROBE_FILE)
+        except OSError:
+            return
+        self._recovered("a probe write succeeded")
+
+    # -- syncing ------------------------------------------------------------
+
+    async def sync(self) -> SyncResult:
         """Group commit: fsync every ``always`` segment appended to since the
-        last call (and directories that gained entries), in a worker thread."""
-        await self._sync(self._take(self._dirty_always))
-        return Durability.DISK
+        last call (and directories that gained entries), in a worker thread.
+        A segment whose fsync failed is rolled back to its last good sync;
+        the result names the topics and the offset they were cut back to."""
+        failed = await self._sync(self._take(self._dirty_always), rollback=True)
+        return SyncResult(Durability.DISK, failed)
 
     async def sync_interval_topics(self) -> None:
-        await self._sync(self._take(self._dirty_interval))
+        await self._sync(self._take(self._dirty_interval), rollback=False)
 
     def _take(self, dirty: set[Segment]) -> list[Segment]:
         segs = list(dirty)
         dirty.clear()
         return segs
 
-    async def _sync(self, segs: list[Segment]) -> None:
+    async def _sync(self, segs: list[Segment], *, rollback: bool) -> dict[str, tuple[int, StorageError]]:
         async with self._sync_lock:
             dirs = list(self._dirs_to_sync)
             self._dirs_to_sync.clear()
             if not segs and not dirs:
-                return
+                return {}
+            marks = [seg.sync_mark() for seg in segs]
             self._syncing += 1
             started = time.monotonic()
             try:
-                await trio.to_thread.run_sync(_fsync_all, segs, dirs)
+                errors, dir_error = await trio.to_thread.run_sync(_fsync_all, segs, dirs)
             finally:
                 self._syncing -= 1
             self.fsync_seconds.observe(time.monotonic() - started)
             self.fsyncs += 1
+            if dir_error is not None:
+                # A directory entry a segment depends on may not be durable:
+                # none of this round's segments can be promised, and the
+                # directories are synced again next round.
+                self._dirs_to_sync.update(dirs)
+                errors = [e if e is not None else dir_error for e in errors]
+            return self._settle(segs, marks, errors, rollback)
+
+    def _settle(
+        self, segs: list[Segment], marks: list[SyncMark], errors: list[OSError | None], rollback: bool
+    ) -> dict[str, tuple[int, StorageError]]:
+        failed: dict[str, tuple[int, StorageError]] = {}
+        for seg, mark, error in zip(segs, marks, errors):
+            if error is None:
+                seg.synced(mark)
+                continue
+            self.fsync_failures += 1
+            exc = StorageError.from_os(error, f"fsync of {seg.path.name}", seg.topic)
+            self.failed(exc)
+            log = self._topics.get(seg.topic)
+            if not rollback or log is None or seg not in log.segments:
+                continue  # interval: acknowledged as "written to the OS" already
+            try:
+                cut = log.rollback_unsynced(seg)
+            except StorageError as broken:
+                self.failed(broken)
+                cut = log.next_offset
+            # What was appended since is gone; removed segments are not synced.
+            self._dirty_always.difference_update(
+                [s for s in self._dirty_always if s is seg or (s.topic == seg.topic and s not in log.segments)]
+            )
+            previous = failed.get(seg.topic)
+            if previous is None or cut < previous[0]:
+                failed[seg.topic] = (cut, exc)
+        return failed
 
     def enforce_retention(self) -> int:
         """Apply every topic's retention; returns the segments deleted."""
@@ -331,23 +515,56 @@ class FileStore:
                     next_offset=seg.next_offset,
                     bytes=seg.size,
                 )
-                seg.delete()
+                try:
+                    seg.delete()
+                except OSError as exc:
+                    self.log.error("could not delete a segment", path=str(seg.path), error=repr(exc))
                 deleted += 1
         return deleted
 
     def close(self) -> None:
-        """Flush everything written (whatever the policy) and close files."""
-        segs = set(self._dirty_always) | self._dirty_interval
-        segs |= {s for log in self._topics.values() for s in log.segments if s.dirty}
-        _fsync_all(list(segs), list(self._dirs_to_sync))
-        for log in self._topics.values():
-            log.close()
-        self._topics.clear()
+        """Flush everything written (whatever the policy), close files, unlock."""
+        try:
+            segs = set(self._dirty_always) | self._dirty_interval
+            segs |= {s for log in self._topics.values() for s in log.segments if s.dirty}
+            ordered = list(segs)
+            errors, dir_error = _fsync_all(ordered, list(self._dirs_to_sync))
+            for seg, error in zip(ordered, errors):
+                if error is None:
+                    seg.dirty = False
+            if dir_error is not None or any(errors):
+                self.log.error("final fsync failed", errors=[repr(e) for e in errors if e] + [repr(dir_error)])
+            for log in self._topics.values():
+                log.close()
+            self._topics.clear()
+        finally:
+            self._lock.release()
 
 
-def _fsync_all(segs: list[Segment], dirs: list[Path]) -> None:
+def _fsync_all(segs: list[Segment], dirs: list[Path]) -> tuple[list[OSError | None], OSError | None]:
+    """fsync each segment and directory (in a worker thread); the error of
+    each segment (None: synced) and the first directory error."""
+    errors: list[OSError | None] = []
     for seg in segs:
-        seg.fsync()
-        seg.dirty = False
+        try:
+            seg.fsync()
+            errors.append(None)
+        except OSError as exc:
+            errors.append(exc)
+    dir_error = None
     for d in dirs:
-        _fsync_dir(d)
+        try:
+            fsync_dir(d)
+        except FileNotFoundError:
+            pass  # removed since (a topic rolled back, retention)
+        except OSError as exc:
+            dir_error = dir_error or exc
+    return errors, dir_error
+
+
+def _write_probe(path: Path) -> None:
+    with open(path, "wb") as f:
+        f.write(b"\0" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+    path.unlink()

@@ -11,7 +11,7 @@ import bisect
 
 from client.protocol import Durability
 
-from .base import StoredBatch
+from .base import StoredBatch, SyncResult
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
@@ -114,10 +114,15 @@ class MemoryStore:
     def topic_names(self) -> list[str]:
         return list(self._topics)
 
-    async def sync(self) -> Durability:
-        return Durability.MEMORY
+    async def sync(self) -> SyncResult:
+        return SyncResult(Durability.MEMORY)
 
     sync_interval = None
+    #: Memory does not fill up the way a disk does (retention evicts).
+    problem = None
+
+    async def probe(self) -> None:
+        return None
 
     async def sync_interval_topics(self) -> None:
         return None

@@ -29,6 +29,7 @@ from .codec import (
 )
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .frames import (
+    ERROR_FIELDS_OPTION,
     MAGIC,
     PROTOCOL_VERSION,
     UNLIMITED_CREDIT,
@@ -68,6 +69,7 @@ __all__ = [
     "CLOSED",
     "DEFAULT_MAX_FRAME_BYTES",
     "EMPTY_HEADERS",
+    "ERROR_FIELDS_OPTION",
     "HEADER_SIZE",
     "MAGIC",
     "NEED_DATA",

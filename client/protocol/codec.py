@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .frames import (
     ERROR_FLAG_FATAL,
+    ERROR_FLAG_FIELDS,
     INFO_FLAG_TRUNCATED,
     MAX_ACK_RANGES,
     PUBLISH_FLAG_NEEDS_RECEIVER,
@@ -287,7 +288,8 @@ def _d_error(b: _Body, flags: int) -> Error:
             ErrorCode.MALFORMED_FRAME, f"unknown ref_kind {ref_kind}"
         ) from None
     message = b.str16()
-    return Error(code, message, ref, kind, bool(flags & ERROR_FLAG_FATAL))
+    fields = b.str_map() if flags & ERROR_FLAG_FIELDS else {}
+    return Error(code, message, ref, kind, bool(flags & ERROR_FLAG_FATAL), fields)
 
 
 def _d_ack(b: _Body) -> Ack:
@@ -369,7 +371,7 @@ _DECODERS: dict[FrameType, Callable[[_Body], Event]] = {
 _TYPES_BY_VALUE = {int(t): t for t in FrameType}
 # Flag bits defined per frame type; all others must be 0.
 _FLAGS = {
-    FrameType.ERROR: ERROR_FLAG_FATAL,
+    FrameType.ERROR: ERROR_FLAG_FATAL | ERROR_FLAG_FIELDS,
     FrameType.INFO_REPLY: INFO_FLAG_TRUNCATED,
     FrameType.PUBLISH: PUBLISH_FLAG_NEEDS_RECEIVER,
 }
@@ -544,6 +546,9 @@ def encode_event(event: Event) -> bytes:
             event.message[:ERROR_MESSAGE_CHARS]
         )
         flags = ERROR_FLAG_FATAL if event.fatal else 0
+        if event.fields:
+            body += _str_map(event.fields)
+            flags |= ERROR_FLAG_FIELDS
     elif isinstance(event, Goodbye):
         body = b""
     elif isinstance(event, Groups):

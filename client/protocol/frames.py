@@ -57,6 +57,10 @@ class StartKind(enum.IntEnum):
 
 
 ERROR_FLAG_FATAL = 0x01
+#: ERROR carries a fields block (``str16`` key/value pairs) after its message.
+ERROR_FLAG_FIELDS = 0x02
+#: HELLO option by which a client asks for ERROR fields (protocol.md, "ERROR").
+ERROR_FIELDS_OPTION = "error_fields"
 INFO_FLAG_TRUNCATED = 0x01
 PUBLISH_FLAG_NEEDS_RECEIVER = 0x01
 #: Entries an INFO_REPLY holds at most.
@@ -205,6 +209,9 @@ class Error:
     ref: int = 0
     ref_kind: RefKind = RefKind.NONE
     fatal: bool = False
+    #: Machine-readable details (DATA_LOST: topic, first, last, reason), sent
+    #: only to clients that asked for them in HELLO (protocol.md, "ERROR").
+    fields: Mapping[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen

@@ -1,0 +1,77 @@
+"""What the log says when it cannot do what was asked.
+
+Two kinds, told apart because callers answer them differently:
+
+- :class:`StorageError`: an append (or the fsync covering it) failed. The
+  log has rolled back to its last complete batch, nothing was stored, and
+  the publisher gets a per-request error (``STORAGE_FULL`` when the disk or
+  a quota is full, ``STORAGE_ERROR`` otherwise), never an acknowledgement.
+- :class:`DataLoss`: a read reached offsets that cannot be served: removed
+  by retention, damaged on disk, or missing. The reader reports the range
+  (DATA_LOST) and goes on after it; no damaged byte is ever handed out.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Literal
+
+from client.protocol import ErrorCode
+
+#: errnos that mean "no room": a full file system, a quota, a file-size limit.
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+LossReason = Literal["retention", "damaged", "missing"]
+
+
+class StorageError(Exception):
+    """An append or sync failed; nothing of that batch is stored."""
+
+    def __init__(self, message: str, *, full: bool, topic: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.full = full
+        self.topic = topic
+
+    @property
+    def code(self) -> ErrorCode:
+        return ErrorCode.STORAGE_FULL if self.full else ErrorCode.STORAGE_ERROR
+
+    @classmethod
+    def from_os(cls, exc: OSError, what: str, topic: str = "") -> StorageError:
+        full = exc.errno in FULL_ERRNOS
+        reason = exc.strerror or str(exc)
+        prefix = "storage full" if full else "storage error"
+        return cls(f"{prefix}: {what}: {reason}", full=full, topic=topic)
+
+
+class DataLoss(Exception):
+    """Offsets ``first..last`` (inclusive) of ``topic`` cannot be read."""
+
+    def __init__(self, topic: str, first: int, last: int, reason: LossReason) -> None:
+        super().__init__(f"topic {topic}: offsets {first}..{last} are lost ({reason})")
+        self.topic = topic
+        self.first = first
+        self.last = last
+        self.reason: LossReason = reason
+
+    @property
+    def count(self) -> int:
+        return self.last - self.first + 1
+
+    def fields(self) -> dict[str, str]:
+        """The ERROR frame's fields for DATA_LOST (protocol.md, "ERROR")."""
+        return {
+            "topic": self.topic,
+            "first": str(self.first),
+            "last": str(self.last),
+            "reason": self.reason,
+        }
+
+    def describe(self) -> str:
+        why = {
+            "retention": "were removed by retention before delivery",
+            "damaged": "are damaged on disk and were set aside",
+            "missing": "are missing from the log",
+        }[self.reason]
+        return f"topic {self.topic}: offsets {self.first}..{self.last} {why}"
