@@ -426,3 +426,83 @@ async def test_a_reconnecting_client_takes_its_inbox_back_with_the_reply(
             assert replies == [SECRET]
             assert caller.reconnects == 1 and caller._inbox == inbox
             assert server.router.inboxes.get(inbox) is kept and kept.owner is _session(server, "caller")
+
+
+class FreezingProxy:
+    """A TCP proxy whose ``freeze()`` stops every connection open at that
+    moment, both ways, without closing it: a network partition. The broker
+    keeps the frozen connection (until its idle timeout); connections made
+    afterwards flow."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._generation = 0
+        self._frozen_below = 0
+
+    def freeze(self) -> None:
+        self._generation += 1
+        self._frozen_below = self._generation
+
+    async def handle(self, downstream: trio.SocketStream) -> None:
+        generation = self._generation
+        async with await trio.open_tcp_stream("127.0.0.1", self.target_port) as upstream:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, downstream, upstream, generation, nursery.cancel_scope)
+                nursery.start_soon(self._pump, upstream, downstream, generation, nursery.cancel_scope)
+
+    async def _pump(
+        self, src: trio.SocketStream, dst: trio.SocketStream, generation: int, scope: trio.CancelScope
+    ) -> None:
+        try:
+            while data := await src.receive_some(65536):
+                if generation < self._frozen_below:
+                    await trio.sleep_forever()  # held, never delivered, never closed
+                await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        scope.cancel()
+
+
+async def test_a_client_whose_inbox_is_still_held_gets_a_new_one(tmp_path: Path) -> None:
+    """The client gives a silent connection up (keepalive) while the broker
+    still holds it, so its inbox is still that connection's: the resumed
+    inbox subscription is refused. The request waiting there fails at once
+    (not at its timeout), and the next request gets a new inbox."""
+    async with running_broker(data_dir=tmp_path / "data", auth_file=users(tmp_path)) as server:
+        proxy = FreezingProxy(server.port)
+        async with trio.open_nursery() as proxies:
+            listeners = await proxies.start(partial(trio.serve_tcp, proxy.handle, 0, host="127.0.0.1"))
+            url = f"pybroker://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+            async with (
+                client.connect(server.url, name="service", token=SERVICE) as svc,
+                client.connect(
+                    url, name="caller", user="caller", password=CALLER_PASSWORD, reconnect=FAST, keepalive=0.2
+                ) as caller,
+            ):
+                asked = trio.Event()
+
+                async def serve(msg: client.Message) -> None:
+                    if msg.payload == b"hold":
+                        asked.set()
+                        return  # answered never
+                    await svc.respond(msg, SECRET)
+
+                await svc.subscribe("svc.>", serve)
+                with trio.fail_after(TIMEOUT):
+                    assert (await caller.request("svc.echo", b"?")).payload == SECRET
+                    first_inbox = caller._inbox
+                    async with trio.open_nursery() as nursery:
+
+                        async def held() -> None:
+                            with pytest.raises(client.ConnectionClosed, match="reply inbox was lost"):
+                                await caller.request("svc.echo", b"hold", timeout=10 * TIMEOUT)
+
+                        nursery.start_soon(held)
+                        await asked.wait()
+                        proxy.freeze()
+                    assert caller.reconnects >= 1 and caller._inbox is None
+                    assert len([s for s in server.sessions if s.client_name == "caller"]) == 2
+                    assert server.router.inboxes.get(first_inbox) is not None  # still the frozen one's
+                    assert (await caller.request("svc.echo", b"after")).payload == SECRET
+                    assert caller._inbox not in (None, first_inbox)
+            proxies.cancel_scope.cancel()
