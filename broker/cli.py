@@ -153,6 +153,7 @@ def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
     group.add_argument("--outbound-queue-bytes", type=_positive_int, default=config.outbound_queue_bytes, metavar="N", help=f"bytes queued for one connection before its subscriptions are served from the log and its reading pauses (default {config.outbound_queue_bytes:,})")
     group.add_argument("--handshake-timeout", type=_positive_seconds, default=config.handshake_timeout, metavar="S", help=f"seconds from connecting to HELLO (default {config.handshake_timeout:g})")
     group.add_argument("--idle-timeout", type=_seconds, default=config.idle_timeout, metavar="S", help=f"seconds without a frame from a client before a PING; as long again and it is closed with ERROR 107; 0 disables (default {config.idle_timeout:g})")
+    group.add_argument("--inbox-grace", type=_seconds, default=config.inbox_grace, metavar="S", help=f"seconds a request/reply inbox outlives its owner's connection, for the same user to reclaim it on reconnect; 0: it goes with the connection (default {config.inbox_grace:g})")
 
 
 def _positive_int(text: str) -> int:
@@ -281,6 +282,7 @@ async def _serve(args: argparse.Namespace) -> int:
         outbound_queue_bytes=args.outbound_queue_bytes,
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,
+        inbox_grace=args.inbox_grace,
         **overrides,
     )
     # Here, not inside the nursery below, so a bad users file or an unsafe

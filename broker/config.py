@@ -95,6 +95,10 @@ class Config:
     #: Connections served at once (including those still in their
     #: handshake); one more gets ERROR 108 (fatal) and is closed.
     max_connections: int = attrs.field(default=10_000, validator=_AT_LEAST_ONE)
+    #: Seconds a request/reply inbox outlives its owner's connection, for
+    #: the same user to reclaim it on reconnect (broker/inboxes.py); 0: it
+    #: goes with the connection.
+    inbox_grace: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
     #: How long a graceful shutdown waits for connections to flush.
     shutdown_grace: float = 5.0
     #: The HTTP side (health, metrics, JSON API, SSE, dashboard). None: the

@@ -15,11 +15,12 @@ The rules (also in protocol.md, "Authentication and permissions"):
   rule explainable (allow ``a.x`` and ``a.y`` does not grant ``a.*``, which
   could also reach ``a.z``).
 - **Inboxes** (request/reply, protocol.md "Request and reply"): every user
-  may subscribe to an exact ``_inbox.<token>`` (no wildcard) and publish to
-  any two-token ``_inbox.<token>`` topic, so ``request`` and ``respond`` work
+  may subscribe to an inbox (a topic whose first token is ``_inbox``) by its
+  exact name and publish to any inbox, so ``request`` and ``respond`` work
   without listing them; an explicit deny of ``_inbox...`` patterns still
-  wins. Reading other users' inboxes needs their random token, or an
-  explicit allow for a wildcard such as ``_inbox.>``.
+  wins. Which connection may subscribe to which inbox is not a permission
+  but ownership (broker/inboxes.py): the first connection to subscribe
+  owns it, and every other one is refused, whatever its user may do.
 
 Patterns use the topic syntax of protocol.md ("Topics and patterns"): ``*``
 matches one token, a last ``>`` one or more. The pattern algebra below
@@ -34,7 +35,8 @@ import attrs
 
 from client.protocol.subjects import tokens_match
 
-INBOX_PREFIX = "_inbox"
+from .inboxes import INBOX_PREFIX
+
 #: Cached per-topic decisions per session; past this the cache starts over
 #: (a client publishing to ever-new topic names must not grow memory).
 DECISION_CACHE_LIMIT = 4096
@@ -101,7 +103,7 @@ class Permissions:
         tokens = topic.split(".")
         if any(tokens_match(list(d), tokens) for d in self._pd):
             return False
-        if len(tokens) == 2 and tokens[0] == INBOX_PREFIX:
+        if len(tokens) >= 2 and tokens[0] == INBOX_PREFIX:
             return True  # replies to requests (module docstring)
         return any(tokens_match(list(a), tokens) for a in self._pa)
 
@@ -111,8 +113,8 @@ class Permissions:
         tokens = pattern.split(".")
         if any(overlaps(d, tokens) for d in self._sd):
             return False
-        if len(tokens) == 2 and tokens[0] == INBOX_PREFIX and tokens[1] not in ("*", ">"):
-            return True  # one's own reply inbox
+        if len(tokens) >= 2 and tokens[0] == INBOX_PREFIX and "*" not in tokens and ">" not in tokens:
+            return True  # an inbox by its exact name; ownership is the session's check
         return any(covers(a, tokens) for a in self._sa)
 
     def may_read(self, topic: str) -> bool:

@@ -4,6 +4,10 @@ Synchronous, no I/O: the router keeps, for every topic, the list of
 subscriptions whose pattern matches it, so a publish costs one dict lookup
 and one pass over that list. Matching runs only when a subscription or a
 topic is added.
+
+Request/reply inboxes (``_inbox.<token>``) are not topics: they live in
+``Router.inboxes`` (broker/inboxes.py), never in ``topics`` or the log
+store, and only their owner's exact subscriptions receive them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from client.protocol.subjects import tokens_match
 
-from .log import LogStore, StorageError, TopicLog
+from .inboxes import DEFAULT_GRACE, RETAIN_BYTES, Inboxes, is_inbox
+from .log import LogStore, MemoryTopicLog, StorageError, TopicLog
 
 if TYPE_CHECKING:
     from .groups import Group, GroupManager, Member
@@ -125,8 +130,17 @@ class Subscription:
         return f"Subscription({self.sub_id}, {self.pattern!r})"
 
 
+def _inbox_topic(name: str) -> Topic:
+    return Topic(name, MemoryTopicLog(name, RETAIN_BYTES))
+
+
 class Router:
-    def __init__(self, store: LogStore, on_held: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        store: LogStore,
+        on_held: Callable[[], None] | None = None,
+        inbox_grace: float = DEFAULT_GRACE,
+    ) -> None:
         self.store = store
         self.on_held = on_held or (lambda: None)
         #: Sequence number of the last batch held for a sync.
@@ -134,18 +148,31 @@ class Router:
         self._held_topics: dict[Topic, None] = {}
         #: Set by the server: told about new topics, woken by new data.
         self.groups: GroupManager | None = None
+        #: Topics, without inboxes (those are in ``inboxes``).
         self.topics: dict[str, Topic] = {}
+        self.inboxes = Inboxes(_inbox_topic, inbox_grace)
         # Subscriptions by exact pattern, and the wildcard ones, so a new
         # topic is matched against the wildcards only.
         self._exact: dict[str, list[Subscription]] = {}
         self._wild: list[Subscription] = []
 
-    def recover(self) -> None:
+    def recover(self) -> list[str]:
+        """Open every stored topic; return the inboxes found in the store
+        (left by a version that stored them), which stay there untouched:
+        they are no topics any more."""
+        leftovers = []
         for name in self.store.topic_names():
-            self.topic(name)
+            if is_inbox(name):
+                leftovers.append(name)
+            else:
+                self.topic(name)
+        return leftovers
 
     def topic(self, name: str) -> Topic:
-        """The topic called ``name`` (already validated), created on first use."""
+        """The topic called ``name`` (already validated), created on first use;
+        for an inbox, where a publish to it goes (Inboxes.topic)."""
+        if is_inbox(name):
+            return self.inboxes.topic(name)
         topic = self.topics.get(name)
         if topic is None:
             topic = self.topics[name] = Topic(name, self.store.topic(name))
@@ -159,6 +186,8 @@ class Router:
     def has_receivers(self, name: str) -> bool:
         """Whether a message published to ``name`` now would reach any
         subscription or consumer group (a request's NEEDS_RECEIVER)."""
+        if is_inbox(name):
+            return self.inboxes.has_receivers(name)  # its owner's subscriptions only
         topic = self.topics.get(name)
         if topic is not None:
             return bool(topic.subs or topic.groups)
@@ -172,6 +201,8 @@ class Router:
 
     def add(self, sub: Subscription) -> list[Topic]:
         """Register ``sub``; return the existing topics it matches."""
+        if not sub.wildcard and is_inbox(sub.pattern):
+            return self.inboxes.attach(sub)
         if sub.wildcard:
             self._wild.append(sub)
             matched = [
@@ -186,6 +217,10 @@ class Router:
         return matched
 
     def remove(self, sub: Subscription) -> None:
+        if not sub.wildcard and is_inbox(sub.pattern):
+            self.inboxes.detach(sub)
+            sub.lag.clear()
+            return
         if sub.wildcard:
             self._wild.remove(sub)
             candidates = list(self.topics.values())

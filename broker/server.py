@@ -67,7 +67,7 @@ class Server:
                     min_free_bytes=self.config.min_free_bytes,
                 )
         self.store: LogStore = store
-        self.router = Router(self.store)
+        self.router = Router(self.store, inbox_grace=self.config.inbox_grace)
         self.committer = Committer(self.store, self.router, self.config.retention_check_seconds)
         state_dir = self.config.data_dir / "groups" if isinstance(store, FileStore) else None
         self.groups = GroupManager(self.router, state_dir)
@@ -116,7 +116,14 @@ class Server:
         await self._stopped.wait()
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        self.router.recover()
+        leftovers = self.router.recover()
+        if leftovers:
+            self.log.warning(
+                "stored request/reply inboxes ignored: inboxes are kept in memory now; "
+                "their directories under the data directory's topics/ may be deleted",
+                inboxes=len(leftovers),
+                first=sorted(leftovers)[:3],
+            )
         self.groups.load()
         listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
         self._check_descriptor_limit()
@@ -128,6 +135,7 @@ class Server:
                 # still wait on it for their last acknowledgements.
                 await background.start(self.committer.run)
                 await background.start(self.groups.run)
+                await background.start(self.router.inboxes.run)
                 if self.config.idle_timeout > 0:
                     background.start_soon(self._sweep_idle, self.config.idle_timeout)
                 if self.http is not None:

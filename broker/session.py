@@ -82,6 +82,7 @@ from .auth import User
 from .logs import get_logger
 from .closing import linger_close
 from .groups import GroupConfig, group_name_error
+from .inboxes import has_wildcard, is_inbox
 from .permissions import DecisionCache, Permissions
 from .log import DataLoss, StorageError
 from .router import Held, Subscription, Topic
@@ -218,6 +219,9 @@ class Session:
 
     def _drop_subscriptions(self) -> None:
         self._accepting_deliveries = False
+        # First: its inboxes wait for a reconnect rather than going with
+        # their last subscription (Inboxes.detach).
+        self.router.inboxes.release(self, trio.current_time())
         for sub in self.subs.values():
             self._remove(sub)
         self.subs.clear()
@@ -389,8 +393,8 @@ class Session:
         return True
 
     def _denied(self, what: str, ref: int, ref_kind: RefKind) -> None:
-        name = self.user.name if self.user is not None else "?"
-        self._request_error(ErrorCode.PERMISSION_DENIED, f"user {name!r} may not {what}", ref, ref_kind)
+        who = f"user {self.user.name!r}" if self.user is not None else "this connection"
+        self._request_error(ErrorCode.PERMISSION_DENIED, f"{who} may not {what}", ref, ref_kind)
 
     def _on_hello(self, hello: Hello) -> None:
         self.client_name = hello.client_name
@@ -476,6 +480,9 @@ class Session:
             # Covers group members too: a group reads what its pattern does.
             self._denied(f"subscribe to {req.pattern!r}", sid, RefKind.SUBSCRIPTION)
             return
+        inbox = is_inbox(req.pattern)
+        if inbox and self._inbox_refused(req):
+            return
         if not isinstance(req.start, StartKind):
             self._request_error(ErrorCode.BAD_REQUEST, f"unknown start kind {req.start}", sid)
             return
@@ -502,6 +509,9 @@ class Session:
             self._request_error(ErrorCode.BAD_REQUEST, "credit must be at least 1", sid)
             return
         credit = _NO_FLOW_CONTROL if req.credit == UNLIMITED_CREDIT else req.credit
+        if inbox:
+            # Every check passed: a refused SUBSCRIBE claims nothing.
+            self.router.inboxes.claim(req.pattern, self, self._user_name)
         sub = Subscription(self, sid, req.pattern, credit)
         if "group" in req.options:
             self._join_group(sub, req)
@@ -543,6 +553,30 @@ class Session:
                 self._lagging[sub] = None
                 self._wake.set()
         self.log.debug("subscribed", sub_id=sid, pattern=req.pattern, start=req.start.name)
+
+    @property
+    def _user_name(self) -> str | None:
+        return self.user.name if self.user is not None else None
+
+    def _inbox_refused(self, req: Subscribe) -> bool:
+        """Refuse a SUBSCRIBE to inboxes that are not this connection's
+        (broker/inboxes.py); True when it was refused."""
+        sid = req.sub_id
+        if has_wildcard(req.pattern):
+            self._denied(
+                f"subscribe to {req.pattern!r}: inboxes are private, subscribe to your own by its exact name",
+                sid,
+                RefKind.SUBSCRIPTION,
+            )
+        elif "group" in req.options:
+            self._request_error(ErrorCode.BAD_REQUEST, "an inbox takes plain subscriptions only", sid)
+        elif not self.router.inboxes.may_claim(req.pattern, self, self._user_name):
+            self._denied(
+                f"subscribe to {req.pattern!r}: another connection's inbox", sid, RefKind.SUBSCRIPTION
+            )
+        else:
+            return False
+        return True
 
     def _resume_positions(self, req: Subscribe, into: dict[str, int]) -> str | None:
         """Parse ``resume:<topic>`` options into ``into``; the problem, if any."""

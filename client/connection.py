@@ -578,6 +578,10 @@ class Client:
         Raises :class:`NoReceivers` at once when no subscription or group
         matches ``topic``, and ``trio.TooSlowError`` when no reply comes
         within ``timeout`` seconds (protocol.md, "Request and reply").
+        Replies come to this client's private inbox; when a reconnect cannot
+        take it back (the broker still holds the lost connection), requests
+        waiting for a reply raise :class:`ConnectionClosed` and later ones
+        use a new inbox.
         """
         self._check_open()
         self._check_topic(topic)
@@ -638,6 +642,18 @@ class Client:
             await self.subscribe(inbox, self._on_reply)
             self._inbox = inbox
         return self._inbox
+
+    def _lose_inbox(self, error: BrokerError) -> None:
+        """The reply inbox could not be taken back after a reconnect (the
+        broker still holds it for the lost connection, or gave it away):
+        the next request uses a new one, and requests waiting for a reply
+        there fail now rather than time out."""
+        _log.warning("reply inbox not resumed; using a new one", inbox=self._inbox, error=str(error))
+        self._inbox = None
+        lost = ConnectionClosed(f"the reply inbox was lost with the connection: {error}")
+        for waiter in self._replies.values():
+            waiter.done(lost)
+        self._replies.clear()
 
     def _on_reply(self, msg: Message) -> None:
         waiter = self._replies.pop(msg.headers.get("correlation-id", ""), None)
@@ -1182,6 +1198,10 @@ class Client:
             elif sub is not None and sub._resuming:
                 # The broker refused to continue it on the new connection.
                 del self._subs[err.ref]
+                if sub.pattern == self._inbox:
+                    self._lose_inbox(error)
+                    sub._close()  # not its callback's error to raise
+                    return
                 sub._close(error)
                 _log.warning("subscription not resumed", pattern=sub.pattern, error=str(error))
                 return

@@ -21,7 +21,12 @@ client's user (``hal``). In rounds:
    refused PUBLISH gets 211, accepted ones a PUBACK; SUBSCRIBE succeeds
    exactly when the rules allow (and 211 otherwise); no DELIVER or
    GROUP_DELIVER ever carries a topic the user may not read; INFO and
-   GROUPS list exactly the readable topics and groups.
+   GROUPS list exactly the readable topics and groups. Inboxes
+   (``_inbox...``, protocol.md "Request and reply") follow ownership, not
+   permissions: the admin's connection owns two, which rita's SUBSCRIBEs
+   must be refused; rita owns those she subscribes to first (and takes
+   them back on her next connection); only an owner's exact subscription
+   is delivered an inbox's messages; no INFO lists one; none is stored.
 3. After each round the healthy client publishes and receives; at the end
    it replays everything it had acknowledged, and every topic holds exactly
    the messages some authenticated party had acknowledged (so nothing
@@ -116,7 +121,8 @@ HAL_PASSWORD = "hal-pw-Lr5tY1uI8oP3"
 
 RITA_PUBLISH_ALLOW = ("a.*", "shared.>", "x.*.x", "dlq.*")
 RITA_PUBLISH_DENY = ("shared.secret.>", "a.secret", "*.*.b", "_inbox.secret")
-RITA_SUBSCRIBE_ALLOW = ("a.>", "shared.*", "b.x", "x.*.a", "dlq.>")
+#: "*.x" reaches the admin's inbox _inbox.x: a wildcard never delivers it.
+RITA_SUBSCRIBE_ALLOW = ("a.>", "shared.*", "b.x", "x.*.a", "dlq.>", "*.x")
 RITA_SUBSCRIBE_DENY = ("a.secret.>", "*.secret", "a.b.b", "_inbox.b")
 
 #: Topic tokens of the fuzzed requests; "zz" appears in no rule and no
@@ -128,7 +134,7 @@ EDGE_PATTERNS = (
     *RITA_PUBLISH_ALLOW,
     "a.*", "a.secret", "a.secret.x", "a.b.*", "a.b", "a.x.>", "shared.>", "shared.secret",
     "b.*", "x.>", "x.b.a", "x.secret.a", "_inbox.a", "_inbox.*", "_inbox.>", "*", ">", "*.x",
-    "dlq.g1", "dlq.*",
+    "dlq.g1", "dlq.*", "_inbox.x", "_inbox.shared", "_inbox.x.a",
 )  # fmt: skip
 EDGE_TOPICS = (
     "a.x", "a.b", "a.secret", "a.b.b", "a.secret.x", "shared.x", "shared.secret", "shared.secret.x",
@@ -138,6 +144,8 @@ EDGE_TOPICS = (
 #: Patterns rita may subscribe to, so that her groups get deliveries.
 READABLE_PATTERNS = ("a.x.>", "shared.x", "b.x", "x.*.a", "a.b.a", "dlq.>", "a.*.x")
 GROUP_NAMES = ("g1", "g2", "g3")
+#: Inboxes the admin's connection subscribes to (owns) for the whole run.
+ADMIN_INBOXES = ("_inbox.x", "_inbox.shared")
 #: Groups the admin creates and keeps a member in: one rita may read, one not.
 ADMIN_GROUPS = {"adm_ok": "a.x.>", "adm_secret": "a.secret.>"}
 
@@ -191,7 +199,13 @@ def matching(pattern: str) -> frozenset[tuple[str, ...]]:
 
 
 def _inbox(tokens: list[str]) -> bool:
-    return len(tokens) == 2 and tokens[0] == "_inbox" and tokens[1] not in ("*", ">")
+    """An inbox by its exact name (protocol.md: every topic under ``_inbox``)."""
+    return len(tokens) >= 2 and tokens[0] == "_inbox" and "*" not in tokens and ">" not in tokens
+
+
+def is_inbox(name: str) -> bool:
+    """A topic, or a pattern, that can name inboxes only."""
+    return name.split(".")[0] == "_inbox" and "." in name
 
 
 def rita_may_publish(topic: str) -> bool:
@@ -209,6 +223,7 @@ def rita_may_subscribe(pattern: str) -> bool:
 
 
 def rita_may_read(topic: str) -> bool:
+    """By permissions alone: inboxes also need ownership (Rita.may_receive)."""
     tokens = tuple(topic.split("."))
     if any(match(tuple(d.split(".")), tokens) for d in RITA_SUBSCRIBE_DENY):
         return False
@@ -226,6 +241,9 @@ def test_oracle_sanity() -> None:
     assert rita_may_subscribe("_inbox.a") and not rita_may_subscribe("_inbox.b") and not rita_may_subscribe("_inbox.*")
     assert not rita_may_subscribe("b.*") and rita_may_subscribe("b.x") and rita_may_subscribe("x.*.a")
     assert rita_may_read("a.b.a") and not rita_may_read("a.b.b") and not rita_may_read("x.secret")
+    assert rita_may_publish("_inbox.a.x") and rita_may_subscribe("_inbox.a.x") and not rita_may_publish("_inbox")
+    assert not rita_may_publish("_inbox.a.b")  # deny *.*.b wins over the inbox rule
+    assert rita_may_subscribe("*.x") and rita_may_read("_inbox.x") and is_inbox("_inbox.*") and not is_inbox("_inbox")
 
 
 # -- generators ----------------------------------------------------------------
@@ -410,6 +428,11 @@ class Tally:
     delivered: int = 0
     group_delivered: int = 0
     admin_published: int = 0
+    #: SUBSCRIBEs of rita to the admin's inboxes (refused), and to her own.
+    others_inbox: int = 0
+    own_inbox: int = 0
+    #: Inbox messages delivered to rita (her own), and dropped replies.
+    inbox_delivered: int = 0
 
     def outcome(self, what: str) -> None:
         self.outcomes[what] = self.outcomes.get(what, 0) + 1
@@ -461,8 +484,13 @@ class World:
     admin_members: set[str] = attrs.Factory(lambda: set(ADMIN_GROUPS))
     existing: set[str] = attrs.Factory(set)
     acked: dict[str, int] = attrs.Factory(dict)
+    #: Inbox -> who owns it ("root", "rita"); rita's outlive her connection
+    #: (grace) and her next connection takes them back.
+    inbox_owner: dict[str, str] = attrs.Factory(lambda: dict.fromkeys(ADMIN_INBOXES, "root"))
 
     def stored(self, topic: str, count: int) -> None:
+        if is_inbox(topic):
+            return  # acknowledged, never stored (in memory for its owner only)
         self.existing.add(topic)
         self.acked[topic] = self.acked.get(topic, 0) + count
 
@@ -488,6 +516,7 @@ class Rita:
         self.subs: dict[int, tuple[str, str | None]] = {}  # active: sub_id -> (pattern, group)
         self.ever: dict[int, tuple[str, str | None]] = {}  # accepted at some point
         self.members: dict[str, int] = {}  # group -> her members in it
+        self.inbox_subs: dict[str, int] = {}  # inbox -> her active subscriptions to it
         self.pending: dict[tuple[int, int], Expect] = {}
 
     def request_id(self) -> int:
@@ -525,6 +554,21 @@ class Rita:
             sub = Subscribe(sid, pattern, start, 0, UNLIMITED_CREDIT, options)
             if not rita_may_subscribe(pattern):
                 outcome = ErrorCode.PERMISSION_DENIED
+            elif is_inbox(pattern):
+                # Ownership (protocol.md, "Request and reply"), whatever
+                # the permissions say.
+                if not _inbox(pattern.split(".")):
+                    outcome = ErrorCode.PERMISSION_DENIED  # a wildcard over inboxes only
+                elif group is not None:
+                    outcome = ErrorCode.BAD_REQUEST
+                elif world.inbox_owner.get(pattern, "rita") != "rita":
+                    outcome = ErrorCode.PERMISSION_DENIED
+                    self.tally.others_inbox += 1
+                else:
+                    outcome = "ok"
+                    world.inbox_owner[pattern] = "rita"
+                    self.inbox_subs[pattern] = self.inbox_subs.get(pattern, 0) + 1
+                    self.tally.own_inbox += 1
             elif group is None:
                 outcome = "ok"
             elif group in world.groups:
@@ -544,9 +588,15 @@ class Rita:
         if pick < 0.72:
             if self.subs and rng.random() < 0.8:
                 sid = rng.choice(sorted(self.subs))
-                _, group = self.subs.pop(sid)
+                pattern, group = self.subs.pop(sid)
                 if group is not None:
                     self.members[group] -= 1
+                if pattern in self.inbox_subs:
+                    self.inbox_subs[pattern] -= 1
+                    if not self.inbox_subs[pattern]:
+                        # Her last subscription: the owner gave it up.
+                        del self.inbox_subs[pattern]
+                        del self.world.inbox_owner[pattern]
                 outcome = "ok"
             else:
                 sid = self.next_sub + 1000
@@ -605,6 +655,7 @@ class Rita:
     async def drain(self) -> None:
         """Say GOODBYE and check what is still delivered, up to EOF."""
         self.subs.clear()  # nothing is acked after GOODBYE
+        self.inbox_subs.clear()  # her inboxes wait for her next connection
         await self.peer.send(self.peer.conn.send(Goodbye()))
         while (event := await self.peer.next_event()) is not None:
             if isinstance(event, Goodbye):
@@ -615,9 +666,15 @@ class Rita:
 
     def check_topic(self, sub_id: int, topic: str, kind: str) -> None:
         assert sub_id in self.ever, f"{kind} for a sub_id never accepted: {sub_id} {topic!r}"
-        pattern, _ = self.ever[sub_id]
+        pattern, group = self.ever[sub_id]
         assert rita_may_read(topic), f"SECURITY: {kind} of {topic!r} to rita (sub {sub_id}, {pattern!r})"
         assert match(tuple(pattern.split(".")), tuple(topic.split("."))), (kind, topic, pattern)
+        if is_inbox(topic):
+            # Only to an exact subscription the oracle accepted because rita
+            # owned the inbox then (it may have ended since: deliveries
+            # arrive up to its UNSUBACK), never to a wildcard or a group.
+            assert pattern == topic and group is None, f"SECURITY: {kind} of inbox {topic!r} to sub {pattern!r}"
+            self.tally.inbox_delivered += 1
 
     async def answer(self, event: Event) -> None:
         if isinstance(event, Deliver):
@@ -674,6 +731,7 @@ class Rita:
             listed = {t.topic for t in event.topics}
             for topic in listed:
                 assert rita_may_read(topic), f"SECURITY: INFO lists {topic!r} to rita: {what}"
+                assert not is_inbox(topic), f"SECURITY: INFO lists inbox {topic!r}: {what}"
                 assert match(pattern, tuple(topic.split("."))), what
             known = {t for t in exp.outcome if rita_may_read(t) and match(pattern, tuple(t.split(".")))}
             assert known <= listed, f"INFO misses readable topics {known - listed}: {what}"
@@ -794,6 +852,9 @@ async def test_fuzz_auth_boundary(tmp_path: Path) -> None:
                         started = trio.Event()
                         members.start_soon(admin_group_member, admin, name, pattern, started)
                         await started.wait()
+                    admin_replies: list[str] = []
+                    for inbox in ADMIN_INBOXES:
+                        await admin.subscribe(inbox, lambda m: admin_replies.append(m.topic))
                     healthy = HalHealthy(hal)
                     await healthy.check()
                     for _ in range(ROUNDS):
@@ -821,9 +882,15 @@ async def test_fuzz_auth_boundary(tmp_path: Path) -> None:
                 async with client.connect(server.url, name="root", token=ROOT_TOKEN, connect_timeout=TIMEOUT) as admin:
                     topics, _ = await snapshot(admin)
                 assert topics == world.acked
+                # The admin's inboxes got what was published to them, nobody
+                # else's subscription did (check_topic), and no inbox was
+                # ever stored.
+                assert set(admin_replies) == set(ADMIN_INBOXES)
+                assert not [d.name for d in (tmp_path / "data" / "topics").iterdir() if d.name.startswith("_inbox.")]
     print(f"fuzz auth: {tally}")
     assert tally.unauth == ROUNDS * UNAUTH_PER_ROUND
     assert tally.unauth_codes.get("AUTH_FAILED", 0) > 0 and tally.unauth_codes.get("HANDSHAKE_REQUIRED", 0) > 0
     assert tally.outcomes.get("publish PERMISSION_DENIED", 0) > 0 and tally.outcomes.get("publish ok", 0) > 0
     assert tally.outcomes.get("subscribe PERMISSION_DENIED", 0) > 0 and tally.outcomes.get("subscribe ok", 0) > 0
     assert tally.delivered > 0 and tally.group_delivered > 0
+    assert tally.others_inbox > 0 and tally.own_inbox > 0 and tally.inbox_delivered > 0

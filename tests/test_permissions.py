@@ -161,7 +161,9 @@ def test_inboxes_are_implicit_unless_denied() -> None:
     assert p.may_subscribe("_inbox.abc")  # one's own inbox
     assert not p.may_subscribe("_inbox.*")  # everyone's inboxes
     assert not p.may_subscribe("_inbox.>")
-    assert not p.may_publish("_inbox.abc.def")
+    # Every topic under _inbox is an inbox (broker/inboxes.py), at any depth.
+    assert p.may_publish("_inbox.abc.def") and p.may_subscribe("_inbox.abc.def")
+    assert not p.may_subscribe("_inbox.abc.*") and not p.may_publish("_inbox")
     denied = Permissions(publish_deny=("_inbox.>",), subscribe_deny=("_inbox.>",))
     assert not denied.may_publish("_inbox.abc")
     assert not denied.may_subscribe("_inbox.abc")

@@ -9,7 +9,9 @@ binary protocol: publishing needs publish permission on the topic, reading
 (topic figures, messages, events) subscribe permission, topic lists show
 only readable topics, and the broker-wide figures (``/metrics``,
 ``/v1/broker``) need ``admin = true``. Refusals are 403. Without a users
-file every request is allowed, as before.
+file every request is allowed, as before. Request/reply inboxes belong to
+the TCP connection that owns them (broker/inboxes.py): no HTTP request
+lists or reads one (404), whoever asks.
 """
 
 from __future__ import annotations

@@ -92,6 +92,8 @@ async def broker_info(http: HttpServer, request: Request, params: Mapping[str, s
                 "connections_total": http.connections_total,
             },
             "topics": len(server.router.topics),
+            # Request/reply inboxes are no topics: a count, never names.
+            "inboxes": len(server.router.inboxes),
             "messages_in": sum(t.messages_in for t in topics),
             "messages_out": sum(t.messages_out for t in topics),
             "publish_acks": {d.name.lower(): n for d, n in server.acks_by_durability.items()},

@@ -8,7 +8,8 @@ path. Families:
 - ``pybroker_connections`` / ``pybroker_connections_opened_total`` by
   transport (tcp, http); ``pybroker_connections_refused_total`` (tcp, at
   max_connections); ``pybroker_http_requests_total`` by status code
-- ``pybroker_topics``; per topic: ``pybroker_topic_messages_in_total``,
+- ``pybroker_topics``; ``pybroker_inboxes`` (request/reply inboxes, by
+  state: owned, grace; never per inbox); per topic: ``pybroker_topic_messages_in_total``,
   ``..._bytes_in_total``, ``..._messages_out_total``, ``..._bytes_out_total``,
   ``pybroker_topic_log_bytes``, ``..._first_offset``, ``..._next_offset``,
   ``pybroker_topic_subscriptions``, ``pybroker_topic_max_lag_messages``
@@ -139,6 +140,13 @@ def render(http: HttpServer) -> str:
     )
     topics = [server.router.topics[name] for name in sorted(server.router.topics)]
     out.family("pybroker_topics", "gauge", "Topics the broker holds.", [({}, len(topics))])
+    out.family(
+        "pybroker_inboxes",
+        "gauge",
+        "Request/reply inboxes held in memory (never listed per topic), and those waiting to be reclaimed.",
+        [({"state": "owned"}, len(server.router.inboxes) - server.router.inboxes.in_grace),
+         ({"state": "grace"}, server.router.inboxes.in_grace)],
+    )
     per_topic: list[tuple[str, str, str, Callable[[Topic], float]]] = [
         ("pybroker_topic_messages_in", "counter", "Messages published to the topic.", lambda t: t.messages_in),
         ("pybroker_topic_bytes_in", "counter", "Batch bytes published to the topic.", lambda t: t.bytes_in),

@@ -30,10 +30,11 @@ import trio
 
 from client.protocol.batch import MalformedBatch, decode_batch
 
+from ..inboxes import is_inbox
 from ..log import DataLoss
 from ..router import Subscription, Topic
 from .access import require_read
-from .messages import Request, Send, StreamResponse
+from .messages import HttpError, Request, Send, StreamResponse
 from .validate import check_query, parse_offset, valid_topic
 
 if TYPE_CHECKING:
@@ -82,6 +83,10 @@ async def events(http: HttpServer, request: Request, params: Mapping[str, str]) 
     name = valid_topic(http, params["topic"])
     check_query(request, {"from"})
     require_read(request, name)
+    if is_inbox(name):
+        # Private to the TCP connection that owns it (broker/inboxes.py);
+        # as for other reads, no such topic.
+        raise HttpError(404, f"no such topic: {name}", code="topic_not_found")
     start: int | None = None
     last_id = request.header("last-event-id")
     if last_id is not None and last_id.strip():
