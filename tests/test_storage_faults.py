@@ -423,13 +423,21 @@ async def test_real_disk_full_on_a_small_tmpfs(tmp_path: Path) -> None:
                                 break
                 assert refused == 3 and acked
                 ballast.unlink()  # space returns: no restart needed
-                acked.append((await c.publish("fill", b"%04d" % len(acked) + b"after")).offset)
-            child.process.send_signal(signal.SIGTERM)
-            assert await child.wait() == 0
+                for _ in range(40):
+                    ack = await c.publish("fill", b"%04d" % len(acked) + b"after")
+                    assert ack.durability is Durability.DISK
+                    acked.append(ack.offset)
+                # What the issue saw: a replay right away gets everything.
+                got = await replay(listening["url"], "fill", len(acked))
+                assert [o for o, _ in got] == acked
+            child.process.kill()  # kill -9: nothing but what is on disk counts
+            await child.wait()
         async with spawn(args, "after") as child:
             listening = await child.stderr.wait_for(find_event("listening"))
             got = await replay(listening["url"], "fill", len(acked))
             assert [o for o, _ in got] == acked == list(range(len(acked)))
             assert [p[:4] for _, p in got] == [b"%04d" % i for i in range(len(acked))]
+            async with client.connect(listening["url"]) as c:
+                assert (await c.publish("fill", b"next")).offset == len(acked)  # never reused
             child.process.send_signal(signal.SIGTERM)
             assert await child.wait() == 0
