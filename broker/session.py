@@ -890,6 +890,8 @@ class Session:
                             raise DataLoss(topic.name, offset, first - 1, "retention")
                         batches = log.read(offset, limit - self._out_bytes - self._sending)
                     except DataLoss as lost:
+                        if lost.last >= topic.visible_next:  # not yet visible: not ours to report
+                            lost = DataLoss(lost.topic, lost.first, topic.visible_next - 1, lost.reason)
                         self._data_lost(sub, lost)
                         offset = lost.last + 1
                         continue
