@@ -12,6 +12,10 @@ All of it is synchronous and takes ``now`` (Trio's clock) as an argument;
 test with ``MockClock`` drives redelivery in milliseconds. Tracking is per
 message (a dict entry per pending offset): work queues settle messages one
 by one, so this is inherent, and it stays off the plain pub/sub hot path.
+
+With file storage the manager records every hand-out and dead letter in the
+groups' journal (broker/groupstate.py) before it happens, so delivery counts
+and dead letters hold across kill -9 (protocol.md, "Consumer groups").
 """
 
 from __future__ import annotations
