@@ -761,7 +761,10 @@ class GroupManager:
         now = trio.current_time()
         for group in list(self.groups.values()):
             group.run_timers(now)
-            group.dispatch(now)
+            if not self.broken:
+                # (While it is, nothing could be sent: handing out more would
+                # only grow the held list with every ack-wait expiry.)
+                group.dispatch(now)
         self._write_records()
 
     # -- counted before sent ------------------------------------------------

@@ -431,15 +431,22 @@ async def test_full_disk_holds_group_deliveries_until_a_checkpoint_fits(tmp_path
     rig.manager.snapshot_changed()  # the writer's retry: still full
     await rig.manager.sync_round()
     assert rig.manager.broken and session.got == []
+    # Meanwhile nothing more is handed out (it could not be sent).
+    session2, _ = rig.join()
+    await rig.publish("jobs", b"c")
+    await rig.step()
+    assert rig.manager.groups["g"].delivered == 2 and session2.got == []
     rig.ops.free()
     rig.manager.snapshot_changed()
     await rig.manager.sync_round()
     assert not rig.manager.broken
     assert [(d.offsets, d.deliveries) for d in session.got] == [([1], 1)]
+    await rig.step()  # and the rest goes out
+    assert sorted((d.offsets, d.deliveries) for d in session.got + session2.got) == [([1], 1), ([2], 1)]
     # Exactly one journal file is left, and it holds the ack made meanwhile.
     assert [p.name for p in (tmp_path / "groups").iterdir()] == [rig.manager.journal.path.name]  # type: ignore[union-attr]
     rig = rig.crash()
-    assert rig.pending() == {1: 1}
+    assert rig.pending() == {1: 1, 2: 1}
     rig.stop()
 
 
