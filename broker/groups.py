@@ -12,20 +12,22 @@ All of it is synchronous and takes ``now`` (Trio's clock) as an argument;
 test with ``MockClock`` drives redelivery in milliseconds. Tracking is per
 message (a dict entry per pending offset): work queues settle messages one
 by one, so this is inherent, and it stays off the plain pub/sub hot path.
+
+With file storage the manager records every hand-out and dead letter in the
+groups' journal (broker/groupstate.py) before it happens, so delivery counts
+and dead letters hold across kill -9 (protocol.md, "Consumer groups").
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import json
-import os
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import attrs
 import trio
@@ -34,7 +36,20 @@ from client.protocol import AckKind, StartKind, decode_batch, encode_batch, enco
 from client.protocol.batch import RECORD_HEADER, MalformedBatch, split_records
 from client.protocol.subjects import pattern_error, tokens_match, topic_error
 
+from .groupstate import (
+    FORMAT,
+    Journal,
+    SavedTopic,
+    encode_checkpoint,
+    encode_dead_lettering,
+    encode_delivered,
+    encode_removed,
+    encode_snapshot,
+    find_dead_letters,
+    read_state_dir,
+)
 from .log import DataLoss, StorageError, StoredBatch
+from .log.fileops import REAL, FileOps, fsync_dir
 from .logs import get_logger
 
 if TYPE_CHECKING:
@@ -95,23 +110,27 @@ def group_name_error(name: str) -> str | None:
 
 
 class Member:
-    __slots__ = ("sub", "unacked")
+    __slots__ = ("sub", "unacked", "active")
 
     def __init__(self, sub: Subscription) -> None:
         self.sub = sub
         self.unacked = 0
+        self.active = True  # False once it left: held deliveries are not sent
 
 
 class Pending:
     """One unsettled message: handed to ``member`` (or waiting to be)."""
 
-    __slots__ = ("member", "deliveries", "deadline", "queued")
+    __slots__ = ("member", "deliveries", "deadline", "queued", "dead_letter_from")
 
     def __init__(self, member: Member | None, deliveries: int, deadline: float) -> None:
         self.member = member
         self.deliveries = deliveries
         self.deadline = deadline  # ack wait expiry, or when a nak'ed message is due
         self.queued = False  # in the topic's redelivery queue
+        #: Being dead-lettered: the dead-letter topic's next offset when that
+        #: was recorded (where a restart looks for it). None otherwise.
+        self.dead_letter_from: int | None = None
 
 
 class GroupTopic:
@@ -163,6 +182,7 @@ class Group:
     ) -> None:
         self.manager = manager
         self.name = name
+        self.name_bytes = name.encode()
         self.pattern = pattern
         self.tokens = pattern.split(".")
         self.config = config
@@ -176,6 +196,11 @@ class Group:
         self._timers: list[tuple[float, int, GroupTopic, int, int]] = []
         #: Bumped by every change a snapshot would record (GroupManager persists).
         self.version = 0
+        #: Dead letters published whose message the dead-letter topic has not
+        #: made durable yet (fsync always): (that topic, its offset, topic
+        #: state, offset, deliveries, dead_letter_from). Snapshots keep them
+        #: pending until it has, so a power loss cannot lose both copies.
+        self.unconfirmed: list[tuple[Topic, int, GroupTopic, int, int, int]] = []
         self.delivered = 0
         self.redelivered = 0
         self.acked = 0
@@ -214,6 +239,7 @@ class Group:
         """Its unsettled messages go to the other members (or wait for one)."""
         if member in self.members:
             self.members.remove(member)
+        member.active = False
         for gt in self.topics.values():
             for offset, p in gt.pending.items():
                 if p.member is member:
@@ -381,7 +407,7 @@ class Group:
         self.version += 1
         self.delivered += count
         self._timer(deadline, gt, base, base + count - 1)
-        member.sub.session.deliver_group(member.sub, gt.topic, base, batch.timestamp, 1, payload)
+        self.manager.hand_out(self, member, gt.topic, base, count, batch.timestamp, 1, payload)
 
     def _redeliver(self, gt: GroupTopic, offset: int, p: Pending, member: Member, now: float) -> None:
         try:
@@ -407,17 +433,7 @@ class Group:
             self._settle_malformed(gt, range(offset, offset + 1), exc)
             return
         if self.config.max_deliver and p.deliveries >= self.config.max_deliver:
-            try:
-                self._dead_letter(gt, offset, p, stored.timestamp, record)
-            except StorageError as exc:
-                # The dead-letter topic cannot take it now (disk full): the
-                # message stays pending here and is tried again later.
-                p.deadline = now + DEAD_LETTER_RETRY_SECONDS
-                self._timer(p.deadline, gt, offset, offset)
-                self.manager.log.error(
-                    "dead letter could not be stored; retrying",
-                    group=self.name, topic=gt.topic.name, offset=offset, error=exc.message,
-                )
+            self.manager.dead_letter(self, gt, offset, p, stored.timestamp, record, now)
             return
         p.deliveries += 1
         self.version += 1
@@ -426,14 +442,8 @@ class Group:
         member.unacked += 1
         self.redelivered += 1
         self._timer(p.deadline, gt, offset, offset)
-        member.sub.session.deliver_group(
-            member.sub,
-            gt.topic,
-            offset,
-            stored.timestamp,
-            p.deliveries,
-            encode_batch_from_records([record]),
-        )
+        payload = encode_batch_from_records([record])
+        self.manager.hand_out(self, member, gt.topic, offset, 1, stored.timestamp, p.deliveries, payload)
 
     def _settle_malformed(self, gt: GroupTopic, offsets: range, exc: MalformedBatch) -> None:
         """Messages of a stored batch that does not split into its records.
@@ -452,6 +462,24 @@ class Group:
             offsets=f"{offsets.start}..{offsets.stop - 1}",
             detail=str(exc),
         )
+
+    def _try_dead_letter(
+        self, gt: GroupTopic, offset: int, p: Pending, timestamp: int, record: bytes, now: float
+    ) -> None:
+        """Publish the dead letter, or, when the dead-letter topic cannot
+        take it now (disk full), keep the message pending and try again later."""
+        try:
+            self._dead_letter(gt, offset, p, timestamp, record)
+        except StorageError as exc:
+            # Nothing was stored: a restart that looks for it finds nothing
+            # and publishes it then, as the retry would.
+            p.dead_letter_from = None
+            p.deadline = now + DEAD_LETTER_RETRY_SECONDS
+            self._timer(p.deadline, gt, offset, offset)
+            self.manager.log.error(
+                "dead letter could not be stored; retrying",
+                group=self.name, topic=gt.topic.name, offset=offset, error=exc.message,
+            )
 
     def _dead_letter(self, gt: GroupTopic, offset: int, p: Pending, timestamp: int, record: bytes) -> None:
         dead_letter_headers = {
@@ -474,7 +502,9 @@ class Group:
             batch = encode_batch([(payload, dead_letter_headers)])
         router = self.manager.router
         dlq = router.topic(self.config.dead_letter)
-        router.publish(dlq, batch, 1, time.time_ns() // 1000)
+        dlq_offset = router.publish(dlq, batch, 1, time.time_ns() // 1000)[0]
+        if p.dead_letter_from is not None and dlq.visible_next <= dlq_offset:
+            self.unconfirmed.append((dlq, dlq_offset, gt, offset, p.deliveries, p.dead_letter_from))
         del gt.pending[offset]
         self.version += 1
         self.dead_lettered += 1
@@ -490,12 +520,24 @@ class Group:
     # -- persistence --------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """Everything a restart needs. Any older snapshot is safe to restore
-        (it can only cause redeliveries), so these need not be written on
-        every change."""
+        """Everything a restart needs (broker/groupstate.py: the snapshot
+        that starts a journal)."""
         c = self.config
+        # Dead letters the dead-letter topic has made durable are settled.
+        self.unconfirmed = [u for u in self.unconfirmed if u[0].visible_next <= u[1]]
+        topics: dict[str, Any] = {}
+        for gt in self.topics.values():
+            topics[gt.topic.name] = {
+                "cursor": gt.cursor,
+                "pending": [
+                    [o, p.deliveries] if p.dead_letter_from is None else [o, p.deliveries, p.dead_letter_from]
+                    for o, p in sorted(gt.pending.items())
+                ],
+            }
+        for _, _, gt, offset, deliveries, dead_letter_from in self.unconfirmed:
+            topics[gt.topic.name]["pending"].append([offset, deliveries, dead_letter_from])
         return {
-            "version": 1,
+            "version": FORMAT,
             "name": self.name,
             "pattern": self.pattern,
             "start": int(self.start),
@@ -507,20 +549,16 @@ class Group:
                 "max_ack_pending": c.max_ack_pending,
                 "dead_letter": c.dead_letter,
             },
-            "topics": {
-                gt.topic.name: {
-                    "cursor": gt.cursor,
-                    "pending": [[o, p.deliveries] for o, p in sorted(gt.pending.items())],
-                }
-                for gt in self.topics.values()
-            },
+            "topics": topics,
         }
 
-    def restore(self, topics: Mapping[str, Any]) -> None:
-        """Positions and pending messages from a snapshot; every pending one
-        is ready to be delivered again (its member is gone)."""
+    def restore(self, topics: Mapping[str, SavedTopic]) -> None:
+        """Positions and pending messages as saved; every pending one is
+        ready to be delivered again (its member is gone), except one whose
+        dead letter was published before the crash: that one is settled."""
         router = self.manager.router
-        for name, state in topics.items():
+        restored: list[tuple[GroupTopic, int, Pending]] = []
+        for name, saved in topics.items():
             topic = router.topics.get(name)
             if topic is None:
                 continue  # the topic's log is gone: nothing left to deliver
@@ -529,12 +567,39 @@ class Group:
                 continue
             # The log may have lost a tail it had not fsynced (fsync never):
             # offsets past its end no longer exist.
-            end = topic.log.next_offset
-            gt.cursor = min(int(state["cursor"]), end)
-            for offset, deliveries in state["pending"]:
+            gt.cursor = min(saved.cursor, topic.log.next_offset)
+            for offset in sorted(saved.pending):
                 if offset < gt.cursor:
-                    p = gt.pending[int(offset)] = Pending(None, int(deliveries), 0.0)
-                    self._make_ready(gt, int(offset), p)
+                    sp = saved.pending[offset]
+                    p = gt.pending[offset] = Pending(None, sp.deliveries, 0.0)
+                    p.dead_letter_from = sp.dead_letter_from
+                    restored.append((gt, offset, p))
+        self._settle_published_dead_letters([r for r in restored if r[2].dead_letter_from is not None])
+        for gt, offset, p in restored:
+            if gt.pending.get(offset) is p:
+                self._make_ready(gt, offset, p)
+
+    def _settle_published_dead_letters(self, waiting: list[tuple[GroupTopic, int, Pending]]) -> None:
+        """Messages a crash caught being dead-lettered: settled if their dead
+        letter is in the dead-letter topic, else dead-lettered (again) at
+        their next turn, since their count has reached max_deliver."""
+        if not waiting:
+            return
+        dlq = self.manager.router.topics.get(self.config.dead_letter)
+        wanted = {(gt.topic.name, offset) for gt, offset, _ in waiting}
+        start = min(p.dead_letter_from or 0 for _, _, p in waiting)
+        found = find_dead_letters(dlq.log, self.name, wanted, start) if dlq is not None else set()
+        for gt, offset, p in waiting:
+            p.dead_letter_from = None
+            if (gt.topic.name, offset) in found:
+                del gt.pending[offset]
+                self.dead_lettered += 1
+        self.manager.log.info(
+            "group recovered dead letters in flight",
+            group=self.name,
+            already_published=len(found),
+            to_publish=len(waiting) - len(found),
+        )
 
     def statistics(self) -> dict[str, Any]:
         config = self.config
@@ -565,23 +630,63 @@ class Group:
 class GroupManager:
     """Every group of one broker, and the one task that runs them.
 
-    With a ``state_dir`` each group's snapshot is kept in
-    ``state_dir/<quoted name>.json``: loaded on start, rewritten atomically
-    (write, fsync, rename, fsync the directory) at most every
-    ``persist_interval`` seconds when it changed, and on shutdown.
+    With a ``state_dir`` the groups' state is kept in a journal there
+    (broker/groupstate.py), opened by :meth:`load`: every hand-out and dead
+    letter is recorded before it happens, and each group that changed is
+    snapshotted into it at most every ``persist_interval`` seconds, and at
+    shutdown. With ``sync`` (the broker's fsync ``always``) a hand-out waits
+    for the fsync covering its record, one fsync per round for all groups,
+    in a worker thread, the way the log's group commit holds PUBACKs;
+    otherwise the record is written to the OS before the delivery is queued
+    (it survives kill -9, not power loss) and fsynced with the snapshots.
     """
 
+    #: The journal starts over with a fresh checkpoint once it is this many
+    #: times its last checkpoint (and at least ROTATE_MIN_BYTES): replaying
+    #: it at start-up stays proportional to the state it describes.
+    ROTATE_FACTOR = 4
+    ROTATE_MIN_BYTES = 4 << 20
+
     def __init__(
-        self, router: Router, state_dir: Path | None = None, persist_interval: float = 0.2
+        self,
+        router: Router,
+        state_dir: Path | None = None,
+        persist_interval: float = 0.2,
+        *,
+        sync: bool = True,
+        ops: FileOps = REAL,
     ) -> None:
         self.router = router
         self.state_dir = state_dir
         self.persist_interval = persist_interval
+        self.sync = sync
+        self.ops = ops
         self._persisted: dict[str, int] = {}
         self.groups: dict[str, Group] = {}
         self.timer_ids = itertools.count()
         self._wake = trio.Event()
         self.log: Any = get_logger(component="groups")
+        #: The open journal (after load() with a state_dir). None while a
+        #: write or fsync failure has left no file to trust (``broken``).
+        self.journal: Journal | None = None
+        #: A journal write or fsync failed: hand-outs wait until a new
+        #: generation (a checkpoint of everything) is written and fsynced.
+        self.broken = False
+        self._generation = 0
+        # Records of this dispatch pass, written at its end.
+        self._records = bytearray()
+        # Hand-outs and dead letters whose records are not durable yet, in
+        # order. Bounded: a hand-out counts against its member's
+        # max_ack_pending, a dead letter is one of the group's pending messages.
+        self._held: list[Callable[[], None]] = []
+        self._writer_wake = trio.Event()
+        # Journals a new checkpoint replaced: deleted once it is durable;
+        # and files read at start-up, likewise.
+        self._retired: list[Journal] = []
+        self._superseded: list[Path] = []
+        #: Writer rounds that fsynced the journal, and checkpoints written.
+        self.sync_rounds = 0
+        self.checkpoints = 0
 
     def wake(self) -> None:
         self._wake.set()
@@ -609,6 +714,11 @@ class GroupManager:
         elif group.pattern != pattern:
             raise ValueError(f"group {name!r} reads {group.pattern!r}, not {pattern!r}")
         member = group.add_member(sub)
+        if self.state_dir is not None and name not in self._persisted:
+            # Saved before it hands anything out: its records mean nothing
+            # without the settings and start its snapshot carries.
+            self._append(encode_snapshot(group.snapshot()))
+            self._persisted[name] = group.version
         self.wake()
         return member
 
@@ -618,9 +728,8 @@ class GroupManager:
         if group.members:
             raise ValueError(f"group {name!r} has {len(group.members)} members")
         del self.groups[name]
-        self._persisted.pop(name, None)
-        if self.state_dir is not None:
-            self._path(name).unlink(missing_ok=True)
+        if self._persisted.pop(name, None) is not None:
+            self._append(encode_removed(group.name_bytes))
         for gt in group.topics.values():
             gt.topic.groups = [g for g in gt.topic.groups if g is not group]
 
@@ -629,6 +738,7 @@ class GroupManager:
             if group.matches(topic):
                 group.attach(topic, created_now=True)
                 topic.groups.append(group)
+                group.version += 1  # its cursor there is saved with the next snapshot
 
     def leave(self, group: Group, member: Member) -> None:
         group.remove_member(member, trio.current_time())
@@ -651,90 +761,276 @@ class GroupManager:
         now = trio.current_time()
         for group in list(self.groups.values()):
             group.run_timers(now)
-            group.dispatch(now)
+            if not self.broken:
+                # (While it is, nothing could be sent: handing out more would
+                # only grow the held list with every ack-wait expiry.)
+                group.dispatch(now)
+        self._write_records()
 
-    # -- persistence --------------------------------------------------------
+    # -- counted before sent ------------------------------------------------
 
-    def _path(self, name: str) -> Path:
-        assert self.state_dir is not None
-        return self.state_dir / f"{quote(name, safe='')}.json"
+    def hand_out(
+        self,
+        group: Group,
+        member: Member,
+        topic: Topic,
+        base: int,
+        count: int,
+        timestamp: int,
+        deliveries: int,
+        batch: bytes,
+    ) -> None:
+        """Send a GROUP_DELIVER once the journal has counted it."""
+        if self.state_dir is None:
+            member.sub.session.deliver_group(member.sub, topic, base, timestamp, deliveries, batch)
+            return
+        self._records += encode_delivered(group.name_bytes, topic.name_bytes, base, count, deliveries)
+        self._held.append(partial(_send, member, topic, base, timestamp, deliveries, batch))
+
+    def dead_letter(
+        self,
+        group: Group,
+        gt: GroupTopic,
+        offset: int,
+        p: Pending,
+        timestamp: int,
+        record: bytes,
+        now: float,
+    ) -> None:
+        """Publish a dead letter once the journal says it may have been: a
+        restart then looks for it before publishing it (again)."""
+        if self.state_dir is None:
+            group._try_dead_letter(gt, offset, p, timestamp, record, now)
+            return
+        dlq = self.router.topics.get(group.config.dead_letter)
+        p.dead_letter_from = dlq.log.next_offset if dlq is not None else 0
+        group.version += 1
+        self._records += encode_dead_lettering(
+            group.name_bytes, gt.topic.name_bytes, offset, p.dead_letter_from
+        )
+        self._held.append(partial(self._publish_dead_letter, group, gt, offset, p, timestamp, record))
+
+    def _publish_dead_letter(
+        self, group: Group, gt: GroupTopic, offset: int, p: Pending, timestamp: int, record: bytes
+    ) -> None:
+        # Settled meanwhile (a late ack), or the group deleted: nothing to publish.
+        if gt.pending.get(offset) is p and self.groups.get(group.name) is group:
+            group._try_dead_letter(gt, offset, p, timestamp, record, trio.current_time())
+
+    def _write_records(self) -> None:
+        """End of a dispatch pass: its records go to the OS in one write;
+        its hand-outs go out now, or after the writer's fsync."""
+        if self._records:
+            records, self._records = self._records, bytearray()
+            self._append(bytes(records))
+        if not self._held:
+            return
+        if self.sync or self.broken:
+            self._writer_wake.set()
+        else:
+            held, self._held = self._held, []
+            _release(held)
+
+    def _append(self, data: bytes) -> None:
+        """Append to the journal; after a failure, nothing more goes into that
+        file (the next checkpoint covers what would have)."""
+        if self.journal is None:
+            return  # broken: the checkpoint that mends it is taken from memory
+        try:
+            self.journal.write(data)
+        except OSError as exc:
+            self._failed("write", exc)
+
+    def _failed(self, what: str, exc: OSError) -> None:
+        """A journal write or fsync failed (a full or failing disk). Nothing it
+        counted may be sent, and after a failed fsync the file cannot be
+        trusted: hand-outs wait, dispatch and acks go on in memory, and the
+        writer tries a new checkpoint every persist_interval."""
+        if not self.broken:
+            self.log.error(
+                f"group journal {what} failed; group deliveries wait until it can be written",
+                error=repr(exc),
+            )
+        self.broken = True
+        if self.journal is not None:
+            self._retired.append(self.journal)
+            self.journal = None
+        self._writer_wake.set()
+
+    # -- saving and loading -------------------------------------------------
 
     def load(self) -> None:
-        """Recreate the groups saved in state_dir (after the log's recovery)."""
+        """Recreate the groups saved in state_dir (after the log's recovery)
+        and start a new journal generation with all of them; the files read
+        are deleted once it is durable."""
         if self.state_dir is None:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        for path in sorted(self.state_dir.glob("*.json")):
+        saved = read_state_dir(self.state_dir)
+        if saved.problems:
+            # Written whole before anything relies on them: a newer file that
+            # does not read is a checkpoint cut short, anything else is damage
+            # from outside. Say so, keep serving; such files are left in place
+            # until a newer journal supersedes them.
+            self.log.error("unreadable group state ignored", problems=saved.problems)
+        for name, state in saved.groups.items():
             try:
-                snap = json.loads(path.read_text("utf-8"))
-                c = snap["config"]
-                config = GroupConfig(
-                    float(c["ack_wait"]),
-                    int(c["max_deliver"]),
-                    tuple(float(b) for b in c["backoff"]),
-                    int(c["max_ack_pending"]),
-                    str(c["dead_letter"]),
-                )
-                name = str(snap["name"])
-                group = Group(
-                    self, name, str(snap["pattern"]), config, StartKind(snap["start"]), int(snap["start_value"])
-                )
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                # Written atomically, so this is damage from outside: say so,
-                # keep serving; the group will be recreated by its next member.
-                self.log.error("unreadable group state ignored", path=str(path), error=repr(exc))
+                group = self._group_from(state.doc)
+            except (ValueError, KeyError, TypeError) as exc:
+                self.log.error("unreadable group state ignored", group=name, problems=[repr(exc)])
                 continue
-            self.groups[name] = group
+            self.groups[group.name] = group
             for topic in self.router.topics.values():
                 if group.matches(topic):
                     group.attach(topic)
                     topic.groups.append(group)
-            group.restore(snap["topics"])
-            self._persisted[name] = group.version
+            group.restore(state.topics)
             self.log.info(
                 "group recovered",
-                group=name,
+                group=group.name,
                 pending=sum(len(gt.pending) for gt in group.topics.values()),
             )
+        if saved.dropped_bytes:
+            self.log.info("group journal tail dropped", bytes=saved.dropped_bytes)
+        self._generation = saved.generation
+        self._superseded = saved.superseded  # deleted once the checkpoint is durable
+        if self._checkpoint():
+            # Durable before anything listens. (A failure leaves the groups
+            # waiting for the writer's next checkpoint, not the broker down.)
+            journal = self.journal
+            assert journal is not None
+            try:
+                self._make_durable(journal, [], self._take_superseded())
+                journal.unsynced = False
+            except OSError as exc:
+                self._failed("fsync", exc)
 
-    def _changed(self) -> list[tuple[str, int, bytes]]:
-        out = []
-        for name, group in self.groups.items():
-            if self._persisted.get(name) != group.version:
-                out.append((name, group.version, json.dumps(group.snapshot()).encode()))
-        return out
+    def _group_from(self, snap: dict[str, Any]) -> Group:
+        c = snap["config"]
+        config = GroupConfig(
+            float(c["ack_wait"]),
+            int(c["max_deliver"]),
+            tuple(float(b) for b in c["backoff"]),
+            int(c["max_ack_pending"]),
+            str(c["dead_letter"]),
+        )
+        start, start_value = StartKind(snap["start"]), int(snap["start_value"])
+        return Group(self, str(snap["name"]), str(snap["pattern"]), config, start, start_value)
 
-    async def persist(self) -> None:
-        """Write the snapshot of every group that changed since the last write."""
-        if self.state_dir is None:
+    def _checkpoint(self) -> bool:
+        """Start the next generation with every group's snapshot (written to
+        the OS); the current file is retired. False if it could not be."""
+        assert self.state_dir is not None
+        self._generation += 1
+        try:
+            checkpoint = encode_checkpoint(g.snapshot() for g in self.groups.values())
+            journal = Journal.create(self.state_dir, self._generation, checkpoint, self.ops)
+        except OSError as exc:
+            self._failed("write", exc)
+            return False
+        if self.journal is not None:
+            self._retired.append(self.journal)
+        self.journal = journal
+        self._persisted = {name: g.version for name, g in self.groups.items()}
+        self.checkpoints += 1
+        if self.broken:
+            self.broken = False
+            self.log.info("group journal writable again", file=journal.path.name)
+        return True
+
+    def snapshot_changed(self) -> None:
+        """Snapshot every group that changed into the journal (acks reach the
+        disk this way), or start the next generation once it has grown, or
+        after a failure."""
+        journal = self.journal
+        if journal is None or journal.size > max(
+            self.ROTATE_MIN_BYTES, self.ROTATE_FACTOR * journal.checkpoint_size
+        ):
+            self._checkpoint()
             return
-        changed = self._changed()
+        changed = [g for name, g in self.groups.items() if self._persisted.get(name) != g.version]
         if changed:
-            paths = [(self._path(name), data) for name, _, data in changed]
-            await trio.to_thread.run_sync(_write_snapshots, paths, self.state_dir)
-            for name, version, _ in changed:
-                if name in self.groups:
-                    self._persisted[name] = version
-                else:  # deleted while we wrote it: it must not come back
-                    self._path(name).unlink(missing_ok=True)
+            self._append(b"".join(encode_snapshot(g.snapshot()) for g in changed))
+            for g in changed:
+                self._persisted[g.name] = g.version
+
+    async def sync_round(self) -> None:
+        """fsync what the journal has been given (and, for a new generation,
+        the directory; then the files it replaced go), then release the
+        hand-outs it counts: the writer task's work. Nothing is released
+        while the journal is broken."""
+        journal = self.journal
+        if journal is None:
+            return
+        held, self._held = self._held, []
+        retired, self._retired = self._retired, []
+        superseded = self._take_superseded()
+        if journal.unsynced or retired or superseded:
+            journal.unsynced = False  # what is written from now on: the next round
+            try:
+                await trio.to_thread.run_sync(self._make_durable, journal, retired, superseded)
+            except OSError as exc:
+                self._held[:0] = held  # not released: their counts are not durable
+                self._superseded[:0] = superseded
+                self._failed("fsync", exc)
+                return
+            self.sync_rounds += 1
+        _release(held)
+
+    def _take_superseded(self) -> list[Path]:
+        superseded, self._superseded = self._superseded, []
+        return superseded
+
+    def _make_durable(self, journal: Journal, retired: list[Journal], superseded: list[Path]) -> None:
+        """fsync the journal (and the directory for a new one), then delete
+        the files it replaces (in a worker thread, but at start and stop)."""
+        assert self.state_dir is not None
+        journal.fsync()
+        if journal.new:
+            fsync_dir(self.state_dir, self.ops)
+            journal.new = False
+        for old in retired:
+            try:
+                old.discard()
+            except OSError:
+                pass  # closing a file we no longer use: nothing to save
+        for path in superseded:
+            path.unlink(missing_ok=True)
 
     def persist_now(self) -> None:
-        """Synchronous final write, at shutdown."""
-        if self.state_dir is not None:
-            changed = self._changed()
-            _write_snapshots([(self._path(n), d) for n, _, d in changed], self.state_dir)
-            for name, version, _ in changed:
-                self._persisted[name] = version
+        """Synchronous final snapshot, at shutdown; the journal is closed."""
+        if self.state_dir is None:
+            return
+        self.snapshot_changed()
+        self._held = []  # never sent: counted, so a restart over-counts them by one
+        journal = self.journal
+        if journal is None:
+            self.log.error("group state not saved at shutdown: the journal cannot be written")
+            return
+        retired, self._retired = self._retired, []
+        try:
+            self._make_durable(journal, retired, self._take_superseded())
+            journal.close()
+        except OSError as exc:
+            self.log.error("group state not saved at shutdown", error=repr(exc))
+        self.journal = None
 
-    async def _persist_loop(self) -> None:
+    async def _writer(self) -> None:
+        next_snapshot = trio.current_time() + self.persist_interval
         while True:
-            await trio.sleep(self.persist_interval)
-            await self.persist()
+            with trio.move_on_at(next_snapshot):
+                await self._writer_wake.wait()
+            self._writer_wake = trio.Event()
+            if trio.current_time() >= next_snapshot:
+                # (While broken, this is the retry: at most one per interval.)
+                self.snapshot_changed()
+                next_snapshot = trio.current_time() + self.persist_interval
+            await self.sync_round()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             if self.state_dir is not None:
-                nursery.start_soon(self._persist_loop)
+                nursery.start_soon(self._writer)
             await self._dispatch_loop(task_status)
 
     async def _dispatch_loop(self, task_status: Any) -> None:
@@ -747,19 +1043,15 @@ class GroupManager:
             self.run_once()
 
 
-def _write_snapshots(items: list[tuple[Path, bytes]], directory: Path) -> None:
-    """Atomically replace each file (runs in a worker thread)."""
-    if not items:
-        return
-    for path, data in items:
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _send(
+    member: Member, topic: Topic, base: int, timestamp: int, deliveries: int, batch: bytes
+) -> None:
+    """A held hand-out, now counted durably. A member that left since has had
+    these messages given back (they wait for another member)."""
+    if member.active and member.sub.session.accepting:
+        member.sub.session.deliver_group(member.sub, topic, base, timestamp, deliveries, batch)
+
+
+def _release(held: list[Callable[[], None]]) -> None:
+    for action in held:
+        action()

@@ -70,7 +70,10 @@ class Server:
         self.router = Router(self.store, inbox_grace=self.config.inbox_grace)
         self.committer = Committer(self.store, self.router, self.config.retention_check_seconds)
         state_dir = self.config.data_dir / "groups" if isinstance(store, FileStore) else None
-        self.groups = GroupManager(self.router, state_dir)
+        # Delivery counts are as durable as an acknowledged publish (README, "Work queues").
+        self.groups = GroupManager(
+            self.router, state_dir, sync=self.config.topic_settings.default.fsync == "always"
+        )
         self.router.groups = self.groups
         self.router.on_held = self.committer.wake
         self.sessions: set[Session] = set()

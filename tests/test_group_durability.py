@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -48,7 +49,8 @@ async def test_restart_keeps_position_and_redelivers_unacked(tmp_path: Path) -> 
                 info = await pub.groups("inspect", "workers")
                 assert info["topics"]["jobs"] == {"cursor": 90, "pending": 50}
                 # Stop the broker with the member still in: no goodbye to the group.
-    assert (data / "groups" / "workers.json").exists()
+    # One journal for all groups: a checkpoint, then records.
+    assert [p.name for p in (data / "groups").iterdir()] == ["journal.1"]
 
     async with running_broker(data_dir=data) as server:
         async with client.connect(server.url) as c:
@@ -167,3 +169,114 @@ async def test_kill_9_loses_no_job(tmp_path: Path) -> None:
         assert done == set(range(2000))
     finally:
         broker.stop()
+
+
+# ---------------------------------------------------------------------------
+# Delivery counts and dead letters across kill -9 (`pybroker serve`, SIGKILL)
+
+from test_durability import TIMEOUT, broker_process  # noqa: E402
+
+
+async def _next(sub: client.Subscription) -> client.Message:
+    with trio.fail_after(TIMEOUT):
+        async for msg in sub:
+            return msg
+    raise AssertionError("subscription ended")
+
+
+async def test_poison_job_counted_across_kill_9_then_dead_lettered_once(tmp_path: Path) -> None:
+    """A job whose handler never acks is in flight at every crash: it is
+    delivered 1, 2, 3 times across two SIGKILLs, then (max_deliver 3) goes to
+    the dead-letter topic instead of a 4th delivery, and a SIGKILL right
+    after that does not dead-letter it a second time."""
+    options: dict[str, Any] = {"group": "w", "start": "earliest", "max_deliver": 3, "auto_ack": False}
+    async with broker_process(tmp_path / "data", tmp_path) as broker:
+        url = await broker.start()
+        async with client.connect(url) as c:
+            await c.publish("jobs", b"poison")
+        for expected in (1, 2, 3):
+            if expected > 1:
+                url = await broker.start()
+            try:
+                async with client.connect(url, name=f"worker-{expected}") as w:
+                    async with w.subscribe("jobs", **options) as sub:
+                        msg = await _next(sub)
+                        assert (msg.offset, msg.payload, msg.deliveries) == (0, b"poison", expected)
+                        if expected == 3:
+                            async with w.subscribe("dlq.w", start="earliest") as dlq:
+                                await msg.nak()  # the handler failed again
+                                dead = await _next(dlq)
+                        assert await broker.kill() == -signal.SIGKILL
+            except client.ConnectionClosed:
+                pass  # leaving the blocks: the broker is gone
+        assert dead.payload == b"poison"
+        assert {k: v for k, v in dead.headers.items() if k != "x-reason"} == {
+            "x-original-topic": "jobs",
+            "x-original-offset": "0",
+            "x-group": "w",
+            "x-deliveries": "3",
+        }
+        url = await broker.start()
+        async with client.connect(url) as c:
+            got: list[client.Message] = []
+            await c.subscribe("jobs", got.append, **{**options, "auto_ack": True})
+            await c.publish("jobs", b"fine")
+            await _wait_for(lambda: len(got) == 1)
+            # Dispatch hands out what waits for redelivery first: had the
+            # poison job still been pending, it would be in dlq.w twice now.
+            assert [(m.offset, m.payload, m.deliveries) for m in got] == [(1, b"fine", 1)]
+            (info,) = await c.topics("dlq.w")
+            assert (info.first_offset, info.next_offset) == (0, 1)
+            group = await c.groups("inspect", "w")
+            assert group["topics"]["jobs"]["cursor"] == 2
+        await broker.stop()
+
+
+async def test_delivery_counts_never_go_back_across_kill_9(tmp_path: Path) -> None:
+    """Workers ack three jobs in four and hold the rest; the broker is
+    SIGKILLed as soon as each cycle has seen 60 deliveries. Every message's
+    delivery counts, over all cycles, must rise strictly: a delivery made
+    after the group's last snapshot is not forgotten by a crash."""
+    jobs, per_cycle = 400, 60
+    seen: dict[int, list[int]] = {}
+    acked: set[int] = set()
+    options: dict[str, Any] = {"group": "w", "start": "earliest", "max_deliver": 0, "max_ack_pending": 50}
+    async with broker_process(tmp_path / "data", tmp_path) as broker:
+        url = await broker.start()
+        async with client.connect(url) as c:
+            await c.publish_many("jobs", [b"%d" % i for i in range(jobs)])
+        for cycle in range(4):
+            if cycle:
+                url = await broker.start()
+            count = 0
+            try:
+                async with client.connect(url, name=f"worker-{cycle}") as w:
+                    async with w.subscribe("jobs", **options, auto_ack=False) as sub:
+                        with trio.fail_after(TIMEOUT):
+                            async for msg in sub:
+                                seen.setdefault(msg.offset, []).append(msg.deliveries)
+                                count += 1
+                                if msg.offset % 4:
+                                    await msg.ack()
+                                    acked.add(msg.offset)
+                                if count == per_cycle:
+                                    assert await broker.kill() == -signal.SIGKILL
+                                    break  # (messages already buffered here are not looked at)
+            except client.ConnectionClosed:
+                pass
+            assert count == per_cycle, f"cycle {cycle}: {count} deliveries"
+        # The last run acks everything, held jobs included.
+        url = await broker.start()
+        async with client.connect(url) as w:
+            async def finish(msg: client.Message) -> None:
+                seen.setdefault(msg.offset, []).append(msg.deliveries)
+                acked.add(msg.offset)
+
+            await w.subscribe("jobs", finish, **options)
+            await _wait_for(lambda: len(acked) == jobs)
+        await broker.stop()
+    redelivered = {o: d for o, d in seen.items() if len(d) > 1}
+    assert redelivered, "the kills never caught a delivery in flight"
+    backwards = {o: d for o, d in seen.items() if d != sorted(set(d))}
+    assert not backwards, f"delivery counts went back after a kill: {sorted(backwards.items())[:5]}"
+    assert set(seen) == set(range(jobs))
