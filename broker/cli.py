@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--storage", choices=("file", "memory"), default="file", help="file: the durable log in --data-dir (default); memory: nothing on disk")
     serve.add_argument("--fsync", choices=FSYNC_MODES, default="always", help="always: acks wait for the fsync covering them (group commit, default); interval: fsync every --fsync-interval-ms; never: leave it to the OS")
     serve.add_argument("--fsync-interval-ms", type=int, default=200, metavar="MS", help="with --fsync interval: milliseconds between fsyncs (default 200)")
+    serve.add_argument("--group-counts-fsync", action="store_true", help="consumer groups: fsync each delivery's count before sending it, so max_deliver holds across power loss too (default: written to the OS first, which survives kill -9; costs group throughput, see benchmarks/README.md)")
     serve.add_argument("--min-free-bytes", type=int, default=0, metavar="N", help="refuse publishes (STORAGE_FULL) while the data directory's file system has fewer than N bytes free, before it is completely full (default 0: off)")
     serve.add_argument("--segment-bytes", type=int, default=64 * 1024 * 1024, metavar="N", help="roll segments at this size (default 64 MiB)")
     serve.add_argument("--retention-bytes", type=int, default=None, metavar="N", help="per topic: delete whole old segments beyond N bytes")
@@ -265,6 +266,7 @@ async def _serve(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         storage=args.storage,
         min_free_bytes=args.min_free_bytes,
+        group_counts_fsync=args.group_counts_fsync,
         topic_settings=SettingsResolver.from_specs(default, args.topic),
         auth_file=args.auth,
         allow_anonymous_remote=args.allow_anonymous_remote,

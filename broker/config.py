@@ -76,6 +76,11 @@ class Config:
     #: fsync policy, retention and segment size, per topic pattern.
     topic_settings: SettingsResolver = SettingsResolver()
     retention_check_seconds: float = 5.0
+    #: Consumer groups: wait for an fsync covering each delivery's saved count
+    #: before sending it (counts then survive power loss too). Off: the count
+    #: is written to the OS before sending (survives kill -9 and any crash
+    #: of the broker) and fsynced within persist interval (200 ms).
+    group_counts_fsync: bool = False
     #: Refuse publishes (STORAGE_FULL) once the data directory's file system
     #: has fewer free bytes than this; 0: only when it is really full.
     min_free_bytes: int = attrs.field(default=0, validator=attrs.validators.ge(0))
