@@ -58,6 +58,8 @@ async def healthz(http: HttpServer, request: Request, params: Mapping[str, str])
 
 async def readyz(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
     problem = http.server.store.problem
+    if problem is None and http.server.groups.broken:
+        problem = "consumer group state cannot be saved: group deliveries wait"
     if http.server.ready and problem is not None:
         # Up, reading and delivering, but publishes are refused.
         raise HttpError(503, f"degraded: {problem}", code="degraded")

@@ -224,8 +224,8 @@ def render(http: HttpServer) -> str:
     )
     out.family(
         "pybroker_storage_degraded", "gauge",
-        "1 while storage refuses publishes (disk full or failing), else 0.",
-        [({}, int(server.store.problem is not None))],
+        "1 while storage refuses publishes or group deliveries wait for their counts to be saved (disk full or failing), else 0.",
+        [({}, int(server.store.problem is not None or server.groups.broken))],
     )
     store = server.store
     if isinstance(store, FileStore):
