@@ -53,7 +53,7 @@ from .log.fileops import REAL, FileOps, fsync_dir
 from .logs import get_logger
 
 if TYPE_CHECKING:
-    from .router import Router, Subscription, Topic
+    from .router import Held, Router, Subscription, Topic
 
 DEFAULT_ACK_WAIT = 30.0
 DEFAULT_MAX_DELIVER = 5
@@ -198,9 +198,10 @@ class Group:
         self.version = 0
         #: Dead letters published whose message the dead-letter topic has not
         #: made durable yet (fsync always): (that topic, its offset, topic
-        #: state, offset, deliveries, dead_letter_from). Snapshots keep them
-        #: pending until it has, so a power loss cannot lose both copies.
-        self.unconfirmed: list[tuple[Topic, int, GroupTopic, int, int, int]] = []
+        #: state, offset, deliveries, dead_letter_from, the held batch).
+        #: Snapshots keep them pending until it has, so a power loss cannot
+        #: lose both copies; one whose fsync failed is dead-lettered again.
+        self.unconfirmed: list[tuple[Topic, int, GroupTopic, int, int, int | None, Held]] = []
         self.delivered = 0
         self.redelivered = 0
         self.acked = 0
@@ -345,8 +346,26 @@ class Group:
                 return member
         return None
 
+    def _confirm_dead_letters(self) -> None:
+        """Drop dead letters their topic made durable; a dead letter whose
+        fsync failed (the log rolled it back) is pending again, to be
+        dead-lettered anew: it must not be lost with its original."""
+        still = []
+        for u in self.unconfirmed:
+            dlq, dlq_offset, gt, offset, deliveries, _, held = u
+            if held.error is not None:
+                p = gt.pending[offset] = Pending(None, deliveries, 0.0)
+                self._make_ready(gt, offset, p)
+                self.dead_lettered -= 1
+                self.version += 1
+            elif dlq.visible_next <= dlq_offset:
+                still.append(u)
+        self.unconfirmed = still
+
     def dispatch(self, now: float) -> None:
         """Hand out what is ready again, then new messages, while members have room."""
+        if self.unconfirmed:
+            self._confirm_dead_letters()
         # Lists: a dead letter may create a topic this group then follows.
         for gt in list(self.topics.values()):
             while gt.ready:
@@ -502,9 +521,9 @@ class Group:
             batch = encode_batch([(payload, dead_letter_headers)])
         router = self.manager.router
         dlq = router.topic(self.config.dead_letter)
-        dlq_offset = router.publish(dlq, batch, 1, time.time_ns() // 1000)[0]
-        if p.dead_letter_from is not None and dlq.visible_next <= dlq_offset:
-            self.unconfirmed.append((dlq, dlq_offset, gt, offset, p.deliveries, p.dead_letter_from))
+        dlq_offset, _, held = router.publish(dlq, batch, 1, time.time_ns() // 1000)
+        if held is not None:
+            self.unconfirmed.append((dlq, dlq_offset, gt, offset, p.deliveries, p.dead_letter_from, held))
         del gt.pending[offset]
         self.version += 1
         self.dead_lettered += 1
@@ -524,7 +543,7 @@ class Group:
         that starts a journal)."""
         c = self.config
         # Dead letters the dead-letter topic has made durable are settled.
-        self.unconfirmed = [u for u in self.unconfirmed if u[0].visible_next <= u[1]]
+        self._confirm_dead_letters()
         topics: dict[str, Any] = {}
         for gt in self.topics.values():
             topics[gt.topic.name] = {
@@ -534,8 +553,9 @@ class Group:
                     for o, p in sorted(gt.pending.items())
                 ],
             }
-        for _, _, gt, offset, deliveries, dead_letter_from in self.unconfirmed:
-            topics[gt.topic.name]["pending"].append([offset, deliveries, dead_letter_from])
+        for _, _, gt, offset, deliveries, dead_letter_from, _ in self.unconfirmed:
+            if dead_letter_from is not None:
+                topics[gt.topic.name]["pending"].append([offset, deliveries, dead_letter_from])
         return {
             "version": FORMAT,
             "name": self.name,

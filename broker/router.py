@@ -284,6 +284,8 @@ class Router:
                     if h.base >= cut:
                         h.error = error
                 topic.held = held = deque(h for h in held if h.error is None)
+                if self.groups is not None:
+                    self.groups.wake()  # a dead letter among them is redone
             while held and held[0].seq <= seq:
                 h = held.popleft()
                 base, timestamp, batch, count = h.base, h.timestamp, h.batch, h.count

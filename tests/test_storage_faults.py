@@ -441,3 +441,41 @@ async def test_real_disk_full_on_a_small_tmpfs(tmp_path: Path) -> None:
                 assert (await c.publish("fill", b"next")).offset == len(acked)  # never reused
             child.process.send_signal(signal.SIGTERM)
             assert await child.wait() == 0
+
+
+async def test_a_dead_letter_whose_fsync_failed_is_dead_lettered_again(tmp_path: Path) -> None:
+    """The dead letter is rolled back with the fsync that failed; the job it
+    carried must not vanish with it: it is dead-lettered again, once."""
+    ops = FaultyOps()
+    store = open_store(tmp_path, ops)
+    async with broker(store) as server:
+        async with client.connect(server.url) as c:
+            await c.publish("poison", b"bad job")
+            seen = trio.Event()
+
+            async def never_ack(msg: client.Message) -> None:
+                seen.set()
+                await trio.sleep_forever()  # holds the job until ack_wait expires
+
+            await c.subscribe(
+                "poison", never_ack, group="g", start="earliest", ack_wait=0.2, max_deliver=1,
+                dead_letter="dlq.g",
+            )
+            with trio.fail_after(TIMEOUT):
+                await seen.wait()
+            # The next segment fsync is the dead letter's (dlq.g): it fails.
+            ops.fail_next("fdatasync", errno.EIO)
+            async with c.subscribe("dlq.g", start="earliest") as dlq:
+                with trio.fail_after(TIMEOUT):
+                    dead = await dlq.__anext__()
+            assert dead.payload == b"bad job"
+            assert dead.headers["x-original-offset"] == "0"
+            assert store.fsync_failures == 1
+            group = server.groups.groups["g"]
+            assert group.dead_lettered == 1
+            assert all(u[-1].error is None for u in group.unconfirmed)
+            assert sum(len(gt.pending) for gt in group.topics.values()) == 0
+        # Exactly one dead letter made it into the log.
+        got = await replay(server.url, "dlq.g", 1)
+        assert [p for _, p in got] == [b"bad job"]
+        assert await end_offset(server.url, "dlq.g") == 1
