@@ -37,7 +37,7 @@ import client
 from broker.cli import build_parser
 from broker.config import Config, Limits
 from broker.framebudget import FREE_BYTES, MAX_HELLO_BYTES, FrameBudget
-from broker.server import Server
+from broker.server import TRIM_INTERVAL, Server
 from broker.session import Session
 from broker.testing import running_broker
 from client.protocol import (
@@ -93,14 +93,19 @@ def unread_by(port: int) -> int:
     return total
 
 
+#: Samples in a row that must agree before RSS counts as settled: longer
+#: than the server waits before it trims the heap after large frames.
+STEADY_SAMPLES = int((2 * TRIM_INTERVAL + 0.5) / 0.05)
+
+
 async def peak_until_settled(pid: int, port: int, timeout: float = 60.0) -> int:
-    """Sample RSS until it and the bytes left unread stop changing (20
-    samples, about a second, in a row); the highest RSS seen."""
+    """Sample RSS every 50 ms until it and the bytes left unread stop
+    changing (STEADY_SAMPLES in a row); the highest RSS seen."""
     peak = 0
     last: tuple[int, int] | None = None
     steady = 0
     with trio.fail_after(timeout):
-        while steady < 20:
+        while steady < STEADY_SAMPLES:
             rss = rss_bytes(pid)
             peak = max(peak, rss)
             now = (rss // MIB, unread_by(port))
