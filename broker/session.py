@@ -264,7 +264,6 @@ class Session:
         # takes no more than the largest one (broker/framebudget.py).
         conn.max_frame_bytes = min(MAX_HELLO_BYTES, self.limits.max_frame_bytes)
         hello_read = HEADER_SIZE + conn.max_frame_bytes
-        full = False  # the last read filled its size: more is probably waiting
         with self._read_scope:
             try:
                 while True:
@@ -274,10 +273,8 @@ class Session:
                         # What this connection may still buffer: its free
                         # allowance plus the budget it holds, less what it has.
                         size = FREE_BYTES + self._held - conn.buffered_bytes
-                        if full or size <= 0:
-                            size = await self._room_to_read(size)
-                        elif size > RECEIVE_SIZE:
-                            size = RECEIVE_SIZE
+                        if self._fd >= 0 or size <= 0:
+                            size = await self._read_size(size)
                         data = await self.stream.receive_some(size)
                     else:
                         size = max(1, hello_read - conn.buffered_bytes)
@@ -288,7 +285,6 @@ class Session:
                             self._fatal(ErrorCode.HANDSHAKE_REQUIRED, "no HELLO in time")
                             return "handshake timeout"
                         data = received
-                    full = len(data) == size
                     conn.receive_data(data)
                     if self._held:
                         self._keep_budget()
@@ -354,35 +350,38 @@ class Session:
         self.conn.max_frame_bytes = self.limits.max_frame_bytes
         return True
 
-    async def _room_to_read(self, room: int) -> int:
-        """The size of the next read when it may need more than the free
-        allowance leaves (``room``): budget for bytes that have arrived.
+    async def _read_size(self, room: int) -> int:
+        """The size of the next read: ``room`` is what the free allowance
+        and the budget this connection holds leave; beyond it, budget for
+        bytes that have arrived.
 
-        A frame in progress past its allowance (``room`` 0) waits for bytes,
-        then for budget; a read after a full one (more is probably waiting)
-        takes budget only if there is some to spare.
+        Over plain TCP the kernel says how many bytes are waiting (FIONREAD;
+        if none, it waits for some first, so nothing is taken for bytes still
+        to come and a burst is read whole). A frame in progress past its
+        allowance (``room`` 0) waits for budget when there is none; a read
+        that could make do with ``room`` takes budget only if it is spare.
         """
         conn = self.conn
         while True:
             if self._fd < 0:
-                # TLS: what a read returns is not what the kernel holds.
-                arrived = TLS_GROW if room <= 0 else 0
+                # TLS: the kernel's count is not what a read returns (at
+                # most one TLS record); only a frame past its allowance grows.
+                want = TLS_GROW
             else:
                 arrived = self._arrived()
-                if arrived == 0 and room <= 0:
-                    # Take nothing before the bytes are there.
+                if arrived == 0:
                     await trio.lowlevel.wait_readable(self._fd)
                     arrived = self._arrived()
                     if arrived == 0:
-                        return 1  # end of stream or an error: the read reports it
-            want = min(arrived, RECEIVE_SIZE)
+                        return max(room, 1)  # end of stream or an error: the read says which
+                want = arrived if arrived < RECEIVE_SIZE else RECEIVE_SIZE
+            if want <= room:
+                return room
             if room <= 0:
                 # At most the rest of this frame plus what the next one may
                 # have without budget: once this frame is decoded the
                 # connection holds nothing, and leaves the queue of holders.
                 want = min(want, conn.frame_remaining + FREE_BYTES)
-            if want <= room:
-                return max(room, 1)
             got = self._budget.take(self, want - room, optional=room > 0)
             if got:
                 self._held += got
