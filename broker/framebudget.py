@@ -12,11 +12,12 @@ as they like (protocol.md, "Limits": frames in progress).
   progress on its own: smaller frames never wait for anyone, so clients
   with ordinary frames are served whatever large frames are doing.
 - Bytes beyond that come from one :class:`FrameBudget` shared by every
-  connection (``Config.max_pending_frame_bytes``), and only bytes that have
-  arrived: the session asks the kernel how many are there to read before it
-  takes any. It gives them back as soon as the frame is decoded or the
-  connection closes. When the budget is spent, a connection that needs more
-  stops being read until some comes back (backpressure).
+  connection (``Config.max_pending_frame_bytes``), and only for bytes that
+  have arrived: a session takes some just before a read, once the kernel
+  says bytes are waiting, gives back what the read did not bring as soon as
+  it returns, and the rest once the frame is decoded or the connection
+  closes. When the budget is spent, a connection that needs more stops
+  being read until some comes back (backpressure).
 
 So what incomplete frames hold is at most the budget plus ``FREE_BYTES``
 per connection (``MAX_HELLO_BYTES`` per connection still in its handshake).
@@ -137,6 +138,11 @@ class FrameBudget:
 
     def holds(self, holder: object) -> int:
         return self._held.get(holder, 0)
+
+    @property
+    def waiting(self) -> int:
+        """Connections waiting for budget now."""
+        return self._waiting
 
     async def wait(self) -> None:
         """Until some budget is given back."""

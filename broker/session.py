@@ -103,9 +103,8 @@ if TYPE_CHECKING:
 #: The largest read; smaller ones while a connection may hold less of a
 #: frame in progress (broker/framebudget.py).
 RECEIVE_SIZE = 256 * 1024
-#: Over TLS the bytes waiting in the kernel say nothing about the bytes a
-#: read returns (one TLS record at most), so a frame in progress grows by
-#: a record's worth at a time.
+#: Over TLS a frame in progress past its free allowance grows by a TLS
+#: record's worth per read (Session._read_size).
 TLS_GROW = 16 * 1024
 _FIONREAD = struct.Struct("i")
 #: Credit standing for "unlimited": large enough never to run out.
@@ -352,35 +351,42 @@ class Session:
 
     async def _read_size(self, room: int) -> int:
         """The size of the next read: ``room`` is what the free allowance
-        and the budget this connection holds leave; beyond it, budget for
-        bytes that have arrived.
+        and the budget this connection holds leave; beyond it, budget.
 
-        Over plain TCP the kernel says how many bytes are waiting (FIONREAD;
-        if none, it waits for some first, so nothing is taken for bytes still
-        to come and a burst is read whole). A frame in progress past its
-        allowance (``room`` 0) waits for budget when there is none; a read
-        that could make do with ``room`` takes budget only if it is spare.
+        Over plain TCP budget is taken only once bytes are waiting (FIONREAD;
+        if none, it waits for some first), so none is held for a peer that
+        is not sending, and what the read does not use goes back as soon as
+        it returns (_keep_budget). A read takes up to RECEIVE_SIZE: the
+        kernel's count at one instant would cut bursts into small reads. A
+        frame in progress past its allowance (``room`` 0) waits for budget
+        when there is none; a read that could make do with ``room`` takes
+        budget only if it is spare.
         """
         conn = self.conn
         while True:
-            if self._fd < 0:
-                # TLS: the kernel's count is not what a read returns (at
-                # most one TLS record); only a frame past its allowance grows.
-                want = TLS_GROW
-            else:
-                arrived = self._arrived()
-                if arrived == 0:
+            if self._fd >= 0:
+                if self._arrived() == 0:
                     await trio.lowlevel.wait_readable(self._fd)
-                    arrived = self._arrived()
-                    if arrived == 0:
+                    if self._arrived() == 0:
                         return max(room, 1)  # end of stream or an error: the read says which
-                want = arrived if arrived < RECEIVE_SIZE else RECEIVE_SIZE
-            if want <= room:
+                want = RECEIVE_SIZE
+            elif room > 0:
                 return room
-            if room <= 0:
-                # At most the rest of this frame plus what the next one may
-                # have without budget: once this frame is decoded the
-                # connection holds nothing, and leaves the queue of holders.
+            else:
+                # TLS: the kernel's count says nothing of the records the
+                # TLS layer holds, and a read returns one record at most, so
+                # a frame past its allowance grows a record at a time (held
+                # while the record arrives).
+                want = TLS_GROW
+            if room > 0:
+                if want <= room:
+                    return room
+            elif self._budget.waiting:
+                # Others wait: at most the rest of this frame plus what the
+                # next one may have without budget, so that once this frame
+                # is decoded the connection holds nothing and goes to the
+                # back of the queue of holders (not always: that would keep
+                # reads a frame long).
                 want = min(want, conn.frame_remaining + FREE_BYTES)
             got = self._budget.take(self, want - room, optional=room > 0)
             if got:
@@ -398,8 +404,8 @@ class Session:
             self._idle_pinged = False
 
     def _arrived(self) -> int:
-        """Bytes the kernel holds for this connection (FIONREAD); 0 on an
-        error, which the read that follows reports."""
+        """Bytes the kernel holds for this connection to read (FIONREAD); 0
+        on an error, which the read that follows reports."""
         try:
             answer = fcntl.ioctl(self._fd, termios.FIONREAD, b"\0\0\0\0")
         except OSError:
