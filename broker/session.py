@@ -927,6 +927,9 @@ class Session:
                         max(a.held.seq for a in acks if a.held is not None)
                     )
                     self._queue_acks(acks, synced)
+                    # Not kept while waiting for the next round: each holds
+                    # its batch (Held), up to max_frame_bytes per connection.
+                    del acks
                     continue
                 if self._acks_closing:
                     return
