@@ -18,7 +18,8 @@ from typing import Any
 import trio
 
 from . import __version__
-from .config import DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_PORT, Config, Limits
+from .config import DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_PORT, PENDING_FRAME_BUDGET_FRAMES, Config, Limits
+from .framebudget import FREE_BYTES
 from .log.settings import FSYNC_MODES, SettingsResolver, TopicSettings
 from .auth import DEFAULT_SCRYPT_N, Users, authenticator_for, hash_password, hash_token, new_token
 from .logs import LEVELS, configure, get_logger
@@ -151,6 +152,7 @@ def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
     group.add_argument("--max-topic-depth", type=_positive_int, default=limits.max_topic_depth, metavar="N", help=f"tokens per topic or pattern (default {limits.max_topic_depth})")
     group.add_argument("--max-subscriptions", type=_positive_int, default=limits.max_subscriptions, metavar="N", help=f"active subscriptions per connection (default {limits.max_subscriptions:,})")
     group.add_argument("--max-inflight-publishes", type=_positive_int, default=limits.max_inflight_publishes, metavar="N", help=f"unanswered PUBLISH frames per connection before the broker stops reading it (default {limits.max_inflight_publishes:,})")
+    group.add_argument("--max-pending-frame-bytes", type=_positive_int, default=None, metavar="N", help=f"bytes of frames still arriving that all connections together may hold beyond {FREE_BYTES // 1024} KiB each; when spent, connections that need more are not read until some frame completes; at least --max-frame-bytes (default {PENDING_FRAME_BUDGET_FRAMES} x --max-frame-bytes)")
     group.add_argument("--outbound-queue-bytes", type=_positive_int, default=config.outbound_queue_bytes, metavar="N", help=f"bytes queued for one connection before its subscriptions are served from the log and its reading pauses (default {config.outbound_queue_bytes:,})")
     group.add_argument("--handshake-timeout", type=_positive_seconds, default=config.handshake_timeout, metavar="S", help=f"seconds from connecting to HELLO (default {config.handshake_timeout:g})")
     group.add_argument("--idle-timeout", type=_seconds, default=config.idle_timeout, metavar="S", help=f"seconds without a frame from a client before a PING; as long again and it is closed with ERROR 107; 0 disables (default {config.idle_timeout:g})")
@@ -281,6 +283,7 @@ async def _serve(args: argparse.Namespace) -> int:
             max_inflight_publishes=args.max_inflight_publishes,
         ),
         max_connections=args.max_connections,
+        max_pending_frame_bytes=args.max_pending_frame_bytes,
         outbound_queue_bytes=args.outbound_queue_bytes,
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,

@@ -18,6 +18,10 @@ DEFAULT_PORT = 7420
 DEFAULT_HTTP_PORT = 7421
 
 
+#: The default budget for frames in progress, in largest frames: a few
+#: uploads of the largest size at once, and memory that follows the limit.
+PENDING_FRAME_BUDGET_FRAMES = 4
+
 #: A limit of 0 would refuse everything, or (max_inflight_publishes) stop
 #: reading every connection for good: each must be at least 1.
 _AT_LEAST_ONE = attrs.validators.ge(1)
@@ -89,6 +93,12 @@ class Config:
     #: Bound on the bytes queued for one connection before its subscriptions
     #: are switched to catching up from the log (protocol.md, "Flow control").
     outbound_queue_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_AT_LEAST_ONE)
+    #: Bytes of frames in progress (arrived, not yet whole) that all
+    #: connections together may hold beyond each one's free allowance
+    #: (broker/framebudget.py); when spent, connections needing more stop
+    #: being read. None: PENDING_FRAME_BUDGET_FRAMES x max_frame_bytes.
+    #: At least max_frame_bytes, so that the largest frame can arrive.
+    max_pending_frame_bytes: int | None = attrs.field(default=None)
     #: Bytes kept per topic by the in-memory store (storage="memory").
     memory_retention_bytes: int = 64 * 1024 * 1024
     #: Seconds from accepting a connection to its HELLO; then ERROR 104.
@@ -124,3 +134,18 @@ class Config:
     #: file. None: plain TCP and HTTP.
     tls_cert: Path | None = None
     tls_key: Path | None = None
+
+    @max_pending_frame_bytes.validator
+    def _check_pending_frame_bytes(self, _attribute: object, value: int | None) -> None:
+        if value is not None and value < self.limits.max_frame_bytes:
+            raise ValueError(
+                f"max_pending_frame_bytes ({value}) must be at least max_frame_bytes "
+                f"({self.limits.max_frame_bytes}): the largest frame could never arrive"
+            )
+
+    @property
+    def pending_frame_bytes(self) -> int:
+        """max_pending_frame_bytes, or its default for this frame size."""
+        if self.max_pending_frame_bytes is not None:
+            return self.max_pending_frame_bytes
+        return PENDING_FRAME_BUDGET_FRAMES * self.limits.max_frame_bytes

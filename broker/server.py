@@ -22,11 +22,13 @@ import attrs
 import trio
 
 from client.protocol import Durability, Error, ErrorCode, encode_event
+from client.protocol.codec import HEADER_SIZE
 
 from .auth import Authenticator, authenticator_for, unprotected_hosts
 from .closing import drain
 from .committer import Committer
 from .config import Config
+from .framebudget import FREE_BYTES, FrameBudget, trim_heap
 from .groups import GroupManager
 from .http import HttpServer
 from .log import FileStore, LogStore, MemoryStore
@@ -35,6 +37,9 @@ from .router import Router
 from .session import Session
 from .tls import server_context, wrap_server_stream
 
+#: Seconds between looks at whether large frames were freed, to give their
+#: memory back to the operating system (Server._trim_heap).
+TRIM_INTERVAL = 1.0
 #: Idle-timeout sweeps per idle_timeout: the precision of the timeout.
 IDLE_SWEEPS = 4
 #: Refused connections (max_connections) being told so at once; beyond this
@@ -76,6 +81,12 @@ class Server:
         self.router.groups = self.groups
         self.router.on_held = self.committer.wake
         self.sessions: set[Session] = set()
+        #: Bytes of frames in progress, shared by every connection
+        #: (broker/framebudget.py); the reserve lets the largest frame finish.
+        self.frame_budget = FrameBudget(
+            self.config.pending_frame_bytes,
+            reserve=max(0, HEADER_SIZE + self.config.limits.max_frame_bytes - FREE_BYTES),
+        )
         self.host = self.config.host
         self.port: int = 0
         self.connections_total = 0
@@ -140,6 +151,7 @@ class Server:
                 await background.start(self.router.inboxes.run)
                 if self.config.idle_timeout > 0:
                     background.start_soon(self._sweep_idle, self.config.idle_timeout)
+                background.start_soon(self._trim_heap)
                 if self.http is not None:
                     self.http_port = await background.start(self.http.serve)
                 await self._serve_connections(listeners, task_status)
@@ -224,6 +236,19 @@ class Server:
             now = trio.current_time()
             for session in list(self.sessions):
                 session.check_idle(now, idle)
+
+    async def _trim_heap(self) -> None:
+        """After large frames were decoded or dropped, give their memory
+        back to the operating system (framebudget.trim_heap): at most once
+        per TRIM_INTERVAL, and not at all while only small frames flow."""
+        trimmed_at = 0
+        while True:
+            await trio.sleep(TRIM_INTERVAL)
+            returned = self.frame_budget.large_returned
+            if returned != trimmed_at:
+                trimmed_at = returned
+                if not await trio.to_thread.run_sync(trim_heap):
+                    return
 
     def _check_descriptor_limit(self) -> None:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)

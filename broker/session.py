@@ -23,11 +23,19 @@ queue and the PUBLISHes not yet answered, and stops reading until the peer
 catches up (protocol.md, "Limits"): the queue and the bytes being sent each
 stay under the bound plus one batch, one frame's answer or
 ``max_inflight_publishes`` PUBACKs.
+
+Input is bounded the same way: each read is sized so that what the
+connection holds of a frame not yet complete stays within its free
+allowance plus what it holds of the broker-wide budget
+(broker/framebudget.py); a frame that needs more waits for budget.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import struct
+import termios
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +82,7 @@ from client.protocol import (
     pattern_error,
     topic_error,
 )
+from client.protocol.codec import HEADER_SIZE
 from client.protocol.frames import MAX_INFO_ENTRIES, Durability, Event
 from client.protocol.subjects import tokens_match
 
@@ -81,6 +90,7 @@ from . import __version__
 from .auth import User
 from .logs import get_logger
 from .closing import linger_close
+from .framebudget import FREE_BYTES, MAX_HELLO_BYTES
 from .groups import GroupConfig, group_name_error
 from .inboxes import has_wildcard, is_inbox
 from .permissions import DecisionCache, Permissions
@@ -90,7 +100,13 @@ from .router import Held, Subscription, Topic
 if TYPE_CHECKING:
     from .server import Server
 
+#: The largest read; smaller ones while a connection may hold less of a
+#: frame in progress (broker/framebudget.py).
 RECEIVE_SIZE = 256 * 1024
+#: Over TLS a frame in progress past its free allowance grows by a TLS
+#: record's worth per read (Session._read_size).
+TLS_GROW = 16 * 1024
+_FIONREAD = struct.Struct("i")
 #: Credit standing for "unlimited": large enough never to run out.
 _NO_FLOW_CONTROL = 1 << 62
 _MAX_CREDIT = UNLIMITED_CREDIT - 1
@@ -150,6 +166,14 @@ class Session:
         self._unacked = 0
         #: The reader waits for the peer (backpressure); for tests and metrics.
         self.reading_paused = False
+        # Frames in progress (broker/framebudget.py): the broker-wide budget,
+        # what this connection holds of it, whether it waits for some.
+        self._budget = server.frame_budget
+        self._held = 0
+        #: The reader waits for frame budget (backpressure); for tests.
+        self.waiting_for_budget = False
+        # Plain TCP: the kernel says how many bytes are there to read.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._max_inflight = self.limits.max_inflight_publishes
         # Idle timeout (config.idle_timeout, see check_idle): when it acts
         # next, whether it sent its PING, whether it gave up.
@@ -235,22 +259,34 @@ class Session:
         idle = self.config.idle_timeout
         out_limit = self._out_limit
         max_inflight = self._max_inflight
+        # Until the handshake is done the only frame is a HELLO, and a read
+        # takes no more than the largest one (broker/framebudget.py).
+        conn.max_frame_bytes = min(MAX_HELLO_BYTES, self.limits.max_frame_bytes)
+        hello_read = HEADER_SIZE + conn.max_frame_bytes
         with self._read_scope:
             try:
                 while True:
                     if self._out_bytes > out_limit or self._unacked >= max_inflight:
                         await self._pause_reading()
                     if conn.state is State.OPEN:
-                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                        # What this connection may still buffer: its free
+                        # allowance plus the budget it holds, less what it has.
+                        size = FREE_BYTES + self._held - conn.buffered_bytes
+                        if self._fd >= 0 or size <= 0:
+                            size = await self._read_size(size)
+                        data = await self.stream.receive_some(size)
                     else:
+                        size = max(1, hello_read - conn.buffered_bytes)
                         received: bytes | bytearray | None = None
                         with trio.move_on_at(deadline):
-                            received = await self.stream.receive_some(RECEIVE_SIZE)
+                            received = await self.stream.receive_some(size)
                         if received is None:
                             self._fatal(ErrorCode.HANDSHAKE_REQUIRED, "no HELLO in time")
                             return "handshake timeout"
                         data = received
                     conn.receive_data(data)
+                    if self._held:
+                        self._keep_budget()
                     framed = False
                     while True:
                         event = conn.next_event()
@@ -259,10 +295,10 @@ class Session:
                         if event is CLOSED:
                             return "peer closed"
                         framed = True
-                        if type(event) is Hello and self.server.auth is not None:
+                        if type(event) is Hello:
                             # The one await between frames: checking a
                             # password runs scrypt in a worker thread.
-                            if not await self._authenticate(event, deadline):
+                            if not await self._hello(event, deadline):
                                 return "authentication failed"
                             continue
                         self._handle(event)  # type: ignore[arg-type]
@@ -271,6 +307,8 @@ class Session:
                         # an answer (an INFO_REPLY can be large).
                         if self._out_bytes > out_limit or self._unacked >= max_inflight:
                             await self._pause_reading()
+                    if self._held:
+                        self._keep_budget()
                     if framed:
                         self._idle_deadline = trio.current_time() + idle
                         self._idle_pinged = False
@@ -281,17 +319,108 @@ class Session:
                     "protocol error", code=int(exc.code), error=exc.code.name, detail=exc.message
                 )
                 self._accepting_deliveries = False
-                self._pending_fatal = exc
+                # Without its traceback: that holds this frame, hence the
+                # session, in a cycle only the garbage collector would free.
+                self._pending_fatal = exc.with_traceback(None)
                 return f"protocol error {exc.code.name}"
             except _Stop as stop:
                 self._flush_acks()
                 return stop.reason
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return "connection lost"
+            finally:
+                # Whatever is half-sent goes now: its memory, and its budget
+                # to the connections waiting for some.
+                self._budget.release(self)
+                self._held = 0
+                conn.discard_received()
         if self._idle_expired:
             self._fatal(ErrorCode.IDLE_TIMEOUT, f"no frame for {2 * idle:g} s, not even PONG")
             return "idle timeout"
         return "server shutdown"
+
+    async def _hello(self, hello: Hello, deadline: float) -> bool:
+        """WELCOME, or AUTH_FAILED (False); then frames of any size."""
+        if self.server.auth is not None:
+            if not await self._authenticate(hello, deadline):
+                return False
+        else:
+            self._on_hello(hello)
+        self.conn.max_frame_bytes = self.limits.max_frame_bytes
+        return True
+
+    async def _read_size(self, room: int) -> int:
+        """The size of the next read: ``room`` is what the free allowance
+        and the budget this connection holds leave; beyond it, budget.
+
+        Over plain TCP budget is taken only once bytes are waiting (FIONREAD;
+        if none, it waits for some first), so none is held for a peer that
+        is not sending, and what the read does not use goes back as soon as
+        it returns (_keep_budget). A read takes up to RECEIVE_SIZE: the
+        kernel's count at one instant would cut bursts into small reads. A
+        frame in progress past its allowance (``room`` 0) waits for budget
+        when there is none; a read that could make do with ``room`` takes
+        budget only if it is spare.
+        """
+        conn = self.conn
+        while True:
+            if self._fd >= 0:
+                if self._arrived() == 0:
+                    await trio.lowlevel.wait_readable(self._fd)
+                    if self._arrived() == 0:
+                        return max(room, 1)  # end of stream or an error: the read says which
+                want = RECEIVE_SIZE
+            elif room > 0:
+                return room
+            else:
+                # TLS: the kernel's count says nothing of the records the
+                # TLS layer holds, and a read returns one record at most, so
+                # a frame past its allowance grows a record at a time (held
+                # while the record arrives).
+                want = TLS_GROW
+            if room > 0:
+                if want <= room:
+                    return room
+            elif self._budget.waiting:
+                # Others wait: at most the rest of this frame plus what the
+                # next one may have without budget, so that once this frame
+                # is decoded the connection holds nothing and goes to the
+                # back of the queue of holders (not always: that would keep
+                # reads a frame long).
+                want = min(want, conn.frame_remaining + FREE_BYTES)
+            got = self._budget.take(self, want - room, optional=room > 0)
+            if got:
+                self._held += got
+                return room + got
+            if room > 0:
+                return room
+            self.waiting_for_budget = True
+            try:
+                await self._budget.wait()
+            finally:
+                self.waiting_for_budget = False
+            # Not the peer's silence: we were not reading.
+            self._idle_deadline = trio.current_time() + self.config.idle_timeout
+            self._idle_pinged = False
+
+    def _arrived(self) -> int:
+        """Bytes the kernel holds for this connection to read (FIONREAD); 0
+        on an error, which the read that follows reports."""
+        try:
+            answer = fcntl.ioctl(self._fd, termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return 0
+        count: int = _FIONREAD.unpack(answer)[0]
+        return count
+
+    def _keep_budget(self) -> None:
+        """Keep what the buffered bytes need beyond the free allowance and
+        give the rest back (after each read and its frames)."""
+        keep = self.conn.buffered_bytes - FREE_BYTES
+        if keep < self._held:
+            keep = max(keep, 0)
+            self._budget.give(self, self._held - keep)
+            self._held = keep
 
     async def _pause_reading(self) -> None:
         """Backpressure: stop reading until the peer has taken what we queued
@@ -324,9 +453,16 @@ class Session:
         """
         if now < self._idle_deadline or self._idle_expired or self.conn.we_finished:
             return  # not yet, or this connection is ending anyway
-        if self.reading_paused or self.conn.state is not State.OPEN:
+        if (
+            (self.reading_paused and not self._held)
+            or self.waiting_for_budget
+            or self.conn.state is not State.OPEN
+        ):
             # Before HELLO the handshake timeout rules; while we do not
-            # read (backpressure) silence says nothing about the peer.
+            # read (backpressure) silence says nothing about the peer. But
+            # a peer that keeps part of the frame budget while it does not
+            # read its answers is timed as if we read it: the budget is
+            # everyone's (broker/framebudget.py).
             self._idle_deadline = now + idle
             return
         if not self._idle_pinged:
@@ -352,8 +488,6 @@ class Session:
             self._on_unsubscribe(event)
         elif isinstance(event, Ping):
             self._queue(self.conn.send(Pong(event.nonce)))
-        elif isinstance(event, Hello):
-            self._on_hello(event)
         elif isinstance(event, Info):
             self._on_info(event)
         elif isinstance(event, Groups):
@@ -793,6 +927,9 @@ class Session:
                         max(a.held.seq for a in acks if a.held is not None)
                     )
                     self._queue_acks(acks, synced)
+                    # Not kept while waiting for the next round: each holds
+                    # its batch (Held), up to max_frame_bytes per connection.
+                    del acks
                     continue
                 if self._acks_closing:
                     return

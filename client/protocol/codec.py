@@ -599,7 +599,11 @@ class Connection:
         self.they_finished = False  # they did
         self.peer_hello: Hello | None = None
         self.peer_welcome: Welcome | None = None
-        self._buf = bytearray()
+        # The receive buffer: bytes received and not yet decoded start at
+        # _pos. Between reads it holds the incomplete frame alone (see
+        # _keep_incomplete), so a large frame's memory goes once it is
+        # decoded, not at the next read.
+        self._buf: bytes | bytearray = b""
         self._pos = 0
         self._eof = False
         self._broken: RemoteProtocolError | None = None
@@ -612,16 +616,63 @@ class Connection:
         if not data:
             self._eof = True
             return
-        if self._pos and self._pos * 2 >= len(self._buf):
-            # Drop consumed bytes once they are at least half the buffer, so
-            # the cost of compaction stays linear in the bytes received.
-            del self._buf[: self._pos]
+        buf = self._buf
+        if self._pos == len(buf):
+            # Nothing pending, the usual case: decode from the caller's
+            # bytes as they are, without copying them.
+            self._buf = data if type(data) is bytes else bytes(data)
             self._pos = 0
-        self._buf += data
+            return
+        if type(buf) is not bytearray or self._pos:
+            # A frame in progress: gather it in a bytearray of its own, so
+            # appending stays linear and no decoded bytes are kept with it.
+            with memoryview(buf) as view:
+                buf = bytearray(view[self._pos :])
+            self._pos = 0
+        buf += data
+        self._buf = buf
 
     @property
     def buffered_bytes(self) -> int:
         return len(self._buf) - self._pos
+
+    @property
+    def frame_remaining(self) -> int:
+        """Bytes still to arrive before the first buffered frame is whole.
+
+        0 when nothing is buffered or a whole frame is; while the header
+        itself is incomplete, what the header lacks. (The broker sizes its
+        reads by it: broker/framebudget.py.)
+        """
+        buf, pos = self._buf, self._pos
+        avail = len(buf) - pos
+        if avail < HEADER_SIZE:
+            return HEADER_SIZE - avail if avail else 0
+        size: int = _U32.unpack_from(buf, pos)[0]
+        return max(0, HEADER_SIZE + size - avail)
+
+    def discard_received(self) -> int:
+        """Drop every byte received and not yet decoded; return how many.
+
+        For an owner that stops reading (its connection is ending): a
+        half-sent frame's memory is freed now, not whenever this object is
+        collected.
+        """
+        dropped = len(self._buf) - self._pos
+        self._buf = b""
+        self._pos = 0
+        return dropped
+
+    def _keep_incomplete(self) -> None:
+        """Drop the decoded bytes in front of an incomplete frame (or all
+        of them): what stays buffered between reads is that frame alone."""
+        buf, pos = self._buf, self._pos
+        if pos == len(buf):
+            self._buf = b""
+        else:
+            with memoryview(buf) as view:
+                self._buf = bytearray(view[pos:])
+        self._pos = 0
 
     def next_event(self) -> Event | _Sentinel:
         if self._broken is not None:
@@ -644,6 +695,8 @@ class Connection:
                         ErrorCode.MALFORMED_FRAME, "stream ended inside a frame header"
                     )
                 return CLOSED
+            if pos:
+                self._keep_incomplete()
             return NEED_DATA
         size, type_value, flags = FRAME_HEADER.unpack_from(buf, pos)
         ftype = _TYPES_BY_VALUE.get(type_value)
@@ -662,6 +715,8 @@ class Connection:
                 raise RemoteProtocolError(
                     ErrorCode.MALFORMED_FRAME, f"stream ended inside a {ftype.name} frame"
                 )
+            if pos:
+                self._keep_incomplete()
             return NEED_DATA
         start = pos + HEADER_SIZE
         end = start + size
