@@ -20,7 +20,7 @@ import trio
 from . import __version__
 from .config import DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_PORT, PENDING_FRAME_BUDGET_FRAMES, Config, Limits
 from .framebudget import FREE_BYTES
-from .log.settings import FSYNC_MODES, SettingsResolver, TopicSettings
+from .storage.settings import FSYNC_MODES, SettingsResolver, TopicSettings
 from .auth import DEFAULT_SCRYPT_N, Users, authenticator_for, hash_password, hash_token, new_token
 from .logs import LEVELS, configure, get_logger
 
@@ -247,7 +247,7 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from .log import DataDirLocked, StorageError
+    from .storage import DataDirLocked, StorageError
     from .server import Server
 
     overrides: dict[str, Any] = {}

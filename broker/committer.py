@@ -20,7 +20,7 @@ import trio
 
 from client.protocol import Durability
 
-from .log import LogStore
+from .storage import LogStore
 from .logs import get_logger
 from .router import Held, Router
 

@@ -11,7 +11,7 @@ import attrs
 from client.protocol import DEFAULT_MAX_FRAME_BYTES
 from client.protocol.subjects import DEFAULT_MAX_TOPIC_BYTES, DEFAULT_MAX_TOPIC_DEPTH
 
-from .log.settings import SettingsResolver
+from .storage.settings import SettingsResolver
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7420

@@ -14,7 +14,7 @@ message (a dict entry per pending offset): work queues settle messages one
 by one, so this is inherent, and it stays off the plain pub/sub hot path.
 
 With file storage the manager records every hand-out and dead letter in the
-groups' journal (broker/groupstate.py) before it happens, so delivery counts
+groups' journal (broker/storage/groupstate.py) before it happens, so delivery counts
 and dead letters hold across kill -9 (protocol.md, "Consumer groups").
 """
 
@@ -36,7 +36,7 @@ from client.protocol import AckKind, StartKind, decode_batch, encode_batch, enco
 from client.protocol.batch import RECORD_HEADER, MalformedBatch, split_records
 from client.protocol.subjects import pattern_error, tokens_match, topic_error
 
-from .groupstate import (
+from .storage.groupstate import (
     FORMAT,
     Journal,
     SavedTopic,
@@ -48,8 +48,8 @@ from .groupstate import (
     find_dead_letters,
     read_state_dir,
 )
-from .log import DataLoss, StorageError, StoredBatch
-from .log.fileops import REAL, FileOps, fsync_dir
+from .storage import DataLoss, StorageError, StoredBatch
+from .storage.fileops import REAL, FileOps, fsync_dir
 from .logs import get_logger
 
 if TYPE_CHECKING:
@@ -539,7 +539,7 @@ class Group:
     # -- persistence --------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """Everything a restart needs (broker/groupstate.py: the snapshot
+        """Everything a restart needs (broker/storage/groupstate.py: the snapshot
         that starts a journal)."""
         c = self.config
         # Dead letters the dead-letter topic has made durable are settled.
@@ -651,7 +651,7 @@ class GroupManager:
     """Every group of one broker, and the one task that runs them.
 
     With a ``state_dir`` the groups' state is kept in a journal there
-    (broker/groupstate.py), opened by :meth:`load`: every hand-out and dead
+    (broker/storage/groupstate.py), opened by :meth:`load`: every hand-out and dead
     letter is recorded before it happens, and each group that changed is
     snapshotted into it at most every ``persist_interval`` seconds, and at
     shutdown. With ``sync`` (the broker's fsync ``always``) a hand-out waits

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 from client.protocol.subjects import tokens_match
 
 from .inboxes import DEFAULT_GRACE, RETAIN_BYTES, Inboxes, is_inbox
-from .log import LogStore, MemoryTopicLog, StorageError, TopicLog
+from .storage import LogStore, MemoryTopicLog, StorageError, TopicLog
 
 if TYPE_CHECKING:
     from .groups import Group, GroupManager, Member

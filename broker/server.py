@@ -31,7 +31,7 @@ from .config import Config
 from .framebudget import FREE_BYTES, FrameBudget, trim_heap
 from .groups import GroupManager
 from .http import HttpServer
-from .log import FileStore, LogStore, MemoryStore
+from .storage import FileStore, LogStore, MemoryStore
 from .logs import get_logger
 from .router import Router
 from .session import Session

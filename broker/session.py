@@ -94,7 +94,7 @@ from .framebudget import FREE_BYTES, MAX_HELLO_BYTES
 from .groups import GroupConfig, group_name_error
 from .inboxes import has_wildcard, is_inbox
 from .permissions import DecisionCache, Permissions
-from .log import DataLoss, StorageError
+from .storage import DataLoss, StorageError
 from .router import Held, Subscription, Topic
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """A storage shim that fails the way disks do, for the log's fault tests.
 
 ``FaultyOps`` sits where the segments call the file system
-(``broker/log/fileops.py``) and passes every call through until a test arms
+(``broker/storage/fileops.py``) and passes every call through until a test arms
 a fault:
 
 - ``fail_next(op, errno, after=N)``: the (N+1)th call of ``op`` from now
@@ -22,7 +22,7 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 
-from broker.log.fileops import FileOps
+from broker.storage.fileops import FileOps
 
 WRITES = ("write", "writev")
 

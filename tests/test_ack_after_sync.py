@@ -13,7 +13,7 @@ import trio
 
 import client
 from broker.config import Config
-from broker.log import MemoryStore, MemoryTopicLog, SyncResult
+from broker.storage import MemoryStore, MemoryTopicLog, SyncResult
 from broker.server import Server
 from client.protocol import Durability
 

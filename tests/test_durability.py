@@ -34,8 +34,8 @@ import pytest
 import trio
 
 import client
-from broker.log.segment import HEADER, HEADER_SIZE, header_crc
-from broker.log.settings import SettingsResolver, TopicSettings
+from broker.storage.segment import HEADER, HEADER_SIZE, header_crc
+from broker.storage.settings import SettingsResolver, TopicSettings
 from broker.server import Server
 from broker.session import Session
 from broker.testing import running_broker

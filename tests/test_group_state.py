@@ -1,4 +1,4 @@
-"""A consumer group's saved state (broker/groupstate.py) and its recovery
+"""A consumer group's saved state (broker/storage/groupstate.py) and its recovery
 rules, without sockets.
 
 Part 1: the journal format and the rules that rebuild a group from a
@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from broker.groups import GroupConfig, GroupManager
-from broker.groupstate import (
+from broker.storage.groupstate import (
     SavedGroup,
     SavedPending,
     SavedTopic,
@@ -36,7 +36,7 @@ from broker.groupstate import (
     read_state_dir,
     replay,
 )
-from broker.log import FileStore, MemoryTopicLog
+from broker.storage import FileStore, MemoryTopicLog
 from broker.router import Router, Subscription
 from client.protocol import AckKind, StartKind, decode_batch, encode_batch
 from faultyio import FaultyOps

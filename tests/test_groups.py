@@ -36,7 +36,7 @@ from trio.testing import MockClock
 import broker.groups as groups_module
 import client
 from broker.groups import Group, GroupConfig, GroupManager, Member, group_name_error
-from broker.log import MemoryStore, MemoryTopicLog
+from broker.storage import MemoryStore, MemoryTopicLog
 from broker.router import Router, Subscription, Topic
 from broker.server import Server
 from broker.testing import running_broker

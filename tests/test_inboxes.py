@@ -29,7 +29,7 @@ import client
 import client.connection as client_connection
 from authfiles import user_entry, write_users
 from broker.inboxes import RETAIN_BYTES, Inboxes
-from broker.log import FileStore, MemoryTopicLog
+from broker.storage import FileStore, MemoryTopicLog
 from broker.router import Topic
 from broker.server import Server
 from broker.testing import running_broker

@@ -20,8 +20,8 @@ import trio
 import client
 from broker.config import Limits
 from broker.http.metrics import render
-from broker.log import FileStore
-from broker.log.settings import SettingsResolver, TopicSettings
+from broker.storage import FileStore
+from broker.storage.settings import SettingsResolver, TopicSettings
 from broker.server import Server
 from broker.session import Session
 from broker.testing import running_broker

@@ -29,11 +29,11 @@ import pytest
 import trio
 
 import client
-from broker.log.base import StoredBatch
-from broker.log.errors import DataLoss
-from broker.log.file import FileStore, FileTopicLog
-from broker.log.segment import HEADER, HEADER_SIZE
-from broker.log.settings import SettingsResolver, TopicSettings
+from broker.storage.base import StoredBatch
+from broker.storage.errors import DataLoss
+from broker.storage.file import FileStore, FileTopicLog
+from broker.storage.segment import HEADER, HEADER_SIZE
+from broker.storage.settings import SettingsResolver, TopicSettings
 from client.protocol import (
     ERROR_FIELDS_OPTION,
     NEED_DATA,

@@ -1,4 +1,4 @@
-"""The durable file log (broker/log/file.py, broker/log/segment.py).
+"""The durable file log (broker/storage/file.py, broker/storage/segment.py).
 
 Real files under ``tmp_path``, no sockets. Batches are built with the client's
 ``encode_batch`` so what is stored is exactly what a publisher would send.
@@ -23,11 +23,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.log.base import StoredBatch
-from broker.log.errors import DataLoss
-from broker.log.file import FileStore, FileTopicLog
-from broker.log.segment import HEADER, HEADER_SIZE, INDEX_ENTRY, INDEX_INTERVAL, TIME_ENTRY, Segment, header_crc
-from broker.log.settings import SettingsResolver, TopicSettings
+from broker.storage.base import StoredBatch
+from broker.storage.errors import DataLoss
+from broker.storage.file import FileStore, FileTopicLog
+from broker.storage.segment import HEADER, HEADER_SIZE, INDEX_ENTRY, INDEX_INTERVAL, TIME_ENTRY, Segment, header_crc
+from broker.storage.settings import SettingsResolver, TopicSettings
 from client.protocol import Durability, encode_batch
 
 BIG = 1 << 30

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from broker.log import MemoryStore, MemoryTopicLog
+from broker.storage import MemoryStore, MemoryTopicLog
 from broker.router import Held, Router, Subscription, Topic
 from client.protocol import encode_batch
 

@@ -30,8 +30,8 @@ import trio
 
 import client
 from broker.config import Config
-from broker.log import DataDirLocked, FileStore
-from broker.log.settings import SettingsResolver, TopicSettings
+from broker.storage import DataDirLocked, FileStore
+from broker.storage.settings import SettingsResolver, TopicSettings
 from broker.server import Server, run_broker
 from client.protocol import Durability
 from faultyio import FaultyOps

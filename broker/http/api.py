@@ -28,7 +28,7 @@ from client.protocol import Durability
 from client.protocol.batch import MalformedBatch, check_batch, decode_batch, encode_batch, encode_headers
 
 from .. import __version__
-from ..log import DataLoss, StorageError
+from ..storage import DataLoss, StorageError
 from . import state
 from .access import readable, require_admin, require_publish, require_read
 from .messages import HttpError, Request, Response, json_response

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from .. import __version__
-from ..log import FileStore
+from ..storage import FileStore
 from ..router import Topic
 from ..stats import Histogram
 from . import state

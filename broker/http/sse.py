@@ -31,7 +31,7 @@ import trio
 from client.protocol.batch import MalformedBatch, decode_batch
 
 from ..inboxes import is_inbox
-from ..log import DataLoss
+from ..storage import DataLoss
 from ..router import Subscription, Topic
 from .access import require_read
 from .messages import HttpError, Request, Send, StreamResponse

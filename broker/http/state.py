@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ..log import FileStore, MemoryStore
+from ..storage import FileStore, MemoryStore
 from ..router import Subscription, Topic
 from ..session import Session
 from .sse import SseConsumer

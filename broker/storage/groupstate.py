@@ -44,8 +44,9 @@ import attrs
 from client.protocol import decode_batch
 from client.protocol.batch import MalformedBatch
 
-from .log import DataLoss, TopicLog
-from .log.fileops import FileOps, write_all
+from .base import TopicLog
+from .errors import DataLoss
+from .fileops import FileOps, write_all
 
 _FRAME = struct.Struct("<IIB")
 _DELIVERED = struct.Struct("<QIIHH")  # first, count, deliveries, group length, topic length
@@ -305,7 +306,7 @@ class Journal:
     """The current journal file, appended to from the Trio thread (one
     write, to the page cache: it survives kill -9 once it returns) and
     fsynced by the group manager's writer task in a worker thread. File
-    calls go through ``ops`` (broker/log/fileops.py) so tests can fail them."""
+    calls go through ``ops`` (broker/storage/fileops.py) so tests can fail them."""
 
     __slots__ = ("path", "generation", "fd", "ops", "size", "checkpoint_size", "unsynced", "new")
 
