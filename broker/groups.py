@@ -32,9 +32,19 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from client.protocol import AckKind, StartKind, decode_batch, encode_batch, encode_batch_from_records
-from client.protocol.batch import RECORD_HEADER, MalformedBatch, split_records
-from client.protocol.subjects import pattern_error, tokens_match, topic_error
+from client.protocol import (
+    RECORD_HEADER,
+    AckKind,
+    MalformedBatch,
+    StartKind,
+    decode_batch,
+    encode_batch,
+    encode_batch_from_records,
+    pattern_error,
+    split_records,
+    tokens_match,
+    topic_error,
+)
 
 from .storage.groupstate import (
     FORMAT,

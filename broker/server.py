@@ -21,8 +21,7 @@ from typing import Any
 import attrs
 import trio
 
-from client.protocol import Durability, Error, ErrorCode, encode_event
-from client.protocol.codec import HEADER_SIZE
+from client.protocol import HEADER_SIZE, Durability, Error, ErrorCode, encode_event
 
 from .auth import Authenticator, authenticator_for, unprotected_hosts
 from .closing import drain

@@ -81,10 +81,12 @@ from client.protocol import (
     encode_puback,
     pattern_error,
     topic_error,
+    HEADER_SIZE,
+    MAX_INFO_ENTRIES,
+    Durability,
+    Event,
+    tokens_match,
 )
-from client.protocol.codec import HEADER_SIZE
-from client.protocol.frames import MAX_INFO_ENTRIES, Durability, Event
-from client.protocol.subjects import tokens_match
 
 from . import __version__
 from .auth import User

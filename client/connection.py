@@ -46,8 +46,10 @@ from .errors import (
 from .message import Message, PublishAck
 from .reconnect import RETRYABLE_CODES, Reconnect
 from .protocol import (
+    BATCH_HEADER,
     CLOSED,
     ERROR_FIELDS_OPTION,
+    MAX_ACK_RANGES,
     NEED_DATA,
     UNLIMITED_CREDIT,
     Connection,
@@ -88,9 +90,6 @@ from .protocol import (
     pattern_error,
     topic_error,
 )
-from .protocol.batch import BATCH_HEADER
-from .protocol.frames import MAX_ACK_RANGES
-from .protocol.codec import HEADER_SIZE
 from .subscription import Subscription
 from .transport import CAFile, TLSOption, client_context, open_stream
 

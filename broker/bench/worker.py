@@ -48,7 +48,9 @@ from client import Message, PendingAck, connect, parse_url
 from client.protocol import (
     CLOSED,
     DEFAULT_MAX_FRAME_BYTES,
+    FRAME_HEADER,
     NEED_DATA,
+    RECORD_HEADER,
     Connection,
     Deliver,
     Error,
@@ -70,8 +72,6 @@ from client.protocol import (
     encode_event,
     encode_publish,
 )
-from client.protocol.batch import RECORD_HEADER
-from client.protocol.codec import FRAME_HEADER
 
 from . import board as b
 

@@ -24,8 +24,14 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from client.protocol import Durability
-from client.protocol.batch import MalformedBatch, check_batch, decode_batch, encode_batch, encode_headers
+from client.protocol import (
+    Durability,
+    MalformedBatch,
+    check_batch,
+    decode_batch,
+    encode_batch,
+    encode_headers,
+)
 
 from .. import __version__
 from ..storage import DataLoss, StorageError

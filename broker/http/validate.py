@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
-from client.protocol.subjects import topic_error
+from client.protocol import topic_error
 
 from ..router import Topic
 from .messages import HttpError, Request
