@@ -341,7 +341,7 @@ class Group:
         n = len(self.members)
         for i in range(n):
             member = self.members[(self._next_member + i) % n]
-            if member.unacked < self.config.max_ack_pending and member.sub.session.accepting:
+            if member.unacked < self.config.max_ack_pending and member.sub.subscriber.accepting:
                 self._next_member = (self._next_member + i + 1) % n
                 return member
         return None
@@ -802,7 +802,7 @@ class GroupManager:
     ) -> None:
         """Send a GROUP_DELIVER once the journal has counted it."""
         if self.state_dir is None:
-            member.sub.session.deliver_group(member.sub, topic, base, timestamp, deliveries, batch)
+            member.sub.subscriber.deliver_group(member.sub, topic, base, timestamp, deliveries, batch)
             return
         self._records += encode_delivered(group.name_bytes, topic.name_bytes, base, count, deliveries)
         self._held.append(partial(_send, member, topic, base, timestamp, deliveries, batch))
@@ -1068,8 +1068,8 @@ def _send(
 ) -> None:
     """A held hand-out, now counted durably. A member that left since has had
     these messages given back (they wait for another member)."""
-    if member.active and member.sub.session.accepting:
-        member.sub.session.deliver_group(member.sub, topic, base, timestamp, deliveries, batch)
+    if member.active and member.sub.subscriber.accepting:
+        member.sub.subscriber.deliver_group(member.sub, topic, base, timestamp, deliveries, batch)
 
 
 def _release(held: list[Callable[[], None]]) -> None:

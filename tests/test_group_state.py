@@ -40,7 +40,7 @@ from broker.storage import FileStore, MemoryTopicLog
 from broker.router import Router, Subscription
 from client.protocol import AckKind, StartKind, decode_batch, encode_batch
 from faultyio import FaultyOps
-from test_groups import Delivery, FakeSession
+from test_groups import Delivery, FakeSession, GroupEvents
 
 TIMEOUT = 10.0
 
@@ -201,10 +201,10 @@ class Rig:
         self.data, self.sync = data, sync
         self.ops = ops or FaultyOps()  # the journal's file calls; the log's are real
         self.store = FileStore(data)
-        self.router = Router(self.store)
+        events = GroupEvents()
+        self.router = Router(self.store, events=events)
         self.router.recover()
-        self.manager = GroupManager(self.router, data / "groups", sync=sync, ops=self.ops)
-        self.router.groups = self.manager
+        self.manager = events.manager = GroupManager(self.router, data / "groups", sync=sync, ops=self.ops)
         self.manager.load()
         self._ids = itertools.count(1)
 

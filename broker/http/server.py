@@ -23,11 +23,12 @@ connections, end event streams cleanly, let requests in progress finish.
 from __future__ import annotations
 
 import itertools
+import ssl
 from collections import Counter
 from collections.abc import Iterable
 from functools import partial
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, unquote
 
 import h11
@@ -43,7 +44,8 @@ from .rates import RateSampler
 from .routes import build_routes, dispatch
 
 if TYPE_CHECKING:
-    from ..server import Server
+    from ..core import Broker
+    from ..session import Session
 
 RECEIVE_SIZE = 64 * 1024
 SERVER_HEADER = f"pybroker/{__version__}"
@@ -60,17 +62,34 @@ class _PeerGone(Exception):
     """The peer closed, reset, or stopped taking what we send."""
 
 
-class HttpServer:
-    """The HTTP side of one :class:`broker.server.Server`."""
+class Listener(Protocol):
+    """What the HTTP side shows of the TCP listener it runs beside
+    (broker/server.py): readiness, uptime, its connections."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.settings = server.config.http
+    ready: bool
+    started_at: float
+    host: str
+    port: int
+    tls: ssl.SSLContext | None
+    sessions: set[Session]
+    connections_total: int
+    connections_refused: int
+
+
+class HttpServer:
+    """The HTTP side of one broker: its handlers call the core
+    (broker/core.py) and read the listener's figures."""
+
+    def __init__(self, broker: Broker, listener: Listener) -> None:
+        self.broker = broker
+        self.listener = listener
+        self.config = broker.config
+        self.settings = broker.config.http
         self.log: Any = get_logger(component="http")
         self.connections: dict[int, HttpConnection] = {}
         self.connections_total = 0
         self.requests_by_status: Counter[int] = Counter()
-        self.rates = RateSampler(server.router)
+        self.rates = RateSampler(broker.router)
         self.routes = build_routes(self)
         self.host = ""
         self.port = 0
@@ -91,7 +110,7 @@ class HttpServer:
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until :meth:`shutdown`; ``task_status.started(port)``."""
-        config = self.server.config
+        config = self.config
         host = config.http_host if config.http_host is not None else config.host
         listeners = await trio.open_tcp_listeners(config.http_port or 0, host=host)
         try:
@@ -113,7 +132,7 @@ class HttpServer:
                             "http listening",
                             host=self.host,
                             port=self.port,
-                            tls=self.server.tls is not None,
+                            tls=self.listener.tls is not None,
                         )
                         task_status.started(self.port)
                         await self._shutdown.wait()
@@ -136,7 +155,7 @@ class HttpServer:
         except OSError:
             peer = "?"
         # HTTPS peers often close without close_notify: https_compatible.
-        tls_stream = wrap_server_stream(stream, self.server.tls, https=True)
+        tls_stream = wrap_server_stream(stream, self.listener.tls, https=True)
         conn = HttpConnection(self, tls_stream, conn_id, peer)
         if len(self.connections) >= self.settings.max_connections or self.stopping:
             await conn.refuse(HttpError(503, "too many HTTP connections" if not self.stopping else "shutting down"))

@@ -63,7 +63,8 @@ from .frames import (
     Unsubscribe,
     Welcome,
 )
-from .subjects import matches, pattern_error, topic_error
+from .frames import MAX_INFO_ENTRIES
+from .subjects import matches, pattern_error, tokens_match, topic_error
 
 __all__ = [
     "CLOSED",
@@ -125,7 +126,9 @@ __all__ = [
     "encode_puback",
     "encode_publish",
     "encode_record",
+    "MAX_INFO_ENTRIES",
     "matches",
+    "tokens_match",
     "pattern_error",
     "topic_error",
 ]
