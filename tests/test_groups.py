@@ -33,7 +33,7 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
-import broker.groups as groups_module
+import broker.groups.group as groups_module
 import client
 from broker.groups import Group, GroupConfig, GroupManager, Member, group_name_error
 from broker.storage import MemoryStore, MemoryTopicLog

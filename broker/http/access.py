@@ -62,7 +62,7 @@ async def authenticate(http: HttpServer, request: Request) -> Request:
         if sep and name:
             user = await auth.by_password(name, password)
     if user is None:
-        http.log.warning(
+        http.logger.warning(
             "http authentication failed", method=method, peer=request.peer, path=request.path
         )
         raise HttpError(401, "authentication failed", headers={"www-authenticate": CHALLENGE})

@@ -85,7 +85,7 @@ class HttpServer:
         self.listener = listener
         self.config = broker.config
         self.settings = broker.config.http
-        self.log: Any = get_logger(component="http")
+        self.logger: Any = get_logger(component="http")
         self.connections: dict[int, HttpConnection] = {}
         self.connections_total = 0
         self.requests_by_status: Counter[int] = Counter()
@@ -128,7 +128,7 @@ class HttpServer:
                                 handler_nursery=connections,
                             )
                         )
-                        self.log.info(
+                        self.logger.info(
                             "http listening",
                             host=self.host,
                             port=self.port,
@@ -175,7 +175,7 @@ class HttpConnection:
         self.stream = stream
         self.conn_id = conn_id
         self.peer = peer
-        self.log: Any = http.log.bind(http_conn=conn_id, peer=peer)
+        self.logger: Any = http.logger.bind(http_conn=conn_id, peer=peer)
         self.h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes
         )
@@ -202,7 +202,7 @@ class HttpConnection:
         except _PeerGone:
             pass
         except Exception:
-            self.log.exception("internal error in the HTTP connection loop")
+            self.logger.exception("internal error in the HTTP connection loop")
         finally:
             with trio.CancelScope(shield=True):
                 await self._close()
@@ -249,12 +249,12 @@ class HttpConnection:
             request = self._request(request_head, body)
         except _Timeout as timeout:
             if timeout.partial:
-                self.log.info("request timed out", requests=self.requests)
+                self.logger.info("request timed out", requests=self.requests)
                 await self._send_error(HttpError(408, "the request did not arrive in time"))
             return False
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
-            self.log.info("malformed request", status=status, detail=str(exc))
+            self.logger.info("malformed request", status=status, detail=str(exc))
             message = (
                 f"request line and headers exceed {self.settings.max_header_bytes} bytes"
                 if status == 431
@@ -273,9 +273,9 @@ class HttpConnection:
         except HttpError as exc:
             response = exc.response()
         except Exception:
-            self.log.exception("handler failed", method=request.method, path=request.path)
+            self.logger.exception("handler failed", method=request.method, path=request.path)
             response = HttpError(500, "internal error").response()
-        self.log.debug(
+        self.logger.debug(
             "http request", method=request.method, path=request.path, status=response.status
         )
         if isinstance(response, StreamResponse):
@@ -426,7 +426,7 @@ class HttpConnection:
                 except _PeerGone:
                     self._peer_closed = True
                 except Exception:
-                    self.log.exception("event stream failed")
+                    self.logger.exception("event stream failed")
                     self._peer_closed = True  # cannot end the body cleanly
                 nursery.cancel_scope.cancel()
             self._stream_scope = None
@@ -454,7 +454,7 @@ class HttpConnection:
                 self._peer_closed = True
                 raise _PeerGone() from None
         if scope.cancelled_caught:
-            self.log.info("peer is not reading; closing")
+            self.logger.info("peer is not reading; closing")
             self.h11.send_failed()
             self._peer_closed = True
             raise _PeerGone()

@@ -63,6 +63,7 @@ from .frames import (
     Unsubscribe,
     Welcome,
 )
+from .batch import RECORD_HEADER
 from .frames import MAX_INFO_ENTRIES
 from .subjects import matches, pattern_error, tokens_match, topic_error
 
@@ -127,6 +128,7 @@ __all__ = [
     "encode_publish",
     "encode_record",
     "MAX_INFO_ENTRIES",
+    "RECORD_HEADER",
     "matches",
     "tokens_match",
     "pattern_error",
