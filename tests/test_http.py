@@ -367,9 +367,9 @@ async def test_topics_listing_and_detail_with_subscriptions() -> None:
         assert subs["tcp"]["client"] == "lister" and subs["tcp"]["pattern"] == "list.*"
         assert subs["tcp"]["lag"] == 0
         assert subs["sse"]["pattern"] == "list.a" and subs["sse"]["position"] == 3
-        assert detail["consumer_groups"] is None
+        assert detail["consumer_groups"] == []  # the names of the groups reading it
         info = await get_json(port, "/v1/broker")
-        assert info["topics"] == 2 and info["ready"] is True
+        assert info["topics"] == 2 and info["ready"] is True and info["consumer_groups"] == 0
         assert info["tcp"]["port"] == server.port and info["http"]["port"] == port
 
 

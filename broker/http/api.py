@@ -99,8 +99,7 @@ async def broker_info(http: HttpServer, request: Request, params: Mapping[str, s
             "publish_acks": {d.name.lower(): n for d, n in broker.acks_by_durability.items()},
             "fsyncs": getattr(broker.store, "fsyncs", 0),
             "clients": state.connections(http),
-            # Consumer groups are not implemented yet.
-            "consumer_groups": None,
+            "consumer_groups": len(broker.groups.groups),
         }
     )
 
@@ -123,7 +122,7 @@ async def topic_detail(http: HttpServer, request: Request, params: Mapping[str, 
     topic = existing_topic(http, params["topic"])
     body = state.topic_summary(http, topic)
     body["subscriptions"] = [v.json() for v in state.subscriptions(topic)]
-    body["consumer_groups"] = None  # not implemented yet
+    body["consumer_groups"] = sorted(g.name for g in topic.groups)
     return json_response(body)
 
 
