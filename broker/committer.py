@@ -35,7 +35,7 @@ class Committer:
         self.durability = Durability.DISK
         self._wake = trio.Event()
         self._round_done = trio.Event()
-        self.log: Any = get_logger(component="committer")
+        self.logger: Any = get_logger(component="committer")
 
     def wake(self) -> None:
         """Something was appended that needs a sync (called by the router)."""
@@ -73,7 +73,7 @@ class Committer:
                 self.rounds += 1
                 self.router.release(target, result.failed)
                 if result.failed:
-                    self.log.error(
+                    self.logger.error(
                         "fsync failed; the batches it covered are refused",
                         topics={name: cut for name, (cut, _) in result.failed.items()},
                     )

@@ -134,7 +134,7 @@ class Inboxes:
     def attach(self, sub: Subscription) -> list[Topic]:
         """Route an exact inbox subscription to its inbox, if its session owns it."""
         inbox = self._by_name.get(sub.pattern)
-        if inbox is None or inbox.owner is not sub.session:
+        if inbox is None or inbox.owner is not sub.subscriber:
             return []  # not its own: it gets nothing (the session refused it anyway)
         inbox.topic.subs.append(sub)
         return [inbox.topic]
@@ -147,7 +147,7 @@ class Inboxes:
             return
         # Rebuild rather than mutate: a publish may be iterating the list.
         inbox.topic.subs = [s for s in inbox.topic.subs if s is not sub]
-        if not inbox.topic.subs and inbox.owner is sub.session:
+        if not inbox.topic.subs and inbox.owner is sub.subscriber:
             self._drop(inbox)
 
     def release(self, owner: object, now: float) -> None:

@@ -13,7 +13,7 @@ store, and only their owner's exact subscriptions receive them.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from client.protocol import tokens_match
@@ -22,22 +22,49 @@ from .inboxes import DEFAULT_GRACE, RETAIN_BYTES, Inboxes, is_inbox
 from .storage import LogStore, MemoryTopicLog, StorageError, TopicLog
 
 if TYPE_CHECKING:
-    from .groups import Group, GroupManager, Member
-    from .session import Session
+    from .groups import Group, Member
+    from .subscriber import Subscriber
+
+#: Credit standing for "no flow control": large enough never to run out.
+NO_FLOW_CONTROL = 1 << 62
 
 
-class Subscriber(Protocol):
-    """What the router needs of a session to hand it a batch."""
+class RouterEvents(Protocol):
+    """What the router tells its owner (the broker core), which passes it
+    on to the committer and the consumer groups."""
 
-    def deliver(
-        self,
-        sub: Subscription,
-        topic: Topic,
-        base_offset: int,
-        timestamp: int,
-        batch: bytes,
-        count: int,
-    ) -> None: ...
+    def topic_created(self, topic: Topic) -> None: ...
+
+    def batch_held(self) -> None:
+        """A batch waits for the fsync that covers it (wake the committer)."""
+
+    def batch_visible(self, topic: Topic) -> None:
+        """New visible messages in a topic consumer groups read."""
+
+    def sync_failed(self) -> None:
+        """Held batches were dropped because their fsync failed."""
+
+    def group_matches(self, name: str) -> bool:
+        """Whether a consumer group would read topic ``name``."""
+
+
+class NoEvents:
+    """For a router on its own (tests): nobody to tell."""
+
+    def topic_created(self, topic: Topic) -> None:
+        pass
+
+    def batch_held(self) -> None:
+        pass
+
+    def batch_visible(self, topic: Topic) -> None:
+        pass
+
+    def sync_failed(self) -> None:
+        pass
+
+    def group_matches(self, name: str) -> bool:
+        return False
 
 
 class Held:
@@ -100,7 +127,7 @@ class Topic:
 
 class Subscription:
     __slots__ = (
-        "session",
+        "subscriber",
         "sub_id",
         "pattern",
         "tokens",
@@ -111,8 +138,9 @@ class Subscription:
         "member",
     )
 
-    def __init__(self, session: Session, sub_id: int, pattern: str, credit: int) -> None:
-        self.session = session
+    def __init__(self, subscriber: Subscriber, sub_id: int, pattern: str, credit: int | None = None) -> None:
+        #: Who receives its messages (a TCP session, an SSE stream, ...).
+        self.subscriber = subscriber
         self.sub_id = sub_id
         self.pattern = pattern
         self.tokens = pattern.split(".")
@@ -121,7 +149,7 @@ class Subscription:
         #: the next offset to read (replay, or a full outbound queue).
         self.lag: dict[Topic, int] = {}
         #: Messages the subscriber can still take (protocol.md, "Credit").
-        self.credit = credit
+        self.credit = NO_FLOW_CONTROL if credit is None else credit
         #: Set for a consumer-group member, which the router does not fan out to.
         self.group: Group | None = None
         self.member: Member | None = None
@@ -138,16 +166,14 @@ class Router:
     def __init__(
         self,
         store: LogStore,
-        on_held: Callable[[], None] | None = None,
+        events: RouterEvents | None = None,
         inbox_grace: float = DEFAULT_GRACE,
     ) -> None:
         self.store = store
-        self.on_held = on_held or (lambda: None)
+        self.events: RouterEvents = events or NoEvents()
         #: Sequence number of the last batch held for a sync.
         self.held_seq = 0
         self._held_topics: dict[Topic, None] = {}
-        #: Set by the server: told about new topics, woken by new data.
-        self.groups: GroupManager | None = None
         #: Topics, without inboxes (those are in ``inboxes``).
         self.topics: dict[str, Topic] = {}
         self.inboxes = Inboxes(_inbox_topic, inbox_grace)
@@ -179,8 +205,7 @@ class Router:
             tokens = name.split(".")
             topic.subs.extend(self._exact.get(name, ()))
             topic.subs.extend(s for s in self._wild if tokens_match(s.tokens, tokens))
-            if self.groups is not None:
-                self.groups.topic_created(topic)
+            self.events.topic_created(topic)
         return topic
 
     def has_receivers(self, name: str) -> bool:
@@ -196,8 +221,7 @@ class Router:
         tokens = name.split(".")
         if any(tokens_match(s.tokens, tokens) for s in self._wild):
             return True
-        groups = self.groups.groups.values() if self.groups is not None else ()
-        return any(tokens_match(g.tokens, tokens) for g in groups)
+        return self.events.group_matches(name)
 
     def add(self, sub: Subscription) -> list[Topic]:
         """Register ``sub``; return the existing topics it matches."""
@@ -259,13 +283,13 @@ class Router:
             held = Held(self.held_seq, base, timestamp, batch, count)
             topic.held.append(held)
             self._held_topics[topic] = None
-            self.on_held()
+            self.events.batch_held()
             return base, timestamp, held
         topic.visible_next = base + count
-        if topic.groups and self.groups is not None:
-            self.groups.wake()
+        if topic.groups:
+            self.events.batch_visible(topic)
         for sub in topic.subs:
-            sub.session.deliver(sub, topic, base, timestamp, batch, count)
+            sub.subscriber.deliver(sub, topic, base, timestamp, batch, count)
         return base, timestamp, None
 
     def release(self, seq: int, failed: Mapping[str, tuple[int, StorageError]] | None = None) -> None:
@@ -284,15 +308,14 @@ class Router:
                     if h.base >= cut:
                         h.error = error
                 topic.held = held = deque(h for h in held if h.error is None)
-                if self.groups is not None:
-                    self.groups.wake()  # a dead letter among them is redone
+                self.events.sync_failed()  # a dead letter among them is redone
             while held and held[0].seq <= seq:
                 h = held.popleft()
                 base, timestamp, batch, count = h.base, h.timestamp, h.batch, h.count
                 topic.visible_next = base + count
                 for sub in topic.subs:
-                    sub.session.deliver(sub, topic, base, timestamp, batch, count)
-            if topic.groups and self.groups is not None:
-                self.groups.wake()
+                    sub.subscriber.deliver(sub, topic, base, timestamp, batch, count)
+            if topic.groups:
+                self.events.batch_visible(topic)
             if not held:
                 del self._held_topics[topic]

@@ -21,19 +21,17 @@ from typing import Any
 import attrs
 import trio
 
-from client.protocol import HEADER_SIZE, Durability, Error, ErrorCode, encode_event
+from client.protocol import HEADER_SIZE, Error, ErrorCode, encode_event
 
-from .auth import Authenticator, authenticator_for, unprotected_hosts
+from .auth import unprotected_hosts
 from .closing import drain
-from .committer import Committer
 from .config import Config
+from .core import Broker
 from .framebudget import FREE_BYTES, FrameBudget, trim_heap
-from .groups import GroupManager
 from .http import HttpServer
-from .storage import FileStore, LogStore, MemoryStore
 from .logs import get_logger
-from .router import Router
 from .session import Session
+from .storage import LogStore
 from .tls import server_context, wrap_server_stream
 
 #: Seconds between looks at whether large frames were freed, to give their
@@ -52,33 +50,17 @@ REFUSE_DRAIN_BYTES = 4096
 
 
 class Server:
+    """Listeners and lifecycle around one broker core (broker/core.py)."""
+
     def __init__(self, config: Config | None = None, store: LogStore | None = None) -> None:
         self.config = config or Config()
-        self.log: Any = get_logger()
-        #: None when the broker runs without a users file (Config.auth_file).
-        self.auth: Authenticator | None = authenticator_for(self.config)
+        self.logger: Any = get_logger()
         #: TLS for both listeners (broker/tls.py); None: plain. Loaded first,
         #: so a bad certificate stops the start before any recovery work.
         self.tls: ssl.SSLContext | None = server_context(self.config)
-        if store is None:
-            if self.config.storage == "memory":
-                store = MemoryStore(self.config.memory_retention_bytes)
-            else:
-                # Recovery runs here, before anything listens.
-                store = FileStore(
-                    self.config.data_dir,
-                    self.config.topic_settings,
-                    min_free_bytes=self.config.min_free_bytes,
-                )
-        self.store: LogStore = store
-        self.router = Router(self.store, inbox_grace=self.config.inbox_grace)
-        self.committer = Committer(self.store, self.router, self.config.retention_check_seconds)
-        state_dir = self.config.data_dir / "groups" if isinstance(store, FileStore) else None
-        # Delivery counts are written before a delivery is sent, and fsynced
-        # first only if asked (README, "Work queues": the throughput cost).
-        self.groups = GroupManager(self.router, state_dir, sync=self.config.group_counts_fsync)
-        self.router.groups = self.groups
-        self.router.on_held = self.committer.wake
+        #: The rules and the state: storage (recovery runs here, before
+        #: anything listens), router, committer, groups, authentication.
+        self.broker = Broker(self.config, store)
         self.sessions: set[Session] = set()
         #: Bytes of frames in progress, shared by every connection
         #: (broker/framebudget.py); the reserve lets the largest frame finish.
@@ -100,15 +82,13 @@ class Server:
                 fatal=True,
             )
         )
-        #: Publish acknowledgements sent, by what they promise (GET /metrics).
-        self.acks_by_durability: dict[Durability, int] = dict.fromkeys(Durability, 0)
         #: Listeners accepting and recovery done (GET /readyz); False again
         #: once shutdown begins.
         self.ready = False
         self.started_at = time.time()
         http_port = self.config.http_port
         #: The HTTP side (broker/http), on its own port; None when disabled.
-        self.http = HttpServer(self) if http_port is not None and http_port >= 0 else None
+        self.http = HttpServer(self.broker, self) if http_port is not None and http_port >= 0 else None
         self.http_port: int | None = None
         self._ids = itertools.count(1)
         self._shutdown = trio.Event()
@@ -128,26 +108,16 @@ class Server:
         await self._stopped.wait()
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        leftovers = self.router.recover()
-        if leftovers:
-            self.log.warning(
-                "stored request/reply inboxes ignored: inboxes are kept in memory now; "
-                "their directories under the data directory's topics/ may be deleted",
-                inboxes=len(leftovers),
-                first=sorted(leftovers)[:3],
-            )
-        self.groups.load()
+        self.broker.recover()
         listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
         self._check_descriptor_limit()
         try:
             sockname = listeners[0].socket.getsockname()
             self.host, self.port = sockname[0], sockname[1]
             async with trio.open_nursery() as background:
-                # The committer outlives the connections: closing sessions
-                # still wait on it for their last acknowledgements.
-                await background.start(self.committer.run)
-                await background.start(self.groups.run)
-                await background.start(self.router.inboxes.run)
+                # The core's tasks outlive the connections: closing sessions
+                # still wait on the committer for their last acknowledgements.
+                await background.start(self.broker.run)
                 if self.config.idle_timeout > 0:
                     background.start_soon(self._sweep_idle, self.config.idle_timeout)
                 background.start_soon(self._trim_heap)
@@ -162,10 +132,9 @@ class Server:
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
-            self.groups.persist_now()
-            self.store.close()
+            self.broker.close()
             self._stopped.set()
-            self.log.info("stopped")
+            self.logger.info("stopped")
 
     async def _serve_connections(
         self, listeners: list[trio.SocketListener], task_status: Any
@@ -180,16 +149,16 @@ class Server:
                         handler_nursery=connections,
                     )
                 )
-                self.log.info(
+                self.logger.info(
                     "listening",
                     host=self.host,
                     port=self.port,
                     url=self.url,
                     tls=self.tls is not None,
-                    storage=self.config.storage if isinstance(self.store, (FileStore, MemoryStore)) else type(self.store).__name__,
+                    storage=self.broker.storage_kind,
                     data_dir=str(self.config.data_dir),
                     http_port=self.http_port,
-                    auth=str(self.config.auth_file) if self.auth else "none",
+                    auth=str(self.config.auth_file) if self.broker.auth else "none",
                 )
                 self._log_auth()
                 self.ready = True
@@ -199,7 +168,7 @@ class Server:
                 if self.http is not None:
                     self.http.shutdown()
                 accepting.cancel_scope.cancel()
-            self.log.info("shutting down", connections=len(self.sessions))
+            self.logger.info("shutting down", connections=len(self.sessions))
             for session in list(self.sessions):
                 session.shutdown()
             # Sessions bound their own flush by shutdown_grace; this is the
@@ -209,16 +178,16 @@ class Server:
             )
 
     def _log_auth(self) -> None:
-        if self.auth is not None:
-            self.log.info("authentication required", users_file=self.auth.users.source, users=len(self.auth.users.by_name))
+        if self.broker.auth is not None:
+            self.logger.info("authentication required", users_file=self.broker.auth.users.source, users=len(self.broker.auth.users.by_name))
         elif unprotected_hosts(self._hosts()):
-            self.log.warning(
+            self.logger.warning(
                 "no authentication configured and listening beyond loopback: "
                 "anyone who can reach the broker may publish and subscribe",
                 hosts=self._hosts(),
             )
         else:
-            self.log.info("no authentication configured (no --auth); listening on loopback only")
+            self.logger.info("no authentication configured (no --auth); listening on loopback only")
 
     def _hosts(self) -> list[str]:
         hosts = [self.config.host]
@@ -254,7 +223,7 @@ class Server:
         if soft != resource.RLIM_INFINITY and soft < self.config.max_connections + 64:
             # Past the descriptor limit accepting stalls (Trio retries after
             # EMFILE) instead of answering ERROR 108: say so now.
-            self.log.warning(
+            self.logger.warning(
                 "max_connections is above what RLIMIT_NOFILE allows",
                 max_connections=self.config.max_connections,
                 nofile=soft,
@@ -271,7 +240,9 @@ class Server:
             peer = f"{peer_addr[0]}:{peer_addr[1]}"
         except OSError:
             peer = "?"
-        session = Session(self, wrap_server_stream(stream, self.tls), conn_id, peer)
+        session = Session(
+            self.broker, self.config, self.frame_budget, wrap_server_stream(stream, self.tls), conn_id, peer
+        )
         self.sessions.add(session)
         self.connections_total += 1
         try:
@@ -289,7 +260,7 @@ class Server:
         self.connections_refused += 1
         if not self._at_limit_logged:
             self._at_limit_logged = True  # once per episode, not per refusal
-            self.log.warning("connection limit reached", max_connections=self.config.max_connections)
+            self.logger.warning("connection limit reached", max_connections=self.config.max_connections)
         if self._refusing >= MAX_REFUSING:
             await trio.aclose_forcefully(stream)
             return

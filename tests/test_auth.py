@@ -143,7 +143,7 @@ def test_without_auth_only_loopback_unless_told_otherwise() -> None:
     ):
         with pytest.raises(ValueError, match="without authentication"):
             Server(config)
-    assert Server(Config(host="0.0.0.0", allow_anonymous_remote=True, storage="memory")).auth is None
+    assert Server(Config(host="0.0.0.0", allow_anonymous_remote=True, storage="memory")).broker.auth is None
     # HTTP disabled: its host does not matter.
     Server(Config(http_host="0.0.0.0", http_port=None, storage="memory"))
 
@@ -163,7 +163,7 @@ async def test_token_password_and_url_credentials_are_accepted(tmp_path: Path) -
                 await c.ping()
             async with client.connect(f"pybroker://{TOKEN}@{host_port}") as c:
                 await c.ping()
-        sessions_users = {s.user.name for s in server.sessions if s.user is not None}
+        sessions_users = {s.principal.name for s in server.sessions if s.principal.user is not None}
         assert sessions_users <= {"alice", "ingest"}
 
 
@@ -204,7 +204,7 @@ async def test_token_and_user_together_are_refused(tmp_path: Path) -> None:
             async with client.connect(server.url, token=TOKEN, user="alice", password=PASSWORD):
                 pass
         # Sent raw (both options in HELLO): refused by the broker too.
-        auth = server.auth
+        auth = server.broker.auth
         assert auth is not None
         assert await auth.hello({"token": TOKEN, "user": "alice", "password": PASSWORD}) is None
         assert (await auth.hello({"token": TOKEN, "extra": "ignored"})) is not None
@@ -212,7 +212,7 @@ async def test_token_and_user_together_are_refused(tmp_path: Path) -> None:
 
 async def test_without_auth_credentials_are_ignored() -> None:
     async with running_broker() as server:
-        assert server.auth is None
+        assert server.broker.auth is None
         with trio.fail_after(TIMEOUT):
             async with client.connect(server.url, token=TOKEN) as c:
                 await c.publish("a", b"x")
@@ -305,7 +305,7 @@ async def test_http_permissions(tmp_path: Path) -> None:
         assert status == 200 and body["offset"] == 0, body
         status, _, body = await http_request(port, "POST", "/v1/topics/billing.x/messages", auth=alice, body=msg)
         assert status == 403 and body["code"] == "permission_denied", body
-        assert "billing.x" not in server.router.topics
+        assert "billing.x" not in server.broker.router.topics
         status, _, _ = await http_request(port, "POST", "/v1/topics/secret.x/messages", auth=ingest, body=msg)
         assert status == 200
         # read: fetch, detail, events; lists show only readable topics

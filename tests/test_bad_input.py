@@ -827,7 +827,7 @@ async def run_bad_topic(server: Server) -> None:
         assert event.ref == 0 and not event.fatal, event
         # Nothing was created for the bad topics, and good ones still work.
         for topic in BAD_TOPICS:
-            assert topic.decode("utf-8") not in server.router.topics
+            assert topic.decode("utf-8") not in server.broker.router.topics
         await check_raw_healthy(raw, "raw.bad-topic.ok")
 
 
@@ -1314,7 +1314,7 @@ async def test_subscriber_that_stops_reading(tmp_path: Path) -> None:
                         last = await publisher.request(publish_frame(1, b"bulk.last", good_batch(b"x")))
                         assert isinstance(last, PubAck), last
                         await check_raw_healthy(publisher, "bulk-publisher.check")
-                    assert server.router.topics["bulk.data"].log.next_offset == total
+                    assert server.broker.router.topics["bulk.data"].log.next_offset == total
                     await healthy.round_trip(5)
                     # Now it reads: everything arrives, in order, no gap.
                     expected = 0

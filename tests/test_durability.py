@@ -521,7 +521,7 @@ async def test_replay_from_every_start_position(tmp_path: Path, segment_bytes: i
                 assert stamps == sorted(set(stamps))
                 assert len({a.timestamp_us for a in batched}) == 1
                 inside = batched[5].offset
-                log = server.router.topics[REPLAY_TOPIC].log
+                log = server.broker.router.topics[REPLAY_TOPIC].log
                 [first_read, *_] = log.read(inside, 1 << 20)
                 assert first_read.base_offset == batched[0].offset
                 assert first_read.count == BATCHED
@@ -624,7 +624,7 @@ def slow_payload(i: int) -> bytes:
 def largest_delivery(server: Server, topic: str) -> tuple[int, int]:
     """(bytes of the largest DELIVER frame, messages of the largest batch)
     the topic's stored batches make."""
-    log = server.router.topics[topic].log
+    log = server.broker.router.topics[topic].log
     header = len(deliver_header(1, topic.encode(), 0, 0, 0))
     largest_bytes = largest_count = 0
     offset = log.first_offset
@@ -676,8 +676,8 @@ class Sampler:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         for _ in range(1_000_000):
-            self.out_bytes.append(self.session._out_bytes)
-            if self.session._lagging:
+            self.out_bytes.append(self.session.outbox.queued_bytes)
+            if self.session.outbox.lagging:
                 self.lagging_samples += 1
             if self.extra is not None:
                 self.extra()
@@ -758,7 +758,7 @@ async def test_stalled_subscriber_small_window_credit_holds_server_back(tmp_path
                 # Credit, not the queue, holds the server back: it is spent,
                 # the topic waits in the log, nothing more was sent.
                 assert server_sub.credit <= 0
-                assert server.router.topics[SLOW_TOPIC] in server_sub.lag
+                assert server.broker.router.topics[SLOW_TOPIC] in server_sub.lag
                 assert stalled.statistics().pending_messages < SLOW_MESSAGES
                 assert max(pending_samples) <= window + largest_count
                 assert max(sampler.out_bytes) <= QUEUE_BOUND + largest_bytes
@@ -832,7 +832,7 @@ async def test_subscriber_not_reading_its_socket_lags_from_log_and_catches_up(
             # subscription went to the log.
             assert sampler.lagging_samples > 0
             session = session_named(server, "raw-stalled")
-            assert session._lagging
+            assert session.outbox.lagging
             worst = max(sampler.out_bytes)
             assert worst <= QUEUE_BOUND + largest_bytes, (
                 f"outbound queue reached {worst} bytes; bound {QUEUE_BOUND} "
@@ -841,7 +841,7 @@ async def test_subscriber_not_reading_its_socket_lags_from_log_and_catches_up(
             with trio.fail_after(TIMEOUT * 2):
                 await raw.read_messages(SLOW_MESSAGES)
                 assert raw.messages == [(i, slow_payload(i)) for i in range(SLOW_MESSAGES)]
-                assert not session._lagging  # caught up: live again
+                assert not session.outbox.lagging  # caught up: live again
                 async with client.connect(server.url, name="sentinel-pub") as pub:
                     ack = await pub.publish(SLOW_TOPIC, b"sentinel")
                 await raw.read_messages(SLOW_MESSAGES + 1)

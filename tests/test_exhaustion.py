@@ -249,7 +249,7 @@ async def test_subscriber_that_never_reads_costs_bounded_memory() -> None:
             async def sample(stop: trio.Event) -> None:
                 nonlocal peak
                 while not stop.is_set():
-                    peak = max(peak, session._out_bytes + session._sending)
+                    peak = max(peak, session.outbox.queued_bytes + session.outbox.sending)
                     await trio.sleep(0.001)
 
             async with client.connect(server.url, name="reader") as reader:
@@ -271,7 +271,7 @@ async def test_subscriber_that_never_reads_costs_bounded_memory() -> None:
             # writer is sending, each under the bound plus one batch.
             assert received == total
             assert 0 < peak <= 2 * (queue + len(frame))
-            assert server.router.topics["flood.t"].log.next_offset == total
+            assert server.broker.router.topics["flood.t"].log.next_offset == total
             assert session.subs[1].lag, "the stalled subscription should be reading from the log"
         finally:
             await trio.aclose_forcefully(stalled.stream)
@@ -334,7 +334,7 @@ async def test_publisher_that_never_reads_pubacks_is_bounded_then_backpressured(
                     sent += chunk
 
             def stored() -> int:
-                topic = server.router.topics.get("deaf.t")
+                topic = server.broker.router.topics.get("deaf.t")
                 return 0 if topic is None else topic.log.next_offset
 
             async with trio.open_nursery() as nursery:
@@ -345,7 +345,7 @@ async def test_publisher_that_never_reads_pubacks_is_bounded_then_backpressured(
                     while True:
                         before = stored()
                         for _ in range(30):
-                            peak = max(peak, session._out_bytes)
+                            peak = max(peak, session.outbox.queued_bytes)
                             await trio.sleep(0.01)
                         if stored() == before and session.reading_paused:
                             break

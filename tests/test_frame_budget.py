@@ -333,8 +333,8 @@ async def test_accounting_while_the_budget_is_spent() -> None:
             assert len(sessions) == attackers
             buffered = sum(s.conn.buffered_bytes for s in sessions)
             assert buffered <= budget + attackers * FREE_BYTES
-            assert sum(server.frame_budget.holds(s) for s in sessions) == stats.used
-            assert sum(s.waiting_for_budget for s in sessions) == stats.waiting
+            assert sum(server.frame_budget.holds(s.reads) for s in sessions) == stats.used
+            assert sum(s.reads.waiting for s in sessions) == stats.waiting
             # Ordinary clients go on meanwhile.
             await check_healthy(server.url, "healthy")
             nursery.cancel_scope.cancel()
@@ -393,7 +393,7 @@ async def test_a_peer_stalled_mid_frame_is_timed_out_and_a_waiting_upload_is_not
                         acks.append(await c.publish("large.t", bytes(SMALL_FRAME - 1024)))
 
                     nursery.start_soon(upload)
-                    await wait_until(lambda: uploader.waiting_for_budget)
+                    await wait_until(lambda: uploader.reads.waiting)
                     # The staller gets a PING it cannot answer inside its
                     # frame, then ERROR 107; its budget comes back.
                     events = [await staller.next_event(timeout=8 * idle) for _ in range(2)]

@@ -371,7 +371,7 @@ async def group_member(
         options = {"group": GROUP, "max_ack_pending": "3", "ack_wait_ms": "30", "max_deliver": "2"}
         await peer.send(peer.conn.send(Subscribe(1, GROUP_PATTERN, StartKind.EARLIEST, options=options)))
         assert await peer.next_event() == SubAck(1)
-        assert server.groups.groups[GROUP].config.max_ack_pending == 3
+        assert server.broker.groups.groups[GROUP].config.max_ack_pending == 3
         task_status.started()
 
         async def read() -> None:
@@ -411,7 +411,7 @@ async def group_member(
 async def group_caught_up(server: Server) -> None:
     """Wait (bounded) until the member's group has handed out and settled
     everything stored, so every stored batch went through its paths."""
-    group = server.groups.groups[GROUP]
+    group = server.broker.groups.groups[GROUP]
     with trio.move_on_after(RUN_TIMEOUT / 4):
         while any(
             gt.cursor < gt.topic.visible_next or gt.pending for gt in group.topics.values()
@@ -631,7 +631,7 @@ async def test_fuzz_broker_over_loopback(tmp_path: Path) -> None:
                                 for fc in conns:
                                     nursery.start_soon(run_fuzz_connection, server, fc, tally)
                             await healthy.check()
-                            assert server.groups.groups[GROUP].members, f"member lost in round {round_no}"
+                            assert server.broker.groups.groups[GROUP].members, f"member lost in round {round_no}"
                         await group_caught_up(server)
                         stop.set()
                     await healthy.check()

@@ -76,7 +76,7 @@ async def test_pybroker_groups_cli(pybroker_server: Server, tmp_path: Path) -> N
     async with client.connect(pybroker_server.url) as c:
         await c.subscribe("cli.q", lambda m: None, group="cli-group")
         await c.publish("cli.q", b"x")
-        await _wait_for(lambda: pybroker_server.groups.groups["cli-group"].acked == 1)
+        await _wait_for(lambda: pybroker_server.broker.groups.groups["cli-group"].acked == 1)
 
         async def cli(*args: str) -> tuple[int, str, str]:
             with trio.fail_after(30):

@@ -67,10 +67,10 @@ async def test_restart_keeps_position_and_redelivers_unacked(tmp_path: Path) -> 
                 **{o: 2 for o in range(40, 90)},
                 **{o: 1 for o in range(90, 100)},
             }
-            await _wait_for(lambda: server.groups.groups["workers"].acked == 60)
+            await _wait_for(lambda: server.broker.groups.groups["workers"].acked == 60)
     # Everything acknowledged: a third start has nothing to deliver.
     async with running_broker(data_dir=data) as server:
-        info = server.groups.groups["workers"].statistics()
+        info = server.broker.groups.groups["workers"].statistics()
         assert info["pending"] == 0 and info["topics"]["jobs"]["cursor"] == 100
 
 
@@ -82,7 +82,7 @@ async def test_deleted_group_stays_deleted(tmp_path: Path) -> None:
                 pass
             await c.groups("delete", "gone")
     async with running_broker(data_dir=data) as server:
-        assert "gone" not in server.groups.groups
+        assert "gone" not in server.broker.groups.groups
 
 
 async def test_damaged_group_state_is_reported_not_fatal(tmp_path: Path) -> None:
@@ -90,7 +90,7 @@ async def test_damaged_group_state_is_reported_not_fatal(tmp_path: Path) -> None
     (data / "groups").mkdir(parents=True)
     (data / "groups" / "broken.json").write_text("{not json")
     async with running_broker(data_dir=data) as server:
-        assert "broken" not in server.groups.groups
+        assert "broken" not in server.broker.groups.groups
         async with client.connect(server.url) as c:
             got: list[int] = []
             await c.subscribe("t", lambda m: got.append(m.offset), group="broken")

@@ -40,7 +40,7 @@ from broker.storage import FileStore, MemoryTopicLog
 from broker.router import Router, Subscription
 from client.protocol import AckKind, StartKind, decode_batch, encode_batch
 from faultyio import FaultyOps
-from test_groups import Delivery, FakeSession
+from test_groups import Delivery, FakeSession, GroupEvents
 
 TIMEOUT = 10.0
 
@@ -201,16 +201,16 @@ class Rig:
         self.data, self.sync = data, sync
         self.ops = ops or FaultyOps()  # the journal's file calls; the log's are real
         self.store = FileStore(data)
-        self.router = Router(self.store)
+        events = GroupEvents()
+        self.router = Router(self.store, events=events)
         self.router.recover()
-        self.manager = GroupManager(self.router, data / "groups", sync=sync, ops=self.ops)
-        self.router.groups = self.manager
+        self.manager = events.manager = GroupManager(self.router, data / "groups", sync=sync, ops=self.ops)
         self.manager.load()
         self._ids = itertools.count(1)
 
     def crash(self) -> Rig:
         """What kill -9 leaves: the files as written; nothing saved on the way out."""
-        for journal in [self.manager.journal, *self.manager._retired]:
+        for journal in [self.manager.state.journal, *self.manager.state._retired]:
             if journal is not None:
                 journal.close()
         self.store.close()
@@ -380,7 +380,7 @@ async def test_snapshots_then_a_new_generation_then_a_torn_tail(tmp_path: Path) 
     assert len(read_records(first.read_bytes())[0]) == 8
     # Grown past its limit, the journal starts over with a checkpoint; the
     # old file goes once the new one is durable.
-    rig.manager.ROTATE_MIN_BYTES = 0
+    rig.manager.state.ROTATE_MIN_BYTES = 0
     rig.manager.settle(sub.group, sub.member, "jobs", AckKind.ACK, ((2, 2),), 0)  # type: ignore[arg-type]
     rig.manager.snapshot_changed()
     assert sorted(p.name for p in (tmp_path / "groups").iterdir()) == ["journal.1", "journal.2"]
@@ -444,7 +444,7 @@ async def test_full_disk_holds_group_deliveries_until_a_checkpoint_fits(tmp_path
     await rig.step()  # and the rest goes out
     assert sorted((d.offsets, d.deliveries) for d in session.got + session2.got) == [([1], 1), ([2], 1)]
     # Exactly one journal file is left, and it holds the ack made meanwhile.
-    assert [p.name for p in (tmp_path / "groups").iterdir()] == [rig.manager.journal.path.name]  # type: ignore[union-attr]
+    assert [p.name for p in (tmp_path / "groups").iterdir()] == [rig.manager.state.journal.path.name]  # type: ignore[union-attr]
     rig = rig.crash()
     assert rig.pending() == {1: 1, 2: 1}
     rig.stop()
@@ -455,13 +455,13 @@ async def test_failed_fsync_is_not_trusted_a_new_generation_is(tmp_path: Path) -
     await rig.publish("jobs", b"a")
     session, _ = rig.join()
     rig.manager.run_once()
-    first = rig.manager.journal
+    first = rig.manager.state.journal
     assert first is not None
     rig.ops.fail_next("fdatasync", errno.EIO)
     await rig.manager.sync_round()
     assert rig.manager.broken and session.got == []  # never released on a failed fsync
     rig.manager.snapshot_changed()
-    assert rig.manager.journal is not None and rig.manager.journal is not first
+    assert rig.manager.state.journal is not None and rig.manager.state.journal is not first
     await rig.manager.sync_round()
     assert _one(session).offsets == [0]
     assert not first.path.exists()  # replaced, then deleted once the new one was durable

@@ -33,16 +33,17 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
-import broker.groups as groups_module
+import broker.groups.group as groups_module
 import client
 from broker.groups import Group, GroupConfig, GroupManager, Member, group_name_error
 from broker.storage import MemoryStore, MemoryTopicLog
-from broker.router import Router, Subscription, Topic
+from broker.router import NoEvents, Router, Subscription, Topic
 from broker.server import Server
 from broker.testing import running_broker
 from client import BrokerError, Client, Message
 from client.connection import _ranges
 from client.protocol import (
+    tokens_match,
     CLOSED,
     NEED_DATA,
     Ack,
@@ -178,13 +179,38 @@ class W:
         return self.session.got.pop(0)
 
 
+class GroupEvents(NoEvents):
+    """The router's events that concern groups, passed to a GroupManager as
+    the broker core does (broker/core.py)."""
+
+    def __init__(self) -> None:
+        self.manager: GroupManager | None = None
+
+    def topic_created(self, topic: Topic) -> None:
+        if self.manager is not None:  # None while the router recovers, before the groups
+            self.manager.topic_created(topic)
+
+    def batch_visible(self, topic: Topic) -> None:
+        if self.manager is not None:
+            self.manager.wake()
+
+    def sync_failed(self) -> None:
+        if self.manager is not None:
+            self.manager.wake()
+
+    def group_matches(self, name: str) -> bool:
+        if self.manager is None:
+            return False
+        return any(tokens_match(g.tokens, name.split(".")) for g in self.manager.groups.values())
+
+
 class Bench:
     """A Router over a MemoryStore with a GroupManager, as the server wires them."""
 
     def __init__(self, max_bytes_per_topic: int = 64 << 20) -> None:
-        self.router = Router(MemoryStore(max_bytes_per_topic))
-        self.manager = GroupManager(self.router)
-        self.router.groups = self.manager
+        events = GroupEvents()
+        self.router = Router(MemoryStore(max_bytes_per_topic), events=events)
+        self.manager = events.manager = GroupManager(self.router)
         self._ids = itertools.count(1)
 
     def join(
@@ -833,7 +859,7 @@ async def broker(**overrides: Any) -> AsyncIterator[Server]:
 
 
 def group_of(server: Server, name: str) -> Group:
-    return server.groups.groups[name]
+    return server.broker.groups.groups[name]
 
 
 async def wait_until(check: Callable[[], bool], timeout: float = TIMEOUT) -> None:
@@ -1265,7 +1291,7 @@ async def test_conflicting_and_bad_group_options_are_207() -> None:
                 with pytest.raises(BrokerError) as info:
                     await c.subscribe("other", **kwargs)
                 assert info.value.code == 207, kwargs
-            assert "h" not in server.groups.groups
+            assert "h" not in server.broker.groups.groups
             with pytest.raises(ValueError):
                 c.subscribe("other", max_deliver=3)  # group options need group=
             with pytest.raises(ValueError):
@@ -1287,7 +1313,7 @@ async def test_non_positive_waits_are_refused_not_clamped(kwargs: dict[str, Any]
             await c.subscribe("jobs", group="h", **kwargs)
         if isinstance(info.value, BrokerError):
             assert info.value.code == 207
-        assert "h" not in server.groups.groups, server.groups.groups["h"].config
+        assert "h" not in server.broker.groups.groups, server.broker.groups.groups["h"].config
 
 
 # -- raw frames -----------------------------------------------------------------
@@ -1392,7 +1418,7 @@ async def test_raw_ack_errors_are_207_and_not_fatal() -> None:
         for i, options in enumerate(bad_options, start=10):
             await raw.send(Subscribe(i, "jobs", options=options))
             assert_bad_request(await raw.expect(Error), i)
-        assert "g2" not in server.groups.groups
+        assert "g2" not in server.broker.groups.groups
         # Valid settings from a later member are accepted (and ignored).
         await raw.send(Subscribe(20, "jobs", options={"group": "g", "ack_wait_ms": "10"}))
         assert await raw.expect(SubAck) == SubAck(20)

@@ -239,7 +239,7 @@ async def test_readyz_is_503_until_the_broker_listens() -> None:
         assert_error(reply, 503, "not_ready")
         assert (await get_json(port, "/healthz"))["status"] == "ok"
         server.http.shutdown()
-    server.store.close()
+    server.broker.store.close()
 
 
 async def test_http_can_be_disabled() -> None:
@@ -367,9 +367,9 @@ async def test_topics_listing_and_detail_with_subscriptions() -> None:
         assert subs["tcp"]["client"] == "lister" and subs["tcp"]["pattern"] == "list.*"
         assert subs["tcp"]["lag"] == 0
         assert subs["sse"]["pattern"] == "list.a" and subs["sse"]["position"] == 3
-        assert detail["consumer_groups"] is None
+        assert detail["consumer_groups"] == []  # the names of the groups reading it
         info = await get_json(port, "/v1/broker")
-        assert info["topics"] == 2 and info["ready"] is True
+        assert info["topics"] == 2 and info["ready"] is True and info["consumer_groups"] == 0
         assert info["tcp"]["port"] == server.port and info["http"]["port"] == port
 
 
@@ -381,7 +381,7 @@ async def test_publish_one_and_many_then_fetch(tmp_path: Path) -> None:
         assert one.status == 200, one
         body = one.json()
         assert body["offset"] == 0 and body["count"] == 1 and body["durability"] == "disk"
-        assert server.store.fsyncs >= 1  # type: ignore[attr-defined]
+        assert server.broker.store.fsyncs >= 1  # type: ignore[attr-defined]
         raw = bytes(range(256))
         many = await post_json(
             port,
@@ -472,7 +472,7 @@ async def test_sse_on_a_topic_created_later_and_binary_payloads() -> None:
         port = server.http_port
         assert port is not None
         async with sse(port, "/v1/topics/later.t/events") as reader:
-            assert "later.t" not in server.router.topics
+            assert "later.t" not in server.broker.router.topics
             async with client.connect(server.url) as c:
                 await c.publish("later.t", b"\xff\x00binary")
                 await c.publish("later.t", b"text")
@@ -482,7 +482,7 @@ async def test_sse_on_a_topic_created_later_and_binary_payloads() -> None:
         assert events[1]["data"]["payload"] == "text"
         # The stream's subscription is gone once the client left.
         with trio.fail_after(TIMEOUT):
-            while server.router.topics["later.t"].subs:
+            while server.broker.router.topics["later.t"].subs:
                 await trio.sleep(0.01)
 
 
@@ -506,7 +506,7 @@ async def test_sse_reports_messages_lost_to_retention() -> None:
         async with client.connect(server.url) as c:
             for i in range(50):
                 await c.publish("lost.t", b"%04d" % i + b"x" * 100)
-        first = server.router.topics["lost.t"].log.first_offset
+        first = server.broker.router.topics["lost.t"].log.first_offset
         assert first > 0
         async with sse(port, "/v1/topics/lost.t/events?from=0") as reader:
             lost, after = await sse_events(reader, 2)
@@ -597,7 +597,7 @@ async def test_bad_publish_bodies() -> None:
         ]:
             assert_error(await post_json(port, path, body), 422)
         # Nothing of it was published.
-        assert "bad.t" not in server.router.topics
+        assert "bad.t" not in server.broker.router.topics
         assert (await post_json(port, path, {"payload": "fine"})).json()["offset"] == 0
 
 
@@ -662,7 +662,7 @@ async def test_oversized_bodies_get_413() -> None:
             + b"0\r\n\r\n",
         )
         assert_error(parse_raw(raw), 413)
-        assert "big.t" not in server.router.topics
+        assert "big.t" not in server.broker.router.topics
         # Under the limit is fine.
         assert (await post_json(port, path, {"payload": "x" * 500})).status == 200
 

@@ -119,8 +119,8 @@ async def test_no_other_connection_reads_a_reply_over_tcp(tmp_path: Path) -> Non
             assert (await caller.request("svc.echo", b"again")).payload == SECRET
             # Nothing of it in the store or among the topics; one inbox in memory.
             assert inbox_dirs(tmp_path / "data") == []
-            assert not [t for t in server.router.topics if t.startswith("_inbox")]
-            assert len(server.router.inboxes) == 1
+            assert not [t for t in server.broker.router.topics if t.startswith("_inbox")]
+            assert len(server.broker.router.inboxes) == 1
 
 
 async def test_wildcards_never_deliver_an_inbox(tmp_path: Path) -> None:
@@ -155,7 +155,7 @@ async def test_inbox_replies_are_not_stored(tmp_path: Path) -> None:
         with trio.fail_after(TIMEOUT):
             ack = await eve.publish("_inbox.nobody", b"into the void")
             assert (ack.offset, ack.durability) == (0, Durability.MEMORY)
-            assert "_inbox.nobody" not in server.router.inboxes
+            assert "_inbox.nobody" not in server.broker.router.inboxes
             with pytest.raises(client.NoReceivers):
                 await eve.request("_inbox.nobody", b"?")
             assert await ops.topics() == [] and inbox_dirs(tmp_path / "data") == []
@@ -175,7 +175,7 @@ async def test_an_inbox_is_a_plain_subscription_of_its_owner(tmp_path: Path) -> 
             with pytest.raises(client.PermissionDenied):
                 await ops.subscribe("_inbox.mine")
             await two.unsubscribe()
-            assert "_inbox.mine" not in server.router.inboxes
+            assert "_inbox.mine" not in server.broker.router.inboxes
             async with ops.subscribe("_inbox.mine", start="earliest") as sub:
                 await caller.publish("_inbox.mine", b"for ops")
                 assert (await anext(sub)).payload == b"for ops"
@@ -274,10 +274,10 @@ async def test_an_inbox_goes_with_its_connection_without_grace(tmp_path: Path) -
         async with client.connect(server.url, user="caller", password=CALLER_PASSWORD) as brief:
             with trio.fail_after(TIMEOUT):
                 assert (await brief.request("svc.echo", b"?")).payload == SECRET
-            assert len(server.router.inboxes) == 1
+            assert len(server.broker.router.inboxes) == 1
         # The broker dropped the connection's subscriptions before its
         # GOODBYE, which the graceful close waited for.
-        assert len(server.router.inboxes) == 0 and server.router.inboxes.in_grace == 0
+        assert len(server.broker.router.inboxes) == 0 and server.broker.router.inboxes.in_grace == 0
 
 
 async def test_the_same_user_reclaims_an_inbox_within_the_grace_period(tmp_path: Path) -> None:
@@ -287,14 +287,14 @@ async def test_the_same_user_reclaims_an_inbox_within_the_grace_period(tmp_path:
         with trio.fail_after(TIMEOUT):
             async with client.connect(server.url, user="caller", password=CALLER_PASSWORD) as first:
                 await first.subscribe("_inbox.kept")
-            assert server.router.inboxes.in_grace == 1
+            assert server.broker.router.inboxes.in_grace == 1
             await eve.publish("_inbox.kept", b"while away")
             for other in (eve, ops):
                 with pytest.raises(client.PermissionDenied):
                     await other.subscribe("_inbox.kept", start="earliest")
             async with client.connect(server.url, user="caller", password=CALLER_PASSWORD) as second:
                 async with second.subscribe("_inbox.kept", start="earliest") as sub:
-                    assert server.router.inboxes.in_grace == 0
+                    assert server.broker.router.inboxes.in_grace == 0
                     assert (await anext(sub)).payload == b"while away"
             assert inbox_dirs(tmp_path / "data") == []
 
@@ -416,16 +416,16 @@ async def test_a_reconnecting_client_takes_its_inbox_back_with_the_reply(
                     inbox = caller._inbox
                     assert inbox is not None
                     await _session(server, "caller").stream.aclose()  # the network drops it
-                    await _until(lambda: server.router.inboxes.in_grace == 1)
+                    await _until(lambda: server.broker.router.inboxes.in_grace == 1)
                     answer.set()
-                    kept = server.router.inboxes.get(inbox)
+                    kept = server.broker.router.inboxes.get(inbox)
                     assert kept is not None and kept.owner is None
                     await _until(lambda: kept.topic.log.next_offset == 1)  # the reply, held
                     assert not caller.connected
                     may_reconnect.set()
             assert replies == [SECRET]
             assert caller.reconnects == 1 and caller._inbox == inbox
-            assert server.router.inboxes.get(inbox) is kept and kept.owner is _session(server, "caller")
+            assert server.broker.router.inboxes.get(inbox) is kept and kept.owner is _session(server, "caller").outbox
 
 
 class FreezingProxy:
@@ -502,7 +502,7 @@ async def test_a_client_whose_inbox_is_still_held_gets_a_new_one(tmp_path: Path)
                         proxy.freeze()
                     assert caller.reconnects >= 1 and caller._inbox is None
                     assert len([s for s in server.sessions if s.client_name == "caller"]) == 2
-                    assert server.router.inboxes.get(first_inbox) is not None  # still the frozen one's
+                    assert server.broker.router.inboxes.get(first_inbox) is not None  # still the frozen one's
                     assert (await caller.request("svc.echo", b"after")).payload == SECRET
                     assert caller._inbox not in (None, first_inbox)
             proxies.cancel_scope.cancel()

@@ -117,8 +117,8 @@ async def test_max_payload_bytes_refused_by_the_client_before_sending() -> None:
             # Nothing was sent: the connection is fine, the log holds one message.
             await c.ping()
             assert not c.closed
-            assert server.router.topics[topic].log.next_offset == 1
-            assert "payload.request" not in server.router.topics
+            assert server.broker.router.topics[topic].log.next_offset == 1
+            assert "payload.request" not in server.broker.router.topics
 
 
 # -- batches, topics, subscriptions (request errors, not fatal) --------------------
@@ -135,7 +135,7 @@ async def test_max_batch_messages() -> None:
                 publish_frame(2, b"batch.t", good_batch(b"a", b"b", b"c", b"d"))
             )
             expect_request_error(refused, ErrorCode.BATCH_LIMIT, 2, RefKind.REQUEST)
-            assert server.router.topics["batch.t"].log.next_offset == 3
+            assert server.broker.router.topics["batch.t"].log.next_offset == 3
             await check_raw_healthy(raw, "batch.after")
 
 
@@ -379,13 +379,13 @@ async def test_max_inflight_publishes(tmp_path: Path, stuck_disk: trio.Event) ->
             await raw.send(
                 b"".join(publish_frame(i, b"slow.t", good_batch(b"m%d" % i)) for i in range(1, total + 1))
             )
-            log = lambda: server.router.topics["slow.t"].log  # noqa: E731
-            await wait_until(lambda: "slow.t" in server.router.topics and log().next_offset == limit)
+            log = lambda: server.broker.router.topics["slow.t"].log  # noqa: E731
+            await wait_until(lambda: "slow.t" in server.broker.router.topics and log().next_offset == limit)
             await wait_until(lambda: session.reading_paused)
             await trio.sleep(0.3)
             # The broker read no further: at most `limit` unanswered.
             assert log().next_offset == limit
-            assert session._unacked == limit
+            assert session.acks.unacked == limit
             # Other connections are not held up.
             async with client.connect(server.url) as other:
                 ack = await other.publish("fast.t", b"not waiting")
@@ -414,7 +414,7 @@ async def test_max_inflight_publishes_is_the_client_window(
             await trio.sleep(0.2)
             assert len(c._inflight) == limit  # one frame per topic, but only two out
             assert c._unsent_count == len(topics) - limit
-            assert sum(t in server.router.topics for t in topics) == limit
+            assert sum(t in server.broker.router.topics for t in topics) == limit
             stuck_disk.set()
             with trio.fail_after(TIMEOUT):
                 acks = [await p.wait() for p in pending]
@@ -440,7 +440,7 @@ async def test_concurrent_senders_share_the_pending_window() -> None:
                         nursery.start_soon(sender, i)
                 await c.flush()
             assert sorted(done) == [0, 1, 2]
-            assert server.router.topics["senders.t"].log.next_offset == 60
+            assert server.broker.router.topics["senders.t"].log.next_offset == 60
 
 
 # -- the CLI -------------------------------------------------------------------

@@ -225,7 +225,7 @@ async def test_publish_allowed_and_denied(tmp_path: Path) -> None:
                 assert repr(topic) in denied.value.message and "alice" in denied.value.message
             # Not fatal: the connection goes on, and nothing was stored.
             assert (await alice.publish("orders.eu", b"2")).offset == 1
-            assert "billing.x" not in server.router.topics
+            assert "billing.x" not in server.broker.router.topics
             # Messages queued without waiting fail the same way.
             pending = await alice.send("billing.x", b"no")
             with pytest.raises(client.PermissionDenied):
@@ -257,7 +257,7 @@ async def test_group_on_a_topic_the_user_may_not_read(tmp_path: Path) -> None:
             for pattern in ("secret.jobs", "jobs.>", ">"):
                 with pytest.raises(client.PermissionDenied):
                     await worker.subscribe(pattern, group="g")
-            assert "g" not in server.groups.groups
+            assert "g" not in server.broker.groups.groups
             async with worker.subscribe("jobs.*", group="workers") as sub:
                 await bob.publish("jobs.a", b"job")
                 msg = await sub.__anext__()
@@ -271,7 +271,7 @@ async def test_creating_a_group_needs_publish_on_its_dead_letter_topic(tmp_path:
             with pytest.raises(client.PermissionDenied) as denied:
                 await worker.subscribe("jobs.*", group="g1", dead_letter="jobs.dead")
             assert "jobs.dead" in denied.value.message
-            assert "g1" not in server.groups.groups
+            assert "g1" not in server.broker.groups.groups
             # Without dead-lettering there is nothing to publish.
             async with worker.subscribe("jobs.*", group="g2", dead_letter="jobs.dead", max_deliver=0):
                 pass
@@ -295,7 +295,7 @@ async def test_groups_admin_shows_only_readable_groups(tmp_path: Path) -> None:
                 await worker.groups("inspect", "hidden")
             with pytest.raises(client.PermissionDenied):
                 await worker.groups("delete", "hidden")
-            assert "hidden" in server.groups.groups
+            assert "hidden" in server.broker.groups.groups
             # bob reads everything; admin may read no topic but sees and
             # administers every group.
             assert {g["group"] for g in (await bob.groups())["groups"]} == {"hidden", "visible"}
@@ -305,7 +305,7 @@ async def test_groups_admin_shows_only_readable_groups(tmp_path: Path) -> None:
                 await admin.subscribe("secret.*")
             assert await admin.groups("delete", "hidden") == {"deleted": "hidden"}
             assert await worker.groups("delete", "visible") == {"deleted": "visible"}
-            assert not server.groups.groups
+            assert not server.broker.groups.groups
 
 
 async def test_info_shows_only_readable_topics(tmp_path: Path) -> None:

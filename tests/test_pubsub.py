@@ -197,7 +197,7 @@ async def test_publish_returns_offsets_per_topic(
     assert all(a.topic == "basic.b" for a in many)
     every = [a for topic_acks in acks.values() for a in topic_acks] + [sent_ack, *many]
     for a in every:
-        assert a.durability == pybroker_server.store.durability
+        assert a.durability == pybroker_server.broker.store.durability
         assert start - 5 <= a.timestamp <= end + 5
     # One publisher awaiting each ack: timestamps never go backwards per topic.
     for topic_acks in acks.values():
@@ -561,7 +561,7 @@ async def test_start_offset_inside_batch(pybroker_server: Server) -> None:
         assert [a.offset for a in first + second] == list(range(20))
         # Precondition: the broker stored two batches of 10 (offsets 0-9, 10-19),
         # so starting at 5 or 13 begins inside a stored batch.
-        stored = pybroker_server.store.topic("rp.o").read(0, 1 << 30)
+        stored = pybroker_server.broker.store.topic("rp.o").read(0, 1 << 30)
         assert [(b.base_offset, b.count) for b in stored] == [(0, 10), (10, 10)]
         payloads = [b"a%d" % i for i in range(10)] + [b"b%d" % i for i in range(10)]
 
@@ -598,7 +598,7 @@ async def test_start_offset_inside_batch_with_small_window(
             await pub_c.publish_many("rp.w", [b"%d" % i for i in range(batch)])
             for i in range(batch, batch + 20):
                 await pub_c.publish("rp.w", b"%d" % i)
-        stored = pybroker_server.store.topic("rp.w").read(0, 1 << 30)
+        stored = pybroker_server.broker.store.topic("rp.w").read(0, 1 << 30)
         assert (stored[0].base_offset, stored[0].count) == (0, batch)
 
         async with c.subscribe("rp.w", start=start, window=window) as sub:
@@ -849,7 +849,7 @@ async def test_lagging_subscriber_is_told_about_lost_messages() -> None:
                         await pub_c.publish("lost.t", b"%04d" % i + b"." * 100)
             assert_contiguous(up_got)
 
-            log = server.store.topic("lost.t")
+            log = server.broker.store.topic("lost.t")
             first_retained = log.first_offset
             # Precondition: retention removed messages the lagging one never got.
             assert window < first_retained < n
@@ -876,7 +876,7 @@ async def test_start_offset_below_retention_starts_at_first_retained() -> None:
             with trio.fail_after(TIMEOUT):
                 for i in range(100):
                     await c.publish("ret.t", b"%03d" % i + b"-" * 60)
-            first = server.store.topic("ret.t").first_offset
+            first = server.broker.store.topic("ret.t").first_offset
             assert 0 < first < 100
             for start in (0, "earliest"):
                 async with c.subscribe("ret.t", start=start) as sub:
@@ -960,7 +960,7 @@ async def test_client_splits_batches_to_the_servers_limits() -> None:
             with pytest.raises(ValueError):
                 await pub_c.publish("split.t", b"x" * max_frame)
 
-        stored = server.store.topic("split.t").read(0, 1 << 30)
+        stored = server.broker.store.topic("split.t").read(0, 1 << 30)
         assert sum(b.count for b in stored) == 230
         assert all(1 <= b.count <= 10 for b in stored)
         assert all(len(b.batch) < max_frame for b in stored)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from broker.storage import MemoryStore, MemoryTopicLog
-from broker.router import Held, Router, Subscription, Topic
+from broker.router import Held, NoEvents, Router, Subscription, Topic
 from client.protocol import encode_batch
 
 
@@ -108,7 +108,12 @@ def test_held_batches_are_delivered_in_order_on_release() -> None:
             return log
 
     woken: list[int] = []
-    router = Router(Synced(), on_held=lambda: woken.append(router.held_seq))
+
+    class Woken(NoEvents):
+        def batch_held(self) -> None:
+            woken.append(router.held_seq)
+
+    router = Router(Synced(), events=Woken())
     session = RecordingSession()
     router.add(make_sub(session, 1, ">"))
     t, u = router.topic("t"), router.topic("u")

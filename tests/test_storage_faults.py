@@ -174,7 +174,7 @@ async def test_reads_subscriptions_and_groups_work_while_the_disk_is_full(tmp_pa
                         if len(done) == 5:
                             break
             assert done == [b"job-%d" % i for i in range(5)]
-            assert server.groups.groups["workers"].acked == 5
+            assert server.broker.groups.groups["workers"].acked == 5
             # The connection was never closed: after the disk frees, it publishes.
             ops.free()
             assert (await c.publish("work", b"later")).offset == 5
@@ -471,7 +471,7 @@ async def test_a_dead_letter_whose_fsync_failed_is_dead_lettered_again(tmp_path:
             assert dead.payload == b"bad job"
             assert dead.headers["x-original-offset"] == "0"
             assert store.fsync_failures == 1
-            group = server.groups.groups["g"]
+            group = server.broker.groups.groups["g"]
             assert group.dead_lettered == 1
             assert all(u[-1].error is None for u in group.unconfirmed)
             assert sum(len(gt.pending) for gt in group.topics.values()) == 0

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ..cli.serve import serve_parser
 from . import durable, fanout, latency, memory
 from .context import Context
 from .drive import Progress
@@ -111,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _default_fsync(broker_args: list[str]) -> str:
-    from ..cli import build_parser as serve_parser
-
+    """The fsync policy the brokers it starts will use, read from --broker-args
+    by the parser `pybroker serve` uses (its errors, its defaults)."""
     try:
         fsync: str = serve_parser().parse_args(["serve", *broker_args]).fsync
     except SystemExit:

@@ -23,6 +23,10 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from client.protocol import ErrorCode
+
+from ..core import Refused
+from ..principal import Principal
 from .messages import HttpError, Request
 
 if TYPE_CHECKING:
@@ -36,7 +40,7 @@ CHALLENGE = 'Bearer realm="pybroker", Basic realm="pybroker", charset="UTF-8"'
 async def authenticate(http: HttpServer, request: Request) -> Request:
     """``request`` with its user set, or 401. Basic runs scrypt in a worker
     thread (bounded by the authenticator's limiter), never on the loop."""
-    auth = http.server.auth
+    auth = http.broker.auth
     if auth is None or request.segments in OPEN_PATHS:
         return request
     header = request.header("authorization")
@@ -58,7 +62,7 @@ async def authenticate(http: HttpServer, request: Request) -> Request:
         if sep and name:
             user = await auth.by_password(name, password)
     if user is None:
-        http.log.warning(
+        http.logger.warning(
             "http authentication failed", method=method, peer=request.peer, path=request.path
         )
         raise HttpError(401, "authentication failed", headers={"www-authenticate": CHALLENGE})
@@ -90,3 +94,26 @@ def readable(request: Request) -> Callable[[str], bool]:
     if request.user is None:
         return lambda topic: True
     return request.user.permissions.may_read
+
+
+def principal(request: Request) -> Principal:
+    """Who sent the request, as the broker core checks it."""
+    return Principal(request.user)
+
+
+#: HTTP status and error ``code`` of each refusal of the core.
+_STATUS: dict[ErrorCode, tuple[int, str]] = {
+    ErrorCode.PERMISSION_DENIED: (403, "permission_denied"),
+    ErrorCode.BAD_TOPIC: (400, "bad_topic"),
+    ErrorCode.BAD_PATTERN: (400, "bad_pattern"),
+    ErrorCode.BATCH_LIMIT: (422, "unprocessable_entity"),
+    ErrorCode.UNKNOWN_GROUP: (404, "group_not_found"),
+    ErrorCode.STORAGE_FULL: (507, "storage_full"),
+    ErrorCode.STORAGE_ERROR: (503, "storage_error"),
+}
+
+
+def refused(refusal: Refused) -> HttpError:
+    """The HTTP answer to a refusal of the core."""
+    status, code = _STATUS.get(refusal.code, (400, "bad_request"))
+    return HttpError(status, refusal.message, code=code)

@@ -24,20 +24,13 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from client.protocol import (
-    Durability,
-    MalformedBatch,
-    check_batch,
-    decode_batch,
-    encode_batch,
-    encode_headers,
-    max_deliver_batch,
-)
+from client.protocol import MalformedBatch, decode_batch, encode_batch, encode_headers, max_deliver_batch
 
 from .. import __version__
-from ..storage import DataLoss, StorageError
+from ..core import Refused
+from ..storage import DataLoss
 from . import state
-from .access import readable, require_admin, require_publish, require_read
+from .access import principal, readable, refused, require_admin, require_publish, require_read
 from .messages import HttpError, Request, Response, json_response
 from .sse import message_json
 from .validate import check_query, existing_topic, parse_int, parse_offset, valid_topic
@@ -60,13 +53,11 @@ async def healthz(http: HttpServer, request: Request, params: Mapping[str, str])
 
 
 async def readyz(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
-    problem = http.server.store.problem
-    if problem is None and http.server.groups.broken:
-        problem = "consumer group state cannot be saved: group deliveries wait"
-    if http.server.ready and problem is not None:
+    problem = http.broker.problem
+    if http.listener.ready and problem is not None:
         # Up, reading and delivering, but publishes are refused.
         raise HttpError(503, f"degraded: {problem}", code="degraded")
-    if http.server.ready:
+    if http.listener.ready:
         return json_response({"status": "ready"})
     reason = "stopping" if http.stopping else "starting"
     raise HttpError(503, f"not ready: {reason}", code="not_ready")
@@ -75,20 +66,20 @@ async def readyz(http: HttpServer, request: Request, params: Mapping[str, str]) 
 async def broker_info(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
     check_query(request, ())
     require_admin(request)
-    server = http.server
-    topics = server.router.topics.values()
+    broker, listener = http.broker, http.listener
+    topics = broker.router.topics.values()
     return json_response(
         {
             "version": __version__,
-            "server_name": server.config.server_name,
-            "storage": state.storage(http),
-            "ready": server.ready,
-            "uptime_seconds": round(time.time() - server.started_at, 3),
+            "server_name": broker.config.server_name,
+            "storage": broker.storage_kind,
+            "ready": listener.ready,
+            "uptime_seconds": round(time.time() - listener.started_at, 3),
             "tcp": {
-                "host": server.host,
-                "port": server.port,
-                "connections": len(server.sessions),
-                "connections_total": server.connections_total,
+                "host": listener.host,
+                "port": listener.port,
+                "connections": len(listener.sessions),
+                "connections_total": listener.connections_total,
             },
             "http": {
                 "host": http.host,
@@ -96,23 +87,22 @@ async def broker_info(http: HttpServer, request: Request, params: Mapping[str, s
                 "connections": len(http.connections),
                 "connections_total": http.connections_total,
             },
-            "topics": len(server.router.topics),
+            "topics": len(broker.router.topics),
             # Request/reply inboxes are no topics: a count, never names.
-            "inboxes": len(server.router.inboxes),
+            "inboxes": len(broker.router.inboxes),
             "messages_in": sum(t.messages_in for t in topics),
             "messages_out": sum(t.messages_out for t in topics),
-            "publish_acks": {d.name.lower(): n for d, n in server.acks_by_durability.items()},
-            "fsyncs": getattr(server.store, "fsyncs", 0),
+            "publish_acks": {d.name.lower(): n for d, n in broker.acks_by_durability.items()},
+            "fsyncs": getattr(broker.store, "fsyncs", 0),
             "clients": state.connections(http),
-            # Consumer groups are not implemented yet.
-            "consumer_groups": None,
+            "consumer_groups": len(broker.groups.groups),
         }
     )
 
 
 async def list_topics(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
     check_query(request, ())
-    router = http.server.router
+    router = http.broker.router
     may_read = readable(request)
     topics = [
         state.topic_summary(http, router.topics[name])
@@ -128,7 +118,7 @@ async def topic_detail(http: HttpServer, request: Request, params: Mapping[str, 
     topic = existing_topic(http, params["topic"])
     body = state.topic_summary(http, topic)
     body["subscriptions"] = [v.json() for v in state.subscriptions(topic)]
-    body["consumer_groups"] = None  # not implemented yet
+    body["consumer_groups"] = sorted(g.name for g in topic.groups)
     return json_response(body)
 
 
@@ -189,44 +179,37 @@ def _parse_publish(body: Any, max_messages: int) -> list[tuple[bytes, dict[str, 
 
 
 async def publish_messages(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
-    server = http.server
+    broker = http.broker
     check_query(request, ())
     name = params["topic"]
-    topic = server.router.topics.get(name)
-    if topic is None:
-        valid_topic(http, name)
+    # The cheap refusals first, before the body is parsed (400, 403).
+    valid_topic(http, name)
     require_publish(request, name)
     body = request.json()
-    messages = _parse_publish(body, server.config.limits.max_batch_messages)
+    messages = _parse_publish(body, broker.limits.max_batch_messages)
     batch = encode_batch(messages)
     # A published batch must still fit a subscriber's DELIVER.
-    limit = max_deliver_batch(server.config.limits.max_frame_bytes, name)
+    limit = max_deliver_batch(broker.limits.max_frame_bytes, name)
     if len(batch) > limit:
         raise HttpError(413, f"the batch is {len(batch)} bytes, limit {limit}")
-    count, _ = check_batch(batch)
     try:
-        if topic is None:
-            topic = server.router.topic(name)
-        base, timestamp, held = server.router.publish(topic, batch, count, time.time_ns() // 1000)
-        durability: Durability = topic.log.durability
-        if held is not None:
-            durability = await server.committer.wait(held)
-    except StorageError as exc:
-        # 507 for a full disk; 503 for one that fails (the broker is up,
-        # the request may succeed later). Nothing was stored.
-        status = 507 if exc.full else 503
-        raise HttpError(status, exc.message, code="storage_full" if exc.full else "storage_error") from None
-    server.acks_by_durability[durability] += 1
+        published = broker.publish(principal(request), name, batch)
+        durability = await broker.durable(published)
+    except Refused as refusal:
+        # A full disk is 507, a failing one 503 (the request may succeed
+        # later); either way nothing was stored.
+        raise refused(refusal) from None
+    broker.acknowledged(durability)
     answer: dict[str, Any] = {
         "topic": name,
-        "base_offset": base,
-        "last_offset": base + count - 1,
-        "count": count,
-        "timestamp_us": timestamp,
+        "base_offset": published.base,
+        "last_offset": published.base + published.count - 1,
+        "count": published.count,
+        "timestamp_us": published.timestamp,
         "durability": durability.name.lower(),
     }
     if "messages" not in body:
-        answer["offset"] = base
+        answer["offset"] = published.base
     return json_response(answer)
 
 

@@ -101,14 +101,14 @@ class Exposition:
 
 
 def render(http: HttpServer) -> str:
-    server = http.server
+    broker, server = http.broker, http.listener
     out = Exposition()
-    storage = state.storage(http)
+    storage = http.broker.storage_kind
     out.family(
         "pybroker_info",
         "gauge",
         "Broker version and storage (always 1).",
-        [({"version": __version__, "server_name": server.config.server_name, "storage": storage}, 1)],
+        [({"version": __version__, "server_name": broker.config.server_name, "storage": storage}, 1)],
     )
     out.family("pybroker_ready", "gauge", "1 when listeners accept and recovery is done.", [({}, int(server.ready))])
     out.family(
@@ -138,14 +138,14 @@ def render(http: HttpServer) -> str:
         "HTTP responses sent, by status code.",
         [({"code": str(code)}, n) for code, n in sorted(http.requests_by_status.items())],
     )
-    topics = [server.router.topics[name] for name in sorted(server.router.topics)]
+    topics = [broker.router.topics[name] for name in sorted(broker.router.topics)]
     out.family("pybroker_topics", "gauge", "Topics the broker holds.", [({}, len(topics))])
     out.family(
         "pybroker_inboxes",
         "gauge",
         "Request/reply inboxes held in memory (never listed per topic), and those waiting to be reclaimed.",
-        [({"state": "owned"}, len(server.router.inboxes) - server.router.inboxes.in_grace),
-         ({"state": "grace"}, server.router.inboxes.in_grace)],
+        [({"state": "owned"}, len(broker.router.inboxes) - broker.router.inboxes.in_grace),
+         ({"state": "grace"}, broker.router.inboxes.in_grace)],
     )
     per_topic: list[tuple[str, str, str, Callable[[Topic], float]]] = [
         ("pybroker_topic_messages_in", "counter", "Messages published to the topic.", lambda t: t.messages_in),
@@ -190,15 +190,15 @@ def render(http: HttpServer) -> str:
         "pybroker_publish_acks",
         "counter",
         "Publish acknowledgements sent (TCP PUBACKs and HTTP publishes), by durability.",
-        [({"durability": d.name.lower()}, n) for d, n in sorted(server.acks_by_durability.items())],
+        [({"durability": d.name.lower()}, n) for d, n in sorted(broker.acks_by_durability.items())],
     )
     out.family(
         "pybroker_commit_rounds",
         "counter",
         "Group-commit rounds completed by the committer.",
-        [({}, server.committer.rounds)],
+        [({}, broker.committer.rounds)],
     )
-    groups = [server.groups.groups[n] for n in sorted(server.groups.groups)]
+    groups = [broker.groups.groups[n] for n in sorted(broker.groups.groups)]
     out.family(
         "pybroker_group_members", "gauge", "Members of a consumer group.",
         [({"group": g.name}, len(g.members)) for g in groups],
@@ -225,9 +225,9 @@ def render(http: HttpServer) -> str:
     out.family(
         "pybroker_storage_degraded", "gauge",
         "1 while storage refuses publishes or group deliveries wait for their counts to be saved (disk full or failing), else 0.",
-        [({}, int(server.store.problem is not None or server.groups.broken))],
+        [({}, int(broker.problem is not None))],
     )
-    store = server.store
+    store = broker.store
     if isinstance(store, FileStore):
         out.family("pybroker_fsyncs", "counter", "fsync rounds of the file log.", [({}, store.fsyncs)])
         out.histogram("pybroker_fsync_duration_seconds", "Seconds per fsync round of the file log.", store.fsync_seconds)

@@ -23,11 +23,12 @@ connections, end event streams cleanly, let requests in progress finish.
 from __future__ import annotations
 
 import itertools
+import ssl
 from collections import Counter
 from collections.abc import Iterable
 from functools import partial
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, unquote
 
 import h11
@@ -43,7 +44,8 @@ from .rates import RateSampler
 from .routes import build_routes, dispatch
 
 if TYPE_CHECKING:
-    from ..server import Server
+    from ..core import Broker
+    from ..session import Session
 
 RECEIVE_SIZE = 64 * 1024
 SERVER_HEADER = f"pybroker/{__version__}"
@@ -60,17 +62,34 @@ class _PeerGone(Exception):
     """The peer closed, reset, or stopped taking what we send."""
 
 
-class HttpServer:
-    """The HTTP side of one :class:`broker.server.Server`."""
+class Listener(Protocol):
+    """What the HTTP side shows of the TCP listener it runs beside
+    (broker/server.py): readiness, uptime, its connections."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.settings = server.config.http
-        self.log: Any = get_logger(component="http")
+    ready: bool
+    started_at: float
+    host: str
+    port: int
+    tls: ssl.SSLContext | None
+    sessions: set[Session]
+    connections_total: int
+    connections_refused: int
+
+
+class HttpServer:
+    """The HTTP side of one broker: its handlers call the core
+    (broker/core.py) and read the listener's figures."""
+
+    def __init__(self, broker: Broker, listener: Listener) -> None:
+        self.broker = broker
+        self.listener = listener
+        self.config = broker.config
+        self.settings = broker.config.http
+        self.logger: Any = get_logger(component="http")
         self.connections: dict[int, HttpConnection] = {}
         self.connections_total = 0
         self.requests_by_status: Counter[int] = Counter()
-        self.rates = RateSampler(server.router)
+        self.rates = RateSampler(broker.router)
         self.routes = build_routes(self)
         self.host = ""
         self.port = 0
@@ -91,7 +110,7 @@ class HttpServer:
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until :meth:`shutdown`; ``task_status.started(port)``."""
-        config = self.server.config
+        config = self.config
         host = config.http_host if config.http_host is not None else config.host
         listeners = await trio.open_tcp_listeners(config.http_port or 0, host=host)
         try:
@@ -109,11 +128,11 @@ class HttpServer:
                                 handler_nursery=connections,
                             )
                         )
-                        self.log.info(
+                        self.logger.info(
                             "http listening",
                             host=self.host,
                             port=self.port,
-                            tls=self.server.tls is not None,
+                            tls=self.listener.tls is not None,
                         )
                         task_status.started(self.port)
                         await self._shutdown.wait()
@@ -136,7 +155,7 @@ class HttpServer:
         except OSError:
             peer = "?"
         # HTTPS peers often close without close_notify: https_compatible.
-        tls_stream = wrap_server_stream(stream, self.server.tls, https=True)
+        tls_stream = wrap_server_stream(stream, self.listener.tls, https=True)
         conn = HttpConnection(self, tls_stream, conn_id, peer)
         if len(self.connections) >= self.settings.max_connections or self.stopping:
             await conn.refuse(HttpError(503, "too many HTTP connections" if not self.stopping else "shutting down"))
@@ -156,7 +175,7 @@ class HttpConnection:
         self.stream = stream
         self.conn_id = conn_id
         self.peer = peer
-        self.log: Any = http.log.bind(http_conn=conn_id, peer=peer)
+        self.logger: Any = http.logger.bind(http_conn=conn_id, peer=peer)
         self.h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=self.settings.max_header_bytes
         )
@@ -183,7 +202,7 @@ class HttpConnection:
         except _PeerGone:
             pass
         except Exception:
-            self.log.exception("internal error in the HTTP connection loop")
+            self.logger.exception("internal error in the HTTP connection loop")
         finally:
             with trio.CancelScope(shield=True):
                 await self._close()
@@ -230,12 +249,12 @@ class HttpConnection:
             request = self._request(request_head, body)
         except _Timeout as timeout:
             if timeout.partial:
-                self.log.info("request timed out", requests=self.requests)
+                self.logger.info("request timed out", requests=self.requests)
                 await self._send_error(HttpError(408, "the request did not arrive in time"))
             return False
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
-            self.log.info("malformed request", status=status, detail=str(exc))
+            self.logger.info("malformed request", status=status, detail=str(exc))
             message = (
                 f"request line and headers exceed {self.settings.max_header_bytes} bytes"
                 if status == 431
@@ -254,9 +273,9 @@ class HttpConnection:
         except HttpError as exc:
             response = exc.response()
         except Exception:
-            self.log.exception("handler failed", method=request.method, path=request.path)
+            self.logger.exception("handler failed", method=request.method, path=request.path)
             response = HttpError(500, "internal error").response()
-        self.log.debug(
+        self.logger.debug(
             "http request", method=request.method, path=request.path, status=response.status
         )
         if isinstance(response, StreamResponse):
@@ -407,7 +426,7 @@ class HttpConnection:
                 except _PeerGone:
                     self._peer_closed = True
                 except Exception:
-                    self.log.exception("event stream failed")
+                    self.logger.exception("event stream failed")
                     self._peer_closed = True  # cannot end the body cleanly
                 nursery.cancel_scope.cancel()
             self._stream_scope = None
@@ -435,7 +454,7 @@ class HttpConnection:
                 self._peer_closed = True
                 raise _PeerGone() from None
         if scope.cancelled_caught:
-            self.log.info("peer is not reading; closing")
+            self.logger.info("peer is not reading; closing")
             self.h11.send_failed()
             self._peer_closed = True
             raise _PeerGone()

@@ -24,7 +24,7 @@ import base64
 import datetime as _dt
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -33,34 +33,31 @@ from client.protocol import MalformedBatch, decode_batch
 from ..inboxes import is_inbox
 from ..storage import DataLoss
 from ..router import Subscription, Topic
+from ..subscriber import SubscriberInfo
 from .access import require_read
 from .messages import HttpError, Request, Send, StreamResponse
 from .validate import check_query, parse_offset, valid_topic
 
 if TYPE_CHECKING:
-    from ..session import Session
     from .server import HttpServer
 
 #: Bytes of log read per step (one step's events are sent before the next read).
 READ_BYTES = 256 * 1024
 #: ... and at most this many events (small messages expand most as JSON).
 MAX_EVENTS = 1000
-#: Credit of the router subscription: SSE flow control is the socket's.
-_NO_CREDIT_LIMIT = 1 << 62
 RETRY_MS = 2000
 
 
 class SseConsumer:
-    """Stands in for a session in the router: ``deliver`` only wakes the stream."""
-
-    transport = "sse"
+    """An event stream's :class:`~broker.subscriber.Subscriber`: ``deliver``
+    only wakes the stream, which reads the log itself from its position."""
 
     def __init__(self, conn_id: int, peer: str, client: str) -> None:
         self.conn_id = conn_id
         self.peer = peer
         self.client = client
         #: Next offset to send; None until the topic exists (then its first).
-        self.position: int | None = None
+        self.next_offset: int | None = None
         self.sent = 0
         self._wake = trio.Event()
 
@@ -75,8 +72,26 @@ class SseConsumer:
     ) -> None:
         self._wake.set()
 
-    def position_in(self, topic: Topic) -> int:
-        return topic.visible_next if self.position is None else self.position
+    def deliver_group(
+        self,
+        sub: Subscription,
+        topic: Topic,
+        base_offset: int,
+        timestamp: int,
+        deliveries: int,
+        batch: bytes,
+    ) -> None:
+        raise AssertionError("an event stream is never a group member")
+
+    @property
+    def accepting(self) -> bool:
+        return True
+
+    def position(self, sub: Subscription, topic: Topic) -> int:
+        return topic.visible_next if self.next_offset is None else self.next_offset
+
+    def describe(self) -> SubscriberInfo:
+        return SubscriberInfo("sse", self.conn_id, self.client, self.peer)
 
 
 async def events(http: HttpServer, request: Request, params: Mapping[str, str]) -> StreamResponse:
@@ -94,11 +109,11 @@ async def events(http: HttpServer, request: Request, params: Mapping[str, str]) 
     elif "from" in request.query:
         start = parse_offset(request.query["from"], "from")
     else:
-        topic = http.server.router.topics.get(name)
+        topic = http.broker.router.topics.get(name)
         if topic is not None:
             start = topic.visible_next  # only what is published from now on
     consumer = SseConsumer(request.conn_id, request.peer, request.header("user-agent") or "")
-    consumer.position = start
+    consumer.next_offset = start
 
     async def produce(send: Send) -> None:
         await _stream(http, name, consumer, send)
@@ -112,11 +127,11 @@ async def events(http: HttpServer, request: Request, params: Mapping[str, str]) 
 
 
 async def _stream(http: HttpServer, name: str, consumer: SseConsumer, send: Send) -> None:
-    router = http.server.router
-    sub = Subscription(cast("Session", consumer), consumer.conn_id, name, _NO_CREDIT_LIMIT)
+    router = http.broker.router
+    sub = Subscription(consumer, consumer.conn_id, name)  # no credit: the socket is its flow control
     router.add(sub)
     try:
-        where = "the first" if consumer.position is None else str(consumer.position)
+        where = "the first" if consumer.next_offset is None else str(consumer.next_offset)
         # Sent at once, so the client sees the stream open before any event.
         await send(f"retry: {RETRY_MS}\n: pybroker events of {name} from offset {where}\n\n".encode())
         keepalive = http.settings.sse_keepalive
@@ -126,9 +141,9 @@ async def _stream(http: HttpServer, name: str, consumer: SseConsumer, send: Send
             consumer._wake = trio.Event()
             topic = router.topics.get(name)
             if topic is not None:
-                if consumer.position is None:
-                    consumer.position = topic.log.first_offset
-                if consumer.position < topic.visible_next:
+                if consumer.next_offset is None:
+                    consumer.next_offset = topic.log.first_offset
+                if consumer.next_offset < topic.visible_next:
                     await send(_read_events(topic, consumer))
                     continue
             with trio.move_on_after(keepalive):
@@ -142,8 +157,8 @@ async def _stream(http: HttpServer, name: str, consumer: SseConsumer, send: Send
 def _read_events(topic: Topic, consumer: SseConsumer) -> bytes:
     """Events for the visible messages from the consumer's position: at most
     one read (``READ_BYTES`` of batches) and ``MAX_EVENTS`` messages."""
-    assert consumer.position is not None
-    position = consumer.position
+    assert consumer.next_offset is not None
+    position = consumer.next_offset
     log = topic.log
     out: list[bytes] = []
     first = log.first_offset
@@ -186,11 +201,11 @@ def _read_events(topic: Topic, consumer: SseConsumer) -> bytes:
             position = offset + 1
         else:
             position = stored.next_offset
-    if position == consumer.position and not out:
+    if position == consumer.next_offset and not out:
         # Nothing readable at this position (cannot happen with a sane log):
         # step over it rather than spin.
         position = topic.visible_next
-    consumer.position = position
+    consumer.next_offset = position
     consumer.sent += sent
     topic.messages_out += sent
     topic.bytes_out += size

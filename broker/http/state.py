@@ -14,10 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ..storage import FileStore, MemoryStore
 from ..router import Subscription, Topic
-from ..session import Session
-from .sse import SseConsumer
 
 if TYPE_CHECKING:
     from .server import HttpServer
@@ -39,21 +36,13 @@ class SubscriptionView:
 
 
 def subscription_view(sub: Subscription, topic: Topic) -> SubscriptionView:
-    session: Any = sub.session
-    if isinstance(session, SseConsumer):
-        position = session.position_in(topic)
-        transport, conn, client, peer = "sse", session.conn_id, session.client, session.peer
-    elif isinstance(session, Session):
-        position = sub.lag.get(topic, topic.visible_next)
-        transport, conn, client, peer = "tcp", session.conn_id, session.client_name, session.peer
-    else:  # another Subscriber implementation (tests)
-        position = sub.lag.get(topic, topic.visible_next)
-        transport, conn, client, peer = "other", 0, "", ""
+    who = sub.subscriber.describe()
+    position = sub.subscriber.position(sub, topic)
     return SubscriptionView(
-        transport=transport,
-        connection=conn,
-        client=client,
-        peer=peer,
+        transport=who.transport,
+        connection=who.connection,
+        client=who.client,
+        peer=who.peer,
         sub_id=sub.sub_id,
         pattern=sub.pattern,
         position=position,
@@ -63,19 +52,6 @@ def subscription_view(sub: Subscription, topic: Topic) -> SubscriptionView:
 
 def subscriptions(topic: Topic) -> list[SubscriptionView]:
     return [subscription_view(sub, topic) for sub in topic.subs]
-
-
-def max_lag(topic: Topic) -> int:
-    return max((v.lag for v in subscriptions(topic)), default=0)
-
-
-def storage(http: HttpServer) -> str:
-    store = http.server.store
-    if isinstance(store, FileStore):
-        return "file"
-    if isinstance(store, MemoryStore):
-        return "memory"
-    return type(store).__name__
 
 
 def _iso(timestamp_us: int) -> str | None:
@@ -112,7 +88,7 @@ def topic_summary(http: HttpServer, topic: Topic) -> dict[str, Any]:
 
 def connections(http: HttpServer, limit: int = 200) -> list[dict[str, Any]]:
     out = []
-    for session in sorted(http.server.sessions, key=lambda s: s.conn_id)[:limit]:
+    for session in sorted(http.listener.sessions, key=lambda s: s.conn_id)[:limit]:
         out.append(
             {
                 "connection": session.conn_id,

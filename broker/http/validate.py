@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
-from client.protocol import topic_error
-
 from ..router import Topic
 from .messages import HttpError, Request
 
@@ -19,8 +17,7 @@ MAX_OFFSET = (1 << 63) - 1
 
 def valid_topic(http: HttpServer, name: str) -> str:
     """``name`` if it is a valid topic name (not a pattern); else 400."""
-    limits = http.server.config.limits
-    problem = topic_error(name, limits.max_topic_bytes, limits.max_topic_depth)
+    problem = http.broker.topic_problem(name)
     if problem is not None:
         raise HttpError(400, f"bad topic name: {problem}", code="bad_topic")
     return name
@@ -28,7 +25,7 @@ def valid_topic(http: HttpServer, name: str) -> str:
 
 def existing_topic(http: HttpServer, name: str) -> Topic:
     """The topic called ``name``: 400 for a bad name, 404 when it does not exist."""
-    topic = http.server.router.topics.get(name)
+    topic = http.broker.router.topics.get(name)
     if topic is None:
         valid_topic(http, name)
         raise HttpError(404, f"no such topic: {name}", code="topic_not_found")

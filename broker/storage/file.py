@@ -226,7 +226,7 @@ class FileStore:
         self.settings_for = settings or SettingsResolver()
         self.ops = ops
         self.min_free_bytes = min_free_bytes
-        self.log = get_logger(component="log")
+        self.logger = get_logger(component="log")
         self._topics: dict[str, FileTopicLog] = {}
         self._dirty_always: set[Segment] = set()
         self._dirty_interval: set[Segment] = set()
@@ -271,13 +271,13 @@ class FileStore:
         for directory in sorted(p for p in self.topics_dir.iterdir() if p.is_dir()):
             name = unquote(directory.name)
             if topic_error(name) is not None:
-                self.log.warning("ignoring a directory that is not a topic", path=str(directory))
+                self.logger.warning("ignoring a directory that is not a topic", path=str(directory))
                 continue
             log, findings = FileTopicLog.recover(self, name, directory, self.settings_for(name))
             self._topics[name] = log
             for found in findings:
                 self.findings.append(found)
-                self.log.warning(
+                self.logger.warning(
                     "recovery dropped an invalid log tail"
                     if found.action == "truncated"
                     else "recovery set damaged log bytes aside",
@@ -291,14 +291,14 @@ class FileStore:
                     quarantined_to=str(found.quarantined_to) if found.quarantined_to else None,
                 )
             for hole in log.holes:
-                self.log.warning(
+                self.logger.warning(
                     "topic has a hole: readers get DATA_LOST for it",
                     topic=name,
                     first=hole.first,
                     last=hole.last,
                     reason=hole.reason,
                 )
-        self.log.info(
+        self.logger.info(
             "log recovered",
             topics=len(self._topics),
             findings=len(self.findings),
@@ -387,7 +387,7 @@ class FileStore:
         now = time.monotonic()
         if now - self._last_failure_log.get(kind, -FAILURE_LOG_SECONDS) >= FAILURE_LOG_SECONDS:
             self._last_failure_log[kind] = now
-            self.log.error(
+            self.logger.error(
                 "storage failure: publishes are refused until it clears",
                 topic=exc.topic,
                 error=exc.message,
@@ -395,14 +395,14 @@ class FileStore:
             )
 
     def _recovered(self, how: str) -> None:
-        self.log.warning("storage works again", how=how, was=self.problem)
+        self.logger.warning("storage works again", how=how, was=self.problem)
         self.problem = None
         self._last_failure_log.clear()
         self._next_free_check = 0.0
 
     def note_damage(self, seg: Segment, damage: Damage) -> None:
         self.damaged_batches += 1
-        self.log.error(
+        self.logger.error(
             "damaged log data found while reading: readers get DATA_LOST for it",
             topic=seg.topic,
             segment=seg.path.name,
@@ -507,7 +507,7 @@ class FileStore:
             for seg in log.enforce_retention(now):
                 self._dirty_always.discard(seg)
                 self._dirty_interval.discard(seg)
-                self.log.info(
+                self.logger.info(
                     "retention deleted a segment",
                     topic=log.name,
                     base_offset=seg.base_offset,
@@ -517,7 +517,7 @@ class FileStore:
                 try:
                     seg.delete()
                 except OSError as exc:
-                    self.log.error("could not delete a segment", path=str(seg.path), error=repr(exc))
+                    self.logger.error("could not delete a segment", path=str(seg.path), error=repr(exc))
                 deleted += 1
         return deleted
 
@@ -532,7 +532,7 @@ class FileStore:
                 if error is None:
                     seg.dirty = False
             if dir_error is not None or any(errors):
-                self.log.error("final fsync failed", errors=[repr(e) for e in errors if e] + [repr(dir_error)])
+                self.logger.error("final fsync failed", errors=[repr(e) for e in errors if e] + [repr(dir_error)])
             for log in self._topics.values():
                 log.close()
             self._topics.clear()

@@ -1,0 +1,218 @@
+"""The client commands: ``pybroker pub``, ``sub``, ``groups`` and ``topics``,
+their flags, the connection they open and how they print what they get."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as _dt
+import getpass
+import json
+import os
+import ssl
+import sys
+from typing import Any
+
+from .flags import Commands, add_connection_flags
+
+
+def add_parsers(commands: Commands[argparse.ArgumentParser]) -> None:
+    pub = commands.add_parser("pub", help="publish a message (or one per line of stdin)")
+    pub.add_argument("topic")
+    pub.add_argument("message", nargs="?", default="-", help="the payload; '-' or nothing reads lines from stdin")
+    pub.add_argument("--header", "-H", action="append", default=[], metavar="KEY=VALUE")
+    add_connection_flags(pub)
+
+    sub = commands.add_parser("sub", help="print messages as they arrive, until interrupted")
+    sub.add_argument("pattern", help="topic or pattern: '*' matches one token, '>' the rest")
+    add_connection_flags(sub)
+    start = sub.add_mutually_exclusive_group()
+    start.add_argument("--from", dest="start", choices=("new", "earliest"), default="new", help="where to start (default new)")
+    start.add_argument("--from-offset", type=int, metavar="N", help="start at offset N (a topic, not a pattern)")
+    start.add_argument("--since", metavar="TIME", help="start at the first message at or after an ISO 8601 time")
+    sub.add_argument("--group", metavar="NAME", help="join consumer group NAME: each message to one member, acknowledged once printed")
+    sub.add_argument("--count", type=int, default=0, metavar="N", help="exit after N messages")
+    sub.add_argument("--json", action="store_true", help="one JSON object per line")
+    sub.add_argument(
+        "--no-reconnect",
+        dest="reconnect",
+        action="store_false",
+        help="exit when the connection is lost (default: reconnect and resume, without gaps)",
+    )
+
+    groups = commands.add_parser("groups", help="consumer groups: list, inspect NAME, delete NAME")
+    groups.add_argument("action", nargs="?", choices=("list", "inspect", "delete"), default="list")
+    groups.add_argument("name", nargs="?", default="")
+    add_connection_flags(groups)
+    groups.add_argument("--json", action="store_true", help="print the broker's JSON answer")
+
+    topics = commands.add_parser("topics", help="list topics with their first and next offsets")
+    topics.add_argument("pattern", nargs="?", default=">", help="topic pattern (default: every topic)")
+    add_connection_flags(topics)
+    topics.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def _connect(args: argparse.Namespace, **options: Any) -> Any:
+    """client.connect() with the command's credentials (else the URL's user info)."""
+    import client
+
+    if args.user:
+        password = os.environ.get("PYBROKER_PASSWORD")
+        if password is None:
+            password = getpass.getpass(f"password for {args.user}: ")
+        return client.connect(
+            args.url, name="pybroker-cli", user=args.user, password=password, ca_file=args.ca, **options
+        )
+    return client.connect(
+        args.url, name="pybroker-cli", token=args.token or None, ca_file=args.ca, **options
+    )
+
+
+# -- pub / sub ------------------------------------------------------------
+
+
+def _headers(pairs: list[str]) -> dict[str, str]:
+    headers = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"pybroker pub: --header wants KEY=VALUE, got {pair!r}")
+        headers[key] = value
+    return headers
+
+
+async def pub(args: argparse.Namespace) -> int:
+    import client
+
+    headers = _headers(args.header) or None
+    try:
+        async with _connect(args) as c:
+            if args.message != "-":
+                ack = await c.publish(args.topic, args.message.encode(), headers)
+                print(f"published to {ack.topic} at offset {ack.offset} ({ack.durability.name.lower()})")
+                return 0
+            pending = []
+            for line in sys.stdin:
+                pending.append(await c.send(args.topic, line.rstrip("\n").encode(), headers))
+            await c.flush()
+            acks = [await p.wait() for p in pending]
+            if acks:
+                print(f"published {len(acks)} messages to {args.topic}, offsets {acks[0].offset}..{acks[-1].offset}")
+            else:
+                print("nothing to publish (stdin was empty)")
+            return 0
+    except (client.BrokerError, client.ConnectionClosed, ValueError, ssl.SSLError) as exc:
+        print(f"pybroker pub: {exc}", file=sys.stderr)
+        return 1
+
+
+def _format(msg: Any, as_json: bool) -> str:
+    if as_json:
+        try:
+            payload: dict[str, str] = {"payload": msg.payload.decode("utf-8")}
+        except UnicodeDecodeError:
+            payload = {"payload_base64": base64.b64encode(msg.payload).decode()}
+        return json.dumps(
+            {
+                "topic": msg.topic,
+                "offset": msg.offset,
+                "timestamp": msg.datetime.isoformat(),
+                "headers": dict(msg.headers),
+                **payload,
+            }
+        )
+    text = msg.payload.decode("utf-8", "backslashreplace")
+    headers = "".join(f" {k}={v}" for k, v in msg.headers.items())
+    return f"{msg.topic} [{msg.offset}]{headers} {text}"
+
+
+async def sub(args: argparse.Namespace) -> int:
+    import client
+
+    start: Any = args.start
+    if args.from_offset is not None:
+        start = args.from_offset
+    elif args.since:
+        since = _dt.datetime.fromisoformat(args.since)
+        start = since if since.tzinfo else since.astimezone()
+    try:
+        async with _connect(args, reconnect=args.reconnect) as c:
+            async with c.subscribe(args.pattern, start=start, group=args.group) as subscription:
+                seen = 0
+                async for msg in subscription:
+                    print(_format(msg, args.json), flush=True)
+                    if msg.is_group_message:
+                        await msg.ack()
+                    seen += 1
+                    if args.count and seen >= args.count:
+                        break
+        return 0
+    except (client.BrokerError, client.ConnectionClosed, ValueError, ssl.SSLError) as exc:
+        print(f"pybroker sub: {exc}", file=sys.stderr)
+        return 1
+
+
+# -- groups / topics ------------------------------------------------------
+
+
+async def groups(args: argparse.Namespace) -> int:
+    import client
+
+    if args.action != "list" and not args.name:
+        print(f"pybroker groups {args.action}: a group NAME is needed", file=sys.stderr)
+        return 2
+    try:
+        async with _connect(args) as c:
+            doc = await c.groups(args.action, args.name)
+    except (client.BrokerError, client.ConnectionClosed, ValueError, ssl.SSLError) as exc:
+        print(f"pybroker groups: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    elif args.action == "delete":
+        print(f"deleted group {doc['deleted']}")
+    else:
+        summaries = doc["groups"] if args.action == "list" else [doc]
+        if not summaries:
+            print("no groups")
+        for g in summaries:
+            print(
+                f"{g['group']}  pattern={g['pattern']}  members={g['members']}  "
+                f"pending={g['pending']}  delivered={g['delivered']}  "
+                f"redelivered={g['redelivered']}  dead_lettered={g['dead_lettered']}"
+            )
+            if args.action == "inspect":
+                for topic, t in sorted(g["topics"].items()):
+                    print(f"  {topic}: next offset {t['cursor']}, pending {t['pending']}")
+    return 0
+
+
+async def topics(args: argparse.Namespace) -> int:
+    import client
+
+    try:
+        async with _connect(args) as c:
+            infos = await c.topics(args.pattern)
+    except (client.BrokerError, client.ConnectionClosed, ValueError, ssl.SSLError) as exc:
+        print(f"pybroker topics: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        for info in infos:
+            print(json.dumps(
+                {
+                    "topic": info.topic,
+                    "first_offset": info.first_offset,
+                    "next_offset": info.next_offset,
+                    "retained_bytes": info.retained_bytes,
+                    "subscriptions": info.subscriptions,
+                }
+            ))
+        return 0
+    if not infos:
+        print("no topics")
+        return 0
+    width = max(len(i.topic) for i in infos)
+    print(f"{'TOPIC':<{width}}  {'FIRST':>10}  {'NEXT':>10}  {'BYTES':>12}  SUBS")
+    for i in infos:
+        print(f"{i.topic:<{width}}  {i.first_offset:>10}  {i.next_offset:>10}  {i.retained_bytes:>12}  {i.subscriptions}")
+    return 0

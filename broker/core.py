@@ -1,0 +1,440 @@
+"""The broker core: the rules of the broker, once, for every transport.
+
+``Broker`` owns the storage, the router, the committer (group commit), the
+consumer groups, the inboxes' router side and the authenticator, and offers
+the operations the transports need: publish, wait until durable, subscribe,
+unsubscribe, settle group deliveries, topic and group information and
+administration. It decides (may this principal publish here, how big may
+this be, where does a subscription start, when is an acknowledgement
+durable); the TCP session (broker/session/) and the HTTP handlers
+(broker/http/) translate bytes to these calls and their answers, or a
+:class:`Refused` with its protocol error code, back to bytes.
+
+Layers (README, "Layout"): this module imports storage, router, committer,
+groups and auth; nothing here imports a transport.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from client.protocol import (
+    MAX_INFO_ENTRIES,
+    RESUME_OPTION_PREFIX,
+    AckKind,
+    Durability,
+    ErrorCode,
+    GroupsAction,
+    StartKind,
+    TopicInfo,
+    check_batch,
+    pattern_error,
+    tokens_match,
+    topic_error,
+)
+
+from .auth import Authenticator, authenticator_for
+from .committer import Committer
+from .config import Config
+from .groups import GroupConfig, GroupManager, group_name_error
+from .inboxes import has_wildcard, is_inbox
+from .logs import get_logger
+from .principal import Principal
+from .router import Held, Router, Subscription, Topic
+from .start import resume_offset, start_offset
+from .storage import FileStore, LogStore, MemoryStore, StorageError
+from .subscriber import Subscriber
+
+
+class Refused(Exception):
+    """The core refuses a request: the protocol's error code (transports map
+    it to an ERROR frame or an HTTP status), a message, and the fields of
+    the ERROR frame where it has them."""
+
+    def __init__(self, code: ErrorCode, message: str, fields: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fields: Mapping[str, str] = dict(fields or {})
+
+    @classmethod
+    def denied(cls, who: Principal, what: str) -> Refused:
+        return cls(ErrorCode.PERMISSION_DENIED, f"{who.who()} may not {what}")
+
+
+class Published:
+    """A batch the log took: where it is, and what its acknowledgement
+    promises once ``held`` (a batch waiting for the fsync) is settled.
+    (A slots class, not attrs: one is made per PUBLISH frame.)"""
+
+    __slots__ = ("topic", "base", "count", "timestamp", "held", "durability")
+
+    def __init__(
+        self, topic: Topic, base: int, count: int, timestamp: int, held: Held | None, durability: Durability
+    ) -> None:
+        self.topic = topic
+        self.base = base
+        self.count = count
+        self.timestamp = timestamp
+        self.held = held
+        self.durability = durability
+
+
+@attrs.frozen
+class SubscribeRequest:
+    """A SUBSCRIBE's settings, whichever transport it came over."""
+
+    sub_id: int
+    pattern: str
+    start: StartKind | int
+    start_value: int
+    #: Messages the subscriber may be sent ahead (None: no flow control).
+    credit: int | None
+    options: Mapping[str, str] = attrs.field(factory=dict)
+
+
+class Broker:
+    def __init__(self, config: Config, store: LogStore | None = None) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.logger: Any = get_logger(component="core")
+        #: None when the broker runs without a users file (Config.auth_file).
+        self.auth: Authenticator | None = authenticator_for(config)
+        if store is None:
+            if config.storage == "memory":
+                store = MemoryStore(config.memory_retention_bytes)
+            else:
+                # Locks the data directory and recovers the log.
+                store = FileStore(config.data_dir, config.topic_settings, min_free_bytes=config.min_free_bytes)
+        self.store: LogStore = store
+        self.router = Router(store, events=self, inbox_grace=config.inbox_grace)
+        self.committer = Committer(store, self.router, config.retention_check_seconds)
+        state_dir = config.data_dir / "groups" if isinstance(store, FileStore) else None
+        # Delivery counts are written before a delivery is sent, and fsynced
+        # first only if asked (README, "Work queues": the throughput cost).
+        self.groups = GroupManager(self.router, state_dir, sync=config.group_counts_fsync)
+        #: Publish acknowledgements sent, by what they promise (GET /metrics).
+        self.acks_by_durability: dict[Durability, int] = dict.fromkeys(Durability, 0)
+
+    @property
+    def storage_kind(self) -> str:
+        if isinstance(self.store, FileStore):
+            return "file"
+        if isinstance(self.store, MemoryStore):
+            return "memory"
+        return type(self.store).__name__
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def recover(self) -> None:
+        """Open every stored topic and the groups' saved state."""
+        leftovers = self.router.recover()
+        if leftovers:
+            self.logger.warning(
+                "stored request/reply inboxes ignored: inboxes are kept in memory now; "
+                "their directories under the data directory's topics/ may be deleted",
+                inboxes=len(leftovers),
+                first=sorted(leftovers)[:3],
+            )
+        self.groups.load()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The core's own tasks: group commit, retention, consumer groups and
+        inbox expiry. They outlive the connections: closing sessions still
+        wait on the committer for their last acknowledgements."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.committer.run)
+            await nursery.start(self.groups.run)
+            nursery.start_soon(self.router.inboxes.run)
+            task_status.started()
+
+    def close(self) -> None:
+        """Save the groups' state, close the store (after every task stopped)."""
+        self.groups.persist_now()
+        self.store.close()
+
+    @property
+    def problem(self) -> str | None:
+        """Why the broker is degraded (storage), or None (GET /readyz)."""
+        problem = self.store.problem
+        if problem is None and self.groups.broken:
+            problem = "consumer group state cannot be saved: group deliveries wait"
+        return problem
+
+    # -- router events --------------------------------------------------------
+
+    def topic_created(self, topic: Topic) -> None:
+        self.groups.topic_created(topic)
+
+    def batch_held(self) -> None:
+        """A batch waits for the fsync that covers it."""
+        self.committer.wake()
+
+    def batch_visible(self, topic: Topic) -> None:
+        """New messages in a topic groups read."""
+        self.groups.wake()
+
+    def sync_failed(self) -> None:
+        """Held batches were dropped: a dead letter among them is redone."""
+        self.groups.wake()
+
+    def group_matches(self, name: str) -> bool:
+        tokens = name.split(".")
+        return any(tokens_match(g.tokens, tokens) for g in self.groups.groups.values())
+
+    # -- publishing -----------------------------------------------------------
+
+    def topic_problem(self, name: str) -> str | None:
+        """Why ``name`` is not a valid topic under the broker's limits, or None."""
+        if name in self.router.topics:
+            return None
+        return topic_error(name, self.limits.max_topic_bytes, self.limits.max_topic_depth)
+
+    def publish(
+        self, who: Principal, topic_name: str, batch: bytes, *, needs_receiver: bool = False
+    ) -> Published:
+        """Append one batch from ``who`` to a topic; it is delivered (and
+        its acknowledgement may be sent) once ``durable`` says so. Raises
+        Refused, with nothing stored, when a rule or the storage says no."""
+        topic = self.router.topics.get(topic_name)
+        if topic is None:
+            problem = topic_error(topic_name, self.limits.max_topic_bytes, self.limits.max_topic_depth)
+            if problem is not None:
+                raise Refused(ErrorCode.BAD_TOPIC, problem)
+        if not who.may_publish(topic_name):
+            raise Refused.denied(who, f"publish to {topic_name!r}")
+        count, crc_ok = check_batch(batch)
+        if count > self.limits.max_batch_messages:
+            raise Refused(
+                ErrorCode.BATCH_LIMIT, f"batch of {count} messages, limit {self.limits.max_batch_messages}"
+            )
+        if not crc_ok:
+            raise Refused(ErrorCode.CHECKSUM_MISMATCH, "batch CRC mismatch")
+        if needs_receiver and not self.router.has_receivers(topic_name):
+            raise Refused(ErrorCode.NO_RECEIVERS, f"no subscription or group receives {topic_name!r}")
+        try:
+            if topic is None:
+                topic = self.router.topic(topic_name)
+            base, timestamp, held = self.router.publish(topic, batch, count, time.time_ns() // 1000)
+        except StorageError as exc:
+            # Disk full or failing: an answer for this publish, nothing stored.
+            raise Refused(exc.code, exc.message, {"topic": topic_name}) from None
+        return Published(topic, base, count, timestamp, held, topic.log.durability)
+
+    async def durable(self, published: Published) -> Durability:
+        """Wait until ``published`` may be acknowledged; what the
+        acknowledgement promises. Refused (STORAGE_ERROR) if the fsync that
+        was to cover it failed: it was rolled back, never delivered."""
+        if published.held is None:
+            return published.durability
+        durability = await self.committer.wait_seq(published.held.seq)
+        self.check_held(published.held)
+        return durability
+
+    @staticmethod
+    def check_held(held: Held) -> None:
+        """Refused if the fsync that was to cover ``held`` failed."""
+        if held.error is not None:
+            raise Refused(held.error.code, held.error.message)
+
+    def acknowledged(self, durability: Durability, n: int = 1) -> None:
+        """Count acknowledgements sent, by what they promise (GET /metrics)."""
+        self.acks_by_durability[durability] += n
+
+    # -- subscribing ------------------------------------------------------------
+
+    def subscribe(self, who: Principal, subscriber: Subscriber, req: SubscribeRequest) -> Subscription:
+        """Register a plain subscription or a consumer-group member. A plain
+        subscription comes back with ``sub.lag`` holding, per topic, the
+        offset to catch up from (its start); the subscriber reads those from
+        the log. Refused when a rule says no (nothing is registered then)."""
+        problem = pattern_error(req.pattern, self.limits.max_topic_bytes, self.limits.max_topic_depth)
+        if problem is not None:
+            raise Refused(ErrorCode.BAD_PATTERN, problem)
+        if not who.may_subscribe(req.pattern):
+            # Covers group members too: a group reads what its pattern does.
+            raise Refused.denied(who, f"subscribe to {req.pattern!r}")
+        group = req.options.get("group")
+        inbox = is_inbox(req.pattern)
+        if inbox:
+            self._check_inbox(who, subscriber, req)
+        if not isinstance(req.start, StartKind):
+            raise Refused(ErrorCode.BAD_REQUEST, f"unknown start kind {req.start}")
+        resume: dict[str, int] = {}
+        if group is not None:
+            if any(key.startswith(RESUME_OPTION_PREFIX) for key in req.options):
+                raise Refused(
+                    ErrorCode.BAD_REQUEST, "resume positions are for plain subscriptions (a group keeps its own)"
+                )
+        elif req.options:
+            resume = self._resume_positions(req)
+        if req.start is StartKind.OFFSET and has_wildcard(req.pattern):
+            raise Refused(ErrorCode.BAD_REQUEST, "an offset start needs a pattern without wildcards")
+        if req.credit is not None and req.credit <= 0:
+            raise Refused(ErrorCode.BAD_REQUEST, "credit must be at least 1")
+        sub = Subscription(subscriber, req.sub_id, req.pattern, req.credit)
+        if group is not None:
+            self._join_group(who, sub, group, req)
+            return sub
+        if inbox:
+            # Every check passed: a refused SUBSCRIBE claims nothing.
+            self.router.inboxes.claim(req.pattern, subscriber, who.name)
+        matched = self.router.add(sub)
+        if req.start is not StartKind.NEW or resume:
+            for topic in matched:
+                log = topic.log
+                position = resume_offset(log, resume.get(topic.name))
+                if position is None and topic.name in resume:
+                    self.logger.warning(
+                        "resume position past the end of the topic",
+                        topic=topic.name, position=resume[topic.name], next_offset=log.next_offset,
+                    )
+                if position is None:
+                    if req.start is StartKind.NEW:
+                        continue
+                    position = start_offset(log, req.start, req.start_value, topic.visible_next)
+                if position < topic.visible_next:
+                    sub.lag[topic] = position
+        return sub
+
+    def _check_inbox(self, who: Principal, subscriber: Subscriber, req: SubscribeRequest) -> None:
+        """Inboxes are private to the connection that claimed them
+        (broker/inboxes.py)."""
+        if has_wildcard(req.pattern):
+            raise Refused.denied(
+                who, f"subscribe to {req.pattern!r}: inboxes are private, subscribe to your own by its exact name"
+            )
+        if "group" in req.options:
+            raise Refused(ErrorCode.BAD_REQUEST, "an inbox takes plain subscriptions only")
+        if not self.router.inboxes.may_claim(req.pattern, subscriber, who.name):
+            raise Refused.denied(who, f"subscribe to {req.pattern!r}: another connection's inbox")
+
+    def _resume_positions(self, req: SubscribeRequest) -> dict[str, int]:
+        """``resume:<topic>`` options (protocol.md, "Resuming after a reconnect")."""
+        tokens = req.pattern.split(".")
+        out: dict[str, int] = {}
+        for key, value in req.options.items():
+            if not key.startswith(RESUME_OPTION_PREFIX):
+                raise Refused(ErrorCode.BAD_REQUEST, f"unknown option {key!r}")
+            topic = key[len(RESUME_OPTION_PREFIX) :]
+            problem = topic_error(topic, self.limits.max_topic_bytes, self.limits.max_topic_depth)
+            if problem is not None:
+                raise Refused(ErrorCode.BAD_REQUEST, f"resume position for an invalid topic: {problem}")
+            if not tokens_match(tokens, topic.split(".")):
+                raise Refused(
+                    ErrorCode.BAD_REQUEST, f"resume position for {topic!r}, which {req.pattern!r} does not match"
+                )
+            if not (value.isascii() and value.isdigit()) or len(value) > 20:
+                raise Refused(ErrorCode.BAD_REQUEST, f"resume position for {topic!r} is not an offset: {value!r}")
+            out[topic] = int(value)
+        return out
+
+    def _join_group(self, who: Principal, sub: Subscription, name: str, req: SubscribeRequest) -> None:
+        problem = group_name_error(name)
+        try:
+            if problem:
+                raise ValueError(f"group name: {problem}")
+            config = GroupConfig.from_options(name, req.options)
+            if name not in self.groups.groups and config.max_deliver and not who.may_publish(config.dead_letter):
+                # Creating a group picks the topic it dead-letters into.
+                raise Refused.denied(
+                    who, f"publish to {config.dead_letter!r}, the dead-letter topic of new group {name!r}"
+                )
+            assert isinstance(req.start, StartKind)
+            sub.member = self.groups.join(sub, name, req.pattern, config, req.start, req.start_value)
+        except ValueError as exc:
+            raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
+        sub.group = self.groups.groups[name]
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if sub.group is not None and sub.member is not None:
+            self.groups.leave(sub.group, sub.member)
+        else:
+            self.router.remove(sub)
+
+    def disconnected(self, subscriber: Subscriber, subs: list[Subscription]) -> None:
+        """A subscriber is gone: its inboxes wait for a reconnect (first, so
+        that they do not go with their last subscription), its subscriptions
+        and group memberships end."""
+        self.router.inboxes.release(subscriber, trio.current_time())
+        for sub in subs:
+            self.unsubscribe(sub)
+
+    def settle(
+        self, sub: Subscription, topic: str, kind: AckKind | int, ranges: tuple[tuple[int, int], ...], delay: float
+    ) -> None:
+        """An ACK frame of a group member (protocol.md, "ACK")."""
+        problem = None
+        if sub.group is None or sub.member is None:
+            problem = f"sub_id {sub.sub_id} is not an active group member"
+        elif not isinstance(kind, AckKind):
+            problem = f"unknown ack kind {kind}"
+        elif not ranges or any(first > last for first, last in ranges):
+            problem = "an ACK needs ranges with first <= last"
+        if problem is not None:
+            raise Refused(ErrorCode.BAD_REQUEST, problem)
+        assert sub.group is not None and sub.member is not None and isinstance(kind, AckKind)
+        self.groups.settle(sub.group, sub.member, topic, kind, ranges, delay)
+
+    # -- information --------------------------------------------------------------
+
+    def readable(self, who: Principal, name: str) -> bool:
+        """May ``who`` see topic ``name`` (lists, figures, reads)? Inboxes are
+        no topics: never listed or read by anyone but over their owner's
+        subscription."""
+        return not is_inbox(name) and who.may_read(name)
+
+    def topic_infos(self, who: Principal, pattern: str) -> tuple[list[TopicInfo], bool]:
+        """INFO: the topics matching ``pattern`` that ``who`` may read, at most
+        MAX_INFO_ENTRIES of them, and whether there were more."""
+        problem = pattern_error(pattern, self.limits.max_topic_bytes, self.limits.max_topic_depth)
+        if problem is not None:
+            raise Refused(ErrorCode.BAD_PATTERN, problem)
+        tokens = pattern.split(".")
+        names = sorted(
+            n for n in self.router.topics if tokens_match(tokens, n.split(".")) and who.may_read(n)
+        )
+        entries = []
+        for name in names[:MAX_INFO_ENTRIES]:
+            topic = self.router.topics[name]
+            log = topic.log
+            entries.append(TopicInfo(name, log.first_offset, log.next_offset, log.size_bytes, len(topic.subs)))
+        return entries, len(names) > MAX_INFO_ENTRIES
+
+    def groups_request(self, who: Principal, action: GroupsAction | int, name: str) -> str:
+        """GROUPS: list, inspect or delete; the reply's JSON document.
+        Administration is for those who may read the group's pattern, and
+        for admins (protocol.md, "Authentication and permissions")."""
+        manager = self.groups
+        if action is GroupsAction.LIST:
+            return json.dumps(
+                {
+                    "groups": [
+                        manager.groups[n].statistics()
+                        for n in sorted(manager.groups)
+                        if who.admin or who.may_subscribe(manager.groups[n].pattern)
+                    ]
+                }
+            )
+        if not isinstance(action, GroupsAction):
+            raise Refused(ErrorCode.BAD_REQUEST, f"unknown action {action}")
+        group = manager.groups.get(name)
+        if group is None:
+            raise Refused(ErrorCode.UNKNOWN_GROUP, f"no group {name!r}")
+        if not who.admin and not who.may_subscribe(group.pattern):
+            verb = "inspect" if action is GroupsAction.INSPECT else "delete"
+            raise Refused.denied(who, f"{verb} group {name!r} (pattern {group.pattern!r})")
+        if action is GroupsAction.INSPECT:
+            return json.dumps(group.statistics())
+        try:
+            manager.delete(name)
+        except ValueError as exc:
+            raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
+        self.logger.info("group deleted", group=name)
+        return json.dumps({"deleted": name})

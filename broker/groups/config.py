@@ -1,0 +1,68 @@
+"""A consumer group's settings: what SUBSCRIBE's group options mean.
+
+(protocol.md, "Consumer groups": ack_wait_ms, max_deliver, backoff_ms,
+max_ack_pending, dead_letter), with their defaults and checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+
+from client.protocol import topic_error
+
+DEFAULT_ACK_WAIT = 30.0
+DEFAULT_MAX_DELIVER = 5
+DEFAULT_MAX_ACK_PENDING = 1000
+#: Seconds before a dead letter the log refused (disk full) is tried again.
+DEAD_LETTER_RETRY_SECONDS = 1.0
+
+
+@attrs.frozen
+class GroupConfig:
+    ack_wait: float = DEFAULT_ACK_WAIT
+    max_deliver: int = DEFAULT_MAX_DELIVER  # 0: unlimited
+    backoff: tuple[float, ...] = ()
+    max_ack_pending: int = DEFAULT_MAX_ACK_PENDING
+    dead_letter: str = ""
+
+    @classmethod
+    def from_options(cls, name: str, options: Mapping[str, str]) -> GroupConfig:
+        """Parse SUBSCRIBE options (protocol.md, "Consumer groups")."""
+        known = {"group", "ack_wait_ms", "max_deliver", "backoff_ms", "max_ack_pending", "dead_letter"}
+        unknown = set(options) - known
+        if unknown:
+            raise ValueError(f"unknown options {sorted(unknown)}")
+        try:
+            ack_wait = int(options.get("ack_wait_ms", DEFAULT_ACK_WAIT * 1000)) / 1000
+            max_deliver = int(options.get("max_deliver", DEFAULT_MAX_DELIVER))
+            max_ack_pending = int(options.get("max_ack_pending", DEFAULT_MAX_ACK_PENDING))
+            backoff_text = options.get("backoff_ms", "")
+            backoff = tuple(int(x) / 1000 for x in backoff_text.split(",") if x.strip())
+        except ValueError as exc:
+            raise ValueError(f"bad group option: {exc}") from None
+        dead_letter = options.get("dead_letter") or f"dlq.{name}"
+        if ack_wait <= 0 or any(b <= 0 for b in backoff):
+            raise ValueError("ack_wait_ms and backoff_ms must be positive")
+        if max_deliver < 0 or not 1 <= max_ack_pending <= 1_000_000:
+            raise ValueError("max_deliver must be >= 0 and max_ack_pending 1..1000000")
+        problem = topic_error(dead_letter)
+        if problem:
+            raise ValueError(f"dead_letter: {problem}")
+        return cls(ack_wait, max_deliver, backoff, max_ack_pending, dead_letter)
+
+    def wait_for(self, deliveries: int) -> float:
+        """The ack wait of a message's ``deliveries``-th delivery."""
+        if self.backoff:
+            return self.backoff[min(deliveries, len(self.backoff)) - 1]
+        return self.ack_wait
+
+
+def group_name_error(name: str) -> str | None:
+    problem = topic_error(name)
+    if problem is None and "." in name:
+        problem = "a group name is one token (no dots)"
+    return problem
+
+

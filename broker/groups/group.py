@@ -1,0 +1,575 @@
+"""One consumer group: its members, its position in each topic, and every
+message it handed out and not yet settled.
+
+A synchronous state machine that takes ``now`` (Trio's clock) as an
+argument: the manager (:mod:`.manager`) is the one task that runs timers
+and dispatch, so a test with ``MockClock`` drives redelivery in
+milliseconds. Tracking is per message (a dict entry per pending offset):
+work queues settle messages one by one, so this is inherent, and it stays
+off the plain pub/sub hot path.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from client.protocol import (
+    RECORD_HEADER,
+    AckKind,
+    MalformedBatch,
+    StartKind,
+    decode_batch,
+    encode_batch,
+    encode_batch_from_records,
+    split_records,
+    tokens_match,
+)
+
+from ..start import start_offset
+from ..storage import DataLoss, StorageError, StoredBatch
+from ..storage.groupstate import FORMAT, SavedTopic, find_dead_letters
+from .config import DEAD_LETTER_RETRY_SECONDS, GroupConfig
+
+if TYPE_CHECKING:
+    from ..router import Held, Subscription, Topic
+    from .manager import GroupManager
+
+
+class Member:
+    __slots__ = ("sub", "unacked", "active")
+
+    def __init__(self, sub: Subscription) -> None:
+        self.sub = sub
+        self.unacked = 0
+        self.active = True  # False once it left: held deliveries are not sent
+
+
+class Pending:
+    """One unsettled message: handed to ``member`` (or waiting to be)."""
+
+    __slots__ = ("member", "deliveries", "deadline", "queued", "dead_letter_from")
+
+    def __init__(self, member: Member | None, deliveries: int, deadline: float) -> None:
+        self.member = member
+        self.deliveries = deliveries
+        self.deadline = deadline  # ack wait expiry, or when a nak'ed message is due
+        self.queued = False  # in the topic's redelivery queue
+        #: Being dead-lettered: the dead-letter topic's next offset when that
+        #: was recorded (where a restart looks for it). None otherwise.
+        self.dead_letter_from: int | None = None
+
+
+class GroupTopic:
+    """A group's position in one topic."""
+
+    __slots__ = ("topic", "cursor", "pending", "ready", "_cached", "_records")
+
+    def __init__(self, topic: Topic, cursor: int) -> None:
+        self.topic = topic
+        self.cursor = cursor  # next offset never handed out yet
+        self.pending: dict[int, Pending] = {}
+        self.ready: deque[int] = deque()  # offsets to deliver again, in order
+        # The last stored batch read and, once needed, its records split
+        # out: handing a big batch out in pieces, or redelivering its
+        # messages one by one, reads and splits it once, not once per piece.
+        self._cached: StoredBatch | None = None
+        self._records: list[bytes] | None = None
+
+    def batch_at(self, offset: int) -> StoredBatch | None:
+        """The stored batch holding ``offset`` (None if not retained);
+        DataLoss if the log lost it (damage, a hole)."""
+        log = self.topic.log
+        if offset < log.first_offset:
+            return None  # retention removed it (cached or not)
+        cached = self._cached
+        if cached is not None and cached.base_offset <= offset < cached.next_offset:
+            return cached
+        found = log.read(offset, 1)[:1]
+        if not found or not found[0].base_offset <= offset < found[0].next_offset:
+            return None
+        self._cached, self._records = found[0], None
+        return found[0]
+
+    def records_of(self, stored: StoredBatch) -> list[bytes]:
+        if self._cached is not stored or self._records is None:
+            self._cached, self._records = stored, split_records(stored.batch)
+        return self._records
+
+
+class Group:
+    def __init__(
+        self,
+        manager: GroupManager,
+        name: str,
+        pattern: str,
+        config: GroupConfig,
+        start: StartKind,
+        start_value: int,
+    ) -> None:
+        self.manager = manager
+        self.name = name
+        self.name_bytes = name.encode()
+        self.pattern = pattern
+        self.tokens = pattern.split(".")
+        self.config = config
+        self.start = start
+        self.start_value = start_value
+        self.members: list[Member] = []
+        self._next_member = 0
+        self.topics: dict[Topic, GroupTopic] = {}
+        # (due, tie-breaker, topic state, first offset, last offset): one
+        # entry per hand-out, checked against each message's own deadline.
+        self._timers: list[tuple[float, int, GroupTopic, int, int]] = []
+        #: Bumped by every change a snapshot would record (GroupManager persists).
+        self.version = 0
+        #: Dead letters published whose message the dead-letter topic has not
+        #: made durable yet (fsync always): (that topic, its offset, topic
+        #: state, offset, deliveries, dead_letter_from, the held batch).
+        #: Snapshots keep them pending until it has, so a power loss cannot
+        #: lose both copies; one whose fsync failed is dead-lettered again.
+        self.unconfirmed: list[tuple[Topic, int, GroupTopic, int, int, int | None, Held]] = []
+        self.delivered = 0
+        self.redelivered = 0
+        self.acked = 0
+        self.termed = 0
+        self.dead_lettered = 0
+        #: Messages the log lost (damage, holes) before they could be handed out.
+        self.lost = 0
+
+    def matches(self, topic: Topic) -> bool:
+        return tokens_match(self.tokens, topic.name.split("."))
+
+    # -- topics and members -----------------------------------------------
+
+    def attach(self, topic: Topic, *, created_now: bool = False) -> None:
+        """Start following ``topic`` (an existing one, or one just created)."""
+        if topic in self.topics:
+            return
+        log = topic.log
+        if created_now:
+            cursor = log.first_offset  # a topic made after the group: all of it
+        else:
+            cursor = start_offset(log, self.start, self.start_value, topic.visible_next)
+        self.topics[topic] = GroupTopic(topic, cursor)
+
+    def add_member(self, sub: Subscription) -> Member:
+        self.version += 1
+        member = Member(sub)
+        self.members.append(member)
+        return member
+
+    def remove_member(self, member: Member, now: float) -> None:
+        """Its unsettled messages go to the other members (or wait for one)."""
+        if member in self.members:
+            self.members.remove(member)
+        member.active = False
+        for gt in self.topics.values():
+            for offset, p in gt.pending.items():
+                if p.member is member:
+                    p.member = None
+                    self._make_ready(gt, offset, p)
+        member.unacked = 0
+
+    # -- settling -----------------------------------------------------------
+
+    def settle(
+        self,
+        member: Member,
+        topic: Topic,
+        kind: AckKind,
+        ranges: tuple[tuple[int, int], ...],
+        delay: float,
+        now: float,
+    ) -> int:
+        """Apply an ACK frame; return how many pending messages it touched."""
+        gt = self.topics.get(topic)
+        if gt is None:
+            return 0
+        self.version += 1
+        touched = 0
+        for offset in self._offsets_in(gt, ranges):
+            p = gt.pending.get(offset)
+            if p is None:
+                continue  # settled already
+            if p.member is not member and not (
+                # Waiting for redelivery because the member it went to left
+                # (a client that reconnects acks what it processed while
+                # away): done is done, whoever in the group says so.
+                p.member is None and kind in (AckKind.ACK, AckKind.TERM)
+            ):
+                continue  # since given to another member
+            touched += 1
+            if kind is AckKind.IN_PROGRESS:
+                p.deadline = now + self.config.wait_for(p.deliveries)
+                self._timer(p.deadline, gt, offset, offset)
+                continue
+            if p.member is member:
+                member.unacked -= 1
+            if kind is AckKind.NAK:
+                p.member = None
+                if delay > 0:
+                    p.deadline = now + delay
+                    self._timer(p.deadline, gt, offset, offset)
+                else:
+                    self._make_ready(gt, offset, p)
+            else:
+                del gt.pending[offset]
+                if kind is AckKind.ACK:
+                    self.acked += 1
+                else:
+                    self.termed += 1
+        return touched
+
+    @staticmethod
+    def _offsets_in(gt: GroupTopic, ranges: tuple[tuple[int, int], ...]) -> list[int]:
+        out: list[int] = []
+        for first, last in ranges:
+            span = last - first + 1
+            if span <= 2 * len(gt.pending):
+                out.extend(range(first, last + 1))
+            else:  # a huge range: walk what is pending instead
+                out.extend(o for o in gt.pending if first <= o <= last)
+        return out
+
+    def _make_ready(self, gt: GroupTopic, offset: int, p: Pending) -> None:
+        if not p.queued:
+            p.queued = True
+            gt.ready.append(offset)
+
+    def _timer(self, due: float, gt: GroupTopic, first: int, last: int) -> None:
+        heapq.heappush(self._timers, (due, next(self.manager.timer_ids), gt, first, last))
+        self.manager.wake()
+
+    @property
+    def next_deadline(self) -> float | None:
+        return self._timers[0][0] if self._timers else None
+
+    def run_timers(self, now: float) -> None:
+        """Expired ack waits: deliver again (or dead-letter); due naks: ready."""
+        while self._timers and self._timers[0][0] <= now:
+            due, _, gt, first, last = heapq.heappop(self._timers)
+            for offset in range(first, last + 1):
+                p = gt.pending.get(offset)
+                if p is None or p.deadline != due or p.queued:
+                    continue  # settled, extended or already waiting: stale for it
+                if p.member is not None:
+                    p.member.unacked -= 1
+                    p.member = None
+                self._make_ready(gt, offset, p)
+
+    # -- dispatch -----------------------------------------------------------
+
+    def _member_with_room(self) -> Member | None:
+        n = len(self.members)
+        for i in range(n):
+            member = self.members[(self._next_member + i) % n]
+            if member.unacked < self.config.max_ack_pending and member.sub.subscriber.accepting:
+                self._next_member = (self._next_member + i + 1) % n
+                return member
+        return None
+
+    def _confirm_dead_letters(self) -> None:
+        """Drop dead letters their topic made durable; a dead letter whose
+        fsync failed (the log rolled it back) is pending again, to be
+        dead-lettered anew: it must not be lost with its original."""
+        still = []
+        for u in self.unconfirmed:
+            dlq, dlq_offset, gt, offset, deliveries, _, held = u
+            if held.error is not None:
+                p = gt.pending[offset] = Pending(None, deliveries, 0.0)
+                self._make_ready(gt, offset, p)
+                self.dead_lettered -= 1
+                self.version += 1
+            elif dlq.visible_next <= dlq_offset:
+                still.append(u)
+        self.unconfirmed = still
+
+    def dispatch(self, now: float) -> None:
+        """Hand out what is ready again, then new messages, while members have room."""
+        if self.unconfirmed:
+            self._confirm_dead_letters()
+        # Lists: a dead letter may create a topic this group then follows.
+        for gt in list(self.topics.values()):
+            while gt.ready:
+                member = self._member_with_room()
+                if member is None:
+                    return
+                offset = gt.ready.popleft()
+                p = gt.pending.get(offset)
+                if p is None:
+                    continue
+                p.queued = False
+                self._redeliver(gt, offset, p, member, now)
+        for gt in list(self.topics.values()):
+            visible = gt.topic.visible_next
+            while gt.cursor < visible:
+                member = self._member_with_room()
+                if member is None:
+                    return
+                self._deliver_new(gt, member, now)
+
+    def _deliver_new(self, gt: GroupTopic, member: Member, now: float) -> None:
+        log = gt.topic.log
+        if gt.cursor < log.first_offset:
+            gt.cursor = log.first_offset  # retention removed what we had not read
+        try:
+            batch = gt.batch_at(gt.cursor)
+        except DataLoss as lost:
+            # Damaged or missing in the log: nobody can be given these.
+            self.lost += lost.count
+            self.manager.logger.error(
+                "group skipped lost offsets",
+                group=self.name, topic=lost.topic, first=lost.first, last=lost.last, reason=lost.reason,
+            )
+            gt.cursor = lost.last + 1
+            return
+        if batch is None or batch.base_offset >= gt.topic.visible_next:
+            gt.cursor = max(gt.cursor, gt.topic.visible_next)
+            return
+        room = self.config.max_ack_pending - member.unacked
+        skip = gt.cursor - batch.base_offset
+        if skip or batch.count > room:
+            # Part of a batch: from the cursor, and only what the member has room for.
+            try:
+                records = gt.records_of(batch)[skip : skip + room]
+            except MalformedBatch as exc:
+                self._settle_malformed(gt, range(gt.cursor, batch.next_offset), exc)
+                gt.cursor = batch.next_offset
+                return
+            payload = encode_batch_from_records(records)
+            base, count = gt.cursor, len(records)
+        else:
+            payload, base, count = batch.batch, batch.base_offset, batch.count
+        deadline = now + self.config.wait_for(1)
+        for offset in range(base, base + count):
+            gt.pending[offset] = Pending(member, 1, deadline)
+        member.unacked += count
+        gt.cursor = base + count
+        self.version += 1
+        self.delivered += count
+        self._timer(deadline, gt, base, base + count - 1)
+        self.manager.hand_out(self, member, gt.topic, base, count, batch.timestamp, 1, payload)
+
+    def _redeliver(self, gt: GroupTopic, offset: int, p: Pending, member: Member, now: float) -> None:
+        try:
+            stored = gt.batch_at(offset)
+        except DataLoss as lost:
+            del gt.pending[offset]
+            self.lost += 1
+            self.manager.logger.error(
+                "group message lost from the log", group=self.name, topic=gt.topic.name,
+                offset=offset, reason=lost.reason,
+            )
+            return
+        if stored is None:
+            del gt.pending[offset]  # removed by retention meanwhile
+            self.manager.logger.warning(
+                "group message lost to retention", group=self.name, topic=gt.topic.name, offset=offset
+            )
+            return
+        try:
+            record = gt.records_of(stored)[offset - stored.base_offset]
+        except MalformedBatch as exc:
+            del gt.pending[offset]
+            self._settle_malformed(gt, range(offset, offset + 1), exc)
+            return
+        if self.config.max_deliver and p.deliveries >= self.config.max_deliver:
+            self.manager.dead_letter(self, gt, offset, p, stored.timestamp, record, now)
+            return
+        p.deliveries += 1
+        self.version += 1
+        p.member = member
+        p.deadline = now + self.config.wait_for(p.deliveries)
+        member.unacked += 1
+        self.redelivered += 1
+        self._timer(p.deadline, gt, offset, offset)
+        payload = encode_batch_from_records([record])
+        self.manager.hand_out(self, member, gt.topic, offset, 1, stored.timestamp, p.deliveries, payload)
+
+    def _settle_malformed(self, gt: GroupTopic, offsets: range, exc: MalformedBatch) -> None:
+        """Messages of a stored batch that does not split into its records.
+
+        The broker stores batches without parsing records (protocol.md,
+        "Batches"), so a client can publish one whose CRC matches but whose
+        records do not tile it. Where the group must hand it out in pieces
+        or one message alone, it cannot: those messages are settled as
+        termed, and the log says so. Plain subscribers still get the batch."""
+        self.termed += len(offsets)
+        self.version += 1
+        self.manager.logger.warning(
+            "malformed batch settled",
+            group=self.name,
+            topic=gt.topic.name,
+            offsets=f"{offsets.start}..{offsets.stop - 1}",
+            detail=str(exc),
+        )
+
+    def _try_dead_letter(
+        self, gt: GroupTopic, offset: int, p: Pending, timestamp: int, record: bytes, now: float
+    ) -> None:
+        """Publish the dead letter, or, when the dead-letter topic cannot
+        take it now (disk full), keep the message pending and try again later."""
+        try:
+            self._dead_letter(gt, offset, p, timestamp, record)
+        except StorageError as exc:
+            # Nothing was stored: a restart that looks for it finds nothing
+            # and publishes it then, as the retry would.
+            p.dead_letter_from = None
+            p.deadline = now + DEAD_LETTER_RETRY_SECONDS
+            self._timer(p.deadline, gt, offset, offset)
+            self.manager.logger.error(
+                "dead letter could not be stored; retrying",
+                group=self.name, topic=gt.topic.name, offset=offset, error=exc.message,
+            )
+
+    def _dead_letter(self, gt: GroupTopic, offset: int, p: Pending, timestamp: int, record: bytes) -> None:
+        dead_letter_headers = {
+            "x-original-topic": gt.topic.name,
+            "x-original-offset": str(offset),
+            "x-group": self.name,
+            "x-deliveries": str(p.deliveries),
+            "x-reason": "max_deliver",
+        }
+        try:
+            ((payload, headers),) = decode_batch(encode_batch_from_records([record]))
+        except MalformedBatch:
+            # The record splits but its headers do not parse: keep the payload.
+            headers_len = RECORD_HEADER.unpack_from(record, 0)[1]
+            payload, headers = record[RECORD_HEADER.size + headers_len :], {}
+        try:
+            batch = encode_batch([(payload, {**headers, **dead_letter_headers})])
+        except ValueError:
+            # Headers already near the 65535-byte block limit: ours must fit.
+            batch = encode_batch([(payload, dead_letter_headers)])
+        router = self.manager.router
+        dlq = router.topic(self.config.dead_letter)
+        dlq_offset, _, held = router.publish(dlq, batch, 1, time.time_ns() // 1000)
+        if held is not None:
+            self.unconfirmed.append((dlq, dlq_offset, gt, offset, p.deliveries, p.dead_letter_from, held))
+        del gt.pending[offset]
+        self.version += 1
+        self.dead_lettered += 1
+        self.manager.logger.info(
+            "dead-lettered",
+            group=self.name,
+            topic=gt.topic.name,
+            offset=offset,
+            deliveries=p.deliveries,
+            dead_letter=self.config.dead_letter,
+        )
+
+    # -- persistence --------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a restart needs (broker/storage/groupstate.py: the snapshot
+        that starts a journal)."""
+        c = self.config
+        # Dead letters the dead-letter topic has made durable are settled.
+        self._confirm_dead_letters()
+        topics: dict[str, Any] = {}
+        for gt in self.topics.values():
+            topics[gt.topic.name] = {
+                "cursor": gt.cursor,
+                "pending": [
+                    [o, p.deliveries] if p.dead_letter_from is None else [o, p.deliveries, p.dead_letter_from]
+                    for o, p in sorted(gt.pending.items())
+                ],
+            }
+        for _, _, gt, offset, deliveries, dead_letter_from, _ in self.unconfirmed:
+            if dead_letter_from is not None:
+                topics[gt.topic.name]["pending"].append([offset, deliveries, dead_letter_from])
+        return {
+            "version": FORMAT,
+            "name": self.name,
+            "pattern": self.pattern,
+            "start": int(self.start),
+            "start_value": self.start_value,
+            "config": {
+                "ack_wait": c.ack_wait,
+                "max_deliver": c.max_deliver,
+                "backoff": list(c.backoff),
+                "max_ack_pending": c.max_ack_pending,
+                "dead_letter": c.dead_letter,
+            },
+            "topics": topics,
+        }
+
+    def restore(self, topics: Mapping[str, SavedTopic]) -> None:
+        """Positions and pending messages as saved; every pending one is
+        ready to be delivered again (its member is gone), except one whose
+        dead letter was published before the crash: that one is settled."""
+        router = self.manager.router
+        restored: list[tuple[GroupTopic, int, Pending]] = []
+        for name, saved in topics.items():
+            topic = router.topics.get(name)
+            if topic is None:
+                continue  # the topic's log is gone: nothing left to deliver
+            gt = self.topics.get(topic)
+            if gt is None:
+                continue
+            # The log may have lost a tail it had not fsynced (fsync never):
+            # offsets past its end no longer exist.
+            gt.cursor = min(saved.cursor, topic.log.next_offset)
+            for offset in sorted(saved.pending):
+                if offset < gt.cursor:
+                    sp = saved.pending[offset]
+                    p = gt.pending[offset] = Pending(None, sp.deliveries, 0.0)
+                    p.dead_letter_from = sp.dead_letter_from
+                    restored.append((gt, offset, p))
+        self._settle_published_dead_letters([r for r in restored if r[2].dead_letter_from is not None])
+        for gt, offset, p in restored:
+            if gt.pending.get(offset) is p:
+                self._make_ready(gt, offset, p)
+
+    def _settle_published_dead_letters(self, waiting: list[tuple[GroupTopic, int, Pending]]) -> None:
+        """Messages a crash caught being dead-lettered: settled if their dead
+        letter is in the dead-letter topic, else dead-lettered (again) at
+        their next turn, since their count has reached max_deliver."""
+        if not waiting:
+            return
+        dlq = self.manager.router.topics.get(self.config.dead_letter)
+        wanted = {(gt.topic.name, offset) for gt, offset, _ in waiting}
+        start = min(p.dead_letter_from or 0 for _, _, p in waiting)
+        found = find_dead_letters(dlq.log, self.name, wanted, start) if dlq is not None else set()
+        for gt, offset, p in waiting:
+            p.dead_letter_from = None
+            if (gt.topic.name, offset) in found:
+                del gt.pending[offset]
+                self.dead_lettered += 1
+        self.manager.logger.info(
+            "group recovered dead letters in flight",
+            group=self.name,
+            already_published=len(found),
+            to_publish=len(waiting) - len(found),
+        )
+
+    def statistics(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "group": self.name,
+            "pattern": self.pattern,
+            "config": {
+                "ack_wait_ms": round(config.ack_wait * 1000),
+                "max_deliver": config.max_deliver,
+                "backoff_ms": [round(b * 1000) for b in config.backoff],
+                "max_ack_pending": config.max_ack_pending,
+                "dead_letter": config.dead_letter,
+            },
+            "members": len(self.members),
+            "pending": sum(len(gt.pending) for gt in self.topics.values()),
+            "delivered": self.delivered,
+            "redelivered": self.redelivered,
+            "acked": self.acked,
+            "termed": self.termed,
+            "dead_lettered": self.dead_lettered,
+            "topics": {
+                gt.topic.name: {"cursor": gt.cursor, "pending": len(gt.pending)}
+                for gt in self.topics.values()
+            },
+        }
+
+

@@ -1,0 +1,110 @@
+"""A connection's publish acknowledgements: PUBACK in order, after the fsync.
+
+The reader records each PUBLISH it handled (``add``) and, at the end of
+every socket read, hands them over in one go (``flush``): queued at once,
+or, when any of them (or an earlier one: PUBACKs go out in the order of
+their PUBLISH frames) waits for a commit round, to the acker task, which
+awaits the committer and then queues them, each a PUBACK or, if the fsync
+that was to cover it failed, a refusal (protocol.md, STORAGE_ERROR).
+``unacked`` counts the PUBLISH frames read and not yet answered, the
+reader's ``max_inflight_publishes`` bound.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from client.protocol import Durability, PubAck, RefKind, encode_puback
+
+from ..core import Broker, Published
+from .outbox import Outbox
+
+
+class PendingAck:
+    """A PUBLISH read whose PUBACK (or refusal) is not queued yet."""
+
+    __slots__ = ("request_id", "published")
+
+    def __init__(self, request_id: int, published: Published) -> None:
+        self.request_id = request_id
+        self.published = published
+
+
+class Acks:
+    def __init__(self, broker: Broker, outbox: Outbox) -> None:
+        self.broker = broker
+        self.outbox = outbox
+        #: PUBLISH frames read and not yet answered.
+        self.unacked = 0
+        # This read's, and those waiting for a commit round.
+        self._read: list[PendingAck] = []
+        self._for_sync: list[PendingAck] = []
+        self._wake = trio.Event()
+        self._closing = False
+        self._done = trio.Event()
+
+    def add(self, request_id: int, published: Published) -> None:
+        self._read.append(PendingAck(request_id, published))
+        self.unacked += 1
+
+    def flush(self) -> None:
+        """Queue this read's PUBACKs, or hand them to the acker when any of
+        them, or an earlier one, waits for a sync."""
+        if not self._read:
+            return
+        acks, self._read = self._read, []
+        if self._for_sync or any(a.published.held is not None for a in acks):
+            self._for_sync.extend(acks)
+            self._wake.set()
+        else:
+            self._answer(acks, None)
+
+    def _answer(self, acks: list[PendingAck], synced: Durability | None) -> None:
+        frames = []
+        counted: dict[Durability, int] = {}
+        for a in acks:
+            p = a.published
+            held = p.held
+            if held is not None and held.error is not None:
+                # Its fsync failed and the log rolled it back: refused,
+                # never acknowledged.
+                frames.append(
+                    self.outbox.refusal(held.error.code, held.error.message, a.request_id, RefKind.REQUEST)
+                )
+                continue
+            durability = synced if held is not None and synced is not None else p.durability
+            counted[durability] = counted.get(durability, 0) + 1
+            frames.append(encode_puback(PubAck(a.request_id, p.base, p.count, p.timestamp, durability)))
+        for durability, n in counted.items():
+            self.broker.acknowledged(durability, n)
+        self.outbox.queue(b"".join(frames))
+        self.unacked -= len(acks)
+        self.outbox.notify_room()  # a reader paused on max_inflight_publishes may go on
+
+    async def run(self) -> None:
+        """The acker task, until ``finish``."""
+        try:
+            while True:
+                if self._for_sync:
+                    acks, self._for_sync = self._for_sync, []
+                    synced = await self.broker.committer.wait_seq(
+                        max(a.published.held.seq for a in acks if a.published.held is not None)
+                    )
+                    self._answer(acks, synced)
+                    # Not kept while waiting for the next round: each holds
+                    # its batch, up to max_frame_bytes per connection.
+                    del acks
+                    continue
+                if self._closing:
+                    return
+                await self._wake.wait()
+                self._wake = trio.Event()
+        finally:
+            self._done.set()
+
+    async def finish(self) -> None:
+        """Answer everything owed, then stop the acker."""
+        self.flush()
+        self._closing = True
+        self._wake.set()
+        await self._done.wait()

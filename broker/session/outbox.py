@@ -1,0 +1,280 @@
+"""A connection's outbound queue: what is waiting to be written, with its bound.
+
+The ``Outbox`` is the connection's :class:`~broker.subscriber.Subscriber`:
+the router hands it batches (``deliver``), consumer groups hand it their
+messages (``deliver_group``), the session queues its answers (``queue``).
+One writer task joins everything queued into one ``send_all`` per wake-up
+(write coalescing) and, while the queue has room, refills it from the log
+for subscriptions that are lagging (a replay, a full queue, no credit).
+
+Memory is bounded (protocol.md, "Flow control"): a delivery that would take
+the bytes queued plus the bytes being sent over ``limit`` is not queued;
+that subscription reads the topic forward from the log instead, until it has
+caught up. Answers are always queued; the session stops reading the
+connection while the queue is over its bound (``over_limit``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from client.protocol import Connection, Error, ErrorCode, RefKind, deliver_header, group_deliver_header
+
+from ..storage import DataLoss
+from ..subscriber import SubscriberInfo
+
+if TYPE_CHECKING:
+    from ..router import Subscription, Topic
+
+
+class Outbox:
+    """Holds no reference to its session (which owns it): a closed
+    connection is freed by reference counting, not left to the garbage
+    collector with everything it holds."""
+
+    def __init__(self, stream: trio.abc.Stream, conn: Connection, limit: int, info: SubscriberInfo) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.limit = limit
+        #: Who this connection is (its client name arrives with HELLO).
+        self.info = info
+        self.logger: Any = None
+        #: The client asked for ERROR fields in its HELLO (protocol.md, "ERROR").
+        self.error_fields = False
+        self._out: list[bytes] = []
+        self.queued_bytes = 0
+        self.sending = 0  # bytes handed to send_all and not yet sent
+        # Insertion-ordered set of subscriptions with topics to read from the log.
+        self.lagging: dict[Subscription, None] = {}
+        self.wake = trio.Event()
+        #: Set whenever the queue drains (a reader paused on it may go on).
+        self.room = trio.Event()
+        #: False once the connection is ending: nothing more is delivered.
+        self.accepting = True
+        self.closing = False
+        self.done = trio.Event()
+        self.lost = False  # the writer found the connection broken
+        self.bytes_out = 0
+
+    @property
+    def over_limit(self) -> bool:
+        return self.queued_bytes > self.limit
+
+    def queue(self, data: bytes) -> None:
+        """An answer (PUBACK, PONG, a reply, an error): always queued."""
+        self._out.append(data)
+        self.queued_bytes += len(data)
+        self.wake.set()
+
+    def notify_room(self) -> None:
+        """Something a paused reader waits for changed (answers went out)."""
+        self.room.set()
+
+    def refuse(
+        self,
+        code: ErrorCode,
+        message: str,
+        ref: int,
+        ref_kind: RefKind,
+        fields: Mapping[str, str] | None = None,
+    ) -> None:
+        """Queue a request's ERROR (not fatal)."""
+        self.queue(self.refusal(code, message, ref, ref_kind, fields))
+
+    def refusal(
+        self,
+        code: ErrorCode,
+        message: str,
+        ref: int,
+        ref_kind: RefKind,
+        fields: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """A request's ERROR frame, with fields if the client asked for them."""
+        self.logger.info("request refused", code=int(code), error=code.name, detail=message, ref=ref)
+        if not self.error_fields:
+            fields = None
+        return self.conn.send(Error(int(code), message, ref, ref_kind, fatal=False, fields=dict(fields or {})))
+
+    def _data_lost(self, sub: Subscription, lost: DataLoss) -> None:
+        """Tell a subscription which offsets it will never get, and why."""
+        self.refuse(ErrorCode.DATA_LOST, lost.describe(), sub.sub_id, RefKind.SUBSCRIPTION, lost.fields())
+        self.logger.warning(
+            "subscriber skipped lost offsets",
+            sub_id=sub.sub_id,
+            topic=lost.topic,
+            first_missing=lost.first,
+            count=lost.count,
+            reason=lost.reason,
+        )
+
+    # -- the Subscriber protocol ---------------------------------------------
+
+    def deliver(
+        self,
+        sub: Subscription,
+        topic: Topic,
+        base_offset: int,
+        timestamp: int,
+        batch: bytes,
+        count: int,
+    ) -> None:
+        """Hand one batch to one subscription (called by the router: the
+        hot path, no per-message work)."""
+        if sub.lag and topic in sub.lag:
+            return  # the log reader will get to it, in order
+        size = len(batch)
+        if sub.credit <= 0 or (
+            (self._out or self.sending) and self.queued_bytes + self.sending + size > self.limit
+        ):
+            sub.lag[topic] = base_offset
+            self.lagging[sub] = None
+            return
+        sub.credit -= count
+        topic.messages_out += count
+        topic.bytes_out += size
+        header = deliver_header(sub.sub_id, topic.name_bytes, base_offset, timestamp, size)
+        out = self._out
+        out.append(header)
+        out.append(batch)
+        self.queued_bytes += len(header) + size
+        self.wake.set()
+
+    def deliver_group(
+        self,
+        sub: Subscription,
+        topic: Topic,
+        base_offset: int,
+        timestamp: int,
+        deliveries: int,
+        batch: bytes,
+    ) -> None:
+        """Queue a batch for a group member. Not subject to the queue bound:
+        the group's max_ack_pending already bounds what a member holds."""
+        header = group_deliver_header(sub.sub_id, topic.name_bytes, base_offset, timestamp, deliveries, len(batch))
+        self._out.append(header)
+        self._out.append(batch)
+        self.queued_bytes += len(header) + len(batch)
+        self.wake.set()
+
+    def position(self, sub: Subscription, topic: Topic) -> int:
+        return sub.lag.get(topic, topic.visible_next)
+
+    def describe(self) -> SubscriberInfo:
+        return self.info
+
+    def start_lagging(self, sub: Subscription) -> None:
+        """A new subscription with topics to read from the log first."""
+        if sub.lag:
+            self.lagging[sub] = None
+            self.wake.set()
+
+    def credit_added(self, sub: Subscription) -> None:
+        if sub in self.lagging:
+            self.wake.set()
+
+    def forget(self, sub: Subscription) -> None:
+        self.lagging.pop(sub, None)
+
+    # -- reading from the log ---------------------------------------------
+
+    def refill(self) -> None:
+        """Queue batches from the log for lagging subscriptions, up to the bound."""
+        limit = self.limit
+        for sub in list(self.lagging):
+            lag = sub.lag
+            for topic in list(lag):
+                offset = lag[topic]
+                log = topic.log
+                # Read only what is visible: with fsync "always", batches
+                # still waiting for their fsync are delivered on release.
+                # Every pass delivers a batch, steps over lost offsets, or
+                # leaves the loop: it cannot spin.
+                while offset < topic.visible_next:
+                    if sub.credit <= 0:
+                        break
+                    if self.queued_bytes + self.sending >= limit:
+                        lag[topic] = offset
+                        return
+                    first = log.first_offset
+                    try:
+                        if offset < first:
+                            raise DataLoss(topic.name, offset, first - 1, "retention")
+                        batches = log.read(offset, limit - self.queued_bytes - self.sending)
+                    except DataLoss as lost:
+                        if lost.last >= topic.visible_next:  # not yet visible: not ours to report
+                            lost = DataLoss(lost.topic, lost.first, topic.visible_next - 1, lost.reason)
+                        self._data_lost(sub, lost)
+                        offset = lost.last + 1
+                        continue
+                    if not batches:
+                        # The log holds less than it said: never spin on it.
+                        self.logger.error(
+                            "log read returned nothing below the visible end",
+                            topic=topic.name, offset=offset, visible_next=topic.visible_next,
+                        )
+                        break
+                    for stored in batches:
+                        if stored.base_offset >= topic.visible_next:
+                            break  # appended, not yet durable: release() delivers it
+                        sub.credit -= stored.count
+                        topic.messages_out += stored.count
+                        topic.bytes_out += len(stored.batch)
+                        header = deliver_header(
+                            sub.sub_id, topic.name_bytes, stored.base_offset, stored.timestamp, len(stored.batch)
+                        )
+                        self._out.append(header)
+                        self._out.append(stored.batch)
+                        self.queued_bytes += len(header) + len(stored.batch)
+                        offset = stored.next_offset
+                        if sub.credit <= 0:
+                            break
+                if offset < topic.visible_next:
+                    lag[topic] = offset  # out of credit: resume when CREDIT comes
+                else:
+                    del lag[topic]  # caught up: live delivery takes over
+            if not lag:
+                del self.lagging[sub]
+
+    # -- writing --------------------------------------------------------------
+
+    async def run(self, on_broken: Callable[[], None]) -> None:
+        """The writer task: until ``closing`` and everything is written, or
+        the peer is gone (``on_broken``: the transport is unusable)."""
+        try:
+            while True:
+                if self.lagging and self.queued_bytes < self.limit and self.accepting:
+                    self.refill()
+                if self._out:
+                    out = self._out
+                    data = out[0] if len(out) == 1 else b"".join(out)
+                    self._out = []
+                    self.queued_bytes = 0
+                    self.sending = len(data)
+                    self.room.set()
+                    await self.stream.send_all(data)
+                    self.sending = 0
+                    self.bytes_out += len(data)
+                    continue
+                if self.closing:
+                    return
+                await self.wake.wait()
+                self.wake = trio.Event()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The peer is gone. Not an error of ours: stop reading and let
+            # the session close up (raising here would reach it wrapped in
+            # an ExceptionGroup and read as an internal error).
+            self.lost = True
+            self.conn.send_failed()
+            on_broken()
+        finally:
+            self.done.set()
+
+    async def wait_for_room(self, more_waiting: Callable[[], bool]) -> None:
+        """Until the queue is back under its bound and ``more_waiting`` is false."""
+        while self.over_limit or more_waiting():
+            self.room = trio.Event()
+            await self.room.wait()
+

@@ -1,0 +1,470 @@
+"""One client connection: read frames, turn them into broker-core calls,
+write the answers.
+
+Three tasks per connection, all owned by the session's nursery:
+
+- the reader (``_read_loop``) decodes every complete frame of each socket
+  read and handles it synchronously (no awaits on the hot path): each frame
+  becomes a call on the core (broker/core.py), each answer or refusal a
+  frame in the outbox;
+- the writer (``Outbox.run``): write coalescing and catch-up from the log;
+- the acker (``Acks.run``): PUBACKs that wait for the fsync covering them.
+
+The rules of the broker are the core's; what stays here is the
+connection's own: the handshake and authentication, the idle timeout (PING,
+then ERROR 107, checked by one server-wide task calling ``check_idle``),
+backpressure (the reader stops while the outbox is over its bound or
+``max_inflight_publishes`` PUBLISH frames are unanswered) and the limits
+that are per connection (``max_subscriptions``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import trio
+
+from client.protocol import (
+    CLOSED,
+    ERROR_FIELDS_OPTION,
+    HEADER_SIZE,
+    NEED_DATA,
+    UNLIMITED_CREDIT,
+    Ack,
+    Connection,
+    Credit,
+    Error,
+    ErrorCode,
+    Event,
+    Goodbye,
+    Groups,
+    GroupsReply,
+    Hello,
+    Info,
+    InfoReply,
+    Ping,
+    Pong,
+    Publish,
+    RefKind,
+    RemoteProtocolError,
+    Role,
+    State,
+    SubAck,
+    Subscribe,
+    UnsubAck,
+    Unsubscribe,
+    Welcome,
+)
+
+from .. import __version__
+from ..closing import linger_close
+from ..config import Config
+from ..core import Broker, Refused, SubscribeRequest
+from ..framebudget import MAX_HELLO_BYTES, FrameBudget
+from ..logs import get_logger
+from ..principal import Principal
+from ..router import Subscription
+from ..subscriber import SubscriberInfo
+from .acks import Acks
+from .outbox import Outbox
+from .reading import ReadSizer
+
+_MAX_CREDIT = UNLIMITED_CREDIT - 1
+
+
+class _Stop(Exception):
+    """Ends the read loop with a reason for the log."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class Session:
+    def __init__(
+        self,
+        broker: Broker,
+        config: Config,
+        frame_budget: FrameBudget,
+        stream: trio.abc.Stream,
+        conn_id: int,
+        peer: str,
+    ) -> None:
+        self.broker = broker
+        self.config = config
+        self.limits = config.limits
+        self.stream = stream
+        self.conn_id = conn_id
+        self.peer = peer
+        self.logger: Any = get_logger(conn_id=conn_id, peer=peer)
+        self.conn = Connection(Role.SERVER, max_frame_bytes=self.limits.max_frame_bytes)
+        self.client_name = ""
+        self.subs: dict[int, Subscription] = {}
+        #: Who the connection authenticated as (broker/principal.py).
+        self.principal = Principal()
+        # The parts hold no reference back to the session: when the
+        # connection ends, reference counting frees it all.
+        self.outbox = Outbox(stream, self.conn, config.outbound_queue_bytes, self._info())
+        self.outbox.logger = self.logger
+        self.acks = Acks(broker, self.outbox)
+        self.reads = ReadSizer(stream, self.conn, frame_budget)
+        self._read_scope = trio.CancelScope()
+        #: The reader waits for the peer (backpressure); for tests and metrics.
+        self.reading_paused = False
+        self._max_inflight = self.limits.max_inflight_publishes
+        # Idle timeout (config.idle_timeout, see check_idle): when it acts
+        # next, whether it sent its PING, whether it gave up.
+        self._idle_deadline = trio.current_time() + config.idle_timeout
+        self._idle_pinged = False
+        self._idle_expired = False
+        self._ping_nonce = 0
+        # A protocol error's fatal ERROR, held back until the PUBACKs still
+        # owed (waiting for a sync) are out: nothing may follow a fatal ERROR.
+        self._pending_fatal: RemoteProtocolError | None = None
+        self.messages_in = 0
+
+    @property
+    def bytes_out(self) -> int:
+        return self.outbox.bytes_out
+
+    def _info(self) -> SubscriberInfo:
+        return SubscriberInfo("tcp", self.conn_id, self.client_name, self.peer)
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def run(self) -> None:
+        reason = "closed"
+        self.logger.info("connection opened")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.outbox.run, self._broken)
+                nursery.start_soon(self.acks.run)
+                reason = await self._read_loop()
+                self._drop_subscriptions()
+                await self.acks.finish()
+                if self._pending_fatal is not None:
+                    self._fatal(self._pending_fatal.code, self._pending_fatal.message)
+                if self.conn.state is State.OPEN and not self.conn.we_finished:
+                    self.outbox.queue(self.conn.send(Goodbye()))
+                self.outbox.closing = True
+                self.outbox.wake.set()
+                with trio.move_on_after(self.config.shutdown_grace):
+                    await self.outbox.done.wait()
+                nursery.cancel_scope.cancel()
+            if self.outbox.lost and reason == "server shutdown":
+                # The writer found the peer gone and stopped the reader. A
+                # reason the reader gave itself stands: over TLS, the ERROR
+                # after a handshake timeout cannot be sent at all.
+                reason = "connection lost"
+        except Exception:
+            self.logger.exception("internal error; closing this connection")
+            reason = "internal error"
+        finally:
+            self._drop_subscriptions()
+            with trio.CancelScope(shield=True):
+                await linger_close(self.stream)
+            self.logger.info("connection closed", reason=reason, client=self.client_name)
+
+    def shutdown(self) -> None:
+        """Server shutdown: stop reading; run() then flushes and says GOODBYE."""
+        self._read_scope.cancel()
+
+    def _broken(self) -> None:
+        """The writer found the connection broken."""
+        self._read_scope.cancel()
+
+    def _drop_subscriptions(self) -> None:
+        self.outbox.accepting = False
+        self.broker.disconnected(self.outbox, list(self.subs.values()))
+        self.subs.clear()
+        self.outbox.lagging.clear()
+
+    # -- reading ----------------------------------------------------------
+
+    def _must_pause(self) -> bool:
+        return self.outbox.over_limit or self.acks.unacked >= self._max_inflight
+
+    async def _read_loop(self) -> str:
+        conn = self.conn
+        deadline = trio.current_time() + self.config.handshake_timeout
+        idle = self.config.idle_timeout
+        # Until the handshake is done the only frame is a HELLO, and a read
+        # takes no more than the largest one (broker/framebudget.py).
+        conn.max_frame_bytes = min(MAX_HELLO_BYTES, self.limits.max_frame_bytes)
+        hello_read = HEADER_SIZE + conn.max_frame_bytes
+        with self._read_scope:
+            try:
+                while True:
+                    if self._must_pause():
+                        await self._pause_reading()
+                    if conn.state is State.OPEN:
+                        size = await self.reads.next_size()
+                        if self.reads.waited:
+                            self.reads.waited = False
+                            self._not_idle()
+                        data = await self.stream.receive_some(size)
+                    else:
+                        size = max(1, hello_read - conn.buffered_bytes)
+                        received: bytes | bytearray | None = None
+                        with trio.move_on_at(deadline):
+                            received = await self.stream.receive_some(size)
+                        if received is None:
+                            self._fatal(ErrorCode.HANDSHAKE_REQUIRED, "no HELLO in time")
+                            return "handshake timeout"
+                        data = received
+                    conn.receive_data(data)
+                    self.reads.keep()
+                    framed = False
+                    while True:
+                        event = conn.next_event()
+                        if event is NEED_DATA:
+                            break
+                        if event is CLOSED:
+                            return "peer closed"
+                        framed = True
+                        if type(event) is Hello:
+                            # The one await between frames: checking a
+                            # password runs scrypt in a worker thread.
+                            if not await self._hello(event, deadline):
+                                return "authentication failed"
+                            continue
+                        self._handle(event)  # type: ignore[arg-type]
+                        # Checked per frame, not per read: one read holds
+                        # thousands of small frames, each of which may queue
+                        # an answer (an INFO_REPLY can be large).
+                        if self._must_pause():
+                            await self._pause_reading()
+                    self.reads.keep()
+                    if framed:
+                        self._idle_deadline = trio.current_time() + idle
+                        self._idle_pinged = False
+                    self.acks.flush()
+            except RemoteProtocolError as exc:
+                self.acks.flush()
+                self.logger.warning(
+                    "protocol error", code=int(exc.code), error=exc.code.name, detail=exc.message
+                )
+                self.outbox.accepting = False
+                # Without its traceback: that holds this frame, hence the
+                # session, in a cycle only the garbage collector would free.
+                self._pending_fatal = exc.with_traceback(None)
+                return f"protocol error {exc.code.name}"
+            except _Stop as stop:
+                self.acks.flush()
+                return stop.reason
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return "connection lost"
+            finally:
+                self.reads.release()
+        if self._idle_expired:
+            self._fatal(ErrorCode.IDLE_TIMEOUT, f"no frame for {2 * idle:g} s, not even PONG")
+            return "idle timeout"
+        return "server shutdown"
+
+    async def _pause_reading(self) -> None:
+        """Backpressure: stop reading until the peer has taken what we queued
+        for it and the PUBLISHes read so far are answered.
+
+        Bounds the memory of a peer that does not read (PUBACKs, PONGs,
+        replies pile up otherwise) and of one that publishes faster than its
+        acknowledgements can be given (fsync). Never an error.
+        """
+        self.acks.flush()
+        self.reading_paused = True
+        try:
+            await self.outbox.wait_for_room(lambda: self.acks.unacked >= self._max_inflight)
+        finally:
+            self.reading_paused = False
+        self._not_idle()
+
+    def _not_idle(self) -> None:
+        """We were not reading (backpressure, waiting for frame budget): not
+        the peer's silence. A fresh idle period."""
+        self._idle_deadline = trio.current_time() + self.config.idle_timeout
+        self._idle_pinged = False
+
+    def check_idle(self, now: float, idle: float) -> None:
+        """Idle timeout, called by the server's sweeper (Server._sweep_idle):
+        PING a peer silent for ``idle`` seconds; stop reading (the reader
+        then sends ERROR 107) if it stays silent as long again.
+
+        Neither a deadline on every read (a cancel scope per read cost ~8 us)
+        nor a task per connection (~3 KiB each): the reader stores a time
+        per read, one server task looks at them all now and then.
+        """
+        if now < self._idle_deadline or self._idle_expired or self.conn.we_finished:
+            return  # not yet, or this connection is ending anyway
+        if (
+            (self.reading_paused and not self.reads.held)
+            or self.reads.waiting
+            or self.conn.state is not State.OPEN
+        ):
+            # Before HELLO the handshake timeout rules; while we do not
+            # read (backpressure) silence says nothing about the peer. But
+            # a peer that keeps part of the frame budget while it does not
+            # read its answers is timed as if we read it: the budget is
+            # everyone's (broker/framebudget.py).
+            self._idle_deadline = now + idle
+            return
+        if not self._idle_pinged:
+            self._idle_pinged = True
+            self._idle_deadline = now + idle
+            self._ping_nonce += 1
+            self.outbox.queue(self.conn.send(Ping(self._ping_nonce)))
+            self.logger.debug("idle; ping sent", idle_timeout=idle)
+            return
+        self._idle_expired = True
+        self._read_scope.cancel()
+
+    # -- frames -----------------------------------------------------------
+
+    def _handle(self, event: Event) -> None:
+        if type(event) is Publish:
+            self._on_publish(event)
+        elif isinstance(event, Ack):
+            self._on_ack(event)
+        elif isinstance(event, Credit):
+            self._on_credit(event)
+        elif isinstance(event, Subscribe):
+            self._on_subscribe(event)
+        elif isinstance(event, Unsubscribe):
+            self._on_unsubscribe(event)
+        elif isinstance(event, Ping):
+            self.outbox.queue(self.conn.send(Pong(event.nonce)))
+        elif isinstance(event, Info):
+            self._on_info(event)
+        elif isinstance(event, Groups):
+            self._on_groups(event)
+        elif isinstance(event, Goodbye):
+            raise _Stop("client said goodbye")
+        elif isinstance(event, Error):
+            self.logger.warning("error from client", code=event.code, detail=event.message)
+            if event.fatal:
+                raise _Stop("client sent a fatal error")
+        # Pong: nothing to do.
+
+    async def _hello(self, hello: Hello, deadline: float) -> bool:
+        """WELCOME, or AUTH_FAILED (False); then frames of any size."""
+        auth = self.broker.auth
+        if auth is not None:
+            user = None
+            with trio.move_on_at(deadline) as scope:
+                user = await auth.hello(hello.options)
+            if user is None:
+                # Never the secret itself; the user name helps the operator.
+                self.logger.warning(
+                    "authentication failed",
+                    client=hello.client_name,
+                    user=hello.options.get("user"),
+                    method="token" if "token" in hello.options else "password" if "user" in hello.options else "none",
+                    reason="timed out" if scope.cancelled_caught else "bad or missing credentials",
+                )
+                self._fatal(ErrorCode.AUTH_FAILED, "authentication failed")
+                return False
+            self.principal = Principal(user, cached=True)
+            self.logger = self.outbox.logger = self.logger.bind(user=user.name)
+        self.client_name = hello.client_name
+        self.outbox.info = self._info()
+        self.outbox.error_fields = hello.options.get(ERROR_FIELDS_OPTION) == "1"
+        self.logger = self.outbox.logger = self.logger.bind(client=hello.client_name)
+        welcome = Welcome(
+            server_version=__version__,
+            server_name=self.config.server_name,
+            limits=self.limits.announced(),
+        )
+        self.outbox.queue(self.conn.send(welcome))
+        self.logger.debug("handshake done")
+        self.conn.max_frame_bytes = self.limits.max_frame_bytes
+        return True
+
+    def _on_publish(self, pub: Publish) -> None:
+        try:
+            published = self.broker.publish(
+                self.principal, pub.topic, pub.batch, needs_receiver=pub.needs_receiver
+            )
+        except Refused as refused:
+            self._refused(refused, pub.request_id, RefKind.REQUEST)
+            return
+        self.messages_in += published.count
+        if pub.request_id:
+            self.acks.add(pub.request_id, published)
+
+    def _on_subscribe(self, req: Subscribe) -> None:
+        sid = req.sub_id
+        if sid in self.subs:
+            self._request_error(ErrorCode.DUPLICATE_SUBSCRIPTION, f"sub_id {sid} is active", sid)
+            return
+        if len(self.subs) >= self.limits.max_subscriptions:
+            self._request_error(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"limit is {self.limits.max_subscriptions} per connection", sid
+            )
+            return
+        credit = None if req.credit == UNLIMITED_CREDIT else req.credit
+        request = SubscribeRequest(sid, req.pattern, req.start, req.start_value, credit, req.options)
+        try:
+            sub = self.broker.subscribe(self.principal, self.outbox, request)
+        except Refused as refused:
+            self._refused(refused, sid, RefKind.SUBSCRIPTION)
+            return
+        self.subs[sid] = sub
+        self.outbox.queue(self.conn.send(SubAck(sid, time.time_ns() // 1000)))
+        self.outbox.start_lagging(sub)
+        self.logger.debug("subscribed", sub_id=sid, pattern=req.pattern, group=req.options.get("group"))
+
+    def _on_info(self, req: Info) -> None:
+        try:
+            entries, truncated = self.broker.topic_infos(self.principal, req.pattern)
+        except Refused as refused:
+            self._refused(refused, req.request_id, RefKind.REQUEST)
+            return
+        self.outbox.queue(self.conn.send(InfoReply(req.request_id, tuple(entries), truncated)))
+
+    def _on_groups(self, req: Groups) -> None:
+        try:
+            document = self.broker.groups_request(self.principal, req.action, req.name)
+        except Refused as refused:
+            self._refused(refused, req.request_id, RefKind.REQUEST)
+            return
+        self.outbox.queue(self.conn.send(GroupsReply(req.request_id, document)))
+
+    def _on_credit(self, req: Credit) -> None:
+        sub = self.subs.get(req.sub_id)
+        if sub is None:
+            return  # may cross an UNSUBACK; harmless
+        sub.credit = min(sub.credit + req.messages, max(sub.credit, _MAX_CREDIT))
+        self.outbox.credit_added(sub)
+
+    def _on_unsubscribe(self, req: Unsubscribe) -> None:
+        sub = self.subs.pop(req.sub_id, None)
+        if sub is None:
+            self._request_error(ErrorCode.UNKNOWN_SUBSCRIPTION, f"sub_id {req.sub_id} is not active", req.sub_id)
+            return
+        self.broker.unsubscribe(sub)
+        self.outbox.forget(sub)
+        self.outbox.queue(self.conn.send(UnsubAck(req.sub_id)))
+
+    def _on_ack(self, req: Ack) -> None:
+        sub = self.subs.get(req.sub_id)
+        if sub is None:
+            self._request_error(
+                ErrorCode.BAD_REQUEST, f"sub_id {req.sub_id} is not an active group member", req.sub_id
+            )
+            return
+        try:
+            self.broker.settle(sub, req.topic, req.kind, req.ranges, req.delay_ms / 1000)
+        except Refused as refused:
+            self._refused(refused, req.sub_id, RefKind.SUBSCRIPTION)
+
+    # -- answers ----------------------------------------------------------
+
+    def _fatal(self, code: ErrorCode, message: str) -> None:
+        self.outbox.accepting = False
+        if not self.conn.we_finished:
+            self.outbox.queue(self.conn.send(Error(int(code), message, fatal=True)))
+
+    def _refused(self, refused: Refused, ref: int, ref_kind: RefKind) -> None:
+        self.outbox.refuse(refused.code, refused.message, ref, ref_kind, refused.fields)
+
+    def _request_error(self, code: ErrorCode, message: str, ref: int) -> None:
+        """A refusal the session itself decides (per-connection rules)."""
+        self.outbox.refuse(code, message, ref, RefKind.SUBSCRIPTION)

@@ -1,0 +1,130 @@
+"""The layers of broker/README.md hold: no module imports one above it.
+
+Read from the source (the AST), not by importing: every import a module
+makes when it loads (not those under ``if TYPE_CHECKING:``, which are for
+annotations, nor those inside functions, which are deliberate late imports
+such as the CLI's ``serve`` loading the server) must go to a module of the
+same layer or a lower one, and the two transports never import each other.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Lowest first. A module's layer is that of its longest matching prefix.
+LAYERS: dict[str, int] = {
+    "client.protocol": 0,
+    "broker": 1,  # the package itself: its version
+    "broker.logs": 1,
+    "broker.stats": 1,
+    "broker.closing": 1,
+    "broker.storage": 2,
+    "broker.config": 3,
+    "broker.permissions": 3,
+    "broker.auth": 3,
+    "broker.principal": 3,
+    "broker.start": 3,
+    "broker.subscriber": 3,
+    "broker.inboxes": 3,
+    "broker.router": 3,
+    "broker.committer": 3,
+    "broker.groups": 3,
+    "broker.framebudget": 3,
+    "broker.tls": 3,
+    "broker.core": 4,
+    "broker.session": 5,
+    "broker.http": 5,
+    "broker.server": 6,
+    "broker.testing": 6,
+    "broker.pytest_plugin": 6,
+    "client": 6,  # the client library (above the codec)
+    "broker.cli": 7,
+    "broker.bench": 7,
+}
+TRANSPORTS = ("broker.session", "broker.http")
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package in ("broker", "client"):
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            found[name] = path
+    return found
+
+
+def layer(name: str) -> int:
+    best = max((p for p in LAYERS if name == p or name.startswith(p + ".")), key=len)
+    return LAYERS[best]
+
+
+def load_time_imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    tree = ast.parse(path.read_text("utf-8"))
+    is_package = path.name == "__init__.py"
+    out: set[str] = set()
+
+    def visit(statements: list[ast.stmt]) -> None:
+        for node in statements:
+            if isinstance(node, ast.If):
+                if "TYPE_CHECKING" not in ast.unparse(node.test):
+                    visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+                for handler in node.handlers:
+                    visit(handler.body)
+            elif isinstance(node, ast.Import):
+                out.update(a.name for a in node.names if a.name in known)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = name.split(".") if is_package else name.split(".")[:-1]
+                    base = base[: len(base) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                for alias in node.names:
+                    sub = f"{target}.{alias.name}"
+                    if sub in known:
+                        out.add(sub)
+                    elif target in known:
+                        out.add(target)
+
+    visit(tree.body)
+    out.discard(name)
+    return out
+
+
+KNOWN = modules()
+
+
+def test_every_module_has_a_layer() -> None:
+    for name in KNOWN:
+        layer(name)  # raises if no prefix matches
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN))
+def test_no_import_goes_up(name: str) -> None:
+    mine = layer(name)
+    for target in sorted(load_time_imports(name, KNOWN[name], KNOWN)):
+        assert layer(target) <= mine, f"{name} (layer {mine}) imports {target} (layer {layer(target)})"
+        for a, b in (TRANSPORTS, TRANSPORTS[::-1]):
+            if name == a or name.startswith(a + "."):
+                assert not (target == b or target.startswith(b + ".")), f"{name} imports the other transport {target}"
+
+
+def test_the_check_sees_imports() -> None:
+    """The reader finds what is there (so the test above can fail)."""
+    assert "broker.core" in load_time_imports("broker.server", KNOWN["broker.server"], KNOWN)
+    assert "broker.router" in load_time_imports("broker.core", KNOWN["broker.core"], KNOWN)
+    # session/__init__ re-exports from its module: a relative import.
+    assert "broker.session.session" in load_time_imports("broker.session", KNOWN["broker.session"], KNOWN)
+    # The router names its groups for annotations only.
+    assert not any(
+        t.startswith("broker.groups") for t in load_time_imports("broker.router", KNOWN["broker.router"], KNOWN)
+    )
