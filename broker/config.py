@@ -8,8 +8,11 @@ from typing import Literal
 
 import attrs
 
-from client.protocol import DEFAULT_MAX_FRAME_BYTES
-from client.protocol.subjects import DEFAULT_MAX_TOPIC_BYTES, DEFAULT_MAX_TOPIC_DEPTH
+from client.protocol import (
+    DEFAULT_MAX_FRAME_BYTES,
+    DEFAULT_MAX_TOPIC_BYTES,
+    DEFAULT_MAX_TOPIC_DEPTH,
+)
 
 from .storage.settings import SettingsResolver
 

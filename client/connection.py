@@ -48,6 +48,7 @@ from .reconnect import RETRYABLE_CODES, Reconnect
 from .protocol import (
     CLOSED,
     ERROR_FIELDS_OPTION,
+    MAX_ACK_RANGES,
     NEED_DATA,
     UNLIMITED_CREDIT,
     Connection,
@@ -85,12 +86,11 @@ from .protocol import (
     encode_batch_from_records,
     encode_publish,
     encode_record,
+    max_publish_records,
     pattern_error,
+    server_frame_limit,
     topic_error,
 )
-from .protocol.batch import BATCH_HEADER
-from .protocol.frames import MAX_ACK_RANGES
-from .protocol.codec import HEADER_SIZE
 from .subscription import Subscription
 from .transport import CAFile, TLSOption, client_context, open_stream
 
@@ -98,8 +98,6 @@ DEFAULT_URL = "pybroker://127.0.0.1:7420"
 DEFAULT_PORT = 7420
 RECEIVE_SIZE = 256 * 1024
 _TOPIC_CACHE_LIMIT = 4096
-#: Bytes a server frame may exceed the announced max_frame_bytes by.
-SERVER_FRAME_ALLOWANCE = 1024
 
 Callback = Callable[[Message], Awaitable[None] | None]
 Start = str | int | _dt.datetime
@@ -350,7 +348,7 @@ class Client:
         # Accept what the server may send: a DELIVER carries a batch that fit
         # a PUBLISH under max_frame_bytes, with a larger header (protocol.md).
         self._conn.max_frame_bytes = max(
-            self._conn.max_frame_bytes, self._max_frame_bytes + SERVER_FRAME_ALLOWANCE
+            self._conn.max_frame_bytes, server_frame_limit(self._max_frame_bytes)
         )
         self._max_topic_bytes = limits.get("max_topic_bytes", self._max_topic_bytes)
         self._max_topic_depth = limits.get("max_topic_depth", self._max_topic_depth)
@@ -513,7 +511,7 @@ class Client:
         """A message must fit one PUBLISH frame under the broker's
         max_frame_bytes; refuse it here rather than have the broker close
         the connection with FRAME_TOO_LARGE."""
-        limit = self._max_frame_bytes - (8 + 2 + len(topic.encode()) + BATCH_HEADER.size)
+        limit = max_publish_records(self._max_frame_bytes, topic)
         if len(record) > limit:
             extra = len(record) - payload_len  # record header and headers block
             raise MessageTooLarge(
@@ -673,7 +671,7 @@ class Client:
         max_messages = self._max_batch_messages
         for topic in list(self._unsent):
             items = self._unsent[topic]
-            max_body = self._max_frame_bytes - (8 + 2 + len(topic.encode()) + BATCH_HEADER.size)
+            max_body = max_publish_records(self._max_frame_bytes, topic)
             start = 0
             size = 0
             for i, (record, _) in enumerate(items):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .protocol import ErrorCode
-from .protocol.errors import code_name
+from .protocol import ErrorCode, code_name
 
 
 class BrokerError(Exception):

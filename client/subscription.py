@@ -17,7 +17,7 @@ import trio
 
 from .errors import ConnectionClosed
 from .message import Message
-from .protocol import RESUME_OPTION_PREFIX, UNLIMITED_CREDIT, StartKind, Subscribe
+from .protocol import RESUME_OPTION_PREFIX, UNLIMITED_CREDIT, StartKind, Subscribe, resume_fits
 
 if TYPE_CHECKING:
     from .connection import Client
@@ -139,7 +139,8 @@ class Subscription:
                 kind, value = StartKind.TIME, self._registered_us
             # Too many topics to name in one frame: the start rule alone
             # replays from earlier (never later), and _push drops repeats.
-            if _resume_fits(self.pattern, self._positions, max_frame_bytes):
+            positions = ((topic, position) for topic, (position, _) in self._positions.items())
+            if resume_fits(self.pattern, positions, max_frame_bytes):
                 for topic, (position, _) in self._positions.items():
                     options[RESUME_OPTION_PREFIX + topic] = str(position)
             # The broker's credit starts afresh: what is still buffered here
@@ -228,21 +229,3 @@ class Subscription:
             await self.unsubscribe()
         except ConnectionClosed:
             pass
-
-
-#: Options a SUBSCRIBE can carry (a u16 count), less room for the others.
-_MAX_RESUME_TOPICS = 60_000
-
-
-def _resume_fits(
-    pattern: str, positions: dict[str, tuple[int, int]], max_frame_bytes: int
-) -> bool:
-    """Whether one SUBSCRIBE can carry every position (protocol.md)."""
-    if len(positions) > _MAX_RESUME_TOPICS:
-        return False
-    # sub_id, pattern, start, credit and the other options: well under 1 KiB;
-    # each position: two str16 lengths, the key and the value.
-    size = 1024 + len(pattern.encode())
-    for topic, (position, _) in positions.items():
-        size += 4 + len(RESUME_OPTION_PREFIX) + len(topic.encode()) + len(str(position))
-    return size <= max_frame_bytes

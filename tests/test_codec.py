@@ -1,4 +1,4 @@
-"""The sans-I/O codec (client/protocol/codec.py) against protocol.md.
+"""The sans-I/O codec (client/protocol/) against protocol.md.
 
 No sockets and no Trio: bytes go in with ``receive_data``, events come out of
 ``next_event``, and ``send`` turns events into bytes.
@@ -69,8 +69,9 @@ from client.protocol import (
     encode_event,
     encode_puback,
     encode_publish,
+    DEFAULT_MAX_TOPIC_BYTES,
+    DEFAULT_MAX_TOPIC_DEPTH,
 )
-from client.protocol.subjects import DEFAULT_MAX_TOPIC_BYTES, DEFAULT_MAX_TOPIC_DEPTH
 
 PROTOCOL_MD = Path(__file__).resolve().parent.parent / "protocol.md"
 

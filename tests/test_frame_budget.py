@@ -41,6 +41,7 @@ from broker.server import TRIM_INTERVAL, Server
 from broker.session import Session
 from broker.testing import running_broker
 from client.protocol import (
+    HEADER_SIZE,
     MAGIC,
     NEED_DATA,
     Connection,
@@ -56,7 +57,6 @@ from client.protocol import (
     encode_event,
     encode_publish,
 )
-from client.protocol.codec import HEADER_SIZE
 
 from test_bad_input import RawClient, raw_frame
 from test_cli import Broker, serve

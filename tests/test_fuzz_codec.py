@@ -44,6 +44,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from client.protocol import (
     CLOSED,
+    EVENT_TYPES,
     NEED_DATA,
     PROTOCOL_VERSION,
     Ack,
@@ -80,7 +81,6 @@ from client.protocol import (
     encode_event,
     split_records,
 )
-from client.protocol.frames import EVENT_TYPES
 from test_codec import (
     SAMPLES,
     U8,

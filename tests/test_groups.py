@@ -42,7 +42,6 @@ from broker.server import Server
 from broker.testing import running_broker
 from client import BrokerError, Client, Message
 from client.connection import _ranges
-from client.protocol.batch import split_records
 from client.protocol import (
     tokens_match,
     CLOSED,
@@ -69,6 +68,7 @@ from client.protocol import (
     decode_batch,
     encode_batch,
     encode_event,
+    split_records,
 )
 
 #: Upper bound, in seconds, on any single wait in the real-time tests.

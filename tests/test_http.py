@@ -612,6 +612,32 @@ async def test_too_many_messages_in_one_request() -> None:
         assert (await post_json(port, "/v1/topics/lim.t/messages", body)).status == 200
 
 
+async def test_a_published_batch_must_fit_a_subscribers_deliver() -> None:
+    # protocol.md: a DELIVER body holds sub_id 4, base offset 8, timestamp 8,
+    # the topic as a str16 (2 + its bytes) and the batch; a one-message batch
+    # is 8 + 6 + the payload with no headers.
+    limits = attrs.evolve(Config().limits, max_frame_bytes=2000)
+    topic = "fit.ü"
+    largest_batch = 2000 - 22 - len(topic.encode())
+    largest_payload = largest_batch - 14
+    async with running_broker(limits=limits) as server:
+        port = server.http_port
+        assert port is not None
+        path = "/v1/topics/" + quote(topic) + "/messages"
+        too_big = await post_json(port, path, {"payload": "x" * (largest_payload + 1)})
+        body = assert_error(too_big, 413)
+        assert f"the batch is {largest_batch + 1} bytes, limit {largest_batch}" in body["error"]
+        ok = await post_json(port, path, {"payload": "x" * largest_payload})
+        assert ok.status == 200, ok
+        assert ok.json()["offset"] == 0
+        # ...and it reaches a subscriber in one DELIVER of exactly the limit.
+        async with client.connect(server.url) as c:
+            sub = await c.subscribe(topic, start="earliest")
+            with trio.fail_after(TIMEOUT):
+                msg = await sub.__anext__()
+        assert msg.offset == 0 and msg.payload == b"x" * largest_payload
+
+
 async def test_oversized_bodies_get_413() -> None:
     async with running_broker(http=HttpSettings(max_body_bytes=1024)) as server:
         port = server.http_port

@@ -23,8 +23,7 @@ import client
 from broker.permissions import DECISION_CACHE_LIMIT, DecisionCache, Permissions, covers, overlaps
 from broker.server import Server
 from broker.testing import running_broker
-from client.protocol import ErrorCode
-from client.protocol.subjects import matches
+from client.protocol import ErrorCode, matches
 
 from authfiles import user_entry, write_users
 

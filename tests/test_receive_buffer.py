@@ -8,8 +8,17 @@ from __future__ import annotations
 
 import tracemalloc
 
-from client.protocol import NEED_DATA, Connection, Hello, Role, Welcome, encode_batch, encode_event, encode_publish
-from client.protocol.codec import HEADER_SIZE
+from client.protocol import (
+    HEADER_SIZE,
+    NEED_DATA,
+    Connection,
+    Hello,
+    Role,
+    Welcome,
+    encode_batch,
+    encode_event,
+    encode_publish,
+)
 
 MIB = 1024 * 1024
 #: Reads of this size, as the broker's.

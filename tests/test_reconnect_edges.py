@@ -428,7 +428,7 @@ async def test_malformed_batch_does_not_stall_the_subscription() -> None:
     Subscription._account, so that credit never comes back (nor is its
     position recorded). With window=10 the subscription stalls for good."""
     from client.protocol import Publish, PubAck
-    from client.protocol.batch import BATCH_HEADER
+    from client.protocol import BATCH_HEADER
     from client.protocol import encode_record
     import zlib
 

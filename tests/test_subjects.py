@@ -8,11 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.protocol import matches, pattern_error, topic_error
-from client.protocol.subjects import (
+from client.protocol import (
     DEFAULT_MAX_TOPIC_BYTES,
     DEFAULT_MAX_TOPIC_DEPTH,
     is_wildcard,
+    matches,
+    pattern_error,
+    topic_error,
 )
 
 PROPERTY = settings(max_examples=250, deadline=None)

@@ -49,6 +49,7 @@ from client.protocol import (
     CLOSED,
     DEFAULT_MAX_FRAME_BYTES,
     NEED_DATA,
+    RECORD_HEADER,
     Connection,
     Deliver,
     Error,
@@ -64,14 +65,15 @@ from client.protocol import (
     Subscribe,
     Welcome,
     batch_count,
-    decode_body,
+    decode_frame,
+    deliver_at,
     encode_batch,
     encode_batch_from_records,
     encode_event,
     encode_publish,
+    frame_at,
+    server_frame_limit,
 )
-from client.protocol.batch import RECORD_HEADER
-from client.protocol.codec import FRAME_HEADER
 
 from . import board as b
 
@@ -79,14 +81,12 @@ Spec = dict[str, Any]
 Result = dict[str, Any]
 
 RECEIVE_SIZE = 1 << 20
-#: A client accepts server frames this much over max_frame_bytes (protocol.md).
-MAX_SERVER_FRAME = DEFAULT_MAX_FRAME_BYTES + 1024
+#: The largest frame a client accepts from a broker with the default limit.
+MAX_SERVER_FRAME = server_frame_limit(DEFAULT_MAX_FRAME_BYTES)
 MAX_GAPS = 10
 #: The publisher's slot on the board; its EXTRA field is the total published.
 PUBLISHER_SLOT = 1
 _TS = struct.Struct(">q")  # the send time embedded in latency payloads
-DELIVER_FIXED = struct.Struct(">IQQ")  # sub_id, base_offset, timestamp (protocol.md, DELIVER)
-U16, U32 = struct.Struct(">H"), struct.Struct(">I")
 
 
 def describe(exc: BaseException) -> str:
@@ -573,9 +573,6 @@ async def _count_deliveries(
     slot = tally.slot
     skip = 0  # bytes of the current frame still to come
     partial = b""  # the start of a frame whose headers are not complete yet
-    unpack_frame, unpack_deliver, unpack_u16, unpack_u32 = (
-        FRAME_HEADER.unpack_from, DELIVER_FIXED.unpack_from, U16.unpack_from, U32.unpack_from,
-    )
     deliver = int(FrameType.DELIVER)
     while tally.next < total.refresh():
         if 0 <= stall_after <= tally.received:
@@ -595,18 +592,17 @@ async def _count_deliveries(
             size_now = len(data)
         before = tally.received
         while pos < size_now:
-            if size_now - pos < 6 + DELIVER_FIXED.size + 2:
+            head = frame_at(data, pos)
+            if head is None:
                 partial = data[pos:]
                 break
-            size, ftype, flags = unpack_frame(data, pos)
-            end = pos + 6 + size
+            ftype, _flags, end = head
             if ftype == deliver:
-                _, base, _ = unpack_deliver(data, pos + 6)
-                batch_at = pos + 6 + DELIVER_FIXED.size + 2 + unpack_u16(data, pos + 6 + DELIVER_FIXED.size)[0]
-                if batch_at + 4 > size_now:
+                delivered = deliver_at(data, pos)
+                if delivered is None:
                     partial = data[pos:]
                     break
-                count = unpack_u32(data, batch_at)[0]
+                base, count = delivered.base_offset, delivered.messages
                 if base == tally.next:
                     tally.next += count
                     tally.received += count
@@ -616,7 +612,7 @@ async def _count_deliveries(
                 if end > size_now:  # control frames are decoded whole
                     partial = data[pos:]
                     break
-                event = decode_body(FrameType(ftype), flags, memoryview(data)[pos + 6 : end])
+                event = decode_frame(data, pos)
                 if isinstance(event, Error):
                     tally.error = f"ERROR {event.code}: {event.message}"
                     if event.fatal:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from client.protocol.batch import MalformedBatch, decode_batch, encode_batch, encode_headers
+from client.protocol import MalformedBatch, decode_batch, encode_batch, encode_headers, max_deliver_batch
 
 from .. import __version__
 from ..core import Refused
@@ -45,10 +45,6 @@ MAX_FETCH_BYTES = 1024 * 1024
 #: Log reads one fetch makes at most (each returns at least one batch or
 #: one lost range, so a log full of holes cannot keep a request busy).
 MAX_FETCH_PASSES = 2 * MAX_FETCH_LIMIT
-#: Bytes a DELIVER frame adds to its batch beyond the topic name: sub_id,
-#: base offset, timestamp, topic length (protocol.md). A published batch
-#: must still fit a subscriber's frame limit.
-_DELIVER_OVERHEAD = 4 + 8 + 8 + 2
 _MESSAGE_KEYS = frozenset({"payload", "payload_base64", "headers"})
 
 
@@ -192,7 +188,8 @@ async def publish_messages(http: HttpServer, request: Request, params: Mapping[s
     body = request.json()
     messages = _parse_publish(body, broker.limits.max_batch_messages)
     batch = encode_batch(messages)
-    limit = broker.limits.max_frame_bytes - _DELIVER_OVERHEAD - len(name.encode("utf-8"))
+    # A published batch must still fit a subscriber's DELIVER.
+    limit = max_deliver_batch(broker.limits.max_frame_bytes, name)
     if len(batch) > limit:
         raise HttpError(413, f"the batch is {len(batch)} bytes, limit {limit}")
     try:

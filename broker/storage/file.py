@@ -26,8 +26,7 @@ from urllib.parse import quote, unquote
 
 import trio
 
-from client.protocol import Durability
-from client.protocol.subjects import topic_error
+from client.protocol import Durability, topic_error
 
 from ..logs import get_logger
 from ..stats import Histogram

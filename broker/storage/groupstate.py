@@ -41,8 +41,7 @@ from urllib.parse import unquote
 
 import attrs
 
-from client.protocol import decode_batch
-from client.protocol.batch import MalformedBatch
+from client.protocol import MalformedBatch, decode_batch
 
 from .base import TopicLog
 from .errors import DataLoss

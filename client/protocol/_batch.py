@@ -13,11 +13,9 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 
-from .errors import ErrorCode, RemoteProtocolError
-
-BATCH_HEADER = struct.Struct(">II")  # count, crc32 of records
-RECORD_HEADER = struct.Struct(">IH")  # payload_len, headers_len
-_U16 = struct.Struct(">H")
+from ._errors import ErrorCode, RemoteProtocolError
+from ._wire import BATCH_HEADER, RECORD_HEADER
+from ._wire import U16 as _U16
 
 #: Shared, immutable headers of a message published without headers.
 EMPTY_HEADERS: Mapping[str, str] = MappingProxyType({})

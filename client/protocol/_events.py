@@ -1,8 +1,10 @@
-"""Frame events: one class per frame type of protocol.md.
+"""Frame events: one class per frame type of protocol.md, and the enums of
+their fields.
 
-These are plain values. The codec (:mod:`.codec`) turns bytes into them and
-them into bytes. Hot-path events (Publish, Deliver) carry the batch as one
-opaque ``bytes`` object that the broker stores and forwards unchanged.
+These are plain values. The readers (:mod:`._readers`) turn bytes into them
+and the writers (:mod:`._writers`) them into bytes. Hot-path events
+(Publish, Deliver) carry the batch as one opaque ``bytes`` object that the
+broker stores and forwards unchanged.
 """
 
 from __future__ import annotations
@@ -12,31 +14,7 @@ from collections.abc import Mapping
 
 import attrs
 
-PROTOCOL_VERSION = 1
-MAGIC = b"PYBK"
-
-
-class FrameType(enum.IntEnum):
-    HELLO = 0x01
-    WELCOME = 0x02
-    PUBLISH = 0x10
-    PUBACK = 0x11
-    SUBSCRIBE = 0x20
-    SUBACK = 0x21
-    UNSUBSCRIBE = 0x22
-    UNSUBACK = 0x23
-    CREDIT = 0x24
-    ACK = 0x25
-    DELIVER = 0x30
-    GROUP_DELIVER = 0x31
-    PING = 0x40
-    PONG = 0x41
-    ERROR = 0x50
-    GOODBYE = 0x60
-    INFO = 0x70
-    INFO_REPLY = 0x71
-    GROUPS = 0x72
-    GROUPS_REPLY = 0x73
+from ._wire import PROTOCOL_VERSION, UNLIMITED_CREDIT, FrameType
 
 
 class Durability(enum.IntEnum):
@@ -56,24 +34,6 @@ class StartKind(enum.IntEnum):
     TIME = 3
 
 
-ERROR_FLAG_FATAL = 0x01
-#: ERROR carries a fields block (``str16`` key/value pairs) after its message.
-ERROR_FLAG_FIELDS = 0x02
-#: HELLO option by which a client asks for ERROR fields (protocol.md, "ERROR").
-ERROR_FIELDS_OPTION = "error_fields"
-INFO_FLAG_TRUNCATED = 0x01
-PUBLISH_FLAG_NEEDS_RECEIVER = 0x01
-#: Entries an INFO_REPLY holds at most.
-MAX_INFO_ENTRIES = 10_000
-
-#: SUBSCRIBE credit meaning "no flow control".
-UNLIMITED_CREDIT = 0xFFFFFFFF
-#: SUBSCRIBE option ``resume:<topic>`` = decimal offset: where a resumed
-#: subscription continues in that topic (protocol.md, "Resuming after a
-#: reconnect").
-RESUME_OPTION_PREFIX = "resume:"
-
-
 class AckKind(enum.IntEnum):
     """How an ACK frame settles group deliveries."""
 
@@ -81,10 +41,6 @@ class AckKind(enum.IntEnum):
     NAK = 1
     TERM = 2
     IN_PROGRESS = 3
-
-
-#: Ranges one ACK frame carries at most.
-MAX_ACK_RANGES = 1024
 
 
 class RefKind(enum.IntEnum):
