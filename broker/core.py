@@ -34,6 +34,8 @@ from client.protocol import (
     StartKind,
     TopicInfo,
     check_batch,
+    info_entry_size,
+    info_reply_room,
     pattern_error,
     tokens_match,
     topic_error,
@@ -50,6 +52,27 @@ from .router import Held, Router, Subscription, Topic
 from .start import resume_offset, start_offset
 from .storage import FileStore, LogStore, MemoryStore, StorageError
 from .subscriber import Subscriber
+
+
+#: A GROUPS_REPLY's body before its document: request_id (8), length (4).
+GROUPS_REPLY_FIXED = 12
+
+
+def _bounded(statistics: dict[str, Any], room: int) -> dict[str, Any]:
+    """A group's statistics within ``room`` bytes of JSON: a group reading
+    very many topics lists as many of them as fit, and how many it left out
+    (``topics_omitted``)."""
+    if len(json.dumps(statistics).encode("utf-8")) <= room:
+        return statistics
+    topics = statistics["topics"]
+    kept: dict[str, Any] = {}
+    used = len(json.dumps({**statistics, "topics": {}, "topics_omitted": len(topics)}).encode("utf-8"))
+    for name, figures in topics.items():
+        used += len(json.dumps({name: figures}).encode("utf-8"))
+        if used > room:
+            break
+        kept[name] = figures
+    return {**statistics, "topics": kept, "topics_omitted": len(topics) - len(kept)}
 
 
 class Refused(Exception):
@@ -390,38 +413,56 @@ class Broker:
         subscription."""
         return not is_inbox(name) and who.may_read(name)
 
-    def topic_infos(self, who: Principal, pattern: str) -> tuple[list[TopicInfo], bool]:
-        """INFO: the topics matching ``pattern`` that ``who`` may read, at most
-        MAX_INFO_ENTRIES of them, and whether there were more."""
+    def topic_infos(self, who: Principal, pattern: str, after: str = "") -> tuple[list[TopicInfo], bool]:
+        """INFO: the topics after ``after`` (by name) matching ``pattern`` that
+        ``who`` may read, as many as one reply holds (MAX_INFO_ENTRIES, and
+        within max_frame_bytes), and whether there are more."""
         problem = pattern_error(pattern, self.limits.max_topic_bytes, self.limits.max_topic_depth)
         if problem is not None:
             raise Refused(ErrorCode.BAD_PATTERN, problem)
         tokens = pattern.split(".")
         names = sorted(
-            n for n in self.router.topics if tokens_match(tokens, n.split(".")) and who.may_read(n)
+            n
+            for n in self.router.topics
+            if n > after and tokens_match(tokens, n.split(".")) and who.may_read(n)
         )
+        room = info_reply_room(self.limits.max_frame_bytes)
         entries = []
         for name in names[:MAX_INFO_ENTRIES]:
+            room -= info_entry_size(name)
+            if room < 0:
+                break
             topic = self.router.topics[name]
             log = topic.log
             entries.append(TopicInfo(name, log.first_offset, log.next_offset, log.size_bytes, len(topic.subs)))
-        return entries, len(names) > MAX_INFO_ENTRIES
+        return entries, len(entries) < len(names)
 
     def groups_request(self, who: Principal, action: GroupsAction | int, name: str) -> str:
         """GROUPS: list, inspect or delete; the reply's JSON document.
         Administration is for those who may read the group's pattern, and
         for admins (protocol.md, "Authentication and permissions")."""
         manager = self.groups
+        room = self.limits.max_frame_bytes - GROUPS_REPLY_FIXED
         if action is GroupsAction.LIST:
-            return json.dumps(
-                {
-                    "groups": [
-                        manager.groups[n].statistics()
-                        for n in sorted(manager.groups)
-                        if who.admin or who.may_subscribe(manager.groups[n].pattern)
-                    ]
-                }
-            )
+            # One page: the groups after ``name`` that fit a frame; "next"
+            # names the last one when there are more (protocol.md, "GROUPS").
+            names = [
+                n
+                for n in sorted(manager.groups)
+                if n > name and (who.admin or who.may_subscribe(manager.groups[n].pattern))
+            ]
+            listed: list[str] = []
+            used = len('{"groups":[],"next":""}')
+            for n in names:
+                entry = json.dumps(_bounded(manager.groups[n].statistics(), room // 2))
+                used += len(entry) + 1 + len(json.dumps(n))  # both ASCII: json escapes the rest
+                if used > room and listed:
+                    break
+                listed.append(entry)
+            doc = '{"groups":[' + ",".join(listed) + "]"
+            if len(listed) < len(names):
+                doc += ',"next":' + json.dumps(names[len(listed) - 1])
+            return doc + "}"
         if not isinstance(action, GroupsAction):
             raise Refused(ErrorCode.BAD_REQUEST, f"unknown action {action}")
         group = manager.groups.get(name)
@@ -431,7 +472,7 @@ class Broker:
             verb = "inspect" if action is GroupsAction.INSPECT else "delete"
             raise Refused.denied(who, f"{verb} group {name!r} (pattern {group.pattern!r})")
         if action is GroupsAction.INSPECT:
-            return json.dumps(group.statistics())
+            return json.dumps(_bounded(group.statistics(), room))
         try:
             manager.delete(name)
         except ValueError as exc:

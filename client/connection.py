@@ -868,19 +868,27 @@ class Client:
 
     async def topics(self, pattern: str = ">") -> list[TopicInfo]:
         """The topics matching ``pattern`` with their first and next offsets,
-        retained bytes and subscription counts (at most 10,000, by name)."""
+        retained bytes and subscription counts, by name (every one of them:
+        a listing longer than one reply is asked for page by page)."""
         await self._wait_connected()
         problem = pattern_error(pattern, self._max_topic_bytes, self._max_topic_depth)
         if problem is not None:
             raise ValueError(problem)
-        request_id = next(self._request_ids)
-        waiter = self._info_waiters[request_id] = _Waiter()
-        self._queue(self._conn.send(Info(request_id, pattern)))
-        await waiter.event.wait()
-        if waiter.error is not None:
-            raise waiter.error
-        reply: InfoReply = waiter.result
-        return list(reply.topics)
+        found: list[TopicInfo] = []
+        # One reply holds what fits a frame: ask for the rest after the last
+        # name (protocol.md, "INFO"); every page moves the name on.
+        while True:
+            request_id = next(self._request_ids)
+            waiter = self._info_waiters[request_id] = _Waiter()
+            after = found[-1].topic if found else ""
+            self._queue(self._conn.send(Info(request_id, pattern, after)))
+            await waiter.event.wait()
+            if waiter.error is not None:
+                raise waiter.error
+            reply: InfoReply = waiter.result
+            found.extend(reply.topics)
+            if not reply.truncated or not reply.topics:
+                return found
 
     async def groups(self, action: str = "list", name: str = "") -> dict[str, Any]:
         """Consumer-group admin: ``"list"``, ``"inspect"`` or ``"delete"``
@@ -889,15 +897,26 @@ class Client:
         kinds = {"list": GroupsAction.LIST, "inspect": GroupsAction.INSPECT, "delete": GroupsAction.DELETE}
         if action not in kinds:
             raise ValueError(f"action must be one of {', '.join(kinds)}")
-        request_id = next(self._request_ids)
-        waiter = self._info_waiters[request_id] = _Waiter()
-        self._queue(self._conn.send(Groups(request_id, kinds[action], name)))
-        await waiter.event.wait()
-        if waiter.error is not None:
-            raise waiter.error
-        reply: GroupsReply = waiter.result
-        document: dict[str, Any] = json.loads(reply.document)
-        return document
+        listed: list[Any] = []
+        after = name if action == "list" else ""
+        # A list longer than one reply comes page by page (protocol.md,
+        # "GROUPS"): each page names the next one's start; every page moves on.
+        while True:
+            request_id = next(self._request_ids)
+            waiter = self._info_waiters[request_id] = _Waiter()
+            self._queue(self._conn.send(Groups(request_id, kinds[action], after if action == "list" else name)))
+            await waiter.event.wait()
+            if waiter.error is not None:
+                raise waiter.error
+            reply: GroupsReply = waiter.result
+            document: dict[str, Any] = json.loads(reply.document)
+            if action != "list":
+                return document
+            listed.extend(document.get("groups", []))
+            following = document.get("next")
+            if not isinstance(following, str) or following <= after:
+                return {"groups": listed}
+            after = following
 
     # -- the tasks --------------------------------------------------------
 
@@ -1113,6 +1132,7 @@ class Client:
         sub = self._subs.get(d.sub_id)
         if sub is None:
             return  # unsubscribed; these were in flight
+        _check_crc(d.topic, d.base_offset, d.batch)
         try:
             records = decode_batch(d.batch)
         except MalformedBatch as exc:
@@ -1133,6 +1153,7 @@ class Client:
         sub = self._subs.get(d.sub_id)
         if sub is None:
             return  # left the group; the broker gives these to another member
+        _check_crc(d.topic, d.base_offset, d.batch)
         try:
             records = decode_batch(d.batch)
         except MalformedBatch as exc:
@@ -1393,3 +1414,17 @@ async def connect(
         if all(isinstance(e, ConnectionClosed) for e in group.exceptions):
             raise group.exceptions[0] from None
         raise
+
+
+def _check_crc(topic: str, base_offset: int, batch: bytes) -> None:
+    """The broker checked this batch against its CRC before sending it
+    (protocol.md, DELIVER), so a mismatch here was made between its memory
+    and ours. Nothing in this connection can be trusted after that: the
+    reader answers with a fatal MALFORMED_FRAME and the connection closes
+    (and reconnects, resuming after the last message handed over, if asked
+    to)."""
+    if not check_batch(batch)[1]:
+        raise ProtocolError(
+            ErrorCode.MALFORMED_FRAME,
+            f"batch at {topic}@{base_offset} does not match its CRC",
+        )

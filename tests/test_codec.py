@@ -7,6 +7,7 @@ No sockets and no Trio: bytes go in with ``receive_data``, events come out of
 from __future__ import annotations
 
 import enum
+import json
 import re
 import struct
 import zlib
@@ -514,60 +515,74 @@ def doc_text() -> str:
     return PROTOCOL_MD.read_text(encoding="utf-8")
 
 
-def doc_example() -> tuple[bytes, int, str]:
-    """The bytes of protocol.md's "Example" block, its CRC filled in.
+def doc_frames() -> list[tuple[bytes, int, str]]:
+    """Every frame written out in protocol.md's "Worked example": its bytes,
+    the body size its header comment names, and its lines.
 
-    Returns (bytes, the size named in the header comment, the block).
+    Frames are separated by blank lines within a block; each line is hex
+    bytes, then a comment.
     """
-    section = doc_text().split("\n## Example", 1)[1]
-    block = section.split("```", 2)[1]
-    out = bytearray()
-    holes: list[int] = []
-    for line in block.splitlines():
-        for token in line.split():
-            if re.fullmatch(r"[0-9a-f]{2}", token):
-                out.append(int(token, 16))
-            elif token == "xx":
-                holes.append(len(out))
-                out.append(0)
-            else:
-                break  # the comment starts
-    # The four "xx" are the CRC: the u32 before the records (the rest).
-    assert len(holes) == 4 and holes == list(range(holes[0], holes[0] + 4))
-    records = bytes(out[holes[-1] + 1 :])
-    out[holes[0] : holes[0] + 4] = zlib.crc32(records).to_bytes(4, "big")
-    size = re.search(r"size (\d+)", block)
-    assert size is not None
-    return bytes(out), int(size.group(1)), block
+    section = doc_text().split("\n## Worked example", 1)[1].split("\n## ", 1)[0]
+    frames = []
+    for block in section.split("```")[1::2]:
+        for text in block.strip("\n").split("\n\n"):
+            out = bytearray()
+            for line in text.splitlines():
+                for token in line.split():
+                    if not re.fullmatch(r"[0-9a-f]{2}", token):
+                        break  # the comment starts
+                    out.append(int(token, 16))
+            size = re.search(r"body (\d+) bytes", text)
+            assert size is not None, text
+            frames.append((bytes(out), int(size.group(1)), text))
+    return frames
 
 
-def test_protocol_md_example_publish() -> None:
-    data, size, block = doc_example()
-    assert "hi" in block and '"a.b"' in block and "request_id 1" in block
-    # The document agrees with itself...
-    assert size == len(data) - HEADER_SIZE == int.from_bytes(data[:4], "big")
-    # ...and with every way the codec produces the frame.
-    batch = encode_batch([b"hi"])
-    assert encode_publish(1, "a.b", batch) == data
-    assert encode_event(Publish(1, "a.b", batch)) == data
-    client, server = pair(Phase.OPEN)
-    assert client.send(Publish(1, "a.b", batch)) == data
-    # And the codec decodes the document's bytes to what the document says.
-    server.receive_data(data)
-    event = server.next_event()
-    assert event == Publish(1, "a.b", batch)
-    assert isinstance(event, Publish)
-    assert decode_batch(event.batch) == [(b"hi", {})]
+FROM_CLIENT = {
+    FrameType.HELLO, FrameType.PUBLISH, FrameType.SUBSCRIBE, FrameType.UNSUBSCRIBE,
+    FrameType.CREDIT, FrameType.ACK, FrameType.INFO, FrameType.GROUPS,
+}
+
+
+def test_protocol_md_worked_example_decodes_and_encodes() -> None:
+    """Each frame of the worked example agrees with itself (size), is a
+    frame of the test vectors, and the codec decodes it and encodes it back
+    to the same bytes."""
+    frames = doc_frames()
+    assert len(frames) == 8
+    vectors = {
+        f["hex"] for c in json.loads((Path(__file__).parent / "vectors" / "conversations.json").read_text())["conversations"]
+        for f in c["frames"]
+    }
+    for data, size, text in frames:
+        assert size == len(data) - HEADER_SIZE == int.from_bytes(data[:4], "big"), text
+        assert data.hex() in vectors, text
+        kind = FrameType(data[4])
+        phase = {FrameType.HELLO: Phase.FRESH, FrameType.WELCOME: Phase.HELLO_SENT}.get(kind, Phase.OPEN)
+        client, server = pair(phase)
+        receiver = server if kind in FROM_CLIENT else client
+        receiver.receive_data(data)
+        event = receiver.next_event()
+        assert encode_event(event) == data, text
 
 
 def test_protocol_md_example_hand_checked() -> None:
-    """The same frame written out here, with the CRC worked out once."""
+    """The PUBLISH of the worked example written out here, with the CRC
+    worked out once."""
     assert zlib.crc32(bytes.fromhex("00000002 0000 6869")) == 0x86A8B45A
     expected = bytes.fromhex(
         "0000001d 10 00" "0000000000000001" "0003 612e62" "00000001" "86a8b45a" "00000002 0000 6869"
     )
-    assert doc_example()[0] == expected
-    assert encode_publish(1, "a.b", encode_batch([b"hi"])) == expected
+    assert expected in [data for data, _, _ in doc_frames()]
+    batch = encode_batch([b"hi"])
+    assert encode_publish(1, "a.b", batch) == expected
+    client, server = pair(Phase.OPEN)
+    assert client.send(Publish(1, "a.b", batch)) == expected
+    server.receive_data(expected)
+    event = server.next_event()
+    assert event == Publish(1, "a.b", batch)
+    assert isinstance(event, Publish)
+    assert decode_batch(event.batch) == [(b"hi", {})]
 
 
 HEX_FRAMES = [

@@ -35,7 +35,7 @@ def add_parser(commands: Commands[argparse.ArgumentParser]) -> None:
     serve.add_argument("--group-counts-fsync", action="store_true", help="consumer groups: fsync each delivery's count before sending it, so max_deliver holds across power loss too (default: written to the OS first, which survives kill -9; costs group throughput, see benchmarks/README.md)")
     serve.add_argument("--min-free-bytes", type=int, default=0, metavar="N", help="refuse publishes (STORAGE_FULL) while the data directory's file system has fewer than N bytes free, before it is completely full (default 0: off)")
     serve.add_argument("--segment-bytes", type=int, default=64 * 1024 * 1024, metavar="N", help="roll segments at this size (default 64 MiB)")
-    serve.add_argument("--retention-bytes", type=int, default=None, metavar="N", help="per topic: delete whole old segments beyond N bytes")
+    serve.add_argument("--retention-bytes", type=positive_int, default=None, metavar="N", help=f"per topic: delete whole old segments beyond N bytes (default: keep everything); with --storage memory, drop the oldest batches beyond N bytes (default {Config().memory_retention_bytes:,})")
     serve.add_argument("--retention", type=duration, default=None, metavar="AGE", help="per topic: delete whole segments older than AGE (e.g. 3600, 90m, 12h, 7d)")
     serve.add_argument("--topic", action="append", default=[], metavar="PATTERN:KEY=VALUE,...", help="settings for matching topics, e.g. 'metrics.>:fsync=never,retention_seconds=3600' (first match wins)")
     serve.add_argument("--auth", type=Path, default=None, metavar="FILE", help="users file (TOML): clients must authenticate and their permissions apply (README, 'Authentication and permissions')")
@@ -80,6 +80,9 @@ def config_from(args: argparse.Namespace) -> Config:
     overrides: dict[str, Any] = {}
     if args.name:
         overrides["server_name"] = args.name
+    if args.storage == "memory" and args.retention_bytes is not None:
+        # Memory has to have a bound: the flag moves it (protocol.md, "Limits").
+        overrides["memory_retention_bytes"] = args.retention_bytes
     default = TopicSettings(
         fsync=args.fsync,
         fsync_interval_ms=args.fsync_interval_ms,

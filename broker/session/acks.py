@@ -1,11 +1,14 @@
-"""A connection's publish acknowledgements: PUBACK in order, after the fsync.
+"""A connection's answers that keep the order of its requests: PUBACKs and
+PUBLISH refusals, and PONGs, after the fsync that earlier PUBLISHes wait for.
 
-The reader records each PUBLISH it handled (``add``) and, at the end of
-every socket read, hands them over in one go (``flush``): queued at once,
-or, when any of them (or an earlier one: PUBACKs go out in the order of
-their PUBLISH frames) waits for a commit round, to the acker task, which
-awaits the committer and then queues them, each a PUBACK or, if the fsync
-that was to cover it failed, a refusal (protocol.md, STORAGE_ERROR).
+protocol.md, "Ordering and guarantees": every PUBLISH is answered (PUBACK,
+or ERROR) in the order the PUBLISH frames arrived, and a PONG comes after
+the answers to every PUBLISH before its PING. The reader records each
+answer owed (``add``, ``refuse``, ``pong``) and, at the end of every socket
+read, hands them over in one go (``flush``): queued at once, or, when any
+of them (or an earlier one) waits for a commit round, to the acker task,
+which awaits the committer and then queues them in order: a PUBACK, or, if
+the fsync that was to cover it failed, a refusal (STORAGE_ERROR).
 ``unacked`` counts the PUBLISH frames read and not yet answered, the
 reader's ``max_inflight_publishes`` bound.
 """
@@ -21,13 +24,19 @@ from .outbox import Outbox
 
 
 class PendingAck:
-    """A PUBLISH read whose PUBACK (or refusal) is not queued yet."""
+    """An answer owed: a PUBLISH's PUBACK (``published``), or a frame
+    already encoded (a refusal, a PONG) that must keep its place."""
 
-    __slots__ = ("request_id", "published")
+    __slots__ = ("request_id", "published", "frame", "publish")
 
-    def __init__(self, request_id: int, published: Published) -> None:
+    def __init__(
+        self, request_id: int, published: Published | None, frame: bytes = b"", *, publish: bool = True
+    ) -> None:
         self.request_id = request_id
         self.published = published
+        self.frame = frame
+        #: It answers a PUBLISH (counted in ``unacked``); a PONG does not.
+        self.publish = publish
 
 
 class Acks:
@@ -47,13 +56,22 @@ class Acks:
         self._read.append(PendingAck(request_id, published))
         self.unacked += 1
 
+    def refuse(self, request_id: int, frame: bytes) -> None:
+        """A refused PUBLISH's ERROR, in its place among the PUBACKs."""
+        self._read.append(PendingAck(request_id, None, frame))
+        self.unacked += 1
+
+    def pong(self, frame: bytes) -> None:
+        """A PONG, after the answers to every PUBLISH before its PING."""
+        self._read.append(PendingAck(0, None, frame, publish=False))
+
     def flush(self) -> None:
         """Queue this read's PUBACKs, or hand them to the acker when any of
         them, or an earlier one, waits for a sync."""
         if not self._read:
             return
         acks, self._read = self._read, []
-        if self._for_sync or any(a.published.held is not None for a in acks):
+        if self._for_sync or any(a.published is not None and a.published.held is not None for a in acks):
             self._for_sync.extend(acks)
             self._wake.set()
         else:
@@ -62,8 +80,14 @@ class Acks:
     def _answer(self, acks: list[PendingAck], synced: Durability | None) -> None:
         frames = []
         counted: dict[Durability, int] = {}
+        answered = 0
         for a in acks:
             p = a.published
+            if p is None:
+                frames.append(a.frame)
+                answered += a.publish
+                continue
+            answered += 1
             held = p.held
             if held is not None and held.error is not None:
                 # Its fsync failed and the log rolled it back: refused,
@@ -78,7 +102,7 @@ class Acks:
         for durability, n in counted.items():
             self.broker.acknowledged(durability, n)
         self.outbox.queue(b"".join(frames))
-        self.unacked -= len(acks)
+        self.unacked -= answered
         self.outbox.notify_room()  # a reader paused on max_inflight_publishes may go on
 
     async def run(self) -> None:
@@ -88,7 +112,10 @@ class Acks:
                 if self._for_sync:
                     acks, self._for_sync = self._for_sync, []
                     synced = await self.broker.committer.wait_seq(
-                        max(a.published.held.seq for a in acks if a.published.held is not None)
+                        max(
+                            (a.published.held.seq for a in acks if a.published is not None and a.published.held),
+                            default=0,
+                        )
                     )
                     self._answer(acks, synced)
                     # Not kept while waiting for the next round: each holds

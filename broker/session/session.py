@@ -330,7 +330,8 @@ class Session:
         elif isinstance(event, Unsubscribe):
             self._on_unsubscribe(event)
         elif isinstance(event, Ping):
-            self.outbox.queue(self.conn.send(Pong(event.nonce)))
+            # After the answers to every earlier PUBLISH: a PONG is a barrier.
+            self.acks.pong(self.conn.send(Pong(event.nonce)))
         elif isinstance(event, Info):
             self._on_info(event)
         elif isinstance(event, Groups):
@@ -383,7 +384,11 @@ class Session:
                 self.principal, pub.topic, pub.batch, needs_receiver=pub.needs_receiver
             )
         except Refused as refused:
-            self._refused(refused, pub.request_id, RefKind.REQUEST)
+            # In its place among the PUBACKs (protocol.md, "Ordering and guarantees").
+            self.acks.refuse(
+                pub.request_id,
+                self.outbox.refusal(refused.code, refused.message, pub.request_id, RefKind.REQUEST, refused.fields),
+            )
             return
         self.messages_in += published.count
         if pub.request_id:
@@ -413,7 +418,7 @@ class Session:
 
     def _on_info(self, req: Info) -> None:
         try:
-            entries, truncated = self.broker.topic_infos(self.principal, req.pattern)
+            entries, truncated = self.broker.topic_infos(self.principal, req.pattern, req.after)
         except Refused as refused:
             self._refused(refused, req.request_id, RefKind.REQUEST)
             return

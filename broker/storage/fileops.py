@@ -2,7 +2,7 @@
 
 Segments call these instead of ``os`` directly so that tests can put a
 shim in between that fails the Nth write or fsync, or writes short, the way
-a full or failing disk does (tests/faultyio.py). The real object is a thin
+a full or failing disk does (tests/helpers/faults.py). The real object is a thin
 pass-through: one attribute lookup per call, nothing per message.
 """
 

@@ -30,6 +30,8 @@ from ._batch import (
     split_records,
 )
 from ._budgets import (
+    info_entry_size,
+    info_reply_room,
     MAX_RESUME_TOPICS,
     SERVER_FRAME_ALLOWANCE,
     deliver_overhead,
@@ -132,6 +134,8 @@ __all__ = [
     "SERVER_FRAME_ALLOWANCE",
     "deliver_overhead",
     "max_deliver_batch",
+    "info_entry_size",
+    "info_reply_room",
     "max_publish_batch",
     "max_publish_records",
     "publish_overhead",

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from ._wire import (
     BATCH_HEADER,
     DELIVER_BODY_FIXED,
+    INFO_ENTRY,
     PUBLISH_BODY_FIXED,
     RESUME_OPTION_PREFIX,
     STR16_LENGTH,
@@ -83,3 +84,19 @@ def resume_fits(pattern: str, positions: Iterable[tuple[str, int]], max_frame_by
             + len(str(position))
         )
     return size <= max_frame_bytes
+
+
+#: An INFO_REPLY's body before its entries: request_id (8), count (4).
+_INFO_REPLY_FIXED = 12
+
+
+def info_entry_size(topic: str) -> int:
+    """Bytes one INFO_REPLY entry takes: the topic as a str16 and its four
+    figures (first and next offset, retained bytes, subscriptions)."""
+    return STR16_LENGTH + len(topic.encode("utf-8")) + INFO_ENTRY.size
+
+
+def info_reply_room(max_frame_bytes: int) -> int:
+    """Bytes of entries one INFO_REPLY may carry: the reply stays within
+    ``max_frame_bytes`` (protocol.md, "INFO_REPLY")."""
+    return max_frame_bytes - _INFO_REPLY_FIXED

@@ -179,6 +179,8 @@ class Goodbye:
 class Info:
     request_id: int
     pattern: str = ">"
+    #: Continue a listing after this topic name ("": from the first).
+    after: str = ""
 
 
 class GroupsAction(enum.IntEnum):

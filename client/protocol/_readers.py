@@ -56,6 +56,7 @@ from ._wire import (
     GROUP_DELIVER_FIXED,
     HEADER_SIZE,
     INFO_ENTRY,
+    INFO_FLAG_AFTER,
     INFO_FLAG_TRUNCATED,
     MAGIC,
     PUBACK,
@@ -260,6 +261,17 @@ def _d_info_reply(b: _Body, flags: int) -> InfoReply:
     return InfoReply(request_id, tuple(entries), bool(flags & INFO_FLAG_TRUNCATED))
 
 
+def _d_info(b: _Body, flags: int) -> Info:
+    request_id, pattern = b.u64(), b.str16()
+    if not flags & INFO_FLAG_AFTER:
+        return Info(request_id, pattern)
+    after = b.str16()
+    if not after:
+        # One encoding per meaning: "from the first" is the flag unset.
+        raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "INFO flag AFTER with an empty name")
+    return Info(request_id, pattern, after)
+
+
 _DECODERS: dict[FrameType, Callable[[_Body], Event]] = {
     FrameType.HELLO: _d_hello,
     FrameType.WELCOME: _d_welcome,
@@ -275,7 +287,6 @@ _DECODERS: dict[FrameType, Callable[[_Body], Event]] = {
     FrameType.PING: lambda b: Ping(b.u64()),
     FrameType.PONG: lambda b: Pong(b.u64()),
     FrameType.GOODBYE: lambda b: Goodbye(),
-    FrameType.INFO: lambda b: Info(b.u64(), b.str16()),
     FrameType.GROUPS: _d_groups,
     FrameType.GROUPS_REPLY: _d_groups_reply,
 }
@@ -293,6 +304,8 @@ def decode_body(ftype: FrameType, flags: int, body: bytes | memoryview) -> Event
         event: Event = _d_error(cursor, flags)
     elif ftype is FrameType.INFO_REPLY:
         event = _d_info_reply(cursor, flags)
+    elif ftype is FrameType.INFO:
+        event = _d_info(cursor, flags)
     elif ftype is FrameType.PUBLISH:
         event = _d_publish(cursor, flags)
     else:

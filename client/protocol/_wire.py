@@ -53,12 +53,15 @@ ERROR_FLAG_FATAL = 0x01
 #: ERROR carries a fields block (``str16`` key/value pairs) after its message.
 ERROR_FLAG_FIELDS = 0x02
 INFO_FLAG_TRUNCATED = 0x01
+#: INFO continues a listing: an ``after`` topic name follows the pattern.
+INFO_FLAG_AFTER = 0x01
 PUBLISH_FLAG_NEEDS_RECEIVER = 0x01
 
 #: Flag bits defined per frame type; all others must be 0.
 ALLOWED_FLAGS = {
     FrameType.ERROR: ERROR_FLAG_FATAL | ERROR_FLAG_FIELDS,
     FrameType.INFO_REPLY: INFO_FLAG_TRUNCATED,
+    FrameType.INFO: INFO_FLAG_AFTER,
     FrameType.PUBLISH: PUBLISH_FLAG_NEEDS_RECEIVER,
 }
 

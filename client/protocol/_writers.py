@@ -49,6 +49,7 @@ from ._wire import (
     GROUP_DELIVER_BODY_FIXED,
     GROUP_DELIVER_FIXED,
     INFO_ENTRY,
+    INFO_FLAG_AFTER,
     INFO_FLAG_TRUNCATED,
     MAGIC,
     MAX_ACK_RANGES,
@@ -223,6 +224,9 @@ def encode_event(event: Event) -> bytes:
         body = U64.pack(event.request_id) + U32.pack(len(doc)) + doc
     elif isinstance(event, Info):
         body = U64.pack(event.request_id) + _s16(event.pattern)
+        if event.after:
+            body += _s16(event.after)
+            flags = INFO_FLAG_AFTER
     elif isinstance(event, InfoReply):
         body = (
             U64.pack(event.request_id)
