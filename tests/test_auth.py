@@ -2,24 +2,20 @@
 
 Real brokers on 127.0.0.1 (``running_broker(auth_file=...)``) with real
 users files in tmp_path; passwords hashed with cheap scrypt parameters
-(tests/authfiles.py). Every wait is bounded.
+(tests/helpers/auth.py). Every wait is bounded.
 """
 
 from __future__ import annotations
 
-import base64
-import http.client
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 import structlog
 import trio
 
 import client
-from authfiles import CHEAP, user_entry, users_toml, write_users
 from broker.auth import (
     DEFAULT_SCRYPT_N,
     Authenticator,
@@ -35,6 +31,10 @@ from broker.config import Config
 from broker.server import Server
 from broker.testing import running_broker
 from client.protocol import ErrorCode, Hello, Welcome
+
+from helpers.auth import CHEAP, user_entry, users_toml, write_users
+from helpers.http import basic, http_request
+from helpers.raw import expect_fatal, raw_client
 
 TIMEOUT = 10.0
 TOKEN = "t0ken-for-the-ingest-service"
@@ -238,40 +238,6 @@ async def test_scrypt_runs_in_worker_threads_bounded_by_a_limiter(tmp_path: Path
 # -- HTTP -----------------------------------------------------------------------
 
 
-async def _in_thread(fn: Callable[[], T]) -> T:
-    with trio.fail_after(TIMEOUT + 5):
-        return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
-
-
-async def http_request(
-    port: int, method: str, path: str, *, auth: str | None = None, body: Any = None
-) -> tuple[int, dict[str, str], Any]:
-    headers = {"content-type": "application/json"} if body is not None else {}
-    if auth is not None:
-        headers["authorization"] = auth
-
-    def run() -> tuple[int, dict[str, str], Any]:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
-        try:
-            conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            ctype = resp.getheader("content-type", "")
-            return (
-                resp.status,
-                {k.lower(): v for k, v in resp.getheaders()},
-                json.loads(data) if ctype.startswith("application/json") else data,
-            )
-        finally:
-            conn.close()
-
-    return await _in_thread(run)
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
 async def test_http_needs_credentials_except_for_probes(tmp_path: Path) -> None:
     async with running_broker(auth_file=users_file(tmp_path)) as server:
         port = server.http_port
@@ -338,8 +304,6 @@ def test_users_toml_helper_round_trips() -> None:
 
 
 async def test_auth_failed_is_fatal_on_the_wire_and_nothing_else_is_served(tmp_path: Path) -> None:
-    from test_bad_input import expect_fatal, raw_client
-
     async with running_broker(auth_file=users_file(tmp_path)) as server:
         async with raw_client(server) as raw:
             await raw.send_event(Hello(client_name="raw", options={"user": "alice", "password": "nope"}))

@@ -1,40 +1,17 @@
 """``pybroker serve --auth``, ``pybroker auth ...`` and client credentials,
-run as real subprocesses (helpers from test_cli.py; every wait bounded)."""
+run as real subprocesses (tests/helpers/procs.py; every wait bounded)."""
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import trio
-
-from authfiles import CHEAP, user_entry, write_users
 from broker.auth import Users, hash_token, verify_password
-from test_cli import PYBROKER, TIMEOUT, _kill_now, child_env, find_event, serve
+
+from helpers.auth import CHEAP, user_entry, write_users
+from helpers.procs import find_event, run, serve
 
 TOKEN = "cli-token-0123456789abcdef"
 PASSWORD = "pa55 word"
-
-
-async def run(
-    args: Sequence[str], *, stdin: bytes = b"", env: Mapping[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    environment = child_env()
-    for key in ("PYBROKER_TOKEN", "PYBROKER_USER", "PYBROKER_PASSWORD"):
-        environment.pop(key, None)
-    environment.update(env or {})
-    with trio.fail_after(TIMEOUT):
-        return await trio.run_process(
-            [*PYBROKER, *args],
-            stdin=stdin,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            cwd=cwd,
-            env=environment,
-            deliver_cancel=_kill_now,
-        )
 
 
 def users(tmp_path: Path) -> Path:

@@ -19,17 +19,12 @@ from __future__ import annotations
 import random
 import socket
 import struct
-import sys
-import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import attrs
 import pytest
-import structlog
-import structlog.testing
 import trio
 
 import client
@@ -37,9 +32,6 @@ from broker.config import Limits
 from broker.server import Server
 from broker.testing import running_broker
 from client.protocol import (
-    CLOSED,
-    MAGIC,
-    NEED_DATA,
     UNLIMITED_CREDIT,
     Connection,
     Deliver,
@@ -52,7 +44,6 @@ from client.protocol import (
     Ping,
     Pong,
     PubAck,
-    Publish,
     RefKind,
     RemoteProtocolError,
     Role,
@@ -63,8 +54,30 @@ from client.protocol import (
     Unsubscribe,
     Welcome,
     decode_batch,
-    encode_batch,
     encode_event,
+)
+
+from helpers.brokerlog import broker_log
+from helpers.frames import (
+    HELLO_FRAME,
+    batch_with_count,
+    error_body,
+    good_batch,
+    hello_body,
+    publish_body,
+    publish_frame,
+    raw_frame,
+    s16,
+    subscribe_body,
+    subscribe_frame,
+)
+from helpers.inproc import wait_sessions
+from helpers.raw import (
+    RawClient,
+    check_raw_healthy,
+    expect_fatal,
+    expect_request_error,
+    raw_client,
 )
 
 #: Bound on any single wait for the broker (connect, an answer, EOF).
@@ -80,185 +93,8 @@ HEALTHY_PATTERN = "healthy.>"
 HISTORY_TOPIC = "history.before"
 HISTORY = [f"history-{i}".encode() for i in range(12)]
 
-_HEADER = struct.Struct(">IBB")
-
-
-# --------------------------------------------------------------------------
-# Byte builders (independent of the codec's encoder, so they can lie)
-
-
-def raw_frame(ftype: int, body: bytes, flags: int = 0, size: int | None = None) -> bytes:
-    """One frame; ``size`` overrides the header's body length."""
-    return _HEADER.pack(len(body) if size is None else size, ftype, flags) + body
-
-
-def s16(data: bytes) -> bytes:
-    return struct.pack(">H", len(data)) + data
-
-
-def hello_body(
-    magic: bytes = MAGIC, version: int = 1, name: bytes = b"raw", options: bytes = b"\x00\x00"
-) -> bytes:
-    return magic + struct.pack(">H", version) + s16(name) + options
-
-
-def publish_body(request_id: int, topic: bytes, batch: bytes) -> bytes:
-    return struct.pack(">Q", request_id) + s16(topic) + batch
-
-
-def good_batch(*payloads: bytes) -> bytes:
-    return encode_batch(list(payloads) or [b"payload"])
-
-
-def batch_with_count(count: int, records: bytes) -> bytes:
-    return struct.pack(">II", count, zlib.crc32(records)) + records
-
-
-def subscribe_body(
-    sub_id: int,
-    pattern: bytes,
-    start: int = 0,
-    value: int = 0,
-    credit: int = UNLIMITED_CREDIT,
-    options: bytes = b"\x00\x00",
-) -> bytes:
-    return struct.pack(">I", sub_id) + s16(pattern) + struct.pack(">BQI", start, value, credit) + options
-
-
-def error_body(code: int, ref_kind: int, ref: int, message: bytes) -> bytes:
-    return struct.pack(">HBQ", code, ref_kind, ref) + s16(message)
-
-
-HELLO = raw_frame(FrameType.HELLO, hello_body())
-
-
-# --------------------------------------------------------------------------
-# A raw client: bytes out, events in through the client-side codec
-
-
-class RawClient:
-    """A TCP connection that sends whatever bytes a test likes.
-
-    Frames from the broker go through ``Connection(Role.CLIENT)``, so a frame
-    the broker may not send in the current state (anything after its fatal
-    ERROR, for instance) fails the test. Frames sent with ``send_event`` go
-    through the codec too (advancing the handshake state); ``send`` writes
-    raw bytes behind the codec's back.
-    """
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.conn = Connection(Role.CLIENT)
-        self.welcome: Welcome | None = None
-
-    async def send(self, data: bytes) -> None:
-        with trio.fail_after(TIMEOUT):
-            await self.stream.send_all(data)
-
-    async def send_event(self, event: Event) -> None:
-        await self.send(self.conn.send(event))
-
-    async def send_eof(self) -> None:
-        with trio.fail_after(TIMEOUT):
-            await self.stream.send_eof()
-
-    async def next_event(self, timeout: float = TIMEOUT) -> Event | None:
-        """The broker's next frame, or None at EOF."""
-        with trio.fail_after(timeout):
-            while True:
-                event = self.conn.next_event()
-                if event is NEED_DATA:
-                    self.conn.receive_data(await self.stream.receive_some(65536))
-                    continue
-                if event is CLOSED:
-                    return None
-                assert not isinstance(event, type(NEED_DATA))
-                return event  # type: ignore[return-value]
-
-    async def events(self, n: int) -> list[Event]:
-        out: list[Event] = []
-        for _ in range(n):
-            event = await self.next_event()
-            assert event is not None, f"EOF after {out!r}, expected {n} frames"
-            out.append(event)
-        return out
-
-    async def handshake(self) -> Welcome:
-        await self.send_event(Hello(client_name="raw-test"))
-        welcome = await self.next_event()
-        assert isinstance(welcome, Welcome), welcome
-        self.welcome = welcome
-        return welcome
-
-    async def request(self, data: bytes) -> Event:
-        await self.send(data)
-        event = await self.next_event()
-        assert event is not None, "the broker closed the connection"
-        return event
-
-
-@asynccontextmanager
-async def raw_client(server: Server) -> AsyncIterator[RawClient]:
-    with trio.fail_after(TIMEOUT):
-        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-    try:
-        yield RawClient(stream)
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
-async def expect_fatal(raw: RawClient, code: ErrorCode, timeout: float = TIMEOUT) -> Error:
-    """The next frame is ERROR ``code`` with FATAL, and then the stream ends."""
-    event = await raw.next_event(timeout)
-    assert isinstance(event, Error), f"expected ERROR {code.name}, got {event!r}"
-    assert event.code == code, f"expected {code.name} ({int(code)}), got {event!r}"
-    assert event.fatal, f"{code.name} must carry the FATAL flag: {event!r}"
-    assert event.ref_kind is RefKind.NONE and event.ref == 0, event
-    assert await raw.next_event() is None, "the broker must close after a fatal ERROR"
-    return event
-
-
-def expect_request_error(
-    event: Event | None, code: ErrorCode, ref: int, ref_kind: RefKind
-) -> Error:
-    assert isinstance(event, Error), f"expected ERROR {code.name}, got {event!r}"
-    assert event.code == code, f"expected {code.name} ({int(code)}), got {event!r}"
-    assert not event.fatal, f"{code.name} must not be fatal: {event!r}"
-    assert event.ref == ref, event
-    assert event.ref_kind is ref_kind, event
-    assert event.message, "an ERROR should say what was wrong"
-    return event
-
-
-async def check_raw_healthy(raw: RawClient, topic: str, sub_id: int = 900) -> None:
-    """The raw connection still works: PING, SUBSCRIBE, PUBLISH, DELIVER."""
-    assert await raw.request(encode_event(Ping(4242))) == Pong(4242)
-    assert await raw.request(encode_event(Subscribe(sub_id, topic))) == SubAck(sub_id)
-    await raw.send(encode_event(client_publish(991, topic, b"still-alive")))
-    events = await raw.events(2)
-    acks = [e for e in events if isinstance(e, PubAck)]
-    delivers = [e for e in events if isinstance(e, Deliver)]
-    assert len(acks) == 1 and len(delivers) == 1, events
-    assert acks[0].request_id == 991 and acks[0].count == 1
-    assert delivers[0].sub_id == sub_id and delivers[0].topic == topic
-    assert delivers[0].base_offset == acks[0].base_offset
-    assert [p for p, _ in decode_batch(delivers[0].batch)] == [b"still-alive"]
-    assert await raw.request(encode_event(Unsubscribe(sub_id))) == UnsubAck(sub_id)
-    # A clean close: GOODBYE is answered with GOODBYE, then EOF.
-    assert await raw.request(encode_event(Goodbye())) == Goodbye()
-    assert await raw.next_event() is None
-
-
-def client_publish(request_id: int, topic: str, *payloads: bytes) -> Publish:
-    return Publish(request_id, topic, good_batch(*payloads))
-
-
 # --------------------------------------------------------------------------
 # The well-behaved client running alongside
-
-
-class ClientBodyError(Exception):
-    pass
 
 
 @asynccontextmanager
@@ -369,13 +205,6 @@ async def publish_history(server: Server) -> None:
     assert [a.offset for a in acks] == list(range(len(HISTORY)))
 
 
-async def wait_sessions(server: Server, count: int) -> None:
-    """Wait until the broker has exactly ``count`` connections (bounded)."""
-    with trio.fail_after(TIMEOUT):
-        while len(server.sessions) != count:
-            await trio.sleep(0.01)
-
-
 async def check_still_serving(server: Server) -> None:
     """New clients are served, and the history is still replayable."""
     async with connected(server.url, "after") as c:
@@ -415,11 +244,11 @@ FATAL_CASES: dict[str, Fatal] = {
     ),
     "goodbye-with-body": Fatal(raw_frame(FrameType.GOODBYE, b"\x00"), ErrorCode.MALFORMED_FRAME),
     "subscribe-trailing-bytes": Fatal(
-        raw_frame(FrameType.SUBSCRIBE, subscribe_body(1, b"a.b") + b"\x00\x01\x02"),
+        raw_frame(FrameType.SUBSCRIBE, subscribe_body(b"a.b") + b"\x00\x01\x02"),
         ErrorCode.MALFORMED_FRAME,
     ),
     "subscribe-body-too-short": Fatal(
-        raw_frame(FrameType.SUBSCRIBE, subscribe_body(1, b"a.b")[:-5]), ErrorCode.MALFORMED_FRAME
+        raw_frame(FrameType.SUBSCRIBE, subscribe_body(b"a.b")[:-5]), ErrorCode.MALFORMED_FRAME
     ),
     "publish-only-request-id": Fatal(
         raw_frame(FrameType.PUBLISH, struct.pack(">Q", 1)), ErrorCode.MALFORMED_FRAME
@@ -433,7 +262,7 @@ FATAL_CASES: dict[str, Fatal] = {
         ErrorCode.MALFORMED_FRAME,
     ),
     "subscribe-invalid-utf8-pattern": Fatal(
-        raw_frame(FrameType.SUBSCRIBE, subscribe_body(1, b"\xc3\x28")), ErrorCode.MALFORMED_FRAME
+        raw_frame(FrameType.SUBSCRIBE, subscribe_body(b"\xc3\x28")), ErrorCode.MALFORMED_FRAME
     ),
     "publish-batch-shorter-than-header": Fatal(
         raw_frame(FrameType.PUBLISH, publish_body(1, b"a.b", b"\x00\x00\x00\x01")),
@@ -448,10 +277,10 @@ FATAL_CASES: dict[str, Fatal] = {
         ErrorCode.MALFORMED_FRAME,
     ),
     "client-error-unknown-ref-kind": Fatal(
-        raw_frame(FrameType.ERROR, error_body(207, 9, 0, b"what")), ErrorCode.MALFORMED_FRAME
+        raw_frame(FrameType.ERROR, error_body(207, b"what", ref_kind=9)), ErrorCode.MALFORMED_FRAME
     ),
     "client-error-invalid-utf8": Fatal(
-        raw_frame(FrameType.ERROR, error_body(207, 0, 0, b"\xff")), ErrorCode.MALFORMED_FRAME
+        raw_frame(FrameType.ERROR, error_body(207, b"\xff")), ErrorCode.MALFORMED_FRAME
     ),
     # -- the handshake --
     "hello-bad-magic": Fatal(
@@ -493,7 +322,7 @@ FATAL_CASES: dict[str, Fatal] = {
         handshake=False,
     ),
     "subscribe-before-hello": Fatal(
-        raw_frame(FrameType.SUBSCRIBE, subscribe_body(1, b">")),
+        raw_frame(FrameType.SUBSCRIBE, subscribe_body(b">")),
         ErrorCode.HANDSHAKE_REQUIRED,
         handshake=False,
     ),
@@ -503,7 +332,7 @@ FATAL_CASES: dict[str, Fatal] = {
     "goodbye-before-hello": Fatal(
         raw_frame(FrameType.GOODBYE, b""), ErrorCode.HANDSHAKE_REQUIRED, handshake=False
     ),
-    "second-hello": Fatal(HELLO, ErrorCode.UNEXPECTED_FRAME),
+    "second-hello": Fatal(HELLO_FRAME, ErrorCode.UNEXPECTED_FRAME),
     # -- frames the client may not send (105) --
     "deliver-from-client": Fatal(
         raw_frame(
@@ -541,7 +370,7 @@ FATAL_CASES: dict[str, Fatal] = {
         ErrorCode.MALFORMED_FRAME,
     ),
     "error-reserved-flag": Fatal(
-        raw_frame(FrameType.ERROR, error_body(207, 0, 0, b"x"), flags=0x02),
+        raw_frame(FrameType.ERROR, error_body(207, b"x"), flags=0x02),
         ErrorCode.MALFORMED_FRAME,
     ),
     "hello-reserved-flag": Fatal(
@@ -595,13 +424,13 @@ TRUNCATED_CASES: dict[str, Truncated] = {
         raw_frame(FrameType.PUBLISH, publish_body(1, b"a.b", good_batch(b"x" * 100)))[:40]
     ),
     "eof-after-header-only": Truncated(raw_frame(FrameType.PING, _PING_BODY)[:6]),
-    "eof-inside-hello": Truncated(HELLO[:9], handshake=False),
-    "eof-inside-hello-header": Truncated(HELLO[:2], handshake=False),
+    "eof-inside-hello": Truncated(HELLO_FRAME[:9], handshake=False),
+    "eof-inside-hello-header": Truncated(HELLO_FRAME[:2], handshake=False),
     "reset-inside-publish-body": Truncated(
         raw_frame(FrameType.PUBLISH, publish_body(1, b"a.b", good_batch(b"x" * 100)))[:40],
         reset=True,
     ),
-    "reset-before-hello": Truncated(HELLO[:5], handshake=False, reset=True),
+    "reset-before-hello": Truncated(HELLO_FRAME[:5], handshake=False, reset=True),
 }
 
 
@@ -709,11 +538,12 @@ def fuzz_frames(seed: int) -> bytes:
             )
             body = publish_body(rng.getrandbits(64), topic, batch)
         elif ftype is FrameType.SUBSCRIBE and rng.random() < 0.6:
+            # Keywords in the order the generator draws them (the seeds' frames).
             body = subscribe_body(
-                rng.getrandbits(32),
-                rng.choice([b"fuzz.>", b"fuzz.*", b"*", rng.randbytes(rng.randint(0, 6))]),
+                sub_id=rng.getrandbits(32),
+                pattern=rng.choice([b"fuzz.>", b"fuzz.*", b"*", rng.randbytes(rng.randint(0, 6))]),
                 start=rng.randint(0, 5),
-                value=rng.getrandbits(64),
+                start_value=rng.getrandbits(64),
                 credit=rng.choice([0, 1, UNLIMITED_CREDIT, rng.getrandbits(32)]),
             )
         else:
@@ -760,29 +590,12 @@ async def run_silent_client(server: Server) -> None:
 
 async def run_partial_hello_then_silence(server: Server) -> None:
     async with raw_client(server) as raw:
-        await raw.send(HELLO[:8])
+        await raw.send(HELLO_FRAME[:8])
         await expect_fatal(raw, ErrorCode.HANDSHAKE_REQUIRED, timeout=HANDSHAKE_TIMEOUT + TIMEOUT)
 
 
 # --------------------------------------------------------------------------
 # Request errors: not fatal, the connection keeps working
-
-
-def publish_frame(request_id: int, topic: bytes, batch: bytes) -> bytes:
-    return raw_frame(FrameType.PUBLISH, publish_body(request_id, topic, batch))
-
-
-def subscribe_frame(
-    sub_id: int,
-    pattern: bytes,
-    start: int = 0,
-    value: int = 0,
-    credit: int = UNLIMITED_CREDIT,
-    options: bytes = b"\x00\x00",
-) -> bytes:
-    return raw_frame(
-        FrameType.SUBSCRIBE, subscribe_body(sub_id, pattern, start, value, credit, options)
-    )
 
 
 BAD_TOPICS: list[bytes] = [
@@ -1046,7 +859,7 @@ async def run_client_fatal_error(server: Server) -> None:
     async with raw_client(server) as raw:
         await raw.handshake()
         assert await raw.request(subscribe_frame(1, b"raw.client-error")) == SubAck(1)
-        await raw.send(raw_frame(FrameType.ERROR, error_body(500, 0, 0, b"client bug"), flags=0x01))
+        await raw.send(raw_frame(FrameType.ERROR, error_body(500, b"client bug"), flags=0x01))
         event = await raw.next_event()
         # It may say GOODBYE; it must not send anything else, then EOF.
         if event is not None:
@@ -1058,7 +871,7 @@ async def run_client_nonfatal_error(server: Server) -> None:
     """A client's non-fatal ERROR is logged and the connection goes on."""
     async with raw_client(server) as raw:
         await raw.handshake()
-        await raw.send(raw_frame(FrameType.ERROR, error_body(208, 2, 1, b"hmm")))
+        await raw.send(raw_frame(FrameType.ERROR, error_body(208, b"hmm", ref_kind=2, ref=1)))
         assert await raw.request(encode_event(Ping(8))) == Pong(8)
         await check_raw_healthy(raw, "raw.client-error-ok")
 
@@ -1126,37 +939,10 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
         yield s
 
 
-def _exception_now(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
-    """Processor: replace ``exc_info=True`` by the exception being handled."""
-    if event_dict.get("exc_info") is True:
-        event_dict["exc_info"] = sys.exc_info()[1]
-    return event_dict
-
-
-def describe(exc: BaseException | None) -> str:
-    if isinstance(exc, BaseExceptionGroup):
-        return " + ".join(describe(e) for e in exc.exceptions)
-    return repr(exc)
-
-
-@contextmanager
-def no_broker_errors() -> Iterator[list[MutableMapping[str, Any]]]:
-    """Capture the broker's log; fail on anything at error level or above
-    (an unexpected exception in a session is logged as "internal error")."""
-    with structlog.testing.capture_logs(processors=[_exception_now]) as logs:
-        yield logs
-    bad = [
-        f"{e.get('event')!r}: {describe(e.get('exc_info'))} (client {e.get('client')!r})"
-        for e in logs
-        if e.get("log_level") in ("error", "critical", "exception")
-    ]
-    assert not bad, f"the broker logged errors: {bad}"
-
-
 async def run_case_beside_healthy_client(
     server: Server, case: Callable[[Server], Awaitable[None]]
 ) -> None:
-    with no_broker_errors():
+    with broker_log():
         await _run_case_beside_healthy_client(server, case)
 
 
@@ -1233,7 +1019,7 @@ async def test_handshake_timeout_spares_a_client_that_said_hello(server: Server)
 
 async def test_everything_at_once_then_still_serving(tmp_path: Path) -> None:
     """Every case at the same time against one broker, then new clients."""
-    with no_broker_errors():
+    with broker_log():
         await _everything_at_once(tmp_path)
 
 
@@ -1261,7 +1047,7 @@ async def _everything_at_once(tmp_path: Path) -> None:
 
 async def test_frames_split_into_single_bytes(server: Server) -> None:
     """Framing survives any split: every byte in its own segment."""
-    with no_broker_errors():
+    with broker_log():
         async with healthy_client(server):
             async with raw_client(server) as raw:
                 raw.stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
@@ -1289,7 +1075,7 @@ async def test_subscriber_that_stops_reading(tmp_path: Path) -> None:
     every message, in order, once it reads again."""
     total = 6000
     payload = b"b" * 1000
-    with no_broker_errors():
+    with broker_log():
         async with running_broker(
             data_dir=tmp_path / "data", outbound_queue_bytes=64 * 1024
         ) as server:

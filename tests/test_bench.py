@@ -8,32 +8,15 @@ bounded by a timeout.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from helpers.procs import PYBROKER, child_env
+
+
 #: Bound on one bench invocation (they take a few seconds each).
 TIMEOUT = 90.0
-
-
-def pybroker_command() -> list[str]:
-    """The installed console script next to this Python, else ``-m broker.cli``."""
-    script = Path(sys.executable).parent / "pybroker"
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-m", "broker.cli"]
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("PYBROKER_URL", None)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-PYBROKER = pybroker_command()
 
 
 def bench(tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:

@@ -16,219 +16,22 @@ import selectors
 import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
-from functools import partial
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 import trio
 
 from broker import __version__
 
+from helpers.procs import PYBROKER, Broker, Child, child_env, json_events, run, serve, spawn
+
+
 #: Bound on a one-shot command (pub, --version) and on any single wait.
 TIMEOUT = 20.0
 #: How many times the live-subscription test publishes a probe.
 MAX_PROBES = 30
-
-T = TypeVar("T")
-
-
-def pybroker_command() -> list[str]:
-    """The installed console script next to this Python, else ``-m broker.cli``."""
-    bindir = Path(sys.executable).parent
-    for name in ("pybroker", "pybroker.exe"):
-        script = bindir / name
-        if script.is_file() and os.access(script, os.X_OK):
-            return [str(script)]
-    return [sys.executable, "-m", "broker.cli"]
-
-
-PYBROKER = pybroker_command()
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("PYBROKER_URL", None)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-async def _kill_now(process: trio.Process) -> None:
-    """deliver_cancel for run_process: no 5-second grace, no warning."""
-    process.kill()
-
-
-async def run(
-    args: Sequence[str], *, stdin: bytes = b"", cwd: Path | None = None, timeout: float = TIMEOUT
-) -> subprocess.CompletedProcess[bytes]:
-    """Run ``pybroker ARGS`` to completion (bounded), capturing its output."""
-    with trio.fail_after(timeout):
-        return await trio.run_process(
-            [*PYBROKER, *args],
-            stdin=stdin,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            cwd=cwd,
-            env=child_env(),
-            deliver_cancel=_kill_now,
-        )
-
-
-class Lines:
-    """Lines read from a child's pipe by a background task."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.lines: list[str] = []
-        self.eof = False
-        self._changed = trio.Event()
-
-    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
-        buf = b""
-        async with stream:
-            while True:
-                try:
-                    data = await stream.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
-                if not data:
-                    break
-                buf += data
-                *complete, buf = buf.split(b"\n")
-                for line in complete:
-                    self.lines.append(line.decode("utf-8", "replace"))
-                if complete:
-                    self._changed.set()
-        if buf:
-            self.lines.append(buf.decode("utf-8", "replace"))
-        self.eof = True
-        self._changed.set()
-
-    async def wait_for(self, found: Callable[[list[str]], T | None], timeout: float = TIMEOUT) -> T:
-        """Wait until ``found(lines)`` is not None (bounded); return it."""
-        with trio.fail_after(timeout):
-            while True:
-                result = found(self.lines)
-                if result is not None:
-                    return result
-                if self.eof:
-                    raise AssertionError(f"{self.name} ended without it: {self.text()}")
-                self._changed = trio.Event()
-                await self._changed.wait()
-
-    async def wait_eof(self, timeout: float = TIMEOUT) -> None:
-        with trio.fail_after(timeout):
-            while not self.eof:
-                self._changed = trio.Event()
-                await self._changed.wait()
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-
-def json_events(lines: list[str]) -> list[dict[str, Any]]:
-    """The JSON log records among ``lines`` (non-JSON lines are skipped)."""
-    out = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
-
-
-def find_event(name: str) -> Callable[[list[str]], dict[str, Any] | None]:
-    def found(lines: list[str]) -> dict[str, Any] | None:
-        for record in json_events(lines):
-            if record.get("event") == name:
-                return record
-        return None
-
-    return found
-
-
-class Child:
-    """A long-running ``pybroker`` subprocess with its output piped."""
-
-    def __init__(self, process: trio.Process, name: str) -> None:
-        self.process = process
-        self.stdout = Lines(f"{name} stdout")
-        self.stderr = Lines(f"{name} stderr")
-
-    async def wait(self, timeout: float = TIMEOUT) -> int:
-        with trio.fail_after(timeout):
-            code = await self.process.wait()
-        await self.stdout.wait_eof()
-        await self.stderr.wait_eof()
-        return code
-
-    @property
-    def returncode(self) -> int | None:
-        return self.process.returncode
-
-
-@asynccontextmanager
-async def spawn(args: Sequence[str], name: str, cwd: Path | None = None) -> AsyncIterator[Child]:
-    """Start ``pybroker ARGS``; it is killed on exit if still running."""
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(
-            partial(
-                trio.run_process,
-                [*PYBROKER, *args],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                check=False,
-                cwd=cwd,
-                env=child_env(),
-                deliver_cancel=_kill_now,
-            )
-        )
-        child = Child(process, name)
-        assert process.stdout is not None and process.stderr is not None
-        nursery.start_soon(child.stdout.pump, process.stdout)
-        nursery.start_soon(child.stderr.pump, process.stderr)
-        try:
-            yield child
-        finally:
-            if process.returncode is None:
-                process.kill()
-            with trio.move_on_after(TIMEOUT) as scope:
-                await process.wait()
-                await child.stdout.wait_eof()
-                await child.stderr.wait_eof()
-            if scope.cancelled_caught:
-                nursery.cancel_scope.cancel()
-
-
-class Broker:
-    def __init__(self, child: Child, url: str, port: int, data_dir: Path) -> None:
-        self.child = child
-        self.url = url
-        self.port = port
-        self.data_dir = data_dir
-
-
-@asynccontextmanager
-async def serve(tmp_path: Path, *extra: str) -> AsyncIterator[Broker]:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    data_dir = tmp_path / "data"
-    args = ["serve", "--port", "0", "--data-dir", str(data_dir), "--log-format", "json", *extra]
-    async with spawn(args, "serve", cwd=tmp_path) as child:
-        listening = await child.stderr.wait_for(find_event("listening"))
-        port = listening["port"]
-        assert isinstance(port, int) and 0 < port < 65536, listening
-        url = listening["url"]
-        assert url == f"pybroker://127.0.0.1:{port}", listening
-        assert listening["data_dir"] == str(data_dir), listening
-        yield Broker(child, url, port, data_dir)
 
 
 @pytest.fixture

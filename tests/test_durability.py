@@ -18,14 +18,9 @@ Every wait is bounded (``trio.fail_after``) and every loop bounded in count.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -41,182 +36,29 @@ from broker.session import Session
 from broker.testing import running_broker
 from client import Durability, Message, PendingAck, PublishAck
 from client.protocol import (
-    CLOSED,
-    NEED_DATA,
-    Connection,
-    Deliver,
-    Goodbye,
-    Hello,
-    Role,
-    StartKind,
-    SubAck,
-    Subscribe,
-    Welcome,
-    decode_batch,
     deliver_header,
     encode_batch_from_records,
     encode_record,
 )
 
+from helpers.collect import take
+from helpers.inproc import session_named
+from helpers.procs import BrokerProcess, broker_process
+from helpers.raw import RawSubscriber
+
+
 #: Upper bound for any single wait in these tests (seconds).
 TIMEOUT = 20.0
-#: Starting a broker subprocess (Python start-up, recovery, bind).
-START_TIMEOUT = 30.0
-
-
-# ---------------------------------------------------------------------------
-# A broker subprocess
-
-
-def pybroker_command() -> list[str]:
-    """The console script next to this Python, else ``python -m broker.cli``."""
-    script = Path(sys.executable).parent / "pybroker"
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-m", "broker.cli"]
-
-
-def read_json_lines(path: Path) -> list[dict[str, Any]]:
-    """The complete JSON lines of a broker's stderr log (others skipped)."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return []
-    out: list[dict[str, Any]] = []
-    for line in text.splitlines(keepends=True):
-        if not line.endswith("\n"):
-            break  # still being written
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
-
-
-class BrokerProcess:
-    """``pybroker serve --port 0 --data-dir DIR --log-format json ...``,
-    restartable on the same data directory; each start logs to its own file."""
-
-    def __init__(self, data_dir: Path, work_dir: Path, *extra: str) -> None:
-        self.data_dir = data_dir
-        self.work_dir = work_dir
-        self.extra = extra
-        self.proc: trio.Process | None = None
-        self.starts = 0
-        self.log_path: Path = work_dir / "broker-0.log"
-        self.url = ""
-
-    async def start(self) -> str:
-        assert self.proc is None, "already running"
-        self.log_path = self.work_dir / f"broker-{self.starts}.log"
-        self.starts += 1
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
-        command = [
-            *pybroker_command(),
-            "serve",
-            "--port",
-            "0",
-            "--data-dir",
-            str(self.data_dir),
-            "--log-format",
-            "json",
-            *self.extra,
-        ]
-        with open(self.log_path, "wb") as log_file:
-            self.proc = await trio.lowlevel.open_process(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log_file,
-                cwd=self.work_dir,
-                env=env,
-            )
-        with trio.move_on_after(START_TIMEOUT):
-            for _ in range(int(START_TIMEOUT / 0.02) + 1):
-                for record in read_json_lines(self.log_path):
-                    if record.get("event") == "listening":
-                        self.url = str(record["url"])
-                        assert int(record["port"]) > 0
-                        assert self.url.endswith(f":{record['port']}")
-                        return self.url
-                if self.proc.returncode is not None:
-                    break
-                await trio.sleep(0.02)
-        log = self.log_path.read_text(errors="replace")
-        await self.kill()
-        raise AssertionError(f"broker did not start listening:\n{log}")
-
-    def log_records(self) -> list[dict[str, Any]]:
-        return read_json_lines(self.log_path)
-
-    async def kill(self) -> int | None:
-        """SIGKILL (no shutdown code runs) and reap; return the exit status."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGKILL)
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(10):
-                await proc.wait()
-        return proc.returncode
-
-    async def stop(self) -> int | None:
-        """SIGTERM (graceful shutdown) and reap; SIGKILL if it hangs."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        with trio.move_on_after(15):
-            await proc.wait()
-        if proc.returncode is None:
-            await self.kill()
-            raise AssertionError("broker did not stop within 15 s of SIGTERM")
-        self.proc = None
-        return proc.returncode
-
-
-@asynccontextmanager
-async def broker_process(data_dir: Path, work_dir: Path, *extra: str) -> AsyncIterator[BrokerProcess]:
-    broker = BrokerProcess(data_dir, work_dir, *extra)
-    try:
-        yield broker
-    finally:
-        await broker.kill()
 
 
 # ---------------------------------------------------------------------------
 # Small helpers
 
 
-async def take(sub: client.Subscription, n: int, timeout: float = TIMEOUT) -> list[Message]:
-    """The next ``n`` messages of ``sub`` (fails after ``timeout``)."""
-    out: list[Message] = []
-    if n == 0:
-        return out
-    with trio.fail_after(timeout):
-        async for msg in sub:
-            out.append(msg)
-            if len(out) >= n:
-                break
-    assert len(out) == n, f"subscription ended after {len(out)} of {n} messages"
-    return out
-
-
 def ts_datetime(timestamp_us: int, tz: dt.tzinfo = dt.timezone.utc) -> dt.datetime:
     """An aware datetime for a broker timestamp, exact to the microsecond."""
     epoch = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
     return (epoch + dt.timedelta(microseconds=timestamp_us)).astimezone(tz)
-
-
-def session_named(server: Server, name: str) -> Session:
-    found = [s for s in server.sessions if s.client_name == name]
-    assert len(found) == 1, f"sessions named {name!r}: {len(found)}"
-    return found[0]
 
 
 def offsets_of(msgs: Sequence[Message]) -> list[int]:
@@ -342,7 +184,7 @@ async def test_sigkill_mid_stream_loses_no_acknowledged_message(
                 end = sentinel_ack.offset
                 assert end >= len(acked)
                 async with c.subscribe(CRASH_TOPIC, start="earliest", window=10_000) as sub:
-                    log = await take(sub, end + 1)
+                    log = await take(sub, end + 1, timeout=TIMEOUT)
         assert await broker.stop() == 0
 
     # Offsets are contiguous from 0, the sentinel last.
@@ -462,14 +304,14 @@ async def test_damaged_tail_is_dropped_and_valid_prefix_served(
         with trio.fail_after(TIMEOUT):
             async with client.connect(url, name="damage-check") as c:
                 async with c.subscribe(DAMAGED_TOPIC, start="earliest") as sub:
-                    got = await take(sub, DAMAGED_MESSAGES)
+                    got = await take(sub, DAMAGED_MESSAGES, timeout=TIMEOUT)
                     assert offsets_of(got) == list(range(DAMAGED_MESSAGES))
                     assert payloads_of(got) == payloads
                     # New messages go right after the valid prefix, and the
                     # dropped tail never shows up.
                     ack = await c.publish(DAMAGED_TOPIC, b"after-recovery")
                     assert ack.offset == DAMAGED_MESSAGES
-                    [after] = await take(sub, 1)
+                    [after] = await take(sub, 1, timeout=TIMEOUT)
                     assert (after.offset, after.payload) == (DAMAGED_MESSAGES, b"after-recovery")
         assert await broker.stop() == 0
 
@@ -509,7 +351,7 @@ async def test_replay_from_every_start_position(tmp_path: Path, segment_bytes: i
                         await trio.sleep(0.002)  # distinct batch timestamps
                     batched = await c.publish_many(REPLAY_TOPIC, batch_payloads)
                     await c.publish_many(OTHER_TOPIC, [b"other-0", b"other-1"])
-                    got_live = await take(live, SINGLES + BATCHED)
+                    got_live = await take(live, SINGLES + BATCHED, timeout=TIMEOUT)
                 acks = singles + batched
                 assert [a.offset for a in acks] == list(range(SINGLES + BATCHED))
                 assert offsets_of(got_live) == list(range(SINGLES + BATCHED))
@@ -530,16 +372,16 @@ async def test_replay_from_every_start_position(tmp_path: Path, segment_bytes: i
                 # "new" skips everything stored.
                 async with c.subscribe(REPLAY_TOPIC) as new:
                     marker = await c.publish(REPLAY_TOPIC, b"marker-1")
-                    [m] = await take(new, 1)
+                    [m] = await take(new, 1, timeout=TIMEOUT)
                     assert (m.offset, m.payload) == (marker.offset, b"marker-1")
                 # A time after every stored message: only what comes next.
                 after_all = ts_datetime(marker.timestamp_us + 1)
                 async with c.subscribe(REPLAY_TOPIC, start=after_all) as later:
                     marker2 = await c.publish(REPLAY_TOPIC, b"marker-2")
-                    [m] = await take(later, 1)
+                    [m] = await take(later, 1, timeout=TIMEOUT)
                     assert (m.offset, m.payload) == (marker2.offset, b"marker-2")
                 async with c.subscribe(REPLAY_TOPIC, start="earliest") as sub:
-                    before_restart = await take(sub, marker2.offset + 1)
+                    before_restart = await take(sub, marker2.offset + 1, timeout=TIMEOUT)
 
     if segment_bytes == 1024:
         segments = list((tmp_path / "topics" / REPLAY_TOPIC).glob("*.log"))
@@ -551,7 +393,7 @@ async def test_replay_from_every_start_position(tmp_path: Path, segment_bytes: i
         with trio.fail_after(TIMEOUT):
             async with client.connect(server.url, name="replay-2") as c:
                 async with c.subscribe(REPLAY_TOPIC, start="earliest") as sub:
-                    after_restart = await take(sub, len(before_restart))
+                    after_restart = await take(sub, len(before_restart), timeout=TIMEOUT)
                     assert [(m.offset, m.payload, m.timestamp_us) for m in after_restart] == [
                         (m.offset, m.payload, m.timestamp_us) for m in before_restart
                     ]
@@ -560,13 +402,13 @@ async def test_replay_from_every_start_position(tmp_path: Path, segment_bytes: i
                         ack = await c.publish(REPLAY_TOPIC, b"after-restart")
                         assert ack.offset == len(before_restart)
                         assert ack.timestamp_us >= before_restart[-1].timestamp_us
-                        [m] = await take(new, 1)
+                        [m] = await take(new, 1, timeout=TIMEOUT)
                         assert (m.offset, m.payload) == (ack.offset, b"after-restart")
-                    [m] = await take(sub, 1)  # the earliest reader goes on live
+                    [m] = await take(sub, 1, timeout=TIMEOUT)  # the earliest reader goes on live
                     assert (m.offset, m.payload) == (ack.offset, b"after-restart")
                 # A wildcard from the earliest: both topics, each in order.
                 async with c.subscribe("replay.>", start="earliest") as wild:
-                    got = await take(wild, len(before_restart) + 1 + 2)
+                    got = await take(wild, len(before_restart) + 1 + 2, timeout=TIMEOUT)
                 by_topic: dict[str, list[tuple[int, bytes]]] = {}
                 for m in got:
                     by_topic.setdefault(m.topic, []).append((m.offset, m.payload))
@@ -583,7 +425,7 @@ async def check_replay(
 
     async def replay(start: str | int | dt.datetime, first: int) -> None:
         async with c.subscribe(REPLAY_TOPIC, start=start) as sub:
-            got = await take(sub, n - first)
+            got = await take(sub, n - first, timeout=TIMEOUT)
         assert offsets_of(got) == list(range(first, n)), f"start={start!r}"
         assert payloads_of(got) == expected[first:], f"start={start!r}"
         assert [m.timestamp_us for m in got] == [a.timestamp_us for a in acks[first:]]
@@ -715,7 +557,7 @@ async def _resume_and_check(c: client.Client, sub: client.Subscription) -> None:
     assert not bad, f"wrong payloads at offsets {bad[:10]}"
     # Nothing is delivered twice: the next message is a new one.
     ack = await c.publish(SLOW_TOPIC, b"sentinel")
-    [m] = await take(sub, 1)
+    [m] = await take(sub, 1, timeout=TIMEOUT)
     assert (m.offset, m.payload) == (ack.offset, b"sentinel") == (SLOW_MESSAGES, b"sentinel")
 
 
@@ -764,59 +606,6 @@ async def test_stalled_subscriber_small_window_credit_holds_server_back(tmp_path
                 assert max(sampler.out_bytes) <= QUEUE_BOUND + largest_bytes
                 with trio.fail_after(TIMEOUT * 2):
                     await _resume_and_check(c, stalled)
-
-
-class RawSubscriber:
-    """A subscriber speaking the protocol over a bare socket, so that it can
-    really stop reading the connection (the client library never does)."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.conn = Connection(Role.CLIENT)
-        self.messages: list[tuple[int, bytes]] = []
-
-    @classmethod
-    async def open(cls, url: str, name: str, pattern: str, credit: int) -> RawSubscriber:
-        host, port = client.parse_url(url)
-        stream = await trio.open_tcp_stream(host, port)
-        # A small receive buffer: the connection fills quickly once we stop.
-        stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
-        raw = cls(stream)
-        await stream.send_all(raw.conn.send(Hello(client_name=name)))
-        assert isinstance(await raw.next_event(), Welcome)
-        await stream.send_all(raw.conn.send(Subscribe(1, pattern, StartKind.NEW, 0, credit)))
-        assert await raw.next_event() == SubAck(1)
-        return raw
-
-    async def next_event(self) -> Any:
-        for _ in range(1_000_000):
-            event = self.conn.next_event()
-            if event is not NEED_DATA:
-                assert event is not CLOSED, "the broker closed the connection"
-                return event
-            self.conn.receive_data(await self.stream.receive_some(256 * 1024))
-        raise AssertionError("no event")
-
-    async def read_messages(self, n: int) -> None:
-        for _ in range(n + 1):
-            if len(self.messages) >= n:
-                return
-            event = await self.next_event()
-            assert isinstance(event, Deliver), event
-            for i, (payload, _) in enumerate(decode_batch(event.batch)):
-                self.messages.append((event.base_offset + i, payload))
-
-    async def aclose(self) -> None:
-        try:
-            with trio.move_on_after(5):
-                await self.stream.send_all(self.conn.send(Goodbye()))
-                for _ in range(100_000):
-                    event = await self.next_event()
-                    if isinstance(event, Goodbye):
-                        break
-        except (trio.BrokenResourceError, trio.ClosedResourceError, AssertionError):
-            pass
-        await trio.aclose_forcefully(self.stream)
 
 
 async def test_subscriber_not_reading_its_socket_lags_from_log_and_catches_up(
@@ -875,14 +664,14 @@ async def test_fsync_policy_sets_ack_durability(
                     acks = [first, *rest]
                     assert [a.offset for a in acks] == list(range(50))
                     assert {a.durability for a in acks} == {expected}
-                    got = await take(live, 50)
+                    got = await take(live, 50, timeout=TIMEOUT)
                     assert payloads_of(got) == payloads
     # Stored whatever the policy: a restart replays it all.
     async with running_broker(data_dir=tmp_path, topic_settings=settings) as server:
         with trio.fail_after(TIMEOUT):
             async with client.connect(server.url, name="fsync-2") as c:
                 async with c.subscribe(topic, start="earliest") as sub:
-                    assert payloads_of(await take(sub, 50)) == payloads
+                    assert payloads_of(await take(sub, 50, timeout=TIMEOUT)) == payloads
                 assert (await c.publish(topic, b"more")).durability is expected
 
 
@@ -933,7 +722,7 @@ async def test_per_topic_fsync_policies(
                         ack = p.result()
                         assert ack.offset == r, (name, r, ack)
                         assert ack.durability is topics[name], (name, ack.durability)
-                    got = await take(everything, rounds * len(topics))
+                    got = await take(everything, rounds * len(topics), timeout=TIMEOUT)
         per_topic: dict[str, list[int]] = {}
         for m in got:
             per_topic.setdefault(m.topic, []).append(m.offset)

@@ -34,19 +34,12 @@ from client.protocol import (
     encode_event,
 )
 
-from test_bad_input import (
-    HELLO,
-    TIMEOUT,
-    RawClient,
-    check_raw_healthy,
-    expect_fatal,
-    good_batch,
-    publish_frame,
-    raw_client,
-    subscribe_frame,
-    wait_sessions,
-)
+from helpers.frames import HELLO_FRAME, good_batch, publish_frame, subscribe_frame
+from helpers.inproc import session_named, wait_sessions
+from helpers.raw import RawClient, check_raw_healthy, expect_fatal, raw_client
 
+#: Bound on any single wait for the broker.
+TIMEOUT = 10.0
 #: Connections opened and dropped by the leak test, and how many at once.
 CONNECTIONS = 2000
 CONCURRENCY = 50
@@ -77,12 +70,6 @@ async def settle(check: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
     return False
 
 
-def session_of(server: Server, name: str) -> Session:
-    found = [s for s in server.sessions if s.client_name == name]
-    assert len(found) == 1, [s.client_name for s in server.sessions]
-    return found[0]
-
-
 def small_buffers(sock: trio.socket.SocketType) -> None:
     """Shrink the kernel's buffers so a stalled peer shows with little data."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -108,11 +95,11 @@ async def one_connection(server: Server, kind: int) -> None:
         if kind == 0:
             return  # connected, said nothing
         if kind == 1:
-            await stream.send_all(HELLO[:7])  # mid-handshake
+            await stream.send_all(HELLO_FRAME[:7])  # mid-handshake
             return
         raw = RawClient(stream)
         if kind == 2:
-            await raw.send(HELLO)  # HELLO, gone before reading WELCOME
+            await raw.send(HELLO_FRAME)  # HELLO, gone before reading WELCOME
             return
         await raw.handshake()
         await raw.send(subscribe_frame(1, b"churn.>"))
@@ -190,7 +177,7 @@ async def test_refused_connections_leak_no_fds_or_tasks() -> None:
                         stream = await trio.open_tcp_stream("127.0.0.1", server.port)
                     try:
                         if i % 3 == 1:
-                            await stream.send_all(HELLO)
+                            await stream.send_all(HELLO_FRAME)
                         elif i % 3 == 2:
                             stream.socket.setsockopt(
                                 socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
@@ -234,7 +221,7 @@ async def test_subscriber_that_never_reads_costs_bounded_memory() -> None:
         try:
             await stalled.send_event(Hello(client_name="stalled"))
             assert await stalled.request(encode_event(Subscribe(1, "flood.>"))) is not None
-            session = session_of(server, "stalled")
+            session = session_named(server, "stalled")
             peak = 0
             received = 0
 
@@ -284,24 +271,12 @@ async def test_hello_one_byte_at_a_time_is_cut_off_by_the_handshake_timeout() ->
     async with running_broker(handshake_timeout=0.5) as server:
         async with raw_client(server) as raw:
             raw.stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-            dripped = 0
-
-            async def drip() -> None:
-                nonlocal dripped
-                try:
-                    for i in range(len(HELLO)):
-                        await raw.send(HELLO[i : i + 1])
-                        dripped += 1
-                        await trio.sleep(0.2)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(drip)
+                nursery.start_soon(raw.drip, HELLO_FRAME, 0.2)
                 await expect_fatal(raw, ErrorCode.HANDSHAKE_REQUIRED)
                 nursery.cancel_scope.cancel()
             # It never got to finish its HELLO: dripping does not extend the deadline.
-            assert 0 < dripped < len(HELLO)
+            assert 0 < raw.dripped < len(HELLO_FRAME)
         await wait_sessions(server, 0)
 
 
@@ -319,7 +294,7 @@ async def test_publisher_that_never_reads_pubacks_is_bounded_then_backpressured(
             with trio.fail_after(TIMEOUT):
                 while session_of_or_none(server, "deaf") is None:
                     await trio.sleep(0.01)
-            session = session_of(server, "deaf")
+            session = session_named(server, "deaf")
             small_buffers(session.stream.socket)  # so the stall shows sooner
             sent = 0
             peak = 0

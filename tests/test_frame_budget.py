@@ -25,8 +25,6 @@ import gc
 import socket
 import struct
 import weakref
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -43,25 +41,22 @@ from broker.testing import running_broker
 from client.protocol import (
     HEADER_SIZE,
     MAGIC,
-    NEED_DATA,
-    Connection,
     Error,
     ErrorCode,
     FrameType,
     Goodbye,
     Hello,
     PubAck,
-    Role,
     Welcome,
-    encode_batch,
     encode_event,
-    encode_publish,
 )
 
-from test_bad_input import RawClient, raw_frame
-from test_cli import Broker, serve
-from test_receive_buffer import whole_publish
-from test_tls import make_certs
+from helpers.certs import Certs
+from helpers.frames import raw_frame, whole_publish
+from helpers.inproc import wait_until
+from helpers.procs import Broker, run, serve
+from helpers.raw import RawClient, raw_client
+
 
 #: Bound on any single wait.
 TIMEOUT = 20.0
@@ -132,16 +127,6 @@ def half_publish(frame_bytes: int) -> bytes:
     return head + bytes(HEADER_SIZE + frame_bytes - 1 - len(head))
 
 
-@asynccontextmanager
-async def raw_connection(port: int) -> AsyncIterator[RawClient]:
-    with trio.fail_after(TIMEOUT):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-    try:
-        yield RawClient(stream)
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
 async def open_handshaken(port: int, count: int) -> list[RawClient]:
     raws = []
     for i in range(count):
@@ -172,12 +157,6 @@ async def check_healthy(url: str, name: str) -> None:
                 got = [await anext(sub) for _ in payloads]
         assert [m.payload for m in got] == payloads
         assert [m.offset for m in got] == [a.offset for a in acks]
-
-
-async def wait_until(check: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    with trio.fail_after(timeout):
-        while not check():
-            await trio.sleep(0.01)
 
 
 def sessions_named(server: Server, name: str) -> list[Session]:
@@ -259,7 +238,7 @@ async def test_half_sent_hellos_are_refused_at_their_header(tmp_path: Path) -> N
 
         async def one() -> None:
             nonlocal peak
-            async with raw_connection(broker.port) as raw:
+            async with raw_client(broker.port) as raw:
                 # The header and the first 64 KiB of the body; the broker
                 # answers without waiting for the rest.
                 await send_forever(raw, head + bytes(64 * 1024))
@@ -326,7 +305,7 @@ async def test_accounting_while_the_budget_is_spent() -> None:
                 nursery.start_soon(send_forever, raw, half_publish(SMALL_FRAME))
             # The oldest frame takes all but what the others share; the
             # others wait for budget.
-            await wait_until(lambda: server.frame_budget.statistics().waiting >= attackers - 2)
+            await wait_until(lambda: server.frame_budget.statistics().waiting >= attackers - 2, TIMEOUT)
             stats = server.frame_budget.statistics()
             assert stats.used <= stats.capacity == budget
             sessions = [s for s in server.sessions if s.client_name == "raw-test"]
@@ -340,7 +319,7 @@ async def test_accounting_while_the_budget_is_spent() -> None:
             nursery.cancel_scope.cancel()
         for raw in raws:
             await trio.aclose_forcefully(raw.stream)
-        await wait_until(lambda: not sessions_named(server, "raw-test"))
+        await wait_until(lambda: not sessions_named(server, "raw-test"), TIMEOUT)
         assert server.frame_budget.statistics() == type(stats)(budget, 0, 0, 0)
 
 
@@ -358,7 +337,7 @@ async def test_uploads_holding_the_whole_budget_all_finish() -> None:
         assert half > FREE_BYTES and uploads * (half - FREE_BYTES) > SMALL_FRAME
         for raw, frame in zip(raws, frames):
             await raw.send(frame[:half])
-        await wait_until(lambda: server.frame_budget.statistics().waiting > 0)
+        await wait_until(lambda: server.frame_budget.statistics().waiting > 0, TIMEOUT)
         async with trio.open_nursery() as nursery:
             for raw, frame in zip(raws, frames):
                 nursery.start_soon(raw.send, frame[half:])
@@ -380,11 +359,11 @@ async def test_a_peer_stalled_mid_frame_is_timed_out_and_a_waiting_upload_is_not
         # The upload's connection is older: were its idle clock running
         # while it waits, it would time out first.
         async with client.connect(server.url, name="uploader", connect_timeout=TIMEOUT) as c:
-            async with raw_connection(server.port) as staller:
+            async with raw_client(server.port) as staller:
                 await staller.handshake()
                 await staller.send(half_publish(SMALL_FRAME))
                 budget = server.frame_budget
-                await wait_until(lambda: budget.used > SMALL_FRAME // 2)
+                await wait_until(lambda: budget.used > SMALL_FRAME // 2, TIMEOUT)
                 uploader = sessions_named(server, "uploader")[0]
                 async with trio.open_nursery() as nursery:
                     acks: list[client.PublishAck] = []
@@ -393,7 +372,7 @@ async def test_a_peer_stalled_mid_frame_is_timed_out_and_a_waiting_upload_is_not
                         acks.append(await c.publish("large.t", bytes(SMALL_FRAME - 1024)))
 
                     nursery.start_soon(upload)
-                    await wait_until(lambda: uploader.reads.waiting)
+                    await wait_until(lambda: uploader.reads.waiting, TIMEOUT)
                     # The staller gets a PING it cannot answer inside its
                     # frame, then ERROR 107; its budget comes back.
                     events = [await staller.next_event(timeout=8 * idle) for _ in range(2)]
@@ -402,11 +381,10 @@ async def test_a_peer_stalled_mid_frame_is_timed_out_and_a_waiting_upload_is_not
                     assert await staller.next_event() is None
                 assert len(acks) == 1 and acks[0].topic == "large.t"
                 assert uploader in server.sessions
-        await wait_until(lambda: budget.statistics().holders == 0)
+        await wait_until(lambda: budget.statistics().holders == 0, TIMEOUT)
 
 
-async def test_large_frames_over_tls(tmp_path: Path) -> None:
-    certs = make_certs(tmp_path)
+async def test_large_frames_over_tls(certs: Certs) -> None:
     async with running_broker(
         tls_cert=certs.cert_file,
         tls_key=certs.key_file,
@@ -428,7 +406,7 @@ async def test_large_frames_over_tls(tmp_path: Path) -> None:
 
 async def test_hello_up_to_its_limit_is_accepted() -> None:
     async with running_broker() as server:
-        async with raw_connection(server.port) as raw:
+        async with raw_client(server.port) as raw:
             name = b"n" * (MAX_HELLO_BYTES - len(MAGIC) - 2 - 2 - 2)
             body = MAGIC + b"\x00\x01" + struct.pack(">H", len(name)) + name + b"\x00\x00"
             assert len(body) == MAX_HELLO_BYTES
@@ -439,7 +417,7 @@ async def test_hello_up_to_its_limit_is_accepted() -> None:
             await raw.send(whole_publish(MAX_HELLO_BYTES * 4, 7))
             ack = await raw.next_event()
             assert isinstance(ack, PubAck) and ack.request_id == 7, ack
-        async with raw_connection(server.port) as raw:
+        async with raw_client(server.port) as raw:
             await raw.send(raw_frame(FrameType.HELLO, b"", size=MAX_HELLO_BYTES + 1))
             event = await raw.next_event()
             assert isinstance(event, Error) and event.code == ErrorCode.FRAME_TOO_LARGE, event
@@ -462,8 +440,8 @@ async def test_closed_sessions_are_freed_without_the_garbage_collector() -> None
                     await raw.handshake()
                 if how.endswith("mid-frame"):
                     await raw.send(half_publish(SMALL_FRAME))
-                    await wait_until(lambda: server.frame_budget.used > 0)
-                await wait_until(lambda: len(server.sessions) == 1)
+                    await wait_until(lambda: server.frame_budget.used > 0, TIMEOUT)
+                await wait_until(lambda: len(server.sessions) == 1, TIMEOUT)
                 ref = weakref.ref(next(iter(server.sessions)))
                 if how == "goodbye":
                     await raw.send(encode_event(Goodbye()))
@@ -475,7 +453,7 @@ async def test_closed_sessions_are_freed_without_the_garbage_collector() -> None
                     stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     await trio.aclose_forcefully(stream)
                 # "silent": the handshake timeout ends it.
-                await wait_until(lambda: not server.sessions)
+                await wait_until(lambda: not server.sessions, TIMEOUT)
                 await trio.aclose_forcefully(stream)
                 assert server.frame_budget.used == 0
                 # The session's task is done; let the scheduler drop it.
@@ -553,8 +531,6 @@ def test_budget_setting_and_flag() -> None:
 
 
 async def test_serve_refuses_a_budget_below_the_frame_size(tmp_path: Path) -> None:
-    from test_cli import run
-
     result = await run(["serve", "--port", "0", "--no-http", "--max-pending-frame-bytes", "1000",
                         "--data-dir", str(tmp_path / "data")])
     assert result.returncode == 2

@@ -28,7 +28,9 @@ from client.protocol import (
     frame_at,
 )
 
-from test_codec import CASES, Case, encoded, raw_frame, u16, u32, u64
+from helpers.cases import CASES, Case, encoded
+from helpers.frames import raw_frame, u16, u32, u64
+
 
 DELIVERS = [
     Deliver(1, "a", 0, 0, encode_batch([b"x"])),

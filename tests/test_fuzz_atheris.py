@@ -1,4 +1,4 @@
-"""A bounded run of the codec's atheris harness (fuzz/fuzz_codec.py).
+"""A bounded run of the codec's atheris harness (tests/fuzz/fuzz_codec.py).
 
 The harness needs the ``fuzz`` extra (``pip install -e '.[test,fuzz]'``,
 which CI installs); without atheris this test skips and says so. It runs
@@ -21,7 +21,8 @@ pytest.importorskip(
     "atheris", reason="atheris is not installed: pip install -e '.[fuzz]' to run the codec fuzzer"
 )
 
-HARNESS = Path(__file__).resolve().parent.parent / "fuzz" / "fuzz_codec.py"
+ROOT = Path(__file__).resolve().parent.parent
+HARNESS = ROOT / "tests" / "fuzz" / "fuzz_codec.py"
 RUNS = 30_000
 SEED = 1
 #: A bound on the subprocess, far above what the runs take (a few seconds).
@@ -47,7 +48,7 @@ def test_atheris_codec_harness_bounded_run(tmp_path: Path) -> None:
         text=True,
         timeout=TIMEOUT,
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(HARNESS.parent.parent)},
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     crashes = sorted(p.name for p in artifacts.iterdir())
     assert proc.returncode == 0 and not crashes, (

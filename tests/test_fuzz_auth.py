@@ -44,10 +44,8 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import os
 import random
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +64,7 @@ from client.protocol import (
     Deliver,
     Error,
     ErrorCode,
+    FrameType,
     Event,
     Goodbye,
     GroupDeliver,
@@ -88,20 +87,21 @@ from client.protocol import (
     encode_event,
 )
 
-from authfiles import CHEAP, user_entry, write_users
-from test_fuzz_broker import (
+from helpers.auth import CHEAP, user_entry, write_users
+from helpers.brokerlog import broker_log
+from helpers.frames import hello_body, raw_frame, s16, u16
+from helpers.fuzzing import (
     HEALTHY_TOPIC,
+    SEED,
     Healthy,
-    RawPeer,
-    broker_log,
     mutate,
     random_batch,
-    raw_peer,
     valid_client_event,
     wrong_direction_event,
 )
+from helpers.raw import RawClient, raw_client
 
-SEED = int(os.environ.get("PYBROKER_FUZZ_SEED", "20261128"))
+
 ROUNDS = 15
 UNAUTH_PER_ROUND = 100
 RESTRICTED_FRAMES_PER_ROUND = 300
@@ -110,7 +110,8 @@ PIPELINE = (1, 12)
 TIMEOUT = 10.0
 RUN_TIMEOUT = 60.0
 
-_HEADER = struct.Struct(">IBB")
+#: Bound on each wait of a raw connection (as in test_fuzz_broker.py).
+PEER_TIMEOUT = 15.0
 
 # -- users ------------------------------------------------------------------
 
@@ -272,14 +273,13 @@ def right_hello(rng: random.Random) -> Hello:
 
 def hello_frame(hello: Hello, version: int | None = None, flags: int = 0, magic: bytes = b"PYBK") -> bytes:
     """HELLO bytes built by hand, so the version, magic and flags can be wrong."""
-
-    def s16(text: str) -> bytes:
-        data = text.encode("utf-8")
-        return struct.pack(">H", len(data)) + data
-
-    body = magic + struct.pack(">H", hello.version if version is None else version) + s16(hello.client_name)
-    body += struct.pack(">H", len(hello.options)) + b"".join(s16(k) + s16(v) for k, v in hello.options.items())
-    return _HEADER.pack(len(body), 0x01, flags) + body
+    options = u16(len(hello.options)) + b"".join(
+        s16(k.encode("utf-8")) + s16(v.encode("utf-8")) for k, v in hello.options.items()
+    )
+    body = hello_body(
+        magic, hello.version if version is None else version, hello.client_name.encode("utf-8"), options
+    )
+    return raw_frame(FrameType.HELLO, body, flags)
 
 
 def far_secret(rng: random.Random) -> str:
@@ -439,7 +439,7 @@ class Tally:
 
 
 async def run_unauth(server: Server, data: bytes, tally: Tally) -> None:
-    async with raw_peer(server) as peer:
+    async with raw_client(server, timeout=PEER_TIMEOUT, reset_is_eof=True) as peer:
         peer.conn.send(Hello("unauth"))  # the codec must take a WELCOME: so we can see one
         try:
             await peer.send(data)
@@ -506,7 +506,7 @@ class Expect:
 
 
 class Rita:
-    def __init__(self, peer: RawPeer, world: World, rng: random.Random, tally: Tally) -> None:
+    def __init__(self, peer: RawClient, world: World, rng: random.Random, tally: Tally) -> None:
         self.peer = peer
         self.world = world
         self.rng = rng
@@ -793,7 +793,7 @@ class HalHealthy(Healthy):
 
 
 async def rita_round(server: Server, world: World, rng: random.Random, tally: Tally) -> None:
-    async with raw_peer(server) as peer:
+    async with raw_client(server, timeout=PEER_TIMEOUT, reset_is_eof=True) as peer:
         await peer.send(peer.conn.send(Hello("rita", options={"user": "rita", "password": RITA_PASSWORD})))
         assert isinstance(await peer.next_event(), Welcome)
         rita = Rita(peer, world, rng, tally)
@@ -819,7 +819,7 @@ def test_password_with_trailing_nul_is_wrong() -> None:
 async def test_hello_with_password_plus_nul_is_refused(tmp_path: Path) -> None:
     async with running_broker(data_dir=tmp_path / "data", auth_file=users(tmp_path)) as server:
         for password in (RITA_PASSWORD + "\0", RITA_PASSWORD + "\0\0"):
-            async with raw_peer(server) as peer:
+            async with raw_client(server, timeout=PEER_TIMEOUT, reset_is_eof=True) as peer:
                 hello = Hello("nul", options={"user": "rita", "password": password})
                 await peer.send(peer.conn.send(hello) + encode_event(Publish(1, "a.x", random_batch(random.Random(1)))))
                 event = await peer.next_event()

@@ -23,18 +23,12 @@ another run. Counts and times are bounded.
 
 from __future__ import annotations
 
-import os
 import random
 import struct
-import sys
-import zlib
-from collections.abc import AsyncIterator, Iterator, MutableMapping
-from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import attrs
-import structlog.testing
 import trio
 
 import client
@@ -42,47 +36,39 @@ from broker.config import Limits
 from broker.server import Server
 from broker.testing import running_broker
 from client.protocol import (
-    CLOSED,
-    NEED_DATA,
-    UNLIMITED_CREDIT,
     Ack,
     AckKind,
-    Connection,
-    Credit,
-    Deliver,
-    Durability,
     Error,
     ErrorCode,
     Event,
     GroupDeliver,
     Goodbye,
-    Groups,
-    GroupsAction,
-    GroupsReply,
     Hello,
-    Info,
-    InfoReply,
     MalformedBatch,
-    Ping,
-    Pong,
     PubAck,
     Publish,
-    RefKind,
     RemoteProtocolError,
-    Role,
     StartKind,
     SubAck,
     Subscribe,
-    TopicInfo,
-    UnsubAck,
-    Unsubscribe,
     Welcome,
     decode_batch,
     encode_batch,
     encode_event,
 )
 
-SEED = int(os.environ.get("PYBROKER_FUZZ_SEED", "20261128"))
+from helpers.brokerlog import broker_log
+from helpers.frames import HEADER, batch_with_count
+from helpers.fuzzing import (
+    GROUP,
+    SEED,
+    Healthy,
+    mutate,
+    valid_client_event,
+    wrong_direction_event,
+)
+from helpers.raw import raw_client
+
 ROUNDS = 20
 CONNECTIONS_PER_ROUND = 25
 #: A connection sends this many valid frames, then (mostly) one fault, then
@@ -96,139 +82,11 @@ RUN_TIMEOUT = 240.0
 #: A fuzz connection that gets more answers than this is flooding us.
 MAX_ANSWERS = 20_000
 
-HEALTHY_TOPIC = "healthy.data"
-FUZZ_TOPICS = ["fuzz.a", "fuzz.b.c", "fuzz.group.x", "fuzz.group.y"]
-GROUP = "fuzzers"
 GROUP_PATTERN = "fuzz.>"
-
-_HEADER = struct.Struct(">IBB")
-_BATCH_HEADER = struct.Struct(">II")
 
 
 # --------------------------------------------------------------------------
-# Frame generators (seeded; byte builders independent of the codec's checks)
-
-
-def fixed_crc(records: bytes, count: int) -> bytes:
-    """A batch around arbitrary record bytes whose CRC matches them."""
-    return _BATCH_HEADER.pack(count, zlib.crc32(records)) + records
-
-
-def random_batch(rng: random.Random) -> bytes:
-    messages: list[bytes | tuple[bytes, dict[str, str] | None]] = []
-    for _ in range(rng.randint(1, 4)):
-        payload = rng.randbytes(rng.randint(0, 24))
-        if rng.random() < 0.3:
-            messages.append((payload, {"k": str(rng.randint(0, 9)), "é": "ü"}))
-        else:
-            messages.append(payload)
-    return encode_batch(messages)
-
-
-def crc_fixed_mutant(rng: random.Random) -> bytes:
-    """A batch whose records were mutated after encoding, CRC recomputed.
-
-    The broker checks only the envelope, so it stores these; whatever reads
-    records later (groups splitting or dead-lettering, subscribers) must cope.
-    """
-    batch = bytearray(random_batch(rng))
-    records = batch[_BATCH_HEADER.size :]
-    count = _BATCH_HEADER.unpack_from(batch, 0)[0]
-    choice = rng.randrange(4)
-    if choice == 0 and records:
-        for _ in range(rng.randint(1, 3)):
-            records[rng.randrange(len(records))] = rng.randrange(256)
-    elif choice == 1:
-        # More records announced than there are, with just enough bytes for
-        # the broker's envelope check (6 per record) to pass.
-        count += rng.randint(1, 3)
-        records += bytes(max(0, 6 * count - len(records)) + rng.randint(0, 3))
-    elif choice == 2 and len(records) >= 4:
-        # The first record's payload_len swallows what follows.
-        struct.pack_into(">I", records, 0, len(records) - rng.randint(0, 5))
-        count = max(count, 2)
-        records += bytes(6 * count)
-    else:
-        records += rng.randbytes(rng.randint(1, 7))  # trailing bytes
-    return fixed_crc(bytes(records), count)
-
-
-def valid_client_event(rng: random.Random) -> Event:
-    topic = rng.choice(FUZZ_TOPICS)
-    pick = rng.randrange(11)
-    if pick <= 2:
-        batch = crc_fixed_mutant(rng) if rng.random() < 0.35 else random_batch(rng)
-        return Publish(rng.choice([0, rng.getrandbits(64)]), topic, batch, rng.random() < 0.1)
-    if pick == 3:
-        options: dict[str, str] = {}
-        if rng.random() < 0.3:
-            options = {"group": rng.choice([GROUP, "fz1", "fz2"]), "max_ack_pending": "1"}
-        return Subscribe(
-            rng.randrange(8),
-            rng.choice(["fuzz.>", "fuzz.*", topic, "fuzz.*.x"]),
-            StartKind(rng.randrange(4)) if not options else StartKind.EARLIEST,
-            rng.choice([0, 1, rng.getrandbits(64)]),
-            rng.choice([1, 5, UNLIMITED_CREDIT]),
-            options,
-        )
-    if pick == 4:
-        return Unsubscribe(rng.randrange(8))
-    if pick == 5:
-        return Credit(rng.randrange(8), rng.choice([1, 100, 2**32 - 1]))
-    if pick == 6:
-        first = rng.randrange(50)
-        return Ack(
-            rng.randrange(8),
-            AckKind(rng.randrange(4)),
-            topic,
-            ((first, first + rng.randrange(5)),),
-            rng.choice([0, 10]),
-        )
-    if pick == 7:
-        return Info(rng.getrandbits(64), rng.choice([">", "fuzz.>", "*"]))
-    if pick == 8:
-        return Groups(rng.getrandbits(64), GroupsAction(rng.randrange(3)), rng.choice(["", GROUP, "fz1"]))
-    if pick == 9:
-        return Ping(rng.getrandbits(64))
-    rest: list[Event] = [Pong(1), Error(ErrorCode.BAD_REQUEST, "fuzz", 0, RefKind.NONE)]
-    return rng.choice(rest)
-
-
-def wrong_direction_event(rng: random.Random) -> Event:
-    """A frame the client may never send, or not now."""
-    events: list[Event] = [
-        Hello("again"),
-        Welcome("0.1.0", "fake"),
-        PubAck(1, 0, 1, 0, Durability.DISK),
-        SubAck(1),
-        UnsubAck(1),
-        Deliver(1, "fuzz.a", 0, 0, random_batch(rng)),
-        GroupDeliver(1, "fuzz.a", 0, 0, 1, random_batch(rng)),
-        InfoReply(1, (TopicInfo("fuzz.a", 0, 1, 10, 0),)),
-        GroupsReply(1, "{}"),
-    ]
-    return rng.choice(events)
-
-
-def mutate(rng: random.Random, data: bytes) -> bytes:
-    out = bytearray(data)
-    how = rng.randrange(5)
-    if how == 0:  # flip bits
-        for _ in range(rng.randint(1, 3)):
-            out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
-    elif how == 1:  # overwrite bytes
-        for _ in range(rng.randint(1, 4)):
-            out[rng.randrange(len(out))] = rng.randrange(256)
-    elif how == 2:  # wrong length in the header
-        size = _HEADER.unpack_from(out, 0)[0]
-        delta = rng.choice([-3, -1, 1, 2, 9, 2**20, 2**31])
-        struct.pack_into(">I", out, 0, max(0, min(size + delta, 2**32 - 1)))
-    elif how == 3:  # truncated
-        del out[rng.randrange(len(out)) :]
-    else:  # bytes inserted
-        pos = rng.randrange(len(out) + 1)
-        out[pos:pos] = rng.randbytes(rng.randint(1, 5))
-    return bytes(out)
+# Fuzz connections (the frame generators: tests/helpers/fuzzing.py)
 
 
 def fault(rng: random.Random) -> bytes:
@@ -265,46 +123,6 @@ def fuzz_connection(rng: random.Random) -> FuzzConnection:
 # Talking to the broker
 
 
-class RawPeer:
-    """A TCP connection: raw bytes out, the broker's frames in through the
-    client-side codec (so an invalid frame from the broker fails the test)."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.conn = Connection(Role.CLIENT)
-
-    async def send(self, data: bytes) -> None:
-        with trio.fail_after(TIMEOUT):
-            await self.stream.send_all(data)
-
-    async def next_event(self, timeout: float = TIMEOUT) -> Event | None:
-        """The broker's next frame, or None at EOF."""
-        with trio.fail_after(timeout):
-            while True:
-                event = self.conn.next_event()
-                if event is NEED_DATA:
-                    try:
-                        data = await self.stream.receive_some(65536)
-                    except trio.BrokenResourceError:
-                        data = b""  # a reset after the broker's close
-                    self.conn.receive_data(data)
-                    continue
-                if event is CLOSED:
-                    return None
-                assert not isinstance(event, type(NEED_DATA)), event
-                return event  # type: ignore[return-value]
-
-
-@asynccontextmanager
-async def raw_peer(server: Server) -> AsyncIterator[RawPeer]:
-    with trio.fail_after(TIMEOUT):
-        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-    try:
-        yield RawPeer(stream)
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
 @attrs.define
 class Tally:
     connections: int = 0
@@ -316,7 +134,7 @@ class Tally:
 
 
 async def run_fuzz_connection(server: Server, fc: FuzzConnection, tally: Tally) -> None:
-    async with raw_peer(server) as peer:
+    async with raw_client(server, timeout=TIMEOUT, reset_is_eof=True) as peer:
         # The codec believes HELLO went out either way, so a WELCOME (a HELLO
         # may hide in the random bytes) or an ERROR are both legal answers.
         hello = peer.conn.send(Hello("fuzz"))
@@ -365,7 +183,7 @@ async def group_member(
     many GROUP_DELIVERs it got. Started once it created the group, so the
     group has its settings (fuzz connections join it too)."""
     got = 0
-    async with raw_peer(server) as peer:
+    async with raw_client(server, timeout=TIMEOUT, reset_is_eof=True) as peer:
         await peer.send(peer.conn.send(Hello("member")))
         assert isinstance(await peer.next_event(), Welcome)
         options = {"group": GROUP, "max_ack_pending": "3", "ack_wait_ms": "30", "max_deliver": "2"}
@@ -426,57 +244,6 @@ async def group_caught_up(server: Server) -> None:
     raise AssertionError(f"group stuck: {state}, members {members}, {group.config}")
 
 
-class Healthy:
-    """The well-behaved client: what it published and had acknowledged."""
-
-    def __init__(self, c: client.Client) -> None:
-        self.c = c
-        self.acked: dict[int, bytes] = {}  # offset -> payload
-        self.counter = 0
-
-    async def check(self, n: int = 5) -> None:
-        """Publish n messages with a live subscription; all arrive intact."""
-        payloads = []
-        for _ in range(n):
-            payloads.append(f"healthy-{self.counter}-".encode() + bytes(range(self.counter % 256)))
-            self.counter += 1
-        with trio.fail_after(TIMEOUT):
-            async with self.c.subscribe(HEALTHY_TOPIC) as sub:
-                acks = await self.c.publish_many(HEALTHY_TOPIC, payloads)
-                got = [await anext(sub) for _ in range(n)]
-            await self.c.ping()
-        assert [m.payload for m in got] == payloads
-        assert [m.offset for m in got] == [a.offset for a in acks]
-        for ack, payload in zip(acks, payloads, strict=True):
-            assert ack.offset not in self.acked
-            self.acked[ack.offset] = payload
-
-    async def verify_replay(self, server: Server) -> None:
-        async with client.connect(server.url, name="replay", connect_timeout=TIMEOUT) as c:
-            with trio.fail_after(TIMEOUT):
-                async with c.subscribe(HEALTHY_TOPIC, start="earliest") as sub:
-                    replayed = [await anext(sub) for _ in range(len(self.acked))]
-        assert {m.offset: m.payload for m in replayed} == self.acked
-        assert [m.offset for m in replayed] == sorted(self.acked)
-
-
-def _exception_now(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
-    if event_dict.get("exc_info") is True:
-        event_dict["exc_info"] = repr(sys.exc_info()[1])
-    return event_dict
-
-
-@contextmanager
-def broker_log() -> Iterator[list[MutableMapping[str, Any]]]:
-    """The broker's log; nothing at error level, no session ended by an
-    internal error."""
-    with structlog.testing.capture_logs(processors=[_exception_now]) as logs:
-        yield logs
-    bad = [e for e in logs if e.get("log_level") in ("error", "critical", "exception")]
-    bad += [e for e in logs if e.get("reason") == "internal error"]
-    assert not bad, f"the broker logged errors: {bad[:5]}"
-
-
 def broker_config(tmp_path: Path) -> dict[str, Any]:
     return {
         "data_dir": tmp_path / "data",
@@ -492,7 +259,7 @@ def broker_config(tmp_path: Path) -> dict[str, Any]:
 def malformed_but_crc_ok() -> bytes:
     """Two records announced; the first one's payload takes all but 3 bytes."""
     records = struct.pack(">IH", 3, 0) + b"abc" + b"\x00\x00\x00"
-    return fixed_crc(records, 2)
+    return batch_with_count(2, records)
 
 
 async def test_group_survives_batch_whose_records_do_not_tile(tmp_path: Path) -> None:
@@ -502,14 +269,14 @@ async def test_group_survives_batch_whose_records_do_not_tile(tmp_path: Path) ->
     task and took the whole broker down."""
     with broker_log() as logs:
         async with running_broker(**broker_config(tmp_path)) as server:
-            async with raw_peer(server) as member:
+            async with raw_client(server, timeout=TIMEOUT, reset_is_eof=True) as member:
                 await member.send(member.conn.send(Hello("member")))
                 assert isinstance(await member.next_event(), Welcome)
                 options = {"group": "g", "max_ack_pending": "1", "ack_wait_ms": "30"}
                 await member.send(member.conn.send(Subscribe(1, "bad.>", StartKind.EARLIEST, options=options)))
                 assert await member.next_event() == SubAck(1)
                 async with client.connect(server.url, connect_timeout=TIMEOUT) as c:
-                    async with raw_peer(server) as pub:
+                    async with raw_client(server, timeout=TIMEOUT, reset_is_eof=True) as pub:
                         await pub.send(pub.conn.send(Hello("pub")))
                         assert isinstance(await pub.next_event(), Welcome)
                         await pub.send(pub.conn.send(Publish(5, "bad.topic", malformed_but_crc_ok())))
@@ -537,7 +304,7 @@ async def test_dead_letter_of_message_with_malformed_headers(tmp_path: Path) -> 
     with broker_log():
         async with running_broker(**broker_config(tmp_path)) as server:
             async with client.connect(server.url, connect_timeout=TIMEOUT) as c:
-                async with raw_peer(server) as member:
+                async with raw_client(server, timeout=TIMEOUT, reset_is_eof=True) as member:
                     await member.send(member.conn.send(Hello("member")))
                     assert isinstance(await member.next_event(), Welcome)
                     options = {"group": "g", "ack_wait_ms": "20", "max_deliver": "1"}
@@ -545,7 +312,7 @@ async def test_dead_letter_of_message_with_malformed_headers(tmp_path: Path) -> 
                         member.conn.send(Subscribe(1, "dl.>", StartKind.EARLIEST, options=options))
                     )
                     assert await member.next_event() == SubAck(1)
-                    await member.send(member.conn.send(Publish(0, "dl.t", fixed_crc(records, 1))))
+                    await member.send(member.conn.send(Publish(0, "dl.t", batch_with_count(1, records))))
                     event = await member.next_event()
                     assert isinstance(event, GroupDeliver), event
                     # Not acked: after 20 ms it is dead-lettered.
@@ -584,13 +351,13 @@ async def test_pubacks_owed_go_out_before_the_fatal_error(tmp_path: Path) -> Non
     client's codec rightly rejects as frames after the peer finished."""
     with broker_log():
         async with running_broker(**broker_config(tmp_path)) as server:
-            async with raw_peer(server) as peer:
+            async with raw_client(server, timeout=TIMEOUT, reset_is_eof=True) as peer:
                 await peer.send(peer.conn.send(Hello("pub")))
                 assert isinstance(await peer.next_event(), Welcome)
                 publishes = b"".join(
                     encode_event(Publish(i + 1, "acks.t", encode_batch([b"m%d" % i]))) for i in range(20)
                 )
-                await peer.send(publishes + _HEADER.pack(1, 0x40, 0) + b"\x00")  # a 1-byte PING
+                await peer.send(publishes + HEADER.pack(1, 0x40, 0) + b"\x00")  # a 1-byte PING
                 events = []
                 while (event := await peer.next_event()) is not None:
                     events.append(event)

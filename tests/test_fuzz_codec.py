@@ -27,7 +27,8 @@ exception but LocalProtocolError/RemoteProtocolError escapes, every code is
 from the table (and fatal, when receiving), and a broken receiver raises the
 same error forever (errors are sticky).
 
-The sample events and value strategies are test_codec.py's.
+The sample events and value strategies are shared with test_codec.py
+(tests/helpers/cases.py, tests/helpers/strategies.py).
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ from client.protocol import (
     encode_event,
     split_records,
 )
-from test_codec import (
-    SAMPLES,
+
+from helpers.cases import SAMPLES
+from helpers.strategies import (
     U8,
     U16,
     U32,
@@ -92,9 +94,9 @@ from test_codec import (
     errors,
     hellos,
     server_events,
+    str_maps,
     texts,
     welcomes,
-    str_maps,
 )
 
 C, S = Role.CLIENT, Role.SERVER
@@ -134,7 +136,7 @@ def finishes(event: Event) -> bool:
 
 
 # --------------------------------------------------------------------------
-# Strategies beyond test_codec.py's (the frame types its strategies lack)
+# Strategies beyond the shared ones (the frame types they lack)
 
 acks = st.builds(
     Ack,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,12 +11,8 @@ import client
 from broker.server import Server
 from client.protocol import AckKind, ErrorCode
 
-
-async def _wait_for(predicate: object, seconds: float = 10) -> None:
-    assert callable(predicate)
-    with trio.fail_after(seconds):
-        while not predicate():
-            await trio.sleep(0.01)
+from helpers.inproc import wait_until
+from helpers.procs import run
 
 
 async def test_list_inspect_delete(pybroker_server: Server) -> None:
@@ -35,9 +30,9 @@ async def test_list_inspect_delete(pybroker_server: Server) -> None:
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(take)
-                await _wait_for(lambda: len(held) == 3)
+                await wait_until(lambda: len(held) == 3)
                 await held[0].ack()
-                await _wait_for(lambda: len(held) == 4)
+                await wait_until(lambda: len(held) == 4)
                 nursery.cancel_scope.cancel()
 
             listed = await c.groups("list")
@@ -69,23 +64,17 @@ async def test_list_inspect_delete(pybroker_server: Server) -> None:
         got: list[int] = []
         await w.subscribe("jobs.*", lambda m: got.append(m.offset), group="workers")
         await c.publish("jobs.a", b"6")
-        await _wait_for(lambda: got == [5])
+        await wait_until(lambda: got == [5])
 
 
 async def test_pybroker_groups_cli(pybroker_server: Server, tmp_path: Path) -> None:
     async with client.connect(pybroker_server.url) as c:
         await c.subscribe("cli.q", lambda m: None, group="cli-group")
         await c.publish("cli.q", b"x")
-        await _wait_for(lambda: pybroker_server.broker.groups.groups["cli-group"].acked == 1)
+        await wait_until(lambda: pybroker_server.broker.groups.groups["cli-group"].acked == 1)
 
         async def cli(*args: str) -> tuple[int, str, str]:
-            with trio.fail_after(30):
-                result = await trio.run_process(
-                    [sys.executable, "-m", "broker.cli", "groups", *args, "--url", pybroker_server.url],
-                    capture_stdout=True,
-                    capture_stderr=True,
-                    check=False,
-                )
+            result = await run(["groups", *args, "--url", pybroker_server.url], timeout=30)
             return result.returncode, result.stdout.decode(), result.stderr.decode()
 
         code, out, _ = await cli()

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +11,12 @@ import trio
 import client
 from broker.testing import running_broker
 
+from helpers.inproc import wait_until
+from helpers.procs import broker_process
 
-async def _wait_for(predicate: object, seconds: float = 10) -> None:
-    assert callable(predicate)
-    with trio.fail_after(seconds):
-        while not predicate():
-            await trio.sleep(0.01)
+
+#: Bound on one wait for a subprocess broker or its deliveries.
+TIMEOUT = 20.0
 
 
 async def test_restart_keeps_position_and_redelivers_unacked(tmp_path: Path) -> None:
@@ -43,7 +38,7 @@ async def test_restart_keeps_position_and_redelivers_unacked(tmp_path: Path) -> 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(take)
                     # 40 acked, then 50 more handed out and held unacked.
-                    await _wait_for(lambda: len(held) == 90)
+                    await wait_until(lambda: len(held) == 90)
                     await trio.sleep(0.1)  # the acks reach the broker
                     nursery.cancel_scope.cancel()
                 info = await pub.groups("inspect", "workers")
@@ -59,7 +54,7 @@ async def test_restart_keeps_position_and_redelivers_unacked(tmp_path: Path) -> 
             assert info["topics"]["jobs"] == {"cursor": 90, "pending": 50}
             got: list[client.Message] = []
             await c.subscribe("jobs", got.append, group="workers")
-            await _wait_for(lambda: len(got) == 60)
+            await wait_until(lambda: len(got) == 60)
             await trio.sleep(0.2)
             assert sorted(m.offset for m in got) == list(range(40, 100))
             # The 50 held before the restart are deliveries 2; the rest are new.
@@ -67,7 +62,7 @@ async def test_restart_keeps_position_and_redelivers_unacked(tmp_path: Path) -> 
                 **{o: 2 for o in range(40, 90)},
                 **{o: 1 for o in range(90, 100)},
             }
-            await _wait_for(lambda: server.broker.groups.groups["workers"].acked == 60)
+            await wait_until(lambda: server.broker.groups.groups["workers"].acked == 60)
     # Everything acknowledged: a third start has nothing to deliver.
     async with running_broker(data_dir=data) as server:
         info = server.broker.groups.groups["workers"].statistics()
@@ -95,59 +90,18 @@ async def test_damaged_group_state_is_reported_not_fatal(tmp_path: Path) -> None
             got: list[int] = []
             await c.subscribe("t", lambda m: got.append(m.offset), group="broken")
             await c.publish("t", b"x")
-            await _wait_for(lambda: got == [0])
-
-
-class Broker:
-    """`pybroker serve` as a subprocess, restartable on the same data dir."""
-
-    def __init__(self, data: Path, log: Path) -> None:
-        self.data, self.log = data, log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
-        self._starts = 0
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "broker.cli", "serve", "--port", "0", "--no-http",
-                 "--data-dir", str(self.data), "--log-format", "json"],
-                stdout=subprocess.DEVNULL,
-                stderr=out,
-            )
-        for _ in range(600):
-            events = [json.loads(x) for x in self.log.read_text().splitlines() if x.startswith("{")]
-            urls = [e["url"] for e in events if e.get("event") == "listening"]
-            if len(urls) > self._starts:
-                self._starts = len(urls)
-                self.url = urls[-1]
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        raise AssertionError(self.log.read_text())
-
-    def kill_9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+            await wait_until(lambda: got == [0])
 
 
 async def test_kill_9_loses_no_job(tmp_path: Path) -> None:
     """At least once across SIGKILL: every published job is processed,
     whatever the broker's last group snapshot held."""
-    broker = Broker(tmp_path / "data", tmp_path / "serve.log")
     done: set[int] = set()
-    broker.start()
-    try:
+    async with broker_process(tmp_path / "data", tmp_path, "--no-http") as broker:
+        await broker.start()
         async with client.connect(broker.url) as pub:
             await pub.publish_many("jobs", [b"%d" % i for i in range(2000)])
+
         async def slow_worker(msg: client.Message) -> None:
             await trio.sleep(0.002)  # so each cycle ends mid-stream
             done.add(msg.offset)
@@ -160,21 +114,17 @@ async def test_kill_9_loses_no_job(tmp_path: Path) -> None:
                         "jobs", slow_worker, group="w", start="earliest", max_ack_pending=20
                     )
                     await trio.sleep_forever()
-            broker.kill_9()
-            broker.start()
+            await broker.kill()
+            await broker.start()
         assert 0 < len(done) < 2000, len(done)  # the kills did land mid-stream
         async with client.connect(broker.url) as w:
             await w.subscribe("jobs", lambda m: done.add(m.offset), group="w", start="earliest")
-            await _wait_for(lambda: len(done) == 2000, seconds=30)
+            await wait_until(lambda: len(done) == 2000, timeout=30)
         assert done == set(range(2000))
-    finally:
-        broker.stop()
 
 
 # ---------------------------------------------------------------------------
 # Delivery counts and dead letters across kill -9 (`pybroker serve`, SIGKILL)
-
-from test_durability import TIMEOUT, broker_process  # noqa: E402
 
 
 async def _next(sub: client.Subscription) -> client.Message:
@@ -221,7 +171,7 @@ async def test_poison_job_counted_across_kill_9_then_dead_lettered_once(tmp_path
             got: list[client.Message] = []
             await c.subscribe("jobs", got.append, **{**options, "auto_ack": True})
             await c.publish("jobs", b"fine")
-            await _wait_for(lambda: len(got) == 1)
+            await wait_until(lambda: len(got) == 1)
             # Dispatch hands out what waits for redelivery first: had the
             # poison job still been pending, it would be in dlq.w twice now.
             assert [(m.offset, m.payload, m.deliveries) for m in got] == [(1, b"fine", 1)]
@@ -273,7 +223,7 @@ async def test_delivery_counts_never_go_back_across_kill_9(tmp_path: Path) -> No
                 acked.add(msg.offset)
 
             await w.subscribe("jobs", finish, **options)
-            await _wait_for(lambda: len(acked) == jobs)
+            await wait_until(lambda: len(acked) == jobs)
         await broker.stop()
     redelivered = {o: d for o, d in seen.items() if len(d) > 1}
     assert redelivered, "the kills never caught a delivery in flight"

@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 
 import pytest
-import trio
 
 from broker.groups import GroupConfig, GroupManager
 from broker.storage.groupstate import (
@@ -39,8 +38,9 @@ from broker.storage.groupstate import (
 from broker.storage import FileStore, MemoryTopicLog
 from broker.router import Router, Subscription
 from client.protocol import AckKind, StartKind, decode_batch, encode_batch
-from faultyio import FaultyOps
-from test_groups import Delivery, FakeSession, GroupEvents
+
+from helpers.fakes import Delivery, FakeSession, GroupEvents
+from helpers.faults import FaultyOps
 
 TIMEOUT = 10.0
 

@@ -22,12 +22,11 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 import trio
 import trio.testing
@@ -37,39 +36,33 @@ import broker.groups.group as groups_module
 import client
 from broker.groups import Group, GroupConfig, GroupManager, Member, group_name_error
 from broker.storage import MemoryStore, MemoryTopicLog
-from broker.router import NoEvents, Router, Subscription, Topic
+from broker.router import Router, Subscription
 from broker.server import Server
 from broker.testing import running_broker
 from client import BrokerError, Client, Message
 from client.connection import _ranges
 from client.protocol import (
-    tokens_match,
-    CLOSED,
-    NEED_DATA,
     Ack,
     AckKind,
-    Connection,
     Deliver,
     Error,
     ErrorCode,
-    Event,
     GroupDeliver,
-    Hello,
-    Ping,
-    Pong,
     Publish,
     PubAck,
     RefKind,
-    Role,
     StartKind,
     SubAck,
     Subscribe,
-    Welcome,
     decode_batch,
     encode_batch,
-    encode_event,
     split_records,
 )
+
+from helpers.fakes import Delivery, FakeSession, GroupEvents, Headers
+from helpers.inproc import wait_until
+from helpers.raw import raw_client
+
 
 #: Upper bound, in seconds, on any single wait in the real-time tests.
 TIMEOUT = 10.0
@@ -79,59 +72,9 @@ LONG = 30.0
 #: How long "nothing more arrives" checks wait (real time).
 QUIET = 0.15
 
-Headers = Mapping[str, str]
-
 
 # ==========================================================================
 # Part 1: Group and GroupManager without sockets
-
-
-@attrs.frozen
-class Delivery:
-    """One GROUP_DELIVER a fake session was handed."""
-
-    sub_id: int
-    topic: str
-    base: int
-    timestamp: int
-    deliveries: int
-    messages: tuple[tuple[bytes, Headers], ...]
-
-    @property
-    def offsets(self) -> list[int]:
-        return list(range(self.base, self.base + len(self.messages)))
-
-    @property
-    def payloads(self) -> list[bytes]:
-        return [p for p, _ in self.messages]
-
-
-class FakeSession:
-    """Stands in for a broker Session: records group and plain deliveries."""
-
-    def __init__(self) -> None:
-        self.accepting = True
-        self.got: list[Delivery] = []
-        self.plain: list[tuple[int, str, int, list[tuple[bytes, Headers]]]] = []
-        self.arrived = trio.Event()
-
-    def deliver(
-        self, sub: Subscription, topic: Topic, base: int, ts: int, batch: bytes, count: int
-    ) -> None:
-        self.plain.append((sub.sub_id, topic.name, base, decode_batch(batch)))
-
-    def deliver_group(
-        self,
-        sub: Subscription,
-        topic: Topic,
-        base_offset: int,
-        timestamp: int,
-        deliveries: int,
-        batch: bytes,
-    ) -> None:
-        messages = tuple((p, dict(h)) for p, h in decode_batch(batch))
-        self.got.append(Delivery(sub.sub_id, topic.name, base_offset, timestamp, deliveries, messages))
-        self.arrived.set()
 
 
 class W:
@@ -177,31 +120,6 @@ class W:
                 self.session.arrived = trio.Event()
                 await self.session.arrived.wait()
         return self.session.got.pop(0)
-
-
-class GroupEvents(NoEvents):
-    """The router's events that concern groups, passed to a GroupManager as
-    the broker core does (broker/core.py)."""
-
-    def __init__(self) -> None:
-        self.manager: GroupManager | None = None
-
-    def topic_created(self, topic: Topic) -> None:
-        if self.manager is not None:  # None while the router recovers, before the groups
-            self.manager.topic_created(topic)
-
-    def batch_visible(self, topic: Topic) -> None:
-        if self.manager is not None:
-            self.manager.wake()
-
-    def sync_failed(self) -> None:
-        if self.manager is not None:
-            self.manager.wake()
-
-    def group_matches(self, name: str) -> bool:
-        if self.manager is None:
-            return False
-        return any(tokens_match(g.tokens, name.split(".")) for g in self.manager.groups.values())
 
 
 class Bench:
@@ -862,13 +780,6 @@ def group_of(server: Server, name: str) -> Group:
     return server.broker.groups.groups[name]
 
 
-async def wait_until(check: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    """Poll ``check`` (broker state) until true, bounded."""
-    with trio.fail_after(timeout):
-        while not check():
-            await trio.sleep(0.005)
-
-
 async def quiet(*clients: Client) -> None:
     """A round trip on each connection, a short pause, another round trip."""
     with trio.fail_after(TIMEOUT):
@@ -1319,67 +1230,6 @@ async def test_non_positive_waits_are_refused_not_clamped(kwargs: dict[str, Any]
 # -- raw frames -----------------------------------------------------------------
 
 
-class Raw:
-    """A TCP connection speaking frames through the codec, for ACK corner cases."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.conn = Connection(Role.CLIENT)
-        self.backlog: list[Event] = []
-
-    async def send(self, event: Event) -> None:
-        with trio.fail_after(TIMEOUT):
-            await self.stream.send_all(encode_event(event))
-
-    async def next_event(self, timeout: float = TIMEOUT) -> Event | None:
-        if self.backlog:
-            return self.backlog.pop(0)
-        with trio.fail_after(timeout):
-            while True:
-                event = self.conn.next_event()
-                if event is NEED_DATA:
-                    self.conn.receive_data(await self.stream.receive_some(65536))
-                    continue
-                if event is CLOSED:
-                    return None
-                return event  # type: ignore[return-value]
-
-    async def expect(self, kind: type[Any], timeout: float = TIMEOUT) -> Any:
-        """The next event of ``kind``; others are kept for later."""
-        skipped: list[Event] = []
-        try:
-            for _ in range(1000):
-                event = await self.next_event(timeout)
-                assert event is not None, "the broker closed the connection"
-                if isinstance(event, kind):
-                    return event
-                skipped.append(event)
-            raise AssertionError(f"no {kind.__name__} in 1000 frames")
-        finally:
-            self.backlog[:0] = skipped
-
-    async def handshake(self) -> None:
-        with trio.fail_after(TIMEOUT):
-            await self.stream.send_all(self.conn.send(Hello(client_name="raw-groups")))
-        assert isinstance(await self.next_event(), Welcome)
-
-    async def ping(self, nonce: int) -> None:
-        await self.send(Ping(nonce))
-        assert await self.expect(Pong) == Pong(nonce)
-
-
-@asynccontextmanager
-async def raw_client(server: Server) -> AsyncIterator[Raw]:
-    with trio.fail_after(TIMEOUT):
-        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-    try:
-        raw = Raw(stream)
-        await raw.handshake()
-        yield raw
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
 def assert_bad_request(event: Any, sub_id: int) -> None:
     assert isinstance(event, Error), event
     assert (event.code, event.fatal, event.ref_kind, event.ref) == (
@@ -1392,10 +1242,10 @@ def assert_bad_request(event: Any, sub_id: int) -> None:
 
 
 async def test_raw_ack_errors_are_207_and_not_fatal() -> None:
-    async with broker() as server, raw_client(server) as raw:
-        await raw.send(Subscribe(1, "jobs"))
+    async with broker() as server, raw_client(server, handshake="raw-groups") as raw:
+        await raw.send_event(Subscribe(1, "jobs"))
         assert await raw.expect(SubAck) == SubAck(1)
-        await raw.send(Subscribe(2, "jobs", options={"group": "g"}))
+        await raw.send_event(Subscribe(2, "jobs", options={"group": "g"}))
         assert await raw.expect(SubAck) == SubAck(2)
         cases: list[tuple[int, Ack]] = [
             (1, Ack(1, AckKind.ACK, "jobs", ((0, 0),))),  # a plain subscription
@@ -1405,7 +1255,7 @@ async def test_raw_ack_errors_are_207_and_not_fatal() -> None:
             (2, Ack(2, AckKind.NAK, "jobs", ((5, 4),))),  # first > last
         ]
         for sub_id, ack in cases:
-            await raw.send(ack)
+            await raw.send_event(ack)
             assert_bad_request(await raw.expect(Error), sub_id)
         bad_options = [
             {"group": "g2", "ack_wait_ms": "0"},
@@ -1416,11 +1266,11 @@ async def test_raw_ack_errors_are_207_and_not_fatal() -> None:
             {"group": "g.2"},
         ]
         for i, options in enumerate(bad_options, start=10):
-            await raw.send(Subscribe(i, "jobs", options=options))
+            await raw.send_event(Subscribe(i, "jobs", options=options))
             assert_bad_request(await raw.expect(Error), i)
         assert "g2" not in server.broker.groups.groups
         # Valid settings from a later member are accepted (and ignored).
-        await raw.send(Subscribe(20, "jobs", options={"group": "g", "ack_wait_ms": "10"}))
+        await raw.send_event(Subscribe(20, "jobs", options={"group": "g", "ack_wait_ms": "10"}))
         assert await raw.expect(SubAck) == SubAck(20)
         assert group_of(server, "g").config.ack_wait == 30.0
         await raw.ping(1)
@@ -1428,22 +1278,22 @@ async def test_raw_ack_errors_are_207_and_not_fatal() -> None:
 
 
 async def test_raw_group_deliver_frames_and_redelivery() -> None:
-    async with broker() as server, raw_client(server) as raw:
-        await raw.send(Subscribe(3, "jobs", options={"group": "g", "ack_wait_ms": "500"}))
+    async with broker() as server, raw_client(server, handshake="raw-groups") as raw:
+        await raw.send_event(Subscribe(3, "jobs", options={"group": "g", "ack_wait_ms": "500"}))
         assert await raw.expect(SubAck) == SubAck(3)
-        await raw.send(Publish(1, "jobs", encode_batch([b"a", (b"b", {"h": "x"}), b"c"])))
+        await raw.send_event(Publish(1, "jobs", encode_batch([b"a", (b"b", {"h": "x"}), b"c"])))
         first: GroupDeliver = await raw.expect(GroupDeliver)
         ack: PubAck = await raw.expect(PubAck)
         assert (first.sub_id, first.topic, first.base_offset, first.deliveries) == (3, "jobs", 0, 1)
         assert first.timestamp == ack.timestamp
         assert decode_batch(first.batch) == [(b"a", {}), (b"b", {"h": "x"}), (b"c", {})]
         t0 = trio.current_time()
-        await raw.send(Ack(3, AckKind.ACK, "jobs", ((0, 0), (2, 2))))
+        await raw.send_event(Ack(3, AckKind.ACK, "jobs", ((0, 0), (2, 2))))
         again: GroupDeliver = await raw.expect(GroupDeliver, timeout=5)
         assert trio.current_time() - t0 >= 0.4  # not before the ack wait
         assert (again.base_offset, again.deliveries) == (1, 2)
         assert decode_batch(again.batch) == [(b"b", {"h": "x"})]
-        await raw.send(Ack(3, AckKind.ACK, "jobs", ((0, 2**64 - 1),)))
+        await raw.send_event(Ack(3, AckKind.ACK, "jobs", ((0, 2**64 - 1),)))
         group = group_of(server, "g")
         await wait_until(lambda: group.statistics()["pending"] == 0)
         await raw.ping(2)

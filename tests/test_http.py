@@ -12,15 +12,11 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import quote
 
 import attrs
@@ -32,72 +28,16 @@ from broker.config import Config, HttpSettings
 from broker.server import Server
 from broker.testing import running_broker
 
+from helpers.http import JSON_HEADERS, Reply, assert_error, get_json, in_thread, post_json, request
+from helpers.procs import find_event, run, spawn
+
+
 prometheus_parser = pytest.importorskip(
     "prometheus_client.parser", reason="prometheus_client is a test dependency (pip install -e '.[test]')"
 )
 
 #: Bound on any one wait for the broker.
 TIMEOUT = 10.0
-JSON_HEADERS = {"content-type": "application/json"}
-
-T = TypeVar("T")
-
-
-async def in_thread(fn: Callable[[], T]) -> T:
-    with trio.fail_after(TIMEOUT + 5):
-        return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
-
-
-@attrs.frozen
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        assert self.headers.get("content-type", "").startswith("application/json"), self
-        return json.loads(self.body)
-
-
-async def request(
-    port: int,
-    method: str,
-    path: str,
-    body: bytes | str | None = None,
-    headers: dict[str, str] | None = None,
-) -> Reply:
-    def run() -> Reply:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
-        finally:
-            conn.close()
-
-    return await in_thread(run)
-
-
-async def get_json(port: int, path: str) -> Any:
-    reply = await request(port, "GET", path)
-    assert reply.status == 200, reply
-    return reply.json()
-
-
-async def post_json(port: int, path: str, value: Any) -> Reply:
-    return await request(port, "POST", path, json.dumps(value), JSON_HEADERS)
-
-
-def assert_error(reply: Reply, status: int, code: str | None = None) -> dict[str, Any]:
-    assert reply.status == status, reply
-    body = reply.json()
-    assert isinstance(body["error"], str) and body["error"], body
-    assert isinstance(body["code"], str) and body["code"], body
-    assert body["status"] == status, body
-    if code is not None:
-        assert body["code"] == code, body
-    return body  # type: ignore[no-any-return]
-
 
 async def raw_exchange(port: int, data: bytes, *, wait_eof: bool = True) -> bytes:
     """Send ``data`` on a fresh connection and read until EOF."""
@@ -814,35 +754,11 @@ async def test_connection_limit() -> None:
 # -- the command line -------------------------------------------------------------
 
 
-def _serve_and_read_listening(args: list[str], cwd: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "broker.cli", "serve", *args, "--log-format", "json"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        cwd=cwd,
-        env={k: v for k, v in os.environ.items() if k != "PYBROKER_URL"},
-    )
-    assert process.stderr is not None
-    deadline = time.monotonic() + TIMEOUT
-    for _ in range(1000):
-        assert time.monotonic() < deadline, "no 'listening' line in time"
-        line = process.stderr.readline()
-        assert line, "serve exited before listening"
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("event") == "listening":
-            return process, event
-    raise AssertionError("no 'listening' line")
-
-
 @pytest.mark.parametrize("extra", [[], ["--http-port", "0"], ["--no-http"]], ids=["default", "port-0", "no-http"])
 async def test_cli_serve_http_port(tmp_path: Path, extra: list[str]) -> None:
-    args = ["--port", "0", "--data-dir", str(tmp_path / "data"), *extra]
-    process, listening = await in_thread(lambda: _serve_and_read_listening(args, tmp_path))
-    try:
+    args = ["serve", "--port", "0", "--data-dir", str(tmp_path / "data"), "--log-format", "json", *extra]
+    async with spawn(args, "serve", cwd=tmp_path) as child:
+        listening = await child.stderr.wait_for(find_event("listening"))
         http_port = listening["http_port"]
         if "--no-http" in extra:
             assert http_port is None
@@ -850,18 +766,14 @@ async def test_cli_serve_http_port(tmp_path: Path, extra: list[str]) -> None:
             # With --port 0 the HTTP port is a free one as well.
             assert isinstance(http_port, int) and http_port not in (0, 7421, listening["port"])
             assert (await get_json(http_port, "/readyz"))["status"] == "ready"
-        process.send_signal(signal.SIGTERM)
-        assert await in_thread(lambda: process.wait(TIMEOUT)) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        await in_thread(lambda: process.communicate(timeout=TIMEOUT))
+        child.process.send_signal(signal.SIGTERM)
+        assert await child.wait(TIMEOUT) == 0
 
 
-def test_serve_help_mentions_http() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "broker.cli", "serve", "--help"], capture_output=True, timeout=TIMEOUT, check=True
-    ).stdout.decode()
+async def test_serve_help_mentions_http() -> None:
+    result = await run(["serve", "--help"])
+    assert result.returncode == 0, result
+    out = result.stdout.decode()
     assert "--http-port" in out and "--no-http" in out and "--http-host" in out
 
 

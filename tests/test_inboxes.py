@@ -27,16 +27,18 @@ import trio.testing
 
 import client
 import client.connection as client_connection
-from authfiles import user_entry, write_users
 from broker.inboxes import RETAIN_BYTES, Inboxes
 from broker.storage import FileStore, MemoryTopicLog
 from broker.router import Topic
 from broker.server import Server
 from broker.testing import running_broker
 from client.protocol import Durability, ErrorCode, encode_batch
-from test_auth import basic, http_request
-from test_auth_cli import run as run_cli
-from test_reconnect import FAST
+
+from helpers.auth import user_entry, write_users
+from helpers.http import basic, http_request
+from helpers.inproc import session_named, wait_until
+from helpers.procs import run
+from helpers.restarts import FAST
 
 TIMEOUT = 20.0
 SERVICE = "service-token-0123456789"
@@ -190,13 +192,13 @@ async def test_the_cli_cannot_read_or_list_another_inbox(tmp_path: Path) -> None
             assert (await caller.request("svc.echo", b"?")).payload == SECRET
         (inbox,) = set(service.reply_to)
         for token in (EVE, OPS):
-            got = await run_cli(["sub", inbox, "--from", "earliest", "--count", "1", "--url", server.url, "--token", token])
+            got = await run(["sub", inbox, "--from", "earliest", "--count", "1", "--url", server.url, "--token", token])
             assert got.returncode == 1, got
             assert "PERMISSION_DENIED (211)" in got.stderr.decode() and got.stdout == b"", got
-            listed = await run_cli(["topics", "--url", server.url, "--token", token])
+            listed = await run(["topics", "--url", server.url, "--token", token])
             assert listed.returncode == 0 and "_inbox" not in listed.stdout.decode(), listed
         # As the caller's user, too: the inbox is its first connection's.
-        got = await run_cli(
+        got = await run(
             ["sub", inbox, "--from", "earliest", "--count", "1", "--url", server.url, "--user", "caller"],
             env={"PYBROKER_PASSWORD": CALLER_PASSWORD},
         )
@@ -364,17 +366,6 @@ def test_inboxes_in_grace_and_their_replies_are_bounded() -> None:
 # -- reconnecting -------------------------------------------------------------------
 
 
-def _session(server: Server, name: str) -> Any:
-    (session,) = [s for s in server.sessions if s.client_name == name]
-    return session
-
-
-async def _until(predicate: Any) -> None:
-    with trio.fail_after(TIMEOUT):
-        while not predicate():
-            await trio.sleep(0.01)
-
-
 async def test_a_reconnecting_client_takes_its_inbox_back_with_the_reply(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -415,17 +406,17 @@ async def test_a_reconnecting_client_takes_its_inbox_back_with_the_reply(
                     await asked.wait()
                     inbox = caller._inbox
                     assert inbox is not None
-                    await _session(server, "caller").stream.aclose()  # the network drops it
-                    await _until(lambda: server.broker.router.inboxes.in_grace == 1)
+                    await session_named(server, "caller").stream.aclose()  # the network drops it
+                    await wait_until(lambda: server.broker.router.inboxes.in_grace == 1, TIMEOUT)
                     answer.set()
                     kept = server.broker.router.inboxes.get(inbox)
                     assert kept is not None and kept.owner is None
-                    await _until(lambda: kept.topic.log.next_offset == 1)  # the reply, held
+                    await wait_until(lambda: kept.topic.log.next_offset == 1, TIMEOUT)  # the reply, held
                     assert not caller.connected
                     may_reconnect.set()
             assert replies == [SECRET]
             assert caller.reconnects == 1 and caller._inbox == inbox
-            assert server.broker.router.inboxes.get(inbox) is kept and kept.owner is _session(server, "caller").outbox
+            assert server.broker.router.inboxes.get(inbox) is kept and kept.owner is session_named(server, "caller").outbox
 
 
 class FreezingProxy:

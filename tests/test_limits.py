@@ -3,14 +3,13 @@
 Each test runs a broker with the limit set low, shows that a request just
 inside it is served and that the next one gets the documented answer (an
 ERROR with its code, fatal or not, or backpressure), and that the broker
-goes on serving. Raw connections (tests/test_bad_input.py's helpers) show
+goes on serving. Raw connections (tests/helpers/raw.py) show
 the wire behaviour; the client library is checked where it has its own part
 (answering PINGs, its publish window, refusing oversized messages).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
@@ -39,31 +38,18 @@ from client.protocol import (
     encode_event,
 )
 
-from test_bad_input import (
-    HELLO,
-    TIMEOUT,
-    check_raw_healthy,
-    expect_fatal,
-    expect_request_error,
-    good_batch,
-    publish_frame,
-    raw_client,
-    raw_frame,
-    subscribe_frame,
-    wait_sessions,
-)
+from helpers.frames import HELLO_FRAME, good_batch, publish_frame, raw_frame, subscribe_frame
+from helpers.inproc import wait_sessions, wait_until
+from helpers.procs import serve
+from helpers.raw import check_raw_healthy, expect_fatal, expect_request_error, raw_client
 
+
+#: Bound on any single wait for the broker.
+TIMEOUT = 10.0
 #: The overhead of one message in a PUBLISH body besides its topic, payload
 #: and headers: request_id 8, topic length 2, batch count and CRC 8, record
 #: payload_len 4 and headers_len 2 (protocol.md, "Limits").
 PUBLISH_OVERHEAD = 24
-
-
-async def wait_until(check: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    """Poll ``check`` until it holds (bounded)."""
-    with trio.fail_after(timeout):
-        while not check():
-            await trio.sleep(0.01)
 
 
 def only_session(server: Server) -> Session:
@@ -264,7 +250,7 @@ async def test_handshake_timeout() -> None:
             error = await expect_fatal(silent, ErrorCode.HANDSHAKE_REQUIRED)
             assert "HELLO" in error.message
         async with raw_client(server) as partial:
-            await partial.send(HELLO[:5])
+            await partial.send(HELLO_FRAME[:5])
             await expect_fatal(partial, ErrorCode.HANDSHAKE_REQUIRED)
         async with raw_client(server) as prompt:
             await prompt.handshake()
@@ -319,25 +305,13 @@ async def test_idle_timeout_counts_frames_not_bytes() -> None:
         async with raw_client(server) as raw:
             await raw.handshake()
             frame = encode_event(Ping(1))
-            dripped = 0
-
-            async def drip() -> None:
-                nonlocal dripped
-                try:
-                    for i in range(len(frame)):
-                        await raw.send(frame[i : i + 1])
-                        dripped += 1
-                        await trio.sleep(0.1)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(drip)
+                nursery.start_soon(raw.drip, frame, 0.1)
                 event = await raw.next_event()
                 assert isinstance(event, Ping), event
                 await expect_fatal(raw, ErrorCode.IDLE_TIMEOUT)
                 nursery.cancel_scope.cancel()
-            assert dripped < len(frame)
+            assert raw.dripped < len(frame)
 
 
 # -- max_inflight_publishes: backpressure, not an error ------------------------------
@@ -491,8 +465,6 @@ def test_limits_below_one_are_refused() -> None:
 
 async def test_serve_flags_reach_the_broker(tmp_path: Path) -> None:
     """`pybroker serve` with limit flags announces them in WELCOME."""
-    from test_cli import serve
-
     async with serve(
         tmp_path, "--max-frame-bytes", "65536", "--max-inflight-publishes", "6", "--max-subscriptions", "5"
     ) as broker:

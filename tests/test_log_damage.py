@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 from pathlib import Path
 from urllib.parse import quote
 
@@ -30,39 +29,31 @@ import trio
 
 import client
 from broker.storage.base import StoredBatch
-from broker.storage.errors import DataLoss
-from broker.storage.file import FileStore, FileTopicLog
-from broker.storage.segment import HEADER, HEADER_SIZE
-from broker.storage.settings import SettingsResolver, TopicSettings
 from client.protocol import (
     ERROR_FIELDS_OPTION,
-    NEED_DATA,
-    Connection,
     Deliver,
     Error,
     ErrorCode,
-    Hello,
-    Role,
     StartKind,
     SubAck,
     Subscribe,
-    Welcome,
     decode_batch,
     encode_batch,
 )
-from test_durability import BrokerProcess, broker_process
-from test_http import get_json, request
+
+from helpers.http import get_json, request
+from helpers.logs import batches_in, flip_byte, open_store, walk
+from helpers.procs import BrokerProcess, broker_process
+from helpers.raw import raw_client
 
 SMALL = 1024
 TIMEOUT = 20.0
-
-
-def open_store(data_dir: Path) -> FileStore:
-    return FileStore(data_dir, SettingsResolver(TopicSettings(segment_bytes=SMALL)))
+#: What a damaged byte is XORed with.
+FLIP = 0xA5
 
 
 def build(data_dir: Path, topic: str = "t") -> tuple[list[StoredBatch], Path]:
-    store = open_store(data_dir)
+    store = open_store(data_dir, segment_bytes=SMALL)
     log = store.topic(topic)
     written = []
     for i in range(60):
@@ -74,45 +65,6 @@ def build(data_dir: Path, topic: str = "t") -> tuple[list[StoredBatch], Path]:
     assert len(log.segments) >= 6
     store.close()
     return written, directory
-
-
-def batches_in(path: Path) -> list[tuple[int, int, int]]:
-    """(position, base offset, stored length incl. header) of each batch."""
-    data = path.read_bytes()
-    out = []
-    pos = 0
-    while pos + HEADER_SIZE <= len(data):
-        base, _count, length, *_ = HEADER.unpack_from(data, pos)
-        out.append((pos, base, HEADER_SIZE + length))
-        pos += HEADER_SIZE + length
-    return out
-
-
-def flip(path: Path, position: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(position)
-        byte = f.read(1)[0]
-        f.seek(position)
-        f.write(bytes([byte ^ 0xA5]))
-
-
-def walk(log: FileTopicLog) -> tuple[list[StoredBatch], list[tuple[int, int, str]]]:
-    served: list[StoredBatch] = []
-    losses: list[tuple[int, int, str]] = []
-    offset = log.first_offset
-    for _ in range(10_000):
-        if offset >= log.next_offset:
-            return served, losses
-        try:
-            got = log.read(offset, 2048)
-        except DataLoss as lost:
-            losses.append((lost.first, lost.last, lost.reason))
-            offset = lost.last + 1
-            continue
-        assert got, offset
-        served.extend(got)
-        offset = got[-1].next_offset
-    raise AssertionError("walk did not end")
 
 
 KINDS = ["header", "length", "payload", "junk", "delete-log", "delete-index", "damage-index", "no-index+payload"]
@@ -128,20 +80,21 @@ def test_damage_costs_only_the_damaged_batches(tmp_path: Path, kind: str, where:
     assert len(in_seg) >= 2
     # A batch with one after it in its segment: damage at the very end of
     # the newest segment is a torn tail (test_log_file covers that rule).
-    pos, victim_base, stored_len = in_seg[len(in_seg) // 2 - 1] if len(in_seg) > 2 else in_seg[0]
+    at = in_seg[len(in_seg) // 2 - 1] if len(in_seg) > 2 else in_seg[0]
+    pos, victim_base, stored_len = at.pos, at.base, at.stored
     victim = next(b for b in written if b.base_offset == victim_base)
-    seg_offsets = {o for _, b, _ in in_seg for o in range(b, next(w for w in written if w.base_offset == b).next_offset)}
+    seg_offsets = {o for h in in_seg for o in range(h.base, next(w for w in written if w.base_offset == h.base).next_offset)}
     original = seg.read_bytes()
     lost: set[int] = set()
     index = seg.with_suffix(".index")
     if kind == "header":
-        flip(seg, pos + 20)  # the first timestamp: covered by the header CRC
+        flip_byte(seg, pos + 20, FLIP)  # the first timestamp: covered by the header CRC
         lost = set(range(victim.base_offset, victim.next_offset))
     elif kind == "length":
-        flip(seg, pos + 14)
+        flip_byte(seg, pos + 14, FLIP)
         lost = set(range(victim.base_offset, victim.next_offset))
     elif kind in ("payload", "no-index+payload"):
-        flip(seg, pos + stored_len - 3)
+        flip_byte(seg, pos + stored_len - 3, FLIP)
         lost = set(range(victim.base_offset, victim.next_offset))
         if kind == "no-index+payload":
             index.unlink()
@@ -161,9 +114,9 @@ def test_damage_costs_only_the_damaged_batches(tmp_path: Path, kind: str, where:
     else:
         raise AssertionError(kind)
 
-    store = open_store(tmp_path)
+    store = open_store(tmp_path, segment_bytes=SMALL)
     log = store.topic("t")
-    served, losses = walk(log)
+    served, losses = walk(log, 2048)
     # Served: exactly what was written, at its offsets, all but the lost ones.
     expected = [b for b in written if not set(range(b.base_offset, b.next_offset)) & lost]
     assert served == expected
@@ -199,7 +152,7 @@ def test_damage_costs_only_the_damaged_batches(tmp_path: Path, kind: str, where:
     base = log.append(encode_batch([b"after"]), 1, 9_000_000)
     assert base == next_offset
     store.close()
-    store = open_store(tmp_path)
+    store = open_store(tmp_path, segment_bytes=SMALL)
     if found_by_read:
         [found] = store.findings
         assert (found.action, found.first_offset, found.last_offset) == (
@@ -207,7 +160,7 @@ def test_damage_costs_only_the_damaged_batches(tmp_path: Path, kind: str, where:
         )
     else:
         assert store.findings == []
-    served2, losses2 = walk(store.topic("t"))
+    served2, losses2 = walk(store.topic("t"), 2048)
     assert served2 == served + [StoredBatch(base, 1, 9_000_000, encode_batch([b"after"]))]
     assert losses2 == losses
     store.close()
@@ -216,7 +169,7 @@ def test_damage_costs_only_the_damaged_batches(tmp_path: Path, kind: str, where:
 def test_damage_found_by_a_read_is_reported_and_skipped(tmp_path: Path) -> None:
     """Bytes that go bad while the broker runs: the read checks both CRCs,
     reports the batch lost, serves the rest, and never returns it later."""
-    store = open_store(tmp_path)
+    store = open_store(tmp_path, segment_bytes=SMALL)
     log = store.topic("t")
     written = []
     for i in range(40):
@@ -225,26 +178,26 @@ def test_damage_found_by_a_read_is_reported_and_skipped(tmp_path: Path) -> None:
     seg = log.segments[1]
     positions = batches_in(seg.path)
     # One batch's payload, the next batch's header.
-    _, payload_base, payload_len = positions[1]
-    flip(seg.path, positions[1][0] + payload_len - 2)
-    header_pos, header_base, _ = positions[3]
-    flip(seg.path, header_pos + 5)
-    served, losses = walk(log)
+    payload_base, payload_len = positions[1].base, positions[1].stored
+    flip_byte(seg.path, positions[1].pos + payload_len - 2, FLIP)
+    header_pos, header_base = positions[3].pos, positions[3].base
+    flip_byte(seg.path, header_pos + 5, FLIP)
+    served, losses = walk(log, 2048)
     assert losses == [(payload_base, payload_base, "damaged"), (header_base, header_base, "damaged")]
     assert served == [b for b in written if b.base_offset not in (payload_base, header_base)]
     assert store.damaged_batches == 2
     # Reading the same place again costs nothing more and says the same.
-    assert walk(log) == (served, losses)
+    assert walk(log, 2048) == (served, losses)
     assert store.damaged_batches == 2
     # Marked for the next start, which sets the damage aside for good.
     assert seg.damaged_path.exists()
     store.close()
-    store = open_store(tmp_path)
+    store = open_store(tmp_path, segment_bytes=SMALL)
     assert [(f.first_offset, f.last_offset) for f in store.findings] == [
         (payload_base, payload_base),
         (header_base, header_base),
     ]
-    assert walk(store.topic("t")) == (served, losses)
+    assert walk(store.topic("t"), 2048) == (served, losses)
     store.close()
 
 
@@ -262,24 +215,15 @@ def cpu_seconds(pid: int) -> float:
 async def raw_replay(url: str) -> tuple[list[int], list[Error]]:
     """Replay TOPIC over a bare connection that asks for ERROR fields:
     offsets delivered and DATA_LOST errors, until the end of the topic."""
-    host, port = client.parse_url(url)
-    conn = Connection(Role.CLIENT)
     offsets: list[int] = []
     errors: list[Error] = []
     with trio.fail_after(TIMEOUT):
-        stream = await trio.open_tcp_stream(host, port)
-        async with stream:
-            await stream.send_all(conn.send(Hello("raw", options={ERROR_FIELDS_OPTION: "1"})))
-            while not isinstance(event := conn.next_event(), Welcome):
-                assert event is NEED_DATA, event
-                conn.receive_data(await stream.receive_some(65536))
-            await stream.send_all(conn.send(Subscribe(1, TOPIC, StartKind.EARLIEST, 0, 0xFFFFFFFF)))
+        async with raw_client(url, timeout=TIMEOUT) as raw:
+            await raw.handshake("raw", {ERROR_FIELDS_OPTION: "1"})
+            await raw.send_event(Subscribe(1, TOPIC, StartKind.EARLIEST, 0, 0xFFFFFFFF))
             covered = 0
             while covered < N:
-                event = conn.next_event()
-                if event is NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
-                    continue
+                event = await raw.next_event()
                 if isinstance(event, Deliver):
                     n = len(decode_batch(event.batch))
                     offsets.extend(range(event.base_offset, event.base_offset + n))
@@ -316,16 +260,17 @@ async def test_broker_serves_around_damage_and_stays_responsive(tmp_path: Path, 
             assert await broker.stop() == 0
         segments = sorted((data_dir / "topics" / quote(TOPIC, safe="")).glob("*.log"))
         seg = segments[len(segments) // 2]
-        pos, victim, length = batches_in(seg)[2]
+        at = batches_in(seg)[2]
+        pos, victim, length = at.pos, at.base, at.stored
         lost = [victim]  # one message per batch here
         if kind in ("header", "runtime-header"):
-            flip(seg, pos + 3)
+            flip_byte(seg, pos + 3, FLIP)
         elif kind in ("payload", "runtime-payload"):
-            flip(seg, pos + length - 4)
+            flip_byte(seg, pos + length - 4, FLIP)
         elif kind == "length":
-            flip(seg, pos + 13)
+            flip_byte(seg, pos + 13, FLIP)
         else:
-            lost = [b for _, b, _ in batches_in(seg)]
+            lost = [h.base for h in batches_in(seg)]
             seg.unlink()
         if not kind.startswith("runtime"):
             url = await broker.start()

@@ -24,11 +24,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.storage.base import StoredBatch
-from broker.storage.errors import DataLoss
 from broker.storage.file import FileStore, FileTopicLog
 from broker.storage.segment import HEADER, HEADER_SIZE, INDEX_ENTRY, INDEX_INTERVAL, TIME_ENTRY, Segment, header_crc
 from broker.storage.settings import SettingsResolver, TopicSettings
 from client.protocol import Durability, encode_batch
+
+from helpers.logs import batches_in, flip_byte, open_store, walk
+
 
 BIG = 1 << 30
 SMALL_SEGMENT = 1024  # the smallest segment_bytes TopicSettings allows
@@ -40,10 +42,6 @@ SMALL_SEGMENT = 1024  # the smallest segment_bytes TopicSettings allows
 def make_batch(tag: int, count: int, size: int = 40) -> bytes:
     """A wire batch of ``count`` distinct messages of about ``size`` bytes each."""
     return encode_batch([f"m{tag}:{i}:".encode().ljust(size, b".") for i in range(count)])
-
-
-def open_store(data_dir: Path, **settings: Any) -> FileStore:
-    return FileStore(data_dir, SettingsResolver(TopicSettings(**settings)))
 
 
 def append_many(
@@ -101,53 +99,8 @@ def assert_log_holds(log: FileTopicLog, expected: Sequence[StoredBatch]) -> None
     assert walked == list(expected)
 
 
-def walk(log: FileTopicLog) -> tuple[list[StoredBatch], list[tuple[int, int, str]]]:
-    """Read the whole log as a subscriber would, stepping over holes and
-    damage: the batches served and the (first, last, reason) of each loss."""
-    batches: list[StoredBatch] = []
-    losses: list[tuple[int, int, str]] = []
-    offset = log.first_offset
-    for _ in range(10_000):
-        if offset >= log.next_offset:
-            return batches, losses
-        try:
-            got = log.read(offset, 4096)
-        except DataLoss as lost:
-            assert lost.first == offset <= lost.last
-            losses.append((lost.first, lost.last, lost.reason))
-            offset = lost.last + 1
-            continue
-        assert got and got[0].base_offset <= offset < got[0].next_offset
-        batches.extend(got)
-        offset = got[-1].next_offset
-    raise AssertionError("the walk did not end")
-
-
 def log_files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
-
-
-def headers_in(path: Path) -> list[tuple[int, int, int, int]]:
-    """(position, base offset, count, wire length) of each batch in a segment file."""
-    data = path.read_bytes()
-    out: list[tuple[int, int, int, int]] = []
-    pos = 0
-    while pos + HEADER_SIZE <= len(data):
-        base, count, length, _first, _last, _crc = HEADER.unpack_from(data, pos)
-        if pos + HEADER_SIZE + length > len(data):
-            break
-        out.append((pos, base, count, length))
-        pos += HEADER_SIZE + length
-    assert pos == len(data), "helper expects an undamaged file"
-    return out
-
-
-def flip_byte(path: Path, position: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(position)
-        old = f.read(1)
-        f.seek(position)
-        f.write(bytes([old[0] ^ 0x5A]))
 
 
 def segment_paths(directory: Path) -> list[Path]:
@@ -416,7 +369,7 @@ def test_index_is_sparse_and_reopen_does_not_scan_old_segments(
 def test_torn_tail_of_newest_segment(tmp_path: Path) -> None:
     expected, directory, bases = build_multi_segment(tmp_path)
     newest = segment_paths(directory)[-1]
-    batches = headers_in(newest)
+    batches = batches_in(newest)
     assert len(batches) >= 2
     pos, base, _count, length = batches[-1]
     cut = pos + HEADER_SIZE + length // 2
@@ -448,7 +401,7 @@ def test_torn_tail_at_every_kind_of_cut(tmp_path: Path, keep: int) -> None:
     expected = append_many(log, [2, 3, 4])
     path = log.segments[-1].path
     store.close()
-    pos, base, _count, _length = headers_in(path)[-1]
+    pos, base, _count, _length = batches_in(path)[-1]
     os.truncate(path, pos + keep)
     store = open_store(tmp_path)
     if keep == 0:
@@ -464,7 +417,7 @@ def test_torn_tail_at_every_kind_of_cut(tmp_path: Path, keep: int) -> None:
 def test_flipped_byte_in_last_batch_records(tmp_path: Path) -> None:
     expected, directory, _bases = build_multi_segment(tmp_path)
     newest = segment_paths(directory)[-1]
-    pos, base, _count, length = headers_in(newest)[-1]
+    pos, base, _count, length = batches_in(newest)[-1]
     flip_byte(newest, pos + HEADER_SIZE + 8 + (length - 8) // 2)  # inside the records
 
     store = open_store(tmp_path, segment_bytes=SMALL_SEGMENT)
@@ -482,7 +435,7 @@ def test_flipped_byte_in_middle_batch_costs_only_that_batch(tmp_path: Path) -> N
     path = log.segments[0].path
     store.close()
     original = path.read_bytes()
-    pos, base, count, length = headers_in(path)[5]
+    pos, base, count, length = batches_in(path)[5]
     flip_byte(path, pos + HEADER_SIZE + length - 1)
     store = open_store(tmp_path)
     [found] = store.findings
@@ -519,7 +472,7 @@ def test_flipped_byte_in_batch_header(tmp_path: Path, where: int) -> None:
     expected = append_many(log, [2, 3, 4, 1])
     path = log.segments[0].path
     store.close()
-    pos, base, _count, _length = headers_in(path)[-1]
+    pos, base, _count, _length = batches_in(path)[-1]
     flip_byte(path, pos + where)
     store = open_store(tmp_path)
     assert [(t.position, t.first_offset) for t in store.findings] == [(pos, base)]
@@ -760,7 +713,7 @@ def _shift_segment(directory: Path, base: int, shift: int) -> list[StoredBatch]:
     new = Segment(directory, base + shift)
     data = bytearray(old.path.read_bytes())
     held = []
-    for pos, b, count, length in headers_in(old.path):
+    for pos, b, count, length in batches_in(old.path):
         struct.pack_into(">Q", data, pos, b + shift)
         first = HEADER.unpack_from(data, pos)[3]
         fields = bytes(data[pos : pos + HEADER_SIZE - 4])
@@ -813,7 +766,7 @@ def test_torn_tail_of_older_segment(tmp_path: Path) -> None:
     offsets, and the lost offsets are a hole."""
     expected, directory, bases = build_multi_segment(tmp_path)
     older = Segment(directory, bases[-2])
-    pos, base, _count, length = headers_in(older.path)[-1]
+    pos, base, _count, length = batches_in(older.path)[-1]
     os.truncate(older.path, pos + HEADER_SIZE + length // 2)
     store = open_store(tmp_path, segment_bytes=SMALL_SEGMENT)
     [found] = store.findings
@@ -832,7 +785,7 @@ def test_garbage_after_last_batch_of_older_segment_is_never_read(tmp_path: Path)
     segment's valid end instead of returning the junk as batches."""
     expected, directory, bases = build_multi_segment(tmp_path)
     older = Segment(directory, bases[1])
-    pos, _base, _count, length = headers_in(older.path)[-1]
+    pos, _base, _count, length = batches_in(older.path)[-1]
     data = older.path.read_bytes()
     with open(older.path, "ab") as f:
         f.write(data[pos : pos + HEADER_SIZE + length])

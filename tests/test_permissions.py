@@ -25,7 +25,8 @@ from broker.server import Server
 from broker.testing import running_broker
 from client.protocol import ErrorCode, matches
 
-from authfiles import user_entry, write_users
+from helpers.auth import user_entry, write_users
+
 
 TIMEOUT = 10.0
 

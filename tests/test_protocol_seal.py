@@ -14,7 +14,7 @@ import client.protocol as protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "client" / "protocol"
-TREES = ("broker", "client", "tests", "benchmarks", "fuzz")
+TREES = ("broker", "client", "tests", "benchmarks")
 
 
 def _python_files() -> list[Path]:

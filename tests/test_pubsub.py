@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,9 @@ from client import (
     Subscription,
 )
 
+from helpers.collect import Collector, take, take_until
+
+
 #: Upper bound, in seconds, on any single wait in these tests.
 TIMEOUT = 10.0
 #: How long "nothing more arrives" checks wait.
@@ -46,33 +49,6 @@ EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
 
 # --------------------------------------------------------------------------
 # Helpers
-
-
-async def take(sub: Subscription, n: int, timeout: float = TIMEOUT) -> list[Message]:
-    """The next ``n`` messages of ``sub`` (fewer only if it ends first)."""
-    out: list[Message] = []
-    if n <= 0:
-        return out
-    with trio.fail_after(timeout):
-        async for msg in sub:
-            out.append(msg)
-            if len(out) >= n:
-                break
-    return out
-
-
-async def take_until(
-    sub: Subscription, stop: Callable[[Message], bool], limit: int, timeout: float = TIMEOUT
-) -> list[Message]:
-    """Messages up to and including the first one for which ``stop`` is true."""
-    out: list[Message] = []
-    with trio.fail_after(timeout):
-        async for msg in sub:
-            out.append(msg)
-            if stop(msg):
-                break
-            assert len(out) < limit, f"no stop message within {limit} messages"
-    return out
 
 
 async def drain_closed(sub: Subscription, limit: int = 100_000) -> list[Message]:
@@ -99,36 +75,6 @@ async def settle(*clients: Client) -> None:
     with trio.fail_after(TIMEOUT):
         for c in clients:
             await c.ping()
-
-
-class Collector:
-    """A callback target that records messages and lets a test await a count."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-        self._waiters: list[tuple[int, trio.Event]] = []
-
-    def add(self, msg: Message) -> None:
-        self.messages.append(msg)
-        for n, event in self._waiters:
-            if len(self.messages) >= n:
-                event.set()
-
-    def sync_callback(self, msg: Message) -> None:
-        self.add(msg)
-
-    async def async_callback(self, msg: Message) -> None:
-        await trio.lowlevel.checkpoint()
-        self.add(msg)
-
-    async def wait_for(self, n: int, timeout: float = TIMEOUT) -> None:
-        with trio.fail_after(timeout):
-            if len(self.messages) >= n:
-                await trio.lowlevel.checkpoint()
-                return
-            event = trio.Event()
-            self._waiters.append((n, event))
-            await event.wait()
 
 
 def by_topic(messages: Iterable[Message]) -> dict[str, list[Message]]:

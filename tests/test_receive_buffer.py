@@ -15,22 +15,15 @@ from client.protocol import (
     Hello,
     Role,
     Welcome,
-    encode_batch,
     encode_event,
-    encode_publish,
 )
+
+from helpers.frames import whole_publish
+
 
 MIB = 1024 * 1024
 #: Reads of this size, as the broker's.
 CHUNK = 256 * 1024
-
-
-def whole_publish(frame_bytes: int, request_id: int, topic: str = "large.t") -> bytes:
-    """A valid PUBLISH of one message whose body is exactly ``frame_bytes``."""
-    overhead = len(encode_publish(request_id, topic, encode_batch([b""]))) - HEADER_SIZE
-    frame = encode_publish(request_id, topic, encode_batch([bytes(frame_bytes - overhead)]))
-    assert len(frame) == HEADER_SIZE + frame_bytes
-    return frame
 
 
 def server_conn() -> Connection:

@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import itertools
 from functools import partial
-import socket
 import time
-from collections import defaultdict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
 import client
-from broker.server import Server
 from broker.testing import running_broker
 from client import Message, Reconnect
 from client.protocol import (
@@ -33,60 +28,21 @@ from client.protocol import (
     Error,
     ErrorCode,
     Hello,
-    Publish,
-    PubAck,
     Role,
     StartKind,
     SubAck,
     Subscribe,
     Welcome,
-    encode_batch_from_records,
-    encode_record,
 )
-from authfiles import user_entry, write_users
-from test_durability import broker_process
-from test_tls import make_certs
+
+from helpers.auth import user_entry, write_users
+from helpers.certs import Certs
+from helpers.collect import Collector
+from helpers.procs import broker_process
+from helpers.raw import raw_client
+from helpers.restarts import FAST, batch, free_port, publish_all, publish_one_batch, serve_until
 
 TIMEOUT = 30.0
-#: Quick retries, bounded: at most ~40 s of trying.
-FAST = Reconnect(max_attempts=200, initial_delay=0.02, max_delay=0.2, jitter=0.5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Collector:
-    """Messages of one subscription by topic, with a way to wait for counts."""
-
-    def __init__(self) -> None:
-        self.by_topic: dict[str, list[Message]] = defaultdict(list)
-        self.changed = trio.Event()
-
-    def __call__(self, msg: Message) -> None:
-        self.by_topic[msg.topic].append(msg)
-        self.changed.set()
-        self.changed = trio.Event()
-
-    def payloads(self, topic: str) -> list[bytes]:
-        return [m.payload for m in self.by_topic[topic]]
-
-    async def wait_for(self, counts: dict[str, int], timeout: float = TIMEOUT) -> None:
-        with trio.fail_after(timeout):
-            while any(len(self.by_topic[t]) < n for t, n in counts.items()):
-                await self.changed.wait()
-
-
-async def publish_all(url: str, topic: str, payloads: list[bytes]) -> None:
-    async with client.connect(url) as c:
-        await c.publish_many(topic, payloads)
-
-
-def batch(prefix: str, n: int) -> list[bytes]:
-    return [f"{prefix}-{i}".encode() for i in range(n)]
 
 
 # ---------------------------------------------------------------------------
@@ -139,7 +95,7 @@ async def test_reconnecting_subscriber_misses_nothing(tmp_path: Path) -> None:
     live ones: no gap, no repeat.
     """
     data, port = tmp_path / "data", free_port()
-    got = Collector()
+    got = Collector(TIMEOUT)
     async with trio.open_nursery() as nursery:
         async with running_broker(data_dir=data, port=port) as first:
             url = first.url
@@ -257,22 +213,12 @@ async def _publisher(
         await trio.sleep_forever()
 
 
-async def _serve_until(
-    stop: trio.Event,
-    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
-    **config: object,
-) -> None:
-    async with running_broker(**config) as server:
-        task_status.started(server)
-        await stop.wait()
-
-
 async def test_giving_up_fails_everything_waiting(tmp_path: Path) -> None:
     """After max_attempts the client closes: iteration raises, publishes fail."""
     policy = Reconnect(max_attempts=3, initial_delay=0.01, max_delay=0.02)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(_serve_until, stop)
+        server = await nursery.start(serve_until, stop)
         async with client.connect(server.url, reconnect=policy) as c:
             sub = await c.subscribe("gone.>")
             stop.set()
@@ -288,7 +234,7 @@ async def test_giving_up_fails_everything_waiting(tmp_path: Path) -> None:
 async def test_without_reconnect_a_lost_connection_is_final(tmp_path: Path) -> None:
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(_serve_until, stop)
+        server = await nursery.start(serve_until, stop)
         async with client.connect(server.url) as c:
             sub = await c.subscribe("final.>")
             stop.set()
@@ -308,7 +254,7 @@ async def test_sigkill_mid_publish_loses_no_acknowledged_message(tmp_path: Path)
     data, port = tmp_path / "data", free_port()
     work = tmp_path / "work"
     work.mkdir()
-    got = Collector()
+    got = Collector(TIMEOUT)
     acked: set[bytes] = set()
     sent = 0
     async with broker_process(data, work, "--port", str(port), "--http-port", "-1") as broker:
@@ -363,50 +309,13 @@ def _covers(got: Collector, acked: set[bytes]) -> bool:
 # The resume option on the wire
 
 
-class _Raw:
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.conn = Connection(Role.CLIENT)
-
-    async def send(self, event: object) -> None:
-        await self.stream.send_all(self.conn.send(event))  # type: ignore[arg-type]
-
-    async def next(self) -> object:
-        with trio.fail_after(TIMEOUT):
-            while True:
-                event = self.conn.next_event()
-                if event is not NEED_DATA:
-                    return event
-                self.conn.receive_data(await self.stream.receive_some(65536))
-
-
-@asynccontextmanager
-async def _raw(url: str) -> AsyncIterator[_Raw]:
-    host, port = client.parse_url(url)
-    stream = await trio.open_tcp_stream(host, port)
-    async with stream:
-        raw = _Raw(stream)
-        await raw.send(Hello(client_name="raw"))
-        assert isinstance(await raw.next(), Welcome)
-        yield raw
-
-
-async def _publish_one_batch(url: str, topic: str, payloads: list[bytes]) -> None:
-    """One PUBLISH frame (one stored batch) with all of ``payloads``."""
-    async with _raw(url) as raw:
-        records = [encode_record(p, None) for p in payloads]
-        await raw.send(Publish(1, topic, encode_batch_from_records(records)))
-        ack = await raw.next()
-        assert isinstance(ack, PubAck) and ack.count == len(payloads)
-
-
 async def test_resume_position_inside_a_batch_replays_that_batch(tmp_path: Path) -> None:
     async with running_broker(data_dir=tmp_path / "data") as server:
-        await _publish_one_batch(server.url, "wire.t", batch("x", 10))
-        async with _raw(server.url) as raw:
-            await raw.send(Subscribe(1, "wire.>", StartKind.NEW, 0, 1000, {"resume:wire.t": "4"}))
-            assert await raw.next() == SubAck(1)
-            got = await raw.next()
+        await publish_one_batch(server.url, "wire.t", batch("x", 10))
+        async with raw_client(server.url, handshake="raw", timeout=TIMEOUT) as raw:
+            await raw.send_event(Subscribe(1, "wire.>", StartKind.NEW, 0, 1000, {"resume:wire.t": "4"}))
+            assert await raw.next_event() == SubAck(1)
+            got = await raw.next_event()
             assert isinstance(got, Deliver) and got.base_offset == 0 and got.topic == "wire.t"
         # The client library drops the part it already had.
         async with client.connect(server.url) as c:
@@ -423,11 +332,11 @@ async def test_resume_position_past_the_end_falls_back_to_the_start_rule(
     client read (reset, or an unsynced tail lost): the start rule decides."""
     async with running_broker(data_dir=tmp_path / "data") as server:
         await publish_all(server.url, "wire.end", batch("old", 3))
-        async with _raw(server.url) as raw:
-            await raw.send(Subscribe(1, "wire.end", start, 0, 1000, {"resume:wire.end": "99"}))
-            assert await raw.next() == SubAck(1)
+        async with raw_client(server.url, handshake="raw", timeout=TIMEOUT) as raw:
+            await raw.send_event(Subscribe(1, "wire.end", start, 0, 1000, {"resume:wire.end": "99"}))
+            assert await raw.next_event() == SubAck(1)
             await publish_all(server.url, "wire.end", [b"new"])
-            got = await raw.next()
+            got = await raw.next_event()
             assert isinstance(got, Deliver) and got.base_offset == first_base
 
 
@@ -435,21 +344,21 @@ async def test_resume_position_below_retention_reports_data_lost(tmp_path: Path)
     async with running_broker(storage="memory", memory_retention_bytes=1) as server:
         for i in range(5):  # each publish its own batch; retention keeps the last
             await publish_all(server.url, "wire.gone", [f"g-{i}".encode()])
-        async with _raw(server.url) as raw:
-            await raw.send(Subscribe(1, "wire.gone", StartKind.NEW, 0, 1000, {"resume:wire.gone": "0"}))
-            assert await raw.next() == SubAck(1)
-            lost = await raw.next()
+        async with raw_client(server.url, handshake="raw", timeout=TIMEOUT) as raw:
+            await raw.send_event(Subscribe(1, "wire.gone", StartKind.NEW, 0, 1000, {"resume:wire.gone": "0"}))
+            assert await raw.next_event() == SubAck(1)
+            lost = await raw.next_event()
             assert isinstance(lost, Error) and lost.code == ErrorCode.DATA_LOST and lost.ref == 1
-            got = await raw.next()
+            got = await raw.next_event()
             assert isinstance(got, Deliver) and got.base_offset > 0
 
 
 async def test_suback_carries_the_registration_time(tmp_path: Path) -> None:
     async with running_broker(storage="memory") as server:
-        async with _raw(server.url) as raw:
+        async with raw_client(server.url, handshake="raw", timeout=TIMEOUT) as raw:
             before = time.time_ns() // 1000
-            await raw.send(Subscribe(1, "wire.time"))
-            ack = await raw.next()
+            await raw.send_event(Subscribe(1, "wire.time"))
+            ack = await raw.next_event()
             after = time.time_ns() // 1000
             assert isinstance(ack, SubAck) and before <= ack.timestamp <= after
 
@@ -470,14 +379,14 @@ async def test_suback_carries_the_registration_time(tmp_path: Path) -> None:
 )
 async def test_bad_resume_options_are_bad_requests(pattern: str, options: dict[str, str], why: str) -> None:
     async with running_broker(storage="memory") as server:
-        async with _raw(server.url) as raw:
-            await raw.send(Subscribe(7, pattern, StartKind.NEW, 0, 100, options))
-            err = await raw.next()
+        async with raw_client(server.url, handshake="raw", timeout=TIMEOUT) as raw:
+            await raw.send_event(Subscribe(7, pattern, StartKind.NEW, 0, 100, options))
+            err = await raw.next_event()
             assert isinstance(err, Error) and err.code == ErrorCode.BAD_REQUEST and err.ref == 7
             assert why in err.message
             # Not fatal: the connection goes on.
-            await raw.send(Subscribe(8, "wire.ok"))
-            assert await raw.next() == SubAck(8)
+            await raw.send_event(Subscribe(8, "wire.ok"))
+            assert await raw.next_event() == SubAck(8)
 
 
 async def test_reconnect_sends_the_credentials_again(tmp_path: Path) -> None:
@@ -488,7 +397,7 @@ async def test_reconnect_sends_the_credentials_again(tmp_path: Path) -> None:
         {"svc": user_entry(password="pw-svc", publish=["auth.>"], subscribe=["auth.>"])},
     )
     data, port = tmp_path / "data", free_port()
-    got = Collector()
+    got = Collector(TIMEOUT)
     async with trio.open_nursery() as nursery:
         async with running_broker(data_dir=data, port=port, auth_file=users) as first:
             url = first.url.replace("pybroker://", "pybroker://svc:pw-svc@")
@@ -516,14 +425,14 @@ async def test_reconnect_refused_by_the_broker_gives_up_at_once(tmp_path: Path) 
     stop_first, stop_second = trio.Event(), trio.Event()
     async with trio.open_nursery() as nursery:
         first = await nursery.start(
-            partial(_serve_until, stop_first, data_dir=data, port=port, auth_file=before)
+            partial(serve_until, stop_first, data_dir=data, port=port, auth_file=before)
         )
         async with client.connect(first.url, token="t" * 20, reconnect=FAST) as c:
             sub = await c.subscribe("refused.>")
             stop_first.set()
             await first.wait_stopped()
             await nursery.start(
-                partial(_serve_until, stop_second, data_dir=data, port=port, auth_file=after)
+                partial(serve_until, stop_second, data_dir=data, port=port, auth_file=after)
             )
             with trio.fail_after(TIMEOUT):
                 with pytest.raises(client.ConnectionClosed, match="refused"):
@@ -533,15 +442,14 @@ async def test_reconnect_refused_by_the_broker_gives_up_at_once(tmp_path: Path) 
         stop_second.set()
 
 
-async def test_reconnect_over_tls(tmp_path: Path) -> None:
+async def test_reconnect_over_tls(tmp_path: Path, certs: Certs) -> None:
     """A pybrokers:// client reconnects over TLS, verifying the broker again."""
-    certs = make_certs(tmp_path)
     tls = {"tls_cert": certs.cert_file, "tls_key": certs.key_file}
     data, port = tmp_path / "data", free_port()
-    got = Collector()
+    got = Collector(TIMEOUT)
     stop_first, stop_second = trio.Event(), trio.Event()
     async with trio.open_nursery() as nursery:
-        first = await nursery.start(partial(_serve_until, stop_first, data_dir=data, port=port, **tls))
+        first = await nursery.start(partial(serve_until, stop_first, data_dir=data, port=port, **tls))
         assert first.url.startswith("pybrokers://")
         async with client.connect(first.url, ca_file=certs.ca_file, reconnect=FAST) as c:
             await c.subscribe("tls.>", got)
@@ -551,7 +459,7 @@ async def test_reconnect_over_tls(tmp_path: Path) -> None:
             stop_first.set()
             await first.wait_stopped()
             second = await nursery.start(
-                partial(_serve_until, stop_second, data_dir=data, port=port, **tls)
+                partial(serve_until, stop_second, data_dir=data, port=port, **tls)
             )
             async with client.connect(second.url, ca_file=certs.ca_file) as pub:
                 await pub.publish("tls.a", b"two")

@@ -18,8 +18,14 @@ import client.connection as client_connection
 from broker.config import Limits
 from broker.server import Server
 from client import Message, Reconnect
+from client.protocol import PubAck, Publish, encode_record
 
-from test_reconnect import FAST, Collector, _serve_until, batch, free_port, publish_all
+from helpers.collect import Collector
+from helpers.frames import batch_with_count
+from helpers.inproc import wait_until
+from helpers.raw import raw_client
+from helpers.restarts import FAST, batch, free_port, publish_all, publish_one_batch, serve_until
+
 
 WAIT = 5.0
 
@@ -40,7 +46,7 @@ class _Broker:
 
     async def start(self) -> Server:
         self._stop = trio.Event()
-        self.server = await self._nursery.start(partial(_serve_until, self._stop, **self._config))
+        self.server = await self._nursery.start(partial(serve_until, self._stop, **self._config))
         return self.server
 
     async def stop(self) -> None:
@@ -51,12 +57,6 @@ class _Broker:
     def subscription_count(self) -> int:
         assert self.server is not None
         return sum(len(s.subs) for s in self.server.sessions)
-
-
-async def _until(predicate: Any, timeout: float = WAIT) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
 
 
 class _Gate:
@@ -125,7 +125,7 @@ async def test_every_sender_blocked_on_max_pending_fails_when_the_client_gives_u
         await broker.start()
         async with client.connect(broker.url, reconnect=policy, max_pending=1) as c:
             await broker.stop()
-            await _until(lambda: not c.connected)
+            await wait_until(lambda: not c.connected, WAIT)
             c.publish_nowait("bp.t", b"fills max_pending")
 
             async def sender(i: int) -> None:
@@ -138,8 +138,8 @@ async def test_every_sender_blocked_on_max_pending_fails_when_the_client_gives_u
                     senders.start_soon(sender, 1)
                     await trio.sleep(0.01)
                     senders.start_soon(sender, 2)
-                    await _until(lambda: c.closed)
-                    await _until(lambda: len(failed) == 2, timeout=WAIT)
+                    await wait_until(lambda: c.closed, WAIT)
+                    await wait_until(lambda: len(failed) == 2, timeout=WAIT)
             assert c.closed
     assert sorted(failed) == [1, 2], f"only sender(s) {failed} woke up; the other hangs forever"
 
@@ -173,7 +173,7 @@ async def test_subscribe_while_the_resume_is_being_sent_completes(gate: _Gate) -
             nursery.start_soon(late_subscriber)
             await trio.sleep(0.05)
             gate.release.set()
-            await _until(lambda: c.connected)
+            await wait_until(lambda: c.connected, WAIT)
             with trio.move_on_after(WAIT):
                 await subscribed.wait()
             assert subscribed.is_set(), "subscribe() during the resume send never returns"
@@ -196,7 +196,7 @@ async def test_credit_granted_while_the_resume_is_being_sent_is_not_lost(
         async with client.connect(broker.url, reconnect=FAST) as c:
             async with c.subscribe("cr.t", window=10) as sub:
                 await publish_all(broker.url, "cr.t", batch("first", 10))
-                await _until(lambda: sub.statistics().pending_messages == 10)
+                await wait_until(lambda: sub.statistics().pending_messages == 10, WAIT)
                 await broker.stop()
                 gate.armed = True
                 await broker.start()
@@ -211,7 +211,7 @@ async def test_credit_granted_while_the_resume_is_being_sent_is_not_lost(
                 with trio.move_on_after(0.05):
                     await sub.__anext__()  # ends the batch: its credit is granted
                 gate.release.set()
-                await _until(lambda: c.connected)
+                await wait_until(lambda: c.connected, WAIT)
                 for p in batch("after", 20):  # one batch each
                     await publish_all(broker.url, "cr.t", [p])
                 with trio.move_on_after(WAIT):
@@ -247,7 +247,7 @@ async def test_unsubscribe_while_the_resume_is_being_sent_leaves_nothing_on_the_
                     inner.start_soon(sub.unsubscribe)
                     await trio.testing.wait_all_tasks_blocked()
                     gate.release.set()
-                await _until(lambda: c.connected)
+                await wait_until(lambda: c.connected, WAIT)
                 await c.ping()  # the resume has been read
             assert broker.subscription_count() == 0, "a zombie subscription stays on the broker"
             nursery.cancel_scope.cancel()
@@ -276,7 +276,7 @@ async def test_new_batch_straddling_a_stale_position_is_delivered_whole() -> Non
             await got.wait_for({"mem.t": 5}, timeout=WAIT)
             await broker.stop()
             await broker.start()
-            await _until(lambda: c.connected)
+            await wait_until(lambda: c.connected, WAIT)
             await c.ping()
             await publish_all(broker.url, "mem.t", batch("new", 10))  # one batch
             with trio.move_on_after(2):
@@ -307,7 +307,7 @@ async def test_wildcard_subscription_over_many_topics_resumes() -> None:
             async with client.connect(broker.url) as pub:
                 for t in topics:
                     await pub.publish(t, b"x")
-            await _until(lambda: sub.statistics().pending_messages == len(topics))
+            await wait_until(lambda: sub.statistics().pending_messages == len(topics), WAIT)
             await broker.stop()
             await broker.start()
             with trio.move_on_after(WAIT):
@@ -337,12 +337,12 @@ async def test_request_timing_out_while_reconnecting_leaves_no_subscription() ->
         await broker.start()
         async with client.connect(broker.url, reconnect=FAST) as c:
             await broker.stop()
-            await _until(lambda: not c.connected)
+            await wait_until(lambda: not c.connected, WAIT)
             for _ in range(3):
                 with pytest.raises(trio.TooSlowError):
                     await c.request("svc.echo", b"?", timeout=0.1)
             await broker.start()
-            await _until(lambda: c.connected)
+            await wait_until(lambda: c.connected, WAIT)
             await c.ping()
             assert broker.subscription_count() == 0, (
                 f"{broker.subscription_count()} orphaned inbox subscriptions resumed on the broker"
@@ -378,10 +378,10 @@ async def test_group_ack_made_while_reconnecting_is_not_redelivered(tmp_path: An
             with trio.fail_after(WAIT):
                 await arrived.wait()
             await broker.stop()
-            await _until(lambda: not c.connected)
+            await wait_until(lambda: not c.connected, WAIT)
             await jobs[0].ack()  # acknowledged while away
             await broker.start()
-            await _until(lambda: c.connected)
+            await wait_until(lambda: c.connected, WAIT)
             await trio.sleep(0.5)
             assert [m.payload for m in jobs] == [b"job-1"], "an acknowledged job came back"
             nursery.cancel_scope.cancel()
@@ -408,7 +408,7 @@ async def test_leaving_during_an_outage_waits_close_timeout_for_queued_publishes
 
         async with client.connect(broker.url, reconnect=FAST, close_timeout=5) as c:
             await broker.stop()
-            await _until(lambda: not c.connected)
+            await wait_until(lambda: not c.connected, WAIT)
             pendings = [c.publish_nowait("leave.t", p) for p in batch("q", 5)]
             nursery.start_soon(restart_soon)
         errors = [p.error for p in pendings if p.error is not None]
@@ -427,23 +427,16 @@ async def test_malformed_batch_does_not_stall_the_subscription() -> None:
     broker spends 10 credit on it; Client._on_deliver skips it without
     Subscription._account, so that credit never comes back (nor is its
     position recorded). With window=10 the subscription stalls for good."""
-    from client.protocol import Publish, PubAck
-    from client.protocol import BATCH_HEADER
-    from client.protocol import encode_record
-    import zlib
-
-    from test_reconnect import _raw
-
     async with trio.open_nursery() as nursery:
         broker = _Broker(nursery)
         await broker.start()
         async with client.connect(broker.url) as c:
             async with c.subscribe("bad.t", window=10) as sub:
                 body = encode_record(b"") * 10 + b"junk"
-                async with _raw(broker.url) as raw:
-                    await raw.send(Publish(1, "bad.t", BATCH_HEADER.pack(10, zlib.crc32(body)) + body))
-                    assert isinstance(await raw.next(), PubAck)
-                await _until(lambda: sub.statistics().malformed_batches == 1)
+                async with raw_client(broker.url, handshake="raw", timeout=WAIT) as raw:
+                    await raw.send_event(Publish(1, "bad.t", batch_with_count(10, body)))
+                    assert isinstance(await raw.next_event(), PubAck)
+                await wait_until(lambda: sub.statistics().malformed_batches == 1, WAIT)
                 await publish_all(broker.url, "bad.t", batch("good", 3))
                 got = []
                 with trio.move_on_after(2):
@@ -488,8 +481,6 @@ async def test_messages_published_to_a_reset_topic_while_away_are_delivered() ->
     topic's end, so the broker starts 'with the next message published'
     (session._on_subscribe) and the 3 are never delivered, with no
     DATA_LOST either: a silent gap."""
-    from test_reconnect import _publish_one_batch
-
     got = Collector()
     async with trio.open_nursery() as nursery:
         broker = _Broker(nursery)
@@ -499,7 +490,7 @@ async def test_messages_published_to_a_reset_topic_while_away_are_delivered() ->
             await publish_all(broker.url, "mem.t", batch("old", 5))
             await got.wait_for({"mem.t": 5}, timeout=WAIT)
             await broker.stop()
-            await _until(lambda: not c.connected)
+            await wait_until(lambda: not c.connected, WAIT)
             # Keep the subscriber away while the new broker takes messages.
             hold = trio.Event()
             real = client_connection.open_stream
@@ -514,11 +505,11 @@ async def test_messages_published_to_a_reset_topic_while_away_are_delivered() ->
                 with trio.fail_after(WAIT):
                     for p in batch("away", 3):
                         # Raw: client.connect would wait on the hold too.
-                        await _publish_one_batch(broker.url, "mem.t", [p])
+                        await publish_one_batch(broker.url, "mem.t", [p])
             finally:
                 client_connection.open_stream = real  # type: ignore[assignment]
                 hold.set()
-            await _until(lambda: c.connected)
+            await wait_until(lambda: c.connected, WAIT)
             with trio.move_on_after(2):
                 await got.wait_for({"mem.t": 8}, timeout=2)
             assert got.payloads("mem.t") == batch("old", 5) + batch("away", 3)

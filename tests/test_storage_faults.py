@@ -4,7 +4,7 @@ is ever stored or delivered, nothing acknowledged is ever lost, no torn batch
 stays in the log, the broker answers instead of hanging or crashing, and
 publishing resumes by itself when the disk recovers.
 
-Faults are injected where the log calls the file system (tests/faultyio.py)
+Faults are injected where the log calls the file system (tests/helpers/faults.py)
 into a real broker on loopback with the real file store, driven by the real
 client and HTTP; a second set uses the kernel's own limits (RLIMIT_FSIZE,
 a small tmpfs where the machine allows mounting one) on a `pybroker serve`
@@ -14,7 +14,6 @@ subprocess.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import resource
 import signal
@@ -31,18 +30,15 @@ import trio
 import client
 from broker.config import Config
 from broker.storage import DataDirLocked, FileStore
-from broker.storage.settings import SettingsResolver, TopicSettings
 from broker.server import Server, run_broker
 from client.protocol import Durability
-from faultyio import FaultyOps
-from test_cli import PYBROKER, child_env, find_event, run, spawn
-from test_http import assert_error, get_json, post_json, request
+
+from helpers.faults import FaultyOps
+from helpers.http import assert_error, get_json, post_json, request
+from helpers.logs import open_store
+from helpers.procs import find_event, run, spawn
 
 TIMEOUT = 15.0
-
-
-def open_store(data_dir: Path, ops: FaultyOps | None = None, **settings: Any) -> FileStore:
-    return FileStore(data_dir, SettingsResolver(TopicSettings(**settings)), ops=ops or FaultyOps())
 
 
 @asynccontextmanager
@@ -121,7 +117,7 @@ async def test_failed_append_is_refused_and_leaves_no_torn_batch(tmp_path: Path,
         ]
         assert await end_offset(server.url, "jobs") == 50
     # After a restart: nothing to repair, everything there, offsets go on.
-    store = open_store(tmp_path)
+    store = open_store(tmp_path, FaultyOps())
     assert store.findings == []
     async with broker(store) as server:
         assert await replay(server.url, "jobs", 50) == got
@@ -281,7 +277,7 @@ async def test_failed_fsync_refuses_what_it_covered_and_is_never_retried(tmp_pat
         assert seen == expected  # no refused batch was ever delivered
         assert [p for _, p in await replay(server.url, "acct", n)] == expected
         assert store.fsync_failures == 1
-    store = open_store(tmp_path)
+    store = open_store(tmp_path, FaultyOps())
     assert store.findings == []
     assert store.topic("acct").next_offset == n
     store.close()
@@ -345,23 +341,15 @@ async def test_file_size_limit_mid_batch_loses_nothing_acknowledged(tmp_path: Pa
     payload = b"p" * 1000
     acked: list[int] = []
     refused = 0
-    async with trio.open_nursery() as nursery:
-        proc: trio.Process = await nursery.start(
-            lambda task_status=trio.TASK_STATUS_IGNORED: trio.run_process(
-                [*PYBROKER, *args], stderr=subprocess.PIPE, env=child_env(), preexec_fn=limited,
-                check=False, task_status=task_status,
-            )
-        )
-        try:
-            url = await _url_from(proc)
-            async with client.connect(url) as c:
-                for i in range(120):  # ~120 KiB: well past the 64 KiB limit
-                    try:
-                        acked.append((await c.publish("big", payload + b"%03d" % i)).offset)
-                    except client.StorageFull:
-                        refused += 1
-        finally:
-            proc.kill()
+    async with spawn(args, "limited", preexec_fn=limited) as child:
+        listening = await child.stderr.wait_for(find_event("listening"))
+        async with client.connect(listening["url"]) as c:
+            for i in range(120):  # ~120 KiB: well past the 64 KiB limit
+                try:
+                    acked.append((await c.publish("big", payload + b"%03d" % i)).offset)
+                except client.StorageFull:
+                    refused += 1
+        child.process.kill()
     assert refused > 0 and acked, (acked, refused)
     # Restarted without the limit: every acknowledged message is there.
     async with spawn(args, "again") as again:
@@ -370,19 +358,6 @@ async def test_file_size_limit_mid_batch_loses_nothing_acknowledged(tmp_path: Pa
         assert [o for o, _ in got] == acked == list(range(len(acked)))
         again.process.send_signal(signal.SIGTERM)
         assert await again.wait() == 0
-
-
-async def _url_from(proc: trio.Process) -> str:
-    assert proc.stderr is not None
-    buf = b""
-    with trio.fail_after(TIMEOUT):
-        while True:
-            chunk = await proc.stderr.receive_some(65536)
-            assert chunk, buf.decode()
-            buf += chunk
-            for line in buf.split(b"\n"):
-                if b'"listening"' in line:
-                    return str(json.loads(line)["url"])
 
 
 @contextmanager

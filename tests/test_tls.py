@@ -4,28 +4,25 @@ Certificates come from ``trustme``: a throwaway CA and a server certificate
 for ``127.0.0.1`` and ``localhost``, written under ``tmp_path``. The broker
 runs with ``tls_cert``/``tls_key``; clients verify it against that CA.
 Every wait is bounded with ``trio.fail_after``; nothing asserts on elapsed
-time. The CLI tests run ``pybroker`` as subprocesses like tests/test_cli.py.
+time. The CLI tests run ``pybroker`` as subprocesses (tests/helpers/procs.py); the
+``certs`` fixture is in conftest.py.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+from functools import partial
 import ssl
-import sys
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator, MutableMapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, MutableMapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
-import structlog
-import structlog.testing
 import trio
-import trustme
 
 import client
 from broker.config import Config
@@ -46,44 +43,18 @@ from client.protocol import (
 )
 from client.transport import client_context
 
-from test_cli import find_event, run, spawn
+from helpers.brokerlog import broker_log
+from helpers.certs import Certs, make_certs
+from helpers.http import in_thread
+from helpers.inproc import wait_sessions
+from helpers.procs import find_event, run, spawn
+
 
 #: Upper bound, in seconds, on any single wait in these tests.
 TIMEOUT = 10.0
 #: Short handshake timeout for the stalled-handshake tests; still long
 #: enough for a busy machine to finish the TLS handshake where a test needs it.
 HANDSHAKE_TIMEOUT = 1.5
-
-
-@attrs.frozen
-class Certs:
-    ca: trustme.CA
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
-    #: Key and chain in one file (tls_key omitted).
-    bundle_file: Path
-
-
-def make_certs(directory: Path, name: str = "certs") -> Certs:
-    directory = directory / name
-    directory.mkdir(parents=True, exist_ok=True)
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1", "localhost")
-    ca_file = directory / "ca.pem"
-    cert_file = directory / "server.pem"
-    key_file = directory / "server.key"
-    bundle_file = directory / "bundle.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    cert_file.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
-    issued.private_key_pem.write_to_path(str(key_file))
-    issued.private_key_and_cert_chain_pem.write_to_path(str(bundle_file))
-    return Certs(ca, ca_file, cert_file, key_file, bundle_file)
-
-
-@pytest.fixture
-def certs(tmp_path: Path) -> Certs:
-    return make_certs(tmp_path)
 
 
 @asynccontextmanager
@@ -97,40 +68,8 @@ def trusting(certs: Certs) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(certs.ca_file))
 
 
-def _exception_now(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
-    if event_dict.get("exc_info") is True:
-        event_dict["exc_info"] = sys.exc_info()[1]
-    return event_dict
-
-
-@contextmanager
-def broker_log() -> Iterator[list[MutableMapping[str, Any]]]:
-    """Capture the broker's log; fail on anything at error level or above
-    (an unexpected exception in a connection is logged as an internal error).
-    Info records are kept too (conftest.py filters them out otherwise)."""
-    wrapper = structlog.get_config()["wrapper_class"]
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
-    try:
-        with structlog.testing.capture_logs(processors=[_exception_now]) as logs:
-            yield logs
-    finally:
-        structlog.configure(wrapper_class=wrapper)
-    bad = [
-        f"{e.get('event')!r}: {e.get('exc_info')!r}"
-        for e in logs
-        if e.get("log_level") in ("error", "critical", "exception")
-    ]
-    assert not bad, f"the broker logged errors: {bad}"
-
-
 def closed_reasons(logs: list[MutableMapping[str, Any]]) -> list[str]:
     return [str(e.get("reason")) for e in logs if e.get("event") == "connection closed"]
-
-
-async def wait_sessions(server: Server, count: int) -> None:
-    with trio.fail_after(TIMEOUT):
-        while len(server.sessions) != count:
-            await trio.sleep(0.01)
 
 
 async def read_to_eof(stream: trio.abc.ReceiveStream, limit: int = 1 << 20) -> bytes:
@@ -537,23 +476,20 @@ def https_post_json(url: str, context: ssl.SSLContext, doc: Any) -> tuple[int, A
         return resp.status, json.loads(resp.read())
 
 
-async def in_thread(fn: Any, *args: Any) -> Any:
-    with trio.fail_after(TIMEOUT + 5):
-        return await trio.to_thread.run_sync(lambda: fn(*args), abandon_on_cancel=True)
-
-
 async def test_https_healthz_and_json_api(certs: Certs) -> None:
     with broker_log():
         async with tls_broker(certs) as server:
             base = f"https://127.0.0.1:{server.http_port}"
             context = trusting(certs)
-            status, _, body = await in_thread(https_get, f"{base}/healthz", context)
+            status, _, body = await in_thread(partial(https_get, f"{base}/healthz", context))
             assert status == 200 and body
             status, doc = await in_thread(
-                https_post_json, f"{base}/v1/topics/tls.http/messages", context, {"payload": "over https"}
+                partial(https_post_json, f"{base}/v1/topics/tls.http/messages", context, {"payload": "over https"})
             )
             assert status == 200 and doc["offset"] == 0, doc
-            status, ctype, body = await in_thread(https_get, f"{base}/v1/topics/tls.http/messages", context)
+            status, ctype, body = await in_thread(
+                partial(https_get, f"{base}/v1/topics/tls.http/messages", context)
+            )
             assert status == 200 and ctype.startswith("application/json")
             assert [m["payload"] for m in json.loads(body)["messages"]] == ["over https"]
             # The message is the same one TCP clients see.
@@ -569,14 +505,14 @@ async def test_https_rejects_untrusted_and_plain_http(certs: Certs, tmp_path: Pa
             assert server.http_port is not None
             base = f"127.0.0.1:{server.http_port}"
             with pytest.raises(urllib.error.URLError) as info:
-                await in_thread(https_get, f"https://{base}/healthz", trusting(other))
+                await in_thread(partial(https_get, f"https://{base}/healthz", trusting(other)))
             assert isinstance(info.value.reason, ssl.SSLCertVerificationError)
             # Plain HTTP to the HTTPS port: closed, no answer, no harm.
             raw = await trio.open_tcp_stream("127.0.0.1", server.http_port)
             async with raw:
                 await raw.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert b"HTTP/1.1" not in await read_to_eof(raw)
-            status, _, _ = await in_thread(https_get, f"https://{base}/healthz", trusting(certs))
+            status, _, _ = await in_thread(partial(https_get, f"https://{base}/healthz", trusting(certs)))
             assert status == 200
 
 

@@ -19,17 +19,17 @@ to it:
 
 Bounded runs, as the test suite does (tests/test_fuzz_atheris.py):
 
-    .venv/bin/python fuzz/fuzz_codec.py -runs=20000 -seed=1
+    .venv/bin/python tests/fuzz/fuzz_codec.py -runs=20000 -seed=1
 
 Longer, keeping what it learns in a corpus directory (an empty one is first
 seeded with one valid frame of every type for every target):
 
     mkdir -p fuzz-corpus
-    .venv/bin/python fuzz/fuzz_codec.py fuzz-corpus -max_total_time=600
+    .venv/bin/python tests/fuzz/fuzz_codec.py fuzz-corpus -max_total_time=600
 
 Every option is libFuzzer's (``-help=1`` lists them); a crash is written to
 ``crash-<sha1>`` (``-artifact_prefix=DIR/`` puts it elsewhere) and replays
-with ``.venv/bin/python fuzz/fuzz_codec.py crash-<sha1>``.
+with ``.venv/bin/python tests/fuzz/fuzz_codec.py crash-<sha1>``.
 """
 
 from __future__ import annotations
