@@ -10,8 +10,6 @@ take a batch whose CRC does not match.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,6 @@ import client
 from broker.cli import build_parser
 from broker.cli.serve import config_from
 from broker.config import Limits
-from broker.server import Server
 from broker.testing import running_broker
 from client.protocol import (
     NEED_DATA,
@@ -47,41 +44,17 @@ from client.protocol import (
     encode_batch,
 )
 
+from helpers.raw import RawClient, raw_client
+
 TIMEOUT = 20
 
 #: Small enough that a few hundred topics or groups need several replies.
 SMALL_FRAME = 4096
 
 
-class Wire:
-    """A client speaking frames through the codec, seeing every answer."""
-
-    def __init__(self, stream: trio.SocketStream, max_frame_bytes: int) -> None:
-        self.stream = stream
-        self.conn = Connection(Role.CLIENT, max_frame_bytes=max_frame_bytes)
-
-    async def send(self, *events: Any) -> None:
-        await self.stream.send_all(b"".join(self.conn.send(e) for e in events))
-
-    async def next(self) -> Any:
-        with trio.fail_after(TIMEOUT):
-            while True:
-                event = self.conn.next_event()
-                if event is not NEED_DATA:
-                    return event
-                data = await self.stream.receive_some(65536)
-                assert data, "the broker closed the connection"
-                self.conn.receive_data(data)
-
-
-@asynccontextmanager
-async def wire(server: Server, max_frame_bytes: int = 1 << 20) -> AsyncIterator[Wire]:
-    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-    async with stream:
-        w = Wire(stream, max_frame_bytes)
-        await w.send(Hello("ordering"))
-        assert isinstance(await w.next(), Welcome)
-        yield w
+async def send(raw: RawClient, *events: Any) -> None:
+    """Several frames in one write: the broker reads them together."""
+    await raw.send(b"".join(raw.conn.send(e) for e in events))
 
 
 def bad_crc(batch: bytes) -> bytes:
@@ -91,13 +64,13 @@ def bad_crc(batch: bytes) -> bytes:
 async def test_publish_answers_keep_publish_order_refusals_included(tmp_path: Path) -> None:
     """Durable PUBLISHes wait for their fsync; the refusals between them
     (a CRC mismatch is refused at once) still come in their place."""
-    async with running_broker(data_dir=tmp_path) as server, wire(server) as w:
+    async with running_broker(data_dir=tmp_path) as server, raw_client(server, handshake="guarantees") as w:
         good = encode_batch([b"x" * 100])
         frames = [
             Publish(i, "order.a", bad_crc(good) if i % 3 == 0 else good) for i in range(1, 61)
         ]
-        await w.send(*frames)
-        answers = [await w.next() for _ in frames]
+        await send(w, *frames)
+        answers = [await w.next_event() for _ in frames]
         ids = [a.request_id if isinstance(a, PubAck) else a.ref for a in answers]
         assert ids == list(range(1, 61))
         for i, a in enumerate(answers, start=1):
@@ -112,20 +85,20 @@ async def test_publish_answers_keep_publish_order_refusals_included(tmp_path: Pa
 async def test_pong_comes_after_every_earlier_puback(tmp_path: Path) -> None:
     """A PING is a barrier: PONG only once every PUBLISH before it is
     answered, even though the PUBACKs wait for fsync and the PONG does not."""
-    async with running_broker(data_dir=tmp_path) as server, wire(server) as w:
+    async with running_broker(data_dir=tmp_path) as server, raw_client(server, handshake="guarantees") as w:
         for round_ in range(5):
             batch = encode_batch([b"y" * 50] * 10)
-            await w.send(*(Publish(100 * round_ + i, "order.pong", batch) for i in range(1, 21)), Ping(round_ + 7))
-            seen = [await w.next() for _ in range(21)]
+            await send(w, *(Publish(100 * round_ + i, "order.pong", batch) for i in range(1, 21)), Ping(round_ + 7))
+            seen = [await w.next_event() for _ in range(21)]
             assert [type(e) for e in seen] == [PubAck] * 20 + [Pong]
             assert seen[-1].nonce == round_ + 7
 
 
 async def test_request_id_zero_gets_no_puback_but_its_refusal_keeps_its_place(tmp_path: Path) -> None:
-    async with running_broker(data_dir=tmp_path) as server, wire(server) as w:
+    async with running_broker(data_dir=tmp_path) as server, raw_client(server, handshake="guarantees") as w:
         good = encode_batch([b"z"])
-        await w.send(Publish(1, "order.z", good), Publish(0, "order.z", bad_crc(good)), Publish(0, "order.z", good), Publish(2, "order.z", good))
-        first, refusal, last = await w.next(), await w.next(), await w.next()
+        await send(w, Publish(1, "order.z", good), Publish(0, "order.z", bad_crc(good)), Publish(0, "order.z", good), Publish(2, "order.z", good))
+        first, refusal, last = await w.next_event(), await w.next_event(), await w.next_event()
         assert isinstance(first, PubAck) and first.request_id == 1 and first.base_offset == 0
         assert isinstance(refusal, Error) and refusal.code == ErrorCode.CHECKSUM_MISMATCH and refusal.ref == 0
         # The unacknowledged publish was stored: offset 1 went to it.
@@ -142,15 +115,15 @@ async def test_topic_listing_longer_than_a_frame_comes_page_by_page(tmp_path: Pa
             listed = await c.topics("page.>")
             assert [t.topic for t in listed] == names
             assert all(t.next_offset == 1 for t in listed)
-        async with wire(server, SMALL_FRAME) as w:
+        async with raw_client(server, handshake="guarantees") as w:
             pages = 0
             after = ""
             seen: list[str] = []
             while True:
                 pages += 1
                 assert pages < 100
-                await w.send(Info(pages, "page.>", after))
-                reply = await w.next()
+                await send(w, Info(pages, "page.>", after))
+                reply = await w.next_event()
                 assert isinstance(reply, InfoReply) and reply.request_id == pages
                 assert len(reply.topics) > 0
                 seen.extend(t.topic for t in reply.topics)
@@ -234,22 +207,22 @@ async def test_memory_store_retention_follows_the_flag() -> None:
     assert config.memory_retention_bytes == 20000
     assert config_from(build_parser().parse_args(["serve", "--storage", "memory"])).memory_retention_bytes == 64 << 20
     async with running_broker(storage="memory", memory_retention_bytes=config.memory_retention_bytes) as server:
-        async with client.connect(server.url) as c, wire(server) as w:
+        async with client.connect(server.url) as c, raw_client(server, handshake="guarantees") as w:
             # A window of one message: it takes offset 0 and then waits.
-            await w.send(Subscribe(1, "mem.t", StartKind.NEW, 0, 1))
-            assert isinstance(await w.next(), SubAck)
+            await send(w, Subscribe(1, "mem.t", StartKind.NEW, 0, 1))
+            assert isinstance(await w.next_event(), SubAck)
             for i in range(100):
                 await c.publish("mem.t", b"%04d" % i + b"." * 996)
-            first = await w.next()
+            first = await w.next_event()
             assert isinstance(first, Deliver) and first.base_offset == 0
             (info,) = await c.topics("mem.t")
             assert info.next_offset == 100 and 1 < info.first_offset < 100
             assert info.retained_bytes <= 20000 + 1100  # the newest batch always stays
-            await w.send(Credit(1, 1000))
-            lost = await w.next()
+            await send(w, Credit(1, 1000))
+            lost = await w.next_event()
             assert isinstance(lost, Error) and lost.code == ErrorCode.DATA_LOST
             assert lost.ref_kind == RefKind.SUBSCRIPTION and lost.ref == 1
-            rest = await w.next()
+            rest = await w.next_event()
             assert isinstance(rest, Deliver) and rest.base_offset == info.first_offset
 
 
@@ -261,23 +234,23 @@ async def test_a_closed_connections_subscription_never_reaches_a_new_one() -> No
     async with running_broker(storage="memory", memory_retention_bytes=50_000) as server:
         async with client.connect(server.url) as pub:
             for round_ in range(3):
-                async with wire(server) as old:
+                async with raw_client(server, handshake="guarantees") as old:
                     # A window of one message: it lags at once and reads from the log.
-                    await old.send(Subscribe(1, "old.t", StartKind.EARLIEST, 0, 1))
-                    assert isinstance(await old.next(), SubAck)
+                    await send(old, Subscribe(1, "old.t", StartKind.EARLIEST, 0, 1))
+                    assert isinstance(await old.next_event(), SubAck)
                     for i in range(0, 200, 20):
                         await pub.publish_many("old.t", [b"o" * 500] * 20)
-                    await old.next()  # something is on its way to it
+                    await old.next_event()  # something is on its way to it
                 # Gone without UNSUBSCRIBE; the same sub_id on a fresh connection.
-                async with wire(server) as new:
-                    await new.send(Subscribe(1, f"new.{round_}", StartKind.NEW))
-                    assert isinstance(await new.next(), SubAck)
+                async with raw_client(server, handshake="guarantees") as new:
+                    await send(new, Subscribe(1, f"new.{round_}", StartKind.NEW))
+                    assert isinstance(await new.next_event(), SubAck)
                     await pub.publish(f"new.{round_}", b"mine")
                     await pub.publish("old.t", b"not yours")
                     await pub.publish(f"new.{round_}", b"mine too")
-                    got = [await new.next(), await new.next()]
+                    got = [await new.next_event(), await new.next_event()]
                     assert [type(e) for e in got] == [Deliver, Deliver]
                     assert {e.topic for e in got} == {f"new.{round_}"}
                     assert [e.base_offset for e in got] == [0, 1]
-                    await new.send(Ping(99))
-                    assert await new.next() == Pong(99)  # nothing else was queued for it
+                    await send(new, Ping(99))
+                    assert await new.next_event() == Pong(99)  # nothing else was queued for it
