@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 import trio
 
-from client.protocol import HEADER_SIZE, Error, ErrorCode, encode_event
+from pybroker.protocol import HEADER_SIZE, Error, ErrorCode, encode_event
 
 from .auth import unprotected_hosts
 from .closing import drain
@@ -285,7 +285,7 @@ async def run_broker(
 
     ``overrides`` replace fields of ``config`` (or of the defaults), e.g.
     ``run_broker(port=0)``; ``store`` replaces the one the config would
-    open. Used by the test fixture in ``broker.testing``.
+    open. Used by the test fixture in ``pybroker.server.testing``.
     """
     config = attrs.evolve(config or Config(), **overrides)
     # Built outside the nursery: a bad setting (a TLS certificate that will

@@ -1,7 +1,7 @@
 """The protocol package is sealed: one façade, private modules behind it.
 
-Like h11, ``client/protocol`` keeps its parts in private modules and
-re-exports every public name from ``client/protocol/__init__.py``; nothing
+Like h11, ``pybroker.protocol`` (client/protocol/) keeps its parts in
+private modules and re-exports every public name from its ``__init__.py``; nothing
 else in the tree imports a module of the package directly.
 """
 
@@ -10,7 +10,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import client.protocol as protocol
+import pybroker.protocol as protocol
+
+from helpers.modules import module_name
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "client" / "protocol"
@@ -23,7 +25,8 @@ def _python_files() -> list[Path]:
 
 
 def _package_of(path: Path) -> str:
-    return ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    name = module_name(path)
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
 
 
 def _imported_modules(path: Path, package: str) -> list[tuple[int, str]]:
@@ -40,8 +43,8 @@ def _imported_modules(path: Path, package: str) -> list[tuple[int, str]]:
             else:
                 name = node.module or ""
             out.append((node.lineno, name))
-            # ``from client.protocol import _wire`` reaches in just the same.
-            if name == "client.protocol":
+            # ``from pybroker.protocol import _wire`` reaches in just the same.
+            if name == "pybroker.protocol":
                 out.extend((node.lineno, f"{name}.{a.name}") for a in node.names if a.name.startswith("_"))
     return out
 
@@ -50,20 +53,20 @@ def test_scanner_sees_relative_and_absolute_imports(tmp_path: Path) -> None:
     # The check below is only as good as its resolution of import forms.
     fake = tmp_path / "module.py"
     fake.write_text(
-        "from .protocol._wire import HEADER_SIZE\n"
-        "from client.protocol import _readers\n"
-        "import client.protocol._state\n"
-        "from .protocol import Connection\n"
-        "from ..client.protocol._batch import split_records\n"
+        "from ...protocol._wire import HEADER_SIZE\n"
+        "from pybroker.protocol import _readers\n"
+        "import pybroker.protocol._state\n"
+        "from ...protocol import Connection\n"
+        "from ...protocol._batch import split_records\n"
     )
-    names = [name for _, name in _imported_modules(fake, "client")]
+    names = [name for _, name in _imported_modules(fake, "pybroker.server.http")]
     assert names == [
-        "client.protocol._wire",
-        "client.protocol",
-        "client.protocol._readers",
-        "client.protocol._state",
-        "client.protocol",
-        "client.protocol._batch",
+        "pybroker.protocol._wire",
+        "pybroker.protocol",
+        "pybroker.protocol._readers",
+        "pybroker.protocol._state",
+        "pybroker.protocol",
+        "pybroker.protocol._batch",
     ]
 
 
@@ -72,7 +75,7 @@ def test_nothing_outside_the_package_imports_its_modules() -> None:
         f"{path.relative_to(ROOT)}:{line}: {name}"
         for path in _python_files()
         for line, name in _imported_modules(path, _package_of(path))
-        if name.startswith("client.protocol.")
+        if name.startswith("pybroker.protocol.")
     ]
     assert leaks == []
 
@@ -89,7 +92,7 @@ def test_the_facade_exports_exactly_its_all() -> None:
     missing = [n for n in names if not hasattr(protocol, n)]
     assert missing == []
     namespace: dict[str, object] = {}
-    exec("from client.protocol import *", namespace)
+    exec("from pybroker.protocol import *", namespace)
     assert sorted(k for k in namespace if k != "__builtins__") == sorted(names)
 
 

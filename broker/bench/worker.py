@@ -1,4 +1,4 @@
-"""The load processes of `pybroker bench`: ``python -m broker.bench.worker SPEC``.
+"""The load processes of `pybroker bench`: ``python -m pybroker.server.bench.worker SPEC``.
 
 SPEC is one JSON object naming the role and its parameters. Each process
 writes its progress to the shared board (``board.py``) and, when it is done,
@@ -44,8 +44,8 @@ from typing import Any
 
 import trio
 
-from client import Message, PendingAck, connect, parse_url
-from client.protocol import (
+from pybroker import Message, PendingAck, connect, parse_url
+from pybroker.protocol import (
     CLOSED,
     DEFAULT_MAX_FRAME_BYTES,
     NEED_DATA,

@@ -36,13 +36,13 @@ T = TypeVar("T")
 
 
 def pybroker_command() -> list[str]:
-    """The installed console script next to this Python, else ``-m broker.cli``."""
+    """The installed console script next to this Python, else ``-m pybroker``."""
     bindir = Path(sys.executable).parent
     for name in ("pybroker", "pybroker.exe"):
         script = bindir / name
         if script.is_file() and os.access(script, os.X_OK):
             return [str(script)]
-    return [sys.executable, "-m", "broker.cli"]
+    return [sys.executable, "-m", "pybroker"]
 
 
 PYBROKER = pybroker_command()
