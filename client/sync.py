@@ -69,6 +69,10 @@ T = TypeVar("T")
 #: client; past this, send() blocks (up to its timeout). The async client's
 #: own bound (``max_pending``) follows.
 OUTBOX_LIMIT = 8192
+#: Threads waiting for room in a full outbox are woken once it is this low.
+_LOW_WATER = OUTBOX_LIMIT // 2
+#: Longest a thread waits for room before looking again, in seconds.
+_ROOM_SLICE = 0.05
 #: Messages a subscription fetches into the calling thread per round trip.
 TAKE_LIMIT = 1024
 #: Worker threads one callback subscription may have (``concurrency``).
@@ -83,6 +87,10 @@ Callback = Callable[["Message"], object]
 
 class _Expired(Exception):
     """A blocking call's own timeout fired (in the loop thread)."""
+
+
+class _GiveUp(Exception):
+    """close() ran out of close_timeout: leave connect() at once."""
 
 
 class _Marker:
@@ -487,7 +495,10 @@ class Client:
         self._lock = threading.Lock()
         # Messages (and flush markers) for the loop thread's hand-over task.
         self._outbox: deque[PendingAck | _Marker] = deque()
-        self._room = threading.BoundedSemaphore(OUTBOX_LIMIT)
+        # Signalled (by the loop thread) when a full outbox has room again,
+        # while _room_waiters says a thread waits for it.
+        self._room = threading.Condition(self._lock)
+        self._room_waiters = 0
         self._wake_scheduled = False
         #: close() began: no new subscriptions; callback threads stop.
         self._stopping = False
@@ -591,22 +602,36 @@ class Client:
         self._call(flush, timeout, "flush")
 
     def _enqueue(self, pending: PendingAck, timeout: float | None) -> None:
-        if self._closing:
-            raise ConnectionClosed("client closed")
-        if not self._room.acquire(timeout=None if timeout is None else max(0.0, timeout)):
-            raise TimeoutError(
-                f"publish to {pending.topic!r}: {OUTBOX_LIMIT} messages still waiting"
-                f" to be handed to the connection after {timeout:g} s"
-            )
         with self._lock:
+            if len(self._outbox) >= OUTBOX_LIMIT and not self._closing:
+                self._wait_for_room(pending.topic, timeout)
             if self._closing:
-                self._room.release()
                 raise ConnectionClosed("client closed")
             self._outbox.append(pending)
             wake = not self._wake_scheduled
             self._wake_scheduled = True
         if wake:
             self._run_soon(self._wake)
+
+    def _wait_for_room(self, topic: str, timeout: float | None) -> None:
+        """With the lock held: wait until the hand-over task has taken
+        messages out of a full outbox (it notifies while anyone waits)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._room_waiters += 1
+        try:
+            while len(self._outbox) >= OUTBOX_LIMIT and not self._closing:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(
+                        f"publish to {topic!r}: {OUTBOX_LIMIT} messages still waiting"
+                        f" to be handed to the connection after {timeout:g} s"
+                    )
+                # Notified at the low-water mark; the slice bounds the wait
+                # should a notification go out just before we began waiting
+                # (the loop thread reads _room_waiters without the lock).
+                self._room.wait(_ROOM_SLICE if remaining is None else min(remaining, _ROOM_SLICE))
+        finally:
+            self._room_waiters -= 1
 
     # -- request and reply --------------------------------------------------
 
@@ -755,6 +780,8 @@ class Client:
             self._stopping = True
             subs = list(self._subs)
             self._subs.clear()
+        # Callback threads, then the hand-over and the acknowledgements
+        # (close_timeout), then the goodbye (close_timeout); and a margin.
         bound = 2 * self._close_timeout + 5.0
         if first:
             for sub in subs:
@@ -765,10 +792,9 @@ class Client:
                 sub.join(max(0.0, deadline - time.monotonic()))
             with self._lock:
                 self._closing = True
+                self._room.notify_all()  # threads waiting for room: closed
             self._run_soon(self._wake)  # the hand-over task drains, then stops
         thread = self._thread
-        # The hand-over (close_timeout), then connect()'s exit: flush
-        # (close_timeout) and goodbye; and a margin.
         if thread is not None and thread is not threading.current_thread():
             thread.join(bound)
             if thread.is_alive():
@@ -879,23 +905,34 @@ class Client:
             ready.set()
 
     async def _main(self, url: str, options: dict[str, Any], ready: threading.Event) -> None:
-        async with async_connect(url, **options) as client:
-            self._work = trio.Event()
-            self._token = trio.lowlevel.current_trio_token()
-            self._async = client
-            try:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    ready.set()
-                    await self._pump(client)
-            finally:
-                self._nursery = None
+        try:
+            async with async_connect(url, **options) as client:
+                self._work = trio.Event()
+                self._token = trio.lowlevel.current_trio_token()
+                self._async = client
+                try:
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        ready.set()
+                        in_time = await self._pump(client)
+                        # Acknowledgements the callback threads left for it.
+                        nursery.cancel_scope.deadline = trio.current_time() + self._close_timeout
+                finally:
+                    self._nursery = None
+                if not in_time:
+                    # Leave without a second close_timeout in connect()'s
+                    # own flush: what is unacknowledged now fails at once.
+                    raise _GiveUp
+        except _GiveUp:
+            pass
 
     def _wake(self) -> None:
         self._work.set()
 
-    async def _pump(self, client: AsyncClient) -> None:
-        """Hand queued messages to the async client, in order, until close()."""
+    async def _pump(self, client: AsyncClient) -> bool:
+        """Hand queued messages to the async client, in order, until close();
+        then hand over the rest and wait for their acknowledgements, within
+        close_timeout (False if that ran out)."""
         try:
             while True:
                 with self._lock:
@@ -904,9 +941,10 @@ class Client:
                 if stopping:
                     # close() set _closing under the lock before waking us:
                     # nothing is appended after this drain.
-                    with trio.move_on_after(self._close_timeout):
+                    with trio.move_on_after(self._close_timeout) as scope:
                         await self._hand_over(client)
-                    return
+                        await client.flush()
+                    return not scope.cancelled_caught
                 await self._hand_over(client)
                 await self._work.wait()
                 self._work = trio.Event()
@@ -918,6 +956,9 @@ class Client:
         outbox = self._outbox
         while outbox:
             item = outbox.popleft()
+            if self._room_waiters and len(outbox) <= _LOW_WATER:
+                with self._lock:
+                    self._room.notify_all()
             if isinstance(item, _Marker):
                 item.event.set()
                 continue
@@ -933,8 +974,6 @@ class Client:
                 raise
             else:
                 item._settle(ack, None)
-            finally:
-                self._room.release()
 
     def _fail_outbox(self, error: ConnectionClosed) -> None:
         outbox = self._outbox
@@ -944,7 +983,8 @@ class Client:
                 item.event.set()
             else:
                 item._settle(None, error)
-                self._room.release()
+        with self._lock:
+            self._room.notify_all()  # waiting threads see _closing
 
     async def _handed_over(self) -> None:
         """Wait until everything queued before this call is with the async

@@ -438,6 +438,42 @@ def test_reconnects_after_the_broker_restarts(serve: Serve) -> None:
         assert got == expected
 
 
+def test_the_queue_to_the_connection_is_bounded(serve: Serve) -> None:
+    """With the broker away and the async client's max_pending reached, the
+    queue between the threads fills to OUTBOX_LIMIT, then send() waits up to
+    its timeout; everything queued is stored once the broker is back."""
+    with pybroker.sync.connect(serve.url, reconnect=FAST, max_pending=100) as c:
+        c.publish("bounded", b"first")
+        serve.kill()
+        # 100 in the async client, one in the hand-over task's hands
+        # (waiting for room there), OUTBOX_LIMIT in the queue.
+        limit = pybroker.sync.OUTBOX_LIMIT
+        pendings = [c.send("bounded", b"%d" % i, timeout=TIMEOUT) for i in range(100 + 1 + limit)]
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="still waiting"):
+            c.send("bounded", b"one too many", timeout=0.2)
+        assert 0.2 <= time.monotonic() - t0 < TIMEOUT
+        serve.start()
+        c.flush(timeout=TIMEOUT * 3)
+        offsets = [p.wait().offset for p in pendings]
+        assert offsets == list(range(1, 102 + limit))
+        assert c.publish("bounded", b"last").offset == 102 + limit
+
+
+def test_close_gives_up_after_close_timeout(serve: Serve) -> None:
+    c = pybroker.sync.connect(serve.url, reconnect=FAST, close_timeout=0.5)
+    c.publish("away", b"stored")
+    serve.kill()
+    pendings = [c.send("away", b"%d" % i) for i in range(1000)]
+    t0 = time.monotonic()
+    c.close()
+    assert time.monotonic() - t0 < 0.5 + 5.0  # not twice close_timeout, nor a reconnect's
+    for p in pendings:
+        with pytest.raises(ConnectionClosed):
+            p.wait()
+    assert not any(t.name.startswith("pybroker-sync") for t in threading.enumerate())
+
+
 def test_close_leaves_no_thread_behind(serve: Serve) -> None:
     before = set(threading.enumerate())
     c = pybroker.sync.connect(serve.url, name="tidy")
