@@ -3,7 +3,7 @@ second for publish() one at a time (each waits for its acknowledgement),
 send() then one flush(), the same from 8 threads, and reading a backlog by
 iteration and by callback.
 
-    python benchmarks/sync_publish.py [--messages 20000] [--repeat 3]
+    python benchmarks/sync_publish.py [--messages 50000] [--waited 2000] [--repeat 3] [--fsync never]
 
 Starts ``pybroker serve`` (``--fsync always`` unless told) on a temporary data
 directory and a free port, runs each scenario ``--repeat`` times in this one
@@ -203,42 +203,45 @@ def sync_callback(url: str, topic: str, n: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=20_000, help="messages per run (default 20000)")
+    parser.add_argument("--messages", type=int, default=50_000,
+                        help="messages per pipelined (send) or reading run (default 50000)")
+    parser.add_argument("--waited", type=int, default=2_000,
+                        help="messages per run of publish() waiting for each ack (default 2000)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per scenario (default 3)")
     parser.add_argument("--threads", type=int, default=8, help="threads (or tasks) publishing at once (default 8)")
     parser.add_argument("--fsync", default="always", choices=["always", "interval", "never"],
                         help="the broker's fsync policy (default always; never shows the clients' own cost)")
     args = parser.parse_args(argv)
-    n, threads = args.messages, args.threads
+    n, w, threads = args.messages, args.waited, args.threads
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_broker(Path(tmp) / "data", args.fsync)
         try:
             # A backlog for the readers.
             trio.run(async_send, url, "backlog", n)
-            scenarios: list[tuple[str, str, Callable[[str], float]]] = [
-                ("publish() one at a time", "async", lambda t: trio.run(async_publish, url, t, n)),
-                ("publish() one at a time", "sync", lambda t: sync_publish(url, t, n)),
-                ("send() x N, flush()", "async", lambda t: trio.run(async_send, url, t, n)),
-                ("send() x N, flush()", "sync", lambda t: sync_send(url, t, n)),
-                (f"publish() from {threads} tasks", "async", lambda t: trio.run(async_publish_tasks, url, t, n, threads)),
-                (f"publish() from {threads} threads", "sync", lambda t: sync_threads(url, t, n, threads, False)),
-                (f"send(), flush() from {threads} threads", "sync", lambda t: sync_threads(url, t, n, threads, True)),
-                ("iterate a backlog", "async", lambda t: trio.run(async_iterate, url, "backlog", n)),
-                ("iterate a backlog", "sync", lambda t: sync_iterate(url, "backlog", n)),
-                ("callback on a backlog", "async", lambda t: trio.run(async_callback, url, "backlog", n)),
-                ("callback on a backlog", "sync", lambda t: sync_callback(url, "backlog", n)),
+            scenarios: list[tuple[str, str, int, Callable[[str], float]]] = [
+                ("publish() one at a time", "async", w, lambda t: trio.run(async_publish, url, t, w)),
+                ("publish() one at a time", "sync", w, lambda t: sync_publish(url, t, w)),
+                (f"publish() from {threads} tasks", "async", w, lambda t: trio.run(async_publish_tasks, url, t, w, threads)),
+                (f"publish() from {threads} threads", "sync", w, lambda t: sync_threads(url, t, w, threads, False)),
+                ("send() x N, flush()", "async", n, lambda t: trio.run(async_send, url, t, n)),
+                ("send() x N, flush()", "sync", n, lambda t: sync_send(url, t, n)),
+                (f"send(), flush() from {threads} threads", "sync", n, lambda t: sync_threads(url, t, n, threads, True)),
+                ("iterate a backlog", "async", n, lambda t: trio.run(async_iterate, url, "backlog", n)),
+                ("iterate a backlog", "sync", n, lambda t: sync_iterate(url, "backlog", n)),
+                ("callback on a backlog", "async", n, lambda t: trio.run(async_callback, url, "backlog", n)),
+                ("callback on a backlog", "sync", n, lambda t: sync_callback(url, "backlog", n)),
             ]
-            print(f"{n} messages of {len(PAYLOAD)} B per run, {args.repeat} runs, fsync {args.fsync};"
+            print(f"{len(PAYLOAD)} B messages, {args.repeat} runs, fsync {args.fsync};"
                   f" load average at start {os.getloadavg()[0]:.2f}")
-            print("| scenario | client | msg/s (median) | range |")
-            print("|---|---|---|---|")
-            for i, (name, kind, run) in enumerate(scenarios):
+            print("| scenario | client | messages | msg/s (median) | range |")
+            print("|---|---|---|---|---|")
+            for i, (name, kind, count, run) in enumerate(scenarios):
                 rates = []
                 for r in range(args.repeat):
                     elapsed = run(f"bench.{i}.{r}")
-                    rates.append(n / elapsed)
-                print(f"| {name} | {kind} | {statistics.median(rates):,.0f} | {min(rates):,.0f}-{max(rates):,.0f} |",
-                      flush=True)
+                    rates.append(count / elapsed)
+                print(f"| {name} | {kind} | {count:,} | {statistics.median(rates):,.0f}"
+                      f" | {min(rates):,.0f}-{max(rates):,.0f} |", flush=True)
             print(f"load average at end {os.getloadavg()[0]:.2f}")
         finally:
             proc.terminate()

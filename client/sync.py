@@ -14,11 +14,13 @@ How it works: the async client (:func:`pybroker.connect`) runs in a thread
 of its own under its own ``trio.run``, and this module uses only its public
 API. A blocking call hands a coroutine to that thread and waits for the
 result; its timeout is a cancel scope in the loop, so a call that times out
-is cancelled there, not left running. Messages queued by ``send()`` and
-``publish()`` from any number of threads go through one bounded queue that a
-single task in the loop thread hands to the async client in order, with no
-round trip per message, so they form batches as they do in async code.
-Subscriptions pass messages to the calling thread a batch at a time.
+is cancelled there, not left running. Messages queued by ``send()`` from any
+number of threads go through one bounded queue that a single task in the
+loop thread hands to the async client in order, with no round trip per
+message, so they form batches as they do in async code; ``publish()``, which
+waits for its acknowledgement anyway, takes one round trip (after what its
+thread queued before). Subscriptions pass messages to the calling thread a
+batch at a time.
 
 Everything between the threads is bounded: the queue of messages not yet
 handed over (``OUTBOX_LIMIT``, then ``send()`` blocks, up to its
@@ -110,7 +112,7 @@ class PendingAck:
     it); ``done()`` and ``result()`` do not block.
     """
 
-    __slots__ = ("topic", "_client", "_payload", "_headers", "_report", "_ack", "_error", "_handed")
+    __slots__ = ("topic", "_client", "_payload", "_headers", "_ack", "_error", "_handed")
 
     def __init__(
         self,
@@ -118,15 +120,11 @@ class PendingAck:
         topic: str,
         payload: bytes,
         headers: Mapping[str, str] | None,
-        report: bool,
     ) -> None:
         self.topic = topic
         self._client = client
         self._payload = payload
         self._headers = headers
-        #: An error handing it over is raised by the next flush() too
-        #: (send(): nobody may ever wait for it); publish() raises it itself.
-        self._report = report
         # Written by the loop thread only.
         self._ack: AsyncPendingAck | None = None
         self._error: BaseException | None = None
@@ -310,6 +308,12 @@ class Subscription:
         it had buffered is consumed. Raises TimeoutError if none arrives
         within ``timeout`` seconds (None: wait as long as it takes), and
         ConnectionClosed if the connection was lost for good."""
+        try:
+            # Atomic: no lock needed to take what was fetched (the lock is
+            # for fetching, one thread at a time).
+            return self._buffer.popleft()
+        except IndexError:
+            pass
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
             raise TimeoutError(f"no message from {self.pattern!r} within {timeout:g} s")
@@ -424,9 +428,13 @@ class Subscription:
         # Outside the timeout's scope: what has been taken must not be lost
         # to a cancellation. Pending messages are buffered, so these calls
         # do not wait.
-        while len(batch) < TAKE_LIMIT and raw.statistics().pending_messages:
+        while len(batch) < TAKE_LIMIT:
+            pending = raw.statistics().pending_messages
+            if not pending:
+                break
             try:
-                batch.append(await raw.__anext__())
+                for _ in range(min(pending, TAKE_LIMIT - len(batch))):
+                    batch.append(await raw.__anext__())
             except StopAsyncIteration:
                 break
         return batch
@@ -561,10 +569,16 @@ class Client:
         (during a reconnect, for instance): the message then stays queued
         and may still be stored.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pending = PendingAck(self, topic, payload, headers, report=False)
-        self._enqueue(pending, timeout)
-        return pending.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if self._closing:
+            raise ConnectionClosed("client closed")
+
+        async def publish() -> PublishAck:
+            # One trip to the loop thread: after what this thread queued
+            # before (order), straight to the async client.
+            await self._handed_over()
+            return await self._client.publish(topic, payload, headers)
+
+        return self._call(publish, timeout, f"publish to {topic!r}")
 
     def send(
         self,
@@ -582,7 +596,7 @@ class Client:
         closed) fails its PendingAck, and the next :meth:`flush` raises the
         first such error.
         """
-        pending = PendingAck(self, topic, payload, headers, report=True)
+        pending = PendingAck(self, topic, payload, headers)
         self._enqueue(pending, timeout)
         return pending
 
@@ -967,7 +981,7 @@ class Client:
                 ack = await client.send(item.topic, item._payload, item._headers)
             except Exception as exc:
                 item._settle(None, exc)
-                if item._report and self._send_error is None:
+                if self._send_error is None:  # nobody may ever wait for it: flush() tells
                     self._send_error = exc
             except BaseException:
                 item._settle(None, ConnectionClosed("client closed before the message was sent"))
