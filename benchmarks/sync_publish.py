@@ -6,8 +6,8 @@ iteration and by callback.
     python benchmarks/sync_publish.py [--messages 50000] [--waited 2000] [--repeat 3] [--fsync never]
 
 Starts ``pybroker serve`` (``--fsync always`` unless told) on a temporary data
-directory and a free port, runs each scenario ``--repeat`` times in this one
-process, one after the other, and prints the median and the range of each.
+directory and a free port, runs ``--repeat`` rounds of every scenario in
+turn in this one process, and prints the median and the range of each.
 128-byte payloads; every publish is checked acknowledged, every read counted.
 Which CPUs it used is up to the OS: the broker is a separate process, and the
 blocking client's loop thread shares this process's GIL with the caller.
@@ -235,13 +235,15 @@ def main(argv: list[str] | None = None) -> int:
                   f" load average at start {os.getloadavg()[0]:.2f}")
             print("| scenario | client | messages | msg/s (median) | range |")
             print("|---|---|---|---|---|")
-            for i, (name, kind, count, run) in enumerate(scenarios):
-                rates = []
-                for r in range(args.repeat):
-                    elapsed = run(f"bench.{i}.{r}")
-                    rates.append(count / elapsed)
-                print(f"| {name} | {kind} | {count:,} | {statistics.median(rates):,.0f}"
-                      f" | {min(rates):,.0f}-{max(rates):,.0f} |", flush=True)
+            # Rounds of every scenario in turn, so that the async and the
+            # blocking figures of a scenario come from the same minutes.
+            rates: list[list[float]] = [[] for _ in scenarios]
+            for r in range(args.repeat):
+                for i, (_, _, count, run) in enumerate(scenarios):
+                    rates[i].append(count / run(f"bench.{i}.{r}"))
+            for (name, kind, count, _), found in zip(scenarios, rates):
+                print(f"| {name} | {kind} | {count:,} | {statistics.median(found):,.0f}"
+                      f" | {min(found):,.0f}-{max(found):,.0f} |")
             print(f"load average at end {os.getloadavg()[0]:.2f}")
         finally:
             proc.terminate()

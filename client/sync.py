@@ -112,7 +112,7 @@ class PendingAck:
     it); ``done()`` and ``result()`` do not block.
     """
 
-    __slots__ = ("topic", "_client", "_payload", "_headers", "_ack", "_error", "_handed")
+    __slots__ = ("topic", "_client", "_payload", "_headers", "_ack", "_error", "_handed", "_done")
 
     def __init__(
         self,
@@ -120,6 +120,8 @@ class PendingAck:
         topic: str,
         payload: bytes,
         headers: Mapping[str, str] | None,
+        *,
+        waited: bool = False,
     ) -> None:
         self.topic = topic
         self._client = client
@@ -129,6 +131,12 @@ class PendingAck:
         self._ack: AsyncPendingAck | None = None
         self._error: BaseException | None = None
         self._handed: trio.Event | None = None
+        #: publish(): a lock held until the loop thread knows the outcome,
+        #: which then releases it (cheaper than a round trip per message).
+        self._done: threading.Lock | None = None
+        if waited:
+            self._done = threading.Lock()
+            self._done.acquire()
 
     def done(self) -> bool:
         """Acknowledged or failed."""
@@ -173,6 +181,14 @@ class PendingAck:
         self._headers = None
         if self._handed is not None:
             self._handed.set()
+        if error is not None:
+            self._release()
+
+    def _release(self) -> None:
+        """Wake the publish() waiting for this one (once)."""
+        done, self._done = self._done, None
+        if done is not None:
+            done.release()
 
 
 class Message:
@@ -522,6 +538,11 @@ class Client:
         self._nursery: trio.Nursery | None = None
         self._work = trio.Event()
         self._pump_done = False
+        # publish()es handed over and waiting for their acknowledgements.
+        self._watched: deque[tuple[AsyncPendingAck, PendingAck]] = deque()
+        self._watch_wake = trio.Event()
+        self._watch_stop = False
+        self._watch_scope = trio.CancelScope()
         # An error the hand-over met in send(), raised by the next flush().
         self._send_error: BaseException | None = None
 
@@ -569,16 +590,20 @@ class Client:
         (during a reconnect, for instance): the message then stays queued
         and may still be stored.
         """
-        if self._closing:
-            raise ConnectionClosed("client closed")
-
-        async def publish() -> PublishAck:
-            # One trip to the loop thread: after what this thread queued
-            # before (order), straight to the async client.
-            await self._handed_over()
-            return await self._client.publish(topic, payload, headers)
-
-        return self._call(publish, timeout, f"publish to {topic!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = PendingAck(self, topic, payload, headers, waited=True)
+        done = pending._done
+        assert done is not None
+        self._enqueue(pending, timeout)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not done.acquire(timeout=-1 if remaining is None else remaining):
+            raise TimeoutError(
+                f"publish to {topic!r}: no acknowledgement within {timeout:g} s"
+                " (the message stays queued and may still be stored)"
+            )
+        if not pending.done():
+            raise ConnectionClosed("client closed before the acknowledgement came")
+        return pending.result()
 
     def send(
         self,
@@ -916,19 +941,30 @@ class Client:
                 _log.error("the client's loop ended with an error", exc_info=exc)
         finally:
             self._token = None
+            with self._lock:
+                self._stopping = self._closing = True  # nothing more is queued
+                self._room.notify_all()
+            # Whatever is still queued (if the loop ended without close()).
+            self._fail_outbox(ConnectionClosed("the client's loop has stopped"))
             ready.set()
 
     async def _main(self, url: str, options: dict[str, Any], ready: threading.Event) -> None:
         try:
             async with async_connect(url, **options) as client:
                 self._work = trio.Event()
+                self._watch_wake = trio.Event()
                 self._token = trio.lowlevel.current_trio_token()
                 self._async = client
                 try:
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
+                        nursery.start_soon(self._watch)
                         ready.set()
                         in_time = await self._pump(client)
+                        self._watch_stop = True  # after the acknowledgements flush waited for
+                        self._watch_wake.set()
+                        if not in_time:
+                            self._watch_scope.cancel()
                         # Acknowledgements the callback threads left for it.
                         nursery.cancel_scope.deadline = trio.current_time() + self._close_timeout
                 finally:
@@ -980,14 +1016,47 @@ class Client:
                 # Waits only when the async client's max_pending is reached.
                 ack = await client.send(item.topic, item._payload, item._headers)
             except Exception as exc:
+                if item._done is None and self._send_error is None:
+                    self._send_error = exc  # send(): nobody may wait for it; flush() tells
                 item._settle(None, exc)
-                if self._send_error is None:  # nobody may ever wait for it: flush() tells
-                    self._send_error = exc
             except BaseException:
                 item._settle(None, ConnectionClosed("client closed before the message was sent"))
                 raise
             else:
                 item._settle(ack, None)
+                if item._done is not None:
+                    if ack.done():
+                        item._release()
+                    else:
+                        self._watched.append((ack, item))
+                        self._watch_wake.set()
+
+    async def _watch(self) -> None:
+        """Release each publish() once its acknowledgement (or failure) is
+        here. One task for all of them: acknowledgements come in the order
+        the messages were handed over, so waiting for them in that order
+        releases each without delay worth noting."""
+        watched = self._watched
+        try:
+            with self._watch_scope:
+                while True:
+                    while watched:
+                        ack, item = watched[0]
+                        if not ack.done():
+                            try:
+                                await ack.wait()
+                            except Exception:
+                                pass  # the publish() raises it from result()
+                        watched.popleft()
+                        item._release()
+                    if self._watch_stop:
+                        return
+                    self._watch_wake = trio.Event()
+                    await self._watch_wake.wait()
+        finally:
+            # Closed before these came: their publish() raises ConnectionClosed.
+            while watched:
+                watched.popleft()[1]._release()
 
     def _fail_outbox(self, error: ConnectionClosed) -> None:
         outbox = self._outbox
