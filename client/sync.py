@@ -324,21 +324,24 @@ class Subscription:
         it had buffered is consumed. Raises TimeoutError if none arrives
         within ``timeout`` seconds (None: wait as long as it takes), and
         ConnectionClosed if the connection was lost for good."""
-        try:
-            # Atomic: no lock needed to take what was fetched (the lock is
-            # for fetching, one thread at a time).
-            return self._buffer.popleft()
-        except IndexError:
-            pass
+        if not self._stopping:
+            try:
+                # Atomic: no lock needed to take what was fetched (the lock
+                # is for fetching, one thread at a time).
+                return self._buffer.popleft()
+            except IndexError:
+                pass
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
             raise TimeoutError(f"no message from {self.pattern!r} within {timeout:g} s")
         try:
+            if self._stopping:
+                return None  # close(): what was fetched is not handed out
             if self._buffer:
                 return self._buffer.popleft()
             if self._error is not None:
                 raise self._error
-            if self._ended or self._stopping:
+            if self._ended:
                 return None
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
 
@@ -428,7 +431,9 @@ class Subscription:
         the end."""
         raw = self._raw
         first: AsyncMessage | None = None
-        with trio.move_on_after(float("inf") if timeout is None else timeout) as scope:
+        if timeout is None or raw.statistics().pending_messages:
+            timeout = float("inf")  # here already: not even timeout=0 misses it
+        with trio.move_on_after(timeout) as scope:
             if self._stopping:
                 scope.cancel()
             self._take_scope = scope

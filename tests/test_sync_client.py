@@ -275,6 +275,13 @@ def test_iteration_timeout_and_end(pybroker_url: str) -> None:
         assert msg is not None and msg.payload == b"one"
         stats = sub.statistics()
         assert stats.delivered_messages == 1 and stats.pending_messages == 0
+        # Messages already here are handed out even with timeout=0.
+        c.publish("quiet", b"two")
+        c.publish("quiet", b"three")
+        wait_for(lambda: sub.statistics().pending_messages == 2, c.ping, "two messages here")
+        assert [m.payload for m in (sub.get(timeout=0), sub.get(timeout=0)) if m] == [b"two", b"three"]
+        stats = sub.statistics()
+        assert stats.delivered_messages == 3 and stats.pending_messages == 0
         sub.unsubscribe()
         assert sub.get(timeout=TIMEOUT) is None  # ended
         assert list(sub) == []
