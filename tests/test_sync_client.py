@@ -33,6 +33,7 @@ from werkzeug.serving import make_server
 
 import pybroker
 import pybroker.sync
+from pybroker.server.server import Server
 from pybroker import ConnectionClosed, NoReceivers, Reconnect
 from pybroker.protocol import AckKind
 
@@ -650,3 +651,32 @@ def test_a_fastapi_app_publishes_and_subscribes(pybroker_url: str) -> None:
         assert all(name.startswith("pybroker-sync callback") for name in seen_threads)
     finally:
         broker.close()
+
+
+# ---------------------------------------------------------------------------
+# The pytest plugin's fixtures for tests without Trio
+
+
+def test_the_thread_fixtures_are_one_broker(
+    pybroker_server_thread: Server, pybroker_url: str, pybroker_sync_client: pybroker.sync.Client
+) -> None:
+    assert pybroker_url == pybroker_server_thread.url
+    assert pybroker_sync_client.publish("fixtures", b"x").offset == 0
+    # Its HTTP side is up too, on a port of its own.
+    port = pybroker_server_thread.http_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/topics/fixtures", timeout=TIMEOUT) as response:
+        assert json.loads(response.read())["next_offset"] == 1
+    # The broker runs in a thread of its own, not this one.
+    assert "pybroker-test-broker" in {t.name for t in threading.enumerate()}
+
+
+def test_an_asyncio_test_uses_the_url_fixture(pybroker_url: str) -> None:
+    async def main() -> list[bytes]:
+        with pybroker.sync.connect(pybroker_url) as c:
+            sub = c.subscribe("aio")
+            acks = await asyncio.gather(*(asyncio.to_thread(c.publish, "aio", b"%d" % i) for i in range(5)))
+            assert sorted(a.offset for a in acks) == list(range(5))
+            got = [await asyncio.to_thread(sub.get, TIMEOUT) for _ in range(5)]
+            return sorted(m.payload for m in got if m is not None)
+
+    assert asyncio.run(main()) == [b"%d" % i for i in range(5)]
