@@ -42,17 +42,19 @@ from typing import Any, TypeVar
 
 import trio
 
-from .connection import DEFAULT_URL, Start
-from .connection import Client as AsyncClient
-from .connection import PendingAck as AsyncPendingAck
-from .connection import connect as async_connect
-from .errors import ConnectionClosed
-from .message import Message as AsyncMessage
-from .message import PublishAck
-from .protocol import AckKind, TopicInfo, Welcome
-from .reconnect import Reconnect
-from .subscription import Subscription as AsyncSubscription
-from .subscription import SubscriptionStatistics
+# The async client's public names only (pybroker's __init__ and the
+# protocol façade): this module is a layer over that API, nothing more.
+from . import DEFAULT_URL, ConnectionClosed, PublishAck, Reconnect, SubscriptionStatistics, TopicInfo
+from . import Client as AsyncClient
+from . import Message as AsyncMessage
+from . import PendingAck as AsyncPendingAck
+from . import Subscription as AsyncSubscription
+from . import connect as async_connect
+from .protocol import AckKind, Welcome
+
+# Type aliases of connect()'s and subscribe()'s parameters (imported, not
+# only for the type checker, so that typing.get_type_hints works).
+from .connection import Start
 from .transport import CAFile, TLSOption
 
 __all__ = [
