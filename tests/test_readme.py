@@ -14,13 +14,16 @@ by these tests, never copied here:
   them: their URL, pybroker://127.0.0.1:7420, becomes the test broker's.
 
 The project's venv is made without pip and with a ``.pth`` line that puts
-this venv's site-packages after its own: pytest, pytest-trio, trio, Flask
-and pip itself come from there, and ``pip install --no-deps --no-index``
-installs pybroker into the project's own site-packages, where it comes
-first. That keeps the test off the network and takes seconds, where a full
-install (build isolation, every dependency downloaded) takes a minute and
-needs the package index; what it proves is the same: the installed package,
-not the source tree, passes the README's examples (checked by its path).
+this venv's site-packages after its own: pytest, pytest-trio, trio, Flask,
+pip and the build's setuptools and wheel (the test extra has them) come from
+there, and ``pip install --no-deps --no-index --no-build-isolation`` of a
+copy of the source tree installs pybroker into the project's own
+site-packages, where it comes first (checked by its path). That keeps the
+test off the network and takes seconds, where a full install (build
+isolation, every dependency downloaded) takes a minute and needs the package
+index; what it proves is the same: the installed package, not the source
+tree, passes the README's examples. (CI's .ci/wheel-smoke builds the wheel
+with build isolation and installs it into a clean venv.)
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
     ours = sysconfig.get_paths()["purelib"]
     (site / "outer-venv.pth").write_text(ours + "\n")
     made.run(
-        "-m", "pip", "install", "-q", "--no-deps",
+        "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation",
         "--ignore-installed", str(source),
     )
     shutil.rmtree(source)
