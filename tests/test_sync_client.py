@@ -16,6 +16,7 @@ import asyncio
 import inspect
 import json
 import signal
+import ssl
 import subprocess
 import threading
 import time
@@ -34,9 +35,12 @@ from werkzeug.serving import make_server
 import pybroker
 import pybroker.sync
 from pybroker.server.server import Server
+from pybroker.server.testing import broker_thread
 from pybroker import ConnectionClosed, NoReceivers, Reconnect
 from pybroker.protocol import AckKind
 
+from helpers.auth import user_entry, write_users
+from helpers.certs import Certs
 from helpers.procs import PYBROKER, START_TIMEOUT, child_env, read_json_lines
 from helpers.restarts import free_port
 
@@ -524,6 +528,31 @@ def test_connect_failure_raises_and_leaves_no_thread() -> None:
     assert set(threading.enumerate()) == before
     with pytest.raises(ValueError):
         pybroker.sync.connect("http://127.0.0.1:1")
+
+
+def test_tls_and_credentials_pass_through(tmp_path: Path, certs: Certs) -> None:
+    users = write_users(
+        tmp_path, {"alice": user_entry(password="s3cret", publish=["orders.>"], subscribe=["orders.>"])}
+    )
+    before = set(threading.enumerate())
+    with broker_thread(
+        data_dir=tmp_path / "data", auth_file=users, tls_cert=certs.cert_file, tls_key=certs.key_file
+    ) as server:
+        assert server.url.startswith("pybrokers://")
+        with pybroker.sync.connect(server.url, user="alice", password="s3cret", ca_file=certs.ca_file) as c:
+            assert c.publish("orders.eu", b"x").offset == 0
+            with pytest.raises(pybroker.PermissionDenied):
+                c.publish("billing", b"x")  # raised in the calling thread
+            with pytest.raises(pybroker.PermissionDenied):
+                c.subscribe("billing")
+            assert c.publish("orders.eu", b"y").offset == 1  # the connection stays open
+        with pytest.raises(pybroker.AuthenticationError):
+            pybroker.sync.connect(server.url, user="alice", password="wrong", ca_file=certs.ca_file)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            pybroker.sync.connect(server.url, user="alice", password="s3cret")  # not our CA
+        assert not client_threads()
+    # Only Trio's idle worker threads (the broker's scrypt and fsync calls) remain.
+    assert all(t.name.startswith("Trio thread") for t in set(threading.enumerate()) - before)
 
 
 def test_connect_takes_the_async_options() -> None:
