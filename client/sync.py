@@ -31,6 +31,7 @@ waits as long as it takes).
 
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import logging
 import threading
@@ -819,13 +820,16 @@ class Client:
         messages they had not started are not processed (a group redelivers
         them), and iterating threads see the end. Then publishing stops.
         Raises the first error a plain subscription's callback raised, if
-        any. Calling it again does nothing more.
+        any. Calling it again does nothing more. A client still open when the
+        interpreter exits is closed then (atexit), so what it queued is
+        delivered.
         """
         with self._lock:
             first = not self._stopping
             self._stopping = True
             subs = list(self._subs)
             self._subs.clear()
+        atexit.unregister(self._close_at_exit)
         # Callback threads, then the hand-over and the acknowledgements
         # (close_timeout), then the goodbye (close_timeout); and a margin.
         bound = 2 * self._close_timeout + 5.0
@@ -836,6 +840,9 @@ class Client:
             deadline = time.monotonic() + bound
             for sub in subs:
                 sub.join(max(0.0, deadline - time.monotonic()))
+            busy = [w.name for sub in subs for w in sub._workers if w.is_alive() and w is not threading.current_thread()]
+            if busy:
+                _log.warning("callback threads still busy after %g s, left running: %s", bound, busy)
             with self._lock:
                 self._closing = True
                 self._room.notify_all()  # threads waiting for room: closed
@@ -937,6 +944,15 @@ class Client:
         if self._start_error is not None:
             thread.join(bound)
             raise self._start_error
+        # A client the program never closed still delivers what it queued
+        # (atexit runs before daemon threads like ours are stopped).
+        atexit.register(self._close_at_exit)
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            _log.exception("closing the client at exit")
 
     def _run_loop(self, url: str, options: dict[str, Any], ready: threading.Event) -> None:
         try:

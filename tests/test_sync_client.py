@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import json
 import signal
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -709,3 +711,25 @@ def test_an_asyncio_test_uses_the_url_fixture(pybroker_url: str) -> None:
             return sorted(m.payload for m in got if m is not None)
 
     assert asyncio.run(main()) == [b"%d" % i for i in range(5)]
+
+
+def test_a_client_never_closed_delivers_what_it_queued_at_exit(serve: Serve, tmp_path: Path) -> None:
+    script = tmp_path / "forgetful.py"
+    script.write_text(
+        "import sys, pybroker.sync\n"
+        "c = pybroker.sync.connect(sys.argv[1])\n"
+        "c.subscribe('noise', lambda m: None)\n"
+        "for i in range(100_000):\n"
+        "    c.send('forgotten', b'%d' % i)\n"
+        "print('exiting without close()', flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), serve.url], capture_output=True, text=True, timeout=TIMEOUT, env=child_env()
+    )
+    assert done.returncode == 0, done.stderr
+    assert "exiting without close()" in done.stdout
+    with pybroker.sync.connect(serve.url) as c:
+        assert c.topics("forgotten")[0].next_offset == 100_000
+        with c.subscribe("forgotten", start="earliest") as sub:
+            got = [m.payload for m in itertools.islice(sub.messages(timeout=TIMEOUT), 100_000)]
+    assert got == [b"%d" % i for i in range(100_000)]
