@@ -14,12 +14,12 @@ How it works: the async client (:func:`pybroker.connect`) runs in a thread
 of its own under its own ``trio.run``, and this module uses only its public
 API. A blocking call hands a coroutine to that thread and waits for the
 result; its timeout is a cancel scope in the loop, so a call that times out
-is cancelled there, not left running. Messages queued by ``send()`` from any
-number of threads go through one bounded queue that a single task in the
-loop thread hands to the async client in order, with no round trip per
-message, so they form batches as they do in async code; ``publish()``, which
-waits for its acknowledgement anyway, takes one round trip (after what its
-thread queued before). Subscriptions pass messages to the calling thread a
+is cancelled there, not left running. Messages from ``send()`` and
+``publish()`` in any number of threads go through one bounded queue that a
+single task in the loop thread hands to the async client in order, with no
+round trip per message, so they form batches as they do in async code; a
+``publish()`` then waits on a lock that another task releases once its
+acknowledgement is in. Subscriptions pass messages to the calling thread a
 batch at a time.
 
 Everything between the threads is bounded: the queue of messages not yet
@@ -70,7 +70,7 @@ _log = logging.getLogger("pybroker.sync")
 
 T = TypeVar("T")
 
-#: Messages queued by send()/publish() and not yet handed to the async
+#: Messages queued by send() and publish() and not yet handed to the async
 #: client; past this, send() blocks (up to its timeout). The async client's
 #: own bound (``max_pending``) follows.
 OUTBOX_LIMIT = 8192
