@@ -310,6 +310,40 @@ def test_iteration_timeout_and_end(pybroker_url: str) -> None:
         c.publish("quiet", b"after close")
 
 
+def test_threads_sharing_one_subscription_each_get_different_messages(pybroker_url: str) -> None:
+    total, readers = 3000, 4
+    with pybroker.sync.connect(pybroker_url) as c:
+        sub = c.subscribe("shared", window=256)
+        taken: dict[int, list[int]] = {n: [] for n in range(readers)}
+        count = itertools.count(1)
+        enough = threading.Event()
+
+        def read(n: int) -> None:
+            while not enough.is_set():
+                try:
+                    msg = sub.get(timeout=0.5)
+                except TimeoutError:
+                    continue
+                assert msg is not None
+                taken[n].append(msg.offset)
+                if next(count) == total:
+                    enough.set()
+
+        threads = [threading.Thread(target=read, args=(n,)) for n in range(readers)]
+        for t in threads:
+            t.start()
+        for i in range(total):
+            c.send("shared", b"%d" % i)
+        c.flush()
+        assert enough.wait(TIMEOUT)
+        for t in threads:
+            t.join(TIMEOUT)
+        offsets = sorted(o for mine in taken.values() for o in mine)
+        assert offsets == list(range(total))  # each once
+        for mine in taken.values():  # each thread's share in order
+            assert mine == sorted(mine)
+
+
 def test_request_and_reply(pybroker_url: str) -> None:
     with pybroker.sync.connect(pybroker_url) as c:
         c.subscribe("svc.upper", lambda m: c.respond(m, m.payload.upper(), {"by": "svc"}))
