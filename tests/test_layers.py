@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "pybroker.server.logs": 1,
     "pybroker.server.stats": 1,
     "pybroker.server.closing": 1,
+    "pybroker.server.listening": 1,
     "pybroker.server.storage": 2,
     "pybroker.server.config": 3,
     "pybroker.server.permissions": 3,
