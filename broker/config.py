@@ -117,6 +117,10 @@ class Config:
     #: the same user to reclaim it on reconnect (broker/inboxes.py); 0: it
     #: goes with the connection.
     inbox_grace: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
+    #: Exactly-once publishing (flag DEDUP): how long a topic remembers the
+    #: msg-id of each batch stored, and at most how many (the oldest go).
+    dedup_window: float = attrs.field(default=120.0, validator=attrs.validators.gt(0))
+    dedup_max_ids: int = attrs.field(default=100_000, validator=attrs.validators.ge(1))
     #: How long a graceful shutdown waits for connections to flush.
     shutdown_grace: float = 5.0
     #: The HTTP side (health, metrics, JSON API, SSE, dashboard). None: the

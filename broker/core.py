@@ -26,6 +26,8 @@ import trio
 
 from pybroker.protocol import (
     MAX_INFO_ENTRIES,
+    MAX_MSG_ID_BYTES,
+    MSG_ID_HEADER,
     RESUME_OPTION_PREFIX,
     AckKind,
     Durability,
@@ -33,7 +35,9 @@ from pybroker.protocol import (
     GroupsAction,
     StartKind,
     TopicInfo,
+    MalformedBatch,
     check_batch,
+    first_msg_id,
     info_entry_size,
     info_reply_room,
     pattern_error,
@@ -44,6 +48,7 @@ from pybroker.protocol import (
 from .auth import Authenticator, authenticator_for
 from .committer import Committer
 from .config import Config
+from .dedup import DedupWindow, Stored
 from .groups import GroupConfig, GroupManager, group_name_error
 from .inboxes import has_wildcard, is_inbox
 from .logs import get_logger
@@ -96,10 +101,17 @@ class Published:
     promises once ``held`` (a batch waiting for the fsync) is settled.
     (A slots class, not attrs: one is made per PUBLISH frame.)"""
 
-    __slots__ = ("topic", "base", "count", "timestamp", "held", "durability")
+    __slots__ = ("topic", "base", "count", "timestamp", "held", "durability", "duplicate")
 
     def __init__(
-        self, topic: Topic, base: int, count: int, timestamp: int, held: Held | None, durability: Durability
+        self,
+        topic: Topic,
+        base: int,
+        count: int,
+        timestamp: int,
+        held: Held | None,
+        durability: Durability,
+        duplicate: bool = False,
     ) -> None:
         self.topic = topic
         self.base = base
@@ -107,6 +119,9 @@ class Published:
         self.timestamp = timestamp
         self.held = held
         self.durability = durability
+        #: A resent batch (flag DEDUP): these are the original's offsets,
+        #: and nothing was stored or delivered this time.
+        self.duplicate = duplicate
 
 
 @attrs.frozen
@@ -144,6 +159,7 @@ class Broker:
         self.groups = GroupManager(self.router, state_dir, sync=config.group_counts_fsync)
         #: Publish acknowledgements sent, by what they promise (GET /metrics).
         self.acks_by_durability: dict[Durability, int] = dict.fromkeys(Durability, 0)
+        self.dedup = DedupWindow(config.dedup_window, config.dedup_max_ids)
 
     @property
     def storage_kind(self) -> str:
@@ -220,11 +236,13 @@ class Broker:
         return topic_error(name, self.limits.max_topic_bytes, self.limits.max_topic_depth)
 
     def publish(
-        self, who: Principal, topic_name: str, batch: bytes, *, needs_receiver: bool = False
+        self, who: Principal, topic_name: str, batch: bytes, *, needs_receiver: bool = False, dedup: bool = False
     ) -> Published:
         """Append one batch from ``who`` to a topic; it is delivered (and
         its acknowledgement may be sent) once ``durable`` says so. Raises
-        Refused, with nothing stored, when a rule or the storage says no."""
+        Refused, with nothing stored, when a rule or the storage says no.
+        With ``dedup``, a batch whose msg-id the topic stored within the
+        window is not stored again: the original's place comes back."""
         topic = self.router.topics.get(topic_name)
         if topic is None:
             problem = topic_error(topic_name, self.limits.max_topic_bytes, self.limits.max_topic_depth)
@@ -241,14 +259,51 @@ class Broker:
             raise Refused(ErrorCode.CHECKSUM_MISMATCH, "batch CRC mismatch")
         if needs_receiver and not self.router.has_receivers(topic_name):
             raise Refused(ErrorCode.NO_RECEIVERS, f"no subscription or group receives {topic_name!r}")
+        msg_id = self._msg_id(topic_name, batch) if dedup else None
+        now = time.time_ns() // 1000
         try:
             if topic is None:
                 topic = self.router.topic(topic_name)
-            base, timestamp, held = self.router.publish(topic, batch, count, time.time_ns() // 1000)
+            if msg_id is not None:
+                stored = self.dedup.find(topic, msg_id, now)
+                if stored is not None:
+                    return self._duplicate(topic, msg_id, stored, count)
+            base, timestamp, held = self.router.publish(topic, batch, count, now)
         except StorageError as exc:
             # Disk full or failing: an answer for this publish, nothing stored.
             raise Refused(exc.code, exc.message, {"topic": topic_name}) from None
+        if msg_id is not None:
+            self.dedup.remember(topic, msg_id, Stored(base, count, timestamp, held))
         return Published(topic, base, count, timestamp, held, topic.log.durability)
+
+    def _msg_id(self, topic_name: str, batch: bytes) -> str | None:
+        """A DEDUP batch's name; None for a topic that is not stored (an
+        inbox: replies are not resent). Refused without a usable one."""
+        if is_inbox(topic_name):
+            return None
+        try:
+            msg_id = first_msg_id(batch)
+        except MalformedBatch as exc:
+            raise Refused(ErrorCode.BAD_REQUEST, f"flag DEDUP: the first message's headers do not decode: {exc}") from None
+        if not msg_id or len(msg_id.encode("utf-8")) > MAX_MSG_ID_BYTES:
+            raise Refused(
+                ErrorCode.BAD_REQUEST,
+                f"flag DEDUP needs a {MSG_ID_HEADER!r} header of 1 to {MAX_MSG_ID_BYTES} bytes on the first message",
+            )
+        return msg_id
+
+    def _duplicate(self, topic: Topic, msg_id: str, stored: Stored, count: int) -> Published:
+        if stored.count != count:
+            raise Refused(
+                ErrorCode.BAD_REQUEST,
+                f"msg-id {msg_id!r} already names a batch of {stored.count} messages at offset "
+                f"{stored.base} of {topic.name!r}, not one of {count}",
+            )
+        self.dedup.duplicates += 1
+        # Still held: the answer waits for the same fsync as the original's.
+        return Published(
+            topic, stored.base, stored.count, stored.timestamp, stored.held, topic.log.durability, duplicate=True
+        )
 
     async def durable(self, published: Published) -> Durability:
         """Wait until ``published`` may be acknowledged; what the

@@ -38,6 +38,9 @@ class Message:
     _sub_id: int = attrs.field(default=0, repr=False, eq=False)
     #: The AckKind this message was settled with, or None (group messages).
     settled: AckKind | None = attrs.field(default=None, repr=False, eq=False)
+    #: The ``msg-id`` that named this message's batch for exactly-once
+    #: publishing (protocol.md), if it starts one; not among ``headers``.
+    msg_id: str | None = attrs.field(default=None, kw_only=True)
 
     @property
     def is_group_message(self) -> bool:

@@ -200,7 +200,9 @@ async def test_sub_json_output(broker: Broker) -> None:
     records = [json.loads(line) for line in result.stdout.decode().splitlines()]
     assert len(records) == 2
     for offset, record in enumerate(records):
-        assert set(record) == {"topic", "offset", "timestamp", "headers", "payload"}, record
+        # Each `pub` is one batch, named for exactly-once publishing.
+        assert set(record) == {"topic", "offset", "timestamp", "headers", "msg_id", "payload"}, record
+        assert isinstance(record["msg_id"], str) and record["msg_id"]
         assert record["topic"] == "cli.json"
         assert record["offset"] == offset
         stamp = dt.datetime.fromisoformat(record["timestamp"])
@@ -311,10 +313,10 @@ async def test_sub_reconnects_and_resumes_across_a_restart(tmp_path: Path) -> No
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    async with serve(tmp_path, "--port", str(port)) as broker:
+    async with serve(tmp_path, "--port", str(port), "--http-port", "0") as broker:
         async with spawn(["sub", "cli.re.>", "--url", broker.url], "sub") as sub:
             await stop_once_sub_is_live(broker, sub, "cli.re.probe")
-            async with serve(tmp_path, "--port", str(port)) as again:
+            async with serve(tmp_path, "--port", str(port), "--http-port", "0") as again:
                 assert await pub(again, "cli.re.away", "while-away") == 0
                 await sub.stdout.wait_for(
                     lambda lines: any(line.endswith(" while-away") for line in lines) or None

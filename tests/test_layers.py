@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "pybroker.server.inboxes": 3,
     "pybroker.server.router": 3,
     "pybroker.server.committer": 3,
+    "pybroker.server.dedup": 3,
     "pybroker.server.groups": 3,
     "pybroker.server.framebudget": 3,
     "pybroker.server.tls": 3,

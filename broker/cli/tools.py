@@ -199,6 +199,7 @@ def _format(msg: Any, as_json: bool) -> str:
                 "offset": msg.offset,
                 "timestamp": msg.datetime.isoformat(),
                 "headers": dict(msg.headers),
+                **({"msg_id": msg.msg_id} if msg.msg_id is not None else {}),
                 **payload,
             }
         )

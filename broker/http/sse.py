@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from pybroker.protocol import MalformedBatch, decode_batch
+from pybroker.protocol import MSG_ID_HEADER, MalformedBatch, decode_batch
 
 from ..inboxes import is_inbox
 from ..storage import DataLoss
@@ -223,6 +223,10 @@ def message_json(
         "timestamp_us": timestamp_us,
         "headers": dict(headers),
     }
+    if MSG_ID_HEADER in headers:
+        # It names the message's batch (exactly-once publishing), shown
+        # apart from the application's headers, as the client library does.
+        value["msg_id"] = value["headers"].pop(MSG_ID_HEADER)
     try:
         value["payload"] = payload.decode("utf-8")
     except UnicodeDecodeError:

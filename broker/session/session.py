@@ -371,7 +371,8 @@ class Session:
         welcome = Welcome(
             server_version=__version__,
             server_name=self.config.server_name,
-            limits=self.limits.announced(),
+            # dedup_window_ms: PUBLISH flag DEDUP is understood, and for how long.
+            limits={**self.limits.announced(), "dedup_window_ms": int(self.config.dedup_window * 1000)},
         )
         self.outbox.queue(self.conn.send(welcome))
         self.logger.debug("handshake done")
@@ -381,7 +382,7 @@ class Session:
     def _on_publish(self, pub: Publish) -> None:
         try:
             published = self.broker.publish(
-                self.principal, pub.topic, pub.batch, needs_receiver=pub.needs_receiver
+                self.principal, pub.topic, pub.batch, needs_receiver=pub.needs_receiver, dedup=pub.dedup
             )
         except Refused as refused:
             # In its place among the PUBACKs (protocol.md, "Ordering and guarantees").

@@ -72,6 +72,8 @@ class Publish:
     topic: str
     batch: bytes  # count | crc | records, exactly as on the wire
     needs_receiver: bool = False
+    #: Store this batch once: its first record's ``msg-id`` header names it.
+    dedup: bool = False
 
 
 @attrs.frozen

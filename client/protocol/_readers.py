@@ -60,6 +60,7 @@ from ._wire import (
     INFO_FLAG_TRUNCATED,
     MAGIC,
     PUBACK,
+    PUBLISH_FLAG_DEDUP,
     PUBLISH_FLAG_NEEDS_RECEIVER,
     RANGE,
     SUBSCRIBE_START,
@@ -157,7 +158,9 @@ def _d_welcome(b: _Body) -> Welcome:
 def _d_publish(b: _Body, flags: int) -> Publish:
     request_id = b.u64()
     topic = b.str16()
-    return Publish(request_id, topic, b.rest(), bool(flags & PUBLISH_FLAG_NEEDS_RECEIVER))
+    return Publish(
+        request_id, topic, b.rest(), bool(flags & PUBLISH_FLAG_NEEDS_RECEIVER), bool(flags & PUBLISH_FLAG_DEDUP)
+    )
 
 
 def _d_puback(b: _Body) -> PubAck:

@@ -56,13 +56,15 @@ INFO_FLAG_TRUNCATED = 0x01
 #: INFO continues a listing: an ``after`` topic name follows the pattern.
 INFO_FLAG_AFTER = 0x01
 PUBLISH_FLAG_NEEDS_RECEIVER = 0x01
+#: The batch's first record carries a ``msg-id`` header: store it once (protocol.md, "Publishing exactly once").
+PUBLISH_FLAG_DEDUP = 0x02
 
 #: Flag bits defined per frame type; all others must be 0.
 ALLOWED_FLAGS = {
     FrameType.ERROR: ERROR_FLAG_FATAL | ERROR_FLAG_FIELDS,
     FrameType.INFO_REPLY: INFO_FLAG_TRUNCATED,
     FrameType.INFO: INFO_FLAG_AFTER,
-    FrameType.PUBLISH: PUBLISH_FLAG_NEEDS_RECEIVER,
+    FrameType.PUBLISH: PUBLISH_FLAG_NEEDS_RECEIVER | PUBLISH_FLAG_DEDUP,
 }
 
 # -- field layouts -----------------------------------------------------------

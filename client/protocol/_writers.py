@@ -56,6 +56,7 @@ from ._wire import (
     PUBACK,
     PUBLISH_BODY_FIXED,
     PUBLISH_FIXED,
+    PUBLISH_FLAG_DEDUP,
     PUBLISH_FLAG_NEEDS_RECEIVER,
     RANGE,
     SUBSCRIBE_START,
@@ -91,12 +92,12 @@ def _check_str16(data: bytes) -> None:
 
 
 def encode_publish(
-    request_id: int, topic: str, batch: bytes, needs_receiver: bool = False
+    request_id: int, topic: str, batch: bytes, needs_receiver: bool = False, dedup: bool = False
 ) -> bytes:
     """PUBLISH frame; the client's hot path, so it skips the event object."""
     t = topic.encode("utf-8")
     _check_str16(t)
-    flags = PUBLISH_FLAG_NEEDS_RECEIVER if needs_receiver else 0
+    flags = (PUBLISH_FLAG_NEEDS_RECEIVER if needs_receiver else 0) | (PUBLISH_FLAG_DEDUP if dedup else 0)
     return b"".join(
         (
             FRAME_HEADER.pack(PUBLISH_BODY_FIXED + len(t) + len(batch), FrameType.PUBLISH, flags),
@@ -154,7 +155,7 @@ def encode_puback(ack: PubAck) -> bytes:
 def encode_event(event: Event) -> bytes:
     """Bytes of one frame, without any state checks (see Connection.send)."""
     if isinstance(event, Publish):
-        return encode_publish(event.request_id, event.topic, event.batch, event.needs_receiver)
+        return encode_publish(event.request_id, event.topic, event.batch, event.needs_receiver, event.dedup)
     if isinstance(event, Deliver):
         t = event.topic.encode("utf-8")
         return (

@@ -31,6 +31,7 @@ from pybroker.protocol import (
     Durability,
     Error,
     ErrorCode,
+    MSG_ID_HEADER,
     Goodbye,
     GroupDeliver,
     Groups,
@@ -104,12 +105,19 @@ def _value(v: Any) -> Any:
 def conversations() -> dict[str, list[tuple[str, Any]]]:
     """Each conversation after its HELLO and WELCOME: (sender, event)."""
     one = encode_batch([b"hi"])
+    named = encode_batch([(b"hi", {MSG_ID_HEADER: "0f1e2d3c4b5a6978.1"})])
     two = encode_batch([b"job-1", (b"job-2", {"trace": "7f"})])
     lost = {"topic": "orders.eu", "first": "3", "last": "9", "reason": "retention"}
     return {
         "publish one message": [
             ("client", Publish(1, "a.b", one)),
             ("server", PubAck(1, 0, 1, T0, Durability.DISK)),
+        ],
+        "publish exactly once: a resend gets the original offsets": [
+            ("client", Publish(1, "a.b", named, dedup=True)),
+            ("client", Publish(2, "a.b", named, dedup=True)),
+            ("server", PubAck(1, 5, 1, T0, Durability.DISK)),
+            ("server", PubAck(2, 5, 1, T0, Durability.DISK)),
         ],
         "subscribe, deliver, credit, unsubscribe": [
             ("client", Subscribe(1, "orders.>", StartKind.EARLIEST, 0, 4096)),
