@@ -242,8 +242,8 @@ async def test_metrics_parse_and_count(tmp_path: Path) -> None:
     assert value(parsed, "pybroker_topic_messages_in_total", topic="m.http") == 2
     assert value(parsed, "pybroker_topic_messages_in_total", topic=weird) == 1
     assert value(parsed, "pybroker_topic_messages_out_total", topic="m.tcp") == 5
-    assert value(parsed, "pybroker_topic_bytes_in_total", topic="m.tcp") > 0
-    assert value(parsed, "pybroker_topic_bytes_out_total", topic="m.http") > 0
+    assert value(parsed, "pybroker_topic_in_bytes_total", topic="m.tcp") > 0
+    assert value(parsed, "pybroker_topic_out_bytes_total", topic="m.http") > 0
     assert value(parsed, "pybroker_topic_log_bytes", topic="m.tcp") > 0
     assert value(parsed, "pybroker_topic_next_offset", topic="m.slow") == 20
     assert value(parsed, "pybroker_topics") == 4
