@@ -67,6 +67,7 @@ def build_routes(http: HttpServer) -> list[Route]:
             POST=bind(api.publish_messages),
         ),
         _route("/v1/topics/{topic}/events", GET=bind(sse.events)),
+        _route("/v1/events", GET=bind(sse.pattern_events)),
     ]
 
 
