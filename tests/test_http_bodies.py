@@ -67,8 +67,8 @@ async def test_raw_bodies_are_one_message_with_their_bytes(tmp_path: Path) -> No
     assert [dict(m.headers) for m in got[1:]] == [{}, {}, {"k": "v"}]
 
 
-async def test_raw_bodies_refused() -> None:
-    async with running_broker() as server:
+async def test_raw_bodies_refused(tmp_path: Path) -> None:
+    async with running_broker(data_dir=tmp_path) as server:
         port = server.http_port
         assert port is not None
         path = "/v1/topics/refused.t/messages"
@@ -97,7 +97,7 @@ async def test_curl_data_binary_from_a_file(tmp_path: Path) -> None:
         pytest.skip("curl is not installed")
     payload = bytes(range(256)) * 10
     (tmp_path / "body.bin").write_bytes(payload)
-    async with running_broker() as server:
+    async with running_broker(data_dir=tmp_path / "data") as server:
         port = server.http_port
         assert port is not None
         with trio.fail_after(TIMEOUT):

@@ -22,6 +22,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import quote
@@ -177,10 +178,10 @@ def _browse(server: Server, c: client.Client, allowed: str, blocked: str) -> dic
     return seen
 
 
-async def test_event_source_and_fetch_from_another_origin() -> None:
+async def test_event_source_and_fetch_from_another_origin(tmp_path: Path) -> None:
     with page_server() as allowed, page_server() as blocked:
         assert allowed != blocked
-        async with running_broker(http=HttpSettings(cors_origins=(allowed,))) as server:
+        async with running_broker(data_dir=tmp_path, http=HttpSettings(cors_origins=(allowed,))) as server:
             async with client.connect(server.url) as c:
                 with trio.fail_after(TIMEOUT + 10):
                     seen = await trio.to_thread.run_sync(

@@ -23,8 +23,8 @@ TIMEOUT = 10.0
 TOKEN = "a-token-of-enough-length-1234"
 
 
-async def test_no_cors_by_default() -> None:
-    async with running_broker() as server:
+async def test_no_cors_by_default(tmp_path: Path) -> None:
+    async with running_broker(data_dir=tmp_path) as server:
         port = server.http_port
         assert port is not None
         reply = await request(port, "GET", "/v1/topics", headers={"origin": APP})
@@ -41,8 +41,8 @@ async def test_no_cors_by_default() -> None:
         assert_error(await request(port, "OPTIONS", "/nope"), 404)
 
 
-async def test_listed_origins_only() -> None:
-    async with running_broker(http=HttpSettings(cors_origins=(APP, "https://Two.Example"))) as server:
+async def test_listed_origins_only(tmp_path: Path) -> None:
+    async with running_broker(data_dir=tmp_path, http=HttpSettings(cors_origins=(APP, "https://Two.Example"))) as server:
         port = server.http_port
         assert port is not None
         for origin in (APP, "https://two.example"):
@@ -88,8 +88,8 @@ async def test_listed_origins_only() -> None:
         assert_error(reply, 403, "origin_not_allowed")
 
 
-async def test_any_origin() -> None:
-    async with running_broker(http=HttpSettings(cors_origins=("*",))) as server:
+async def test_any_origin(tmp_path: Path) -> None:
+    async with running_broker(data_dir=tmp_path, http=HttpSettings(cors_origins=("*",))) as server:
         port = server.http_port
         assert port is not None
         reply = await request(port, "GET", "/v1/topics", headers={"origin": OTHER})
@@ -103,7 +103,7 @@ async def test_any_origin() -> None:
 
 async def test_preflight_needs_no_credentials(tmp_path: Path) -> None:
     users = write_users(tmp_path, {"reader": user_entry(token=TOKEN, subscribe=[">"])})
-    async with running_broker(auth_file=users, http=HttpSettings(cors_origins=(APP,))) as server:
+    async with running_broker(data_dir=tmp_path / "data", auth_file=users, http=HttpSettings(cors_origins=(APP,))) as server:
         port = server.http_port
         assert port is not None
         preflight = {

@@ -156,8 +156,8 @@ async def test_a_stream_that_got_nothing_resumes_from_its_start(tmp_path: Path) 
         assert sorted(where(got)) == [("jobs.a", 1), ("jobs.b.c", 0)]
 
 
-async def test_from_earliest_and_long_backlogs_in_order() -> None:
-    async with running_broker() as server:
+async def test_from_earliest_and_long_backlogs_in_order(tmp_path: Path) -> None:
+    async with running_broker(data_dir=tmp_path) as server:
         port = server.http_port
         assert port is not None
         for topic in ("bulk.a", "bulk.b"):
@@ -188,8 +188,8 @@ async def test_lost_messages_are_reported_per_topic() -> None:
     assert (after["data"]["topic"], after["data"]["offset"]) == ("gone.t", first)
 
 
-async def test_bad_pattern_requests() -> None:
-    async with running_broker() as server:
+async def test_bad_pattern_requests(tmp_path: Path) -> None:
+    async with running_broker(data_dir=tmp_path) as server:
         port = server.http_port
         assert port is not None
         assert_error(await request(port, "GET", "/v1/events"), 400)
@@ -208,7 +208,7 @@ async def test_bad_pattern_requests() -> None:
 async def test_patterns_need_read_permission_on_the_whole_pattern(tmp_path: Path) -> None:
     token = "a-token-of-enough-length-5678"
     users = write_users(tmp_path, {"eu": user_entry(token=token, subscribe=["orders.eu", "orders.eu.>"])})
-    async with running_broker(auth_file=users) as server:
+    async with running_broker(data_dir=tmp_path / "data", auth_file=users) as server:
         port = server.http_port
         assert port is not None
         auth = {"authorization": f"Bearer {token}"}
