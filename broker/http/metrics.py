@@ -2,7 +2,10 @@
 
 A custom collector (:class:`BrokerCollector`) reads the counters the broker
 keeps anyway (per topic, per server, in the file store) when scraped; nothing
-here runs on the publish path and no second set of counters exists.
+here runs on the publish path and no second set of counters exists. The
+figures are copied on the event loop; making them into metric families and
+writing the text, most of a scrape's cost, run in a worker thread, so a
+scrape of thousands of topics does not stall the loop.
 ``prometheus_client`` writes the exposition: the Prometheus text format 0.0.4
 by default, OpenMetrics 1.0 when the ``Accept`` header asks for it
 (``choose_encoder``, what Prometheus itself sends). Names follow the
@@ -43,6 +46,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
+import attrs
+import trio
+
 from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -63,22 +69,36 @@ if TYPE_CHECKING:
     from .server import HttpServer
 
 
+@attrs.frozen
+class Family:
+    """A gauge or counter family as read on the event loop: plain values, no
+    reference to live state. Made into a ``prometheus_client`` metric (the
+    costly part, with the encoding) in a worker thread."""
+
+    make: Callable[..., GaugeMetricFamily | CounterMetricFamily]
+    name: str
+    help_text: str
+    labels: tuple[str, ...]
+    samples: list[tuple[Sequence[str], float]]
+    unit: str = ""
+
+    def metric(self) -> Metric:
+        family = self.make(self.name, self.help_text, labels=list(self.labels), unit=self.unit)
+        for values, value in self.samples:
+            family.add_metric(list(values), value)
+        return family
+
+
 def _gauge(
     name: str, help_text: str, samples: Iterable[tuple[Sequence[str], float]], labels: Sequence[str] = (), unit: str = ""
-) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, help_text, labels=list(labels), unit=unit)
-    for values, value in samples:
-        family.add_metric(list(values), value)
-    return family
+) -> Family:
+    return Family(GaugeMetricFamily, name, help_text, tuple(labels), list(samples), unit)
 
 
 def _counter(
     name: str, help_text: str, samples: Iterable[tuple[Sequence[str], float]], labels: Sequence[str] = (), unit: str = ""
-) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, help_text, labels=list(labels), unit=unit)
-    for values, value in samples:
-        family.add_metric(list(values), value)
-    return family
+) -> Family:
+    return Family(CounterMetricFamily, name, help_text, tuple(labels), list(samples), unit)
 
 
 def _le(bound: float) -> str:
@@ -86,14 +106,29 @@ def _le(bound: float) -> str:
     return "+Inf" if math.isinf(bound) else repr(float(bound))
 
 
+class Snapshot:
+    """The figures of one scrape, as a ``prometheus_client`` collector (handed
+    straight to the encoder, no registry)."""
+
+    def __init__(self, families: list[Family | Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families:
+            yield family.metric() if isinstance(family, Family) else family
+
+
 class BrokerCollector:
-    """Reads one broker's figures at scrape time (a ``prometheus_client``
-    collector; it is handed straight to the encoder, no registry)."""
+    """Reads one broker's figures at scrape time, on the event loop: only the
+    broker's own counters and gauges, copied into :class:`Family` values."""
 
     def __init__(self, http: HttpServer) -> None:
         self.http = http
 
-    def collect(self) -> Iterator[Metric]:
+    def snapshot(self) -> Snapshot:
+        return Snapshot(list(self.read()))
+
+    def read(self) -> Iterator[Family | Metric]:
         http = self.http
         broker, server = http.broker, http.listener
         yield InfoMetricFamily(
@@ -193,8 +228,8 @@ class BrokerCollector:
                 ["topic"],
             )
 
-    def _topics(self, topics: list[Topic]) -> Iterator[Metric]:
-        per_topic: list[tuple[str, Callable[..., Metric], str, str, Callable[[Topic], float]]] = [
+    def _topics(self, topics: list[Topic]) -> Iterator[Family]:
+        per_topic: list[tuple[str, Callable[..., Family], str, str, Callable[[Topic], float]]] = [
             ("pybroker_topic_messages_in", _counter, "", "Messages published to the topic.", lambda t: t.messages_in),
             ("pybroker_topic_in_bytes", _counter, "bytes", "Batch bytes published to the topic.", lambda t: t.bytes_in),
             (
@@ -233,7 +268,7 @@ class BrokerCollector:
             ["topic", "transport", "connection", "client", "sub_id", "pattern"],
         )
 
-    def _groups(self) -> Iterator[Metric]:
+    def _groups(self) -> Iterator[Family]:
         manager = self.http.broker.groups
         groups = [manager.groups[n] for n in sorted(manager.groups)]
         yield _gauge(
@@ -260,17 +295,16 @@ class BrokerCollector:
 
 def render(http: HttpServer) -> str:
     """The Prometheus text format 0.0.4 (what a scrape without ``Accept`` gets)."""
-    return generate_latest(BrokerCollector(http)).decode("utf-8")
-
-
-def exposition(http: HttpServer, accept: str | None) -> tuple[bytes, str]:
-    """The body and its content type for a scrape sending ``accept``."""
-    encode, content_type = choose_encoder(accept or "")
-    return encode(BrokerCollector(http)), content_type
+    return generate_latest(BrokerCollector(http).snapshot()).decode("utf-8")
 
 
 async def handle(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
     require_admin(request)  # broker-wide figures name every topic and client
-    body, content_type = exposition(http, request.header("accept"))
+    encode, content_type = choose_encoder(request.header("accept") or "")
+    # The figures are copied on the loop (consistent, cheap); building the
+    # families and writing the text, which take most of a scrape's time
+    # with many topics, run in a worker thread, one scrape at a time.
+    snapshot = BrokerCollector(http).snapshot()
+    body = await trio.to_thread.run_sync(encode, snapshot, limiter=http.metrics_encoding)
     # The format depends on Accept: caches must keep the two apart.
     return Response(200, body, content_type, {"vary": "accept"})

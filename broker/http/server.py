@@ -94,6 +94,8 @@ class HttpServer:
         self.rates = RateSampler(broker.router)
         self.routes = build_routes(self)
         self.cors = Cors(self.settings.cors_origins)
+        #: /metrics encodes in a worker thread, one scrape at a time.
+        self.metrics_encoding = trio.CapacityLimiter(1)
         self.host = ""
         self.port = 0
         self.stopping = False
