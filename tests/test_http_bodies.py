@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 import trio
 
-import client
-from broker.testing import running_broker
+import pybroker
+from pybroker.server.testing import running_broker
 
 from helpers.http import assert_error, post_json, request
 
 TIMEOUT = 10.0
 
 
-async def read_back(url: str, topic: str, n: int) -> list[client.Message]:
-    async with client.connect(url) as c:
+async def read_back(url: str, topic: str, n: int) -> list[pybroker.Message]:
+    async with pybroker.connect(url) as c:
         async with c.subscribe(topic, start="earliest") as sub:
-            got: list[client.Message] = []
+            got: list[pybroker.Message] = []
             with trio.fail_after(TIMEOUT):
                 async for msg in sub:
                     got.append(msg)

@@ -30,10 +30,10 @@ from urllib.parse import quote
 import pytest
 import trio
 
-import client
-from broker.config import HttpSettings
-from broker.server import Server
-from broker.testing import running_broker
+import pybroker as client
+from pybroker.server.config import HttpSettings
+from pybroker.server.server import Server
+from pybroker.server.testing import running_broker
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

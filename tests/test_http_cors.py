@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import HttpSettings
-from broker.testing import running_broker
+from pybroker.server.config import HttpSettings
+from pybroker.server.testing import running_broker
 
 from helpers.auth import user_entry, write_users
 from helpers.http import assert_error, request

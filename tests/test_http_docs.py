@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from broker.config import Config
-from broker.http import access, messages
-from broker.server import Server
+from pybroker.server.config import Config
+from pybroker.server.http import access, messages
+from pybroker.server.server import Server
 
 from helpers.procs import find_event, spawn
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
-import client
-from broker.testing import running_broker
+import pybroker
+from pybroker.server.testing import running_broker
 
 from helpers.http import Reply, post_json, request
 
@@ -93,9 +93,9 @@ async def scrape(tmp_path: Path, accepts: list[str | None]) -> list[Reply]:
     async with running_broker(data_dir=tmp_path) as server:
         port = server.http_port
         assert port is not None
-        async with client.connect(server.url, name="metrics") as c:
-            seen: list[client.Message] = []
-            worked: list[client.Message] = []
+        async with pybroker.connect(server.url, name="metrics") as c:
+            seen: list[pybroker.Message] = []
+            worked: list[pybroker.Message] = []
             await c.subscribe("m.>", seen.append)
             await c.subscribe("jobs", worked.append, group="workers")
             await c.publish("m.one", b"x")

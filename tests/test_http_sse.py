@@ -17,10 +17,10 @@ from urllib.parse import quote
 import pytest
 import trio
 
-import client
-from broker.http.sse import MAX_ID_BYTES, format_id, parse_id
-from broker.http.messages import HttpError
-from broker.testing import running_broker
+import pybroker
+from pybroker.server.http.sse import MAX_ID_BYTES, format_id, parse_id
+from pybroker.server.http.messages import HttpError
+from pybroker.server.testing import running_broker
 
 from helpers.auth import user_entry, write_users
 from helpers.http import assert_error, in_thread, post_json, request
@@ -105,7 +105,7 @@ async def test_every_matching_topic_and_resume_on_each(tmp_path: Path) -> None:
     async with running_broker(data_dir=tmp_path) as server:
         port = server.http_port
         assert port is not None
-        async with client.connect(server.url) as c:
+        async with pybroker.connect(server.url) as c:
             await c.publish("orders.eu", b"before")  # not sent: the stream starts with new ones
             async with stream(port, "/v1/events?pattern=orders.*") as reader:
                 await c.publish("orders.eu", b"eu 1")
@@ -141,7 +141,7 @@ async def test_a_stream_that_got_nothing_resumes_from_its_start(tmp_path: Path) 
     async with running_broker(data_dir=tmp_path) as server:
         port = server.http_port
         assert port is not None
-        async with client.connect(server.url) as c:
+        async with pybroker.connect(server.url) as c:
             await c.publish("jobs.a", b"old")
             async with stream(port, "/v1/events?pattern=jobs.>") as reader:
                 # The opening block carries an id (no event): what a browser
@@ -176,7 +176,7 @@ async def test_lost_messages_are_reported_per_topic() -> None:
     async with running_broker(memory_retention_bytes=1024) as server:
         port = server.http_port
         assert port is not None
-        async with client.connect(server.url) as c:
+        async with pybroker.connect(server.url) as c:
             for i in range(50):
                 await c.publish("gone.t", b"%04d" % i + b"x" * 100)
         first = server.broker.router.topics["gone.t"].log.first_offset

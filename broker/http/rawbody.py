@@ -13,7 +13,7 @@ is parsed as before (:mod:`.api`) and carries its headers in the JSON.
 
 from __future__ import annotations
 
-from client.protocol import encode_headers
+from pybroker.protocol import encode_headers
 
 from .messages import JSON, HttpError, Request
 

@@ -50,7 +50,7 @@ from urllib.parse import quote, unquote
 
 import trio
 
-from client.protocol import MalformedBatch, StartKind, decode_batch, pattern_error, tokens_match
+from pybroker.protocol import MalformedBatch, StartKind, decode_batch, pattern_error, tokens_match
 
 from ..core import Refused, SubscribeRequest
 from ..inboxes import has_wildcard, is_inbox
