@@ -26,6 +26,7 @@ from pybroker.protocol import (
 from pybroker.server.dedup import DedupWindow, Stored
 from pybroker.server.testing import running_broker
 
+from helpers.http import assert_error, get_json, post_json, request
 from helpers.procs import broker_process
 from helpers.raw import raw_client
 from helpers.restarts import FAST, free_port
@@ -183,3 +184,24 @@ async def test_kill_9_with_reconnecting_publishers_stores_nothing_twice(tmp_path
     expected = sorted(b"%02d-%05d" % (r, i) for r in range(rounds) for i in range(per_round))
     assert len(payloads) - len(set(payloads)) == 0  # duplicates
     assert sorted(payloads) == expected  # nothing lost, nothing twice
+
+
+async def test_an_http_request_with_a_msg_id_is_published_once(tmp_path: Path) -> None:
+    async with running_broker(data_dir=tmp_path) as server:
+        port = server.http_port
+        path = "/v1/topics/eo.http/messages"
+        message = {"payload": "order", "headers": {"msg-id": "order-17", "k": "v"}}
+        first = await post_json(port, path, message)
+        again = await post_json(port, path, message)
+        assert first.status == again.status == 200, (first, again)
+        assert again.json()["base_offset"] == first.json()["base_offset"] == 0
+        raw_headers = {"content-type": "application/octet-stream", "x-pybroker-header-msg-id": "blob-1"}
+        blob = await request(port, "POST", path, b"\x00\xff", raw_headers)
+        blob_again = await request(port, "POST", path, b"\x00\xff", raw_headers)
+        assert blob.json()["base_offset"] == blob_again.json()["base_offset"] == 1
+        conflict = await post_json(port, path, {"messages": [message, {"payload": "more"}]})
+        assert_error(conflict, 400, "bad_request")
+        assert server.broker.store.topic("eo.http").next_offset == 2
+        read = await get_json(port, "/v1/topics/eo.http/messages?from=0")
+        first_read = read["messages"][0] if isinstance(read, dict) else read[0]
+        assert first_read["msg_id"] == "order-17" and first_read["headers"] == {"k": "v"}

@@ -12,7 +12,7 @@ from typing import Any
 import trio
 
 from ..auth import authenticator_for
-from ..config import DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_PORT, PENDING_FRAME_BUDGET_FRAMES, Config, Limits
+from ..config import DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_PORT, PENDING_FRAME_BUDGET_FRAMES, Config, HttpSettings, Limits, origin_error
 from ..framebudget import FREE_BYTES
 from ..logs import LEVELS, get_logger
 from ..storage.settings import FSYNC_MODES, SettingsResolver, TopicSettings
@@ -27,6 +27,7 @@ def add_parser(commands: Commands[argparse.ArgumentParser]) -> None:
     http.add_argument("--http-port", type=int, default=None, metavar="N", help=f"HTTP port for health, metrics, the JSON API and the dashboard (default {DEFAULT_HTTP_PORT}, or a free one with --port 0; 0 picks a free one)")
     http.add_argument("--no-http", action="store_true", help="do not serve HTTP")
     serve.add_argument("--http-host", default=None, help="address to bind for HTTP (default: --host)")
+    serve.add_argument("--http-cors-origin", action="append", default=[], type=_origin, metavar="ORIGIN", help="let pages from ORIGIN (e.g. https://app.example.com, or * for any) call the HTTP API and open event streams (CORS); repeatable (default: none)")
     serve.add_argument("--data-dir", type=Path, default=Path("pybroker-data"), help="data directory (default ./pybroker-data)")
     serve.add_argument("--name", default=None, help="server name announced to clients (default: host name)")
     serve.add_argument("--storage", choices=("file", "memory"), default="file", help="file: the durable log in --data-dir (default); memory: nothing on disk")
@@ -97,6 +98,7 @@ def config_from(args: argparse.Namespace) -> Config:
         port=args.port,
         http_host=args.http_host,
         http_port=None if args.no_http else _http_port(args),
+        http=HttpSettings(cors_origins=tuple(args.http_cors_origin)),
         data_dir=args.data_dir,
         storage=args.storage,
         min_free_bytes=args.min_free_bytes,
@@ -124,6 +126,13 @@ def config_from(args: argparse.Namespace) -> Config:
         dedup_max_ids=args.dedup_max_ids,
         **overrides,
     )
+
+
+def _origin(text: str) -> str:
+    problem = origin_error(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def _http_port(args: argparse.Namespace) -> int:
