@@ -370,7 +370,11 @@ class Broker:
                     who, f"publish to {config.dead_letter!r}, the dead-letter topic of new group {name!r}"
                 )
             assert isinstance(req.start, StartKind)
-            sub.member = self.groups.join(sub, name, req.pattern, config, req.start, req.start_value)
+            # max_ack_pending is each member's own prefetch (protocol.md).
+            prefetch = config.max_ack_pending if "max_ack_pending" in req.options else None
+            sub.member = self.groups.join(
+                sub, name, req.pattern, config, req.start, req.start_value, prefetch
+            )
         except ValueError as exc:
             raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
         sub.group = self.groups.groups[name]

@@ -715,6 +715,7 @@ class Client:
         ack_wait: float | None = None,
         max_deliver: int | None = None,
         backoff: Sequence[float] | None = None,
+        backoff_jitter: float | None = None,
         max_ack_pending: int | None = None,
         dead_letter: str | None = None,
     ) -> _SubscribeCall:
@@ -733,14 +734,23 @@ class Client:
         ``term()``, ``in_progress()``). With a callback and ``auto_ack``, a
         callback that returns acks and one that raises naks (and the error is
         logged, not raised). ``ack_wait``, ``max_deliver``, ``backoff``
-        (seconds per delivery), ``max_ack_pending`` and ``dead_letter`` set
-        the group up when this call creates it (protocol.md).
-        ``concurrency`` callbacks run at once, in a nursery the client owns.
+        (seconds a nak'ed message waits before its next delivery: the n-th
+        wait after the n-th delivery, the last repeating), ``backoff_jitter``
+        (each wait up to this fraction longer, at random) and
+        ``dead_letter`` set the group up when this call creates it
+        (protocol.md). ``max_ack_pending`` is this member's own prefetch:
+        at most that many of the group's messages are handed to it
+        unsettled; by default ``concurrency``, so a member is never given
+        work it will not start while another member sits idle (raise it for
+        throughput with quick handlers). ``concurrency`` callbacks run at
+        once, in a nursery the client owns.
         """
         if ack_wait is not None and ack_wait <= 0:
             raise ValueError("ack_wait must be positive")
         if backoff is not None and any(b <= 0 for b in backoff):
             raise ValueError("backoff waits must be positive")
+        if backoff_jitter is not None and not 0 <= backoff_jitter <= 1:
+            raise ValueError("backoff_jitter must be between 0 and 1")
         options: dict[str, str] = {}
         if group is not None:
             options["group"] = group
@@ -750,12 +760,18 @@ class Client:
                 options["max_deliver"] = str(max_deliver)
             if backoff:
                 options["backoff_ms"] = ",".join(str(max(1, round(b * 1000))) for b in backoff)
-            if max_ack_pending is not None:
-                options["max_ack_pending"] = str(max_ack_pending)
+            if backoff_jitter:
+                options["backoff_jitter_pct"] = str(round(backoff_jitter * 100))
+            # The member's prefetch: by default what it works on at once.
+            options["max_ack_pending"] = str(max_ack_pending if max_ack_pending is not None else concurrency)
             if dead_letter is not None:
                 options["dead_letter"] = dead_letter
-        elif any(x is not None for x in (ack_wait, max_deliver, backoff, max_ack_pending, dead_letter)):
-            raise ValueError("ack_wait, max_deliver, backoff, max_ack_pending and dead_letter need group=")
+        elif any(
+            x is not None for x in (ack_wait, max_deliver, backoff, backoff_jitter, max_ack_pending, dead_letter)
+        ):
+            raise ValueError(
+                "ack_wait, max_deliver, backoff, backoff_jitter, max_ack_pending and dead_letter need group="
+            )
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         return _SubscribeCall(

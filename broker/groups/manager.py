@@ -84,9 +84,11 @@ class GroupManager:
         config: GroupConfig,
         start: StartKind,
         start_value: int,
+        max_ack_pending: int | None = None,
     ) -> Member:
-        """Add ``sub`` to group ``name``, creating it; ValueError if the
-        group exists with another pattern."""
+        """Add ``sub`` to group ``name``, creating it with ``config``;
+        ValueError if the group exists with another pattern. The member's
+        prefetch is ``max_ack_pending`` if it named one, else the group's."""
         group = self.groups.get(name)
         if group is None:
             if pattern_error(pattern):
@@ -98,7 +100,7 @@ class GroupManager:
                     topic.groups.append(group)
         elif group.pattern != pattern:
             raise ValueError(f"group {name!r} reads {group.pattern!r}, not {pattern!r}")
-        member = group.add_member(sub)
+        member = group.add_member(sub, max_ack_pending)
         if self.state.persistent and name not in self._persisted:
             # Saved before it hands anything out: its records mean nothing
             # without the settings and start its snapshot carries.
@@ -268,6 +270,7 @@ class GroupManager:
             tuple(float(b) for b in c["backoff"]),
             int(c["max_ack_pending"]),
             str(c["dead_letter"]),
+            float(c.get("backoff_jitter", 0.0)),  # (saved by older versions without it)
         )
         start, start_value = StartKind(snap["start"]), int(snap["start_value"])
         return Group(self, str(snap["name"]), str(snap["pattern"]), config, start, start_value)
