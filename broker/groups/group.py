@@ -294,9 +294,11 @@ class Group:
                 return member
         return None
 
-    def _members_with_room(self) -> list[tuple[Member, int]]:
-        """Every member that can take more, with its room, in turn order
-        (starting at the next member in turn)."""
+    def _members_with_room(self, most: int) -> list[tuple[Member, int]]:
+        """The members that can take more, with their room, in turn order
+        (from the next member in turn), at most ``most`` of them: ``most``
+        messages go one each to the first ``most`` members with room
+        anyway, so a batch of one costs one member's check, not all."""
         n = len(self.members)
         out = []
         for i in range(n):
@@ -304,6 +306,8 @@ class Group:
             room = member.max_ack_pending - member.unacked
             if room > 0 and member.sub.subscriber.accepting:
                 out.append((member, room))
+                if len(out) >= most:
+                    break
         return out
 
     def _confirm_dead_letters(self) -> None:
@@ -341,14 +345,15 @@ class Group:
         for gt in list(self.topics.values()):
             visible = gt.topic.visible_next
             while gt.cursor < visible:
-                takers = self._members_with_room()
-                if not takers:
+                if not self._deliver_new(gt, now):
                     return
-                self._deliver_new(gt, takers, now)
 
-    def _deliver_new(self, gt: GroupTopic, takers: list[tuple[Member, int]], now: float) -> None:
+    def _deliver_new(self, gt: GroupTopic, now: float) -> bool:
         """Hand out the stored batch at the cursor (from the cursor on),
-        split across ``takers`` as evenly as their room allows."""
+        split across the members with room as evenly as their room allows;
+        False if no member has room."""
+        if not any(m.unacked < m.max_ack_pending and m.sub.subscriber.accepting for m in self.members):
+            return False  # (before reading the log: nobody could take it)
         log = gt.topic.log
         if gt.cursor < log.first_offset:
             gt.cursor = log.first_offset  # retention removed what we had not read
@@ -362,11 +367,14 @@ class Group:
                 group=self.name, topic=lost.topic, first=lost.first, last=lost.last, reason=lost.reason,
             )
             gt.cursor = lost.last + 1
-            return
+            return True
         if batch is None or batch.base_offset >= gt.topic.visible_next:
             gt.cursor = max(gt.cursor, gt.topic.visible_next)
-            return
+            return True
         skip = gt.cursor - batch.base_offset
+        takers = self._members_with_room(batch.count - skip)
+        if not takers:
+            return False
         shares = fair_shares(batch.count - skip, [room for _, room in takers])
         # The next hand-out starts its turn order one member on, so the
         # larger shares of uneven splits (and batches of one) rotate.
@@ -385,7 +393,7 @@ class Group:
                 except MalformedBatch as exc:
                     self._settle_malformed(gt, range(base, batch.next_offset), exc)
                     gt.cursor = batch.next_offset
-                    return
+                    return True
                 payload = encode_batch_from_records(records)
             for offset in range(base, base + count):
                 gt.pending[offset] = Pending(member, 1, deadline)
@@ -396,6 +404,7 @@ class Group:
             self._timer(deadline, gt, base, base + count - 1)
             self.manager.hand_out(self, member, gt.topic, base, count, batch.timestamp, 1, payload)
             base += count
+        return True
 
     def _redeliver(self, gt: GroupTopic, offset: int, p: Pending, member: Member, now: float) -> None:
         try:
