@@ -135,13 +135,19 @@ async def test_one_batch_of_jobs_is_shared_by_two_workers(tmp_path: Path) -> Non
     assert counts[0] >= 40 // 3, f"work not shared: {counts}"
 
 
-async def test_uneven_workers_get_work_in_proportion_to_speed(tmp_path: Path) -> None:
-    """A worker four times faster handles most of the jobs: nobody holds
-    unstarted work while the other is idle, so the split follows speed."""
+@pytest.mark.parametrize("delays", [(0.01, 0.1), (0.1, 0.01)], ids=["fast-first", "slow-first"])
+async def test_uneven_workers_get_work_in_proportion_to_speed(
+    tmp_path: Path, delays: tuple[float, float]
+) -> None:
+    """A worker ten times faster handles most of the jobs, whichever joined
+    first: nobody holds unstarted work while the other is idle, so the split
+    follows speed. (Ten times, so that a loaded machine's round trips per
+    job, which even the speeds out, still leave a clear split.)"""
     async with file_broker(tmp_path) as server:
-        handled, elapsed = await run_workers(server, [0.02, 0.08], 40)
-    fast, slow = len(handled["w0"]), len(handled["w1"])
-    print(f"20 ms + 80 ms, 40 jobs: fast {fast}, slow {slow}, {elapsed:.2f} s (ideal 0.64 s)")
+        handled, elapsed = await run_workers(server, list(delays), 40)
+    fast_name, slow_name = ("w0", "w1") if delays[0] < delays[1] else ("w1", "w0")
+    fast, slow = len(handled[fast_name]), len(handled[slow_name])
+    print(f"{delays} s, 40 jobs: fast {fast}, slow {slow}, {elapsed:.2f} s (ideal 0.36 s)")
     assert slow >= 1, "the slow worker got nothing"
     assert fast >= 2 * slow, f"fast {fast}, slow {slow}: the split does not follow speed"
 
