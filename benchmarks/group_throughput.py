@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import trio  # noqa: E402
 
-import client  # noqa: E402
+import pybroker as client  # noqa: E402
 
 TOPIC, GROUP = "jobs", "bench"
 
@@ -48,7 +48,7 @@ def _env() -> dict[str, str]:
 
 
 def start_broker(data: Path, log: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    command = [sys.executable, "-m", "broker.cli", "serve", "--port", "0", "--no-http",
+    command = [sys.executable, "-m", "pybroker", "serve", "--port", "0", "--no-http",
                "--data-dir", str(data), "--log-format", "json", *extra]
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=out, env=_env(), cwd=ROOT)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker.bench import main  # noqa: E402
+from pybroker.server.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["memory", *sys.argv[1:]]))

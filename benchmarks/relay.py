@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker.bench.relay import main  # noqa: E402
+from pybroker.server.bench.relay import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from client.protocol import pattern_error
+from pybroker.protocol import pattern_error
 
 from .permissions import Permissions
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from client.protocol import Durability
+from pybroker.protocol import Durability
 
 from .storage import LogStore
 from .logs import get_logger

@@ -8,7 +8,7 @@ from typing import Literal
 
 import attrs
 
-from client.protocol import (
+from pybroker.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     DEFAULT_MAX_TOPIC_BYTES,
     DEFAULT_MAX_TOPIC_DEPTH,

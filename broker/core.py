@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 import trio
 
-from client.protocol import (
+from pybroker.protocol import (
     MAX_INFO_ENTRIES,
     RESUME_OPTION_PREFIX,
     AckKind,

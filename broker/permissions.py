@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
-from client.protocol import tokens_match
+from pybroker.protocol import tokens_match
 
 from .inboxes import INBOX_PREFIX
 

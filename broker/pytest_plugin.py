@@ -1,6 +1,6 @@
 """Pytest fixtures for testing against a real pybroker (needs pytest-trio).
 
-Enable with ``pytest_plugins = ["broker.pytest_plugin"]`` in conftest.py:
+Enable with ``pytest_plugins = ["pybroker.server.pytest_plugin"]`` in conftest.py:
 
 - ``pybroker_server``: a running broker on 127.0.0.1, a free port, its data
   directory under the test's ``tmp_path``; use ``pybroker_server.url``.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import client
+import pybroker
 
 from .server import Server
 from .testing import running_broker
@@ -27,6 +27,6 @@ async def pybroker_server(tmp_path: Path) -> AsyncIterator[Server]:
 
 
 @pytest.fixture
-async def pybroker_client(pybroker_server: Server) -> AsyncIterator[client.Client]:
-    async with client.connect(pybroker_server.url, name="pytest") as c:
+async def pybroker_client(pybroker_server: Server) -> AsyncIterator[pybroker.Client]:
+    async with pybroker.connect(pybroker_server.url, name="pytest") as c:
         yield c

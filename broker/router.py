@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
-from client.protocol import tokens_match
+from pybroker.protocol import tokens_match
 
 from .inboxes import DEFAULT_GRACE, RETAIN_BYTES, Inboxes, is_inbox
 from .storage import LogStore, MemoryTopicLog, StorageError, TopicLog

@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 import trio
 
-from client.protocol import HEADER_SIZE, Error, ErrorCode, encode_event
+from pybroker.protocol import HEADER_SIZE, Error, ErrorCode, encode_event
 
 from .auth import unprotected_hosts
 from .closing import drain

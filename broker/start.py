@@ -8,7 +8,7 @@ to what is retained, a time is the first batch at or after it.
 
 from __future__ import annotations
 
-from client.protocol import StartKind
+from pybroker.protocol import StartKind
 
 from .storage import TopicLog
 

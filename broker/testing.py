@@ -1,6 +1,6 @@
 """Run a real broker inside a test suite.
 
-    from broker.testing import running_broker
+    from pybroker.server.testing import running_broker
 
     async def test_something(tmp_path):
         async with running_broker(data_dir=tmp_path) as server:
@@ -8,7 +8,7 @@
                 ...
 
 Pytest users can instead enable the fixtures of :mod:`broker.pytest_plugin`
-with ``pytest_plugins = ["broker.pytest_plugin"]`` in their conftest.py.
+with ``pytest_plugins = ["pybroker.server.pytest_plugin"]`` in their conftest.py.
 """
 
 from __future__ import annotations

@@ -11,11 +11,11 @@ from __future__ import annotations
 import attrs
 import trio
 
-import client
-from broker.config import Config
-from broker.storage import MemoryStore, MemoryTopicLog, SyncResult
-from broker.server import Server
-from client.protocol import Durability
+import pybroker
+from pybroker.server.config import Config
+from pybroker.server.storage import MemoryStore, MemoryTopicLog, SyncResult
+from pybroker.server.server import Server
+from pybroker.protocol import Durability
 
 
 class SyncedTopicLog(MemoryTopicLog):
@@ -50,7 +50,7 @@ async def test_puback_waits_for_sync_and_one_sync_covers_many() -> None:
     config = attrs.evolve(Config(), port=0)
     async with trio.open_nursery() as nursery:
         server: Server = await nursery.start(Server(config, store).serve)
-        async with client.connect(server.url) as c:
+        async with pybroker.connect(server.url) as c:
             got: list[int] = []
             await c.subscribe("t", lambda m: got.append(m.offset))
             pendings = [c.publish_nowait("t", b"%d" % i) for i in range(50)]
@@ -87,7 +87,7 @@ async def test_close_waits_for_outstanding_syncs() -> None:
 
         nursery.start_soon(open_gate_later)
         with trio.fail_after(10):
-            async with client.connect(server.url) as c:
+            async with pybroker.connect(server.url) as c:
                 pending = c.publish_nowait("t", b"x")
             # Leaving the block flushed: the ack arrived after the sync.
         assert pending.result().durability is Durability.DISK

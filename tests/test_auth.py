@@ -15,8 +15,8 @@ import pytest
 import structlog
 import trio
 
-import client
-from broker.auth import (
+import pybroker
+from pybroker.server.auth import (
     DEFAULT_SCRYPT_N,
     Authenticator,
     Users,
@@ -27,10 +27,10 @@ from broker.auth import (
     parse_password_hash,
     verify_password,
 )
-from broker.config import Config
-from broker.server import Server
-from broker.testing import running_broker
-from client.protocol import ErrorCode, Hello, Welcome
+from pybroker.server.config import Config
+from pybroker.server.server import Server
+from pybroker.server.testing import running_broker
+from pybroker.protocol import ErrorCode, Hello, Welcome
 
 from helpers.auth import CHEAP, user_entry, users_toml, write_users
 from helpers.http import basic, http_request
@@ -155,13 +155,13 @@ async def test_token_password_and_url_credentials_are_accepted(tmp_path: Path) -
     async with running_broker(auth_file=users_file(tmp_path)) as server:
         host_port = server.url.removeprefix("pybroker://")
         with trio.fail_after(TIMEOUT):
-            async with client.connect(server.url, token=TOKEN) as c:
+            async with pybroker.connect(server.url, token=TOKEN) as c:
                 assert (await c.publish("anything.at.all", b"x")).offset == 0
-            async with client.connect(server.url, user="alice", password=PASSWORD) as c:
+            async with pybroker.connect(server.url, user="alice", password=PASSWORD) as c:
                 assert (await c.publish("orders.eu", b"x")).offset == 0
-            async with client.connect(f"pybroker://alice:{PASSWORD.replace(' ', '%20')}@{host_port}") as c:
+            async with pybroker.connect(f"pybroker://alice:{PASSWORD.replace(' ', '%20')}@{host_port}") as c:
                 await c.ping()
-            async with client.connect(f"pybroker://{TOKEN}@{host_port}") as c:
+            async with pybroker.connect(f"pybroker://{TOKEN}@{host_port}") as c:
                 await c.ping()
         sessions_users = {s.principal.name for s in server.sessions if s.principal.user is not None}
         assert sessions_users <= {"alice", "ingest"}
@@ -185,8 +185,8 @@ async def test_bad_or_missing_credentials_fail_without_saying_which(
 ) -> None:
     async with running_broker(auth_file=users_file(tmp_path)) as server:
         with trio.fail_after(TIMEOUT), structlog.testing.capture_logs() as logs:
-            with pytest.raises(client.AuthenticationError) as refused:
-                async with client.connect(server.url, **credentials):  # type: ignore[arg-type]
+            with pytest.raises(pybroker.AuthenticationError) as refused:
+                async with pybroker.connect(server.url, **credentials):  # type: ignore[arg-type]
                     pass
         assert refused.value.code == ErrorCode.AUTH_FAILED
         assert refused.value.message == "authentication failed"
@@ -201,7 +201,7 @@ async def test_bad_or_missing_credentials_fail_without_saying_which(
 async def test_token_and_user_together_are_refused(tmp_path: Path) -> None:
     async with running_broker(auth_file=users_file(tmp_path)) as server:
         with pytest.raises(ValueError, match="not both"):
-            async with client.connect(server.url, token=TOKEN, user="alice", password=PASSWORD):
+            async with pybroker.connect(server.url, token=TOKEN, user="alice", password=PASSWORD):
                 pass
         # Sent raw (both options in HELLO): refused by the broker too.
         auth = server.broker.auth
@@ -214,7 +214,7 @@ async def test_without_auth_credentials_are_ignored() -> None:
     async with running_broker() as server:
         assert server.broker.auth is None
         with trio.fail_after(TIMEOUT):
-            async with client.connect(server.url, token=TOKEN) as c:
+            async with pybroker.connect(server.url, token=TOKEN) as c:
                 await c.publish("a", b"x")
 
 
@@ -324,16 +324,16 @@ async def test_the_handshake_timeout_covers_checking_credentials(
     monkeypatch.setattr(Authenticator, "hello", never)
     async with running_broker(auth_file=users_file(tmp_path), handshake_timeout=0.2) as server:
         with trio.fail_after(TIMEOUT), structlog.testing.capture_logs() as logs:
-            with pytest.raises(client.AuthenticationError):
-                async with client.connect(server.url, token=TOKEN):
+            with pytest.raises(pybroker.AuthenticationError):
+                async with pybroker.connect(server.url, token=TOKEN):
                     pass
         assert [e["reason"] for e in logs if e["event"] == "authentication failed"] == ["timed out"]
 
 
 async def test_a_request_to_a_forbidden_topic_is_refused(tmp_path: Path) -> None:
     async with running_broker(auth_file=users_file(tmp_path)) as server:
-        async with client.connect(server.url, user="alice", password=PASSWORD) as alice:
-            with trio.fail_after(TIMEOUT), pytest.raises(client.PermissionDenied):
+        async with pybroker.connect(server.url, user="alice", password=PASSWORD) as alice:
+            with trio.fail_after(TIMEOUT), pytest.raises(pybroker.PermissionDenied):
                 await alice.request("billing.lookup", b"?")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from broker.auth import Users, hash_token, verify_password
+from pybroker.server.auth import Users, hash_token, verify_password
 
 from helpers.auth import CHEAP, user_entry, write_users
 from helpers.procs import find_event, run, serve

@@ -27,11 +27,11 @@ import attrs
 import pytest
 import trio
 
-import client
-from broker.config import Limits
-from broker.server import Server
-from broker.testing import running_broker
-from client.protocol import (
+import pybroker as client
+from pybroker.server.config import Limits
+from pybroker.server.server import Server
+from pybroker.server.testing import running_broker
+from pybroker.protocol import (
     UNLIMITED_CREDIT,
     Connection,
     Deliver,

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.protocol import (
+from pybroker.protocol import (
     EMPTY_HEADERS,
     ErrorCode,
     MalformedBatch,

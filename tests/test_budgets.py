@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.protocol import (
+from pybroker.protocol import (
     BATCH_HEADER,
     DEFAULT_MAX_FRAME_BYTES,
     HEADER_SIZE,

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from broker import __version__
+from pybroker.server import __version__
 
 from helpers.procs import PYBROKER, Broker, Child, child_env, json_events, run, serve, spawn
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-import broker
-from broker.cli import build_parser
-from broker.cli.serve import serve_parser
+import pybroker.server as broker
+
+from pybroker.server.cli import build_parser
+from pybroker.server.cli.serve import serve_parser
 
 ROOT = Path(broker.__file__).resolve().parent.parent
 PACKAGES = ("broker", "client")
@@ -108,9 +109,9 @@ def test_the_graph_sees_the_imports_it_should() -> None:
     """The reader is not blind: the bench's import of the serve flags and the
     CLI's imports of its commands are there."""
     assert len(CLI_AND_BENCH) > 10
-    assert "broker.cli.serve" in GRAPH["broker.bench.cli"]
-    assert "broker.cli" in GRAPH["broker.bench.cli"]  # importing broker.cli.serve runs it first
-    assert {"broker.cli.serve", "broker.cli.tools", "broker.cli.auth", "broker.cli.flags"} <= GRAPH["broker.cli"]
+    assert "pybroker.server.cli.serve" in GRAPH["pybroker.server.bench.cli"]
+    assert "pybroker.server.cli" in GRAPH["pybroker.server.bench.cli"]  # importing broker.cli.serve runs it first
+    assert {"pybroker.server.cli.serve", "pybroker.server.cli.tools", "pybroker.server.cli.auth", "pybroker.server.cli.flags"} <= GRAPH["pybroker.server.cli"]
 
 
 @pytest.mark.parametrize("name", CLI_AND_BENCH)
@@ -121,8 +122,8 @@ def test_no_load_time_import_cycle(name: str) -> None:
 def test_nothing_outside_the_bench_loads_it() -> None:
     """No module imports the bench when it is loaded: ``pybroker bench``
     reaches it through the import inside ``broker.cli.main()``."""
-    assert [n for n, targets in GRAPH.items() if not n.startswith("broker.bench") and any(
-        t == "broker.bench" or t.startswith("broker.bench.") for t in targets
+    assert [n for n, targets in GRAPH.items() if not n.startswith("pybroker.server.bench") and any(
+        t == "pybroker.server.bench" or t.startswith("pybroker.server.bench.") for t in targets
     )] == []
 
 
@@ -130,12 +131,12 @@ def test_nothing_outside_the_bench_loads_it() -> None:
     ("module", "loads", "does_not_load"),
     [
         # The server only when serve runs; the bench only when bench runs.
-        ("broker.cli", ["broker.cli.serve", "broker.cli.tools", "broker.cli.auth"], ["broker.bench", "broker.server"]),
-        ("broker.bench.cli", ["broker.cli.serve", "broker.bench.fanout"], ["broker.server"]),
+        ("pybroker.server.cli", ["pybroker.server.cli.serve", "pybroker.server.cli.tools", "pybroker.server.cli.auth"], ["pybroker.server.bench", "pybroker.server.server"]),
+        ("pybroker.server.bench.cli", ["pybroker.server.cli.serve", "pybroker.server.bench.fanout"], ["pybroker.server.server"]),
         # The load processes: neither the scenarios nor the CLI.
-        ("broker.bench.worker", ["broker.bench"], ["broker.bench.cli", "broker.cli"]),
+        ("pybroker.server.bench.worker", ["pybroker.server.bench"], ["pybroker.server.bench.cli", "pybroker.server.cli"]),
     ],
-    ids=["broker.cli", "broker.bench.cli", "broker.bench.worker"],
+    ids=["pybroker.server.cli", "pybroker.server.bench.cli", "pybroker.server.bench.worker"],
 )
 def test_what_a_fresh_interpreter_loads(module: str, loads: list[str], does_not_load: list[str]) -> None:
     check = (

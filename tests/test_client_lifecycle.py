@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-import client
-from broker.server import Server
+import pybroker as client
+from pybroker.server.server import Server
 
 
 async def test_exception_in_body_propagates_unchanged(pybroker_server: Server) -> None:

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.protocol import (
+from pybroker.protocol import (
     CLOSED,
     DEFAULT_MAX_FRAME_BYTES,
     Credit,

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 import trio
 
-import client
-from broker.server import Server
-from broker.testing import running_broker
-from client import Message
-from client.protocol import Error, ErrorCode, Groups, GroupsAction, GroupsReply, RefKind, StartKind
+import pybroker as client
+from pybroker.server.server import Server
+from pybroker.server.testing import running_broker
+from pybroker import Message
+from pybroker.protocol import Error, ErrorCode, Groups, GroupsAction, GroupsReply, RefKind, StartKind
 
 from helpers.auth import user_entry, write_users
 from helpers.inproc import wait_until

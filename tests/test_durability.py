@@ -28,14 +28,14 @@ from urllib.parse import quote
 import pytest
 import trio
 
-import client
-from broker.storage.segment import HEADER, HEADER_SIZE, header_crc
-from broker.storage.settings import SettingsResolver, TopicSettings
-from broker.server import Server
-from broker.session import Session
-from broker.testing import running_broker
-from client import Durability, Message, PendingAck, PublishAck
-from client.protocol import (
+import pybroker as client
+from pybroker.server.storage.segment import HEADER, HEADER_SIZE, header_crc
+from pybroker.server.storage.settings import SettingsResolver, TopicSettings
+from pybroker.server.server import Server
+from pybroker.server.session import Session
+from pybroker.server.testing import running_broker
+from pybroker import Durability, Message, PendingAck, PublishAck
+from pybroker.protocol import (
     deliver_header,
     encode_batch_from_records,
     encode_record,

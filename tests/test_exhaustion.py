@@ -20,11 +20,11 @@ from collections.abc import Callable
 
 import trio
 
-import client
-from broker.server import Server
-from broker.session import Session
-from broker.testing import running_broker
-from client.protocol import (
+import pybroker as client
+from pybroker.server.server import Server
+from pybroker.server.session import Session
+from pybroker.server.testing import running_broker
+from pybroker.protocol import (
     ErrorCode,
     Goodbye,
     Hello,

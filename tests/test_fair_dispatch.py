@@ -27,12 +27,12 @@ from typing import Any
 import pytest
 import trio
 
-import client
-from broker.groups import Group
-from broker.groups.group import fair_shares
-from broker.server import Server
-from broker.testing import running_broker
-from client import Message
+import pybroker
+from pybroker.server.groups import Group
+from pybroker.server.groups.group import fair_shares
+from pybroker.server.server import Server
+from pybroker.server.testing import running_broker
+from pybroker import Message
 
 from helpers.inproc import wait_until
 
@@ -53,7 +53,7 @@ def group_of(server: Server, name: str) -> Group:
 
 async def queue_jobs(url: str, n: int) -> None:
     """``n`` jobs with ``send()`` in one loop and one flush: one PUBLISH."""
-    async with client.connect(url, name="producer") as producer:
+    async with pybroker.connect(url, name="producer") as producer:
         with trio.fail_after(TIMEOUT):
             for i in range(n):
                 await producer.send("jobs", b"job-%d" % i)
@@ -86,7 +86,7 @@ async def run_workers(
 
     async with AsyncExitStack() as stack:
         for i, delay in enumerate(delays):
-            c = await stack.enter_async_context(client.connect(server.url, name=f"w{i}"))
+            c = await stack.enter_async_context(pybroker.connect(server.url, name=f"w{i}"))
             with trio.fail_after(TIMEOUT):
                 await c.subscribe("jobs", worker(f"w{i}", delay), group="workers", **subscribe)
         t0 = trio.current_time()
@@ -153,7 +153,7 @@ async def test_uneven_workers_get_work_in_proportion_to_speed(
 
 
 async def test_prefetch_defaults_to_concurrency_and_can_be_raised(tmp_path: Path) -> None:
-    async with file_broker(tmp_path) as server, client.connect(server.url) as c:
+    async with file_broker(tmp_path) as server, pybroker.connect(server.url) as c:
         with trio.fail_after(TIMEOUT):
             await c.subscribe("jobs", lambda m: None, group="g")
             await c.subscribe("jobs", lambda m: None, group="g", concurrency=3)
@@ -185,7 +185,7 @@ async def test_idle_member_gets_the_work_another_has_not_started(tmp_path: Path)
             late_done.set()
 
     async with file_broker(tmp_path) as server, AsyncExitStack() as stack:
-        a = await stack.enter_async_context(client.connect(server.url, name="a"))
+        a = await stack.enter_async_context(pybroker.connect(server.url, name="a"))
         with trio.fail_after(TIMEOUT):
             await a.subscribe("jobs", slow, group="workers")
         await queue_jobs(server.url, jobs)
@@ -194,7 +194,7 @@ async def test_idle_member_gets_the_work_another_has_not_started(tmp_path: Path)
         group = group_of(server, "workers")
         await wait_until(lambda: group.delivered == 1)
         assert group.statistics()["in_flight"] == 1  # nothing else taken
-        b = await stack.enter_async_context(client.connect(server.url, name="b"))
+        b = await stack.enter_async_context(pybroker.connect(server.url, name="b"))
         with trio.fail_after(TIMEOUT):
             await b.subscribe("jobs", quick, group="workers")
             await late_done.wait()
@@ -214,7 +214,7 @@ async def test_raising_handler_waits_the_backoff_then_is_dead_lettered_once(tmp_
         seen.append((msg.deliveries, trio.current_time()))
         raise RuntimeError("this job always fails")
 
-    async with file_broker(tmp_path) as server, client.connect(server.url) as c:
+    async with file_broker(tmp_path) as server, pybroker.connect(server.url) as c:
         with trio.fail_after(TIMEOUT):
             dead = await c.subscribe("dlq.workers")
             await c.subscribe("jobs", always_fails, group="workers", max_deliver=3, backoff=backoff)
@@ -239,7 +239,7 @@ async def test_raising_handler_waits_the_backoff_then_is_dead_lettered_once(tmp_
 
 @pytest.mark.parametrize("delay", [None, 0.3])
 async def test_explicit_nak_delay_overrides_the_backoff(tmp_path: Path, delay: float | None) -> None:
-    async with file_broker(tmp_path) as server, client.connect(server.url) as c:
+    async with file_broker(tmp_path) as server, pybroker.connect(server.url) as c:
         async with c.subscribe("jobs", group="g", auto_ack=False, backoff=[0.3 if delay is None else 30]) as sub:
             await c.publish("jobs", b"x")
             with trio.fail_after(TIMEOUT):

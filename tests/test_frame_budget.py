@@ -31,14 +31,14 @@ import pytest
 import trio
 import trio.testing
 
-import client
-from broker.cli import build_parser
-from broker.config import Config, Limits
-from broker.framebudget import FREE_BYTES, MAX_HELLO_BYTES, FrameBudget
-from broker.server import TRIM_INTERVAL, Server
-from broker.session import Session
-from broker.testing import running_broker
-from client.protocol import (
+import pybroker
+from pybroker.server.cli import build_parser
+from pybroker.server.config import Config, Limits
+from pybroker.server.framebudget import FREE_BYTES, MAX_HELLO_BYTES, FrameBudget
+from pybroker.server.server import TRIM_INTERVAL, Server
+from pybroker.server.session import Session
+from pybroker.server.testing import running_broker
+from pybroker.protocol import (
     HEADER_SIZE,
     MAGIC,
     Error,
@@ -148,7 +148,7 @@ async def send_forever(raw: RawClient, data: bytes) -> None:
 
 async def check_healthy(url: str, name: str) -> None:
     """A client with ordinary frames publishes, receives and pings."""
-    async with client.connect(url, name=name, connect_timeout=TIMEOUT) as c:
+    async with pybroker.connect(url, name=name, connect_timeout=TIMEOUT) as c:
         with trio.fail_after(TIMEOUT):
             await c.ping()
             async with c.subscribe(f"{name}.>") as sub:
@@ -358,7 +358,7 @@ async def test_a_peer_stalled_mid_frame_is_timed_out_and_a_waiting_upload_is_not
     ) as server:
         # The upload's connection is older: were its idle clock running
         # while it waits, it would time out first.
-        async with client.connect(server.url, name="uploader", connect_timeout=TIMEOUT) as c:
+        async with pybroker.connect(server.url, name="uploader", connect_timeout=TIMEOUT) as c:
             async with raw_client(server.port) as staller:
                 await staller.handshake()
                 await staller.send(half_publish(SMALL_FRAME))
@@ -366,7 +366,7 @@ async def test_a_peer_stalled_mid_frame_is_timed_out_and_a_waiting_upload_is_not
                 await wait_until(lambda: budget.used > SMALL_FRAME // 2, TIMEOUT)
                 uploader = sessions_named(server, "uploader")[0]
                 async with trio.open_nursery() as nursery:
-                    acks: list[client.PublishAck] = []
+                    acks: list[pybroker.PublishAck] = []
 
                     async def upload() -> None:
                         acks.append(await c.publish("large.t", bytes(SMALL_FRAME - 1024)))
@@ -392,7 +392,7 @@ async def test_large_frames_over_tls(certs: Certs) -> None:
         max_pending_frame_bytes=SMALL_FRAME,
     ) as server:
         async def upload(i: int) -> None:
-            async with client.connect(server.url, ca_file=str(certs.ca_file), connect_timeout=TIMEOUT) as c:
+            async with pybroker.connect(server.url, ca_file=str(certs.ca_file), connect_timeout=TIMEOUT) as c:
                 with trio.fail_after(TIMEOUT):
                     for n in range(3):
                         ack = await c.publish(f"tls.{i}", bytes(SMALL_FRAME - 1024) + b"%d" % n)

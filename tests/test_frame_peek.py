@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from client.protocol import (
+from pybroker.protocol import (
     HEADER_SIZE,
     Deliver,
     DeliverHead,

@@ -53,11 +53,11 @@ import attrs
 import pytest
 import trio
 
-import client
-from broker.auth import hash_password, verify_password
-from broker.server import Server
-from broker.testing import running_broker
-from client.protocol import (
+import pybroker as client
+from pybroker.server.auth import hash_password, verify_password
+from pybroker.server.server import Server
+from pybroker.server.testing import running_broker
+from pybroker.protocol import (
     UNLIMITED_CREDIT,
     Ack,
     AckKind,

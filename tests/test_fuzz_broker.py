@@ -10,7 +10,7 @@ A raw consumer-group member settles what it gets at random meanwhile, so
 malformed stored batches go through the groups' split, redelivery and
 dead-letter paths too.
 
-After every round a well-behaved client (``client.connect``) must still
+After every round a well-behaved client (``pybroker.connect``) must still
 publish, subscribe and receive; at the end every message it had
 acknowledged is replayed from the earliest offset, payload for payload.
 The broker must never answer INTERNAL_ERROR, never send a frame that the
@@ -31,11 +31,11 @@ from typing import Any
 import attrs
 import trio
 
-import client
-from broker.config import Limits
-from broker.server import Server
-from broker.testing import running_broker
-from client.protocol import (
+import pybroker
+from pybroker.server.config import Limits
+from pybroker.server.server import Server
+from pybroker.server.testing import running_broker
+from pybroker.protocol import (
     Ack,
     AckKind,
     Error,
@@ -275,7 +275,7 @@ async def test_group_survives_batch_whose_records_do_not_tile(tmp_path: Path) ->
                 options = {"group": "g", "max_ack_pending": "1", "ack_wait_ms": "30"}
                 await member.send(member.conn.send(Subscribe(1, "bad.>", StartKind.EARLIEST, options=options)))
                 assert await member.next_event() == SubAck(1)
-                async with client.connect(server.url, connect_timeout=TIMEOUT) as c:
+                async with pybroker.connect(server.url, connect_timeout=TIMEOUT) as c:
                     async with raw_client(server, timeout=TIMEOUT, reset_is_eof=True) as pub:
                         await pub.send(pub.conn.send(Hello("pub")))
                         assert isinstance(await pub.next_event(), Welcome)
@@ -303,7 +303,7 @@ async def test_dead_letter_of_message_with_malformed_headers(tmp_path: Path) -> 
     records = struct.pack(">IH", 2, 3) + b"\x00\x05x" + b"hi"
     with broker_log():
         async with running_broker(**broker_config(tmp_path)) as server:
-            async with client.connect(server.url, connect_timeout=TIMEOUT) as c:
+            async with pybroker.connect(server.url, connect_timeout=TIMEOUT) as c:
                 async with raw_client(server, timeout=TIMEOUT, reset_is_eof=True) as member:
                     await member.send(member.conn.send(Hello("member")))
                     assert isinstance(await member.next_event(), Welcome)
@@ -330,7 +330,7 @@ async def test_dead_letter_of_message_with_maximal_headers(tmp_path: Path) -> No
     headers = {"big": "x" * (65535 - 2 - 3 - 2)}
     with broker_log():
         async with running_broker(**broker_config(tmp_path)) as server:
-            async with client.connect(server.url, connect_timeout=TIMEOUT) as c:
+            async with pybroker.connect(server.url, connect_timeout=TIMEOUT) as c:
                 async with c.subscribe("big.>", group="g", ack_wait=0.02, max_deliver=1, auto_ack=False) as sub:
                     await c.publish("big.t", b"payload", headers=headers)
                     with trio.fail_after(TIMEOUT):
@@ -378,7 +378,7 @@ async def test_fuzz_broker_over_loopback(tmp_path: Path) -> None:
     with broker_log() as logs:
         async with running_broker(**broker_config(tmp_path)) as server:
             with trio.fail_after(RUN_TIMEOUT):
-                async with client.connect(server.url, name="healthy", connect_timeout=TIMEOUT) as c:
+                async with pybroker.connect(server.url, name="healthy", connect_timeout=TIMEOUT) as c:
                     healthy = Healthy(c)
                     await healthy.check()
                     stop = trio.Event()

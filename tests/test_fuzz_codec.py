@@ -43,7 +43,7 @@ from hypothesis import HealthCheck, event as note_event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from client.protocol import (
+from pybroker.protocol import (
     CLOSED,
     EVENT_TYPES,
     NEED_DATA,

@@ -7,18 +7,18 @@ from pathlib import Path
 import pytest
 import trio
 
-import client
-from broker.server import Server
-from client.protocol import AckKind, ErrorCode
+import pybroker
+from pybroker.server.server import Server
+from pybroker.protocol import AckKind, ErrorCode
 
 from helpers.inproc import wait_until
 from helpers.procs import run
 
 
 async def test_list_inspect_delete(pybroker_server: Server) -> None:
-    async with client.connect(pybroker_server.url) as c, client.connect(pybroker_server.url) as w:
+    async with pybroker.connect(pybroker_server.url) as c, pybroker.connect(pybroker_server.url) as w:
         assert await c.groups() == {"groups": []}
-        held: list[client.Message] = []
+        held: list[pybroker.Message] = []
         async with w.subscribe(
             "jobs.*", group="workers", max_ack_pending=3, ack_wait=60, auto_ack=False
         ) as sub:
@@ -47,7 +47,7 @@ async def test_list_inspect_delete(pybroker_server: Server) -> None:
             assert info["config"]["ack_wait_ms"] == 60000
             assert info["config"]["dead_letter"] == "dlq.workers"
             # A group with members is not deleted.
-            with pytest.raises(client.BrokerError) as refused:
+            with pytest.raises(pybroker.BrokerError) as refused:
                 await c.groups("delete", "workers")
             assert refused.value.code == ErrorCode.BAD_REQUEST
         # The member left: its messages wait, the group keeps its position.
@@ -55,7 +55,7 @@ async def test_list_inspect_delete(pybroker_server: Server) -> None:
         assert info["members"] == 0 and info["pending"] == 3
         assert await c.groups("delete", "workers") == {"deleted": "workers"}
         assert await c.groups() == {"groups": []}
-        with pytest.raises(client.BrokerError) as unknown:
+        with pytest.raises(pybroker.BrokerError) as unknown:
             await c.groups("inspect", "workers")
         assert unknown.value.code == ErrorCode.UNKNOWN_GROUP
         with pytest.raises(ValueError):
@@ -68,7 +68,7 @@ async def test_list_inspect_delete(pybroker_server: Server) -> None:
 
 
 async def test_pybroker_groups_cli(pybroker_server: Server, tmp_path: Path) -> None:
-    async with client.connect(pybroker_server.url) as c:
+    async with pybroker.connect(pybroker_server.url) as c:
         await c.subscribe("cli.q", lambda m: None, group="cli-group")
         await c.publish("cli.q", b"x")
         await wait_until(lambda: pybroker_server.broker.groups.groups["cli-group"].acked == 1)
@@ -90,9 +90,9 @@ async def test_pybroker_groups_cli(pybroker_server: Server, tmp_path: Path) -> N
 async def test_acks_right_before_leaving_are_not_lost(pybroker_server: Server) -> None:
     """Acks queued just before UNSUBSCRIBE and GOODBYE reach the broker
     first; otherwise the member leaves first and they come back."""
-    async with client.connect(pybroker_server.url) as pub:
+    async with pybroker.connect(pybroker_server.url) as pub:
         await pub.publish_many("acked.q", [b"%d" % i for i in range(5)])
-    async with client.connect(pybroker_server.url) as w:
+    async with pybroker.connect(pybroker_server.url) as w:
         async with w.subscribe("acked.q", group="g", start="earliest", auto_ack=False) as sub:
             seen = 0
             with trio.fail_after(10):
@@ -105,6 +105,6 @@ async def test_acks_right_before_leaving_are_not_lost(pybroker_server: Server) -
                         msg._settle(AckKind.ACK)
                         break
                     await msg.ack()
-    async with client.connect(pybroker_server.url) as c:
+    async with pybroker.connect(pybroker_server.url) as c:
         info = await c.groups("inspect", "g")
     assert (info["acked"], info["pending"], info["redelivered"]) == (5, 0, 0)

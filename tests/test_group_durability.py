@@ -8,8 +8,8 @@ from typing import Any
 
 import trio
 
-import client
-from broker.testing import running_broker
+import pybroker as client
+from pybroker.server.testing import running_broker
 
 from helpers.inproc import wait_until
 from helpers.procs import broker_process

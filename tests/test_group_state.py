@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.groups import GroupConfig, GroupManager
-from broker.storage.groupstate import (
+from pybroker.server.groups import GroupConfig, GroupManager
+from pybroker.server.storage.groupstate import (
     SavedGroup,
     SavedPending,
     SavedTopic,
@@ -35,9 +35,9 @@ from broker.storage.groupstate import (
     read_state_dir,
     replay,
 )
-from broker.storage import FileStore, MemoryTopicLog
-from broker.router import Router, Subscription
-from client.protocol import AckKind, StartKind, decode_batch, encode_batch
+from pybroker.server.storage import FileStore, MemoryTopicLog
+from pybroker.server.router import Router, Subscription
+from pybroker.protocol import AckKind, StartKind, decode_batch, encode_batch
 
 from helpers.fakes import Delivery, FakeSession, GroupEvents
 from helpers.faults import FaultyOps

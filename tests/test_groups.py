@@ -32,16 +32,16 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
-import broker.groups.group as groups_module
-import client
-from broker.groups import Group, GroupConfig, GroupManager, Member, group_name_error
-from broker.storage import MemoryStore, MemoryTopicLog
-from broker.router import Router, Subscription
-from broker.server import Server
-from broker.testing import running_broker
-from client import BrokerError, Client, Message
-from client.connection import _ranges
-from client.protocol import (
+import pybroker.server.groups.group as groups_module
+import pybroker as client
+from pybroker.server.groups import Group, GroupConfig, GroupManager, Member, group_name_error
+from pybroker.server.storage import MemoryStore, MemoryTopicLog
+from pybroker.server.router import Router, Subscription
+from pybroker.server.server import Server
+from pybroker.server.testing import running_broker
+from pybroker import BrokerError, Client, Message
+from pybroker.connection import _ranges
+from pybroker.protocol import (
     Ack,
     AckKind,
     Deliver,

@@ -16,12 +16,12 @@ from typing import Any
 
 import trio
 
-import client
-from broker.cli import build_parser
-from broker.cli.serve import config_from
-from broker.config import Limits
-from broker.testing import running_broker
-from client.protocol import (
+import pybroker
+from pybroker.server.cli import build_parser
+from pybroker.server.cli.serve import config_from
+from pybroker.server.config import Limits
+from pybroker.server.testing import running_broker
+from pybroker.protocol import (
     NEED_DATA,
     Connection,
     Credit,
@@ -108,7 +108,7 @@ async def test_request_id_zero_gets_no_puback_but_its_refusal_keeps_its_place(tm
 async def test_topic_listing_longer_than_a_frame_comes_page_by_page(tmp_path: Path) -> None:
     names = sorted(f"page.{'t' * 40}.{i:04d}" for i in range(300))
     async with running_broker(data_dir=tmp_path, limits=Limits(max_frame_bytes=SMALL_FRAME)) as server:
-        async with client.connect(server.url) as c:
+        async with pybroker.connect(server.url) as c:
             for i in range(0, len(names), 50):
                 for name in names[i : i + 50]:
                     await c.publish(name, b".")
@@ -137,7 +137,7 @@ async def test_topic_listing_longer_than_a_frame_comes_page_by_page(tmp_path: Pa
 async def test_group_listing_longer_than_a_frame_comes_page_by_page(tmp_path: Path) -> None:
     names = sorted(f"workers-{'g' * 30}-{i:03d}" for i in range(120))
     async with running_broker(data_dir=tmp_path, limits=Limits(max_frame_bytes=SMALL_FRAME)) as server:
-        async with client.connect(server.url) as c:
+        async with pybroker.connect(server.url) as c:
             subs = [await c.subscribe("jobs.>", group=n) for n in names]
             listing = await c.groups("list")
             assert sorted(g["group"] for g in listing["groups"]) == names
@@ -182,14 +182,14 @@ async def test_client_refuses_a_batch_whose_crc_does_not_match() -> None:
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, lying_broker, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
-        got: list[client.Message] = []
+        got: list[pybroker.Message] = []
         try:
-            async with client.connect(f"pybroker://127.0.0.1:{port}") as c:
+            async with pybroker.connect(f"pybroker://127.0.0.1:{port}") as c:
                 sub = await c.subscribe("crc.>")
                 with trio.fail_after(TIMEOUT):
                     async for m in sub:
                         got.append(m)
-        except client.ConnectionClosed as exc:
+        except pybroker.ConnectionClosed as exc:
             assert "CRC" in str(exc)
         with trio.fail_after(TIMEOUT):
             await done.wait()
@@ -207,7 +207,7 @@ async def test_memory_store_retention_follows_the_flag() -> None:
     assert config.memory_retention_bytes == 20000
     assert config_from(build_parser().parse_args(["serve", "--storage", "memory"])).memory_retention_bytes == 64 << 20
     async with running_broker(storage="memory", memory_retention_bytes=config.memory_retention_bytes) as server:
-        async with client.connect(server.url) as c, raw_client(server, handshake="guarantees") as w:
+        async with pybroker.connect(server.url) as c, raw_client(server, handshake="guarantees") as w:
             # A window of one message: it takes offset 0 and then waits.
             await send(w, Subscribe(1, "mem.t", StartKind.NEW, 0, 1))
             assert isinstance(await w.next_event(), SubAck)
@@ -232,7 +232,7 @@ async def test_a_closed_connections_subscription_never_reaches_a_new_one() -> No
     that reuses the same sub_id for another topic gets only its own topic,
     from where it asked, with nothing left over from the old one."""
     async with running_broker(storage="memory", memory_retention_bytes=50_000) as server:
-        async with client.connect(server.url) as pub:
+        async with pybroker.connect(server.url) as pub:
             for round_ in range(3):
                 async with raw_client(server, handshake="guarantees") as old:
                     # A window of one message: it lags at once and reads from the log.

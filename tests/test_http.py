@@ -23,10 +23,10 @@ import attrs
 import pytest
 import trio
 
-import client
-from broker.config import Config, HttpSettings
-from broker.server import Server
-from broker.testing import running_broker
+import pybroker as client
+from pybroker.server.config import Config, HttpSettings
+from pybroker.server.server import Server
+from pybroker.server.testing import running_broker
 
 from helpers.http import JSON_HEADERS, Reply, assert_error, get_json, in_thread, post_json, request
 from helpers.procs import find_event, run, spawn

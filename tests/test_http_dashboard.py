@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import trio
 
-import client
-from broker.testing import running_broker
+import pybroker as client
+from pybroker.server.testing import running_broker
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

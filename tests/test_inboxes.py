@@ -25,14 +25,14 @@ import structlog
 import trio
 import trio.testing
 
-import client
-import client.connection as client_connection
-from broker.inboxes import RETAIN_BYTES, Inboxes
-from broker.storage import FileStore, MemoryTopicLog
-from broker.router import Topic
-from broker.server import Server
-from broker.testing import running_broker
-from client.protocol import Durability, ErrorCode, encode_batch
+import pybroker as client
+import pybroker.connection as client_connection
+from pybroker.server.inboxes import RETAIN_BYTES, Inboxes
+from pybroker.server.storage import FileStore, MemoryTopicLog
+from pybroker.server.router import Topic
+from pybroker.server.server import Server
+from pybroker.server.testing import running_broker
+from pybroker.protocol import Durability, ErrorCode, encode_batch
 
 from helpers.auth import user_entry, write_users
 from helpers.http import basic, http_request

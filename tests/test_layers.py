@@ -18,12 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Lowest first. A module's layer is that of its longest matching prefix.
 LAYERS: dict[str, int] = {
-    "client.protocol": 0,
+    "pybroker.protocol": 0,
     "broker": 1,  # the package itself: its version
     "broker.logs": 1,
     "broker.stats": 1,
     "broker.closing": 1,
-    "broker.storage": 2,
+    "pybroker.server.storage": 2,
     "broker.config": 3,
     "broker.permissions": 3,
     "broker.auth": 3,
@@ -31,22 +31,22 @@ LAYERS: dict[str, int] = {
     "broker.start": 3,
     "broker.subscriber": 3,
     "broker.inboxes": 3,
-    "broker.router": 3,
+    "pybroker.server.router": 3,
     "broker.committer": 3,
-    "broker.groups": 3,
+    "pybroker.server.groups": 3,
     "broker.framebudget": 3,
     "broker.tls": 3,
-    "broker.core": 4,
-    "broker.session": 5,
-    "broker.http": 5,
-    "broker.server": 6,
-    "broker.testing": 6,
-    "broker.pytest_plugin": 6,
+    "pybroker.server.core": 4,
+    "pybroker.server.session": 5,
+    "pybroker.server.http": 5,
+    "pybroker.server.server": 6,
+    "pybroker.server.testing": 6,
+    "pybroker.server.pytest_plugin": 6,
     "client": 6,  # the client library (above the codec)
-    "broker.cli": 7,
-    "broker.bench": 7,
+    "pybroker.server.cli": 7,
+    "pybroker.server.bench": 7,
 }
-TRANSPORTS = ("broker.session", "broker.http")
+TRANSPORTS = ("pybroker.server.session", "pybroker.server.http")
 
 
 def modules() -> dict[str, Path]:
@@ -120,11 +120,11 @@ def test_no_import_goes_up(name: str) -> None:
 
 def test_the_check_sees_imports() -> None:
     """The reader finds what is there (so the test above can fail)."""
-    assert "broker.core" in load_time_imports("broker.server", KNOWN["broker.server"], KNOWN)
-    assert "broker.router" in load_time_imports("broker.core", KNOWN["broker.core"], KNOWN)
+    assert "pybroker.server.core" in load_time_imports("pybroker.server.server", KNOWN["pybroker.server.server"], KNOWN)
+    assert "pybroker.server.router" in load_time_imports("pybroker.server.core", KNOWN["pybroker.server.core"], KNOWN)
     # session/__init__ re-exports from its module: a relative import.
-    assert "broker.session.session" in load_time_imports("broker.session", KNOWN["broker.session"], KNOWN)
+    assert "pybroker.server.session.session" in load_time_imports("pybroker.server.session", KNOWN["pybroker.server.session"], KNOWN)
     # The router names its groups for annotations only.
     assert not any(
-        t.startswith("broker.groups") for t in load_time_imports("broker.router", KNOWN["broker.router"], KNOWN)
+        t.startswith("pybroker.server.groups") for t in load_time_imports("pybroker.server.router", KNOWN["pybroker.server.router"], KNOWN)
     )

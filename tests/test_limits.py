@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import trio
 
-import client
-from broker.config import Limits
-from broker.http.metrics import render
-from broker.storage import FileStore
-from broker.storage.settings import SettingsResolver, TopicSettings
-from broker.server import Server
-from broker.session import Session
-from broker.testing import running_broker
-from client.protocol import (
+import pybroker
+from pybroker.server.config import Limits
+from pybroker.server.http.metrics import render
+from pybroker.server.storage import FileStore
+from pybroker.server.storage.settings import SettingsResolver, TopicSettings
+from pybroker.server.server import Server
+from pybroker.server.session import Session
+from pybroker.server.testing import running_broker
+from pybroker.protocol import (
     Error,
     ErrorCode,
     FrameType,
@@ -89,16 +89,16 @@ async def test_max_payload_bytes_refused_by_the_client_before_sending() -> None:
     headers_block = 2 + 1 + 2 + 1
     largest = limit - PUBLISH_OVERHEAD - len(topic) - headers_block
     async with running_broker(limits=Limits(max_frame_bytes=limit)) as server:
-        async with client.connect(server.url) as c:
+        async with pybroker.connect(server.url) as c:
             ack = await c.publish(topic, b"x" * largest, headers)
             assert ack.offset == 0
-            with pytest.raises(client.MessageTooLarge) as info:
+            with pytest.raises(pybroker.MessageTooLarge) as info:
                 await c.publish(topic, b"x" * (largest + 1), headers)
             message = str(info.value)
             assert f"{largest + 1} payload bytes" in message and f"room for {largest}" in message
-            with pytest.raises(client.MessageTooLarge):
+            with pytest.raises(pybroker.MessageTooLarge):
                 c.publish_nowait(topic, b"x" * limit)
-            with pytest.raises(client.MessageTooLarge):
+            with pytest.raises(pybroker.MessageTooLarge):
                 await c.request("payload.request", b"x" * limit, timeout=TIMEOUT)
             # Nothing was sent: the connection is fine, the log holds one message.
             await c.ping()
@@ -155,7 +155,7 @@ async def test_max_topic_depth() -> None:
             expect_request_error(refused, ErrorCode.BAD_PATTERN, 2, RefKind.SUBSCRIPTION)
             await check_raw_healthy(raw, "depth.after")
         # The client library checks the announced depth before sending.
-        async with client.connect(server.url) as c:
+        async with pybroker.connect(server.url) as c:
             with pytest.raises(ValueError):
                 await c.publish("a.b.c.d", b"no")
             await c.ping()
@@ -184,7 +184,7 @@ async def test_max_subscriptions() -> None:
 
 async def test_max_connections() -> None:
     async with running_broker(max_connections=3) as server:
-        async with client.connect(server.url) as c1, client.connect(server.url) as c2:
+        async with pybroker.connect(server.url) as c1, pybroker.connect(server.url) as c2:
             async with raw_client(server) as third:
                 await third.handshake()
                 await wait_sessions(server, 3)
@@ -192,8 +192,8 @@ async def test_max_connections() -> None:
                 async with raw_client(server) as refused:
                     await expect_fatal(refused, ErrorCode.TOO_MANY_CONNECTIONS)
                 # The client library reports it as the broker's refusal.
-                with pytest.raises(client.BrokerError) as info:
-                    async with client.connect(server.url, connect_timeout=TIMEOUT):
+                with pytest.raises(pybroker.BrokerError) as info:
+                    async with pybroker.connect(server.url, connect_timeout=TIMEOUT):
                         raise AssertionError("connected beyond max_connections")
                 assert info.value.code == ErrorCode.TOO_MANY_CONNECTIONS
                 assert server.connections_refused == 2
@@ -288,7 +288,7 @@ async def test_idle_timeout_spares_clients_that_answer() -> None:
             await check_raw_healthy(raw, "idle.raw")
         # The client library answers PINGs by itself, however idle the
         # application is.
-        async with client.connect(server.url) as c:
+        async with pybroker.connect(server.url) as c:
             async with c.subscribe("idle.>") as sub:
                 await trio.sleep(idle * 5)
                 assert not c.closed
@@ -323,7 +323,7 @@ def stuck_disk(monkeypatch: pytest.MonkeyPatch) -> trio.Event:
     gate = trio.Event()
     real_sync = FileStore.sync
 
-    async def gated_sync(self: FileStore) -> client.Durability:
+    async def gated_sync(self: FileStore) -> pybroker.Durability:
         await gate.wait()
         return await real_sync(self)
 
@@ -361,7 +361,7 @@ async def test_max_inflight_publishes(tmp_path: Path, stuck_disk: trio.Event) ->
             assert log().next_offset == limit
             assert session.acks.unacked == limit
             # Other connections are not held up.
-            async with client.connect(server.url) as other:
+            async with pybroker.connect(server.url) as other:
                 ack = await other.publish("fast.t", b"not waiting")
                 assert ack.offset == 0
             # The disk comes back: every PUBLISH is read, stored, answered in order.
@@ -381,7 +381,7 @@ async def test_max_inflight_publishes_is_the_client_window(
     limit = 2
     topics = [f"slow.t{i}" for i in range(30)]
     async with durable_broker(tmp_path, limit) as server:
-        async with client.connect(server.url, max_inflight_batches=8) as c:
+        async with pybroker.connect(server.url, max_inflight_batches=8) as c:
             assert c._max_inflight_batches == limit
             pending = [c.publish_nowait(t, b"m") for t in topics]
             await wait_until(lambda: len(c._inflight) == limit)
@@ -400,7 +400,7 @@ async def test_concurrent_senders_share_the_pending_window() -> None:
     """Regression: with the pipeline full, a second task waiting in send()
     replaced the first one's wake-up event, and the first waited forever."""
     async with running_broker() as server:
-        async with client.connect(server.url, max_pending=1) as c:
+        async with pybroker.connect(server.url, max_pending=1) as c:
             done: list[int] = []
 
             async def sender(i: int) -> None:
@@ -421,7 +421,7 @@ async def test_concurrent_senders_share_the_pending_window() -> None:
 
 
 def test_serve_flags_set_every_limit() -> None:
-    from broker.cli import build_parser
+    from pybroker.server.cli import build_parser
 
     args = build_parser().parse_args(
         [
@@ -448,7 +448,7 @@ def test_serve_flags_set_every_limit() -> None:
 
 
 def test_limits_below_one_are_refused() -> None:
-    from broker.config import Config
+    from pybroker.server.config import Config
 
     for bad in (
         {"max_inflight_publishes": 0},
@@ -468,13 +468,13 @@ async def test_serve_flags_reach_the_broker(tmp_path: Path) -> None:
     async with serve(
         tmp_path, "--max-frame-bytes", "65536", "--max-inflight-publishes", "6", "--max-subscriptions", "5"
     ) as broker:
-        async with client.connect(broker.url) as c:
+        async with pybroker.connect(broker.url) as c:
             assert c.server is not None
             limits = c.server.limits
             assert limits["max_frame_bytes"] == 65536
             assert limits["max_inflight_publishes"] == 6
             assert limits["max_subscriptions"] == 5
-            with pytest.raises(client.MessageTooLarge):
+            with pytest.raises(pybroker.MessageTooLarge):
                 await c.publish("cli.t", b"x" * 65536)
 
 
@@ -483,7 +483,7 @@ async def test_serve_flags_reach_the_broker(tmp_path: Path) -> None:
 
 async def test_client_keepalive_notices_a_silent_broker() -> None:
     """A 'broker' that says WELCOME and then nothing, ever (a dead host)."""
-    from client.protocol import NEED_DATA, Connection, Hello, Role, Welcome
+    from pybroker.protocol import NEED_DATA, Connection, Hello, Role, Welcome
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
@@ -505,8 +505,8 @@ async def test_client_keepalive_notices_a_silent_broker() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(silent_broker)
         with trio.fail_after(TIMEOUT):
-            async with client.connect(f"pybroker://127.0.0.1:{port}", keepalive=0.2) as c:
-                with pytest.raises(client.ConnectionClosed, match="no answer from the broker"):
+            async with pybroker.connect(f"pybroker://127.0.0.1:{port}", keepalive=0.2) as c:
+                with pytest.raises(pybroker.ConnectionClosed, match="no answer from the broker"):
                     await c.ping()
                 assert c.closed
         nursery.cancel_scope.cancel()
@@ -516,11 +516,11 @@ async def test_client_keepalive_notices_a_silent_broker() -> None:
 
 async def test_client_keepalive_keeps_a_live_connection() -> None:
     async with running_broker(idle_timeout=0) as server:
-        async with client.connect(server.url, keepalive=0.4) as c:
+        async with pybroker.connect(server.url, keepalive=0.4) as c:
             await trio.sleep(2.0)  # five keepalive periods of application silence
             assert not c.closed
             ack = await c.publish("keepalive.t", b"fine")
             assert ack.offset == 0
     with pytest.raises(ValueError):
-        async with client.connect(server.url, keepalive=0):
+        async with pybroker.connect(server.url, keepalive=0):
             pass

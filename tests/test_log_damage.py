@@ -27,9 +27,9 @@ from urllib.parse import quote
 import pytest
 import trio
 
-import client
-from broker.storage.base import StoredBatch
-from client.protocol import (
+import pybroker
+from pybroker.server.storage.base import StoredBatch
+from pybroker.protocol import (
     ERROR_FIELDS_OPTION,
     Deliver,
     Error,
@@ -253,7 +253,7 @@ async def test_broker_serves_around_damage_and_stays_responsive(tmp_path: Path, 
     async with broker_process(data_dir, tmp_path, "--segment-bytes", "2048", "--http-port", "0") as broker:
         url = await broker.start()
         with trio.fail_after(TIMEOUT):
-            async with client.connect(url) as c:
+            async with pybroker.connect(url) as c:
                 for i in range(N):
                     await c.publish(TOPIC, b"entry-%03d-" % i + b"z" * 30)
         if not kind.startswith("runtime"):
@@ -284,7 +284,7 @@ async def test_broker_serves_around_damage_and_stays_responsive(tmp_path: Path, 
         ]
         # The client library counts it; HTTP lists it.
         with trio.fail_after(TIMEOUT):
-            async with client.connect(url) as c, c.subscribe(TOPIC, start="earliest") as sub:
+            async with pybroker.connect(url) as c, c.subscribe(TOPIC, start="earliest") as sub:
                 got = []
                 async for msg in sub:
                     got.append(msg.offset)

@@ -23,11 +23,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.storage.base import StoredBatch
-from broker.storage.file import FileStore, FileTopicLog
-from broker.storage.segment import HEADER, HEADER_SIZE, INDEX_ENTRY, INDEX_INTERVAL, TIME_ENTRY, Segment, header_crc
-from broker.storage.settings import SettingsResolver, TopicSettings
-from client.protocol import Durability, encode_batch
+from pybroker.server.storage.base import StoredBatch
+from pybroker.server.storage.file import FileStore, FileTopicLog
+from pybroker.server.storage.segment import HEADER, HEADER_SIZE, INDEX_ENTRY, INDEX_INTERVAL, TIME_ENTRY, Segment, header_crc
+from pybroker.server.storage.settings import SettingsResolver, TopicSettings
+from pybroker.protocol import Durability, encode_batch
 
 from helpers.logs import batches_in, flip_byte, open_store, walk
 

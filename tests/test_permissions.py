@@ -19,11 +19,11 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-import client
-from broker.permissions import DECISION_CACHE_LIMIT, DecisionCache, Permissions, covers, overlaps
-from broker.server import Server
-from broker.testing import running_broker
-from client.protocol import ErrorCode, matches
+import pybroker as client
+from pybroker.server.permissions import DECISION_CACHE_LIMIT, DecisionCache, Permissions, covers, overlaps
+from pybroker.server.server import Server
+from pybroker.server.testing import running_broker
+from pybroker.protocol import ErrorCode, matches
 
 from helpers.auth import user_entry, write_users
 

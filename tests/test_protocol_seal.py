@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import client.protocol as protocol
+import pybroker.protocol as protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "client" / "protocol"
@@ -41,7 +41,7 @@ def _imported_modules(path: Path, package: str) -> list[tuple[int, str]]:
                 name = node.module or ""
             out.append((node.lineno, name))
             # ``from client.protocol import _wire`` reaches in just the same.
-            if name == "client.protocol":
+            if name == "pybroker.protocol":
                 out.extend((node.lineno, f"{name}.{a.name}") for a in node.names if a.name.startswith("_"))
     return out
 
@@ -58,12 +58,12 @@ def test_scanner_sees_relative_and_absolute_imports(tmp_path: Path) -> None:
     )
     names = [name for _, name in _imported_modules(fake, "client")]
     assert names == [
-        "client.protocol._wire",
-        "client.protocol",
-        "client.protocol._readers",
-        "client.protocol._state",
-        "client.protocol",
-        "client.protocol._batch",
+        "pybroker.protocol._wire",
+        "pybroker.protocol",
+        "pybroker.protocol._readers",
+        "pybroker.protocol._state",
+        "pybroker.protocol",
+        "pybroker.protocol._batch",
     ]
 
 
@@ -72,7 +72,7 @@ def test_nothing_outside_the_package_imports_its_modules() -> None:
         f"{path.relative_to(ROOT)}:{line}: {name}"
         for path in _python_files()
         for line, name in _imported_modules(path, _package_of(path))
-        if name.startswith("client.protocol.")
+        if name.startswith("pybroker.protocol.")
     ]
     assert leaks == []
 

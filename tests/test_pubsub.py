@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import trio
 
-import client
-from broker.config import Limits
-from broker.server import Server
-from broker.testing import running_broker
-from client import (
+import pybroker
+from pybroker.server.config import Limits
+from pybroker.server.server import Server
+from pybroker.server.testing import running_broker
+from pybroker import (
     BrokerError,
     Client,
     ConnectionClosed,
@@ -102,7 +102,7 @@ def datetime_to_us(when: dt.datetime) -> int:
 async def connections(url: str, n: int) -> AsyncIterator[list[Client]]:
     async with AsyncExitStack() as stack:
         clients = [
-            await stack.enter_async_context(client.connect(url, name=f"sub-{i}"))
+            await stack.enter_async_context(pybroker.connect(url, name=f"sub-{i}"))
             for i in range(n)
         ]
         yield clients
@@ -155,7 +155,7 @@ async def test_subscriber_receives_payload_headers_topic_offset_timestamp(
     pybroker_server: Server,
 ) -> None:
     url = pybroker_server.url
-    async with client.connect(url) as sub_c, client.connect(url) as pub_c:
+    async with pybroker.connect(url) as sub_c, pybroker.connect(url) as pub_c:
         async with sub_c.subscribe("fields.>") as sub:
             before = time.time()
             sent: dict[tuple[str, int], tuple[bytes, dict[str, str], PublishAck]] = {}
@@ -188,7 +188,7 @@ async def test_subscriber_receives_payload_headers_topic_offset_timestamp(
 async def test_sync_and_async_callbacks(pybroker_server: Server) -> None:
     url = pybroker_server.url
     sync_got, async_got = Collector(), Collector()
-    async with client.connect(url) as sub_c, client.connect(url) as pub_c:
+    async with pybroker.connect(url) as sub_c, pybroker.connect(url) as pub_c:
         with trio.fail_after(TIMEOUT):
             sync_sub = await sub_c.subscribe("cb.topic", sync_got.sync_callback)
             async_sub = await sub_c.subscribe("cb.*", async_got.async_callback)
@@ -228,7 +228,7 @@ async def test_async_with_subscribe_and_async_for(pybroker_client: Client) -> No
 async def test_unsubscribe_stops_delivery(pybroker_server: Server) -> None:
     url = pybroker_server.url
     cb_got = Collector()
-    async with client.connect(url) as sub_c, client.connect(url) as pub_c:
+    async with pybroker.connect(url) as sub_c, pybroker.connect(url) as pub_c:
         with trio.fail_after(TIMEOUT):
             iter_sub = await sub_c.subscribe("unsub.t")
             cb_sub = await sub_c.subscribe("unsub.t", cb_got.sync_callback)
@@ -285,7 +285,7 @@ WILDCARD_EXPECTED: dict[str, set[str]] = {
 
 async def test_wildcards_match_topics_created_later(pybroker_server: Server) -> None:
     url = pybroker_server.url
-    async with client.connect(url) as sub_c, client.connect(url) as pub_c:
+    async with pybroker.connect(url) as sub_c, pybroker.connect(url) as pub_c:
         # Fresh broker: no topic exists when these subscriptions are made.
         subs: dict[str, Subscription] = {}
         with trio.fail_after(TIMEOUT):
@@ -333,7 +333,7 @@ async def test_fan_out_ten_subscribers(pybroker_server: Server) -> None:
     callback_patterns = ["fan.>", "fan.*", ">", "fan.>"]
     expected: dict[str, dict[int, bytes]] = defaultdict(dict)
 
-    async with connections(url, 10) as subscribers, client.connect(url) as pub_c:
+    async with connections(url, 10) as subscribers, pybroker.connect(url) as pub_c:
         iter_subs: list[Subscription] = []
         collectors: list[Collector] = []
         cb_subs: list[Subscription] = []
@@ -399,8 +399,8 @@ async def test_per_topic_order_with_concurrent_publishers(pybroker_server: Serve
     total = len(modes) * len(topics) * per_task_topic
     acks: dict[tuple[int, str], list[PublishAck]] = defaultdict(list)
 
-    async with client.connect(url) as sub_c, client.connect(url) as shared, AsyncExitStack() as stack:
-        own = [await stack.enter_async_context(client.connect(url)) for _ in range(3)]
+    async with pybroker.connect(url) as sub_c, pybroker.connect(url) as shared, AsyncExitStack() as stack:
+        own = [await stack.enter_async_context(pybroker.connect(url)) for _ in range(3)]
         pub_clients = [shared, shared, shared, *own]
         sub = await sub_c.subscribe("ord.>")
         received: list[Message] = []
@@ -468,7 +468,7 @@ async def test_per_topic_order_with_concurrent_publishers(pybroker_server: Serve
 
 async def test_start_earliest_then_live(pybroker_server: Server) -> None:
     url = pybroker_server.url
-    async with client.connect(url) as c, client.connect(url) as pub_c:
+    async with pybroker.connect(url) as c, pybroker.connect(url) as pub_c:
         with trio.fail_after(TIMEOUT):
             await pub_c.publish_many("rp.e.a", [b"a%d" % i for i in range(7)])
             for i in range(3):
@@ -500,7 +500,7 @@ async def test_start_earliest_then_live(pybroker_server: Server) -> None:
 
 async def test_start_offset_inside_batch(pybroker_server: Server) -> None:
     url = pybroker_server.url
-    async with client.connect(url) as c:
+    async with pybroker.connect(url) as c:
         with trio.fail_after(TIMEOUT):
             first = await c.publish_many("rp.o", [b"a%d" % i for i in range(10)])
             second = await c.publish_many("rp.o", [b"b%d" % i for i in range(10)])
@@ -539,7 +539,7 @@ async def test_start_offset_inside_batch_with_small_window(
     messages before the start are skipped by the client, and delivery must go
     on past that batch (later batches, then live messages)."""
     url = pybroker_server.url
-    async with client.connect(url) as c, client.connect(url) as pub_c:
+    async with pybroker.connect(url) as c, pybroker.connect(url) as pub_c:
         with trio.fail_after(TIMEOUT):
             await pub_c.publish_many("rp.w", [b"%d" % i for i in range(batch)])
             for i in range(batch, batch + 20):
@@ -560,7 +560,7 @@ async def test_start_offset_ahead_of_topic_with_small_window(pybroker_server: Se
     """A start offset the topic has not reached yet: the messages before it
     are skipped (by the client) and delivery starts at the requested offset."""
     url = pybroker_server.url
-    async with client.connect(url) as c, client.connect(url) as pub_c:
+    async with pybroker.connect(url) as c, pybroker.connect(url) as pub_c:
         with trio.fail_after(TIMEOUT):
             for i in range(5):
                 await pub_c.publish("rp.f", b"%d" % i)
@@ -575,7 +575,7 @@ async def test_start_offset_ahead_of_topic_with_small_window(pybroker_server: Se
 
 async def test_start_datetime(pybroker_server: Server) -> None:
     url = pybroker_server.url
-    async with client.connect(url) as c:
+    async with pybroker.connect(url) as c:
         with trio.fail_after(TIMEOUT):
             batch_a = await c.publish_many("rp.t", [b"a0", b"a1", b"a2"])
             await wait_clock_past(batch_a[-1].timestamp_us)
@@ -617,7 +617,7 @@ async def test_start_datetime_in_the_future(pybroker_server: Server) -> None:
     """protocol.md: start 3 begins at each topic's first message whose
     timestamp is at or after start_value, so messages published before a
     future start time are not yielded."""
-    async with client.connect(pybroker_server.url) as c:
+    async with pybroker.connect(pybroker_server.url) as c:
         future = dt.datetime.now(UTC) + dt.timedelta(hours=1)
         async with c.subscribe("fut.t", start=future) as exact, c.subscribe(
             "fut.*", start=future
@@ -632,7 +632,7 @@ async def test_start_datetime_in_the_future(pybroker_server: Server) -> None:
 
 async def test_default_start_is_new(pybroker_server: Server) -> None:
     url = pybroker_server.url
-    async with client.connect(url) as c, client.connect(url) as pub_c:
+    async with pybroker.connect(url) as c, pybroker.connect(url) as pub_c:
         with trio.fail_after(TIMEOUT):
             await pub_c.publish_many("rp.n", [b"old0", b"old1", b"old2"])
         async with c.subscribe("rp.n") as exact, c.subscribe("rp.>") as wild:
@@ -684,9 +684,9 @@ async def test_slow_subscriber_does_not_hold_up_others(pybroker_server: Server) 
     n = 5000
     chunk = 50
     window = 10
-    async with client.connect(url, name="slow") as slow_c, client.connect(
+    async with pybroker.connect(url, name="slow") as slow_c, pybroker.connect(
         url, name="fast"
-    ) as fast_c, client.connect(url, name="pub") as pub_c:
+    ) as fast_c, pybroker.connect(url, name="pub") as pub_c:
         slow = await slow_c.subscribe("fc.t", window=window)
         same_conn_fast = await slow_c.subscribe("fc.t")
         fast = await fast_c.subscribe("fc.*")
@@ -734,7 +734,7 @@ async def test_tiny_outbound_queue_still_delivers_everything_in_order(
     store: dict[str, Any] = {"data_dir": tmp_path / "data"} if storage == "file" else {}
     async with running_broker(outbound_queue_bytes=4096, **store) as server:
         url = server.url
-        async with connections(url, 3) as subscribers, client.connect(url) as pub_c:
+        async with connections(url, 3) as subscribers, pybroker.connect(url) as pub_c:
             subs = [await c.subscribe("oq.>") for c in subscribers]
             subs.append(await subscribers[0].subscribe("oq.b", window=16))
             subs.append(await pub_c.subscribe("oq.*"))  # on the publisher's connection
@@ -780,7 +780,7 @@ async def test_lagging_subscriber_is_told_about_lost_messages() -> None:
     window = 10
     async with running_broker(memory_retention_bytes=2048) as server:
         url = server.url
-        async with client.connect(url) as sub_c, client.connect(url) as pub_c:
+        async with pybroker.connect(url) as sub_c, pybroker.connect(url) as pub_c:
             lagging = await sub_c.subscribe("lost.t", window=window)
             keeping_up = await sub_c.subscribe("lost.t")
             up_got: list[Message] = []
@@ -818,7 +818,7 @@ async def test_lagging_subscriber_is_told_about_lost_messages() -> None:
 
 async def test_start_offset_below_retention_starts_at_first_retained() -> None:
     async with running_broker(memory_retention_bytes=1024) as server:
-        async with client.connect(server.url) as c:
+        async with pybroker.connect(server.url) as c:
             with trio.fail_after(TIMEOUT):
                 for i in range(100):
                     await c.publish("ret.t", b"%03d" % i + b"-" * 60)
@@ -836,7 +836,7 @@ async def test_any_window_delivers_everything_in_order(pybroker_server: Server, 
     url = pybroker_server.url
     sizes = [1, 3, 17, 50, 1, 2, 120, 5]
     payloads = [b"%d" % i for i in range(sum(sizes) * 2)]
-    async with client.connect(url) as sub_c, client.connect(url) as pub_c:
+    async with pybroker.connect(url) as sub_c, pybroker.connect(url) as pub_c:
         sub = await sub_c.subscribe("win.t", window=window)
         got: list[Message] = []
 
@@ -866,7 +866,7 @@ async def test_large_messages_with_tiny_outbound_queue() -> None:
     sizes = [150_000, 1, 70_000, 300_000, 5_000, 1_000_000, 2]
     payloads = [bytes([i % 251]) * size for i, size in enumerate(sizes * 3)]
     async with running_broker(outbound_queue_bytes=4096) as server:
-        async with connections(server.url, 3) as subscribers, client.connect(server.url) as pub_c:
+        async with connections(server.url, 3) as subscribers, pybroker.connect(server.url) as pub_c:
             subs = [await c.subscribe("big.>", window=2) for c in subscribers]
             results: list[list[Message]] = [[] for _ in subs]
 
@@ -889,7 +889,7 @@ async def test_client_splits_batches_to_the_servers_limits() -> None:
     max_frame = 16 * 1024
     limits = Limits(max_batch_messages=10, max_frame_bytes=max_frame)
     async with running_broker(limits=limits) as server:
-        async with client.connect(server.url) as sub_c, client.connect(server.url) as pub_c:
+        async with pybroker.connect(server.url) as sub_c, pybroker.connect(server.url) as pub_c:
             sub = await sub_c.subscribe("split.t", start="earliest")
             small = [b"s%d" % i for i in range(95)]
             large = [bytes([i]) * 1000 for i in range(100)]
@@ -935,7 +935,7 @@ async def test_any_publishable_message_can_be_delivered(
     if server_max_frame is not None:
         overrides["limits"] = Limits(max_frame_bytes=server_max_frame)
     async with running_broker(**overrides) as server:
-        async with client.connect(server.url) as sub_c, client.connect(server.url) as pub_c:
+        async with pybroker.connect(server.url) as sub_c, pybroker.connect(server.url) as pub_c:
             assert pub_c.server is not None
             max_frame = pub_c.server.limits["max_frame_bytes"]
             n = largest_payload(max_frame, "huge.t") if size == "largest" else int(size)
@@ -956,7 +956,7 @@ async def test_publish_nowait_raises_would_block_when_pipeline_is_full(
     pybroker_server: Server,
 ) -> None:
     with trio.fail_after(TIMEOUT):
-        async with client.connect(pybroker_server.url, max_pending=10) as c:
+        async with pybroker.connect(pybroker_server.url, max_pending=10) as c:
             pendings = [c.publish_nowait("wb.t", b"%d" % i) for i in range(10)]
             with pytest.raises(trio.WouldBlock):
                 c.publish_nowait("wb.t", b"too many")
@@ -969,7 +969,7 @@ async def test_publish_nowait_raises_would_block_when_pipeline_is_full(
 
 
 async def test_start_datetime_with_pattern_per_topic(pybroker_server: Server) -> None:
-    async with client.connect(pybroker_server.url) as c:
+    async with pybroker.connect(pybroker_server.url) as c:
         with trio.fail_after(TIMEOUT):
             early = await c.publish_many("dtp.a", [b"a0", b"a1"])
             early += await c.publish_many("dtp.b", [b"b0"])
@@ -1070,7 +1070,7 @@ async def test_invalid_subscribe_arguments(pybroker_client: Client) -> None:
 async def test_server_limits_are_enforced() -> None:
     limits = Limits(max_topic_depth=3, max_subscriptions=2)
     async with running_broker(limits=limits) as server:
-        async with client.connect(server.url) as c:
+        async with pybroker.connect(server.url) as c:
             with trio.fail_after(TIMEOUT):
                 # The client checks against the limits the server announced.
                 with pytest.raises(ValueError):
@@ -1090,7 +1090,7 @@ async def test_server_limits_are_enforced() -> None:
 
 async def test_use_after_close_raises_connection_closed(pybroker_server: Server) -> None:
     with trio.fail_after(TIMEOUT):
-        async with client.connect(pybroker_server.url) as c:
+        async with pybroker.connect(pybroker_server.url) as c:
             sub = await c.subscribe("closed.t")
             await c.publish("closed.t", b"x")
         assert c.closed
@@ -1115,7 +1115,7 @@ async def test_use_after_close_raises_connection_closed(pybroker_server: Server)
 async def test_server_shutdown_fails_waiters_instead_of_hanging() -> None:
     async with running_broker(shutdown_grace=2.0) as server:
         url = server.url
-        async with client.connect(url) as sub_c, client.connect(url, max_pending=500) as pub_c:
+        async with pybroker.connect(url) as sub_c, pybroker.connect(url, max_pending=500) as pub_c:
             idle = await sub_c.subscribe("idle.>")
             busy = await sub_c.subscribe("shut.>")
             outcomes: dict[str, BaseException | None] = {}
@@ -1191,7 +1191,7 @@ async def test_close_flushes_publish_nowait(
     n = 6000
     topics = ["flush.a", "flush.b", "flush.c"]
     with trio.fail_after(TIMEOUT):
-        async with client.connect(
+        async with pybroker.connect(
             url, linger=linger, max_inflight_batches=max_inflight_batches
         ) as c:
             pendings = [
@@ -1209,7 +1209,7 @@ async def test_close_flushes_publish_nowait(
             assert offsets[topic] == list(range(n // 3))
 
         # And the broker really has them, in order.
-        async with client.connect(url) as reader:
+        async with pybroker.connect(url) as reader:
             for topic in topics:
                 async with reader.subscribe(topic, start="earliest") as sub:
                     got = await take(sub, n // 3)

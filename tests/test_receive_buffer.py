@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tracemalloc
 
-from client.protocol import (
+from pybroker.protocol import (
     HEADER_SIZE,
     NEED_DATA,
     Connection,

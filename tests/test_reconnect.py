@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import trio
 
-import client
-from broker.testing import running_broker
-from client import Message, Reconnect
-from client.protocol import (
+import pybroker as client
+from pybroker.server.testing import running_broker
+from pybroker import Message, Reconnect
+from pybroker.protocol import (
     NEED_DATA,
     Connection,
     Deliver,

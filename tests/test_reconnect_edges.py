@@ -13,12 +13,12 @@ import pytest
 import trio
 import trio.testing
 
-import client
-import client.connection as client_connection
-from broker.config import Limits
-from broker.server import Server
-from client import Message, Reconnect
-from client.protocol import PubAck, Publish, encode_record
+import pybroker
+import pybroker.connection as client_connection
+from pybroker.server.config import Limits
+from pybroker.server.server import Server
+from pybroker import Message, Reconnect
+from pybroker.protocol import PubAck, Publish, encode_record
 
 from helpers.collect import Collector
 from helpers.frames import batch_with_count
@@ -123,13 +123,13 @@ async def test_every_sender_blocked_on_max_pending_fails_when_the_client_gives_u
     async with trio.open_nursery() as nursery:
         broker = _Broker(nursery)
         await broker.start()
-        async with client.connect(broker.url, reconnect=policy, max_pending=1) as c:
+        async with pybroker.connect(broker.url, reconnect=policy, max_pending=1) as c:
             await broker.stop()
             await wait_until(lambda: not c.connected, WAIT)
             c.publish_nowait("bp.t", b"fills max_pending")
 
             async def sender(i: int) -> None:
-                with pytest.raises(client.ConnectionClosed):
+                with pytest.raises(pybroker.ConnectionClosed):
                     await c.send("bp.t", b"x")
                 failed.append(i)
 
@@ -156,7 +156,7 @@ async def test_subscribe_while_the_resume_is_being_sent_completes(gate: _Gate) -
     async with trio.open_nursery() as nursery:
         broker = _Broker(nursery)
         await broker.start()
-        async with client.connect(broker.url, reconnect=FAST) as c:
+        async with pybroker.connect(broker.url, reconnect=FAST) as c:
             await c.subscribe("old.>", Collector())
             await broker.stop()
             gate.armed = True
@@ -193,7 +193,7 @@ async def test_credit_granted_while_the_resume_is_being_sent_is_not_lost(
     async with trio.open_nursery() as nursery:
         broker = _Broker(nursery, data_dir=tmp_path / "data")
         await broker.start()
-        async with client.connect(broker.url, reconnect=FAST) as c:
+        async with pybroker.connect(broker.url, reconnect=FAST) as c:
             async with c.subscribe("cr.t", window=10) as sub:
                 await publish_all(broker.url, "cr.t", batch("first", 10))
                 await wait_until(lambda: sub.statistics().pending_messages == 10, WAIT)
@@ -234,7 +234,7 @@ async def test_unsubscribe_while_the_resume_is_being_sent_leaves_nothing_on_the_
     async with trio.open_nursery() as nursery:
         broker = _Broker(nursery)
         await broker.start()
-        async with client.connect(broker.url, reconnect=FAST) as c:
+        async with pybroker.connect(broker.url, reconnect=FAST) as c:
             sub = await c.subscribe("zombie.>")
             await broker.stop()
             gate.armed = True
@@ -270,7 +270,7 @@ async def test_new_batch_straddling_a_stale_position_is_delivered_whole() -> Non
     async with trio.open_nursery() as nursery:
         broker = _Broker(nursery)
         await broker.start()
-        async with client.connect(broker.url, reconnect=FAST) as c:
+        async with pybroker.connect(broker.url, reconnect=FAST) as c:
             await c.subscribe("mem.t", got)
             await publish_all(broker.url, "mem.t", batch("old", 5))
             await got.wait_for({"mem.t": 5}, timeout=WAIT)
@@ -302,9 +302,9 @@ async def test_wildcard_subscription_over_many_topics_resumes() -> None:
     async with trio.open_nursery() as nursery:
         broker = _Broker(nursery, limits=limits)
         await broker.start()
-        async with client.connect(broker.url, reconnect=FAST) as c:
+        async with pybroker.connect(broker.url, reconnect=FAST) as c:
             sub = await c.subscribe("many.>")
-            async with client.connect(broker.url) as pub:
+            async with pybroker.connect(broker.url) as pub:
                 for t in topics:
                     await pub.publish(t, b"x")
             await wait_until(lambda: sub.statistics().pending_messages == len(topics), WAIT)
@@ -335,7 +335,7 @@ async def test_request_timing_out_while_reconnecting_leaves_no_subscription() ->
     async with trio.open_nursery() as nursery:
         broker = _Broker(nursery)
         await broker.start()
-        async with client.connect(broker.url, reconnect=FAST) as c:
+        async with pybroker.connect(broker.url, reconnect=FAST) as c:
             await broker.stop()
             await wait_until(lambda: not c.connected, WAIT)
             for _ in range(3):
@@ -365,7 +365,7 @@ async def test_group_ack_made_while_reconnecting_is_not_redelivered(tmp_path: An
     async with trio.open_nursery() as nursery:
         broker = _Broker(nursery, data_dir=tmp_path / "data")
         await broker.start()
-        async with client.connect(broker.url, reconnect=FAST) as c:
+        async with pybroker.connect(broker.url, reconnect=FAST) as c:
             sub = await c.subscribe("jobs", group="workers", ack_wait=30)
 
             async def reader() -> None:
@@ -397,7 +397,7 @@ async def test_leaving_during_an_outage_waits_close_timeout_for_queued_publishes
     _reconnect stops at its next backoff tick and fails every queued publish
     with 'gave up reconnecting after N attempts', though the broker is back
     well within close_timeout."""
-    pendings: list[client.PendingAck] = []
+    pendings: list[pybroker.PendingAck] = []
     async with trio.open_nursery() as nursery:
         broker = _Broker(nursery)
         await broker.start()
@@ -406,7 +406,7 @@ async def test_leaving_during_an_outage_waits_close_timeout_for_queued_publishes
             await trio.sleep(0.5)
             await broker.start()
 
-        async with client.connect(broker.url, reconnect=FAST, close_timeout=5) as c:
+        async with pybroker.connect(broker.url, reconnect=FAST, close_timeout=5) as c:
             await broker.stop()
             await wait_until(lambda: not c.connected, WAIT)
             pendings = [c.publish_nowait("leave.t", p) for p in batch("q", 5)]
@@ -430,7 +430,7 @@ async def test_malformed_batch_does_not_stall_the_subscription() -> None:
     async with trio.open_nursery() as nursery:
         broker = _Broker(nursery)
         await broker.start()
-        async with client.connect(broker.url) as c:
+        async with pybroker.connect(broker.url) as c:
             async with c.subscribe("bad.t", window=10) as sub:
                 body = encode_record(b"") * 10 + b"junk"
                 async with raw_client(broker.url, handshake="raw", timeout=WAIT) as raw:
@@ -463,14 +463,14 @@ async def test_giving_up_raises_connection_closed_not_an_exception_group() -> No
         await broker.start()
         with trio.fail_after(WAIT):
             try:
-                async with client.connect(broker.url, reconnect=policy) as c:
+                async with pybroker.connect(broker.url, reconnect=policy) as c:
                     await c.subscribe("cb.a", Collector())
                     await c.subscribe("cb.b", Collector())
                     await broker.stop()
                     await trio.sleep_forever()
             except BaseException as exc:  # noqa: BLE001 - the type is the point
                 raised: BaseException = exc
-        assert isinstance(raised, client.ConnectionClosed), f"got {raised!r}"
+        assert isinstance(raised, pybroker.ConnectionClosed), f"got {raised!r}"
         nursery.cancel_scope.cancel()
 
 
@@ -485,7 +485,7 @@ async def test_messages_published_to_a_reset_topic_while_away_are_delivered() ->
     async with trio.open_nursery() as nursery:
         broker = _Broker(nursery)
         await broker.start()
-        async with client.connect(broker.url, reconnect=FAST) as c:
+        async with pybroker.connect(broker.url, reconnect=FAST) as c:
             await c.subscribe("mem.t", got)
             await publish_all(broker.url, "mem.t", batch("old", 5))
             await got.wait_for({"mem.t": 5}, timeout=WAIT)
@@ -504,7 +504,7 @@ async def test_messages_published_to_a_reset_topic_while_away_are_delivered() ->
                 await broker.start()
                 with trio.fail_after(WAIT):
                     for p in batch("away", 3):
-                        # Raw: client.connect would wait on the hold too.
+                        # Raw: pybroker.connect would wait on the hold too.
                         await publish_one_batch(broker.url, "mem.t", [p])
             finally:
                 client_connection.open_stream = real  # type: ignore[assignment]

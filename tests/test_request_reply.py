@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import trio
 
-import client
-from broker.server import Server
-from client.protocol import ErrorCode
+import pybroker as client
+from pybroker.server.server import Server
+from pybroker.protocol import ErrorCode
 
 
 async def test_request_gets_the_reply(pybroker_server: Server) -> None:

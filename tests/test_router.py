@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from broker.storage import MemoryStore, MemoryTopicLog
-from broker.router import Held, NoEvents, Router, Subscription, Topic
-from client.protocol import encode_batch
+from pybroker.server.storage import MemoryStore, MemoryTopicLog
+from pybroker.server.router import Held, NoEvents, Router, Subscription, Topic
+from pybroker.protocol import encode_batch
 
 
 class RecordingSession:

@@ -27,11 +27,11 @@ from typing import Any
 import pytest
 import trio
 
-import client
-from broker.config import Config
-from broker.storage import DataDirLocked, FileStore
-from broker.server import Server, run_broker
-from client.protocol import Durability
+import pybroker as client
+from pybroker.server.config import Config
+from pybroker.server.storage import DataDirLocked, FileStore
+from pybroker.server.server import Server, run_broker
+from pybroker.protocol import Durability
 
 from helpers.faults import FaultyOps
 from helpers.http import assert_error, get_json, post_json, request

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.protocol import (
+from pybroker.protocol import (
     DEFAULT_MAX_TOPIC_BYTES,
     DEFAULT_MAX_TOPIC_DEPTH,
     is_wildcard,

@@ -24,14 +24,14 @@ import attrs
 import pytest
 import trio
 
-import client
-from broker.config import Config
-from broker.server import Server
-from broker.testing import running_broker
-from broker import closing
-from broker.tls import TLSConfigError, server_context, wrap_server_stream
-from client import ConnectionClosed
-from client.protocol import (
+import pybroker as client
+from pybroker.server.config import Config
+from pybroker.server.server import Server
+from pybroker.server.testing import running_broker
+from pybroker.server import closing
+from pybroker.server.tls import TLSConfigError, server_context, wrap_server_stream
+from pybroker import ConnectionClosed
+from pybroker.protocol import (
     NEED_DATA,
     Connection,
     Error,
@@ -41,7 +41,7 @@ from client.protocol import (
     Role,
     Welcome,
 )
-from client.transport import client_context
+from pybroker.transport import client_context
 
 from helpers.brokerlog import broker_log
 from helpers.certs import Certs, make_certs

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from client.protocol import NEED_DATA, Connection, Role
+from pybroker.protocol import NEED_DATA, Connection, Role
 from vectors.generate import OUT, build, to_json
 
 VECTORS: dict[str, Any] = json.loads(OUT.read_text())

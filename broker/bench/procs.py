@@ -71,7 +71,7 @@ def start_broker(workdir: Path, extra: list[str], cpus: list[int] | None) -> Tar
     log_path = workdir / "broker.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "broker.cli", "serve", "--port", "0",
+            [sys.executable, "-m", "pybroker", "serve", "--port", "0",
              "--data-dir", str(workdir / "data"), "--log-format", "json", *extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=child_env(),
         )
@@ -93,7 +93,7 @@ def start_relay(workdir: Path, cpus: list[int] | None) -> Target:
     out_path = workdir / "relay.out"
     with open(log_path, "wb") as log, open(out_path, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "broker.bench.relay", "--port", "0"],
+            [sys.executable, "-m", "pybroker.server.bench.relay", "--port", "0"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=log, env=child_env(),
         )
     _pin(proc.pid, cpus)
@@ -119,7 +119,7 @@ class Worker:
         spec = dict(spec, cpus=cpus)
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "broker.bench.worker", json.dumps(spec)],
+                [sys.executable, "-m", "pybroker.server.bench.worker", json.dumps(spec)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=child_env(),
             )
         _pin(self.proc.pid, cpus)

@@ -24,7 +24,7 @@ import time
 
 import trio
 
-from client.protocol import FrameType, Goodbye, Pong, SubAck, UnsubAck, Welcome, encode_event
+from pybroker.protocol import FrameType, Goodbye, Pong, SubAck, UnsubAck, Welcome, encode_event
 
 HEADER = struct.Struct(">IBB")  # body size, type, flags
 DELIVER = struct.Struct(">IBBIQQH")  # frame header, sub_id, base offset, timestamp, topic length

@@ -44,8 +44,8 @@ from typing import Any
 
 import trio
 
-from client import Message, PendingAck, connect, parse_url
-from client.protocol import (
+from pybroker import Message, PendingAck, connect, parse_url
+from pybroker.protocol import (
     CLOSED,
     DEFAULT_MAX_FRAME_BYTES,
     NEED_DATA,

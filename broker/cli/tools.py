@@ -68,17 +68,17 @@ def add_parsers(commands: Commands[argparse.ArgumentParser]) -> None:
 
 
 def _connect(args: argparse.Namespace, **options: Any) -> Any:
-    """client.connect() with the command's credentials (else the URL's user info)."""
-    import client
+    """pybroker.connect() with the command's credentials (else the URL's user info)."""
+    import pybroker
 
     if args.user:
         password = os.environ.get("PYBROKER_PASSWORD")
         if password is None:
             password = getpass.getpass(f"password for {args.user}: ")
-        return client.connect(
+        return pybroker.connect(
             args.url, name="pybroker-cli", user=args.user, password=password, ca_file=args.ca, **options
         )
-    return client.connect(
+    return pybroker.connect(
         args.url, name="pybroker-cli", token=args.token or None, ca_file=args.ca, **options
     )
 
@@ -97,7 +97,7 @@ def _headers(pairs: list[str]) -> dict[str, str]:
 
 
 async def pub(args: argparse.Namespace) -> int:
-    import client
+    import pybroker
 
     headers = _headers(args.header) or None
     try:
@@ -116,7 +116,7 @@ async def pub(args: argparse.Namespace) -> int:
             else:
                 print("nothing to publish (stdin was empty)")
             return 0
-    except (client.BrokerError, client.ConnectionClosed, ValueError, ssl.SSLError) as exc:
+    except (pybroker.BrokerError, pybroker.ConnectionClosed, ValueError, ssl.SSLError) as exc:
         print(f"pybroker pub: {exc}", file=sys.stderr)
         return 1
 
@@ -142,7 +142,7 @@ def _format(msg: Any, as_json: bool) -> str:
 
 
 async def sub(args: argparse.Namespace) -> int:
-    import client
+    import pybroker
 
     start: Any = args.start
     if args.from_offset is not None:
@@ -162,7 +162,7 @@ async def sub(args: argparse.Namespace) -> int:
                     if args.count and seen >= args.count:
                         break
         return 0
-    except (client.BrokerError, client.ConnectionClosed, ValueError, ssl.SSLError) as exc:
+    except (pybroker.BrokerError, pybroker.ConnectionClosed, ValueError, ssl.SSLError) as exc:
         print(f"pybroker sub: {exc}", file=sys.stderr)
         return 1
 
@@ -171,7 +171,7 @@ async def sub(args: argparse.Namespace) -> int:
 
 
 async def groups(args: argparse.Namespace) -> int:
-    import client
+    import pybroker
 
     if args.action != "list" and not args.name:
         print(f"pybroker groups {args.action}: a group NAME is needed", file=sys.stderr)
@@ -195,7 +195,7 @@ async def groups(args: argparse.Namespace) -> int:
                 )
             else:
                 doc = await c.groups(args.action, args.name)
-    except (client.BrokerError, client.ConnectionClosed, ValueError, ssl.SSLError) as exc:
+    except (pybroker.BrokerError, pybroker.ConnectionClosed, ValueError, ssl.SSLError) as exc:
         print(f"pybroker groups: {exc}", file=sys.stderr)
         return 1
     if args.json:
@@ -236,12 +236,12 @@ def _group_start(text: str) -> Any:
 
 
 async def topics(args: argparse.Namespace) -> int:
-    import client
+    import pybroker
 
     try:
         async with _connect(args) as c:
             infos = await c.topics(args.pattern)
-    except (client.BrokerError, client.ConnectionClosed, ValueError, ssl.SSLError) as exc:
+    except (pybroker.BrokerError, pybroker.ConnectionClosed, ValueError, ssl.SSLError) as exc:
         print(f"pybroker topics: {exc}", file=sys.stderr)
         return 1
     if args.json:

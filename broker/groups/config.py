@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import attrs
 
-from client.protocol import topic_error
+from pybroker.protocol import topic_error
 
 DEFAULT_ACK_WAIT = 30.0
 DEFAULT_MAX_DELIVER = 5

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from client.protocol import (
+from pybroker.protocol import (
     RECORD_HEADER,
     AckKind,
     MalformedBatch,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from client.protocol import AckKind, StartKind, pattern_error
+from pybroker.protocol import AckKind, StartKind, pattern_error
 
 from ..logs import get_logger
 from ..storage.fileops import REAL, FileOps

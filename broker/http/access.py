@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from client.protocol import ErrorCode
+from pybroker.protocol import ErrorCode
 
 from ..core import Refused
 from ..principal import Principal

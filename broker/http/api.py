@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from client.protocol import MalformedBatch, decode_batch, encode_batch, encode_headers, max_deliver_batch
+from pybroker.protocol import MalformedBatch, decode_batch, encode_batch, encode_headers, max_deliver_batch
 
 from .. import __version__
 from ..core import Refused

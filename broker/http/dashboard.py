@@ -23,7 +23,7 @@ CONTENT_TYPE = "text/html; charset=utf-8"
 
 @cache
 def html() -> bytes:
-    return resources.files("broker.http").joinpath("static").joinpath("dashboard.html").read_bytes()
+    return resources.files("pybroker.server.http").joinpath("static").joinpath("dashboard.html").read_bytes()
 
 
 async def page(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from client.protocol import MalformedBatch, decode_batch
+from pybroker.protocol import MalformedBatch, decode_batch
 
 from ..inboxes import is_inbox
 from ..storage import DataLoss

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import trio
 
-from client.protocol import Durability, PubAck, RefKind, encode_puback
+from pybroker.protocol import Durability, PubAck, RefKind, encode_puback
 
 from ..core import Broker, Published
 from .outbox import Outbox

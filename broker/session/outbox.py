@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from client.protocol import Connection, Error, ErrorCode, RefKind, deliver_header, group_deliver_header
+from pybroker.protocol import Connection, Error, ErrorCode, RefKind, deliver_header, group_deliver_header
 
 from ..storage import DataLoss
 from ..subscriber import SubscriberInfo

@@ -13,7 +13,7 @@ import struct
 import termios
 import trio
 
-from client.protocol import Connection
+from pybroker.protocol import Connection
 
 from ..framebudget import FREE_BYTES, FrameBudget
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from client.protocol import (
+from pybroker.protocol import (
     CLOSED,
     ERROR_FIELDS_OPTION,
     HEADER_SIZE,

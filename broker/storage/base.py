@@ -12,7 +12,7 @@ from typing import Protocol
 
 import attrs
 
-from client.protocol import Durability
+from pybroker.protocol import Durability
 
 from .errors import StorageError
 

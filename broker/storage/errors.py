@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 from typing import Literal
 
-from client.protocol import ErrorCode
+from pybroker.protocol import ErrorCode
 
 #: errnos that mean "no room": a full file system, a quota, a file-size limit.
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})

@@ -26,7 +26,7 @@ from urllib.parse import quote, unquote
 
 import trio
 
-from client.protocol import Durability, topic_error
+from pybroker.protocol import Durability, topic_error
 
 from ..logs import get_logger
 from ..stats import Histogram

@@ -41,7 +41,7 @@ from urllib.parse import unquote
 
 import attrs
 
-from client.protocol import MalformedBatch, decode_batch
+from pybroker.protocol import MalformedBatch, decode_batch
 
 from .base import TopicLog
 from .errors import DataLoss

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 
-from client.protocol import Durability
+from pybroker.protocol import Durability
 
 from .base import StoredBatch, SyncResult
 

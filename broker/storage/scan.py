@@ -17,7 +17,7 @@ import struct
 import zlib
 from collections.abc import Iterable
 
-from client.protocol import BATCH_HEADER as WIRE_BATCH_HEADER
+from pybroker.protocol import BATCH_HEADER as WIRE_BATCH_HEADER
 
 from .fileops import FileOps
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 import attrs
 
-from client.protocol import matches, pattern_error
+from pybroker.protocol import matches, pattern_error
 
 FsyncMode = Literal["always", "interval", "never"]
 FSYNC_MODES: tuple[FsyncMode, ...] = ("always", "interval", "never")

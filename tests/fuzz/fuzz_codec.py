@@ -41,8 +41,8 @@ from pathlib import Path
 import atheris
 
 # Instrument only the codec: coverage feedback is about its branches.
-with atheris.instrument_imports(include=["client.protocol"]):
-    from client.protocol import (
+with atheris.instrument_imports(include=["pybroker.protocol"]):
+    from pybroker.protocol import (
         CLOSED,
         NEED_DATA,
         Connection,
@@ -194,7 +194,7 @@ def test_one_input(data: bytes) -> None:
 
 def _seeds() -> list[bytes]:
     """One valid frame of every type for each target, and a few batches."""
-    from client.protocol import (
+    from pybroker.protocol import (
         Ack, AckKind, Credit, Deliver, Durability, Error, Goodbye, GroupDeliver, Groups,
         GroupsAction, GroupsReply, Info, InfoReply, Ping, Pong, PubAck, Publish, StartKind,
         SubAck, Subscribe, TopicInfo, UnsubAck, Unsubscribe,

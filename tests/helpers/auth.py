@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.auth import hash_password, hash_token
+from pybroker.server.auth import hash_password, hash_token
 
 CHEAP = {"n": 16, "r": 1, "p": 1}
 

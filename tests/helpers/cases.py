@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 
-from client.protocol import (
+from pybroker.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     HEADER_SIZE,
     Ack,

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 
 import trio
 
-from client import Message, Subscription
+from pybroker import Message, Subscription
 
 #: Default bound, in seconds, on one wait.
 TIMEOUT = 10.0

@@ -10,9 +10,9 @@ from collections.abc import Mapping
 import attrs
 import trio
 
-from broker.groups import GroupManager
-from broker.router import NoEvents, Subscription, Topic
-from client.protocol import decode_batch, tokens_match
+from pybroker.server.groups import GroupManager
+from pybroker.server.router import NoEvents, Subscription, Topic
+from pybroker.protocol import decode_batch, tokens_match
 
 Headers = Mapping[str, str]
 

@@ -22,7 +22,7 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 
-from broker.storage.fileops import FileOps
+from pybroker.server.storage.fileops import FileOps
 
 WRITES = ("write", "writev")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 import zlib
 
-from client.protocol import (
+from pybroker.protocol import (
     HEADER_SIZE,
     MAGIC,
     UNLIMITED_CREDIT,

@@ -16,9 +16,9 @@ import struct
 
 import trio
 
-import client
-from broker.server import Server
-from client.protocol import (
+import pybroker as client
+from pybroker.server.server import Server
+from pybroker.protocol import (
     UNLIMITED_CREDIT,
     Ack,
     AckKind,

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import trio
 
-from broker.server import Server
-from broker.session import Session
+from pybroker.server.server import Server
+from pybroker.server.session import Session
 
 #: Default bound on a poll.
 TIMEOUT = 10.0

@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from broker.storage.base import StoredBatch
-from broker.storage.errors import DataLoss
-from broker.storage.file import FileStore, FileTopicLog
-from broker.storage.fileops import REAL, FileOps
-from broker.storage.segment import HEADER, HEADER_SIZE
-from broker.storage.settings import SettingsResolver, TopicSettings
+from pybroker.server.storage.base import StoredBatch
+from pybroker.server.storage.errors import DataLoss
+from pybroker.server.storage.file import FileStore, FileTopicLog
+from pybroker.server.storage.fileops import REAL, FileOps
+from pybroker.server.storage.segment import HEADER, HEADER_SIZE
+from pybroker.server.storage.settings import SettingsResolver, TopicSettings
 
 
 def open_store(data_dir: Path, ops: FileOps = REAL, **settings: Any) -> FileStore:

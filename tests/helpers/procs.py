@@ -42,7 +42,7 @@ def pybroker_command() -> list[str]:
         script = bindir / name
         if script.is_file() and os.access(script, os.X_OK):
             return [str(script)]
-    return [sys.executable, "-m", "broker.cli"]
+    return [sys.executable, "-m", "pybroker"]
 
 
 PYBROKER = pybroker_command()

@@ -18,9 +18,9 @@ from typing import Any
 
 import trio
 
-import client
-from broker.server import Server
-from client.protocol import (
+import pybroker
+from pybroker.server.server import Server
+from pybroker.protocol import (
     CLOSED,
     NEED_DATA,
     Connection,
@@ -170,7 +170,7 @@ def address(target: Server | str | int) -> tuple[str, int]:
     if isinstance(target, Server):
         return "127.0.0.1", target.port
     if isinstance(target, str):
-        return client.parse_url(target)
+        return pybroker.parse_url(target)
     return "127.0.0.1", target
 
 
@@ -253,7 +253,7 @@ class RawSubscriber(RawClient):
 
     @classmethod
     async def open(cls, url: str, name: str, pattern: str, credit: int) -> RawSubscriber:
-        host, port = client.parse_url(url)
+        host, port = pybroker.parse_url(url)
         stream = await trio.open_tcp_stream(host, port)
         # A small receive buffer: the connection fills quickly once we stop.
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)

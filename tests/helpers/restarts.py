@@ -9,11 +9,11 @@ import socket
 
 import trio
 
-import client
-from broker.server import Server
-from broker.testing import running_broker
-from client import Reconnect
-from client.protocol import PubAck, Publish, encode_batch_from_records, encode_record
+import pybroker
+from pybroker.server.server import Server
+from pybroker.server.testing import running_broker
+from pybroker import Reconnect
+from pybroker.protocol import PubAck, Publish, encode_batch_from_records, encode_record
 
 from .raw import raw_client
 
@@ -48,7 +48,7 @@ def batch(prefix: str, n: int) -> list[bytes]:
 
 
 async def publish_all(url: str, topic: str, payloads: list[bytes]) -> None:
-    async with client.connect(url) as c:
+    async with pybroker.connect(url) as c:
         await c.publish_many(topic, payloads)
 
 

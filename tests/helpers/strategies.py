@@ -7,7 +7,7 @@ from __future__ import annotations
 import attrs
 from hypothesis import strategies as st
 
-from client.protocol import (
+from pybroker.protocol import (
     PROTOCOL_VERSION,
     Credit,
     Deliver,

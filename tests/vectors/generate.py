@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 
-from client.protocol import (
+from pybroker.protocol import (
     Ack,
     AckKind,
     Connection,
