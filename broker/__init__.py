@@ -1,3 +1,5 @@
-"""pybroker: the broker server."""
+"""pybroker.server: the broker (``pybroker serve``)."""
 
-__version__ = "0.1.0"
+from .._version import __version__
+
+__all__ = ["__version__"]

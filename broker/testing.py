@@ -4,10 +4,10 @@
 
     async def test_something(tmp_path):
         async with running_broker(data_dir=tmp_path) as server:
-            async with client.connect(server.url) as c:
+            async with pybroker.connect(server.url) as c:
                 ...
 
-Pytest users can instead enable the fixtures of :mod:`broker.pytest_plugin`
+Pytest users can instead enable the fixtures of :mod:`pybroker.server.pytest_plugin`
 with ``pytest_plugins = ["pybroker.server.pytest_plugin"]`` in their conftest.py.
 """
 

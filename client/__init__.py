@@ -1,11 +1,18 @@
-"""pybroker's client library for Trio.
+"""pybroker: a durable pub/sub broker; this package is its client library.
 
-    async with client.connect("pybroker://127.0.0.1:7420") as c:
+    import pybroker
+
+    async with pybroker.connect("pybroker://127.0.0.1:7420") as c:
         await c.publish("orders.created", b"...")
         async with c.subscribe("orders.>") as sub:
             async for msg in sub:
                 ...
+
+The server lives in :mod:`pybroker.server` (``pybroker serve``, or
+``python -m pybroker serve``); importing this package does not load it.
 """
+
+from ._version import __version__
 
 from .connection import DEFAULT_URL, Client, PendingAck, connect, parse_url, url_credentials
 from .errors import (
@@ -24,6 +31,7 @@ from .reconnect import Reconnect
 from .subscription import Subscription, SubscriptionStatistics
 
 __all__ = [
+    "__version__",
     "DEFAULT_URL",
     "AuthenticationError",
     "BrokerError",

@@ -253,7 +253,7 @@ async def test_pub_without_a_broker_fails(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     result = await run(["pub", "cli.x", "m", "--url", f"pybroker://127.0.0.1:{port}"])
     assert result.returncode == 1, result
-    assert result.stderr.decode().startswith("pybroker:"), result.stderr
+    assert result.stderr.decode().startswith(f"pybroker pub: cannot connect to the broker at 127.0.0.1:{port}:"), result.stderr
     assert b"Traceback" not in result.stderr
 
 

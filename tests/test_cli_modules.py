@@ -1,7 +1,8 @@
 """How the ``pybroker`` command's modules depend on each other and on the bench.
 
-``broker.cli`` hands ``pybroker bench`` to ``broker.bench`` from inside
-``main()``; the bench imports the ``serve`` flags from ``broker.cli.serve``.
+``pybroker.server.cli`` hands ``pybroker bench`` to ``pybroker.server.bench``
+from inside ``main()``; the bench imports the ``serve`` flags from
+``pybroker.server.cli.serve``.
 Read from the source (the AST), so every import order is covered, not only
 the one a test happens to use; plus fresh interpreters for what loading a
 module really pulls in.
@@ -16,29 +17,16 @@ from pathlib import Path
 
 import pytest
 
-import pybroker.server as broker
 
 from pybroker.server.cli import build_parser
 from pybroker.server.cli.serve import serve_parser
 
-ROOT = Path(broker.__file__).resolve().parent.parent
-PACKAGES = ("broker", "client")
+from helpers.modules import modules
+
 #: Bound on a fresh interpreter importing a module.
 TIMEOUT = 30.0
 
-
-def _modules() -> dict[str, Path]:
-    found = {}
-    for package in PACKAGES:
-        for path in (ROOT / package).rglob("*.py"):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts.pop()
-            found[".".join(parts)] = path
-    return found
-
-
-MODULES = _modules()
+MODULES = modules()
 
 
 def _known(name: str) -> str | None:
@@ -102,7 +90,7 @@ def _cycle_through(start: str, graph: dict[str, set[str]]) -> list[str] | None:
 
 
 GRAPH = {name: _load_time_imports(name) for name in MODULES}
-CLI_AND_BENCH = sorted(n for n in MODULES if n.split(".")[:2] in (["broker", "cli"], ["broker", "bench"]))
+CLI_AND_BENCH = sorted(n for n in MODULES if n.split(".")[:3] in (["pybroker", "server", "cli"], ["pybroker", "server", "bench"]))
 
 
 def test_the_graph_sees_the_imports_it_should() -> None:
@@ -110,7 +98,7 @@ def test_the_graph_sees_the_imports_it_should() -> None:
     CLI's imports of its commands are there."""
     assert len(CLI_AND_BENCH) > 10
     assert "pybroker.server.cli.serve" in GRAPH["pybroker.server.bench.cli"]
-    assert "pybroker.server.cli" in GRAPH["pybroker.server.bench.cli"]  # importing broker.cli.serve runs it first
+    assert "pybroker.server.cli" in GRAPH["pybroker.server.bench.cli"]  # importing pybroker.server.cli.serve runs it first
     assert {"pybroker.server.cli.serve", "pybroker.server.cli.tools", "pybroker.server.cli.auth", "pybroker.server.cli.flags"} <= GRAPH["pybroker.server.cli"]
 
 
@@ -121,7 +109,7 @@ def test_no_load_time_import_cycle(name: str) -> None:
 
 def test_nothing_outside_the_bench_loads_it() -> None:
     """No module imports the bench when it is loaded: ``pybroker bench``
-    reaches it through the import inside ``broker.cli.main()``."""
+    reaches it through the import inside ``pybroker.server.cli.main()``."""
     assert [n for n, targets in GRAPH.items() if not n.startswith("pybroker.server.bench") and any(
         t == "pybroker.server.bench" or t.startswith("pybroker.server.bench.") for t in targets
     )] == []

@@ -14,49 +14,42 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers.modules import modules
 
 #: Lowest first. A module's layer is that of its longest matching prefix.
 LAYERS: dict[str, int] = {
     "pybroker.protocol": 0,
-    "broker": 1,  # the package itself: its version
-    "broker.logs": 1,
-    "broker.stats": 1,
-    "broker.closing": 1,
+    "pybroker.server": 1,  # the package itself: its version
+    "pybroker.server.logs": 1,
+    "pybroker.server.stats": 1,
+    "pybroker.server.closing": 1,
+    "pybroker.server.listening": 1,
     "pybroker.server.storage": 2,
-    "broker.config": 3,
-    "broker.permissions": 3,
-    "broker.auth": 3,
-    "broker.principal": 3,
-    "broker.start": 3,
-    "broker.subscriber": 3,
-    "broker.inboxes": 3,
+    "pybroker.server.config": 3,
+    "pybroker.server.permissions": 3,
+    "pybroker.server.auth": 3,
+    "pybroker.server.principal": 3,
+    "pybroker.server.start": 3,
+    "pybroker.server.subscriber": 3,
+    "pybroker.server.inboxes": 3,
     "pybroker.server.router": 3,
-    "broker.committer": 3,
+    "pybroker.server.committer": 3,
     "pybroker.server.groups": 3,
-    "broker.framebudget": 3,
-    "broker.tls": 3,
+    "pybroker.server.framebudget": 3,
+    "pybroker.server.tls": 3,
     "pybroker.server.core": 4,
     "pybroker.server.session": 5,
     "pybroker.server.http": 5,
     "pybroker.server.server": 6,
     "pybroker.server.testing": 6,
     "pybroker.server.pytest_plugin": 6,
-    "client": 6,  # the client library (above the codec)
+    "pybroker._version": 0,
+    "pybroker": 6,  # the client library (above the codec)
+    "pybroker.__main__": 7,  # python -m pybroker: the CLI
     "pybroker.server.cli": 7,
     "pybroker.server.bench": 7,
 }
 TRANSPORTS = ("pybroker.server.session", "pybroker.server.http")
-
-
-def modules() -> dict[str, Path]:
-    found = {}
-    for package in ("broker", "client"):
-        for path in (ROOT / package).rglob("*.py"):
-            parts = path.relative_to(ROOT).with_suffix("").parts
-            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-            found[name] = path
-    return found
 
 
 def layer(name: str) -> int:

@@ -1,7 +1,7 @@
 """The protocol package is sealed: one façade, private modules behind it.
 
-Like h11, ``client/protocol`` keeps its parts in private modules and
-re-exports every public name from ``client/protocol/__init__.py``; nothing
+Like h11, ``pybroker.protocol`` (client/protocol/) keeps its parts in
+private modules and re-exports every public name from its ``__init__.py``; nothing
 else in the tree imports a module of the package directly.
 """
 
@@ -11,6 +11,8 @@ import ast
 from pathlib import Path
 
 import pybroker.protocol as protocol
+
+from helpers.modules import module_name
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "client" / "protocol"
@@ -23,7 +25,8 @@ def _python_files() -> list[Path]:
 
 
 def _package_of(path: Path) -> str:
-    return ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    name = module_name(path)
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
 
 
 def _imported_modules(path: Path, package: str) -> list[tuple[int, str]]:
@@ -40,7 +43,7 @@ def _imported_modules(path: Path, package: str) -> list[tuple[int, str]]:
             else:
                 name = node.module or ""
             out.append((node.lineno, name))
-            # ``from client.protocol import _wire`` reaches in just the same.
+            # ``from pybroker.protocol import _wire`` reaches in just the same.
             if name == "pybroker.protocol":
                 out.extend((node.lineno, f"{name}.{a.name}") for a in node.names if a.name.startswith("_"))
     return out
@@ -50,13 +53,13 @@ def test_scanner_sees_relative_and_absolute_imports(tmp_path: Path) -> None:
     # The check below is only as good as its resolution of import forms.
     fake = tmp_path / "module.py"
     fake.write_text(
-        "from .protocol._wire import HEADER_SIZE\n"
-        "from client.protocol import _readers\n"
-        "import client.protocol._state\n"
-        "from .protocol import Connection\n"
-        "from ..client.protocol._batch import split_records\n"
+        "from ...protocol._wire import HEADER_SIZE\n"
+        "from pybroker.protocol import _readers\n"
+        "import pybroker.protocol._state\n"
+        "from ...protocol import Connection\n"
+        "from ...protocol._batch import split_records\n"
     )
-    names = [name for _, name in _imported_modules(fake, "client")]
+    names = [name for _, name in _imported_modules(fake, "pybroker.server.http")]
     assert names == [
         "pybroker.protocol._wire",
         "pybroker.protocol",
@@ -89,7 +92,7 @@ def test_the_facade_exports_exactly_its_all() -> None:
     missing = [n for n in names if not hasattr(protocol, n)]
     assert missing == []
     namespace: dict[str, object] = {}
-    exec("from client.protocol import *", namespace)
+    exec("from pybroker.protocol import *", namespace)
     assert sorted(k for k in namespace if k != "__builtins__") == sorted(names)
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Imported here: the load processes (``python -m broker.bench.worker``) and
+    # Imported here: the load processes (``python -m pybroker.server.bench.worker``) and
     # the relay run this package's __init__ first and need none of the
     # scenarios, nor the ``pybroker serve`` flags that .cli imports.
     from .cli import main as run

@@ -110,7 +110,7 @@ def start_relay(workdir: Path, cpus: list[int] | None) -> Target:
 
 
 class Worker:
-    """One load process (``python -m broker.bench.worker SPEC``)."""
+    """One load process (``python -m pybroker.server.bench.worker SPEC``)."""
 
     def __init__(self, name: str, spec: dict[str, Any], workdir: Path, cpus: list[int] | None) -> None:
         self.name = name

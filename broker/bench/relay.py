@@ -11,7 +11,7 @@ PING/PONG, GOODBYE; CREDIT is ignored) for the load processes of
 `pybroker bench`, raw or through the client library, to drive it unchanged,
 so pybroker's figures can be given as a fraction of it, measured side by side.
 
-    python -m broker.bench.relay --port 0    # prints {"url": ...} on stdout
+    python -m pybroker.server.bench.relay --port 0    # prints {"url": ...} on stdout
 """
 
 from __future__ import annotations

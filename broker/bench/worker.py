@@ -1,4 +1,4 @@
-"""The load processes of `pybroker bench`: ``python -m broker.bench.worker SPEC``.
+"""The load processes of `pybroker bench`: ``python -m pybroker.server.bench.worker SPEC``.
 
 SPEC is one JSON object naming the role and its parameters. Each process
 writes its progress to the shared board (``board.py``) and, when it is done,

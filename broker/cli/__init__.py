@@ -8,7 +8,7 @@ one asked for, turning what escapes it into an exit status:
 - ``serve.py``: ``serve`` (flags, the ``Config`` they describe, the server);
 - ``tools.py``: the client commands ``pub``, ``sub``, ``groups``, ``topics``;
 - ``auth.py``: ``auth`` (hashes for a users file, checking one);
-- ``bench`` is ``broker.bench``, imported only when it is run.
+- ``bench`` is ``pybroker.server.bench``, imported only when it is run.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(commands)
     tools.add_parsers(commands)
     auth.add_parser(commands)
-    # Listed here for --help; main() hands `bench ...` to broker.bench, imported only then.
+    # Listed here for --help; main() hands `bench ...` to pybroker.server.bench, imported only then.
     bench = commands.add_parser("bench", help="benchmarks with verified delivery (pybroker bench --help)", add_help=False)
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the scenario and its flags (pybroker bench --help lists them)")
     return parser
 
 

@@ -1,5 +1,4 @@
-"""``python -m broker.cli``: the ``pybroker`` command without its console
-script (the bench starts its brokers this way)."""
+"""``python -m pybroker.server.cli``: the same as ``python -m pybroker``."""
 
 import sys
 

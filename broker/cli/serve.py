@@ -43,8 +43,8 @@ def add_parser(commands: Commands[argparse.ArgumentParser]) -> None:
     serve.add_argument("--tls-cert", type=Path, default=None, metavar="FILE", help="serve TLS on the TCP and HTTP ports with this PEM certificate chain (clients use pybrokers://)")
     serve.add_argument("--tls-key", type=Path, default=None, metavar="FILE", help="the certificate's PEM private key, unencrypted (default: read from --tls-cert)")
     _add_limit_flags(serve)
-    serve.add_argument("--log-level", choices=LEVELS, default="info")
-    serve.add_argument("--log-format", choices=("console", "json"), default="console")
+    serve.add_argument("--log-level", choices=LEVELS, default="info", help="the least severe log records written (default info)")
+    serve.add_argument("--log-format", choices=("console", "json"), default="console", help="console: readable lines (default); json: one JSON object per line, for log collectors")
 
 
 def serve_parser() -> argparse.ArgumentParser:

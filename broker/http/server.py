@@ -36,6 +36,7 @@ import trio
 
 from .. import __version__
 from ..closing import drain, linger_close
+from ..listening import open_listeners
 from ..logs import get_logger
 from .access import authenticate
 from ..tls import wrap_server_stream
@@ -112,7 +113,7 @@ class HttpServer:
         """Listen until :meth:`shutdown`; ``task_status.started(port)``."""
         config = self.config
         host = config.http_host if config.http_host is not None else config.host
-        listeners = await trio.open_tcp_listeners(config.http_port or 0, host=host)
+        listeners = await open_listeners("HTTP", host, config.http_port or 0)
         try:
             sockname = listeners[0].socket.getsockname()
             self.host, self.port = sockname[0], sockname[1]

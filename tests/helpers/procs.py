@@ -36,7 +36,7 @@ T = TypeVar("T")
 
 
 def pybroker_command() -> list[str]:
-    """The installed console script next to this Python, else ``-m broker.cli``."""
+    """The installed console script next to this Python, else ``-m pybroker``."""
     bindir = Path(sys.executable).parent
     for name in ("pybroker", "pybroker.exe"):
         script = bindir / name
