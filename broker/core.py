@@ -425,7 +425,11 @@ class Broker:
                     who, f"publish to {config.dead_letter!r}, the dead-letter topic of new group {name!r}"
                 )
             assert isinstance(req.start, StartKind)
-            sub.member = self.groups.join(sub, name, req.pattern, config, req.start, req.start_value)
+            # max_ack_pending is each member's own prefetch (protocol.md).
+            prefetch = config.max_ack_pending if "max_ack_pending" in req.options else None
+            sub.member = self.groups.join(
+                sub, name, req.pattern, config, req.start, req.start_value, prefetch
+            )
         except ValueError as exc:
             raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
         sub.group = self.groups.groups[name]
@@ -492,6 +496,51 @@ class Broker:
             entries.append(TopicInfo(name, log.first_offset, log.next_offset, log.size_bytes, len(topic.subs)))
         return entries, len(entries) < len(names)
 
+    def create_group(
+        self,
+        who: Principal,
+        name: str,
+        pattern: str,
+        start: StartKind | int,
+        start_value: int,
+        options: Mapping[str, str],
+    ) -> str:
+        """GROUPS create: a durable group before any member exists, reading
+        ``pattern`` from ``start``; the reply's JSON document (its summary
+        and ``created``). The rules of a SUBSCRIBE that creates a group:
+        who may subscribe to the pattern (and publish to its dead-letter
+        topic) may create it; an existing group with the same pattern is
+        left as it is (created false), with another one it is refused."""
+        problem = pattern_error(pattern, self.limits.max_topic_bytes, self.limits.max_topic_depth)
+        if problem is not None:
+            raise Refused(ErrorCode.BAD_PATTERN, problem)
+        if not who.may_subscribe(pattern):
+            raise Refused.denied(who, f"create group {name!r} reading {pattern!r}")
+        if is_inbox(pattern):
+            raise Refused(ErrorCode.BAD_REQUEST, "an inbox takes plain subscriptions only")
+        if not isinstance(start, StartKind):
+            raise Refused(ErrorCode.BAD_REQUEST, f"unknown start kind {start}")
+        if start is StartKind.OFFSET and has_wildcard(pattern):
+            raise Refused(ErrorCode.BAD_REQUEST, "an offset start needs a pattern without wildcards")
+        if "group" in options or any(key.startswith(RESUME_OPTION_PREFIX) for key in options):
+            raise Refused(ErrorCode.BAD_REQUEST, "create takes the group settings only (its name is the request's)")
+        try:
+            problem = group_name_error(name)
+            if problem:
+                raise ValueError(f"group name: {problem}")
+            config = GroupConfig.from_options(name, options)
+            if name not in self.groups.groups and config.max_deliver and not who.may_publish(config.dead_letter):
+                raise Refused.denied(
+                    who, f"publish to {config.dead_letter!r}, the dead-letter topic of new group {name!r}"
+                )
+            group, created = self.groups.create(name, pattern, config, start, start_value)
+        except ValueError as exc:
+            raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
+        if created:
+            self.logger.info("group created", group=name, pattern=pattern, start=start.name.lower())
+        room = self.limits.max_frame_bytes - GROUPS_REPLY_FIXED - len(',"created":false')
+        return json.dumps({**_bounded(group.statistics(), room), "created": created})
+
     def groups_request(self, who: Principal, action: GroupsAction | int, name: str) -> str:
         """GROUPS: list, inspect or delete; the reply's JSON document.
         Administration is for those who may read the group's pattern, and
@@ -518,7 +567,8 @@ class Broker:
             if len(listed) < len(names):
                 doc += ',"next":' + json.dumps(names[len(listed) - 1])
             return doc + "}"
-        if not isinstance(action, GroupsAction):
+        if not isinstance(action, GroupsAction) or action is GroupsAction.CREATE:
+            # (create carries a pattern, start and settings: create_group)
             raise Refused(ErrorCode.BAD_REQUEST, f"unknown action {action}")
         group = manager.groups.get(name)
         if group is None:

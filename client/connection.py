@@ -735,6 +735,7 @@ class Client:
         ack_wait: float | None = None,
         max_deliver: int | None = None,
         backoff: Sequence[float] | None = None,
+        backoff_jitter: float | None = None,
         max_ack_pending: int | None = None,
         dead_letter: str | None = None,
     ) -> _SubscribeCall:
@@ -753,29 +754,31 @@ class Client:
         ``term()``, ``in_progress()``). With a callback and ``auto_ack``, a
         callback that returns acks and one that raises naks (and the error is
         logged, not raised). ``ack_wait``, ``max_deliver``, ``backoff``
-        (seconds per delivery), ``max_ack_pending`` and ``dead_letter`` set
-        the group up when this call creates it (protocol.md).
-        ``concurrency`` callbacks run at once, in a nursery the client owns.
+        (seconds a nak'ed message waits before its next delivery: the n-th
+        wait after the n-th delivery, the last repeating), ``backoff_jitter``
+        (each wait up to this fraction longer, at random) and
+        ``dead_letter`` set the group up when this call creates it
+        (protocol.md). ``max_ack_pending`` is this member's own prefetch:
+        at most that many of the group's messages are handed to it
+        unsettled; by default ``concurrency``, so a member is never given
+        work it will not start while another member sits idle (raise it for
+        throughput with quick handlers). ``concurrency`` callbacks run at
+        once, in a nursery the client owns.
         """
-        if ack_wait is not None and ack_wait <= 0:
-            raise ValueError("ack_wait must be positive")
-        if backoff is not None and any(b <= 0 for b in backoff):
-            raise ValueError("backoff waits must be positive")
         options: dict[str, str] = {}
         if group is not None:
             options["group"] = group
-            if ack_wait is not None:
-                options["ack_wait_ms"] = str(max(1, round(ack_wait * 1000)))
-            if max_deliver is not None:
-                options["max_deliver"] = str(max_deliver)
-            if backoff:
-                options["backoff_ms"] = ",".join(str(max(1, round(b * 1000))) for b in backoff)
-            if max_ack_pending is not None:
-                options["max_ack_pending"] = str(max_ack_pending)
-            if dead_letter is not None:
-                options["dead_letter"] = dead_letter
-        elif any(x is not None for x in (ack_wait, max_deliver, backoff, max_ack_pending, dead_letter)):
-            raise ValueError("ack_wait, max_deliver, backoff, max_ack_pending and dead_letter need group=")
+            # The member's prefetch: by default what it works on at once.
+            options |= _group_options(
+                ack_wait, max_deliver, backoff, backoff_jitter,
+                max_ack_pending if max_ack_pending is not None else concurrency, dead_letter,
+            )
+        elif any(
+            x is not None for x in (ack_wait, max_deliver, backoff, backoff_jitter, max_ack_pending, dead_letter)
+        ):
+            raise ValueError(
+                "ack_wait, max_deliver, backoff, backoff_jitter, max_ack_pending and dead_letter need group="
+            )
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         return _SubscribeCall(
@@ -937,6 +940,42 @@ class Client:
             if not isinstance(following, str) or following <= after:
                 return {"groups": listed}
             after = following
+
+    async def create_group(
+        self,
+        name: str,
+        pattern: str,
+        *,
+        start: Start = "new",
+        ack_wait: float | None = None,
+        max_deliver: int | None = None,
+        backoff: Sequence[float] | None = None,
+        backoff_jitter: float | None = None,
+        max_ack_pending: int | None = None,
+        dead_letter: str | None = None,
+    ) -> dict[str, Any]:
+        """Declare consumer group ``name`` reading ``pattern`` before any
+        member joins: messages from ``start`` on (``"new"``: published from
+        now, ``"earliest"``, an offset or a datetime, as in subscribe) wait
+        for its first member. The settings are subscribe's (
+        ``max_ack_pending`` here is the prefetch of members that send none).
+        An existing group with the same pattern is left as it is. Returns
+        the group's summary with ``created`` (protocol.md, "GROUPS")."""
+        await self._wait_connected()
+        problem = pattern_error(pattern, self._max_topic_bytes, self._max_topic_depth)
+        if problem is not None:
+            raise ValueError(problem)
+        kind, value = _start_position(start)
+        options = _group_options(ack_wait, max_deliver, backoff, backoff_jitter, max_ack_pending, dead_letter)
+        request_id = next(self._request_ids)
+        waiter = self._info_waiters[request_id] = _Waiter()
+        self._queue(self._conn.send(Groups(request_id, GroupsAction.CREATE, name, pattern, kind, value, options)))
+        await waiter.event.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        reply: GroupsReply = waiter.result
+        document: dict[str, Any] = json.loads(reply.document)
+        return document
 
     # -- the tasks --------------------------------------------------------
 
@@ -1281,6 +1320,38 @@ def _start_position(start: Start) -> tuple[StartKind, int]:
     if start == "earliest":
         return StartKind.EARLIEST, 0
     raise ValueError(f"start must be 'new', 'earliest', an offset or a datetime, not {start!r}")
+
+
+def _group_options(
+    ack_wait: float | None,
+    max_deliver: int | None,
+    backoff: Sequence[float] | None,
+    backoff_jitter: float | None,
+    max_ack_pending: int | None,
+    dead_letter: str | None,
+) -> dict[str, str]:
+    """A group's settings as SUBSCRIBE / GROUPS create options (protocol.md,
+    "Consumer groups"); waits must be positive (not quietly clamped)."""
+    if ack_wait is not None and ack_wait <= 0:
+        raise ValueError("ack_wait must be positive")
+    if backoff is not None and any(b <= 0 for b in backoff):
+        raise ValueError("backoff waits must be positive")
+    if backoff_jitter is not None and not 0 <= backoff_jitter <= 1:
+        raise ValueError("backoff_jitter must be between 0 and 1")
+    options: dict[str, str] = {}
+    if ack_wait is not None:
+        options["ack_wait_ms"] = str(max(1, round(ack_wait * 1000)))
+    if max_deliver is not None:
+        options["max_deliver"] = str(max_deliver)
+    if backoff:
+        options["backoff_ms"] = ",".join(str(max(1, round(b * 1000))) for b in backoff)
+    if backoff_jitter:
+        options["backoff_jitter_pct"] = str(round(backoff_jitter * 100))
+    if max_ack_pending is not None:
+        options["max_ack_pending"] = str(max_ack_pending)
+    if dead_letter is not None:
+        options["dead_letter"] = dead_letter
+    return options
 
 
 def _ranges(offsets: list[int]) -> list[tuple[int, int]]:

@@ -44,11 +44,26 @@ def add_parsers(commands: Commands[argparse.ArgumentParser]) -> None:
         help="exit when the connection is lost (default: reconnect and resume, without gaps)",
     )
 
-    groups = commands.add_parser("groups", help="consumer groups: list, inspect NAME, delete NAME")
-    groups.add_argument("action", nargs="?", choices=("list", "inspect", "delete"), default="list", help="what to do (default list)")
-    groups.add_argument("name", nargs="?", default="", help="the group, for inspect and delete")
+    groups = commands.add_parser(
+        "groups", help="consumer groups: list, inspect NAME, delete NAME, create NAME --topic PATTERN"
+    )
+    groups.add_argument("action", nargs="?", choices=("list", "inspect", "delete", "create"), default="list", help="what to do (default list)")
+    groups.add_argument("name", nargs="?", default="", help="the group, for inspect, delete and create")
     add_connection_flags(groups)
     groups.add_argument("--json", action="store_true", help="print the broker's JSON answer")
+    create = groups.add_argument_group("create (a durable group before its first worker)")
+    create.add_argument("--topic", metavar="PATTERN", help="the topic or pattern the group reads")
+    create.add_argument(
+        "--from", dest="start", default="new", metavar="earliest|new|OFFSET|TIME",
+        help="where it starts: earliest retained, new (published from now; default), "
+        "an offset (a topic, not a pattern) or an ISO 8601 time",
+    )
+    create.add_argument("--ack-wait", type=float, metavar="SECONDS", help="seconds a delivery may stay unsettled before it is delivered again")
+    create.add_argument("--max-deliver", type=int, metavar="N", help="deliveries before dead-lettering; 0: unlimited")
+    create.add_argument("--backoff", metavar="S,S,...", help="seconds a nak'ed job waits, per delivery (last repeats)")
+    create.add_argument("--backoff-jitter", type=float, metavar="FRACTION", help="lengthen each backoff wait by up to this fraction, at random")
+    create.add_argument("--max-ack-pending", type=int, metavar="N", help="prefetch of members that name none")
+    create.add_argument("--dead-letter", metavar="TOPIC", help="where messages go after --max-deliver deliveries (default dlq.NAME)")
 
     topics = commands.add_parser("topics", help="list topics with their first and next offsets")
     topics.add_argument("pattern", nargs="?", default=">", help="topic pattern (default: every topic)")
@@ -243,9 +258,25 @@ async def groups(args: argparse.Namespace) -> int:
     if args.action != "list" and not args.name:
         print(f"pybroker groups {args.action}: a group NAME is needed", file=sys.stderr)
         return 2
+    if (args.action == "create") != (args.topic is not None):
+        print("pybroker groups: --topic PATTERN goes with create (and create needs it)", file=sys.stderr)
+        return 2
     try:
         async with _connect(args) as c:
-            doc = await c.groups(args.action, args.name)
+            if args.action == "create":
+                doc = await c.create_group(
+                    args.name,
+                    args.topic,
+                    start=_group_start(args.start),
+                    ack_wait=args.ack_wait,
+                    max_deliver=args.max_deliver,
+                    backoff=[float(s) for s in args.backoff.split(",")] if args.backoff else None,
+                    backoff_jitter=args.backoff_jitter,
+                    max_ack_pending=args.max_ack_pending,
+                    dead_letter=args.dead_letter,
+                )
+            else:
+                doc = await c.groups(args.action, args.name)
     except (pybroker.BrokerError, pybroker.ConnectionClosed, ValueError, OSError) as exc:
         print(f"pybroker groups: {failure(args.url, exc)}", file=sys.stderr)
         return 1
@@ -253,6 +284,10 @@ async def groups(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
     elif args.action == "delete":
         print(f"deleted group {doc['deleted']}")
+    elif args.action == "create":
+        verb = "created group" if doc["created"] else "group exists (settings unchanged):"
+        topics = ", ".join(f"{t} from offset {v['cursor']}" for t, v in sorted(doc["topics"].items()))
+        print(f"{verb} {doc['group']}  pattern={doc['pattern']}" + (f"  ({topics})" if topics else ""))
     else:
         summaries = doc["groups"] if args.action == "list" else [doc]
         if not summaries:
@@ -260,13 +295,26 @@ async def groups(args: argparse.Namespace) -> int:
         for g in summaries:
             print(
                 f"{g['group']}  pattern={g['pattern']}  members={g['members']}  "
-                f"pending={g['pending']}  delivered={g['delivered']}  "
+                f"in_flight={g.get('in_flight', 0)}  pending={g['pending']}  delivered={g['delivered']}  "
                 f"redelivered={g['redelivered']}  dead_lettered={g['dead_lettered']}"
             )
             if args.action == "inspect":
                 for topic, t in sorted(g["topics"].items()):
                     print(f"  {topic}: next offset {t['cursor']}, pending {t['pending']}")
     return 0
+
+
+def _group_start(text: str) -> Any:
+    """--from: earliest, new, an offset, or an ISO 8601 time (local if no zone)."""
+    if text in ("earliest", "new"):
+        return text
+    if text.isdigit():
+        return int(text)
+    try:
+        when = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--from: earliest, new, an offset or an ISO 8601 time, not {text!r}") from None
+    return when if when.tzinfo else when.astimezone()
 
 
 async def topics(args: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ from pybroker.protocol import (
     Event,
     Goodbye,
     Groups,
+    GroupsAction,
     GroupsReply,
     Hello,
     Info,
@@ -427,7 +428,12 @@ class Session:
 
     def _on_groups(self, req: Groups) -> None:
         try:
-            document = self.broker.groups_request(self.principal, req.action, req.name)
+            if req.action is GroupsAction.CREATE:
+                document = self.broker.create_group(
+                    self.principal, req.name, req.pattern, req.start, req.start_value, req.options
+                )
+            else:
+                document = self.broker.groups_request(self.principal, req.action, req.name)
         except Refused as refused:
             self._refused(refused, req.request_id, RefKind.REQUEST)
             return

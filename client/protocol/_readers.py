@@ -63,6 +63,7 @@ from ._wire import (
     PUBLISH_FLAG_DEDUP,
     PUBLISH_FLAG_NEEDS_RECEIVER,
     RANGE,
+    GROUPS_CREATE_START,
     SUBSCRIBE_START,
     TYPES_BY_VALUE,
     U8,
@@ -239,7 +240,18 @@ def _d_groups(b: _Body) -> Groups:
         kind = GroupsAction(action)
     except ValueError:
         kind = action
-    return Groups(request_id, kind, name)  # type: ignore[arg-type]
+    if kind is not GroupsAction.CREATE:
+        return Groups(request_id, kind, name)  # type: ignore[arg-type]
+    pattern = b.str16()
+    start, value = b.unpack(GROUPS_CREATE_START)
+    options = b.str_map()
+    # An unknown start kind is refused by the server, as in SUBSCRIBE.
+    start_kind: StartKind | int
+    try:
+        start_kind = StartKind(start)
+    except ValueError:
+        start_kind = start
+    return Groups(request_id, kind, name, pattern, start_kind, value, options)  # type: ignore[arg-type]
 
 
 def _d_groups_reply(b: _Body) -> GroupsReply:

@@ -81,6 +81,7 @@ PUBACK = struct.Struct(">QQIQB")  # request_id, base offset, count, timestamp, d
 DELIVER_FIXED = struct.Struct(">IQQ")  # sub_id, base offset, timestamp (then topic, batch)
 GROUP_DELIVER_FIXED = struct.Struct(">IQQH")  # sub_id, base, timestamp, deliveries
 SUBSCRIBE_START = struct.Struct(">BQI")  # start, start_value, credit
+GROUPS_CREATE_START = struct.Struct(">BQ")  # start, start_value
 CREDIT = struct.Struct(">II")
 INFO_ENTRY = struct.Struct(">QQQI")  # first, next, retained bytes, subscriptions
 ACK_FIXED = struct.Struct(">IBI")  # sub_id, kind, delay_ms

@@ -21,6 +21,7 @@ from ._events import (
     Event,
     GroupDeliver,
     Groups,
+    GroupsAction,
     GroupsReply,
     Goodbye,
     Hello,
@@ -59,6 +60,7 @@ from ._wire import (
     PUBLISH_FLAG_DEDUP,
     PUBLISH_FLAG_NEEDS_RECEIVER,
     RANGE,
+    GROUPS_CREATE_START,
     SUBSCRIBE_START,
     U8,
     U16,
@@ -220,6 +222,12 @@ def encode_event(event: Event) -> bytes:
         body = b""
     elif isinstance(event, Groups):
         body = U64.pack(event.request_id) + U8.pack(event.action) + _s16(event.name)
+        if event.action == GroupsAction.CREATE:
+            body += (
+                _s16(event.pattern)
+                + GROUPS_CREATE_START.pack(event.start, event.start_value)
+                + _str_map(event.options)
+            )
     elif isinstance(event, GroupsReply):
         doc = event.document.encode("utf-8")
         body = U64.pack(event.request_id) + U32.pack(len(doc)) + doc
