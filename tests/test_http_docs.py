@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
+import pybroker
+
 from pybroker.server.config import Config
 from pybroker.server.http import access, messages
 from pybroker.server.server import Server
@@ -98,7 +100,11 @@ async def test_the_curl_examples_run(tmp_path: Path) -> None:
         "--http-cors-origin", "https://app.example.com",
     ]
     async with spawn(args, "serve", cwd=tmp_path) as child:
-        port = (await child.stderr.wait_for(find_event("listening")))["http_port"]
+        listening = await child.stderr.wait_for(find_event("listening"))
+        port = listening["http_port"]
+        # The group the consumer-group examples name (no HTTP route creates one).
+        async with pybroker.connect(listening["url"]) as c:
+            await c.create_group("billing", "orders.>")
         for command in commands:
             assert command.startswith("curl "), command
             streaming = " -sN " in command

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from . import api, dashboard, metrics, sse
+from . import api, dashboard, groups, metrics, sse
 from .messages import HttpError, Request, Response, StreamResponse
 
 if TYPE_CHECKING:
@@ -68,6 +68,8 @@ def build_routes(http: HttpServer) -> list[Route]:
         ),
         _route("/v1/topics/{topic}/events", GET=bind(sse.events)),
         _route("/v1/events", GET=bind(sse.pattern_events)),
+        _route("/v1/groups", GET=bind(groups.list_groups)),
+        _route("/v1/groups/{group}", GET=bind(groups.group_detail)),
     ]
 
 
