@@ -110,6 +110,15 @@ def _watch_dashboard(url: str, screenshot: Path) -> dict[str, Any]:
                 }"""
             )
             seen["legend"] = page.text_content("#legend")
+            # The consumer-groups panel: the group, its member, work done.
+            page.wait_for_function(
+                """() => {
+                    const cell = document.querySelector('tr[data-group="workers"] td.acked');
+                    return cell && Number(cell.textContent) > 0;
+                }"""
+            )
+            seen["group_pattern"] = page.text_content('tr[data-group="workers"] td:nth-child(2)')
+            seen["group_members"] = page.text_content('tr[data-group="workers"] td.members')
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
@@ -128,6 +137,8 @@ async def test_dashboard_shows_topics_and_moving_rates(tmp_path: Path) -> None:
                 received += 1
 
             await c.subscribe(TOPIC, count)
+            # A consumer group on the same topic, for the groups panel.
+            await c.subscribe(TOPIC, lambda msg: None, group="workers")
 
             async def publish_while_watched() -> None:
                 # Wait until the page has polled once with no topic, then flow.
@@ -159,5 +170,6 @@ async def test_dashboard_shows_topics_and_moving_rates(tmp_path: Path) -> None:
     assert seen["total_rate"] not in ("", "0", "–"), seen
     assert seen["topic_count"] == "1" and seen["tcp_connections"] == "1", seen
     assert seen["painted"] > 100, seen
+    assert seen["group_pattern"] == TOPIC and seen["group_members"] == "1", seen
     assert TOPIC in seen["legend"], seen
     assert (tmp_path / "dashboard.png").stat().st_size > 0

@@ -7,11 +7,18 @@ and dispatch, so a test with ``MockClock`` drives redelivery in
 milliseconds. Tracking is per message (a dict entry per pending offset):
 work queues settle messages one by one, so this is inherent, and it stays
 off the plain pub/sub hot path.
+
+Fair dispatch: the unit handed out is the message, not the stored batch.
+Each member takes at most its own ``max_ack_pending`` unsettled messages
+(its prefetch), and a stored batch is split across every member with room
+at that moment, as evenly as their room allows; a member gets the stored
+batch's own bytes only when it takes all of it.
 """
 
 from __future__ import annotations
 
 import heapq
+import random
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -40,11 +47,13 @@ if TYPE_CHECKING:
 
 
 class Member:
-    __slots__ = ("sub", "unacked", "active")
+    __slots__ = ("sub", "unacked", "max_ack_pending", "active")
 
-    def __init__(self, sub: Subscription) -> None:
+    def __init__(self, sub: Subscription, max_ack_pending: int) -> None:
         self.sub = sub
         self.unacked = 0
+        #: Its prefetch: at most this many unsettled messages handed to it.
+        self.max_ack_pending = max_ack_pending
         self.active = True  # False once it left: held deliveries are not sent
 
 
@@ -156,9 +165,10 @@ class Group:
             cursor = start_offset(log, self.start, self.start_value, topic.visible_next)
         self.topics[topic] = GroupTopic(topic, cursor)
 
-    def add_member(self, sub: Subscription) -> Member:
+    def add_member(self, sub: Subscription, max_ack_pending: int | None = None) -> Member:
+        """``max_ack_pending``: the member's own prefetch (None: the group's)."""
         self.version += 1
-        member = Member(sub)
+        member = Member(sub, max_ack_pending or self.config.max_ack_pending)
         self.members.append(member)
         return member
 
@@ -204,17 +214,20 @@ class Group:
                 continue  # since given to another member
             touched += 1
             if kind is AckKind.IN_PROGRESS:
-                p.deadline = now + self.config.wait_for(p.deliveries)
+                p.deadline = now + self.config.ack_wait
                 self._timer(p.deadline, gt, offset, offset)
                 continue
             if p.member is member:
                 member.unacked -= 1
             if kind is AckKind.NAK:
                 p.member = None
-                if delay > 0:
-                    p.deadline = now + delay
+                # No delay of its own: the group's backoff for this delivery.
+                wait = delay if delay > 0 else self._backoff(p.deliveries)
+                if wait > 0 and not self._exhausted(p):
+                    p.deadline = now + wait
                     self._timer(p.deadline, gt, offset, offset)
                 else:
+                    # (Exhausted: its next turn dead-letters it; no point waiting.)
                     self._make_ready(gt, offset, p)
             else:
                 del gt.pending[offset]
@@ -223,6 +236,15 @@ class Group:
                 else:
                     self.termed += 1
         return touched
+
+    def _backoff(self, deliveries: int) -> float:
+        wait = self.config.backoff_for(deliveries)
+        if wait and self.config.backoff_jitter:
+            wait *= 1 + random.random() * self.config.backoff_jitter
+        return wait
+
+    def _exhausted(self, p: Pending) -> bool:
+        return bool(self.config.max_deliver) and p.deliveries >= self.config.max_deliver
 
     @staticmethod
     def _offsets_in(gt: GroupTopic, ranges: tuple[tuple[int, int], ...]) -> list[int]:
@@ -267,10 +289,26 @@ class Group:
         n = len(self.members)
         for i in range(n):
             member = self.members[(self._next_member + i) % n]
-            if member.unacked < self.config.max_ack_pending and member.sub.subscriber.accepting:
+            if member.unacked < member.max_ack_pending and member.sub.subscriber.accepting:
                 self._next_member = (self._next_member + i + 1) % n
                 return member
         return None
+
+    def _members_with_room(self, most: int) -> list[tuple[Member, int]]:
+        """The members that can take more, with their room, in turn order
+        (from the next member in turn), at most ``most`` of them: ``most``
+        messages go one each to the first ``most`` members with room
+        anyway, so a batch of one costs one member's check, not all."""
+        n = len(self.members)
+        out = []
+        for i in range(n):
+            member = self.members[(self._next_member + i) % n]
+            room = member.max_ack_pending - member.unacked
+            if room > 0 and member.sub.subscriber.accepting:
+                out.append((member, room))
+                if len(out) >= most:
+                    break
+        return out
 
     def _confirm_dead_letters(self) -> None:
         """Drop dead letters their topic made durable; a dead letter whose
@@ -307,12 +345,15 @@ class Group:
         for gt in list(self.topics.values()):
             visible = gt.topic.visible_next
             while gt.cursor < visible:
-                member = self._member_with_room()
-                if member is None:
+                if not self._deliver_new(gt, now):
                     return
-                self._deliver_new(gt, member, now)
 
-    def _deliver_new(self, gt: GroupTopic, member: Member, now: float) -> None:
+    def _deliver_new(self, gt: GroupTopic, now: float) -> bool:
+        """Hand out the stored batch at the cursor (from the cursor on),
+        split across the members with room as evenly as their room allows;
+        False if no member has room."""
+        if not any(m.unacked < m.max_ack_pending and m.sub.subscriber.accepting for m in self.members):
+            return False  # (before reading the log: nobody could take it)
         log = gt.topic.log
         if gt.cursor < log.first_offset:
             gt.cursor = log.first_offset  # retention removed what we had not read
@@ -326,33 +367,44 @@ class Group:
                 group=self.name, topic=lost.topic, first=lost.first, last=lost.last, reason=lost.reason,
             )
             gt.cursor = lost.last + 1
-            return
+            return True
         if batch is None or batch.base_offset >= gt.topic.visible_next:
             gt.cursor = max(gt.cursor, gt.topic.visible_next)
-            return
-        room = self.config.max_ack_pending - member.unacked
+            return True
         skip = gt.cursor - batch.base_offset
-        if skip or batch.count > room:
-            # Part of a batch: from the cursor, and only what the member has room for.
-            try:
-                records = gt.records_of(batch)[skip : skip + room]
-            except MalformedBatch as exc:
-                self._settle_malformed(gt, range(gt.cursor, batch.next_offset), exc)
-                gt.cursor = batch.next_offset
-                return
-            payload = encode_batch_from_records(records)
-            base, count = gt.cursor, len(records)
-        else:
-            payload, base, count = batch.batch, batch.base_offset, batch.count
-        deadline = now + self.config.wait_for(1)
-        for offset in range(base, base + count):
-            gt.pending[offset] = Pending(member, 1, deadline)
-        member.unacked += count
-        gt.cursor = base + count
-        self.version += 1
-        self.delivered += count
-        self._timer(deadline, gt, base, base + count - 1)
-        self.manager.hand_out(self, member, gt.topic, base, count, batch.timestamp, 1, payload)
+        takers = self._members_with_room(batch.count - skip)
+        if not takers:
+            return False
+        shares = fair_shares(batch.count - skip, [room for _, room in takers])
+        # The next hand-out starts its turn order one member on, so the
+        # larger shares of uneven splits (and batches of one) rotate.
+        self._next_member = (self.members.index(takers[0][0]) + 1) % len(self.members)
+        deadline = now + self.config.ack_wait
+        base = gt.cursor
+        for (member, _), count in zip(takers, shares):
+            if not count:
+                continue
+            if skip == 0 and count == batch.count:
+                payload = batch.batch  # all of it: the stored bytes, no copy
+            else:
+                # Part of a batch: from the cursor, only what this member takes.
+                try:
+                    records = gt.records_of(batch)[base - batch.base_offset : base - batch.base_offset + count]
+                except MalformedBatch as exc:
+                    self._settle_malformed(gt, range(base, batch.next_offset), exc)
+                    gt.cursor = batch.next_offset
+                    return True
+                payload = encode_batch_from_records(records)
+            for offset in range(base, base + count):
+                gt.pending[offset] = Pending(member, 1, deadline)
+            member.unacked += count
+            gt.cursor = base + count
+            self.version += 1
+            self.delivered += count
+            self._timer(deadline, gt, base, base + count - 1)
+            self.manager.hand_out(self, member, gt.topic, base, count, batch.timestamp, 1, payload)
+            base += count
+        return True
 
     def _redeliver(self, gt: GroupTopic, offset: int, p: Pending, member: Member, now: float) -> None:
         try:
@@ -377,13 +429,13 @@ class Group:
             del gt.pending[offset]
             self._settle_malformed(gt, range(offset, offset + 1), exc)
             return
-        if self.config.max_deliver and p.deliveries >= self.config.max_deliver:
+        if self._exhausted(p):
             self.manager.dead_letter(self, gt, offset, p, stored.timestamp, record, now)
             return
         p.deliveries += 1
         self.version += 1
         p.member = member
-        p.deadline = now + self.config.wait_for(p.deliveries)
+        p.deadline = now + self.config.ack_wait
         member.unacked += 1
         self.redelivered += 1
         self._timer(p.deadline, gt, offset, offset)
@@ -492,6 +544,7 @@ class Group:
                 "ack_wait": c.ack_wait,
                 "max_deliver": c.max_deliver,
                 "backoff": list(c.backoff),
+                "backoff_jitter": c.backoff_jitter,
                 "max_ack_pending": c.max_ack_pending,
                 "dead_letter": c.dead_letter,
             },
@@ -556,10 +609,15 @@ class Group:
                 "ack_wait_ms": round(config.ack_wait * 1000),
                 "max_deliver": config.max_deliver,
                 "backoff_ms": [round(b * 1000) for b in config.backoff],
+                "backoff_jitter_pct": round(config.backoff_jitter * 100),
                 "max_ack_pending": config.max_ack_pending,
                 "dead_letter": config.dead_letter,
             },
             "members": len(self.members),
+            # Handed to members and unsettled, and how many they may hold
+            # together (the sum of their max_ack_pending).
+            "in_flight": sum(m.unacked for m in self.members),
+            "prefetch": sum(m.max_ack_pending for m in self.members),
             "pending": sum(len(gt.pending) for gt in self.topics.values()),
             "delivered": self.delivered,
             "redelivered": self.redelivered,
@@ -573,3 +631,26 @@ class Group:
         }
 
 
+def fair_shares(count: int, rooms: list[int]) -> list[int]:
+    """Split ``count`` messages across members with these rooms, as evenly
+    as the rooms allow and never above one: water-filling, every member
+    takes up to a common level and one with less room all it can. What an
+    even split leaves over goes one each to the first in order (the turn
+    order) with room to spare."""
+    n = len(rooms)
+    level = max(rooms, default=0)
+    used = 0  # the rooms of the members already full below the level
+    for i, room in enumerate(sorted(rooms)):
+        if used + room * (n - i) > count:
+            level = (count - used) // (n - i)
+            break
+        used += room
+    shares = [min(room, level) for room in rooms]
+    left = count - sum(shares)
+    for i, room in enumerate(rooms):
+        if left <= 0:
+            break
+        if room > shares[i]:
+            shares[i] += 1
+            left -= 1
+    return shares
