@@ -736,6 +736,7 @@ class Client:
         ack_wait: float | None = None,
         max_deliver: int | None = None,
         backoff: Sequence[float] | None = None,
+        backoff_jitter: float | None = None,
         max_ack_pending: int | None = None,
         dead_letter: str | None = None,
         timeout: float | None = TIMEOUT,
@@ -745,7 +746,9 @@ class Client:
 
         With ``callback``, ``concurrency`` worker threads call it for each
         message (for a group with ``auto_ack``: it returns, the message is
-        acked; it raises, it is nak'ed and the error logged). An error from
+        acked; it raises, it is nak'ed and the error logged). For a group,
+        this member's prefetch (``max_ack_pending``) is ``concurrency``
+        unless given, as in the async client. An error from
         a plain subscription's callback is logged, stops that subscription
         and is raised again by ``close()``. Without one, iterate the
         returned :class:`Subscription`.
@@ -759,9 +762,13 @@ class Client:
                 start=start,
                 window=window,
                 group=group,
+                # No async callback here; for a group, the member's default
+                # prefetch (max_ack_pending) follows the worker threads.
+                concurrency=concurrency,
                 ack_wait=ack_wait,
                 max_deliver=max_deliver,
                 backoff=backoff,
+                backoff_jitter=backoff_jitter,
                 max_ack_pending=max_ack_pending,
                 dead_letter=dead_letter,
             )
@@ -1129,6 +1136,7 @@ def connect(
     tls: TLSOption = None,
     ca_file: CAFile = None,
     keepalive: float | None = None,
+    idempotent: bool = True,
 ) -> Client:
     """Connect to a broker and return a blocking :class:`Client` (use it in
     a ``with`` block, or call ``close()``). The options are
@@ -1149,6 +1157,7 @@ def connect(
         tls=tls,
         ca_file=ca_file,
         keepalive=keepalive,
+        idempotent=idempotent,
     )
     client = Client(name, close_timeout)
     client._start(url, options, connect_timeout)

@@ -597,6 +597,12 @@ def test_connect_takes_the_async_options() -> None:
     assert list(sync_params) == list(async_params)
     for name, param in async_params.items():
         assert sync_params[name].default == param.default, name
+    # subscribe() too, plus the blocking call's own timeout.
+    sync_sub = inspect.signature(pybroker.sync.Client.subscribe).parameters
+    async_sub = inspect.signature(pybroker.Client.subscribe).parameters
+    assert [n for n in sync_sub if n != "timeout"] == list(async_sub)
+    for name, param in async_sub.items():
+        assert sync_sub[name].default == param.default, name
 
 
 # ---------------------------------------------------------------------------
