@@ -738,6 +738,7 @@ class Client:
         backoff_jitter: float | None = None,
         max_ack_pending: int | None = None,
         dead_letter: str | None = None,
+        ordering: str | None = None,
     ) -> _SubscribeCall:
         """Subscribe to a topic or pattern (``*`` one token, ``>`` the rest).
 
@@ -763,7 +764,10 @@ class Client:
         unsettled; by default ``concurrency``, so a member is never given
         work it will not start while another member sits idle (raise it for
         throughput with quick handlers). ``concurrency`` callbacks run at
-        once, in a nursery the client owns.
+        once, in a nursery the client owns. ``ordering="key"`` (when this
+        call creates the group) keeps messages with the same ``key`` header
+        in order: one at a time, to one member at a time, the next only
+        once the one before it is settled; different keys run in parallel.
         """
         options: dict[str, str] = {}
         if group is not None:
@@ -771,13 +775,14 @@ class Client:
             # The member's prefetch: by default what it works on at once.
             options |= _group_options(
                 ack_wait, max_deliver, backoff, backoff_jitter,
-                max_ack_pending if max_ack_pending is not None else concurrency, dead_letter,
+                max_ack_pending if max_ack_pending is not None else concurrency, dead_letter, ordering,
             )
         elif any(
-            x is not None for x in (ack_wait, max_deliver, backoff, backoff_jitter, max_ack_pending, dead_letter)
+            x is not None
+            for x in (ack_wait, max_deliver, backoff, backoff_jitter, max_ack_pending, dead_letter, ordering)
         ):
             raise ValueError(
-                "ack_wait, max_deliver, backoff, backoff_jitter, max_ack_pending and dead_letter need group="
+                "ack_wait, max_deliver, backoff, backoff_jitter, max_ack_pending, dead_letter and ordering need group="
             )
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -953,6 +958,7 @@ class Client:
         backoff_jitter: float | None = None,
         max_ack_pending: int | None = None,
         dead_letter: str | None = None,
+        ordering: str | None = None,
     ) -> dict[str, Any]:
         """Declare consumer group ``name`` reading ``pattern`` before any
         member joins: messages from ``start`` on (``"new"``: published from
@@ -966,7 +972,9 @@ class Client:
         if problem is not None:
             raise ValueError(problem)
         kind, value = _start_position(start)
-        options = _group_options(ack_wait, max_deliver, backoff, backoff_jitter, max_ack_pending, dead_letter)
+        options = _group_options(
+            ack_wait, max_deliver, backoff, backoff_jitter, max_ack_pending, dead_letter, ordering
+        )
         request_id = next(self._request_ids)
         waiter = self._info_waiters[request_id] = _Waiter()
         self._queue(self._conn.send(Groups(request_id, GroupsAction.CREATE, name, pattern, kind, value, options)))
@@ -1329,6 +1337,7 @@ def _group_options(
     backoff_jitter: float | None,
     max_ack_pending: int | None,
     dead_letter: str | None,
+    ordering: str | None = None,
 ) -> dict[str, str]:
     """A group's settings as SUBSCRIBE / GROUPS create options (protocol.md,
     "Consumer groups"); waits must be positive (not quietly clamped)."""
@@ -1351,6 +1360,10 @@ def _group_options(
         options["max_ack_pending"] = str(max_ack_pending)
     if dead_letter is not None:
         options["dead_letter"] = dead_letter
+    if ordering is not None:
+        if ordering not in ("key", ""):
+            raise ValueError(f"ordering must be 'key' (or '' for none), got {ordering!r}")
+        options["ordering"] = ordering
     return options
 
 

@@ -64,6 +64,7 @@ def add_parsers(commands: Commands[argparse.ArgumentParser]) -> None:
     create.add_argument("--backoff-jitter", type=float, metavar="FRACTION", help="lengthen each backoff wait by up to this fraction, at random")
     create.add_argument("--max-ack-pending", type=int, metavar="N", help="prefetch of members that name none")
     create.add_argument("--dead-letter", metavar="TOPIC", help="where messages go after --max-deliver deliveries (default dlq.NAME)")
+    create.add_argument("--ordering", choices=("key",), default=None, help="key: messages with the same 'key' header one at a time, in order")
 
     topics = commands.add_parser("topics", help="list topics with their first and next offsets")
     topics.add_argument("pattern", nargs="?", default=">", help="topic pattern (default: every topic)")
@@ -274,6 +275,7 @@ async def groups(args: argparse.Namespace) -> int:
                     backoff_jitter=args.backoff_jitter,
                     max_ack_pending=args.max_ack_pending,
                     dead_letter=args.dead_letter,
+                    ordering=args.ordering,
                 )
             else:
                 doc = await c.groups(args.action, args.name)

@@ -283,6 +283,7 @@ class GroupManager:
             int(c["max_ack_pending"]),
             str(c["dead_letter"]),
             float(c.get("backoff_jitter", 0.0)),  # (saved by older versions without it)
+            str(c.get("ordering", "")),
         )
         start, start_value = StartKind(snap["start"]), int(snap["start_value"])
         return Group(self, str(snap["name"]), str(snap["pattern"]), config, start, start_value)

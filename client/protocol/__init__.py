@@ -30,6 +30,7 @@ from ._batch import (
     encode_headers,
     encode_record,
     first_msg_id,
+    record_headers,
     split_records,
     with_msg_id,
 )
@@ -141,6 +142,7 @@ __all__ = [
     "MSG_ID_HEADER",
     "MSG_ID_ROOM",
     "first_msg_id",
+    "record_headers",
     "with_msg_id",
     "deliver_overhead",
     "max_deliver_batch",
