@@ -78,6 +78,9 @@ from .protocol import (
     SubAck,
     Subscribe,
     TopicInfo,
+    Topics,
+    TopicsAction,
+    TopicsReply,
     UnsubAck,
     Unsubscribe,
     Welcome,
@@ -946,6 +949,26 @@ class Client:
                 return {"groups": listed}
             after = following
 
+    async def delete_topic(self, topic: str) -> dict[str, Any]:
+        """Delete ``topic``: its messages and files; its subscribers and
+        the groups reading it are told, and a publish to the name later
+        starts a new topic at offset 0. Needs admin or a ``manage``
+        permission for it (PermissionDenied). Returns ``{"deleted": topic,
+        "messages": n}``; BrokerError UNKNOWN_TOPIC if there is none."""
+        await self._wait_connected()
+        problem = topic_error(topic, self._max_topic_bytes, self._max_topic_depth)
+        if problem is not None:
+            raise ValueError(problem)
+        request_id = next(self._request_ids)
+        waiter = self._info_waiters[request_id] = _Waiter()
+        self._queue(self._conn.send(Topics(request_id, TopicsAction.DELETE, topic)))
+        await waiter.event.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        reply: TopicsReply = waiter.result
+        document: dict[str, Any] = json.loads(reply.document)
+        return document
+
     async def create_group(
         self,
         name: str,
@@ -1187,7 +1210,7 @@ class Client:
                 waiter.done()
         elif isinstance(event, Error):
             self._on_error(event)
-        elif isinstance(event, (InfoReply, GroupsReply)):
+        elif isinstance(event, (InfoReply, GroupsReply, TopicsReply)):
             waiter = self._info_waiters.pop(event.request_id, None)
             if waiter is not None:
                 waiter.done(result=event)
@@ -1285,6 +1308,12 @@ class Client:
             sub = self._subs.get(err.ref)
             if sub is not None and err.code == ErrorCode.DATA_LOST:
                 sub._note_lost(_lost_count(err))
+            elif sub is not None and err.code == ErrorCode.TOPIC_DELETED:
+                # Its next messages, if the name is used again, start at 0:
+                # a resume must not ask for the old topic's offsets.
+                sub._forget_topic(err.fields.get("topic", ""))
+                _log.info("topic deleted", pattern=sub.pattern, topic=err.fields.get("topic"))
+                return
             elif sub is not None and sub._resuming:
                 # The broker refused to continue it on the new connection.
                 del self._subs[err.ref]

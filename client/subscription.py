@@ -162,6 +162,11 @@ class Subscription:
     def _note_lost(self, count: int) -> None:
         self._lost += count
 
+    def _forget_topic(self, topic: str) -> None:
+        """A deleted topic: a new one of its name starts at offset 0, and
+        its first messages must not be taken for repeats."""
+        self._positions.pop(topic, None)
+
     def _close(self, error: BaseException | None = None) -> None:
         """No more messages will arrive; iteration ends once the buffer is
         drained, raising ``error`` if the connection was lost."""

@@ -175,6 +175,20 @@ class Group:
             cursor = start_offset(log, self.start, self.start_value, topic.visible_next)
         self.topics[topic] = GroupTopic(topic, cursor)
 
+    def detach(self, topic: Topic) -> None:
+        """Stop following a deleted ``topic``: its pending messages are gone
+        with it (their members get room back); members are told. Timers
+        for them find nothing pending and do nothing."""
+        gt = self.topics.pop(topic, None)
+        if gt is None:
+            return
+        for p in gt.pending.values():
+            if p.member is not None:
+                p.member.unacked -= 1
+        self.version += 1
+        for member in self.members:
+            member.sub.subscriber.topic_deleted(member.sub, topic)
+
     def add_member(self, sub: Subscription, max_ack_pending: int | None = None) -> Member:
         """``max_ack_pending``: the member's own prefetch (None: the group's)."""
         self.version += 1

@@ -139,6 +139,14 @@ class GroupManager:
                 topic.groups.append(group)
                 group.version += 1  # its cursor there is saved with the next snapshot
 
+    def topic_deleted(self, topic: Topic) -> None:
+        """A deleted topic: every group reading it lets it go, with what was
+        pending there (settled by the deletion); members are told."""
+        for group in topic.groups:
+            group.detach(topic)
+        topic.groups = []
+        self.wake()
+
     def leave(self, group: Group, member: Member) -> None:
         group.remove_member(member, trio.current_time())
         self.wake()

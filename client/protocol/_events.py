@@ -211,6 +211,28 @@ class GroupsReply:
     document: str  # UTF-8 JSON
 
 
+class TopicsAction(enum.IntEnum):
+    DELETE = 0
+    PURGE = 1
+
+
+@attrs.frozen
+class Topics:
+    """Topic administration (protocol.md, "TOPICS")."""
+
+    request_id: int
+    action: TopicsAction
+    topic: str
+    #: PURGE: the first offset to keep; at or past the topic's end, all of it.
+    keep_from: int = 0
+
+
+@attrs.frozen
+class TopicsReply:
+    request_id: int
+    document: str  # UTF-8 JSON
+
+
 @attrs.frozen
 class TopicInfo:
     topic: str
@@ -248,6 +270,8 @@ Event = (
     | InfoReply
     | Groups
     | GroupsReply
+    | Topics
+    | TopicsReply
 )
 
 EVENT_TYPES: dict[type[Event], FrameType] = {
@@ -271,4 +295,6 @@ EVENT_TYPES: dict[type[Event], FrameType] = {
     InfoReply: FrameType.INFO_REPLY,
     Groups: FrameType.GROUPS,
     GroupsReply: FrameType.GROUPS_REPLY,
+    Topics: FrameType.TOPICS,
+    TopicsReply: FrameType.TOPICS_REPLY,
 }
