@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from typing import Protocol
 
 import attrs
-import trio
+import anyio
+import anyio.lowlevel
 
 from .protocol import AckKind, Durability
 
@@ -54,22 +55,22 @@ class Message:
     async def ack(self) -> None:
         """Done: the group will not deliver it again."""
         self._settle(AckKind.ACK)
-        await trio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
 
     async def nak(self, delay: float = 0.0) -> None:
         """Not done: deliver it again, now or after ``delay`` seconds."""
         self._settle(AckKind.NAK, delay)
-        await trio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
 
     async def term(self) -> None:
         """Never deliver it again, and do not dead-letter it."""
         self._settle(AckKind.TERM)
-        await trio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
 
     async def in_progress(self) -> None:
         """Still working on it: restart its ack-wait clock."""
         self._settle(AckKind.IN_PROGRESS)
-        await trio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
 
     @property
     def timestamp(self) -> float:
