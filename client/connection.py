@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import secrets
+import sys
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -331,6 +332,7 @@ class Client:
         self._closing_by_us = False
         # When the reader last got bytes from the broker (keepalive).
         self._received_at = anyio.current_time()
+        self._cancel_check = _cancel_check()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -563,7 +565,7 @@ class Client:
         of ``send`` calls fills large batches instead of sending one message
         per scheduler pass (the writer runs when this task waits).
         """
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        await self._cancel_check()
         while self._pending_count >= self._max_pending:
             await self._wait_room()
         return self.publish_nowait(topic, payload, headers)
@@ -1289,6 +1291,25 @@ class Client:
                 _log.warning("subscription %s not resumed: %s", sub.pattern, error)
                 return
         _log.warning("error from broker: %s (code %d, ref %d)", err.message, err.code, err.ref)
+
+
+def _cancel_check() -> Callable[[], Awaitable[None]]:
+    """The running event loop's own "raise if cancelled", for send().
+
+    anyio.lowlevel.checkpoint_if_cancelled looks the event loop up on every
+    call: 0.7 µs under Trio against Trio's own 0.2 µs, which was a fifth of
+    the cost of a send() (a publisher's hot loop). The loop does not change
+    under a connection, so it is looked up once."""
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            pass  # Trio is imported but not what runs this client
+        else:
+            check: Callable[[], Awaitable[None]] = trio.lowlevel.checkpoint_if_cancelled
+            return check
+    return anyio.lowlevel.current_token().backend_class.checkpoint_if_cancelled
 
 
 def _payload_bytes(payload: object) -> bytes:

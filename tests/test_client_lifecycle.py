@@ -79,3 +79,17 @@ async def test_each_backend_really_runs_the_test(pybroker_server: Server, anyio_
     assert sniffio.current_async_library() == anyio_backend
     async with client.connect(pybroker_server.url) as c:
         assert (await c.publish("backend.check", anyio_backend)).offset == 0
+
+
+async def test_send_is_a_cancellation_point(pybroker_server: Server) -> None:
+    # send() does not yield unless it waits for room, but a cancelled
+    # scope still stops it before it queues anything (under both backends;
+    # the cancel check is looked up once per client for speed).
+    async with client.connect(pybroker_server.url) as c:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await c.send("cancel.t", b"never")
+            raise AssertionError("send() went on in a cancelled scope")
+        assert scope.cancelled_caught
+        await c.flush()
+        assert await c.topics("cancel.>") == []
