@@ -519,8 +519,9 @@ class Client:
         (the same for every publishing method); anything else raises
         ``TypeError``.
 
-        Raises ``anyio.WouldBlock`` (also ``pybroker.WouldBlock``) when ``max_pending`` messages are already
-        queued or awaiting acknowledgement.
+        Raises ``anyio.WouldBlock`` (also ``pybroker.WouldBlock``) when
+        ``max_pending`` messages are already queued or awaiting
+        acknowledgement.
         """
         self._check_open()
         self._check_topic(topic)
