@@ -7,7 +7,9 @@ directory (fsync ``always`` unless ``--broker-args`` says otherwise),
 creates group ``bench`` on topic ``jobs`` (a member joins and leaves, so the
 group exists with its cursor at 0), publishes ``--jobs`` small messages,
 then starts ``--workers`` worker processes that join the group with the
-client library and acknowledge every job from a plain callback (auto ack).
+client library, each with ``--max-ack-pending`` as its own prefetch (a
+member's max_ack_pending is its own), and acknowledge every job from a
+plain callback (auto ack).
 
 Jobs acked per second = jobs / (first job received by any worker -> last
 job received by any worker), on the one ``time.time()`` clock of this
@@ -83,7 +85,7 @@ async def poll(url: str, jobs: int, timeout: float) -> dict[str, object]:
     raise AssertionError("unreachable")
 
 
-async def worker(url: str, out: Path) -> None:
+async def worker(url: str, out: Path, max_ack_pending: int) -> None:
     """Join the group, ack every job; on SIGTERM write first/last/count."""
     seen = [0.0, 0.0, 0]
 
@@ -96,7 +98,7 @@ async def worker(url: str, out: Path) -> None:
 
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async with client.connect(url, name="bench-worker") as c:
-            await c.subscribe(TOPIC, handle, group=GROUP)
+            await c.subscribe(TOPIC, handle, group=GROUP, max_ack_pending=max_ack_pending)
             async for _ in signals:
                 break
     out.write_text(json.dumps({"first": seen[0], "last": seen[1], "count": seen[2]}))
@@ -112,7 +114,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             outs = [work / f"worker-{i}.json" for i in range(args.workers)]
             for out in outs:
                 workers.append(subprocess.Popen(
-                    [sys.executable, __file__, "--worker", url, "--out", str(out)], env=_env()))
+                    [sys.executable, __file__, "--worker", url, "--out", str(out),
+                     "--max-ack-pending", str(args.max_ack_pending)], env=_env()))
             info = trio.run(poll, url, args.jobs, args.timeout)
             for w in workers:
                 w.send_signal(signal.SIGTERM)
@@ -147,7 +150,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--max-ack-pending", type=int, default=1000, help="per member (the group's setting)")
+    parser.add_argument("--max-ack-pending", type=int, default=1000, help="per member")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--broker-args", default="", help="extra `pybroker serve` flags")
     parser.add_argument("--timeout", type=float, default=300)
@@ -156,7 +159,7 @@ def main() -> int:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        trio.run(worker, args.worker, Path(args.out))
+        trio.run(worker, args.worker, Path(args.out), args.max_ack_pending)
         return 0
     status = 0
     for _ in range(args.repeat):

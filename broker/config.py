@@ -51,6 +51,29 @@ class Limits:
         return attrs.asdict(self)
 
 
+def origin_error(origin: str) -> str | None:
+    """Why ``origin`` is not something ``--http-cors-origin`` takes: ``*``
+    or an origin as browsers send it (``scheme://host[:port]``, no path)."""
+    if origin == "*":
+        return None
+    scheme, sep, rest = origin.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return f"{origin!r} is not an origin: expected http://HOST[:PORT], https://HOST[:PORT] or *"
+    if not rest or any(c in rest for c in "/?#@ \t") or not rest.isascii():
+        return f"{origin!r} is not an origin: scheme://host[:port] only, no path or trailing slash"
+    return None
+
+
+def _origins(value: object) -> tuple[str, ...]:
+    origins = tuple(str(o) for o in value) if isinstance(value, (list, tuple)) else (str(value),)
+    for origin in origins:
+        problem = origin_error(origin)
+        if problem is not None:
+            raise ValueError(problem)
+    # Browsers send scheme and host in lower case.
+    return tuple(o.lower() for o in origins)
+
+
 @attrs.frozen
 class HttpSettings:
     """Limits and timeouts of the HTTP side (broker/http)."""
@@ -70,6 +93,9 @@ class HttpSettings:
     max_connections: int = 1024
     #: Seconds between SSE comment lines that keep idle streams alive.
     sse_keepalive: float = 15.0
+    #: Origins whose pages may call the JSON API and open event streams
+    #: (CORS, broker/http/cors.py); ``*`` for any. Empty: none.
+    cors_origins: tuple[str, ...] = attrs.field(default=(), converter=_origins)
 
 
 @attrs.frozen
@@ -117,6 +143,10 @@ class Config:
     #: the same user to reclaim it on reconnect (broker/inboxes.py); 0: it
     #: goes with the connection.
     inbox_grace: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
+    #: Exactly-once publishing (flag DEDUP): how long a topic remembers the
+    #: msg-id of each batch stored, and at most how many (the oldest go).
+    dedup_window: float = attrs.field(default=120.0, validator=attrs.validators.gt(0))
+    dedup_max_ids: int = attrs.field(default=100_000, validator=attrs.validators.ge(1))
     #: How long a graceful shutdown waits for connections to flush.
     shutdown_grace: float = 5.0
     #: The HTTP side (health, metrics, JSON API, SSE, dashboard). None: the

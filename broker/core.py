@@ -26,6 +26,8 @@ import trio
 
 from pybroker.protocol import (
     MAX_INFO_ENTRIES,
+    MAX_MSG_ID_BYTES,
+    MSG_ID_HEADER,
     RESUME_OPTION_PREFIX,
     AckKind,
     Durability,
@@ -33,7 +35,9 @@ from pybroker.protocol import (
     GroupsAction,
     StartKind,
     TopicInfo,
+    MalformedBatch,
     check_batch,
+    first_msg_id,
     info_entry_size,
     info_reply_room,
     pattern_error,
@@ -44,6 +48,7 @@ from pybroker.protocol import (
 from .auth import Authenticator, authenticator_for
 from .committer import Committer
 from .config import Config
+from .dedup import DedupWindow, Stored
 from .groups import GroupConfig, GroupManager, group_name_error
 from .inboxes import has_wildcard, is_inbox
 from .logs import get_logger
@@ -96,10 +101,17 @@ class Published:
     promises once ``held`` (a batch waiting for the fsync) is settled.
     (A slots class, not attrs: one is made per PUBLISH frame.)"""
 
-    __slots__ = ("topic", "base", "count", "timestamp", "held", "durability")
+    __slots__ = ("topic", "base", "count", "timestamp", "held", "durability", "duplicate")
 
     def __init__(
-        self, topic: Topic, base: int, count: int, timestamp: int, held: Held | None, durability: Durability
+        self,
+        topic: Topic,
+        base: int,
+        count: int,
+        timestamp: int,
+        held: Held | None,
+        durability: Durability,
+        duplicate: bool = False,
     ) -> None:
         self.topic = topic
         self.base = base
@@ -107,6 +119,9 @@ class Published:
         self.timestamp = timestamp
         self.held = held
         self.durability = durability
+        #: A resent batch (flag DEDUP): these are the original's offsets,
+        #: and nothing was stored or delivered this time.
+        self.duplicate = duplicate
 
 
 @attrs.frozen
@@ -144,6 +159,7 @@ class Broker:
         self.groups = GroupManager(self.router, state_dir, sync=config.group_counts_fsync)
         #: Publish acknowledgements sent, by what they promise (GET /metrics).
         self.acks_by_durability: dict[Durability, int] = dict.fromkeys(Durability, 0)
+        self.dedup = DedupWindow(config.dedup_window, config.dedup_max_ids)
 
     @property
     def storage_kind(self) -> str:
@@ -220,11 +236,13 @@ class Broker:
         return topic_error(name, self.limits.max_topic_bytes, self.limits.max_topic_depth)
 
     def publish(
-        self, who: Principal, topic_name: str, batch: bytes, *, needs_receiver: bool = False
+        self, who: Principal, topic_name: str, batch: bytes, *, needs_receiver: bool = False, dedup: bool = False
     ) -> Published:
         """Append one batch from ``who`` to a topic; it is delivered (and
         its acknowledgement may be sent) once ``durable`` says so. Raises
-        Refused, with nothing stored, when a rule or the storage says no."""
+        Refused, with nothing stored, when a rule or the storage says no.
+        With ``dedup``, a batch whose msg-id the topic stored within the
+        window is not stored again: the original's place comes back."""
         topic = self.router.topics.get(topic_name)
         if topic is None:
             problem = topic_error(topic_name, self.limits.max_topic_bytes, self.limits.max_topic_depth)
@@ -241,14 +259,51 @@ class Broker:
             raise Refused(ErrorCode.CHECKSUM_MISMATCH, "batch CRC mismatch")
         if needs_receiver and not self.router.has_receivers(topic_name):
             raise Refused(ErrorCode.NO_RECEIVERS, f"no subscription or group receives {topic_name!r}")
+        msg_id = self._msg_id(topic_name, batch) if dedup else None
+        now = time.time_ns() // 1000
         try:
             if topic is None:
                 topic = self.router.topic(topic_name)
-            base, timestamp, held = self.router.publish(topic, batch, count, time.time_ns() // 1000)
+            if msg_id is not None:
+                stored = self.dedup.find(topic, msg_id, now)
+                if stored is not None:
+                    return self._duplicate(topic, msg_id, stored, count)
+            base, timestamp, held = self.router.publish(topic, batch, count, now)
         except StorageError as exc:
             # Disk full or failing: an answer for this publish, nothing stored.
             raise Refused(exc.code, exc.message, {"topic": topic_name}) from None
+        if msg_id is not None:
+            self.dedup.remember(topic, msg_id, Stored(base, count, timestamp, held))
         return Published(topic, base, count, timestamp, held, topic.log.durability)
+
+    def _msg_id(self, topic_name: str, batch: bytes) -> str | None:
+        """A DEDUP batch's name; None for a topic that is not stored (an
+        inbox: replies are not resent). Refused without a usable one."""
+        if is_inbox(topic_name):
+            return None
+        try:
+            msg_id = first_msg_id(batch)
+        except MalformedBatch as exc:
+            raise Refused(ErrorCode.BAD_REQUEST, f"flag DEDUP: the first message's headers do not decode: {exc}") from None
+        if not msg_id or len(msg_id.encode("utf-8")) > MAX_MSG_ID_BYTES:
+            raise Refused(
+                ErrorCode.BAD_REQUEST,
+                f"flag DEDUP needs a {MSG_ID_HEADER!r} header of 1 to {MAX_MSG_ID_BYTES} bytes on the first message",
+            )
+        return msg_id
+
+    def _duplicate(self, topic: Topic, msg_id: str, stored: Stored, count: int) -> Published:
+        if stored.count != count:
+            raise Refused(
+                ErrorCode.BAD_REQUEST,
+                f"msg-id {msg_id!r} already names a batch of {stored.count} messages at offset "
+                f"{stored.base} of {topic.name!r}, not one of {count}",
+            )
+        self.dedup.duplicates += 1
+        # Still held: the answer waits for the same fsync as the original's.
+        return Published(
+            topic, stored.base, stored.count, stored.timestamp, stored.held, topic.log.durability, duplicate=True
+        )
 
     async def durable(self, published: Published) -> Durability:
         """Wait until ``published`` may be acknowledged; what the
@@ -370,7 +425,11 @@ class Broker:
                     who, f"publish to {config.dead_letter!r}, the dead-letter topic of new group {name!r}"
                 )
             assert isinstance(req.start, StartKind)
-            sub.member = self.groups.join(sub, name, req.pattern, config, req.start, req.start_value)
+            # max_ack_pending is each member's own prefetch (protocol.md).
+            prefetch = config.max_ack_pending if "max_ack_pending" in req.options else None
+            sub.member = self.groups.join(
+                sub, name, req.pattern, config, req.start, req.start_value, prefetch
+            )
         except ValueError as exc:
             raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
         sub.group = self.groups.groups[name]
@@ -437,6 +496,51 @@ class Broker:
             entries.append(TopicInfo(name, log.first_offset, log.next_offset, log.size_bytes, len(topic.subs)))
         return entries, len(entries) < len(names)
 
+    def create_group(
+        self,
+        who: Principal,
+        name: str,
+        pattern: str,
+        start: StartKind | int,
+        start_value: int,
+        options: Mapping[str, str],
+    ) -> str:
+        """GROUPS create: a durable group before any member exists, reading
+        ``pattern`` from ``start``; the reply's JSON document (its summary
+        and ``created``). The rules of a SUBSCRIBE that creates a group:
+        who may subscribe to the pattern (and publish to its dead-letter
+        topic) may create it; an existing group with the same pattern is
+        left as it is (created false), with another one it is refused."""
+        problem = pattern_error(pattern, self.limits.max_topic_bytes, self.limits.max_topic_depth)
+        if problem is not None:
+            raise Refused(ErrorCode.BAD_PATTERN, problem)
+        if not who.may_subscribe(pattern):
+            raise Refused.denied(who, f"create group {name!r} reading {pattern!r}")
+        if is_inbox(pattern):
+            raise Refused(ErrorCode.BAD_REQUEST, "an inbox takes plain subscriptions only")
+        if not isinstance(start, StartKind):
+            raise Refused(ErrorCode.BAD_REQUEST, f"unknown start kind {start}")
+        if start is StartKind.OFFSET and has_wildcard(pattern):
+            raise Refused(ErrorCode.BAD_REQUEST, "an offset start needs a pattern without wildcards")
+        if "group" in options or any(key.startswith(RESUME_OPTION_PREFIX) for key in options):
+            raise Refused(ErrorCode.BAD_REQUEST, "create takes the group settings only (its name is the request's)")
+        try:
+            problem = group_name_error(name)
+            if problem:
+                raise ValueError(f"group name: {problem}")
+            config = GroupConfig.from_options(name, options)
+            if name not in self.groups.groups and config.max_deliver and not who.may_publish(config.dead_letter):
+                raise Refused.denied(
+                    who, f"publish to {config.dead_letter!r}, the dead-letter topic of new group {name!r}"
+                )
+            group, created = self.groups.create(name, pattern, config, start, start_value)
+        except ValueError as exc:
+            raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
+        if created:
+            self.logger.info("group created", group=name, pattern=pattern, start=start.name.lower())
+        room = self.limits.max_frame_bytes - GROUPS_REPLY_FIXED - len(',"created":false')
+        return json.dumps({**_bounded(group.statistics(), room), "created": created})
+
     def groups_request(self, who: Principal, action: GroupsAction | int, name: str) -> str:
         """GROUPS: list, inspect or delete; the reply's JSON document.
         Administration is for those who may read the group's pattern, and
@@ -463,7 +567,8 @@ class Broker:
             if len(listed) < len(names):
                 doc += ',"next":' + json.dumps(names[len(listed) - 1])
             return doc + "}"
-        if not isinstance(action, GroupsAction):
+        if not isinstance(action, GroupsAction) or action is GroupsAction.CREATE:
+            # (create carries a pattern, start and settings: create_group)
             raise Refused(ErrorCode.BAD_REQUEST, f"unknown action {action}")
         group = manager.groups.get(name)
         if group is None:

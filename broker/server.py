@@ -29,6 +29,7 @@ from .config import Config
 from .core import Broker
 from .framebudget import FREE_BYTES, FrameBudget, trim_heap
 from .http import HttpServer
+from .listening import open_listeners
 from .logs import get_logger
 from .session import Session
 from .storage import LogStore
@@ -109,7 +110,7 @@ class Server:
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.broker.recover()
-        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        listeners = await open_listeners("TCP", self.config.host, self.config.port)
         self._check_descriptor_limit()
         try:
             sockname = listeners[0].socket.getsockname()

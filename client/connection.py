@@ -94,6 +94,8 @@ from .protocol import (
     pattern_error,
     server_frame_limit,
     topic_error,
+    with_msg_id,
+    MSG_ID_HEADER,
 )
 from .subscription import Subscription
 from .transport import CAFile, TLSOption, client_context, open_stream
@@ -273,6 +275,7 @@ class Client:
         reconnect: Reconnect | None = None,
         connect_timeout: float = 10.0,
         keepalive: float | None = None,
+        idempotent: bool = True,
     ) -> None:
         self._stream = stream
         #: HELLO options; kept (not logged) so a reconnect can send them again.
@@ -302,6 +305,13 @@ class Client:
         self._max_frame_bytes = self._conn.max_frame_bytes
         self._max_topic_bytes = 255
         self._max_topic_depth = 16
+        # Exactly-once publishing (protocol.md, "Publishing exactly once"):
+        # each batch is named "<producer>.<n>" on its first message, once
+        # the broker says it understands (WELCOME's dedup_window_ms).
+        self._want_dedup = idempotent
+        self._dedup = False
+        self._producer = secrets.token_hex(8)
+        self._batch_names = itertools.count(1)
         self._out: list[bytes] = []
         self._wake = anyio.Event()
         # topic -> [(record bytes, PendingAck)] not yet sent
@@ -357,6 +367,9 @@ class Client:
         )
         self._max_topic_bytes = limits.get("max_topic_bytes", self._max_topic_bytes)
         self._max_topic_depth = limits.get("max_topic_depth", self._max_topic_depth)
+        if self.reconnects == 0:
+            # Decided once: frames named on one connection are resent as they are.
+            self._dedup = self._want_dedup and "dedup_window_ms" in limits
         # Never more PUBLISH frames awaiting their PUBACK than the broker
         # answers at once: past that it would only stop reading us.
         self._max_inflight_batches = max(
@@ -546,7 +559,7 @@ class Client:
         """A message must fit one PUBLISH frame under the broker's
         max_frame_bytes; refuse it here rather than have the broker close
         the connection with FRAME_TOO_LARGE."""
-        limit = max_publish_records(self._max_frame_bytes, topic)
+        limit = max_publish_records(self._max_frame_bytes, topic, self._dedup)
         if len(record) > limit:
             extra = len(record) - payload_len  # record header and headers block
             raise MessageTooLarge(
@@ -731,7 +744,7 @@ class Client:
         max_messages = self._max_batch_messages
         for topic in list(self._unsent):
             items = self._unsent[topic]
-            max_body = max_publish_records(self._max_frame_bytes, topic)
+            max_body = max_publish_records(self._max_frame_bytes, topic, self._dedup)
             start = 0
             size = 0
             for i, (record, _) in enumerate(items):
@@ -756,8 +769,15 @@ class Client:
     def _batch_frame(self, topic: str, items: list[tuple[bytes, PendingAck]]) -> bytes:
         request_id = next(self._request_ids)
         self._inflight[request_id] = [p for _, p in items]
-        batch = encode_batch_from_records([r for r, _ in items])
-        frame = self._inflight_frames[request_id] = encode_publish(request_id, topic, batch)
+        records = [r for r, _ in items]
+        dedup = self._dedup
+        if dedup:
+            try:
+                records[0] = with_msg_id(records[0], f"{self._producer}.{next(self._batch_names)}")
+            except ValueError:
+                dedup = False  # headers too large for one more: at-least-once for this batch
+        batch = encode_batch_from_records(records)
+        frame = self._inflight_frames[request_id] = encode_publish(request_id, topic, batch, dedup=dedup)
         return frame
 
     # -- subscribing ------------------------------------------------------
@@ -775,8 +795,10 @@ class Client:
         ack_wait: float | None = None,
         max_deliver: int | None = None,
         backoff: Sequence[float] | None = None,
+        backoff_jitter: float | None = None,
         max_ack_pending: int | None = None,
         dead_letter: str | None = None,
+        ordering: str | None = None,
     ) -> _SubscribeCall:
         """Subscribe to a topic or pattern (``*`` one token, ``>`` the rest).
 
@@ -793,29 +815,35 @@ class Client:
         ``term()``, ``in_progress()``). With a callback and ``auto_ack``, a
         callback that returns acks and one that raises naks (and the error is
         logged, not raised). ``ack_wait``, ``max_deliver``, ``backoff``
-        (seconds per delivery), ``max_ack_pending`` and ``dead_letter`` set
-        the group up when this call creates it (protocol.md).
-        ``concurrency`` callbacks run at once, in a task group the client owns.
+        (seconds a nak'ed message waits before its next delivery: the n-th
+        wait after the n-th delivery, the last repeating), ``backoff_jitter``
+        (each wait up to this fraction longer, at random) and
+        ``dead_letter`` set the group up when this call creates it
+        (protocol.md). ``max_ack_pending`` is this member's own prefetch:
+        at most that many of the group's messages are handed to it
+        unsettled; by default ``concurrency``, so a member is never given
+        work it will not start while another member sits idle (raise it for
+        throughput with quick handlers). ``concurrency`` callbacks run at
+        once, in a task group the client owns. ``ordering="key"`` (when this
+        call creates the group) keeps messages with the same ``key`` header
+        in order: one at a time, to one member at a time, the next only
+        once the one before it is settled; different keys run in parallel.
         """
-        if ack_wait is not None and ack_wait <= 0:
-            raise ValueError("ack_wait must be positive")
-        if backoff is not None and any(b <= 0 for b in backoff):
-            raise ValueError("backoff waits must be positive")
         options: dict[str, str] = {}
         if group is not None:
             options["group"] = group
-            if ack_wait is not None:
-                options["ack_wait_ms"] = str(max(1, round(ack_wait * 1000)))
-            if max_deliver is not None:
-                options["max_deliver"] = str(max_deliver)
-            if backoff:
-                options["backoff_ms"] = ",".join(str(max(1, round(b * 1000))) for b in backoff)
-            if max_ack_pending is not None:
-                options["max_ack_pending"] = str(max_ack_pending)
-            if dead_letter is not None:
-                options["dead_letter"] = dead_letter
-        elif any(x is not None for x in (ack_wait, max_deliver, backoff, max_ack_pending, dead_letter)):
-            raise ValueError("ack_wait, max_deliver, backoff, max_ack_pending and dead_letter need group=")
+            # The member's prefetch: by default what it works on at once.
+            options |= _group_options(
+                ack_wait, max_deliver, backoff, backoff_jitter,
+                max_ack_pending if max_ack_pending is not None else concurrency, dead_letter, ordering,
+            )
+        elif any(
+            x is not None
+            for x in (ack_wait, max_deliver, backoff, backoff_jitter, max_ack_pending, dead_letter, ordering)
+        ):
+            raise ValueError(
+                "ack_wait, max_deliver, backoff, backoff_jitter, max_ack_pending, dead_letter and ordering need group="
+            )
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         return _SubscribeCall(
@@ -984,6 +1012,45 @@ class Client:
             if not isinstance(following, str) or following <= after:
                 return {"groups": listed}
             after = following
+
+    async def create_group(
+        self,
+        name: str,
+        pattern: str,
+        *,
+        start: Start = "new",
+        ack_wait: float | None = None,
+        max_deliver: int | None = None,
+        backoff: Sequence[float] | None = None,
+        backoff_jitter: float | None = None,
+        max_ack_pending: int | None = None,
+        dead_letter: str | None = None,
+        ordering: str | None = None,
+    ) -> dict[str, Any]:
+        """Declare consumer group ``name`` reading ``pattern`` before any
+        member joins: messages from ``start`` on (``"new"``: published from
+        now, ``"earliest"``, an offset or a datetime, as in subscribe) wait
+        for its first member. The settings are subscribe's (
+        ``max_ack_pending`` here is the prefetch of members that send none).
+        An existing group with the same pattern is left as it is. Returns
+        the group's summary with ``created`` (protocol.md, "GROUPS")."""
+        await self._wait_connected()
+        problem = pattern_error(pattern, self._max_topic_bytes, self._max_topic_depth)
+        if problem is not None:
+            raise ValueError(problem)
+        kind, value = _start_position(start)
+        options = _group_options(
+            ack_wait, max_deliver, backoff, backoff_jitter, max_ack_pending, dead_letter, ordering
+        )
+        request_id = next(self._request_ids)
+        waiter = self._info_waiters[request_id] = _Waiter()
+        self._queue(self._conn.send(Groups(request_id, GroupsAction.CREATE, name, pattern, kind, value, options)))
+        await waiter.event.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        reply: GroupsReply = waiter.result
+        document: dict[str, Any] = json.loads(reply.document)
+        return document
 
     # -- the tasks --------------------------------------------------------
 
@@ -1212,9 +1279,11 @@ class Client:
             _log.warning("skipping malformed batch at %s@%d: %s", d.topic, d.base_offset, exc)
             return
         topic, base, ts = d.topic, d.base_offset, d.timestamp
-        sub._push(
-            [Message(topic, payload, headers, base + i, ts) for i, (payload, headers) in enumerate(records)]
-        )
+        msg_id = _msg_id_of(records)
+        messages = [Message(topic, payload, headers, base + i, ts) for i, (payload, headers) in enumerate(records)]
+        if msg_id is not None:
+            messages[0].msg_id = msg_id
+        sub._push(messages)
 
     def _on_group_deliver(self, d: GroupDeliver) -> None:
         sub = self._subs.get(d.sub_id)
@@ -1228,12 +1297,14 @@ class Client:
             _log.warning("skipping malformed batch at %s@%d: %s", d.topic, d.base_offset, exc)
             return
         topic, base, ts, n, sid = d.topic, d.base_offset, d.timestamp, d.deliveries, d.sub_id
-        sub._push(
-            [
-                Message(topic, payload, headers, base + i, ts, n, self, sid)
-                for i, (payload, headers) in enumerate(records)
-            ]
-        )
+        msg_id = _msg_id_of(records)
+        messages = [
+            Message(topic, payload, headers, base + i, ts, n, self, sid)
+            for i, (payload, headers) in enumerate(records)
+        ]
+        if msg_id is not None:
+            messages[0].msg_id = msg_id
+        sub._push(messages)
 
     def _on_puback(self, ack: PubAck) -> None:
         pendings = self._inflight.pop(ack.request_id, None)
@@ -1357,6 +1428,43 @@ def _start_position(start: Start) -> tuple[StartKind, int]:
     raise ValueError(f"start must be 'new', 'earliest', an offset or a datetime, not {start!r}")
 
 
+def _group_options(
+    ack_wait: float | None,
+    max_deliver: int | None,
+    backoff: Sequence[float] | None,
+    backoff_jitter: float | None,
+    max_ack_pending: int | None,
+    dead_letter: str | None,
+    ordering: str | None = None,
+) -> dict[str, str]:
+    """A group's settings as SUBSCRIBE / GROUPS create options (protocol.md,
+    "Consumer groups"); waits must be positive (not quietly clamped)."""
+    if ack_wait is not None and ack_wait <= 0:
+        raise ValueError("ack_wait must be positive")
+    if backoff is not None and any(b <= 0 for b in backoff):
+        raise ValueError("backoff waits must be positive")
+    if backoff_jitter is not None and not 0 <= backoff_jitter <= 1:
+        raise ValueError("backoff_jitter must be between 0 and 1")
+    options: dict[str, str] = {}
+    if ack_wait is not None:
+        options["ack_wait_ms"] = str(max(1, round(ack_wait * 1000)))
+    if max_deliver is not None:
+        options["max_deliver"] = str(max_deliver)
+    if backoff:
+        options["backoff_ms"] = ",".join(str(max(1, round(b * 1000))) for b in backoff)
+    if backoff_jitter:
+        options["backoff_jitter_pct"] = str(round(backoff_jitter * 100))
+    if max_ack_pending is not None:
+        options["max_ack_pending"] = str(max_ack_pending)
+    if dead_letter is not None:
+        options["dead_letter"] = dead_letter
+    if ordering is not None:
+        if ordering not in ("key", ""):
+            raise ValueError(f"ordering must be 'key' (or '' for none), got {ordering!r}")
+        options["ordering"] = ordering
+    return options
+
+
 def _ranges(offsets: list[int]) -> list[tuple[int, int]]:
     """Sorted, merged inclusive ranges covering ``offsets``."""
     out: list[tuple[int, int]] = []
@@ -1428,6 +1536,7 @@ async def connect(
     tls: TLSOption = None,
     ca_file: CAFile = None,
     keepalive: float | None = None,
+    idempotent: bool = True,
 ) -> AsyncIterator[Client]:
     """Connect to a broker for the body of an ``async with``.
 
@@ -1437,7 +1546,7 @@ async def connect(
     With ``reconnect=True`` (or a :class:`Reconnect` policy) a lost
     connection is reopened with backoff and jitter, and every subscription
     resumes where it stopped: no message is skipped, unacknowledged
-    publishes are sent again (at-least-once), group members rejoin and get
+    publishes are sent again, group members rejoin and get
     what they had not acknowledged redelivered. Meanwhile publishes queue
     (up to ``max_pending``) and requests wait. The first connection is not
     retried: a broker that is not there fails ``connect`` at once.
@@ -1459,6 +1568,14 @@ async def connect(
     from it, and ends the connection (``ConnectionClosed``) if it does not
     answer within S more: a broker that vanished without closing the
     connection is noticed in at most 2 S.
+
+    Publishing is exactly-once across reconnects (``idempotent=True``, the
+    default, with a broker that announces it): every batch carries a
+    ``msg-id`` header on its first message, unique to this client, and a
+    batch sent again after a reconnect is recognised by the broker (within
+    its ``--dedup-window``) and acknowledged with its original offsets
+    instead of being stored twice. ``idempotent=False`` sends no msg-ids:
+    a resent batch may then be stored twice (at-least-once).
     """
     if keepalive is not None and not keepalive > 0:
         raise ValueError("keepalive must be a positive number of seconds")
@@ -1490,6 +1607,7 @@ async def connect(
                 reconnect=policy,
                 connect_timeout=connect_timeout,
                 keepalive=keepalive,
+                idempotent=idempotent,
             )
             try:
                 await client._handshake()  # bounded by connect_timeout
@@ -1526,3 +1644,16 @@ def _check_crc(topic: str, base_offset: int, batch: bytes) -> None:
             ErrorCode.MALFORMED_FRAME,
             f"batch at {topic}@{base_offset} does not match its CRC",
         )
+
+
+def _msg_id_of(records: list[tuple[bytes, Mapping[str, str]]]) -> str | None:
+    """Take the batch's msg-id out of its first message's headers: it names
+    the batch (exactly-once publishing), it is not the application's, and
+    the message shows it as ``Message.msg_id``. O(1) per batch."""
+    payload, headers = records[0]
+    if MSG_ID_HEADER not in headers:
+        return None
+    rest = dict(headers)
+    msg_id = rest.pop(MSG_ID_HEADER)
+    records[0] = (payload, rest)
+    return msg_id

@@ -39,6 +39,9 @@ class Message:
     _sub_id: int = attrs.field(default=0, repr=False, eq=False)
     #: The AckKind this message was settled with, or None (group messages).
     settled: AckKind | None = attrs.field(default=None, repr=False, eq=False)
+    #: The ``msg-id`` that named this message's batch for exactly-once
+    #: publishing (protocol.md), if it starts one; not among ``headers``.
+    msg_id: str | None = attrs.field(default=None, kw_only=True)
 
     @property
     def is_group_message(self) -> bool:
@@ -57,9 +60,13 @@ class Message:
         self._settle(AckKind.ACK)
         await anyio.lowlevel.checkpoint()
 
-    async def nak(self, delay: float = 0.0) -> None:
-        """Not done: deliver it again, now or after ``delay`` seconds."""
-        self._settle(AckKind.NAK, delay)
+    async def nak(self, delay: float | None = None) -> None:
+        """Not done: deliver it again after the group's ``backoff`` for this
+        delivery (at once if it has none), or after ``delay`` seconds
+        (``delay=0``: at once, whatever the backoff)."""
+        # On the wire delay_ms 0 means "the group's backoff": an explicit
+        # delay is at least 1 ms (protocol.md, "ACK").
+        self._settle(AckKind.NAK, 0.0 if delay is None else max(0.001, delay))
         await anyio.lowlevel.checkpoint()
 
     async def term(self) -> None:

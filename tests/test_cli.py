@@ -200,7 +200,9 @@ async def test_sub_json_output(broker: Broker) -> None:
     records = [json.loads(line) for line in result.stdout.decode().splitlines()]
     assert len(records) == 2
     for offset, record in enumerate(records):
-        assert set(record) == {"topic", "offset", "timestamp", "headers", "payload"}, record
+        # Each `pub` is one batch, named for exactly-once publishing.
+        assert set(record) == {"topic", "offset", "timestamp", "headers", "msg_id", "payload"}, record
+        assert isinstance(record["msg_id"], str) and record["msg_id"]
         assert record["topic"] == "cli.json"
         assert record["offset"] == offset
         stamp = dt.datetime.fromisoformat(record["timestamp"])
@@ -253,7 +255,7 @@ async def test_pub_without_a_broker_fails(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     result = await run(["pub", "cli.x", "m", "--url", f"pybroker://127.0.0.1:{port}"])
     assert result.returncode == 1, result
-    assert result.stderr.decode().startswith("pybroker:"), result.stderr
+    assert result.stderr.decode().startswith(f"pybroker pub: cannot connect to the broker at 127.0.0.1:{port}:"), result.stderr
     assert b"Traceback" not in result.stderr
 
 
@@ -311,10 +313,10 @@ async def test_sub_reconnects_and_resumes_across_a_restart(tmp_path: Path) -> No
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    async with serve(tmp_path, "--port", str(port)) as broker:
+    async with serve(tmp_path, "--port", str(port), "--http-port", "0") as broker:
         async with spawn(["sub", "cli.re.>", "--url", broker.url], "sub") as sub:
             await stop_once_sub_is_live(broker, sub, "cli.re.probe")
-            async with serve(tmp_path, "--port", str(port)) as again:
+            async with serve(tmp_path, "--port", str(port), "--http-port", "0") as again:
                 assert await pub(again, "cli.re.away", "while-away") == 0
                 await sub.stdout.wait_for(
                     lambda lines: any(line.endswith(" while-away") for line in lines) or None

@@ -143,7 +143,9 @@ class Bench:
         session = FakeSession()
         sub = Subscription(session, next(self._ids), pattern, credit=1 << 62)  # type: ignore[arg-type]
         config = GroupConfig.from_options(name, {"group": name, **options})
-        member = self.manager.join(sub, name, pattern, config, start, start_value)
+        # As the core does: a member that names max_ack_pending has its own.
+        prefetch = config.max_ack_pending if "max_ack_pending" in options else None
+        member = self.manager.join(sub, name, pattern, config, start, start_value, prefetch)
         sub.group = self.manager.groups[name]
         sub.member = member
         return W(self, sub, member, session)
@@ -199,11 +201,13 @@ def test_group_config_defaults_and_parsing() -> None:
             "dead_letter": "dead.jobs",
         },
     )
-    assert config == GroupConfig(1.5, 0, (1.0, 5.0, 20.0), 7, "dead.jobs")
-    # Backoff: the n-th delivery waits backoff[n-1]; the last one repeats.
-    assert [config.wait_for(n) for n in range(1, 7)] == [1.0, 5.0, 20.0, 20.0, 20.0, 20.0]
+    assert config == GroupConfig(1.5, 0, (1.0, 5.0, 20.0), 7, "dead.jobs", 0.0)
+    # Backoff: a nak after the n-th delivery waits backoff[n-1]; the last repeats.
+    assert [config.backoff_for(n) for n in range(1, 7)] == [1.0, 5.0, 20.0, 20.0, 20.0, 20.0]
     plain = GroupConfig.from_options("g", {"group": "g", "ack_wait_ms": "250"})
-    assert [plain.wait_for(n) for n in (1, 2, 9)] == [0.25, 0.25, 0.25]
+    assert [plain.backoff_for(n) for n in (1, 2, 9)] == [0.0, 0.0, 0.0]
+    jittery = GroupConfig.from_options("g", {"group": "g", "backoff_ms": "100", "backoff_jitter_pct": "25"})
+    assert jittery.backoff_jitter == 0.25
     assert group_name_error("workers") is None
     assert group_name_error("a.b") is not None
     assert group_name_error("") is not None
@@ -224,6 +228,9 @@ def test_group_config_defaults_and_parsing() -> None:
         {"backoff_ms": "1000,0"},
         {"backoff_ms": "1000,-3"},
         {"backoff_ms": "1000,x"},
+        {"backoff_jitter_pct": "-1"},
+        {"backoff_jitter_pct": "101"},
+        {"backoff_jitter_pct": "0.5"},
         {"dead_letter": "has space"},
         {"dead_letter": "dlq.>"},
         {"dead_letter": "a..b"},
@@ -239,12 +246,15 @@ def test_first_member_fixes_settings_and_pattern() -> None:
     bench = Bench()
     first = bench.join(max_ack_pending="2", ack_wait_ms="1000")
     second = bench.join(max_ack_pending="500", ack_wait_ms="9000")
-    assert first.group is second.group
+    third = bench.join(ack_wait_ms="9000")
+    assert first.group is second.group is third.group
     assert first.group.config.max_ack_pending == 2 and first.group.config.ack_wait == 1.0
-    assert len(first.group.members) == 2
+    # max_ack_pending is each member's own; one that names none gets the group's.
+    assert [w.member.max_ack_pending for w in (first, second, third)] == [2, 500, 2]
+    assert len(first.group.members) == 3
     with pytest.raises(ValueError):
         bench.join(pattern="jobs.>")
-    assert len(first.group.members) == 2
+    assert len(first.group.members) == 3
 
 
 # -- hand-out -------------------------------------------------------------
@@ -312,15 +322,52 @@ def test_round_robin_across_members_and_skip_not_accepting() -> None:
     assert abs(len(got[0]) - len(got[2])) <= 1
 
 
-def test_whole_stored_batches_go_to_one_member() -> None:
+def test_stored_batches_are_split_across_members_with_room() -> None:
+    """Fair dispatch: the unit is the message. A stored batch is shared by
+    every member with room, as evenly as their room allows, the larger
+    share rotating from one batch to the next."""
     bench = Bench()
     a, b = bench.join(), bench.join()
     bench.publish("jobs", *payloads(5))
     bench.publish("jobs", *payloads(3, b"x"))
     bench.step(0)
-    (da,), (db,) = a.take(), b.take()
-    assert (da.base, len(da.messages), db.base, len(db.messages)) == (0, 5, 5, 3)
-    assert db.payloads == [b"x0", b"x1", b"x2"]
+    got_a, got_b = a.take(), b.take()
+    assert [(d.base, d.payloads) for d in got_a] == [(0, [b"0", b"1", b"2"]), (7, [b"x2"])]
+    assert [(d.base, d.payloads) for d in got_b] == [(3, [b"3", b"4"]), (5, [b"x0", b"x1"])]
+    assert (a.member.unacked, b.member.unacked) == (4, 4)
+
+
+def test_batch_split_follows_each_members_room() -> None:
+    bench = Bench()
+    small = bench.join(max_ack_pending="2")
+    big = bench.join(max_ack_pending="100")
+    idle = bench.join(max_ack_pending="100")
+    idle.session.accepting = False  # closing: takes nothing
+    bench.publish("jobs", *payloads(40))  # one stored batch
+    bench.step(0)
+    assert (small.take_offsets(), big.take_offsets(), idle.take()) == ([0, 1], list(range(2, 40)), [])
+    # Once small has room again, the next batch is shared with it.
+    bench.publish("jobs", *payloads(3, b"n"))
+    small.settle(AckKind.ACK, (0, 0), now=1)
+    bench.step(1)
+    assert (small.take_offsets(), big.take_offsets()) == ([42], [40, 41])
+
+
+def test_one_member_taking_a_whole_batch_gets_the_stored_bytes() -> None:
+    bench = Bench()
+    w = bench.join()
+    sent: list[bytes] = []
+    real = w.session.deliver_group
+
+    def spy(sub: Any, topic: Any, base: int, ts: int, deliveries: int, batch: bytes) -> None:
+        sent.append(batch)
+        real(sub, topic, base, ts, deliveries, batch)
+
+    w.session.deliver_group = spy  # type: ignore[method-assign]
+    bench.publish("jobs", *payloads(5))
+    bench.step(0)
+    (stored,) = bench.router.topics["jobs"].log.read(0, 1 << 20)
+    assert len(sent) == 1 and sent[0] is stored.batch  # not re-encoded
 
 
 # -- settling ---------------------------------------------------------------
@@ -415,6 +462,9 @@ def test_ack_wait_expiry_redelivers_to_another_member() -> None:
 
 
 def test_backoff_schedule_last_wait_repeats() -> None:
+    """A NAK without a delay of its own (what a raising handler sends) waits
+    backoff[n-1] after the n-th delivery, the last step repeating; the ack
+    wait stays ack_wait_ms; an explicit delay overrides the backoff."""
     bench = Bench()
     w = bench.join(backoff_ms="1000,5000,20000", max_deliver="0", ack_wait_ms="999000")
     bench.publish("jobs", b"x")
@@ -422,6 +472,7 @@ def test_backoff_schedule_last_wait_repeats() -> None:
     assert [d.deliveries for d in w.take()] == [1]
     now = 0.0
     for deliveries, wait in [(2, 1.0), (3, 5.0), (4, 20.0), (5, 20.0), (6, 20.0)]:
+        assert w.settle(AckKind.NAK, (0, 0), now=now) == 1
         due = now + wait
         bench.step(due - 0.001)
         assert w.take() == [], f"redelivered before {wait} s"
@@ -429,6 +480,57 @@ def test_backoff_schedule_last_wait_repeats() -> None:
         (d,) = w.take()
         assert (d.offsets, d.deliveries) == ([0], deliveries)
         now = due
+    w.settle(AckKind.NAK, (0, 0), now=now, delay=2.0)
+    bench.step(now + 1.999)
+    assert w.take() == []
+    bench.step(now + 2)
+    assert [(d.offsets, d.deliveries) for d in w.take()] == [([0], 7)]
+    w.settle(AckKind.NAK, (0, 0), now=now + 2, delay=0.001)  # nak(delay=0): at once
+    bench.step(now + 2.001)
+    assert [(d.offsets, d.deliveries) for d in w.take()] == [([0], 8)]
+    # Unsettled, it comes back after the ack wait, not after a backoff step.
+    bench.step(now + 2.001 + 998.999)
+    assert w.take() == []
+    bench.step(now + 2.001 + 999)
+    assert [(d.offsets, d.deliveries) for d in w.take()] == [([0], 9)]
+
+
+def test_backoff_jitter_only_lengthens_within_its_bound() -> None:
+    bench = Bench()
+    w = bench.join(backoff_ms="1000", backoff_jitter_pct="50", max_deliver="0")
+    bench.publish("jobs", b"x")
+    bench.step(0)
+    w.take()
+    now = 0.0
+    waits = []
+    for _ in range(30):
+        w.settle(AckKind.NAK, (0, 0), now=now)
+        bench.step(now + 0.999)
+        assert w.take() == [], "redelivered before its backoff"
+        for tenth in range(1, 7):  # due somewhere in [1.0, 1.5)
+            bench.step(now + 0.9 + tenth / 10)
+            if w.take():
+                waits.append(tenth / 10 + 0.9)
+                break
+        else:
+            raise AssertionError("not redelivered within backoff + 50 %")
+        now += 1.5
+    assert len(set(waits)) > 1, f"no jitter: {waits}"
+
+
+def test_last_delivery_nak_dead_letters_without_waiting_the_backoff() -> None:
+    bench = Bench()
+    w = bench.join(backoff_ms="10000", max_deliver="2")
+    bench.publish("jobs", b"x")
+    bench.step(0)
+    w.take()
+    w.settle(AckKind.NAK, (0, 0), now=0)
+    bench.step(10)
+    assert [d.deliveries for d in w.take()] == [2]
+    w.settle(AckKind.NAK, (0, 0), now=11)
+    bench.step(11)
+    assert w.take() == [] and [p for p, _ in bench.stored("dlq.g")] == [b"x"]
+    assert w_stats(w)["dead_lettered"] == 1
 
 
 @pytest.mark.parametrize("how", ["expiry", "nak"])
@@ -904,7 +1006,11 @@ async def test_plain_subscriber_and_other_group_get_their_own_copy() -> None:
 
 async def test_manual_ack_nak_term_in_progress() -> None:
     async with broker() as server, client.connect(server.url) as c:
-        async with c.subscribe("jobs", group="g", auto_ack=False) as sub, trio.open_nursery() as nursery:
+        async with (
+            # Holds four unsettled at once: a prefetch of 4 (the default is 1).
+            c.subscribe("jobs", group="g", auto_ack=False, max_ack_pending=4) as sub,
+            trio.open_nursery() as nursery,
+        ):
             holder = Holder(sub)
             nursery.start_soon(holder.run)
             with trio.fail_after(TIMEOUT):
@@ -1148,7 +1254,7 @@ async def test_group_keeps_its_position_without_members() -> None:
         assert group_of(server, "g").statistics()["pending"] == 0
         with trio.fail_after(TIMEOUT):
             await c.publish_many("jobs", [b"two", b"three"])
-        async with c.subscribe("jobs", group="g") as sub:
+        async with c.subscribe("jobs", group="g", max_ack_pending=2) as sub:
             with trio.fail_after(TIMEOUT):
                 got = [await sub.__anext__() for _ in range(2)]
         assert [(m.payload, m.deliveries) for m in got] == [(b"two", 1), (b"three", 1)]
@@ -1164,7 +1270,9 @@ async def test_later_member_start_is_ignored(late_start: str) -> None:
             pass  # creates the group at the start of the topic, then leaves
         with trio.fail_after(TIMEOUT):
             await c.publish_many("jobs", payloads(10))
-        async with c.subscribe("jobs", group="g", start=start, auto_ack=False, ack_wait=30) as sub:
+        async with c.subscribe(
+            "jobs", group="g", start=start, auto_ack=False, ack_wait=30, max_ack_pending=10
+        ) as sub:
             got: list[Message] = []
             with trio.move_on_after(1.0):
                 async for msg in sub:
@@ -1185,9 +1293,12 @@ async def test_conflicting_and_bad_group_options_are_207() -> None:
             with pytest.raises(BrokerError) as info:
                 await c.subscribe("jobs.*", group="g")
             assert info.value.code == 207 and info.value.error_code is ErrorCode.BAD_REQUEST
-            # Same pattern, other settings: joins (the settings are the first's).
+            # Same pattern, other settings: joins (the settings are the first's,
+            # but for max_ack_pending: each member's own prefetch).
             await c.subscribe("jobs.>", group="g", max_ack_pending=3, ack_wait=1)
-            assert group_of(server, "g").config.max_ack_pending == 1000
+            group = group_of(server, "g")
+            assert (group.config.max_ack_pending, group.config.ack_wait) == (1, 30.0)
+            assert [m.max_ack_pending for m in group.members] == [1, 3]
             bad: list[dict[str, Any]] = [
                 {"group": "a.b"},
                 {"group": ""},
@@ -1393,14 +1504,16 @@ async def test_mock_clock_backoff_then_dead_letter(net_clock: MockClock) -> None
             times = [trio.current_time()]
             seen = [msg.deliveries]
             for _ in range(4):  # default max_deliver 5: deliveries 2..5
+                await msg.nak()  # the group's backoff for this delivery
                 msg = await next_msg(sub, 100)
                 times.append(trio.current_time())
                 seen.append(msg.deliveries)
             waits = [b - a for a, b in itertools.pairwise(times)]
             assert seen == [1, 2, 3, 4, 5]
             assert waits == pytest.approx([1, 5, 20, 20], abs=0.05)
+            await msg.nak()  # the 5th: dead-lettered at once, no backoff wait
             dlq = await next_msg(dead, 100)
-            assert trio.current_time() - times[-1] == pytest.approx(20, abs=0.05)
+            assert trio.current_time() - times[-1] == pytest.approx(0, abs=0.05)
             assert dlq.payload == b"x" and dlq.headers["k"] == "v"
             assert dlq.headers["x-deliveries"] == "5" and dlq.headers["x-reason"] == "max_deliver"
             with trio.move_on_after(100):

@@ -20,6 +20,7 @@ import pybroker
 from pybroker.server.cli import build_parser
 from pybroker.server.cli.serve import config_from
 from pybroker.server.config import Limits
+from pybroker.server.storage.settings import SettingsResolver, TopicSettings
 from pybroker.server.testing import running_broker
 from pybroker.protocol import (
     NEED_DATA,
@@ -254,3 +255,25 @@ async def test_a_closed_connections_subscription_never_reaches_a_new_one() -> No
                     assert [e.base_offset for e in got] == [0, 1]
                     await send(new, Ping(99))
                     assert await new.next_event() == Pong(99)  # nothing else was queued for it
+
+
+async def test_answers_keep_order_across_reads_and_fsync_settings(tmp_path: Path) -> None:
+    """Frames in separate writes (so separate reads), to a topic whose
+    PUBACKs wait for fsync and one whose do not, and refusals between them:
+    every answer in PUBLISH order. (An answer that needs no fsync once
+    overtook one that was waiting for it.)"""
+    settings = SettingsResolver.from_specs(TopicSettings(fsync="always"), ["fast.>:fsync=never"])
+    async with running_broker(data_dir=tmp_path, topic_settings=settings) as server:
+        async with raw_client(server, handshake="guarantees") as w:
+            good = encode_batch([b"m" * 200])
+            kinds = []
+            for i in range(1, 91):
+                kind = ("slow", "fast", "refused")[i % 3]
+                topic = "fast.t" if kind == "fast" else "slow.t"
+                batch = bad_crc(good) if kind == "refused" else good
+                await w.send_event(Publish(i, topic, batch))
+                kinds.append(kind)
+            answers = [await w.next_event() for _ in kinds]
+        ids = [a.request_id if isinstance(a, PubAck) else a.ref for a in answers]
+        assert ids == list(range(1, 91))
+        assert [isinstance(a, Error) for a in answers] == [k == "refused" for k in kinds]

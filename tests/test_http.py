@@ -242,8 +242,8 @@ async def test_metrics_parse_and_count(tmp_path: Path) -> None:
     assert value(parsed, "pybroker_topic_messages_in_total", topic="m.http") == 2
     assert value(parsed, "pybroker_topic_messages_in_total", topic=weird) == 1
     assert value(parsed, "pybroker_topic_messages_out_total", topic="m.tcp") == 5
-    assert value(parsed, "pybroker_topic_bytes_in_total", topic="m.tcp") > 0
-    assert value(parsed, "pybroker_topic_bytes_out_total", topic="m.http") > 0
+    assert value(parsed, "pybroker_topic_in_bytes_total", topic="m.tcp") > 0
+    assert value(parsed, "pybroker_topic_out_bytes_total", topic="m.http") > 0
     assert value(parsed, "pybroker_topic_log_bytes", topic="m.tcp") > 0
     assert value(parsed, "pybroker_topic_next_offset", topic="m.slow") == 20
     assert value(parsed, "pybroker_topics") == 4
@@ -484,10 +484,10 @@ async def test_unknown_paths_and_wrong_methods() -> None:
         assert_error(await request(port, "GET", "/v1/topics/no.such/messages"), 404, "topic_not_found")
         reply = await request(port, "DELETE", "/v1/topics")
         assert_error(reply, 405, "method_not_allowed")
-        assert reply.headers["allow"] == "GET, HEAD"
+        assert reply.headers["allow"] == "GET, HEAD, OPTIONS"
         reply = await request(port, "PUT", "/v1/topics/x/messages", "{}", JSON_HEADERS)
         assert_error(reply, 405)
-        assert reply.headers["allow"] == "GET, HEAD, POST"
+        assert reply.headers["allow"] == "GET, HEAD, OPTIONS, POST"
         assert_error(await request(port, "POST", "/healthz", "{}", JSON_HEADERS), 405)
         # Bad topic names in the path.
         assert_error(await request(port, "GET", "/v1/topics/a..b"), 400, "bad_topic")
@@ -523,7 +523,7 @@ async def test_bad_publish_bodies() -> None:
         assert_error(await request(port, "POST", path, "{not json", JSON_HEADERS), 400)
         assert_error(await request(port, "POST", path, b"\xff\xfe", JSON_HEADERS), 400)
         assert_error(await request(port, "POST", path, "", JSON_HEADERS), 400)
-        assert_error(await request(port, "POST", path, '{"payload": "x"}', {"content-type": "text/plain"}), 415)
+        assert_error(await request(port, "POST", path, '{"payload": "x"}', {"content-type": "text/html"}), 415)
         assert_error(
             await request(port, "POST", path, "payload=x", {"content-type": "application/x-www-form-urlencoded"}), 415
         )

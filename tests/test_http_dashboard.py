@@ -12,7 +12,6 @@ the system's.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,31 +21,14 @@ import trio
 import pybroker as client
 from pybroker.server.testing import running_broker
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from helpers.browser import CHROMIUM, CHROMIUM_ARGS, playwright_sync_api
+
 TOPIC = "dash.orders"
 #: Bound on the whole browser session, and on each wait inside it (ms).
 TIMEOUT = 60.0
 WAIT_MS = 20_000
 
-sync_api = pytest.importorskip(
-    "playwright.sync_api",
-    reason="the browser test needs Playwright: pip install -e '.[browser]'",
-)
-if not os.path.exists(CHROMIUM):
-    pytest.skip(
-        f"the browser test needs Debian's chromium at {CHROMIUM}: apt-get install -y chromium",
-        allow_module_level=True,
-    )
+sync_api = playwright_sync_api()
 
 
 def _rate(page: Any) -> float:
@@ -110,6 +92,15 @@ def _watch_dashboard(url: str, screenshot: Path) -> dict[str, Any]:
                 }"""
             )
             seen["legend"] = page.text_content("#legend")
+            # The consumer-groups panel: the group, its member, work done.
+            page.wait_for_function(
+                """() => {
+                    const cell = document.querySelector('tr[data-group="workers"] td.acked');
+                    return cell && Number(cell.textContent) > 0;
+                }"""
+            )
+            seen["group_pattern"] = page.text_content('tr[data-group="workers"] td:nth-child(2)')
+            seen["group_members"] = page.text_content('tr[data-group="workers"] td.members')
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
@@ -128,6 +119,8 @@ async def test_dashboard_shows_topics_and_moving_rates(tmp_path: Path) -> None:
                 received += 1
 
             await c.subscribe(TOPIC, count)
+            # A consumer group on the same topic, for the groups panel.
+            await c.subscribe(TOPIC, lambda msg: None, group="workers")
 
             async def publish_while_watched() -> None:
                 # Wait until the page has polled once with no topic, then flow.
@@ -159,5 +152,6 @@ async def test_dashboard_shows_topics_and_moving_rates(tmp_path: Path) -> None:
     assert seen["total_rate"] not in ("", "0", "–"), seen
     assert seen["topic_count"] == "1" and seen["tcp_connections"] == "1", seen
     assert seen["painted"] > 100, seen
+    assert seen["group_pattern"] == TOPIC and seen["group_members"] == "1", seen
     assert TOPIC in seen["legend"], seen
     assert (tmp_path / "dashboard.png").stat().st_size > 0

@@ -104,8 +104,8 @@ def test_every_public_name_of_the_private_modules_is_exported_or_internal() -> N
         # _wire: field layouts and flags, the readers' and writers' business
         "ACK_FIXED", "ALLOWED_FLAGS", "CREDIT", "DELIVER_BODY_FIXED", "DELIVER_FIXED",
         "ERROR_FIXED", "ERROR_FLAG_FATAL", "ERROR_FLAG_FIELDS", "ERROR_MESSAGE_CHARS",
-        "GROUP_DELIVER_BODY_FIXED", "GROUP_DELIVER_FIXED", "INFO_ENTRY", "INFO_FLAG_AFTER", "INFO_FLAG_TRUNCATED",
-        "PUBACK", "PUBLISH_BODY_FIXED", "PUBLISH_FIXED", "PUBLISH_FLAG_NEEDS_RECEIVER", "RANGE",
+        "GROUP_DELIVER_BODY_FIXED", "GROUP_DELIVER_FIXED", "GROUPS_CREATE_START", "INFO_ENTRY", "INFO_FLAG_AFTER", "INFO_FLAG_TRUNCATED",
+        "PUBACK", "PUBLISH_BODY_FIXED", "PUBLISH_FIXED", "PUBLISH_FLAG_DEDUP", "PUBLISH_FLAG_NEEDS_RECEIVER", "RANGE",
         "STR16_LENGTH", "SUBSCRIBE_START", "TYPES_BY_VALUE", "U8", "U16", "U32", "U64",
         # _state: the tables the connection applies
         "ADVANCES", "CLIENT_SENDS", "SENDS", "SERVER_SENDS",

@@ -33,6 +33,7 @@ from pybroker import (
     PublishAck,
     Subscription,
 )
+from pybroker.protocol import MSG_ID_ROOM
 
 from helpers.anybroker import pybroker_server, serving, trio_only  # noqa: F401 (a fixture)
 from helpers.collect import Collector, take, take_until
@@ -916,12 +917,14 @@ async def test_client_splits_batches_to_the_servers_limits() -> None:
         assert all(len(b.batch) < max_frame for b in stored)
 
 
-def largest_payload(max_frame_bytes: int, topic: str) -> int:
+def largest_payload(max_frame_bytes: int, topic: str, idempotent: bool) -> int:
     """The payload size (no headers) whose PUBLISH body is max_frame_bytes:
-    request_id u64 + topic str16 + batch header (count, crc) + record header."""
-    return max_frame_bytes - (8 + 2 + len(topic.encode()) + 8 + 6)
+    request_id u64 + topic str16 + batch header (count, crc) + record header,
+    less the room an idempotent client keeps for naming the batch."""
+    return max_frame_bytes - (8 + 2 + len(topic.encode()) + 8 + 6) - (MSG_ID_ROOM if idempotent else 0)
 
 
+@pytest.mark.parametrize("idempotent", [True, False], ids=["exactly-once", "at-least-once"])
 @pytest.mark.parametrize(
     ("server_max_frame", "size"),
     [
@@ -931,7 +934,7 @@ def largest_payload(max_frame_bytes: int, topic: str) -> int:
     ids=["default-limit-largest-message", "8MiB-limit-5MiB-message"],
 )
 async def test_any_publishable_message_can_be_delivered(
-    server_max_frame: int | None, size: int | str
+    server_max_frame: int | None, size: int | str, idempotent: bool
 ) -> None:
     """Whatever the client lets one publish and the broker acknowledges must
     reach a subscriber that uses the same client library."""
@@ -939,10 +942,10 @@ async def test_any_publishable_message_can_be_delivered(
     if server_max_frame is not None:
         overrides["limits"] = Limits(max_frame_bytes=server_max_frame)
     async with serving(**overrides) as server:
-        async with pybroker.connect(server.url) as sub_c, pybroker.connect(server.url) as pub_c:
+        async with pybroker.connect(server.url) as sub_c, pybroker.connect(server.url, idempotent=idempotent) as pub_c:
             assert pub_c.server is not None
             max_frame = pub_c.server.limits["max_frame_bytes"]
-            n = largest_payload(max_frame, "huge.t") if size == "largest" else int(size)
+            n = largest_payload(max_frame, "huge.t", idempotent) if size == "largest" else int(size)
             payload = bytes(range(256)) * (n // 256) + b"z" * (n % 256)
             # One byte more does not fit: this really is the largest message.
             if size == "largest":

@@ -33,6 +33,7 @@ from pybroker.server import closing
 from pybroker.server.tls import TLSConfigError, server_context, wrap_server_stream
 from pybroker import ConnectionClosed
 from pybroker.protocol import (
+    MSG_ID_ROOM,
     NEED_DATA,
     Connection,
     Error,
@@ -156,7 +157,7 @@ async def test_frames_near_the_limit_cross_many_tls_records(certs: Certs) -> Non
         max_frame = server.config.limits.max_frame_bytes
         # PUBLISH body: request_id u64, topic str16, batch count u32 + crc u32,
         # one record: payload_len u32 + headers_len u16 + payload.
-        largest = max_frame - 8 - (2 + len(topic)) - 8 - 6
+        largest = max_frame - 8 - (2 + len(topic)) - 8 - 6 - MSG_ID_ROOM  # room for the batch's msg-id
         big = bytes(range(256)) * (largest // 256) + b"z" * (largest % 256)
         assert len(big) == largest
         many = [b"%06d" % i + b"." * 40_000 for i in range(150)]  # ~6 MB in all

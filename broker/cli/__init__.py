@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     auth.add_parser(commands)
     # Listed here for --help; main() hands `bench ...` to pybroker.server.bench, imported only then.
     bench = commands.add_parser("bench", help="benchmarks with verified delivery (pybroker bench --help)", add_help=False)
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the scenario and its flags (pybroker bench --help lists them)")
     return parser
 
 

@@ -20,7 +20,7 @@ def add_parser(commands: Commands[argparse.ArgumentParser]) -> None:
     steps.add_parser("hash-token", help="read a token (prompt, or stdin's first line) and print its hash")
     steps.add_parser("new-token", help="print a new random token and, on the next line, its hash for the users file")
     check = steps.add_parser("check", help="check a users file and list its users")
-    check.add_argument("file", type=Path)
+    check.add_argument("file", type=Path, help="the users file (TOML) to check")
 
 
 def _read_secret(what: str) -> str:

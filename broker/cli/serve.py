@@ -12,7 +12,7 @@ from typing import Any
 import trio
 
 from ..auth import authenticator_for
-from ..config import DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_PORT, PENDING_FRAME_BUDGET_FRAMES, Config, Limits
+from ..config import DEFAULT_HOST, DEFAULT_HTTP_PORT, DEFAULT_PORT, PENDING_FRAME_BUDGET_FRAMES, Config, HttpSettings, Limits, origin_error
 from ..framebudget import FREE_BYTES
 from ..logs import LEVELS, get_logger
 from ..storage.settings import FSYNC_MODES, SettingsResolver, TopicSettings
@@ -27,6 +27,7 @@ def add_parser(commands: Commands[argparse.ArgumentParser]) -> None:
     http.add_argument("--http-port", type=int, default=None, metavar="N", help=f"HTTP port for health, metrics, the JSON API and the dashboard (default {DEFAULT_HTTP_PORT}, or a free one with --port 0; 0 picks a free one)")
     http.add_argument("--no-http", action="store_true", help="do not serve HTTP")
     serve.add_argument("--http-host", default=None, help="address to bind for HTTP (default: --host)")
+    serve.add_argument("--http-cors-origin", action="append", default=[], type=_origin, metavar="ORIGIN", help="let pages from ORIGIN (e.g. https://app.example.com, or * for any) call the HTTP API and open event streams (CORS); repeatable (default: none)")
     serve.add_argument("--data-dir", type=Path, default=Path("pybroker-data"), help="data directory (default ./pybroker-data)")
     serve.add_argument("--name", default=None, help="server name announced to clients (default: host name)")
     serve.add_argument("--storage", choices=("file", "memory"), default="file", help="file: the durable log in --data-dir (default); memory: nothing on disk")
@@ -43,8 +44,8 @@ def add_parser(commands: Commands[argparse.ArgumentParser]) -> None:
     serve.add_argument("--tls-cert", type=Path, default=None, metavar="FILE", help="serve TLS on the TCP and HTTP ports with this PEM certificate chain (clients use pybrokers://)")
     serve.add_argument("--tls-key", type=Path, default=None, metavar="FILE", help="the certificate's PEM private key, unencrypted (default: read from --tls-cert)")
     _add_limit_flags(serve)
-    serve.add_argument("--log-level", choices=LEVELS, default="info")
-    serve.add_argument("--log-format", choices=("console", "json"), default="console")
+    serve.add_argument("--log-level", choices=LEVELS, default="info", help="the least severe log records written (default info)")
+    serve.add_argument("--log-format", choices=("console", "json"), default="console", help="console: readable lines (default); json: one JSON object per line, for log collectors")
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -71,6 +72,8 @@ def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
     group.add_argument("--outbound-queue-bytes", type=positive_int, default=config.outbound_queue_bytes, metavar="N", help=f"bytes queued for one connection before its subscriptions are served from the log and its reading pauses (default {config.outbound_queue_bytes:,})")
     group.add_argument("--handshake-timeout", type=positive_seconds, default=config.handshake_timeout, metavar="S", help=f"seconds from connecting to HELLO (default {config.handshake_timeout:g})")
     group.add_argument("--idle-timeout", type=seconds, default=config.idle_timeout, metavar="S", help=f"seconds without a frame from a client before a PING; as long again and it is closed with ERROR 107; 0 disables (default {config.idle_timeout:g})")
+    group.add_argument("--dedup-window", type=positive_seconds, default=config.dedup_window, metavar="AGE", help=f"exactly-once publishing: how long each topic remembers the msg-id of a stored batch, so that a resend within it is not stored twice (default {config.dedup_window:g} s; e.g. 90s, 10m)")
+    group.add_argument("--dedup-max-ids", type=positive_int, default=config.dedup_max_ids, metavar="N", help=f"exactly-once publishing: at most N msg-ids remembered per topic, the oldest forgotten first (default {config.dedup_max_ids:,})")
     group.add_argument("--inbox-grace", type=seconds, default=config.inbox_grace, metavar="S", help=f"seconds a request/reply inbox outlives its owner's connection, for the same user to reclaim it on reconnect; 0: it goes with the connection (default {config.inbox_grace:g})")
 
 
@@ -95,6 +98,7 @@ def config_from(args: argparse.Namespace) -> Config:
         port=args.port,
         http_host=args.http_host,
         http_port=None if args.no_http else _http_port(args),
+        http=HttpSettings(cors_origins=tuple(args.http_cors_origin)),
         data_dir=args.data_dir,
         storage=args.storage,
         min_free_bytes=args.min_free_bytes,
@@ -118,8 +122,17 @@ def config_from(args: argparse.Namespace) -> Config:
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,
         inbox_grace=args.inbox_grace,
+        dedup_window=args.dedup_window,
+        dedup_max_ids=args.dedup_max_ids,
         **overrides,
     )
+
+
+def _origin(text: str) -> str:
+    problem = origin_error(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def _http_port(args: argparse.Namespace) -> int:

@@ -9,18 +9,22 @@ import datetime as _dt
 import getpass
 import json
 import os
+import socket
 import ssl
 import sys
 from typing import Any
 
-from .flags import Commands, add_connection_flags
+from .flags import Commands, add_connection_flags, seconds
 
 
 def add_parsers(commands: Commands[argparse.ArgumentParser]) -> None:
-    pub = commands.add_parser("pub", help="publish a message (or one per line of stdin)")
-    pub.add_argument("topic")
-    pub.add_argument("message", nargs="?", default="-", help="the payload; '-' or nothing reads lines from stdin")
-    pub.add_argument("--header", "-H", action="append", default=[], metavar="KEY=VALUE")
+    pub = commands.add_parser("pub", help="publish a message, one per line of stdin, or a whole file")
+    pub.add_argument("topic", help="the topic to publish to")
+    pub.add_argument("message", nargs="?", default=None, help="the payload (its bytes as given); without it, each line of stdin is a message")
+    one = pub.add_mutually_exclusive_group()
+    one.add_argument("--file", metavar="FILE", help="publish FILE's bytes as one message ('-': all of stdin)")
+    one.add_argument("--raw", action="store_true", help="publish all of stdin as one message, bytes as they are (the same as --file -)")
+    pub.add_argument("--header", "-H", action="append", default=[], metavar="KEY=VALUE", help="a header for every message published (repeatable)")
     add_connection_flags(pub)
 
     sub = commands.add_parser("sub", help="print messages as they arrive, until interrupted")
@@ -29,7 +33,7 @@ def add_parsers(commands: Commands[argparse.ArgumentParser]) -> None:
     start = sub.add_mutually_exclusive_group()
     start.add_argument("--from", dest="start", choices=("new", "earliest"), default="new", help="where to start (default new)")
     start.add_argument("--from-offset", type=int, metavar="N", help="start at offset N (a topic, not a pattern)")
-    start.add_argument("--since", metavar="TIME", help="start at the first message at or after an ISO 8601 time")
+    start.add_argument("--since", type=since, metavar="TIME", help="start at the first message at or after TIME: ISO 8601 (2026-12-05T09:00, local time unless it has an offset) or a duration ago (90s, 10m, 2h, 1d)")
     sub.add_argument("--group", metavar="NAME", help="join consumer group NAME: each message to one member, acknowledged once printed")
     sub.add_argument("--count", type=int, default=0, metavar="N", help="exit after N messages")
     sub.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -40,16 +44,61 @@ def add_parsers(commands: Commands[argparse.ArgumentParser]) -> None:
         help="exit when the connection is lost (default: reconnect and resume, without gaps)",
     )
 
-    groups = commands.add_parser("groups", help="consumer groups: list, inspect NAME, delete NAME")
-    groups.add_argument("action", nargs="?", choices=("list", "inspect", "delete"), default="list")
-    groups.add_argument("name", nargs="?", default="")
+    groups = commands.add_parser(
+        "groups", help="consumer groups: list, inspect NAME, delete NAME, create NAME --topic PATTERN"
+    )
+    groups.add_argument("action", nargs="?", choices=("list", "inspect", "delete", "create"), default="list", help="what to do (default list)")
+    groups.add_argument("name", nargs="?", default="", help="the group, for inspect, delete and create")
     add_connection_flags(groups)
     groups.add_argument("--json", action="store_true", help="print the broker's JSON answer")
+    create = groups.add_argument_group("create (a durable group before its first worker)")
+    create.add_argument("--topic", metavar="PATTERN", help="the topic or pattern the group reads")
+    create.add_argument(
+        "--from", dest="start", default="new", metavar="earliest|new|OFFSET|TIME",
+        help="where it starts: earliest retained, new (published from now; default), "
+        "an offset (a topic, not a pattern) or an ISO 8601 time",
+    )
+    create.add_argument("--ack-wait", type=float, metavar="SECONDS", help="seconds a delivery may stay unsettled before it is delivered again")
+    create.add_argument("--max-deliver", type=int, metavar="N", help="deliveries before dead-lettering; 0: unlimited")
+    create.add_argument("--backoff", metavar="S,S,...", help="seconds a nak'ed job waits, per delivery (last repeats)")
+    create.add_argument("--backoff-jitter", type=float, metavar="FRACTION", help="lengthen each backoff wait by up to this fraction, at random")
+    create.add_argument("--max-ack-pending", type=int, metavar="N", help="prefetch of members that name none")
+    create.add_argument("--dead-letter", metavar="TOPIC", help="where messages go after --max-deliver deliveries (default dlq.NAME)")
+    create.add_argument("--ordering", choices=("key",), default=None, help="key: messages with the same 'key' header one at a time, in order")
 
     topics = commands.add_parser("topics", help="list topics with their first and next offsets")
     topics.add_argument("pattern", nargs="?", default=">", help="topic pattern (default: every topic)")
     add_connection_flags(topics)
     topics.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def failure(url: str, exc: BaseException) -> str:
+    """What went wrong, for a person: which broker could not be reached,
+    and the likely fix where there is one."""
+    import pybroker
+
+    try:
+        host, port = pybroker.parse_url(url)
+    except ValueError:
+        return str(exc)
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the broker's host {host!r} ({url}): {exc.strerror}"
+    if isinstance(exc, ssl.SSLError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        # trio raises "all attempts to connect ... failed" from a group of
+        # the attempts' errors: the first says why (refused, unreachable).
+        cause: BaseException = exc
+        if isinstance(exc.__cause__, BaseExceptionGroup) and exc.__cause__.exceptions:
+            cause = exc.__cause__.exceptions[0]
+        elif exc.__cause__ is not None:
+            cause = exc.__cause__
+        reason = os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno else str(cause)
+        return f"cannot connect to the broker at {host}:{port}: {reason}"
+    if isinstance(exc, pybroker.ConnectionClosed) and "no WELCOME" in str(exc) and url.startswith("pybroker://"):
+        # A TLS port answers a plain HELLO by closing: say what to try.
+        return f"{exc} (if {host}:{port} serves TLS, use pybrokers://{host}:{port})"
+    return str(exc)
 
 
 def _connect(args: argparse.Namespace, **options: Any) -> Any:
@@ -71,6 +120,35 @@ def _connect(args: argparse.Namespace, **options: Any) -> Any:
 # -- pub / sub ------------------------------------------------------------
 
 
+def since(text: str) -> _dt.datetime:
+    """--since: an ISO 8601 time (local unless it says otherwise) or a
+    duration ago."""
+    try:
+        when = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            ago = seconds(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"not a time: {text!r} (an ISO 8601 time such as 2026-12-05T09:00, or a duration ago such as 10m, 2h, 1d)"
+            ) from None
+        return _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(seconds=ago)
+    return when if when.tzinfo else when.astimezone()
+
+
+def _print(line: str) -> bool:
+    """Print a line; False once stdout's reader has gone (a closed pipe)."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        # Python would complain again flushing stdout at exit: point it at
+        # /dev/null, as the docs of signal/SIGPIPE suggest.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return False
+    return True
+
+
 def _headers(pairs: list[str]) -> dict[str, str]:
     headers = {}
     for pair in pairs:
@@ -81,19 +159,38 @@ def _headers(pairs: list[str]) -> dict[str, str]:
     return headers
 
 
+def _whole_message(args: argparse.Namespace) -> bytes | None:
+    """The one message --file, --raw or the argument gives, as bytes; None
+    for one message per line of stdin. Arguments keep the bytes they came
+    as (os.fsencode undoes the surrogates Python decoded them with)."""
+    if args.raw or args.file == "-":
+        return sys.stdin.buffer.read()
+    if args.file is not None:
+        try:
+            with open(args.file, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise SystemExit(f"pybroker pub: cannot read {args.file}: {exc.strerror}") from None
+    if args.message is not None and args.message != "-":
+        return os.fsencode(args.message)
+    return None
+
+
 async def pub(args: argparse.Namespace) -> int:
     import pybroker
 
     headers = _headers(args.header) or None
+    whole = _whole_message(args)
     try:
         async with _connect(args) as c:
-            if args.message != "-":
-                ack = await c.publish(args.topic, args.message.encode(), headers)
+            if whole is not None:
+                ack = await c.publish(args.topic, whole, headers)
                 print(f"published to {ack.topic} at offset {ack.offset} ({ack.durability.name.lower()})")
                 return 0
             pending = []
-            for line in sys.stdin:
-                pending.append(await c.send(args.topic, line.rstrip("\n").encode(), headers))
+            # Bytes, not text: a line that is not UTF-8 is published as it is.
+            for line in sys.stdin.buffer:
+                pending.append(await c.send(args.topic, line.rstrip(b"\n"), headers))
             await c.flush()
             acks = [await p.wait() for p in pending]
             if acks:
@@ -101,8 +198,8 @@ async def pub(args: argparse.Namespace) -> int:
             else:
                 print("nothing to publish (stdin was empty)")
             return 0
-    except (pybroker.BrokerError, pybroker.ConnectionClosed, ValueError, ssl.SSLError) as exc:
-        print(f"pybroker pub: {exc}", file=sys.stderr)
+    except (pybroker.BrokerError, pybroker.ConnectionClosed, ValueError, OSError) as exc:
+        print(f"pybroker pub: {failure(args.url, exc)}", file=sys.stderr)
         return 1
 
 
@@ -118,6 +215,7 @@ def _format(msg: Any, as_json: bool) -> str:
                 "offset": msg.offset,
                 "timestamp": msg.datetime.isoformat(),
                 "headers": dict(msg.headers),
+                **({"msg_id": msg.msg_id} if msg.msg_id is not None else {}),
                 **payload,
             }
         )
@@ -132,23 +230,23 @@ async def sub(args: argparse.Namespace) -> int:
     start: Any = args.start
     if args.from_offset is not None:
         start = args.from_offset
-    elif args.since:
-        since = _dt.datetime.fromisoformat(args.since)
-        start = since if since.tzinfo else since.astimezone()
+    elif args.since is not None:
+        start = args.since
     try:
         async with _connect(args, reconnect=args.reconnect) as c:
             async with c.subscribe(args.pattern, start=start, group=args.group) as subscription:
                 seen = 0
                 async for msg in subscription:
-                    print(_format(msg, args.json), flush=True)
+                    if not _print(_format(msg, args.json)):
+                        return 0  # the reader went away (`| head`): done, quietly
                     if msg.is_group_message:
                         await msg.ack()
                     seen += 1
                     if args.count and seen >= args.count:
                         break
         return 0
-    except (pybroker.BrokerError, pybroker.ConnectionClosed, ValueError, ssl.SSLError) as exc:
-        print(f"pybroker sub: {exc}", file=sys.stderr)
+    except (pybroker.BrokerError, pybroker.ConnectionClosed, ValueError, OSError) as exc:
+        print(f"pybroker sub: {failure(args.url, exc)}", file=sys.stderr)
         return 1
 
 
@@ -161,16 +259,37 @@ async def groups(args: argparse.Namespace) -> int:
     if args.action != "list" and not args.name:
         print(f"pybroker groups {args.action}: a group NAME is needed", file=sys.stderr)
         return 2
+    if (args.action == "create") != (args.topic is not None):
+        print("pybroker groups: --topic PATTERN goes with create (and create needs it)", file=sys.stderr)
+        return 2
     try:
         async with _connect(args) as c:
-            doc = await c.groups(args.action, args.name)
-    except (pybroker.BrokerError, pybroker.ConnectionClosed, ValueError, ssl.SSLError) as exc:
-        print(f"pybroker groups: {exc}", file=sys.stderr)
+            if args.action == "create":
+                doc = await c.create_group(
+                    args.name,
+                    args.topic,
+                    start=_group_start(args.start),
+                    ack_wait=args.ack_wait,
+                    max_deliver=args.max_deliver,
+                    backoff=[float(s) for s in args.backoff.split(",")] if args.backoff else None,
+                    backoff_jitter=args.backoff_jitter,
+                    max_ack_pending=args.max_ack_pending,
+                    dead_letter=args.dead_letter,
+                    ordering=args.ordering,
+                )
+            else:
+                doc = await c.groups(args.action, args.name)
+    except (pybroker.BrokerError, pybroker.ConnectionClosed, ValueError, OSError) as exc:
+        print(f"pybroker groups: {failure(args.url, exc)}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(doc, indent=2))
     elif args.action == "delete":
         print(f"deleted group {doc['deleted']}")
+    elif args.action == "create":
+        verb = "created group" if doc["created"] else "group exists (settings unchanged):"
+        topics = ", ".join(f"{t} from offset {v['cursor']}" for t, v in sorted(doc["topics"].items()))
+        print(f"{verb} {doc['group']}  pattern={doc['pattern']}" + (f"  ({topics})" if topics else ""))
     else:
         summaries = doc["groups"] if args.action == "list" else [doc]
         if not summaries:
@@ -178,7 +297,7 @@ async def groups(args: argparse.Namespace) -> int:
         for g in summaries:
             print(
                 f"{g['group']}  pattern={g['pattern']}  members={g['members']}  "
-                f"pending={g['pending']}  delivered={g['delivered']}  "
+                f"in_flight={g.get('in_flight', 0)}  pending={g['pending']}  delivered={g['delivered']}  "
                 f"redelivered={g['redelivered']}  dead_lettered={g['dead_lettered']}"
             )
             if args.action == "inspect":
@@ -187,14 +306,27 @@ async def groups(args: argparse.Namespace) -> int:
     return 0
 
 
+def _group_start(text: str) -> Any:
+    """--from: earliest, new, an offset, or an ISO 8601 time (local if no zone)."""
+    if text in ("earliest", "new"):
+        return text
+    if text.isdigit():
+        return int(text)
+    try:
+        when = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--from: earliest, new, an offset or an ISO 8601 time, not {text!r}") from None
+    return when if when.tzinfo else when.astimezone()
+
+
 async def topics(args: argparse.Namespace) -> int:
     import pybroker
 
     try:
         async with _connect(args) as c:
             infos = await c.topics(args.pattern)
-    except (pybroker.BrokerError, pybroker.ConnectionClosed, ValueError, ssl.SSLError) as exc:
-        print(f"pybroker topics: {exc}", file=sys.stderr)
+    except (pybroker.BrokerError, pybroker.ConnectionClosed, ValueError, OSError) as exc:
+        print(f"pybroker topics: {failure(args.url, exc)}", file=sys.stderr)
         return 1
     if args.json:
         for info in infos:

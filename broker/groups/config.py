@@ -1,7 +1,9 @@
 """A consumer group's settings: what SUBSCRIBE's group options mean.
 
 (protocol.md, "Consumer groups": ack_wait_ms, max_deliver, backoff_ms,
-max_ack_pending, dead_letter), with their defaults and checks.
+backoff_jitter_pct, max_ack_pending, dead_letter), with their defaults and
+checks. ``max_ack_pending`` is each member's own (its prefetch); the group
+keeps the creating SUBSCRIBE's value for members that do not send one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,19 @@ from pybroker.protocol import topic_error
 
 DEFAULT_ACK_WAIT = 30.0
 DEFAULT_MAX_DELIVER = 5
+#: A member's prefetch when neither it nor the group's creator named one.
+#: The client library always names one (its concurrency unless told), so
+#: this is for other clients; fair dispatch splits batches across members
+#: whatever it is, but a member can only be given work it has room for.
 DEFAULT_MAX_ACK_PENDING = 1000
+#: Group ordering modes: none (""), or per message key ("key").
+ORDERINGS = ("", "key")
+#: The header whose value is a message's key in a key-ordered group.
+KEY_HEADER = "key"
+#: Messages a key-ordered group looks at past its cursor in one dispatch
+#: for ones whose key is free (others wait behind a busy key): the bound
+#: on that scan's work, and on how far ahead of a blocked key it hands out.
+KEY_SCAN_LIMIT = 10_000
 #: Seconds before a dead letter the log refused (disk full) is tried again.
 DEAD_LETTER_RETRY_SECONDS = 1.0
 
@@ -26,11 +40,20 @@ class GroupConfig:
     backoff: tuple[float, ...] = ()
     max_ack_pending: int = DEFAULT_MAX_ACK_PENDING
     dead_letter: str = ""
+    #: Each backoff wait is stretched by up to this fraction (0.1: up to 10 %
+    #: longer), drawn at random, so failures of one burst do not retry in step.
+    backoff_jitter: float = 0.0
+    #: "key": messages with the same ``key`` header go to one member at a
+    #: time, in offset order (protocol.md, "Key-ordered groups"); "": none.
+    ordering: str = ""
 
     @classmethod
     def from_options(cls, name: str, options: Mapping[str, str]) -> GroupConfig:
         """Parse SUBSCRIBE options (protocol.md, "Consumer groups")."""
-        known = {"group", "ack_wait_ms", "max_deliver", "backoff_ms", "max_ack_pending", "dead_letter"}
+        known = {
+            "group", "ack_wait_ms", "max_deliver", "backoff_ms", "backoff_jitter_pct", "max_ack_pending",
+            "dead_letter", "ordering",
+        }
         unknown = set(options) - known
         if unknown:
             raise ValueError(f"unknown options {sorted(unknown)}")
@@ -40,6 +63,7 @@ class GroupConfig:
             max_ack_pending = int(options.get("max_ack_pending", DEFAULT_MAX_ACK_PENDING))
             backoff_text = options.get("backoff_ms", "")
             backoff = tuple(int(x) / 1000 for x in backoff_text.split(",") if x.strip())
+            jitter_pct = int(options.get("backoff_jitter_pct", 0))
         except ValueError as exc:
             raise ValueError(f"bad group option: {exc}") from None
         dead_letter = options.get("dead_letter") or f"dlq.{name}"
@@ -47,16 +71,23 @@ class GroupConfig:
             raise ValueError("ack_wait_ms and backoff_ms must be positive")
         if max_deliver < 0 or not 1 <= max_ack_pending <= 1_000_000:
             raise ValueError("max_deliver must be >= 0 and max_ack_pending 1..1000000")
+        if not 0 <= jitter_pct <= 100:
+            raise ValueError("backoff_jitter_pct must be 0..100")
         problem = topic_error(dead_letter)
         if problem:
             raise ValueError(f"dead_letter: {problem}")
-        return cls(ack_wait, max_deliver, backoff, max_ack_pending, dead_letter)
+        ordering = options.get("ordering", "")
+        if ordering not in ORDERINGS:
+            raise ValueError(f"ordering must be one of {', '.join(repr(o) for o in ORDERINGS)}, got {ordering!r}")
+        return cls(ack_wait, max_deliver, backoff, max_ack_pending, dead_letter, jitter_pct / 100, ordering)
 
-    def wait_for(self, deliveries: int) -> float:
-        """The ack wait of a message's ``deliveries``-th delivery."""
+    def backoff_for(self, deliveries: int) -> float:
+        """How long a message nak'ed (without a delay of its own) after its
+        ``deliveries``-th delivery waits before the next one, before jitter:
+        ``backoff[deliveries - 1]``, the last step repeating; 0 without backoff."""
         if self.backoff:
             return self.backoff[min(deliveries, len(self.backoff)) - 1]
-        return self.ack_wait
+        return 0.0
 
 
 def group_name_error(name: str) -> str | None:

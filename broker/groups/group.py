@@ -7,11 +7,18 @@ and dispatch, so a test with ``MockClock`` drives redelivery in
 milliseconds. Tracking is per message (a dict entry per pending offset):
 work queues settle messages one by one, so this is inherent, and it stays
 off the plain pub/sub hot path.
+
+Fair dispatch: the unit handed out is the message, not the stored batch.
+Each member takes at most its own ``max_ack_pending`` unsettled messages
+(its prefetch), and a stored batch is split across every member with room
+at that moment, as evenly as their room allows; a member gets the stored
+batch's own bytes only when it takes all of it.
 """
 
 from __future__ import annotations
 
 import heapq
+import random
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -25,6 +32,7 @@ from pybroker.protocol import (
     decode_batch,
     encode_batch,
     encode_batch_from_records,
+    record_headers,
     split_records,
     tokens_match,
 )
@@ -32,7 +40,7 @@ from pybroker.protocol import (
 from ..start import start_offset
 from ..storage import DataLoss, StorageError, StoredBatch
 from ..storage.groupstate import FORMAT, SavedTopic, find_dead_letters
-from .config import DEAD_LETTER_RETRY_SECONDS, GroupConfig
+from .config import DEAD_LETTER_RETRY_SECONDS, KEY_HEADER, KEY_SCAN_LIMIT, GroupConfig
 
 if TYPE_CHECKING:
     from ..router import Held, Subscription, Topic
@@ -40,20 +48,24 @@ if TYPE_CHECKING:
 
 
 class Member:
-    __slots__ = ("sub", "unacked", "active")
+    __slots__ = ("sub", "unacked", "max_ack_pending", "active")
 
-    def __init__(self, sub: Subscription) -> None:
+    def __init__(self, sub: Subscription, max_ack_pending: int) -> None:
         self.sub = sub
         self.unacked = 0
+        #: Its prefetch: at most this many unsettled messages handed to it.
+        self.max_ack_pending = max_ack_pending
         self.active = True  # False once it left: held deliveries are not sent
 
 
 class Pending:
     """One unsettled message: handed to ``member`` (or waiting to be)."""
 
-    __slots__ = ("member", "deliveries", "deadline", "queued", "dead_letter_from")
+    __slots__ = ("member", "deliveries", "deadline", "queued", "dead_letter_from", "key", "key_known")
 
-    def __init__(self, member: Member | None, deliveries: int, deadline: float) -> None:
+    def __init__(
+        self, member: Member | None, deliveries: int, deadline: float, key: str | None = None, key_known: bool = True
+    ) -> None:
         self.member = member
         self.deliveries = deliveries
         self.deadline = deadline  # ack wait expiry, or when a nak'ed message is due
@@ -61,17 +73,24 @@ class Pending:
         #: Being dead-lettered: the dead-letter topic's next offset when that
         #: was recorded (where a restart looks for it). None otherwise.
         self.dead_letter_from: int | None = None
+        #: Key-ordered groups: the message's key (None: it has none), once
+        #: known (after a restart it is read back from the log when needed).
+        self.key: str | None = key
+        self.key_known = key_known
 
 
 class GroupTopic:
     """A group's position in one topic."""
 
-    __slots__ = ("topic", "cursor", "pending", "ready", "_cached", "_records")
+    __slots__ = ("topic", "cursor", "pending", "ready", "ahead", "_cached", "_records")
 
     def __init__(self, topic: Topic, cursor: int) -> None:
         self.topic = topic
         self.cursor = cursor  # next offset never handed out yet
         self.pending: dict[int, Pending] = {}
+        #: Key-ordered groups: offsets past the cursor already handed out
+        #: (the cursor waits at a message whose key is busy).
+        self.ahead: set[int] = set()
         self.ready: deque[int] = deque()  # offsets to deliver again, in order
         # The last stored batch read and, once needed, its records split
         # out: handing a big batch out in pieces, or redelivering its
@@ -156,9 +175,10 @@ class Group:
             cursor = start_offset(log, self.start, self.start_value, topic.visible_next)
         self.topics[topic] = GroupTopic(topic, cursor)
 
-    def add_member(self, sub: Subscription) -> Member:
+    def add_member(self, sub: Subscription, max_ack_pending: int | None = None) -> Member:
+        """``max_ack_pending``: the member's own prefetch (None: the group's)."""
         self.version += 1
-        member = Member(sub)
+        member = Member(sub, max_ack_pending or self.config.max_ack_pending)
         self.members.append(member)
         return member
 
@@ -204,17 +224,20 @@ class Group:
                 continue  # since given to another member
             touched += 1
             if kind is AckKind.IN_PROGRESS:
-                p.deadline = now + self.config.wait_for(p.deliveries)
+                p.deadline = now + self.config.ack_wait
                 self._timer(p.deadline, gt, offset, offset)
                 continue
             if p.member is member:
                 member.unacked -= 1
             if kind is AckKind.NAK:
                 p.member = None
-                if delay > 0:
-                    p.deadline = now + delay
+                # No delay of its own: the group's backoff for this delivery.
+                wait = delay if delay > 0 else self._backoff(p.deliveries)
+                if wait > 0 and not self._exhausted(p):
+                    p.deadline = now + wait
                     self._timer(p.deadline, gt, offset, offset)
                 else:
+                    # (Exhausted: its next turn dead-letters it; no point waiting.)
                     self._make_ready(gt, offset, p)
             else:
                 del gt.pending[offset]
@@ -223,6 +246,15 @@ class Group:
                 else:
                     self.termed += 1
         return touched
+
+    def _backoff(self, deliveries: int) -> float:
+        wait = self.config.backoff_for(deliveries)
+        if wait and self.config.backoff_jitter:
+            wait *= 1 + random.random() * self.config.backoff_jitter
+        return wait
+
+    def _exhausted(self, p: Pending) -> bool:
+        return bool(self.config.max_deliver) and p.deliveries >= self.config.max_deliver
 
     @staticmethod
     def _offsets_in(gt: GroupTopic, ranges: tuple[tuple[int, int], ...]) -> list[int]:
@@ -267,10 +299,26 @@ class Group:
         n = len(self.members)
         for i in range(n):
             member = self.members[(self._next_member + i) % n]
-            if member.unacked < self.config.max_ack_pending and member.sub.subscriber.accepting:
+            if member.unacked < member.max_ack_pending and member.sub.subscriber.accepting:
                 self._next_member = (self._next_member + i + 1) % n
                 return member
         return None
+
+    def _members_with_room(self, most: int) -> list[tuple[Member, int]]:
+        """The members that can take more, with their room, in turn order
+        (from the next member in turn), at most ``most`` of them: ``most``
+        messages go one each to the first ``most`` members with room
+        anyway, so a batch of one costs one member's check, not all."""
+        n = len(self.members)
+        out = []
+        for i in range(n):
+            member = self.members[(self._next_member + i) % n]
+            room = member.max_ack_pending - member.unacked
+            if room > 0 and member.sub.subscriber.accepting:
+                out.append((member, room))
+                if len(out) >= most:
+                    break
+        return out
 
     def _confirm_dead_letters(self) -> None:
         """Drop dead letters their topic made durable; a dead letter whose
@@ -280,7 +328,7 @@ class Group:
         for u in self.unconfirmed:
             dlq, dlq_offset, gt, offset, deliveries, _, held = u
             if held.error is not None:
-                p = gt.pending[offset] = Pending(None, deliveries, 0.0)
+                p = gt.pending[offset] = Pending(None, deliveries, 0.0, key_known=False)
                 self._make_ready(gt, offset, p)
                 self.dead_lettered -= 1
                 self.version += 1
@@ -304,15 +352,119 @@ class Group:
                     continue
                 p.queued = False
                 self._redeliver(gt, offset, p, member, now)
+        if self.config.ordering == "key":
+            for gt in list(self.topics.values()):
+                if not self._deliver_new_by_key(gt, now):
+                    return
+            return
         for gt in list(self.topics.values()):
             visible = gt.topic.visible_next
             while gt.cursor < visible:
+                if not self._deliver_new(gt, now):
+                    return
+
+    def _deliver_new_by_key(self, gt: GroupTopic, now: float) -> bool:
+        """Key-ordered: hand out new messages one at a time, in offset
+        order, skipping (for now) each whose key a pending message holds;
+        False once no member has room. A message waits until the one before
+        it with its key is settled, so one key is never worked on twice at
+        once and never out of order, while other keys go on."""
+        busy = self._busy_keys(gt)
+        visible = gt.topic.visible_next
+        offset = gt.cursor
+        scanned = 0
+        while offset < visible and scanned < KEY_SCAN_LIMIT:
+            if offset in gt.ahead or offset in gt.pending:
+                offset += 1
+                continue
+            if gt.cursor < gt.topic.log.first_offset:
+                gt.cursor = offset = gt.topic.log.first_offset  # retention removed what we had not read
+                continue
+            try:
+                batch = gt.batch_at(offset)
+            except DataLoss as lost:
+                self.lost += lost.count
+                self.manager.logger.error(
+                    "group skipped lost offsets",
+                    group=self.name, topic=lost.topic, first=lost.first, last=lost.last, reason=lost.reason,
+                )
+                gt.ahead.update(range(max(offset, lost.first), lost.last + 1))
+                offset = lost.last + 1
+                self._advance(gt)
+                continue
+            if batch is None:
+                offset += 1
+                continue
+            try:
+                records = gt.records_of(batch)
+            except MalformedBatch as exc:
+                self._settle_malformed(gt, range(offset, batch.next_offset), exc)
+                gt.ahead.update(range(offset, batch.next_offset))
+                offset = batch.next_offset
+                self._advance(gt)
+                continue
+            for o in range(offset, min(batch.next_offset, visible)):
+                scanned += 1
+                if o in gt.ahead or o in gt.pending:
+                    continue
+                record = records[o - batch.base_offset]
+                key = record_key(record)
+                if key is not None and key in busy:
+                    continue  # waits for the message before it with this key
                 member = self._member_with_room()
                 if member is None:
-                    return
-                self._deliver_new(gt, member, now)
+                    self._advance(gt)
+                    return False
+                deadline = now + self.config.ack_wait
+                gt.pending[o] = Pending(member, 1, deadline, key)
+                gt.ahead.add(o)
+                if key is not None:
+                    busy.add(key)
+                member.unacked += 1
+                self.version += 1
+                self.delivered += 1
+                self._timer(deadline, gt, o, o)
+                payload = encode_batch_from_records([record])
+                self.manager.hand_out(self, member, gt.topic, o, 1, batch.timestamp, 1, payload)
+            offset = batch.next_offset
+        self._advance(gt)
+        return True
 
-    def _deliver_new(self, gt: GroupTopic, member: Member, now: float) -> None:
+    @staticmethod
+    def _advance(gt: GroupTopic) -> None:
+        """Move the cursor over what has been handed out."""
+        ahead = gt.ahead
+        while gt.cursor in ahead:
+            ahead.discard(gt.cursor)
+            gt.cursor += 1
+
+    def _busy_keys(self, gt: GroupTopic) -> set[str]:
+        """The keys of the topic's pending messages (read back from the log
+        for those restored after a restart)."""
+        busy: set[str] = set()
+        for offset, p in gt.pending.items():
+            if not p.key_known:
+                p.key, p.key_known = self._key_at(gt, offset), True
+            if p.key is not None:
+                busy.add(p.key)
+        return busy
+
+    @staticmethod
+    def _key_at(gt: GroupTopic, offset: int) -> str | None:
+        try:
+            stored = gt.batch_at(offset)
+            if stored is None:
+                return None
+            return record_key(gt.records_of(stored)[offset - stored.base_offset])
+        except (DataLoss, MalformedBatch):
+            return None
+
+    def _deliver_new(self, gt: GroupTopic, now: float) -> bool:
+        """Hand out the stored batch at the cursor (from the cursor on),
+        split across the members with room as evenly as their room allows;
+        False if no member has room."""
+        if not any(m.unacked < m.max_ack_pending and m.sub.subscriber.accepting for m in self.members):
+            return False  # (before reading the log: nobody could take it)
         log = gt.topic.log
         if gt.cursor < log.first_offset:
             gt.cursor = log.first_offset  # retention removed what we had not read
@@ -326,33 +478,44 @@ class Group:
                 group=self.name, topic=lost.topic, first=lost.first, last=lost.last, reason=lost.reason,
             )
             gt.cursor = lost.last + 1
-            return
+            return True
         if batch is None or batch.base_offset >= gt.topic.visible_next:
             gt.cursor = max(gt.cursor, gt.topic.visible_next)
-            return
-        room = self.config.max_ack_pending - member.unacked
+            return True
         skip = gt.cursor - batch.base_offset
-        if skip or batch.count > room:
-            # Part of a batch: from the cursor, and only what the member has room for.
-            try:
-                records = gt.records_of(batch)[skip : skip + room]
-            except MalformedBatch as exc:
-                self._settle_malformed(gt, range(gt.cursor, batch.next_offset), exc)
-                gt.cursor = batch.next_offset
-                return
-            payload = encode_batch_from_records(records)
-            base, count = gt.cursor, len(records)
-        else:
-            payload, base, count = batch.batch, batch.base_offset, batch.count
-        deadline = now + self.config.wait_for(1)
-        for offset in range(base, base + count):
-            gt.pending[offset] = Pending(member, 1, deadline)
-        member.unacked += count
-        gt.cursor = base + count
-        self.version += 1
-        self.delivered += count
-        self._timer(deadline, gt, base, base + count - 1)
-        self.manager.hand_out(self, member, gt.topic, base, count, batch.timestamp, 1, payload)
+        takers = self._members_with_room(batch.count - skip)
+        if not takers:
+            return False
+        shares = fair_shares(batch.count - skip, [room for _, room in takers])
+        # The next hand-out starts its turn order one member on, so the
+        # larger shares of uneven splits (and batches of one) rotate.
+        self._next_member = (self.members.index(takers[0][0]) + 1) % len(self.members)
+        deadline = now + self.config.ack_wait
+        base = gt.cursor
+        for (member, _), count in zip(takers, shares):
+            if not count:
+                continue
+            if skip == 0 and count == batch.count:
+                payload = batch.batch  # all of it: the stored bytes, no copy
+            else:
+                # Part of a batch: from the cursor, only what this member takes.
+                try:
+                    records = gt.records_of(batch)[base - batch.base_offset : base - batch.base_offset + count]
+                except MalformedBatch as exc:
+                    self._settle_malformed(gt, range(base, batch.next_offset), exc)
+                    gt.cursor = batch.next_offset
+                    return True
+                payload = encode_batch_from_records(records)
+            for offset in range(base, base + count):
+                gt.pending[offset] = Pending(member, 1, deadline)
+            member.unacked += count
+            gt.cursor = base + count
+            self.version += 1
+            self.delivered += count
+            self._timer(deadline, gt, base, base + count - 1)
+            self.manager.hand_out(self, member, gt.topic, base, count, batch.timestamp, 1, payload)
+            base += count
+        return True
 
     def _redeliver(self, gt: GroupTopic, offset: int, p: Pending, member: Member, now: float) -> None:
         try:
@@ -377,13 +540,13 @@ class Group:
             del gt.pending[offset]
             self._settle_malformed(gt, range(offset, offset + 1), exc)
             return
-        if self.config.max_deliver and p.deliveries >= self.config.max_deliver:
+        if self._exhausted(p):
             self.manager.dead_letter(self, gt, offset, p, stored.timestamp, record, now)
             return
         p.deliveries += 1
         self.version += 1
         p.member = member
-        p.deadline = now + self.config.wait_for(p.deliveries)
+        p.deadline = now + self.config.ack_wait
         member.unacked += 1
         self.redelivered += 1
         self._timer(p.deadline, gt, offset, offset)
@@ -492,8 +655,10 @@ class Group:
                 "ack_wait": c.ack_wait,
                 "max_deliver": c.max_deliver,
                 "backoff": list(c.backoff),
+                "backoff_jitter": c.backoff_jitter,
                 "max_ack_pending": c.max_ack_pending,
                 "dead_letter": c.dead_letter,
+                "ordering": c.ordering,
             },
             "topics": topics,
         }
@@ -515,11 +680,15 @@ class Group:
             # offsets past its end no longer exist.
             gt.cursor = min(saved.cursor, topic.log.next_offset)
             for offset in sorted(saved.pending):
-                if offset < gt.cursor:
+                # Past the cursor only in key-ordered groups (handed out
+                # ahead of a message waiting for its key).
+                if offset < topic.log.next_offset:
                     sp = saved.pending[offset]
-                    p = gt.pending[offset] = Pending(None, sp.deliveries, 0.0)
+                    p = gt.pending[offset] = Pending(None, sp.deliveries, 0.0, key_known=False)
                     p.dead_letter_from = sp.dead_letter_from
                     restored.append((gt, offset, p))
+                    if offset >= gt.cursor:
+                        gt.ahead.add(offset)
         self._settle_published_dead_letters([r for r in restored if r[2].dead_letter_from is not None])
         for gt, offset, p in restored:
             if gt.pending.get(offset) is p:
@@ -556,10 +725,16 @@ class Group:
                 "ack_wait_ms": round(config.ack_wait * 1000),
                 "max_deliver": config.max_deliver,
                 "backoff_ms": [round(b * 1000) for b in config.backoff],
+                "backoff_jitter_pct": round(config.backoff_jitter * 100),
                 "max_ack_pending": config.max_ack_pending,
                 "dead_letter": config.dead_letter,
+                "ordering": config.ordering or "none",
             },
             "members": len(self.members),
+            # Handed to members and unsettled, and how many they may hold
+            # together (the sum of their max_ack_pending).
+            "in_flight": sum(m.unacked for m in self.members),
+            "prefetch": sum(m.max_ack_pending for m in self.members),
             "pending": sum(len(gt.pending) for gt in self.topics.values()),
             "delivered": self.delivered,
             "redelivered": self.redelivered,
@@ -573,3 +748,32 @@ class Group:
         }
 
 
+def fair_shares(count: int, rooms: list[int]) -> list[int]:
+    """Split ``count`` messages across members with these rooms, as evenly
+    as the rooms allow and never above one: water-filling, every member
+    takes up to a common level and one with less room all it can. What an
+    even split leaves over goes one each to the first in order (the turn
+    order) with room to spare."""
+    n = len(rooms)
+    level = max(rooms, default=0)
+    used = 0  # the rooms of the members already full below the level
+    for i, room in enumerate(sorted(rooms)):
+        if used + room * (n - i) > count:
+            level = (count - used) // (n - i)
+            break
+        used += room
+    shares = [min(room, level) for room in rooms]
+    left = count - sum(shares)
+    for i, room in enumerate(rooms):
+        if left <= 0:
+            break
+        if room > shares[i]:
+            shares[i] += 1
+            left -= 1
+    return shares
+
+
+def record_key(record: bytes) -> str | None:
+    """A record's ``key`` header, reading only its headers block."""
+    headers = record_headers(record)
+    return headers.get(KEY_HEADER) if headers else None

@@ -84,10 +84,26 @@ class GroupManager:
         config: GroupConfig,
         start: StartKind,
         start_value: int,
+        max_ack_pending: int | None = None,
     ) -> Member:
-        """Add ``sub`` to group ``name``, creating it; ValueError if the
-        group exists with another pattern."""
+        """Add ``sub`` to group ``name``, creating it with ``config``;
+        ValueError if the group exists with another pattern. The member's
+        prefetch is ``max_ack_pending`` if it named one, else the group's."""
+        group, _ = self.create(name, pattern, config, start, start_value)
+        member = group.add_member(sub, max_ack_pending)
+        self.wake()
+        return member
+
+    def create(
+        self, name: str, pattern: str, config: GroupConfig, start: StartKind, start_value: int
+    ) -> tuple[Group, bool]:
+        """Group ``name``, created with these settings and start unless it
+        exists (then they are ignored), and whether it was created now;
+        ValueError if it exists with another pattern. A group created
+        without members (GROUPS create) keeps its position from now on:
+        what it reads waits for its first member."""
         group = self.groups.get(name)
+        created = group is None
         if group is None:
             if pattern_error(pattern):
                 raise ValueError(f"bad pattern {pattern!r}")
@@ -98,14 +114,12 @@ class GroupManager:
                     topic.groups.append(group)
         elif group.pattern != pattern:
             raise ValueError(f"group {name!r} reads {group.pattern!r}, not {pattern!r}")
-        member = group.add_member(sub)
         if self.state.persistent and name not in self._persisted:
             # Saved before it hands anything out: its records mean nothing
             # without the settings and start its snapshot carries.
             self._append(encode_snapshot(group.snapshot()))
             self._persisted[name] = group.version
-        self.wake()
-        return member
+        return group, created
 
     def delete(self, name: str) -> None:
         """Forget a group with no members (KeyError if unknown, ValueError if in use)."""
@@ -268,6 +282,8 @@ class GroupManager:
             tuple(float(b) for b in c["backoff"]),
             int(c["max_ack_pending"]),
             str(c["dead_letter"]),
+            float(c.get("backoff_jitter", 0.0)),  # (saved by older versions without it)
+            str(c.get("ordering", "")),
         )
         start, start_value = StartKind(snap["start"]), int(snap["start_value"])
         return Group(self, str(snap["name"]), str(snap["pattern"]), config, start, start_value)

@@ -6,7 +6,8 @@
 - ``GET /v1/topics``, ``GET /v1/topics/{topic}`` (with its subscriptions).
 - ``POST /v1/topics/{topic}/messages``: one message
   ``{"payload": "text", "headers": {...}}`` (or ``"payload_base64"``) or
-  ``{"messages": [...]}``, published as one batch through the router, as a
+  ``{"messages": [...]}``, or a ``text/plain`` or ``application/octet-stream``
+  body as one message (:mod:`.rawbody`), published as one batch through the router, as a
   TCP PUBLISH is; for a topic that needs sync the answer waits for the
   fsync covering it. Answers the offsets and what they promise.
 - ``GET /v1/topics/{topic}/messages?from=OFFSET&limit=N``: read from the log.
@@ -24,7 +25,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from pybroker.protocol import MalformedBatch, decode_batch, encode_batch, encode_headers, max_deliver_batch
+from pybroker.protocol import MSG_ID_HEADER, MalformedBatch, decode_batch, encode_batch, encode_headers, max_deliver_batch
 
 from .. import __version__
 from ..core import Refused
@@ -32,6 +33,7 @@ from ..storage import DataLoss
 from . import state
 from .access import principal, readable, refused, require_admin, require_publish, require_read
 from .messages import HttpError, Request, Response, json_response
+from .rawbody import raw_message
 from .sse import message_json
 from .validate import check_query, existing_topic, parse_int, parse_offset, valid_topic
 
@@ -185,15 +187,24 @@ async def publish_messages(http: HttpServer, request: Request, params: Mapping[s
     # The cheap refusals first, before the body is parsed (400, 403).
     valid_topic(http, name)
     require_publish(request, name)
-    body = request.json()
-    messages = _parse_publish(body, broker.limits.max_batch_messages)
+    raw = raw_message(request)  # text/plain or octet-stream: one message, bytes as sent
+    if raw is not None:
+        messages, single = [raw], True
+    else:
+        body = request.json()
+        messages = _parse_publish(body, broker.limits.max_batch_messages)
+        single = "messages" not in body
     batch = encode_batch(messages)
     # A published batch must still fit a subscriber's DELIVER.
     limit = max_deliver_batch(broker.limits.max_frame_bytes, name)
     if len(batch) > limit:
         raise HttpError(413, f"the batch is {len(batch)} bytes, limit {limit}")
+    # A msg-id header on the first message makes the request idempotent:
+    # sent again within the dedup window, it answers with the same offsets
+    # and stores nothing (protocol.md, "Publishing exactly once").
+    dedup = MSG_ID_HEADER in (messages[0][1] or {})
     try:
-        published = broker.publish(principal(request), name, batch)
+        published = broker.publish(principal(request), name, batch, dedup=dedup)
         durability = await broker.durable(published)
     except Refused as refusal:
         # A full disk is 507, a failing one 503 (the request may succeed
@@ -208,7 +219,7 @@ async def publish_messages(http: HttpServer, request: Request, params: Mapping[s
         "timestamp_us": published.timestamp,
         "durability": durability.name.lower(),
     }
-    if "messages" not in body:
+    if single:
         answer["offset"] = published.base
     return json_response(answer)
 

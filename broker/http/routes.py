@@ -2,7 +2,7 @@
 
 A route is a path pattern (segments, ``{topic}`` standing for one
 percent-decoded segment) and a handler per method. HEAD is answered by the
-GET handler, without the body.
+GET handler, without the body; OPTIONS by the server itself (:mod:`.cors`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from . import api, dashboard, metrics, sse
+from . import api, dashboard, groups, metrics, sse
 from .messages import HttpError, Request, Response, StreamResponse
 
 if TYPE_CHECKING:
@@ -67,7 +67,24 @@ def build_routes(http: HttpServer) -> list[Route]:
             POST=bind(api.publish_messages),
         ),
         _route("/v1/topics/{topic}/events", GET=bind(sse.events)),
+        _route("/v1/events", GET=bind(sse.pattern_events)),
+        _route("/v1/groups", GET=bind(groups.list_groups)),
+        _route("/v1/groups/{group}", GET=bind(groups.group_detail)),
     ]
+
+
+def allowed_methods(route: Route) -> list[str]:
+    """The methods ``route`` answers: its own, HEAD with GET, OPTIONS (:mod:`.cors`)."""
+    return sorted({*route.methods, *(["HEAD"] if "GET" in route.methods else []), "OPTIONS"})
+
+
+def find(routes: list[Route], request: Request) -> tuple[Route, dict[str, str]]:
+    """The route for ``request``'s path and its parameters; 404 for none."""
+    for route in routes:
+        params = route.match(request.segments)
+        if params is not None:
+            return route, params
+    raise HttpError(404, f"no such path: {request.path}")
 
 
 async def dispatch(routes: list[Route], request: Request) -> Response | StreamResponse:
@@ -78,7 +95,7 @@ async def dispatch(routes: list[Route], request: Request) -> Response | StreamRe
         method = "GET" if request.method == "HEAD" else request.method
         handler = route.methods.get(method)
         if handler is None:
-            allowed = sorted({*route.methods, *(["HEAD"] if "GET" in route.methods else [])})
+            allowed = allowed_methods(route)
             raise HttpError(
                 405,
                 f"{request.method} is not allowed on {request.path}; allowed: {', '.join(allowed)}",

@@ -31,17 +31,20 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, unquote
 
+import attrs
 import h11
 import trio
 
 from .. import __version__
 from ..closing import drain, linger_close
+from ..listening import open_listeners
 from ..logs import get_logger
 from .access import authenticate
+from .cors import Cors
 from ..tls import wrap_server_stream
 from .messages import HttpError, Request, Response, StreamResponse
 from .rates import RateSampler
-from .routes import build_routes, dispatch
+from .routes import allowed_methods, build_routes, dispatch, find
 
 if TYPE_CHECKING:
     from ..core import Broker
@@ -91,6 +94,9 @@ class HttpServer:
         self.requests_by_status: Counter[int] = Counter()
         self.rates = RateSampler(broker.router)
         self.routes = build_routes(self)
+        self.cors = Cors(self.settings.cors_origins)
+        #: /metrics encodes in a worker thread, one scrape at a time.
+        self.metrics_encoding = trio.CapacityLimiter(1)
         self.host = ""
         self.port = 0
         self.stopping = False
@@ -112,7 +118,7 @@ class HttpServer:
         """Listen until :meth:`shutdown`; ``task_status.started(port)``."""
         config = self.config
         host = config.http_host if config.http_host is not None else config.host
-        listeners = await trio.open_tcp_listeners(config.http_port or 0, host=host)
+        listeners = await open_listeners("HTTP", host, config.http_port or 0)
         try:
             sockname = listeners[0].socket.getsockname()
             self.host, self.port = sockname[0], sockname[1]
@@ -267,9 +273,15 @@ class HttpConnection:
             return False
 
         head = request.method == "HEAD"
+        response: Response | StreamResponse
         try:
-            request = await authenticate(self.http, request)
-            response = await dispatch(self.http.routes, request)
+            if request.method == "OPTIONS":
+                # Before authentication: a CORS preflight has no credentials.
+                route, _ = find(self.http.routes, request)
+                response = self.http.cors.options(request, allowed_methods(route))
+            else:
+                request = await authenticate(self.http, request)
+                response = await dispatch(self.http.routes, request)
         except HttpError as exc:
             response = exc.response()
         except Exception:
@@ -278,6 +290,7 @@ class HttpConnection:
         self.logger.debug(
             "http request", method=request.method, path=request.path, status=response.status
         )
+        response = attrs.evolve(response, headers=self.http.cors.headers(request, response.headers))
         if isinstance(response, StreamResponse):
             await self._stream(response, head)
             return False
@@ -372,9 +385,11 @@ class HttpConnection:
     # -- answering ----------------------------------------------------------
 
     def _headers(
-        self, content_type: str, extra: Iterable[tuple[str, str]], close: bool
+        self, content_type: str | None, extra: Iterable[tuple[str, str]], close: bool
     ) -> list[tuple[str, str]]:
-        headers = [("server", SERVER_HEADER), ("content-type", content_type)]
+        headers = [("server", SERVER_HEADER)]
+        if content_type is not None:
+            headers.append(("content-type", content_type))
         headers.extend(extra)
         if close:
             headers.append(("connection", "close"))
@@ -386,9 +401,11 @@ class HttpConnection:
         await self._send_response(error.response(), head=False, close=True)
 
     async def _send_response(self, response: Response, *, head: bool, close: bool) -> None:
+        # 204 (OPTIONS) has no body, and no Content-Length (RFC 9110 8.6).
+        empty = response.status == 204
         headers = self._headers(
-            response.content_type,
-            [("content-length", str(len(response.body))), ("cache-control", "no-store"),
+            None if empty else response.content_type,
+            [*([] if empty else [("content-length", str(len(response.body)))]), ("cache-control", "no-store"),
              *response.headers.items()],
             close,
         )

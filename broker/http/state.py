@@ -80,6 +80,7 @@ def topic_summary(http: HttpServer, topic: Topic) -> dict[str, Any]:
         "message_rate": round(rate_in, 3),
         "message_rate_out": round(rate_out, 3),
         "subscriptions": len(views),
+        "consumer_groups": len(topic.groups),
         "max_lag": max((v.lag for v in views), default=0),
         "durability": log.durability.name.lower(),
         "last_timestamp": _iso(topic.last_timestamp),

@@ -48,6 +48,9 @@ class Acks:
         # This read's, and those waiting for a commit round.
         self._read: list[PendingAck] = []
         self._for_sync: list[PendingAck] = []
+        # The acker holds answers while it waits for their commit round:
+        # later ones must wait behind them, even those that need no sync.
+        self._syncing = False
         self._wake = trio.Event()
         self._closing = False
         self._done = trio.Event()
@@ -71,7 +74,11 @@ class Acks:
         if not self._read:
             return
         acks, self._read = self._read, []
-        if self._for_sync or any(a.published is not None and a.published.held is not None for a in acks):
+        if (
+            self._syncing
+            or self._for_sync
+            or any(a.published is not None and a.published.held is not None for a in acks)
+        ):
             self._for_sync.extend(acks)
             self._wake.set()
         else:
@@ -111,12 +118,16 @@ class Acks:
             while True:
                 if self._for_sync:
                     acks, self._for_sync = self._for_sync, []
-                    synced = await self.broker.committer.wait_seq(
-                        max(
-                            (a.published.held.seq for a in acks if a.published is not None and a.published.held),
-                            default=0,
+                    self._syncing = True
+                    try:
+                        synced = await self.broker.committer.wait_seq(
+                            max(
+                                (a.published.held.seq for a in acks if a.published is not None and a.published.held),
+                                default=0,
+                            )
                         )
-                    )
+                    finally:
+                        self._syncing = False
                     self._answer(acks, synced)
                     # Not kept while waiting for the next round: each holds
                     # its batch, up to max_frame_bytes per connection.

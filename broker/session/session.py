@@ -39,6 +39,7 @@ from pybroker.protocol import (
     Event,
     Goodbye,
     Groups,
+    GroupsAction,
     GroupsReply,
     Hello,
     Info,
@@ -371,7 +372,8 @@ class Session:
         welcome = Welcome(
             server_version=__version__,
             server_name=self.config.server_name,
-            limits=self.limits.announced(),
+            # dedup_window_ms: PUBLISH flag DEDUP is understood, and for how long.
+            limits={**self.limits.announced(), "dedup_window_ms": int(self.config.dedup_window * 1000)},
         )
         self.outbox.queue(self.conn.send(welcome))
         self.logger.debug("handshake done")
@@ -381,7 +383,7 @@ class Session:
     def _on_publish(self, pub: Publish) -> None:
         try:
             published = self.broker.publish(
-                self.principal, pub.topic, pub.batch, needs_receiver=pub.needs_receiver
+                self.principal, pub.topic, pub.batch, needs_receiver=pub.needs_receiver, dedup=pub.dedup
             )
         except Refused as refused:
             # In its place among the PUBACKs (protocol.md, "Ordering and guarantees").
@@ -426,7 +428,12 @@ class Session:
 
     def _on_groups(self, req: Groups) -> None:
         try:
-            document = self.broker.groups_request(self.principal, req.action, req.name)
+            if req.action is GroupsAction.CREATE:
+                document = self.broker.create_group(
+                    self.principal, req.name, req.pattern, req.start, req.start_value, req.options
+                )
+            else:
+                document = self.broker.groups_request(self.principal, req.action, req.name)
         except Refused as refused:
             self._refused(refused, req.request_id, RefKind.REQUEST)
             return

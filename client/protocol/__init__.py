@@ -18,6 +18,8 @@ are named for what they own:
 
 from ._batch import (
     EMPTY_HEADERS,
+    MAX_MSG_ID_BYTES,
+    MSG_ID_HEADER,
     Headers,
     MalformedBatch,
     batch_count,
@@ -27,9 +29,13 @@ from ._batch import (
     encode_batch_from_records,
     encode_headers,
     encode_record,
+    first_msg_id,
+    record_headers,
     split_records,
+    with_msg_id,
 )
 from ._budgets import (
+    MSG_ID_ROOM,
     info_entry_size,
     info_reply_room,
     MAX_RESUME_TOPICS,
@@ -132,6 +138,12 @@ __all__ = [
     # frame-size budgets
     "MAX_RESUME_TOPICS",
     "SERVER_FRAME_ALLOWANCE",
+    "MAX_MSG_ID_BYTES",
+    "MSG_ID_HEADER",
+    "MSG_ID_ROOM",
+    "first_msg_id",
+    "record_headers",
+    "with_msg_id",
     "deliver_overhead",
     "max_deliver_batch",
     "info_entry_size",

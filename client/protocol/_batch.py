@@ -50,6 +50,56 @@ def encode_record(payload: bytes, headers: Headers | None = None) -> bytes:
     return RECORD_HEADER.pack(len(payload), len(block)) + block + payload
 
 
+#: The header that names a batch for exactly-once publishing (flag DEDUP).
+MSG_ID_HEADER = "msg-id"
+#: The longest msg-id a server accepts, in bytes.
+MAX_MSG_ID_BYTES = 128
+
+
+def with_msg_id(record: bytes, msg_id: str) -> bytes:
+    """``record`` with a ``msg-id`` header added (after its own): how a
+    client names the batch this record starts, without re-encoding it."""
+    payload_len, headers_len = RECORD_HEADER.unpack_from(record, 0)
+    extra = encode_headers({MSG_ID_HEADER: msg_id})
+    if headers_len + len(extra) > 0xFFFF:
+        raise ValueError("no room for a msg-id header: the headers block would pass 65535 bytes")
+    start = RECORD_HEADER.size
+    return b"".join(
+        (
+            RECORD_HEADER.pack(payload_len, headers_len + len(extra)),
+            record[start : start + headers_len],
+            extra,
+            record[start + headers_len :],
+        )
+    )
+
+
+def record_headers(record: bytes) -> Headers:
+    """One record's headers (an encode_record output, or a piece of
+    split_records), without touching its payload. MalformedBatch if they
+    do not decode."""
+    if len(record) < RECORD_HEADER.size:
+        raise MalformedBatch("record shorter than its header")
+    _, headers_len = RECORD_HEADER.unpack_from(record, 0)
+    if not headers_len:
+        return EMPTY_HEADERS
+    return _decode_headers(record, RECORD_HEADER.size, RECORD_HEADER.size + headers_len)
+
+
+def first_msg_id(batch: bytes) -> str | None:
+    """The ``msg-id`` header of a batch's first record, or None: O(that
+    record's headers), the rest of the batch untouched. MalformedBatch if
+    the first record's headers do not decode."""
+    if len(batch) < BATCH_HEADER.size + RECORD_HEADER.size:
+        raise MalformedBatch("batch too short for a record")
+    pos = BATCH_HEADER.size
+    _, headers_len = RECORD_HEADER.unpack_from(batch, pos)
+    pos += RECORD_HEADER.size
+    if not headers_len:
+        return None
+    return _decode_headers(batch, pos, pos + headers_len).get(MSG_ID_HEADER)
+
+
 def encode_batch_from_records(records: Sequence[bytes]) -> bytes:
     body = b"".join(records)
     return BATCH_HEADER.pack(len(records), zlib.crc32(body)) + body

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ._batch import MAX_MSG_ID_BYTES, MSG_ID_HEADER
 from ._wire import (
     BATCH_HEADER,
     DELIVER_BODY_FIXED,
@@ -50,10 +51,16 @@ def max_publish_batch(max_frame_bytes: int, topic: str) -> int:
     return max_frame_bytes - publish_overhead(topic)
 
 
-def max_publish_records(max_frame_bytes: int, topic: str) -> int:
+#: What naming a batch for exactly-once publishing adds to its first record
+#: at most: the ``msg-id`` header entry (two lengths, the key, the id).
+MSG_ID_ROOM = 2 + len(MSG_ID_HEADER) + 2 + MAX_MSG_ID_BYTES
+
+
+def max_publish_records(max_frame_bytes: int, topic: str, dedup: bool = False) -> int:
     """The record bytes (batch header excluded) one PUBLISH to ``topic``
-    carries under ``max_frame_bytes``: what a client fills a batch up to."""
-    return max_publish_batch(max_frame_bytes, topic) - BATCH_HEADER.size
+    carries under ``max_frame_bytes``: what a client fills a batch up to
+    (less the room for a msg-id when it publishes exactly once)."""
+    return max_publish_batch(max_frame_bytes, topic) - BATCH_HEADER.size - (MSG_ID_ROOM if dedup else 0)
 
 
 def max_deliver_batch(max_frame_bytes: int, topic: str) -> int:

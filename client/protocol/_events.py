@@ -86,6 +86,8 @@ class Publish:
     topic: str
     batch: bytes  # count | crc | records, exactly as on the wire
     needs_receiver: bool = False
+    #: Store this batch once: its first record's ``msg-id`` header names it.
+    dedup: bool = False
 
 
 @attrs.frozen
@@ -203,6 +205,7 @@ class GroupsAction(enum.IntEnum):
     LIST = 0
     INSPECT = 1
     DELETE = 2
+    CREATE = 3
 
 
 @attrs.frozen
@@ -210,6 +213,12 @@ class Groups:
     request_id: int
     action: GroupsAction
     name: str = ""
+    # CREATE only (on the wire for action 3 alone): the group's pattern,
+    # start and settings (SUBSCRIBE's group options).
+    pattern: str = ""
+    start: StartKind = StartKind.NEW
+    start_value: int = 0
+    options: Mapping[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen

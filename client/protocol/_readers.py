@@ -60,8 +60,10 @@ from ._wire import (
     INFO_FLAG_TRUNCATED,
     MAGIC,
     PUBACK,
+    PUBLISH_FLAG_DEDUP,
     PUBLISH_FLAG_NEEDS_RECEIVER,
     RANGE,
+    GROUPS_CREATE_START,
     SUBSCRIBE_START,
     TYPES_BY_VALUE,
     U8,
@@ -157,7 +159,9 @@ def _d_welcome(b: _Body) -> Welcome:
 def _d_publish(b: _Body, flags: int) -> Publish:
     request_id = b.u64()
     topic = b.str16()
-    return Publish(request_id, topic, b.rest(), bool(flags & PUBLISH_FLAG_NEEDS_RECEIVER))
+    return Publish(
+        request_id, topic, b.rest(), bool(flags & PUBLISH_FLAG_NEEDS_RECEIVER), bool(flags & PUBLISH_FLAG_DEDUP)
+    )
 
 
 def _d_puback(b: _Body) -> PubAck:
@@ -236,7 +240,18 @@ def _d_groups(b: _Body) -> Groups:
         kind = GroupsAction(action)
     except ValueError:
         kind = action
-    return Groups(request_id, kind, name)  # type: ignore[arg-type]
+    if kind is not GroupsAction.CREATE:
+        return Groups(request_id, kind, name)  # type: ignore[arg-type]
+    pattern = b.str16()
+    start, value = b.unpack(GROUPS_CREATE_START)
+    options = b.str_map()
+    # An unknown start kind is refused by the server, as in SUBSCRIBE.
+    start_kind: StartKind | int
+    try:
+        start_kind = StartKind(start)
+    except ValueError:
+        start_kind = start
+    return Groups(request_id, kind, name, pattern, start_kind, value, options)  # type: ignore[arg-type]
 
 
 def _d_groups_reply(b: _Body) -> GroupsReply:

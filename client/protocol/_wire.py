@@ -56,13 +56,15 @@ INFO_FLAG_TRUNCATED = 0x01
 #: INFO continues a listing: an ``after`` topic name follows the pattern.
 INFO_FLAG_AFTER = 0x01
 PUBLISH_FLAG_NEEDS_RECEIVER = 0x01
+#: The batch's first record carries a ``msg-id`` header: store it once (protocol.md, "Publishing exactly once").
+PUBLISH_FLAG_DEDUP = 0x02
 
 #: Flag bits defined per frame type; all others must be 0.
 ALLOWED_FLAGS = {
     FrameType.ERROR: ERROR_FLAG_FATAL | ERROR_FLAG_FIELDS,
     FrameType.INFO_REPLY: INFO_FLAG_TRUNCATED,
     FrameType.INFO: INFO_FLAG_AFTER,
-    FrameType.PUBLISH: PUBLISH_FLAG_NEEDS_RECEIVER,
+    FrameType.PUBLISH: PUBLISH_FLAG_NEEDS_RECEIVER | PUBLISH_FLAG_DEDUP,
 }
 
 # -- field layouts -----------------------------------------------------------
@@ -79,6 +81,7 @@ PUBACK = struct.Struct(">QQIQB")  # request_id, base offset, count, timestamp, d
 DELIVER_FIXED = struct.Struct(">IQQ")  # sub_id, base offset, timestamp (then topic, batch)
 GROUP_DELIVER_FIXED = struct.Struct(">IQQH")  # sub_id, base, timestamp, deliveries
 SUBSCRIBE_START = struct.Struct(">BQI")  # start, start_value, credit
+GROUPS_CREATE_START = struct.Struct(">BQ")  # start, start_value
 CREDIT = struct.Struct(">II")
 INFO_ENTRY = struct.Struct(">QQQI")  # first, next, retained bytes, subscriptions
 ACK_FIXED = struct.Struct(">IBI")  # sub_id, kind, delay_ms

@@ -21,6 +21,7 @@ from ._events import (
     Event,
     GroupDeliver,
     Groups,
+    GroupsAction,
     GroupsReply,
     Goodbye,
     Hello,
@@ -56,8 +57,10 @@ from ._wire import (
     PUBACK,
     PUBLISH_BODY_FIXED,
     PUBLISH_FIXED,
+    PUBLISH_FLAG_DEDUP,
     PUBLISH_FLAG_NEEDS_RECEIVER,
     RANGE,
+    GROUPS_CREATE_START,
     SUBSCRIBE_START,
     U8,
     U16,
@@ -91,12 +94,12 @@ def _check_str16(data: bytes) -> None:
 
 
 def encode_publish(
-    request_id: int, topic: str, batch: bytes, needs_receiver: bool = False
+    request_id: int, topic: str, batch: bytes, needs_receiver: bool = False, dedup: bool = False
 ) -> bytes:
     """PUBLISH frame; the client's hot path, so it skips the event object."""
     t = topic.encode("utf-8")
     _check_str16(t)
-    flags = PUBLISH_FLAG_NEEDS_RECEIVER if needs_receiver else 0
+    flags = (PUBLISH_FLAG_NEEDS_RECEIVER if needs_receiver else 0) | (PUBLISH_FLAG_DEDUP if dedup else 0)
     return b"".join(
         (
             FRAME_HEADER.pack(PUBLISH_BODY_FIXED + len(t) + len(batch), FrameType.PUBLISH, flags),
@@ -154,7 +157,7 @@ def encode_puback(ack: PubAck) -> bytes:
 def encode_event(event: Event) -> bytes:
     """Bytes of one frame, without any state checks (see Connection.send)."""
     if isinstance(event, Publish):
-        return encode_publish(event.request_id, event.topic, event.batch, event.needs_receiver)
+        return encode_publish(event.request_id, event.topic, event.batch, event.needs_receiver, event.dedup)
     if isinstance(event, Deliver):
         t = event.topic.encode("utf-8")
         return (
@@ -219,6 +222,12 @@ def encode_event(event: Event) -> bytes:
         body = b""
     elif isinstance(event, Groups):
         body = U64.pack(event.request_id) + U8.pack(event.action) + _s16(event.name)
+        if event.action == GroupsAction.CREATE:
+            body += (
+                _s16(event.pattern)
+                + GROUPS_CREATE_START.pack(event.start, event.start_value)
+                + _str_map(event.options)
+            )
     elif isinstance(event, GroupsReply):
         doc = event.document.encode("utf-8")
         body = U64.pack(event.request_id) + U32.pack(len(doc)) + doc

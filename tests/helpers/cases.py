@@ -246,6 +246,16 @@ CASES = [
     Case("group-deliver-max", S, Phase.OPEN, GroupDeliver(2**32 - 1, "т", 2**64 - 1, 0, 65535, BATCH)),
     Case("groups", C, Phase.OPEN, SAMPLES[FrameType.GROUPS]),
     Case("groups-list", C, Phase.OPEN, Groups(2**64 - 1, GroupsAction.LIST)),
+    Case(
+        "groups-create",
+        C,
+        Phase.OPEN,
+        Groups(
+            3, GroupsAction.CREATE, "workers", "jobs.>", StartKind.TIME, 1_700_000_000_000_000,
+            {"max_deliver": "3", "backoff_ms": "1000,5000"},
+        ),
+    ),
+    Case("groups-create-bare", C, Phase.OPEN, Groups(4, GroupsAction.CREATE, "w", "jobs")),
     Case("groups-reply", S, Phase.OPEN, SAMPLES[FrameType.GROUPS_REPLY]),
     Case("groups-reply-unicode", S, Phase.OPEN, GroupsReply(0, '{"g": "ü"}')),
     Case("info", C, Phase.OPEN, SAMPLES[FrameType.INFO]),

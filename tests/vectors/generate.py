@@ -31,6 +31,7 @@ from pybroker.protocol import (
     Durability,
     Error,
     ErrorCode,
+    MSG_ID_HEADER,
     Goodbye,
     GroupDeliver,
     Groups,
@@ -73,6 +74,8 @@ def to_json(event: Any) -> dict[str, Any]:
     matches, for checking a batch codec on its own."""
     out: dict[str, Any] = {"type": type(event).__name__}
     for field in attrs.fields(type(event)):
+        if isinstance(event, Groups) and event.action != GroupsAction.CREATE and field.name in _CREATE_ONLY:
+            continue  # not on the wire for other actions
         out[field.name] = _value(getattr(event, field.name))
     batch = getattr(event, "batch", None)
     if isinstance(batch, bytes):
@@ -83,6 +86,10 @@ def to_json(event: Any) -> dict[str, Any]:
         out["crc_ok"] = crc_ok
         assert count == len(out["records"])
     return out
+
+
+#: GROUPS fields that only action 3 (create) carries.
+_CREATE_ONLY = {"pattern", "start", "start_value", "options"}
 
 
 def _value(v: Any) -> Any:
@@ -104,12 +111,19 @@ def _value(v: Any) -> Any:
 def conversations() -> dict[str, list[tuple[str, Any]]]:
     """Each conversation after its HELLO and WELCOME: (sender, event)."""
     one = encode_batch([b"hi"])
+    named = encode_batch([(b"hi", {MSG_ID_HEADER: "0f1e2d3c4b5a6978.1"})])
     two = encode_batch([b"job-1", (b"job-2", {"trace": "7f"})])
     lost = {"topic": "orders.eu", "first": "3", "last": "9", "reason": "retention"}
     return {
         "publish one message": [
             ("client", Publish(1, "a.b", one)),
             ("server", PubAck(1, 0, 1, T0, Durability.DISK)),
+        ],
+        "publish exactly once: a resend gets the original offsets": [
+            ("client", Publish(1, "a.b", named, dedup=True)),
+            ("client", Publish(2, "a.b", named, dedup=True)),
+            ("server", PubAck(1, 5, 1, T0, Durability.DISK)),
+            ("server", PubAck(2, 5, 1, T0, Durability.DISK)),
         ],
         "subscribe, deliver, credit, unsubscribe": [
             ("client", Subscribe(1, "orders.>", StartKind.EARLIEST, 0, 4096)),
@@ -157,6 +171,11 @@ def conversations() -> dict[str, list[tuple[str, Any]]]:
             ("server", GroupsReply(7, '{"groups":[],"next":""}')),
             ("client", Groups(8, GroupsAction.DELETE, "workers")),
             ("server", GroupsReply(8, '{"deleted":"workers"}')),
+            (
+                "client",
+                Groups(9, GroupsAction.CREATE, "mail", "jobs.mail", StartKind.EARLIEST, 0, {"max_deliver": "3"}),
+            ),
+            ("server", GroupsReply(9, '{"group":"mail","pattern":"jobs.mail","members":0,"created":true}')),
         ],
         "fatal error": [
             ("server", Error(ErrorCode.MALFORMED_FRAME, "frame body ends inside a field", 0, RefKind.NONE, True)),
