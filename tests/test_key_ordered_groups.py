@@ -10,11 +10,16 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+import anyio
+import anyio.lowlevel
 import pytest
-import trio
 
 import pybroker
-from pybroker.server.testing import running_broker
+
+from helpers.anybroker import serving
+
+#: The tests that go through the client run under Trio and asyncio.
+both = pytest.mark.anyio
 
 TIMEOUT = 30.0
 
@@ -29,6 +34,7 @@ def jobs(keys: int, per_key: int) -> list[tuple[bytes, dict[str, str]]]:
     return out
 
 
+@both
 async def test_one_key_at_a_time_in_order_and_keys_spread(tmp_path: Path) -> None:
     keys, per_key = 6, 12
     messages = jobs(keys, per_key)
@@ -37,7 +43,7 @@ async def test_one_key_at_a_time_in_order_and_keys_spread(tmp_path: Path) -> Non
     active: dict[str, str] = {}  # key -> worker working on it
     overlaps: list[tuple[str, str, str]] = []
     by_worker: dict[str, int] = defaultdict(int)
-    finished = trio.Event()
+    finished = anyio.Event()
     total = len(messages)
 
     def worker(name: str):  # type: ignore[no-untyped-def]
@@ -47,7 +53,7 @@ async def test_one_key_at_a_time_in_order_and_keys_spread(tmp_path: Path) -> Non
                 if key in active:
                     overlaps.append((key, active[key], name))
                 active[key] = name
-            await trio.sleep(rng.random() * 0.01)  # uneven work
+            await anyio.sleep(rng.random() * 0.01)  # uneven work
             if key is not None:
                 del active[key]
                 done[key].append(msg.offset)
@@ -57,13 +63,13 @@ async def test_one_key_at_a_time_in_order_and_keys_spread(tmp_path: Path) -> Non
 
         return handle
 
-    async with running_broker(data_dir=tmp_path) as server:
+    async with serving(data_dir=tmp_path) as server:
         async with pybroker.connect(server.url) as c:
             for name in ("w1", "w2", "w3"):
                 await c.subscribe("orders.>", worker(name), group="by-customer", ordering="key", concurrency=2)
             # One batch: all of it stored together, then handed out by key.
             await c.publish_many("orders.eu", messages)
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 await finished.wait()
             summary = await c.groups("inspect", "by-customer")
     assert overlaps == []
@@ -74,15 +80,16 @@ async def test_one_key_at_a_time_in_order_and_keys_spread(tmp_path: Path) -> Non
     assert summary["config"]["ordering"] == "key" and summary["pending"] == 0
 
 
+@both
 async def test_a_member_that_leaves_hands_its_key_over_in_order(tmp_path: Path) -> None:
-    async with running_broker(data_dir=tmp_path) as server:
+    async with serving(data_dir=tmp_path) as server:
         async with pybroker.connect(server.url) as c:
             await c.create_group("by-key", "k.>", ordering="key")
             await c.publish_many("k.t", [(b"a0", {"key": "a"}), (b"a1", {"key": "a"}), (b"b0", {"key": "b"})])
             got: list[tuple[str, bytes, int]] = []
             async with pybroker.connect(server.url) as first:
                 async with first.subscribe("k.>", group="by-key", max_ack_pending=10) as sub:
-                    with trio.fail_after(TIMEOUT):
+                    with anyio.fail_after(TIMEOUT):
                         async for m in sub:
                             got.append(("first", m.payload, m.deliveries))
                             if len(got) == 2:
@@ -91,7 +98,7 @@ async def test_a_member_that_leaves_hands_its_key_over_in_order(tmp_path: Path) 
             assert sorted(p for _, p, _ in got) == [b"a0", b"b0"]
             second: list[tuple[bytes, int]] = []
             async with c.subscribe("k.>", group="by-key", max_ack_pending=10) as sub:
-                with trio.fail_after(TIMEOUT):
+                with anyio.fail_after(TIMEOUT):
                     async for m in sub:
                         second.append((m.payload, m.deliveries))
                         await m.ack()
@@ -103,27 +110,28 @@ async def test_a_member_that_leaves_hands_its_key_over_in_order(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("prefetch", [1, 2], ids=["one-out", "one-handed-out-ahead"])
+@both
 async def test_a_restart_keeps_a_busy_key_busy(tmp_path: Path, prefetch: int) -> None:
     """With prefetch 2 the first broker also hands out y0, past x1 that
     waits for x0: a pending message past the group's cursor, saved and
     restored."""
-    async with running_broker(data_dir=tmp_path) as server:
+    async with serving(data_dir=tmp_path) as server:
         async with pybroker.connect(server.url) as c:
             await c.create_group("by-key", "r.>", ordering="key")
             await c.publish_many("r.t", [(b"x0", {"key": "x"}), (b"x1", {"key": "x"}), (b"y0", {"key": "y"})])
             async with c.subscribe("r.>", group="by-key", max_ack_pending=prefetch) as sub:
-                with trio.fail_after(TIMEOUT):
+                with anyio.fail_after(TIMEOUT):
                     seen = []
                     async for m in sub:
                         seen.append(m.payload)  # handed out, never settled
                         if len(seen) == prefetch:
                             break
                 assert seen == [b"x0", b"y0"][:prefetch]
-    async with running_broker(data_dir=tmp_path) as server:
+    async with serving(data_dir=tmp_path) as server:
         async with pybroker.connect(server.url) as c:
             held: list[pybroker.Message] = []
             async with c.subscribe("r.>", group="by-key", max_ack_pending=10) as sub:
-                with trio.fail_after(TIMEOUT):
+                with anyio.fail_after(TIMEOUT):
                     async for m in sub:
                         held.append(m)
                         if len(held) == 2:
@@ -135,7 +143,7 @@ async def test_a_restart_keeps_a_busy_key_busy(tmp_path: Path, prefetch: int) ->
                 assert summary["in_flight"] == 2 and summary["pending"] == 2
                 for m in held:
                     await m.ack()
-                with trio.fail_after(TIMEOUT):
+                with anyio.fail_after(TIMEOUT):
                     async for m in sub:
                         assert m.payload == b"x1"
                         await m.ack()
@@ -144,8 +152,9 @@ async def test_a_restart_keeps_a_busy_key_busy(tmp_path: Path, prefetch: int) ->
     assert summary["pending"] == 0 and summary["config"]["ordering"] == "key"
 
 
+@both
 async def test_an_unknown_ordering_is_refused(tmp_path: Path) -> None:
-    async with running_broker(data_dir=tmp_path) as server:
+    async with serving(data_dir=tmp_path) as server:
         async with pybroker.connect(server.url) as c:
             with pytest.raises(ValueError):
                 c.subscribe("o.>", group="g", ordering="fifo")
