@@ -1379,7 +1379,7 @@ class Client:
                 # Its next messages, if the name is used again, start at 0:
                 # a resume must not ask for the old topic's offsets.
                 sub._forget_topic(err.fields.get("topic", ""))
-                _log.info("topic deleted", pattern=sub.pattern, topic=err.fields.get("topic"))
+                _log.info("topic %s deleted (subscription %s)", err.fields.get("topic"), sub.pattern)
                 return
             elif sub is not None and sub._resuming:
                 # The broker refused to continue it on the new connection.
