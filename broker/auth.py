@@ -62,7 +62,7 @@ KDF_THREADS = 2
 OPTION_USER = "user"
 OPTION_PASSWORD = "password"
 OPTION_TOKEN = "token"
-_USER_KEYS = frozenset({"password", "token", "publish", "subscribe", "admin"})
+_USER_KEYS = frozenset({"password", "token", "publish", "subscribe", "manage", "admin"})
 _RULE_KEYS = frozenset({"allow", "deny"})
 
 
@@ -261,7 +261,8 @@ def _parse_user(name: str, entry: Any, where: str) -> User:
         raise UsersFileError(f"{where}: admin must be true or false")
     pub_allow, pub_deny = _rules(entry.get("publish", {}), f"{where}: publish")
     sub_allow, sub_deny = _rules(entry.get("subscribe", {}), f"{where}: subscribe")
-    permissions = Permissions(pub_allow, pub_deny, sub_allow, sub_deny, admin)
+    manage_allow, manage_deny = _rules(entry.get("manage", {}), f"{where}: manage")
+    permissions = Permissions(pub_allow, pub_deny, sub_allow, sub_deny, admin, manage_allow, manage_deny)
     return User(name, permissions, password, token)
 
 

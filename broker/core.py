@@ -541,6 +541,49 @@ class Broker:
         room = self.limits.max_frame_bytes - GROUPS_REPLY_FIXED - len(',"created":false')
         return json.dumps({**_bounded(group.statistics(), room), "created": created})
 
+    # -- topic administration -----------------------------------------------------
+
+    async def delete_topic(self, who: Principal, name: str) -> dict[str, Any]:
+        """TOPICS delete: the topic, its messages and its files go; its
+        subscribers and the groups reading it are told; a publish to the
+        name afterwards starts a new topic at offset 0. What was published
+        before is acknowledged first (its fsync is awaited), then deleted."""
+        topic = self._managed_topic(who, name)
+        while topic.held:
+            # Answers owed for batches still waiting for their fsync go out
+            # as promised before the files go.
+            await self.committer.wait_seq(topic.held[-1].seq)
+            if self.router.topics.get(name) is not topic:
+                raise Refused(ErrorCode.UNKNOWN_TOPIC, f"no topic {name!r}")
+        log = topic.log
+        messages = log.next_offset - log.first_offset
+        # From here to the store's move, no await: nothing is appended to
+        # the old log once it has left the router.
+        try:
+            self.store.delete_topic(name)
+        except StorageError as exc:
+            raise Refused(exc.code, exc.message, {"topic": name}) from None
+        self.router.drop(topic)
+        self.groups.topic_deleted(topic)
+        self.dedup.forget(name)
+        self.logger.info("topic deleted", topic=name, messages=messages, by=who.name)
+        with trio.CancelScope(shield=True):  # half-closed files help nobody
+            await self.store.discard(log)
+        return {"deleted": name, "messages": messages}
+
+    def _managed_topic(self, who: Principal, name: str) -> Topic:
+        problem = topic_error(name, self.limits.max_topic_bytes, self.limits.max_topic_depth)
+        if problem is not None:
+            raise Refused(ErrorCode.BAD_TOPIC, problem)
+        if is_inbox(name):
+            raise Refused(ErrorCode.BAD_TOPIC, "an inbox is no topic: it goes with its owner")
+        if not who.may_manage(name):
+            raise Refused.denied(who, f"manage topic {name!r}")
+        topic = self.router.topics.get(name)
+        if topic is None:
+            raise Refused(ErrorCode.UNKNOWN_TOPIC, f"no topic {name!r}")
+        return topic
+
     def groups_request(self, who: Principal, action: GroupsAction | int, name: str) -> str:
         """GROUPS: list, inspect or delete; the reply's JSON document.
         Administration is for those who may read the group's pattern, and

@@ -37,6 +37,34 @@ def configure(level: str = "info", fmt: str = "console", stream: Any = None) -> 
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
+    _route_client_records(level, renderer, stream or sys.stderr)
+
+
+class _ClientRecords(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler configure() puts on the stdlib ``pybroker`` logger."""
+
+
+def _route_client_records(level: str, renderer: Any, stream: Any) -> None:
+    """The client library (``pybroker.connection``, used by ``pybroker sub``,
+    ``pub``, the bench) logs through stdlib logging: in this process its
+    records come out in the same format and at the same level as the
+    broker's own. Calling configure() again replaces the handler."""
+    handler = _ClientRecords(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+        )
+    )
+    logger = logging.getLogger("pybroker")
+    for old in [h for h in logger.handlers if isinstance(h, _ClientRecords)]:
+        logger.removeHandler(old)
+    logger.addHandler(handler)
+    logger.setLevel(logging.getLevelNamesMapping()[level.upper()])
 
 
 def get_logger(**bound: Any) -> Any:

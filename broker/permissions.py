@@ -88,6 +88,9 @@ class Permissions:
     #: broker-wide HTTP figures (/metrics, /v1/broker); grants no publish
     #: or subscribe right.
     admin: bool = False
+    #: Topics it may delete and purge (TOPICS); admins may manage every topic.
+    manage_allow: tuple[str, ...] = ()
+    manage_deny: tuple[str, ...] = ()
     _pa: tuple[tuple[str, ...], ...] = attrs.field(init=False, eq=False, repr=False)
     _pd: tuple[tuple[str, ...], ...] = attrs.field(init=False, eq=False, repr=False)
     _sa: tuple[tuple[str, ...], ...] = attrs.field(init=False, eq=False, repr=False)
@@ -119,6 +122,16 @@ class Permissions:
 
     def may_read(self, topic: str) -> bool:
         return self.may_subscribe(topic)
+
+    def may_manage(self, topic: str) -> bool:
+        """Delete or purge ``topic``: admins, and users whose ``manage``
+        patterns allow it (and do not deny it)."""
+        if self.admin:
+            return True
+        tokens = topic.split(".")
+        if any(tokens_match(d.split("."), tokens) for d in self.manage_deny):
+            return False
+        return any(tokens_match(a.split("."), tokens) for a in self.manage_allow)
 
 
 class DecisionCache:

@@ -44,6 +44,10 @@ class Principal:
         the broker-wide figures."""
         return self.user is None or self.user.permissions.admin
 
+    def may_manage(self, topic: str) -> bool:
+        """Delete or purge ``topic`` (everyone, without a users file)."""
+        return self.user is None or self.user.permissions.may_manage(topic)
+
     def who(self) -> str:
         """How refusals name the asker."""
         return f"user {self.user.name!r}" if self.user is not None else "this connection"

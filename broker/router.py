@@ -208,6 +208,18 @@ class Router:
             self.events.topic_created(topic)
         return topic
 
+    def drop(self, topic: Topic) -> None:
+        """A deleted topic leaves the router: its subscriptions forget it
+        (nothing of it is read or delivered again) and are told; a publish
+        to its name then creates a new topic."""
+        if self.topics.get(topic.name) is topic:
+            del self.topics[topic.name]
+        self._held_topics.pop(topic, None)
+        for sub in topic.subs:
+            sub.lag.pop(topic, None)
+            sub.subscriber.topic_deleted(sub, topic)
+        topic.subs = []
+
     def has_receivers(self, name: str) -> bool:
         """Whether a message published to ``name`` now would reach any
         subscription or consumer group (a request's NEEDS_RECEIVER)."""

@@ -54,6 +54,10 @@ class Subscriber(Protocol):
         """Messages handed to this consumer-group member (bounded by the
         group's max_ack_pending, not by the subscriber's queue)."""
 
+    def topic_deleted(self, sub: Subscription, topic: Topic) -> None:
+        """``topic`` was deleted: nothing more of it comes (a topic created
+        later under its name starts from offset 0). Tell the subscriber."""
+
     @property
     def accepting(self) -> bool:
         """Whether deliveries may still be given to it (a group asks first)."""

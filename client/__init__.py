@@ -1,5 +1,7 @@
 """pybroker: a durable pub/sub broker; this package is its client library.
 
+The async client runs under Trio and asyncio alike (it is written on anyio).
+
     import pybroker
 
     async with pybroker.connect("pybroker://127.0.0.1:7420") as c:
@@ -24,11 +26,16 @@ from .errors import (
     PermissionDenied,
     StorageError,
     StorageFull,
+    Timeout,
 )
 from .message import Message, PublishAck
 from .protocol import Durability, ErrorCode, TopicInfo
 from .reconnect import Reconnect
 from .subscription import Subscription, SubscriptionStatistics
+
+#: What ``Client.publish_nowait`` raises when the pipeline is full (anyio's,
+#: whichever event loop runs the client).
+from anyio import WouldBlock
 
 __all__ = [
     "__version__",
@@ -50,7 +57,9 @@ __all__ = [
     "StorageFull",
     "Subscription",
     "SubscriptionStatistics",
+    "Timeout",
     "TopicInfo",
+    "WouldBlock",
     "connect",
     "parse_url",
     "url_credentials",

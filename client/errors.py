@@ -69,6 +69,13 @@ def broker_error(code: int, message: str, fields: Mapping[str, str] | None = Non
     return _BY_CODE.get(code, BrokerError)(code, message, fields)
 
 
+class Timeout(TimeoutError):
+    """An operation did not finish within its timeout: connecting, a request
+    waiting for its reply, a flush. The message names the operation and the
+    topic (or broker address). A ``TimeoutError``, so ``except
+    TimeoutError`` catches it under any event loop."""
+
+
 class MessageTooLarge(ValueError):
     """A message that cannot fit one frame under the broker's max_frame_bytes;
     raised before anything is sent (protocol.md, "Limits")."""

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from typing import Protocol
 
 import attrs
-import trio
+import anyio
+import anyio.lowlevel
 
 from .protocol import AckKind, Durability
 
@@ -57,7 +58,7 @@ class Message:
     async def ack(self) -> None:
         """Done: the group will not deliver it again."""
         self._settle(AckKind.ACK)
-        await trio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
 
     async def nak(self, delay: float | None = None) -> None:
         """Not done: deliver it again after the group's ``backoff`` for this
@@ -66,17 +67,17 @@ class Message:
         # On the wire delay_ms 0 means "the group's backoff": an explicit
         # delay is at least 1 ms (protocol.md, "ACK").
         self._settle(AckKind.NAK, 0.0 if delay is None else max(0.001, delay))
-        await trio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
 
     async def term(self) -> None:
         """Never deliver it again, and do not dead-letter it."""
         self._settle(AckKind.TERM)
-        await trio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
 
     async def in_progress(self) -> None:
         """Still working on it: restart its ack-wait clock."""
         self._settle(AckKind.IN_PROGRESS)
-        await trio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
 
     @property
     def timestamp(self) -> float:

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import attrs
-import trio
+import anyio
+import anyio.lowlevel
 
 from .errors import ConnectionClosed
 from .message import Message
@@ -74,7 +75,7 @@ class Subscription:
         self._index = 0
         self._pending = 0
         self._consumed = 0  # messages consumed since the last credit grant
-        self._arrived = trio.Event()
+        self._arrived = anyio.Event()
         self._closed = False
         self._error: BaseException | None = None
         self._delivered = 0
@@ -162,6 +163,11 @@ class Subscription:
     def _note_lost(self, count: int) -> None:
         self._lost += count
 
+    def _forget_topic(self, topic: str) -> None:
+        """A deleted topic: a new one of its name starts at offset 0, and
+        its first messages must not be taken for repeats."""
+        self._positions.pop(topic, None)
+
     def _close(self, error: BaseException | None = None) -> None:
         """No more messages will arrive; iteration ends once the buffer is
         drained, raising ``error`` if the connection was lost."""
@@ -185,13 +191,13 @@ class Subscription:
                 self._current = self._batches.popleft()
                 # One checkpoint per batch, not per message: iterating a
                 # large backlog stays cheap and still lets other tasks run.
-                await trio.lowlevel.checkpoint()
+                await anyio.lowlevel.checkpoint()
                 continue
             if self._closed:
                 if self._error is not None:
                     raise self._error
                 raise StopAsyncIteration
-            self._arrived = trio.Event()
+            self._arrived = anyio.Event()
             await self._arrived.wait()
         msg = self._current[self._index]
         self._index += 1

@@ -4,6 +4,8 @@ TLS sits below the framing (protocol.md, "Transport"). ``pybrokers://``
 URLs, or ``tls=True``, verify the broker's certificate and host name against
 the system's CAs, or against ``ca_file``; ``tls=`` also takes a ready
 ``ssl.SSLContext`` (client certificates, pinning, ...).
+
+Streams are anyio's, so the same code runs under Trio and asyncio.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import os
 import ssl
 from os import PathLike
 
-import trio
+import anyio
+from anyio.abc import ByteStream
+from anyio.streams.tls import TLSStream
 
-from .errors import ConnectionClosed
+from .errors import ConnectionClosed, Timeout
 
 TLSOption = ssl.SSLContext | bool | None
 CAFile = str | PathLike[str] | None
@@ -55,37 +59,57 @@ def client_context(tls: TLSOption, ca_file: CAFile, *, url_tls: bool) -> ssl.SSL
 
 async def open_stream(
     host: str, port: int, *, ssl_context: ssl.SSLContext | None, timeout: float
-) -> trio.abc.Stream:
+) -> ByteStream:
     """A connected stream to ``host:port``, with the TLS handshake done.
 
     The handshake runs here rather than lazily on the first send, so a
     certificate that fails verification raises from ``connect()`` itself as
     the ``ssl.SSLCertVerificationError`` it is; other TLS failures raise
-    ``ssl.SSLError``.
+    ``ssl.SSLError``. No connection within ``timeout`` raises :class:`Timeout`.
     """
-    with trio.fail_after(timeout):
-        tcp = await trio.open_tcp_stream(host, port)
-        if ssl_context is None:
-            return tcp
-        stream = trio.SSLStream(tcp, ssl_context, server_hostname=host)
-        try:
-            await stream.do_handshake()
-        except trio.BrokenResourceError as exc:
-            await trio.aclose_forcefully(stream)
-            cause = exc.__cause__
-            if isinstance(cause, ssl.SSLCertVerificationError):
-                cause.add_note(f"(TLS handshake with {host}:{port})")
-                raise cause from None
-            if isinstance(cause, ssl.SSLError):
-                # Usually a peer that does not speak TLS: say so.
-                raise ssl.SSLError(
-                    f"TLS handshake with {host}:{port} failed: {cause}"
-                    " (does the broker serve TLS on that port?)"
-                ) from cause
-            raise ConnectionClosed(
-                f"the TLS handshake with {host}:{port} failed: {cause or exc!r}"
-            ) from exc
-        except BaseException:
-            await trio.aclose_forcefully(stream)
-            raise
-        return stream
+    stream: ByteStream | None = None
+    # move_on_after, not fail_after: an OS-level ETIMEDOUT is a TimeoutError
+    # too, and must stay the OSError it is.
+    with anyio.move_on_after(timeout) as scope:
+        stream = await anyio.connect_tcp(host, port)
+        if ssl_context is not None:
+            stream = await _handshake(stream, host, port, ssl_context)
+    if scope.cancelled_caught:
+        if stream is not None:
+            await anyio.aclose_forcefully(stream)
+        what = "TLS handshake with" if stream is not None else "connecting to"
+        raise Timeout(f"{what} {host}:{port}: no answer within {timeout:g} s")
+    assert stream is not None
+    return stream
+
+
+async def _handshake(tcp: ByteStream, host: str, port: int, context: ssl.SSLContext) -> ByteStream:
+    try:
+        # standard_compatible: a peer that closes without close_notify has
+        # broken the stream (a truncation attack looks the same).
+        return await TLSStream.wrap(tcp, hostname=host, ssl_context=context, standard_compatible=True)
+    except ssl.SSLCertVerificationError as exc:
+        await anyio.aclose_forcefully(tcp)
+        exc.add_note(f"(TLS handshake with {host}:{port})")
+        raise
+    except ssl.SSLError as exc:
+        await anyio.aclose_forcefully(tcp)
+        # Usually a peer that does not speak TLS: say so.
+        raise ssl.SSLError(
+            f"TLS handshake with {host}:{port} failed: {exc}"
+            " (does the broker serve TLS on that port?)"
+        ) from exc
+    except (anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+        await anyio.aclose_forcefully(tcp)
+        cause = exc.__cause__
+        if isinstance(cause, ssl.SSLError):
+            raise ssl.SSLError(
+                f"TLS handshake with {host}:{port} failed: {cause}"
+                " (does the broker serve TLS on that port?)"
+            ) from cause
+        raise ConnectionClosed(
+            f"the TLS handshake with {host}:{port} failed: {cause or exc!r}"
+        ) from exc
+    except BaseException:
+        await anyio.aclose_forcefully(tcp)
+        raise

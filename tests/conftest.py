@@ -18,6 +18,30 @@ pytest_plugins = ["pybroker.server.pytest_plugin"]
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
+# Two async test runners share this suite. pyproject.toml sets trio_mode:
+# pytest-trio runs every async test under Trio, as the broker's own tests
+# expect. The client's tests run under both Trio and asyncio: their modules
+# say ``pytestmark = pytest.mark.anyio`` and anyio's pytest plugin runs each
+# test once per backend (the ``anyio_backend`` fixture). Trio mode would
+# claim those too (it marks every coroutine test ``trio`` at collection), so
+# the hook below takes that mark off anything anyio runs; each test then has
+# exactly one runner. Their async fixtures are anyio's as well (anyio wraps
+# any async fixture a test with ``anyio_backend`` requests, before
+# pytest-trio looks at it).
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("anyio") is not None:
+            item.own_markers[:] = [m for m in item.own_markers if m.name != "trio"]
+
+
+@pytest.fixture(params=["trio", "asyncio"], scope="module")
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Both backends, Trio first (anyio's default list order varies)."""
+    backend: str = request.param
+    return backend
+
+
 @pytest.fixture
 def certs(tmp_path: Path) -> Certs:
     """A test CA and a server certificate for 127.0.0.1 under ``tmp_path``."""

@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import pytest
 import structlog
+import anyio
 import trio
 
 import pybroker
@@ -33,6 +34,7 @@ from pybroker.server.testing import running_broker
 from pybroker.protocol import ErrorCode, Hello, Welcome
 
 from helpers.auth import CHEAP, user_entry, users_toml, write_users
+from helpers.anybroker import serving
 from helpers.http import basic, http_request
 from helpers.raw import expect_fatal, raw_client
 
@@ -42,6 +44,11 @@ ADMIN_TOKEN = "t0ken-for-the-operators-dashboard"
 PASSWORD = "correct horse battery staple"
 
 T = TypeVar("T")
+
+#: The tests of what the client does with credentials run under Trio and
+#: asyncio; the broker's side (hashing, the users file, HTTP, the wire) under
+#: pytest-trio.
+both = pytest.mark.anyio
 
 
 def users_file(tmp_path: Path) -> Path:
@@ -151,10 +158,11 @@ def test_without_auth_only_loopback_unless_told_otherwise() -> None:
 # -- HELLO credentials ----------------------------------------------------------
 
 
+@both
 async def test_token_password_and_url_credentials_are_accepted(tmp_path: Path) -> None:
-    async with running_broker(auth_file=users_file(tmp_path)) as server:
+    async with serving(auth_file=users_file(tmp_path)) as server:
         host_port = server.url.removeprefix("pybroker://")
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             async with pybroker.connect(server.url, token=TOKEN) as c:
                 assert (await c.publish("anything.at.all", b"x")).offset == 0
             async with pybroker.connect(server.url, user="alice", password=PASSWORD) as c:
@@ -167,6 +175,7 @@ async def test_token_password_and_url_credentials_are_accepted(tmp_path: Path) -
         assert sessions_users <= {"alice", "ingest"}
 
 
+@both
 @pytest.mark.parametrize(
     "credentials",
     [
@@ -183,8 +192,8 @@ async def test_token_password_and_url_credentials_are_accepted(tmp_path: Path) -
 async def test_bad_or_missing_credentials_fail_without_saying_which(
     tmp_path: Path, credentials: dict[str, str]
 ) -> None:
-    async with running_broker(auth_file=users_file(tmp_path)) as server:
-        with trio.fail_after(TIMEOUT), structlog.testing.capture_logs() as logs:
+    async with serving(auth_file=users_file(tmp_path)) as server:
+        with anyio.fail_after(TIMEOUT), structlog.testing.capture_logs() as logs:
             with pytest.raises(pybroker.AuthenticationError) as refused:
                 async with pybroker.connect(server.url, **credentials):  # type: ignore[arg-type]
                     pass
@@ -198,8 +207,9 @@ async def test_bad_or_missing_credentials_fail_without_saying_which(
                 assert secret not in logged
 
 
+@both
 async def test_token_and_user_together_are_refused(tmp_path: Path) -> None:
-    async with running_broker(auth_file=users_file(tmp_path)) as server:
+    async with serving(auth_file=users_file(tmp_path)) as server:
         with pytest.raises(ValueError, match="not both"):
             async with pybroker.connect(server.url, token=TOKEN, user="alice", password=PASSWORD):
                 pass
@@ -210,10 +220,11 @@ async def test_token_and_user_together_are_refused(tmp_path: Path) -> None:
         assert (await auth.hello({"token": TOKEN, "extra": "ignored"})) is not None
 
 
+@both
 async def test_without_auth_credentials_are_ignored() -> None:
-    async with running_broker() as server:
+    async with serving() as server:
         assert server.broker.auth is None
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             async with pybroker.connect(server.url, token=TOKEN) as c:
                 await c.publish("a", b"x")
 
@@ -330,10 +341,11 @@ async def test_the_handshake_timeout_covers_checking_credentials(
         assert [e["reason"] for e in logs if e["event"] == "authentication failed"] == ["timed out"]
 
 
+@both
 async def test_a_request_to_a_forbidden_topic_is_refused(tmp_path: Path) -> None:
-    async with running_broker(auth_file=users_file(tmp_path)) as server:
+    async with serving(auth_file=users_file(tmp_path)) as server:
         async with pybroker.connect(server.url, user="alice", password=PASSWORD) as alice:
-            with trio.fail_after(TIMEOUT), pytest.raises(pybroker.PermissionDenied):
+            with anyio.fail_after(TIMEOUT), pytest.raises(pybroker.PermissionDenied):
                 await alice.request("billing.lookup", b"?")
 
 

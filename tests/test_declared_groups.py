@@ -14,26 +14,31 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pytest
-import trio
 
 import pybroker as client
 from pybroker.server.server import Server
-from pybroker.server.testing import running_broker
 from pybroker import Message
 from pybroker.protocol import Error, ErrorCode, Groups, GroupsAction, GroupsReply, RefKind, StartKind
 
+from helpers.anybroker import serving
 from helpers.auth import user_entry, write_users
 from helpers.inproc import wait_until
 from helpers.procs import run
 from helpers.raw import expect_request_error, raw_client
+
+#: The tests that go through the client alone run under Trio and asyncio;
+#: those using the raw Trio peer, HTTP or subprocess helpers, pytest-trio.
+both = pytest.mark.anyio
 
 TIMEOUT = 10.0
 
 
 @asynccontextmanager
 async def file_broker(data: Path, **overrides: Any) -> AsyncIterator[Server]:
-    async with running_broker(data_dir=data, http_port=None, **overrides) as server:
+    async with serving(data_dir=data, http_port=None, **overrides) as server:
         yield server
 
 
@@ -41,7 +46,7 @@ async def take(c: client.Client, pattern: str, group: str, n: int) -> list[Messa
     """Join ``group`` as a worker holding up to ``n``, take ``n`` messages, ack them."""
     got: list[Message] = []
     async with c.subscribe(pattern, group=group, auto_ack=False, max_ack_pending=n) as sub:
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             async for msg in sub:
                 got.append(msg)
                 await msg.ack()
@@ -52,20 +57,21 @@ async def take(c: client.Client, pattern: str, group: str, n: int) -> list[Messa
 
 async def nothing_more(c: client.Client, pattern: str, group: str) -> None:
     async with c.subscribe(pattern, group=group, auto_ack=False) as sub:
-        with trio.move_on_after(0.3):
+        with anyio.move_on_after(0.3):
             extra = await sub.__anext__()
             raise AssertionError(f"unexpected {extra!r}")
 
 
+@both
 async def test_jobs_published_before_the_first_worker_wait_for_it(tmp_path: Path) -> None:
     async with file_broker(tmp_path / "data") as server, client.connect(server.url) as c:
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             await c.publish_many("jobs.mail", [b"old-1", b"old-2"])  # before the group: not its work
             doc = await c.create_group("mailers", "jobs.>", max_deliver=3, backoff=[1, 5])
         assert doc["created"] is True and doc["members"] == 0 and doc["pending"] == 0
         assert doc["topics"] == {"jobs.mail": {"cursor": 2, "pending": 0}}
         assert doc["config"]["max_deliver"] == 3 and doc["config"]["backoff_ms"] == [1000, 5000]
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             await c.publish_many("jobs.mail", [b"a", b"b"])
             await c.publish("jobs.sms", b"c")  # a topic created after the group: all of it
         got = await take(c, "jobs.>", "mailers", 3)
@@ -74,7 +80,7 @@ async def test_jobs_published_before_the_first_worker_wait_for_it(tmp_path: Path
         ]
         await nothing_more(c, "jobs.>", "mailers")
         # Declared again: left as it is; with another pattern: refused.
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             again = await c.create_group("mailers", "jobs.>", max_deliver=9)
             assert again["created"] is False and again["config"]["max_deliver"] == 3
             assert again["acked"] == 3
@@ -84,11 +90,12 @@ async def test_jobs_published_before_the_first_worker_wait_for_it(tmp_path: Path
 
 
 @pytest.mark.parametrize("start", ["earliest", "offset", "time"])
+@both
 async def test_create_from_earliest_offset_or_time(tmp_path: Path, start: str) -> None:
     async with file_broker(tmp_path / "data") as server, client.connect(server.url) as c:
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             first = await c.publish_many("q", [b"0", b"1"])
-            await trio.sleep(0.01)  # the next batch has a later timestamp
+            await anyio.sleep(0.01)  # the next batch has a later timestamp
             later = await c.publish_many("q", [b"2", b"3"])
             where: Any = {
                 "earliest": "earliest",
@@ -103,16 +110,17 @@ async def test_create_from_earliest_offset_or_time(tmp_path: Path, start: str) -
         await nothing_more(c, "q", "g")
 
 
+@both
 async def test_a_declared_group_survives_a_restart(tmp_path: Path) -> None:
     data = tmp_path / "data"
     async with file_broker(data) as server, client.connect(server.url) as c:
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             await c.create_group("g", "jobs", start="new", ack_wait=7)
             await c.publish_many("jobs", [b"x", b"y"])
     async with file_broker(data) as server, client.connect(server.url) as c:
         group = server.broker.groups.groups["g"]
         assert group.config.ack_wait == 7 and not group.members
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             await c.publish("jobs", b"z")
         got = await take(c, "jobs", "g", 3)
         assert [m.payload for m in got] == [b"x", b"y", b"z"]
@@ -141,6 +149,7 @@ async def test_bad_create_requests_are_refused_not_fatal(tmp_path: Path) -> None
         assert not any(isinstance(e, Error) for e in raw.backlog)
 
 
+@both
 async def test_creating_needs_subscribe_and_dead_letter_publish_rights(tmp_path: Path) -> None:
     users = {
         "worker": user_entry(token="worker-token-0123456789", publish=["dlq.>"], subscribe=["jobs.*"]),
@@ -151,7 +160,7 @@ async def test_creating_needs_subscribe_and_dead_letter_publish_rights(tmp_path:
             client.connect(server.url, token="worker-token-0123456789") as worker,
             client.connect(server.url, token="reader-token-0123456789") as reader,
         ):
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 with pytest.raises(client.PermissionDenied):
                     await worker.create_group("g", "secret.*")
                 with pytest.raises(client.PermissionDenied) as denied:

@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pytest
-import trio
 
 import pybroker
 from pybroker.protocol import (
@@ -24,12 +25,16 @@ from pybroker.protocol import (
     with_msg_id,
 )
 from pybroker.server.dedup import DedupWindow, Stored
-from pybroker.server.testing import running_broker
 
+from helpers.anybroker import serving
 from helpers.http import assert_error, get_json, post_json, request
 from helpers.procs import broker_process
 from helpers.raw import raw_client
 from helpers.restarts import FAST, free_port
+
+#: The tests that go through the client alone run under Trio and asyncio;
+#: those using the raw Trio peer, HTTP or subprocess helpers, pytest-trio.
+both = pytest.mark.anyio
 
 TIMEOUT = 20.0
 
@@ -61,7 +66,7 @@ def test_a_msg_id_is_spliced_into_the_first_record_and_read_back() -> None:
 
 
 async def test_a_resent_batch_gets_the_original_offsets_and_is_stored_once(tmp_path: Path) -> None:
-    async with running_broker(data_dir=tmp_path) as server:
+    async with serving(data_dir=tmp_path) as server:
         first, other = await answer(server, Publish(1, "eo.t", named("a.1", b"x", b"y"), dedup=True),
                                     Publish(2, "eo.t", named("a.2", b"z"), dedup=True))
         # The same bytes again, on another connection (a reconnect), twice.
@@ -81,14 +86,14 @@ async def test_a_resent_batch_gets_the_original_offsets_and_is_stored_once(tmp_p
 
 
 async def test_a_subscriber_sees_a_resent_batch_once_and_its_msg_id_apart(tmp_path: Path) -> None:
-    async with running_broker(data_dir=tmp_path) as server:
+    async with serving(data_dir=tmp_path) as server:
         async with pybroker.connect(server.url) as c:
             sub = await c.subscribe("eo.s")
             await answer(server, Publish(1, "eo.s", named("s.1", b"one"), dedup=True))
             await answer(server, Publish(1, "eo.s", named("s.1", b"one"), dedup=True))
             await c.publish("eo.s", b"two")
             got = []
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 async for m in sub:
                     got.append(m)
                     if len(got) == 2:
@@ -99,7 +104,7 @@ async def test_a_subscriber_sees_a_resent_batch_once_and_its_msg_id_apart(tmp_pa
 
 
 async def test_a_msg_id_naming_a_different_batch_or_none_is_refused(tmp_path: Path) -> None:
-    async with running_broker(data_dir=tmp_path) as server:
+    async with serving(data_dir=tmp_path) as server:
         ok, conflict, missing, long = await answer(
             server,
             Publish(1, "eo.c", named("c.1", b"a", b"b"), dedup=True),
@@ -118,9 +123,9 @@ async def test_a_msg_id_naming_a_different_batch_or_none_is_refused(tmp_path: Pa
 async def test_msg_ids_survive_a_restart(tmp_path: Path) -> None:
     """Read back from the log: after a restart the resend of a stored batch
     is still recognised."""
-    async with running_broker(data_dir=tmp_path) as server:
+    async with serving(data_dir=tmp_path) as server:
         (first,) = await answer(server, Publish(1, "eo.r", named("r.1", b"kept"), dedup=True))
-    async with running_broker(data_dir=tmp_path) as server:
+    async with serving(data_dir=tmp_path) as server:
         (again,) = await answer(server, Publish(1, "eo.r", named("r.1", b"kept"), dedup=True))
         (new,) = await answer(server, Publish(2, "eo.r", named("r.2", b"new"), dedup=True))
         assert isinstance(again, PubAck) and (again.base_offset, again.timestamp) == (0, first.timestamp)
@@ -128,9 +133,10 @@ async def test_msg_ids_survive_a_restart(tmp_path: Path) -> None:
         assert server.broker.store.topic("eo.r").next_offset == 2
 
 
+@both
 async def test_the_window_bounds_time_and_count(tmp_path: Path) -> None:
     """Explicit clocks: no waiting for time to pass."""
-    async with running_broker(data_dir=tmp_path) as server:
+    async with serving(data_dir=tmp_path) as server:
         topic = server.broker.router.topic("eo.w")
         window = DedupWindow(window_seconds=2.0, max_ids=3)
         t0 = 1_000_000_000_000
@@ -150,19 +156,19 @@ async def kill_while_publishing(tmp_path: Path, idempotent: bool, rounds: int = 
     port = free_port()
     async with broker_process(tmp_path / "data", tmp_path, "--port", str(port), "--no-http") as broker:
         url = await broker.start()
-        with trio.fail_after(120):
+        with anyio.fail_after(120):
             async with pybroker.connect(url, reconnect=FAST, idempotent=idempotent) as c:
                 for r in range(rounds):
                     pendings = []
                     for i in range(per_round):
                         pendings.append(await c.send("eo.kill", b"%02d-%05d" % (r, i)))
-                        await trio.lowlevel.checkpoint()  # the writer runs: many small frames
+                        await anyio.lowlevel.checkpoint()  # the writer runs: many small frames
                     await pendings[0].wait()
                     await broker.kill()
                     await broker.start()
                     for p in pendings:
                         await p.wait()
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             async with pybroker.connect(url) as c:
                 (info,) = await c.topics("eo.kill")
                 payloads = []
@@ -174,6 +180,7 @@ async def kill_while_publishing(tmp_path: Path, idempotent: bool, rounds: int = 
     return payloads
 
 
+@both
 async def test_kill_9_with_reconnecting_publishers_stores_nothing_twice(tmp_path: Path) -> None:
     """The case the feature is for: a publisher pipelining while the broker
     is killed again and again resends what it has no PUBACK for; every
@@ -187,7 +194,7 @@ async def test_kill_9_with_reconnecting_publishers_stores_nothing_twice(tmp_path
 
 
 async def test_an_http_request_with_a_msg_id_is_published_once(tmp_path: Path) -> None:
-    async with running_broker(data_dir=tmp_path) as server:
+    async with serving(data_dir=tmp_path) as server:
         port = server.http_port
         path = "/v1/topics/eo.http/messages"
         message = {"payload": "order", "headers": {"msg-id": "order-17", "k": "v"}}

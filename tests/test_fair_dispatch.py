@@ -24,17 +24,21 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pytest
-import trio
 
 import pybroker
 from pybroker.server.groups import Group
 from pybroker.server.groups.group import fair_shares
 from pybroker.server.server import Server
-from pybroker.server.testing import running_broker
 from pybroker import Message
 
+from helpers.anybroker import serving
 from helpers.inproc import wait_until
+
+#: The tests that go through the client run under Trio and asyncio.
+both = pytest.mark.anyio
 
 TIMEOUT = 10.0
 #: Bound on a whole work-queue run (40 jobs of 20-80 ms): generous, not a timing.
@@ -43,7 +47,7 @@ RUN = 60.0
 
 @asynccontextmanager
 async def file_broker(tmp_path: Path) -> AsyncIterator[Server]:
-    async with running_broker(data_dir=tmp_path / "data", http_port=None) as server:
+    async with serving(data_dir=tmp_path / "data", http_port=None) as server:
         yield server
 
 
@@ -54,7 +58,7 @@ def group_of(server: Server, name: str) -> Group:
 async def queue_jobs(url: str, n: int) -> None:
     """``n`` jobs with ``send()`` in one loop and one flush: one PUBLISH."""
     async with pybroker.connect(url, name="producer") as producer:
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             for i in range(n):
                 await producer.send("jobs", b"job-%d" % i)
             await producer.flush()
@@ -73,11 +77,11 @@ async def run_workers(
     all have joined. Returns what each handled and the elapsed time from
     the publish to the last ack (for the report, never asserted)."""
     handled: dict[str, list[bytes]] = {f"w{i}": [] for i in range(len(delays))}
-    done = trio.Event()
+    done = anyio.Event()
 
     def worker(name: str, delay: float) -> Callable[[Message], Awaitable[None]]:
         async def handle(msg: Message) -> None:
-            await trio.sleep(delay)
+            await anyio.sleep(delay)
             handled[name].append(msg.payload)
             if sum(map(len, handled.values())) >= jobs:
                 done.set()
@@ -87,15 +91,15 @@ async def run_workers(
     async with AsyncExitStack() as stack:
         for i, delay in enumerate(delays):
             c = await stack.enter_async_context(pybroker.connect(server.url, name=f"w{i}"))
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 await c.subscribe("jobs", worker(f"w{i}", delay), group="workers", **subscribe)
-        t0 = trio.current_time()
+        t0 = anyio.current_time()
         await queue_jobs(server.url, jobs)
-        with trio.fail_after(RUN):
+        with anyio.fail_after(RUN):
             await done.wait()
         group = group_of(server, "workers")
         await wait_until(lambda: group.acked == jobs, RUN)
-        elapsed = trio.current_time() - t0
+        elapsed = anyio.current_time() - t0
     assert stored_batches(server, "jobs") == [jobs], "the jobs were meant to be one stored batch"
     everything = Counter(p for got in handled.values() for p in got)
     assert set(everything) == {b"job-%d" % i for i in range(jobs)} and max(everything.values()) == 1
@@ -124,6 +128,7 @@ def test_fair_shares_split_evenly_within_each_room() -> None:
             assert all(s == r or s >= max(shares) - 1 for s, r in zip(shares, rooms))
 
 
+@both
 async def test_one_batch_of_jobs_is_shared_by_two_workers(tmp_path: Path) -> None:
     """The issue's case: 40 jobs queued with send() (one stored batch), two
     workers of 50 ms with the client's defaults. Before fair dispatch one
@@ -136,6 +141,7 @@ async def test_one_batch_of_jobs_is_shared_by_two_workers(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("delays", [(0.01, 0.1), (0.1, 0.01)], ids=["fast-first", "slow-first"])
+@both
 async def test_uneven_workers_get_work_in_proportion_to_speed(
     tmp_path: Path, delays: tuple[float, float]
 ) -> None:
@@ -152,9 +158,10 @@ async def test_uneven_workers_get_work_in_proportion_to_speed(
     assert fast >= 2 * slow, f"fast {fast}, slow {slow}: the split does not follow speed"
 
 
+@both
 async def test_prefetch_defaults_to_concurrency_and_can_be_raised(tmp_path: Path) -> None:
     async with file_broker(tmp_path) as server, pybroker.connect(server.url) as c:
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             await c.subscribe("jobs", lambda m: None, group="g")
             await c.subscribe("jobs", lambda m: None, group="g", concurrency=3)
             await c.subscribe("jobs", lambda m: None, group="g", concurrency=3, max_ack_pending=50)
@@ -165,18 +172,19 @@ async def test_prefetch_defaults_to_concurrency_and_can_be_raised(tmp_path: Path
                 assert (stats["members"], stats["prefetch"], stats["in_flight"]) == (4, 55, 0)
 
 
+@both
 async def test_idle_member_gets_the_work_another_has_not_started(tmp_path: Path) -> None:
     """A worker stuck on its first job holds only that one (its prefetch):
     a worker joining later takes every other job at once."""
     jobs = 10
-    stuck = trio.Event()
-    release = trio.Event()
+    stuck = anyio.Event()
+    release = anyio.Event()
     late: list[bytes] = []
-    late_done = trio.Event()
+    late_done = anyio.Event()
 
     async def slow(msg: Message) -> None:
         stuck.set()
-        with trio.fail_after(RUN):
+        with anyio.fail_after(RUN):
             await release.wait()
 
     def quick(msg: Message) -> None:
@@ -186,16 +194,16 @@ async def test_idle_member_gets_the_work_another_has_not_started(tmp_path: Path)
 
     async with file_broker(tmp_path) as server, AsyncExitStack() as stack:
         a = await stack.enter_async_context(pybroker.connect(server.url, name="a"))
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             await a.subscribe("jobs", slow, group="workers")
         await queue_jobs(server.url, jobs)
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             await stuck.wait()
         group = group_of(server, "workers")
         await wait_until(lambda: group.delivered == 1)
         assert group.statistics()["in_flight"] == 1  # nothing else taken
         b = await stack.enter_async_context(pybroker.connect(server.url, name="b"))
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             await b.subscribe("jobs", quick, group="workers")
             await late_done.wait()
         assert sorted(late) == sorted(b"job-%d" % i for i in range(1, jobs))
@@ -206,21 +214,22 @@ async def test_idle_member_gets_the_work_another_has_not_started(tmp_path: Path)
 # -- backoff ------------------------------------------------------------------------
 
 
+@both
 async def test_raising_handler_waits_the_backoff_then_is_dead_lettered_once(tmp_path: Path) -> None:
     backoff = [0.2, 0.4]
     seen: list[tuple[int, float]] = []
 
     def always_fails(msg: Message) -> None:
-        seen.append((msg.deliveries, trio.current_time()))
+        seen.append((msg.deliveries, anyio.current_time()))
         raise RuntimeError("this job always fails")
 
     async with file_broker(tmp_path) as server, pybroker.connect(server.url) as c:
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             dead = await c.subscribe("dlq.workers")
             await c.subscribe("jobs", always_fails, group="workers", max_deliver=3, backoff=backoff)
             await c.publish("jobs", b"poison")
             letter = await dead.__anext__()
-        dead_at = trio.current_time()
+        dead_at = anyio.current_time()
         assert letter.payload == b"poison" and letter.headers["x-deliveries"] == "3"
         assert [d for d, _ in seen] == [1, 2, 3]
         gaps = [b - a for (_, a), (_, b) in zip(seen, seen[1:])]
@@ -228,7 +237,7 @@ async def test_raising_handler_waits_the_backoff_then_is_dead_lettered_once(tmp_
               f"{dead_at - seen[-1][1]:.3f} s after the 3rd delivery")
         assert gaps[0] >= backoff[0] and gaps[1] >= backoff[1], gaps
         # Nothing more: no 4th delivery, no second dead letter.
-        with trio.move_on_after(0.6):
+        with anyio.move_on_after(0.6):
             extra = await dead.__anext__()
             raise AssertionError(f"dead-lettered twice: {extra!r}")
         group = group_of(server, "workers")
@@ -238,15 +247,16 @@ async def test_raising_handler_waits_the_backoff_then_is_dead_lettered_once(tmp_
 
 
 @pytest.mark.parametrize("delay", [None, 0.3])
+@both
 async def test_explicit_nak_delay_overrides_the_backoff(tmp_path: Path, delay: float | None) -> None:
     async with file_broker(tmp_path) as server, pybroker.connect(server.url) as c:
         async with c.subscribe("jobs", group="g", auto_ack=False, backoff=[0.3 if delay is None else 30]) as sub:
             await c.publish("jobs", b"x")
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 first = await sub.__anext__()
-                t0 = trio.current_time()
+                t0 = anyio.current_time()
                 await first.nak(delay=delay)
                 second = await sub.__anext__()
-            assert second.deliveries == 2 and trio.current_time() - t0 >= 0.3
+            assert second.deliveries == 2 and anyio.current_time() - t0 >= 0.3
             await second.ack()
             await wait_until(lambda: group_of(server, "g").acked == 1)

@@ -108,12 +108,12 @@ C, S = Role.CLIENT, Role.SERVER
 #: the direction column of the frame table).
 CLIENT_OPEN = {
     FrameType.PUBLISH, FrameType.SUBSCRIBE, FrameType.UNSUBSCRIBE, FrameType.CREDIT,
-    FrameType.ACK, FrameType.INFO, FrameType.GROUPS,
+    FrameType.ACK, FrameType.INFO, FrameType.GROUPS, FrameType.TOPICS,
     FrameType.PING, FrameType.PONG, FrameType.ERROR, FrameType.GOODBYE,
 }  # fmt: skip
 SERVER_OPEN = {
     FrameType.PUBACK, FrameType.SUBACK, FrameType.UNSUBACK, FrameType.DELIVER,
-    FrameType.GROUP_DELIVER, FrameType.INFO_REPLY, FrameType.GROUPS_REPLY,
+    FrameType.GROUP_DELIVER, FrameType.INFO_REPLY, FrameType.GROUPS_REPLY, FrameType.TOPICS_REPLY,
     FrameType.PING, FrameType.PONG, FrameType.ERROR, FrameType.GOODBYE,
 }  # fmt: skip
 MAY_SEND: dict[tuple[Role, State], set[FrameType]] = {

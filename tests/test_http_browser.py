@@ -18,7 +18,6 @@ tests/test_http_dashboard.py).
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,29 +34,12 @@ from pybroker.server.config import HttpSettings
 from pybroker.server.server import Server
 from pybroker.server.testing import running_broker
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from helpers.browser import CHROMIUM, CHROMIUM_ARGS, playwright_sync_api
+
 TIMEOUT = 60.0
 WAIT_MS = 20_000
 
-sync_api = pytest.importorskip(
-    "playwright.sync_api",
-    reason="the browser test needs Playwright: pip install -e '.[browser]'",
-)
-if not os.path.exists(CHROMIUM):
-    pytest.skip(
-        f"the browser test needs Debian's chromium at {CHROMIUM}: apt-get install -y chromium",
-        allow_module_level=True,
-    )
+sync_api = playwright_sync_api()
 
 #: The page: an EventSource on ?src, everything it sees kept on window.
 PAGE = b"""<!doctype html>

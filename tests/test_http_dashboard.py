@@ -12,7 +12,6 @@ the system's.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,31 +21,14 @@ import trio
 import pybroker as client
 from pybroker.server.testing import running_broker
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from helpers.browser import CHROMIUM, CHROMIUM_ARGS, playwright_sync_api
+
 TOPIC = "dash.orders"
 #: Bound on the whole browser session, and on each wait inside it (ms).
 TIMEOUT = 60.0
 WAIT_MS = 20_000
 
-sync_api = pytest.importorskip(
-    "playwright.sync_api",
-    reason="the browser test needs Playwright: pip install -e '.[browser]'",
-)
-if not os.path.exists(CHROMIUM):
-    pytest.skip(
-        f"the browser test needs Debian's chromium at {CHROMIUM}: apt-get install -y chromium",
-        allow_module_level=True,
-    )
+sync_api = playwright_sync_api()
 
 
 def _rate(page: Any) -> float:

@@ -20,10 +20,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import structlog
 import trio
 import trio.testing
+from anyio.abc import ByteStream
 
 import pybroker as client
 import pybroker.connection as client_connection
@@ -31,9 +33,9 @@ from pybroker.server.inboxes import RETAIN_BYTES, Inboxes
 from pybroker.server.storage import FileStore, MemoryTopicLog
 from pybroker.server.router import Topic
 from pybroker.server.server import Server
-from pybroker.server.testing import running_broker
 from pybroker.protocol import Durability, ErrorCode, encode_batch
 
+from helpers.anybroker import serving
 from helpers.auth import user_entry, write_users
 from helpers.http import basic, http_request
 from helpers.inproc import session_named, wait_until
@@ -84,7 +86,7 @@ class Service:
 async def three_users(tmp_path: Path, **config: Any) -> AsyncIterator[tuple[Server, Service, client.Client, client.Client, client.Client]]:
     """A broker with the users file, the service answering ``svc.echo``, and
     connections of caller, eve and ops."""
-    async with running_broker(data_dir=tmp_path / "data", auth_file=users(tmp_path), **config) as server:
+    async with serving(data_dir=tmp_path / "data", auth_file=users(tmp_path), **config) as server:
         async with (
             client.connect(server.url, name="service", token=SERVICE) as svc,
             client.connect(server.url, name="caller", user="caller", password=CALLER_PASSWORD) as caller,
@@ -96,15 +98,22 @@ async def three_users(tmp_path: Path, **config: Any) -> AsyncIterator[tuple[Serv
             yield server, service, caller, eve, ops
 
 
+#: The client-facing tests run under Trio and asyncio; those that drive the
+#: broker's clock, its sessions' streams, a Trio proxy, `pybroker` subprocesses
+#: or the HTTP helpers stay with pytest-trio.
+both = pytest.mark.anyio
+
+
 # -- TCP -------------------------------------------------------------------------
 
 
+@both
 async def test_no_other_connection_reads_a_reply_over_tcp(tmp_path: Path) -> None:
     """The issue's scenario: eve (allowed only ``public.>``) neither lists the
     caller's inbox nor subscribes to it, from earliest or live; nor does an
     admin, nor the caller's own user on another connection."""
     async with three_users(tmp_path) as (server, service, caller, eve, ops):
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             assert (await caller.request("svc.echo", b"?")).payload == SECRET
             (inbox,) = set(service.reply_to)
             assert inbox.startswith("_inbox.")
@@ -125,13 +134,14 @@ async def test_no_other_connection_reads_a_reply_over_tcp(tmp_path: Path) -> Non
             assert len(server.broker.router.inboxes) == 1
 
 
+@both
 async def test_wildcards_never_deliver_an_inbox(tmp_path: Path) -> None:
     """ops may subscribe to ``>``: it gets the requests, never the replies; a
     pattern over inboxes alone is refused, even for an admin."""
     async with three_users(tmp_path) as (server, service, caller, eve, ops):
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             seen: list[str] = []
-            marker = trio.Event()
+            marker = anyio.Event()
 
             def everything(msg: client.Message) -> None:
                 seen.append(msg.topic)
@@ -150,11 +160,12 @@ async def test_wildcards_never_deliver_an_inbox(tmp_path: Path) -> None:
             assert seen == ["svc.echo", "zz.marker"]
 
 
+@both
 async def test_inbox_replies_are_not_stored(tmp_path: Path) -> None:
     """A reply is acknowledged as held in memory; one to an inbox nobody
     holds is dropped (and a request to it has no receivers)."""
     async with three_users(tmp_path) as (server, service, caller, eve, ops):
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             ack = await eve.publish("_inbox.nobody", b"into the void")
             assert (ack.offset, ack.durability) == (0, Durability.MEMORY)
             assert "_inbox.nobody" not in server.broker.router.inboxes
@@ -163,9 +174,10 @@ async def test_inbox_replies_are_not_stored(tmp_path: Path) -> None:
             assert await ops.topics() == [] and inbox_dirs(tmp_path / "data") == []
 
 
+@both
 async def test_an_inbox_is_a_plain_subscription_of_its_owner(tmp_path: Path) -> None:
     async with three_users(tmp_path) as (server, service, caller, eve, ops):
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             with pytest.raises(client.BrokerError, match="plain subscriptions only") as info:
                 await eve.subscribe("_inbox.mine", group="workers")
             assert info.value.code == ErrorCode.BAD_REQUEST
@@ -188,7 +200,7 @@ async def test_an_inbox_is_a_plain_subscription_of_its_owner(tmp_path: Path) -> 
 
 async def test_the_cli_cannot_read_or_list_another_inbox(tmp_path: Path) -> None:
     async with three_users(tmp_path) as (server, service, caller, eve, ops):
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             assert (await caller.request("svc.echo", b"?")).payload == SECRET
         (inbox,) = set(service.reply_to)
         for token in (EVE, OPS):
@@ -210,7 +222,7 @@ async def test_the_cli_cannot_read_or_list_another_inbox(tmp_path: Path) -> None
 
 async def test_http_never_shows_an_inbox(tmp_path: Path) -> None:
     async with three_users(tmp_path) as (server, service, caller, eve, ops):
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             assert (await caller.request("svc.echo", b"?")).payload == SECRET
         (inbox,) = set(service.reply_to)
         port = server.http_port
@@ -231,13 +243,13 @@ async def test_http_never_shows_an_inbox(tmp_path: Path) -> None:
         assert (broker_info["topics"], broker_info["inboxes"]) == (1, 1)
         # Answering over HTTP stays open to anyone allowed to publish.
         got: list[bytes] = []
-        arrived = trio.Event()
+        arrived = anyio.Event()
         await caller.subscribe("_inbox.caller-http", lambda m: (got.append(m.payload), arrived.set()))
         status, _, body = await http_request(
             port, "POST", "/v1/topics/_inbox.caller-http/messages", auth=people["eve"], body={"payload": "via http"}
         )
         assert status == 200 and body["durability"] == "memory", body
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             await arrived.wait()
         assert got == [b"via http"]
 
@@ -246,7 +258,7 @@ async def test_http_never_shows_an_inbox(tmp_path: Path) -> None:
 
 
 async def test_without_auth_an_inbox_is_its_connections(tmp_path: Path) -> None:
-    async with running_broker(data_dir=tmp_path / "data") as server:
+    async with serving(data_dir=tmp_path / "data") as server:
         async with (
             client.connect(server.url, name="service") as svc,
             client.connect(server.url, name="caller") as caller,
@@ -254,7 +266,7 @@ async def test_without_auth_an_inbox_is_its_connections(tmp_path: Path) -> None:
         ):
             service = Service(svc)
             await svc.subscribe("svc.echo", service)
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 assert (await caller.request("svc.echo", b"?")).payload == SECRET
                 (inbox,) = set(service.reply_to)
                 assert [t.topic for t in await other.topics()] == ["svc.echo"]
@@ -271,10 +283,11 @@ async def test_without_auth_an_inbox_is_its_connections(tmp_path: Path) -> None:
 # -- an inbox's life -------------------------------------------------------------------
 
 
+@both
 async def test_an_inbox_goes_with_its_connection_without_grace(tmp_path: Path) -> None:
     async with three_users(tmp_path, inbox_grace=0) as (server, service, caller, eve, ops):
         async with client.connect(server.url, user="caller", password=CALLER_PASSWORD) as brief:
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 assert (await brief.request("svc.echo", b"?")).payload == SECRET
             assert len(server.broker.router.inboxes) == 1
         # The broker dropped the connection's subscriptions before its
@@ -282,11 +295,12 @@ async def test_an_inbox_goes_with_its_connection_without_grace(tmp_path: Path) -
         assert len(server.broker.router.inboxes) == 0 and server.broker.router.inboxes.in_grace == 0
 
 
+@both
 async def test_the_same_user_reclaims_an_inbox_within_the_grace_period(tmp_path: Path) -> None:
     """Replies sent while the owner was away are kept (in memory) and handed
     over when its user takes the inbox back; nobody else may."""
     async with three_users(tmp_path, inbox_grace=3600) as (server, service, caller, eve, ops):
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             async with client.connect(server.url, user="caller", password=CALLER_PASSWORD) as first:
                 await first.subscribe("_inbox.kept")
             assert server.broker.router.inboxes.in_grace == 1
@@ -301,6 +315,7 @@ async def test_the_same_user_reclaims_an_inbox_within_the_grace_period(tmp_path:
             assert inbox_dirs(tmp_path / "data") == []
 
 
+@both
 async def test_inboxes_an_older_version_stored_are_ignored(tmp_path: Path) -> None:
     """Before inboxes were private they were topics in the store: they stay on
     disk untouched (the broker says so) and are never served."""
@@ -309,9 +324,9 @@ async def test_inboxes_an_older_version_stored_are_ignored(tmp_path: Path) -> No
     store.topic("kept").append(encode_batch([b"a message"]), 1, 1)
     store.close()
     with structlog.testing.capture_logs() as logs:
-        async with running_broker(data_dir=tmp_path / "data") as server:
+        async with serving(data_dir=tmp_path / "data") as server:
             async with client.connect(server.url) as c:
-                with trio.fail_after(TIMEOUT):
+                with anyio.fail_after(TIMEOUT):
                     assert [t.topic for t in await c.topics()] == ["kept"]
                     async with c.subscribe("_inbox.old", start="earliest") as sub:
                         await c.publish("_inbox.old", b"new")
@@ -373,14 +388,14 @@ async def test_a_reconnecting_client_takes_its_inbox_back_with_the_reply(
     in the inbox during its grace period (the client's reconnect is held
     until then); the client reconnects, resumes its inbox subscription, and
     the request returns that reply."""
-    async with running_broker(data_dir=tmp_path / "data", auth_file=users(tmp_path)) as server:
+    async with serving(data_dir=tmp_path / "data", auth_file=users(tmp_path)) as server:
         async with (
             client.connect(server.url, name="service", token=SERVICE) as svc,
             client.connect(server.url, name="caller", user="caller", password=CALLER_PASSWORD, reconnect=FAST) as caller,
         ):
-            asked = trio.Event()
-            answer = trio.Event()
-            may_reconnect = trio.Event()
+            asked = anyio.Event()
+            answer = anyio.Event()
+            may_reconnect = anyio.Event()
 
             async def slow(msg: client.Message) -> None:
                 asked.set()
@@ -389,14 +404,14 @@ async def test_a_reconnecting_client_takes_its_inbox_back_with_the_reply(
 
             real_open = client_connection.open_stream
 
-            async def held_open(*args: Any, **kwargs: Any) -> trio.abc.Stream:
+            async def held_open(*args: Any, **kwargs: Any) -> ByteStream:
                 await may_reconnect.wait()
                 return await real_open(*args, **kwargs)
 
             monkeypatch.setattr(client_connection, "open_stream", held_open)
             await svc.subscribe("svc.slow", slow)
             replies: list[bytes] = []
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 async with trio.open_nursery() as nursery:
 
                     async def ask() -> None:
@@ -459,7 +474,7 @@ async def test_a_client_whose_inbox_is_still_held_gets_a_new_one(tmp_path: Path)
     still holds it, so its inbox is still that connection's: the resumed
     inbox subscription is refused. The request waiting there fails at once
     (not at its timeout), and the next request gets a new inbox."""
-    async with running_broker(data_dir=tmp_path / "data", auth_file=users(tmp_path)) as server:
+    async with serving(data_dir=tmp_path / "data", auth_file=users(tmp_path)) as server:
         proxy = FreezingProxy(server.port)
         async with trio.open_nursery() as proxies:
             listeners = await proxies.start(partial(trio.serve_tcp, proxy.handle, 0, host="127.0.0.1"))
@@ -470,7 +485,7 @@ async def test_a_client_whose_inbox_is_still_held_gets_a_new_one(tmp_path: Path)
                     url, name="caller", user="caller", password=CALLER_PASSWORD, reconnect=FAST, keepalive=0.2
                 ) as caller,
             ):
-                asked = trio.Event()
+                asked = anyio.Event()
 
                 async def serve(msg: client.Message) -> None:
                     if msg.payload == b"hold":
@@ -479,7 +494,7 @@ async def test_a_client_whose_inbox_is_still_held_gets_a_new_one(tmp_path: Path)
                     await svc.respond(msg, SECRET)
 
                 await svc.subscribe("svc.>", serve)
-                with trio.fail_after(TIMEOUT):
+                with anyio.fail_after(TIMEOUT):
                     assert (await caller.request("svc.echo", b"?")).payload == SECRET
                     first_inbox = caller._inbox
                     async with trio.open_nursery() as nursery:

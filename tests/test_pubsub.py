@@ -1,9 +1,9 @@
 """End-to-end publish/subscribe against a real broker on 127.0.0.1, port 0.
 
 Every test talks TCP to a broker started by the ``pybroker_server`` fixture or
-``broker.testing.running_broker`` and uses only the client library's public
+``helpers.anybroker.serving`` and uses only the client library's public
 API (plus, where a precondition needs checking, the broker's log interface).
-Every wait is bounded with ``trio.fail_after`` so that a bug fails a test
+Every wait is bounded with ``anyio.fail_after`` so that a bug fails a test
 instead of hanging the suite.
 """
 
@@ -17,13 +17,12 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
-import trio
 
 import pybroker
 from pybroker.server.config import Limits
 from pybroker.server.server import Server
-from pybroker.server.testing import running_broker
 from pybroker import (
     BrokerError,
     Client,
@@ -36,7 +35,12 @@ from pybroker import (
 )
 from pybroker.protocol import MSG_ID_ROOM
 
+from helpers.anybroker import pybroker_server, serving, trio_only  # noqa: F401 (a fixture)
 from helpers.collect import Collector, take, take_until
+
+#: Every test here runs under Trio and under asyncio (brokers started with
+#: ``serving``, which under asyncio runs the Trio broker in a thread).
+pytestmark = pytest.mark.anyio
 
 
 #: Upper bound, in seconds, on any single wait in these tests.
@@ -55,7 +59,7 @@ EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
 async def drain_closed(sub: Subscription, limit: int = 100_000) -> list[Message]:
     """Everything still buffered in a subscription that has ended."""
     out: list[Message] = []
-    with trio.fail_after(TIMEOUT):
+    with anyio.fail_after(TIMEOUT):
         async for msg in sub:
             out.append(msg)
             assert len(out) < limit
@@ -69,11 +73,11 @@ async def settle(*clients: Client) -> None:
     connection, so live deliveries caused by already-acknowledged publishes
     have arrived once ``ping`` returns; the pause covers log catch-up.
     """
-    with trio.fail_after(TIMEOUT):
+    with anyio.fail_after(TIMEOUT):
         for c in clients:
             await c.ping()
-    await trio.sleep(QUIET)
-    with trio.fail_after(TIMEOUT):
+    await anyio.sleep(QUIET)
+    with anyio.fail_after(TIMEOUT):
         for c in clients:
             await c.ping()
 
@@ -111,9 +115,9 @@ async def connections(url: str, n: int) -> AsyncIterator[list[Client]]:
 
 async def wait_clock_past(timestamp_us: int) -> None:
     """Wait (bounded) until the wall clock is past ``timestamp_us``."""
-    with trio.fail_after(TIMEOUT):
+    with anyio.fail_after(TIMEOUT):
         while time.time_ns() // 1000 <= timestamp_us:
-            await trio.sleep(0.002)
+            await anyio.sleep(0.002)
 
 
 # --------------------------------------------------------------------------
@@ -126,7 +130,7 @@ async def test_publish_returns_offsets_per_topic(
     c = pybroker_client
     start = time.time()
     acks: dict[str, list[PublishAck]] = defaultdict(list)
-    with trio.fail_after(TIMEOUT):
+    with anyio.fail_after(TIMEOUT):
         for i in range(12):
             topic = ("basic.a", "basic.b", "basic.c.d")[i % 3]
             acks[topic].append(await c.publish(topic, b"m%d" % i))
@@ -160,7 +164,7 @@ async def test_subscriber_receives_payload_headers_topic_offset_timestamp(
         async with sub_c.subscribe("fields.>") as sub:
             before = time.time()
             sent: dict[tuple[str, int], tuple[bytes, dict[str, str], PublishAck]] = {}
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 for i in range(30):
                     topic = f"fields.t{i % 3}"
                     payload = b"payload %d " % i + bytes(range(256)) * (i % 4)
@@ -190,7 +194,7 @@ async def test_sync_and_async_callbacks(pybroker_server: Server) -> None:
     url = pybroker_server.url
     sync_got, async_got = Collector(), Collector()
     async with pybroker.connect(url) as sub_c, pybroker.connect(url) as pub_c:
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             sync_sub = await sub_c.subscribe("cb.topic", sync_got.sync_callback)
             async_sub = await sub_c.subscribe("cb.*", async_got.async_callback)
             for i in range(50):
@@ -212,7 +216,7 @@ async def test_sync_and_async_callbacks(pybroker_server: Server) -> None:
 async def test_async_with_subscribe_and_async_for(pybroker_client: Client) -> None:
     c = pybroker_client
     received: list[Message] = []
-    with trio.fail_after(TIMEOUT):
+    with anyio.fail_after(TIMEOUT):
         async with c.subscribe("iter.x") as sub:
             assert sub.pattern == "iter.x"
             await c.publish_many("iter.x", [b"%d" % i for i in range(10)])
@@ -230,7 +234,7 @@ async def test_unsubscribe_stops_delivery(pybroker_server: Server) -> None:
     url = pybroker_server.url
     cb_got = Collector()
     async with pybroker.connect(url) as sub_c, pybroker.connect(url) as pub_c:
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             iter_sub = await sub_c.subscribe("unsub.t")
             cb_sub = await sub_c.subscribe("unsub.t", cb_got.sync_callback)
             witness = await sub_c.subscribe("unsub.t")  # stays subscribed
@@ -238,7 +242,7 @@ async def test_unsubscribe_stops_delivery(pybroker_server: Server) -> None:
         assert [m.payload for m in await take(iter_sub, 1)] == [b"before"]
         await cb_got.wait_for(1)
 
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             await iter_sub.unsubscribe()
             await cb_sub.unsubscribe()
             await pub_c.publish("unsub.t", b"after")
@@ -289,7 +293,7 @@ async def test_wildcards_match_topics_created_later(pybroker_server: Server) -> 
     async with pybroker.connect(url) as sub_c, pybroker.connect(url) as pub_c:
         # Fresh broker: no topic exists when these subscriptions are made.
         subs: dict[str, Subscription] = {}
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             for pattern in WILDCARD_EXPECTED:
                 subs[pattern] = await sub_c.subscribe(pattern)
             for topic in WILDCARD_TOPICS:
@@ -308,7 +312,7 @@ async def test_wildcards_match_topics_created_later(pybroker_server: Server) -> 
         # Subscriptions made now that the topics exist (start "new") see the
         # next round, again only for matching topics.
         late = {p: await sub_c.subscribe(p) for p in ("w.*", "*.a.>", "w")}
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             for topic in WILDCARD_TOPICS:
                 await pub_c.publish(topic, b"second " + topic.encode())
         for pattern, sub in late.items():
@@ -338,7 +342,7 @@ async def test_fan_out_ten_subscribers(pybroker_server: Server) -> None:
         iter_subs: list[Subscription] = []
         collectors: list[Collector] = []
         cb_subs: list[Subscription] = []
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             for c, pattern in zip(subscribers[:6], iter_patterns):
                 iter_subs.append(await c.subscribe(pattern))
             for i, (c, pattern) in enumerate(zip(subscribers[6:], callback_patterns)):
@@ -364,8 +368,8 @@ async def test_fan_out_ten_subscribers(pybroker_server: Server) -> None:
                     for ack, payload in zip(acks, payloads):
                         expected[topic][ack.offset] = payload
 
-        with trio.fail_after(3 * TIMEOUT):
-            async with trio.open_nursery() as nursery:
+        with anyio.fail_after(3 * TIMEOUT):
+            async with anyio.create_task_group() as nursery:
                 for i in range(len(iter_subs)):
                     nursery.start_soon(consume, i)
                 nursery.start_soon(publish)
@@ -422,7 +426,7 @@ async def test_per_topic_order_with_concurrent_publishers(pybroker_server: Serve
                             await c.send(topic, payload(topic, i), {"task": str(task)})
                             for i in chunk
                         ]
-                        await trio.lowlevel.checkpoint()
+                        await anyio.lowlevel.checkpoint()
                         acks[(task, topic)].extend([await p.wait() for p in pendings])
                     else:
                         acks[(task, topic)].extend(
@@ -434,8 +438,8 @@ async def test_per_topic_order_with_concurrent_publishers(pybroker_server: Serve
         async def consume() -> None:
             received.extend(await take(sub, total, timeout=3 * TIMEOUT))
 
-        with trio.fail_after(3 * TIMEOUT):
-            async with trio.open_nursery() as nursery:
+        with anyio.fail_after(3 * TIMEOUT):
+            async with anyio.create_task_group() as nursery:
                 nursery.start_soon(consume)
                 for task, (c, mode) in enumerate(zip(pub_clients, modes)):
                     nursery.start_soon(publisher, task, c, mode)
@@ -470,7 +474,7 @@ async def test_per_topic_order_with_concurrent_publishers(pybroker_server: Serve
 async def test_start_earliest_then_live(pybroker_server: Server) -> None:
     url = pybroker_server.url
     async with pybroker.connect(url) as c, pybroker.connect(url) as pub_c:
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             await pub_c.publish_many("rp.e.a", [b"a%d" % i for i in range(7)])
             for i in range(3):
                 await pub_c.publish("rp.e.b", b"b%d" % i)
@@ -486,7 +490,7 @@ async def test_start_earliest_then_live(pybroker_server: Server) -> None:
 
             # Replay hands over to live delivery without gap or duplicate,
             # and a topic created after the SUBSCRIBE starts at its offset 0.
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 await pub_c.publish_many("rp.e.a", [b"a%d" % i for i in range(7, 12)])
                 await pub_c.publish("rp.e.new", b"n0")
             more = await take(exact, 5)
@@ -502,7 +506,7 @@ async def test_start_earliest_then_live(pybroker_server: Server) -> None:
 async def test_start_offset_inside_batch(pybroker_server: Server) -> None:
     url = pybroker_server.url
     async with pybroker.connect(url) as c:
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             first = await c.publish_many("rp.o", [b"a%d" % i for i in range(10)])
             second = await c.publish_many("rp.o", [b"b%d" % i for i in range(10)])
         assert [a.offset for a in first + second] == list(range(20))
@@ -522,7 +526,7 @@ async def test_start_offset_inside_batch(pybroker_server: Server) -> None:
 
         # start == next offset: only what is published afterwards.
         async with c.subscribe("rp.o", start=20) as sub:
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 await c.publish_many("rp.o", [b"c0", b"c1"])
             got = await take(sub, 2)
             assert [(m.offset, m.payload) for m in got] == [(20, b"c0"), (21, b"c1")]
@@ -541,7 +545,7 @@ async def test_start_offset_inside_batch_with_small_window(
     on past that batch (later batches, then live messages)."""
     url = pybroker_server.url
     async with pybroker.connect(url) as c, pybroker.connect(url) as pub_c:
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             await pub_c.publish_many("rp.w", [b"%d" % i for i in range(batch)])
             for i in range(batch, batch + 20):
                 await pub_c.publish("rp.w", b"%d" % i)
@@ -552,7 +556,7 @@ async def test_start_offset_inside_batch_with_small_window(
             got = await take(sub, batch + 20 - start)
             assert_contiguous(got, first=start)
             assert [m.payload for m in got] == [b"%d" % i for i in range(start, batch + 20)]
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 await pub_c.publish("rp.w", b"live")
             assert [m.payload for m in await take(sub, 1)] == [b"live"]
 
@@ -562,11 +566,11 @@ async def test_start_offset_ahead_of_topic_with_small_window(pybroker_server: Se
     are skipped (by the client) and delivery starts at the requested offset."""
     url = pybroker_server.url
     async with pybroker.connect(url) as c, pybroker.connect(url) as pub_c:
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             for i in range(5):
                 await pub_c.publish("rp.f", b"%d" % i)
         async with c.subscribe("rp.f", start=15, window=4) as sub:
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 for i in range(5, 25):
                     await pub_c.publish("rp.f", b"%d" % i)
             got = await take(sub, 10)
@@ -577,7 +581,7 @@ async def test_start_offset_ahead_of_topic_with_small_window(pybroker_server: Se
 async def test_start_datetime(pybroker_server: Server) -> None:
     url = pybroker_server.url
     async with pybroker.connect(url) as c:
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             batch_a = await c.publish_many("rp.t", [b"a0", b"a1", b"a2"])
             await wait_clock_past(batch_a[-1].timestamp_us)
             batch_b = await c.publish_many("rp.t", [b"b0", b"b1"])
@@ -608,7 +612,7 @@ async def test_start_datetime(pybroker_server: Server) -> None:
         async with c.subscribe("rp.*", start=us_to_datetime(t_c + 1)) as sub:
             await settle(c)
             assert sub.statistics().pending_messages == 0
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 await c.publish("rp.t", b"d0")
             got = await take(sub, 1)
             assert [(m.offset, m.payload) for m in got] == [(6, b"d0")]
@@ -623,7 +627,7 @@ async def test_start_datetime_in_the_future(pybroker_server: Server) -> None:
         async with c.subscribe("fut.t", start=future) as exact, c.subscribe(
             "fut.*", start=future
         ) as wild:
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 ack = await c.publish("fut.t", b"too early")
             assert us_to_datetime(ack.timestamp_us) < future
             await settle(c)
@@ -634,13 +638,13 @@ async def test_start_datetime_in_the_future(pybroker_server: Server) -> None:
 async def test_default_start_is_new(pybroker_server: Server) -> None:
     url = pybroker_server.url
     async with pybroker.connect(url) as c, pybroker.connect(url) as pub_c:
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             await pub_c.publish_many("rp.n", [b"old0", b"old1", b"old2"])
         async with c.subscribe("rp.n") as exact, c.subscribe("rp.>") as wild:
             await settle(c)
             assert exact.statistics().pending_messages == 0
             assert wild.statistics().pending_messages == 0
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 for i in range(3):
                     await pub_c.publish("rp.n", b"new%d" % i)
             for sub in (exact, wild):
@@ -657,7 +661,7 @@ async def test_offset_start_with_wildcard_is_bad_request(
     pybroker_client: Client, pattern: str
 ) -> None:
     c = pybroker_client
-    with trio.fail_after(TIMEOUT):
+    with anyio.fail_after(TIMEOUT):
         with pytest.raises(BrokerError) as info:
             await c.subscribe(pattern, start=3)
         assert info.value.code == 207
@@ -697,8 +701,8 @@ async def test_slow_subscriber_does_not_hold_up_others(pybroker_server: Server) 
         async def consume(sub: Subscription, out: list[Message]) -> None:
             out.extend(await take(sub, n))
 
-        with trio.fail_after(2 * TIMEOUT):
-            async with trio.open_nursery() as nursery:
+        with anyio.fail_after(2 * TIMEOUT):
+            async with anyio.create_task_group() as nursery:
                 nursery.start_soon(consume, fast, fast_got)
                 nursery.start_soon(consume, same_conn_fast, same_got)
                 for start in range(0, n, chunk):
@@ -733,7 +737,7 @@ async def test_tiny_outbound_queue_still_delivers_everything_in_order(
     per_topic = 1000
     total = per_topic * len(topics)
     store: dict[str, Any] = {"data_dir": tmp_path / "data"} if storage == "file" else {}
-    async with running_broker(outbound_queue_bytes=4096, **store) as server:
+    async with serving(outbound_queue_bytes=4096, **store) as server:
         url = server.url
         async with connections(url, 3) as subscribers, pybroker.connect(url) as pub_c:
             subs = [await c.subscribe("oq.>") for c in subscribers]
@@ -758,8 +762,8 @@ async def test_tiny_outbound_queue_still_delivers_everything_in_order(
                             await pub_c.send(topic, item)
                         await pub_c.flush()
 
-            with trio.fail_after(3 * TIMEOUT):
-                async with trio.open_nursery() as nursery:
+            with anyio.fail_after(3 * TIMEOUT):
+                async with anyio.create_task_group() as nursery:
                     for i in range(len(subs)):
                         nursery.start_soon(consume, i)
                     for topic in topics:
@@ -779,7 +783,7 @@ async def test_tiny_outbound_queue_still_delivers_everything_in_order(
 async def test_lagging_subscriber_is_told_about_lost_messages() -> None:
     n = 400
     window = 10
-    async with running_broker(memory_retention_bytes=2048) as server:
+    async with serving(memory_retention_bytes=2048) as server:
         url = server.url
         async with pybroker.connect(url) as sub_c, pybroker.connect(url) as pub_c:
             lagging = await sub_c.subscribe("lost.t", window=window)
@@ -789,8 +793,8 @@ async def test_lagging_subscriber_is_told_about_lost_messages() -> None:
             async def keep_up() -> None:
                 up_got.extend(await take(keeping_up, n))
 
-            with trio.fail_after(TIMEOUT):
-                async with trio.open_nursery() as nursery:
+            with anyio.fail_after(TIMEOUT):
+                async with anyio.create_task_group() as nursery:
                     nursery.start_soon(keep_up)
                     for i in range(n):  # one batch per message
                         await pub_c.publish("lost.t", b"%04d" % i + b"." * 100)
@@ -818,9 +822,9 @@ async def test_lagging_subscriber_is_told_about_lost_messages() -> None:
 
 
 async def test_start_offset_below_retention_starts_at_first_retained() -> None:
-    async with running_broker(memory_retention_bytes=1024) as server:
+    async with serving(memory_retention_bytes=1024) as server:
         async with pybroker.connect(server.url) as c:
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 for i in range(100):
                     await c.publish("ret.t", b"%03d" % i + b"-" * 60)
             first = server.broker.store.topic("ret.t").first_offset
@@ -842,16 +846,16 @@ async def test_any_window_delivers_everything_in_order(pybroker_server: Server, 
         got: list[Message] = []
 
         async def consume() -> None:
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 async for msg in sub:
                     got.append(msg)
                     if len(got) % 3 == 0:
-                        await trio.sleep(0)  # a consumer that yields now and then
+                        await anyio.sleep(0)  # a consumer that yields now and then
                     if len(got) == len(payloads):
                         break
 
-        with trio.fail_after(TIMEOUT):
-            async with trio.open_nursery() as nursery:
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as nursery:
                 nursery.start_soon(consume)
                 pos = 0
                 for size in sizes * 2:
@@ -866,7 +870,7 @@ async def test_any_window_delivers_everything_in_order(pybroker_server: Server, 
 async def test_large_messages_with_tiny_outbound_queue() -> None:
     sizes = [150_000, 1, 70_000, 300_000, 5_000, 1_000_000, 2]
     payloads = [bytes([i % 251]) * size for i, size in enumerate(sizes * 3)]
-    async with running_broker(outbound_queue_bytes=4096) as server:
+    async with serving(outbound_queue_bytes=4096) as server:
         async with connections(server.url, 3) as subscribers, pybroker.connect(server.url) as pub_c:
             subs = [await c.subscribe("big.>", window=2) for c in subscribers]
             results: list[list[Message]] = [[] for _ in subs]
@@ -874,8 +878,8 @@ async def test_large_messages_with_tiny_outbound_queue() -> None:
             async def consume(i: int) -> None:
                 results[i] = await take(subs[i], len(payloads))
 
-            with trio.fail_after(TIMEOUT):
-                async with trio.open_nursery() as nursery:
+            with anyio.fail_after(TIMEOUT):
+                async with anyio.create_task_group() as nursery:
                     for i in range(len(subs)):
                         nursery.start_soon(consume, i)
                     for payload in payloads:
@@ -889,12 +893,12 @@ async def test_large_messages_with_tiny_outbound_queue() -> None:
 async def test_client_splits_batches_to_the_servers_limits() -> None:
     max_frame = 16 * 1024
     limits = Limits(max_batch_messages=10, max_frame_bytes=max_frame)
-    async with running_broker(limits=limits) as server:
+    async with serving(limits=limits) as server:
         async with pybroker.connect(server.url) as sub_c, pybroker.connect(server.url) as pub_c:
             sub = await sub_c.subscribe("split.t", start="earliest")
             small = [b"s%d" % i for i in range(95)]
             large = [bytes([i]) * 1000 for i in range(100)]
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 acks = await pub_c.publish_many("split.t", small)
                 acks += await pub_c.publish_many("split.t", large)
                 nowait = [pub_c.publish_nowait("split.t", b"n%d" % i) for i in range(35)]
@@ -937,7 +941,7 @@ async def test_any_publishable_message_can_be_delivered(
     overrides: dict[str, Any] = {}
     if server_max_frame is not None:
         overrides["limits"] = Limits(max_frame_bytes=server_max_frame)
-    async with running_broker(**overrides) as server:
+    async with serving(**overrides) as server:
         async with pybroker.connect(server.url) as sub_c, pybroker.connect(server.url, idempotent=idempotent) as pub_c:
             assert pub_c.server is not None
             max_frame = pub_c.server.limits["max_frame_bytes"]
@@ -948,7 +952,7 @@ async def test_any_publishable_message_can_be_delivered(
                 with pytest.raises(ValueError):
                     pub_c.publish_nowait("huge.t", payload + b"!")
             sub = await sub_c.subscribe("huge.t")
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 ack = await pub_c.publish("huge.t", payload)
             assert ack.offset == 0
             got = await take(sub, 1)
@@ -958,10 +962,10 @@ async def test_any_publishable_message_can_be_delivered(
 async def test_publish_nowait_raises_would_block_when_pipeline_is_full(
     pybroker_server: Server,
 ) -> None:
-    with trio.fail_after(TIMEOUT):
+    with anyio.fail_after(TIMEOUT):
         async with pybroker.connect(pybroker_server.url, max_pending=10) as c:
             pendings = [c.publish_nowait("wb.t", b"%d" % i) for i in range(10)]
-            with pytest.raises(trio.WouldBlock):
+            with pytest.raises(pybroker.WouldBlock):
                 c.publish_nowait("wb.t", b"too many")
             # send() waits for room instead of failing.
             eleventh = await c.send("wb.t", b"10")
@@ -973,7 +977,7 @@ async def test_publish_nowait_raises_would_block_when_pipeline_is_full(
 
 async def test_start_datetime_with_pattern_per_topic(pybroker_server: Server) -> None:
     async with pybroker.connect(pybroker_server.url) as c:
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             early = await c.publish_many("dtp.a", [b"a0", b"a1"])
             early += await c.publish_many("dtp.b", [b"b0"])
             last_early = max(a.timestamp_us for a in early)
@@ -1030,7 +1034,7 @@ BAD_PATTERNS = [
 @pytest.mark.parametrize("topic", BAD_TOPICS)
 async def test_invalid_topic_raises_value_error(pybroker_client: Client, topic: str) -> None:
     c = pybroker_client
-    with trio.fail_after(TIMEOUT):
+    with anyio.fail_after(TIMEOUT):
         with pytest.raises(ValueError):
             await c.publish(topic, b"x")
         with pytest.raises(ValueError):
@@ -1046,7 +1050,7 @@ async def test_invalid_topic_raises_value_error(pybroker_client: Client, topic: 
 @pytest.mark.parametrize("pattern", BAD_PATTERNS)
 async def test_invalid_pattern_raises_value_error(pybroker_client: Client, pattern: str) -> None:
     c = pybroker_client
-    with trio.fail_after(TIMEOUT):
+    with anyio.fail_after(TIMEOUT):
         with pytest.raises(ValueError):
             await c.subscribe(pattern)
         with pytest.raises(ValueError):
@@ -1059,7 +1063,7 @@ async def test_invalid_pattern_raises_value_error(pybroker_client: Client, patte
 
 async def test_invalid_subscribe_arguments(pybroker_client: Client) -> None:
     c = pybroker_client
-    with trio.fail_after(TIMEOUT):
+    with anyio.fail_after(TIMEOUT):
         with pytest.raises(ValueError):
             await c.subscribe("a", start=-1)
         with pytest.raises(ValueError):
@@ -1072,9 +1076,9 @@ async def test_invalid_subscribe_arguments(pybroker_client: Client) -> None:
 
 async def test_server_limits_are_enforced() -> None:
     limits = Limits(max_topic_depth=3, max_subscriptions=2)
-    async with running_broker(limits=limits) as server:
+    async with serving(limits=limits) as server:
         async with pybroker.connect(server.url) as c:
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 # The client checks against the limits the server announced.
                 with pytest.raises(ValueError):
                     await c.publish("a.b.c.d", b"x")
@@ -1092,7 +1096,7 @@ async def test_server_limits_are_enforced() -> None:
 
 
 async def test_use_after_close_raises_connection_closed(pybroker_server: Server) -> None:
-    with trio.fail_after(TIMEOUT):
+    with anyio.fail_after(TIMEOUT):
         async with pybroker.connect(pybroker_server.url) as c:
             sub = await c.subscribe("closed.t")
             await c.publish("closed.t", b"x")
@@ -1115,16 +1119,17 @@ async def test_use_after_close_raises_connection_closed(pybroker_server: Server)
         assert [m.payload for m in rest] in ([], [b"x"])
 
 
+@trio_only  # shuts the broker down from the test's own event loop
 async def test_server_shutdown_fails_waiters_instead_of_hanging() -> None:
-    async with running_broker(shutdown_grace=2.0) as server:
+    async with serving(shutdown_grace=2.0) as server:
         url = server.url
         async with pybroker.connect(url) as sub_c, pybroker.connect(url, max_pending=500) as pub_c:
             idle = await sub_c.subscribe("idle.>")
             busy = await sub_c.subscribe("shut.>")
             outcomes: dict[str, BaseException | None] = {}
             pendings: list[PendingAck] = []
-            half_way = trio.Event()
-            first_seen = trio.Event()
+            half_way = anyio.Event()
+            first_seen = anyio.Event()
 
             async def iterate(name: str, sub: Subscription) -> None:
                 try:
@@ -1146,8 +1151,8 @@ async def test_server_shutdown_fails_waiters_instead_of_hanging() -> None:
                 except ConnectionClosed as exc:
                     outcomes["blast"] = exc
 
-            with trio.fail_after(TIMEOUT):
-                async with trio.open_nursery() as nursery:
+            with anyio.fail_after(TIMEOUT):
+                async with anyio.create_task_group() as nursery:
                     nursery.start_soon(iterate, "idle", idle)
                     nursery.start_soon(iterate, "busy", busy)
                     nursery.start_soon(blast)
@@ -1173,7 +1178,7 @@ async def test_server_shutdown_fails_waiters_instead_of_hanging() -> None:
             # PUBACKs are in order: the acknowledged ones are a prefix.
             assert all(isinstance(r, PublishAck) for r in results[: len(acked)])
             assert [a.offset for a in acked] == list(range(len(acked)))
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 with pytest.raises(ConnectionClosed):
                     await pub_c.publish("shut.t", b"late")
                 with pytest.raises(ConnectionClosed):
@@ -1193,7 +1198,7 @@ async def test_close_flushes_publish_nowait(
     url = pybroker_server.url
     n = 6000
     topics = ["flush.a", "flush.b", "flush.c"]
-    with trio.fail_after(TIMEOUT):
+    with anyio.fail_after(TIMEOUT):
         async with pybroker.connect(
             url, linger=linger, max_inflight_batches=max_inflight_batches
         ) as c:

@@ -15,11 +15,12 @@ from functools import partial
 import time
 from pathlib import Path
 
+import anyio
+import anyio.abc
 import pytest
-import trio
+from anyio.abc import SocketAttribute
 
 import pybroker as client
-from pybroker.server.testing import running_broker
 from pybroker import Message, Reconnect
 from pybroker.protocol import (
     NEED_DATA,
@@ -36,6 +37,7 @@ from pybroker.protocol import (
 )
 
 from helpers.auth import user_entry, write_users
+from helpers.anybroker import pybroker_server, serving, trio_only  # noqa: F401 (a fixture)
 from helpers.certs import Certs
 from helpers.collect import Collector
 from helpers.procs import broker_process
@@ -82,6 +84,10 @@ def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
         Reconnect(**kwargs)  # type: ignore[arg-type]
 
 
+#: The client tests here run under Trio and under asyncio.
+pytestmark = pytest.mark.anyio
+
+
 # ---------------------------------------------------------------------------
 # A broker restarted on the same data directory and port
 
@@ -96,19 +102,19 @@ async def test_reconnecting_subscriber_misses_nothing(tmp_path: Path) -> None:
     """
     data, port = tmp_path / "data", free_port()
     got = Collector(TIMEOUT)
-    async with trio.open_nursery() as nursery:
-        async with running_broker(data_dir=data, port=port) as first:
+    async with anyio.create_task_group() as nursery:
+        async with serving(data_dir=data, port=port) as first:
             url = first.url
             c = await nursery.start(_subscriber, url, "orders.>", got)
             await publish_all(url, "orders.a", batch("a1", 50))
             await publish_all(url, "orders.b", batch("b1", 20))
             await got.wait_for({"orders.a": 50, "orders.b": 20})
         # Away: the subscriber retries a port that refuses it.
-        async with running_broker(data_dir=data) as elsewhere:
+        async with serving(data_dir=data) as elsewhere:
             await publish_all(elsewhere.url, "orders.a", batch("a2", 30))
             await publish_all(elsewhere.url, "orders.c", batch("c2", 10))
             assert not c.connected
-        async with running_broker(data_dir=data, port=port) as back:
+        async with serving(data_dir=data, port=port) as back:
             await got.wait_for({"orders.a": 80, "orders.c": 10})
             assert c.connected and c.reconnects == 1
             await publish_all(back.url, "orders.b", batch("b3", 5))
@@ -129,17 +135,17 @@ async def _subscriber(
     pattern: str,
     got: Collector,
     *,
-    task_status: trio.TaskStatus[client.Client] = trio.TASK_STATUS_IGNORED,
+    task_status: anyio.abc.TaskStatus[client.Client] = anyio.TASK_STATUS_IGNORED,
     **subscribe: object,
 ) -> None:
     async with client.connect(url, reconnect=FAST) as c:
         await c.subscribe(pattern, got, **subscribe)  # type: ignore[arg-type]
         task_status.started(c)
-        await trio.sleep_forever()
+        await anyio.sleep_forever()
 
 
 async def _one(sub: client.Subscription) -> Message:
-    with trio.fail_after(TIMEOUT):
+    with anyio.fail_after(TIMEOUT):
         async for msg in sub:
             return msg
     raise AssertionError("subscription ended")
@@ -151,32 +157,32 @@ async def test_group_workers_finish_every_job_across_a_restart(tmp_path: Path) -
     data, port = tmp_path / "data", free_port()
     jobs = batch("job", 300)
     done: list[bytes] = []
-    progressed = trio.Event()
+    progressed = anyio.Event()
 
     async def work(msg: Message) -> None:
         done.append(msg.payload)
         if len(set(done)) >= 100:
             progressed.set()
-        await trio.sleep(0.001)
+        await anyio.sleep(0.001)
 
-    async def worker(url: str, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def worker(url: str, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with client.connect(url, reconnect=FAST) as c:
             await c.subscribe("jobs", work, group="workers", max_ack_pending=20)
             task_status.started()
-            await trio.sleep_forever()
+            await anyio.sleep_forever()
 
-    async with trio.open_nursery() as nursery:
-        async with running_broker(data_dir=data, port=port) as first:
+    async with anyio.create_task_group() as nursery:
+        async with serving(data_dir=data, port=port) as first:
             for _ in range(3):
                 await nursery.start(worker, first.url)
             async with client.connect(first.url) as pub:
                 await pub.publish_many("jobs", jobs)
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 await progressed.wait()
-        async with running_broker(data_dir=data, port=port):
-            with trio.fail_after(TIMEOUT):
+        async with serving(data_dir=data, port=port):
+            with anyio.fail_after(TIMEOUT):
                 while set(done) != set(jobs):
-                    await trio.sleep(0.02)
+                    await anyio.sleep(0.02)
         nursery.cancel_scope.cancel()
     assert set(done) == set(jobs)
 
@@ -185,17 +191,17 @@ async def test_publishes_made_while_away_are_sent_once_back(tmp_path: Path) -> N
     """Messages published while the broker is down wait in the client and
     are stored once it is back: each exactly once, in order."""
     data, port = tmp_path / "data", free_port()
-    async with trio.open_nursery() as nursery:
-        async with running_broker(data_dir=data, port=port) as first:
+    async with anyio.create_task_group() as nursery:
+        async with serving(data_dir=data, port=port) as first:
             c = await nursery.start(_publisher, first.url)
             await c.publish("away.t", b"before")
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             while c.connected:  # the broker's GOODBYE has arrived
-                await trio.sleep(0.01)
+                await anyio.sleep(0.01)
         pendings = [await c.send("away.t", p) for p in batch("away", 50)]
         assert not any(p.done() for p in pendings)
-        async with running_broker(data_dir=data, port=port) as back:
-            with trio.fail_after(TIMEOUT):
+        async with serving(data_dir=data, port=port) as back:
+            with anyio.fail_after(TIMEOUT):
                 acks = [await p.wait() for p in pendings]
             assert [a.offset for a in acks] == list(range(1, 51))
             async with client.connect(back.url) as reader:
@@ -206,23 +212,23 @@ async def test_publishes_made_while_away_are_sent_once_back(tmp_path: Path) -> N
 
 
 async def _publisher(
-    url: str, task_status: trio.TaskStatus[client.Client] = trio.TASK_STATUS_IGNORED
+    url: str, task_status: anyio.abc.TaskStatus[client.Client] = anyio.TASK_STATUS_IGNORED
 ) -> None:
     async with client.connect(url, reconnect=FAST) as c:
         task_status.started(c)
-        await trio.sleep_forever()
+        await anyio.sleep_forever()
 
 
 async def test_giving_up_fails_everything_waiting(tmp_path: Path) -> None:
     """After max_attempts the client closes: iteration raises, publishes fail."""
     policy = Reconnect(max_attempts=3, initial_delay=0.01, max_delay=0.02)
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
+    stop = anyio.Event()
+    async with anyio.create_task_group() as nursery:
         server = await nursery.start(serve_until, stop)
         async with client.connect(server.url, reconnect=policy) as c:
             sub = await c.subscribe("gone.>")
             stop.set()
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 with pytest.raises(client.ConnectionClosed, match="gave up reconnecting after 3 attempts"):
                     async for _ in sub:
                         pass
@@ -232,13 +238,13 @@ async def test_giving_up_fails_everything_waiting(tmp_path: Path) -> None:
 
 
 async def test_without_reconnect_a_lost_connection_is_final(tmp_path: Path) -> None:
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
+    stop = anyio.Event()
+    async with anyio.create_task_group() as nursery:
         server = await nursery.start(serve_until, stop)
         async with client.connect(server.url) as c:
             sub = await c.subscribe("final.>")
             stop.set()
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 with pytest.raises(client.ConnectionClosed):
                     async for _ in sub:
                         pass
@@ -259,11 +265,11 @@ async def test_sigkill_mid_publish_loses_no_acknowledged_message(tmp_path: Path)
     sent = 0
     async with broker_process(data, work, "--port", str(port), "--http-port", "-1") as broker:
         url = await broker.start()
-        async with trio.open_nursery() as nursery:
+        async with anyio.create_task_group() as nursery:
             subscriber = await nursery.start(_subscriber, url, "crash.>", got)
             reconnects: list[int] = []
 
-            async def publish(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            async def publish(task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
                 nonlocal sent
                 async with client.connect(url, reconnect=FAST) as c:
                     task_status.started()
@@ -273,22 +279,22 @@ async def test_sigkill_mid_publish_loses_no_acknowledged_message(tmp_path: Path)
                         pendings.append((payload, await c.send(f"crash.t{i % 2}", payload)))
                         sent += 1
                         if i % 50 == 49:
-                            await trio.sleep(0.005)  # spread over the kill
+                            await anyio.sleep(0.005)  # spread over the kill
                     for payload, pending in pendings:
                         await pending.wait()  # raises if any publish failed
                         acked.add(payload)
                     reconnects.append(c.reconnects)
 
             await nursery.start(publish)
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 while sent < 1000:
-                    await trio.sleep(0.005)
+                    await anyio.sleep(0.005)
             await broker.kill()
             sent_at_kill = sent
             await broker.start()
-            with trio.fail_after(TIMEOUT * 2):
+            with anyio.fail_after(TIMEOUT * 2):
                 while len(acked) < 3000 or not _covers(got, acked):
-                    await trio.sleep(0.05)
+                    await anyio.sleep(0.05)
             assert subscriber.reconnects == 1
             nursery.cancel_scope.cancel()
     assert sent_at_kill < 3000 and reconnects == [1]  # the kill came mid-stream
@@ -307,10 +313,9 @@ def _covers(got: Collector, acked: set[bytes]) -> bool:
 
 # ---------------------------------------------------------------------------
 # The resume option on the wire
-
-
+@trio_only  # a raw client on the wire: the broker's behaviour, not the client's
 async def test_resume_position_inside_a_batch_replays_that_batch(tmp_path: Path) -> None:
-    async with running_broker(data_dir=tmp_path / "data") as server:
+    async with serving(data_dir=tmp_path / "data") as server:
         await publish_one_batch(server.url, "wire.t", batch("x", 10))
         async with raw_client(server.url, handshake="raw", timeout=TIMEOUT) as raw:
             await raw.send_event(Subscribe(1, "wire.>", StartKind.NEW, 0, 1000, {"resume:wire.t": "4"}))
@@ -324,13 +329,14 @@ async def test_resume_position_inside_a_batch_replays_that_batch(tmp_path: Path)
                 assert (first.offset, first.payload) == (4, b"x-4")
 
 
+@trio_only  # a raw client on the wire: the broker's behaviour, not the client's
 @pytest.mark.parametrize(("start", "first_base"), [(StartKind.EARLIEST, 0), (StartKind.NEW, 3)])
 async def test_resume_position_past_the_end_falls_back_to_the_start_rule(
     tmp_path: Path, start: StartKind, first_base: int
 ) -> None:
     """A position past the topic's end means the log is not the one the
     client read (reset, or an unsynced tail lost): the start rule decides."""
-    async with running_broker(data_dir=tmp_path / "data") as server:
+    async with serving(data_dir=tmp_path / "data") as server:
         await publish_all(server.url, "wire.end", batch("old", 3))
         async with raw_client(server.url, handshake="raw", timeout=TIMEOUT) as raw:
             await raw.send_event(Subscribe(1, "wire.end", start, 0, 1000, {"resume:wire.end": "99"}))
@@ -338,10 +344,9 @@ async def test_resume_position_past_the_end_falls_back_to_the_start_rule(
             await publish_all(server.url, "wire.end", [b"new"])
             got = await raw.next_event()
             assert isinstance(got, Deliver) and got.base_offset == first_base
-
-
+@trio_only  # a raw client on the wire: the broker's behaviour, not the client's
 async def test_resume_position_below_retention_reports_data_lost(tmp_path: Path) -> None:
-    async with running_broker(storage="memory", memory_retention_bytes=1) as server:
+    async with serving(storage="memory", memory_retention_bytes=1) as server:
         for i in range(5):  # each publish its own batch; retention keeps the last
             await publish_all(server.url, "wire.gone", [f"g-{i}".encode()])
         async with raw_client(server.url, handshake="raw", timeout=TIMEOUT) as raw:
@@ -351,10 +356,9 @@ async def test_resume_position_below_retention_reports_data_lost(tmp_path: Path)
             assert isinstance(lost, Error) and lost.code == ErrorCode.DATA_LOST and lost.ref == 1
             got = await raw.next_event()
             assert isinstance(got, Deliver) and got.base_offset > 0
-
-
+@trio_only  # a raw client on the wire: the broker's behaviour, not the client's
 async def test_suback_carries_the_registration_time(tmp_path: Path) -> None:
-    async with running_broker(storage="memory") as server:
+    async with serving(storage="memory") as server:
         async with raw_client(server.url, handshake="raw", timeout=TIMEOUT) as raw:
             before = time.time_ns() // 1000
             await raw.send_event(Subscribe(1, "wire.time"))
@@ -363,6 +367,7 @@ async def test_suback_carries_the_registration_time(tmp_path: Path) -> None:
             assert isinstance(ack, SubAck) and before <= ack.timestamp <= after
 
 
+@trio_only  # a raw client on the wire: the broker's behaviour, not the client's
 @pytest.mark.parametrize(
     ("pattern", "options", "why"),
     [
@@ -378,7 +383,7 @@ async def test_suback_carries_the_registration_time(tmp_path: Path) -> None:
     ],
 )
 async def test_bad_resume_options_are_bad_requests(pattern: str, options: dict[str, str], why: str) -> None:
-    async with running_broker(storage="memory") as server:
+    async with serving(storage="memory") as server:
         async with raw_client(server.url, handshake="raw", timeout=TIMEOUT) as raw:
             await raw.send_event(Subscribe(7, pattern, StartKind.NEW, 0, 100, options))
             err = await raw.next_event()
@@ -398,14 +403,14 @@ async def test_reconnect_sends_the_credentials_again(tmp_path: Path) -> None:
     )
     data, port = tmp_path / "data", free_port()
     got = Collector(TIMEOUT)
-    async with trio.open_nursery() as nursery:
-        async with running_broker(data_dir=data, port=port, auth_file=users) as first:
+    async with anyio.create_task_group() as nursery:
+        async with serving(data_dir=data, port=port, auth_file=users) as first:
             url = first.url.replace("pybroker://", "pybroker://svc:pw-svc@")
             c = await nursery.start(_subscriber, url, "auth.>", got)
             async with client.connect(url) as pub:
                 await pub.publish("auth.a", b"one")
             await got.wait_for({"auth.a": 1})
-        async with running_broker(data_dir=data, port=port, auth_file=users):
+        async with serving(data_dir=data, port=port, auth_file=users):
             async with client.connect(url) as pub:
                 await pub.publish("auth.a", b"two")
             await got.wait_for({"auth.a": 2})
@@ -422,19 +427,19 @@ async def test_reconnect_refused_by_the_broker_gives_up_at_once(tmp_path: Path) 
     (tmp_path / "b").mkdir()
     before = write_users(tmp_path / "a", {"svc": user_entry(token="t" * 20, subscribe=[">"])})
     after = write_users(tmp_path / "b", {"svc": user_entry(token="u" * 20, subscribe=[">"])})
-    stop_first, stop_second = trio.Event(), trio.Event()
-    async with trio.open_nursery() as nursery:
+    stop_first, stop_second, first_stopped = anyio.Event(), anyio.Event(), anyio.Event()
+    async with anyio.create_task_group() as nursery:
         first = await nursery.start(
-            partial(serve_until, stop_first, data_dir=data, port=port, auth_file=before)
+            partial(serve_until, stop_first, stopped=first_stopped, data_dir=data, port=port, auth_file=before)
         )
         async with client.connect(first.url, token="t" * 20, reconnect=FAST) as c:
             sub = await c.subscribe("refused.>")
             stop_first.set()
-            await first.wait_stopped()
+            await first_stopped.wait()
             await nursery.start(
                 partial(serve_until, stop_second, data_dir=data, port=port, auth_file=after)
             )
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 with pytest.raises(client.ConnectionClosed, match="refused"):
                     async for _ in sub:
                         pass
@@ -447,9 +452,11 @@ async def test_reconnect_over_tls(tmp_path: Path, certs: Certs) -> None:
     tls = {"tls_cert": certs.cert_file, "tls_key": certs.key_file}
     data, port = tmp_path / "data", free_port()
     got = Collector(TIMEOUT)
-    stop_first, stop_second = trio.Event(), trio.Event()
-    async with trio.open_nursery() as nursery:
-        first = await nursery.start(partial(serve_until, stop_first, data_dir=data, port=port, **tls))
+    stop_first, stop_second, first_stopped = anyio.Event(), anyio.Event(), anyio.Event()
+    async with anyio.create_task_group() as nursery:
+        first = await nursery.start(
+            partial(serve_until, stop_first, stopped=first_stopped, data_dir=data, port=port, **tls)
+        )
         assert first.url.startswith("pybrokers://")
         async with client.connect(first.url, ca_file=certs.ca_file, reconnect=FAST) as c:
             await c.subscribe("tls.>", got)
@@ -457,7 +464,7 @@ async def test_reconnect_over_tls(tmp_path: Path, certs: Certs) -> None:
                 await pub.publish("tls.a", b"one")
             await got.wait_for({"tls.a": 1})
             stop_first.set()
-            await first.wait_stopped()
+            await first_stopped.wait()
             second = await nursery.start(
                 partial(serve_until, stop_second, data_dir=data, port=port, **tls)
             )
@@ -474,35 +481,40 @@ async def test_keepalive_notices_a_silent_broker_and_reconnects() -> None:
     anything: keepalive= gives the connection up and reconnect= opens a new
     one (the stand-in counts them)."""
     connections = 0
-    second = trio.Event()
+    second = anyio.Event()
 
-    async def silent_broker(stream: trio.SocketStream) -> None:
+    async def silent_broker(stream: anyio.abc.SocketStream) -> None:
         nonlocal connections
         connections += 1
         if connections == 2:
             second.set()
         conn = Connection(Role.SERVER)
-        with trio.move_on_after(TIMEOUT):
+        async with stream:
+            await _silent(stream, conn)
+
+    async def _silent(stream: anyio.abc.SocketStream, conn: Connection) -> None:
+        with anyio.move_on_after(TIMEOUT):
             while True:
                 event = conn.next_event()
                 if event is NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    if not data:
+                    try:
+                        conn.receive_data(await stream.receive(65536))
+                    except (anyio.EndOfStream, anyio.BrokenResourceError):
                         return
-                    conn.receive_data(data)
                 elif isinstance(event, Hello):
-                    await stream.send_all(conn.send(Welcome("0", "silent", {})))
+                    await stream.send(conn.send(Welcome("0", "silent", {})))
                 # anything else: no answer, ever
 
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, silent_broker, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    async with listener, anyio.create_task_group() as nursery:
+        nursery.start_soon(listener.serve, silent_broker)
+        port = listener.extra(SocketAttribute.local_port)
         async with client.connect(
             f"pybroker://127.0.0.1:{port}", keepalive=0.1, reconnect=FAST
         ) as c:
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 await second.wait()
                 while not c.reconnects:
-                    await trio.sleep(0.01)
+                    await anyio.sleep(0.01)
             assert connections >= 2 and not c.closed
             nursery.cancel_scope.cancel()

@@ -10,8 +10,8 @@ from functools import partial
 from typing import Any
 
 import pytest
-import trio
-import trio.testing
+import anyio
+from anyio.abc import ByteStream
 
 import pybroker
 import pybroker.connection as client_connection
@@ -20,6 +20,7 @@ from pybroker.server.server import Server
 from pybroker import Message, Reconnect
 from pybroker.protocol import PubAck, Publish, encode_record
 
+from helpers.anybroker import trio_only
 from helpers.collect import Collector
 from helpers.frames import batch_with_count
 from helpers.inproc import wait_until
@@ -27,17 +28,21 @@ from helpers.raw import raw_client
 from helpers.restarts import FAST, batch, free_port, publish_all, publish_one_batch, serve_until
 
 
+#: Every test here runs under Trio and under asyncio.
+pytestmark = pytest.mark.anyio
+
 WAIT = 5.0
 
 
 class _Broker:
     """A broker that can be stopped and started again on the same port."""
 
-    def __init__(self, nursery: trio.Nursery, **config: Any) -> None:
+    def __init__(self, nursery: anyio.abc.TaskGroup, **config: Any) -> None:
         self._nursery = nursery
         self._config = config
         self._config.setdefault("port", free_port())
-        self._stop = trio.Event()
+        self._stop = anyio.Event()
+        self._stopped = anyio.Event()
         self.server: Server | None = None
 
     @property
@@ -45,14 +50,17 @@ class _Broker:
         return f"pybroker://127.0.0.1:{self._config['port']}"
 
     async def start(self) -> Server:
-        self._stop = trio.Event()
-        self.server = await self._nursery.start(partial(serve_until, self._stop, **self._config))
+        self._stop = anyio.Event()
+        self._stopped = anyio.Event()
+        self.server = await self._nursery.start(
+            partial(serve_until, self._stop, stopped=self._stopped, **self._config)
+        )
         return self.server
 
     async def stop(self) -> None:
         assert self.server is not None
         self._stop.set()
-        await self.server.wait_stopped()
+        await self._stopped.wait()
 
     def subscription_count(self) -> int:
         assert self.server is not None
@@ -61,34 +69,34 @@ class _Broker:
 
 class _Gate:
     """Holds the send of a reconnect's resume frames (the SUBSCRIBEs and
-    resent PUBLISHes: the first ``send_all`` after the handshake's) until
+    resent PUBLISHes: the first ``send`` after the handshake's) until
     released: a slow network, a TLS record, a large resume."""
 
     def __init__(self) -> None:
         #: The next stream opened (the reconnect) is gated.
         self.armed = False
-        self.entered = trio.Event()
-        self.release = trio.Event()
+        self.entered = anyio.Event()
+        self.release = anyio.Event()
 
 
-class _GatedStream(trio.abc.Stream):
-    def __init__(self, inner: trio.abc.Stream, gate: _Gate | None) -> None:
+class _GatedStream(ByteStream):
+    def __init__(self, inner: ByteStream, gate: _Gate | None) -> None:
         self._inner = inner
         self._gate = gate
         self._sends = 0
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    async def send(self, item: bytes) -> None:
         self._sends += 1
         if self._gate is not None and self._sends == 2:  # 1: HELLO, 2: resume frames
             self._gate.entered.set()
             await self._gate.release.wait()
-        await self._inner.send_all(data)
+        await self._inner.send(item)
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._inner.wait_send_all_might_not_block()
+    async def send_eof(self) -> None:
+        await self._inner.send_eof()
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self._inner.receive_some(max_bytes)
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self._inner.receive(max_bytes)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -100,7 +108,7 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> _Gate:
     g = _Gate()
     real = client_connection.open_stream
 
-    async def gated_open_stream(*args: Any, **kwargs: Any) -> trio.abc.Stream:
+    async def gated_open_stream(*args: Any, **kwargs: Any) -> ByteStream:
         stream = await real(*args, **kwargs)
         armed, g.armed = g.armed, False
         return _GatedStream(stream, g if armed else None)
@@ -120,7 +128,7 @@ async def test_every_sender_blocked_on_max_pending_fails_when_the_client_gives_u
     the first waiter sleeps forever, even after the client closed."""
     policy = Reconnect(max_attempts=3, initial_delay=0.05, max_delay=0.05, jitter=0)
     failed: list[int] = []
-    async with trio.open_nursery() as nursery:
+    async with anyio.create_task_group() as nursery:
         broker = _Broker(nursery)
         await broker.start()
         async with pybroker.connect(broker.url, reconnect=policy, max_pending=1) as c:
@@ -133,10 +141,10 @@ async def test_every_sender_blocked_on_max_pending_fails_when_the_client_gives_u
                     await c.send("bp.t", b"x")
                 failed.append(i)
 
-            with trio.move_on_after(WAIT):
-                async with trio.open_nursery() as senders:
+            with anyio.move_on_after(WAIT):
+                async with anyio.create_task_group() as senders:
                     senders.start_soon(sender, 1)
-                    await trio.sleep(0.01)
+                    await anyio.sleep(0.01)
                     senders.start_soon(sender, 2)
                     await wait_until(lambda: c.closed, WAIT)
                     await wait_until(lambda: len(failed) == 2, timeout=WAIT)
@@ -153,7 +161,7 @@ async def test_subscribe_while_the_resume_is_being_sent_completes(gate: _Gate) -
     _connected is set: it skips sending (not connected) and relies on the
     resume, which was already built without it. Its SUBSCRIBE is never sent
     and subscribe() waits forever."""
-    async with trio.open_nursery() as nursery:
+    async with anyio.create_task_group() as nursery:
         broker = _Broker(nursery)
         await broker.start()
         async with pybroker.connect(broker.url, reconnect=FAST) as c:
@@ -161,20 +169,20 @@ async def test_subscribe_while_the_resume_is_being_sent_completes(gate: _Gate) -
             await broker.stop()
             gate.armed = True
             await broker.start()
-            with trio.fail_after(WAIT):
+            with anyio.fail_after(WAIT):
                 await gate.entered.wait()
-            subscribed = trio.Event()
+            subscribed = anyio.Event()
 
             async def late_subscriber() -> None:
-                with trio.move_on_after(WAIT):
+                with anyio.move_on_after(WAIT):
                     await c.subscribe("late.t", Collector())
                     subscribed.set()
 
             nursery.start_soon(late_subscriber)
-            await trio.sleep(0.05)
+            await anyio.sleep(0.05)
             gate.release.set()
             await wait_until(lambda: c.connected, WAIT)
-            with trio.move_on_after(WAIT):
+            with anyio.move_on_after(WAIT):
                 await subscribed.wait()
             assert subscribed.is_set(), "subscribe() during the resume send never returns"
             nursery.cancel_scope.cancel()
@@ -190,7 +198,7 @@ async def test_credit_granted_while_the_resume_is_being_sent_is_not_lost(
     reset, yet the resume already went out with credit 1. The broker's
     credit is now 1 for good and the subscription stalls after one more
     message."""
-    async with trio.open_nursery() as nursery:
+    async with anyio.create_task_group() as nursery:
         broker = _Broker(nursery, data_dir=tmp_path / "data")
         await broker.start()
         async with pybroker.connect(broker.url, reconnect=FAST) as c:
@@ -200,21 +208,21 @@ async def test_credit_granted_while_the_resume_is_being_sent_is_not_lost(
                 await broker.stop()
                 gate.armed = True
                 await broker.start()
-                with trio.fail_after(WAIT):
+                with anyio.fail_after(WAIT):
                     await gate.entered.wait()
                 got = []
-                with trio.fail_after(WAIT):
+                with anyio.fail_after(WAIT):
                     async for msg in sub:  # the whole buffered window
                         got.append(msg.payload)
                         if len(got) == 10:
                             break
-                with trio.move_on_after(0.05):
+                with anyio.move_on_after(0.05):
                     await sub.__anext__()  # ends the batch: its credit is granted
                 gate.release.set()
                 await wait_until(lambda: c.connected, WAIT)
                 for p in batch("after", 20):  # one batch each
                     await publish_all(broker.url, "cr.t", [p])
-                with trio.move_on_after(WAIT):
+                with anyio.move_on_after(WAIT):
                     async for msg in sub:
                         got.append(msg.payload)
                         if len(got) == 30:
@@ -231,7 +239,7 @@ async def test_unsubscribe_while_the_resume_is_being_sent_leaves_nothing_on_the_
     """unsubscribe() in the same window drops the subscription locally only
     (not connected), but its SUBSCRIBE is in the resume frames being sent:
     the broker keeps a subscription nobody will ever unsubscribe."""
-    async with trio.open_nursery() as nursery:
+    async with anyio.create_task_group() as nursery:
         broker = _Broker(nursery)
         await broker.start()
         async with pybroker.connect(broker.url, reconnect=FAST) as c:
@@ -239,13 +247,13 @@ async def test_unsubscribe_while_the_resume_is_being_sent_leaves_nothing_on_the_
             await broker.stop()
             gate.armed = True
             await broker.start()
-            with trio.fail_after(WAIT):
+            with anyio.fail_after(WAIT):
                 await gate.entered.wait()
                 # The resume (with this subscription's SUBSCRIBE) is on its
                 # way: the UNSUBSCRIBE follows it on the same connection.
-                async with trio.open_nursery() as inner:
+                async with anyio.create_task_group() as inner:
                     inner.start_soon(sub.unsubscribe)
-                    await trio.testing.wait_all_tasks_blocked()
+                    await anyio.wait_all_tasks_blocked()
                     gate.release.set()
                 await wait_until(lambda: c.connected, WAIT)
                 await c.ping()  # the resume has been read
@@ -267,7 +275,7 @@ async def test_new_batch_straddling_a_stale_position_is_delivered_whole() -> Non
     what was received, so a straddling batch can only come from a log that
     is not the one the position was taken from."""
     got = Collector()
-    async with trio.open_nursery() as nursery:
+    async with anyio.create_task_group() as nursery:
         broker = _Broker(nursery)
         await broker.start()
         async with pybroker.connect(broker.url, reconnect=FAST) as c:
@@ -279,7 +287,7 @@ async def test_new_batch_straddling_a_stale_position_is_delivered_whole() -> Non
             await wait_until(lambda: c.connected, WAIT)
             await c.ping()
             await publish_all(broker.url, "mem.t", batch("new", 10))  # one batch
-            with trio.move_on_after(2):
+            with anyio.move_on_after(2):
                 await got.wait_for({"mem.t": 15}, timeout=2)
             assert got.payloads("mem.t") == batch("old", 5) + batch("new", 10)
             nursery.cancel_scope.cancel()
@@ -299,7 +307,7 @@ async def test_wildcard_subscription_over_many_topics_resumes() -> None:
     and every attempt fails locally until the client gives up.)"""
     limits = Limits(max_frame_bytes=32 * 1024)
     topics = [f"many.{i:03d}." + "x" * 230 for i in range(150)]
-    async with trio.open_nursery() as nursery:
+    async with anyio.create_task_group() as nursery:
         broker = _Broker(nursery, limits=limits)
         await broker.start()
         async with pybroker.connect(broker.url, reconnect=FAST) as c:
@@ -310,12 +318,12 @@ async def test_wildcard_subscription_over_many_topics_resumes() -> None:
             await wait_until(lambda: sub.statistics().pending_messages == len(topics), WAIT)
             await broker.stop()
             await broker.start()
-            with trio.move_on_after(WAIT):
+            with anyio.move_on_after(WAIT):
                 while not (c.connected and c.reconnects == 1) and not c.closed:
-                    await trio.sleep(0.01)
+                    await anyio.sleep(0.01)
             assert not c.closed, f"the client gave up: {c._closed}"
             await publish_all(broker.url, topics[0], [b"y"])
-            with trio.fail_after(WAIT):
+            with anyio.fail_after(WAIT):
                 async for msg in sub:
                     if msg.payload == b"y":
                         break
@@ -332,14 +340,14 @@ async def test_request_timing_out_while_reconnecting_leaves_no_subscription() ->
     leaves its Subscription in Client._subs with its waiter: it is resumed
     on the reconnect and stays on the broker (and in the client) forever,
     with no callback task and no reference; each such request adds one."""
-    async with trio.open_nursery() as nursery:
+    async with anyio.create_task_group() as nursery:
         broker = _Broker(nursery)
         await broker.start()
         async with pybroker.connect(broker.url, reconnect=FAST) as c:
             await broker.stop()
             await wait_until(lambda: not c.connected, WAIT)
             for _ in range(3):
-                with pytest.raises(trio.TooSlowError):
+                with pytest.raises(pybroker.Timeout):
                     await c.request("svc.echo", b"?", timeout=0.1)
             await broker.start()
             await wait_until(lambda: c.connected, WAIT)
@@ -361,8 +369,8 @@ async def test_group_ack_made_while_reconnecting_is_not_redelivered(tmp_path: An
     pending on that member (the job went back to 'ready' when the old
     member left): the acknowledged job is delivered again."""
     jobs: list[Message] = []
-    arrived = trio.Event()
-    async with trio.open_nursery() as nursery:
+    arrived = anyio.Event()
+    async with anyio.create_task_group() as nursery:
         broker = _Broker(nursery, data_dir=tmp_path / "data")
         await broker.start()
         async with pybroker.connect(broker.url, reconnect=FAST) as c:
@@ -375,14 +383,14 @@ async def test_group_ack_made_while_reconnecting_is_not_redelivered(tmp_path: An
 
             nursery.start_soon(reader)
             await publish_all(broker.url, "jobs", [b"job-1"])
-            with trio.fail_after(WAIT):
+            with anyio.fail_after(WAIT):
                 await arrived.wait()
             await broker.stop()
             await wait_until(lambda: not c.connected, WAIT)
             await jobs[0].ack()  # acknowledged while away
             await broker.start()
             await wait_until(lambda: c.connected, WAIT)
-            await trio.sleep(0.5)
+            await anyio.sleep(0.5)
             assert [m.payload for m in jobs] == [b"job-1"], "an acknowledged job came back"
             nursery.cancel_scope.cancel()
 
@@ -398,12 +406,12 @@ async def test_leaving_during_an_outage_waits_close_timeout_for_queued_publishes
     with 'gave up reconnecting after N attempts', though the broker is back
     well within close_timeout."""
     pendings: list[pybroker.PendingAck] = []
-    async with trio.open_nursery() as nursery:
+    async with anyio.create_task_group() as nursery:
         broker = _Broker(nursery)
         await broker.start()
 
         async def restart_soon() -> None:
-            await trio.sleep(0.5)
+            await anyio.sleep(0.5)
             await broker.start()
 
         async with pybroker.connect(broker.url, reconnect=FAST, close_timeout=5) as c:
@@ -421,13 +429,14 @@ async def test_leaving_during_an_outage_waits_close_timeout_for_queued_publishes
 # 8. Credit spent on a malformed batch is never given back
 
 
+@trio_only  # a raw client on the wire (helpers.raw runs on Trio)
 async def test_malformed_batch_does_not_stall_the_subscription() -> None:
     """A publisher stores a batch whose CRC matches but whose records do not
     tile it (protocol.md: reported, then 'goes on with the next one'). The
     broker spends 10 credit on it; Client._on_deliver skips it without
     Subscription._account, so that credit never comes back (nor is its
     position recorded). With window=10 the subscription stalls for good."""
-    async with trio.open_nursery() as nursery:
+    async with anyio.create_task_group() as nursery:
         broker = _Broker(nursery)
         await broker.start()
         async with pybroker.connect(broker.url) as c:
@@ -439,7 +448,7 @@ async def test_malformed_batch_does_not_stall_the_subscription() -> None:
                 await wait_until(lambda: sub.statistics().malformed_batches == 1, WAIT)
                 await publish_all(broker.url, "bad.t", batch("good", 3))
                 got = []
-                with trio.move_on_after(2):
+                with anyio.move_on_after(2):
                     async for msg in sub:
                         got.append(msg.payload)
                         if len(got) == 3:
@@ -458,22 +467,23 @@ async def test_giving_up_raises_connection_closed_not_an_exception_group() -> No
     lone exception, so with two callback subscriptions the caller gets a
     BaseExceptionGroup of two ConnectionClosed instead of ConnectionClosed."""
     policy = Reconnect(max_attempts=2, initial_delay=0.02, max_delay=0.02)
-    async with trio.open_nursery() as nursery:
+    async with anyio.create_task_group() as nursery:
         broker = _Broker(nursery)
         await broker.start()
-        with trio.fail_after(WAIT):
+        with anyio.fail_after(WAIT):
             try:
                 async with pybroker.connect(broker.url, reconnect=policy) as c:
                     await c.subscribe("cb.a", Collector())
                     await c.subscribe("cb.b", Collector())
                     await broker.stop()
-                    await trio.sleep_forever()
+                    await anyio.sleep_forever()
             except BaseException as exc:  # noqa: BLE001 - the type is the point
                 raised: BaseException = exc
         assert isinstance(raised, pybroker.ConnectionClosed), f"got {raised!r}"
         nursery.cancel_scope.cancel()
 
 
+@trio_only  # a raw client on the wire (helpers.raw runs on Trio)
 async def test_messages_published_to_a_reset_topic_while_away_are_delivered() -> None:
     """Memory storage: the subscriber had offsets 0..4 of mem.t (position 5)
     when the broker restarted empty. While it is away, 3 messages go to
@@ -482,7 +492,7 @@ async def test_messages_published_to_a_reset_topic_while_away_are_delivered() ->
     (session._on_subscribe) and the 3 are never delivered, with no
     DATA_LOST either: a silent gap."""
     got = Collector()
-    async with trio.open_nursery() as nursery:
+    async with anyio.create_task_group() as nursery:
         broker = _Broker(nursery)
         await broker.start()
         async with pybroker.connect(broker.url, reconnect=FAST) as c:
@@ -492,17 +502,17 @@ async def test_messages_published_to_a_reset_topic_while_away_are_delivered() ->
             await broker.stop()
             await wait_until(lambda: not c.connected, WAIT)
             # Keep the subscriber away while the new broker takes messages.
-            hold = trio.Event()
+            hold = anyio.Event()
             real = client_connection.open_stream
 
-            async def held_open_stream(*args: Any, **kwargs: Any) -> trio.abc.Stream:
+            async def held_open_stream(*args: Any, **kwargs: Any) -> ByteStream:
                 await hold.wait()
                 return await real(*args, **kwargs)
 
             client_connection.open_stream = held_open_stream  # type: ignore[assignment]
             try:
                 await broker.start()
-                with trio.fail_after(WAIT):
+                with anyio.fail_after(WAIT):
                     for p in batch("away", 3):
                         # Raw: pybroker.connect would wait on the hold too.
                         await publish_one_batch(broker.url, "mem.t", [p])
@@ -510,7 +520,7 @@ async def test_messages_published_to_a_reset_topic_while_away_are_delivered() ->
                 client_connection.open_stream = real  # type: ignore[assignment]
                 hold.set()
             await wait_until(lambda: c.connected, WAIT)
-            with trio.move_on_after(2):
+            with anyio.move_on_after(2):
                 await got.wait_for({"mem.t": 8}, timeout=2)
             assert got.payloads("mem.t") == batch("old", 5) + batch("away", 3)
             nursery.cancel_scope.cancel()

@@ -22,6 +22,7 @@ from typing import Any
 
 import attrs
 import pytest
+import anyio
 import trio
 
 import pybroker as client
@@ -44,12 +45,18 @@ from pybroker.protocol import (
 )
 from pybroker.transport import client_context
 
+from helpers.anybroker import serving
 from helpers.brokerlog import broker_log
 from helpers.certs import Certs, make_certs
 from helpers.http import in_thread
 from helpers.inproc import wait_sessions
 from helpers.procs import find_event, run, spawn
 
+
+#: The client's side of TLS (connecting, verifying, publishing and
+#: subscribing over it) runs under Trio and asyncio; the broker's side
+#: (raw streams, handshakes, shutdown) under Trio.
+client_side = pytest.mark.anyio
 
 #: Upper bound, in seconds, on any single wait in these tests.
 TIMEOUT = 10.0
@@ -60,7 +67,8 @@ HANDSHAKE_TIMEOUT = 1.5
 
 @asynccontextmanager
 async def tls_broker(certs: Certs, **overrides: Any) -> AsyncIterator[Server]:
-    async with running_broker(tls_cert=certs.cert_file, tls_key=certs.key_file, **overrides) as server:
+    """A TLS broker; under asyncio in a thread of its own (helpers.anybroker)."""
+    async with serving(tls_cert=certs.cert_file, tls_key=certs.key_file, **overrides) as server:
         yield server
 
 
@@ -91,7 +99,7 @@ async def read_to_eof(stream: trio.abc.ReceiveStream, limit: int = 1 << 20) -> b
 async def round_trip(url: str, certs: Certs, topic: str, payloads: list[bytes]) -> None:
     """Publish ``payloads`` over TLS and receive them on a subscription."""
     async with client.connect(url, ca_file=certs.ca_file, name="round-trip") as c:
-        with trio.fail_after(TIMEOUT):
+        with anyio.fail_after(TIMEOUT):
             async with c.subscribe(topic) as sub:
                 acks = await c.publish_many(topic, payloads)
                 got = [await anext(sub) for _ in payloads]
@@ -114,6 +122,7 @@ def client_hello(certs: Certs) -> bytes:
 # Publish and subscribe over TLS
 
 
+@client_side
 async def test_url_scheme_and_publish_subscribe(certs: Certs) -> None:
     with broker_log() as logs:
         async with tls_broker(certs) as server:
@@ -126,17 +135,20 @@ async def test_url_scheme_and_publish_subscribe(certs: Certs) -> None:
     assert http and http[0]["tls"] is True
 
 
+@client_side
 async def test_plain_broker_keeps_its_scheme() -> None:
-    async with running_broker() as server:
+    async with serving() as server:
         assert server.url == f"pybroker://127.0.0.1:{server.port}"
         assert server.tls is None
 
 
+@client_side
 async def test_key_inside_the_certificate_file(certs: Certs) -> None:
-    async with running_broker(tls_cert=certs.bundle_file) as server:
+    async with serving(tls_cert=certs.bundle_file) as server:
         await round_trip(server.url, certs, "tls.bundle", [b"x"])
 
 
+@client_side
 async def test_frames_near_the_limit_cross_many_tls_records(certs: Certs) -> None:
     """One message that fills a PUBLISH frame to max_frame_bytes, and a batch
     the client must split, both arrive intact (TLS records are 16 KiB)."""
@@ -150,7 +162,7 @@ async def test_frames_near_the_limit_cross_many_tls_records(certs: Certs) -> Non
         assert len(big) == largest
         many = [b"%06d" % i + b"." * 40_000 for i in range(150)]  # ~6 MB in all
         async with client.connect(server.url, ca_file=certs.ca_file) as c:
-            with trio.fail_after(TIMEOUT * 3):
+            with anyio.fail_after(TIMEOUT * 3):
                 async with c.subscribe(topic) as sub:
                     big_ack = await c.publish(topic, big)
                     acks = await c.publish_many(topic, many)
@@ -160,12 +172,13 @@ async def test_frames_near_the_limit_cross_many_tls_records(certs: Certs) -> Non
         assert [m.offset for m in got[1:]] == [a.offset for a in acks] == list(range(1, 151))
 
 
+@client_side
 async def test_consumer_group_over_tls(certs: Certs) -> None:
     async with tls_broker(certs) as server:
         async with client.connect(server.url, ca_file=certs.ca_file, name="w1") as w1, \
                 client.connect(server.url, ca_file=certs.ca_file, name="w2") as w2, \
                 client.connect(server.url, ca_file=certs.ca_file, name="pub") as pub:
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 async with w1.subscribe("jobs.>", group="workers") as s1, \
                         w2.subscribe("jobs.>", group="workers") as s2:
                     payloads = [b"job-%d" % i for i in range(40)]
@@ -179,18 +192,19 @@ async def test_consumer_group_over_tls(certs: Certs) -> None:
                             if len(seen) == len(payloads):
                                 nursery.cancel_scope.cancel()
 
-                    async with trio.open_nursery() as nursery:
+                    async with anyio.create_task_group() as nursery:
                         nursery.start_soon(work, s1)
                         nursery.start_soon(work, s2)
                     assert sorted(seen) == sorted(payloads)
                     doc = await pub.groups("inspect", "workers")
-                    with trio.fail_after(TIMEOUT):
+                    with anyio.fail_after(TIMEOUT):
                         while doc["acked"] < len(payloads):
-                            await trio.sleep(0.01)
+                            await anyio.sleep(0.01)
                             doc = await pub.groups("inspect", "workers")
                     assert doc["pending"] == 0 and doc["acked"] == len(payloads)
 
 
+@client_side
 async def test_tls_true_with_a_plain_scheme_and_a_context(certs: Certs) -> None:
     async with tls_broker(certs) as server:
         plain_url = server.url.replace("pybrokers://", "pybroker://")
@@ -206,20 +220,21 @@ async def test_tls_true_with_a_plain_scheme_and_a_context(certs: Certs) -> None:
 # Failures: each costs only its own connection
 
 
+@client_side
 async def test_wrong_ca_fails_verification_and_the_broker_keeps_serving(
     certs: Certs, tmp_path: Path
 ) -> None:
     other = make_certs(tmp_path, "other")
     with broker_log():
         async with tls_broker(certs) as server:
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 with pytest.raises(ssl.SSLCertVerificationError) as info:
                     async with client.connect(server.url, ca_file=other.ca_file):
                         raise AssertionError("connected with a certificate from another CA")
             assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
             assert any(f"127.0.0.1:{server.port}" in note for note in info.value.__notes__)
             # The system CAs do not know the test CA either.
-            with trio.fail_after(TIMEOUT):
+            with anyio.fail_after(TIMEOUT):
                 with pytest.raises(ssl.SSLCertVerificationError):
                     async with client.connect(server.url):
                         raise AssertionError("connected without trusting the test CA")
@@ -227,40 +242,43 @@ async def test_wrong_ca_fails_verification_and_the_broker_keeps_serving(
             await wait_sessions(server, 0)
 
 
+@client_side
 async def test_host_name_is_checked(certs: Certs, tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     issued = certs.ca.issue_cert("broker.example")
     (elsewhere / "cert.pem").write_bytes(b"".join(b.bytes() for b in issued.cert_chain_pems))
     issued.private_key_pem.write_to_path(str(elsewhere / "key.pem"))
-    async with running_broker(tls_cert=elsewhere / "cert.pem", tls_key=elsewhere / "key.pem") as server:
-        with trio.fail_after(TIMEOUT):
+    async with serving(tls_cert=elsewhere / "cert.pem", tls_key=elsewhere / "key.pem") as server:
+        with anyio.fail_after(TIMEOUT):
             with pytest.raises(ssl.SSLCertVerificationError, match="IP address mismatch"):
                 async with client.connect(server.url, ca_file=certs.ca_file):
                     raise AssertionError("connected to a certificate for another host")
 
 
+@client_side
 async def test_plain_client_against_tls_broker(certs: Certs) -> None:
     with broker_log() as logs:
         async with tls_broker(certs) as server:
             async with client.connect(server.url, ca_file=certs.ca_file, name="bystander") as ok:
                 async with ok.subscribe("tls.bystander") as sub:
                     plain_url = server.url.replace("pybrokers://", "pybroker://")
-                    with trio.fail_after(TIMEOUT):
+                    with anyio.fail_after(TIMEOUT):
                         with pytest.raises(ConnectionClosed):
                             async with client.connect(plain_url, tls=False):
                                 raise AssertionError("a plain HELLO was accepted on a TLS port")
                     await wait_sessions(server, 1)
-                    with trio.fail_after(TIMEOUT):
+                    with anyio.fail_after(TIMEOUT):
                         await ok.publish("tls.bystander", b"unaffected")
                         assert (await anext(sub)).payload == b"unaffected"
             await wait_sessions(server, 0)
     assert "connection lost" in closed_reasons(logs)
 
 
+@client_side
 async def test_tls_client_against_plain_broker_fails_clearly() -> None:
-    async with running_broker() as server:
-        with trio.fail_after(TIMEOUT):
+    async with serving() as server:
+        with anyio.fail_after(TIMEOUT):
             with pytest.raises(ssl.SSLError, match="does the broker serve TLS") as info:
                 async with client.connect(server.url, tls=True):
                     raise AssertionError("TLS handshake with a plain broker succeeded")

@@ -26,7 +26,7 @@ def test_every_frame_type_is_in_the_vectors() -> None:
     assert seen == {
         "Hello", "Welcome", "Publish", "PubAck", "Subscribe", "SubAck", "Unsubscribe", "UnsubAck",
         "Credit", "Ack", "GroupDeliver", "Deliver", "Ping", "Pong", "Error", "Goodbye",
-        "Info", "InfoReply", "Groups", "GroupsReply",
+        "Info", "InfoReply", "Groups", "GroupsReply", "Topics", "TopicsReply",
     }
 
 

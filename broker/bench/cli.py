@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=_positive(float), default=10.0, metavar="S", help="seconds of load (default 10)")
     p.add_argument("--warmup", type=float, default=1.0, metavar="S", help="leave out messages of the first S seconds (default 1)")
     p.add_argument("--tick-ms", type=_positive(float), default=1.0, help="the publisher sends what is due every this many ms (default 1)")
-    p.add_argument("--mode", choices=("raw", "decode"), default="decode", help="decode: client library callback per message (default); raw: codec, timestamps read from the records")
+    p.add_argument("--mode", choices=("raw", "decode"), default="raw", help="raw: subscribers read each record's timestamp with the codec, so the figures are the broker's (default); decode: a client-library callback per message, so they include the Python subscriber processes")
     p.add_argument("--publisher", choices=("fast", "client"), default="fast", help="fast: one PUBLISH per tick over a raw connection (default); client: client library")
     p.add_argument("--sub-procs", type=_positive(int), default=2, help="at most this many subscriber processes (default 2: fewer processes, fewer wake-ups per tick on the load core)")
     p.add_argument("--with-relay", "--relay", dest="with_relay", action=argparse.BooleanOptionalAction, default=True, help="measure the reference relay too (default on)")

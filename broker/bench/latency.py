@@ -115,10 +115,15 @@ def render(result: dict[str, Any]) -> str:
          "verified" if r["verified"] else "INCOMPLETE"]
         for r in result["rows"]
     ]
+    measured = (
+        "the broker's: raw subscribers read each record's timestamp with the codec"
+        if result["mode"] == "raw"
+        else "including the subscribers: a Python client-library callback per message"
+    )
     title = (
         f"Latency: publish -> deliver, {result['rate']:,} msg/s offered in {result['tick_ms']:g} ms ticks "
         f"to {result['subscribers']} subscribers, {result['size']} B, {result['duration']:g} s "
-        f"(first {result['warmup']:g} s left out), one clock (time.time_ns)"
+        f"(first {result['warmup']:g} s left out), one clock (time.time_ns); {measured}"
     )
     return title + "\n" + table(headers, lines)
 

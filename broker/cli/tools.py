@@ -64,9 +64,11 @@ def add_parsers(commands: Commands[argparse.ArgumentParser]) -> None:
     create.add_argument("--backoff-jitter", type=float, metavar="FRACTION", help="lengthen each backoff wait by up to this fraction, at random")
     create.add_argument("--max-ack-pending", type=int, metavar="N", help="prefetch of members that name none")
     create.add_argument("--dead-letter", metavar="TOPIC", help="where messages go after --max-deliver deliveries (default dlq.NAME)")
+    create.add_argument("--ordering", choices=("key",), default=None, help="key: messages with the same 'key' header one at a time, in order")
 
-    topics = commands.add_parser("topics", help="list topics with their first and next offsets")
-    topics.add_argument("pattern", nargs="?", default=">", help="topic pattern (default: every topic)")
+    topics = commands.add_parser("topics", help="list topics with their first and next offsets; delete NAME")
+    topics.add_argument("pattern", nargs="?", default=">", help="topic pattern (default: every topic), or 'delete'")
+    topics.add_argument("name", nargs="?", default=None, help="with 'delete': the topic to delete (admin, or a manage permission)")
     add_connection_flags(topics)
     topics.add_argument("--json", action="store_true", help="one JSON object per line")
 
@@ -274,6 +276,7 @@ async def groups(args: argparse.Namespace) -> int:
                     backoff_jitter=args.backoff_jitter,
                     max_ack_pending=args.max_ack_pending,
                     dead_letter=args.dead_letter,
+                    ordering=args.ordering,
                 )
             else:
                 doc = await c.groups(args.action, args.name)
@@ -320,6 +323,18 @@ def _group_start(text: str) -> Any:
 async def topics(args: argparse.Namespace) -> int:
     import pybroker
 
+    if args.name is not None:
+        if args.pattern != "delete":
+            print(f"pybroker topics: {args.pattern!r} takes no topic name (did you mean 'delete {args.name}'?)", file=sys.stderr)
+            return 2
+        try:
+            async with _connect(args) as c:
+                doc = await c.delete_topic(args.name)
+        except (pybroker.BrokerError, pybroker.ConnectionClosed, ValueError, OSError) as exc:
+            print(f"pybroker topics delete: {failure(args.url, exc)}", file=sys.stderr)
+            return 1
+        print(json.dumps(doc) if args.json else f"deleted topic {doc['deleted']} ({doc['messages']} messages)")
+        return 0
     try:
         async with _connect(args) as c:
             infos = await c.topics(args.pattern)

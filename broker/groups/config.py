@@ -21,6 +21,14 @@ DEFAULT_MAX_DELIVER = 5
 #: this is for other clients; fair dispatch splits batches across members
 #: whatever it is, but a member can only be given work it has room for.
 DEFAULT_MAX_ACK_PENDING = 1000
+#: Group ordering modes: none (""), or per message key ("key").
+ORDERINGS = ("", "key")
+#: The header whose value is a message's key in a key-ordered group.
+KEY_HEADER = "key"
+#: Messages a key-ordered group looks at past its cursor in one dispatch
+#: for ones whose key is free (others wait behind a busy key): the bound
+#: on that scan's work, and on how far ahead of a blocked key it hands out.
+KEY_SCAN_LIMIT = 10_000
 #: Seconds before a dead letter the log refused (disk full) is tried again.
 DEAD_LETTER_RETRY_SECONDS = 1.0
 
@@ -35,13 +43,16 @@ class GroupConfig:
     #: Each backoff wait is stretched by up to this fraction (0.1: up to 10 %
     #: longer), drawn at random, so failures of one burst do not retry in step.
     backoff_jitter: float = 0.0
+    #: "key": messages with the same ``key`` header go to one member at a
+    #: time, in offset order (protocol.md, "Key-ordered groups"); "": none.
+    ordering: str = ""
 
     @classmethod
     def from_options(cls, name: str, options: Mapping[str, str]) -> GroupConfig:
         """Parse SUBSCRIBE options (protocol.md, "Consumer groups")."""
         known = {
             "group", "ack_wait_ms", "max_deliver", "backoff_ms", "backoff_jitter_pct", "max_ack_pending",
-            "dead_letter",
+            "dead_letter", "ordering",
         }
         unknown = set(options) - known
         if unknown:
@@ -65,7 +76,10 @@ class GroupConfig:
         problem = topic_error(dead_letter)
         if problem:
             raise ValueError(f"dead_letter: {problem}")
-        return cls(ack_wait, max_deliver, backoff, max_ack_pending, dead_letter, jitter_pct / 100)
+        ordering = options.get("ordering", "")
+        if ordering not in ORDERINGS:
+            raise ValueError(f"ordering must be one of {', '.join(repr(o) for o in ORDERINGS)}, got {ordering!r}")
+        return cls(ack_wait, max_deliver, backoff, max_ack_pending, dead_letter, jitter_pct / 100, ordering)
 
     def backoff_for(self, deliveries: int) -> float:
         """How long a message nak'ed (without a delay of its own) after its

@@ -32,6 +32,7 @@ from pybroker.protocol import (
     decode_batch,
     encode_batch,
     encode_batch_from_records,
+    record_headers,
     split_records,
     tokens_match,
 )
@@ -39,7 +40,7 @@ from pybroker.protocol import (
 from ..start import start_offset
 from ..storage import DataLoss, StorageError, StoredBatch
 from ..storage.groupstate import FORMAT, SavedTopic, find_dead_letters
-from .config import DEAD_LETTER_RETRY_SECONDS, GroupConfig
+from .config import DEAD_LETTER_RETRY_SECONDS, KEY_HEADER, KEY_SCAN_LIMIT, GroupConfig
 
 if TYPE_CHECKING:
     from ..router import Held, Subscription, Topic
@@ -60,9 +61,11 @@ class Member:
 class Pending:
     """One unsettled message: handed to ``member`` (or waiting to be)."""
 
-    __slots__ = ("member", "deliveries", "deadline", "queued", "dead_letter_from")
+    __slots__ = ("member", "deliveries", "deadline", "queued", "dead_letter_from", "key", "key_known")
 
-    def __init__(self, member: Member | None, deliveries: int, deadline: float) -> None:
+    def __init__(
+        self, member: Member | None, deliveries: int, deadline: float, key: str | None = None, key_known: bool = True
+    ) -> None:
         self.member = member
         self.deliveries = deliveries
         self.deadline = deadline  # ack wait expiry, or when a nak'ed message is due
@@ -70,17 +73,24 @@ class Pending:
         #: Being dead-lettered: the dead-letter topic's next offset when that
         #: was recorded (where a restart looks for it). None otherwise.
         self.dead_letter_from: int | None = None
+        #: Key-ordered groups: the message's key (None: it has none), once
+        #: known (after a restart it is read back from the log when needed).
+        self.key: str | None = key
+        self.key_known = key_known
 
 
 class GroupTopic:
     """A group's position in one topic."""
 
-    __slots__ = ("topic", "cursor", "pending", "ready", "_cached", "_records")
+    __slots__ = ("topic", "cursor", "pending", "ready", "ahead", "_cached", "_records")
 
     def __init__(self, topic: Topic, cursor: int) -> None:
         self.topic = topic
         self.cursor = cursor  # next offset never handed out yet
         self.pending: dict[int, Pending] = {}
+        #: Key-ordered groups: offsets past the cursor already handed out
+        #: (the cursor waits at a message whose key is busy).
+        self.ahead: set[int] = set()
         self.ready: deque[int] = deque()  # offsets to deliver again, in order
         # The last stored batch read and, once needed, its records split
         # out: handing a big batch out in pieces, or redelivering its
@@ -164,6 +174,20 @@ class Group:
         else:
             cursor = start_offset(log, self.start, self.start_value, topic.visible_next)
         self.topics[topic] = GroupTopic(topic, cursor)
+
+    def detach(self, topic: Topic) -> None:
+        """Stop following a deleted ``topic``: its pending messages are gone
+        with it (their members get room back); members are told. Timers
+        for them find nothing pending and do nothing."""
+        gt = self.topics.pop(topic, None)
+        if gt is None:
+            return
+        for p in gt.pending.values():
+            if p.member is not None:
+                p.member.unacked -= 1
+        self.version += 1
+        for member in self.members:
+            member.sub.subscriber.topic_deleted(member.sub, topic)
 
     def add_member(self, sub: Subscription, max_ack_pending: int | None = None) -> Member:
         """``max_ack_pending``: the member's own prefetch (None: the group's)."""
@@ -318,7 +342,7 @@ class Group:
         for u in self.unconfirmed:
             dlq, dlq_offset, gt, offset, deliveries, _, held = u
             if held.error is not None:
-                p = gt.pending[offset] = Pending(None, deliveries, 0.0)
+                p = gt.pending[offset] = Pending(None, deliveries, 0.0, key_known=False)
                 self._make_ready(gt, offset, p)
                 self.dead_lettered -= 1
                 self.version += 1
@@ -342,11 +366,112 @@ class Group:
                     continue
                 p.queued = False
                 self._redeliver(gt, offset, p, member, now)
+        if self.config.ordering == "key":
+            for gt in list(self.topics.values()):
+                if not self._deliver_new_by_key(gt, now):
+                    return
+            return
         for gt in list(self.topics.values()):
             visible = gt.topic.visible_next
             while gt.cursor < visible:
                 if not self._deliver_new(gt, now):
                     return
+
+    def _deliver_new_by_key(self, gt: GroupTopic, now: float) -> bool:
+        """Key-ordered: hand out new messages one at a time, in offset
+        order, skipping (for now) each whose key a pending message holds;
+        False once no member has room. A message waits until the one before
+        it with its key is settled, so one key is never worked on twice at
+        once and never out of order, while other keys go on."""
+        busy = self._busy_keys(gt)
+        visible = gt.topic.visible_next
+        offset = gt.cursor
+        scanned = 0
+        while offset < visible and scanned < KEY_SCAN_LIMIT:
+            if offset in gt.ahead or offset in gt.pending:
+                offset += 1
+                continue
+            if gt.cursor < gt.topic.log.first_offset:
+                gt.cursor = offset = gt.topic.log.first_offset  # retention removed what we had not read
+                continue
+            try:
+                batch = gt.batch_at(offset)
+            except DataLoss as lost:
+                self.lost += lost.count
+                self.manager.logger.error(
+                    "group skipped lost offsets",
+                    group=self.name, topic=lost.topic, first=lost.first, last=lost.last, reason=lost.reason,
+                )
+                gt.ahead.update(range(max(offset, lost.first), lost.last + 1))
+                offset = lost.last + 1
+                self._advance(gt)
+                continue
+            if batch is None:
+                offset += 1
+                continue
+            try:
+                records = gt.records_of(batch)
+            except MalformedBatch as exc:
+                self._settle_malformed(gt, range(offset, batch.next_offset), exc)
+                gt.ahead.update(range(offset, batch.next_offset))
+                offset = batch.next_offset
+                self._advance(gt)
+                continue
+            for o in range(offset, min(batch.next_offset, visible)):
+                scanned += 1
+                if o in gt.ahead or o in gt.pending:
+                    continue
+                record = records[o - batch.base_offset]
+                key = record_key(record)
+                if key is not None and key in busy:
+                    continue  # waits for the message before it with this key
+                member = self._member_with_room()
+                if member is None:
+                    self._advance(gt)
+                    return False
+                deadline = now + self.config.ack_wait
+                gt.pending[o] = Pending(member, 1, deadline, key)
+                gt.ahead.add(o)
+                if key is not None:
+                    busy.add(key)
+                member.unacked += 1
+                self.version += 1
+                self.delivered += 1
+                self._timer(deadline, gt, o, o)
+                payload = encode_batch_from_records([record])
+                self.manager.hand_out(self, member, gt.topic, o, 1, batch.timestamp, 1, payload)
+            offset = batch.next_offset
+        self._advance(gt)
+        return True
+
+    @staticmethod
+    def _advance(gt: GroupTopic) -> None:
+        """Move the cursor over what has been handed out."""
+        ahead = gt.ahead
+        while gt.cursor in ahead:
+            ahead.discard(gt.cursor)
+            gt.cursor += 1
+
+    def _busy_keys(self, gt: GroupTopic) -> set[str]:
+        """The keys of the topic's pending messages (read back from the log
+        for those restored after a restart)."""
+        busy: set[str] = set()
+        for offset, p in gt.pending.items():
+            if not p.key_known:
+                p.key, p.key_known = self._key_at(gt, offset), True
+            if p.key is not None:
+                busy.add(p.key)
+        return busy
+
+    @staticmethod
+    def _key_at(gt: GroupTopic, offset: int) -> str | None:
+        try:
+            stored = gt.batch_at(offset)
+            if stored is None:
+                return None
+            return record_key(gt.records_of(stored)[offset - stored.base_offset])
+        except (DataLoss, MalformedBatch):
+            return None
 
     def _deliver_new(self, gt: GroupTopic, now: float) -> bool:
         """Hand out the stored batch at the cursor (from the cursor on),
@@ -547,6 +672,7 @@ class Group:
                 "backoff_jitter": c.backoff_jitter,
                 "max_ack_pending": c.max_ack_pending,
                 "dead_letter": c.dead_letter,
+                "ordering": c.ordering,
             },
             "topics": topics,
         }
@@ -568,11 +694,15 @@ class Group:
             # offsets past its end no longer exist.
             gt.cursor = min(saved.cursor, topic.log.next_offset)
             for offset in sorted(saved.pending):
-                if offset < gt.cursor:
+                # Past the cursor only in key-ordered groups (handed out
+                # ahead of a message waiting for its key).
+                if offset < topic.log.next_offset:
                     sp = saved.pending[offset]
-                    p = gt.pending[offset] = Pending(None, sp.deliveries, 0.0)
+                    p = gt.pending[offset] = Pending(None, sp.deliveries, 0.0, key_known=False)
                     p.dead_letter_from = sp.dead_letter_from
                     restored.append((gt, offset, p))
+                    if offset >= gt.cursor:
+                        gt.ahead.add(offset)
         self._settle_published_dead_letters([r for r in restored if r[2].dead_letter_from is not None])
         for gt, offset, p in restored:
             if gt.pending.get(offset) is p:
@@ -612,6 +742,7 @@ class Group:
                 "backoff_jitter_pct": round(config.backoff_jitter * 100),
                 "max_ack_pending": config.max_ack_pending,
                 "dead_letter": config.dead_letter,
+                "ordering": config.ordering or "none",
             },
             "members": len(self.members),
             # Handed to members and unsettled, and how many they may hold
@@ -654,3 +785,9 @@ def fair_shares(count: int, rooms: list[int]) -> list[int]:
             shares[i] += 1
             left -= 1
     return shares
+
+
+def record_key(record: bytes) -> str | None:
+    """A record's ``key`` header, reading only its headers block."""
+    headers = record_headers(record)
+    return headers.get(KEY_HEADER) if headers else None

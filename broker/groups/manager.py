@@ -139,6 +139,14 @@ class GroupManager:
                 topic.groups.append(group)
                 group.version += 1  # its cursor there is saved with the next snapshot
 
+    def topic_deleted(self, topic: Topic) -> None:
+        """A deleted topic: every group reading it lets it go, with what was
+        pending there (settled by the deletion); members are told."""
+        for group in topic.groups:
+            group.detach(topic)
+        topic.groups = []
+        self.wake()
+
     def leave(self, group: Group, member: Member) -> None:
         group.remove_member(member, trio.current_time())
         self.wake()
@@ -283,6 +291,7 @@ class GroupManager:
             int(c["max_ack_pending"]),
             str(c["dead_letter"]),
             float(c.get("backoff_jitter", 0.0)),  # (saved by older versions without it)
+            str(c.get("ordering", "")),
         )
         start, start_value = StartKind(snap["start"]), int(snap["start_value"])
         return Group(self, str(snap["name"]), str(snap["pattern"]), config, start, start_value)

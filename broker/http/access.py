@@ -108,6 +108,7 @@ _STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.BAD_PATTERN: (400, "bad_pattern"),
     ErrorCode.BATCH_LIMIT: (422, "unprocessable_entity"),
     ErrorCode.UNKNOWN_GROUP: (404, "group_not_found"),
+    ErrorCode.UNKNOWN_TOPIC: (404, "topic_not_found"),
     ErrorCode.STORAGE_FULL: (507, "storage_full"),
     ErrorCode.STORAGE_ERROR: (503, "storage_error"),
 }

@@ -124,6 +124,16 @@ async def topic_detail(http: HttpServer, request: Request, params: Mapping[str, 
     return json_response(body)
 
 
+async def delete_topic(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
+    """The topic, its messages and files (admin, or a ``manage`` permission)."""
+    check_query(request, ())
+    try:
+        body = await http.broker.delete_topic(principal(request), params["topic"])
+    except Refused as refusal:
+        raise refused(refusal) from None
+    return json_response(body)
+
+
 # -- publishing ---------------------------------------------------------------
 
 

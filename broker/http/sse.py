@@ -100,6 +100,8 @@ class SseConsumer:
         #: The stream's first block after ``retry:`` (a comment, and for a
         #: pattern the id to resume from if nothing is ever sent).
         self.opening = ""
+        #: Named events to send before any message ("deleted").
+        self.notices: list[bytes] = []
         self._wake = trio.Event()
 
     def deliver(
@@ -125,6 +127,14 @@ class SseConsumer:
     ) -> None:
         raise AssertionError("an event stream is never a group member")
 
+    def topic_deleted(self, sub: Subscription, topic: Topic) -> None:
+        # A topic created later under the name starts again from offset 0.
+        self.dirty.pop(topic, None)
+        self.positions.pop(topic.name, None)
+        self.last_sent.pop(topic.name, None)
+        self.notices.append(_named("deleted", {"topic": topic.name}))
+        self._wake.set()
+
     @property
     def accepting(self) -> bool:
         return True
@@ -144,6 +154,8 @@ class SseConsumer:
         most ``READ_BYTES`` of batches and ``MAX_EVENTS`` messages, topic
         after topic; a topic with more left goes to the back of the line."""
         out: list[bytes] = []
+        if self.notices:
+            out, self.notices = self.notices, []
         events = size = 0
         while self.dirty and events < MAX_EVENTS and size < READ_BYTES:
             topic = next(iter(self.dirty))

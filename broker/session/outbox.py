@@ -112,6 +112,15 @@ class Outbox:
 
     # -- the Subscriber protocol ---------------------------------------------
 
+    def topic_deleted(self, sub: Subscription, topic: Topic) -> None:
+        self.refuse(
+            ErrorCode.TOPIC_DELETED,
+            f"topic {topic.name!r} was deleted",
+            sub.sub_id,
+            RefKind.SUBSCRIPTION,
+            {"topic": topic.name},
+        )
+
     def deliver(
         self,
         sub: Subscription,

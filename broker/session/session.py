@@ -20,6 +20,7 @@ that are per connection (``max_subscriptions``).
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -41,6 +42,9 @@ from pybroker.protocol import (
     Groups,
     GroupsAction,
     GroupsReply,
+    Topics,
+    TopicsAction,
+    TopicsReply,
     Hello,
     Info,
     InfoReply,
@@ -72,6 +76,8 @@ from .outbox import Outbox
 from .reading import ReadSizer
 
 _MAX_CREDIT = UNLIMITED_CREDIT - 1
+#: TOPICS requests one connection may have in progress (each is a task).
+MAX_TOPICS_REQUESTS = 4
 
 
 class _Stop(Exception):
@@ -123,6 +129,10 @@ class Session:
         # owed (waiting for a sync) are out: nothing may follow a fatal ERROR.
         self._pending_fatal: RemoteProtocolError | None = None
         self.messages_in = 0
+        # TOPICS requests wait for fsyncs and file work: each runs in a task
+        # of the session's nursery, at most MAX_TOPICS_REQUESTS at once.
+        self._nursery: trio.Nursery | None = None
+        self._topics_requests = 0
 
     @property
     def bytes_out(self) -> int:
@@ -138,6 +148,7 @@ class Session:
         self.logger.info("connection opened")
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self.outbox.run, self._broken)
                 nursery.start_soon(self.acks.run)
                 reason = await self._read_loop()
@@ -337,6 +348,8 @@ class Session:
             self._on_info(event)
         elif isinstance(event, Groups):
             self._on_groups(event)
+        elif isinstance(event, Topics):
+            self._on_topics(event)
         elif isinstance(event, Goodbye):
             raise _Stop("client said goodbye")
         elif isinstance(event, Error):
@@ -438,6 +451,31 @@ class Session:
             self._refused(refused, req.request_id, RefKind.REQUEST)
             return
         self.outbox.queue(self.conn.send(GroupsReply(req.request_id, document)))
+
+    def _on_topics(self, req: Topics) -> None:
+        if self._topics_requests >= MAX_TOPICS_REQUESTS or self._nursery is None:
+            self.outbox.refuse(
+                ErrorCode.BAD_REQUEST,
+                f"at most {MAX_TOPICS_REQUESTS} TOPICS requests at once per connection",
+                req.request_id,
+                RefKind.REQUEST,
+            )
+            return
+        self._topics_requests += 1
+        self._nursery.start_soon(self._topics_request, req)
+
+    async def _topics_request(self, req: Topics) -> None:
+        try:
+            if req.action is TopicsAction.DELETE:
+                document = await self.broker.delete_topic(self.principal, req.topic)
+            else:
+                raise Refused(ErrorCode.BAD_REQUEST, f"unknown TOPICS action {int(req.action)}")
+        except Refused as refused:
+            self._refused(refused, req.request_id, RefKind.REQUEST)
+        else:
+            self.outbox.queue(self.conn.send(TopicsReply(req.request_id, json.dumps(document))))
+        finally:
+            self._topics_requests -= 1
 
     def _on_credit(self, req: Credit) -> None:
         sub = self.subs.get(req.sub_id)

@@ -95,6 +95,14 @@ class LogStore(Protocol):
     def topic_names(self) -> list[str]:
         """Topics that already exist (recovered on start)."""
 
+    def delete_topic(self, name: str) -> TopicLog | None:
+        """Take a topic out of the store at once (a later ``topic(name)``
+        starts a new, empty log); None if there is none. Its files go with
+        :meth:`discard`, which must follow."""
+
+    async def discard(self, log: TopicLog) -> None:
+        """Close and remove a log :meth:`delete_topic` took out."""
+
     async def sync(self) -> SyncResult:
         """Return once every batch appended before the call to a topic that
         needs sync is durable (group commit: one sync covers all), or has

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import bisect
 import os
+import shutil
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -30,7 +32,7 @@ from pybroker.protocol import Durability, topic_error
 
 from ..logs import get_logger
 from ..stats import Histogram
-from .base import StoredBatch, SyncResult
+from .base import StoredBatch, SyncResult, TopicLog
 from .errors import DataLoss, LossReason, StorageError
 from .fileops import REAL, FileOps, fsync_dir
 from .lock import DataDirLock
@@ -222,6 +224,8 @@ class FileStore:
     ) -> None:
         self.data_dir = Path(data_dir)
         self.topics_dir = self.data_dir / "topics"
+        #: Deleted topics on their way out (emptied on start, too).
+        self.trash_dir = self.data_dir / "trash"
         self.quarantine_dir = self.data_dir / "quarantine"
         self.settings_for = settings or SettingsResolver()
         self.ops = ops
@@ -256,6 +260,8 @@ class FileStore:
         self._lock.acquire()  # before recovery touches a file
         try:
             self.topics_dir.mkdir(parents=True, exist_ok=True)
+            # What a deletion interrupted by a crash left behind.
+            shutil.rmtree(self.trash_dir, ignore_errors=True)
             self._recover()
         except BaseException:
             self._lock.release()
@@ -331,6 +337,42 @@ class FileStore:
 
     def topic_names(self) -> list[str]:
         return list(self._topics)
+
+    def delete_topic(self, name: str) -> FileTopicLog | None:
+        """Take topic ``name`` out (TOPICS delete): its directory moves to
+        DATA_DIR/trash at once, so that a topic of the same name starts
+        afresh, and a restart never brings it back; :meth:`discard` closes
+        and removes it. Its open files keep working meanwhile (an fsync in
+        flight is not disturbed). StorageError, with nothing changed, if the
+        move fails."""
+        log = self._topics.get(name)
+        if log is None:
+            return None
+        trash = self.trash_dir / f"{log.directory.name}.{time.time_ns()}"
+        try:
+            self.trash_dir.mkdir(exist_ok=True)
+            os.rename(log.directory, trash)
+        except OSError as exc:
+            error = StorageError.from_os(exc, f"moving topic directory {log.directory.name} to the trash", name)
+            self.failed(error)
+            raise error from exc
+        del self._topics[name]
+        log.directory = trash
+        # The move is durable once both directories are synced (next round).
+        self.new_entry(self.topics_dir)
+        self.new_entry(self.trash_dir)
+        return log
+
+    async def discard(self, log: TopicLog) -> None:
+        """Close a deleted topic's files (between fsync rounds: none of its
+        segments is being synced then) and remove them."""
+        assert isinstance(log, FileTopicLog), log
+        async with self._sync_lock:
+            for seg in log.segments:
+                self._dirty_always.discard(seg)
+                self._dirty_interval.discard(seg)
+            log.close()
+        await trio.to_thread.run_sync(partial(shutil.rmtree, log.directory, ignore_errors=True))
 
     @property
     def sync_interval(self) -> float | None:

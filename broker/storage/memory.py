@@ -11,7 +11,7 @@ import bisect
 
 from pybroker.protocol import Durability
 
-from .base import StoredBatch, SyncResult
+from .base import StoredBatch, SyncResult, TopicLog
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
@@ -113,6 +113,12 @@ class MemoryStore:
 
     def topic_names(self) -> list[str]:
         return list(self._topics)
+
+    def delete_topic(self, name: str) -> MemoryTopicLog | None:
+        return self._topics.pop(name, None)
+
+    async def discard(self, log: TopicLog) -> None:
+        return None  # garbage once nothing refers to it
 
     async def sync(self) -> SyncResult:
         return SyncResult(Durability.MEMORY)

@@ -74,6 +74,18 @@ def with_msg_id(record: bytes, msg_id: str) -> bytes:
     )
 
 
+def record_headers(record: bytes) -> Headers:
+    """One record's headers (an encode_record output, or a piece of
+    split_records), without touching its payload. MalformedBatch if they
+    do not decode."""
+    if len(record) < RECORD_HEADER.size:
+        raise MalformedBatch("record shorter than its header")
+    _, headers_len = RECORD_HEADER.unpack_from(record, 0)
+    if not headers_len:
+        return EMPTY_HEADERS
+    return _decode_headers(record, RECORD_HEADER.size, RECORD_HEADER.size + headers_len)
+
+
 def first_msg_id(batch: bytes) -> str | None:
     """The ``msg-id`` header of a batch's first record, or None: O(that
     record's headers), the rest of the batch untouched. MalformedBatch if

@@ -17,8 +17,16 @@ import attrs
 from ._wire import PROTOCOL_VERSION, UNLIMITED_CREDIT, FrameType
 
 
+def _name(self: enum.IntEnum) -> str:
+    """What the enums users meet print: their name (an IntEnum prints its
+    number). Values, comparisons and the wire are unchanged."""
+    return self.name
+
+
 class Durability(enum.IntEnum):
     """What a PUBACK promises about the batch it acknowledges."""
+
+    __str__ = _name  # print(ack.durability) says DISK, not 2
 
     MEMORY = 0
     OS = 1
@@ -27,6 +35,8 @@ class Durability(enum.IntEnum):
 
 class StartKind(enum.IntEnum):
     """Where a subscription starts reading (SUBSCRIBE ``start``)."""
+
+    __str__ = _name
 
     NEW = 0
     EARLIEST = 1
@@ -37,6 +47,8 @@ class StartKind(enum.IntEnum):
 class AckKind(enum.IntEnum):
     """How an ACK frame settles group deliveries."""
 
+    __str__ = _name
+
     ACK = 0
     NAK = 1
     TERM = 2
@@ -45,6 +57,8 @@ class AckKind(enum.IntEnum):
 
 class RefKind(enum.IntEnum):
     """What an ERROR's ``ref`` names."""
+
+    __str__ = _name
 
     NONE = 0
     REQUEST = 1
@@ -186,6 +200,8 @@ class Info:
 
 
 class GroupsAction(enum.IntEnum):
+    __str__ = _name
+
     LIST = 0
     INSPECT = 1
     DELETE = 2
@@ -207,6 +223,28 @@ class Groups:
 
 @attrs.frozen
 class GroupsReply:
+    request_id: int
+    document: str  # UTF-8 JSON
+
+
+class TopicsAction(enum.IntEnum):
+    DELETE = 0
+    PURGE = 1
+
+
+@attrs.frozen
+class Topics:
+    """Topic administration (protocol.md, "TOPICS")."""
+
+    request_id: int
+    action: TopicsAction
+    topic: str
+    #: PURGE: the first offset to keep; at or past the topic's end, all of it.
+    keep_from: int = 0
+
+
+@attrs.frozen
+class TopicsReply:
     request_id: int
     document: str  # UTF-8 JSON
 
@@ -248,6 +286,8 @@ Event = (
     | InfoReply
     | Groups
     | GroupsReply
+    | Topics
+    | TopicsReply
 )
 
 EVENT_TYPES: dict[type[Event], FrameType] = {
@@ -271,4 +311,6 @@ EVENT_TYPES: dict[type[Event], FrameType] = {
     InfoReply: FrameType.INFO_REPLY,
     Groups: FrameType.GROUPS,
     GroupsReply: FrameType.GROUPS_REPLY,
+    Topics: FrameType.TOPICS,
+    TopicsReply: FrameType.TOPICS_REPLY,
 }

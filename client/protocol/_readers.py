@@ -39,6 +39,9 @@ from ._events import (
     SubAck,
     Subscribe,
     TopicInfo,
+    Topics,
+    TopicsAction,
+    TopicsReply,
     UnsubAck,
     Unsubscribe,
     Welcome,
@@ -65,6 +68,7 @@ from ._wire import (
     RANGE,
     GROUPS_CREATE_START,
     SUBSCRIBE_START,
+    TOPICS_FIXED,
     TYPES_BY_VALUE,
     U8,
     U16,
@@ -254,15 +258,35 @@ def _d_groups(b: _Body) -> Groups:
     return Groups(request_id, kind, name, pattern, start_kind, value, options)  # type: ignore[arg-type]
 
 
-def _d_groups_reply(b: _Body) -> GroupsReply:
-    request_id = b.u64()
+def _document(b: _Body) -> str:
     size = b.u32()
     start = b._need(size)
     try:
-        document = str(b.buf[start : start + size], "utf-8")
+        return str(b.buf[start : start + size], "utf-8")
     except UnicodeDecodeError:
         raise RemoteProtocolError(ErrorCode.MALFORMED_FRAME, "document is not UTF-8") from None
-    return GroupsReply(request_id, document)
+
+
+def _d_groups_reply(b: _Body) -> GroupsReply:
+    request_id = b.u64()
+    return GroupsReply(request_id, _document(b))
+
+
+def _d_topics(b: _Body) -> Topics:
+    request_id, action, keep_from = b.unpack(TOPICS_FIXED)
+    topic = b.str16()
+    # An unknown action is refused by the server (BAD_REQUEST, not fatal).
+    kind: TopicsAction | int
+    try:
+        kind = TopicsAction(action)
+    except ValueError:
+        kind = action
+    return Topics(request_id, kind, topic, keep_from)  # type: ignore[arg-type]
+
+
+def _d_topics_reply(b: _Body) -> TopicsReply:
+    request_id = b.u64()
+    return TopicsReply(request_id, _document(b))
 
 
 def _d_info_reply(b: _Body, flags: int) -> InfoReply:
@@ -304,6 +328,8 @@ _DECODERS: dict[FrameType, Callable[[_Body], Event]] = {
     FrameType.GOODBYE: lambda b: Goodbye(),
     FrameType.GROUPS: _d_groups,
     FrameType.GROUPS_REPLY: _d_groups_reply,
+    FrameType.TOPICS: _d_topics,
+    FrameType.TOPICS_REPLY: _d_topics_reply,
 }
 
 

@@ -37,6 +37,8 @@ class FrameType(enum.IntEnum):
     INFO_REPLY = 0x71
     GROUPS = 0x72
     GROUPS_REPLY = 0x73
+    TOPICS = 0x74
+    TOPICS_REPLY = 0x75
 
 
 TYPES_BY_VALUE = {int(t): t for t in FrameType}
@@ -55,6 +57,8 @@ ERROR_FLAG_FIELDS = 0x02
 INFO_FLAG_TRUNCATED = 0x01
 #: INFO continues a listing: an ``after`` topic name follows the pattern.
 INFO_FLAG_AFTER = 0x01
+#: TOPICS: request_id, action, the offset to keep from (purge), then the topic.
+TOPICS_FIXED = struct.Struct(">QBQ")
 PUBLISH_FLAG_NEEDS_RECEIVER = 0x01
 #: The batch's first record carries a ``msg-id`` header: store it once (protocol.md, "Publishing exactly once").
 PUBLISH_FLAG_DEDUP = 0x02

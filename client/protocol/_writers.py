@@ -33,6 +33,8 @@ from ._events import (
     Publish,
     SubAck,
     Subscribe,
+    Topics,
+    TopicsReply,
     UnsubAck,
     Unsubscribe,
     Welcome,
@@ -63,6 +65,7 @@ from ._wire import (
     GROUPS_CREATE_START,
     SUBSCRIBE_START,
     U8,
+    TOPICS_FIXED,
     U16,
     U32,
     U64,
@@ -228,9 +231,11 @@ def encode_event(event: Event) -> bytes:
                 + GROUPS_CREATE_START.pack(event.start, event.start_value)
                 + _str_map(event.options)
             )
-    elif isinstance(event, GroupsReply):
+    elif isinstance(event, GroupsReply | TopicsReply):
         doc = event.document.encode("utf-8")
         body = U64.pack(event.request_id) + U32.pack(len(doc)) + doc
+    elif isinstance(event, Topics):
+        body = TOPICS_FIXED.pack(event.request_id, event.action, event.keep_from) + _s16(event.topic)
     elif isinstance(event, Info):
         body = U64.pack(event.request_id) + _s16(event.pattern)
         if event.after:

@@ -26,6 +26,7 @@ def user_entry(
     subscribe: Sequence[str] = (),
     subscribe_deny: Sequence[str] = (),
     admin: bool = False,
+    manage: Sequence[str] = (),
 ) -> dict[str, Any]:
     entry: dict[str, Any] = {}
     if password is not None:
@@ -36,6 +37,8 @@ def user_entry(
     entry["subscribe"] = {"allow": list(subscribe), "deny": list(subscribe_deny)}
     if admin:
         entry["admin"] = True
+    if manage:
+        entry["manage"] = {"allow": list(manage)}
     return entry
 
 

@@ -28,6 +28,9 @@ from pybroker.protocol import (
     Groups,
     GroupsAction,
     GroupsReply,
+    Topics,
+    TopicsAction,
+    TopicsReply,
     Hello,
     Info,
     InfoReply,
@@ -121,6 +124,8 @@ SAMPLES: dict[FrameType, Event] = {
     FrameType.GROUP_DELIVER: GroupDeliver(7, "orders.eu", 41, 1_700_000_000_000_000, 2, BATCH),
     FrameType.GROUPS: Groups(9, GroupsAction.INSPECT, "workers"),
     FrameType.GROUPS_REPLY: GroupsReply(9, '{"group": "workers", "pending": 3}'),
+    FrameType.TOPICS: Topics(10, TopicsAction.DELETE, "orders.eu"),
+    FrameType.TOPICS_REPLY: TopicsReply(10, '{"deleted": "orders.eu", "messages": 41}'),
     FrameType.INFO: Info(9, "orders.>"),
     FrameType.INFO_REPLY: InfoReply(9, (TopicInfo("orders.eu", 3, 42, 4096, 2),)),
 }
@@ -133,6 +138,7 @@ CLIENT_ONLY = [
     FrameType.ACK,
     FrameType.INFO,
     FrameType.GROUPS,
+    FrameType.TOPICS,
 ]
 SERVER_ONLY = [
     FrameType.WELCOME,
@@ -143,6 +149,7 @@ SERVER_ONLY = [
     FrameType.GROUP_DELIVER,
     FrameType.INFO_REPLY,
     FrameType.GROUPS_REPLY,
+    FrameType.TOPICS_REPLY,
 ]
 EITHER = [FrameType.PING, FrameType.PONG, FrameType.ERROR, FrameType.GOODBYE]
 
@@ -258,6 +265,9 @@ CASES = [
     Case("groups-create-bare", C, Phase.OPEN, Groups(4, GroupsAction.CREATE, "w", "jobs")),
     Case("groups-reply", S, Phase.OPEN, SAMPLES[FrameType.GROUPS_REPLY]),
     Case("groups-reply-unicode", S, Phase.OPEN, GroupsReply(0, '{"g": "ü"}')),
+    Case("topics-delete", C, Phase.OPEN, Topics(2**64 - 1, TopicsAction.DELETE, "a.b")),
+    Case("topics-keep-from", C, Phase.OPEN, Topics(5, TopicsAction.DELETE, "ü.x", 2**64 - 1)),
+    Case("topics-reply", S, Phase.OPEN, TopicsReply(5, '{"deleted": "ü.x"}')),
     Case("info", C, Phase.OPEN, SAMPLES[FrameType.INFO]),
     Case("info-unicode", C, Phase.OPEN, Info(2**64 - 1, "ü.*")),
     Case("info-reply", S, Phase.OPEN, SAMPLES[FrameType.INFO_REPLY]),

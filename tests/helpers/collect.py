@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 
-import trio
+import anyio
+import anyio.lowlevel
 
 from pybroker import Message, Subscription
 
@@ -21,7 +22,7 @@ async def take(sub: Subscription, n: int, timeout: float = TIMEOUT) -> list[Mess
     out: list[Message] = []
     if n == 0:
         return out
-    with trio.fail_after(timeout):
+    with anyio.fail_after(timeout):
         async for msg in sub:
             out.append(msg)
             if len(out) >= n:
@@ -35,7 +36,7 @@ async def take_until(
 ) -> list[Message]:
     """Messages up to and including the first one for which ``stop`` is true."""
     out: list[Message] = []
-    with trio.fail_after(timeout):
+    with anyio.fail_after(timeout):
         async for msg in sub:
             out.append(msg)
             if stop(msg):
@@ -52,19 +53,19 @@ class Collector:
         self.timeout = timeout
         self.messages: list[Message] = []
         self.by_topic: dict[str, list[Message]] = defaultdict(list)
-        self._changed = trio.Event()
+        self._changed = anyio.Event()
 
     def __call__(self, msg: Message) -> None:
         self.messages.append(msg)
         self.by_topic[msg.topic].append(msg)
         self._changed.set()
-        self._changed = trio.Event()
+        self._changed = anyio.Event()
 
     def sync_callback(self, msg: Message) -> None:
         self(msg)
 
     async def async_callback(self, msg: Message) -> None:
-        await trio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
         self(msg)
 
     def payloads(self, topic: str) -> list[bytes]:
@@ -78,9 +79,9 @@ class Collector:
     async def wait_for(self, counts: int | Mapping[str, int], timeout: float | None = None) -> None:
         """Until ``counts`` messages arrived (an int), or that many per topic
         (a mapping); bounded by ``timeout`` (else the collector's)."""
-        with trio.fail_after(self.timeout if timeout is None else timeout):
+        with anyio.fail_after(self.timeout if timeout is None else timeout):
             if self._has(counts):
-                await trio.lowlevel.checkpoint()
+                await anyio.lowlevel.checkpoint()
                 return
             while not self._has(counts):
                 await self._changed.wait()

@@ -45,6 +45,10 @@ class FakeSession:
         self.got: list[Delivery] = []
         self.plain: list[tuple[int, str, int, list[tuple[bytes, Headers]]]] = []
         self.arrived = trio.Event()
+        self.deleted: list[tuple[int, str]] = []
+
+    def topic_deleted(self, sub: Subscription, topic: Topic) -> None:
+        self.deleted.append((sub.sub_id, topic.name))
 
     def deliver(
         self, sub: Subscription, topic: Topic, base: int, ts: int, batch: bytes, count: int

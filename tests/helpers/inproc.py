@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import trio
+import anyio
 
 from pybroker.server.server import Server
 from pybroker.server.session import Session
@@ -16,9 +16,9 @@ TIMEOUT = 10.0
 
 async def wait_until(check: Callable[[], object], timeout: float = TIMEOUT) -> None:
     """Poll ``check`` until it holds, failing after ``timeout`` seconds."""
-    with trio.fail_after(timeout):
+    with anyio.fail_after(timeout):
         while not check():
-            await trio.sleep(0.005)
+            await anyio.sleep(0.005)
 
 
 async def wait_sessions(server: Server, count: int, timeout: float = TIMEOUT) -> None:

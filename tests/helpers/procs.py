@@ -25,6 +25,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio
+import anyio.abc
 import trio
 
 #: Bound on a one-shot command and on any single wait.
@@ -274,7 +276,7 @@ class BrokerProcess:
         self.data_dir = data_dir
         self.work_dir = work_dir
         self.extra = extra
-        self.proc: trio.Process | None = None
+        self.proc: anyio.abc.Process | None = None
         self.starts = 0
         self.log_path: Path = work_dir / "broker-0.log"
         self.url = ""
@@ -295,7 +297,7 @@ class BrokerProcess:
             *self.extra,
         ]
         with open(self.log_path, "wb") as log_file:
-            self.proc = await trio.lowlevel.open_process(
+            self.proc = await anyio.open_process(
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -303,7 +305,7 @@ class BrokerProcess:
                 cwd=self.work_dir,
                 env=child_env(),
             )
-        with trio.move_on_after(START_TIMEOUT):
+        with anyio.move_on_after(START_TIMEOUT):
             for _ in range(int(START_TIMEOUT / 0.02) + 1):
                 for record in read_json_lines(self.log_path):
                     if record.get("event") == "listening":
@@ -313,7 +315,7 @@ class BrokerProcess:
                         return self.url
                 if self.proc.returncode is not None:
                     break
-                await trio.sleep(0.02)
+                await anyio.sleep(0.02)
         log = self.log_path.read_text(errors="replace")
         await self.kill()
         raise AssertionError(f"broker did not start listening:\n{log}")
@@ -328,8 +330,8 @@ class BrokerProcess:
             return None
         if proc.returncode is None:
             proc.send_signal(signal.SIGKILL)
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(10):
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(10):
                 await proc.wait()
         return proc.returncode
 
@@ -340,7 +342,7 @@ class BrokerProcess:
             return None
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
-        with trio.move_on_after(15):
+        with anyio.move_on_after(15):
             await proc.wait()
         if proc.returncode is None:
             await self.kill()

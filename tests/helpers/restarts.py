@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import socket
 
-import trio
+from typing import Any
+
+import anyio
+import anyio.abc
 
 import pybroker
 from pybroker.server.server import Server
-from pybroker.server.testing import running_broker
 from pybroker import Reconnect
 from pybroker.protocol import PubAck, Publish, encode_batch_from_records, encode_record
 
+from .anybroker import serving
 from .raw import raw_client
 
 #: Bound on one wait.
@@ -31,15 +34,23 @@ def free_port() -> int:
 
 
 async def serve_until(
-    stop: trio.Event,
-    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
-    **config: object,
+    stop: anyio.Event,
+    task_status: anyio.abc.TaskStatus[Server] = anyio.TASK_STATUS_IGNORED,
+    *,
+    stopped: anyio.Event | None = None,
+    **config: Any,
 ) -> None:
     """``running_broker(**config)`` until ``stop`` is set (start it with
-    ``nursery.start``: it hands over the Server)."""
-    async with running_broker(**config) as server:
-        task_status.started(server)
-        await stop.wait()
+    ``task_group.start``: it hands over the Server); sets ``stopped`` once
+    the broker is down. Under asyncio the broker runs in a thread of its own
+    (helpers.anybroker)."""
+    try:
+        async with serving(**config) as server:
+            task_status.started(server)
+            await stop.wait()
+    finally:
+        if stopped is not None:
+            stopped.set()
 
 
 def batch(prefix: str, n: int) -> list[bytes]:

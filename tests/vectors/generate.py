@@ -50,6 +50,9 @@ from pybroker.protocol import (
     SubAck,
     Subscribe,
     TopicInfo,
+    Topics,
+    TopicsAction,
+    TopicsReply,
     Unsubscribe,
     UnsubAck,
     Welcome,
@@ -176,6 +179,11 @@ def conversations() -> dict[str, list[tuple[str, Any]]]:
                 Groups(9, GroupsAction.CREATE, "mail", "jobs.mail", StartKind.EARLIEST, 0, {"max_deliver": "3"}),
             ),
             ("server", GroupsReply(9, '{"group":"mail","pattern":"jobs.mail","members":0,"created":true}')),
+        ],
+        "delete a topic; a subscriber reading it is told": [
+            ("client", Topics(9, TopicsAction.DELETE, "orders.eu")),
+            ("server", Error(ErrorCode.TOPIC_DELETED, "topic 'orders.eu' was deleted", 2, RefKind.SUBSCRIPTION, False, {"topic": "orders.eu"})),
+            ("server", TopicsReply(9, '{"deleted": "orders.eu", "messages": 10}')),
         ],
         "fatal error": [
             ("server", Error(ErrorCode.MALFORMED_FRAME, "frame body ends inside a field", 0, RefKind.NONE, True)),
