@@ -739,6 +739,7 @@ class Client:
         backoff_jitter: float | None = None,
         max_ack_pending: int | None = None,
         dead_letter: str | None = None,
+        ordering: str | None = None,
         timeout: float | None = TIMEOUT,
     ) -> Subscription:
         """Subscribe as the async ``subscribe`` does (same options), once the
@@ -771,6 +772,7 @@ class Client:
                 backoff_jitter=backoff_jitter,
                 max_ack_pending=max_ack_pending,
                 dead_letter=dead_letter,
+                ordering=ordering,
             )
 
         raw = self._call(subscribe, timeout, f"subscribing to {pattern!r}")
@@ -815,6 +817,25 @@ class Client:
             return await self._client.groups(action, name)
 
         return self._call(groups, timeout, f"groups {action}")
+
+    def create_group(
+        self, name: str, pattern: str, *, timeout: float | None = TIMEOUT, **settings: Any
+    ) -> dict[str, Any]:
+        """Declare a consumer group before its first worker (the async
+        ``create_group``'s settings, as keywords)."""
+
+        async def create() -> dict[str, Any]:
+            return await self._client.create_group(name, pattern, **settings)
+
+        return self._call(create, timeout, f"creating group {name!r}")
+
+    def delete_topic(self, topic: str, *, timeout: float | None = TIMEOUT) -> dict[str, Any]:
+        """Delete a topic (see the async ``delete_topic``)."""
+
+        async def delete() -> dict[str, Any]:
+            return await self._client.delete_topic(topic)
+
+        return self._call(delete, timeout, f"deleting topic {topic!r}")
 
     # -- closing ------------------------------------------------------------
 

@@ -773,3 +773,12 @@ def test_a_client_never_closed_delivers_what_it_queued_at_exit(serve: Serve, tmp
         with c.subscribe("forgotten", start="earliest") as sub:
             got = [m.payload for m in itertools.islice(sub.messages(timeout=TIMEOUT), 100_000)]
     assert got == [b"%d" % i for i in range(100_000)]
+
+
+def test_admin_calls_declare_groups_and_delete_topics(pybroker_url: str) -> None:
+    with pybroker.sync.connect(pybroker_url) as c:
+        created = c.create_group("sync-workers", "sync.admin.>", start="earliest", ordering="key")
+        assert created["created"] is True and created["config"]["ordering"] == "key"
+        c.publish("sync.admin.a", b"x")
+        assert c.delete_topic("sync.admin.a") == {"deleted": "sync.admin.a", "messages": 1}
+        assert [t.topic for t in c.topics("sync.admin.>")] == []
