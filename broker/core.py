@@ -571,6 +571,25 @@ class Broker:
             await self.store.discard(log)
         return {"deleted": name, "messages": messages}
 
+    async def purge_topic(self, who: Principal, name: str, keep_from: int) -> dict[str, Any]:
+        """TOPICS purge: remove the messages before the batch holding
+        ``keep_from`` (all of them at or past the end). Offsets go on from
+        where they were; a subscriber behind the new first offset gets
+        DATA_LOST for what it missed. What was published before is
+        acknowledged first, as for delete."""
+        topic = self._managed_topic(who, name)
+        while topic.held:
+            await self.committer.wait_seq(topic.held[-1].seq)
+        log = topic.log
+        before = log.first_offset
+        try:
+            with trio.CancelScope(shield=True):  # a purge half done helps nobody
+                first = await self.store.purge(log, keep_from)
+        except StorageError as exc:
+            raise Refused(exc.code, exc.message, {"topic": name}) from None
+        self.logger.info("topic purged", topic=name, first_offset=first, purged=first - before, by=who.name)
+        return {"topic": name, "first_offset": first, "next_offset": log.next_offset, "purged": first - before}
+
     def _managed_topic(self, who: Principal, name: str) -> Topic:
         problem = topic_error(name, self.limits.max_topic_bytes, self.limits.max_topic_depth)
         if problem is not None:

@@ -1036,6 +1036,28 @@ class Client:
         document: dict[str, Any] = json.loads(reply.document)
         return document
 
+    async def purge_topic(self, topic: str, keep_from: int | None = None) -> dict[str, Any]:
+        """Remove ``topic``'s messages before the stored batch holding offset
+        ``keep_from`` (None: all of them); offsets go on from where they
+        were. Same rights as :meth:`delete_topic`. Returns ``{"topic",
+        "first_offset", "next_offset", "purged"}``."""
+        await self._wait_connected()
+        problem = topic_error(topic, self._max_topic_bytes, self._max_topic_depth)
+        if problem is not None:
+            raise ValueError(problem)
+        if keep_from is not None and not 0 <= keep_from < 1 << 64:
+            raise ValueError("keep_from must be an offset (0 or more)")
+        request_id = next(self._request_ids)
+        waiter = self._info_waiters[request_id] = _Waiter()
+        value = (1 << 64) - 1 if keep_from is None else keep_from
+        self._queue(self._conn.send(Topics(request_id, TopicsAction.PURGE, topic, value)))
+        await waiter.event.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        reply: TopicsReply = waiter.result
+        document: dict[str, Any] = json.loads(reply.document)
+        return document
+
     async def create_group(
         self,
         name: str,

@@ -829,6 +829,16 @@ class Client:
 
         return self._call(create, timeout, f"creating group {name!r}")
 
+    def purge_topic(
+        self, topic: str, keep_from: int | None = None, *, timeout: float | None = TIMEOUT
+    ) -> dict[str, Any]:
+        """Remove a topic's messages, keeping it (see the async ``purge_topic``)."""
+
+        async def purge() -> dict[str, Any]:
+            return await self._client.purge_topic(topic, keep_from)
+
+        return self._call(purge, timeout, f"purging topic {topic!r}")
+
     def delete_topic(self, topic: str, *, timeout: float | None = TIMEOUT) -> dict[str, Any]:
         """Delete a topic (see the async ``delete_topic``)."""
 

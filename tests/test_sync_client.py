@@ -780,5 +780,7 @@ def test_admin_calls_declare_groups_and_delete_topics(pybroker_url: str) -> None
         created = c.create_group("sync-workers", "sync.admin.>", start="earliest", ordering="key")
         assert created["created"] is True and created["config"]["ordering"] == "key"
         c.publish("sync.admin.a", b"x")
+        c.publish("sync.admin.a", b"y")
+        assert c.purge_topic("sync.admin.a", 1)["first_offset"] == 1
         assert c.delete_topic("sync.admin.a") == {"deleted": "sync.admin.a", "messages": 1}
         assert [t.topic for t in c.topics("sync.admin.>")] == []

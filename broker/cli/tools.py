@@ -66,9 +66,10 @@ def add_parsers(commands: Commands[argparse.ArgumentParser]) -> None:
     create.add_argument("--dead-letter", metavar="TOPIC", help="where messages go after --max-deliver deliveries (default dlq.NAME)")
     create.add_argument("--ordering", choices=("key",), default=None, help="key: messages with the same 'key' header one at a time, in order")
 
-    topics = commands.add_parser("topics", help="list topics with their first and next offsets; delete NAME")
-    topics.add_argument("pattern", nargs="?", default=">", help="topic pattern (default: every topic), or 'delete'")
-    topics.add_argument("name", nargs="?", default=None, help="with 'delete': the topic to delete (admin, or a manage permission)")
+    topics = commands.add_parser("topics", help="list topics with their first and next offsets; delete NAME; purge NAME")
+    topics.add_argument("pattern", nargs="?", default=">", help="topic pattern (default: every topic), or 'delete' or 'purge'")
+    topics.add_argument("name", nargs="?", default=None, help="with 'delete' or 'purge': the topic (admin, or a manage permission)")
+    topics.add_argument("--keep-from", type=int, default=None, metavar="OFFSET", help="with 'purge': keep messages from the stored batch holding OFFSET on (default: purge them all)")
     add_connection_flags(topics)
     topics.add_argument("--json", action="store_true", help="one JSON object per line")
 
@@ -324,16 +325,27 @@ async def topics(args: argparse.Namespace) -> int:
     import pybroker
 
     if args.name is not None:
-        if args.pattern != "delete":
+        if args.pattern not in ("delete", "purge"):
             print(f"pybroker topics: {args.pattern!r} takes no topic name (did you mean 'delete {args.name}'?)", file=sys.stderr)
+            return 2
+        if args.keep_from is not None and args.pattern != "purge":
+            print("pybroker topics: --keep-from goes with purge", file=sys.stderr)
             return 2
         try:
             async with _connect(args) as c:
-                doc = await c.delete_topic(args.name)
+                if args.pattern == "delete":
+                    doc = await c.delete_topic(args.name)
+                else:
+                    doc = await c.purge_topic(args.name, args.keep_from)
         except (pybroker.BrokerError, pybroker.ConnectionClosed, ValueError, OSError) as exc:
-            print(f"pybroker topics delete: {failure(args.url, exc)}", file=sys.stderr)
+            print(f"pybroker topics {args.pattern}: {failure(args.url, exc)}", file=sys.stderr)
             return 1
-        print(json.dumps(doc) if args.json else f"deleted topic {doc['deleted']} ({doc['messages']} messages)")
+        if args.json:
+            print(json.dumps(doc))
+        elif args.pattern == "delete":
+            print(f"deleted topic {doc['deleted']} ({doc['messages']} messages)")
+        else:
+            print(f"purged {doc['purged']} messages of {doc['topic']}: it now holds offsets {doc['first_offset']}..{doc['next_offset'] - 1}")
         return 0
     try:
         async with _connect(args) as c:

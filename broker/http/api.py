@@ -35,7 +35,7 @@ from .access import principal, readable, refused, require_admin, require_publish
 from .messages import HttpError, Request, Response, json_response
 from .rawbody import raw_message
 from .sse import message_json
-from .validate import check_query, existing_topic, parse_int, parse_offset, valid_topic
+from .validate import MAX_OFFSET, check_query, existing_topic, parse_int, parse_offset, valid_topic
 
 if TYPE_CHECKING:
     from .server import HttpServer
@@ -129,6 +129,19 @@ async def delete_topic(http: HttpServer, request: Request, params: Mapping[str, 
     check_query(request, ())
     try:
         body = await http.broker.delete_topic(principal(request), params["topic"])
+    except Refused as refusal:
+        raise refused(refusal) from None
+    return json_response(body)
+
+
+async def purge_messages(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
+    """The topic's messages before the batch holding ``keep_from`` (all
+    without it); offsets go on (admin, or a ``manage`` permission)."""
+    check_query(request, ("keep_from",))
+    raw = request.query.get("keep_from")
+    keep_from = (1 << 64) - 1 if raw is None else parse_int(raw, "keep_from", 0, MAX_OFFSET)
+    try:
+        body = await http.broker.purge_topic(principal(request), params["topic"], keep_from)
     except Refused as refusal:
         raise refused(refusal) from None
     return json_response(body)

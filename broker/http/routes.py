@@ -65,6 +65,7 @@ def build_routes(http: HttpServer) -> list[Route]:
             "/v1/topics/{topic}/messages",
             GET=bind(api.fetch_messages),
             POST=bind(api.publish_messages),
+            DELETE=bind(api.purge_messages),
         ),
         _route("/v1/topics/{topic}/events", GET=bind(sse.events)),
         _route("/v1/events", GET=bind(sse.pattern_events)),

@@ -468,6 +468,8 @@ class Session:
         try:
             if req.action is TopicsAction.DELETE:
                 document = await self.broker.delete_topic(self.principal, req.topic)
+            elif req.action is TopicsAction.PURGE:
+                document = await self.broker.purge_topic(self.principal, req.topic, req.keep_from)
             else:
                 raise Refused(ErrorCode.BAD_REQUEST, f"unknown TOPICS action {int(req.action)}")
         except Refused as refused:

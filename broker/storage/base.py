@@ -103,6 +103,10 @@ class LogStore(Protocol):
     async def discard(self, log: TopicLog) -> None:
         """Close and remove a log :meth:`delete_topic` took out."""
 
+    async def purge(self, log: TopicLog, keep_from: int) -> int:
+        """Remove a topic's messages before the batch holding ``keep_from``
+        (all of them at or past its end), durably; the new first offset."""
+
     async def sync(self) -> SyncResult:
         """Return once every batch appended before the call to a topic that
         needs sync is durable (group commit: one sync covers all), or has

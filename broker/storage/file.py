@@ -60,6 +60,8 @@ class FileTopicLog:
         self.holes: list[Hole] = []
         self.needs_sync = settings.fsync == "always"
         self.durability = _DURABILITY[settings.fsync]
+        #: Offsets below this were purged (TOPICS purge); saved in START.
+        self.start = 0
 
     @classmethod
     def create(cls, store: FileStore, name: str, directory: Path, settings: TopicSettings) -> FileTopicLog:
@@ -81,6 +83,7 @@ class FileTopicLog:
     ) -> tuple[FileTopicLog, list[Finding]]:
         log = cls(store, name, directory, settings)
         findings = TopicRecovery(log).run()
+        log.start = min(read_start(directory), log.next_offset)
         return log, findings
 
     def _new_segment(self, base: int) -> Segment:
@@ -96,7 +99,8 @@ class FileTopicLog:
 
     @property
     def first_offset(self) -> int:
-        return self.segments[0].base_offset
+        base = self.segments[0].base_offset
+        return self.start if self.start > base else base
 
     @property
     def next_offset(self) -> int:
@@ -160,8 +164,38 @@ class FileTopicLog:
         for seg in self.segments:
             found = seg.offset_at_time(timestamp)
             if found is not None:
-                return found
+                return max(found, self.first_offset)
         return self.next_offset
+
+    # -- purging ------------------------------------------------------------
+
+    def purge(self, keep_from: int) -> tuple[int, list[Segment]]:
+        """Drop every batch before the one holding ``keep_from`` (all of
+        them at or past the end): whole segments go, the new first offset is
+        saved in START before anything is deleted. Returns the new first
+        offset and the segments to delete (their files: the caller's, once
+        no fsync is using them)."""
+        keep_from = min(keep_from, self.next_offset)
+        if keep_from <= self.first_offset:
+            return self.first_offset, []
+        if keep_from < self.next_offset:
+            try:
+                holding = self.read(keep_from, 1)
+            except DataLoss:
+                holding = []  # in a hole: keep from the hole on
+            if holding and holding[0].base_offset < keep_from:
+                keep_from = max(holding[0].base_offset, self.first_offset)  # batches are not split
+        elif self.segments[-1].batches:
+            self._roll()  # the new, empty active segment starts at the end
+        write_start(self.directory, keep_from, self.store.ops)
+        self.start = keep_from
+        removed: list[Segment] = []
+        while len(self.segments) > 1 and self.segments[0].next_offset <= keep_from:
+            removed.append(self.segments.pop(0))
+            self.bases.pop(0)
+        if removed:
+            self.holes = [h for h in self.holes if h.last >= self.first_offset]
+        return keep_from, removed
 
     # -- faults -------------------------------------------------------------
 
@@ -362,6 +396,27 @@ class FileStore:
         self.new_entry(self.topics_dir)
         self.new_entry(self.trash_dir)
         return log
+
+    async def purge(self, log: TopicLog, keep_from: int) -> int:
+        """Purge a topic's log up to the batch holding ``keep_from``, between
+        fsync rounds (no segment it deletes is being synced); the new first
+        offset. StorageError if saving it fails (nothing is deleted then)."""
+        assert isinstance(log, FileTopicLog), log
+        async with self._sync_lock:
+            try:
+                first, removed = log.purge(keep_from)
+            except OSError as exc:
+                error = StorageError.from_os(exc, "saving the purged start", log.name)
+                self.failed(error)
+                raise error from exc
+            for seg in removed:
+                self._dirty_always.discard(seg)
+                self._dirty_interval.discard(seg)
+                try:
+                    seg.delete()
+                except OSError as exc:
+                    self.logger.error("could not delete a purged segment", path=str(seg.path), error=repr(exc))
+        return first
 
     async def discard(self, log: TopicLog) -> None:
         """Close a deleted topic's files (between fsync rounds: none of its
@@ -609,3 +664,27 @@ def _write_probe(path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     path.unlink()
+
+
+#: A purged topic's first offset (protocol.md, "TOPICS"), in its directory.
+START_FILE = "START"
+
+
+def read_start(directory: Path) -> int:
+    """The first offset a purge left (0 if none): what START says."""
+    try:
+        return int((directory / START_FILE).read_text("ascii").strip() or 0)
+    except (OSError, ValueError):
+        return 0  # no purge (a damaged file only loses the purge: safe side)
+
+
+def write_start(directory: Path, offset: int, ops: FileOps) -> None:
+    """Save the first offset durably: a temporary file, fsynced, renamed
+    over START, and the directory fsynced (OSError if any step fails)."""
+    tmp = directory / (START_FILE + ".tmp")
+    with open(tmp, "w", encoding="ascii") as f:
+        f.write(f"{offset}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / START_FILE)
+    fsync_dir(directory, ops)

@@ -66,6 +66,14 @@ class MemoryTopicLog:
             del self._times[: self._head]
             self._head = 0
 
+    def purge(self, keep_from: int) -> int:
+        """Drop every batch before the one holding ``keep_from`` (all at or
+        past the end); the new first offset."""
+        while self._head < len(self._batches) and self._batches[self._head].next_offset <= keep_from:
+            self._bytes -= len(self._batches[self._head].batch)
+            self._head += 1
+        return self.first_offset
+
     def read(self, offset: int, max_bytes: int) -> list[StoredBatch]:
         if offset >= self._next:
             return []
@@ -116,6 +124,10 @@ class MemoryStore:
 
     def delete_topic(self, name: str) -> MemoryTopicLog | None:
         return self._topics.pop(name, None)
+
+    async def purge(self, log: TopicLog, keep_from: int) -> int:
+        assert isinstance(log, MemoryTopicLog), log
+        return log.purge(keep_from)
 
     async def discard(self, log: TopicLog) -> None:
         return None  # garbage once nothing refers to it
