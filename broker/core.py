@@ -590,6 +590,21 @@ class Broker:
         self.logger.info("topic purged", topic=name, first_offset=first, purged=first - before, by=who.name)
         return {"topic": name, "first_offset": first, "next_offset": log.next_offset, "purged": first - before}
 
+    def set_topic(self, who: Principal, name: str, changes: Mapping[str, str]) -> dict[str, Any]:
+        """TOPICS set: change a topic's retention or segment size while
+        running (saved for restarts); its settings as they are now."""
+        self._managed_topic(who, name)
+        try:
+            settings = self.store.set_topic(name, changes)
+        except KeyError:
+            raise Refused(ErrorCode.UNKNOWN_TOPIC, f"no topic {name!r}") from None
+        except ValueError as exc:
+            raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
+        except StorageError as exc:
+            raise Refused(exc.code, exc.message, {"topic": name}) from None
+        self.logger.info("topic settings changed", topic=name, changes=dict(changes), by=who.name)
+        return {"topic": name, "settings": attrs.asdict(settings)}
+
     def _managed_topic(self, who: Principal, name: str) -> Topic:
         problem = topic_error(name, self.limits.max_topic_bytes, self.limits.max_topic_depth)
         if problem is not None:

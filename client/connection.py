@@ -1036,6 +1036,26 @@ class Client:
         document: dict[str, Any] = json.loads(reply.document)
         return document
 
+    async def set_topic(self, topic: str, **settings: int | float | str | None) -> dict[str, Any]:
+        """Change ``topic``'s ``retention_bytes``, ``retention_seconds`` (a
+        number or "7d") or ``segment_bytes`` while the broker runs (None:
+        no retention limit); kept across restarts. Same rights as
+        :meth:`delete_topic`. Returns ``{"topic", "settings"}``."""
+        await self._wait_connected()
+        problem = topic_error(topic, self._max_topic_bytes, self._max_topic_depth)
+        if problem is not None:
+            raise ValueError(problem)
+        options = {k: "none" if v is None else str(v) for k, v in settings.items()}
+        request_id = next(self._request_ids)
+        waiter = self._info_waiters[request_id] = _Waiter()
+        self._queue(self._conn.send(Topics(request_id, TopicsAction.SET, topic, 0, options)))
+        await waiter.event.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        reply: TopicsReply = waiter.result
+        document: dict[str, Any] = json.loads(reply.document)
+        return document
+
     async def purge_topic(self, topic: str, keep_from: int | None = None) -> dict[str, Any]:
         """Remove ``topic``'s messages before the stored batch holding offset
         ``keep_from`` (None: all of them); offsets go on from where they

@@ -66,9 +66,10 @@ def add_parsers(commands: Commands[argparse.ArgumentParser]) -> None:
     create.add_argument("--dead-letter", metavar="TOPIC", help="where messages go after --max-deliver deliveries (default dlq.NAME)")
     create.add_argument("--ordering", choices=("key",), default=None, help="key: messages with the same 'key' header one at a time, in order")
 
-    topics = commands.add_parser("topics", help="list topics with their first and next offsets; delete NAME; purge NAME")
-    topics.add_argument("pattern", nargs="?", default=">", help="topic pattern (default: every topic), or 'delete' or 'purge'")
-    topics.add_argument("name", nargs="?", default=None, help="with 'delete' or 'purge': the topic (admin, or a manage permission)")
+    topics = commands.add_parser("topics", help="list topics with their first and next offsets; delete, purge or set NAME")
+    topics.add_argument("pattern", nargs="?", default=">", help="topic pattern (default: every topic), or 'delete', 'purge' or 'set'")
+    topics.add_argument("name", nargs="?", default=None, help="with 'delete', 'purge' or 'set': the topic (admin, or a manage permission)")
+    topics.add_argument("settings", nargs="*", default=[], metavar="KEY=VALUE", help="with 'set': retention_bytes, retention_seconds (e.g. 7d; none: no limit) or segment_bytes")
     topics.add_argument("--keep-from", type=int, default=None, metavar="OFFSET", help="with 'purge': keep messages from the stored batch holding OFFSET on (default: purge them all)")
     add_connection_flags(topics)
     topics.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -325,16 +326,22 @@ async def topics(args: argparse.Namespace) -> int:
     import pybroker
 
     if args.name is not None:
-        if args.pattern not in ("delete", "purge"):
+        if args.pattern not in ("delete", "purge", "set"):
             print(f"pybroker topics: {args.pattern!r} takes no topic name (did you mean 'delete {args.name}'?)", file=sys.stderr)
             return 2
         if args.keep_from is not None and args.pattern != "purge":
             print("pybroker topics: --keep-from goes with purge", file=sys.stderr)
             return 2
+        if (args.pattern == "set") != bool(args.settings):
+            print("pybroker topics: KEY=VALUE settings go with set (and set needs some)", file=sys.stderr)
+            return 2
+        changes = dict(item.partition("=")[::2] for item in args.settings)
         try:
             async with _connect(args) as c:
                 if args.pattern == "delete":
                     doc = await c.delete_topic(args.name)
+                elif args.pattern == "set":
+                    doc = await c.set_topic(args.name, **changes)
                 else:
                     doc = await c.purge_topic(args.name, args.keep_from)
         except (pybroker.BrokerError, pybroker.ConnectionClosed, ValueError, OSError) as exc:
@@ -344,6 +351,8 @@ async def topics(args: argparse.Namespace) -> int:
             print(json.dumps(doc))
         elif args.pattern == "delete":
             print(f"deleted topic {doc['deleted']} ({doc['messages']} messages)")
+        elif args.pattern == "set":
+            print(f"{doc['topic']}: " + ", ".join(f"{k}={v}" for k, v in sorted(doc["settings"].items())))
         else:
             print(f"purged {doc['purged']} messages of {doc['topic']}: it now holds offsets {doc['first_offset']}..{doc['next_offset'] - 1}")
         return 0

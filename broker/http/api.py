@@ -134,6 +134,21 @@ async def delete_topic(http: HttpServer, request: Request, params: Mapping[str, 
     return json_response(body)
 
 
+async def set_topic(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
+    """Change retention or segment size while running: a JSON object of
+    settings (null lifts a retention limit)."""
+    check_query(request, ())
+    body = request.json()
+    if not isinstance(body, dict) or not body:
+        raise HttpError(422, "the body must be a JSON object of settings, e.g. {\"retention_seconds\": 86400}")
+    changes = {str(k): "none" if v is None else str(v) for k, v in body.items()}
+    try:
+        answer = http.broker.set_topic(principal(request), params["topic"], changes)
+    except Refused as refusal:
+        raise refused(refusal) from None
+    return json_response(answer)
+
+
 async def purge_messages(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
     """The topic's messages before the batch holding ``keep_from`` (all
     without it); offsets go on (admin, or a ``manage`` permission)."""

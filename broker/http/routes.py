@@ -60,7 +60,12 @@ def build_routes(http: HttpServer) -> list[Route]:
         _route("/metrics", GET=bind(metrics.handle)),
         _route("/v1/broker", GET=bind(api.broker_info)),
         _route("/v1/topics", GET=bind(api.list_topics)),
-        _route("/v1/topics/{topic}", GET=bind(api.topic_detail), DELETE=bind(api.delete_topic)),
+        _route(
+            "/v1/topics/{topic}",
+            GET=bind(api.topic_detail),
+            DELETE=bind(api.delete_topic),
+            PATCH=bind(api.set_topic),
+        ),
         _route(
             "/v1/topics/{topic}/messages",
             GET=bind(api.fetch_messages),

@@ -470,6 +470,8 @@ class Session:
                 document = await self.broker.delete_topic(self.principal, req.topic)
             elif req.action is TopicsAction.PURGE:
                 document = await self.broker.purge_topic(self.principal, req.topic, req.keep_from)
+            elif req.action is TopicsAction.SET:
+                document = self.broker.set_topic(self.principal, req.topic, req.settings)
             else:
                 raise Refused(ErrorCode.BAD_REQUEST, f"unknown TOPICS action {int(req.action)}")
         except Refused as refused:

@@ -8,7 +8,7 @@ can hand the stored bytes on without re-encoding them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 
@@ -102,6 +102,11 @@ class LogStore(Protocol):
 
     async def discard(self, log: TopicLog) -> None:
         """Close and remove a log :meth:`delete_topic` took out."""
+
+    def set_topic(self, name: str, changes: Mapping[str, str]) -> Any:
+        """Change a topic's retention or segment size while running, saved
+        for restarts; the new settings. KeyError for no such topic,
+        ValueError for what cannot be set so."""
 
     async def purge(self, log: TopicLog, keep_from: int) -> int:
         """Remove a topic's messages before the batch holding ``keep_from``

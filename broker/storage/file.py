@@ -18,14 +18,17 @@ meanwhile so that publishing resumes by itself when space returns.
 from __future__ import annotations
 
 import bisect
+import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, unquote
 
+import attrs
 import trio
 
 from pybroker.protocol import Durability, topic_error
@@ -38,7 +41,7 @@ from .fileops import REAL, FileOps, fsync_dir
 from .lock import DataDirLock
 from .recovery import Finding, Hole, TopicRecovery
 from .segment import Damage, Segment, SyncMark
-from .settings import SettingsResolver, TopicSettings
+from .settings import SettingsResolver, TopicSettings, parse_runtime_settings
 
 _DURABILITY = {"always": Durability.DISK, "interval": Durability.OS, "never": Durability.OS}
 #: Seconds between log lines about the same kind of storage failure.
@@ -296,6 +299,7 @@ class FileStore:
             self.topics_dir.mkdir(parents=True, exist_ok=True)
             # What a deletion interrupted by a crash left behind.
             shutil.rmtree(self.trash_dir, ignore_errors=True)
+            self._changed = read_changed_settings(self.data_dir / SETTINGS_FILE)
             self._recover()
         except BaseException:
             self._lock.release()
@@ -313,7 +317,7 @@ class FileStore:
             if topic_error(name) is not None:
                 self.logger.warning("ignoring a directory that is not a topic", path=str(directory))
                 continue
-            log, findings = FileTopicLog.recover(self, name, directory, self.settings_for(name))
+            log, findings = FileTopicLog.recover(self, name, directory, self.settings_of(name))
             self._topics[name] = log
             for found in findings:
                 self.findings.append(found)
@@ -362,7 +366,7 @@ class FileStore:
         if log is None:
             directory = self.topics_dir / quote(name, safe="")
             try:
-                log = FileTopicLog.create(self, name, directory, self.settings_for(name))
+                log = FileTopicLog.create(self, name, directory, self.settings_of(name))
             except StorageError as exc:
                 self.failed(exc)
                 raise
@@ -371,6 +375,34 @@ class FileStore:
 
     def topic_names(self) -> list[str]:
         return list(self._topics)
+
+    def settings_of(self, name: str) -> TopicSettings:
+        """A topic's settings: from the command line (``--topic``, the
+        defaults), with what TOPICS set changed at run time on top."""
+        base = self.settings_for(name)
+        changed = self._changed.get(name)
+        return attrs.evolve(base, **changed) if changed else base
+
+    def set_topic(self, name: str, changes: Mapping[str, str]) -> TopicSettings:
+        """TOPICS set: change a topic's retention or segment size at run time,
+        saved in DATA_DIR/topic-settings.json (durably, before it applies);
+        ValueError for a setting that cannot change so, or a bad value."""
+        log = self._topics.get(name)
+        if log is None:
+            raise KeyError(name)
+        parsed = parse_runtime_settings(changes)
+        merged = {**self._changed.get(name, {}), **parsed}
+        settings = attrs.evolve(self.settings_for(name), **merged)  # checks them
+        saved = {**self._changed, name: merged}
+        try:
+            write_changed_settings(self.data_dir / SETTINGS_FILE, saved, self.ops)
+        except OSError as exc:
+            error = StorageError.from_os(exc, "saving topic settings", name)
+            self.failed(error)
+            raise error from exc
+        self._changed = saved
+        log.settings = settings
+        return settings
 
     def delete_topic(self, name: str) -> FileTopicLog | None:
         """Take topic ``name`` out (TOPICS delete): its directory moves to
@@ -392,6 +424,14 @@ class FileStore:
             raise error from exc
         del self._topics[name]
         log.directory = trash
+        if name in self._changed:
+            # A topic of the name later starts from the command line's settings.
+            remaining = {k: v for k, v in self._changed.items() if k != name}
+            try:
+                write_changed_settings(self.data_dir / SETTINGS_FILE, remaining, self.ops)
+                self._changed = remaining
+            except OSError as exc:
+                self.logger.error("could not forget a deleted topic's settings", topic=name, error=repr(exc))
         # The move is durable once both directories are synced (next round).
         self.new_entry(self.topics_dir)
         self.new_entry(self.trash_dir)
@@ -664,6 +704,34 @@ def _write_probe(path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     path.unlink()
+
+
+#: Settings changed at run time (TOPICS set), per topic, in the data directory.
+SETTINGS_FILE = "topic-settings.json"
+
+
+def read_changed_settings(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        saved = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise StorageError.from_os(exc, f"reading {path.name}") from exc
+    except ValueError as exc:
+        raise StorageError(f"storage error: {path} is not valid JSON: {exc}", full=False, topic="") from exc
+    if not isinstance(saved, dict):
+        return {}
+    return {str(k): dict(v) for k, v in saved.items() if isinstance(v, dict)}
+
+
+def write_changed_settings(path: Path, changed: Mapping[str, Mapping[str, Any]], ops: FileOps) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(changed, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent, ops)
 
 
 #: A purged topic's first offset (protocol.md, "TOPICS"), in its directory.

@@ -8,6 +8,7 @@ file retention does with whole segments.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Mapping
 
 from pybroker.protocol import Durability
 
@@ -124,6 +125,11 @@ class MemoryStore:
 
     def delete_topic(self, name: str) -> MemoryTopicLog | None:
         return self._topics.pop(name, None)
+
+    def set_topic(self, name: str, changes: Mapping[str, str]) -> None:
+        if name not in self._topics:
+            raise KeyError(name)
+        raise ValueError("the memory store has no per-topic settings (--retention-bytes bounds every topic)")
 
     async def purge(self, log: TopicLog, keep_from: int) -> int:
         assert isinstance(log, MemoryTopicLog), log

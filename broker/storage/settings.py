@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import attrs
@@ -53,6 +53,44 @@ def parse_overrides(spec: str) -> dict[str, object]:
         if not sep or key not in _KEYS:
             raise ValueError(f"unknown topic setting {item!r}; known: {', '.join(_KEYS)}")
         out[key] = _KEYS[key](value)
+    return out
+
+
+#: What TOPICS set may change while the broker runs (protocol.md, "TOPICS"):
+#: retention applies at the next retention check, segment_bytes at the next
+#: roll. fsync modes are fixed for a run (the commit path sorts by them).
+RUNTIME_KEYS = ("retention_bytes", "retention_seconds", "segment_bytes")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_runtime_settings(changes: Mapping[str, str]) -> dict[str, int | float | None]:
+    """TOPICS set's ``key=value`` pairs as TopicSettings fields; ValueError
+    names what is wrong. ``none`` lifts a retention limit; retention_seconds
+    takes s/m/h/d suffixes."""
+    out: dict[str, int | float | None] = {}
+    if not changes:
+        raise ValueError(f"nothing to set (known: {', '.join(RUNTIME_KEYS)})")
+    for key, text in changes.items():
+        if key not in RUNTIME_KEYS:
+            fixed = " (fixed while the broker runs: pybroker serve --topic)" if key in _KEYS else ""
+            raise ValueError(f"{key!r} cannot be set at run time{fixed}; known: {', '.join(RUNTIME_KEYS)}")
+        value = text.strip()
+        if key != "segment_bytes" and value.lower() in ("none", ""):
+            out[key] = None
+            continue
+        try:
+            if key == "retention_seconds":
+                number = float(value[:-1]) * _UNITS[value[-1]] if value[-1:] in _UNITS else float(value)
+                if not number > 0 or number == float("inf"):
+                    raise ValueError
+                out[key] = number
+            else:
+                whole = int(value)
+                if whole < 1:
+                    raise ValueError
+                out[key] = whole
+        except (ValueError, IndexError):
+            raise ValueError(f"{key}: not a usable value: {text!r}") from None
     return out
 
 

@@ -230,6 +230,7 @@ class GroupsReply:
 class TopicsAction(enum.IntEnum):
     DELETE = 0
     PURGE = 1
+    SET = 2
 
 
 @attrs.frozen
@@ -241,6 +242,8 @@ class Topics:
     topic: str
     #: PURGE: the first offset to keep; at or past the topic's end, all of it.
     keep_from: int = 0
+    #: SET only (on the wire for action 2 alone): the settings to change.
+    settings: Mapping[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen

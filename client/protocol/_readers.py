@@ -281,6 +281,8 @@ def _d_topics(b: _Body) -> Topics:
         kind = TopicsAction(action)
     except ValueError:
         kind = action
+    if kind is TopicsAction.SET:
+        return Topics(request_id, kind, topic, keep_from, b.str_map())
     return Topics(request_id, kind, topic, keep_from)  # type: ignore[arg-type]
 
 

@@ -34,6 +34,7 @@ from ._events import (
     SubAck,
     Subscribe,
     Topics,
+    TopicsAction,
     TopicsReply,
     UnsubAck,
     Unsubscribe,
@@ -236,6 +237,8 @@ def encode_event(event: Event) -> bytes:
         body = U64.pack(event.request_id) + U32.pack(len(doc)) + doc
     elif isinstance(event, Topics):
         body = TOPICS_FIXED.pack(event.request_id, event.action, event.keep_from) + _s16(event.topic)
+        if event.action == TopicsAction.SET:
+            body += _str_map(event.settings)
     elif isinstance(event, Info):
         body = U64.pack(event.request_id) + _s16(event.pattern)
         if event.after:

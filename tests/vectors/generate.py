@@ -180,6 +180,12 @@ def conversations() -> dict[str, list[tuple[str, Any]]]:
             ),
             ("server", GroupsReply(9, '{"group":"mail","pattern":"jobs.mail","members":0,"created":true}')),
         ],
+        "purge a topic, change its retention": [
+            ("client", Topics(10, TopicsAction.PURGE, "orders.eu", 40)),
+            ("server", TopicsReply(10, '{"topic": "orders.eu", "first_offset": 40, "next_offset": 42, "purged": 40}')),
+            ("client", Topics(11, TopicsAction.SET, "orders.eu", 0, {"retention_seconds": "7d"})),
+            ("server", TopicsReply(11, '{"topic": "orders.eu", "settings": {"retention_seconds": 604800.0}}')),
+        ],
         "delete a topic; a subscriber reading it is told": [
             ("client", Topics(9, TopicsAction.DELETE, "orders.eu")),
             ("server", Error(ErrorCode.TOPIC_DELETED, "topic 'orders.eu' was deleted", 2, RefKind.SUBSCRIPTION, False, {"topic": "orders.eu"})),
