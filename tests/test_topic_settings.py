@@ -84,7 +84,7 @@ async def test_set_over_http_and_the_cli(tmp_path: Path) -> None:
     async with serve(tmp_path) as broker:
         async with pybroker.connect(broker.url) as c:
             await c.publish("cli.s", b"x")
-        result = await run(["topics", "set", "cli.s", "retention_seconds=12h", "--url", broker.url])
+        result = await run(["topics", "set", "cli.s", "retention=12h", "--url", broker.url])
         assert result.returncode == 0, result.stderr.decode()
         assert "retention_seconds=43200.0" in result.stdout.decode()
         bare = await run(["topics", "set", "cli.s", "--url", broker.url])

@@ -61,6 +61,8 @@ def parse_overrides(spec: str) -> dict[str, object]:
 #: roll. fsync modes are fixed for a run (the commit path sorts by them).
 RUNTIME_KEYS = ("retention_bytes", "retention_seconds", "segment_bytes")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: Shorter names (``pybroker topics set NAME retention=7d``, as serve's --retention).
+_ALIASES = {"retention": "retention_seconds"}
 
 
 def parse_runtime_settings(changes: Mapping[str, str]) -> dict[str, int | float | None]:
@@ -71,6 +73,7 @@ def parse_runtime_settings(changes: Mapping[str, str]) -> dict[str, int | float 
     if not changes:
         raise ValueError(f"nothing to set (known: {', '.join(RUNTIME_KEYS)})")
     for key, text in changes.items():
+        key = _ALIASES.get(key, key)
         if key not in RUNTIME_KEYS:
             fixed = " (fixed while the broker runs: pybroker serve --topic)" if key in _KEYS else ""
             raise ValueError(f"{key!r} cannot be set at run time{fixed}; known: {', '.join(RUNTIME_KEYS)}")
