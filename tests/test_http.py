@@ -487,7 +487,7 @@ async def test_unknown_paths_and_wrong_methods() -> None:
         assert reply.headers["allow"] == "GET, HEAD, OPTIONS"
         reply = await request(port, "PUT", "/v1/topics/x/messages", "{}", JSON_HEADERS)
         assert_error(reply, 405)
-        assert reply.headers["allow"] == "GET, HEAD, OPTIONS, POST"
+        assert reply.headers["allow"] == "DELETE, GET, HEAD, OPTIONS, POST"
         assert_error(await request(port, "POST", "/healthz", "{}", JSON_HEADERS), 405)
         # Bad topic names in the path.
         assert_error(await request(port, "GET", "/v1/topics/a..b"), 400, "bad_topic")

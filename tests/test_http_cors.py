@@ -37,7 +37,7 @@ async def test_no_cors_by_default(tmp_path: Path) -> None:
         # OPTIONS that is no preflight: which methods the path takes.
         reply = await request(port, "OPTIONS", "/v1/topics/t/messages")
         assert reply.status == 204 and reply.body == b"" and "content-length" not in reply.headers
-        assert reply.headers["allow"] == "GET, HEAD, OPTIONS, POST"
+        assert reply.headers["allow"] == "DELETE, GET, HEAD, OPTIONS, POST"
         assert_error(await request(port, "OPTIONS", "/nope"), 404)
 
 
@@ -80,7 +80,7 @@ async def test_listed_origins_only(tmp_path: Path) -> None:
         reply = await request(port, "OPTIONS", "/v1/topics/c.t/messages", headers=preflight)
         assert reply.status == 204, reply
         assert reply.headers["access-control-allow-origin"] == APP
-        assert reply.headers["access-control-allow-methods"] == "GET, HEAD, OPTIONS, POST"
+        assert reply.headers["access-control-allow-methods"] == "DELETE, GET, HEAD, OPTIONS, POST"
         assert reply.headers["access-control-allow-headers"] == preflight["access-control-request-headers"]
         assert reply.headers["access-control-allow-credentials"] == "true"
         assert int(reply.headers["access-control-max-age"]) > 0
