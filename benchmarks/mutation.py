@@ -440,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, help="seconds per mutant (default: 3 x the clean run + 30)")
     parser.add_argument("--lines", help="only mutants on these lines, e.g. 120-180")
     parser.add_argument("--only", nargs="+", type=int, help="only the mutants with these numbers (from --list)")
+    parser.add_argument(
+        "--rerun", type=Path, help="run the mutants of an earlier --json result again (same line and change)"
+    )
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--json", type=Path, help="write every result to this file")
     args = parser.parse_args(argv)
@@ -454,6 +457,12 @@ def main(argv: list[str] | None = None) -> int:
         numbered = [(n, m) for n, m in numbered if int(lo) <= m.line <= int(hi or lo)]
     if args.only:
         numbered = [(n, m) for n, m in numbered if n in set(args.only)]
+    if args.rerun:
+        earlier = json.loads(args.rerun.read_text("utf-8"))["results"]
+        wanted = {(r["line"], r["kind"], r["original"], r["replacement"]) for r in earlier}
+        numbered = [(n, m) for n, m in numbered if (m.line, m.kind, m.original, m.replacement) in wanted]
+        if len(numbered) != len(wanted):
+            print(f"{len(wanted) - len(numbered)} mutants of {args.rerun} are not in the file any more", file=sys.stderr)
     total = len(numbered)
     if args.sample is not None and args.sample < len(numbered):
         numbered = sorted(random.Random(args.seed).sample(numbered, args.sample), key=lambda nm: nm[0])
