@@ -443,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rerun", type=Path, help="run the mutants of an earlier --json result again (same line and change)"
     )
+    parser.add_argument(
+        "--survivors",
+        action="store_true",
+        help="with --rerun: only the mutants that survived it (tests were added; a killed one stays killed)",
+    )
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--json", type=Path, help="write every result to this file")
     args = parser.parse_args(argv)
@@ -459,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         numbered = [(n, m) for n, m in numbered if n in set(args.only)]
     if args.rerun:
         earlier = json.loads(args.rerun.read_text("utf-8"))["results"]
+        if args.survivors:
+            earlier = [r for r in earlier if r["outcome"] == "survived"]
         wanted = {(r["line"], r["kind"], r["original"], r["replacement"]) for r in earlier}
         numbered = [(n, m) for n, m in numbered if (m.line, m.kind, m.original, m.replacement) in wanted]
         if len(numbered) != len(wanted):
