@@ -6,8 +6,8 @@
     python benchmarks/mutation.py FILE --list        # the mutants, without running anything
 
 Each mutant is one small change to the file's syntax tree (a comparison
-flipped, an integer or a slice bound off by one, ``and``/``or`` swapped, a
-``not`` dropped, a call / ``raise`` / ``break`` / ``continue`` / augmented
+flipped, an integer or a slice bound off by one, ``and``/``or`` swapped, an
+operand of ``and``/``or`` dropped, a ``not`` dropped, a call / ``raise`` / ``break`` / ``continue`` / augmented
 assignment removed, a returned value replaced by ``None``). It is written
 into the file itself, so that everything the tests start (``pybroker serve``
 subprocesses included) runs it; the tests that cover the file then run with
@@ -232,6 +232,10 @@ class _Sites(ast.NodeVisitor):
         new = copy.deepcopy(node)
         new.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
         self.add(node, "and/or", new)
+        # Each operand dropped: a check that is never made.
+        for i in range(len(node.values)):
+            rest = [copy.deepcopy(v) for j, v in enumerate(node.values) if j != i]
+            self.add(node, "operand removed", rest[0] if len(rest) == 1 else ast.BoolOp(node.op, rest))
         self.generic_visit(node)
 
     def visit_UnaryOp(self, node: ast.UnaryOp) -> None:

@@ -65,6 +65,28 @@ def test_recovery_scans_a_segment_larger_than_the_scan_chunk(tmp_path: Path, whi
     store.close()
 
 
+@pytest.mark.parametrize("gap", [1, 20, 43, 44, 45, 1000])
+def test_batch_boundary_just_before_the_end_of_a_scan_chunk(tmp_path: Path, gap: int) -> None:
+    """Batches laid out so that one ends ``gap`` bytes before the end of
+    the first scan chunk: with fewer bytes left than a header the scan reads
+    the next chunk from that batch boundary, with more it reads on from the
+    header it sees; either way every batch is found where it is."""
+    store = open_store(tmp_path)
+    log = store.topic("t")
+    # One message of n bytes, no headers: 36 + 8 + 6 + n bytes stored.
+    overhead = HEADER_SIZE + 8 + 6
+    expected = [append(log, make_batch(i, 1, 10_000), 1, 1000 + i) for i in range(99)]
+    last = SCAN_CHUNK - gap - log.segments[0].size - overhead
+    expected.append(append(log, make_batch(99, 1, last), 1, 2000))
+    assert log.segments[0].size == SCAN_CHUNK - gap
+    expected += append_many(log, [1] * 20, size=3000, ts0=3000, tag0=100)
+    store.close()
+    store = open_store(tmp_path)
+    assert store.findings == []
+    assert_log_holds(store.topic("t"), expected)
+    store.close()
+
+
 def test_damage_past_the_first_scan_chunk_costs_only_its_batch(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     log = store.topic("t")
