@@ -155,17 +155,47 @@ def test_index_that_does_not_match_its_segment_is_rebuilt(
     reopened_intact(tmp_path, expected, victim, good_index, good_times)
 
 
-def test_index_entry_at_exactly_the_end_of_the_log_is_not_trusted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("before_end", [0, 1, 10, HEADER_SIZE + 7])
+def test_index_entry_at_or_just_before_the_end_of_the_log_is_not_trusted(tmp_path: Path, before_end: int) -> None:
+    """An entry pointing at the end of the file, or so close to it that no
+    header fits there: rebuilt, never read as a header (no struct.error)."""
     expected, segments = build(tmp_path)
     victim = segments[0]
     good_index, good_times = victim.index_path.read_bytes(), victim.time_path.read_bytes()
     index, times = entries(victim.index_path, INDEX_ENTRY), entries(victim.time_path, TIME_ENTRY)
     size = victim.path.stat().st_size
-    index.append((index[-1][0] + 1, size))
+    index.append((index[-1][0] + 1, size - before_end))
     times.append((times[-1][0], index[-1][0]))
     write_entries(victim.index_path, INDEX_ENTRY, index)
     write_entries(victim.time_path, TIME_ENTRY, times)
     reopened_intact(tmp_path, expected, victim, good_index, good_times)
+
+
+def test_replayed_copy_of_an_indexed_batch_is_not_trusted(tmp_path: Path) -> None:
+    """The older segment ends in a second copy of its last indexed batch (a
+    write replayed) and its index names the copy too: each entry checks out
+    on its own, but offsets do not go forward, so the segment is scanned and
+    the copy set aside; no offset is lost or served twice."""
+    expected, segments = build(tmp_path)
+    victim = segments[1]
+    index, times = entries(victim.index_path, INDEX_ENTRY), entries(victim.time_path, TIME_ENTRY)
+    rel, pos = index[-1]
+    at = {b.pos: b for b in batches_in(victim.path)}[pos]
+    data = victim.path.read_bytes()
+    copy = data[pos : pos + at.stored]
+    with open(victim.path, "ab") as f:
+        f.write(copy)
+    index.append((rel, len(data)))
+    times.append((times[-1][0], rel))
+    write_entries(victim.index_path, INDEX_ENTRY, index)
+    write_entries(victim.time_path, TIME_ENTRY, times)
+
+    store = open_store(tmp_path, segment_bytes=SEGMENT_BYTES)
+    [found] = store.findings
+    assert (found.segment, found.position, found.dropped_bytes, found.lost) == (victim.path, len(data), len(copy), 0)
+    log = store.topic("t")
+    assert walk(log) == (expected, [])
+    store.close()
 
 
 # -- a batch header that does not check out --------------------------------------------
@@ -197,6 +227,32 @@ def test_corrupted_header_timestamp_is_caught_even_when_the_time_index_agrees(tm
     log = store.topic("t")
     assert walk(log) == ([b for b in expected if b is not lost], [(lost.base_offset, lost.next_offset - 1, "damaged")])
     assert log.offset_at_time(first + 1) == lost.next_offset
+    store.close()
+
+
+def test_corrupted_header_after_the_last_index_entry_is_caught(tmp_path: Path) -> None:
+    """Past the last index entry the batches are walked header by header to
+    find the segment's end; a header whose last timestamp was changed no
+    longer matches its CRC, so the segment is scanned and the batch set
+    aside on start (its timestamp would otherwise steer time lookups and
+    retention)."""
+    expected, segments = build(tmp_path)
+    victim = segments[1]
+    last_indexed = entries(victim.index_path, INDEX_ENTRY)[-1][1]
+    after = [b for b in batches_in(victim.path) if b.pos > last_indexed]
+    assert after
+    target = after[-1]
+    data = bytearray(victim.path.read_bytes())
+    base, count, length, first, last, crc = HEADER.unpack_from(data, target.pos)
+    HEADER.pack_into(data, target.pos, base, count, length, first, last + 10**9, crc)
+    victim.path.write_bytes(bytes(data))
+
+    store = open_store(tmp_path, segment_bytes=SEGMENT_BYTES)
+    assert [(f.position, f.first_offset, f.action) for f in store.findings] == [(target.pos, base, "quarantined")]
+    log = store.topic("t")
+    lost = (base, base + count - 1, "damaged")
+    assert walk(log) == ([b for b in expected if b.base_offset != base], [lost])
+    assert log.segments[1].last_timestamp < 10**9
     store.close()
 
 
