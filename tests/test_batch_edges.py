@@ -97,6 +97,14 @@ def test_split_records_refuses_a_count_larger_than_its_records() -> None:
         split_records(more)
 
 
+@pytest.mark.parametrize("count", [1 << 8, 1 << 16, 1 << 24, 0xFFFFFFFF])
+def test_split_records_reads_all_four_bytes_of_the_count(count: int) -> None:
+    """A count with its high bytes set and no records behind it is refused,
+    not read as a smaller count (or none)."""
+    with pytest.raises(MalformedBatch, match=f"{count} records announced"):
+        split_records(struct.pack(">II", count, 0) + encode_record(b"x"))
+
+
 # -- the headers block: 65535 bytes fit, 65536 do not ---------------------------------
 
 
