@@ -11,6 +11,7 @@ promises (tests/helpers/stored.py).
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -20,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from pybroker.server.storage.segment import HEADER_SIZE, INDEX_INTERVAL, READ_CHUNK, SCAN_CHUNK
+from pybroker.server.storage import StorageError
+from pybroker.server.storage.segment import HEADER_SIZE, INDEX_ENTRY, INDEX_INTERVAL, READ_CHUNK, SCAN_CHUNK
 
+from helpers.faults import FaultyOps
 from helpers.logs import batches_in, flip_byte, open_store, walk
 from helpers.stored import BIG, append, append_many, assert_log_holds, assert_reads_match_model, make_batch
 
@@ -185,6 +188,26 @@ def test_max_bytes_is_inclusive_at_its_exact_boundary(tmp_path: Path) -> None:
     store.close()
 
 
+@pytest.mark.parametrize("gap", [1, 8, 27, 28, 30, 35, 36, 40, 43, 44, 45])
+def test_read_chunk_ending_just_after_a_batch_boundary(tmp_path: Path, gap: int) -> None:
+    """``max_bytes`` sets the read chunk; make the chunk end ``gap`` bytes
+    after a batch boundary, too few for the next header (and its
+    envelope) to be checked from that chunk: it is read again from the
+    boundary, never parsed short or taken for damage."""
+    store = open_store(tmp_path)
+    log = store.topic("t")
+    # One message of 1000 bytes, no headers: 1050 bytes stored, 1014 on the wire.
+    expected = append_many(log, [1] * 90, size=1000)
+    stored = HEADER_SIZE + len(expected[0].batch)
+    assert stored == 1050
+    boundary = 70 * stored
+    assert boundary > READ_CHUNK
+    got = log.read(0, boundary + gap)  # 70 batches are 70 x 1014 wire bytes: fewer than asked
+    assert got == expected[: len(got)] and len(got) == (boundary + gap) // len(expected[0].batch)
+    assert store.damaged_batches == 0
+    store.close()
+
+
 # -- the time lookup ----------------------------------------------------------------
 
 
@@ -211,6 +234,83 @@ def test_offset_at_time_steps_over_batches_larger_than_its_read(tmp_path: Path, 
 
     probes = sorted({t for b in expected for t in (b.timestamp - 1, b.timestamp, b.timestamp + 1)} | {0, 10**12})
     assert [(t, log.offset_at_time(t)) for t in probes] == [(t, model(t)) for t in probes]
+    store.close()
+
+
+# -- rollbacks keep the index files in step -----------------------------------------
+
+
+async def test_rollback_after_a_failed_fsync_cuts_the_index_files_back_too(tmp_path: Path) -> None:
+    ops = FaultyOps()
+    store = open_store(tmp_path, ops)
+    log = store.topic("t")
+    kept = append_many(log, [1] * 30, size=400)
+    assert (await store.sync()).failed == {}
+    seg = log.segments[-1]
+    entries = len(seg._idx_offsets)
+    index, times = seg.index_path.read_bytes(), seg.time_path.read_bytes()
+    assert len(index) == entries * INDEX_ENTRY.size and entries >= 3
+    append_many(log, [1] * 30, size=400, ts0=2_000_000, tag0=100)
+    assert len(seg._idx_offsets) > entries
+    ops.sync_errno = errno.EIO
+    result = await store.sync()
+    assert result.failed["t"][0] == kept[-1].next_offset
+    assert (seg.index_path.read_bytes(), seg.time_path.read_bytes()) == (index, times)
+    ops.sync_errno = None
+    more = append_many(log, [2] * 20, size=400, ts0=3_000_000, tag0=200)
+    assert (await store.sync()).failed == {}
+    store.close()
+    store = open_store(tmp_path)
+    assert store.findings == []
+    assert walk(store.topic("t")) == (kept + more, [])
+    store.close()
+
+
+def test_failed_index_write_cuts_the_log_and_index_files_back(tmp_path: Path) -> None:
+    ops = FaultyOps()
+    store = open_store(tmp_path, ops)
+    log = store.topic("t")
+    kept = append_many(log, [1] * 30, size=400)
+    seg = log.segments[-1]
+    files = [p.read_bytes() for p in (seg.path, seg.index_path, seg.time_path)]
+    seg._since_index = INDEX_INTERVAL  # the next batch gets index entries
+    ops.fail_next("write", errno.ENOSPC)
+    with pytest.raises(StorageError):
+        log.append(make_batch(999, 1), 1, 5_000_000)
+    assert [p.read_bytes() for p in (seg.path, seg.index_path, seg.time_path)] == files
+    more = append_many(log, [1] * 5, size=400, ts0=6_000_000, tag0=300)
+    store.close()
+    store = open_store(tmp_path)
+    assert store.findings == []
+    assert walk(store.topic("t")) == (kept + more, [])
+    store.close()
+
+
+async def test_a_rollback_that_fails_after_a_failed_fsync_is_an_io_error(tmp_path: Path) -> None:
+    """The fsync failed and cutting the segment back failed too: both count
+    as I/O errors (not "storage full"), the segment refuses appends until a
+    repair works, and the next append repairs it."""
+    ops = FaultyOps()
+    store = open_store(tmp_path, ops)
+    log = store.topic("t")
+    kept = append_many(log, [1] * 3)
+    assert (await store.sync()).failed == {}
+    append_many(log, [1] * 3, ts0=2_000_000, tag0=10)
+    ops.sync_errno = errno.EIO
+    ops.fail_next("ftruncate", errno.EIO)
+    result = await store.sync()
+    [(cut, error)] = result.failed.values()
+    assert not error.full and cut == kept[-1].next_offset
+    assert store.storage_errors == {"full": 0, "io": 2}
+    assert log.segments[-1].broken
+    assert store.problem is not None and "cannot be rolled back" in store.problem
+    ops.sync_errno = None
+    more = append_many(log, [2], ts0=3_000_000, tag0=20)
+    assert more[0].base_offset == kept[-1].next_offset and not log.segments[-1].broken
+    assert (await store.sync()).failed == {}
+    store.close()
+    store = open_store(tmp_path)
+    assert walk(store.topic("t")) == (kept + more, [])
     store.close()
 
 
