@@ -189,7 +189,7 @@ class _Sites(ast.NodeVisitor):
                 self.visit(default)
         self._body(node.body)
 
-    visit_AsyncFunctionDef = visit_FunctionDef  # type: ignore[assignment]
+    visit_AsyncFunctionDef = visit_FunctionDef
 
     def visit_ClassDef(self, node: ast.ClassDef) -> None:
         self._body(node.body)

@@ -42,7 +42,7 @@ def build(data_dir: Path) -> tuple[list[StoredBatch], list[Segment]]:
 
 
 def entries(path: Path, st: struct.Struct) -> list[tuple[int, int]]:
-    return [tuple(e) for e in st.iter_unpack(path.read_bytes())]  # type: ignore[misc]
+    return [(int(a), int(b)) for a, b in st.iter_unpack(path.read_bytes())]
 
 
 def write_entries(path: Path, st: struct.Struct, items: list[tuple[int, int]]) -> None:
