@@ -83,7 +83,13 @@ COVERING_TESTS: dict[str, list[str]] = {
         "tests/test_group_state.py",
         "tests/test_group_durability.py",
     ],
+    "broker/storage/groupstate.py": [
+        "tests/test_journal_edges.py",
+        "tests/test_group_state.py",
+        "tests/test_group_durability.py",
+    ],
     "broker/committer.py": [
+        "tests/test_committer_edges.py",
         "tests/test_ack_after_sync.py",
         "tests/test_storage_faults.py",
         "tests/test_durability.py",
@@ -97,7 +103,7 @@ COVERING_TESTS: dict[str, list[str]] = {
         "tests/test_group_state.py",
     ],
     "client/protocol/_readers.py": [
-        "tests/test_batch_edges.py",
+        "tests/test_frame_edges.py",
         "tests/test_codec.py",
         "tests/test_frame_peek.py",
         "tests/test_vectors.py",
