@@ -25,6 +25,16 @@ from helpers.logs import open_store
 TIMEOUT = 10.0
 
 
+async def settled(committer: Committer, held: Held) -> Durability:
+    """What the broker does before acknowledging a held batch
+    (broker/core.py, ``durable``): wait for the round that covers it, then
+    refuse it if that round's fsync failed."""
+    durability = await committer.wait_seq(held.seq)
+    if held.error is not None:
+        raise held.error
+    return durability
+
+
 def _publish(router: Router, n: int, tag: str = "m") -> list[Held]:
     topic = router.topic("t")
     out = []
@@ -45,14 +55,14 @@ async def test_a_round_covers_what_was_held_before_it_and_no_more(tmp_path: Path
         assert [h.seq for h in first] == [1, 2, 3]
         committer.wake()
         with trio.fail_after(TIMEOUT):
-            assert await committer.wait(first[-1]) is Durability.DISK
+            assert await settled(committer, first[-1]) is Durability.DISK
         assert (committer.committed_seq, committer.rounds, store.fsyncs) == (3, 1, 1)
         assert router.topic("t").visible_next == 3
 
         # Covered already: no other round is needed (or run).
         with trio.fail_after(TIMEOUT):
             await committer.wait_seq(3)
-            await committer.wait(first[0])
+            await settled(committer, first[0])
         assert committer.rounds == 1
 
         # Held after the round: waits for the next one, which covers it.
@@ -60,7 +70,7 @@ async def test_a_round_covers_what_was_held_before_it_and_no_more(tmp_path: Path
         done = trio.Event()
 
         async def waiter() -> None:
-            await committer.wait(fourth)
+            await settled(committer, fourth)
             done.set()
 
         nursery.start_soon(waiter)
@@ -85,13 +95,13 @@ async def test_a_failed_fsync_refuses_its_round_and_the_offsets_are_reused(tmp_p
         ok = _publish(router, 1)
         committer.wake()
         with trio.fail_after(TIMEOUT):
-            await committer.wait(ok[0])
+            await settled(committer, ok[0])
         ops.sync_errno = errno.EIO
         doomed = _publish(router, 2, "doomed")
         committer.wake()
         for held in doomed:
             with trio.fail_after(TIMEOUT), pytest.raises(StorageError):
-                await committer.wait(held)
+                await settled(committer, held)
         assert store.topic("t").next_offset == 1
         assert router.topic("t").visible_next == 1
         ops.sync_errno = None
@@ -99,7 +109,7 @@ async def test_a_failed_fsync_refuses_its_round_and_the_offsets_are_reused(tmp_p
         assert again[0].base == 1  # the refused offsets were never handed out
         committer.wake()
         with trio.fail_after(TIMEOUT):
-            assert await committer.wait(again[0]) is Durability.DISK
+            assert await settled(committer, again[0]) is Durability.DISK
         assert store.topic("t").read(0, 1 << 20)[-1].batch == encode_batch([b"again0"])
         nursery.cancel_scope.cancel()
     store.close()
