@@ -8,6 +8,7 @@ again, and retention runs on the committer's timer.
 from __future__ import annotations
 
 import errno
+import threading
 from pathlib import Path
 
 import pytest
@@ -115,21 +116,131 @@ async def test_a_failed_fsync_refuses_its_round_and_the_offsets_are_reused(tmp_p
     store.close()
 
 
-async def test_retention_runs_on_the_committers_timer(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+
+
+class _StallingOps(FaultyOps):
+    """fdatasync waits (in the committer's worker thread) until the test
+    lets it go, then fails or not: a sync that is in progress on demand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.stall = False
+
+    def fdatasync(self, fd: int) -> None:
+        if self.stall:
+            self.entered.set()
+            self.go.wait(TIMEOUT)
+        super().fdatasync(fd)
+
+
+async def test_batches_appended_during_a_failed_round_are_settled_without_another_publish(tmp_path: Path) -> None:
+    """A batch appended while the round that fails is fsyncing is rolled
+    back with it; its publisher gets the refusal from a round the
+    committer starts by itself, not only when someone publishes again."""
+    ops = _StallingOps()
+    store = open_store(tmp_path, ops)
+    router = Router(store)
+    committer = Committer(store, router, retention_check_seconds=3600)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(committer.run)
+        [first] = _publish(router, 1)
+        ops.stall = True
+        ops.sync_errno = errno.EIO
+        committer.wake()
+        with trio.fail_after(TIMEOUT):
+            await trio.to_thread.run_sync(ops.entered.wait, TIMEOUT)
+        [during] = _publish(router, 1, "during")  # after the round took its target
+        assert during.seq > first.seq
+        ops.stall = False
+        ops.go.set()
+        for held in (first, during):
+            with trio.fail_after(TIMEOUT), pytest.raises(StorageError):
+                await settled(committer, held)
+        assert committer.rounds >= 2 and store.topic("t").next_offset == 0
+        nursery.cancel_scope.cancel()
+    store.close()
+
+
+async def test_retention_runs_on_the_committers_timer_every_check_interval(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     store = open_store(tmp_path, segment_bytes=1024, retention_bytes=2048)
     log = store.topic("t")
-    for i in range(60):
-        log.append(encode_batch([b"x" * 100]), 1, 1000 + i)
-    before = len(log.segments)
-    assert before > 4
-    router = Router(store)
-    committer = Committer(store, router, retention_check_seconds=5.0)
+
+    def fill() -> int:
+        for i in range(30):
+            log.append(encode_batch([b"x" * 100]), 1, 1000 + i)
+        return len(log.segments)
+
+    before = fill()
+    committer = Committer(store, Router(store), retention_check_seconds=5.0)
     async with trio.open_nursery() as nursery:
         await nursery.start(committer.run)
         await trio.sleep(4.9)
         assert len(log.segments) == before
         await trio.sleep(0.2)
         assert len(log.segments) < before
-        assert log.size_bytes - log.segments[-1].size <= 2048
+        again = fill()
+        await trio.sleep(4.7)  # 9.8 s: the second check is not due yet
+        assert len(log.segments) == again
+        await trio.sleep(0.4)
+        assert len(log.segments) < again
+        nursery.cancel_scope.cancel()
+    store.close()
+
+
+async def test_interval_topics_are_fsynced_on_the_committers_timer(tmp_path: Path) -> None:
+    store = open_store(tmp_path, fsync="interval", fsync_interval_ms=10)
+    log = store.topic("t")
+    log.append(encode_batch([b"x"]), 1, 1000)
+    seg = log.segments[-1]
+    assert seg.dirty and store.fsyncs == 0
+    synced = trio.Event()
+    real = store.sync_interval_topics
+
+    async def watched() -> None:
+        await real()
+        if not seg.dirty:
+            synced.set()
+
+    store.sync_interval_topics = watched  # type: ignore[method-assign]
+    committer = Committer(store, Router(store), retention_check_seconds=3600)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(committer.run)
+        with trio.fail_after(TIMEOUT):
+            await synced.wait()
+        assert store.fsyncs >= 1 and committer.rounds == 0  # no publish woke it
+        nursery.cancel_scope.cancel()
+    store.close()
+
+
+async def test_degraded_storage_is_probed_on_the_committers_timer(tmp_path: Path) -> None:
+    """After a failed append the store is degraded; once the disk works
+    again the committer's timed probe clears it without any publish."""
+    ops = FaultyOps()
+    store = open_store(tmp_path, ops)
+    log = store.topic("t")
+    ops.fill()
+    with pytest.raises(StorageError):
+        log.append(encode_batch([b"x"]), 1, 1000)
+    assert store.problem is not None
+    ops.free()
+    cleared = trio.Event()
+    real = store.probe
+
+    async def watched() -> None:
+        await real()
+        if store.problem is None:
+            cleared.set()
+
+    store.probe = watched  # type: ignore[method-assign]
+    committer = Committer(store, Router(store), retention_check_seconds=0.01)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(committer.run)
+        with trio.fail_after(TIMEOUT):
+            await cleared.wait()
+        assert log.next_offset == 0 and committer.rounds == 0
         nursery.cancel_scope.cancel()
     store.close()
