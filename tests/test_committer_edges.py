@@ -244,3 +244,53 @@ async def test_degraded_storage_is_probed_on_the_committers_timer(tmp_path: Path
         assert log.next_offset == 0 and committer.rounds == 0
         nursery.cancel_scope.cancel()
     store.close()
+
+
+async def test_interval_fsyncs_do_not_run_retention_before_its_time(tmp_path: Path) -> None:
+    """With an ``interval`` topic the committer wakes every 10 ms to fsync
+    it; retention still runs only every ``retention_check_seconds`` (here
+    1 s), the first time and after. Each check below happens right after
+    a tick, when the committer has decided about retention for it."""
+    store = open_store(tmp_path, segment_bytes=1024, retention_bytes=2048, fsync="interval", fsync_interval_ms=10)
+    log = store.topic("t")
+
+    def fill() -> int:
+        for i in range(30):
+            log.append(encode_batch([b"x" * 100]), 1, 1000 + i)
+        return len(log.segments)
+
+    ticks: trio.MemorySendChannel[int]
+    ticks, tick_times = trio.open_memory_channel[int](1000)
+    real_sync, real_retention = store.sync_interval_topics, store.enforce_retention
+    deleted = trio.Event()
+
+    async def watched_sync() -> None:
+        await real_sync()
+        ticks.send_nowait(len(log.segments))
+
+    def watched_retention() -> int:
+        n = real_retention()
+        if n:
+            deleted.set()
+        return n
+
+    store.sync_interval_topics = watched_sync  # type: ignore[method-assign]
+    store.enforce_retention = watched_retention  # type: ignore[method-assign]
+    before = fill()
+    committer = Committer(store, Router(store), retention_check_seconds=1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(committer.run)
+        with trio.fail_after(TIMEOUT):
+            await tick_times.receive()  # the first tick, long before 1 s
+        assert len(log.segments) == before
+        with trio.fail_after(TIMEOUT):
+            await deleted.wait()
+        again = fill()
+        with trio.fail_after(TIMEOUT):
+            while tick_times.statistics().current_buffer_used:
+                tick_times.receive_nowait()  # ticks from before the refill
+            await tick_times.receive()
+            await tick_times.receive()
+        assert len(log.segments) == again  # the next check is a second away
+        nursery.cancel_scope.cancel()
+    store.close()
