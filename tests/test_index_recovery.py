@@ -171,10 +171,11 @@ def test_index_entry_at_or_just_before_the_end_of_the_log_is_not_trusted(tmp_pat
     reopened_intact(tmp_path, expected, victim, good_index, good_times)
 
 
-def test_replayed_copy_of_an_indexed_batch_is_not_trusted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("indexed", [True, False])
+def test_replayed_copy_of_an_indexed_batch_is_not_trusted(tmp_path: Path, indexed: bool) -> None:
     """The older segment ends in a second copy of its last indexed batch (a
-    write replayed) and its index names the copy too: each entry checks out
-    on its own, but offsets do not go forward, so the segment is scanned and
+    write replayed), named by its index or not: each header checks out on
+    its own, but offsets do not go forward, so the segment is scanned and
     the copy set aside; no offset is lost or served twice."""
     expected, segments = build(tmp_path)
     victim = segments[1]
@@ -185,8 +186,9 @@ def test_replayed_copy_of_an_indexed_batch_is_not_trusted(tmp_path: Path) -> Non
     copy = data[pos : pos + at.stored]
     with open(victim.path, "ab") as f:
         f.write(copy)
-    index.append((rel, len(data)))
-    times.append((times[-1][0], rel))
+    if indexed:
+        index.append((rel, len(data)))
+        times.append((times[-1][0], rel))
     write_entries(victim.index_path, INDEX_ENTRY, index)
     write_entries(victim.time_path, TIME_ENTRY, times)
 
@@ -302,4 +304,30 @@ def test_index_of_a_segment_with_a_torn_last_batch_is_not_trusted(tmp_path: Path
     lost = [b for b in expected if b.base_offset == last.base]
     assert walk(log) == ([b for b in expected if b not in lost], [(last.base, last.base + last.messages - 1, "damaged")])
     assert HEADER_SIZE + last.length == found.dropped_bytes + 1
+    store.close()
+
+
+def test_index_entries_with_equal_timestamps_are_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches published within the same microsecond share a timestamp, so
+    neighbouring time-index entries may be equal: that index is valid, and
+    the older segments open through it without a scan."""
+    store = open_store(tmp_path, segment_bytes=SEGMENT_BYTES)
+    log = store.topic("t")
+    expected = append_many(log, [1 + i % 5 for i in range(500)], size=80, ts_step=0)
+    bases = [s.base_offset for s in log.segments]
+    assert len(bases) >= 3 and len(set(log.segments[0]._time_stamps)) == 1 < len(log.segments[0]._time_stamps)
+    store.close()
+    scanned: list[int] = []
+    real_scan = Segment.scan
+
+    def counting(self: Segment) -> object:
+        scanned.append(self.base_offset)
+        return real_scan(self)
+
+    monkeypatch.setattr(Segment, "scan", counting)
+    store = open_store(tmp_path, segment_bytes=SEGMENT_BYTES)
+    assert scanned == [bases[-1]]  # only the newest, as always
+    log = store.topic("t")
+    assert walk(log) == (expected, [])
+    assert log.offset_at_time(expected[0].timestamp) == 0
     store.close()

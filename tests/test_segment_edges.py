@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 
 from pybroker.server.storage import StorageError
-from pybroker.server.storage.segment import HEADER_SIZE, INDEX_ENTRY, INDEX_INTERVAL, READ_CHUNK, SCAN_CHUNK
+from pybroker.server.storage.errors import DataLoss
+from pybroker.server.storage.fileops import FileOps
+from pybroker.server.storage.segment import HEADER_SIZE, INDEX_ENTRY, INDEX_INTERVAL, READ_CHUNK, SCAN_CHUNK, Segment
 
 from helpers.faults import FaultyOps
 from helpers.logs import batches_in, flip_byte, open_store, walk
@@ -259,6 +261,8 @@ async def test_rollback_after_a_failed_fsync_cuts_the_index_files_back_too(tmp_p
     ops.sync_errno = None
     more = append_many(log, [2] * 20, size=400, ts0=3_000_000, tag0=200)
     assert (await store.sync()).failed == {}
+    # The time index in memory was cut back with the rest: lookups stay right.
+    assert [log.offset_at_time(b.timestamp) for b in kept + more] == [b.base_offset for b in kept + more]
     store.close()
     store = open_store(tmp_path)
     assert store.findings == []
@@ -312,6 +316,45 @@ async def test_a_rollback_that_fails_after_a_failed_fsync_is_an_io_error(tmp_pat
     store = open_store(tmp_path)
     assert walk(store.topic("t")) == (kept + more, [])
     store.close()
+
+
+def test_offset_at_time_steps_over_damage_found_by_reads(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    log = store.topic("t")
+    expected = append_many(log, [2] * 40, size=300, ts_step=10)
+    seg = log.segments[0]
+    victim = batches_in(seg.path)[5]
+    flip_byte(seg.path, victim.pos + HEADER_SIZE + victim.length - 2)  # while the store is open
+    lost = expected[5]
+    with pytest.raises(DataLoss):
+        log.read(lost.base_offset, 1)
+    for b in expected[6:12]:
+        assert log.offset_at_time(b.timestamp) == b.base_offset
+    # A time inside the damaged batch: the first intact batch at or after it.
+    assert log.offset_at_time(lost.timestamp) == expected[6].base_offset
+    store.close()
+
+
+class _RecordingOps(FileOps):
+    def __init__(self) -> None:
+        self.closed: list[int] = []
+
+    def close(self, fd: int) -> None:
+        self.closed.append(fd)
+        super().close(fd)
+
+
+def test_a_segment_closes_only_the_files_it_opened(tmp_path: Path) -> None:
+    """Recovery builds Segment objects it may delete without opening (a
+    segment overlapping its predecessor): closing one closes nothing."""
+    ops = _RecordingOps()
+    Segment(tmp_path, 0, ops=ops).close()
+    assert ops.closed == []
+    seg = Segment.create(tmp_path, 0, ops=ops)
+    fds = [seg._fd, seg._index_fd, seg._time_fd]
+    seg.close()
+    seg.close()
+    assert sorted(ops.closed) == sorted(fds)
 
 
 # -- retention -------------------------------------------------------------------------
