@@ -47,7 +47,7 @@ class GatedStore(MemoryStore):
 
 async def test_puback_waits_for_sync_and_one_sync_covers_many() -> None:
     store = GatedStore()
-    config = attrs.evolve(Config(), port=0)
+    config = attrs.evolve(Config(), port=0, http_port=0)
     async with trio.open_nursery() as nursery:
         server: Server = await nursery.start(Server(config, store).serve)
         async with pybroker.connect(server.url) as c:
@@ -78,7 +78,7 @@ async def test_puback_waits_for_sync_and_one_sync_covers_many() -> None:
 async def test_close_waits_for_outstanding_syncs() -> None:
     store = GatedStore()
     async with trio.open_nursery() as nursery:
-        server: Server = await nursery.start(Server(attrs.evolve(Config(), port=0), store).serve)
+        server: Server = await nursery.start(Server(attrs.evolve(Config(), port=0, http_port=0), store).serve)
 
         async def open_gate_later() -> None:
             await store.sync_started.wait()
