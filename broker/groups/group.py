@@ -392,7 +392,9 @@ class Group:
                 offset += 1
                 continue
             if gt.cursor < gt.topic.log.first_offset:
-                gt.cursor = offset = gt.topic.log.first_offset  # retention removed what we had not read
+                # Retention (or a purge) removed what we had not read.
+                gt.cursor = offset = gt.topic.log.first_offset
+                gt.ahead = {o for o in gt.ahead if o >= gt.cursor}
                 continue
             try:
                 batch = gt.batch_at(offset)
