@@ -964,6 +964,29 @@ class Client:
         if waiter.error is not None:
             raise waiter.error
 
+    async def _ask(self, make: Callable[[int], Info | Groups | Topics]) -> Any:
+        """Send one INFO, GROUPS or TOPICS request (``make`` builds it from
+        its request id) and return its reply, or raise what refused it."""
+        request_id = next(self._request_ids)
+        waiter = self._info_waiters[request_id] = _Waiter()
+        self._queue(self._conn.send(make(request_id)))
+        await waiter.event.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.result
+
+    async def _topics_request(
+        self, topic: str, action: TopicsAction, keep_from: int = 0, settings: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """A TOPICS request for ``topic`` and its JSON answer."""
+        await self._wait_connected()
+        problem = topic_error(topic, self._max_topic_bytes, self._max_topic_depth)
+        if problem is not None:
+            raise ValueError(problem)
+        reply: TopicsReply = await self._ask(lambda rid: Topics(rid, action, topic, keep_from, dict(settings or {})))
+        document: dict[str, Any] = json.loads(reply.document)
+        return document
+
     async def topics(self, pattern: str = ">") -> list[TopicInfo]:
         """The topics matching ``pattern`` with their first and next offsets,
         retained bytes and subscription counts, by name (every one of them:
@@ -976,14 +999,8 @@ class Client:
         # One reply holds what fits a frame: ask for the rest after the last
         # name (protocol.md, "INFO"); every page moves the name on.
         while True:
-            request_id = next(self._request_ids)
-            waiter = self._info_waiters[request_id] = _Waiter()
             after = found[-1].topic if found else ""
-            self._queue(self._conn.send(Info(request_id, pattern, after)))
-            await waiter.event.wait()
-            if waiter.error is not None:
-                raise waiter.error
-            reply: InfoReply = waiter.result
+            reply: InfoReply = await self._ask(lambda rid: Info(rid, pattern, after))
             found.extend(reply.topics)
             if not reply.truncated or not reply.topics:
                 return found
@@ -1000,13 +1017,8 @@ class Client:
         # A list longer than one reply comes page by page (protocol.md,
         # "GROUPS"): each page names the next one's start; every page moves on.
         while True:
-            request_id = next(self._request_ids)
-            waiter = self._info_waiters[request_id] = _Waiter()
-            self._queue(self._conn.send(Groups(request_id, kinds[action], after if action == "list" else name)))
-            await waiter.event.wait()
-            if waiter.error is not None:
-                raise waiter.error
-            reply: GroupsReply = waiter.result
+            target = after if action == "list" else name
+            reply: GroupsReply = await self._ask(lambda rid: Groups(rid, kinds[action], target))
             document: dict[str, Any] = json.loads(reply.document)
             if action != "list":
                 return document
@@ -1022,61 +1034,25 @@ class Client:
         starts a new topic at offset 0. Needs admin or a ``manage``
         permission for it (PermissionDenied). Returns ``{"deleted": topic,
         "messages": n}``; BrokerError UNKNOWN_TOPIC if there is none."""
-        await self._wait_connected()
-        problem = topic_error(topic, self._max_topic_bytes, self._max_topic_depth)
-        if problem is not None:
-            raise ValueError(problem)
-        request_id = next(self._request_ids)
-        waiter = self._info_waiters[request_id] = _Waiter()
-        self._queue(self._conn.send(Topics(request_id, TopicsAction.DELETE, topic)))
-        await waiter.event.wait()
-        if waiter.error is not None:
-            raise waiter.error
-        reply: TopicsReply = waiter.result
-        document: dict[str, Any] = json.loads(reply.document)
-        return document
+        return await self._topics_request(topic, TopicsAction.DELETE)
 
     async def set_topic(self, topic: str, **settings: int | float | str | None) -> dict[str, Any]:
         """Change ``topic``'s ``retention_bytes``, ``retention_seconds`` (a
         number or "7d") or ``segment_bytes`` while the broker runs (None:
         no retention limit); kept across restarts. Same rights as
         :meth:`delete_topic`. Returns ``{"topic", "settings"}``."""
-        await self._wait_connected()
-        problem = topic_error(topic, self._max_topic_bytes, self._max_topic_depth)
-        if problem is not None:
-            raise ValueError(problem)
         options = {k: "none" if v is None else str(v) for k, v in settings.items()}
-        request_id = next(self._request_ids)
-        waiter = self._info_waiters[request_id] = _Waiter()
-        self._queue(self._conn.send(Topics(request_id, TopicsAction.SET, topic, 0, options)))
-        await waiter.event.wait()
-        if waiter.error is not None:
-            raise waiter.error
-        reply: TopicsReply = waiter.result
-        document: dict[str, Any] = json.loads(reply.document)
-        return document
+        return await self._topics_request(topic, TopicsAction.SET, settings=options)
 
     async def purge_topic(self, topic: str, keep_from: int | None = None) -> dict[str, Any]:
         """Remove ``topic``'s messages before the stored batch holding offset
         ``keep_from`` (None: all of them); offsets go on from where they
         were. Same rights as :meth:`delete_topic`. Returns ``{"topic",
         "first_offset", "next_offset", "purged"}``."""
-        await self._wait_connected()
-        problem = topic_error(topic, self._max_topic_bytes, self._max_topic_depth)
-        if problem is not None:
-            raise ValueError(problem)
         if keep_from is not None and not 0 <= keep_from < 1 << 64:
             raise ValueError("keep_from must be an offset (0 or more)")
-        request_id = next(self._request_ids)
-        waiter = self._info_waiters[request_id] = _Waiter()
         value = (1 << 64) - 1 if keep_from is None else keep_from
-        self._queue(self._conn.send(Topics(request_id, TopicsAction.PURGE, topic, value)))
-        await waiter.event.wait()
-        if waiter.error is not None:
-            raise waiter.error
-        reply: TopicsReply = waiter.result
-        document: dict[str, Any] = json.loads(reply.document)
-        return document
+        return await self._topics_request(topic, TopicsAction.PURGE, value)
 
     async def create_group(
         self,
@@ -1107,13 +1083,9 @@ class Client:
         options = _group_options(
             ack_wait, max_deliver, backoff, backoff_jitter, max_ack_pending, dead_letter, ordering
         )
-        request_id = next(self._request_ids)
-        waiter = self._info_waiters[request_id] = _Waiter()
-        self._queue(self._conn.send(Groups(request_id, GroupsAction.CREATE, name, pattern, kind, value, options)))
-        await waiter.event.wait()
-        if waiter.error is not None:
-            raise waiter.error
-        reply: GroupsReply = waiter.result
+        reply: GroupsReply = await self._ask(
+            lambda rid: Groups(rid, GroupsAction.CREATE, name, pattern, kind, value, options)
+        )
         document: dict[str, Any] = json.loads(reply.document)
         return document
 
