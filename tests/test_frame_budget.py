@@ -116,6 +116,19 @@ async def settled_rss(pid: int, port: int) -> int:
     return rss_bytes(pid)
 
 
+async def returned_rss(pid: int, port: int, before: int, settles: int = 3) -> int:
+    """RSS once settled after the attack, giving the broker up to
+    ``settles`` settle periods to hand memory back: on a loaded machine its
+    heap trim can run after RSS has already looked steady for one period.
+    (The bound checked stays the same; only the wait is longer.)"""
+    after = await settled_rss(pid, port)
+    for _ in range(settles - 1):
+        if after - before <= AFTER_SLACK:
+            break
+        after = min(after, await settled_rss(pid, port))
+    return after
+
+
 def publish_head(frame_bytes: int, topic: bytes = b"half.sent") -> bytes:
     """The header and first fields of a PUBLISH whose body is ``frame_bytes``."""
     return struct.pack(">IBBQH", frame_bytes, FrameType.PUBLISH, 0, 1, len(topic)) + topic
@@ -216,7 +229,7 @@ async def test_half_sent_publishes_are_bounded_by_the_budget(tmp_path: Path) -> 
         for raw in raws:
             await trio.aclose_forcefully(raw.stream)
         await wait_closed(broker, closed_before + ATTACKERS)
-        after = await settled_rss(pid, broker.port)
+        after = await returned_rss(pid, broker.port, before)
         print(
             f"\n{ATTACKERS} half-sent {FRAME // MIB} MiB PUBLISH frames, budget {BUDGET // MIB} MiB: "
             f"RSS {before / MIB:.1f} MB before, {during / MIB:.1f} MB during, {after / MIB:.1f} MB after"
@@ -251,7 +264,7 @@ async def test_half_sent_hellos_are_refused_at_their_header(tmp_path: Path) -> N
         async with trio.open_nursery() as nursery:
             for _ in range(count):
                 nursery.start_soon(one)
-        after = await settled_rss(pid, broker.port)
+        after = await returned_rss(pid, broker.port, before)
         print(
             f"\n{count} half-sent {size // MIB} MiB HELLOs: RSS {before / MIB:.1f} MB before, "
             f"peak {peak / MIB:.1f} MB, {after / MIB:.1f} MB after"
@@ -277,7 +290,7 @@ async def test_large_frames_leave_nothing_behind_on_open_connections(tmp_path: P
             for raw in raws:
                 nursery.start_soon(upload, raw)
         # Every frame is decoded and stored; the connections stay open.
-        after = await settled_rss(pid, broker.port)
+        after = await returned_rss(pid, broker.port, before)
         print(
             f"\n{count} complete {FRAME // MIB} MiB frames, connections open: "
             f"RSS {before / MIB:.1f} MB before, {after / MIB:.1f} MB after"
