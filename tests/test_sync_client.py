@@ -538,7 +538,9 @@ def test_close_leaves_no_thread_behind(serve: Serve) -> None:
     assert len(client_threads()) == 1 + 3 + 2
     c.close()
     reader.join(TIMEOUT)
-    assert set(threading.enumerate()) == before
+    # Nothing started since is left (threads running before may end meanwhile:
+    # trio's idle worker threads do).
+    assert set(threading.enumerate()) - before == set()
     assert c.closed and not c.connected
     with pytest.raises(ConnectionClosed):
         c.send("a", b"late")
@@ -561,7 +563,7 @@ def test_connect_failure_raises_and_leaves_no_thread() -> None:
     before = set(threading.enumerate())
     with pytest.raises(OSError):
         pybroker.sync.connect(f"pybroker://127.0.0.1:{free_port()}", connect_timeout=5)
-    assert set(threading.enumerate()) == before
+    assert set(threading.enumerate()) - before == set()
     with pytest.raises(ValueError):
         pybroker.sync.connect("http://127.0.0.1:1")
 
