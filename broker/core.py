@@ -548,13 +548,7 @@ class Broker:
         subscribers and the groups reading it are told; a publish to the
         name afterwards starts a new topic at offset 0. What was published
         before is acknowledged first (its fsync is awaited), then deleted."""
-        topic = self._managed_topic(who, name)
-        while topic.held:
-            # Answers owed for batches still waiting for their fsync go out
-            # as promised before the files go.
-            await self.committer.wait_seq(topic.held[-1].seq)
-            if self.router.topics.get(name) is not topic:
-                raise Refused(ErrorCode.UNKNOWN_TOPIC, f"no topic {name!r}")
+        topic = await self._settled_topic(who, name)
         log = topic.log
         messages = log.next_offset - log.first_offset
         # From here to the store's move, no await: nothing is appended to
@@ -577,9 +571,7 @@ class Broker:
         where they were; a subscriber behind the new first offset gets
         DATA_LOST for what it missed. What was published before is
         acknowledged first, as for delete."""
-        topic = self._managed_topic(who, name)
-        while topic.held:
-            await self.committer.wait_seq(topic.held[-1].seq)
+        topic = await self._settled_topic(who, name)
         log = topic.log
         before = log.first_offset
         try:
@@ -604,6 +596,19 @@ class Broker:
             raise Refused(exc.code, exc.message, {"topic": name}) from None
         self.logger.info("topic settings changed", topic=name, changes=dict(changes), by=who.name)
         return {"topic": name, "settings": attrs.asdict(settings)}
+
+    async def _settled_topic(self, who: Principal, name: str) -> Topic:
+        """The topic ``who`` may manage, once every batch published to it
+        before now is settled: answers owed for batches still waiting for
+        their fsync go out as promised before anything is removed. Returns
+        with no await after the last check (nothing can be appended in
+        between, the caller's next steps being synchronous)."""
+        topic = self._managed_topic(who, name)
+        while topic.held:
+            await self.committer.wait_seq(topic.held[-1].seq)
+            if self.router.topics.get(name) is not topic:
+                raise Refused(ErrorCode.UNKNOWN_TOPIC, f"no topic {name!r}")
+        return topic
 
     def _managed_topic(self, who: Principal, name: str) -> Topic:
         problem = topic_error(name, self.limits.max_topic_bytes, self.limits.max_topic_depth)

@@ -37,7 +37,7 @@ from ..logs import get_logger
 from ..stats import Histogram
 from .base import StoredBatch, SyncResult, TopicLog
 from .errors import DataLoss, LossReason, StorageError
-from .fileops import REAL, FileOps, fsync_dir
+from .fileops import REAL, FileOps, fsync_dir, replace_durably
 from .lock import DataDirLock
 from .recovery import Finding, Hole, TopicRecovery
 from .segment import Damage, Segment, SyncMark
@@ -725,13 +725,7 @@ def read_changed_settings(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_changed_settings(path: Path, changed: Mapping[str, Mapping[str, Any]], ops: FileOps) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(changed, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent, ops)
+    replace_durably(path, json.dumps(changed, indent=1, sort_keys=True).encode("utf-8"), ops)
 
 
 #: A purged topic's first offset (protocol.md, "TOPICS"), in its directory.
@@ -747,12 +741,5 @@ def read_start(directory: Path) -> int:
 
 
 def write_start(directory: Path, offset: int, ops: FileOps) -> None:
-    """Save the first offset durably: a temporary file, fsynced, renamed
-    over START, and the directory fsynced (OSError if any step fails)."""
-    tmp = directory / (START_FILE + ".tmp")
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write(f"{offset}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / START_FILE)
-    fsync_dir(directory, ops)
+    """Save the first offset durably (OSError if that fails)."""
+    replace_durably(directory / START_FILE, f"{offset}\n".encode("ascii"), ops)

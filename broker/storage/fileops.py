@@ -57,3 +57,20 @@ def fsync_dir(path: str | os.PathLike[str], ops: FileOps = REAL) -> None:
         ops.fsync(fd)
     finally:
         ops.close(fd)
+
+
+def replace_durably(path: str | os.PathLike[str], data: bytes, ops: FileOps = REAL) -> None:
+    """Put ``data`` at ``path`` so that a crash leaves the old file or the
+    new one, never part of it: a temporary file beside it, written and
+    fsynced, renamed over it, and the directory fsynced. OSError if any
+    step fails (the old file then stands)."""
+    target = os.fspath(path)
+    tmp = target + ".tmp"
+    fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        write_all(ops, fd, data)
+        ops.fsync(fd)
+    finally:
+        ops.close(fd)
+    os.replace(tmp, target)
+    fsync_dir(os.path.dirname(target) or ".", ops)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Literal
 import attrs
 
 from .errors import LossReason, StorageError
-from .fileops import REAL, fsync_dir
+from .fileops import REAL, fsync_dir, replace_durably
 from .scan import find_next_batch
 from .segment import DAMAGED_SUFFIX, INDEX_ENTRY, Segment, ScanStop, segment_name
 
@@ -369,9 +369,4 @@ def _save_holes(directory: Path, holes: list[Hole]) -> None:
     if not holes:
         path.unlink(missing_ok=True)
         return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([attrs.asdict(h) for h in holes]) + "\n", "utf-8")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(directory)
+    replace_durably(path, (json.dumps([attrs.asdict(h) for h in holes]) + "\n").encode("utf-8"))
