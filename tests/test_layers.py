@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "pybroker.server.router": 3,
     "pybroker.server.committer": 3,
     "pybroker.server.dedup": 3,
+    "pybroker.server.delays": 3,
     "pybroker.server.groups": 3,
     "pybroker.server.framebudget": 3,
     "pybroker.server.tls": 3,

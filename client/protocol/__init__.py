@@ -17,6 +17,7 @@ are named for what they own:
 """
 
 from ._batch import (
+    DELIVER_AT_HEADER,
     EMPTY_HEADERS,
     MAX_MSG_ID_BYTES,
     MSG_ID_HEADER,
@@ -29,6 +30,7 @@ from ._batch import (
     encode_batch_from_records,
     encode_headers,
     encode_record,
+    first_headers,
     first_msg_id,
     record_headers,
     split_records,
@@ -109,6 +111,7 @@ from ._wire import (
     MAGIC,
     MAX_ACK_RANGES,
     MAX_INFO_ENTRIES,
+    NO_OFFSET,
     PROTOCOL_VERSION,
     RECORD_HEADER,
     RESUME_OPTION_PREFIX,
@@ -133,6 +136,7 @@ __all__ = [
     "MAGIC",
     "MAX_ACK_RANGES",
     "MAX_INFO_ENTRIES",
+    "NO_OFFSET",
     "PROTOCOL_VERSION",
     "RECORD_HEADER",
     "RESUME_OPTION_PREFIX",
@@ -144,6 +148,8 @@ __all__ = [
     "MAX_MSG_ID_BYTES",
     "MSG_ID_HEADER",
     "MSG_ID_ROOM",
+    "DELIVER_AT_HEADER",
+    "first_headers",
     "first_msg_id",
     "record_headers",
     "with_msg_id",
