@@ -11,6 +11,7 @@ import datetime as dt
 import os
 import time
 import tracemalloc
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from pybroker.protocol import (
 )
 from pybroker.server.delays import FileBuckets, MemoryBuckets, Schedule
 from pybroker.server.delays.buckets import Entry, iter_entries
+from pybroker.server.delays.schedule import RELEASE_ROUND, RETRY_MS
 from pybroker.server.router import Held
 from pybroker.server.storage.fileops import FileOps
 
@@ -123,6 +125,7 @@ async def test_memory_holds_bucket_keys_not_entries(tmp_path: Path) -> None:
     schedule = Schedule(FileBuckets(tmp_path), width_ms=1000, clock=clock)
     payload = encode_batch([b"x" * 200])
     schedule.add(clock.now + 60_000, "warm.up", payload, False, None)
+    releases = Releases()
     tracemalloc.start()
     try:
         before, _ = tracemalloc.get_traced_memory()
@@ -136,12 +139,73 @@ async def test_memory_holds_bucket_keys_not_entries(tmp_path: Path) -> None:
     # Held per entry in memory: a heap of every message would be at least
     # its payload (4 MB here); the schedule holds a few bytes per bucket.
     assert after - before < 64_000, (after - before, stored)
-    assert len(schedule._due) == 0  # nothing loaded before its bucket is due
+    # Nothing is loaded before its bucket is due, stepping or not.
+    assert await schedule.step(releases, releases.durable) == 0
+    assert len(schedule._due) == 0
     # The first bucket, once due, is loaded alone.
     clock.now += 1000
-    releases = Releases()
     await schedule.step(releases, releases.durable)
     assert len(releases.entries) + len(schedule._due) == 400
+
+
+@trio_only
+async def test_a_bucket_read_back_from_its_file_is_released_in_due_order(tmp_path: Path) -> None:
+    clock = Clock()
+    t0 = clock.now
+    first = Schedule(FileBuckets(tmp_path), width_ms=10_000, clock=clock)
+    for i in range(5):  # one bucket, written latest first
+        first.add(t0 + 900 - 100 * i, "t.order", b"%d" % (4 - i), False, None)
+    second = Schedule(FileBuckets(tmp_path), width_ms=10_000, clock=clock)
+    assert second.recover() == 5
+    releases = Releases()
+    clock.now = t0 + 20_000
+    assert await drain(second, releases) == 5
+    assert releases.payloads == [b"0", b"1", b"2", b"3", b"4"]
+    assert second.released == 5 and second.pending == 0
+
+
+@trio_only
+async def test_many_due_at_once_go_in_bounded_rounds_and_none_is_lost(tmp_path: Path) -> None:
+    clock = Clock()
+    schedule = Schedule(FileBuckets(tmp_path), width_ms=1000, clock=clock)
+    n = 2 * RELEASE_ROUND + 500
+    for i in range(n):
+        schedule.add(clock.now + 1 + i % 900, "t.many", b"%d" % i, False, None)
+    clock.now += 5000  # long past the bucket's end
+    releases = Releases()
+    assert await schedule.step(releases, releases.durable) == RELEASE_ROUND
+    assert schedule.pending == n - RELEASE_ROUND
+    assert await drain(schedule, releases) == n - RELEASE_ROUND
+    assert sorted(releases.payloads) == sorted(b"%d" % i for i in range(n))
+    assert schedule.released == n and schedule.pending == 0
+    assert list(tmp_path.iterdir()) == []  # the bucket went once all of it was out
+
+
+@trio_only
+async def test_release_notes_are_synced_in_the_next_round() -> None:
+    class Recording(MemoryBuckets):
+        durable = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.synced: list[list[int]] = []
+
+        def sync(self, buckets: Sequence[int]) -> None:
+            self.synced.append(list(buckets))
+
+    clock = Clock()
+    buckets = Recording()
+    schedule = Schedule(buckets, width_ms=10_000, clock=clock)
+    schedule.add(clock.now + 10, "t.note", b"a", False, None)
+    schedule.add(clock.now + 20, "t.note", b"b", False, None)
+    await schedule.sync()
+    assert buckets.synced == [[clock.now - clock.now % 10_000]]
+    clock.now += 10
+    assert await drain(schedule, Releases()) == 1  # "b" not due: the bucket stays, with a note
+    await schedule.sync()
+    assert buckets.synced[-1] == [clock.now - clock.now % 10_000]
+    await schedule.sync()  # nothing new: no fsync
+    assert len(buckets.synced) == 2
 
 
 @trio_only
@@ -202,6 +266,48 @@ async def test_a_failed_fsync_refuses_the_batches_and_they_are_never_released(tm
     releases = Releases()
     clock.now += 1000
     assert await drain(schedule, releases) == 1 and releases.payloads == [b"kept"]
+
+
+@trio_only
+async def test_a_failed_fsync_of_the_bucket_being_released_drops_the_refused_entry(tmp_path: Path) -> None:
+    ops = FaultyOps()
+    clock = Clock()
+    schedule = Schedule(FileBuckets(tmp_path, ops), width_ms=10_000, clock=clock)
+    schedule.add(clock.now + 100, "t.cur", b"first", False, None)
+    schedule.add(clock.now + 900, "t.cur", b"kept", False, None)
+    releases = Releases()
+    clock.now += 100
+    assert await drain(schedule, releases) == 1  # the bucket is loaded now
+    lost = Held(1, NO_OFFSET, 0, b"", 1)
+    schedule.add(clock.now + 300, "t.cur", b"lost", False, lost)
+    ops.fail_next("fdatasync")
+    await schedule.sync()
+    assert lost.error is not None
+    clock.now += 20_000
+    assert await drain(schedule, releases) == 1
+    assert releases.payloads == [b"first", b"kept"]
+
+
+@trio_only
+async def test_a_release_whose_durability_fails_is_tried_again(tmp_path: Path) -> None:
+    clock = Clock()
+    schedule = Schedule(MemoryBuckets(), width_ms=1000, clock=clock)
+    schedule.add(clock.now + 10, "t.retry", b"r", False, None)
+    waits = 0
+
+    async def failing_once(published: Any) -> None:
+        nonlocal waits
+        waits += 1
+        if waits == 1:
+            raise RuntimeError("fsync failed: rolled back in its topic")
+
+    releases = Releases()
+    clock.now += 10
+    assert await schedule.step(releases, failing_once) == 0
+    assert schedule.pending == 1 and schedule.released == 0
+    clock.now += RETRY_MS
+    assert await schedule.step(releases, failing_once) == 1
+    assert releases.payloads == [b"r", b"r"] and schedule.released == 1
 
 
 @trio_only
@@ -435,12 +541,13 @@ async def test_http_publishes_with_a_delay(tmp_path: Path) -> None:
         got: list[tuple[float, pybroker.Message]] = []
         done = anyio.Event()
         await c.subscribe("d.http", _collect(got, 2, done))
-        reply = await post_json(port, "/v1/topics/d.http/messages?delay=0.3", {"payload": "q"})
+        reply = await post_json(port, "/v1/topics/d.http/messages?delay=2", {"payload": "q"})
         assert reply.status == 200, reply
         body = reply.json()
         assert body["scheduled"] is True and body["durability"] == "disk" and "offset" not in body
-        # A deliver-at header of its own (raw body) schedules it too.
-        due_ms = time.time_ns() // 1_000_000 + 200
+        # A deliver-at header of its own (raw body) schedules it too, a
+        # second before the first.
+        due_ms = body["deliver_at_ms"] - 1000
         reply = await request(
             port, "POST", "/v1/topics/d.http/messages", b"h",
             {"content-type": "text/plain", "x-pybroker-header-deliver-at": str(due_ms)},

@@ -193,10 +193,6 @@ class Schedule:
             with trio.move_on_after(math.inf if wake_at is None else (wake_at - now) / 1000):
                 await self._wake.wait()
 
-    def poke(self) -> None:
-        """Look again now (a test's clock moved)."""
-        self._wake.set()
-
     async def step(self, release: Release, durable: Durable) -> int:
         """Release what is due now (one round of at most RELEASE_ROUND
         entries, after any buckets found finished); how many were released."""
