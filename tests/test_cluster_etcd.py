@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from helpers.cluster import etcd_server, free_ports
+from helpers.cluster import etcd_cluster, etcd_server, free_ports
 from pybroker.server.cluster.etcd import (
     Compare,
     Delete,
@@ -194,3 +194,42 @@ async def test_a_paused_etcd_is_a_timeout_not_a_hang(tmp_path: Path) -> None:
                 server.resume()
             with trio.fail_after(WAIT):
                 assert (await etcd.get(b"k")) is not None
+
+
+async def test_the_client_fails_over_when_the_leader_is_killed(tmp_path: Path) -> None:
+    """Three members; the client's first endpoint is the leader, which is
+    SIGKILLed. Calls move to the other members, and a lease granted before
+    survives the election (the new leader refreshes leases)."""
+    with etcd_cluster(tmp_path, 3) as members:
+        urls = [url for url, _server in members]
+        with trio.fail_after(WAIT):
+            async with Etcd(urls) as probe:
+                _me, leader = await probe.status()
+                leader_url = ""
+                for url in urls:
+                    async with Etcd(url) as one:
+                        if (await one.status())[0] == leader:
+                            leader_url = url
+            assert leader_url, "no member is the leader"
+            ordered = [leader_url] + [u for u in urls if u != leader_url]
+            async with Etcd(ordered, timeout=2) as etcd:
+                lease, _ = await etcd.grant(10)
+                created = await etcd.txn([Compare.create_revision(b"own/t/0", "==", 0)], [Put(b"own/t/0", b"a", lease)])
+                assert created.succeeded and etcd.url == leader_url
+                dict(members)[leader_url].kill()
+                # Until the others have elected a leader, calls may be refused
+                # as unavailable: try again, a bounded number of times.
+                for _attempt in range(100):
+                    try:
+                        fenced = await etcd.txn(
+                            [Compare.create_revision(b"own/t/0", "==", created.revision)], [Put(b"next/t/0", b"1")]
+                        )
+                        break
+                    except EtcdUnavailable:
+                        await trio.sleep(0.1)
+                else:
+                    raise AssertionError("no etcd member took the write after the leader died")
+                assert fenced.succeeded and etcd.url != leader_url
+                assert await etcd.keepalive(lease) == 10
+                _me, new_leader = await etcd.status()
+                assert new_leader not in (0, leader)

@@ -193,3 +193,24 @@ async def test_an_owner_stopped_past_its_lease_is_fenced_when_it_resumes(
                 await etcd.revoke(lease_b)
     finally:
         child.kill()
+
+
+async def test_an_owner_cut_off_from_etcd_stops_holding_by_its_deadline(tmp_path: Path) -> None:
+    """etcd stops answering (SIGSTOP): renewals time out, and the keeper
+    gives the lease up at its deadline instead of waiting on etcd."""
+    with etcd_server(tmp_path) as (url, server):
+        async with Etcd(url, timeout=1) as etcd:
+            keeper = LeaseKeeper(etcd, TTL, margin=0.2)
+            await keeper.grant()
+            server.pause()
+            try:
+                with trio.fail_after(WAIT):
+                    with pytest.raises(LeaseLost, match="not renewed before its deadline"):
+                        await keeper.run()
+                lost_at = trio.current_time()
+            finally:
+                server.resume()
+            assert not keeper.held() and keeper.lost.is_set() and keeper.renewals == 0
+            # It gave up at its deadline (a loose bound: hanging on the paused
+            # etcd would end only at WAIT).
+            assert keeper.safe_until <= lost_at < keeper.safe_until + 5.0

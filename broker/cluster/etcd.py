@@ -33,7 +33,7 @@ DEFAULT_TIMEOUT = 5.0
 #: over a huge prefix should be paged with ``limit``).
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 
-#: Bound on lines a closing watch may still hold in httpx's buffers.
+#: Bound on what a part-read stream may still hold in httpx's buffers (lines or chunks).
 _MAX_BUFFERED_LINES = 1_000_000
 
 # gRPC status codes etcd answers with (google.golang.org/grpc/codes).
@@ -249,16 +249,34 @@ def _error_of(answer: Any, status: int) -> EtcdError:
 
 
 class Etcd:
-    """A connection pool to one etcd endpoint (``http://host:port``).
+    """A connection pool to an etcd cluster: one or more client URLs
+    (``http://host:port``) of its members.
 
-    Use it as an async context manager, or call ``aclose``. Calls may run
-    concurrently from several tasks.
+    Calls go to the current endpoint. One that cannot be connected to (the
+    request was not sent) is left for the next, and the call is tried
+    there, once around the list; any other failure (a timeout or a broken
+    connection after sending, etcd answering "unavailable") is raised as
+    ``EtcdUnavailable`` (for a write, outcome unknown) and the next call
+    goes to the next endpoint. Use it as an async context manager, or call
+    ``aclose``. Calls may run concurrently from several tasks.
     """
 
-    def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.url = url.rstrip("/")
+    def __init__(self, urls: str | Sequence[str], *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.urls = [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
+        if not self.urls:
+            raise ValueError("no etcd endpoint given")
         self.timeout = timeout
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+        self._current = 0
+        self._http = httpx.AsyncClient(timeout=timeout)
+
+    @property
+    def url(self) -> str:
+        """The endpoint calls go to now."""
+        return self.urls[self._current]
+
+    def _next_endpoint(self, failed: str) -> None:
+        if self.url == failed:  # another task may have moved on already
+            self._current = (self._current + 1) % len(self.urls)
 
     async def __aenter__(self) -> Etcd:
         return self
@@ -270,24 +288,50 @@ class Etcd:
         await self._http.aclose()
 
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            response = await self._http.post(path, json=body)
-        except httpx.TimeoutException as exc:
-            raise EtcdUnavailable(f"etcd at {self.url} did not answer {path} within {self.timeout}s") from exc
-        except httpx.TransportError as exc:
-            raise EtcdUnavailable(f"etcd at {self.url} unreachable for {path}: {exc!r}") from exc
-        if len(response.content) > MAX_ANSWER_BYTES:
-            raise EtcdError(f"etcd's answer to {path} is {len(response.content)} bytes, over {MAX_ANSWER_BYTES}")
-        try:
-            answer = response.json()
-        except ValueError as exc:
-            raise EtcdError(f"etcd answered {path} with HTTP {response.status_code} and no JSON") from exc
-        if response.status_code != 200 or not isinstance(answer, dict) or "error" in answer:
-            error = _error_of(answer, response.status_code)
-            if error.code == UNAVAILABLE:
-                raise EtcdUnavailable(error.message) from None
-            raise error
-        return answer
+        last = EtcdUnavailable("no etcd endpoint tried")
+        for _ in range(len(self.urls)):
+            url = self.url
+            try:
+                status, content = await self._post(url + path, body)
+            except httpx.ConnectError as exc:
+                self._next_endpoint(url)
+                last = EtcdUnavailable(f"etcd at {url} unreachable for {path}: {exc!r}")
+                continue
+            except httpx.TimeoutException as exc:
+                self._next_endpoint(url)
+                raise EtcdUnavailable(f"etcd at {url} did not answer {path} within {self.timeout}s") from exc
+            except httpx.TransportError as exc:
+                self._next_endpoint(url)
+                raise EtcdUnavailable(f"etcd at {url} broke off {path}: {exc!r}") from exc
+            answer = _json_or_none(content)
+            if status != 200 or not isinstance(answer, dict) or "error" in answer:
+                if answer is None:
+                    raise EtcdError(f"etcd at {url} answered {path} with HTTP {status} and no JSON")
+                error = _error_of(answer, status)
+                if error.code == UNAVAILABLE:  # e.g. "no leader" during an election
+                    self._next_endpoint(url)
+                    raise EtcdUnavailable(f"etcd at {url}: {error.message}") from None
+                raise error
+            return answer
+        raise last
+
+    async def _post(self, url: str, body: dict[str, Any]) -> tuple[int, bytes]:
+        """POST ``body``; the status and the answer, read up to MAX_ANSWER_BYTES."""
+        async with self._http.stream("POST", url, json=body) as response:
+            content = bytearray()
+            chunks = response.aiter_raw()
+            async for chunk in chunks:
+                content += chunk
+                if len(content) > MAX_ANSWER_BYTES:
+                    await _finish(chunks)
+                    raise EtcdError(f"etcd's answer from {url} is over {MAX_ANSWER_BYTES} bytes")
+            return response.status_code, bytes(content)
+
+    async def status(self) -> tuple[int, int]:
+        """(this endpoint's member id, the leader's member id) as the
+        current endpoint sees them."""
+        answer = await self._call("/v3/maintenance/status", {})
+        return int(answer.get("header", {}).get("member_id", 0)), int(answer.get("leader", 0))
 
     # -- keys ---------------------------------------------------------------
 
@@ -401,16 +445,18 @@ class Etcd:
             request["prev_kv"] = True
         # No read timeout: a quiet key sends nothing for as long as it stays quiet.
         timeout = httpx.Timeout(self.timeout, read=None)
-        stream = self._http.stream("POST", "/v3/watch", json={"create_request": request}, timeout=timeout)
+        url = self.url
+        stream = self._http.stream("POST", url + "/v3/watch", json={"create_request": request}, timeout=timeout)
         try:
             response = await stream.__aenter__()
         except httpx.TransportError as exc:
-            raise EtcdUnavailable(f"etcd at {self.url} unreachable for a watch: {exc!r}") from exc
+            self._next_endpoint(url)
+            raise EtcdUnavailable(f"etcd at {url} unreachable for a watch: {exc!r}") from exc
         try:
             if response.status_code != 200:
                 await response.aread()
                 raise _error_of(_json_or_none(response.content), response.status_code)
-            watch = Watch(response, self.url)
+            watch = Watch(response, url)
             try:
                 created = await watch.next_result()
                 if not created.get("created"):
@@ -429,6 +475,21 @@ def _json_or_none(data: bytes) -> Any:
         return None
 
 
+async def _finish(iterator: AsyncIterator[Any]) -> None:
+    """End an httpx stream iterator left part-read. Closing it would leave
+    the generators it reads from suspended (Trio then warns as it collects
+    them); reading on under a cancelled scope instead ends every one of them
+    with the cancellation raised at the socket (or at once, if the stream
+    already ended). What is still buffered is read and dropped."""
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        for _ in range(_MAX_BUFFERED_LINES):
+            try:
+                await iterator.__anext__()
+            except (StopAsyncIteration, httpx.HTTPError):
+                return
+
+
 class Watch:
     """The batches of one watch, in revision order. Iterating raises
     WatchCanceled if etcd ends the watch (its start revision was compacted),
@@ -439,18 +500,7 @@ class Watch:
         self._lines = response.aiter_lines()
 
     async def aclose(self) -> None:
-        """Finish httpx's chain of stream generators. Closing the outer one
-        would leave the inner ones suspended (Trio then warns as it collects
-        them); reading on under a cancelled scope instead ends every one of
-        them with the cancellation raised at the socket (or at once, if the
-        stream already ended). Lines still buffered are read and dropped."""
-        with anyio.CancelScope() as scope:
-            scope.cancel()
-            for _ in range(_MAX_BUFFERED_LINES):
-                try:
-                    await self._lines.__anext__()
-                except (StopAsyncIteration, httpx.HTTPError):
-                    return
+        await _finish(self._lines)
 
     def __aiter__(self) -> Watch:
         return self

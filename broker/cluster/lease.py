@@ -19,6 +19,10 @@ import anyio
 from .etcd import Etcd, EtcdError, LeaseNotFound
 
 
+#: Pause between renewals while etcd does not answer.
+RETRY_SECONDS = 0.25
+
+
 class LeaseLost(Exception):
     """The lease can no longer be relied on (expired, revoked, or not
     renewed in time)."""
@@ -60,8 +64,12 @@ class LeaseKeeper:
             await self.grant()
         try:
             while True:
+                renewed = self.renewals
                 await anyio.sleep(self.granted_ttl / 3)
                 await self._renew()
+                while self.renewals == renewed:  # unreachable: try again soon, until the deadline
+                    await anyio.sleep(RETRY_SECONDS)
+                    await self._renew()
         finally:
             if not self.held():
                 self.lost.set()

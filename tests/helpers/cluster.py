@@ -159,30 +159,44 @@ def etcd_version(binary: str) -> str:
 @contextmanager
 def etcd_server(tmp: Path) -> Iterator[tuple[str, Server]]:
     """A one-member etcd on free loopback ports; yields (client URL, server)."""
+    with etcd_cluster(tmp, 1) as members:
+        yield members[0]
+
+
+@contextmanager
+def etcd_cluster(tmp: Path, size: int = 3) -> Iterator[list[tuple[str, Server]]]:
+    """An etcd cluster of ``size`` members on free loopback ports; yields
+    each member's (client URL, server)."""
     binary = need_etcd()
     version = etcd_version(binary)
     if _BAD_ETCD.match(version):
         raise RuntimeError(f"etcd {version} has known data-corruption bugs; use 3.4.x or 3.5.3+")
-    client, peer = free_ports(2)
-    data = tmp / f"etcd-{client}"
-    url = f"http://127.0.0.1:{client}"
-    args = [
-        binary,
-        "--name", "test",
-        "--data-dir", str(data),
-        "--listen-client-urls", url,
-        "--advertise-client-urls", url,
-        "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-        "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-        "--initial-cluster", f"test=http://127.0.0.1:{peer}",
-        "--initial-cluster-state", "new",
-    ]  # fmt: skip
-    server = Server("etcd", args, r"ready to serve client requests", tmp)
+    ports = free_ports(2 * size)
+    clients, peers = ports[:size], ports[size:]
+    initial = ",".join(f"m{i}=http://127.0.0.1:{peers[i]}" for i in range(size))
+    members: list[tuple[str, Server]] = []
     try:
-        server.wait_ready()
-        yield url, server
+        for i in range(size):
+            url = f"http://127.0.0.1:{clients[i]}"
+            args = [
+                binary,
+                "--name", f"m{i}",
+                "--data-dir", str(tmp / f"etcd-{clients[i]}"),
+                "--listen-client-urls", url,
+                "--advertise-client-urls", url,
+                "--listen-peer-urls", f"http://127.0.0.1:{peers[i]}",
+                "--initial-advertise-peer-urls", f"http://127.0.0.1:{peers[i]}",
+                "--initial-cluster", initial,
+                "--initial-cluster-state", "new",
+                "--initial-cluster-token", f"pybroker-test-{clients[0]}",
+            ]  # fmt: skip
+            members.append((url, Server(f"etcd m{i}", args, r"ready to serve client requests", tmp)))
+        for _url, server in members:
+            server.wait_ready()
+        yield members
     finally:
-        server.kill()
+        for _url, server in members:
+            server.kill()
 
 
 def weed_s3_config(path: Path, access_key: str, secret_key: str) -> Path:
