@@ -154,3 +154,14 @@ async def test_signed_requests_against_a_store_that_requires_them(tmp_path: Path
                     with pytest.raises(ObjectStoreError) as refused:
                         await store.put_if_absent("k", b"v")
                     assert refused.value.status == 403, credentials
+
+
+async def test_an_answer_over_the_bound_is_refused(s3_url: str, store: ObjectStore) -> None:
+    async with store:
+        with trio.fail_after(WAIT):
+            assert await store.put_if_absent("big", b"x" * 10_000)
+        async with ObjectStore(s3_url, store.bucket, prefix=store.prefix, max_answer_bytes=1000) as small:
+            with trio.fail_after(WAIT):
+                with pytest.raises(ObjectStoreError, match="over 1000 bytes"):
+                    await small.get("big")
+                assert await small.get("big", 0, 999) == b"x" * 1000  # a range within the bound is fine

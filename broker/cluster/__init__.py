@@ -6,6 +6,7 @@
   own monotonic clock until when it is certainly still held.
 - ``objects``: the few S3 calls the data path needs (conditional PUT,
   ranged GET, DELETE, LIST), optionally signed (``sigv4``).
+- ``httpio``: bounded reads of httpx streams (shared by both clients).
 
 Nothing here imports the broker's core, sessions or HTTP side: these are
 storage-level building blocks. They use anyio (through httpx), so they run

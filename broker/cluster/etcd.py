@@ -23,18 +23,16 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
-import anyio
 import attrs
 import httpx
+
+from .httpio import TooLarge, finish, read_bounded
 
 #: Bound on one unary call (connect, send, answer).
 DEFAULT_TIMEOUT = 5.0
 #: A JSON answer larger than this is refused rather than parsed (a range
 #: over a huge prefix should be paged with ``limit``).
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
-
-#: Bound on what a part-read stream may still hold in httpx's buffers (lines or chunks).
-_MAX_BUFFERED_LINES = 1_000_000
 
 # gRPC status codes etcd answers with (google.golang.org/grpc/codes).
 NOT_FOUND = 5
@@ -318,14 +316,10 @@ class Etcd:
     async def _post(self, url: str, body: dict[str, Any]) -> tuple[int, bytes]:
         """POST ``body``; the status and the answer, read up to MAX_ANSWER_BYTES."""
         async with self._http.stream("POST", url, json=body) as response:
-            content = bytearray()
-            chunks = response.aiter_raw()
-            async for chunk in chunks:
-                content += chunk
-                if len(content) > MAX_ANSWER_BYTES:
-                    await _finish(chunks)
-                    raise EtcdError(f"etcd's answer from {url} is over {MAX_ANSWER_BYTES} bytes")
-            return response.status_code, bytes(content)
+            try:
+                return response.status_code, await read_bounded(response, MAX_ANSWER_BYTES)
+            except TooLarge:
+                raise EtcdError(f"etcd's answer from {url} is over {MAX_ANSWER_BYTES} bytes") from None
 
     async def status(self) -> tuple[int, int]:
         """(this endpoint's member id, the leader's member id) as the
@@ -475,21 +469,6 @@ def _json_or_none(data: bytes) -> Any:
         return None
 
 
-async def _finish(iterator: AsyncIterator[Any]) -> None:
-    """End an httpx stream iterator left part-read. Closing it would leave
-    the generators it reads from suspended (Trio then warns as it collects
-    them); reading on under a cancelled scope instead ends every one of them
-    with the cancellation raised at the socket (or at once, if the stream
-    already ended). What is still buffered is read and dropped."""
-    with anyio.CancelScope() as scope:
-        scope.cancel()
-        for _ in range(_MAX_BUFFERED_LINES):
-            try:
-                await iterator.__anext__()
-            except (StopAsyncIteration, httpx.HTTPError):
-                return
-
-
 class Watch:
     """The batches of one watch, in revision order. Iterating raises
     WatchCanceled if etcd ends the watch (its start revision was compacted),
@@ -500,7 +479,7 @@ class Watch:
         self._lines = response.aiter_lines()
 
     async def aclose(self) -> None:
-        await _finish(self._lines)
+        await finish(self._lines)
 
     def __aiter__(self) -> Watch:
         return self

@@ -22,9 +22,13 @@ from urllib.parse import urlsplit
 import attrs
 import httpx
 
+from .httpio import TooLarge, read_bounded
 from .sigv4 import Credentials, canonical_query, sign, uri_encode
 
 DEFAULT_TIMEOUT = 10.0
+#: Bound on one answer (an object or a byte range of one, a LIST page):
+#: data objects are at most a few hundred MiB (docs/cluster.md, §13).
+DEFAULT_MAX_ANSWER_BYTES = 512 * 1024 * 1024
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 
@@ -48,6 +52,12 @@ class ObjectInfo:
     etag: str
 
 
+@attrs.frozen
+class _Answer:
+    status_code: int
+    content: bytes
+
+
 def _child(element: ElementTree.Element, name: str) -> str:
     found = element.find(_NS + name)
     if found is None:
@@ -68,7 +78,9 @@ class ObjectStore:
         prefix: str = "",
         credentials: Credentials | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
     ) -> None:
+        self.max_answer_bytes = max_answer_bytes
         self.endpoint = endpoint.rstrip("/")
         self.bucket = bucket
         self.prefix = prefix
@@ -93,7 +105,8 @@ class ObjectStore:
         body: bytes = b"",
         headers: Mapping[str, str] | None = None,
         query: Mapping[str, str] | None = None,
-    ) -> httpx.Response:
+    ) -> _Answer:
+        """One request's status and body, the body read up to ``max_answer_bytes``."""
         path = "/" + uri_encode(self.bucket, keep_slash=False)
         if key is not None:
             path += "/" + uri_encode(self.prefix + key, keep_slash=True)
@@ -104,11 +117,14 @@ class ObjectStore:
         # The query goes on the URL exactly as it was signed.
         url = path + ("?" + canonical_query(query) if query else "")
         try:
-            return await self._http.request(method, url, content=body, headers=headers)
+            async with self._http.stream(method, url, content=body, headers=headers) as response:
+                return _Answer(response.status_code, await read_bounded(response, self.max_answer_bytes))
+        except TooLarge:
+            raise ObjectStoreError(f"{method} {path}: the answer is over {self.max_answer_bytes} bytes") from None
         except httpx.TransportError as exc:
             raise ObjectStoreError(f"object store {self.endpoint} unreachable for {method} {path}: {exc!r}") from exc
 
-    def _refused(self, response: httpx.Response, what: str) -> ObjectStoreError:
+    def _refused(self, response: _Answer, what: str) -> ObjectStoreError:
         code = message = ""
         try:
             root = ElementTree.fromstring(response.content)

@@ -240,6 +240,10 @@ def weed_server(tmp: Path, *, s3_config: Path | None = None) -> Iterator[tuple[s
         yield f"http://127.0.0.1:{s3}", server
     finally:
         server.kill()
+        # weed puts a gRPC socket per component in /tmp whatever it is told
+        # (and does not end on SIGTERM, so it never removes them itself).
+        for component, port in (("master", master_grpc), ("volume", volume_grpc), ("filer", filer_grpc), ("s3", s3_grpc)):
+            Path(f"/tmp/seaweedfs-{component}-grpc-{port}.sock").unlink(missing_ok=True)
 
 
 def weed_version(binary: str) -> str:
