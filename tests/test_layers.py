@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "pybroker.server.closing": 1,
     "pybroker.server.listening": 1,
     "pybroker.server.storage": 2,
+    "pybroker.server.cluster": 2,  # etcd and S3 clients: storage-level, below the core
     "pybroker.server.config": 3,
     "pybroker.server.permissions": 3,
     "pybroker.server.auth": 3,
