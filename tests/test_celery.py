@@ -1,0 +1,201 @@
+"""Celery on pybroker (pybroker.contrib.kombu), with the real framework:
+``celery worker`` subprocesses against a real broker on 127.0.0.1 port 0,
+tasks sent with Celery's own API from this process (in a thread: it
+blocks), and what the tasks did read from the reports they publish."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+celery = pytest.importorskip("celery")  # the `celery` extra, part of `test`
+
+import pybroker
+import pybroker.contrib.kombu
+from pybroker.contrib.kombu import group_name, queue_topic
+from pybroker.server.testing import running_broker
+
+from helpers.procs import Child, broker_process, serve
+from helpers.taskworkers import Reports, reports, spawn_worker
+
+REPORTS = "taskq.reports"
+
+
+def _ready(lines: list[str]) -> bool:
+    return any("taskq worker ready" in line for line in lines)
+
+
+@asynccontextmanager
+async def celery_worker(
+    url: str, name: str, *, concurrency: int = 2, env: dict[str, str] | None = None
+) -> AsyncIterator[Child]:
+    args = [
+        "-m", "celery", "-A", "helpers.celery_app", "worker",
+        "--pool", "threads", "--concurrency", str(concurrency),
+        "--without-mingle", "--without-gossip", "--without-heartbeat",
+        "--loglevel", "warning", "--hostname", f"{name}@%h",
+    ]
+    environment = {"TASKQ_BROKER": url, "TASKQ_REPORTS": REPORTS, **(env or {})}
+    async with spawn_worker(args, name, environment, _ready) as child:
+        yield child
+
+
+def client_app(url: str, **conf: Any) -> Any:
+    """The sending side: a Celery app of its own, naming tasks by name."""
+    app = celery.Celery("taskq-client", broker=url, backend="rpc://")
+    app.conf.update(broker_connection_retry_on_startup=True, **conf)
+    return app
+
+
+async def send(app: Any, name: str, args_list: list[list[Any]]) -> list[Any]:
+    """send_task for each args, in a thread (Celery's API blocks)."""
+
+    def go() -> list[Any]:
+        return [app.send_task(name, args=args) for args in args_list]
+
+    return await trio.to_thread.run_sync(go)
+
+
+def test_the_scheme_is_registered_with_kombu() -> None:
+    from kombu import Connection
+
+    transport = Connection("pybroker://127.0.0.1:1").transport
+    assert type(transport) is pybroker.contrib.kombu.Transport
+    assert queue_topic("celery") == "kombu.celery"
+    assert group_name("w1@host.celery.pidbox") == "kombu-w1@host%2Ecelery%2Epidbox"
+
+
+async def test_tasks_run_and_return_results(tmp_path: Path) -> None:
+    async with running_broker(data_dir=tmp_path / "data") as server:
+        async with celery_worker(server.url, "w1", concurrency=3):
+            app = client_app(server.url)
+            try:
+                results = await send(app, "taskq.add", [[i, i * 10] for i in range(20)])
+
+                def collect() -> list[int]:
+                    return [r.get(timeout=30) for r in results]
+
+                assert await trio.to_thread.run_sync(collect) == [i * 11 for i in range(20)]
+            finally:
+                await trio.to_thread.run_sync(app.close)
+            async with pybroker.connect(server.url) as c:
+                summary = await c.groups("inspect", "kombu-celery")
+        # The queue is a declared durable group; Celery's prefetch
+        # (concurrency 3 x multiplier 4) is the member's max_ack_pending.
+        assert summary["members"] == 1
+        assert summary["prefetch"] == 3 * 4
+        assert summary["pattern"] == "kombu.celery"
+        assert summary["acked"] >= 20
+        assert summary["config"]["ack_wait_ms"] == 3_600_000
+
+
+async def test_a_failing_task_is_retried_with_its_countdown_then_dead_lettered(tmp_path: Path) -> None:
+    async with running_broker(data_dir=tmp_path / "data") as server:
+        async with pybroker.connect(server.url) as c, reports(c, REPORTS) as got:
+            dead = await c.subscribe("dlq.kombu-celery", window=100)
+            async with celery_worker(server.url, "w1"):
+                app = client_app(server.url)
+                try:
+                    [result] = await send(app, "taskq.flaky", [["job-1"]])
+                finally:
+                    await trio.to_thread.run_sync(app.close)
+                attempts = await got.wait_count("attempt", 3)
+                with trio.fail_after(30):
+                    letter = await dead.__anext__()
+            # A fourth attempt would have been reported by now if there
+            # were one: the dead letter follows the last attempt's failure.
+            assert len(got.of("attempt")) == 3
+        assert [a["retries"] for a in attempts] == [0, 1, 2]
+        # Each retry waited for its countdown (1 s), held by the worker.
+        for before, after in zip(attempts, attempts[1:]):
+            assert after["at"] - before["at"] >= 0.9, attempts
+            assert after["eta"] is not None
+        assert letter.headers["x-reason"] == "rejected"
+        assert letter.headers["x-group"] == "kombu-celery"
+        assert letter.headers["x-original-topic"] == "kombu.celery"
+        body = json.loads(letter.payload)
+        assert body["headers"]["id"] == result.id
+        assert body["headers"]["retries"] == 2
+
+
+async def test_a_task_whose_worker_is_killed_runs_on_another_worker(tmp_path: Path) -> None:
+    async with running_broker(data_dir=tmp_path / "data") as server:
+        async with pybroker.connect(server.url) as c, reports(c, REPORTS) as got:
+            async with celery_worker(server.url, "victim", concurrency=1, env={"TASKQ_VICTIM": "1"}) as victim:
+                app = client_app(server.url)
+                try:
+                    await send(app, "taskq.hold", [["job-1"]])
+                finally:
+                    await trio.to_thread.run_sync(app.close)
+                [started] = await got.wait_count("started", 1)
+                assert started["pid"] == victim.process.pid
+                assert started["redelivered"] is False
+                async with celery_worker(server.url, "survivor", concurrency=1) as survivor:
+                    victim.process.send_signal(signal.SIGKILL)
+                    assert await victim.wait() == -signal.SIGKILL
+                    [done] = await got.wait_count("done", 1)
+                    assert done["pid"] == survivor.process.pid
+                    assert done["redelivered"] is True
+            assert [r["key"] for r in got.of("done")] == ["job-1"]
+
+
+async def test_a_broker_killed_and_restarted_loses_no_queued_task(tmp_path: Path) -> None:
+    n = 300
+    async with broker_process(tmp_path / "data", tmp_path) as broker:
+        url = await broker.start()
+        app = client_app(url)
+        try:
+            # Queued with no worker running: the declared group holds them.
+            def declare() -> None:
+                with app.connection_for_write() as conn:
+                    conn.default_channel.queue_declare("celery")
+
+            await trio.to_thread.run_sync(declare)
+            await send(app, "taskq.touch", [[f"job-{i}"] for i in range(n)])
+        finally:
+            await trio.to_thread.run_sync(app.close)
+        assert await broker.kill() == -signal.SIGKILL
+        url = await broker.start()
+        async with pybroker.connect(url) as c, reports(c, REPORTS) as got:
+            async with celery_worker(url, "w1", concurrency=4):
+                done = await got.wait_count("done", n)
+        keys = Counter(r["key"] for r in done)
+        assert set(keys) == {f"job-{i}" for i in range(n)}
+
+
+async def test_ten_thousand_small_tasks_complete_once_each(tmp_path: Path) -> None:
+    n = 10_000
+    # The broker in a process of its own, as users run it: here it would
+    # share this process's GIL with Celery's sender and the reports.
+    async with serve(tmp_path) as server:
+        async with pybroker.connect(server.url) as c, reports(c, REPORTS) as got:
+            async with celery_worker(server.url, "w1", concurrency=4), celery_worker(server.url, "w2", concurrency=4):
+                # Sent in batches (each publish waiting for its fsync would
+                # make this test about the disk); app.close() waits for
+                # their acknowledgements.
+                app = client_app(server.url, broker_transport_options={"confirm_publish": False})
+                try:
+                    await send(app, "taskq.touch", [[f"t{i}"] for i in range(n)])
+                finally:
+                    await trio.to_thread.run_sync(app.close)
+                done = await got.wait_count("done", n, timeout=120)
+            summary = await c.groups("inspect", "kombu-celery")
+    keys = Counter(r["key"] for r in done)
+    assert set(keys) == {f"t{i}" for i in range(n)}
+    # At least once: a task runs twice only if it was delivered twice,
+    # and no worker died here, so none was.
+    duplicates = {k: v for k, v in keys.items() if v > 1}
+    assert duplicates == {}
+    assert summary["redelivered"] == 0
+    assert summary["acked"] == n
+    pids = Counter(r["pid"] for r in done)
+    assert len(pids) == 2, pids  # both workers took part
