@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import logging
 import queue as _queue
-import re
 import socket
 import threading
 import uuid
@@ -59,6 +58,7 @@ from kombu.transport.virtual.exchange import DirectExchange
 from .. import BrokerError, ConnectionClosed, Reconnect
 from .. import sync
 from ..protocol import ErrorCode
+from ._names import escape
 
 __all__ = ["Channel", "QoS", "Transport", "group_name", "queue_topic"]
 
@@ -72,22 +72,14 @@ DEFAULT_PREFETCH = 1000
 #: Bound, in seconds, on one round trip to the broker (declare, publish, ack).
 TIMEOUT = 30.0
 
-# Characters a topic token may not hold, and % itself (the escape).
-_UNSAFE = re.compile(r"[.*>%\s\x00-\x1f\x7f]")
-
-
-def _escape(name: str) -> str:
-    return _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), name)
-
-
 def queue_topic(queue: str, prefix: str = "kombu") -> str:
     """The topic that holds kombu queue ``queue``'s messages."""
-    return f"{prefix}.{_escape(queue)}"
+    return f"{prefix}.{escape(queue)}"
 
 
 def group_name(queue: str, prefix: str = "kombu") -> str:
     """The consumer group that is kombu queue ``queue``."""
-    return f"{prefix}-{_escape(queue)}"
+    return f"{prefix}-{escape(queue)}"
 
 
 class QoS(virtual.QoS):

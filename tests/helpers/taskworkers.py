@@ -8,6 +8,8 @@ still running."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -31,16 +33,26 @@ START_TIMEOUT = 60.0
 TIMEOUT = 60.0
 
 
+def _kill_group(process: trio.Process) -> None:
+    """SIGKILL the worker and every process it started (its own session:
+    Dramatiq's command forks the worker processes, which would outlive
+    their parent and hold its pipes open)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 async def _kill_now(process: trio.Process) -> None:
-    process.kill()
+    _kill_group(process)
 
 
 @asynccontextmanager
 async def spawn_worker(
     args: Sequence[str], name: str, env: Mapping[str, str], ready: Callable[[list[str]], bool]
 ) -> AsyncIterator[Child]:
-    """``python ARGS`` in tests/, yielded once ``ready(stderr lines)``;
-    killed on exit if still running."""
+    """``python ARGS`` in tests/ (a session of its own), yielded once
+    ``ready(stderr lines)``; on exit it and its children are SIGKILLed."""
     async with trio.open_nursery() as nursery:
         process: trio.Process = await nursery.start(
             partial(
@@ -53,6 +65,7 @@ async def spawn_worker(
                 cwd=TESTS,
                 env=child_env(env),
                 deliver_cancel=_kill_now,
+                start_new_session=True,
             )
         )
         child = Child(process, name)
@@ -63,8 +76,7 @@ async def spawn_worker(
             await child.stderr.wait_for(lambda lines: True if ready(lines) else None, START_TIMEOUT)
             yield child
         finally:
-            if process.returncode is None:
-                process.kill()
+            _kill_group(process)
             with trio.move_on_after(TIMEOUT) as scope:
                 await process.wait()
                 await child.stdout.wait_eof()
