@@ -92,7 +92,11 @@ class QoS(virtual.QoS):
         self.channel._held_queue.pop(delivery_tag, None)
         super().ack(delivery_tag)
         if msg is not None:
-            msg.ack(timeout=TIMEOUT)
+            # Queued for the client's loop thread, not waited for (as the
+            # blocking client's own callbacks ack): the ACK frame goes out in
+            # order with the rest; if the connection is lost first, the
+            # broker delivers the message again (at least once).
+            self.channel._client._soon(msg.raw.ack)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         msg = self.channel._held.pop(delivery_tag, None)

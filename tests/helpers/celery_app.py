@@ -57,13 +57,13 @@ def add(x: int, y: int) -> int:
     return x + y
 
 
-@app.task(name="taskq.touch")
+@app.task(name="taskq.touch", ignore_result=True)
 def touch(key: str) -> str:
     report("done", key=key)
     return key
 
 
-@app.task(name="taskq.flaky", bind=True, acks_late=True, acks_on_failure_or_timeout=False, max_retries=2)
+@app.task(name="taskq.flaky", ignore_result=True, bind=True, acks_late=True, acks_on_failure_or_timeout=False, max_retries=2)
 def flaky(self: Task, key: str) -> None:
     """Always fails: retried twice with a 1 s countdown, then rejected
     (acks_late without acks_on_failure: basic_reject, no requeue)."""
@@ -71,7 +71,7 @@ def flaky(self: Task, key: str) -> None:
     raise self.retry(exc=RuntimeError(f"{key} failed"), countdown=1)
 
 
-@app.task(name="taskq.hold", bind=True, acks_late=True)
+@app.task(name="taskq.hold", ignore_result=True, bind=True, acks_late=True)
 def hold(self: Task, key: str) -> str:
     """In a worker started with TASKQ_VICTIM set, blocks (bounded) so that
     the test can SIGKILL it mid-task; elsewhere, completes."""
