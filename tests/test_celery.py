@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +27,7 @@ from pybroker.contrib.kombu import group_name, queue_topic
 from pybroker.server.testing import running_broker
 
 from helpers.procs import Child, broker_process, serve
+from helpers.readme import blocks, section, with_url
 from helpers.taskworkers import Reports, reports, spawn_worker
 
 REPORTS = "taskq.reports"
@@ -199,3 +202,24 @@ async def test_ten_thousand_small_tasks_complete_once_each(tmp_path: Path) -> No
     assert summary["acked"] == n
     pids = Counter(r["pid"] for r in done)
     assert len(pids) == 2, pids  # both workers took part
+
+
+async def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:
+    """README "Celery": tasks.py, the worker command as written (prefork
+    pool, mingle, gossip and heartbeats on) and the caller."""
+    text = section("Celery")
+    app_code, caller = blocks(text, "python")
+    [command] = [line for line in blocks(text, "sh")[0].splitlines() if line.strip()]
+    project = tmp_path / "project"
+    project.mkdir()
+    async with running_broker(data_dir=tmp_path / "data") as server:
+        (project / "tasks.py").write_text(with_url(app_code, server.url))
+        argv = shlex.split(command)
+        assert argv[0] == "celery"
+        async with spawn_worker(["-m", *argv], "readme worker", {}, lambda lines: any(" ready." in l for l in lines), cwd=project):
+            with trio.fail_after(60):
+                result = await trio.run_process(
+                    [sys.executable, "-c", caller], cwd=project, capture_stdout=True, capture_stderr=True, check=False
+                )
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode().strip() == "5"

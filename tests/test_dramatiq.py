@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +26,7 @@ from pybroker.contrib.dramatiq import PybrokerBroker, group_name, queue_topic
 from pybroker.server.testing import running_broker
 
 from helpers.procs import Child, broker_process
+from helpers.readme import blocks, section, with_url
 from helpers.taskworkers import reports, spawn_worker
 
 REPORTS = "taskq.reports"
@@ -161,3 +164,35 @@ async def test_ten_thousand_small_messages_are_processed_once_each(tmp_path: Pat
     assert summary["redelivered"] == 0
     assert summary["acked"] == n
     assert len(Counter(r["pid"] for r in done)) == 2  # both workers took part
+
+
+async def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:
+    """README "Dramatiq": actors.py, the worker command as written (one
+    process per CPU, 8 threads each) and the sender, now and delayed."""
+    text = section("Dramatiq")
+    app_code, sender = blocks(text, "python")
+    [command] = [line for line in blocks(text, "sh")[0].splitlines() if line.strip()]
+    project = tmp_path / "project"
+    project.mkdir()
+    async with running_broker(data_dir=tmp_path / "data") as server:
+        (project / "actors.py").write_text(with_url(app_code, server.url))
+        argv = shlex.split(command)
+        assert argv[0] == "dramatiq"
+
+        def ready(lines: list[str]) -> bool:
+            return any("ready for action" in line for line in lines)
+
+        async with spawn_worker(["-m", *argv], "readme worker", {}, ready, cwd=project) as worker:
+            with trio.fail_after(60):
+                result = await trio.run_process(
+                    [sys.executable, "-c", sender], cwd=project, capture_stdout=True, capture_stderr=True, check=False
+                )
+            assert result.returncode == 0, result.stderr.decode()
+            sent_at = trio.current_time()
+            # Dramatiq hands its worker processes' output to the main
+            # process, which writes it to stderr.
+            await worker.stderr.wait_for(lambda lines: True if "welcome 43" in lines else None, 60)
+            waited = trio.current_time() - sent_at
+    assert worker.stderr.lines.count("welcome 42") == 1
+    assert worker.stderr.lines.count("welcome 43") == 1
+    assert waited >= 0.5  # delayed by a second from before the sender exited

@@ -49,10 +49,15 @@ async def _kill_now(process: trio.Process) -> None:
 
 @asynccontextmanager
 async def spawn_worker(
-    args: Sequence[str], name: str, env: Mapping[str, str], ready: Callable[[list[str]], bool]
+    args: Sequence[str],
+    name: str,
+    env: Mapping[str, str],
+    ready: Callable[[list[str]], bool],
+    cwd: Path = TESTS,
 ) -> AsyncIterator[Child]:
-    """``python ARGS`` in tests/ (a session of its own), yielded once
-    ``ready(stderr lines)``; on exit it and its children are SIGKILLed."""
+    """``python ARGS`` in ``cwd`` (tests/ unless told; a session of its
+    own), yielded once ``ready(stderr lines)``; on exit it and its children
+    are SIGKILLed."""
     async with trio.open_nursery() as nursery:
         process: trio.Process = await nursery.start(
             partial(
@@ -62,7 +67,7 @@ async def spawn_worker(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 check=False,
-                cwd=TESTS,
+                cwd=cwd,
                 env=child_env(env),
                 deliver_cancel=_kill_now,
                 start_new_session=True,
