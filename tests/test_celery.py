@@ -223,3 +223,34 @@ async def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:
                 )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().strip() == "5"
+
+
+async def test_a_worker_stopped_gracefully_hands_back_the_tasks_it_holds_for_later(tmp_path: Path) -> None:
+    """A task with a countdown waits in the worker, unacknowledged; a warm
+    shutdown (SIGTERM) gives it back, and another worker runs it when due."""
+    async with running_broker(data_dir=tmp_path / "data") as server:
+        async with pybroker.connect(server.url) as c, reports(c, REPORTS) as got:
+            async with celery_worker(server.url, "first", concurrency=1) as first:
+                app = client_app(server.url)
+                try:
+
+                    def later() -> None:
+                        # Long enough for the warm shutdown to end first
+                        # (Celery looks for it between 2 s waits for work).
+                        app.send_task("taskq.hold", args=["job-1"], countdown=10)
+
+                    await trio.to_thread.run_sync(later)
+                finally:
+                    await trio.to_thread.run_sync(app.close)
+                # The worker has it (nothing announces that: ask the broker,
+                # each look a round trip, bounded).
+                with trio.fail_after(30):
+                    while (await c.groups("inspect", "kombu-celery"))["in_flight"] != 1:
+                        pass
+                first.process.send_signal(signal.SIGTERM)
+                assert await first.wait() == 0
+            assert got.of("started") == [], got.items
+            async with celery_worker(server.url, "second", concurrency=1) as second:
+                [done] = await got.wait_count("done", 1)
+        assert done["pid"] == second.process.pid
+        assert done["redelivered"] is True

@@ -196,3 +196,27 @@ async def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:
     assert worker.stderr.lines.count("welcome 42") == 1
     assert worker.stderr.lines.count("welcome 43") == 1
     assert waited >= 0.5  # delayed by a second from before the sender exited
+
+
+async def test_a_worker_stopped_gracefully_hands_back_the_messages_it_holds_for_later(tmp_path: Path) -> None:
+    """A delayed message waits in the worker, unacknowledged on the delay
+    queue; a graceful stop (SIGTERM) requeues it (a nak), and another
+    worker moves it to the queue when due."""
+    async with running_broker(data_dir=tmp_path / "data") as server:
+        async with pybroker.connect(server.url) as c, reports(c, REPORTS) as got:
+            async with dramatiq_worker(server.url, "first", threads=1) as first:
+                await send(server.url, "hold", [["job-1"]], delay=4000)
+                # The worker has it (nothing announces that: ask the broker,
+                # each look a round trip, bounded).
+                with trio.fail_after(30):
+                    while (await c.groups("inspect", "dramatiq-default%2EDQ"))["in_flight"] != 1:
+                        pass
+                first.process.send_signal(signal.SIGTERM)
+                assert await first.wait() == 0
+            assert got.of("started") == [], got.items
+            async with dramatiq_worker(server.url, "second", threads=1) as second:
+                [done] = await got.wait_count("done", 1)
+            summary = await c.groups("inspect", "dramatiq-default%2EDQ")
+        assert done["pid"] == worker_pid(second)
+        assert summary["redelivered"] == 1
+        assert summary["acked"] == 1

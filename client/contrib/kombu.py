@@ -117,8 +117,10 @@ class QoS(virtual.QoS):
         while self._delivered:
             tag, message = self._delivered.popitem()
             msg = self.channel._held.pop(tag, None)
-            self.channel._held_queue.pop(tag, None)
-            if msg is None:
+            queue = self.channel._held_queue.pop(tag, None)
+            if msg is None or queue not in self.channel._subs:
+                # Unsubscribed (a closing channel cancels its consumers
+                # first): the group took back everything unsettled then.
                 continue
             try:
                 msg.nak(timeout=TIMEOUT)
@@ -331,7 +333,11 @@ class Channel(virtual.Channel):
 
     def _deliver_one(self, queue: str, msg: sync.Message) -> None:
         if self.closed or queue not in self.connection._callbacks:
-            msg.nak(timeout=TIMEOUT)  # nobody consumes it here any more
+            # Handed over just before the consumer was cancelled: the
+            # unsubscribe gave it back to the group; a member still
+            # subscribed hands it back itself.
+            if queue in self._subs:
+                msg.nak(timeout=TIMEOUT)
             return
         raw = self._accept(queue, msg)
         if queue in self._no_ack:
