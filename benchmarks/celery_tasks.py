@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from celery import Celery
 from celery.signals import worker_ready
@@ -231,7 +232,7 @@ def main() -> None:
     parser.add_argument("--no-redis", action="store_true")
     args = parser.parse_args()
 
-    cases: list[tuple[str, Callable[[Path], "contextmanager[str]"], dict[str, object], Callable[[str, int], Callable[[], bool]]]] = [
+    cases: list[tuple[str, Callable[[Path], Any], dict[str, object], Callable[[str, int], Callable[[], bool]]]] = [
         (f"pybroker (fsync {args.fsync}), confirm_publish on", lambda d: pybroker_server(d, args.fsync),
          {"confirm_publish": True}, pybroker_drained),
         (f"pybroker (fsync {args.fsync}), confirm_publish off", lambda d: pybroker_server(d, args.fsync),

@@ -6,7 +6,6 @@ blocks), and what the tasks did read from the reports they publish."""
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import signal
 import sys
@@ -28,7 +27,7 @@ from pybroker.server.testing import running_broker
 
 from helpers.procs import Child, broker_process, serve
 from helpers.readme import blocks, section, with_url
-from helpers.taskworkers import Reports, reports, spawn_worker
+from helpers.taskworkers import reports, spawn_worker
 
 REPORTS = "taskq.reports"
 

@@ -220,3 +220,38 @@ async def test_a_worker_stopped_gracefully_hands_back_the_messages_it_holds_for_
         assert done["pid"] == worker_pid(second)
         assert summary["redelivered"] == 1
         assert summary["acked"] == 1
+
+
+async def test_join_waits_for_the_queue_and_flush_drops_what_waits(tmp_path: Path) -> None:
+    async with running_broker(data_dir=tmp_path / "data") as server:
+        async with pybroker.connect(server.url) as c, reports(c, REPORTS) as got:
+            # No worker yet: five wait in the declared group; flush drops them.
+            await send(server.url, "touch", [[f"dropped-{i}"] for i in range(5)])
+
+            def flush() -> None:
+                broker = PybrokerBroker(server.url)
+                try:
+                    broker.declare_queue("default")
+                    broker.flush_all()
+                finally:
+                    broker.close()
+
+            await trio.to_thread.run_sync(flush)
+            async with dramatiq_worker(server.url, "w1", threads=2):
+                await send(server.url, "touch", [[f"kept-{i}"] for i in range(20)])
+
+                def join() -> None:
+                    broker = PybrokerBroker(server.url)
+                    try:
+                        broker.declare_queue("default")
+                        broker.join("default", timeout=30_000)
+                    finally:
+                        broker.close()
+
+                await trio.to_thread.run_sync(join)
+                # join returned: every message was acked, so every actor ran.
+                summary = await c.groups("inspect", "dramatiq-default")
+                assert summary["acked"] == 20
+                assert summary["pending"] == 0
+                await got.wait_count("done", 20)
+            assert sorted(r["key"] for r in got.of("done")) == sorted(f"kept-{i}" for i in range(20))
