@@ -27,6 +27,7 @@ from pybroker.server.testing import running_broker
 
 from helpers.procs import Child, broker_process, serve
 from helpers.readme import blocks, section, with_url
+from helpers.restarts import FAST, free_port
 from helpers.taskworkers import reports, spawn_worker
 
 REPORTS = "taskq.reports"
@@ -253,3 +254,24 @@ async def test_a_worker_stopped_gracefully_hands_back_the_tasks_it_holds_for_lat
                 [done] = await got.wait_count("done", 1)
         assert done["pid"] == second.process.pid
         assert done["redelivered"] is True
+
+
+async def test_a_running_worker_carries_on_across_a_broker_kill_and_restart(tmp_path: Path) -> None:
+    """The worker's connection is reopened (same port), its group rejoined;
+    tasks queued before the kill and sent after it all run (at least once)."""
+    port = free_port()
+    async with broker_process(tmp_path / "data", tmp_path, "--port", str(port)) as broker:
+        url = await broker.start()
+        assert url.endswith(f":{port}")
+        async with pybroker.connect(url, reconnect=FAST) as c, reports(c, REPORTS) as got:
+            async with celery_worker(url, "w1", concurrency=2):
+                app = client_app(url)
+                try:
+                    await send(app, "taskq.touch", [[f"before-{i}"] for i in range(100)])
+                    assert await broker.kill() == -signal.SIGKILL
+                    assert await broker.start() == url
+                    await send(app, "taskq.touch", [[f"after-{i}"] for i in range(100)])
+                finally:
+                    await trio.to_thread.run_sync(app.close)
+                expected = {f"before-{i}" for i in range(100)} | {f"after-{i}" for i in range(100)}
+                await got.wait_for(lambda items: expected <= {r.get("key") for r in items}, timeout=90)

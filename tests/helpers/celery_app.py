@@ -40,7 +40,10 @@ def report(event: str, **fields: Any) -> None:
     with _lock:
         if _client is None:
             # linger: reports from the worker threads go out in batches.
-            _client = pybroker.sync.connect(os.environ["TASKQ_BROKER"], name="taskq-report", linger=0.01)
+            # reconnect: reports queued while the broker restarts go out after.
+            _client = pybroker.sync.connect(
+                os.environ["TASKQ_BROKER"], name="taskq-report", linger=0.01, reconnect=True
+            )
     body = {"event": event, "pid": os.getpid(), "at": time.time(), **fields}
     _client.send(os.environ["TASKQ_REPORTS"], json.dumps(body).encode())
 
