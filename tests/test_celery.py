@@ -10,7 +10,7 @@ import shlex
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,17 @@ from pybroker.server.testing import running_broker
 from helpers.procs import Child, broker_process, serve
 from helpers.readme import blocks, section, with_url
 from helpers.restarts import FAST, free_port
-from helpers.taskworkers import reports, spawn_worker
+from helpers.taskworkers import reports, spawn_worker, sync_client_threads
 
 REPORTS = "taskq.reports"
+
+
+@pytest.fixture(autouse=True)
+def _no_client_left_behind() -> Iterator[None]:
+    """Every connection a test opened in this process is closed by its end."""
+    before = sync_client_threads()
+    yield
+    assert sync_client_threads() == before
 
 
 def _ready(lines: list[str]) -> bool:
@@ -52,11 +60,22 @@ async def celery_worker(
         yield child
 
 
-def client_app(url: str, **conf: Any) -> Any:
+def client_app(url: str, backend: str | None = None, **conf: Any) -> Any:
     """The sending side: a Celery app of its own, naming tasks by name."""
-    app = celery.Celery("taskq-client", broker=url, backend="rpc://")
+    app = celery.Celery("taskq-client", broker=url, backend=backend)
     app.conf.update(broker_connection_retry_on_startup=True, **conf)
     return app
+
+
+def close_app(app: Any) -> None:
+    """Close every connection the app opened (app.close() closes none:
+    kombu's connection pools are global), so that no client is left
+    trying to reconnect to a stopped broker: the rpc:// result consumer's
+    (from this thread's backend) and the pool's."""
+    if app.conf.result_backend:
+        app.backend.result_consumer.stop()
+    app.pool.force_close_all()
+    app.close()
 
 
 async def send(app: Any, name: str, args_list: list[list[Any]]) -> list[Any]:
@@ -80,16 +99,17 @@ def test_the_scheme_is_registered_with_kombu() -> None:
 async def test_tasks_run_and_return_results(tmp_path: Path) -> None:
     async with running_broker(data_dir=tmp_path / "data") as server:
         async with celery_worker(server.url, "w1", concurrency=3):
-            app = client_app(server.url)
-            try:
-                results = await send(app, "taskq.add", [[i, i * 10] for i in range(20)])
 
-                def collect() -> list[int]:
+            def roundtrip() -> list[int]:
+                # One thread: Celery's result backend is per thread.
+                app = client_app(server.url, backend="rpc://")
+                try:
+                    results = [app.send_task("taskq.add", args=[i, i * 10]) for i in range(20)]
                     return [r.get(timeout=30) for r in results]
+                finally:
+                    close_app(app)
 
-                assert await trio.to_thread.run_sync(collect) == [i * 11 for i in range(20)]
-            finally:
-                await trio.to_thread.run_sync(app.close)
+            assert await trio.to_thread.run_sync(roundtrip) == [i * 11 for i in range(20)]
             async with pybroker.connect(server.url) as c:
                 summary = await c.groups("inspect", "kombu-celery")
         # The queue is a declared durable group; Celery's prefetch
@@ -110,7 +130,7 @@ async def test_a_failing_task_is_retried_with_its_countdown_then_dead_lettered(t
                 try:
                     [result] = await send(app, "taskq.flaky", [["job-1"]])
                 finally:
-                    await trio.to_thread.run_sync(app.close)
+                    await trio.to_thread.run_sync(close_app, app)
                 attempts = await got.wait_count("attempt", 3)
                 with trio.fail_after(30):
                     letter = await dead.__anext__()
@@ -138,7 +158,7 @@ async def test_a_task_whose_worker_is_killed_runs_on_another_worker(tmp_path: Pa
                 try:
                     await send(app, "taskq.hold", [["job-1"]])
                 finally:
-                    await trio.to_thread.run_sync(app.close)
+                    await trio.to_thread.run_sync(close_app, app)
                 [started] = await got.wait_count("started", 1)
                 assert started["pid"] == victim.process.pid
                 assert started["redelivered"] is False
@@ -165,7 +185,7 @@ async def test_a_broker_killed_and_restarted_loses_no_queued_task(tmp_path: Path
             await trio.to_thread.run_sync(declare)
             await send(app, "taskq.touch", [[f"job-{i}"] for i in range(n)])
         finally:
-            await trio.to_thread.run_sync(app.close)
+            await trio.to_thread.run_sync(close_app, app)
         assert await broker.kill() == -signal.SIGKILL
         url = await broker.start()
         async with pybroker.connect(url) as c, reports(c, REPORTS) as got:
@@ -189,7 +209,7 @@ async def test_ten_thousand_small_tasks_complete_once_each(tmp_path: Path) -> No
                 try:
                     await send(app, "taskq.touch", [[f"t{i}"] for i in range(n)])
                 finally:
-                    await trio.to_thread.run_sync(app.close)
+                    await trio.to_thread.run_sync(close_app, app)
                 done = await got.wait_count("done", n, timeout=120)
             summary = await c.groups("inspect", "kombu-celery")
     keys = Counter(r["key"] for r in done)
@@ -241,7 +261,7 @@ async def test_a_worker_stopped_gracefully_hands_back_the_tasks_it_holds_for_lat
 
                     await trio.to_thread.run_sync(later)
                 finally:
-                    await trio.to_thread.run_sync(app.close)
+                    await trio.to_thread.run_sync(close_app, app)
                 # The worker has it (nothing announces that: ask the broker,
                 # each look a round trip, bounded).
                 with trio.fail_after(30):
@@ -272,6 +292,6 @@ async def test_a_running_worker_carries_on_across_a_broker_kill_and_restart(tmp_
                     assert await broker.start() == url
                     await send(app, "taskq.touch", [[f"after-{i}"] for i in range(100)])
                 finally:
-                    await trio.to_thread.run_sync(app.close)
+                    await trio.to_thread.run_sync(close_app, app)
                 expected = {f"before-{i}" for i in range(100)} | {f"after-{i}" for i in range(100)}
                 await got.wait_for(lambda items: expected <= {r.get("key") for r in items}, timeout=90)

@@ -11,7 +11,7 @@ import shlex
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,17 @@ from pybroker.server.testing import running_broker
 
 from helpers.procs import Child, broker_process
 from helpers.readme import blocks, section, with_url
-from helpers.taskworkers import reports, spawn_worker
+from helpers.taskworkers import reports, spawn_worker, sync_client_threads
 
 REPORTS = "taskq.reports"
+
+
+@pytest.fixture(autouse=True)
+def _no_client_left_behind() -> Iterator[None]:
+    """Every connection a test opened in this process is closed by its end."""
+    before = sync_client_threads()
+    yield
+    assert sync_client_threads() == before
 
 
 def _ready(lines: list[str]) -> bool:

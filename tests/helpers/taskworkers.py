@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -132,3 +133,11 @@ async def reports(client: pybroker.Client, topic: str) -> AsyncIterator[Reports]
     finally:
         if not client.closed:
             await sub.unsubscribe()
+
+
+def sync_client_threads() -> list[str]:
+    """Names of the blocking clients' threads alive in this process (a
+    test that leaves one behind leaves a client that may go on trying to
+    reconnect, drawing on the global random state, after its broker is
+    gone)."""
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("pybroker-sync"))
