@@ -177,12 +177,8 @@ async def test_a_broker_killed_and_restarted_loses_no_queued_task(tmp_path: Path
         url = await broker.start()
         app = client_app(url)
         try:
-            # Queued with no worker running: the declared group holds them.
-            def declare() -> None:
-                with app.connection_for_write() as conn:
-                    conn.default_channel.queue_declare("celery")
-
-            await trio.to_thread.run_sync(declare)
+            # Queued with no worker running: the sender declared the queue
+            # (Celery does, on its first publish), and its group holds them.
             await send(app, "taskq.touch", [[f"job-{i}"] for i in range(n)])
         finally:
             await trio.to_thread.run_sync(close_app, app)
