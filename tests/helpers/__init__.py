@@ -27,4 +27,11 @@ One module per thing owned:
 - ``faults``: ``FaultyOps``, the file-call shim that fails like a disk.
 - ``fakes``: test doubles for the group logic (sessions, router events).
 - ``auth``: users files; ``certs``: TLS certificates from a test CA.
+- ``anybroker``: an in-process broker under Trio or asyncio; ``browser``:
+  Playwright for the dashboard tests; ``modules``, ``stored``: the
+  package's modules, and stored batches read back.
+- ``cluster``: etcd and SeaweedFS servers on loopback (cluster tests).
+- ``celery_app``, ``dramatiq_app``, ``taskworkers``: Celery and Dramatiq
+  apps on pybroker and their worker subprocesses; ``readme``: README
+  sections and code blocks.
 """
