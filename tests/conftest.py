@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import structlog
 
 from helpers.certs import Certs, make_certs
+from helpers.taskworkers import sync_client_threads
 
 
 # The broker's own fixtures, as users would enable them.
@@ -46,3 +48,13 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 def certs(tmp_path: Path) -> Certs:
     """A test CA and a server certificate for 127.0.0.1 under ``tmp_path``."""
     return make_certs(tmp_path)
+
+
+@pytest.fixture
+def no_sync_client_left_behind() -> Iterator[None]:
+    """Every blocking client a test opened in this process is closed by its
+    end (the task-queue tests: kombu and Dramatiq hold connections that a
+    framework's close() does not close)."""
+    before = sync_client_threads()
+    yield
+    assert sync_client_threads() == before

@@ -10,7 +10,7 @@ import shlex
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -28,21 +28,10 @@ from pybroker.server.testing import running_broker
 from helpers.procs import Child, broker_process, serve
 from helpers.readme import blocks, section, with_url
 from helpers.restarts import FAST, free_port
-from helpers.taskworkers import reports, spawn_worker, sync_client_threads
+from helpers.taskworkers import REPORTS, app_worker, reports, spawn_worker
 
-REPORTS = "taskq.reports"
-
-
-@pytest.fixture(autouse=True)
-def _no_client_left_behind() -> Iterator[None]:
-    """Every connection a test opened in this process is closed by its end."""
-    before = sync_client_threads()
-    yield
-    assert sync_client_threads() == before
-
-
-def _ready(lines: list[str]) -> bool:
-    return any("taskq worker ready" in line for line in lines)
+#: Every connection a test opened in this process is closed by its end.
+pytestmark = pytest.mark.usefixtures("no_sync_client_left_behind")
 
 
 @asynccontextmanager
@@ -55,8 +44,7 @@ async def celery_worker(
         "--without-mingle", "--without-gossip", "--without-heartbeat",
         "--loglevel", "warning", "--hostname", f"{name}@%h",
     ]
-    environment = {"TASKQ_BROKER": url, "TASKQ_REPORTS": REPORTS, **(env or {})}
-    async with spawn_worker(args, name, environment, _ready) as child:
+    async with app_worker(args, name, url, env) as child:
         yield child
 
 

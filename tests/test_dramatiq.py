@@ -11,7 +11,7 @@ import shlex
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -27,28 +27,16 @@ from pybroker.server.testing import running_broker
 
 from helpers.procs import Child, broker_process
 from helpers.readme import blocks, section, with_url
-from helpers.taskworkers import reports, spawn_worker, sync_client_threads
+from helpers.taskworkers import REPORTS, app_worker, reports, spawn_worker
 
-REPORTS = "taskq.reports"
-
-
-@pytest.fixture(autouse=True)
-def _no_client_left_behind() -> Iterator[None]:
-    """Every connection a test opened in this process is closed by its end."""
-    before = sync_client_threads()
-    yield
-    assert sync_client_threads() == before
-
-
-def _ready(lines: list[str]) -> bool:
-    return any("taskq worker ready" in line for line in lines)
+#: Every connection a test opened in this process is closed by its end.
+pytestmark = pytest.mark.usefixtures("no_sync_client_left_behind")
 
 
 @asynccontextmanager
 async def dramatiq_worker(url: str, name: str, *, threads: int = 2, env: dict[str, str] | None = None) -> AsyncIterator[Child]:
     args = ["-m", "dramatiq", "helpers.dramatiq_app", "--processes", "1", "--threads", str(threads)]
-    environment = {"TASKQ_BROKER": url, "TASKQ_REPORTS": REPORTS, **(env or {})}
-    async with spawn_worker(args, name, environment, _ready) as child:
+    async with app_worker(args, name, url, env) as child:
         yield child
 
 

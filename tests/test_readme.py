@@ -44,10 +44,9 @@ from pathlib import Path
 import pytest
 
 from helpers.procs import START_TIMEOUT, child_env, read_json_lines
+from helpers.readme import blocks, section, with_url
 
 REPO = Path(__file__).resolve().parents[1]
-README = (REPO / "README.md").read_text(encoding="utf-8")
-README_URL = "pybroker://127.0.0.1:7420"
 #: Bound on one command in the project (an install, a pytest run, a script).
 TIMEOUT = 180.0
 #: What a copy of the source tree leaves out.
@@ -57,35 +56,8 @@ NOT_SOURCE = shutil.ignore_patterns(
 )
 
 
-def section(title: str) -> str:
-    """The README's text under the heading ``title``, to the next heading
-    of the same or a higher level (lines in code blocks are not headings)."""
-    lines = README.splitlines(keepends=True)
-    heading = re.compile(r"^(#+) (.*?)\s*$")
-    fenced = False
-    level = 0
-    out: list[str] = []
-    for line in lines:
-        if line.startswith("```"):
-            fenced = not fenced
-        found = None if fenced else heading.match(line)
-        if level:
-            if found and len(found.group(1)) <= level:
-                break
-            out.append(line)
-        elif found and found.group(2) == title:
-            level = len(found.group(1))
-    assert level, f"README has no section {title!r}"
-    return "".join(out)
-
-
 def python_blocks(text: str) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
-
-
-def with_url(code: str, url: str) -> str:
-    assert README_URL in code, "the README example no longer names the default URL"
-    return code.replace(README_URL, url)
+    return blocks(text, "python")
 
 
 class Project:

@@ -21,7 +21,7 @@ import base64
 import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import attrs
 import httpx
@@ -180,27 +180,29 @@ class Put:
 
 
 @attrs.frozen
-class Delete:
+class _KeyRange:
+    """A key, or every key under it (``prefix``), as a transaction request."""
+
     key: bytes
     prefix: bool = False
+    #: The request's name in a transaction.
+    request: ClassVar[str] = ""
 
     def to_json(self) -> dict[str, Any]:
         body = {"key": _b64(self.key)}
         if self.prefix:
             body["range_end"] = _b64(prefix_end(self.key))
-        return {"request_delete_range": body}
+        return {self.request: body}
 
 
 @attrs.frozen
-class Get:
-    key: bytes
-    prefix: bool = False
+class Delete(_KeyRange):
+    request: ClassVar[str] = "request_delete_range"
 
-    def to_json(self) -> dict[str, Any]:
-        body = {"key": _b64(self.key)}
-        if self.prefix:
-            body["range_end"] = _b64(prefix_end(self.key))
-        return {"request_range": body}
+
+@attrs.frozen
+class Get(_KeyRange):
+    request: ClassVar[str] = "request_range"
 
 
 Op = Put | Delete | Get

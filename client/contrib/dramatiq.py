@@ -52,7 +52,7 @@ from dramatiq.message import Message
 from .. import BrokerError, ConnectionClosed, Reconnect
 from .. import sync
 from ..protocol import ErrorCode
-from ._names import escape
+from . import _names
 
 __all__ = ["PybrokerBroker", "group_name", "queue_topic"]
 
@@ -66,12 +66,12 @@ JOIN_INTERVAL = 0.05
 
 def queue_topic(queue: str, prefix: str = "dramatiq") -> str:
     """The topic that holds Dramatiq queue ``queue``'s messages."""
-    return f"{prefix}.{escape(queue)}"
+    return _names.queue_topic(queue, prefix)
 
 
 def group_name(queue: str, prefix: str = "dramatiq") -> str:
     """The consumer group that is Dramatiq queue ``queue``."""
-    return f"{prefix}-{escape(queue)}"
+    return _names.group_name(queue, prefix)
 
 
 class PybrokerBroker(dramatiq.Broker):

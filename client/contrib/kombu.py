@@ -58,7 +58,7 @@ from kombu.transport.virtual.exchange import DirectExchange
 from .. import BrokerError, ConnectionClosed, Reconnect
 from .. import sync
 from ..protocol import ErrorCode
-from ._names import escape
+from . import _names
 
 __all__ = ["Channel", "QoS", "Transport", "group_name", "queue_topic"]
 
@@ -74,12 +74,12 @@ TIMEOUT = 30.0
 
 def queue_topic(queue: str, prefix: str = "kombu") -> str:
     """The topic that holds kombu queue ``queue``'s messages."""
-    return f"{prefix}.{escape(queue)}"
+    return _names.queue_topic(queue, prefix)
 
 
 def group_name(queue: str, prefix: str = "kombu") -> str:
     """The consumer group that is kombu queue ``queue``."""
-    return f"{prefix}-{escape(queue)}"
+    return _names.group_name(queue, prefix)
 
 
 class QoS(virtual.QoS):

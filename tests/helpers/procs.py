@@ -196,19 +196,51 @@ async def spawn(
 ) -> AsyncIterator[Child]:
     """Start ``pybroker ARGS``; it is killed on exit if still running.
     ``preexec_fn`` runs in the child before it executes (resource limits)."""
+    async with spawn_argv([*PYBROKER, *args], name, cwd=cwd, preexec_fn=preexec_fn) as child:
+        yield child
+
+
+def kill_session(process: trio.Process) -> None:
+    """SIGKILL a process started in a session of its own, and every process
+    it started (a worker command that forks would leave children holding
+    its pipes open)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+async def _kill_session_now(process: trio.Process) -> None:
+    kill_session(process)
+
+
+@asynccontextmanager
+async def spawn_argv(
+    argv: Sequence[str],
+    name: str,
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+    own_session: bool = False,
+) -> AsyncIterator[Child]:
+    """Start ``argv`` with its output pumped into a Child; on exit it is
+    killed if still running (``own_session``: in a session of its own, it
+    and everything it started are SIGKILLed)."""
     async with trio.open_nursery() as nursery:
         process: trio.Process = await nursery.start(
             partial(
                 trio.run_process,
-                [*PYBROKER, *args],
+                list(argv),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 check=False,
                 cwd=cwd,
-                env=child_env(),
-                deliver_cancel=_kill_now,
+                env=child_env(env),
+                deliver_cancel=_kill_session_now if own_session else _kill_now,
                 preexec_fn=preexec_fn,
+                start_new_session=own_session,
             )
         )
         child = Child(process, name)
@@ -218,7 +250,9 @@ async def spawn(
         try:
             yield child
         finally:
-            if process.returncode is None:
+            if own_session:
+                kill_session(process)
+            elif process.returncode is None:
                 process.kill()
             with trio.move_on_after(TIMEOUT) as scope:
                 await process.wait()

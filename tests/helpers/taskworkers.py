@@ -8,15 +8,11 @@ still running."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +20,7 @@ import trio
 
 import pybroker
 
-from .procs import Child, child_env
+from .procs import Child, spawn_argv
 
 #: tests/, the folder the workers run in (``helpers`` is importable there).
 TESTS = Path(__file__).resolve().parent.parent
@@ -34,18 +30,22 @@ START_TIMEOUT = 60.0
 TIMEOUT = 60.0
 
 
-def _kill_group(process: trio.Process) -> None:
-    """SIGKILL the worker and every process it started (its own session:
-    Dramatiq's command forks the worker processes, which would outlive
-    their parent and hold its pipes open)."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+#: The topic the test apps' tasks publish their reports to.
+REPORTS = "taskq.reports"
 
 
-async def _kill_now(process: trio.Process) -> None:
-    _kill_group(process)
+def worker_ready(lines: list[str]) -> bool:
+    """The test apps' workers say so on stderr once they consume."""
+    return any("taskq worker ready" in line for line in lines)
+
+
+@asynccontextmanager
+async def app_worker(args: Sequence[str], name: str, url: str, env: Mapping[str, str] | None = None) -> AsyncIterator[Child]:
+    """A worker of the test apps (helpers.celery_app, helpers.dramatiq_app)
+    on the broker at ``url``, reporting to REPORTS, once it is ready."""
+    environment = {"TASKQ_BROKER": url, "TASKQ_REPORTS": REPORTS, **(env or {})}
+    async with spawn_worker(args, name, environment, worker_ready) as child:
+        yield child
 
 
 @asynccontextmanager
@@ -59,36 +59,9 @@ async def spawn_worker(
     """``python ARGS`` in ``cwd`` (tests/ unless told; a session of its
     own), yielded once ``ready(stderr lines)``; on exit it and its children
     are SIGKILLed."""
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(
-            partial(
-                trio.run_process,
-                [sys.executable, *args],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                check=False,
-                cwd=cwd,
-                env=child_env(env),
-                deliver_cancel=_kill_now,
-                start_new_session=True,
-            )
-        )
-        child = Child(process, name)
-        assert process.stdout is not None and process.stderr is not None
-        nursery.start_soon(child.stdout.pump, process.stdout)
-        nursery.start_soon(child.stderr.pump, process.stderr)
-        try:
-            await child.stderr.wait_for(lambda lines: True if ready(lines) else None, START_TIMEOUT)
-            yield child
-        finally:
-            _kill_group(process)
-            with trio.move_on_after(TIMEOUT) as scope:
-                await process.wait()
-                await child.stdout.wait_eof()
-                await child.stderr.wait_eof()
-            if scope.cancelled_caught:
-                nursery.cancel_scope.cancel()
+    async with spawn_argv([sys.executable, *args], name, cwd=cwd, env=env, own_session=True) as child:
+        await child.stderr.wait_for(lambda lines: True if ready(lines) else None, START_TIMEOUT)
+        yield child
 
 
 class Reports:
