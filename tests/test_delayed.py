@@ -38,7 +38,7 @@ from pybroker.server.delays import FileBuckets, MemoryBuckets, Schedule
 from pybroker.server.delays.buckets import Entry, iter_entries
 from pybroker.server.delays.schedule import RELEASE_ROUND, RETRY_MS
 from pybroker.server.router import Held
-from pybroker.server.storage.fileops import FileOps
+from pybroker.server.storage import StorageError
 
 from helpers.anybroker import serving, trio_only
 from helpers.faults import FaultyOps
@@ -239,7 +239,7 @@ async def test_a_torn_tail_is_cut_and_what_precedes_it_kept(tmp_path: Path) -> N
         f.write(b"\x00\x00\x01\x00garbage")  # a record cut short by a crash
     size = path.stat().st_size
     recovered = Schedule(FileBuckets(tmp_path), width_ms=1000, clock=clock)
-    assert recovered.recover() == 3
+    assert recovered.recover() == 3 and recovered.cut_at_recovery == 1
     assert path.stat().st_size == size - 11
     # Appends after recovery follow the intact records and are found.
     recovered.add(clock.now + 600, "t.torn", b"3", False, None)
@@ -308,6 +308,67 @@ async def test_a_release_whose_durability_fails_is_tried_again(tmp_path: Path) -
     clock.now += RETRY_MS
     assert await schedule.step(releases, failing_once) == 1
     assert releases.payloads == [b"r", b"r"] and schedule.released == 1
+
+
+@trio_only
+async def test_bucket_files_are_fsynced_and_so_is_their_directory_when_new(tmp_path: Path) -> None:
+    class Counting(FaultyOps):
+        def fsync(self, fd: int) -> None:  # (FaultyOps counts fdatasync itself)
+            self.calls["fsync"] += 1
+            super().fsync(fd)
+
+    ops = Counting()
+    clock = Clock()
+    schedule = Schedule(FileBuckets(tmp_path, ops), width_ms=1000, clock=clock)
+    schedule.add(clock.now + 100, "t.sync", b"a", False, None)
+    await schedule.sync()
+    assert (ops.calls["fdatasync"], ops.calls["fsync"]) == (1, 1)  # the file, the new entry in the directory
+    schedule.add(clock.now + 200, "t.sync", b"b", False, None)
+    await schedule.sync()
+    assert (ops.calls["fdatasync"], ops.calls["fsync"]) == (2, 1)  # no new entry: the file only
+
+
+@trio_only
+async def test_a_short_write_leaves_no_partial_record_behind(tmp_path: Path) -> None:
+    ops = FaultyOps()
+    clock = Clock()
+    schedule = Schedule(FileBuckets(tmp_path, ops), width_ms=1000, clock=clock)
+    schedule.add(clock.now + 100, "t.short", b"first", False, None)
+    ops.short_next("write")
+    with pytest.raises(StorageError):
+        schedule.add(clock.now + 200, "t.short", b"x" * 1000, False, None)
+    ops.free()
+    schedule.add(clock.now + 300, "t.short", b"third", False, None)
+    assert schedule.pending == 2
+    (path,) = tmp_path.iterdir()
+    again = Schedule(FileBuckets(tmp_path), width_ms=1000, clock=clock)
+    assert again.recover() == 2 and again.cut_at_recovery == 0
+    assert [e.batch for e in iter_entries(again.buckets, int(path.stem))] == [b"first", b"third"]
+
+
+@trio_only
+async def test_other_files_in_the_directory_are_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "notes.delayed").write_bytes(b"not a bucket")
+    (tmp_path / "README").write_bytes(b"hello")
+    schedule = Schedule(FileBuckets(tmp_path), width_ms=1000, clock=Clock())
+    assert schedule.recover() == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README", "notes.delayed"]
+    assert schedule.buckets.read(123) == b""
+
+
+@trio_only
+async def test_memory_buckets_release_some_entries_and_keep_the_rest() -> None:
+    clock = Clock()
+    schedule = Schedule(MemoryBuckets(), width_ms=10_000, clock=clock)
+    for i in range(3):
+        schedule.add(clock.now + 100 * (i + 1), "t.m", b"%d" % i, False, None)
+    releases = Releases()
+    clock.now += 150
+    assert await drain(schedule, releases) == 1
+    bucket = clock.now - clock.now % 10_000
+    assert [e.batch for e in iter_entries(schedule.buckets, bucket)] == [b"1", b"2"]
+    clock.now += 20_000
+    assert await drain(schedule, releases) == 2 and releases.payloads == [b"0", b"1", b"2"]
 
 
 @trio_only

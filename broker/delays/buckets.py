@@ -81,13 +81,11 @@ class Scan:
 
     entries: list[Entry]
     end: int
-    released: int
 
 
 def scan(bucket: int, data: bytes) -> Scan:
     """Read a bucket's records; stop at the first that is torn or damaged."""
     entries: dict[int, Entry] = {}
-    released = 0
     pos = 0
     size = len(data)
     while pos + RECORD_HEAD.size <= size:
@@ -110,12 +108,11 @@ def scan(bucket: int, data: bytes) -> Scan:
                 break
             for i in range(n):
                 (done,) = POSITION.unpack_from(body, NOTE_HEAD.size + i * POSITION.size)
-                if entries.pop(done, None) is not None:
-                    released += 1
+                entries.pop(done, None)
         else:
             break
         pos = start + length
-    return Scan(list(entries.values()), pos, released)
+    return Scan(list(entries.values()), pos)
 
 
 class Buckets(Protocol):

@@ -74,6 +74,8 @@ class Schedule:
         #: Entries scheduled (not yet released), for metrics.
         self.pending = 0
         self.released = 0
+        #: Buckets whose torn or damaged tail the last recover() cut off.
+        self.cut_at_recovery = 0
         #: Buckets written since the last sync, and the helds waiting for it.
         self._dirty: set[int] = set()
         self._helds: list[tuple[int, int, Held]] = []
@@ -96,6 +98,7 @@ class Schedule:
                 continue
             self.pending += len(found.entries)
             self._add_key(bucket)
+        self.cut_at_recovery = cut
         if self.pending or cut:
             self.logger.info("delayed batches recovered", pending=self.pending, buckets=len(self._known), cut=cut)
         return self.pending
