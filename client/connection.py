@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import secrets
-import sys
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -38,6 +37,7 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import ByteStream, TaskGroup
 
+from ._cancel import cancel_check
 from .errors import (
     AuthenticationError,
     BrokerError,
@@ -93,6 +93,7 @@ from .protocol import (
     encode_batch_from_records,
     encode_publish,
     encode_record,
+    RECORD_HEADER,
     max_publish_records,
     pattern_error,
     server_frame_limit,
@@ -177,6 +178,20 @@ def _credentials(
     if password is not None:
         raise ValueError("a password needs a user name")
     return url_credentials(url)
+
+
+_pack_record_header = RECORD_HEADER.pack
+
+
+class _Unsent:
+    """One topic's messages not yet sent: their records and acks, in order
+    (two lists rather than a list of pairs: no tuple per message)."""
+
+    __slots__ = ("records", "pendings")
+
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+        self.pendings: list[PendingAck] = []
 
 
 class PendingAck:
@@ -317,8 +332,11 @@ class Client:
         self._batch_names = itertools.count(1)
         self._out: list[bytes] = []
         self._wake = anyio.Event()
-        # topic -> [(record bytes, PendingAck)] not yet sent
-        self._unsent: dict[str, list[tuple[bytes, PendingAck]]] = {}
+        #: publish_nowait has set _wake since the writer last made a new one
+        #: (so a loop of sends sets it once, not once per message).
+        self._wake_set = False
+        # Messages not yet sent, per topic, in order.
+        self._unsent: dict[str, _Unsent] = {}
         self._unsent_count = 0
         self._pending_count = 0  # unsent + in flight
         self._inflight: dict[int, list[PendingAck]] = {}
@@ -338,14 +356,16 @@ class Client:
         self._replies: dict[str, _Waiter] = {}
         # Group acknowledgements waiting for the writer, by frame key.
         self._settlements: dict[tuple[int, str, AckKind, int], list[int]] = {}
-        self._valid_topics: set[str] = set()
+        #: Valid topics published to, with the largest record one PUBLISH
+        #: to each carries (depends on the WELCOME's limits: cleared with it).
+        self._record_limits: dict[str, int] = {}
         self._closed: ConnectionClosed | None = None
         self._goodbye_received = anyio.Event()
         self._reader_done = anyio.Event()
         self._closing_by_us = False
         # When the reader last got bytes from the broker (keepalive).
         self._received_at = anyio.current_time()
-        self._cancel_check = _cancel_check()
+        self._cancel_requested, self._checkpoint_if_cancelled = cancel_check()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -361,6 +381,7 @@ class Client:
             )
         self.server = event
         limits = event.limits
+        self._record_limits.clear()  # topic syntax and frame limits may change
         self._max_batch_messages = limits.get("max_batch_messages", self._max_batch_messages)
         self._max_frame_bytes = limits.get("max_frame_bytes", self._max_frame_bytes)
         # Accept what the server may send: a DELIVER carries a batch that fit
@@ -431,8 +452,8 @@ class Client:
             return
         self._closed = error
         sub_error = None if self._closing_by_us else error
-        for topic_items in self._unsent.values():
-            for _, p in topic_items:
+        for unsent in self._unsent.values():
+            for p in unsent.pendings:
                 p._fail(error)
         self._unsent.clear()
         for ps in self._inflight.values():
@@ -516,15 +537,20 @@ class Client:
 
     # -- publishing -------------------------------------------------------
 
-    def _check_topic(self, topic: str) -> None:
-        if topic in self._valid_topics:
-            return
+    def _record_limit(self, topic: str) -> int:
+        """The largest record one PUBLISH to ``topic`` carries; ValueError if
+        ``topic`` is no valid topic name. Cached: a hot loop of publishes
+        to a few topics pays one dict lookup for both checks."""
+        limit = self._record_limits.get(topic)
+        if limit is not None:
+            return limit
         problem = topic_error(topic, self._max_topic_bytes, self._max_topic_depth)
         if problem is not None:
             raise ValueError(problem)
-        if len(self._valid_topics) >= _TOPIC_CACHE_LIMIT:
-            self._valid_topics.clear()
-        self._valid_topics.add(topic)
+        if len(self._record_limits) >= _TOPIC_CACHE_LIMIT:
+            self._record_limits.clear()
+        limit = self._record_limits[topic] = max_publish_records(self._max_frame_bytes, topic, self._dedup)
+        return limit
 
     def publish_nowait(
         self, topic: str, payload: bytes | str, headers: Mapping[str, str] | None = None
@@ -539,38 +565,52 @@ class Client:
         ``max_pending`` messages are already queued or awaiting
         acknowledgement.
         """
-        self._check_open()
-        self._check_topic(topic)
-        if self._pending_count >= self._max_pending:
+        # The hot path of every publish: checks and calls are inlined where
+        # that saved measurable time per message (benchmarks/README.md).
+        if self._closed is not None:
+            raise self._closed
+        limit = self._record_limits.get(topic)
+        if limit is None:
+            limit = self._record_limit(topic)
+        count = self._pending_count
+        if count >= self._max_pending:
             raise anyio.WouldBlock
         if type(payload) is not bytes:
             payload = _payload_bytes(payload)
-        record = encode_record(payload, headers)
-        self._check_size(topic, record, len(payload))
+        if headers:
+            record = encode_record(payload, headers)
+        else:
+            record = _pack_record_header(len(payload), 0) + payload
+        if len(record) > limit:
+            self._too_large(topic, record, len(payload))
         pending = PendingAck(topic)
-        items = self._unsent.get(topic)
-        if items is None:
-            items = self._unsent[topic] = []
-        items.append((record, pending))
+        unsent = self._unsent.get(topic)
+        if unsent is None:
+            unsent = self._unsent[topic] = _Unsent()
+        unsent.records.append(record)
+        unsent.pendings.append(pending)
         self._unsent_count += 1
-        self._pending_count += 1
-        self._drained = anyio.Event() if self._drained.is_set() else self._drained
-        self._wake.set()
+        self._pending_count = count + 1
+        if not count:
+            # Set exactly while nothing is pending (flush waits for it).
+            self._drained = anyio.Event() if self._drained.is_set() else self._drained
+        if not self._wake_set:
+            self._wake_set = True
+            self._wake.set()
         return pending
 
-    def _check_size(self, topic: str, record: bytes, payload_len: int) -> None:
+    def _too_large(self, topic: str, record: bytes, payload_len: int) -> None:
         """A message must fit one PUBLISH frame under the broker's
         max_frame_bytes; refuse it here rather than have the broker close
         the connection with FRAME_TOO_LARGE."""
-        limit = max_publish_records(self._max_frame_bytes, topic, self._dedup)
-        if len(record) > limit:
-            extra = len(record) - payload_len  # record header and headers block
-            raise MessageTooLarge(
-                f"message of {payload_len} payload bytes ({len(record)} with its headers) "
-                f"is too large for topic {topic!r}: the broker's max_frame_bytes "
-                f"({self._max_frame_bytes}) leaves room for {max(0, limit - extra)} payload "
-                "bytes with these headers"
-            )
+        limit = self._record_limit(topic)
+        extra = len(record) - payload_len  # record header and headers block
+        raise MessageTooLarge(
+            f"message of {payload_len} payload bytes ({len(record)} with its headers) "
+            f"is too large for topic {topic!r}: the broker's max_frame_bytes "
+            f"({self._max_frame_bytes}) leaves room for {max(0, limit - extra)} payload "
+            "bytes with these headers"
+        )
 
     async def send(
         self, topic: str, payload: bytes | str, headers: Mapping[str, str] | None = None
@@ -582,7 +622,10 @@ class Client:
         of ``send`` calls fills large batches instead of sending one message
         per scheduler pass (the writer runs when this task waits).
         """
-        await self._cancel_check()
+        # A cancelled scope stops it before it queues anything; the check is
+        # a plain call unless the scope is cancelled (_cancel.py).
+        if self._cancel_requested():
+            await self._checkpoint_if_cancelled()
         while self._pending_count >= self._max_pending:
             await self._wait_room()
         return self.publish_nowait(topic, payload, headers)
@@ -633,7 +676,7 @@ class Client:
         use a new inbox.
         """
         self._check_open()
-        self._check_topic(topic)
+        limit = self._record_limit(topic)
         payload = _payload_bytes(payload)
         waiter: _Waiter | None = None
         with anyio.move_on_after(timeout) as scope:
@@ -643,7 +686,8 @@ class Client:
             request_headers["reply-to"] = inbox
             request_headers["correlation-id"] = correlation
             record = encode_record(payload, request_headers)
-            self._check_size(topic, record, len(payload))
+            if len(record) > limit:
+                self._too_large(topic, record, len(payload))
             # Not held to the batch window: waiting for a slot there could
             # starve behind a busy publisher. Past the broker's
             # max_inflight_publishes it merely reads us more slowly.
@@ -746,33 +790,39 @@ class Client:
         frames: list[bytes] = []
         max_messages = self._max_batch_messages
         for topic in list(self._unsent):
-            items = self._unsent[topic]
+            unsent = self._unsent[topic]
+            records, pendings = unsent.records, unsent.pendings
             max_body = max_publish_records(self._max_frame_bytes, topic, self._dedup)
-            start = 0
-            size = 0
-            for i, (record, _) in enumerate(items):
-                if i > start and (i - start >= max_messages or size + len(record) > max_body):
-                    frames.append(self._batch_frame(topic, items[start:i]))
-                    start, size = i, 0
-                    if len(frames) >= room:
-                        break
-                size += len(record)
+            if len(records) <= max_messages and sum(map(len, records)) <= max_body:
+                # The usual case: all of it is one frame, no per-message loop.
+                frames.append(self._batch_frame(topic, records, pendings))
+                start = len(records)
             else:
-                frames.append(self._batch_frame(topic, items[start:]))
-                start = len(items)
+                start = 0
+                size = 0
+                for i, record in enumerate(records):
+                    if i > start and (i - start >= max_messages or size + len(record) > max_body):
+                        frames.append(self._batch_frame(topic, records[start:i], pendings[start:i]))
+                        start, size = i, 0
+                        if len(frames) >= room:
+                            break
+                    size += len(record)
+                else:
+                    frames.append(self._batch_frame(topic, records[start:], pendings[start:]))
+                    start = len(records)
             self._unsent_count -= start
-            if start < len(items):
-                self._unsent[topic] = items[start:]
+            if start < len(records):
+                del records[:start], pendings[:start]
                 break  # out of room
             del self._unsent[topic]
             if len(frames) >= room:
                 break
         return frames
 
-    def _batch_frame(self, topic: str, items: list[tuple[bytes, PendingAck]]) -> bytes:
+    def _batch_frame(self, topic: str, records: list[bytes], pendings: list[PendingAck]) -> bytes:
+        """One PUBLISH of ``records`` (a list this takes over)."""
         request_id = next(self._request_ids)
-        self._inflight[request_id] = [p for _, p in items]
-        records = [r for r, _ in items]
+        self._inflight[request_id] = pendings
         dedup = self._dedup
         if dedup:
             try:
@@ -1215,6 +1265,7 @@ class Client:
                     return
                 await self._wake.wait()
                 self._wake = anyio.Event()
+                self._wake_set = False
         except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             self._lost(ConnectionClosed(f"connection lost while sending: {exc!r}"))
 
@@ -1348,9 +1399,14 @@ class Client:
         if pendings is None:
             return
         self._inflight_frames.pop(ack.request_id, None)
-        base, ts, durability = ack.base_offset, ack.timestamp, ack.durability
-        for i, p in enumerate(pendings):
-            p._resolve(base + i, ts, durability)
+        ts, durability = ack.timestamp, ack.durability
+        # PendingAck._resolve, inlined: this runs once per message published.
+        for offset, p in enumerate(pendings, ack.base_offset):
+            p.offset = offset
+            p.timestamp_us = ts
+            p.durability = durability
+            if p._event is not None:
+                p._event.set()
         self._settled(len(pendings))
 
     def _settled(self, count: int) -> None:
@@ -1406,25 +1462,6 @@ class Client:
                 _log.warning("subscription %s not resumed: %s", sub.pattern, error)
                 return
         _log.warning("error from broker: %s (code %d, ref %d)", err.message, err.code, err.ref)
-
-
-def _cancel_check() -> Callable[[], Awaitable[None]]:
-    """The running event loop's own "raise if cancelled", for send().
-
-    anyio.lowlevel.checkpoint_if_cancelled looks the event loop up on every
-    call: 0.7 µs under Trio against Trio's own 0.2 µs, which was a fifth of
-    the cost of a send() (a publisher's hot loop). The loop does not change
-    under a connection, so it is looked up once."""
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            trio.lowlevel.current_task()
-        except RuntimeError:
-            pass  # Trio is imported but not what runs this client
-        else:
-            check: Callable[[], Awaitable[None]] = trio.lowlevel.checkpoint_if_cancelled
-            return check
-    return anyio.lowlevel.current_token().backend_class.checkpoint_if_cancelled
 
 
 def _payload_bytes(payload: object) -> bytes:
@@ -1549,9 +1586,10 @@ async def _run_callback(
 
     if concurrency == 1:
         # No slots to take: a semaphore's await is a scheduler trip per
-        # message, which cut this path to a quarter of its speed.
-        async for msg in sub:
-            await handle(msg)
+        # message, which cut this path to a quarter of its speed. A plain
+        # subscription's messages are never group messages, so its callback
+        # is called directly, without a coroutine around it per message.
+        await sub._for_each(callback if sub.group is None else handle)
         return
     async with anyio.create_task_group() as tasks:
         async for msg in sub:
