@@ -63,11 +63,14 @@ def _asyncio_running() -> bool:
 def _trio_requested(trio: Any) -> Callable[[], bool]:
     """Trio's own test (trio.lowlevel.checkpoint_if_cancelled's), without
     the coroutine: the task's cancel status, or a KeyboardInterrupt waiting."""
-    current_task = trio.lowlevel.current_task
-    task = current_task()
+    task = trio.lowlevel.current_task()
     try:
-        shape_ok = isinstance(task._cancel_status.effectively_cancelled, bool) and isinstance(
-            task._runner.ki_pending, bool
+        # What trio.lowlevel.current_task() reads, without its call.
+        context = trio._core._run.GLOBAL_RUN_CONTEXT
+        shape_ok = (
+            context.task is task
+            and isinstance(task._cancel_status.effectively_cancelled, bool)
+            and isinstance(task._runner.ki_pending, bool)
         )
     except AttributeError:
         shape_ok = False
@@ -75,7 +78,10 @@ def _trio_requested(trio: Any) -> Callable[[], bool]:
         return _always
 
     def requested() -> bool:
-        task = current_task()
+        try:
+            task = context.task
+        except AttributeError:
+            return True  # not in a Trio task: the real check raises as it should
         # ki_pending is only acted on in the main task: a yes elsewhere just
         # costs the real check, which then finds nothing to do.
         return bool(task._cancel_status.effectively_cancelled or task._runner.ki_pending)
@@ -106,7 +112,12 @@ def _asyncio_requested() -> Callable[[], bool]:
     if not shape_ok:
         return _always
     loop = asyncio.get_running_loop()
-    current_task = asyncio.current_task
+    running = getattr(asyncio.tasks, "_current_tasks", None)
+    if isinstance(running, dict) and running.get(loop) is asyncio.current_task():
+        # Python 3.11's asyncio.current_task() is Python code around this.
+        current_task: Callable[[Any], Any] = running.get
+    else:
+        current_task = asyncio.current_task
     # The last task asked about, weakly (a finished task must not be kept),
     # and its anyio state (one object per task for the task's life).
     last_task: list[Any] = [None, None]
