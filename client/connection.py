@@ -101,7 +101,7 @@ from .protocol import (
     with_msg_id,
     MSG_ID_HEADER,
 )
-from .subscription import Subscription
+from .subscription import Batch, Subscription
 from .transport import CAFile, TLSOption, client_context, open_stream
 
 DEFAULT_URL = "pybroker://127.0.0.1:7420"
@@ -1410,17 +1410,8 @@ class Client:
             sub._note_malformed(d.topic, d.base_offset, d.timestamp, check_batch(d.batch)[0])
             _log.warning("skipping malformed batch at %s@%d: %s", d.topic, d.base_offset, exc)
             return
-        topic, base, ts = d.topic, d.base_offset, d.timestamp
-        msg_id = _msg_id_of(headers)
-        # zip reuses its tuple as each is unpacked: nothing per message but
-        # the Message (and its payload) for the collector to track.
-        messages = [
-            Message(topic, p, h, offset, ts)
-            for p, h, offset in zip(payloads, headers, range(base, base + len(payloads)))
-        ]
-        if msg_id is not None:
-            messages[0].msg_id = msg_id
-        sub._push(messages)
+        # Messages are made as they are handed over (subscription.py).
+        sub._push(Batch(d.topic, d.base_offset, d.timestamp, payloads, headers, _msg_id_of(headers)))
 
     def _on_group_deliver(self, d: GroupDeliver) -> None:
         sub = self._subs.get(d.sub_id)
@@ -1433,15 +1424,12 @@ class Client:
             sub._note_malformed(d.topic, d.base_offset, d.timestamp, 0)  # groups: not credit-counted
             _log.warning("skipping malformed batch at %s@%d: %s", d.topic, d.base_offset, exc)
             return
-        topic, base, ts, n, sid = d.topic, d.base_offset, d.timestamp, d.deliveries, d.sub_id
-        msg_id = _msg_id_of(headers)
-        messages = [
-            Message(topic, p, h, offset, ts, n, self, sid)
-            for p, h, offset in zip(payloads, headers, range(base, base + len(payloads)))
-        ]
-        if msg_id is not None:
-            messages[0].msg_id = msg_id
-        sub._push(messages)
+        sub._push(
+            Batch(
+                d.topic, d.base_offset, d.timestamp, payloads, headers, _msg_id_of(headers),
+                d.deliveries, self, d.sub_id,
+            )
+        )
 
     def _on_puback(self, ack: PubAck) -> None:
         pendings = self._inflight.pop(ack.request_id, None)
