@@ -38,6 +38,7 @@ import anyio.lowlevel
 from anyio.abc import ByteStream, TaskGroup
 
 from ._cancel import cancel_check
+from ._publishing import Frame, PendingAck, Run, Topic
 from .errors import (
     AuthenticationError,
     BrokerError,
@@ -183,71 +184,6 @@ def _credentials(
 _pack_record_header = RECORD_HEADER.pack
 
 
-class _Topic:
-    """A topic published to: the largest record one PUBLISH to it carries,
-    and its messages not yet sent with their acks, in order (two lists
-    rather than a list of pairs: no tuple per message)."""
-
-    __slots__ = ("limit", "records", "pendings")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.records: list[bytes] = []
-        self.pendings: list[PendingAck] = []
-
-
-#: An enum member read from its class costs 0.08 µs on Python 3.11; a
-#: PendingAck is made per message.
-_MEMORY = Durability.MEMORY
-
-
-class PendingAck:
-    """The acknowledgement of one queued message; ``await p.wait()`` for it."""
-
-    __slots__ = ("topic", "offset", "timestamp_us", "durability", "error", "_event")
-
-    def __init__(self, topic: str) -> None:
-        self.topic = topic
-        self.offset = -1
-        self.timestamp_us = 0
-        self.durability = _MEMORY
-        self.error: BaseException | None = None
-        self._event: anyio.Event | None = None
-
-    def done(self) -> bool:
-        return self.offset >= 0 or self.error is not None
-
-    def _resolve(self, offset: int, timestamp_us: int, durability: Durability) -> None:
-        self.offset = offset
-        self.timestamp_us = timestamp_us
-        self.durability = durability
-        if self._event is not None:
-            self._event.set()
-
-    def _fail(self, error: BaseException) -> None:
-        if not self.done():
-            self.error = error
-            if self._event is not None:
-                self._event.set()
-
-    def result(self) -> PublishAck:
-        """The acknowledgement; raises if it failed or has not arrived."""
-        if self.error is not None:
-            raise self.error
-        if self.offset < 0:
-            raise RuntimeError("not acknowledged yet")
-        return PublishAck(self.topic, self.offset, self.timestamp_us, self.durability)
-
-    async def wait(self) -> PublishAck:
-        if not self.done():
-            if self._event is None:
-                self._event = anyio.Event()
-            await self._event.wait()
-        else:
-            await anyio.lowlevel.checkpoint()
-        return self.result()
-
-
 class _Waiter:
     """A request (SUBSCRIBE, UNSUBSCRIBE, PING, INFO) waiting for its answer."""
 
@@ -343,10 +279,10 @@ class Client:
         #: (so a loop of sends sets it once, not once per message).
         self._wake_set = False
         # The topics with messages not yet sent (a subset of _topics).
-        self._unsent: dict[str, _Topic] = {}
+        self._unsent: dict[str, Topic] = {}
         self._unsent_count = 0
         self._pending_count = 0  # unsent + in flight
-        self._inflight: dict[int, list[PendingAck]] = {}
+        self._inflight: dict[int, Frame] = {}
         # The PUBLISH frames of _inflight, sent again after a reconnect.
         self._inflight_frames: dict[int, bytes] = {}
         # What the writer sends first on a new connection (_resume_frames).
@@ -365,7 +301,7 @@ class Client:
         self._settlements: dict[tuple[int, str, AckKind, int], list[int]] = {}
         #: Valid topics published to (the check depends on the WELCOME's
         #: limits: redone with each).
-        self._topics: dict[str, _Topic] = {}
+        self._topics: dict[str, Topic] = {}
         self._closed: ConnectionClosed | None = None
         self._goodbye_received = anyio.Event()
         self._reader_done = anyio.Event()
@@ -465,12 +401,10 @@ class Client:
         self._closed = error
         sub_error = None if self._closing_by_us else error
         for unsent in self._unsent.values():
-            for p in unsent.pendings:
-                p._fail(error)
+            unsent.fail(error)
         self._unsent.clear()
-        for ps in self._inflight.values():
-            for p in ps:
-                p._fail(error)
+        for frame in self._inflight.values():
+            frame.fail(error)
         self._inflight.clear()
         self._inflight_frames.clear()
         self._pending_count = self._unsent_count = 0
@@ -549,7 +483,7 @@ class Client:
 
     # -- publishing -------------------------------------------------------
 
-    def _topic(self, topic: str) -> _Topic:
+    def _topic(self, topic: str) -> Topic:
         """``topic``'s queue and limit; ValueError if ``topic`` is no valid
         topic name. Kept for the topics published to (up to a bound): a hot
         loop of publishes pays one dict lookup for both checks."""
@@ -561,8 +495,8 @@ class Client:
             raise ValueError(problem)
         if len(self._topics) >= _TOPIC_CACHE_LIMIT:
             self._topics = dict(self._unsent)  # what has messages queued stays
-        known = self._topics[topic] = _Topic(
-            max_publish_records(self._max_frame_bytes, topic, self._dedup)
+        known = self._topics[topic] = Topic(
+            topic, max_publish_records(self._max_frame_bytes, topic, self._dedup)
         )
         return known
 
@@ -597,12 +531,11 @@ class Client:
             record = _pack_record_header(len(payload), 0) + payload
         if len(record) > known.limit:
             self._too_large(topic, record, len(payload))
-        pending = PendingAck(topic)
-        records = known.records
+        records = known.run.records
+        pending = PendingAck(topic, known.run, len(records))
         if not records:
             self._unsent[topic] = known
         records.append(record)
-        known.pendings.append(pending)
         self._unsent_count += 1
         self._pending_count = count + 1
         if not count:
@@ -658,12 +591,11 @@ class Client:
             record = _pack_record_header(len(payload), 0) + payload
         if len(record) > known.limit:
             self._too_large(topic, record, len(payload))
-        pending = PendingAck(topic)
-        records = known.records
+        records = known.run.records
+        pending = PendingAck(topic, known.run, len(records))
         if not records:
             self._unsent[topic] = known
         records.append(record)
-        known.pendings.append(pending)
         self._unsent_count += 1
         self._pending_count = count + 1
         if not count:
@@ -736,9 +668,10 @@ class Client:
             # max_inflight_publishes it merely reads us more slowly.
             waiter = self._replies[correlation] = _Waiter()
             try:
-                pending = PendingAck(topic)
+                run = Run(topic)
+                pending = PendingAck(topic, run, 0)
                 request_id = next(self._request_ids)
-                self._inflight[request_id] = [pending]
+                self._inflight[request_id] = run.frame(1)
                 self._pending_count += 1
                 self._drained = anyio.Event() if self._drained.is_set() else self._drained
                 batch = encode_batch_from_records([record])
@@ -820,10 +753,10 @@ class Client:
     def _waiting_topics(self, limit: int = 5) -> list[str]:
         """Some of the topics with messages not yet acknowledged, for errors."""
         topics = dict.fromkeys(self._unsent)
-        for pendings in self._inflight.values():
+        for frame in self._inflight.values():
             if len(topics) >= limit:
                 break
-            topics.update(dict.fromkeys(p.topic for p in pendings[:1]))
+            topics[frame.run.topic] = None
         names = list(topics)[:limit]
         return names + ["..."] if len(topics) > limit else names
 
@@ -833,40 +766,47 @@ class Client:
         frames: list[bytes] = []
         max_messages = self._max_batch_messages
         for topic in list(self._unsent):
-            unsent = self._unsent[topic]
-            records, pendings = unsent.records, unsent.pendings
-            unsent.records, unsent.pendings = [], []
+            known = self._unsent[topic]
+            known.seal()
             max_body = max_publish_records(self._max_frame_bytes, topic, self._dedup)
-            if len(records) <= max_messages and sum(map(len, records)) <= max_body:
-                # The usual case: all of it is one frame, no per-message loop.
-                frames.append(self._batch_frame(topic, records, pendings))
-                start = len(records)
-            else:
-                start = 0
-                size = 0
-                for i, record in enumerate(records):
-                    if i > start and (i - start >= max_messages or size + len(record) > max_body):
-                        frames.append(self._batch_frame(topic, records[start:i], pendings[start:i]))
-                        start, size = i, 0
-                        if len(frames) >= room:
-                            break
-                    size += len(record)
-                else:
-                    frames.append(self._batch_frame(topic, records[start:], pendings[start:]))
+            sealed = known.sealed
+            while sealed and len(frames) < room:
+                run = sealed[0]
+                records = run.records
+                if len(records) <= max_messages and sum(map(len, records)) <= max_body:
+                    # The usual case: all of it is one frame, no per-message loop.
+                    frames.append(self._batch_frame(topic, run, records))
                     start = len(records)
-            self._unsent_count -= start
-            if start < len(records):
-                unsent.records, unsent.pendings = records[start:], pendings[start:]
+                else:
+                    start = 0
+                    size = 0
+                    for i, record in enumerate(records):
+                        if i > start and (i - start >= max_messages or size + len(record) > max_body):
+                            frames.append(self._batch_frame(topic, run, records[start:i]))
+                            start, size = i, 0
+                            if len(frames) >= room:
+                                break
+                        size += len(record)
+                    else:
+                        frames.append(self._batch_frame(topic, run, records[start:]))
+                        start = len(records)
+                self._unsent_count -= start
+                if start < len(records):
+                    run.records = records[start:]  # out of room
+                else:
+                    run.records = []  # in its frames now
+                    sealed.popleft()
+            if sealed:
                 break  # out of room
             del self._unsent[topic]
             if len(frames) >= room:
                 break
         return frames
 
-    def _batch_frame(self, topic: str, records: list[bytes], pendings: list[PendingAck]) -> bytes:
-        """One PUBLISH of ``records`` (a list this takes over)."""
+    def _batch_frame(self, topic: str, run: Run, records: list[bytes]) -> bytes:
+        """One PUBLISH of ``run``'s next ``records`` (a list this may change)."""
         request_id = next(self._request_ids)
-        self._inflight[request_id] = pendings
+        self._inflight[request_id] = run.frame(len(records))
         dedup = self._dedup
         if dedup:
             try:
@@ -1432,19 +1372,12 @@ class Client:
         )
 
     def _on_puback(self, ack: PubAck) -> None:
-        pendings = self._inflight.pop(ack.request_id, None)
-        if pendings is None:
+        frame = self._inflight.pop(ack.request_id, None)
+        if frame is None:
             return
         self._inflight_frames.pop(ack.request_id, None)
-        ts, durability = ack.timestamp, ack.durability
-        # PendingAck._resolve, inlined: this runs once per message published.
-        for offset, p in enumerate(pendings, ack.base_offset):
-            p.offset = offset
-            p.timestamp_us = ts
-            p.durability = durability
-            if p._event is not None:
-                p._event.set()
-        self._settled(len(pendings))
+        frame.resolve(ack.base_offset, ack.timestamp, ack.durability)  # every message of it at once
+        self._settled(frame.count)
 
     def _settled(self, count: int) -> None:
         self._pending_count -= count
@@ -1463,12 +1396,11 @@ class Client:
                 self._fail(closed)
             return
         if err.ref_kind is RefKind.REQUEST:
-            pendings = self._inflight.pop(err.ref, None)
-            if pendings is not None:
+            frame = self._inflight.pop(err.ref, None)
+            if frame is not None:
                 self._inflight_frames.pop(err.ref, None)
-                for p in pendings:
-                    p._fail(error)
-                self._settled(len(pendings))
+                frame.fail(error)
+                self._settled(frame.count)
                 return
             waiter = self._info_waiters.pop(err.ref, None)
             if waiter is not None:

@@ -1,8 +1,9 @@
 """The client's hot paths keep the slow paths' behaviour.
 
 send() inlines publish_nowait() and checks for cancellation by reading the
-event loop's state (pybroker/_cancel.py); callback subscriptions are fed a
-batch at a time (Subscription._for_each). Each is checked here against what
+event loop's state (pybroker/_cancel.py); PendingAcks point into runs of
+messages that PUBACKs settle a frame at a time (pybroker/_publishing.py);
+callback subscriptions are fed a batch at a time (Subscription._for_each). Each is checked here against what
 the plain path does, under Trio and asyncio.
 """
 
@@ -15,9 +16,10 @@ import pytest
 
 import pybroker as client
 from pybroker._cancel import _always, cancel_check
+from pybroker.server.config import Limits
 from pybroker.server.server import Server
 
-from helpers.anybroker import pybroker_server  # noqa: F401 (the fixture, under either backend)
+from helpers.anybroker import pybroker_server, serving  # noqa: F401 (the fixture, under either backend)
 
 pytestmark = pytest.mark.anyio
 
@@ -164,3 +166,54 @@ async def test_callback_sees_the_iteration_state(pybroker_server: Server) -> Non
     # What is still buffered never counts the message being handled.
     assert all(pending <= n - delivered for _, delivered, pending in seen)
     assert seen[-1][2] == 0
+
+
+async def test_acks_of_runs_cut_into_frames_and_left_over() -> None:
+    # The broker takes 3 messages per PUBLISH and the client keeps one frame
+    # in flight: a run of sends is cut into many frames, most of them left
+    # for later takes (out of room). Another client's message lands between
+    # two of them. Every PendingAck still names its own message's offset.
+    async with serving(limits=Limits(max_batch_messages=3)) as server:
+        async with client.connect(server.url, max_inflight_batches=1, max_pending=64) as c:
+            pendings = []
+            for i in range(40):
+                pendings.append(await c.send("cut.a", b"a%d" % i))
+                if i % 4 == 0:
+                    pendings.append(await c.send("cut.b", b"b%d" % i))
+            first = await pendings[0].wait()
+            # One frame acknowledged, a dozen still to go one round trip
+            # each: the last message is not settled yet.
+            assert not pendings[-2].done() and pendings[-2].offset == -1
+            async with client.connect(server.url) as other:
+                await other.publish("cut.a", b"other")
+            await c.flush()
+            assert first.offset == 0
+            for topic in ("cut.a", "cut.b"):
+                mine = [p for p in pendings if p.topic == topic]
+                offsets = [p.result().offset for p in mine]
+                assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
+                assert all(p.done() and p.error is None and p.timestamp_us > 0 for p in mine)
+        got = await _replay(server.url, "cut.a", 41)
+    payloads = {m.offset: m.payload for m in got}
+    mine = [p for p in pendings if p.topic == "cut.a"]
+    assert [payloads[p.offset] for p in mine] == [b"a%d" % i for i in range(40)]
+    assert b"other" in payloads.values()
+
+
+async def test_pending_acks_fail_with_the_connection(pybroker_server: Server) -> None:
+    # Unsent, in-flight and acknowledged messages when the client closes
+    # without flushing: the acknowledged keep their offsets, the others fail.
+    async with client.connect(pybroker_server.url) as c:
+        done = await c.send("fail.t", b"acked")
+        await c.flush()
+        queued = [await c.send("fail.t", b"%d" % i) for i in range(1000)]
+        await c.aclose(graceful=False)
+    assert done.result().offset == 0
+    assert all(p.done() for p in queued)
+    failed = [p for p in queued if p.error is not None]
+    assert all(isinstance(p.error, client.ConnectionClosed) for p in failed)
+    for p in failed:
+        with pytest.raises(client.ConnectionClosed):
+            p.result()
+        with pytest.raises(client.ConnectionClosed):
+            await p.wait()
