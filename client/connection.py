@@ -38,7 +38,8 @@ import anyio.lowlevel
 from anyio.abc import ByteStream, TaskGroup
 
 from ._cancel import cancel_check
-from ._publishing import Frame, PendingAck, Run, Topic
+from ._publishing import Frame, Run, Topic
+from ._publishing import PendingAck as PendingAck  # re-exported: pybroker.PendingAck
 from .errors import (
     AuthenticationError,
     BrokerError,
@@ -59,7 +60,6 @@ from .protocol import (
     Connection,
     Credit,
     Deliver,
-    Durability,
     Error,
     ErrorCode,
     Ack,
