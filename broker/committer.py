@@ -14,6 +14,7 @@ It also runs the timed work of the store: fsync every interval for
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -33,6 +34,9 @@ class Committer:
         self.committed_seq = 0
         self.rounds = 0
         self.durability = Durability.DISK
+        #: More to make durable in each round, after the topics' sync (the
+        #: delayed-delivery schedule): its waiters share the topics' rounds.
+        self.also_sync: Callable[[], Awaitable[None]] | None = None
         self._wake = trio.Event()
         self._round_done = trio.Event()
         self.logger: Any = get_logger(component="committer")
@@ -68,6 +72,8 @@ class Committer:
                 # rolled those segments back to their last good sync, and the
                 # batches it would have covered are refused (release below).
                 result = await self.store.sync()
+                if self.also_sync is not None:
+                    await self.also_sync()
                 self.durability = result.durability
                 self.committed_seq = target
                 self.rounds += 1

@@ -147,6 +147,9 @@ class Config:
     #: msg-id of each batch stored, and at most how many (the oldest go).
     dedup_window: float = attrs.field(default=120.0, validator=attrs.validators.gt(0))
     dedup_max_ids: int = attrs.field(default=100_000, validator=attrs.validators.ge(1))
+    #: Delayed delivery (PUBLISH flag DELAYED): the furthest a batch may be
+    #: scheduled ahead, in seconds (announced in WELCOME as max_delay_ms).
+    max_delay: float = attrs.field(default=366 * 86400.0, validator=attrs.validators.gt(0))
     #: How long a graceful shutdown waits for connections to flush.
     shutdown_grace: float = 5.0
     #: The HTTP side (health, metrics, JSON API, SSE, dashboard). None: the

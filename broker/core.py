@@ -26,8 +26,10 @@ import trio
 
 from pybroker.protocol import (
     MAX_INFO_ENTRIES,
+    DELIVER_AT_HEADER,
     MAX_MSG_ID_BYTES,
     MSG_ID_HEADER,
+    NO_OFFSET,
     RESUME_OPTION_PREFIX,
     AckKind,
     Durability,
@@ -37,6 +39,7 @@ from pybroker.protocol import (
     TopicInfo,
     MalformedBatch,
     check_batch,
+    first_headers,
     first_msg_id,
     info_entry_size,
     info_reply_room,
@@ -49,6 +52,7 @@ from .auth import Authenticator, authenticator_for
 from .committer import Committer
 from .config import Config
 from .dedup import DedupWindow, Stored
+from .delays import Entry, FileBuckets, MemoryBuckets, Schedule
 from .groups import GroupConfig, GroupManager, group_name_error
 from .inboxes import has_wildcard, is_inbox
 from .logs import get_logger
@@ -66,9 +70,28 @@ GROUPS_REPLY_FIXED = 12
 def _bounded(statistics: dict[str, Any], room: int) -> dict[str, Any]:
     """A group's statistics within ``room`` bytes of JSON: a group reading
     very many topics lists as many of them as fit, and how many it left out
-    (``topics_omitted``)."""
+    (``topics_omitted``); an inspection's members likewise
+    (``members_omitted``)."""
     if len(json.dumps(statistics).encode("utf-8")) <= room:
         return statistics
+    members = statistics.get("member_list")
+    if members:
+        # Members go first: a frame too small for them all keeps the topics.
+        bare = {**statistics, "member_list": [], "members_omitted": statistics["members_omitted"] + len(members)}
+        used = len(json.dumps(bare).encode("utf-8"))
+        kept_members = []
+        for m in members:
+            used += len(json.dumps(m).encode("utf-8")) + 2
+            if used > room:
+                break
+            kept_members.append(m)
+        statistics = {
+            **statistics,
+            "member_list": kept_members,
+            "members_omitted": statistics["members_omitted"] + len(members) - len(kept_members),
+        }
+        if len(json.dumps(statistics).encode("utf-8")) <= room:
+            return statistics
     topics = statistics["topics"]
     kept: dict[str, Any] = {}
     used = len(json.dumps({**statistics, "topics": {}, "topics_omitted": len(topics)}).encode("utf-8"))
@@ -160,6 +183,14 @@ class Broker:
         #: Publish acknowledgements sent, by what they promise (GET /metrics).
         self.acks_by_durability: dict[Durability, int] = dict.fromkeys(Durability, 0)
         self.dedup = DedupWindow(config.dedup_window, config.dedup_max_ids)
+        # Delayed delivery: its buckets beside the topics (or in memory),
+        # made durable in the committer's rounds.
+        buckets = FileBuckets(config.data_dir / "delayed") if isinstance(store, FileStore) else MemoryBuckets()
+        self.schedule = Schedule(buckets)
+        self.committer.also_sync = self.schedule.sync
+        #: Releases publish as the broker itself (the publisher's rights were
+        #: checked when it scheduled them).
+        self._releaser = Principal()
 
     @property
     def storage_kind(self) -> str:
@@ -182,6 +213,7 @@ class Broker:
                 first=sorted(leftovers)[:3],
             )
         self.groups.load()
+        self.schedule.recover()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The core's own tasks: group commit, retention, consumer groups and
@@ -191,6 +223,7 @@ class Broker:
             await nursery.start(self.committer.run)
             await nursery.start(self.groups.run)
             nursery.start_soon(self.router.inboxes.run)
+            await nursery.start(self.schedule.run, self._release, self.durable)
             task_status.started()
 
     def close(self) -> None:
@@ -236,7 +269,14 @@ class Broker:
         return topic_error(name, self.limits.max_topic_bytes, self.limits.max_topic_depth)
 
     def publish(
-        self, who: Principal, topic_name: str, batch: bytes, *, needs_receiver: bool = False, dedup: bool = False
+        self,
+        who: Principal,
+        topic_name: str,
+        batch: bytes,
+        *,
+        needs_receiver: bool = False,
+        dedup: bool = False,
+        delayed: bool = False,
     ) -> Published:
         """Append one batch from ``who`` to a topic; it is delivered (and
         its acknowledgement may be sent) once ``durable`` says so. Raises
@@ -261,6 +301,10 @@ class Broker:
             raise Refused(ErrorCode.NO_RECEIVERS, f"no subscription or group receives {topic_name!r}")
         msg_id = self._msg_id(topic_name, batch) if dedup else None
         now = time.time_ns() // 1000
+        if delayed:
+            due_ms = self._due_ms(topic_name, batch, now // 1000)
+            if due_ms is not None:
+                return self._schedule(topic_name, batch, count, due_ms, dedup, now)
         try:
             if topic is None:
                 topic = self.router.topic(topic_name)
@@ -275,6 +319,53 @@ class Broker:
         if msg_id is not None:
             self.dedup.remember(topic, msg_id, Stored(base, count, timestamp, held))
         return Published(topic, base, count, timestamp, held, topic.log.durability)
+
+    def _due_ms(self, topic_name: str, batch: bytes, now_ms: int) -> int | None:
+        """A DELAYED batch's due time (ms since the epoch); None when it is
+        due already (it is published at once). Refused without a usable one."""
+        if is_inbox(topic_name):
+            raise Refused(ErrorCode.BAD_REQUEST, "flag DELAYED: replies (inboxes) cannot be delayed")
+        try:
+            text = first_headers(batch).get(DELIVER_AT_HEADER, "")
+        except MalformedBatch as exc:
+            raise Refused(ErrorCode.BAD_REQUEST, f"flag DELAYED: the first message's headers do not decode: {exc}") from None
+        if not (text.isascii() and text.isdigit() and len(text) <= 19):
+            raise Refused(
+                ErrorCode.BAD_REQUEST,
+                f"flag DELAYED needs a {DELIVER_AT_HEADER!r} header on the first message: "
+                "milliseconds since the Unix epoch, as decimal digits",
+            )
+        due_ms = int(text)
+        max_ms = int(self.config.max_delay * 1000)
+        if due_ms > now_ms + max_ms:
+            raise Refused(
+                ErrorCode.BAD_REQUEST,
+                f"{DELIVER_AT_HEADER} is {(due_ms - now_ms) / 1000:.0f} s ahead; the limit is {max_ms // 1000} s (max_delay_ms)",
+            )
+        return due_ms if due_ms > now_ms else None
+
+    def _schedule(self, topic_name: str, batch: bytes, count: int, due_ms: int, dedup: bool, now: int) -> Published:
+        """Keep a delayed batch until it is due (broker/delays/). Its
+        acknowledgement waits for the same fsync round as the topic's own
+        publishes would; it has no offset until released."""
+        try:
+            topic = self.router.topic(topic_name)
+            if isinstance(self.store, FileStore):
+                self.store.check_room(topic_name)
+            held = None
+            if topic.log.needs_sync:
+                self.router.held_seq += 1
+                held = Held(self.router.held_seq, NO_OFFSET, now, b"", count)
+            self.schedule.add(due_ms, topic_name, batch, dedup, held)
+        except StorageError as exc:
+            raise Refused(exc.code, exc.message, {"topic": topic_name}) from None
+        if held is not None:
+            self.committer.wake()
+        return Published(topic, NO_OFFSET, count, now, held, topic.log.durability)
+
+    def _release(self, entry: Entry) -> Published:
+        """A due delayed batch becomes a message of its topic."""
+        return self.publish(self._releaser, entry.topic, entry.batch, dedup=entry.dedup)
 
     def _msg_id(self, topic_name: str, batch: bytes) -> str | None:
         """A DEDUP batch's name; None for a topic that is not stored (an
@@ -659,7 +750,7 @@ class Broker:
             verb = "inspect" if action is GroupsAction.INSPECT else "delete"
             raise Refused.denied(who, f"{verb} group {name!r} (pattern {group.pattern!r})")
         if action is GroupsAction.INSPECT:
-            return json.dumps(_bounded(group.statistics(), room))
+            return json.dumps(_bounded(group.statistics(detail=True), room))
         try:
             manager.delete(name)
         except ValueError as exc:

@@ -19,7 +19,7 @@ import anyio
 import anyio.lowlevel
 
 from .message import PublishAck
-from .protocol import Durability
+from .protocol import NO_OFFSET, Durability
 
 #: An enum member read from its class costs 0.08 µs on Python 3.11.
 _MEMORY = Durability.MEMORY
@@ -171,6 +171,8 @@ class PendingAck:
             raise error
         if frame is None or frame.base < 0:
             raise RuntimeError("not acknowledged yet")
+        if frame.base == NO_OFFSET:  # delayed: no offset until it is released
+            return PublishAck(self.topic, -1, frame.timestamp_us, frame.durability)
         return PublishAck(self.topic, frame.base + place, frame.timestamp_us, frame.durability)
 
     async def wait(self) -> PublishAck:

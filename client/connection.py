@@ -53,6 +53,7 @@ from .message import Message, PublishAck
 from .reconnect import RETRYABLE_CODES, Reconnect
 from .protocol import (
     CLOSED,
+    DELIVER_AT_HEADER,
     ERROR_FIELDS_OPTION,
     MAX_ACK_RANGES,
     NEED_DATA,
@@ -184,6 +185,26 @@ def _credentials(
 _pack_record_header = RECORD_HEADER.pack
 
 
+def _due_ms(delay: float | _dt.timedelta | None, deliver_at: _dt.datetime | float | None) -> int:
+    """A delayed publish's due time, in ms since the epoch."""
+    if delay is not None and deliver_at is not None:
+        raise TypeError("give delay or deliver_at, not both")
+    if delay is not None:
+        seconds = delay.total_seconds() if isinstance(delay, _dt.timedelta) else float(delay)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"delay must be a finite number of seconds >= 0, not {delay!r}")
+        return int((_dt.datetime.now(_dt.timezone.utc).timestamp() + seconds) * 1000)
+    if isinstance(deliver_at, _dt.datetime):
+        if deliver_at.tzinfo is None:
+            raise ValueError("deliver_at must be an aware datetime (say which time zone)")
+        return int(deliver_at.timestamp() * 1000)
+    assert deliver_at is not None
+    when = float(deliver_at)
+    if not math.isfinite(when) or when < 0:
+        raise ValueError(f"deliver_at must be seconds since the epoch, not {deliver_at!r}")
+    return int(when * 1000)
+
+
 class _Waiter:
     """A request (SUBSCRIBE, UNSUBSCRIBE, PING, INFO) waiting for its answer."""
 
@@ -271,6 +292,7 @@ class Client:
         # the broker says it understands (WELCOME's dedup_window_ms).
         self._want_dedup = idempotent
         self._dedup = False
+        self._delay_supported = False
         self._producer = secrets.token_hex(8)
         self._batch_names = itertools.count(1)
         self._out: list[bytes] = []
@@ -336,6 +358,7 @@ class Client:
         if self.reconnects == 0:
             # Decided once: frames named on one connection are resent as they are.
             self._dedup = self._want_dedup and "dedup_window_ms" in limits
+        self._delay_supported = "max_delay_ms" in limits
         # Never more PUBLISH frames awaiting their PUBACK than the broker
         # answers at once: past that it would only stop reading us.
         self._max_inflight_batches = max(
@@ -614,11 +637,56 @@ class Client:
         await self._room.wait()
 
     async def publish(
-        self, topic: str, payload: bytes | str, headers: Mapping[str, str] | None = None
+        self,
+        topic: str,
+        payload: bytes | str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        delay: float | _dt.timedelta | None = None,
+        deliver_at: _dt.datetime | float | None = None,
     ) -> PublishAck:
-        """Publish one message and return once the broker acknowledged it."""
-        pending = await self.send(topic, payload, headers)
-        return await pending.wait()
+        """Publish one message and return once the broker acknowledged it.
+
+        ``delay`` (seconds or a timedelta) or ``deliver_at`` (an aware
+        datetime, or seconds since the epoch) schedules it: the broker keeps
+        it, durably, and publishes it to ``topic`` at that time (protocol.md,
+        "Delayed delivery"); until then it has no offset (the ack's
+        ``offset`` is -1 and ``deliver_at`` says when). A time already past
+        publishes at once.
+        """
+        if delay is None and deliver_at is None:
+            pending = await self.send(topic, payload, headers)
+            return await pending.wait()
+        due_ms = _due_ms(delay, deliver_at)
+        self._check_open()
+        limit = self._topic(topic).limit
+        if not self._delay_supported:
+            raise RuntimeError("this broker does not support delayed delivery (no max_delay_ms in its WELCOME)")
+        delayed_headers = dict(headers or {})
+        delayed_headers[DELIVER_AT_HEADER] = str(due_ms)
+        payload = _payload_bytes(payload)
+        record = encode_record(payload, delayed_headers)
+        if len(record) > limit:
+            self._too_large(topic, record, len(payload))
+        while self._pending_count >= self._max_pending:
+            await self._wait_room()
+        run = Run(topic)
+        pending = PendingAck(topic, run, 0)
+        request_id = next(self._request_ids)
+        self._inflight[request_id] = run.frame(1)
+        self._pending_count += 1
+        self._drained = anyio.Event() if self._drained.is_set() else self._drained
+        dedup = self._dedup
+        if dedup:
+            record = with_msg_id(record, f"{self._producer}.{next(self._batch_names)}")
+        frame = encode_publish(request_id, topic, encode_batch_from_records([record]), dedup=dedup, delayed=True)
+        self._inflight_frames[request_id] = frame
+        if self._connected.is_set():
+            self._queue(frame)  # else it goes out when reconnected
+        ack = await pending.wait()
+        if ack.offset == -1:
+            return PublishAck(ack.topic, -1, ack.timestamp_us, ack.durability, deliver_at=due_ms / 1000)
+        return ack
 
     async def publish_many(
         self, topic: str, payloads: Iterable[bytes | str | tuple[bytes | str, Mapping[str, str] | None]]

@@ -94,9 +94,12 @@ class PublishAck:
     """Where a published message landed and how durable it is."""
 
     topic: str
+    #: -1 for a delayed message: it gets its offset when it is released.
     offset: int
     timestamp_us: int
     durability: Durability
+    #: When a delayed message is due (seconds since the epoch); None otherwise.
+    deliver_at: float | None = None
 
     @property
     def timestamp(self) -> float:

@@ -591,13 +591,22 @@ class Client:
         headers: Mapping[str, str] | None = None,
         *,
         timeout: float | None = TIMEOUT,
+        delay: float | _dt.timedelta | None = None,
+        deliver_at: _dt.datetime | float | None = None,
     ) -> PublishAck:
         """Publish one message and return once the broker acknowledged it.
 
         Raises what refused it, or TimeoutError after ``timeout`` seconds
         (during a reconnect, for instance): the message then stays queued
-        and may still be stored.
+        and may still be stored. ``delay`` / ``deliver_at`` schedule it, as
+        in the async ``publish``.
         """
+        if delay is not None or deliver_at is not None:
+
+            async def scheduled() -> PublishAck:
+                return await self._client.publish(topic, payload, headers, delay=delay, deliver_at=deliver_at)
+
+            return self._call(scheduled, timeout, f"publishing to {topic!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = PendingAck(self, topic, payload, headers, waited=True)
         done = pending._done

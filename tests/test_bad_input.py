@@ -366,7 +366,7 @@ FATAL_CASES: dict[str, Fatal] = {
         raw_frame(FrameType.PING, _PING_BODY, flags=0x80), ErrorCode.MALFORMED_FRAME
     ),
     "publish-reserved-flag": Fatal(
-        raw_frame(FrameType.PUBLISH, publish_body(1, b"a.b", good_batch()), flags=0x04),
+        raw_frame(FrameType.PUBLISH, publish_body(1, b"a.b", good_batch()), flags=0x08),
         ErrorCode.MALFORMED_FRAME,
     ),
     "error-reserved-flag": Fatal(

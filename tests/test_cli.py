@@ -111,6 +111,22 @@ async def test_pub_prints_the_offset(broker: Broker) -> None:
     assert lines[2] == "cli.one [2] k=v trace=abc third"
 
 
+async def test_pub_delay_schedules_and_sub_receives_it_when_due(broker: Broker) -> None:
+    before = time.time()
+    result = await run(["pub", "cli.later", "remind", "--delay", "0.5", "--url", broker.url])
+    assert result.returncode == 0, result
+    out = result.stdout.decode()
+    m = re.fullmatch(r"scheduled for cli\.later at (\S+) \((\w+)\)\n", out)
+    assert m is not None, out
+    due = dt.datetime.fromisoformat(m[1]).timestamp()
+    assert before + 0.5 - 0.01 <= due <= time.time() + 0.5 + 0.01
+    result = await sub_once(broker, "cli.later", "--from", "earliest", "--count", "1", "--json")
+    (line,) = result.stdout.decode().splitlines()
+    msg = json.loads(line)
+    assert msg["payload"] == "remind" and msg["offset"] == 0
+    assert dt.datetime.fromisoformat(msg["timestamp"]).timestamp() >= due - 0.002
+
+
 async def test_pub_reads_lines_from_stdin(broker: Broker) -> None:
     lines = ["alpha", "beta with spaces", "", "gamma ünïcode"]
     assert await pub_lines(broker, "cli.stdin", lines) == (0, 3)

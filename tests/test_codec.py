@@ -725,7 +725,7 @@ RESERVED_FLAGS = [
     pytest.param(FrameType.ERROR, error_body(), 0x80, id="error-0x80"),
     pytest.param(FrameType.ERROR, error_body() + u16(0), 0x04, id="error-0x04"),
     pytest.param(
-        FrameType.PUBLISH, u64(1) + s16(b"t") + encode_batch([b"x"]), 0x04, id="publish-0x04"
+        FrameType.PUBLISH, u64(1) + s16(b"t") + encode_batch([b"x"]), 0x08, id="publish-0x08"
     ),
 ]
 

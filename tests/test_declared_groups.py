@@ -69,7 +69,7 @@ async def test_jobs_published_before_the_first_worker_wait_for_it(tmp_path: Path
             await c.publish_many("jobs.mail", [b"old-1", b"old-2"])  # before the group: not its work
             doc = await c.create_group("mailers", "jobs.>", max_deliver=3, backoff=[1, 5])
         assert doc["created"] is True and doc["members"] == 0 and doc["pending"] == 0
-        assert doc["topics"] == {"jobs.mail": {"cursor": 2, "pending": 0}}
+        assert doc["topics"] == {"jobs.mail": {"cursor": 2, "pending": 0, "backlog": 0}}
         assert doc["config"]["max_deliver"] == 3 and doc["config"]["backoff_ms"] == [1000, 5000]
         with anyio.fail_after(TIMEOUT):
             await c.publish_many("jobs.mail", [b"a", b"b"])

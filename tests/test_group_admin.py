@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -16,12 +18,13 @@ from helpers.procs import run
 
 
 async def test_list_inspect_delete(pybroker_server: Server) -> None:
-    async with pybroker.connect(pybroker_server.url) as c, pybroker.connect(pybroker_server.url) as w:
+    async with pybroker.connect(pybroker_server.url) as c, pybroker.connect(pybroker_server.url, name="w1") as w:
         assert await c.groups() == {"groups": []}
         held: list[pybroker.Message] = []
         async with w.subscribe(
             "jobs.*", group="workers", max_ack_pending=3, ack_wait=60, auto_ack=False
         ) as sub:
+            published_at = time.time()
             await c.publish_many("jobs.a", [b"1", b"2", b"3", b"4", b"5"])
 
             async def take() -> None:
@@ -42,7 +45,19 @@ async def test_list_inspect_delete(pybroker_server: Server) -> None:
             assert info["members"] == 1
             assert info["pending"] == 3
             assert info["delivered"] == 4 and info["acked"] == 1
-            assert info["topics"] == {"jobs.a": {"cursor": 4, "pending": 3}}
+            inspected_at = time.time()
+            assert info["topics"] == {"jobs.a": {"cursor": 4, "pending": 3, "backlog": 1}}
+            assert info["backlog"] == 1  # the 5th: published, not handed out yet
+            # The oldest unsettled message is the 2nd, published with the rest.
+            age = info["oldest_unacked_age_ms"] / 1000
+            assert 0 <= age <= inspected_at - published_at + 0.002, (age, inspected_at - published_at)
+            (member,) = info["member_list"]
+            assert member["client"] == "w1" and member["peer"].startswith("127.0.0.1:")
+            assert (member["in_flight"], member["prefetch"], member["delivered"], member["acked"]) == (3, 3, 4, 1)
+            assert info["members_omitted"] == 0
+            # The list gives the summary only, the age included.
+            assert "member_list" not in listed["groups"][0]
+            assert listed["groups"][0]["oldest_unacked_age_ms"] is not None
             assert info["config"]["max_ack_pending"] == 3
             assert info["config"]["ack_wait_ms"] == 60000
             assert info["config"]["dead_letter"] == "dlq.workers"
@@ -80,7 +95,9 @@ async def test_pybroker_groups_cli(pybroker_server: Server, tmp_path: Path) -> N
         code, out, _ = await cli()
         assert code == 0 and out.startswith("cli-group  pattern=cli.q  members=1")
         code, out, _ = await cli("inspect", "cli-group")
-        assert code == 0 and "cli.q: next offset 1, pending 0" in out
+        assert code == 0 and "cli.q: next offset 1, pending 0, backlog 0" in out
+        assert "oldest_unacked=-" in out  # everything settled
+        assert re.search(r"  member \(unnamed\) 127\.0\.0\.1:\d+ sub \d+: in_flight 0/1, delivered 1, acked 1", out), out
         code, _, err = await cli("inspect", "nope")
         assert code == 1 and "UNKNOWN_GROUP" in err
         code, _, err = await cli("delete")
@@ -108,3 +125,24 @@ async def test_acks_right_before_leaving_are_not_lost(pybroker_server: Server) -
     async with pybroker.connect(pybroker_server.url) as c:
         info = await c.groups("inspect", "g")
     assert (info["acked"], info["pending"], info["redelivered"]) == (5, 0, 0)
+
+
+def test_an_inspection_too_big_for_a_frame_lists_the_members_that_fit() -> None:
+    import json
+
+    from pybroker.server.core import _bounded
+
+    members = [
+        {"client": "w" * 64, "peer": f"127.0.0.1:{40000 + i}", "sub_id": i, "in_flight": 0,
+         "prefetch": 1, "delivered": i, "acked": i}
+        for i in range(100)
+    ]
+    doc = {"group": "g", "pattern": "jobs.>", "topics": {"jobs.a": {"cursor": 1, "pending": 0, "backlog": 0}},
+           "member_list": members, "members_omitted": 7}
+    bounded = _bounded(doc, 4000)
+    assert len(json.dumps(bounded).encode()) <= 4000
+    kept = bounded["member_list"]
+    assert 0 < len(kept) < 100 and kept == members[: len(kept)]
+    assert bounded["members_omitted"] == 7 + 100 - len(kept)
+    assert bounded["topics"] == doc["topics"]  # the topics stay when the members make room
+    assert _bounded(doc, 10**6) is doc

@@ -42,7 +42,7 @@ async def test_restart_keeps_position_and_redelivers_unacked(tmp_path: Path) -> 
                     await trio.sleep(0.1)  # the acks reach the broker
                     nursery.cancel_scope.cancel()
                 info = await pub.groups("inspect", "workers")
-                assert info["topics"]["jobs"] == {"cursor": 90, "pending": 50}
+                assert info["topics"]["jobs"] == {"cursor": 90, "pending": 50, "backlog": 10}
                 # Stop the broker with the member still in: no goodbye to the group.
     # One journal for all groups: a checkpoint, then records.
     assert [p.name for p in (data / "groups").iterdir()] == ["journal.1"]
@@ -51,7 +51,7 @@ async def test_restart_keeps_position_and_redelivers_unacked(tmp_path: Path) -> 
         async with client.connect(server.url) as c:
             info = await c.groups("inspect", "workers")
             assert info["members"] == 0
-            assert info["topics"]["jobs"] == {"cursor": 90, "pending": 50}
+            assert info["topics"]["jobs"] == {"cursor": 90, "pending": 50, "backlog": 10}
             got: list[client.Message] = []
             await c.subscribe("jobs", got.append, group="workers")
             await wait_until(lambda: len(got) == 60)

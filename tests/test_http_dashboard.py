@@ -12,6 +12,7 @@ the system's.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,7 @@ def _watch_dashboard(url: str, screenshot: Path) -> dict[str, Any]:
             )
             seen["group_pattern"] = page.text_content('tr[data-group="workers"] td:nth-child(2)')
             seen["group_members"] = page.text_content('tr[data-group="workers"] td.members')
+            seen["group_oldest"] = page.text_content('tr[data-group="workers"] td.oldest')
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
@@ -153,5 +155,6 @@ async def test_dashboard_shows_topics_and_moving_rates(tmp_path: Path) -> None:
     assert seen["topic_count"] == "1" and seen["tcp_connections"] == "1", seen
     assert seen["painted"] > 100, seen
     assert seen["group_pattern"] == TOPIC and seen["group_members"] == "1", seen
+    assert re.fullmatch(r"–|\d+\.\d s", seen["group_oldest"] or ""), seen
     assert TOPIC in seen["legend"], seen
     assert (tmp_path / "dashboard.png").stat().st_size > 0

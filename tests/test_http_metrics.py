@@ -50,6 +50,8 @@ FAMILIES = {
     "pybroker_subscription_lag_messages": "gauge",
     "pybroker_publish_acks": "counter",
     "pybroker_commit_rounds": "counter",
+    "pybroker_delayed_pending": "gauge",
+    "pybroker_delayed_released": "counter",
     "pybroker_group_members": "gauge",
     "pybroker_group_pending": "gauge",
     "pybroker_group_delivered": "counter",

@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "pybroker.server.closing": 1,
     "pybroker.server.listening": 1,
     "pybroker.server.storage": 2,
+    "pybroker.server.cluster": 2,  # etcd and S3 clients: storage-level, below the core
     "pybroker.server.config": 3,
     "pybroker.server.permissions": 3,
     "pybroker.server.auth": 3,
@@ -35,6 +36,7 @@ LAYERS: dict[str, int] = {
     "pybroker.server.router": 3,
     "pybroker.server.committer": 3,
     "pybroker.server.dedup": 3,
+    "pybroker.server.delays": 3,
     "pybroker.server.groups": 3,
     "pybroker.server.framebudget": 3,
     "pybroker.server.tls": 3,

@@ -74,6 +74,7 @@ def _add_limit_flags(serve: argparse.ArgumentParser) -> None:
     group.add_argument("--idle-timeout", type=seconds, default=config.idle_timeout, metavar="S", help=f"seconds without a frame from a client before a PING; as long again and it is closed with ERROR 107; 0 disables (default {config.idle_timeout:g})")
     group.add_argument("--dedup-window", type=positive_seconds, default=config.dedup_window, metavar="AGE", help=f"exactly-once publishing: how long each topic remembers the msg-id of a stored batch, so that a resend within it is not stored twice (default {config.dedup_window:g} s; e.g. 90s, 10m)")
     group.add_argument("--dedup-max-ids", type=positive_int, default=config.dedup_max_ids, metavar="N", help=f"exactly-once publishing: at most N msg-ids remembered per topic, the oldest forgotten first (default {config.dedup_max_ids:,})")
+    group.add_argument("--max-delay", type=positive_seconds, default=config.max_delay, metavar="AGE", help=f"delayed delivery: the furthest ahead a message may be scheduled (default {config.max_delay / 86400:g} days; e.g. 1h, 30d)")
     group.add_argument("--inbox-grace", type=seconds, default=config.inbox_grace, metavar="S", help=f"seconds a request/reply inbox outlives its owner's connection, for the same user to reclaim it on reconnect; 0: it goes with the connection (default {config.inbox_grace:g})")
 
 
@@ -124,6 +125,7 @@ def config_from(args: argparse.Namespace) -> Config:
         inbox_grace=args.inbox_grace,
         dedup_window=args.dedup_window,
         dedup_max_ids=args.dedup_max_ids,
+        max_delay=args.max_delay,
         **overrides,
     )
 

@@ -25,6 +25,7 @@ def add_parsers(commands: Commands[argparse.ArgumentParser]) -> None:
     one.add_argument("--file", metavar="FILE", help="publish FILE's bytes as one message ('-': all of stdin)")
     one.add_argument("--raw", action="store_true", help="publish all of stdin as one message, bytes as they are (the same as --file -)")
     pub.add_argument("--header", "-H", action="append", default=[], metavar="KEY=VALUE", help="a header for every message published (repeatable)")
+    pub.add_argument("--delay", type=seconds, default=None, metavar="AGE", help="have the broker publish it this long from now (delayed delivery; e.g. 90s, 10m, 2h)")
     add_connection_flags(pub)
 
     sub = commands.add_parser("sub", help="print messages as they arrive, until interrupted")
@@ -186,6 +187,16 @@ async def pub(args: argparse.Namespace) -> int:
     whole = _whole_message(args)
     try:
         async with _connect(args) as c:
+            if args.delay is not None:
+                lines = [whole] if whole is not None else [line.rstrip(b"\n") for line in sys.stdin.buffer]
+                for payload in lines:
+                    ack = await c.publish(args.topic, payload, headers, delay=args.delay)
+                    if ack.deliver_at is None:
+                        print(f"published to {ack.topic} at offset {ack.offset} ({ack.durability.name.lower()})")
+                    else:
+                        due = _dt.datetime.fromtimestamp(ack.deliver_at, _dt.timezone.utc).isoformat(timespec="milliseconds")
+                        print(f"scheduled for {ack.topic} at {due} ({ack.durability.name.lower()})")
+                return 0
             if whole is not None:
                 ack = await c.publish(args.topic, whole, headers)
                 print(f"published to {ack.topic} at offset {ack.offset} ({ack.durability.name.lower()})")
@@ -298,14 +309,23 @@ async def groups(args: argparse.Namespace) -> int:
         if not summaries:
             print("no groups")
         for g in summaries:
+            age = g.get("oldest_unacked_age_ms")
             print(
                 f"{g['group']}  pattern={g['pattern']}  members={g['members']}  "
-                f"in_flight={g.get('in_flight', 0)}  pending={g['pending']}  delivered={g['delivered']}  "
-                f"redelivered={g['redelivered']}  dead_lettered={g['dead_lettered']}"
+                f"in_flight={g.get('in_flight', 0)}  pending={g['pending']}  backlog={g.get('backlog', 0)}  "
+                f"delivered={g['delivered']}  redelivered={g['redelivered']}  dead_lettered={g['dead_lettered']}  "
+                f"oldest_unacked={'-' if age is None else f'{age / 1000:.1f}s'}"
             )
             if args.action == "inspect":
                 for topic, t in sorted(g["topics"].items()):
-                    print(f"  {topic}: next offset {t['cursor']}, pending {t['pending']}")
+                    print(f"  {topic}: next offset {t['cursor']}, pending {t['pending']}, backlog {t.get('backlog', 0)}")
+                for m in g.get("member_list", []):
+                    print(
+                        f"  member {m['client'] or '(unnamed)'} {m['peer']} sub {m['sub_id']}: "
+                        f"in_flight {m['in_flight']}/{m['prefetch']}, delivered {m['delivered']}, acked {m['acked']}"
+                    )
+                if g.get("members_omitted"):
+                    print(f"  ... and {g['members_omitted']} more members")
     return 0
 
 

@@ -47,12 +47,19 @@ if TYPE_CHECKING:
     from .manager import GroupManager
 
 
+#: Members listed one by one in an inspection; beyond, only counted.
+MAX_LISTED_MEMBERS = 100
+
+
 class Member:
-    __slots__ = ("sub", "unacked", "max_ack_pending", "active")
+    __slots__ = ("sub", "unacked", "max_ack_pending", "active", "delivered", "acked")
 
     def __init__(self, sub: Subscription, max_ack_pending: int) -> None:
         self.sub = sub
         self.unacked = 0
+        #: Deliveries handed to it (redeliveries included) and its acks.
+        self.delivered = 0
+        self.acked = 0
         #: Its prefetch: at most this many unsettled messages handed to it.
         self.max_ack_pending = max_ack_pending
         self.active = True  # False once it left: held deliveries are not sent
@@ -257,6 +264,7 @@ class Group:
                 del gt.pending[offset]
                 if kind is AckKind.ACK:
                     self.acked += 1
+                    member.acked += 1
                 else:
                     self.termed += 1
         return touched
@@ -437,6 +445,7 @@ class Group:
                 if key is not None:
                     busy.add(key)
                 member.unacked += 1
+                member.delivered += 1
                 self.version += 1
                 self.delivered += 1
                 self._timer(deadline, gt, o, o)
@@ -525,6 +534,7 @@ class Group:
             for offset in range(base, base + count):
                 gt.pending[offset] = Pending(member, 1, deadline)
             member.unacked += count
+            member.delivered += count
             gt.cursor = base + count
             self.version += 1
             self.delivered += count
@@ -564,6 +574,7 @@ class Group:
         p.member = member
         p.deadline = now + self.config.ack_wait
         member.unacked += 1
+        member.delivered += 1
         self.redelivered += 1
         self._timer(p.deadline, gt, offset, offset)
         payload = encode_batch_from_records([record])
@@ -732,8 +743,50 @@ class Group:
             to_publish=len(waiting) - len(found),
         )
 
-    def statistics(self) -> dict[str, Any]:
+    def _oldest_unsettled_us(self) -> int | None:
+        """When the oldest message the group has not settled was published
+        (handed out or not yet), µs; None when there is none. Reads one
+        stored batch per topic."""
+        oldest: int | None = None
+        for gt in self.topics.values():
+            offset = min(gt.pending) if gt.pending else None
+            if gt.cursor < gt.topic.visible_next and (offset is None or gt.cursor < offset):
+                offset = gt.cursor
+            if offset is None:
+                continue
+            try:
+                batch = gt.batch_at(offset)
+            except DataLoss:
+                continue
+            if batch is not None and (oldest is None or batch.timestamp < oldest):
+                oldest = batch.timestamp
+        return oldest
+
+    def statistics(self, detail: bool = False) -> dict[str, Any]:
+        """The group's figures (with the age of its oldest unsettled
+        message); ``detail`` (an inspection of this group): each member's too."""
         config = self.config
+        doc = self._summary(config)
+        oldest = self._oldest_unsettled_us()
+        doc["oldest_unacked_age_ms"] = None if oldest is None else max(0, (time.time_ns() // 1000 - oldest) // 1000)
+        if detail:
+            doc["member_list"] = [
+                {
+                    "client": who.client[:64],
+                    "peer": who.peer,
+                    "sub_id": m.sub.sub_id,
+                    "in_flight": m.unacked,
+                    "prefetch": m.max_ack_pending,
+                    "delivered": m.delivered,
+                    "acked": m.acked,
+                }
+                for m in self.members[:MAX_LISTED_MEMBERS]
+                for who in (m.sub.subscriber.describe(),)
+            ]
+            doc["members_omitted"] = max(0, len(self.members) - MAX_LISTED_MEMBERS)
+        return doc
+
+    def _summary(self, config: GroupConfig) -> dict[str, Any]:
         return {
             "group": self.name,
             "pattern": self.pattern,
@@ -752,13 +805,19 @@ class Group:
             "in_flight": sum(m.unacked for m in self.members),
             "prefetch": sum(m.max_ack_pending for m in self.members),
             "pending": sum(len(gt.pending) for gt in self.topics.values()),
+            # Published and not handed out yet.
+            "backlog": sum(max(0, gt.topic.visible_next - gt.cursor) for gt in self.topics.values()),
             "delivered": self.delivered,
             "redelivered": self.redelivered,
             "acked": self.acked,
             "termed": self.termed,
             "dead_lettered": self.dead_lettered,
             "topics": {
-                gt.topic.name: {"cursor": gt.cursor, "pending": len(gt.pending)}
+                gt.topic.name: {
+                    "cursor": gt.cursor,
+                    "pending": len(gt.pending),
+                    "backlog": max(0, gt.topic.visible_next - gt.cursor),
+                }
                 for gt in self.topics.values()
             },
         }

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from pybroker.protocol import MSG_ID_HEADER, MalformedBatch, decode_batch, encode_batch, encode_headers, max_deliver_batch
+from pybroker.protocol import DELIVER_AT_HEADER, MSG_ID_HEADER, NO_OFFSET, MalformedBatch, decode_batch, encode_batch, encode_headers, max_deliver_batch
 
 from .. import __version__
 from ..core import Refused
@@ -220,8 +220,18 @@ def _parse_publish(body: Any, max_messages: int) -> list[tuple[bytes, dict[str, 
 
 async def publish_messages(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
     broker = http.broker
-    check_query(request, ())
+    check_query(request, ("delay",))
     name = params["topic"]
+    delay_ms = None
+    if "delay" in request.query:
+        # Seconds, as a whole number of milliseconds' worth: "2.5" is 2500 ms.
+        text = request.query["delay"].strip()
+        try:
+            delay_ms = round(float(text) * 1000)
+        except (ValueError, OverflowError):  # not a number, nan, inf
+            delay_ms = -1
+        if not text or delay_ms < 0 or delay_ms > broker.config.max_delay * 1000:
+            raise HttpError(400, f"delay must be seconds from 0 to {broker.config.max_delay:g}, got {text!r}")
     # The cheap refusals first, before the body is parsed (400, 403).
     valid_topic(http, name)
     require_publish(request, name)
@@ -232,6 +242,12 @@ async def publish_messages(http: HttpServer, request: Request, params: Mapping[s
         body = request.json()
         messages = _parse_publish(body, broker.limits.max_batch_messages)
         single = "messages" not in body
+    if delay_ms is not None:
+        # The same as a deliver-at header on the first message (protocol.md,
+        # "Delayed delivery").
+        first_payload, first_headers = messages[0]
+        due = time.time_ns() // 1_000_000 + delay_ms
+        messages[0] = (first_payload, {**(first_headers or {}), DELIVER_AT_HEADER: str(due)})
     batch = encode_batch(messages)
     # A published batch must still fit a subscriber's DELIVER.
     limit = max_deliver_batch(broker.limits.max_frame_bytes, name)
@@ -241,14 +257,27 @@ async def publish_messages(http: HttpServer, request: Request, params: Mapping[s
     # sent again within the dedup window, it answers with the same offsets
     # and stores nothing (protocol.md, "Publishing exactly once").
     dedup = MSG_ID_HEADER in (messages[0][1] or {})
+    # Likewise a deliver-at header (or ?delay=) schedules the request.
+    delayed = DELIVER_AT_HEADER in (messages[0][1] or {})
     try:
-        published = broker.publish(principal(request), name, batch, dedup=dedup)
+        published = broker.publish(principal(request), name, batch, dedup=dedup, delayed=delayed)
         durability = await broker.durable(published)
     except Refused as refusal:
         # A full disk is 507, a failing one 503 (the request may succeed
         # later); either way nothing was stored.
         raise refused(refusal) from None
     broker.acknowledged(durability)
+    if published.base == NO_OFFSET:
+        return json_response(
+            {
+                "topic": name,
+                "count": published.count,
+                "deliver_at_ms": int((messages[0][1] or {})[DELIVER_AT_HEADER]),
+                "timestamp_us": published.timestamp,
+                "durability": durability.name.lower(),
+                "scheduled": True,
+            }
+        )
     answer: dict[str, Any] = {
         "topic": name,
         "base_offset": published.base,

@@ -27,6 +27,8 @@ under the name without it in OpenMetrics, with it in 0.0.4, as
   ``pybroker_topic_subscriptions``, ``pybroker_topic_max_lag_messages``
 - ``pybroker_subscription_lag_messages`` per subscription and topic
 - ``pybroker_publish_acks_total`` by durability (memory, os, disk)
+- ``pybroker_delayed_pending`` (scheduled batches waiting for their time),
+  ``pybroker_delayed_released_total``
 - ``pybroker_fsyncs_total``, ``pybroker_fsync_duration_seconds`` (histogram),
   ``pybroker_commit_rounds_total``
 - storage faults: ``pybroker_storage_degraded``,
@@ -186,6 +188,17 @@ class BrokerCollector:
         )
         yield _counter(
             "pybroker_commit_rounds", "Group-commit rounds completed by the committer.", [((), broker.committer.rounds)]
+        )
+        schedule = broker.schedule
+        yield _gauge(
+            "pybroker_delayed_pending",
+            "Delayed batches kept until their due time (PUBLISH flag DELAYED), not yet released.",
+            [((), schedule.pending)],
+        )
+        yield _counter(
+            "pybroker_delayed_released",
+            "Delayed batches released into their topics since start.",
+            [((), schedule.released)],
         )
         yield from self._groups()
         yield _gauge(

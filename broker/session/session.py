@@ -386,7 +386,12 @@ class Session:
             server_version=__version__,
             server_name=self.config.server_name,
             # dedup_window_ms: PUBLISH flag DEDUP is understood, and for how long.
-            limits={**self.limits.announced(), "dedup_window_ms": int(self.config.dedup_window * 1000)},
+            limits={
+                **self.limits.announced(),
+                "dedup_window_ms": int(self.config.dedup_window * 1000),
+                # max_delay_ms: PUBLISH flag DELAYED is understood, and how far ahead.
+                "max_delay_ms": int(self.config.max_delay * 1000),
+            },
         )
         self.outbox.queue(self.conn.send(welcome))
         self.logger.debug("handshake done")
@@ -396,7 +401,12 @@ class Session:
     def _on_publish(self, pub: Publish) -> None:
         try:
             published = self.broker.publish(
-                self.principal, pub.topic, pub.batch, needs_receiver=pub.needs_receiver, dedup=pub.dedup
+                self.principal,
+                pub.topic,
+                pub.batch,
+                needs_receiver=pub.needs_receiver,
+                dedup=pub.dedup,
+                delayed=pub.delayed,
             )
         except Refused as refused:
             # In its place among the PUBACKs (protocol.md, "Ordering and guarantees").

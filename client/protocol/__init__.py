@@ -17,6 +17,7 @@ are named for what they own:
 """
 
 from ._batch import (
+    DELIVER_AT_HEADER,
     EMPTY_HEADERS,
     MAX_MSG_ID_BYTES,
     MSG_ID_HEADER,
@@ -30,6 +31,7 @@ from ._batch import (
     encode_batch_from_records,
     encode_headers,
     encode_record,
+    first_headers,
     first_msg_id,
     record_headers,
     split_records,
@@ -110,6 +112,7 @@ from ._wire import (
     MAGIC,
     MAX_ACK_RANGES,
     MAX_INFO_ENTRIES,
+    NO_OFFSET,
     PROTOCOL_VERSION,
     RECORD_HEADER,
     RESUME_OPTION_PREFIX,
@@ -134,6 +137,7 @@ __all__ = [
     "MAGIC",
     "MAX_ACK_RANGES",
     "MAX_INFO_ENTRIES",
+    "NO_OFFSET",
     "PROTOCOL_VERSION",
     "RECORD_HEADER",
     "RESUME_OPTION_PREFIX",
@@ -145,6 +149,8 @@ __all__ = [
     "MAX_MSG_ID_BYTES",
     "MSG_ID_HEADER",
     "MSG_ID_ROOM",
+    "DELIVER_AT_HEADER",
+    "first_headers",
     "first_msg_id",
     "record_headers",
     "with_msg_id",

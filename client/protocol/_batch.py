@@ -86,18 +86,27 @@ def record_headers(record: bytes) -> Headers:
     return _decode_headers(record, RECORD_HEADER.size, RECORD_HEADER.size + headers_len)
 
 
-def first_msg_id(batch: bytes) -> str | None:
-    """The ``msg-id`` header of a batch's first record, or None: O(that
-    record's headers), the rest of the batch untouched. MalformedBatch if
-    the first record's headers do not decode."""
+#: The header that holds a delayed batch back (flag DELAYED): when to
+#: deliver it, in milliseconds since the Unix epoch, as decimal digits.
+DELIVER_AT_HEADER = "deliver-at"
+
+
+def first_headers(batch: bytes) -> Headers:
+    """The headers of a batch's first record: O(that record's headers), the
+    rest of the batch untouched. MalformedBatch if they do not decode."""
     if len(batch) < BATCH_HEADER.size + RECORD_HEADER.size:
         raise MalformedBatch("batch too short for a record")
     pos = BATCH_HEADER.size
     _, headers_len = RECORD_HEADER.unpack_from(batch, pos)
     pos += RECORD_HEADER.size
     if not headers_len:
-        return None
-    return _decode_headers(batch, pos, pos + headers_len).get(MSG_ID_HEADER)
+        return EMPTY_HEADERS
+    return _decode_headers(batch, pos, pos + headers_len)
+
+
+def first_msg_id(batch: bytes) -> str | None:
+    """The ``msg-id`` header of a batch's first record, or None."""
+    return first_headers(batch).get(MSG_ID_HEADER)
 
 
 def encode_batch_from_records(records: Sequence[bytes]) -> bytes:

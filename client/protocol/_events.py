@@ -88,6 +88,8 @@ class Publish:
     needs_receiver: bool = False
     #: Store this batch once: its first record's ``msg-id`` header names it.
     dedup: bool = False
+    #: Deliver it at its first record's ``deliver-at`` header, not now.
+    delayed: bool = False
 
 
 @attrs.frozen

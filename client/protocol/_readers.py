@@ -64,6 +64,7 @@ from ._wire import (
     MAGIC,
     PUBACK,
     PUBLISH_FLAG_DEDUP,
+    PUBLISH_FLAG_DELAYED,
     PUBLISH_FLAG_NEEDS_RECEIVER,
     RANGE,
     GROUPS_CREATE_START,
@@ -164,7 +165,12 @@ def _d_publish(b: _Body, flags: int) -> Publish:
     request_id = b.u64()
     topic = b.str16()
     return Publish(
-        request_id, topic, b.rest(), bool(flags & PUBLISH_FLAG_NEEDS_RECEIVER), bool(flags & PUBLISH_FLAG_DEDUP)
+        request_id,
+        topic,
+        b.rest(),
+        bool(flags & PUBLISH_FLAG_NEEDS_RECEIVER),
+        bool(flags & PUBLISH_FLAG_DEDUP),
+        bool(flags & PUBLISH_FLAG_DELAYED),
     )
 
 

@@ -62,13 +62,18 @@ TOPICS_FIXED = struct.Struct(">QBQ")
 PUBLISH_FLAG_NEEDS_RECEIVER = 0x01
 #: The batch's first record carries a ``msg-id`` header: store it once (protocol.md, "Publishing exactly once").
 PUBLISH_FLAG_DEDUP = 0x02
+#: The batch's first record carries a ``deliver-at`` header: deliver the
+#: batch then, not now (protocol.md, "Delayed delivery").
+PUBLISH_FLAG_DELAYED = 0x04
+#: PUBACK base_offset of a delayed batch: it has no offset until it is released.
+NO_OFFSET = 0xFFFF_FFFF_FFFF_FFFF
 
 #: Flag bits defined per frame type; all others must be 0.
 ALLOWED_FLAGS = {
     FrameType.ERROR: ERROR_FLAG_FATAL | ERROR_FLAG_FIELDS,
     FrameType.INFO_REPLY: INFO_FLAG_TRUNCATED,
     FrameType.INFO: INFO_FLAG_AFTER,
-    FrameType.PUBLISH: PUBLISH_FLAG_NEEDS_RECEIVER | PUBLISH_FLAG_DEDUP,
+    FrameType.PUBLISH: PUBLISH_FLAG_NEEDS_RECEIVER | PUBLISH_FLAG_DEDUP | PUBLISH_FLAG_DELAYED,
 }
 
 # -- field layouts -----------------------------------------------------------

@@ -61,6 +61,7 @@ from ._wire import (
     PUBLISH_BODY_FIXED,
     PUBLISH_FIXED,
     PUBLISH_FLAG_DEDUP,
+    PUBLISH_FLAG_DELAYED,
     PUBLISH_FLAG_NEEDS_RECEIVER,
     RANGE,
     GROUPS_CREATE_START,
@@ -98,12 +99,21 @@ def _check_str16(data: bytes) -> None:
 
 
 def encode_publish(
-    request_id: int, topic: str, batch: bytes, needs_receiver: bool = False, dedup: bool = False
+    request_id: int,
+    topic: str,
+    batch: bytes,
+    needs_receiver: bool = False,
+    dedup: bool = False,
+    delayed: bool = False,
 ) -> bytes:
     """PUBLISH frame; the client's hot path, so it skips the event object."""
     t = topic.encode("utf-8")
     _check_str16(t)
-    flags = (PUBLISH_FLAG_NEEDS_RECEIVER if needs_receiver else 0) | (PUBLISH_FLAG_DEDUP if dedup else 0)
+    flags = (
+        (PUBLISH_FLAG_NEEDS_RECEIVER if needs_receiver else 0)
+        | (PUBLISH_FLAG_DEDUP if dedup else 0)
+        | (PUBLISH_FLAG_DELAYED if delayed else 0)
+    )
     return b"".join(
         (
             FRAME_HEADER.pack(PUBLISH_BODY_FIXED + len(t) + len(batch), FrameType.PUBLISH, flags),
@@ -161,7 +171,9 @@ def encode_puback(ack: PubAck) -> bytes:
 def encode_event(event: Event) -> bytes:
     """Bytes of one frame, without any state checks (see Connection.send)."""
     if isinstance(event, Publish):
-        return encode_publish(event.request_id, event.topic, event.batch, event.needs_receiver, event.dedup)
+        return encode_publish(
+            event.request_id, event.topic, event.batch, event.needs_receiver, event.dedup, event.delayed
+        )
     if isinstance(event, Deliver):
         t = event.topic.encode("utf-8")
         return (

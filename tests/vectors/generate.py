@@ -31,7 +31,9 @@ from pybroker.protocol import (
     Durability,
     Error,
     ErrorCode,
+    DELIVER_AT_HEADER,
     MSG_ID_HEADER,
+    NO_OFFSET,
     Goodbye,
     GroupDeliver,
     Groups,
@@ -115,6 +117,7 @@ def conversations() -> dict[str, list[tuple[str, Any]]]:
     """Each conversation after its HELLO and WELCOME: (sender, event)."""
     one = encode_batch([b"hi"])
     named = encode_batch([(b"hi", {MSG_ID_HEADER: "0f1e2d3c4b5a6978.1"})])
+    later = encode_batch([(b"remind", {DELIVER_AT_HEADER: str(T0 // 1000 + 60_000)})])
     two = encode_batch([b"job-1", (b"job-2", {"trace": "7f"})])
     lost = {"topic": "orders.eu", "first": "3", "last": "9", "reason": "retention"}
     return {
@@ -127,6 +130,10 @@ def conversations() -> dict[str, list[tuple[str, Any]]]:
             ("client", Publish(2, "a.b", named, dedup=True)),
             ("server", PubAck(1, 5, 1, T0, Durability.DISK)),
             ("server", PubAck(2, 5, 1, T0, Durability.DISK)),
+        ],
+        "publish delayed: no offset until it is released": [
+            ("client", Publish(1, "a.b", later, delayed=True)),
+            ("server", PubAck(1, NO_OFFSET, 1, T0, Durability.DISK)),
         ],
         "subscribe, deliver, credit, unsubscribe": [
             ("client", Subscribe(1, "orders.>", StartKind.EARLIEST, 0, 4096)),

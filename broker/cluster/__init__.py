@@ -1,0 +1,16 @@
+"""Cluster mode's clients for the services it stands on (docs/cluster.md).
+
+- ``etcd``: etcd v3 through its JSON gateway (ranges, puts, deletes,
+  transactions with compares, leases, watches).
+- ``lease``: keeping an etcd lease alive, and knowing by this process's
+  own monotonic clock until when it is certainly still held.
+- ``objects``: the few S3 calls the data path needs (conditional PUT,
+  ranged GET, DELETE, LIST), optionally signed (``sigv4``).
+- ``httpio``: bounded reads of httpx streams (shared by both clients).
+
+Nothing here imports the broker's core, sessions or HTTP side: these are
+storage-level building blocks. They use anyio (through httpx), so they run
+under Trio, as the broker does, and under asyncio.
+"""
+
+from __future__ import annotations
