@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import secrets
-import sys
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -38,6 +37,9 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import ByteStream, TaskGroup
 
+from ._cancel import cancel_check
+from ._publishing import Frame, Run, Topic
+from ._publishing import PendingAck as PendingAck  # re-exported: pybroker.PendingAck
 from .errors import (
     AuthenticationError,
     BrokerError,
@@ -55,12 +57,10 @@ from .protocol import (
     ERROR_FIELDS_OPTION,
     MAX_ACK_RANGES,
     NEED_DATA,
-    NO_OFFSET,
     UNLIMITED_CREDIT,
     Connection,
     Credit,
     Deliver,
-    Durability,
     Error,
     ErrorCode,
     Ack,
@@ -91,10 +91,11 @@ from .protocol import (
     Unsubscribe,
     Welcome,
     check_batch,
-    decode_batch,
+    decode_batch_columns,
     encode_batch_from_records,
     encode_publish,
     encode_record,
+    RECORD_HEADER,
     max_publish_records,
     pattern_error,
     server_frame_limit,
@@ -102,7 +103,7 @@ from .protocol import (
     with_msg_id,
     MSG_ID_HEADER,
 )
-from .subscription import Subscription
+from .subscription import Batch, Subscription
 from .transport import CAFile, TLSOption, client_context, open_stream
 
 DEFAULT_URL = "pybroker://127.0.0.1:7420"
@@ -181,6 +182,9 @@ def _credentials(
     return url_credentials(url)
 
 
+_pack_record_header = RECORD_HEADER.pack
+
+
 def _due_ms(delay: float | _dt.timedelta | None, deliver_at: _dt.datetime | float | None) -> int:
     """A delayed publish's due time, in ms since the epoch."""
     if delay is not None and deliver_at is not None:
@@ -199,55 +203,6 @@ def _due_ms(delay: float | _dt.timedelta | None, deliver_at: _dt.datetime | floa
     if not math.isfinite(when) or when < 0:
         raise ValueError(f"deliver_at must be seconds since the epoch, not {deliver_at!r}")
     return int(when * 1000)
-
-
-class PendingAck:
-    """The acknowledgement of one queued message; ``await p.wait()`` for it."""
-
-    __slots__ = ("topic", "offset", "timestamp_us", "durability", "error", "_event")
-
-    def __init__(self, topic: str) -> None:
-        self.topic = topic
-        self.offset = -1
-        self.timestamp_us = 0
-        self.durability = Durability.MEMORY
-        self.error: BaseException | None = None
-        self._event: anyio.Event | None = None
-
-    def done(self) -> bool:
-        return self.offset >= 0 or self.error is not None
-
-    def _resolve(self, offset: int, timestamp_us: int, durability: Durability) -> None:
-        self.offset = offset
-        self.timestamp_us = timestamp_us
-        self.durability = durability
-        if self._event is not None:
-            self._event.set()
-
-    def _fail(self, error: BaseException) -> None:
-        if not self.done():
-            self.error = error
-            if self._event is not None:
-                self._event.set()
-
-    def result(self) -> PublishAck:
-        """The acknowledgement; raises if it failed or has not arrived."""
-        if self.error is not None:
-            raise self.error
-        if self.offset < 0:
-            raise RuntimeError("not acknowledged yet")
-        if self.offset == NO_OFFSET:  # delayed: no offset until it is released
-            return PublishAck(self.topic, -1, self.timestamp_us, self.durability)
-        return PublishAck(self.topic, self.offset, self.timestamp_us, self.durability)
-
-    async def wait(self) -> PublishAck:
-        if not self.done():
-            if self._event is None:
-                self._event = anyio.Event()
-            await self._event.wait()
-        else:
-            await anyio.lowlevel.checkpoint()
-        return self.result()
 
 
 class _Waiter:
@@ -342,11 +297,14 @@ class Client:
         self._batch_names = itertools.count(1)
         self._out: list[bytes] = []
         self._wake = anyio.Event()
-        # topic -> [(record bytes, PendingAck)] not yet sent
-        self._unsent: dict[str, list[tuple[bytes, PendingAck]]] = {}
+        #: publish_nowait has set _wake since the writer last made a new one
+        #: (so a loop of sends sets it once, not once per message).
+        self._wake_set = False
+        # The topics with messages not yet sent (a subset of _topics).
+        self._unsent: dict[str, Topic] = {}
         self._unsent_count = 0
         self._pending_count = 0  # unsent + in flight
-        self._inflight: dict[int, list[PendingAck]] = {}
+        self._inflight: dict[int, Frame] = {}
         # The PUBLISH frames of _inflight, sent again after a reconnect.
         self._inflight_frames: dict[int, bytes] = {}
         # What the writer sends first on a new connection (_resume_frames).
@@ -363,14 +321,16 @@ class Client:
         self._replies: dict[str, _Waiter] = {}
         # Group acknowledgements waiting for the writer, by frame key.
         self._settlements: dict[tuple[int, str, AckKind, int], list[int]] = {}
-        self._valid_topics: set[str] = set()
+        #: Valid topics published to (the check depends on the WELCOME's
+        #: limits: redone with each).
+        self._topics: dict[str, Topic] = {}
         self._closed: ConnectionClosed | None = None
         self._goodbye_received = anyio.Event()
         self._reader_done = anyio.Event()
         self._closing_by_us = False
         # When the reader last got bytes from the broker (keepalive).
         self._received_at = anyio.current_time()
-        self._cancel_check = _cancel_check()
+        self._cancel_requested, self._checkpoint_if_cancelled = cancel_check()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -404,6 +364,12 @@ class Client:
         self._max_inflight_batches = max(
             1, min(self._max_inflight_batches, limits.get("max_inflight_publishes", 1 << 62))
         )
+        # Topic syntax and frame limits may have changed: topics are checked
+        # again when next published to, except those with messages queued
+        # (accepted already), whose limit is brought up to date.
+        self._topics = dict(self._unsent)
+        for topic, known in self._topics.items():
+            known.limit = max_publish_records(self._max_frame_bytes, topic, self._dedup)
 
     async def _welcome(self) -> Welcome:
         """The broker's answer to our HELLO."""
@@ -457,13 +423,11 @@ class Client:
             return
         self._closed = error
         sub_error = None if self._closing_by_us else error
-        for topic_items in self._unsent.values():
-            for _, p in topic_items:
-                p._fail(error)
+        for unsent in self._unsent.values():
+            unsent.fail(error)
         self._unsent.clear()
-        for ps in self._inflight.values():
-            for p in ps:
-                p._fail(error)
+        for frame in self._inflight.values():
+            frame.fail(error)
         self._inflight.clear()
         self._inflight_frames.clear()
         self._pending_count = self._unsent_count = 0
@@ -542,15 +506,22 @@ class Client:
 
     # -- publishing -------------------------------------------------------
 
-    def _check_topic(self, topic: str) -> None:
-        if topic in self._valid_topics:
-            return
+    def _topic(self, topic: str) -> Topic:
+        """``topic``'s queue and limit; ValueError if ``topic`` is no valid
+        topic name. Kept for the topics published to (up to a bound): a hot
+        loop of publishes pays one dict lookup for both checks."""
+        known = self._topics.get(topic)
+        if known is not None:
+            return known
         problem = topic_error(topic, self._max_topic_bytes, self._max_topic_depth)
         if problem is not None:
             raise ValueError(problem)
-        if len(self._valid_topics) >= _TOPIC_CACHE_LIMIT:
-            self._valid_topics.clear()
-        self._valid_topics.add(topic)
+        if len(self._topics) >= _TOPIC_CACHE_LIMIT:
+            self._topics = dict(self._unsent)  # what has messages queued stays
+        known = self._topics[topic] = Topic(
+            topic, max_publish_records(self._max_frame_bytes, topic, self._dedup)
+        )
+        return known
 
     def publish_nowait(
         self, topic: str, payload: bytes | str, headers: Mapping[str, str] | None = None
@@ -565,38 +536,51 @@ class Client:
         ``max_pending`` messages are already queued or awaiting
         acknowledgement.
         """
-        self._check_open()
-        self._check_topic(topic)
-        if self._pending_count >= self._max_pending:
+        # The hot path of every publish: checks and calls are inlined where
+        # that saved measurable time per message (benchmarks/README.md).
+        if self._closed is not None:
+            raise self._closed
+        known = self._topics.get(topic)
+        if known is None:
+            known = self._topic(topic)
+        count = self._pending_count
+        if count >= self._max_pending:
             raise anyio.WouldBlock
         if type(payload) is not bytes:
             payload = _payload_bytes(payload)
-        record = encode_record(payload, headers)
-        self._check_size(topic, record, len(payload))
-        pending = PendingAck(topic)
-        items = self._unsent.get(topic)
-        if items is None:
-            items = self._unsent[topic] = []
-        items.append((record, pending))
+        if headers:
+            record = encode_record(payload, headers)
+        else:
+            record = _pack_record_header(len(payload), 0) + payload
+        if len(record) > known.limit:
+            self._too_large(topic, record, len(payload))
+        records = known.run.records
+        pending = PendingAck(topic, known.run, len(records))
+        if not records:
+            self._unsent[topic] = known
+        records.append(record)
         self._unsent_count += 1
-        self._pending_count += 1
-        self._drained = anyio.Event() if self._drained.is_set() else self._drained
-        self._wake.set()
+        self._pending_count = count + 1
+        if not count:
+            # Set exactly while nothing is pending (flush waits for it).
+            self._drained = anyio.Event() if self._drained.is_set() else self._drained
+        if not self._wake_set:
+            self._wake_set = True
+            self._wake.set()
         return pending
 
-    def _check_size(self, topic: str, record: bytes, payload_len: int) -> None:
+    def _too_large(self, topic: str, record: bytes, payload_len: int) -> None:
         """A message must fit one PUBLISH frame under the broker's
         max_frame_bytes; refuse it here rather than have the broker close
         the connection with FRAME_TOO_LARGE."""
-        limit = max_publish_records(self._max_frame_bytes, topic, self._dedup)
-        if len(record) > limit:
-            extra = len(record) - payload_len  # record header and headers block
-            raise MessageTooLarge(
-                f"message of {payload_len} payload bytes ({len(record)} with its headers) "
-                f"is too large for topic {topic!r}: the broker's max_frame_bytes "
-                f"({self._max_frame_bytes}) leaves room for {max(0, limit - extra)} payload "
-                "bytes with these headers"
-            )
+        limit = self._topic(topic).limit
+        extra = len(record) - payload_len  # record header and headers block
+        raise MessageTooLarge(
+            f"message of {payload_len} payload bytes ({len(record)} with its headers) "
+            f"is too large for topic {topic!r}: the broker's max_frame_bytes "
+            f"({self._max_frame_bytes}) leaves room for {max(0, limit - extra)} payload "
+            "bytes with these headers"
+        )
 
     async def send(
         self, topic: str, payload: bytes | str, headers: Mapping[str, str] | None = None
@@ -608,10 +592,41 @@ class Client:
         of ``send`` calls fills large batches instead of sending one message
         per scheduler pass (the writer runs when this task waits).
         """
-        await self._cancel_check()
+        # A cancelled scope stops it before it queues anything; the check is
+        # a plain call unless the scope is cancelled (_cancel.py).
+        if self._cancel_requested():
+            await self._checkpoint_if_cancelled()
         while self._pending_count >= self._max_pending:
             await self._wait_room()
-        return self.publish_nowait(topic, payload, headers)
+        # publish_nowait(), inlined: its call was a tenth of a send() (keep
+        # the two in step; test_publish_paths_agree checks they do).
+        if self._closed is not None:
+            raise self._closed
+        known = self._topics.get(topic)
+        if known is None:
+            known = self._topic(topic)
+        count = self._pending_count
+        if type(payload) is not bytes:
+            payload = _payload_bytes(payload)
+        if headers:
+            record = encode_record(payload, headers)
+        else:
+            record = _pack_record_header(len(payload), 0) + payload
+        if len(record) > known.limit:
+            self._too_large(topic, record, len(payload))
+        records = known.run.records
+        pending = PendingAck(topic, known.run, len(records))
+        if not records:
+            self._unsent[topic] = known
+        records.append(record)
+        self._unsent_count += 1
+        self._pending_count = count + 1
+        if not count:
+            self._drained = anyio.Event() if self._drained.is_set() else self._drained
+        if not self._wake_set:
+            self._wake_set = True
+            self._wake.set()
+        return pending
 
     async def _wait_room(self) -> None:
         """Wait for an acknowledgement (or the end). Several tasks may wait:
@@ -644,19 +659,21 @@ class Client:
             return await pending.wait()
         due_ms = _due_ms(delay, deliver_at)
         self._check_open()
-        self._check_topic(topic)
+        limit = self._topic(topic).limit
         if not self._delay_supported:
             raise RuntimeError("this broker does not support delayed delivery (no max_delay_ms in its WELCOME)")
         delayed_headers = dict(headers or {})
         delayed_headers[DELIVER_AT_HEADER] = str(due_ms)
         payload = _payload_bytes(payload)
         record = encode_record(payload, delayed_headers)
-        self._check_size(topic, record, len(payload))
+        if len(record) > limit:
+            self._too_large(topic, record, len(payload))
         while self._pending_count >= self._max_pending:
             await self._wait_room()
-        pending = PendingAck(topic)
+        run = Run(topic)
+        pending = PendingAck(topic, run, 0)
         request_id = next(self._request_ids)
-        self._inflight[request_id] = [pending]
+        self._inflight[request_id] = run.frame(1)
         self._pending_count += 1
         self._drained = anyio.Event() if self._drained.is_set() else self._drained
         dedup = self._dedup
@@ -702,7 +719,7 @@ class Client:
         use a new inbox.
         """
         self._check_open()
-        self._check_topic(topic)
+        limit = self._topic(topic).limit
         payload = _payload_bytes(payload)
         waiter: _Waiter | None = None
         with anyio.move_on_after(timeout) as scope:
@@ -712,15 +729,17 @@ class Client:
             request_headers["reply-to"] = inbox
             request_headers["correlation-id"] = correlation
             record = encode_record(payload, request_headers)
-            self._check_size(topic, record, len(payload))
+            if len(record) > limit:
+                self._too_large(topic, record, len(payload))
             # Not held to the batch window: waiting for a slot there could
             # starve behind a busy publisher. Past the broker's
             # max_inflight_publishes it merely reads us more slowly.
             waiter = self._replies[correlation] = _Waiter()
             try:
-                pending = PendingAck(topic)
+                run = Run(topic)
+                pending = PendingAck(topic, run, 0)
                 request_id = next(self._request_ids)
-                self._inflight[request_id] = [pending]
+                self._inflight[request_id] = run.frame(1)
                 self._pending_count += 1
                 self._drained = anyio.Event() if self._drained.is_set() else self._drained
                 batch = encode_batch_from_records([record])
@@ -802,10 +821,10 @@ class Client:
     def _waiting_topics(self, limit: int = 5) -> list[str]:
         """Some of the topics with messages not yet acknowledged, for errors."""
         topics = dict.fromkeys(self._unsent)
-        for pendings in self._inflight.values():
+        for frame in self._inflight.values():
             if len(topics) >= limit:
                 break
-            topics.update(dict.fromkeys(p.topic for p in pendings[:1]))
+            topics[frame.run.topic] = None
         names = list(topics)[:limit]
         return names + ["..."] if len(topics) > limit else names
 
@@ -815,33 +834,47 @@ class Client:
         frames: list[bytes] = []
         max_messages = self._max_batch_messages
         for topic in list(self._unsent):
-            items = self._unsent[topic]
+            known = self._unsent[topic]
+            known.seal()
             max_body = max_publish_records(self._max_frame_bytes, topic, self._dedup)
-            start = 0
-            size = 0
-            for i, (record, _) in enumerate(items):
-                if i > start and (i - start >= max_messages or size + len(record) > max_body):
-                    frames.append(self._batch_frame(topic, items[start:i]))
-                    start, size = i, 0
-                    if len(frames) >= room:
-                        break
-                size += len(record)
-            else:
-                frames.append(self._batch_frame(topic, items[start:]))
-                start = len(items)
-            self._unsent_count -= start
-            if start < len(items):
-                self._unsent[topic] = items[start:]
+            sealed = known.sealed
+            while sealed and len(frames) < room:
+                run = sealed[0]
+                records = run.records
+                if len(records) <= max_messages and sum(map(len, records)) <= max_body:
+                    # The usual case: all of it is one frame, no per-message loop.
+                    frames.append(self._batch_frame(topic, run, records))
+                    start = len(records)
+                else:
+                    start = 0
+                    size = 0
+                    for i, record in enumerate(records):
+                        if i > start and (i - start >= max_messages or size + len(record) > max_body):
+                            frames.append(self._batch_frame(topic, run, records[start:i]))
+                            start, size = i, 0
+                            if len(frames) >= room:
+                                break
+                        size += len(record)
+                    else:
+                        frames.append(self._batch_frame(topic, run, records[start:]))
+                        start = len(records)
+                self._unsent_count -= start
+                if start < len(records):
+                    run.records = records[start:]  # out of room
+                else:
+                    run.records = []  # in its frames now
+                    sealed.popleft()
+            if sealed:
                 break  # out of room
             del self._unsent[topic]
             if len(frames) >= room:
                 break
         return frames
 
-    def _batch_frame(self, topic: str, items: list[tuple[bytes, PendingAck]]) -> bytes:
+    def _batch_frame(self, topic: str, run: Run, records: list[bytes]) -> bytes:
+        """One PUBLISH of ``run``'s next ``records`` (a list this may change)."""
         request_id = next(self._request_ids)
-        self._inflight[request_id] = [p for _, p in items]
-        records = [r for r, _ in items]
+        self._inflight[request_id] = run.frame(len(records))
         dedup = self._dedup
         if dedup:
             try:
@@ -1284,6 +1317,7 @@ class Client:
                     return
                 await self._wake.wait()
                 self._wake = anyio.Event()
+                self._wake_set = False
         except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             self._lost(ConnectionClosed(f"connection lost while sending: {exc!r}"))
 
@@ -1379,17 +1413,13 @@ class Client:
             return  # unsubscribed; these were in flight
         _check_crc(d.topic, d.base_offset, d.batch)
         try:
-            records = decode_batch(d.batch)
+            payloads, headers = decode_batch_columns(d.batch)
         except MalformedBatch as exc:
             sub._note_malformed(d.topic, d.base_offset, d.timestamp, check_batch(d.batch)[0])
             _log.warning("skipping malformed batch at %s@%d: %s", d.topic, d.base_offset, exc)
             return
-        topic, base, ts = d.topic, d.base_offset, d.timestamp
-        msg_id = _msg_id_of(records)
-        messages = [Message(topic, payload, headers, base + i, ts) for i, (payload, headers) in enumerate(records)]
-        if msg_id is not None:
-            messages[0].msg_id = msg_id
-        sub._push(messages)
+        # Messages are made as they are handed over (subscription.py).
+        sub._push(Batch(d.topic, d.base_offset, d.timestamp, payloads, headers, _msg_id_of(headers)))
 
     def _on_group_deliver(self, d: GroupDeliver) -> None:
         sub = self._subs.get(d.sub_id)
@@ -1397,30 +1427,25 @@ class Client:
             return  # left the group; the broker gives these to another member
         _check_crc(d.topic, d.base_offset, d.batch)
         try:
-            records = decode_batch(d.batch)
+            payloads, headers = decode_batch_columns(d.batch)
         except MalformedBatch as exc:
             sub._note_malformed(d.topic, d.base_offset, d.timestamp, 0)  # groups: not credit-counted
             _log.warning("skipping malformed batch at %s@%d: %s", d.topic, d.base_offset, exc)
             return
-        topic, base, ts, n, sid = d.topic, d.base_offset, d.timestamp, d.deliveries, d.sub_id
-        msg_id = _msg_id_of(records)
-        messages = [
-            Message(topic, payload, headers, base + i, ts, n, self, sid)
-            for i, (payload, headers) in enumerate(records)
-        ]
-        if msg_id is not None:
-            messages[0].msg_id = msg_id
-        sub._push(messages)
+        sub._push(
+            Batch(
+                d.topic, d.base_offset, d.timestamp, payloads, headers, _msg_id_of(headers),
+                d.deliveries, self, d.sub_id,
+            )
+        )
 
     def _on_puback(self, ack: PubAck) -> None:
-        pendings = self._inflight.pop(ack.request_id, None)
-        if pendings is None:
+        frame = self._inflight.pop(ack.request_id, None)
+        if frame is None:
             return
         self._inflight_frames.pop(ack.request_id, None)
-        base, ts, durability = ack.base_offset, ack.timestamp, ack.durability
-        for i, p in enumerate(pendings):
-            p._resolve(base + i, ts, durability)
-        self._settled(len(pendings))
+        frame.resolve(ack.base_offset, ack.timestamp, ack.durability)  # every message of it at once
+        self._settled(frame.count)
 
     def _settled(self, count: int) -> None:
         self._pending_count -= count
@@ -1439,12 +1464,11 @@ class Client:
                 self._fail(closed)
             return
         if err.ref_kind is RefKind.REQUEST:
-            pendings = self._inflight.pop(err.ref, None)
-            if pendings is not None:
+            frame = self._inflight.pop(err.ref, None)
+            if frame is not None:
                 self._inflight_frames.pop(err.ref, None)
-                for p in pendings:
-                    p._fail(error)
-                self._settled(len(pendings))
+                frame.fail(error)
+                self._settled(frame.count)
                 return
             waiter = self._info_waiters.pop(err.ref, None)
             if waiter is not None:
@@ -1475,25 +1499,6 @@ class Client:
                 _log.warning("subscription %s not resumed: %s", sub.pattern, error)
                 return
         _log.warning("error from broker: %s (code %d, ref %d)", err.message, err.code, err.ref)
-
-
-def _cancel_check() -> Callable[[], Awaitable[None]]:
-    """The running event loop's own "raise if cancelled", for send().
-
-    anyio.lowlevel.checkpoint_if_cancelled looks the event loop up on every
-    call: 0.7 µs under Trio against Trio's own 0.2 µs, which was a fifth of
-    the cost of a send() (a publisher's hot loop). The loop does not change
-    under a connection, so it is looked up once."""
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            trio.lowlevel.current_task()
-        except RuntimeError:
-            pass  # Trio is imported but not what runs this client
-        else:
-            check: Callable[[], Awaitable[None]] = trio.lowlevel.checkpoint_if_cancelled
-            return check
-    return anyio.lowlevel.current_token().backend_class.checkpoint_if_cancelled
 
 
 def _payload_bytes(payload: object) -> bytes:
@@ -1618,9 +1623,10 @@ async def _run_callback(
 
     if concurrency == 1:
         # No slots to take: a semaphore's await is a scheduler trip per
-        # message, which cut this path to a quarter of its speed.
-        async for msg in sub:
-            await handle(msg)
+        # message, which cut this path to a quarter of its speed. A plain
+        # subscription's messages are never group messages, so its callback
+        # is called directly, without a coroutine around it per message.
+        await sub._for_each(callback if sub.group is None else handle)
         return
     async with anyio.create_task_group() as tasks:
         async for msg in sub:
@@ -1758,14 +1764,14 @@ def _check_crc(topic: str, base_offset: int, batch: bytes) -> None:
         )
 
 
-def _msg_id_of(records: list[tuple[bytes, Mapping[str, str]]]) -> str | None:
+def _msg_id_of(headers: list[Mapping[str, str]]) -> str | None:
     """Take the batch's msg-id out of its first message's headers: it names
     the batch (exactly-once publishing), it is not the application's, and
     the message shows it as ``Message.msg_id``. O(1) per batch."""
-    payload, headers = records[0]
-    if MSG_ID_HEADER not in headers:
+    first = headers[0]
+    if MSG_ID_HEADER not in first:
         return None
-    rest = dict(headers)
+    rest = dict(first)
     msg_id = rest.pop(MSG_ID_HEADER)
-    records[0] = (payload, rest)
+    headers[0] = rest
     return msg_id

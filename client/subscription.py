@@ -1,15 +1,22 @@
 """A subscription: an async iterator of messages with credit-based flow control.
 
-The client's reader task decodes each DELIVER into a list of Messages and
+The client's reader task decodes each DELIVER into a :class:`Batch` and
 appends it here without ever blocking; the amount buffered is bounded by the
 credit this subscription grants the broker (``window`` messages, plus at most
 one batch), and new credit is granted as the application consumes.
+
+A batch keeps its payloads and headers as decoded, and each Message is made
+as it is handed over: a buffered window of Messages would be tens of
+thousands of objects for the garbage collector to walk and promote, while
+a Message made just in time usually dies young (it was a third of the
+callback path's time).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
+from inspect import isawaitable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -17,7 +24,7 @@ import anyio
 import anyio.lowlevel
 
 from .errors import ConnectionClosed
-from .message import Message
+from .message import Message, Settler
 from .protocol import RESUME_OPTION_PREFIX, UNLIMITED_CREDIT, StartKind, Subscribe, resume_fits
 
 if TYPE_CHECKING:
@@ -25,6 +32,62 @@ if TYPE_CHECKING:
 
 #: A timestamp no batch has: with it, everything below a position is a repeat.
 _ANY_TIME = 1 << 64
+
+
+class Batch:
+    """One delivered batch, decoded: its messages' payloads and headers, in
+    order from ``base`` (offsets are contiguous within a batch)."""
+
+    __slots__ = ("topic", "base", "timestamp_us", "payloads", "headers", "msg_id", "deliveries", "settler", "sub_id")
+
+    def __init__(
+        self,
+        topic: str,
+        base: int,
+        timestamp_us: int,
+        payloads: list[bytes],
+        headers: list[Mapping[str, str]],
+        msg_id: str | None = None,
+        deliveries: int = 1,
+        settler: Settler | None = None,
+        sub_id: int = 0,
+    ) -> None:
+        self.topic = topic
+        self.base = base
+        self.timestamp_us = timestamp_us
+        self.payloads = payloads
+        self.headers = headers
+        #: The first message's msg-id (exactly-once publishing), if any.
+        self.msg_id = msg_id
+        self.deliveries = deliveries
+        #: Group deliveries: where acknowledgements go.
+        self.settler = settler
+        self.sub_id = sub_id
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    def drop_first(self, count: int) -> None:
+        """Forget the first ``count`` messages (repeats)."""
+        del self.payloads[:count], self.headers[:count]
+        self.base += count
+        self.msg_id = None  # it named the first message
+
+    def message(self, i: int) -> Message:
+        if self.settler is None:
+            msg = Message(self.topic, self.payloads[i], self.headers[i], self.base + i, self.timestamp_us)
+        else:
+            msg = Message(
+                self.topic, self.payloads[i], self.headers[i], self.base + i, self.timestamp_us,
+                self.deliveries, self.settler, self.sub_id,
+            )
+        if i == 0 and self.msg_id is not None:
+            msg.msg_id = self.msg_id
+        return msg
+
+
+#: What a subscription's iteration is on when it is on no batch.
+_NO_BATCH = Batch("", 0, 0, [], [])
 
 
 @attrs.frozen
@@ -70,14 +133,18 @@ class Subscription:
         #: A SUBSCRIBE sent again after a reconnect awaits its SUBACK.
         self._resuming = False
         self._unsubscribing = False
-        self._batches: deque[list[Message]] = deque()
-        self._current: list[Message] = []
+        self._batches: deque[Batch] = deque()
+        #: The batch being handed over, and how many of it have been: the
+        #: counters below move a batch at a time (statistics() adds _index).
+        self._current = _NO_BATCH
         self._index = 0
+        #: Messages buffered, the current batch's included (handed over or not).
         self._pending = 0
         self._consumed = 0  # messages consumed since the last credit grant
         self._arrived = anyio.Event()
         self._closed = False
         self._error: BaseException | None = None
+        #: Messages handed over, not counting the current batch's.
         self._delivered = 0
         self._malformed = 0
         self._lost = 0
@@ -95,21 +162,20 @@ class Subscription:
 
     # -- called by the client's reader (sync, never blocks) ---------------
 
-    def _push(self, messages: list[Message]) -> None:
+    def _push(self, batch: Batch) -> None:
         if self._closed:
             return
-        received = len(messages)
-        if self.group is None and messages:
-            first = messages[0]
-            topic, timestamp = first.topic, first.timestamp_us
-            next_offset = messages[-1].offset + 1
+        received = len(batch)
+        if self.group is None and received:
+            topic, timestamp, first = batch.topic, batch.timestamp_us, batch.base
+            next_offset = first + received
             seen = self._positions.get(topic)
-            if seen is not None and first.offset < seen[0]:
+            if seen is not None and first < seen[0]:
                 if timestamp <= seen[1]:
                     # Appended no later than what we last had from this
                     # topic: a repeat (a resume that replays by the start
                     # rule, or a batch holding the position). Drop what we had.
-                    messages = [m for m in messages if m.offset >= seen[0]]
+                    batch.drop_first(min(received, seen[0] - first))
                     if next_offset > seen[0]:
                         self._positions[topic] = (next_offset, timestamp)
                 else:
@@ -118,15 +184,16 @@ class Subscription:
                     self._positions[topic] = (next_offset, timestamp)
             else:
                 self._positions[topic] = (next_offset, timestamp)
-        if self._skip_before_us and messages and messages[0].timestamp_us < self._skip_before_us:
-            messages = []  # one timestamp per batch: all of it is too early
-        if len(messages) < received:
+        if self._skip_before_us and received and batch.timestamp_us < self._skip_before_us:
+            batch.drop_first(received)  # one timestamp per batch: all of it is too early
+        kept = len(batch)
+        if kept < received:
             # Skipped messages still used the broker's credit: return it.
-            self._account(received - len(messages))
-            if not messages:
+            self._account(received - kept)
+            if not kept:
                 return
-        self._batches.append(messages)
-        self._pending += len(messages)
+        self._batches.append(batch)
+        self._pending += kept
         self._arrived.set()
 
     def _resubscribe(self, max_frame_bytes: int) -> Subscribe:
@@ -147,8 +214,8 @@ class Subscription:
             # The broker's credit starts afresh: what is still buffered here
             # counts against the window. The current batch's consumed part is
             # accounted again when it ends, so it is subtracted in advance.
-            credit = max(1, self.window - self._pending)
-            self._consumed = -self._index if self._current else 0
+            credit = max(1, self.window - (self._pending - self._index))
+            self._consumed = -self._index
         self._resuming = True
         return Subscribe(self.sub_id, self.pattern, kind, value, credit, options)
 
@@ -182,11 +249,27 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Message:
+        index = self._index
+        if index >= len(self._current):
+            if not await self._next_batch():
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+            index = self._index
+        self._index = index + 1
+        return self._current.message(index)
+
+    async def _next_batch(self) -> bool:
+        """Make the next buffered batch current, waiting for one if need be;
+        False once the subscription is closed and drained."""
         while self._index >= len(self._current):
-            if self._current:
-                self._account(len(self._current))
-                self._current = []
+            if self._current is not _NO_BATCH:
+                done = len(self._current)
+                self._pending -= done
+                self._delivered += done
+                self._current = _NO_BATCH
                 self._index = 0
+                self._account(done)
             if self._batches:
                 self._current = self._batches.popleft()
                 # One checkpoint per batch, not per message: iterating a
@@ -194,16 +277,40 @@ class Subscription:
                 await anyio.lowlevel.checkpoint()
                 continue
             if self._closed:
-                if self._error is not None:
-                    raise self._error
-                raise StopAsyncIteration
+                return False
             self._arrived = anyio.Event()
             await self._arrived.wait()
-        msg = self._current[self._index]
-        self._index += 1
-        self._pending -= 1
-        self._delivered += 1
-        return msg
+        return True
+
+    async def _for_each(self, call: Callable[[Message], object]) -> None:
+        """Hand every message to ``call`` in order, awaiting what it returns
+        if that is awaitable: what ``async for msg in self`` would do, less
+        a coroutine and a scheduler check per message (the callback path's
+        speed). The position moves before each call, as it does before
+        ``__anext__`` returns, so statistics and a resume in between see the
+        same state. Raises like the iteration would."""
+        while await self._next_batch():
+            batch = self._current
+            if batch.settler is not None or batch.msg_id is not None:
+                make = batch.message
+            else:
+                # Batch.message for a plain batch, inlined.
+                topic, payloads, headers, base, ts = (
+                    batch.topic, batch.payloads, batch.headers, batch.base, batch.timestamp_us
+                )
+
+                def make(i: int) -> Message:
+                    return Message(topic, payloads[i], headers[i], base + i, ts)
+
+            # Re-read the position each time: an await in ``call`` may let
+            # someone else iterate this subscription too.
+            while self._current is batch and (index := self._index) < len(batch):
+                self._index = index + 1
+                result = call(make(index))
+                if result is not None and isawaitable(result):
+                    await result
+        if self._error is not None:
+            raise self._error
 
     def _account(self, consumed: int) -> None:
         if self.group is not None:
@@ -221,8 +328,8 @@ class Subscription:
     def statistics(self) -> SubscriptionStatistics:
         return SubscriptionStatistics(
             pattern=self.pattern,
-            pending_messages=self._pending,
-            delivered_messages=self._delivered,
+            pending_messages=self._pending - self._index,
+            delivered_messages=self._delivered + self._index,
             malformed_batches=self._malformed,
             lost_messages=self._lost,
         )

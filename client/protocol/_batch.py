@@ -188,34 +188,47 @@ class MalformedBatch(ValueError):
 
 def decode_batch(batch: bytes) -> list[tuple[bytes, Headers]]:
     """Decode every record of a batch into ``(payload, headers)`` pairs."""
+    payloads, headers = decode_batch_columns(batch)
+    return list(zip(payloads, headers))
+
+
+def decode_batch_columns(batch: bytes) -> tuple[list[bytes], list[Headers]]:
+    """Decode every record of a batch into a list of payloads and a list of
+    their headers (the same checks as :func:`decode_batch`).
+
+    A subscriber's hot path: no pair per message, so nothing per message for
+    the garbage collector to track and promote before the messages are made
+    (headers-less records share one EMPTY_HEADERS)."""
     if len(batch) < BATCH_HEADER.size:
         raise MalformedBatch("batch shorter than its header")
     count, crc = BATCH_HEADER.unpack_from(batch, 0)
     end = len(batch)
     pos = BATCH_HEADER.size
-    out: list[tuple[bytes, Headers]] = []
+    payloads: list[bytes] = []
+    all_headers: list[Headers] = []
+    add_payload = payloads.append
+    add_headers = all_headers.append
     unpack_record = RECORD_HEADER.unpack_from
     rec_size = RECORD_HEADER.size
     try:
         for _ in range(count):
             payload_len, headers_len = unpack_record(batch, pos)
             pos += rec_size
-            headers: Headers
             if headers_len:
-                headers = _decode_headers(batch, pos, pos + headers_len)
+                add_headers(_decode_headers(batch, pos, pos + headers_len))
                 pos += headers_len
             else:
-                headers = EMPTY_HEADERS
+                add_headers(EMPTY_HEADERS)
             stop = pos + payload_len
             if stop > end:
                 raise MalformedBatch("record payload runs past the batch")
-            out.append((batch[pos:stop], headers))
+            add_payload(batch[pos:stop])
             pos = stop
     except struct.error as exc:
         raise MalformedBatch(f"record header runs past the batch: {exc}") from None
     if pos != end:
         raise MalformedBatch(f"{end - pos} bytes after the last of {count} records")
-    return out
+    return payloads, all_headers
 
 
 def _decode_headers(buf: bytes, pos: int, end: int) -> dict[str, str]:
