@@ -3,9 +3,13 @@
 The ``Outbox`` is the connection's :class:`~broker.subscriber.Subscriber`:
 the router hands it batches (``deliver``), consumer groups hand it their
 messages (``deliver_group``), the session queues its answers (``queue``).
-One writer task joins everything queued into one ``send_all`` per wake-up
-(write coalescing) and, while the queue has room, refills it from the log
-for subscriptions that are lagging (a replay, a full queue, no credit).
+Over plain TCP what is queued is written directly, every connection's at
+the end of a pass of the broker's work (broker/session/flushing.py: one
+``writev`` per connection per pass, no task switch per connection); what
+the socket does not take, and everything over TLS, goes to the writer task,
+which joins everything queued into one ``send_all`` per wake-up (write
+coalescing) and, while the queue has room, refills it from the log for
+subscriptions that are lagging (a replay, a full queue, no credit).
 
 Memory is bounded (protocol.md, "Flow control"): a delivery that would take
 the bytes queued plus the bytes being sent over ``limit`` is not queued;
@@ -19,15 +23,21 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import os
+
 import trio
 
 from pybroker.protocol import Connection, Error, ErrorCode, RefKind, deliver_header, group_deliver_header
 
 from ..storage import DataLoss
 from ..subscriber import SubscriberInfo
+from . import flushing
 
 if TYPE_CHECKING:
     from ..router import Subscription, Topic
+
+#: Buffers one writev takes (Linux's IOV_MAX); more go to the writer task.
+_IOV_MAX = 1024
 
 
 class Outbox:
@@ -58,6 +68,10 @@ class Outbox:
         self.done = trio.Event()
         self.lost = False  # the writer found the connection broken
         self.bytes_out = 0
+        # Plain TCP: written directly by write_now (flushing.py); TLS has
+        # its own record layer, so only its writer task writes.
+        self._flusher = flushing.current() if isinstance(stream, trio.SocketStream) else None
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
 
     @property
     def over_limit(self) -> bool:
@@ -67,7 +81,52 @@ class Outbox:
         """An answer (PUBACK, PONG, a reply, an error): always queued."""
         self._out.append(data)
         self.queued_bytes += len(data)
-        self.wake.set()
+        self._kick()
+
+    def _kick(self) -> None:
+        """Something was queued: written at the end of this pass of work,
+        or by the writer task (TLS; a write in progress)."""
+        if self._flusher is not None and not self.sending:
+            self._flusher.mark(self)
+        else:
+            self.wake.set()
+
+    def write_now(self) -> None:
+        """Write what is queued straight to the socket, as much as it takes
+        without blocking; the rest is the writer task's (it waits until the
+        socket can take more). Only while the writer is not in a send."""
+        out = self._out
+        if not out or self.sending or self.lost or self.done.is_set() or self._socket is None:
+            return
+        # The socket's number now: -1 once closed, so never a number
+        # reused by another connection (no await between here and writev).
+        fd = self._socket.fileno()
+        if fd < 0:
+            return
+        try:
+            written = os.writev(fd, out if len(out) <= _IOV_MAX else out[:_IOV_MAX])
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            # Broken: the writer's send_all says so in the usual way.
+            self.wake.set()
+            return
+        self.bytes_out += written
+        self.queued_bytes -= written
+        if not self.queued_bytes:
+            out.clear()
+        else:
+            done = 0
+            while done < len(out) and written >= len(out[done]):
+                written -= len(out[done])
+                done += 1
+            rest = out[done:]
+            if written:
+                rest[0] = rest[0][written:]
+            self._out = rest
+        if self._out or (self.lagging and self.accepting):
+            self.wake.set()  # the rest, or refills from the log, are the writer's
+        self.room.set()
 
     def notify_room(self) -> None:
         """Something a paused reader waits for changed (answers went out)."""
@@ -149,7 +208,7 @@ class Outbox:
         out.append(header)
         out.append(batch)
         self.queued_bytes += len(header) + size
-        self.wake.set()
+        self._kick()
 
     def deliver_group(
         self,
@@ -166,7 +225,7 @@ class Outbox:
         self._out.append(header)
         self._out.append(batch)
         self.queued_bytes += len(header) + len(batch)
-        self.wake.set()
+        self._kick()
 
     def position(self, sub: Subscription, topic: Topic) -> int:
         return sub.lag.get(topic, topic.visible_next)

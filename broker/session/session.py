@@ -71,6 +71,7 @@ from ..logs import get_logger
 from ..principal import Principal
 from ..router import Subscription
 from ..subscriber import SubscriberInfo
+from . import flushing
 from .acks import Acks
 from .outbox import Outbox
 from .reading import ReadSizer
@@ -115,6 +116,7 @@ class Session:
         self.outbox.logger = self.logger
         self.acks = Acks(broker, self.outbox)
         self.reads = ReadSizer(stream, self.conn, frame_budget)
+        self._flusher = flushing.current()
         self._read_scope = trio.CancelScope()
         #: The reader waits for the peer (backpressure); for tests and metrics.
         self.reading_paused = False
@@ -251,6 +253,9 @@ class Session:
                         self._idle_deadline = trio.current_time() + idle
                         self._idle_pinged = False
                     self.acks.flush()
+                    # This read's answers and deliveries, every connection's,
+                    # written now (broker/session/flushing.py).
+                    self._flusher.flush()
             except RemoteProtocolError as exc:
                 self.acks.flush()
                 self.logger.warning(
