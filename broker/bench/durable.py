@@ -54,7 +54,7 @@ def run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
             "acked_per_s": rate(float(pub.get("acked", 0)), seconds),
             "ack_durability": durability,
             "cpu_cores": outcome.cpu_cores,
-            "cpu_us_per_message": cpu_us_per_message(outcome.cpu_cores, rate(float(pub.get("acked", 0)), seconds)),
+            "cpu_us_per_message": cpu_us_per_message(outcome, int(pub.get("acked") or 0)),
             "load_cpu_cores": outcome.load_cpu_cores,
             "peak_rss_kb": peak,
             "verified": not problems,

@@ -67,9 +67,14 @@ def measure(ctx: Context, args: argparse.Namespace, kind: str) -> dict[str, Any]
     return summarize(outcome, args)
 
 
-def cpu_us_per_message(cpu_cores: float | None, per_s: float) -> float | None:
-    """The target's CPU time per message published, in microseconds."""
-    return None if cpu_cores is None or not per_s else cpu_cores / per_s * 1e6
+def cpu_us_per_message(outcome: Outcome, messages: int) -> float | None:
+    """The target's CPU time (utime + stime over the measured window, which
+    holds all of the run's work) per message, in microseconds: the figure
+    that says most on a busy machine, where rates and latencies also
+    measure the neighbours."""
+    if outcome.cpu_cores is None or not messages:
+        return None
+    return outcome.cpu_cores * outcome.active_seconds / messages * 1e6
 
 
 def summarize(outcome: Outcome, args: argparse.Namespace) -> dict[str, Any]:
@@ -83,7 +88,7 @@ def summarize(outcome: Outcome, args: argparse.Namespace) -> dict[str, Any]:
         "published_per_s": rate(float(pub.get("sent", 0)), float(pub.get("end") or 0.0) - start),
         "publisher_max_behind_ms": float(pub.get("max_behind") or 0.0) * 1000,
         "cpu_cores": outcome.cpu_cores,
-        "cpu_us_per_message": cpu_us_per_message(outcome.cpu_cores, args.rate),
+        "cpu_us_per_message": cpu_us_per_message(outcome, int(pub.get("sent") or 0)),
         "load_cpu_cores": outcome.load_cpu_cores,
         "verified": outcome.verified,
         "problems": outcome.problems,

@@ -15,9 +15,20 @@ reader's ``max_inflight_publishes`` bound.
 
 from __future__ import annotations
 
+import struct
+
 import trio
 
-from pybroker.protocol import Durability, PubAck, RefKind, encode_puback
+from pybroker.protocol import FRAME_HEADER, Durability, FrameType, RefKind
+
+#: A whole PUBACK frame (protocol.md, "PUBACK"): the frame header, then
+#: request_id, base_offset, count, timestamp, durability. One pack per
+#: answer instead of an event object and two packs: with one message per
+#: PUBLISH there is a PUBACK per message. (tests/test_perframe.py checks it
+#: against the codec's encode_puback.)
+PUBACK_FRAME = struct.Struct(">" + FRAME_HEADER.format.lstrip("<>!=@") + "QQIQB")
+_PUBACK_BODY = PUBACK_FRAME.size - FRAME_HEADER.size
+_PUBACK = int(FrameType.PUBACK)
 
 from ..core import Broker, Published
 from .outbox import Outbox
@@ -88,6 +99,7 @@ class Acks:
         frames = []
         counted: dict[Durability, int] = {}
         answered = 0
+        pack = PUBACK_FRAME.pack
         for a in acks:
             p = a.published
             if p is None:
@@ -105,7 +117,7 @@ class Acks:
                 continue
             durability = synced if held is not None and synced is not None else p.durability
             counted[durability] = counted.get(durability, 0) + 1
-            frames.append(encode_puback(PubAck(a.request_id, p.base, p.count, p.timestamp, durability)))
+            frames.append(pack(_PUBACK_BODY, _PUBACK, 0, a.request_id, p.base, p.count, p.timestamp, durability))
         for durability, n in counted.items():
             self.broker.acknowledged(durability, n)
         self.outbox.queue(b"".join(frames))

@@ -24,10 +24,20 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import os
+import struct
 
 import trio
 
-from pybroker.protocol import Connection, Error, ErrorCode, RefKind, deliver_header, group_deliver_header
+from pybroker.protocol import (
+    FRAME_HEADER,
+    Connection,
+    Error,
+    ErrorCode,
+    FrameType,
+    RefKind,
+    deliver_header,
+    group_deliver_header,
+)
 
 from ..storage import DataLoss
 from ..subscriber import SubscriberInfo
@@ -38,6 +48,14 @@ if TYPE_CHECKING:
 
 #: Buffers one writev takes (Linux's IOV_MAX); more go to the writer task.
 _IOV_MAX = 1024
+
+#: Everything of a DELIVER frame before its topic (protocol.md, "DELIVER"):
+#: the frame header, sub_id, base_offset, timestamp, the topic's length. One
+#: pack per delivery instead of deliver_header's three (a delivery per
+#: subscriber per PUBLISH; tests/test_perframe.py checks it against the codec).
+DELIVER_PREFIX = struct.Struct(">" + FRAME_HEADER.format.lstrip("<>!=@") + "IQQH")
+_DELIVER_BODY_FIXED = DELIVER_PREFIX.size - FRAME_HEADER.size
+_DELIVER = int(FrameType.DELIVER)
 
 
 class Outbox:
@@ -203,7 +221,9 @@ class Outbox:
         sub.credit -= count
         topic.messages_out += count
         topic.bytes_out += size
-        header = deliver_header(sub.sub_id, topic.name_bytes, base_offset, timestamp, size)
+        name = topic.name_bytes
+        n = len(name)
+        header = DELIVER_PREFIX.pack(_DELIVER_BODY_FIXED + n + size, _DELIVER, 0, sub.sub_id, base_offset, timestamp, n) + name
         out = self._out
         out.append(header)
         out.append(batch)

@@ -206,6 +206,7 @@ class Session:
         # takes no more than the largest one (broker/framebudget.py).
         conn.max_frame_bytes = min(MAX_HELLO_BYTES, self.limits.max_frame_bytes)
         hello_read = HEADER_SIZE + conn.max_frame_bytes
+        outbox, acks, max_inflight = self.outbox, self.acks, self._max_inflight
         with self._read_scope:
             try:
                 while True:
@@ -236,17 +237,21 @@ class Session:
                         if event is CLOSED:
                             return "peer closed"
                         framed = True
-                        if type(event) is Hello:
+                        if type(event) is Publish:
+                            self._on_publish(event)  # most frames: no dispatch
+                        elif type(event) is Hello:
                             # The one await between frames: checking a
                             # password runs scrypt in a worker thread.
                             if not await self._hello(event, deadline):
                                 return "authentication failed"
                             continue
-                        self._handle(event)  # type: ignore[arg-type]
+                        else:
+                            self._handle(event)  # type: ignore[arg-type]
                         # Checked per frame, not per read: one read holds
                         # thousands of small frames, each of which may queue
-                        # an answer (an INFO_REPLY can be large).
-                        if self._must_pause():
+                        # an answer (an INFO_REPLY can be large). Inline
+                        # _must_pause: this runs once per frame.
+                        if outbox.queued_bytes > outbox.limit or acks.unacked >= max_inflight:
                             await self._pause_reading()
                     self.reads.keep()
                     if framed:
