@@ -54,18 +54,20 @@ class Flusher:
         while self.dirty:
             dirty, self.dirty = self.dirty, {}
             for outbox in dirty:
-                outbox.write_now()
+                try:
+                    outbox.write_now()
+                except Exception:
+                    # Never leave the other outboxes of this pass unwritten.
+                    self.logger.exception("internal error while writing queued data")
+                    outbox.wake.set()
 
     async def _run(self) -> None:
         # A system task: an exception here would end the whole run, so none
-        # may escape (write_now hands socket errors to the writer task).
+        # may escape (flush catches them per outbox).
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            try:
-                self.flush()
-            except Exception:
-                self.logger.exception("internal error while writing queued data")
+            self.flush()
 
 
 _FLUSHER: trio.lowlevel.RunVar[Flusher] = trio.lowlevel.RunVar("pybroker_flusher")

@@ -90,6 +90,7 @@ class Outbox:
         # its own record layer, so only its writer task writes.
         self._flusher = flushing.current() if isinstance(stream, trio.SocketStream) else None
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._marked = False  # in the flusher's dirty set
 
     @property
     def over_limit(self) -> bool:
@@ -105,7 +106,9 @@ class Outbox:
         """Something was queued: written at the end of this pass of work,
         or by the writer task (TLS; a write in progress)."""
         if self._flusher is not None and not self.sending:
-            self._flusher.mark(self)
+            if not self._marked:
+                self._marked = True
+                self._flusher.mark(self)
         else:
             self.wake.set()
 
@@ -113,6 +116,7 @@ class Outbox:
         """Write what is queued straight to the socket, as much as it takes
         without blocking; the rest is the writer task's (it waits until the
         socket can take more). Only while the writer is not in a send."""
+        self._marked = False
         out = self._out
         if not out or self.sending or self.lost or self.done.is_set() or self._socket is None:
             return
