@@ -62,9 +62,13 @@ class Acks:
         # The acker holds answers while it waits for their commit round:
         # later ones must wait behind them, even those that need no sync.
         self._syncing = False
-        self._wake = trio.Event()
+        # The acker task and its events exist once an answer first waits for
+        # a commit round (``_start``): a connection that never publishes to
+        # an fsync-always topic (a subscriber) has neither.
+        self.nursery: trio.Nursery | None = None
+        self._wake: trio.Event | None = None
         self._closing = False
-        self._done = trio.Event()
+        self._done: trio.Event | None = None
 
     def add(self, request_id: int, published: Published) -> None:
         self._read.append(PendingAck(request_id, published))
@@ -91,7 +95,10 @@ class Acks:
             or any(a.published is not None and a.published.held is not None for a in acks)
         ):
             self._for_sync.extend(acks)
-            self._wake.set()
+            if self._wake is None:
+                self._start()
+            else:
+                self._wake.set()
         else:
             self._answer(acks, None)
 
@@ -124,8 +131,15 @@ class Acks:
         self.unacked -= answered
         self.outbox.notify_room()  # a reader paused on max_inflight_publishes may go on
 
+    def _start(self) -> None:
+        assert self.nursery is not None, "Acks.nursery is set before the first read"
+        self._wake = trio.Event()
+        self._done = trio.Event()
+        self.nursery.start_soon(self.run)
+
     async def run(self) -> None:
         """The acker task, until ``finish``."""
+        assert self._wake is not None and self._done is not None
         try:
             while True:
                 if self._for_sync:
@@ -156,5 +170,7 @@ class Acks:
         """Answer everything owed, then stop the acker."""
         self.flush()
         self._closing = True
+        if self._wake is None or self._done is None:
+            return  # never started: everything was answered at once
         self._wake.set()
         await self._done.wait()

@@ -1,14 +1,15 @@
 """One client connection: read frames, turn them into broker-core calls,
 write the answers.
 
-Three tasks per connection, all owned by the session's nursery:
+Up to three tasks per connection, all owned by the session's nursery:
 
 - the reader (``_read_loop``) decodes every complete frame of each socket
   read and handles it synchronously (no awaits on the hot path): each frame
   becomes a call on the core (broker/core.py), each answer or refusal a
   frame in the outbox;
 - the writer (``Outbox.run``): write coalescing and catch-up from the log;
-- the acker (``Acks.run``): PUBACKs that wait for the fsync covering them.
+- the acker (``Acks.run``): PUBACKs that wait for the fsync covering them,
+  started when the first one does (a subscriber's connection has none).
 
 The rules of the broker are the core's; what stays here is the
 connection's own: the handshake and authentication, the idle timeout (PING,
@@ -152,7 +153,7 @@ class Session:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self.outbox.run, self._broken)
-                nursery.start_soon(self.acks.run)
+                self.acks.nursery = nursery  # the acker starts when first needed
                 reason = await self._read_loop()
                 self._drop_subscriptions()
                 await self.acks.finish()
