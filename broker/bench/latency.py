@@ -85,6 +85,7 @@ def summarize(outcome: Outcome, args: argparse.Namespace) -> dict[str, Any]:
         "samples": len(lat),
         "offered_per_s": args.rate,
         "published": pub.get("sent", 0),
+        "publish_frames": pub.get("frames"),  # the fast publisher's PUBLISH frames
         "published_per_s": rate(float(pub.get("sent", 0)), float(pub.get("end") or 0.0) - start),
         "publisher_max_behind_ms": float(pub.get("max_behind") or 0.0) * 1000,
         "cpu_cores": outcome.cpu_cores,

@@ -453,6 +453,7 @@ async def _paced_fast(spec: Spec, board: b.Board, state: Result, pad: bytes) -> 
         for i in range(0, n, step):
             request_id += 1
             frames.append(encode_publish(request_id, spec["topic"], encode_batch_from_records(records[i:i + step])))
+        state["frames"] = request_id
         await stream.send_all(b"".join(frames))
 
     async with trio.open_nursery() as nursery:
