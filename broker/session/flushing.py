@@ -59,7 +59,7 @@ class Flusher:
                 except Exception:
                     # Never leave the other outboxes of this pass unwritten.
                     self.logger.exception("internal error while writing queued data")
-                    outbox.wake.set()
+                    outbox.wake_writer()
 
     async def _run(self) -> None:
         # A system task: an exception here would end the whole run, so none

@@ -91,6 +91,11 @@ class Outbox:
         self._flusher = flushing.current() if isinstance(stream, trio.SocketStream) else None
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._marked = False  # in the flusher's dirty set
+        # The writer task starts when first needed (start_writer): over
+        # plain TCP an idle connection's few frames are written directly.
+        self._nursery: trio.Nursery | None = None
+        self._on_broken: Callable[[], None] | None = None
+        self._writer = False
 
     @property
     def over_limit(self) -> bool:
@@ -110,7 +115,34 @@ class Outbox:
                 self._marked = True
                 self._flusher.mark(self)
         else:
+            self.wake_writer()
+
+    def start_writer(self, nursery: trio.Nursery, on_broken: Callable[[], None]) -> None:
+        """Where the writer task runs, and what it calls when it finds the
+        connection broken. Over TLS it starts now; over plain TCP when
+        something is left for it (a write the socket did not take, refills
+        from the log, the end of the connection)."""
+        self._nursery = nursery
+        self._on_broken = on_broken
+        if self._flusher is None:
+            self.wake_writer()
+
+    def wake_writer(self) -> None:
+        """The writer task has work: wake it, or start it."""
+        if self._writer:
             self.wake.set()
+            return
+        if self._nursery is None or self._on_broken is None:
+            return  # the connection is over (writer_gone): nothing more is sent
+        self._writer = True
+        self._nursery.start_soon(self.run, self._on_broken)
+
+    def writer_gone(self) -> None:
+        """The session's nursery is closed: no writer task can start now.
+        Drops the nursery and the session's callback, which would otherwise
+        keep the session in a reference cycle (freed only by the collector)."""
+        self._nursery = None
+        self._on_broken = None
 
     def write_now(self) -> None:
         """Write what is queued straight to the socket, as much as it takes
@@ -131,7 +163,7 @@ class Outbox:
             written = 0
         except OSError:
             # Broken: the writer's send_all says so in the usual way.
-            self.wake.set()
+            self.wake_writer()
             return
         self.bytes_out += written
         self.queued_bytes -= written
@@ -147,7 +179,7 @@ class Outbox:
                 rest[0] = rest[0][written:]
             self._out = rest
         if self._out or (self.lagging and self.accepting):
-            self.wake.set()  # the rest, or refills from the log, are the writer's
+            self.wake_writer()  # the rest, or refills from the log, are the writer's
         self.room.set()
 
     def notify_room(self) -> None:
@@ -261,11 +293,11 @@ class Outbox:
         """A new subscription with topics to read from the log first."""
         if sub.lag:
             self.lagging[sub] = None
-            self.wake.set()
+            self.wake_writer()
 
     def credit_added(self, sub: Subscription) -> None:
         if sub in self.lagging:
-            self.wake.set()
+            self.wake_writer()
 
     def forget(self, sub: Subscription) -> None:
         self.lagging.pop(sub, None)

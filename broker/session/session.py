@@ -7,7 +7,10 @@ Up to three tasks per connection, all owned by the session's nursery:
   read and handles it synchronously (no awaits on the hot path): each frame
   becomes a call on the core (broker/core.py), each answer or refusal a
   frame in the outbox;
-- the writer (``Outbox.run``): write coalescing and catch-up from the log;
+- the writer (``Outbox.run``): write coalescing and catch-up from the log,
+  started when a write does not complete at once (over plain TCP the
+  outbox writes directly: broker/session/flushing.py), for catch-up from
+  the log, or at the end of the connection;
 - the acker (``Acks.run``): PUBACKs that wait for the fsync covering them,
   started when the first one does (a subscriber's connection has none).
 
@@ -152,7 +155,7 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self.outbox.run, self._broken)
+                self.outbox.start_writer(nursery, self._broken)
                 self.acks.nursery = nursery  # the acker starts when first needed
                 reason = await self._read_loop()
                 self._drop_subscriptions()
@@ -162,7 +165,7 @@ class Session:
                 if self.conn.state is State.OPEN and not self.conn.we_finished:
                     self.outbox.queue(self.conn.send(Goodbye()))
                 self.outbox.closing = True
-                self.outbox.wake.set()
+                self.outbox.wake_writer()
                 with trio.move_on_after(self.config.shutdown_grace):
                     await self.outbox.done.wait()
                 nursery.cancel_scope.cancel()
@@ -175,6 +178,8 @@ class Session:
             self.logger.exception("internal error; closing this connection")
             reason = "internal error"
         finally:
+            self.outbox.writer_gone()
+            self.acks.nursery = None  # a reference cycle otherwise
             self._drop_subscriptions()
             with trio.CancelScope(shield=True):
                 await linger_close(self.stream)
