@@ -79,6 +79,39 @@ def test_latency(tmp_path: Path) -> None:
         assert 0 < r["p50_us"] <= r["p99_us"] <= r["p99.9_us"] <= r["max_us"]
 
 
+def test_latency_one_message_per_frame(tmp_path: Path) -> None:
+    """--per-frame 1: a PUBLISH frame per message; every message of the
+    measured window is sampled by both raw subscribers."""
+    stdout, data = bench(
+        tmp_path, "latency", "--rate", "500", "--duration", "1.5", "--warmup", "0.2", "--subscribers", "2",
+        "--per-frame", "1", "--no-relay",
+    )
+    result = data["scenarios"]["latency"]
+    assert result["per_frame"] == 1
+    (row,) = result["rows"]
+    assert row["verified"] and row["published"] == row["publish_frames"] == 750
+    # Both subscribers sample every message published after the warm-up
+    # (about 650 of the 750): one sample per message, not per frame read.
+    assert 2 * 500 <= row["samples"] <= 2 * 750 and row["samples"] % 2 == 0
+    assert row["cpu_us_per_message"] is None or row["cpu_us_per_message"] > 0
+    assert "one message per PUBLISH frame" in stdout and "target CPU µs/msg" in stdout
+
+
+def test_durable_one_message_per_frame(tmp_path: Path) -> None:
+    _, data = bench(tmp_path, "durable", "--messages", "2000", "--batch", "1", "--window", "256", "--policies", "always")
+    (row,) = data["scenarios"]["durable"]["rows"]
+    assert row["acked"] == 2000 and row["ack_durability"] == {"DISK": 2000} and row["verified"]
+    assert data["scenarios"]["durable"]["in_flight_messages"] == 256
+
+
+def test_per_frame_is_for_the_fast_publisher(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [*PYBROKER, "bench", "latency", "--per-frame", "1", "--publisher", "client", "--workdir", str(tmp_path)],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT, env=child_env(),
+    )
+    assert proc.returncode == 2 and "--per-frame is for the fast publisher" in proc.stderr
+
+
 def test_memory(tmp_path: Path) -> None:
     stdout, data = bench(
         tmp_path, "memory", "--connections", "20", "--conn-procs", "2",

@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tick-ms", type=_positive(float), default=1.0, help="the publisher sends what is due every this many ms (default 1)")
     p.add_argument("--mode", choices=("raw", "decode"), default="raw", help="raw: subscribers read each record's timestamp with the codec, so the figures are the broker's (default); decode: a client-library callback per message, so they include the Python subscriber processes")
     p.add_argument("--publisher", choices=("fast", "client"), default="fast", help="fast: one PUBLISH per tick over a raw connection (default); client: client library")
+    p.add_argument("--per-frame", type=_positive(int), default=None, metavar="N", help="the fast publisher puts N messages in each PUBLISH frame (1: a frame per message, as an application publishing one message per call does); the frames due in a tick go out in one write (default: all that are due in one frame)")
     p.add_argument("--sub-procs", type=_positive(int), default=2, help="at most this many subscriber processes (default 2: fewer processes, fewer wake-ups per tick on the load core)")
     p.add_argument("--with-relay", "--relay", dest="with_relay", action=argparse.BooleanOptionalAction, default=True, help="measure the reference relay too (default on)")
 
@@ -179,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # fail every run halfway, so refuse up front.
     if (args.url or "").startswith("pybrokers:") or "--tls-cert" in args.broker_args:
         parser.error("benchmarks run over plain TCP; TLS brokers (pybrokers://, --tls-cert) are not supported")
+    if getattr(args, "per_frame", None) and getattr(args, "publisher", "fast") != "fast":
+        parser.error("--per-frame is for the fast publisher (the client library forms its own frames)")
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     workdir = Path(tempfile.mkdtemp(prefix="pybroker-bench-", dir=args.workdir))
     ctx = _context(args, workdir)

@@ -14,6 +14,7 @@ from typing import Any
 from .context import Context
 from .drive import Load, drive, rate, unique_topic
 from .fanout import publisher_spec
+from .latency import cpu_us_per_message
 from .report import cores, count, mib, table
 
 
@@ -53,7 +54,8 @@ def run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
             "acked_per_s": rate(float(pub.get("acked", 0)), seconds),
             "ack_durability": durability,
             "cpu_cores": outcome.cpu_cores,
-        "load_cpu_cores": outcome.load_cpu_cores,
+            "cpu_us_per_message": cpu_us_per_message(outcome, int(pub.get("acked") or 0)),
+            "load_cpu_cores": outcome.load_cpu_cores,
             "peak_rss_kb": peak,
             "verified": not problems,
             "problems": problems,
@@ -69,11 +71,12 @@ def run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render(result: dict[str, Any]) -> str:
-    headers = ["fsync", "payload", "messages", "acked msg/s", "acks promise", "CPU broker/load", "peak RSS MiB", "acks"]
+    headers = ["fsync", "payload", "messages", "acked msg/s", "acks promise", "CPU broker/load", "broker CPU µs/msg", "peak RSS MiB", "acks"]
     lines = [
         [r["policy"], f"{r['size']} B", count(r["messages"]), count(r["acked_per_s"]),
          ", ".join(f"{k} {v:,}" for k, v in r["ack_durability"].items()) or "-",
-         f"{cores(r['cpu_cores'])}/{cores(r['load_cpu_cores'])}", mib(r["peak_rss_kb"]), "verified" if r["verified"] else "PROBLEMS"]
+         f"{cores(r['cpu_cores'])}/{cores(r['load_cpu_cores'])}",
+         "-" if r.get("cpu_us_per_message") is None else f"{r['cpu_us_per_message']:,.2f}", mib(r["peak_rss_kb"]), "verified" if r["verified"] else "PROBLEMS"]
         for r in result["rows"]
     ]
     publisher = (

@@ -57,13 +57,24 @@ def measure(ctx: Context, args: argparse.Namespace, kind: str) -> dict[str, Any]
             mode=args.mode,
             sub_procs=args.sub_procs,
             publisher={"role": "paced", "publisher": args.publisher, "rate": args.rate,
-                       "duration": args.duration, "tick": args.tick_ms / 1000, "size": args.size},
+                       "duration": args.duration, "tick": args.tick_ms / 1000, "size": args.size,
+                       "per_frame": args.per_frame},
             subscriber_extra={"latency": True},
             load_cpus=ctx.load_cpus,
             timeout=ctx.timeout,
         )
         outcome = drive(load, ctx.workdir / name, ctx.progress)
     return summarize(outcome, args)
+
+
+def cpu_us_per_message(outcome: Outcome, messages: int) -> float | None:
+    """The target's CPU time (utime + stime over the measured window, which
+    holds all of the run's work) per message, in microseconds: the figure
+    that says most on a busy machine, where rates and latencies also
+    measure the neighbours."""
+    if outcome.cpu_cores is None or not messages:
+        return None
+    return outcome.cpu_cores * outcome.active_seconds / messages * 1e6
 
 
 def summarize(outcome: Outcome, args: argparse.Namespace) -> dict[str, Any]:
@@ -74,9 +85,11 @@ def summarize(outcome: Outcome, args: argparse.Namespace) -> dict[str, Any]:
         "samples": len(lat),
         "offered_per_s": args.rate,
         "published": pub.get("sent", 0),
+        "publish_frames": pub.get("frames"),  # the fast publisher's PUBLISH frames
         "published_per_s": rate(float(pub.get("sent", 0)), float(pub.get("end") or 0.0) - start),
         "publisher_max_behind_ms": float(pub.get("max_behind") or 0.0) * 1000,
         "cpu_cores": outcome.cpu_cores,
+        "cpu_us_per_message": cpu_us_per_message(outcome, int(pub.get("sent") or 0)),
         "load_cpu_cores": outcome.load_cpu_cores,
         "verified": outcome.verified,
         "problems": outcome.problems,
@@ -99,20 +112,24 @@ def run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         )
     return {"rows": rows, "rate": args.rate, "subscribers": args.subscribers, "size": args.size,
             "duration": args.duration, "warmup": args.warmup, "mode": args.mode,
-            "publisher": args.publisher, "tick_ms": args.tick_ms}
+            "publisher": args.publisher, "tick_ms": args.tick_ms, "per_frame": args.per_frame}
 
 
 def _us(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
+def _us1(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
 def render(result: dict[str, Any]) -> str:
     headers = ["target", "mode", "p50 µs", "p99 µs", "p99.9 µs", "max µs", "samples", "published msg/s",
-               "CPU target/load", "delivery"]
+               "CPU target/load", "target CPU µs/msg", "delivery"]
     lines = [
         [r["target"], result["mode"], _us(r["p50_us"]), _us(r["p99_us"]), _us(r["p99.9_us"]), _us(r["max_us"]),
          count(r["samples"]), count(r["published_per_s"]), f"{cores(r['cpu_cores'])}/{cores(r['load_cpu_cores'])}",
-         "verified" if r["verified"] else "INCOMPLETE"]
+         _us1(r.get("cpu_us_per_message")), "verified" if r["verified"] else "INCOMPLETE"]
         for r in result["rows"]
     ]
     measured = (
@@ -122,10 +139,19 @@ def render(result: dict[str, Any]) -> str:
     )
     title = (
         f"Latency: publish -> deliver, {result['rate']:,} msg/s offered in {result['tick_ms']:g} ms ticks "
-        f"to {result['subscribers']} subscribers, {result['size']} B, {result['duration']:g} s "
+        f"to {result['subscribers']} subscribers, {result['size']} B, {_framing(result)}, {result['duration']:g} s "
         f"(first {result['warmup']:g} s left out), one clock (time.time_ns); {measured}"
     )
     return title + "\n" + table(headers, lines)
+
+
+def _framing(result: dict[str, Any]) -> str:
+    if result["publisher"] == "client":
+        return "frames formed by the client library"
+    per_frame = result.get("per_frame") or 0
+    if not per_frame:
+        return "one PUBLISH frame per tick"
+    return "one message per PUBLISH frame" if per_frame == 1 else f"{per_frame} messages per PUBLISH frame"
 
 
 def claims(result: dict[str, Any]) -> list[str]:

@@ -18,7 +18,8 @@ Roles:
   in a loop, batches formed by the library, ``max_pending`` unacknowledged).
 - ``paced``: a publisher at a fixed rate for the latency scenario: every
   tick it publishes the messages due, each carrying ``time.time_ns()`` in
-  its first 8 bytes.
+  its first 8 bytes, in one PUBLISH frame or (``per_frame``) in frames of
+  that many messages.
 - ``subscribe``: one or more subscriber connections in this process.
   ``raw`` counts messages from batch headers with the codec alone (no
   per-message decode); ``decode`` goes through the client library with a
@@ -439,11 +440,21 @@ async def _paced_fast(spec: Spec, board: b.Board, state: Result, pad: bytes) -> 
             elif isinstance(event, Error):
                 raise RuntimeError(f"ERROR {event.code} from the broker: {event.message}")
 
+    # Messages per PUBLISH frame: 0 puts all that are due in one frame; 1 is
+    # how most applications publish (a frame per call). The frames of one
+    # tick go out in one write.
+    per_frame: int = spec.get("per_frame") or 0
+
     async def send(n: int) -> None:
         nonlocal request_id
-        request_id += 1
         records = [head + _TS.pack(time.time_ns()) + pad for _ in range(n)]
-        await stream.send_all(encode_publish(request_id, spec["topic"], encode_batch_from_records(records)))
+        step = per_frame or n
+        frames = []
+        for i in range(0, n, step):
+            request_id += 1
+            frames.append(encode_publish(request_id, spec["topic"], encode_batch_from_records(records[i:i + step])))
+        state["frames"] = request_id
+        await stream.send_all(b"".join(frames))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(read_acks)
@@ -544,8 +555,8 @@ async def _raw_subscriber(
             elif isinstance(event, Error):
                 raise RuntimeError(f"SUBSCRIBE refused: ERROR {event.code}: {event.message}")
         board.set(tally.slot, b.STATE, b.READY)
-        if samples is None and not conn.buffered_bytes:
-            await _count_deliveries(spec, board, tally, total, stream)
+        if not conn.buffered_bytes:
+            await _count_deliveries(spec, board, tally, total, stream, samples)
         else:
             await _decode_deliveries(spec, board, tally, total, stream, conn, samples)
         if not conn.we_finished:
@@ -564,11 +575,18 @@ async def _stall(spec: Spec, board: b.Board, tally: Tally) -> None:
 
 
 async def _count_deliveries(
-    spec: Spec, board: b.Board, tally: Tally, total: Total, stream: trio.SocketStream
+    spec: Spec, board: b.Board, tally: Tally, total: Total, stream: trio.SocketStream,
+    samples: array[int] | None = None,
 ) -> None:
     """Count messages from DELIVER and batch headers as bytes arrive, without
     buffering or copying the batches: the load side must cost far less than
-    the broker, or the benchmark measures its own subscribers."""
+    the broker, or the benchmark measures its own subscribers.
+
+    With ``samples`` (latency) each DELIVER is held until it is whole and
+    its records' embedded timestamps are compared with the time of the read
+    that completed it: a frame at a time, with structs, so that a DELIVER
+    per message (one message per PUBLISH) does not make the subscribers the
+    slow side."""
     stall_after: int = spec.get("stall_after", -1) if tally.slot == spec.get("stall_slot") else -1
     slot = tally.slot
     skip = 0  # bytes of the current frame still to come
@@ -582,6 +600,8 @@ async def _count_deliveries(
         if not data:
             tally.error = "the server closed the connection"
             return
+        if samples is not None:
+            now_ns = time.time_ns()
         size_now = len(data)
         if skip >= size_now:
             skip -= size_now
@@ -603,6 +623,11 @@ async def _count_deliveries(
                     partial = data[pos:]
                     break
                 base, count = delivered.base_offset, delivered.messages
+                if samples is not None:
+                    if end > size_now:
+                        partial = data[pos:]
+                        break
+                    _sample(data, pos, count, now_ns, samples)
                 if base == tally.next:
                     tally.next += count
                     tally.received += count
@@ -633,6 +658,23 @@ async def _count_deliveries(
                 tally.first_t = now
             tally.last_t = now
             board.set(slot, b.COUNT, tally.received)
+
+
+#: protocol.md, DELIVER: the frame header, sub_id, base_offset, timestamp,
+#: then the topic's length and the topic; the batch follows.
+_DELIVER_PREFIX = struct.Struct(">IBBIQQH")
+
+
+def _sample(data: bytes, pos: int, count: int, now_ns: int, samples: array[int]) -> None:
+    """Append (sent, latency) of each record of the whole DELIVER at data[pos]."""
+    rec = RECORD_HEADER.size
+    at = pos + _DELIVER_PREFIX.size + _DELIVER_PREFIX.unpack_from(data, pos)[-1] + 8  # past the batch header
+    for _ in range(count):
+        plen, hlen = RECORD_HEADER.unpack_from(data, at)
+        ts = _TS.unpack_from(data, at + rec + hlen)[0]
+        samples.append(ts)
+        samples.append(now_ns - ts)
+        at += rec + hlen + plen
 
 
 async def _decode_deliveries(

@@ -15,9 +15,20 @@ reader's ``max_inflight_publishes`` bound.
 
 from __future__ import annotations
 
+import struct
+
 import trio
 
-from pybroker.protocol import Durability, PubAck, RefKind, encode_puback
+from pybroker.protocol import FRAME_HEADER, Durability, FrameType, RefKind
+
+#: A whole PUBACK frame (protocol.md, "PUBACK"): the frame header, then
+#: request_id, base_offset, count, timestamp, durability. One pack per
+#: answer instead of an event object and two packs: with one message per
+#: PUBLISH there is a PUBACK per message. (tests/test_perframe.py checks it
+#: against the codec's encode_puback.)
+PUBACK_FRAME = struct.Struct(">" + FRAME_HEADER.format.lstrip("<>!=@") + "QQIQB")
+_PUBACK_BODY = PUBACK_FRAME.size - FRAME_HEADER.size
+_PUBACK = int(FrameType.PUBACK)
 
 from ..core import Broker, Published
 from .outbox import Outbox
@@ -51,9 +62,13 @@ class Acks:
         # The acker holds answers while it waits for their commit round:
         # later ones must wait behind them, even those that need no sync.
         self._syncing = False
-        self._wake = trio.Event()
+        # The acker task and its events exist once an answer first waits for
+        # a commit round (``_start``): a connection that never publishes to
+        # an fsync-always topic (a subscriber) has neither.
+        self.nursery: trio.Nursery | None = None
+        self._wake: trio.Event | None = None
         self._closing = False
-        self._done = trio.Event()
+        self._done: trio.Event | None = None
 
     def add(self, request_id: int, published: Published) -> None:
         self._read.append(PendingAck(request_id, published))
@@ -80,7 +95,10 @@ class Acks:
             or any(a.published is not None and a.published.held is not None for a in acks)
         ):
             self._for_sync.extend(acks)
-            self._wake.set()
+            if self._wake is None:
+                self._start()
+            else:
+                self._wake.set()
         else:
             self._answer(acks, None)
 
@@ -88,6 +106,7 @@ class Acks:
         frames = []
         counted: dict[Durability, int] = {}
         answered = 0
+        pack = PUBACK_FRAME.pack
         for a in acks:
             p = a.published
             if p is None:
@@ -105,15 +124,22 @@ class Acks:
                 continue
             durability = synced if held is not None and synced is not None else p.durability
             counted[durability] = counted.get(durability, 0) + 1
-            frames.append(encode_puback(PubAck(a.request_id, p.base, p.count, p.timestamp, durability)))
+            frames.append(pack(_PUBACK_BODY, _PUBACK, 0, a.request_id, p.base, p.count, p.timestamp, durability))
         for durability, n in counted.items():
             self.broker.acknowledged(durability, n)
         self.outbox.queue(b"".join(frames))
         self.unacked -= answered
         self.outbox.notify_room()  # a reader paused on max_inflight_publishes may go on
 
+    def _start(self) -> None:
+        assert self.nursery is not None, "Acks.nursery is set before the first read"
+        self._wake = trio.Event()
+        self._done = trio.Event()
+        self.nursery.start_soon(self.run)
+
     async def run(self) -> None:
         """The acker task, until ``finish``."""
+        assert self._wake is not None and self._done is not None
         try:
             while True:
                 if self._for_sync:
@@ -144,5 +170,7 @@ class Acks:
         """Answer everything owed, then stop the acker."""
         self.flush()
         self._closing = True
+        if self._wake is None or self._done is None:
+            return  # never started: everything was answered at once
         self._wake.set()
         await self._done.wait()

@@ -3,9 +3,13 @@
 The ``Outbox`` is the connection's :class:`~broker.subscriber.Subscriber`:
 the router hands it batches (``deliver``), consumer groups hand it their
 messages (``deliver_group``), the session queues its answers (``queue``).
-One writer task joins everything queued into one ``send_all`` per wake-up
-(write coalescing) and, while the queue has room, refills it from the log
-for subscriptions that are lagging (a replay, a full queue, no credit).
+Over plain TCP what is queued is written directly, every connection's at
+the end of a pass of the broker's work (broker/session/flushing.py: one
+``writev`` per connection per pass, no task switch per connection); what
+the socket does not take, and everything over TLS, goes to the writer task,
+which joins everything queued into one ``send_all`` per wake-up (write
+coalescing) and, while the queue has room, refills it from the log for
+subscriptions that are lagging (a replay, a full queue, no credit).
 
 Memory is bounded (protocol.md, "Flow control"): a delivery that would take
 the bytes queued plus the bytes being sent over ``limit`` is not queued;
@@ -19,15 +23,39 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import os
+import struct
+
 import trio
 
-from pybroker.protocol import Connection, Error, ErrorCode, RefKind, deliver_header, group_deliver_header
+from pybroker.protocol import (
+    FRAME_HEADER,
+    Connection,
+    Error,
+    ErrorCode,
+    FrameType,
+    RefKind,
+    deliver_header,
+    group_deliver_header,
+)
 
 from ..storage import DataLoss
 from ..subscriber import SubscriberInfo
+from . import flushing
 
 if TYPE_CHECKING:
     from ..router import Subscription, Topic
+
+#: Buffers one writev takes (Linux's IOV_MAX); more go to the writer task.
+_IOV_MAX = 1024
+
+#: Everything of a DELIVER frame before its topic (protocol.md, "DELIVER"):
+#: the frame header, sub_id, base_offset, timestamp, the topic's length. One
+#: pack per delivery instead of deliver_header's three (a delivery per
+#: subscriber per PUBLISH; tests/test_perframe.py checks it against the codec).
+DELIVER_PREFIX = struct.Struct(">" + FRAME_HEADER.format.lstrip("<>!=@") + "IQQH")
+_DELIVER_BODY_FIXED = DELIVER_PREFIX.size - FRAME_HEADER.size
+_DELIVER = int(FrameType.DELIVER)
 
 
 class Outbox:
@@ -58,6 +86,16 @@ class Outbox:
         self.done = trio.Event()
         self.lost = False  # the writer found the connection broken
         self.bytes_out = 0
+        # Plain TCP: written directly by write_now (flushing.py); TLS has
+        # its own record layer, so only its writer task writes.
+        self._flusher = flushing.current() if isinstance(stream, trio.SocketStream) else None
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._marked = False  # in the flusher's dirty set
+        # The writer task starts when first needed (start_writer): over
+        # plain TCP an idle connection's few frames are written directly.
+        self._nursery: trio.Nursery | None = None
+        self._on_broken: Callable[[], None] | None = None
+        self._writer = False
 
     @property
     def over_limit(self) -> bool:
@@ -67,7 +105,82 @@ class Outbox:
         """An answer (PUBACK, PONG, a reply, an error): always queued."""
         self._out.append(data)
         self.queued_bytes += len(data)
-        self.wake.set()
+        self._kick()
+
+    def _kick(self) -> None:
+        """Something was queued: written at the end of this pass of work,
+        or by the writer task (TLS; a write in progress)."""
+        if self._flusher is not None and not self.sending:
+            if not self._marked:
+                self._marked = True
+                self._flusher.mark(self)
+        else:
+            self.wake_writer()
+
+    def start_writer(self, nursery: trio.Nursery, on_broken: Callable[[], None]) -> None:
+        """Where the writer task runs, and what it calls when it finds the
+        connection broken. Over TLS it starts now; over plain TCP when
+        something is left for it (a write the socket did not take, refills
+        from the log, the end of the connection)."""
+        self._nursery = nursery
+        self._on_broken = on_broken
+        if self._flusher is None:
+            self.wake_writer()
+
+    def wake_writer(self) -> None:
+        """The writer task has work: wake it, or start it."""
+        if self._writer:
+            self.wake.set()
+            return
+        if self._nursery is None or self._on_broken is None:
+            return  # the connection is over (writer_gone): nothing more is sent
+        self._writer = True
+        self._nursery.start_soon(self.run, self._on_broken)
+
+    def writer_gone(self) -> None:
+        """The session's nursery is closed: no writer task can start now.
+        Drops the nursery and the session's callback, which would otherwise
+        keep the session in a reference cycle (freed only by the collector)."""
+        self._nursery = None
+        self._on_broken = None
+
+    def write_now(self) -> None:
+        """Write what is queued straight to the socket, as much as it takes
+        without blocking; the rest is the writer task's (it waits until the
+        socket can take more). Only while the writer is not in a send."""
+        self._marked = False
+        out = self._out
+        if not out or self.sending or self.lost or self.done.is_set() or self._socket is None:
+            return
+        # The socket's number now: -1 once closed, so never a number
+        # reused by another connection (no await between here and writev).
+        fd = self._socket.fileno()
+        if fd < 0:
+            return
+        try:
+            written = os.writev(fd, out if len(out) <= _IOV_MAX else out[:_IOV_MAX])
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            # Broken: the writer's send_all says so in the usual way.
+            self.wake_writer()
+            return
+        self.bytes_out += written
+        self.queued_bytes -= written
+        if not self.queued_bytes:
+            out.clear()
+        else:
+            done = 0
+            while done < len(out) and written >= len(out[done]):
+                written -= len(out[done])
+                done += 1
+            rest = out[done:]
+            if written:
+                rest[0] = rest[0][written:]
+            self._out = rest
+        if self._out or (self.lagging and self.accepting):
+            self.wake_writer()  # the rest, or refills from the log, are the writer's
+        self.room.set()
 
     def notify_room(self) -> None:
         """Something a paused reader waits for changed (answers went out)."""
@@ -144,12 +257,14 @@ class Outbox:
         sub.credit -= count
         topic.messages_out += count
         topic.bytes_out += size
-        header = deliver_header(sub.sub_id, topic.name_bytes, base_offset, timestamp, size)
+        name = topic.name_bytes
+        n = len(name)
+        header = DELIVER_PREFIX.pack(_DELIVER_BODY_FIXED + n + size, _DELIVER, 0, sub.sub_id, base_offset, timestamp, n) + name
         out = self._out
         out.append(header)
         out.append(batch)
         self.queued_bytes += len(header) + size
-        self.wake.set()
+        self._kick()
 
     def deliver_group(
         self,
@@ -166,7 +281,7 @@ class Outbox:
         self._out.append(header)
         self._out.append(batch)
         self.queued_bytes += len(header) + len(batch)
-        self.wake.set()
+        self._kick()
 
     def position(self, sub: Subscription, topic: Topic) -> int:
         return sub.lag.get(topic, topic.visible_next)
@@ -178,11 +293,11 @@ class Outbox:
         """A new subscription with topics to read from the log first."""
         if sub.lag:
             self.lagging[sub] = None
-            self.wake.set()
+            self.wake_writer()
 
     def credit_added(self, sub: Subscription) -> None:
         if sub in self.lagging:
-            self.wake.set()
+            self.wake_writer()
 
     def forget(self, sub: Subscription) -> None:
         self.lagging.pop(sub, None)

@@ -1,14 +1,18 @@
 """One client connection: read frames, turn them into broker-core calls,
 write the answers.
 
-Three tasks per connection, all owned by the session's nursery:
+Up to three tasks per connection, all owned by the session's nursery:
 
 - the reader (``_read_loop``) decodes every complete frame of each socket
   read and handles it synchronously (no awaits on the hot path): each frame
   becomes a call on the core (broker/core.py), each answer or refusal a
   frame in the outbox;
-- the writer (``Outbox.run``): write coalescing and catch-up from the log;
-- the acker (``Acks.run``): PUBACKs that wait for the fsync covering them.
+- the writer (``Outbox.run``): write coalescing and catch-up from the log,
+  started when a write does not complete at once (over plain TCP the
+  outbox writes directly: broker/session/flushing.py), for catch-up from
+  the log, or at the end of the connection;
+- the acker (``Acks.run``): PUBACKs that wait for the fsync covering them,
+  started when the first one does (a subscriber's connection has none).
 
 The rules of the broker are the core's; what stays here is the
 connection's own: the handshake and authentication, the idle timeout (PING,
@@ -71,6 +75,7 @@ from ..logs import get_logger
 from ..principal import Principal
 from ..router import Subscription
 from ..subscriber import SubscriberInfo
+from . import flushing
 from .acks import Acks
 from .outbox import Outbox
 from .reading import ReadSizer
@@ -115,6 +120,7 @@ class Session:
         self.outbox.logger = self.logger
         self.acks = Acks(broker, self.outbox)
         self.reads = ReadSizer(stream, self.conn, frame_budget)
+        self._flusher = flushing.current()
         self._read_scope = trio.CancelScope()
         #: The reader waits for the peer (backpressure); for tests and metrics.
         self.reading_paused = False
@@ -149,8 +155,8 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self.outbox.run, self._broken)
-                nursery.start_soon(self.acks.run)
+                self.outbox.start_writer(nursery, self._broken)
+                self.acks.nursery = nursery  # the acker starts when first needed
                 reason = await self._read_loop()
                 self._drop_subscriptions()
                 await self.acks.finish()
@@ -159,7 +165,7 @@ class Session:
                 if self.conn.state is State.OPEN and not self.conn.we_finished:
                     self.outbox.queue(self.conn.send(Goodbye()))
                 self.outbox.closing = True
-                self.outbox.wake.set()
+                self.outbox.wake_writer()
                 with trio.move_on_after(self.config.shutdown_grace):
                     await self.outbox.done.wait()
                 nursery.cancel_scope.cancel()
@@ -172,6 +178,8 @@ class Session:
             self.logger.exception("internal error; closing this connection")
             reason = "internal error"
         finally:
+            self.outbox.writer_gone()
+            self.acks.nursery = None  # a reference cycle otherwise
             self._drop_subscriptions()
             with trio.CancelScope(shield=True):
                 await linger_close(self.stream)
@@ -204,6 +212,7 @@ class Session:
         # takes no more than the largest one (broker/framebudget.py).
         conn.max_frame_bytes = min(MAX_HELLO_BYTES, self.limits.max_frame_bytes)
         hello_read = HEADER_SIZE + conn.max_frame_bytes
+        outbox, acks, max_inflight = self.outbox, self.acks, self._max_inflight
         with self._read_scope:
             try:
                 while True:
@@ -234,23 +243,30 @@ class Session:
                         if event is CLOSED:
                             return "peer closed"
                         framed = True
-                        if type(event) is Hello:
+                        if type(event) is Publish:
+                            self._on_publish(event)  # most frames: no dispatch
+                        elif type(event) is Hello:
                             # The one await between frames: checking a
                             # password runs scrypt in a worker thread.
                             if not await self._hello(event, deadline):
                                 return "authentication failed"
                             continue
-                        self._handle(event)  # type: ignore[arg-type]
+                        else:
+                            self._handle(event)  # type: ignore[arg-type]
                         # Checked per frame, not per read: one read holds
                         # thousands of small frames, each of which may queue
-                        # an answer (an INFO_REPLY can be large).
-                        if self._must_pause():
+                        # an answer (an INFO_REPLY can be large). Inline
+                        # _must_pause: this runs once per frame.
+                        if outbox.queued_bytes > outbox.limit or acks.unacked >= max_inflight:
                             await self._pause_reading()
                     self.reads.keep()
                     if framed:
                         self._idle_deadline = trio.current_time() + idle
                         self._idle_pinged = False
                     self.acks.flush()
+                    # This read's answers and deliveries, every connection's,
+                    # written now (broker/session/flushing.py).
+                    self._flusher.flush()
             except RemoteProtocolError as exc:
                 self.acks.flush()
                 self.logger.warning(
