@@ -9,6 +9,7 @@ import json
 import shlex
 import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -99,7 +100,12 @@ async def test_tasks_run_and_return_results(tmp_path: Path) -> None:
 
             assert await trio.to_thread.run_sync(roundtrip) == [i * 11 for i in range(20)]
             async with pybroker.connect(server.url) as c:
-                summary = await c.groups("inspect", "kombu-celery")
+                # A result can arrive before its task's ack, which the
+                # worker queues without waiting for it: ask until all 20
+                # are in (each look a round trip, bounded).
+                with trio.fail_after(30):
+                    while (summary := await c.groups("inspect", "kombu-celery"))["acked"] < 20:
+                        pass
         # The queue is a declared durable group; Celery's prefetch
         # (concurrency 3 x multiplier 4) is the member's max_ack_pending.
         assert summary["members"] == 1
@@ -235,7 +241,9 @@ async def test_a_worker_stopped_gracefully_hands_back_the_tasks_it_holds_for_lat
     async with running_broker(data_dir=tmp_path / "data") as server:
         async with pybroker.connect(server.url) as c, reports(c, REPORTS) as got:
             async with celery_worker(server.url, "first", concurrency=1) as first:
-                app = client_app(server.url)
+                # The sender leaves the delay to the worker (without this
+                # the broker keeps the task until due: the next test).
+                app = client_app(server.url, broker_transport_options={"delay_at_broker": False})
                 try:
 
                     def later() -> None:
@@ -258,6 +266,38 @@ async def test_a_worker_stopped_gracefully_hands_back_the_tasks_it_holds_for_lat
                 [done] = await got.wait_count("done", 1)
         assert done["pid"] == second.process.pid
         assert done["redelivered"] is True
+
+
+async def test_countdown_tasks_wait_in_the_broker_not_in_the_workers_prefetch(tmp_path: Path) -> None:
+    """With delayed delivery (the default), tasks sent with a countdown are
+    kept by the broker: a worker whose prefetch they would all fill (one
+    process, multiplier 1: a prefetch of 1) runs a task sent after them at
+    once, and each delayed one when due, not before."""
+    countdown = 6
+    async with running_broker(data_dir=tmp_path / "data") as server:
+        async with pybroker.connect(server.url) as c, reports(c, REPORTS) as got:
+            async with celery_worker(server.url, "w1", concurrency=1, env={"TASKQ_PREFETCH": "1"}):
+                app = client_app(server.url)
+                try:
+
+                    def send_all() -> float:
+                        sent = time.time()
+                        for i in range(3):
+                            app.send_task("taskq.touch", args=[f"later-{i}"], countdown=countdown)
+                        app.send_task("taskq.touch", args=["now"])
+                        return sent
+
+                    sent = await trio.to_thread.run_sync(send_all)
+                finally:
+                    await trio.to_thread.run_sync(close_app, app)
+                # Kept by the broker: none is in the worker's hands meanwhile.
+                assert (await c.groups("inspect", "kombu-celery"))["in_flight"] <= 1
+                done = await got.wait_count("done", 4, timeout=countdown + 30)
+    by_key = {d["key"]: d["at"] for d in done}
+    assert by_key["now"] < sent + countdown, (by_key, sent)
+    for i in range(3):
+        assert by_key[f"later-{i}"] >= sent + countdown - 0.05, (by_key, sent)
+    assert sorted(by_key) == ["later-0", "later-1", "later-2", "now"]
 
 
 async def test_a_running_worker_carries_on_across_a_broker_kill_and_restart(tmp_path: Path) -> None:

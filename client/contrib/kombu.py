@@ -38,17 +38,23 @@ How AMQP's model maps onto pybroker (README, "Celery"):
   hands its messages back at once (its connection closes).
 - **max_deliver** (transport option, default 0: unlimited, as AMQP): after
   that many deliveries the broker dead-letters the message.
+- A task with a **countdown or eta** is kept by the broker until due
+  (delayed delivery) rather than held by a worker; the transport option
+  **delay_at_broker** (default True) set to False gives Celery's usual
+  behaviour (the worker holds it, taking a prefetch slot).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import queue as _queue
 import socket
 import threading
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from amqp.protocol import queue_declare_ok_t  # type: ignore[import-untyped]  # kombu depends on amqp
@@ -130,6 +136,23 @@ class QoS(virtual.QoS):
         return errors
 
 
+def _eta(message: Mapping[str, Any]) -> float | None:
+    """A Celery task message's eta (its ``eta`` header, ISO 8601; a naive
+    time is UTC, Celery's default), as seconds since the epoch; None
+    without one, or one that does not parse (the worker then sees it)."""
+    headers = message.get("headers")
+    eta = headers.get("eta") if isinstance(headers, Mapping) else None
+    if not isinstance(eta, str):
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(eta)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
 class Channel(virtual.Channel):
     """One kombu channel over the transport's pybroker connection."""
 
@@ -143,6 +166,7 @@ class Channel(virtual.Channel):
         "visibility_timeout",
         "max_deliver",
         "confirm_publish",
+        "delay_at_broker",
     )
     topic_prefix = "kombu"
     visibility_timeout: float = 3600.0
@@ -151,6 +175,11 @@ class Channel(virtual.Channel):
     #: does); False: it is queued and sent in batches (faster, and lost if
     #: the publishing process dies before its client closes).
     confirm_publish = True
+    #: True: a task with a countdown or eta is kept by the broker (delayed
+    #: delivery) and reaches a worker when due; False: the worker gets it at
+    #: once and holds it, unacknowledged, until due (what Celery does on
+    #: brokers without delays; it takes a slot of the worker's prefetch).
+    delay_at_broker = True
 
     def __init__(self, connection: Transport, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
@@ -253,6 +282,12 @@ class Channel(virtual.Channel):
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         payload = json.dumps(message).encode()
+        due = _eta(message) if self.delay_at_broker else None
+        if due is not None and due > time.time():
+            # Kept by the broker until due (protocol.md, "Delayed delivery");
+            # always confirmed: the ack says it is kept.
+            self._client.publish(self._topic(queue), payload, deliver_at=due, timeout=TIMEOUT)
+            return
         if self.confirm_publish:
             self._client.publish(self._topic(queue), payload, timeout=TIMEOUT)
         else:

@@ -24,6 +24,8 @@ app.conf.update(
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
     task_default_queue="celery",
+    # TASKQ_PREFETCH: the prefetch multiplier (Celery's default 4).
+    worker_prefetch_multiplier=int(os.environ.get("TASKQ_PREFETCH", "4")),
 )
 
 _lock = threading.Lock()
