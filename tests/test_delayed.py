@@ -326,6 +326,12 @@ async def test_bucket_files_are_fsynced_and_so_is_their_directory_when_new(tmp_p
     schedule.add(clock.now + 200, "t.sync", b"b", False, None)
     await schedule.sync()
     assert (ops.calls["fdatasync"], ops.calls["fsync"]) == (2, 1)  # no new entry: the file only
+    # A new bucket, then more in an old one before the sync: the new
+    # bucket's directory entry is still made durable.
+    schedule.add(clock.now + 5000, "t.sync", b"c", False, None)
+    schedule.add(clock.now + 300, "t.sync", b"d", False, None)
+    await schedule.sync()
+    assert (ops.calls["fdatasync"], ops.calls["fsync"]) == (4, 2)
 
 
 @trio_only
