@@ -7,9 +7,14 @@
 - ``objects``: the few S3 calls the data path needs (conditional PUT,
   ranged GET, DELETE, LIST), optionally signed (``sigv4``).
 - ``httpio``: bounded reads of httpx streams (shared by both clients).
+- ``keys``: the etcd key schema and data object names.
+- ``partition``: one partition's owner (ownership, group-committed
+  appends: one object and one fenced transaction per round) and reader
+  (index in etcd, ranged GETs).
 
 Nothing here imports the broker's core, sessions or HTTP side: these are
-storage-level building blocks. They use anyio (through httpx), so they run
+storage-level building blocks (``partition`` uses the single-node log's
+stored batch format from ``storage``). They use anyio (through httpx), so they run
 under Trio, as the broker does, and under asyncio.
 """
 

@@ -340,8 +340,22 @@ class Etcd:
         ``limit`` if it is not 0; ``more`` says whether there are more)."""
         return await self.range(prefix, prefix_end(prefix), limit=limit)
 
-    async def range(self, key: bytes, range_end: bytes | None = None, *, limit: int = 0, revision: int = 0) -> RangeResult:
+    async def range(
+        self,
+        key: bytes,
+        range_end: bytes | None = None,
+        *,
+        limit: int = 0,
+        revision: int = 0,
+        descending: bool = False,
+    ) -> RangeResult:
+        """Keys in ``[key, range_end)`` (just ``key`` without ``range_end``),
+        in key order, or in reverse key order when ``descending`` (with
+        ``limit=1``: the greatest key below ``range_end``, in one read)."""
         body: dict[str, Any] = {"key": _b64(key)}
+        if descending:
+            body["sort_order"] = "DESCEND"
+            body["sort_target"] = "KEY"
         if range_end is not None:
             body["range_end"] = _b64(range_end)
         if limit:

@@ -1,0 +1,568 @@
+"""One partition's append path (its owner) and read path (any node).
+
+docs/cluster.md §4-§7. The owner creates ``own/{topic}/{partition}`` only
+if absent, under its member lease; the create revision is its **epoch**.
+Appends arriving within one commit window become one round:
+
+1. the round's batches, in the single-node log's stored format (header
+   with CRC, then the wire batch with its own CRC), become ONE immutable
+   object ``data/{incarnation:016x}/{round:012d}``, written with
+   ``If-None-Match: *``;
+2. ONE etcd transaction compares the epoch, the expected next offset and
+   the object's tombstone (``gone/{object}`` absent), and writes the new
+   next offset and the index entry ``idx/{t}/{p}/{first:020d}``;
+3. only then, and only while the lease is certainly held
+   (``LeaseKeeper.held()``), are the offsets returned.
+
+A refused transaction means the partition is no longer this owner's: the
+round acknowledges nothing and its object is garbage for the janitor
+(§9). Reads need no owner: the index in etcd names each object's byte
+range, fetched with a ranged GET.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import attrs
+
+from pybroker.protocol import RemoteProtocolError, check_batch
+from pybroker.server.storage.base import StoredBatch
+from pybroker.server.storage.errors import DataLoss
+from pybroker.server.storage.scan import ENVELOPE, HEADER, HEADER_SIZE, batch_ok, header_crc
+
+from .etcd import Compare, Delete, Etcd, EtcdError, EtcdUnavailable, Get, KeyValue, Op, Put, TxnResult, prefix_end
+from .keys import ClusterKeys, object_name
+from .lease import LeaseKeeper
+from .objects import NoSuchKey, ObjectStore, ObjectStoreError
+
+#: docs/cluster.md §5: the commit window and the size that closes a round early.
+DEFAULT_WINDOW = 0.005
+DEFAULT_MAX_ROUND_BYTES = 8 << 20
+#: A round's transaction is never sent later than this after its PUT (G/6
+#: with the janitor's default grace period G of one hour, §5 and §9).
+DEFAULT_MAX_COMMIT_DELAY = 600.0
+#: Rounds closed and waiting for their commit, beyond which appends wait.
+MAX_QUEUED_ROUNDS = 4
+#: Tries at resolving a transaction whose outcome is unknown, and the pause
+#: between them (each try is bounded by the etcd client's timeout).
+RESOLVE_ATTEMPTS = 5
+RESOLVE_PAUSE = 0.1
+
+
+class AppendError(Exception):
+    """An append was not acknowledged."""
+
+
+class NotOwner(AppendError):
+    """This node does not own the partition (or no longer does): nothing of
+    the append was committed. The publisher should go to the owner."""
+
+
+class AppendFailed(AppendError):
+    """Nothing of the append was committed (the object store or etcd failed
+    before the commit was sent); retryable."""
+
+
+class OutcomeUnknown(AppendError):
+    """The append may have been committed; it is not acknowledged. A resend
+    with a msg-id is deduplicated, one without may be stored twice."""
+
+
+def encode_stored(base_offset: int, count: int, timestamp: int, batch: bytes) -> bytes:
+    """One batch in the single-node log's stored format (storage/scan.py):
+    a 36-byte header whose CRC covers it and the batch's envelope, then the
+    batch (which carries its records' CRC)."""
+    fields = HEADER.pack(base_offset, count, len(batch), timestamp, timestamp, 0)[: HEADER_SIZE - 4]
+    return fields + header_crc(fields, batch[:ENVELOPE]).to_bytes(4, "big") + batch
+
+
+def decode_stored(data: bytes, first: int, count: int, topic: str) -> list[StoredBatch]:
+    """The batches of one index entry's bytes, which must hold intact
+    batches with dense offsets ``first`` to ``first + count`` exactly;
+    DataLoss (damaged) for anything else: no damaged byte is handed out."""
+    out: list[StoredBatch] = []
+    pos, expected = 0, first
+    while pos < len(data):
+        if not batch_ok(data, pos):
+            raise DataLoss(topic, expected, first + count - 1, "damaged")
+        base, n, length, first_ts, _last, _crc = HEADER.unpack_from(data, pos)
+        if base != expected or base + n > first + count:
+            raise DataLoss(topic, expected, first + count - 1, "damaged")
+        out.append(StoredBatch(base, n, first_ts, data[pos + HEADER_SIZE : pos + HEADER_SIZE + length]))
+        pos += HEADER_SIZE + length
+        expected = base + n
+    if expected != first + count:
+        raise DataLoss(topic, expected, first + count - 1, "damaged")
+    return out
+
+
+@attrs.frozen
+class IndexEntry:
+    """``idx/{t}/{p}/{first:020d}``: messages ``first..first+count-1`` are
+    bytes ``[start, start+size)`` of ``object``; ``timestamp`` is the first
+    batch's (µs)."""
+
+    first: int
+    object: str
+    start: int
+    size: int
+    count: int
+    timestamp: int
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"o": self.object, "b": self.start, "n": self.size, "c": self.count, "ts": self.timestamp},
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def decode(cls, first: int, value: bytes) -> IndexEntry:
+        """Raises ValueError when the value is not an entry."""
+        try:
+            raw = json.loads(value)
+            entry = cls(first, str(raw["o"]), int(raw["b"]), int(raw["n"]), int(raw["c"]), int(raw["ts"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"index entry {first} is not one: {value!r:.200}") from exc
+        if entry.start < 0 or entry.size <= 0 or entry.count <= 0:
+            raise ValueError(f"index entry {first} is out of range: {value!r:.200}")
+        return entry
+
+
+class ObjectNames:
+    """Names for one node's commit rounds: its incarnation (member lease
+    id) and a round counter. Share one between the partitions of a node."""
+
+    def __init__(self, incarnation: int) -> None:
+        self.incarnation = incarnation
+        self.rounds = 0
+
+    def next(self) -> str:
+        self.rounds += 1
+        return object_name(self.incarnation, self.rounds)
+
+
+@attrs.define(eq=False)
+class _Pending:
+    batch: bytes
+    count: int
+    timestamp: int
+    base: int = -1
+
+
+@attrs.define(eq=False)
+class _Round:
+    opened: float
+    items: list[_Pending] = attrs.field(factory=list)
+    size: int = 0
+    closed: bool = False
+    full: anyio.Event = attrs.field(factory=anyio.Event)
+    done: anyio.Event = attrs.field(factory=anyio.Event)
+    error: AppendError | None = None
+
+    def finish(self, error: AppendError | None = None) -> None:
+        self.closed = True
+        self.error = error
+        self.done.set()
+
+
+class PartitionOwner:
+    """Sequences and commits the appends of one partition while it owns it.
+
+    ``acquire`` takes ownership; ``run`` (in a task group, for as long as
+    the node owns the partition) commits one round per window; ``append``
+    waits for its round and returns its base offset. Once the partition is
+    lost (refused transaction, lease gone or past its deadline) ``lost``
+    says why and every append raises NotOwner.
+    """
+
+    def __init__(
+        self,
+        etcd: Etcd,
+        store: ObjectStore,
+        keeper: LeaseKeeper,
+        topic: str,
+        partition: int,
+        *,
+        keys: ClusterKeys | None = None,
+        node: str = "",
+        addr: str = "",
+        names: ObjectNames | None = None,
+        window: float = DEFAULT_WINDOW,
+        max_round_bytes: int = DEFAULT_MAX_ROUND_BYTES,
+        max_commit_delay: float = DEFAULT_MAX_COMMIT_DELAY,
+    ) -> None:
+        self.etcd = etcd
+        self.store = store
+        self.keeper = keeper
+        self.topic = topic
+        self.partition = partition
+        self.keys = keys or ClusterKeys()
+        self.node = node
+        self.addr = addr
+        self.names = names
+        self.window = window
+        self.max_round_bytes = max_round_bytes
+        self.max_commit_delay = max_commit_delay
+        #: The create revision of our owner key; 0 until acquired.
+        self.epoch = 0
+        #: The offset the next committed message gets, as this owner knows it.
+        self.next_offset = 0
+        #: Why this owner stopped owning, or None while it owns (or before acquire).
+        self.lost: str | None = None
+        #: Who holds the partition when ``acquire`` found it taken.
+        self.holder: dict[str, Any] | None = None
+        #: Called with the object's name after its PUT and before the
+        #: transaction: a fault hook (raise to simulate a crash in between).
+        self.before_commit: Callable[[str], Awaitable[None]] | None = None
+        self._next_exists = False
+        #: After an unresolved outcome: re-read the next offset before committing.
+        self._stale = False
+        self._rounds: deque[_Round] = deque()
+        self._wake = anyio.Event()
+        self._space = anyio.Event()
+        self._own = self.keys.own(topic, partition)
+        self._next = self.keys.next(topic, partition)
+
+    # -- ownership --------------------------------------------------------
+
+    @property
+    def owning(self) -> bool:
+        return self.epoch != 0 and self.lost is None and self.keeper.held()
+
+    async def acquire(self) -> bool:
+        """Create the owner key if absent, under the keeper's lease. True if
+        this owner now holds the partition (``epoch`` set, ``next_offset``
+        read in the same transaction, so no commit of a former owner can
+        come between), False if another holds it (``holder``)."""
+        if self.epoch:
+            raise RuntimeError("acquire once per owner: a lost partition is taken again by a new PartitionOwner")
+        if not self.keeper.held():
+            raise NotOwner(f"lease {self.keeper.lease:x} is not held")
+        value = json.dumps({"node": self.node, "addr": self.addr}).encode()
+        result = await self.etcd.txn(
+            [Compare.create_revision(self._own, "==", 0)],
+            [Put(self._own, value, self.keeper.lease), Get(self._next)],
+            [Get(self._own)],
+        )
+        if not result.succeeded:
+            holder = _kvs(result, 0)
+            self.holder = _json_object(holder[0].value) if holder else None
+            return False
+        self.epoch = result.revision
+        self._set_next(_kvs(result, 1))
+        if self.names is None:
+            self.names = ObjectNames(self.keeper.lease)
+        return True
+
+    async def release(self) -> bool:
+        """Hand the partition over: stop appending and delete the owner key
+        (fenced on the epoch). False if it was no longer ours anyway."""
+        if self.lost is None:
+            self.lost = "released"
+        if not self.epoch:
+            return False
+        result = await self.etcd.txn([Compare.create_revision(self._own, "==", self.epoch)], [Delete(self._own)])
+        return result.succeeded
+
+    def _lose(self, why: str) -> NotOwner:
+        if self.lost is None:
+            self.lost = why
+        return NotOwner(f"partition {self.topic}[{self.partition}]: {self.lost}")
+
+    def _check_owning(self) -> None:
+        if not self.epoch:
+            raise NotOwner(f"partition {self.topic}[{self.partition}] is not acquired")
+        if self.lost is not None:
+            raise self._lose(self.lost)
+        if not self.keeper.held():
+            raise self._lose(f"lease {self.keeper.lease:x} is past its deadline")
+
+    def _set_next(self, kvs: list[KeyValue]) -> None:
+        self._next_exists = bool(kvs)
+        self.next_offset = int(kvs[0].value) if kvs else 0
+
+    # -- appending ---------------------------------------------------------
+
+    async def append(self, batch: bytes, timestamp: int | None = None) -> int:
+        """Commit one wire batch; its base offset once acknowledged (its
+        messages have offsets base..base+count-1). ValueError for a batch
+        that does not check; AppendError when it is not acknowledged."""
+        try:
+            count, crc_ok = check_batch(batch)
+        except RemoteProtocolError as exc:
+            raise ValueError(str(exc)) from None
+        if not crc_ok:
+            raise ValueError("batch CRC mismatch")
+        self._check_owning()
+        if timestamp is None:
+            timestamp = time.time_ns() // 1000
+        with anyio.fail_after(self.max_commit_delay):  # a bound: the round gives up well before
+            while len(self._rounds) > MAX_QUEUED_ROUNDS:
+                await self._space.wait()
+            self._check_owning()
+            current = self._rounds[-1] if self._rounds and not self._rounds[-1].closed else None
+            if current is None:
+                current = _Round(anyio.current_time())
+                self._rounds.append(current)
+                self._wake.set()
+            item = _Pending(batch, count, timestamp)
+            current.items.append(item)
+            current.size += HEADER_SIZE + len(batch)
+            if current.size >= self.max_round_bytes:
+                current.closed = True
+                current.full.set()
+            await current.done.wait()
+        if current.error is not None:
+            raise current.error
+        return item.base
+
+    async def run(self) -> None:
+        """Commit rounds until cancelled; then fail every round not committed."""
+        committing: _Round | None = None
+        try:
+            while True:
+                while not self._rounds:
+                    await self._wake.wait()
+                    self._wake = anyio.Event()
+                head = self._rounds[0]
+                committing = head
+                if not head.closed:
+                    with anyio.move_on_after(max(0.0, head.opened + self.window - anyio.current_time())):
+                        await head.full.wait()
+                    head.closed = True
+                try:
+                    head.finish(await self._commit(head))
+                except Exception as exc:  # a fault between PUT and commit, or a bug: fail the round, go on
+                    self._stale = True
+                    error = OutcomeUnknown(f"commit round failed: {exc!r}")
+                    error.__cause__ = exc
+                    head.finish(error)
+                committing = None
+                self._rounds.popleft()
+                self._space.set()
+                self._space = anyio.Event()
+        finally:
+            if committing is not None and not committing.done.is_set():
+                # Stopped during its PUT or transaction: it may have committed.
+                committing.finish(OutcomeUnknown(f"partition {self.topic}[{self.partition}]: the owner stopped mid-commit"))
+            if self.lost is None:
+                self.lost = "the owner's commit loop stopped"
+            for pending in self._rounds:
+                if pending is committing:
+                    continue
+                pending.finish(AppendFailed(f"partition {self.topic}[{self.partition}]: the owner stopped"))
+            self._rounds.clear()
+            self._space.set()
+
+    async def _commit(self, round_: _Round) -> AppendError | None:
+        """Write and commit one round: None if acknowledged, else why not."""
+        if self.lost is not None or not self.keeper.held():
+            return self._lose(self.lost or f"lease {self.keeper.lease:x} is past its deadline")
+        if self._stale:
+            try:
+                if not await self._refresh():
+                    return self._lose(f"epoch {self.epoch} no longer holds the partition")
+            except EtcdError as exc:
+                return AppendFailed(f"could not re-read the next offset: {exc}")
+        expected = self.next_offset
+        parts, base = [], expected
+        for item in round_.items:
+            item.base = base
+            parts.append(encode_stored(base, item.count, item.timestamp, item.batch))
+            base += item.count
+        data = b"".join(parts)
+        assert self.names is not None
+        name = self.names.next()
+        try:
+            if not await self.store.put_if_absent(name, data):
+                return AppendFailed(f"object {name} already exists: another writer holds this node's name")
+        except ObjectStoreError as exc:
+            return AppendFailed(f"PUT {name}: {exc}")
+        put_at = anyio.current_time()
+        if self.before_commit is not None:
+            await self.before_commit(name)
+        entry = IndexEntry(expected, name, 0, len(data), base - expected, round_.items[0].timestamp)
+        return await self._transact(entry, put_at)
+
+    def _round_txn(self, entry: IndexEntry) -> tuple[list[Compare], list[Op], list[Op]]:
+        gone = self.keys.gone(entry.object)
+        compare = [
+            Compare.create_revision(self._own, "==", self.epoch),
+            Compare.value(self._next, "==", str(entry.first).encode())
+            if self._next_exists
+            else Compare.create_revision(self._next, "==", 0),
+            Compare.create_revision(gone, "==", 0),
+        ]
+        success: list[Op] = [
+            Put(self._next, str(entry.first + entry.count).encode()),
+            Put(self.keys.index(self.topic, self.partition, entry.first), entry.encode()),
+        ]
+        return compare, success, [Get(self._own), Get(self._next), Get(gone)]
+
+    async def _transact(self, entry: IndexEntry, put_at: float) -> AppendError | None:
+        compare, success, failure = self._round_txn(entry)
+        for attempt in range(RESOLVE_ATTEMPTS + 1):
+            if anyio.current_time() - put_at > self.max_commit_delay:
+                break
+            if attempt:
+                # The last answer was lost: did that transaction commit?
+                try:
+                    await anyio.sleep(RESOLVE_PAUSE)
+                    decided, outcome = await self._resolve(entry)
+                except EtcdUnavailable:
+                    continue
+                if decided:
+                    return outcome
+            try:
+                result = await self.etcd.txn(compare, success, failure)
+            except EtcdUnavailable:
+                continue
+            except EtcdError as exc:  # etcd refused the request itself: not applied
+                return AppendFailed(f"etcd refused the commit of {entry.object}: {exc}")
+            if result.succeeded:
+                return self._committed(entry)
+            return self._refused(entry, result)
+        self._stale = True
+        return OutcomeUnknown(
+            f"partition {self.topic}[{self.partition}]: the commit of {entry.object} "
+            f"(offsets {entry.first}..{entry.first + entry.count - 1}) could not be confirmed"
+        )
+
+    async def _resolve(self, entry: IndexEntry) -> tuple[bool, AppendError | None]:
+        """After a lost answer: (True, outcome) if the round is decided (the
+        index names our object: committed, outcome None unless the deadline
+        passed; the epoch is gone: refused), (False, None) if the
+        transaction may be sent again (no entry and the epoch holds: its
+        compares make a repeat harmless)."""
+        found = await self.etcd.get(self.keys.index(self.topic, self.partition, entry.first))
+        if found is not None:
+            try:
+                named = IndexEntry.decode(entry.first, found.value).object
+            except ValueError:
+                named = "?"
+            if named == entry.object:
+                return True, self._committed(entry)
+            return True, self._lose(f"offset {entry.first} was committed by {named}, not by this owner")
+        own = await self.etcd.get(self._own)
+        if own is None or own.create_revision != self.epoch:
+            return True, self._lose(f"epoch {self.epoch} no longer holds the partition")
+        return False, None
+
+    def _committed(self, entry: IndexEntry) -> AppendError | None:
+        self.next_offset = entry.first + entry.count
+        self._next_exists = True
+        self._stale = False
+        if not self.keeper.held():
+            # Committed, but acknowledgements stop at the lease's deadline
+            # (docs/cluster.md §6): the publisher resends (deduplicated by msg-id).
+            self._lose(f"lease {self.keeper.lease:x} passed its deadline during the commit")
+            return OutcomeUnknown(
+                f"partition {self.topic}[{self.partition}]: committed at {entry.first} "
+                "but not acknowledged: the lease passed its deadline"
+            )
+        return None
+
+    def _refused(self, entry: IndexEntry, result: TxnResult) -> NotOwner:
+        own, nxt, gone = _kvs(result, 0), _kvs(result, 1), _kvs(result, 2)
+        if not own or own[0].create_revision != self.epoch:
+            now = f"epoch {own[0].create_revision}" if own else "no owner"
+            return self._lose(f"fenced: epoch {self.epoch} was replaced ({now})")
+        if gone:
+            return self._lose(f"object {entry.object} was tombstoned before its commit")
+        return self._lose(
+            f"next offset moved: expected {entry.first}, etcd has {nxt[0].value.decode() if nxt else 'none'}"
+        )
+
+    async def _refresh(self) -> bool:
+        """Re-read the next offset, fenced on the epoch; False if lost."""
+        result = await self.etcd.txn([Compare.create_revision(self._own, "==", self.epoch)], [Get(self._next)])
+        if result.succeeded:
+            self._set_next(_kvs(result, 0))
+            self._stale = False
+        return result.succeeded
+
+
+class PartitionReader:
+    """Reads one partition's committed batches, on any node: the index
+    entry holding an offset from etcd (one range read), its bytes from the
+    object store (one ranged GET per entry)."""
+
+    def __init__(
+        self,
+        etcd: Etcd,
+        store: ObjectStore,
+        topic: str,
+        partition: int,
+        *,
+        keys: ClusterKeys | None = None,
+        max_entries: int = 64,
+    ) -> None:
+        self.etcd = etcd
+        self.store = store
+        self.topic = topic
+        self.partition = partition
+        self.keys = keys or ClusterKeys()
+        self.max_entries = max_entries
+        self._prefix = self.keys.index_prefix(topic, partition)
+
+    async def next_offset(self) -> int:
+        """The offset the next committed message will get (0 when empty)."""
+        kv = await self.etcd.get(self.keys.next(self.topic, self.partition))
+        return int(kv.value) if kv is not None else 0
+
+    async def read(self, offset: int, max_bytes: int = 1 << 20) -> list[StoredBatch]:
+        """Batches from the one holding ``offset`` on, in order, up to about
+        ``max_bytes`` (at least one batch while ``offset`` is committed);
+        empty at or past the end. Every batch is checked (both CRCs, dense
+        offsets); DataLoss when the data cannot be served."""
+        name = f"{self.topic}[{self.partition}]"
+        end = prefix_end(self._prefix)
+        below = await self.etcd.range(
+            self._prefix, self.keys.index(self.topic, self.partition, offset) + b"\x00", limit=1, descending=True
+        )
+        start = below.kvs[0].key if below.kvs else self._prefix  # below the first entry: from the first
+        found = await self.etcd.range(start, end, limit=self.max_entries)
+        out: list[StoredBatch] = []
+        size = 0
+        expected: int | None = None
+        for kv in found.kvs:
+            try:
+                entry = IndexEntry.decode(int(kv.key[len(self._prefix) :]), kv.value)
+            except ValueError:
+                raise DataLoss(name, expected if expected is not None else offset, offset, "damaged") from None
+            if expected is not None and entry.first != expected:
+                raise DataLoss(name, expected, entry.first - 1, "missing")
+            expected = entry.first + entry.count
+            if expected <= offset:
+                continue  # the entry below ends before the offset: offset is past the end
+            try:
+                data = await self.store.get(entry.object, entry.start, entry.start + entry.size - 1)
+            except NoSuchKey:
+                raise DataLoss(name, entry.first, expected - 1, "missing") from None
+            if len(data) != entry.size:
+                raise DataLoss(name, entry.first, expected - 1, "damaged")
+            batches = [b for b in decode_stored(data, entry.first, entry.count, name) if b.next_offset > offset]
+            out.extend(batches)
+            size += sum(len(b.batch) for b in batches)
+            if size >= max_bytes:
+                break
+        return out
+
+
+def _kvs(result: TxnResult, index: int) -> list[KeyValue]:
+    response = result.responses[index] if index < len(result.responses) else None
+    return response if isinstance(response, list) else []
+
+
+def _json_object(value: bytes) -> dict[str, Any] | None:
+    try:
+        decoded = json.loads(value)
+    except ValueError:
+        return None
+    return decoded if isinstance(decoded, dict) else None
