@@ -333,11 +333,10 @@ class Router:
         stored = append_many(batches, counts, start, timestamp)
         end = start + stored
         topic.last_timestamp = timestamp
-        messages = 0
-        size = 0
-        for i in range(start, end):
-            messages += counts[i]
-            size += len(batches[i])
+        if start == 0 and end == len(batches):  # the usual case: all of them
+            messages, size = sum(counts), sum(map(len, batches))
+        else:
+            messages, size = sum(counts[start:end]), sum(map(len, batches[start:end]))
         topic.messages_in += messages
         topic.bytes_in += size
         base = first

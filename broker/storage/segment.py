@@ -62,6 +62,9 @@ __all__ = [
 INDEX_ENTRY = struct.Struct(">II")
 TIME_ENTRY = struct.Struct(">QI")
 INDEX_INTERVAL = 4096
+#: A stored header without its CRC (the fields the CRC covers).
+_FIELDS = struct.Struct(HEADER.format[:-1])
+assert _FIELDS.size == HEADER_SIZE - 4
 #: Batches one append_many writes at most: two buffers each, within the
 #: writev limit (IOV_MAX, 1024 on Linux).
 MAX_WRITE_BATCHES = 512
@@ -401,7 +404,7 @@ class Segment:
         base = next_offset = self.next_offset
         since = self._since_index
         rel = self.base_offset
-        pack, ts_head = HEADER.pack, HEADER_SIZE - 4
+        pack = _FIELDS.pack
         iov: list[bytes] = []
         index: list[tuple[int, int]] = []  # (offset, position) of each indexed batch
         stop = min(len(batches), start + MAX_WRITE_BATCHES)
@@ -410,7 +413,7 @@ class Segment:
             batch = batches[i]
             count = counts[i]
             length = len(batch)
-            fields = pack(next_offset, count, length, timestamp, timestamp, 0)[:ts_head]
+            fields = pack(next_offset, count, length, timestamp, timestamp)
             iov.append(fields + header_crc(fields, batch[:ENVELOPE]).to_bytes(4, "big"))
             iov.append(batch)
             if since >= INDEX_INTERVAL:
