@@ -13,7 +13,7 @@ import struct
 
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from ._events import EVENT_TYPES, Error, Event, Goodbye, Hello, Welcome
-from ._readers import decode_body, publishes_at
+from ._readers import decode_body, _publishes_at
 from ._state import ADVANCES, SENDS, Role, State
 from ._wire import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -210,7 +210,7 @@ class Connection:
             and not self.they_finished
             and FrameType.PUBLISH in SENDS[(self.their_role, self.state)]
         ):
-            self._pos = publishes_at(self._buf, self._pos, self.max_frame_bytes, limit, out)
+            self._pos = _publishes_at(self._buf, self._pos, self.max_frame_bytes, limit, out)
         return out
 
     def events(self) -> list[Event]:

@@ -426,7 +426,7 @@ def deliver_at(buf: bytes | bytearray | memoryview, pos: int = 0) -> DeliverHead
 
 
 # A PUBLISH up to its topic: frame header, request_id, topic length, in one
-# unpack (the broker reads every PUBLISH of a socket read with publishes_at).
+# unpack (the broker reads every PUBLISH of a socket read with _publishes_at).
 _PUBLISH_PREFIX = struct.Struct(">" + FRAME_HEADER.format[1:] + "QH")
 _PUBLISH = int(FrameType.PUBLISH)
 _PUBLISH_FLAGS = ALLOWED_FLAGS[FrameType.PUBLISH]
@@ -434,7 +434,7 @@ _PUBLISH_FLAGS = ALLOWED_FLAGS[FrameType.PUBLISH]
 _PUBLISH_FIXED = _PUBLISH_PREFIX.size - HEADER_SIZE
 
 
-def publishes_at(
+def _publishes_at(
     buf: bytes | bytearray,
     pos: int,
     max_frame_bytes: int,
