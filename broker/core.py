@@ -19,13 +19,17 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import trio
 
 from pybroker.protocol import (
     MAX_INFO_ENTRIES,
+    PUBLISH_FLAG_DEDUP,
+    PUBLISH_FLAG_DELAYED,
+    PUBLISH_FLAG_NEEDS_RECEIVER,
+    RemoteProtocolError,
     DELIVER_AT_HEADER,
     MAX_MSG_ID_BYTES,
     MSG_ID_HEADER,
@@ -124,7 +128,7 @@ class Published:
     promises once ``held`` (a batch waiting for the fsync) is settled.
     (A slots class, not attrs: one is made per PUBLISH frame.)"""
 
-    __slots__ = ("topic", "base", "count", "timestamp", "held", "durability", "duplicate")
+    __slots__ = ("topic", "base", "count", "timestamp", "held", "durability", "duplicate", "request_id")
 
     def __init__(
         self,
@@ -135,6 +139,7 @@ class Published:
         held: Held | None,
         durability: Durability,
         duplicate: bool = False,
+        request_id: int = 0,
     ) -> None:
         self.topic = topic
         self.base = base
@@ -145,6 +150,9 @@ class Published:
         #: A resent batch (flag DEDUP): these are the original's offsets,
         #: and nothing was stored or delivered this time.
         self.duplicate = duplicate
+        #: The PUBLISH frame's request id, where a transport has one (the
+        #: session answers with it).
+        self.request_id = request_id
 
 
 @attrs.frozen
@@ -319,6 +327,140 @@ class Broker:
         if msg_id is not None:
             self.dedup.remember(topic, msg_id, Stored(base, count, timestamp, held))
         return Published(topic, base, count, timestamp, held, topic.log.durability)
+
+    def publish_run(
+        self, who: Principal, frames: list[tuple[int, str, bytes, int]]
+    ) -> tuple[list[Published | Refused], RemoteProtocolError | None]:
+        """Publish the PUBLISH frames of one socket read, in order: for each
+        ``(request_id, topic, batch, flags)`` a Published (its request_id
+        set) or the Refused that :meth:`publish` would have raised, by the
+        same rules in the same order, with the same outcome.
+
+        What is shared: a topic's name and permission checks are made once
+        for consecutive frames to it, and their batches are appended with
+        one write (Router.publish_many) and one hold sequence. A frame with
+        flags (NEEDS_RECEIVER, DEDUP, DELAYED) goes through :meth:`publish`
+        on its own, after the batches before it are stored. A batch whose
+        envelope cannot be a batch ends the run: the results cover the
+        frames before it, which are stored, and the error is returned for
+        the transport to raise (it closes the connection, as before).
+        """
+        results: list[Published | Refused | None] = []
+        limits = self.limits
+        max_messages = limits.max_batch_messages
+        topics = self.router.topics
+        now = time.time_ns() // 1000
+        checked: str | None = None  # the topic whose checks the last frame passed
+        group = ""  # the topic of the batches waiting in ``batches`` (checked)
+        batches: list[bytes] = []
+        counts: list[int] = []
+        at: list[int] = []  # their places in ``results``
+        try:
+            for request_id, topic_name, batch, flags in frames:
+                if flags:
+                    if batches:
+                        self._publish_group(group, batches, counts, at, frames, results, now)
+                        batches, counts, at = [], [], []
+                    try:
+                        published = self.publish(
+                            who,
+                            topic_name,
+                            batch,
+                            needs_receiver=bool(flags & PUBLISH_FLAG_NEEDS_RECEIVER),
+                            dedup=bool(flags & PUBLISH_FLAG_DEDUP),
+                            delayed=bool(flags & PUBLISH_FLAG_DELAYED),
+                        )
+                    except Refused as refused:
+                        results.append(refused)
+                    else:
+                        published.request_id = request_id
+                        results.append(published)
+                    continue
+                if topic_name != checked:
+                    if batches:
+                        self._publish_group(group, batches, counts, at, frames, results, now)
+                        batches, counts, at = [], [], []
+                    checked = None
+                    if topic_name not in topics:
+                        problem = topic_error(topic_name, limits.max_topic_bytes, limits.max_topic_depth)
+                        if problem is not None:
+                            results.append(Refused(ErrorCode.BAD_TOPIC, problem))
+                            continue
+                    if not who.may_publish(topic_name):
+                        results.append(Refused.denied(who, f"publish to {topic_name!r}"))
+                        continue
+                    checked = group = topic_name
+                count, crc_ok = check_batch(batch)
+                if count > max_messages:
+                    results.append(
+                        Refused(ErrorCode.BATCH_LIMIT, f"batch of {count} messages, limit {max_messages}")
+                    )
+                    continue
+                if not crc_ok:
+                    results.append(Refused(ErrorCode.CHECKSUM_MISMATCH, "batch CRC mismatch"))
+                    continue
+                at.append(len(results))
+                results.append(None)  # _publish_group puts its outcome here
+                batches.append(batch)
+                counts.append(count)
+        except RemoteProtocolError as exc:
+            if batches:
+                self._publish_group(group, batches, counts, at, frames, results, now)
+            return cast("list[Published | Refused]", results), exc
+        if batches:
+            self._publish_group(group, batches, counts, at, frames, results, now)
+        return cast("list[Published | Refused]", results), None
+
+    def _publish_group(
+        self,
+        topic_name: str,
+        batches: list[bytes],
+        counts: list[int],
+        at: list[int],
+        frames: list[tuple[int, str, bytes, int]],
+        results: list[Published | Refused | None],
+        now: int,
+    ) -> None:
+        """Store checked batches for one topic, as many per write as the log
+        takes; after a failed write, the rest one by one as :meth:`publish`
+        would (each stored, or refused with its own StorageError)."""
+        router = self.router
+        n = len(batches)
+        done = 0
+        try:
+            topic = router.topics.get(topic_name) or router.topic(topic_name)
+            durability = topic.log.durability
+            while done < n:
+                stored, base, timestamp, helds = router.publish_many(topic, batches, counts, done, now)
+                for i in range(done, done + stored):
+                    count = counts[i]
+                    place = at[i]
+                    results[place] = Published(
+                        topic,
+                        base,
+                        count,
+                        timestamp,
+                        None if helds is None else helds[i - done],
+                        durability,
+                        False,
+                        frames[place][0],
+                    )
+                    base += count
+                done += stored
+        except StorageError:
+            pass
+        for i in range(done, n):
+            place = at[i]
+            try:
+                topic = router.topic(topic_name)
+                base, timestamp, held = router.publish(topic, batches[i], counts[i], now)
+            except StorageError as exc:
+                # Disk full or failing: an answer for this publish, nothing stored.
+                results[place] = Refused(exc.code, exc.message, {"topic": topic_name})
+                continue
+            results[place] = Published(
+                topic, base, counts[i], timestamp, held, topic.log.durability, False, frames[place][0]
+            )
 
     def _due_ms(self, topic_name: str, batch: bytes, now_ms: int) -> int | None:
         """A DELAYED batch's due time (ms since the epoch); None when it is

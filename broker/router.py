@@ -13,7 +13,7 @@ store, and only their owner's exact subscriptions receive them.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from pybroker.protocol import tokens_match
@@ -98,12 +98,18 @@ class Topic:
         "visible_next",
         "held",
         "groups",
+        "append_many",
     )
 
     def __init__(self, name: str, log: TopicLog) -> None:
         self.name = name
         self.name_bytes = name.encode("utf-8")
         self.log = log
+        #: Appends several batches with one write (FileTopicLog.append_many);
+        #: None for a log that appends one at a time (memory, inboxes).
+        self.append_many: Callable[[list[bytes], list[int], int, int], int] | None = getattr(
+            log, "append_many", None
+        )
         self.subs: list[Subscription] = []
         self.messages_in = 0
         self.bytes_in = 0
@@ -303,6 +309,60 @@ class Router:
         for sub in topic.subs:
             sub.subscriber.deliver(sub, topic, base, timestamp, batch, count)
         return base, timestamp, None
+
+    def publish_many(
+        self, topic: Topic, batches: list[bytes], counts: list[int], start: int, now: int
+    ) -> tuple[int, int, int, list[Held] | None]:
+        """Append checked batches ``batches[start:]`` with one write, as many
+        as the log's active segment takes (at least one), and hand them on
+        as :meth:`publish` would, in order: one hold sequence and one wake
+        of the committer for all of them when the topic needs sync.
+
+        Returns (how many it stored, the first one's base offset, their
+        timestamp, their Held each or None); raises StorageError having
+        stored none of them (the caller then publishes them one by one, so
+        that exactly the batches not stored are refused). A log without
+        ``append_many`` stores one batch per call.
+        """
+        append_many = topic.append_many
+        if append_many is None:
+            base, timestamp, held = self.publish(topic, batches[start], counts[start], now)
+            return 1, base, timestamp, None if held is None else [held]
+        timestamp = now if now > topic.last_timestamp else topic.last_timestamp
+        first = topic.log.next_offset
+        stored = append_many(batches, counts, start, timestamp)
+        end = start + stored
+        topic.last_timestamp = timestamp
+        if start == 0 and end == len(batches):  # the usual case: all of them
+            messages, size = sum(counts), sum(map(len, batches))
+        else:
+            messages, size = sum(counts[start:end]), sum(map(len, batches[start:end]))
+        topic.messages_in += messages
+        topic.bytes_in += size
+        base = first
+        if topic.log.needs_sync:
+            self.held_seq += 1
+            seq = self.held_seq
+            helds = []
+            for i in range(start, end):
+                count = counts[i]
+                helds.append(Held(seq, base, timestamp, batches[i], count))
+                base += count
+            topic.held.extend(helds)
+            self._held_topics[topic] = None
+            self.events.batch_held()
+            return stored, first, timestamp, helds
+        topic.visible_next = first + messages
+        if topic.groups:
+            self.events.batch_visible(topic)
+        subs = topic.subs
+        if subs:
+            for i in range(start, end):
+                batch, count = batches[i], counts[i]
+                for sub in subs:
+                    sub.subscriber.deliver(sub, topic, base, timestamp, batch, count)
+                base += count
+        return stored, first, timestamp, None
 
     def release(self, seq: int, failed: Mapping[str, tuple[int, StorageError]] | None = None) -> None:
         """Deliver every held batch with hold sequence <= ``seq``, in order.

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = common.add_argument_group("common options")
     g.add_argument("--url", help="benchmark the broker at this URL instead of starting one (the relay is still started here)")
     g.add_argument("--broker-pid", type=int, help="with --url: the broker's process id, for RSS and CPU figures")
+    g.add_argument("--broker-python", metavar="PYTHON", help="the Python whose `pybroker serve` the brokers it starts run (default: this one), e.g. another tree's venv for a before/after with the same load")
     g.add_argument("--broker-args", default="", metavar="ARGS", help="extra `pybroker serve` arguments for the brokers it starts, e.g. --broker-args='--fsync never'")
     g.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None, help="pin the broker (or relay) to the first CPU and the load processes to the others (default: on with 2 or more CPUs)")
     g.add_argument("--json", type=Path, metavar="FILE", help="write the results (full precision) to FILE")
@@ -135,6 +136,7 @@ def _context(args: argparse.Namespace, workdir: Path) -> Context:
         url=args.url,
         broker_pid=args.broker_pid,
         broker_args=broker_args,
+        broker_python=args.broker_python or sys.executable,
         target_cpus=cpus[:1] if pin else None,
         load_cpus=cpus[1:] if pin else None,
         timeout=args.timeout,

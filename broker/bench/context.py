@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,8 @@ class Context:
     broker_pid: int | None = None
     #: Extra `pybroker serve` arguments for the brokers we start.
     broker_args: list[str] = attrs.field(factory=list)
+    #: The Python that runs the brokers it starts.
+    broker_python: str = sys.executable
     #: Cores for the broker (or relay) and for the load; None: not pinned.
     target_cpus: list[int] | None = None
     load_cpus: list[int] | None = None
@@ -53,7 +56,9 @@ class Context:
         elif self.url is not None:
             target = Target("pybroker", self.url, None, self.broker_pid, None)
         else:
-            target = start_broker(workdir, [*self.broker_args, *(extra or [])], self.target_cpus)
+            target = start_broker(
+                workdir, [*self.broker_args, *(extra or [])], self.target_cpus, self.broker_python
+            )
         try:
             yield target
         finally:

@@ -66,12 +66,13 @@ def _pin(pid: int, cpus: list[int] | None) -> None:
             pass  # the process is gone already; its results will say so
 
 
-def start_broker(workdir: Path, extra: list[str], cpus: list[int] | None) -> Target:
-    """``pybroker serve --port 0`` on a fresh data directory under workdir."""
+def start_broker(workdir: Path, extra: list[str], cpus: list[int] | None, python: str = sys.executable) -> Target:
+    """``pybroker serve --port 0`` on a fresh data directory under workdir,
+    run by ``python`` (this one by default)."""
     log_path = workdir / "broker.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pybroker", "serve", "--port", "0",
+            [python, "-m", "pybroker", "serve", "--port", "0",
              "--data-dir", str(workdir / "data"), "--log-format", "json", *extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=child_env(),
         )

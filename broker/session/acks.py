@@ -30,21 +30,19 @@ PUBACK_FRAME = struct.Struct(">" + FRAME_HEADER.format.lstrip("<>!=@") + "QQIQB"
 _PUBACK_BODY = PUBACK_FRAME.size - FRAME_HEADER.size
 _PUBACK = int(FrameType.PUBACK)
 
-from ..core import Broker, Published
+from ..core import Broker, Published, Refused
 from .outbox import Outbox
 
 
 class PendingAck:
-    """An answer owed: a PUBLISH's PUBACK (``published``), or a frame
-    already encoded (a refusal, a PONG) that must keep its place."""
+    """An answer owed that is not a PUBACK: a frame already encoded (a
+    refusal, a PONG) that must keep its place. (A PUBACK owed is the
+    Published itself, its ``request_id`` set: no object of its own.)"""
 
-    __slots__ = ("request_id", "published", "frame", "publish")
+    __slots__ = ("request_id", "frame", "publish")
 
-    def __init__(
-        self, request_id: int, published: Published | None, frame: bytes = b"", *, publish: bool = True
-    ) -> None:
+    def __init__(self, request_id: int, frame: bytes, *, publish: bool = True) -> None:
         self.request_id = request_id
-        self.published = published
         self.frame = frame
         #: It answers a PUBLISH (counted in ``unacked``); a PONG does not.
         self.publish = publish
@@ -57,8 +55,12 @@ class Acks:
         #: PUBLISH frames read and not yet answered.
         self.unacked = 0
         # This read's, and those waiting for a commit round.
-        self._read: list[PendingAck] = []
-        self._for_sync: list[PendingAck] = []
+        self._read: list[Published | PendingAck] = []
+        self._for_sync: list[Published | PendingAck] = []
+        # The highest hold sequence among this read's PUBACKs, and among
+        # those waiting for a commit round (0: none waits).
+        self._read_seq = 0
+        self._sync_seq = 0
         # The acker holds answers while it waits for their commit round:
         # later ones must wait behind them, even those that need no sync.
         self._syncing = False
@@ -71,17 +73,55 @@ class Acks:
         self._done: trio.Event | None = None
 
     def add(self, request_id: int, published: Published) -> None:
-        self._read.append(PendingAck(request_id, published))
+        published.request_id = request_id
+        self._read.append(published)
         self.unacked += 1
+        held = published.held
+        if held is not None and held.seq > self._read_seq:
+            self._read_seq = held.seq
+
+    def add_run(self, frames: list[tuple[int, str, bytes, int]], results: list[Published | Refused]) -> int:
+        """The answers owed for a run of PUBLISH frames and the core's
+        outcome for each (Broker.publish_run), in order: a PUBACK for each
+        Published with a request id, an ERROR for each refusal. Returns the
+        messages published."""
+        read = self._read
+        seq = self._read_seq
+        owed = 0
+        messages = 0
+        for frame, result in zip(frames, results):
+            if type(result) is Published:
+                messages += result.count
+                if not result.request_id:
+                    continue  # published without asking for an answer
+                read.append(result)
+                held = result.held
+                if held is not None and held.seq > seq:
+                    seq = held.seq
+            else:
+                assert isinstance(result, Refused)
+                request_id = frame[0]
+                read.append(
+                    PendingAck(
+                        request_id,
+                        self.outbox.refusal(
+                            result.code, result.message, request_id, RefKind.REQUEST, result.fields
+                        ),
+                    )
+                )
+            owed += 1
+        self.unacked += owed
+        self._read_seq = seq
+        return messages
 
     def refuse(self, request_id: int, frame: bytes) -> None:
         """A refused PUBLISH's ERROR, in its place among the PUBACKs."""
-        self._read.append(PendingAck(request_id, None, frame))
+        self._read.append(PendingAck(request_id, frame))
         self.unacked += 1
 
     def pong(self, frame: bytes) -> None:
         """A PONG, after the answers to every PUBLISH before its PING."""
-        self._read.append(PendingAck(0, None, frame, publish=False))
+        self._read.append(PendingAck(0, frame, publish=False))
 
     def flush(self) -> None:
         """Queue this read's PUBACKs, or hand them to the acker when any of
@@ -89,12 +129,11 @@ class Acks:
         if not self._read:
             return
         acks, self._read = self._read, []
-        if (
-            self._syncing
-            or self._for_sync
-            or any(a.published is not None and a.published.held is not None for a in acks)
-        ):
+        seq, self._read_seq = self._read_seq, 0
+        if self._syncing or self._for_sync or seq:
             self._for_sync.extend(acks)
+            if seq > self._sync_seq:
+                self._sync_seq = seq
             if self._wake is None:
                 self._start()
             else:
@@ -102,19 +141,21 @@ class Acks:
         else:
             self._answer(acks, None)
 
-    def _answer(self, acks: list[PendingAck], synced: Durability | None) -> None:
+    def _answer(self, acks: list[Published | PendingAck], synced: Durability | None) -> None:
+        """Queue the answers of ``acks`` in one write: the PUBACKs packed
+        with one struct each and joined with the refusals and PONGs."""
         frames = []
         counted: dict[Durability, int] = {}
         answered = 0
         pack = PUBACK_FRAME.pack
         for a in acks:
-            p = a.published
-            if p is None:
+            if type(a) is not Published:
+                assert isinstance(a, PendingAck)
                 frames.append(a.frame)
                 answered += a.publish
                 continue
             answered += 1
-            held = p.held
+            held = a.held
             if held is not None and held.error is not None:
                 # Its fsync failed and the log rolled it back: refused,
                 # never acknowledged.
@@ -122,9 +163,9 @@ class Acks:
                     self.outbox.refusal(held.error.code, held.error.message, a.request_id, RefKind.REQUEST)
                 )
                 continue
-            durability = synced if held is not None and synced is not None else p.durability
+            durability = synced if held is not None and synced is not None else a.durability
             counted[durability] = counted.get(durability, 0) + 1
-            frames.append(pack(_PUBACK_BODY, _PUBACK, 0, a.request_id, p.base, p.count, p.timestamp, durability))
+            frames.append(pack(_PUBACK_BODY, _PUBACK, 0, a.request_id, a.base, a.count, a.timestamp, durability))
         for durability, n in counted.items():
             self.broker.acknowledged(durability, n)
         self.outbox.queue(b"".join(frames))
@@ -144,14 +185,10 @@ class Acks:
             while True:
                 if self._for_sync:
                     acks, self._for_sync = self._for_sync, []
+                    seq, self._sync_seq = self._sync_seq, 0
                     self._syncing = True
                     try:
-                        synced = await self.broker.committer.wait_seq(
-                            max(
-                                (a.published.held.seq for a in acks if a.published is not None and a.published.held),
-                                default=0,
-                            )
-                        )
+                        synced = await self.broker.committer.wait_seq(seq)
                     finally:
                         self._syncing = False
                     self._answer(acks, synced)

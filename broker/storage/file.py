@@ -136,6 +136,24 @@ class FileTopicLog:
         store.appended(self, active)
         return base
 
+    def append_many(self, batches: list[bytes], counts: list[int], start: int, timestamp: int) -> int:
+        """Store ``batches[start:]`` in the active segment with one write, as
+        many as it takes before it would roll (at least one): the log, its
+        segments and indexes are what as many :meth:`append` calls would
+        leave. Returns how many it stored; StorageError having stored none.
+
+        Unlike :meth:`append`, a failure is not reported to the store: the
+        caller appends these batches one by one after it (each refused, and
+        counted, as before), so that exactly the batches not stored are
+        refused."""
+        self.store.check_room(self.name)
+        active = self.segments[-1]
+        if active.size >= self.settings.segment_bytes and active.batches:
+            active = self._roll()
+        stored = active.append_many(batches, counts, start, timestamp, self.settings.segment_bytes)
+        self.store.appended(self, active)
+        return stored
+
     def _roll(self) -> Segment:
         seg = self._new_segment(self.next_offset)
         self.add_segment(seg)

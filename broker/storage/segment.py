@@ -62,6 +62,12 @@ __all__ = [
 INDEX_ENTRY = struct.Struct(">II")
 TIME_ENTRY = struct.Struct(">QI")
 INDEX_INTERVAL = 4096
+#: A stored header without its CRC (the fields the CRC covers).
+_FIELDS = struct.Struct(HEADER.format[:-1])
+assert _FIELDS.size == HEADER_SIZE - 4
+#: Batches one append_many writes at most: two buffers each, within the
+#: writev limit (IOV_MAX, 1024 on Linux).
+MAX_WRITE_BATCHES = 512
 SCAN_CHUNK = 1 << 20
 #: Bytes read per pread when serving reads (more when one batch is larger).
 READ_CHUNK = 64 * 1024
@@ -381,6 +387,69 @@ class Segment:
         self.size = pos + total
         self.dirty = True
         self._note_batch(pos, base, count, timestamp, timestamp, total)
+
+    def append_many(
+        self, batches: list[bytes], counts: list[int], start: int, timestamp: int, segment_bytes: int
+    ) -> int:
+        """Store ``batches[start:]`` (checked, ``counts`` messages each) with
+        one ``writev``, as many as this segment takes: the first always,
+        each next one while the segment is under ``segment_bytes`` before
+        it (where :meth:`FileTopicLog.append` would roll), at most
+        MAX_WRITE_BATCHES. Returns how many it stored; raises StorageError
+        having stored none of them. The file, the indexes and the state are
+        what as many :meth:`append` calls would leave."""
+        if self.broken:
+            self.repair()
+        pos = size = self.size
+        base = next_offset = self.next_offset
+        since = self._since_index
+        rel = self.base_offset
+        pack = _FIELDS.pack
+        iov: list[bytes] = []
+        index: list[tuple[int, int]] = []  # (offset, position) of each indexed batch
+        stop = min(len(batches), start + MAX_WRITE_BATCHES)
+        i = start
+        while i < stop and (i == start or size < segment_bytes):
+            batch = batches[i]
+            count = counts[i]
+            length = len(batch)
+            fields = pack(next_offset, count, length, timestamp, timestamp)
+            iov.append(fields + header_crc(fields, batch[:ENVELOPE]).to_bytes(4, "big"))
+            iov.append(batch)
+            if since >= INDEX_INTERVAL:
+                index.append((next_offset, size))
+                since = 0
+            total = HEADER_SIZE + length
+            since += total
+            size += total
+            next_offset += count
+            i += 1
+        ops = self.ops
+        try:
+            written = ops.writev(self._fd, iov)
+            if written != size - pos:
+                raise OSError(28, f"short write ({written} of {size - pos} bytes)")  # ENOSPC
+            if index:
+                write_all(ops, self._index_fd, b"".join(INDEX_ENTRY.pack(o - rel, p) for o, p in index))
+                write_all(ops, self._time_fd, b"".join(TIME_ENTRY.pack(timestamp, o - rel) for o, _ in index))
+        except OSError as exc:
+            self._cut_files(pos, len(self._idx_offsets))
+            raise StorageError.from_os(exc, f"appending to {self.path.name}", self.topic) from exc
+        stored = i - start
+        if not self.batches:
+            self.first_timestamp = timestamp
+        self.last_timestamp = timestamp
+        self.batches += stored
+        self.next_offset = next_offset
+        self._since_index = since
+        for offset, at in index:
+            self._idx_offsets.append(offset)
+            self._idx_positions.append(at)
+            self._time_stamps.append(timestamp)
+            self._time_offsets.append(offset)
+        self.size = size
+        self.dirty = True
+        return stored
 
     def _cut_files(self, size: int, index_entries: int) -> None:
         """Cut the log and index files back to ``size`` bytes and

@@ -13,7 +13,7 @@ import struct
 
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from ._events import EVENT_TYPES, Error, Event, Goodbye, Hello, Welcome
-from ._readers import decode_body
+from ._readers import decode_body, _publishes_at
 from ._state import ADVANCES, SENDS, Role, State
 from ._wire import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -196,6 +196,22 @@ class Connection:
             view.release()
         self._after(ftype, event, sender=self.their_role)
         return event
+
+    def next_publishes(self, limit: int) -> list[tuple[int, str, bytes, int]]:
+        """The complete PUBLISH frames at the front of the buffer, at most
+        ``limit``, decoded in one pass: ``(request_id, topic, batch, flags)``
+        each, the fields ``next_event`` would give as Publish events (the
+        broker's per-read fast path). Stops at the first frame that is
+        anything else, incomplete or malformed: ``next_event`` takes it from
+        there and says what it is. Empty while PUBLISH may not arrive."""
+        out: list[tuple[int, str, bytes, int]] = []
+        if (
+            self._broken is None
+            and not self.they_finished
+            and FrameType.PUBLISH in SENDS[(self.their_role, self.state)]
+        ):
+            self._pos = _publishes_at(self._buf, self._pos, self.max_frame_bytes, limit, out)
+        return out
 
     def events(self) -> list[Event]:
         """Every complete event buffered now (the session's per-read batch)."""

@@ -425,6 +425,67 @@ def deliver_at(buf: bytes | bytearray | memoryview, pos: int = 0) -> DeliverHead
     return _new_tuple(DeliverHead, (sub_id, base, timestamp, count, pos + HEADER_SIZE + size))
 
 
+# A PUBLISH up to its topic: frame header, request_id, topic length, in one
+# unpack (the broker reads every PUBLISH of a socket read with _publishes_at).
+_PUBLISH_PREFIX = struct.Struct(">" + FRAME_HEADER.format[1:] + "QH")
+_PUBLISH = int(FrameType.PUBLISH)
+_PUBLISH_FLAGS = ALLOWED_FLAGS[FrameType.PUBLISH]
+#: request_id and topic length: the least a PUBLISH body holds.
+_PUBLISH_FIXED = _PUBLISH_PREFIX.size - HEADER_SIZE
+
+
+def _publishes_at(
+    buf: bytes | bytearray,
+    pos: int,
+    max_frame_bytes: int,
+    limit: int,
+    out: list[tuple[int, str, bytes, int]],
+) -> int:
+    """Decode the complete PUBLISH frames from ``buf[pos]`` on, at most
+    ``limit`` of them, into ``out`` as ``(request_id, topic, batch, flags)``;
+    return the index just past the last one.
+
+    What ``decode_body`` makes of each such frame (a Publish with these
+    fields), without an event object or a cursor per frame: one unpack for
+    the header, the request id and the topic's length. It stops, leaving
+    the frame for the full decoder (which raises the error it is), at
+    anything else: another frame type, a frame not yet complete, one over
+    ``max_frame_bytes``, reserved flags, a body too short for its topic, a
+    topic that is not UTF-8. No state checks: the Connection makes those.
+    """
+    end_of_data = len(buf)
+    unpack = _PUBLISH_PREFIX.unpack_from
+    prefix = _PUBLISH_PREFIX.size
+    view = None if type(buf) is bytes else memoryview(buf)
+    try:
+        while limit > 0 and end_of_data - pos >= prefix:
+            size, ftype, flags, request_id, topic_len = unpack(buf, pos)
+            end = pos + HEADER_SIZE + size
+            if (
+                ftype != _PUBLISH
+                or size > max_frame_bytes
+                or end > end_of_data
+                or flags & ~_PUBLISH_FLAGS
+                or _PUBLISH_FIXED + topic_len > size
+            ):
+                break
+            start = pos + prefix
+            batch_at = start + topic_len
+            try:
+                topic = str(buf[start:batch_at], "utf-8")
+            except UnicodeDecodeError:
+                break
+            # bytes(b) of a bytes object is that object: one copy either way.
+            batch = bytes(buf[batch_at:end] if view is None else view[batch_at:end])
+            out.append((request_id, topic, batch, flags))
+            pos = end
+            limit -= 1
+    finally:
+        if view is not None:
+            view.release()
+    return pos
+
+
 def decode_frame(buf: bytes | bytearray | memoryview, pos: int = 0) -> Event:
     """Decode the whole frame starting at ``buf[pos]`` (see :func:`frame_at`
     for where it ends); RemoteProtocolError if it is malformed, unknown or
