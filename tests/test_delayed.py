@@ -246,6 +246,32 @@ async def test_a_torn_tail_is_cut_and_what_precedes_it_kept(tmp_path: Path) -> N
     assert [e.batch for e in iter_entries(recovered.buckets, int(path.stem))] == [b"0", b"1", b"2", b"3"]
 
 
+@pytest.mark.parametrize("where", ["payload", "length"])
+@trio_only
+async def test_a_flipped_byte_costs_its_record_not_the_rest_of_the_bucket(tmp_path: Path, where: str) -> None:
+    clock = Clock()
+    schedule = Schedule(FileBuckets(tmp_path), width_ms=1000, clock=clock)
+    for i in range(3):
+        schedule.add(clock.now + 100 * (i + 1), "t.flip", b"entry-%d" % i, False, None)
+    (path,) = tmp_path.iterdir()
+    data = bytearray(path.read_bytes())
+    # The second record's payload, or the first byte of its length field
+    # (after the first record: 8 header bytes and its body).
+    second_header = 8 + int.from_bytes(data[0:4], "big")
+    where_at = data.index(b"entry-1") if where == "payload" else second_header
+    data[where_at] ^= 0x40
+    path.write_bytes(bytes(data))
+    size = len(data)
+    recovered = Schedule(FileBuckets(tmp_path), width_ms=1000, clock=clock)
+    assert recovered.recover() == 2
+    assert (recovered.damaged_at_recovery, recovered.cut_at_recovery) == (1, 0)
+    assert path.stat().st_size == size  # nothing cut: the third record stays
+    releases = Releases()
+    clock.now += 5000
+    assert await drain(recovered, releases) == 2
+    assert releases.payloads == [b"entry-0", b"entry-2"]
+
+
 @trio_only
 async def test_a_failed_fsync_refuses_the_batches_and_they_are_never_released(tmp_path: Path) -> None:
     ops = FaultyOps()

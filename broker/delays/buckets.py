@@ -16,9 +16,12 @@ body`` (crc: ``zlib.crc32`` of the body); the body is either
   stored in their topics (durably, as their topics promise), so a restart
   does not release them again.
 
-A torn or damaged record ends the file: recovery cuts it off there (what
-follows it was never acknowledged, as appends are acknowledged in order
-after the fsync that covers them).
+A damaged record (a flipped byte, in its body or its header) is skipped:
+reading goes on at the next intact record found after it, so one bad byte
+costs that record, not the rest of the bucket. Only where no intact record
+follows is it a torn tail (a write cut short by a crash, never
+acknowledged: appends are acknowledged after the fsync that covers them),
+which recovery cuts off.
 
 Two backends with one interface: files under the data directory
 (``--storage file``), or bytes in memory (``--storage memory``: lost with
@@ -75,44 +78,76 @@ def encode_released(positions: Sequence[int]) -> bytes:
 
 @attrs.define
 class Scan:
-    """What one bucket holds: its entries not yet released, in file order,
-    and where its intact records end (``end`` < the file's size: a torn or
-    damaged tail)."""
+    """What one bucket holds: its entries not yet released, in file order;
+    where its intact records end (``end`` < the file's size: a torn tail);
+    and how many damaged records were skipped."""
 
     entries: list[Entry]
     end: int
+    damaged: int = 0
+
+
+def _body_at(data: bytes, pos: int) -> bytes | None:
+    """The body of the intact record (complete, CRC matching) at ``pos``."""
+    if pos + RECORD_HEAD.size > len(data):
+        return None
+    length, crc = RECORD_HEAD.unpack_from(data, pos)
+    start = pos + RECORD_HEAD.size
+    if length < 1 or start + length > len(data):
+        return None
+    body = data[start : start + length]
+    return body if zlib.crc32(body) == crc else None
+
+
+def _next_intact(data: bytes, pos: int) -> int | None:
+    """Where the next intact record after a damaged one starts, or None
+    (a torn tail). Most positions fail on the length alone, before any CRC."""
+    for candidate in range(pos, len(data) - RECORD_HEAD.size + 1):
+        if _body_at(data, candidate) is not None:
+            return candidate
+    return None
 
 
 def scan(bucket: int, data: bytes) -> Scan:
-    """Read a bucket's records; stop at the first that is torn or damaged."""
+    """Read a bucket's records, skipping damaged ones; stop at a torn tail."""
     entries: dict[int, Entry] = {}
+    damaged = 0
     pos = 0
-    size = len(data)
-    while pos + RECORD_HEAD.size <= size:
-        length, crc = RECORD_HEAD.unpack_from(data, pos)
-        start = pos + RECORD_HEAD.size
-        body = data[start : start + length]
-        if len(body) != length or length < 1 or zlib.crc32(body) != crc:
-            break
-        kind = body[0]
-        if kind == KIND_ENTRY and length >= ENTRY_HEAD.size:
-            _, due_ms, flags, topic_len = ENTRY_HEAD.unpack_from(body, 0)
-            topic_end = ENTRY_HEAD.size + topic_len
-            if topic_end > length:
+    while pos + RECORD_HEAD.size <= len(data):
+        body = _body_at(data, pos)
+        if body is None or not _apply(bucket, pos, body, entries):
+            following = _next_intact(data, pos + 1)
+            if following is None:
                 break
-            topic = body[ENTRY_HEAD.size : topic_end].decode("utf-8", "replace")
-            entries[pos] = Entry(bucket, pos, due_ms, topic, body[topic_end:], bool(flags & FLAG_DEDUP))
-        elif kind == KIND_RELEASED and length >= NOTE_HEAD.size:
-            _, n = NOTE_HEAD.unpack_from(body, 0)
-            if NOTE_HEAD.size + n * POSITION.size != length:
-                break
-            for i in range(n):
-                (done,) = POSITION.unpack_from(body, NOTE_HEAD.size + i * POSITION.size)
-                entries.pop(done, None)
-        else:
-            break
-        pos = start + length
-    return Scan(list(entries.values()), pos)
+            damaged += 1
+            pos = following
+            continue
+        pos += RECORD_HEAD.size + len(body)
+    return Scan(list(entries.values()), pos, damaged)
+
+
+def _apply(bucket: int, pos: int, body: bytes, entries: dict[int, Entry]) -> bool:
+    """Take one intact record into ``entries``; False if it is not one
+    this version writes (treated as damaged)."""
+    length = len(body)
+    kind = body[0]
+    if kind == KIND_ENTRY and length >= ENTRY_HEAD.size:
+        _, due_ms, flags, topic_len = ENTRY_HEAD.unpack_from(body, 0)
+        topic_end = ENTRY_HEAD.size + topic_len
+        if topic_end > length:
+            return False
+        topic = body[ENTRY_HEAD.size : topic_end].decode("utf-8", "replace")
+        entries[pos] = Entry(bucket, pos, due_ms, topic, body[topic_end:], bool(flags & FLAG_DEDUP))
+        return True
+    if kind == KIND_RELEASED and length >= NOTE_HEAD.size:
+        _, n = NOTE_HEAD.unpack_from(body, 0)
+        if NOTE_HEAD.size + n * POSITION.size != length:
+            return False
+        for i in range(n):
+            (done,) = POSITION.unpack_from(body, NOTE_HEAD.size + i * POSITION.size)
+            entries.pop(done, None)
+        return True
+    return False
 
 
 class Buckets(Protocol):

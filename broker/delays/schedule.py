@@ -74,8 +74,10 @@ class Schedule:
         #: Entries scheduled (not yet released), for metrics.
         self.pending = 0
         self.released = 0
-        #: Buckets whose torn or damaged tail the last recover() cut off.
+        #: Buckets whose torn tail the last recover() cut off, and damaged
+        #: records it skipped.
         self.cut_at_recovery = 0
+        self.damaged_at_recovery = 0
         #: Buckets written since the last sync, and the helds waiting for it.
         self._dirty: set[int] = set()
         self._helds: list[tuple[int, int, Held]] = []
@@ -84,12 +86,15 @@ class Schedule:
     # -- starting -------------------------------------------------------------
 
     def recover(self) -> int:
-        """Find the stored buckets, cut torn tails, count what is pending.
-        Reads every bucket once (start-up cost proportional to what is
-        scheduled); keeps none of it."""
+        """Find the stored buckets, cut torn tails, count what is pending
+        (damaged records skipped, counted and logged). Reads every bucket
+        once (start-up cost proportional to what is scheduled); keeps none
+        of it."""
         cut = 0
+        damaged = 0
         for bucket in self.buckets.keys():
             found = scan(bucket, self.buckets.read(bucket))
+            damaged += found.damaged
             if found.end < self.buckets.size(bucket):
                 self.buckets.truncate(bucket, found.end)
                 cut += 1
@@ -99,6 +104,11 @@ class Schedule:
             self.pending += len(found.entries)
             self._add_key(bucket)
         self.cut_at_recovery = cut
+        self.damaged_at_recovery = damaged
+        if damaged:
+            # Each a delayed batch (or a release note) lost to damage; the
+            # records around it are kept.
+            self.logger.warning("damaged delayed-delivery records skipped", records=damaged)
         if self.pending or cut:
             self.logger.info("delayed batches recovered", pending=self.pending, buckets=len(self._known), cut=cut)
         return self.pending
