@@ -1,7 +1,9 @@
 """The TCP server: listeners, one Session per connection, graceful shutdown.
 
-Lifecycle as in Trio's ``serve_listeners``: connection tasks run in a
-nursery the server owns, so none outlives it; ``task_status.started(server)``
+Lifecycle as in Trio's ``serve_listeners`` (broker/listening.py's
+``serve_streams``, which leaves closing a stream to its session: an idle
+connection is parked without a task, broker/session/parking.py): connection
+tasks run in a nursery the server owns, so none outlives it; ``task_status.started(server)``
 hands the bound port to whoever started it. Shutdown stops accepting first,
 then asks every session to flush and say GOODBYE, bounded by
 ``config.shutdown_grace``.
@@ -15,7 +17,6 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
 import attrs
@@ -29,9 +30,10 @@ from .config import Config
 from .core import Broker
 from .framebudget import FREE_BYTES, FrameBudget, trim_heap
 from .http import HttpServer
-from .listening import open_listeners
+from .listening import open_listeners, serve_streams
 from .logs import get_logger
 from .session import Session
+from .session.parking import ParkingLot
 from .storage import LogStore
 from .tls import server_context, wrap_server_stream
 
@@ -63,6 +65,8 @@ class Server:
         #: anything listens), router, committer, groups, authentication.
         self.broker = Broker(self.config, store)
         self.sessions: set[Session] = set()
+        #: Idle connections without a task (broker/session/parking.py).
+        self.lot = ParkingLot(self.sessions)
         #: Bytes of frames in progress, shared by every connection
         #: (broker/framebudget.py); the reserve lets the largest frame finish.
         self.frame_budget = FrameBudget(
@@ -124,13 +128,14 @@ class Server:
                 background.start_soon(self._trim_heap)
                 if self.http is not None:
                     self.http_port = await background.start(self.http.serve)
-                await self._serve_connections(listeners, task_status)
+                await self._serve_connections(listeners, background, task_status)
                 if self.http is not None:
                     # Its requests in progress may still wait on the committer.
                     with trio.move_on_after(self.config.shutdown_grace):
                         await self.http.wait_stopped()
                 background.cancel_scope.cancel()
         finally:
+            self.lot.release()
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
             self.broker.close()
@@ -138,18 +143,25 @@ class Server:
             self.logger.info("stopped")
 
     async def _serve_connections(
-        self, listeners: list[trio.SocketListener], task_status: Any
+        self, listeners: list[trio.SocketListener], background: trio.Nursery, task_status: Any
+    ) -> None:
+        try:
+            await self._serve_in(listeners, background, task_status)
+        finally:
+            # Parked connections have no task to close them when the server
+            # is cancelled rather than shut down.
+            self.lot.abandon()
+
+    async def _serve_in(
+        self, listeners: list[trio.SocketListener], background: trio.Nursery, task_status: Any
     ) -> None:
         async with trio.open_nursery() as connections:
+            # Parked connections resume in the connection nursery; the lot's
+            # own task is a background one (it never ends by itself).
+            self.lot.attach(connections)
+            await background.start(self.lot.run)
             async with trio.open_nursery() as accepting:
-                await accepting.start(
-                    partial(
-                        trio.serve_listeners,
-                        self._handle,
-                        listeners,
-                        handler_nursery=connections,
-                    )
-                )
+                await accepting.start(serve_streams, self._handle, listeners, connections, self.logger)
                 self.logger.info(
                     "listening",
                     host=self.host,
@@ -172,6 +184,7 @@ class Server:
             self.logger.info("shutting down", connections=len(self.sessions))
             for session in list(self.sessions):
                 session.shutdown()
+            self.lot.close()  # none was left parked; none is parked from now on
             # Sessions bound their own flush by shutdown_grace; this is the
             # backstop for one stuck anywhere else.
             connections.cancel_scope.deadline = (
@@ -231,6 +244,8 @@ class Server:
             )
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        """A new connection's task. The stream is the session's to close
+        (serve_streams does not): it may outlive this task, parked."""
         if len(self.sessions) >= self.config.max_connections:
             await self._refuse(stream)
             return
@@ -241,15 +256,19 @@ class Server:
             peer = f"{peer_addr[0]}:{peer_addr[1]}"
         except OSError:
             peer = "?"
-        session = Session(
-            self.broker, self.config, self.frame_budget, wrap_server_stream(stream, self.tls), conn_id, peer
-        )
+        try:
+            session = Session(
+                self.broker, self.config, self.frame_budget, wrap_server_stream(stream, self.tls), conn_id, peer,
+                self.lot,
+            )
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
         self.sessions.add(session)
         self.connections_total += 1
-        try:
-            await session.run()
-        finally:
-            self.sessions.discard(session)
+        # Returns when the connection has ended and is closed (it left
+        # self.sessions then) or is parked (a later task carries on).
+        await session.run()
 
     async def _refuse(self, stream: trio.SocketStream) -> None:
         """ERROR 108 without reading anything first, then close.

@@ -21,7 +21,7 @@ connection while the queue is over its bound (``over_limit``).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import os
 import struct
@@ -39,12 +39,17 @@ from pybroker.protocol import (
     group_deliver_header,
 )
 
+from ..logs import get_logger
 from ..storage import DataLoss
 from ..subscriber import SubscriberInfo
 from . import flushing
 
 if TYPE_CHECKING:
     from ..router import Subscription, Topic
+
+class _Parked(Protocol):
+    def unpark(self) -> None: ...
+
 
 #: Buffers one writev takes (Linux's IOV_MAX); more go to the writer task.
 _IOV_MAX = 1024
@@ -59,9 +64,16 @@ _DELIVER = int(FrameType.DELIVER)
 
 
 class Outbox:
-    """Holds no reference to its session (which owns it): a closed
-    connection is freed by reference counting, not left to the garbage
-    collector with everything it holds."""
+    """Holds no reference to its session (which owns it) except while the
+    connection is parked: a closed connection is freed by reference
+    counting, not left to the garbage collector with everything it holds."""
+
+    # Slots: one per connection (10,000 idle ones are 10,000 of these).
+    __slots__ = (
+        "stream", "conn", "limit", "info", "user", "named", "error_fields", "_out", "queued_bytes",
+        "sending", "lagging", "_wake", "_room", "_done", "accepting", "closing", "lost", "bytes_out",
+        "_flusher", "_socket", "_marked", "_nursery", "_on_broken", "_writer", "unpark", "_writer_wanted",
+    )
 
     def __init__(self, stream: trio.abc.Stream, conn: Connection, limit: int, info: SubscriberInfo) -> None:
         self.stream = stream
@@ -69,7 +81,10 @@ class Outbox:
         self.limit = limit
         #: Who this connection is (its client name arrives with HELLO).
         self.info = info
-        self.logger: Any = None
+        #: For the logger: the authenticated user; HELLO has come (the
+        #: client's name is known).
+        self.user: str | None = None
+        self.named = False
         #: The client asked for ERROR fields in its HELLO (protocol.md, "ERROR").
         self.error_fields = False
         self._out: list[bytes] = []
@@ -77,13 +92,14 @@ class Outbox:
         self.sending = 0  # bytes handed to send_all and not yet sent
         # Insertion-ordered set of subscriptions with topics to read from the log.
         self.lagging: dict[Subscription, None] = {}
-        self.wake = trio.Event()
-        #: Set whenever the queue drains (a reader paused on it may go on).
-        self.room = trio.Event()
+        # The writer task's wake-up, the paused reader's and the writer's
+        # end: each made when first waited for (an idle connection has none).
+        self._wake: trio.Event | None = None
+        self._room: trio.Event | None = None
+        self._done: trio.Event | None = None
         #: False once the connection is ending: nothing more is delivered.
         self.accepting = True
         self.closing = False
-        self.done = trio.Event()
         self.lost = False  # the writer found the connection broken
         self.bytes_out = 0
         # Plain TCP: written directly by write_now (flushing.py); TLS has
@@ -96,6 +112,32 @@ class Outbox:
         self._nursery: trio.Nursery | None = None
         self._on_broken: Callable[[], None] | None = None
         self._writer = False
+        #: While the connection is parked (broker/session/parking.py): its
+        #: session, whose ``unpark`` gives it a task again, where the writer
+        #: can start. (The session itself, not a bound method: no object
+        #: made per parking.)
+        self.unpark: _Parked | None = None
+        self._writer_wanted = False
+
+    @property
+    def logger(self) -> Any:
+        """This connection's logger, bound when something is logged (kept,
+        a bound logger and its context cost about 400 B per connection)."""
+        info = self.info
+        if self.user is None:
+            if self.named:
+                return get_logger(conn_id=info.connection, peer=info.peer, client=info.client)
+            return get_logger(conn_id=info.connection, peer=info.peer)
+        if self.named:
+            return get_logger(conn_id=info.connection, peer=info.peer, user=self.user, client=info.client)
+        return get_logger(conn_id=info.connection, peer=info.peer, user=self.user)
+
+    @property
+    def done(self) -> trio.Event:
+        """Set when the writer task has ended."""
+        if self._done is None:
+            self._done = trio.Event()
+        return self._done
 
     @property
     def over_limit(self) -> bool:
@@ -124,16 +166,22 @@ class Outbox:
         from the log, the end of the connection)."""
         self._nursery = nursery
         self._on_broken = on_broken
-        if self._flusher is None:
+        if self._flusher is None or self._writer_wanted:
+            self._writer_wanted = False
             self.wake_writer()
 
     def wake_writer(self) -> None:
         """The writer task has work: wake it, or start it."""
         if self._writer:
-            self.wake.set()
+            if self._wake is not None:
+                self._wake.set()
             return
         if self._nursery is None or self._on_broken is None:
-            return  # the connection is over (writer_gone): nothing more is sent
+            if self.unpark is not None:
+                # Parked: the session's next task starts the writer.
+                self._writer_wanted = True
+                self.unpark.unpark()
+            return  # else the connection is over (writer_gone): nothing more is sent
         self._writer = True
         self._nursery.start_soon(self.run, self._on_broken)
 
@@ -150,7 +198,7 @@ class Outbox:
         socket can take more). Only while the writer is not in a send."""
         self._marked = False
         out = self._out
-        if not out or self.sending or self.lost or self.done.is_set() or self._socket is None:
+        if not out or self.sending or self.lost or self._socket is None or (self._done is not None and self._done.is_set()):
             return
         # The socket's number now: -1 once closed, so never a number
         # reused by another connection (no await between here and writev).
@@ -180,11 +228,13 @@ class Outbox:
             self._out = rest
         if self._out or (self.lagging and self.accepting):
             self.wake_writer()  # the rest, or refills from the log, are the writer's
-        self.room.set()
+        if self._room is not None:
+            self._room.set()
 
     def notify_room(self) -> None:
         """Something a paused reader waits for changed (answers went out)."""
-        self.room.set()
+        if self._room is not None:
+            self._room.set()
 
     def refuse(
         self,
@@ -366,7 +416,12 @@ class Outbox:
 
     async def run(self, on_broken: Callable[[], None]) -> None:
         """The writer task: until ``closing`` and everything is written, or
-        the peer is gone (``on_broken``: the transport is unusable)."""
+        the peer is gone (``on_broken``: the transport is unusable). Over
+        plain TCP also until nothing is left to write: an idle connection
+        keeps no writer task (``wake_writer`` starts another when needed),
+        so that it can be parked (broker/session/parking.py)."""
+        wake = self._wake = trio.Event()
+        idle = False
         try:
             while True:
                 if self.lagging and self.queued_bytes < self.limit and self.accepting:
@@ -377,15 +432,22 @@ class Outbox:
                     self._out = []
                     self.queued_bytes = 0
                     self.sending = len(data)
-                    self.room.set()
+                    if self._room is not None:
+                        self._room.set()
                     await self.stream.send_all(data)
                     self.sending = 0
                     self.bytes_out += len(data)
                     continue
                 if self.closing:
                     return
-                await self.wake.wait()
-                self.wake = trio.Event()
+                if self._flusher is not None:
+                    # Nothing to write, and what is queued from now on is
+                    # written directly (or by the next writer task).
+                    idle = True
+                    self._writer = False
+                    return
+                await wake.wait()
+                wake = self._wake = trio.Event()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The peer is gone. Not an error of ours: stop reading and let
             # the session close up (raising here would reach it wrapped in
@@ -394,11 +456,15 @@ class Outbox:
             self.conn.send_failed()
             on_broken()
         finally:
-            self.done.set()
+            if not idle:
+                self.done.set()
 
     async def wait_for_room(self, more_waiting: Callable[[], bool]) -> None:
         """Until the queue is back under its bound and ``more_waiting`` is false."""
-        while self.over_limit or more_waiting():
-            self.room = trio.Event()
-            await self.room.wait()
+        try:
+            while self.over_limit or more_waiting():
+                self._room = trio.Event()
+                await self._room.wait()
+        finally:
+            self._room = None
 

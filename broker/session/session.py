@@ -14,6 +14,13 @@ Up to three tasks per connection, all owned by the session's nursery:
 - the acker (``Acks.run``): PUBACKs that wait for the fsync covering them,
   started when the first one does (a subscriber's connection has none).
 
+An idle connection has none: a plain TCP connection whose reader has waited
+a while on a silent socket, with no other task, is parked (its task ends;
+broker/session/parking.py) and gets a task again when the socket has input,
+the outbox needs its writer or the session must stop. Each such task is an
+*episode* (``_run``): the nursery, the reader, and either parking again or
+the end of the connection.
+
 The rules of the broker are the core's; what stays here is the
 connection's own: the handshake and authentication, the idle timeout (PING,
 then ERROR 107, checked by one server-wide task calling ``check_idle``),
@@ -71,18 +78,20 @@ from ..closing import linger_close
 from ..config import Config
 from ..core import Broker, Refused, SubscribeRequest
 from ..framebudget import MAX_HELLO_BYTES, FrameBudget
-from ..logs import get_logger
-from ..principal import Principal
+from ..principal import ANYONE, Principal
 from ..router import Subscription
 from ..subscriber import SubscriberInfo
 from . import flushing
 from .acks import Acks
 from .outbox import Outbox
+from .parking import ParkingLot
 from .reading import ReadSizer
 
 _MAX_CREDIT = UNLIMITED_CREDIT - 1
 #: TOPICS requests one connection may have in progress (each is a task).
 MAX_TOPICS_REQUESTS = 4
+#: What the reader returns when the parking lot stopped it (not an end).
+_PARKED = "parked"
 
 
 class _Stop(Exception):
@@ -93,6 +102,16 @@ class _Stop(Exception):
 
 
 class Session:
+    # Slots: 10,000 idle connections are 10,000 of these (with a dict each
+    # it was 1.6 KB, more than all its slots).
+    __slots__ = (
+        "broker", "config", "limits", "stream", "conn_id", "peer", "conn", "client_name", "subs",
+        "principal", "outbox", "acks", "reads", "_flusher", "_read_scope", "_lot", "_fd",
+        "_waiting_read", "_parking", "_parked", "_stop", "reading_paused", "_max_inflight",
+        "_idle_deadline", "_idle_pinged", "_idle_expired", "_ping_nonce", "_pending_fatal",
+        "messages_in", "_nursery", "_topics_requests", "__weakref__",
+    )
+
     def __init__(
         self,
         broker: Broker,
@@ -101,6 +120,7 @@ class Session:
         stream: trio.abc.Stream,
         conn_id: int,
         peer: str,
+        lot: ParkingLot,
     ) -> None:
         self.broker = broker
         self.config = config
@@ -108,20 +128,29 @@ class Session:
         self.stream = stream
         self.conn_id = conn_id
         self.peer = peer
-        self.logger: Any = get_logger(conn_id=conn_id, peer=peer)
         self.conn = Connection(Role.SERVER, max_frame_bytes=self.limits.max_frame_bytes)
         self.client_name = ""
         self.subs: dict[int, Subscription] = {}
         #: Who the connection authenticated as (broker/principal.py).
-        self.principal = Principal()
+        self.principal = ANYONE
         # The parts hold no reference back to the session: when the
         # connection ends, reference counting frees it all.
         self.outbox = Outbox(stream, self.conn, config.outbound_queue_bytes, self._info())
-        self.outbox.logger = self.logger
         self.acks = Acks(broker, self.outbox)
         self.reads = ReadSizer(stream, self.conn, frame_budget)
         self._flusher = flushing.current()
-        self._read_scope = trio.CancelScope()
+        #: The reader's cancel scope while it runs (each episode has its own).
+        self._read_scope: trio.CancelScope | None = None
+        # Parking (broker/session/parking.py): the lot; the socket's number
+        # (-1 over TLS: never parked); the reader waits for input (the one
+        # place where the lot may stop it); the lot asked it to stop; parked.
+        self._lot = lot
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self._waiting_read = False
+        self._parking = False
+        self._parked = False
+        #: The reader must stop for good (shutdown, idle timeout, broken).
+        self._stop = False
         #: The reader waits for the peer (backpressure); for tests and metrics.
         self.reading_paused = False
         self._max_inflight = self.limits.max_inflight_publishes
@@ -141,6 +170,11 @@ class Session:
         self._topics_requests = 0
 
     @property
+    def logger(self) -> Any:
+        """This connection's logger (the outbox's: made when used)."""
+        return self.outbox.logger
+
+    @property
     def bytes_out(self) -> int:
         return self.outbox.bytes_out
 
@@ -150,14 +184,43 @@ class Session:
     # -- lifecycle --------------------------------------------------------
 
     async def run(self) -> None:
-        reason = "closed"
+        """The connection's first task (the server's handler)."""
         self.logger.info("connection opened")
+        await self._run()
+
+    async def resumed(self) -> None:
+        """A parked connection's next task (started by the parking lot)."""
+        self._parked = False
+        self.outbox.unpark = None
+        await self._run()
+
+    async def _run(self) -> None:
+        """One episode: read until the connection ends or is parked."""
+        reason = "closed"
+        parked = False
+        if self._fd >= 0:
+            self._lot.active.add(self)  # a candidate for parking (never over TLS)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.outbox.start_writer(nursery, self._broken)
                 self.acks.nursery = nursery  # the acker starts when first needed
-                reason = await self._read_loop()
+                while True:
+                    reason = await self._read_loop()
+                    if reason is not _PARKED:
+                        break
+                    if self._may_park(nursery):
+                        # No await from here until the task ends: nothing can
+                        # start in this nursery, and the session is parked
+                        # before anything can wake it.
+                        self._nursery = self.acks.nursery = None
+                        self.outbox.writer_gone()
+                        parked = self._park()
+                        if parked:
+                            return  # the nursery has no task left: it closes at once
+                        self._nursery = self.acks.nursery = nursery
+                        self.outbox.start_writer(nursery, self._broken)
+                    # A task started meanwhile, or the lot is closed: read on.
                 self._drop_subscriptions()
                 await self.acks.finish()
                 if self._pending_fatal is not None:
@@ -178,20 +241,97 @@ class Session:
             self.logger.exception("internal error; closing this connection")
             reason = "internal error"
         finally:
-            self.outbox.writer_gone()
-            self.acks.nursery = None  # a reference cycle otherwise
-            self._drop_subscriptions()
-            with trio.CancelScope(shield=True):
-                await linger_close(self.stream)
-            self.logger.info("connection closed", reason=reason, client=self.client_name)
+            if not parked:
+                self._stop = True
+                self._nursery = None
+                self._lot.active.discard(self)
+                self._lot.sessions.discard(self)
+                self.outbox.writer_gone()
+                self.outbox.unpark = None
+                self.acks.nursery = None  # a reference cycle otherwise
+                self._drop_subscriptions()
+                self.reads.release()  # whatever frame budget is still held
+                with trio.CancelScope(shield=True):
+                    await linger_close(self.stream)
+                self.logger.info("connection closed", reason=reason, client=self.client_name)
 
     def shutdown(self) -> None:
-        """Server shutdown: stop reading; run() then flushes and says GOODBYE."""
-        self._read_scope.cancel()
+        """Server shutdown: stop reading; the session then flushes and says GOODBYE."""
+        self._stop_reading()
 
     def _broken(self) -> None:
         """The writer found the connection broken."""
-        self._read_scope.cancel()
+        self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        """Stop the reader for good (a parked connection gets a task to end in)."""
+        self._stop = True
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+        self.unpark()
+
+    def unpark(self) -> None:
+        """Give a parked connection its task back (the outbox needs its
+        writer, or the session must stop)."""
+        if self._parked:
+            self._lot.resume(self, self._fd)
+
+    def abandon(self) -> None:
+        """Close a parked connection at once: the server was cancelled, no
+        task will run for it again (ParkingLot.abandon)."""
+        self._stop = True
+        self._parked = False
+        self.outbox.unpark = None
+        self.outbox.writer_gone()
+        self._drop_subscriptions()
+        self.reads.release()
+        assert isinstance(self.stream, trio.SocketStream)  # only plain TCP is parked
+        self.stream.socket.close()
+        self.logger.info("connection closed", reason="server cancelled", client=self.client_name)
+
+    def park_if_idle(self, now: float, after: float) -> None:
+        """Called by the parking lot for connections with a task: stop the
+        reader if it has waited ``after`` seconds on a silent socket with
+        nothing buffered and is the session's only task. It is stopped only
+        while it waits for input (``_waiting_read``), where a cancellation
+        takes nothing from the socket (the read after it is a checkpoint
+        before the recv)."""
+        if (
+            self._waiting_read
+            and not self._parking
+            and not self._stop
+            and self._fd >= 0
+            and now - after >= self._idle_deadline - self.config.idle_timeout
+            and self._read_scope is not None
+            and self._nursery is not None
+            and not self._nursery.child_tasks
+            and not self.conn.buffered_bytes
+            and not self.reads.held
+        ):
+            self._parking = True
+            self._read_scope.cancel()
+
+    def _may_park(self, nursery: trio.Nursery) -> bool:
+        """Nothing but the reader runs or is owed: the task may end."""
+        return (
+            not self._stop
+            and not nursery.child_tasks
+            and not self.conn.buffered_bytes
+            and not self.reads.held
+            and not self.acks.unacked
+            and not self._topics_requests
+            and self._pending_fatal is None
+            and not self.outbox.sending
+        )
+
+    def _park(self) -> bool:
+        """Hand the socket to the parking lot; False if it would not take it."""
+        self.outbox.unpark = self
+        if not self._lot.park(self, self._fd):
+            self.outbox.unpark = None
+            return False
+        self._parked = True
+        return True
 
     def _drop_subscriptions(self) -> None:
         self.outbox.accepting = False
@@ -208,18 +348,25 @@ class Session:
         conn = self.conn
         deadline = trio.current_time() + self.config.handshake_timeout
         idle = self.config.idle_timeout
-        # Until the handshake is done the only frame is a HELLO, and a read
-        # takes no more than the largest one (broker/framebudget.py).
-        conn.max_frame_bytes = min(MAX_HELLO_BYTES, self.limits.max_frame_bytes)
-        hello_read = HEADER_SIZE + conn.max_frame_bytes
+        if conn.state is not State.OPEN:
+            # Until the handshake is done the only frame is a HELLO, and a
+            # read takes no more than the largest one (broker/framebudget.py).
+            conn.max_frame_bytes = min(MAX_HELLO_BYTES, self.limits.max_frame_bytes)
+        hello_read = HEADER_SIZE + min(MAX_HELLO_BYTES, self.limits.max_frame_bytes)
         outbox, acks, max_inflight = self.outbox, self.acks, self._max_inflight
-        with self._read_scope:
+        self._parking = False
+        self._read_scope = read_scope = trio.CancelScope()
+        if self._stop:
+            read_scope.cancel()
+        with read_scope:
             try:
                 while True:
                     if self._must_pause():
                         await self._pause_reading()
                     if conn.state is State.OPEN:
+                        self._waiting_read = True  # the lot may stop it here
                         size = await self.reads.next_size()
+                        self._waiting_read = False
                         if self.reads.waited:
                             self.reads.waited = False
                             self._not_idle()
@@ -294,7 +441,14 @@ class Session:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return "connection lost"
             finally:
-                self.reads.release()
+                self._waiting_read = False
+                if self._parking and not self._stop:
+                    self.reads.keep()  # parking: nothing buffered, budget given back
+                else:
+                    self.reads.release()
+        self._read_scope = None
+        if self._parking and not self._stop:
+            return _PARKED
         if self._idle_expired:
             self._fatal(ErrorCode.IDLE_TIMEOUT, f"no frame for {2 * idle:g} s, not even PONG")
             return "idle timeout"
@@ -353,7 +507,7 @@ class Session:
             self.logger.debug("idle; ping sent", idle_timeout=idle)
             return
         self._idle_expired = True
-        self._read_scope.cancel()
+        self._stop_reading()
 
     # -- frames -----------------------------------------------------------
 
@@ -404,11 +558,11 @@ class Session:
                 self._fatal(ErrorCode.AUTH_FAILED, "authentication failed")
                 return False
             self.principal = Principal(user, cached=True)
-            self.logger = self.outbox.logger = self.logger.bind(user=user.name)
+            self.outbox.user = user.name
         self.client_name = hello.client_name
         self.outbox.info = self._info()
         self.outbox.error_fields = hello.options.get(ERROR_FIELDS_OPTION) == "1"
-        self.logger = self.outbox.logger = self.logger.bind(client=hello.client_name)
+        self.outbox.named = True  # its logger names the client from now on
         welcome = Welcome(
             server_version=__version__,
             server_name=self.config.server_name,
