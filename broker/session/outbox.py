@@ -73,6 +73,7 @@ class Outbox:
         "stream", "conn", "limit", "info", "user", "named", "error_fields", "_out", "queued_bytes",
         "sending", "lagging", "_wake", "_room", "_done", "accepting", "closing", "lost", "bytes_out",
         "_flusher", "_socket", "_marked", "_nursery", "_on_broken", "_writer", "unpark", "_writer_wanted",
+        "_retire",
     )
 
     def __init__(self, stream: trio.abc.Stream, conn: Connection, limit: int, info: SubscriberInfo) -> None:
@@ -118,6 +119,8 @@ class Outbox:
         #: made per parking.)
         self.unpark: _Parked | None = None
         self._writer_wanted = False
+        # The writer task is to end once nothing is left to write (retire_writer).
+        self._retire = False
 
     @property
     def logger(self) -> Any:
@@ -184,6 +187,15 @@ class Outbox:
             return  # else the connection is over (writer_gone): nothing more is sent
         self._writer = True
         self._nursery.start_soon(self.run, self._on_broken)
+
+    def retire_writer(self) -> None:
+        """The connection has been idle a while: over plain TCP, end the
+        writer task once it has nothing to write (the session may then be
+        parked)."""
+        if self._writer and self._flusher is not None and not self.closing:
+            self._retire = True
+            if self._wake is not None:
+                self._wake.set()
 
     def writer_gone(self) -> None:
         """The session's nursery is closed: no writer task can start now.
@@ -417,9 +429,11 @@ class Outbox:
     async def run(self, on_broken: Callable[[], None]) -> None:
         """The writer task: until ``closing`` and everything is written, or
         the peer is gone (``on_broken``: the transport is unusable). Over
-        plain TCP also until nothing is left to write: an idle connection
-        keeps no writer task (``wake_writer`` starts another when needed),
-        so that it can be parked (broker/session/parking.py)."""
+        plain TCP, once ``retire_writer`` asked, also until nothing is left
+        to write: an idle connection keeps no writer task (``wake_writer``
+        starts another when needed), so that it can be parked
+        (broker/session/parking.py). A busy one keeps its writer: starting
+        a task per drained queue would cost more than waking one."""
         wake = self._wake = trio.Event()
         idle = False
         try:
@@ -440,11 +454,11 @@ class Outbox:
                     continue
                 if self.closing:
                     return
-                if self._flusher is not None:
+                if self._retire:
                     # Nothing to write, and what is queued from now on is
                     # written directly (or by the next writer task).
                     idle = True
-                    self._writer = False
+                    self._writer = self._retire = False
                     return
                 await wake.wait()
                 wake = self._wake = trio.Event()

@@ -304,10 +304,14 @@ class Session:
             and now - after >= self._idle_deadline - self.config.idle_timeout
             and self._read_scope is not None
             and self._nursery is not None
-            and not self._nursery.child_tasks
             and not self.conn.buffered_bytes
             and not self.reads.held
         ):
+            if self._nursery.child_tasks:
+                # The writer task, once idle, ends if asked: parked at a
+                # later sweep. (An acker, once started, stays: not parked.)
+                self.outbox.retire_writer()
+                return
             self._parking = True
             self._read_scope.cancel()
 
