@@ -8,7 +8,9 @@ client can see (broker/session/parking.py).
   comes back for its own frames (PING), for output the socket does not take
   at once (in order, every message), for the idle timeout and for shutdown
   (GOODBYE);
-- connections that end while parked leave no descriptor and no task behind.
+- connections that end while parked leave no descriptor and no task behind;
+- connections over TLS are never parked (their writes go through their
+  writer task).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import trio
 
+import pybroker
 from pybroker.protocol import (
     Deliver,
     ErrorCode,
@@ -41,6 +44,7 @@ from pybroker.server.server import Server
 from pybroker.server.session import Session
 from pybroker.server.testing import running_broker
 
+from helpers.certs import Certs
 from helpers.frames import good_batch, publish_frame
 from helpers.inproc import session_named, wait_sessions, wait_until
 from helpers.raw import RawClient, expect_fatal, raw_client
@@ -276,3 +280,29 @@ async def test_connections_that_end_while_parked_leave_no_fds_or_tasks(tmp_path:
         assert settled, (fds_before, open_fds(), tasks_before, trio_tasks(), len(server.lot.parked))
         async with raw_client(server, handshake="after") as raw:
             await raw.ping(1)
+
+
+async def test_tls_connections_are_not_parked(certs: Certs) -> None:
+    async with running_broker(tls_cert=certs.cert_file, tls_key=certs.key_file) as server:
+        quick_parking(server)
+        async with pybroker.connect(server.url, ca_file=certs.ca_file, name="tls-idle") as c:
+            async with c.subscribe("park.tls") as sub:
+                session = session_named(server, "tls-idle")
+                # Silent for ten of the lot's sweeps, 4 times park_after:
+                # a plain connection would have been parked.
+                sweeps: list[float] = []
+                sweep = server.lot._sweep
+
+                def counted(now: float) -> None:
+                    sweeps.append(now)
+                    sweep(now)
+
+                server.lot._sweep = counted  # type: ignore[method-assign]
+                await wait_until(lambda: len(sweeps) >= 10)
+                assert sweeps[-1] - sweeps[0] >= 3 * server.lot.park_after
+                assert not server.lot.parked
+                assert session not in server.lot.active  # not even a candidate
+                await c.publish("park.tls", b"still served")
+                with trio.fail_after(TIMEOUT):
+                    message = await anext(sub)
+                assert message.payload == b"still served"
