@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 import trio
 
-from helpers.cluster import Server, etcd_server, weed_server
+from helpers.cluster import Server, etcd_server, restart, weed_server
 from pybroker.protocol import encode_batch
 from pybroker.server.cluster.cache import RangeCache
 from pybroker.server.cluster.etcd import Delete, Etcd, EtcdUnavailable, Put
@@ -202,6 +203,8 @@ async def test_tails_from_before_during_and_after_appends_yield_each_batch_once(
                 start("after-0", 0)
                 start("after-inside", TOTAL - 3)
                 start("after-end", TOTAL - 1)
+            stats = index.statistics()
+            assert (stats.loads, stats.gaps, stats.canceled, stats.reconnects) == (1, 0, 0, 0)  # the watch missed nothing
             nursery.cancel_scope.cancel()
     expected = await cluster.expected(TOTAL)
     assert len(expected) == sum(len(w) for w in WAVES_A + WAVES_B)
@@ -377,6 +380,70 @@ async def test_a_tail_resumes_after_etcd_is_stopped_and_continued(cluster: Clust
             nursery.cancel_scope.cancel()
         expected = await cluster.expected(end)
         assert fields(tailed) == fields(expected)
+
+
+async def test_a_broken_watch_reconnects_and_a_compacted_one_loads_afresh(
+    servers: tuple[str, Server, str], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """etcd is SIGKILLed and started again (same data, same port) while a
+    tail follows: the watch breaks and is opened again from the last
+    revision applied, no fresh load. On the next break, appends and a
+    compaction happen before the view reconnects (injected in the hook
+    that runs before each watch is opened): that watch is canceled, the
+    view loads afresh. The tail yields every batch once, in order."""
+    _etcd_url, _etcd, s3_url = servers
+    keys = ClusterKeys(f"/t/{request.node.name}/".encode())
+    with etcd_server(tmp_path) as (url, first_server):
+        servers_now = [first_server]
+        try:
+            async with Etcd(url) as etcd, ObjectStore(s3_url, BUCKET, prefix=f"{request.node.name}/") as store:
+                cluster = Cluster(url, first_server, s3_url, keys, f"{request.node.name}/", etcd, store)
+                with trio.fail_after(WAIT):
+                    await store.create_bucket()
+                    owner = await cluster.owner()
+                    node_etcd, node_store = cluster.node(timeout=1.0)
+                    async with node_etcd, node_store, trio.open_nursery() as nursery:
+                        nursery.start_soon(owner.run)
+                        index = cluster.index(node_etcd)
+                        await nursery.start(index.run)
+                        reader = IndexedReader(index, RangeCache(node_store))
+                        tailed: list[StoredBatch] = []
+                        send, seen = trio.open_memory_channel[int](1000)
+                        nursery.start_soon(follow, reader.tail(0), TOTAL, tailed, send)
+                        await append_waves(owner, "a", WAVES_A[:2])
+                        await wait_position(seen, owner.next_offset)
+
+                        servers_now.append(await trio.to_thread.run_sync(restart, servers_now[-1], tmp_path))
+                        await append_waves(owner, "b", WAVES_A[2:3])
+                        await wait_position(seen, owner.next_offset)
+                        stats = index.statistics()
+                        assert stats.reconnects >= 1 and stats.loads == 1 and stats.canceled == 0
+
+                        back = trio.Event()
+                        compacted: list[int] = []
+
+                        async def behind_a_compaction(start: int) -> None:
+                            if not compacted:
+                                await back.wait()  # the view's first try after the break: etcd is back now
+                                await append_waves(owner, "c", WAVES_A[3:])
+                                # One more revision, so that compacting to now removes the watch's start.
+                                compacted.append(await etcd.put(b"/t/bump", b""))
+                                assert compacted[0] > start
+                                await etcd.compact(compacted[0])
+
+                        index.before_watch = behind_a_compaction
+                        servers_now.append(await trio.to_thread.run_sync(restart, servers_now[-1], tmp_path))
+                        back.set()
+                        await wait_position(seen, sum(map(sum, WAVES_A)))
+                        await append_waves(owner, "d", WAVES_B)
+                        await wait_position(seen, TOTAL)
+                        stats = index.statistics()
+                        assert compacted and stats.canceled == 1 and stats.loads == 2 and stats.reconnects >= 2
+                        nursery.cancel_scope.cancel()
+                    assert fields(tailed) == fields(await cluster.expected(TOTAL))
+        finally:
+            for server in servers_now[1:]:
+                server.kill()
 
 
 async def test_a_gap_loads_afresh_and_a_hole_is_data_loss(cluster: Cluster) -> None:
