@@ -129,8 +129,10 @@ class Tail:
     """Batches of one partition from an offset on, each once, in offset
     order. ``position`` is the offset the next batch starts at (the first
     one may start before the offset asked for: the batch holding it).
-    Raises DataLoss for batches that cannot be served (then it can go on
-    from ``position``, which the error's range tells how to move past)."""
+    Raises DataLoss for batches that cannot be served (to go on past them,
+    set ``position`` to the error's ``last + 1``), and ObjectStoreError or
+    EtcdError (etcd only for offsets below the index window) when a store
+    fails: nothing was consumed then, and the next call tries again."""
 
     def __init__(self, reader: IndexedReader, offset: int, max_bytes: int) -> None:
         self.reader = reader
