@@ -77,6 +77,12 @@ class DedupWindow:
             return None  # expired; _expire drops it on the next remember
         return stored
 
+    def loaded(self, topic_name: str) -> bool:
+        """Whether the topic's ids are in memory: once they are, only what
+        ``remember`` adds changes them; before, the first ``find`` reads
+        them back from what the log holds then."""
+        return topic_name in self._topics
+
     def remember(self, topic: Topic, msg_id: str, stored: Stored) -> None:
         ids = self._ids(topic, stored.timestamp)
         ids.by_id[msg_id] = stored
