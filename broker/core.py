@@ -476,6 +476,7 @@ class Broker:
         named = {i: msg_id for msg_id, i in names.items()} if names else None
         n = len(batches)
         done = 0
+        failed: StorageError | None = None
         try:
             topic = router.topics.get(topic_name) or router.topic(topic_name)
             durability = topic.log.durability
@@ -492,10 +493,17 @@ class Broker:
                         self.dedup.remember(topic, named[i], Stored(base, count, timestamp, held))
                     base += count
                 done += stored
-        except StorageError:
-            pass
+        except StorageError as exc:
+            # The failed write counts as the failed append of its first
+            # batch (the log reported it once): refused, as publish() would
+            # have refused it; the rest are tried one by one.
+            failed = exc
         for i in range(done, n):
             place = at[i]
+            if failed is not None:
+                results[place] = Refused(failed.code, failed.message, {"topic": topic_name})
+                failed = None
+                continue
             try:
                 topic = router.topic(topic_name)
                 base, timestamp, held = router.publish(topic, batches[i], counts[i], now)
