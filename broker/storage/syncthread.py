@@ -45,7 +45,13 @@ class SyncThread:
     def __init__(self, name: str = "pybroker fsync") -> None:
         self.name = name
         self._jobs: deque[_Job[Any] | None] = deque()
-        self._ready = threading.Semaphore(0)
+        # Held while the thread has nothing to do; released to wake it. A
+        # plain lock, not a threading.Semaphore (a Condition in Python: a
+        # lock, a waiter list and a second lock per wake-up). Only the trio
+        # thread releases it and only the worker acquires it, so "release
+        # if held" cannot race.
+        self._idle = threading.Lock()
+        self._idle.acquire()
         self._thread: threading.Thread | None = None
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -58,7 +64,7 @@ class SyncThread:
             self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
             self._thread.start()
         self._jobs.append(job)
-        self._ready.release()
+        self._wake()
         with trio.CancelScope(shield=True):
             await job.done.wait()
         if job.error is not None:
@@ -71,13 +77,20 @@ class SyncThread:
         if thread is None:
             return
         self._jobs.append(None)
-        self._ready.release()
+        self._wake()
         thread.join()
 
+    def _wake(self) -> None:
+        if self._idle.locked():
+            self._idle.release()
+
     def _work(self) -> None:
+        jobs = self._jobs
         while True:
-            self._ready.acquire()
-            job = self._jobs.popleft()
+            if not jobs:
+                self._idle.acquire()
+                continue
+            job = jobs.popleft()
             if job is None:
                 return
             try:
