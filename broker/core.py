@@ -482,6 +482,7 @@ class Broker:
             durability = topic.log.durability
             while done < n:
                 stored, base, timestamp, helds = router.publish_many(topic, batches, counts, done, now)
+                remembered: list[tuple[str, Stored]] = []
                 for i in range(done, done + stored):
                     count = counts[i]
                     place = at[i]
@@ -490,8 +491,9 @@ class Broker:
                         topic, base, count, timestamp, held, durability, False, frames[place][0]
                     )
                     if named is not None and i in named:
-                        self.dedup.remember(topic, named[i], Stored(base, count, timestamp, held))
+                        remembered.append((named[i], Stored(base, count, timestamp, held)))
                     base += count
+                self.dedup.remember_many(topic, remembered)
                 done += stored
         except StorageError as exc:
             # The failed write counts as the failed append of its first

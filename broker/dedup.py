@@ -89,6 +89,17 @@ class DedupWindow:
         ids.order.append((stored.timestamp, msg_id))
         self._expire(ids, stored.timestamp)
 
+    def remember_many(self, topic: Topic, named: list[tuple[str, Stored]]) -> None:
+        """``remember`` each, in order (the DEDUP batches of one write)."""
+        if not named:
+            return
+        ids = self._ids(topic, named[0][1].timestamp)
+        by_id, order = ids.by_id, ids.order
+        for msg_id, stored in named:
+            by_id[msg_id] = stored
+            order.append((stored.timestamp, msg_id))
+        self._expire(ids, named[-1][1].timestamp)
+
     def forget(self, topic_name: str) -> None:
         self._topics.pop(topic_name, None)
 

@@ -230,3 +230,35 @@ def test_a_first_dedup_frame_sees_a_named_plain_batch_before_it_in_the_run(tmp_p
         assert broker.router.topics["p.t"].log.next_offset == 1
     finally:
         broker.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    headers=st.dictionaries(st.sampled_from(["msg-id", "a", "msg-i", "msg-idd"]), st.text(max_size=8), max_size=3),
+    msg_id=st.one_of(st.none(), st.text(max_size=20)),
+    cut=st.integers(0, 80),
+    flip=st.one_of(st.none(), st.integers(0, 60)),
+)
+def test_first_msg_id_reads_in_place_what_decoding_every_header_reads(
+    headers: dict[str, str], msg_id: str | None, cut: int, flip: int | None
+) -> None:
+    """first_msg_id reads the bundled client's msg-id in place: the same
+    answer (or the same MalformedBatch) as decoding every header, for any
+    headers, cut or damaged anywhere."""
+    from pybroker.protocol import MalformedBatch, encode_record, first_headers, first_msg_id
+
+    record = encode_record(b"payload", headers or None)
+    if msg_id is not None:
+        record = with_msg_id(record, msg_id)
+    batch = bytearray(encode_batch_from_records([record]))
+    if flip is not None and flip < len(batch):
+        batch[flip] ^= 0x80
+    data = bytes(batch[: len(batch) - cut] if cut < len(batch) else batch)
+
+    def outcome(fn: Any) -> Any:
+        try:
+            return ("ok", fn(data))
+        except MalformedBatch:
+            return ("malformed",)
+
+    assert outcome(first_msg_id) == outcome(lambda b: first_headers(b).get("msg-id"))
