@@ -318,8 +318,8 @@ async def _publish_fast(spec: Spec, board: b.Board, state: Result) -> None:
                     state["first_offset"] = next_base = PUBACK_FRAME.unpack_from(buf, 0)[4]
                 next_id += whole
                 next_base += acked
-                name = _DURABILITY_NAMES[promised]
-                durability[name] = durability.get(name, 0) + acked
+                promise = _DURABILITY_NAMES[promised]
+                durability[promise] = durability.get(promise, 0) + acked
                 frames = whole
                 pos = whole * PUBACK_FRAME.size
             while end - pos >= HEADER_SIZE:
