@@ -381,6 +381,12 @@ class Router:
                         h.error = error
                 topic.held = held = deque(h for h in held if h.error is None)
                 self.events.sync_failed()  # a dead letter among them is redone
+            if held and not topic.subs and held[-1].seq <= seq:
+                # All of them, and nobody to deliver to (durable publishing
+                # with no subscriber): visible up to the last, in one step.
+                last = held[-1]
+                topic.visible_next = last.base + last.count
+                held.clear()
             while held and held[0].seq <= seq:
                 h = held.popleft()
                 base, timestamp, batch, count = h.base, h.timestamp, h.batch, h.count

@@ -11,6 +11,10 @@
 - ``partition``: one partition's owner (ownership, group-committed
   appends: one object and one fenced transaction per round) and reader
   (index in etcd, ranged GETs).
+- ``index``: one partition's index kept in memory from a range read and
+  an etcd watch; ``cache``: data objects' byte ranges (LRU in bytes,
+  single flight); ``tail``: reads and tails through the two, without an
+  etcd round trip per read.
 
 Nothing here imports the broker's core, sessions or HTTP side: these are
 storage-level building blocks (``partition`` uses the single-node log's
