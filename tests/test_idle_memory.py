@@ -55,11 +55,11 @@ TIMEOUT = 10.0
 MEASURED = 300
 #: Bytes of Python objects an idle subscriber's connection may cost (a
 #: session, its outbox, acknowledgements and codec state, the socket
-#: objects, one subscription). Measured 3.0-3.2 KB here with parking and
+#: objects, one subscription). Measured 3,150-3,160 B here with parking and
 #: slots; 10.7 KB before (a task, its frames, a nursery, cancel scopes and
-#: events per connection). The bound leaves room for small additions, not
-#: for a task per connection.
-BYTES_PER_IDLE_CONNECTION = 4500
+#: events per connection); 4,525 B with a dict instead of the session's
+#: slots. The bound leaves room for small additions, not for those.
+BYTES_PER_IDLE_CONNECTION = 4000
 
 # The child opens ``count`` connections, each with a HELLO and a SUBSCRIBE
 # written at once, says "ready" and holds them until its stdin closes. In a
