@@ -122,6 +122,10 @@ class Config:
     #: Bound on the bytes queued for one connection before its subscriptions
     #: are switched to catching up from the log (protocol.md, "Flow control").
     outbound_queue_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_AT_LEAST_ONE)
+    #: Bytes of the batches delivered live last, all topics together, kept
+    #: in memory for subscribers that fell behind (broker/recent.py): one
+    #: catching up within them is not served from the log.
+    recent_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=attrs.validators.ge(0))
     #: Bytes of frames in progress (arrived, not yet whole) that all
     #: connections together may hold beyond each one's free allowance
     #: (broker/framebudget.py); when spent, connections needing more stop

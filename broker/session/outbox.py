@@ -326,7 +326,11 @@ class Outbox:
                     try:
                         if offset < first:
                             raise DataLoss(topic.name, offset, first - 1, "retention")
-                        batches = log.read(offset, limit - self.queued_bytes - self.sending)
+                        room = limit - self.queued_bytes - self.sending
+                        # Not far behind: the batches delivered live moments
+                        # ago are still in memory (broker/recent.py).
+                        recent = topic.recent
+                        batches = (recent.read(offset, room) if recent is not None else None) or log.read(offset, room)
                     except DataLoss as lost:
                         if lost.last >= topic.visible_next:  # not yet visible: not ours to report
                             lost = DataLoss(lost.topic, lost.first, topic.visible_next - 1, lost.reason)
