@@ -19,6 +19,14 @@ def escape(name: str) -> bytes:
     return name.replace("%", "%25").replace("/", "%2F").encode("utf-8")
 
 
+def unescape(segment: bytes) -> str:
+    """The name ``escape`` made ``segment`` of (ValueError if it is not one)."""
+    text = segment.decode("utf-8")
+    if "/" in text:
+        raise ValueError(f"not one key segment: {segment!r:.200}")
+    return text.replace("%2F", "/").replace("%25", "%")
+
+
 def object_name(incarnation: int, round_number: int) -> str:
     """``data/{incarnation:016x}/{round:012d}``: the incarnation is the
     node's member lease id (unique in the etcd cluster's lifetime), the
@@ -49,3 +57,39 @@ class ClusterKeys:
 
     def gone(self, object_key: str) -> bytes:
         return self.prefix + b"gone/" + object_key.encode("utf-8")
+
+    # Membership, topics and owners (§3, §4): the ownership manager's keys.
+
+    @property
+    def members_prefix(self) -> bytes:
+        return self.prefix + b"members/"
+
+    def member(self, node: str) -> bytes:
+        return self.members_prefix + escape(node)
+
+    @property
+    def topics_prefix(self) -> bytes:
+        return self.prefix + b"topics/"
+
+    def topic(self, topic: str) -> bytes:
+        return self.topics_prefix + escape(topic)
+
+    @property
+    def own_prefix(self) -> bytes:
+        return self.prefix + b"own/"
+
+    def name_of(self, prefix: bytes, key: bytes) -> str:
+        """The name in ``{prefix}{name}`` (ValueError if ``key`` is not one)."""
+        if not key.startswith(prefix):
+            raise ValueError(f"{key!r:.200} is not under {prefix!r:.200}")
+        return unescape(key[len(prefix) :])
+
+    def partition_of(self, own_key: bytes) -> tuple[str, int]:
+        """(topic, partition) of an ``own/{topic}/{partition}`` key
+        (ValueError if it is not one)."""
+        if not own_key.startswith(self.own_prefix):
+            raise ValueError(f"{own_key!r:.200} is not an owner key")
+        topic, sep, number = own_key[len(self.own_prefix) :].partition(b"/")
+        if not sep or not number.isdigit():
+            raise ValueError(f"{own_key!r:.200} is not an owner key")
+        return unescape(topic), int(number)

@@ -53,6 +53,8 @@ MAX_QUEUED_ROUNDS = 4
 #: between them (each try is bounded by the etcd client's timeout).
 RESOLVE_ATTEMPTS = 5
 RESOLVE_PAUSE = 0.1
+#: How long a hand-over waits for the rounds already gathered to commit.
+DEFAULT_HAND_OVER_TIMEOUT = 10.0
 
 
 class AppendError(Exception):
@@ -223,6 +225,10 @@ class PartitionOwner:
         self._next_exists = False
         #: After an unresolved outcome: re-read the next offset before committing.
         self._stale = False
+        #: Set once ``lost`` is: the partition is no longer this owner's.
+        self.ended = anyio.Event()
+        #: Handing over: new appends are refused, queued rounds still commit.
+        self._handing_over = False
         self._rounds: deque[_Round] = deque()
         self._wake = anyio.Event()
         self._space = anyio.Event()
@@ -263,16 +269,35 @@ class PartitionOwner:
     async def release(self) -> bool:
         """Hand the partition over: stop appending and delete the owner key
         (fenced on the epoch). False if it was no longer ours anyway."""
-        if self.lost is None:
-            self.lost = "released"
+        self.stop("released")
         if not self.epoch:
             return False
         result = await self.etcd.txn([Compare.create_revision(self._own, "==", self.epoch)], [Delete(self._own)])
         return result.succeeded
 
-    def _lose(self, why: str) -> NotOwner:
+    async def hand_over(self, timeout: float = DEFAULT_HAND_OVER_TIMEOUT) -> bool:
+        """Give the partition up in order (docs/cluster.md §4): refuse new
+        appends (NotOwner: nothing of them is committed), let the rounds
+        already gathered commit and be acknowledged (for at most
+        ``timeout`` seconds), then ``release``. Rounds still not decided
+        then are refused by etcd (the owner key is gone) or, if their
+        transaction was already applied, stay committed: no acknowledged
+        append is lost either way. True if the fenced delete succeeded."""
+        self._handing_over = True
+        with anyio.move_on_after(timeout):
+            while self._rounds and self.lost is None:
+                await self._space.wait()
+        return await self.release()
+
+    def stop(self, why: str) -> None:
+        """Stop owning (appends get NotOwner from now on) without touching
+        etcd; ``lost`` says ``why`` unless it already said something."""
         if self.lost is None:
             self.lost = why
+            self.ended.set()
+
+    def _lose(self, why: str) -> NotOwner:
+        self.stop(why)
         return NotOwner(f"partition {self.topic}[{self.partition}]: {self.lost}")
 
     def _check_owning(self) -> None:
@@ -280,6 +305,8 @@ class PartitionOwner:
             raise NotOwner(f"partition {self.topic}[{self.partition}] is not acquired")
         if self.lost is not None:
             raise self._lose(self.lost)
+        if self._handing_over:
+            raise NotOwner(f"partition {self.topic}[{self.partition}] is being handed over")
         if not self.keeper.held():
             raise self._lose(f"lease {self.keeper.lease:x} is past its deadline")
 
@@ -351,8 +378,7 @@ class PartitionOwner:
             if committing is not None and not committing.done.is_set():
                 # Stopped during its PUT or transaction: it may have committed.
                 committing.finish(OutcomeUnknown(f"partition {self.topic}[{self.partition}]: the owner stopped mid-commit"))
-            if self.lost is None:
-                self.lost = "the owner's commit loop stopped"
+            self.stop("the owner's commit loop stopped")
             for pending in self._rounds:
                 if pending is committing:
                     continue
