@@ -14,7 +14,7 @@ import time
 
 import attrs
 
-from .etcd import Etcd, KeyValue
+from .etcd import NOT_FOUND, Etcd, EtcdError, KeyValue
 from .keys import ClusterKeys
 from .lease import LeaseKeeper, LeaseLost
 from .mirror import PrefixMirror
@@ -93,7 +93,12 @@ class Membership:
         if not self.keeper.held():
             raise LeaseLost(f"lease {self.keeper.lease:x} is not held")
         self.me = attrs.evolve(self.me, lease=self.keeper.lease)
-        await self.etcd.put(self.keys.member(self.node), self.me.encode(), lease=self.keeper.lease)
+        try:
+            await self.etcd.put(self.keys.member(self.node), self.me.encode(), lease=self.keeper.lease)
+        except EtcdError as exc:
+            if exc.code == NOT_FOUND:  # "requested lease not found": it ended
+                raise LeaseLost(f"lease {self.keeper.lease:x} is gone: {exc.message}") from None
+            raise
 
     async def leave(self) -> None:
         """Delete this node's key (its lease stays: it may still be

@@ -42,6 +42,8 @@ class PrefixMirror:
         self.synced = anyio.Event()
         #: Fresh range reads after the first (watch canceled, broken, or etcd unreachable).
         self.restarts = 0
+        #: Why it last started over (None before the first restart).
+        self.last_error: EtcdError | None = None
         self._changed = anyio.Event()
         self._log = get_logger(component="cluster-mirror", prefix=name or prefix.decode("utf-8", "replace"))
 
@@ -68,6 +70,7 @@ class PrefixMirror:
             except EtcdError as exc:  # WatchCanceled, EtcdUnavailable, a refused call
                 self._log.info("mirror starts over", error=str(exc), pause=pause)
                 self.restarts += 1
+                self.last_error = exc
                 await anyio.sleep(pause)
                 pause = min(RETRY_MAX, pause * 2)
 
