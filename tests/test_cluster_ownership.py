@@ -11,13 +11,33 @@ recorded; the checker reads each partition back from etcd and the store.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import sys
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 import trio
 
 from helpers.cluster import Server, etcd_server, weed_server
-from helpers.cluster_nodes import ClusterConfig, ClusterNode, Publisher, batch_of, check_partition, settled, wait_until
+from helpers.cluster_nodes import (
+    ClusterConfig,
+    ClusterNode,
+    Outcome,
+    Publisher,
+    batch_of,
+    check_partition,
+    settled,
+    wait_until,
+)
+from helpers.procs import spawn_argv
 from pybroker.protocol import check_batch
 from pybroker.server.cluster.etcd import Etcd
 from pybroker.server.cluster.keys import ClusterKeys
@@ -58,7 +78,7 @@ async def start(nursery: trio.Nursery, config: ClusterConfig, names: list[str], 
     return nodes
 
 
-async def check_all(config: ClusterConfig, publisher: Publisher) -> dict[int, int]:
+async def check_all(config: ClusterConfig, publisher: Publisher | _Recorded) -> dict[int, int]:
     """Every partition read back and checked; {partition: end offset}."""
     ends = {}
     async with Etcd(config.etcd_url) as etcd, ObjectStore(config.s3_url, BUCKET, prefix=config.object_prefix) as store:
@@ -192,9 +212,14 @@ async def test_a_node_whose_lease_is_revoked_loses_its_partitions(config: Cluste
                 for p in range(PARTITIONS):
                     publishers.start_soon(publisher.stream, p, "r", stop)
                 await wait_until(nodes, lambda: all(len(publisher.acked(p)) >= 3 for p in range(PARTITIONS)), WAIT)
-                async with Etcd(config.etcd_url) as etcd:
+                victims = {config.keys.own(TOPIC, p) for p, (owner, _) in before.items() if owner == "n3"}
+                async with Etcd(config.etcd_url) as etcd, etcd.watch(config.keys.own_prefix, prefix=True) as watch:
                     await etcd.revoke(victim.keeper.lease)
-                revoked_at = trio.current_time()
+                    revoked_at = trio.current_time()
+                    fenced_at = 0  # the revision at which etcd deleted its owner keys
+                    while not fenced_at:
+                        batch = await watch.__anext__()
+                        fenced_at = next((e.kv.mod_revision for e in batch.events if e.kv.key in victims), 0)
                 assert victim.keeper.held()  # it does not know yet
                 await victim.ended.wait()  # it finds out at its next renewal, and stops
                 assert victim.lease_lost.is_set()
@@ -211,9 +236,21 @@ async def test_a_node_whose_lease_is_revoked_loses_its_partitions(config: Cluste
                 assert after[p][0] == first(["n1", "n2"], TOPIC, p) and after[p][1] > epoch
             else:
                 assert after[p] == (owner, epoch)
-        late = [o for o in publisher.history if o.node == "n3" and o.at > revoked_at]
-        assert all(o.result in ("refused", "unknown") for o in late), late
         await check_all(config, publisher)
+        # What it acknowledged, even when the answer came after the
+        # revocation, had been committed before its keys were deleted.
+        async with Etcd(config.etcd_url) as etcd:
+            for o in publisher.history:
+                if o.node == "n3" and o.result == "ok":
+                    below = await etcd.range(
+                        config.keys.index_prefix(TOPIC, o.partition),
+                        config.keys.index(TOPIC, o.partition, o.offset) + b"\x00",
+                        limit=1,
+                        descending=True,
+                    )
+                    assert below.kvs[0].create_revision < fenced_at, (o, fenced_at)
+        late = [o.result for o in publisher.history if o.node == "n3" and o.at > revoked_at]
+        print(f"\nrevoked: n3's outcomes answered after the revocation: {sorted(Counter(late).items())}")
 
 
 async def test_a_joining_node_takes_exactly_the_partitions_it_ranks_first_for(config: ClusterConfig) -> None:
@@ -247,3 +284,139 @@ async def test_a_joining_node_takes_exactly_the_partitions_it_ranks_first_for(co
                 assert outcome.node == after[p][0]
             nursery.cancel_scope.cancel()
         assert await check_all(config, publisher) == {p: 3 for p in range(PARTITIONS)}
+
+
+RUNNER = Path(__file__).parent / "helpers" / "cluster_node_runner.py"
+
+
+async def etcd_view(etcd: Etcd, keys: ClusterKeys) -> tuple[dict[str, int], dict[int, tuple[str, int]]]:
+    """({member: lease}, {partition: (owner node, lease)}) as etcd has them now."""
+    members = {
+        keys.name_of(keys.members_prefix, kv.key): kv.lease for kv in (await etcd.get_prefix(keys.members_prefix)).kvs
+    }
+    owners = {}
+    for kv in (await etcd.get_prefix(keys.own_prefix)).kvs:
+        topic, partition = keys.partition_of(kv.key)
+        if topic == TOPIC:
+            owners[partition] = (json.loads(kv.value)["node"], kv.lease)
+    return members, owners
+
+
+async def settled_in_etcd(etcd: Etcd, keys: ClusterKeys, names: set[str], timeout: float = WAIT) -> dict[str, int]:
+    """Poll etcd (bounded) until exactly ``names`` are members and each
+    partition is owned, under its owner's current lease, by the node the
+    ranking puts first among them; the members' leases."""
+    with trio.fail_after(timeout):
+        while True:
+            members, owners = await etcd_view(etcd, keys)
+            if set(members) == names and all(
+                owners.get(p) == (top, members[top]) for p in range(PARTITIONS) if (top := first(names, TOPIC, p))
+            ):
+                return members
+            await trio.sleep(0.1)
+
+
+def read_history(paths: list[Path]) -> list[dict[str, Any]]:
+    events = []
+    for path in paths:
+        if path.exists():
+            events += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return events
+
+
+async def progress(paths: list[Path], more: int, timeout: float = WAIT) -> None:
+    """Poll the histories (bounded) until every partition has ``more``
+    acknowledgements beyond those it has now."""
+
+    def acked() -> dict[int, int]:
+        counts = dict.fromkeys(range(PARTITIONS), 0)
+        for event in read_history(paths):
+            if event["e"] == "ok":
+                counts[event["p"]] += 1
+        return counts
+
+    start = acked()
+    with trio.fail_after(timeout):
+        while any(n < start[p] + more for p, n in acked().items()):
+            await trio.sleep(0.1)
+
+
+def outcomes(events: list[dict[str, Any]]) -> list[Outcome]:
+    """The histories as outcomes: an invocation with no answer (its process
+    was killed) is unknown."""
+    answered = {e["tag"] for e in events if e["e"] != "invoke"}
+    out = []
+    for e in events:
+        if e["e"] == "invoke":
+            if e["tag"] not in answered:
+                out.append(Outcome(e["p"], batch_of(e["tag"], 2), "unknown", node=e["tag"].split(".")[0]))
+            continue
+        out.append(Outcome(e["p"], batch_of(e["tag"], 2), e["e"], e.get("offset", -1), e["tag"].split(".")[0]))
+    return out
+
+
+async def test_nodes_as_processes_killed_and_paused_past_their_lease(config: ClusterConfig, tmp_path: Path) -> None:
+    """Three node processes append to the partitions they own. One is
+    SIGKILLed: the others take its partitions once its lease ends. Another
+    is SIGSTOPped until etcd has expired its lease and the last node owns
+    everything, then SIGCONTed: it acknowledges nothing under its old
+    lease after waking, rejoins with a new lease and takes back the
+    partitions it ranks first for. Every acknowledged append reads back at
+    its offset, offsets are dense, an unanswered one is stored at most once."""
+    ttl = 3
+    histories = {name: tmp_path / f"{name}.jsonl" for name in ("n1", "n2", "n3")}
+    args = [
+        "--etcd", config.etcd_url, "--s3", config.s3_url, "--bucket", BUCKET,
+        "--object-prefix", config.object_prefix, "--key-prefix", config.keys.prefix.decode(),
+        "--topic", TOPIC, "--partitions", str(PARTITIONS), "--ttl", str(ttl),
+    ]  # fmt: skip
+    paths = list(histories.values())
+    with trio.fail_after(WAIT * 4):
+        async with Etcd(config.etcd_url) as etcd, AsyncExitStack() as stack:
+            children = {}
+            for name, history in histories.items():
+                argv = [sys.executable, str(RUNNER), *args, "--node", name, "--history", str(history)]
+                children[name] = await stack.enter_async_context(spawn_argv(argv, name))
+            for name, child in children.items():
+                await child.stdout.wait_for(lambda lines, n=name: n if any('"ready"' in line for line in lines) else None, WAIT)
+            leases = await settled_in_etcd(etcd, config.keys, {"n1", "n2", "n3"})
+            await progress(paths, 3)
+
+            children["n1"].process.kill()  # SIGKILL
+            await settled_in_etcd(etcd, config.keys, {"n2", "n3"})
+            await progress(paths, 3)
+
+            paused = children["n2"].process
+            os.kill(paused.pid, signal.SIGSTOP)
+            try:
+                await settled_in_etcd(etcd, config.keys, {"n3"})  # n2's lease expired in etcd
+                assert await etcd.time_to_live(leases["n2"]) == -1
+                await progress([histories["n3"]], 3)
+                resumed_at = time.time()
+            finally:
+                os.kill(paused.pid, signal.SIGCONT)
+            rejoined = await settled_in_etcd(etcd, config.keys, {"n2", "n3"})
+            assert rejoined["n2"] != leases["n2"]  # a new incarnation
+            await progress(paths, 3)
+            for child in children.values():
+                if child.returncode is None:
+                    child.process.kill()
+            for name, child in children.items():
+                await child.wait()
+                assert "Traceback" not in child.stderr.text(), (name, child.stderr.text()[-3000:])
+    events = read_history(paths)
+    old_lease = [e for e in events if e["tag"].startswith("n2.") and e["lease"] == leases["n2"]]
+    assert [e for e in old_lease if e["e"] == "ok" and e["wall"] >= resumed_at] == []
+    late = [e for e in old_lease if e["wall"] >= resumed_at and e["e"] != "invoke"]
+    assert all(e["e"] in ("refused", "unknown") for e in late), late
+    new_lease = [e for e in events if e["tag"].startswith("n2.") and e["lease"] == rejoined["n2"] and e["e"] == "ok"]
+    assert new_lease  # it took partitions back and acknowledges again
+    history = outcomes(events)
+    await check_all(config, _Recorded(history))
+    counts = Counter((o.node, o.result) for o in history)
+    print(f"\nmulti-process history: {sorted(counts.items())}; n2 after waking, old lease: {Counter(e['e'] for e in late)}")
+
+
+@attrs.frozen
+class _Recorded:
+    history: list[Outcome]
