@@ -253,6 +253,28 @@ async def test_a_node_whose_lease_is_revoked_loses_its_partitions(config: Cluste
         print(f"\nrevoked: n3's outcomes answered after the revocation: {sorted(Counter(late).items())}")
 
 
+async def test_a_member_key_deleted_behind_a_nodes_back_is_written_again(config: ClusterConfig) -> None:
+    """Someone deletes a live node's member key (its lease lives on): the
+    node writes it again, and the ownership it held does not move."""
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nodes = await start(nursery, config, ["n1", "n2"])
+            await wait_until(nodes, lambda: settled(nodes, TOPIC, PARTITIONS), WAIT)
+            before = holders(nodes)
+            async with Etcd(config.etcd_url) as etcd:
+                assert await etcd.delete(config.keys.member("n1")) == 1
+                with trio.fail_after(WAIT):
+                    while (kv := await etcd.get(config.keys.member("n1"))) is None:
+                        await trio.sleep(0.05)
+                assert nodes[0].keeper is not None and kv.lease == nodes[0].keeper.lease
+            await wait_until(nodes, lambda: settled(nodes, TOPIC, PARTITIONS), WAIT)
+            after = holders(nodes)
+            nursery.cancel_scope.cancel()
+        # The other node may have ranked without n1 meanwhile, but no owner
+        # key was free, so nothing moved.
+        assert after == before
+
+
 async def test_a_joining_node_takes_exactly_the_partitions_it_ranks_first_for(config: ClusterConfig) -> None:
     """A fourth node joins three settled ones: it ends up holding exactly
     the partitions it ranks first for, handed over by their owners, and

@@ -11,6 +11,12 @@
 - ``partition``: one partition's owner (ownership, group-committed
   appends: one object and one fenced transaction per round) and reader
   (index in etcd, ranged GETs).
+- ``mirror``: the keys under an etcd prefix kept in memory (range read,
+  then a watch from its revision + 1; a fresh read when the watch ends).
+- ``members``, ``topics``: membership (``members/{node}`` under the
+  member lease) and the topic registry (partition counts).
+- ``ranking``, ``ownership``: rendezvous ranking, and the ownership
+  manager that acquires, hands over and takes over partitions.
 
 Nothing here imports the broker's core, sessions or HTTP side: these are
 storage-level building blocks (``partition`` uses the single-node log's

@@ -127,6 +127,7 @@ class OwnershipManager:
         self._changed = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._full_logged = False
+        self._registering = False
         self._log = get_logger(component="cluster-ownership", node=self.node)
 
     # -- what every node knows ------------------------------------------------
@@ -225,6 +226,12 @@ class OwnershipManager:
                 await anyio.sleep(pause)
                 pause = min(RETRY_MAX, pause * 2)
 
+    async def _reregister(self) -> None:
+        try:
+            await self._register()
+        finally:
+            self._registering = False
+
     async def _forward(self, mirror: PrefixMirror) -> None:
         while True:
             await mirror.changed()
@@ -251,15 +258,27 @@ class OwnershipManager:
         assert self._tg is not None
         now = anyio.current_time()
         members = self.membership.members
+        if self.node not in members and not self.leaving and not self._registering and self.keeper.held():
+            # Our member key went while the lease lives (deleted by hand, or
+            # the mirror read just before our put): write it again.
+            self._registering = True
+            self._tg.start_soon(self._reregister)
+        ranked = set(members)
+        if not self.leaving and self.keeper.held():
+            # This node is live while its lease holds, whether or not the
+            # mirror shows its key yet: it never hands over for want of itself.
+            ranked.add(self.node)
+        else:
+            ranked.discard(self.node)
         topics = self.topics.topics
         wanted: set[Partition] = set()
-        for topic, info in topics.items():
-            for partition in range(info.partitions):
+        for topic, record in topics.items():
+            for partition in range(record.partitions):
                 wanted.add((topic, partition))
         for tp in list(self._held):
             if tp not in wanted:
                 wanted.add(tp)  # a topic that vanished: hand its partitions over below
-        for tp in sorted(wanted):
+        for tp in sorted(wanted):  # sorted: acquisitions start in a stable order
             if tp in self._busy:
                 continue
             topic, partition = tp
@@ -267,7 +286,7 @@ class OwnershipManager:
             owner = self.owner_of(topic, partition)
             info = topics.get(topic)
             listed = info is not None and partition < info.partitions
-            top = first(members, topic, partition) if listed else None
+            top = first(ranked, topic, partition) if listed else None
             if held is not None:
                 self._check_held(tp, held, owner, top, listed)
                 continue
