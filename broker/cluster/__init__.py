@@ -15,6 +15,8 @@
   then a watch from its revision + 1; a fresh read when the watch ends).
 - ``members``, ``topics``: membership (``members/{node}`` under the
   member lease) and the topic registry (partition counts).
+- ``dedup``: exactly-once: msg-ids an owner remembers and the window
+  leases its ``dedup/`` entries live under.
 - ``ranking``, ``ownership``: rendezvous ranking, and the ownership
   manager that acquires, hands over and takes over partitions.
 

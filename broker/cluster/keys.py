@@ -8,6 +8,8 @@ reaches another's keys (``a`` and ``a/b`` are both valid topic names).
 
 from __future__ import annotations
 
+import base64
+
 import attrs
 
 #: Width of an offset in an index key: 20 digits hold any u64.
@@ -54,6 +56,14 @@ class ClusterKeys:
 
     def index(self, topic: str, partition: int, first: int) -> bytes:
         return self.index_prefix(topic, partition) + b"%0*d" % (OFFSET_DIGITS, first)
+
+    def dedup_prefix(self, topic: str, partition: int) -> bytes:
+        return self._partition(b"dedup", topic, partition) + b"/"
+
+    def dedup(self, topic: str, partition: int, msg_id: bytes) -> bytes:
+        """``dedup/{topic}/{partition}/{msg-id}``, the msg-id (1 to 128
+        arbitrary bytes) as unpadded base64url."""
+        return self.dedup_prefix(topic, partition) + base64.urlsafe_b64encode(msg_id).rstrip(b"=")
 
     def gone(self, object_key: str) -> bytes:
         return self.prefix + b"gone/" + object_key.encode("utf-8")

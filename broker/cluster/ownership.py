@@ -30,6 +30,7 @@ import anyio
 import attrs
 
 from ..logs import get_logger
+from .dedup import DEFAULT_DEDUP_WINDOW, WindowLeases
 from .etcd import Compare, Delete, Etcd, EtcdError
 from .keys import ClusterKeys
 from .lease import LeaseKeeper, LeaseLost
@@ -123,6 +124,7 @@ class OwnershipManager:
         self._retry: dict[Partition, tuple[float, float]] = {}  # partition -> (not before, backoff)
         self._limiter = anyio.CapacityLimiter(max_concurrent)
         self._names: ObjectNames | None = None
+        self._windows: WindowLeases | None = None
         self._wake = anyio.Event()
         self._changed = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -181,6 +183,9 @@ class OwnershipManager:
         if not self.keeper.held():
             raise LeaseLost(f"lease {self.keeper.lease:x} is not held")
         self._names = ObjectNames(self.keeper.lease)
+        # One set of window leases for all of this node's partitions.
+        window = float(self.owner_options.get("dedup_window", DEFAULT_DEDUP_WINDOW))
+        self._windows = WindowLeases(self.etcd, window)
         lease_lost = False
 
         async def watch_lease() -> None:
@@ -348,7 +353,8 @@ class OwnershipManager:
         topic, partition = tp
         owner = PartitionOwner(
             self.etcd, self.store, self.keeper, topic, partition,
-            keys=self.keys, node=self.node, addr=self.addr, names=self._names, **self.owner_options,
+            keys=self.keys, node=self.node, addr=self.addr, names=self._names, windows=self._windows,
+            **self.owner_options,
         )  # fmt: skip
         try:
             with anyio.fail_after(self.etcd.timeout * 2):
