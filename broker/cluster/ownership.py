@@ -24,6 +24,7 @@ backoff, and a periodic re-check (``resync``) besides the watch events.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -161,7 +162,19 @@ class OwnershipManager:
 
     def first_choice(self, topic: str, partition: int) -> str | None:
         """The live member ranked first for the partition, as this node sees it."""
-        return first(self.membership.members, topic, partition)
+        return first(self._ranked(self.membership.members), topic, partition)
+
+    def _ranked(self, members: dict[str, Any]) -> set[str]:
+        """The members this node ranks: itself included until it leaves,
+        whether or not its mirror shows its key yet, so that it never hands
+        over for want of itself (its lease decides whether it lives: once
+        it is lost the node stops altogether)."""
+        ranked = set(members)
+        if self.leaving:
+            ranked.discard(self.node)
+        else:
+            ranked.add(self.node)
+        return ranked
 
     async def changed(self) -> None:
         """Wait for the next change of this node's view or holdings."""
@@ -201,7 +214,9 @@ class OwnershipManager:
                     tg.start_soon(mirror.run)
                     tg.start_soon(self._forward, mirror)
                 tg.start_soon(watch_lease)
-                await self._register()
+                if not await self._register():
+                    lease_lost = True
+                    tg.cancel_scope.cancel()
                 for mirror in (self.membership.mirror, self.topics.mirror, self.owners):
                     await mirror.synced.wait()
                 while True:
@@ -216,17 +231,20 @@ class OwnershipManager:
         if lease_lost:
             raise LeaseLost(f"node {self.node}: member lease {self.keeper.lease:x} is lost")
 
-    async def _register(self) -> None:
-        """Write the member key, retrying (with a backoff) while the lease holds."""
+    async def _register(self) -> bool:
+        """Write the member key, retrying (with a backoff) while the lease
+        holds; False once it does not (LeaseLost, or past its deadline)."""
         pause = RETRY_MIN
         while True:
             try:
                 with anyio.fail_after(self.etcd.timeout * 2):
                     await self.membership.register()
-                return
+                return True
+            except LeaseLost:
+                return False
             except (EtcdError, TimeoutError) as exc:
                 if not self.keeper.held():
-                    raise LeaseLost(f"node {self.node}: lease {self.keeper.lease:x} ended before it registered") from exc
+                    return False
                 self._log.info("registering failed", error=repr(exc), retry_in=pause)
                 await anyio.sleep(pause)
                 pause = min(RETRY_MAX, pause * 2)
@@ -268,13 +286,7 @@ class OwnershipManager:
             # the mirror read just before our put): write it again.
             self._registering = True
             self._tg.start_soon(self._reregister)
-        ranked = set(members)
-        if not self.leaving and self.keeper.held():
-            # This node is live while its lease holds, whether or not the
-            # mirror shows its key yet: it never hands over for want of itself.
-            ranked.add(self.node)
-        else:
-            ranked.discard(self.node)
+        ranked = self._ranked(members)
         topics = self.topics.topics
         wanted: set[Partition] = set()
         for topic, record in topics.items():
@@ -299,7 +311,7 @@ class OwnershipManager:
                 if owner.node == self.node and owner.lease == self.keeper.lease:
                     # Ours, by this lease, yet not served (an acquisition whose
                     # answer was lost, or a release that failed): delete it, fenced.
-                    self._start(tp, self._drop_key(tp, owner.epoch))
+                    self._start(tp, self._drop_key, tp, owner.epoch)
                 continue
             if self.leaving or top != self.node or not self.keeper.held():
                 continue
@@ -311,7 +323,7 @@ class OwnershipManager:
             not_before, _ = self._retry.get(tp, (0.0, 0.0))
             if now < not_before:
                 continue
-            self._start(tp, self._acquire(tp))
+            self._start(tp, self._acquire, tp)
 
     def _check_held(self, tp: Partition, held: _Held, owner: OwnerInfo | None, top: str | None, listed: bool) -> None:
         partition_owner = held.owner
@@ -328,17 +340,19 @@ class OwnershipManager:
             return
         if self.leaving or not listed or (top is not None and top != self.node):
             held.handing_over = True
-            self._start(tp, self._hand_over(tp, held))
+            self._start(tp, self._hand_over, tp, held)
 
-    def _start(self, tp: Partition, job: Any) -> None:
+    def _start(self, tp: Partition, job: Callable[..., Awaitable[None]], *args: Any) -> None:
+        # The job is called in its task, not here: a coroutine made now
+        # would never be awaited if the task group ended first.
         assert self._tg is not None
         self._busy.add(tp)
-        self._tg.start_soon(self._job, tp, job)
+        self._tg.start_soon(self._job, tp, job, *args)
 
-    async def _job(self, tp: Partition, job: Any) -> None:
+    async def _job(self, tp: Partition, job: Callable[..., Awaitable[None]], *args: Any) -> None:
         try:
             async with self._limiter:
-                await job
+                await job(*args)
         finally:
             self._busy.discard(tp)
             self._poke()
