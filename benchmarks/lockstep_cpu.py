@@ -1,6 +1,7 @@
 """Broker CPU per message with one message per PUBLISH frame, in lockstep.
 
     python benchmarks/lockstep_cpu.py                     # paced and durable, fsync never and always
+    python benchmarks/lockstep_cpu.py --modes dedup       # durable with flag DEDUP on every frame
     python benchmarks/lockstep_cpu.py --python ../other/.venv/bin/python   # another tree's broker
 
 `pybroker bench latency --per-frame 1` and `bench durable --batch 1` give
@@ -16,6 +17,8 @@ step takes, not the work it gives the broker.
   subscribers (what `bench latency --per-frame 1` offers per 1 ms tick).
 - ``durable``: 256 one-message PUBLISH frames per step, no subscribers (a
   window of 256 in flight, refilled a window at a time).
+- ``dedup``: as ``durable``, each frame with flag DEDUP and a msg-id of its
+  own (what the client library sends by default).
 
 The broker (``PYTHON -m pybroker serve`` on a temporary data directory) is
 pinned to the first CPU and this process to the second. Broker CPU is
@@ -36,7 +39,18 @@ import sys
 import tempfile
 import time
 
-from pybroker.protocol import NEED_DATA, Connection, Hello, Role, Subscribe, encode_batch, encode_publish
+from pybroker.protocol import (
+    NEED_DATA,
+    Connection,
+    Hello,
+    Role,
+    Subscribe,
+    encode_batch,
+    encode_batch_from_records,
+    encode_publish,
+    encode_record,
+    with_msg_id,
+)
 
 #: PUBACK frame: header 6 + body 29 (protocol.md, "PUBACK").
 PUBACK_BYTES = 35
@@ -135,12 +149,18 @@ def run(python: str, mode: str, fsync: str, steps: int, pin: bool) -> dict[str, 
         request_id = 0
         deliver_bytes = (DELIVER_FIXED_BYTES + len(TOPIC) + len(batch)) * per_step
 
+        record = encode_record(b"x" * 128)
+
         def step() -> None:
             nonlocal request_id
             frames = []
             for _ in range(per_step):
                 request_id += 1
-                frames.append(encode_publish(request_id, TOPIC, batch))
+                if mode == "dedup":
+                    named = encode_batch_from_records([with_msg_id(record, f"lockstep.{request_id}")])
+                    frames.append(encode_publish(request_id, TOPIC, named, dedup=True))
+                else:
+                    frames.append(encode_publish(request_id, TOPIC, batch))
             pub.sendall(b"".join(frames))
             _drain(pub, PUBACK_BYTES * per_step)
             for sock in subs:

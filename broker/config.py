@@ -121,7 +121,15 @@ class Config:
     limits: Limits = Limits()
     #: Bound on the bytes queued for one connection before its subscriptions
     #: are switched to catching up from the log (protocol.md, "Flow control").
-    outbound_queue_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_AT_LEAST_ONE)
+    #: Four times the default frame limit: with batches as large as a frame,
+    #: a subscriber keeps batches in flight while the next ones queue,
+    #: instead of reading every other one back from the log. The batches
+    #: queued for many subscribers are the same bytes objects, shared.
+    outbound_queue_bytes: int = attrs.field(default=16 * 1024 * 1024, validator=_AT_LEAST_ONE)
+    #: Bytes of the batches delivered live last, all topics together, kept
+    #: in memory for subscribers that fell behind (broker/recent.py): one
+    #: catching up within them is not served from the log.
+    recent_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=attrs.validators.ge(0))
     #: Bytes of frames in progress (arrived, not yet whole) that all
     #: connections together may hold beyond each one's free allowance
     #: (broker/framebudget.py); when spent, connections needing more stop

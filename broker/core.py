@@ -182,7 +182,7 @@ class Broker:
                 # Locks the data directory and recovers the log.
                 store = FileStore(config.data_dir, config.topic_settings, min_free_bytes=config.min_free_bytes)
         self.store: LogStore = store
-        self.router = Router(store, events=self, inbox_grace=config.inbox_grace)
+        self.router = Router(store, events=self, inbox_grace=config.inbox_grace, recent_bytes=config.recent_bytes)
         self.committer = Committer(store, self.router, config.retention_check_seconds)
         state_dir = config.data_dir / "groups" if isinstance(store, FileStore) else None
         # Delivery counts are written before a delivery is sent, and fsynced
@@ -338,29 +338,38 @@ class Broker:
 
         What is shared: a topic's name and permission checks are made once
         for consecutive frames to it, and their batches are appended with
-        one write (Router.publish_many) and one hold sequence. A frame with
-        flags (NEEDS_RECEIVER, DEDUP, DELAYED) goes through :meth:`publish`
-        on its own, after the batches before it are stored. A batch whose
-        envelope cannot be a batch ends the run: the results cover the
-        frames before it, which are stored, and the error is returned for
-        the transport to raise (it closes the connection, as before).
+        one write (Router.publish_many) and one hold sequence. Flags
+        NEEDS_RECEIVER and DEDUP are handled in the same pass: a DEDUP
+        batch whose msg-id the topic remembers is answered with the
+        original's place; one whose msg-id an earlier frame of this run
+        named, not yet stored, first has the batches before it stored (and
+        their ids remembered), then is found like any other. A DELAYED
+        frame goes through :meth:`publish` on its own, after the batches
+        before it are stored. A batch whose envelope cannot be a batch ends
+        the run: the results cover the frames before it, which are stored,
+        and the error is returned for the transport to raise (it closes
+        the connection, as before).
         """
         results: list[Published | Refused | None] = []
         limits = self.limits
         max_messages = limits.max_batch_messages
-        topics = self.router.topics
+        router = self.router
+        topics = router.topics
         now = time.time_ns() // 1000
         checked: str | None = None  # the topic whose checks the last frame passed
         group = ""  # the topic of the batches waiting in ``batches`` (checked)
         batches: list[bytes] = []
         counts: list[int] = []
         at: list[int] = []  # their places in ``results``
+        # The msg-ids of the DEDUP batches among them, with their index in
+        # ``batches`` (a later frame naming one of them is a duplicate).
+        names: dict[str, int] = {}
         try:
             for request_id, topic_name, batch, flags in frames:
-                if flags:
+                if flags & PUBLISH_FLAG_DELAYED:
                     if batches:
-                        self._publish_group(group, batches, counts, at, frames, results, now)
-                        batches, counts, at = [], [], []
+                        self._publish_group(group, batches, counts, at, frames, results, now, names)
+                        batches, counts, at, names = [], [], [], {}
                     try:
                         published = self.publish(
                             who,
@@ -368,7 +377,7 @@ class Broker:
                             batch,
                             needs_receiver=bool(flags & PUBLISH_FLAG_NEEDS_RECEIVER),
                             dedup=bool(flags & PUBLISH_FLAG_DEDUP),
-                            delayed=bool(flags & PUBLISH_FLAG_DELAYED),
+                            delayed=True,
                         )
                     except Refused as refused:
                         results.append(refused)
@@ -378,8 +387,8 @@ class Broker:
                     continue
                 if topic_name != checked:
                     if batches:
-                        self._publish_group(group, batches, counts, at, frames, results, now)
-                        batches, counts, at = [], [], []
+                        self._publish_group(group, batches, counts, at, frames, results, now, names)
+                        batches, counts, at, names = [], [], [], {}
                     checked = None
                     if topic_name not in topics:
                         problem = topic_error(topic_name, limits.max_topic_bytes, limits.max_topic_depth)
@@ -399,16 +408,52 @@ class Broker:
                 if not crc_ok:
                     results.append(Refused(ErrorCode.CHECKSUM_MISMATCH, "batch CRC mismatch"))
                     continue
+                if flags:
+                    if flags & PUBLISH_FLAG_NEEDS_RECEIVER and not router.has_receivers(topic_name):
+                        results.append(
+                            Refused(ErrorCode.NO_RECEIVERS, f"no subscription or group receives {topic_name!r}")
+                        )
+                        continue
+                    if flags & PUBLISH_FLAG_DEDUP:
+                        try:
+                            msg_id = self._msg_id(topic_name, batch)
+                        except Refused as refused:
+                            results.append(refused)
+                            continue
+                        if msg_id is not None:
+                            if batches and (msg_id in names or not self.dedup.loaded(topic_name)):
+                                # Named earlier in this run, or the topic's ids
+                                # are yet to be read back from its log: store
+                                # the batches before it first, as publish()
+                                # one frame at a time would have.
+                                self._publish_group(group, batches, counts, at, frames, results, now, names)
+                                batches, counts, at, names = [], [], [], {}
+                            try:
+                                topic = topics.get(topic_name) or router.topic(topic_name)
+                                stored = self.dedup.find(topic, msg_id, now)
+                            except StorageError as exc:
+                                results.append(Refused(exc.code, exc.message, {"topic": topic_name}))
+                                continue
+                            if stored is not None:
+                                try:
+                                    published = self._duplicate(topic, msg_id, stored, count)
+                                except Refused as refused:
+                                    results.append(refused)
+                                else:
+                                    published.request_id = request_id
+                                    results.append(published)
+                                continue
+                            names[msg_id] = len(batches)
                 at.append(len(results))
                 results.append(None)  # _publish_group puts its outcome here
                 batches.append(batch)
                 counts.append(count)
         except RemoteProtocolError as exc:
             if batches:
-                self._publish_group(group, batches, counts, at, frames, results, now)
+                self._publish_group(group, batches, counts, at, frames, results, now, names)
             return cast("list[Published | Refused]", results), exc
         if batches:
-            self._publish_group(group, batches, counts, at, frames, results, now)
+            self._publish_group(group, batches, counts, at, frames, results, now, names)
         return cast("list[Published | Refused]", results), None
 
     def _publish_group(
@@ -420,37 +465,47 @@ class Broker:
         frames: list[tuple[int, str, bytes, int]],
         results: list[Published | Refused | None],
         now: int,
+        names: dict[str, int],
     ) -> None:
         """Store checked batches for one topic, as many per write as the log
         takes; after a failed write, the rest one by one as :meth:`publish`
-        would (each stored, or refused with its own StorageError)."""
+        would (each stored, or refused with its own StorageError). The
+        msg-ids in ``names`` (with their index in ``batches``) of those
+        stored are remembered for DEDUP."""
         router = self.router
+        named = {i: msg_id for msg_id, i in names.items()} if names else None
         n = len(batches)
         done = 0
+        failed: StorageError | None = None
         try:
             topic = router.topics.get(topic_name) or router.topic(topic_name)
             durability = topic.log.durability
             while done < n:
                 stored, base, timestamp, helds = router.publish_many(topic, batches, counts, done, now)
+                remembered: list[tuple[str, Stored]] = []
                 for i in range(done, done + stored):
                     count = counts[i]
                     place = at[i]
+                    held = None if helds is None else helds[i - done]
                     results[place] = Published(
-                        topic,
-                        base,
-                        count,
-                        timestamp,
-                        None if helds is None else helds[i - done],
-                        durability,
-                        False,
-                        frames[place][0],
+                        topic, base, count, timestamp, held, durability, False, frames[place][0]
                     )
+                    if named is not None and i in named:
+                        remembered.append((named[i], Stored(base, count, timestamp, held)))
                     base += count
+                self.dedup.remember_many(topic, remembered)
                 done += stored
-        except StorageError:
-            pass
+        except StorageError as exc:
+            # The failed write counts as the failed append of its first
+            # batch (the log reported it once): refused, as publish() would
+            # have refused it; the rest are tried one by one.
+            failed = exc
         for i in range(done, n):
             place = at[i]
+            if failed is not None:
+                results[place] = Refused(failed.code, failed.message, {"topic": topic_name})
+                failed = None
+                continue
             try:
                 topic = router.topic(topic_name)
                 base, timestamp, held = router.publish(topic, batches[i], counts[i], now)
@@ -461,6 +516,8 @@ class Broker:
             results[place] = Published(
                 topic, base, counts[i], timestamp, held, topic.log.durability, False, frames[place][0]
             )
+            if named is not None and i in named:
+                self.dedup.remember(topic, named[i], Stored(base, counts[i], timestamp, held))
 
     def _due_ms(self, topic_name: str, batch: bytes, now_ms: int) -> int | None:
         """A DELAYED batch's due time (ms since the epoch); None when it is

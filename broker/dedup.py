@@ -77,11 +77,28 @@ class DedupWindow:
             return None  # expired; _expire drops it on the next remember
         return stored
 
+    def loaded(self, topic_name: str) -> bool:
+        """Whether the topic's ids are in memory: once they are, only what
+        ``remember`` adds changes them; before, the first ``find`` reads
+        them back from what the log holds then."""
+        return topic_name in self._topics
+
     def remember(self, topic: Topic, msg_id: str, stored: Stored) -> None:
         ids = self._ids(topic, stored.timestamp)
         ids.by_id[msg_id] = stored
         ids.order.append((stored.timestamp, msg_id))
         self._expire(ids, stored.timestamp)
+
+    def remember_many(self, topic: Topic, named: list[tuple[str, Stored]]) -> None:
+        """``remember`` each, in order (the DEDUP batches of one write)."""
+        if not named:
+            return
+        ids = self._ids(topic, named[0][1].timestamp)
+        by_id, order = ids.by_id, ids.order
+        for msg_id, stored in named:
+            by_id[msg_id] = stored
+            order.append((stored.timestamp, msg_id))
+        self._expire(ids, named[-1][1].timestamp)
 
     def forget(self, topic_name: str) -> None:
         self._topics.pop(topic_name, None)

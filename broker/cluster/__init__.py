@@ -11,6 +11,10 @@
 - ``partition``: one partition's owner (ownership, group-committed
   appends: one object and one fenced transaction per round) and reader
   (index in etcd, ranged GETs).
+- ``index``: one partition's index kept in memory from a range read and
+  an etcd watch; ``cache``: data objects' byte ranges (LRU in bytes,
+  single flight); ``tail``: reads and tails through the two, without an
+  etcd round trip per read.
 - ``mirror``: the keys under an etcd prefix kept in memory (range read,
   then a watch from its revision + 1; a fresh read when the watch ends).
 - ``members``, ``topics``: membership (``members/{node}`` under the

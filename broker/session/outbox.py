@@ -72,7 +72,7 @@ class Outbox:
         self.logger: Any = None
         #: The client asked for ERROR fields in its HELLO (protocol.md, "ERROR").
         self.error_fields = False
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
         self.queued_bytes = 0
         self.sending = 0  # bytes handed to send_all and not yet sent
         # Insertion-ordered set of subscriptions with topics to read from the log.
@@ -149,21 +149,29 @@ class Outbox:
         without blocking; the rest is the writer task's (it waits until the
         socket can take more). Only while the writer is not in a send."""
         self._marked = False
-        out = self._out
-        if not out or self.sending or self.lost or self.done.is_set() or self._socket is None:
+        if not self._out or self.sending or self.lost or self.done.is_set() or self._socket is None:
             return
+        try:
+            self._writev(self._socket)
+        except (OSError, trio.ClosedResourceError):
+            # Broken: the writer says so in the usual way.
+            self.wake_writer()
+            return
+        if self._out or (self.lagging and self.accepting):
+            self.wake_writer()  # the rest, or refills from the log, are the writer's
+
+    def _writev(self, sock: Any) -> None:
+        """One ``writev`` of what is queued (plain TCP), as much as the
+        socket takes now; raises OSError when the connection is broken."""
         # The socket's number now: -1 once closed, so never a number
         # reused by another connection (no await between here and writev).
-        fd = self._socket.fileno()
+        fd = sock.fileno()
         if fd < 0:
-            return
+            raise trio.ClosedResourceError
+        out = self._out
         try:
             written = os.writev(fd, out if len(out) <= _IOV_MAX else out[:_IOV_MAX])
         except BlockingIOError:
-            written = 0
-        except OSError:
-            # Broken: the writer's send_all says so in the usual way.
-            self.wake_writer()
             return
         self.bytes_out += written
         self.queued_bytes -= written
@@ -176,10 +184,10 @@ class Outbox:
                 done += 1
             rest = out[done:]
             if written:
-                rest[0] = rest[0][written:]
+                # A view, not a copy: a batch of megabytes written in many
+                # pieces would otherwise be copied once per piece.
+                rest[0] = memoryview(rest[0])[written:]
             self._out = rest
-        if self._out or (self.lagging and self.accepting):
-            self.wake_writer()  # the rest, or refills from the log, are the writer's
         self.room.set()
 
     def notify_room(self) -> None:
@@ -326,7 +334,11 @@ class Outbox:
                     try:
                         if offset < first:
                             raise DataLoss(topic.name, offset, first - 1, "retention")
-                        batches = log.read(offset, limit - self.queued_bytes - self.sending)
+                        room = limit - self.queued_bytes - self.sending
+                        # Not far behind: the batches delivered live moments
+                        # ago are still in memory (broker/recent.py).
+                        recent = topic.recent
+                        batches = (recent.read(offset, room) if recent is not None else None) or log.read(offset, room)
                     except DataLoss as lost:
                         if lost.last >= topic.visible_next:  # not yet visible: not ours to report
                             lost = DataLoss(lost.topic, lost.first, topic.visible_next - 1, lost.reason)
@@ -371,6 +383,20 @@ class Outbox:
             while True:
                 if self.lagging and self.queued_bytes < self.limit and self.accepting:
                     self.refill()
+                if self._out and self._socket is not None:
+                    # Plain TCP: writev what is queued as it is, never
+                    # joined into one copy, and wait until the socket can
+                    # take the rest (answers and deliveries queued meanwhile
+                    # join it; write_now may write some too).
+                    try:
+                        self._writev(self._socket)
+                    except OSError as exc:
+                        raise trio.BrokenResourceError from exc
+                    if self._out:
+                        await trio.lowlevel.wait_writable(self._socket)
+                    else:
+                        await trio.lowlevel.checkpoint()
+                    continue
                 if self._out:
                     out = self._out
                     data = out[0] if len(out) == 1 else b"".join(out)

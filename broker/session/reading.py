@@ -20,6 +20,12 @@ from ..framebudget import FREE_BYTES, FrameBudget
 #: The largest read; smaller ones while a connection may hold less of a
 #: frame in progress.
 RECEIVE_SIZE = 256 * 1024
+#: A read over plain TCP takes twice what the kernel holds, at least this
+#: and at most RECEIVE_SIZE: room for what arrives meanwhile, and a buffer
+#: the allocator serves from its heap. A RECEIVE_SIZE buffer for every read
+#: was over malloc's mmap threshold (128 KiB): an mmap, an mremap, a munmap
+#: and fresh zeroed pages per read.
+SMALL_READ = 64 * 1024
 #: Over TLS a frame in progress past its free allowance grows by a TLS
 #: record's worth per read (ReadSizer.size).
 TLS_GROW = 16 * 1024
@@ -56,8 +62,9 @@ class ReadSizer:
         Over plain TCP budget is taken only once bytes are waiting (FIONREAD;
         if none, it waits for some first), so none is held for a peer that
         is not sending, and what the read does not use goes back as soon as
-        it returns (``keep``). A read takes up to RECEIVE_SIZE: the kernel's
-        count at one instant would cut bursts into small reads. A frame in
+        it returns (``keep``). A read takes twice the kernel's count (at
+        least SMALL_READ, at most RECEIVE_SIZE): the count at one instant
+        alone would cut bursts into small reads. A frame in
         progress past its allowance (``room`` 0) waits for budget when there
         is none; a read that could make do with ``room`` takes budget only
         if it is spare.
@@ -65,11 +72,13 @@ class ReadSizer:
         conn = self.conn
         while True:
             if self._fd >= 0:
-                if self._arrived() == 0:
+                arrived = self._arrived()
+                if arrived == 0:
                     await trio.lowlevel.wait_readable(self._fd)
-                    if self._arrived() == 0:
+                    arrived = self._arrived()
+                    if arrived == 0:
                         return max(room, 1)  # end of stream or an error: the read says which
-                want = RECEIVE_SIZE
+                want = min(RECEIVE_SIZE, max(SMALL_READ, 2 * arrived))
             elif room > 0:
                 return room
             else:

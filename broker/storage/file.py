@@ -42,6 +42,7 @@ from .lock import DataDirLock
 from .recovery import Finding, Hole, TopicRecovery
 from .segment import Damage, Segment, SyncMark
 from .settings import SettingsResolver, TopicSettings, parse_runtime_settings
+from .syncthread import SyncThread
 
 _DURABILITY = {"always": Durability.DISK, "interval": Durability.OS, "never": Durability.OS}
 #: Seconds between log lines about the same kind of storage failure.
@@ -142,16 +143,22 @@ class FileTopicLog:
         segments and indexes are what as many :meth:`append` calls would
         leave. Returns how many it stored; StorageError having stored none.
 
-        Unlike :meth:`append`, a failure is not reported to the store: the
-        caller appends these batches one by one after it (each refused, and
-        counted, as before), so that exactly the batches not stored are
-        refused."""
-        self.store.check_room(self.name)
-        active = self.segments[-1]
-        if active.size >= self.settings.segment_bytes and active.batches:
-            active = self._roll()
-        stored = active.append_many(batches, counts, start, timestamp, self.settings.segment_bytes)
-        self.store.appended(self, active)
+        A failure is reported to the store once, as the failed append of
+        the first of them (what appending them one by one would have met
+        first); the caller refuses that one and appends the rest one by one
+        (each stored, or refused and counted, as before), so that exactly
+        the batches not stored are refused."""
+        store = self.store
+        try:
+            store.check_room(self.name)
+            active = self.segments[-1]
+            if active.size >= self.settings.segment_bytes and active.batches:
+                active = self._roll()
+            stored = active.append_many(batches, counts, start, timestamp, self.settings.segment_bytes)
+        except StorageError as exc:
+            store.failed(exc)
+            raise
+        store.appended(self, active)
         return stored
 
     def _roll(self) -> Segment:
@@ -295,6 +302,9 @@ class FileStore:
         # directory entry it depends on is still being synced by an
         # "interval" round in another thread.
         self._sync_lock = trio.StrictFIFOLock()
+        # Where the rounds' fsyncs run: one thread for the store's lifetime,
+        # not a worker thread handed each round (broker/storage/syncthread.py).
+        self._sync_thread = SyncThread()
         self.fsyncs = 0
         #: Seconds per fsync round (worker thread hand-off included).
         self.fsync_seconds = Histogram()
@@ -611,7 +621,7 @@ class FileStore:
             self._syncing += 1
             started = time.monotonic()
             try:
-                errors, dir_error = await trio.to_thread.run_sync(_fsync_all, segs, dirs)
+                errors, dir_error = await self._sync_thread.run(_fsync_all, segs, dirs)
             finally:
                 self._syncing -= 1
             self.fsync_seconds.observe(time.monotonic() - started)
@@ -678,6 +688,7 @@ class FileStore:
 
     def close(self) -> None:
         """Flush everything written (whatever the policy), close files, unlock."""
+        self._sync_thread.stop()
         try:
             segs = set(self._dirty_always) | self._dirty_interval
             segs |= {s for log in self._topics.values() for s in log.segments if s.dirty}

@@ -35,6 +35,7 @@ from __future__ import annotations
 import bisect
 import os
 import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -405,7 +406,9 @@ class Segment:
         since = self._since_index
         rel = self.base_offset
         pack = _FIELDS.pack
+        crc32 = zlib.crc32  # header_crc, inlined: this loop runs per batch
         iov: list[bytes] = []
+        append = iov.append
         index: list[tuple[int, int]] = []  # (offset, position) of each indexed batch
         stop = min(len(batches), start + MAX_WRITE_BATCHES)
         i = start
@@ -414,8 +417,8 @@ class Segment:
             count = counts[i]
             length = len(batch)
             fields = pack(next_offset, count, length, timestamp, timestamp)
-            iov.append(fields + header_crc(fields, batch[:ENVELOPE]).to_bytes(4, "big"))
-            iov.append(batch)
+            append(fields + crc32(batch[:ENVELOPE], crc32(fields)).to_bytes(4, "big"))
+            append(batch)
             if since >= INDEX_INTERVAL:
                 index.append((next_offset, size))
                 since = 0

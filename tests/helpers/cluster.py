@@ -248,3 +248,13 @@ def weed_server(tmp: Path, *, s3_config: Path | None = None) -> Iterator[tuple[s
 
 def weed_version(binary: str) -> str:
     return subprocess.run([binary, "version"], capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+
+
+def restart(server: Server, cwd: Path, ready: str = r"ready to serve client requests") -> Server:
+    """``server`` SIGKILLed and started again with the same arguments (the
+    same data directory and ports), ready; the caller kills the new one.
+    Blocking: from async code call it through trio.to_thread."""
+    server.kill()
+    again = Server(server.name, server.args, ready, cwd)
+    again.wait_ready()
+    return again
