@@ -15,6 +15,14 @@
   an etcd watch; ``cache``: data objects' byte ranges (LRU in bytes,
   single flight); ``tail``: reads and tails through the two, without an
   etcd round trip per read.
+- ``mirror``: the keys under an etcd prefix kept in memory (range read,
+  then a watch from its revision + 1; a fresh read when the watch ends).
+- ``members``, ``topics``: membership (``members/{node}`` under the
+  member lease) and the topic registry (partition counts).
+- ``dedup``: exactly-once: msg-ids an owner remembers and the window
+  leases its ``dedup/`` entries live under.
+- ``ranking``, ``ownership``: rendezvous ranking, and the ownership
+  manager that acquires, hands over and takes over partitions.
 
 Nothing here imports the broker's core, sessions or HTTP side: these are
 storage-level building blocks (``partition`` uses the single-node log's

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal
 import attrs
 import httpx
 
-from .httpio import TooLarge, finish, read_bounded
+from .httpio import TooLarge, finish, open_stream, read_bounded
 
 #: Bound on one unary call (connect, send, answer).
 DEFAULT_TIMEOUT = 5.0
@@ -317,7 +317,7 @@ class Etcd:
 
     async def _post(self, url: str, body: dict[str, Any]) -> tuple[int, bytes]:
         """POST ``body``; the status and the answer, read up to MAX_ANSWER_BYTES."""
-        async with self._http.stream("POST", url, json=body) as response:
+        async with open_stream(self._http, "POST", url, content=_json_body(body), headers=_JSON) as response:
             try:
                 return response.status_code, await read_bounded(response, MAX_ANSWER_BYTES)
             except TooLarge:
@@ -456,7 +456,9 @@ class Etcd:
         # No read timeout: a quiet key sends nothing for as long as it stays quiet.
         timeout = httpx.Timeout(self.timeout, read=None)
         url = self.url
-        stream = self._http.stream("POST", url + "/v3/watch", json={"create_request": request}, timeout=timeout)
+        stream = open_stream(
+            self._http, "POST", url + "/v3/watch", content=_json_body({"create_request": request}), headers=_JSON, timeout=timeout
+        )
         try:
             response = await stream.__aenter__()
         except httpx.TransportError as exc:
@@ -476,6 +478,13 @@ class Etcd:
                 await watch.aclose()
         finally:
             await stream.__aexit__(None, None, None)
+
+
+_JSON = {"Content-Type": "application/json"}
+
+
+def _json_body(body: dict[str, Any]) -> bytes:
+    return json.dumps(body).encode()
 
 
 def _json_or_none(data: bytes) -> Any:

@@ -8,6 +8,8 @@ reaches another's keys (``a`` and ``a/b`` are both valid topic names).
 
 from __future__ import annotations
 
+import base64
+
 import attrs
 
 #: Width of an offset in an index key: 20 digits hold any u64.
@@ -17,6 +19,14 @@ OFFSET_DIGITS = 20
 def escape(name: str) -> bytes:
     """A name as one key segment: ``%`` and ``/`` percent-encoded."""
     return name.replace("%", "%25").replace("/", "%2F").encode("utf-8")
+
+
+def unescape(segment: bytes) -> str:
+    """The name ``escape`` made ``segment`` of (ValueError if it is not one)."""
+    text = segment.decode("utf-8")
+    if "/" in text:
+        raise ValueError(f"not one key segment: {segment!r:.200}")
+    return text.replace("%2F", "/").replace("%25", "%")
 
 
 def object_name(incarnation: int, round_number: int) -> str:
@@ -47,5 +57,49 @@ class ClusterKeys:
     def index(self, topic: str, partition: int, first: int) -> bytes:
         return self.index_prefix(topic, partition) + b"%0*d" % (OFFSET_DIGITS, first)
 
+    def dedup_prefix(self, topic: str, partition: int) -> bytes:
+        return self._partition(b"dedup", topic, partition) + b"/"
+
+    def dedup(self, topic: str, partition: int, msg_id: bytes) -> bytes:
+        """``dedup/{topic}/{partition}/{msg-id}``, the msg-id (1 to 128
+        arbitrary bytes) as unpadded base64url."""
+        return self.dedup_prefix(topic, partition) + base64.urlsafe_b64encode(msg_id).rstrip(b"=")
+
     def gone(self, object_key: str) -> bytes:
         return self.prefix + b"gone/" + object_key.encode("utf-8")
+
+    # Membership, topics and owners (§3, §4): the ownership manager's keys.
+
+    @property
+    def members_prefix(self) -> bytes:
+        return self.prefix + b"members/"
+
+    def member(self, node: str) -> bytes:
+        return self.members_prefix + escape(node)
+
+    @property
+    def topics_prefix(self) -> bytes:
+        return self.prefix + b"topics/"
+
+    def topic(self, topic: str) -> bytes:
+        return self.topics_prefix + escape(topic)
+
+    @property
+    def own_prefix(self) -> bytes:
+        return self.prefix + b"own/"
+
+    def name_of(self, prefix: bytes, key: bytes) -> str:
+        """The name in ``{prefix}{name}`` (ValueError if ``key`` is not one)."""
+        if not key.startswith(prefix):
+            raise ValueError(f"{key!r:.200} is not under {prefix!r:.200}")
+        return unescape(key[len(prefix) :])
+
+    def partition_of(self, own_key: bytes) -> tuple[str, int]:
+        """(topic, partition) of an ``own/{topic}/{partition}`` key
+        (ValueError if it is not one)."""
+        if not own_key.startswith(self.own_prefix):
+            raise ValueError(f"{own_key!r:.200} is not an owner key")
+        topic, sep, number = own_key[len(self.own_prefix) :].partition(b"/")
+        if not sep or not number.isdigit():
+            raise ValueError(f"{own_key!r:.200} is not an owner key")
+        return unescape(topic), int(number)

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import attrs
 import httpx
 
-from .httpio import TooLarge, read_bounded
+from .httpio import TooLarge, open_stream, read_bounded
 from .sigv4 import Credentials, canonical_query, sign, uri_encode
 
 DEFAULT_TIMEOUT = 10.0
@@ -117,7 +117,7 @@ class ObjectStore:
         # The query goes on the URL exactly as it was signed.
         url = path + ("?" + canonical_query(query) if query else "")
         try:
-            async with self._http.stream(method, url, content=body, headers=headers) as response:
+            async with open_stream(self._http, method, url, content=body, headers=headers) as response:
                 return _Answer(response.status_code, await read_bounded(response, self.max_answer_bytes))
         except TooLarge:
             raise ObjectStoreError(f"{method} {path}: the answer is over {self.max_answer_bytes} bytes") from None

@@ -22,6 +22,7 @@ range, fetched with a ranged GET.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections import deque
@@ -36,6 +37,15 @@ from pybroker.server.storage.base import StoredBatch
 from pybroker.server.storage.errors import DataLoss
 from pybroker.server.storage.scan import ENVELOPE, HEADER, HEADER_SIZE, batch_ok, header_crc
 
+from .dedup import (
+    DEFAULT_DEDUP_MAX_IDS,
+    DEFAULT_DEDUP_WINDOW,
+    MAX_MSG_ID_BYTES,
+    DedupMemory,
+    WindowLeases,
+    decode_entry,
+    encode_entry,
+)
 from .etcd import Compare, Delete, Etcd, EtcdError, EtcdUnavailable, Get, KeyValue, Op, Put, TxnResult, prefix_end
 from .keys import ClusterKeys, object_name
 from .lease import LeaseKeeper
@@ -53,6 +63,11 @@ MAX_QUEUED_ROUNDS = 4
 #: between them (each try is bounded by the etcd client's timeout).
 RESOLVE_ATTEMPTS = 5
 RESOLVE_PAUSE = 0.1
+#: Exactly-once batches in one round: each adds a put to the round's
+#: transaction, which etcd bounds at 128 operations (--max-txn-ops).
+MAX_DEDUP_PER_ROUND = 120
+#: How long a hand-over waits for the rounds already gathered to commit.
+DEFAULT_HAND_OVER_TIMEOUT = 10.0
 
 
 class AppendError(Exception):
@@ -67,6 +82,11 @@ class NotOwner(AppendError):
 class AppendFailed(AppendError):
     """Nothing of the append was committed (the object store or etcd failed
     before the commit was sent); retryable."""
+
+
+class MsgIdConflict(AppendError):
+    """The msg-id already names a batch with another message count: nothing
+    was committed (the single-node broker answers BAD_REQUEST)."""
 
 
 class OutcomeUnknown(AppendError):
@@ -147,12 +167,23 @@ class ObjectNames:
         return object_name(self.incarnation, self.rounds)
 
 
+@attrs.frozen
+class Appended:
+    """Where an exactly-once batch is: its base offset and count, and
+    whether it had been stored before (a resend, not stored again)."""
+
+    base: int
+    count: int
+    duplicate: bool = False
+
+
 @attrs.define(eq=False)
 class _Pending:
     batch: bytes
     count: int
     timestamp: int
     base: int = -1
+    msg_id: bytes | None = None
 
 
 @attrs.define(eq=False)
@@ -160,6 +191,8 @@ class _Round:
     opened: float
     items: list[_Pending] = attrs.field(factory=list)
     size: int = 0
+    #: Exactly-once batches in the round (each adds a put to its transaction).
+    dedup: int = 0
     closed: bool = False
     full: anyio.Event = attrs.field(factory=anyio.Event)
     done: anyio.Event = attrs.field(factory=anyio.Event)
@@ -196,6 +229,9 @@ class PartitionOwner:
         window: float = DEFAULT_WINDOW,
         max_round_bytes: int = DEFAULT_MAX_ROUND_BYTES,
         max_commit_delay: float = DEFAULT_MAX_COMMIT_DELAY,
+        dedup_window: float = DEFAULT_DEDUP_WINDOW,
+        dedup_max_ids: int = DEFAULT_DEDUP_MAX_IDS,
+        windows: WindowLeases | None = None,
     ) -> None:
         self.etcd = etcd
         self.store = store
@@ -223,10 +259,25 @@ class PartitionOwner:
         self._next_exists = False
         #: After an unresolved outcome: re-read the next offset before committing.
         self._stale = False
+        #: Set once ``lost`` is: the partition is no longer this owner's.
+        self.ended = anyio.Event()
+        #: Handing over: new appends are refused, queued rounds still commit.
+        self._handing_over = False
         self._rounds: deque[_Round] = deque()
         self._wake = anyio.Event()
         self._space = anyio.Event()
         self._own = self.keys.own(topic, partition)
+        #: Exactly-once (docs/cluster.md §3): msg-ids stored (loaded from
+        #: etcd on the first exactly-once append), in rounds not yet
+        #: decided, and of rounds whose outcome is unknown (read from etcd).
+        self.dedup_window = dedup_window
+        self.dedup = DedupMemory(dedup_max_ids)
+        self.windows = windows
+        self.duplicates = 0
+        self._dedup_loaded = False
+        self._dedup_lock = anyio.Lock()
+        self._pending_ids: dict[bytes, tuple[_Pending, _Round]] = {}
+        self._uncertain: dict[bytes, None] = {}
         self._next = self.keys.next(topic, partition)
 
     # -- ownership --------------------------------------------------------
@@ -263,16 +314,35 @@ class PartitionOwner:
     async def release(self) -> bool:
         """Hand the partition over: stop appending and delete the owner key
         (fenced on the epoch). False if it was no longer ours anyway."""
-        if self.lost is None:
-            self.lost = "released"
+        self.stop("released")
         if not self.epoch:
             return False
         result = await self.etcd.txn([Compare.create_revision(self._own, "==", self.epoch)], [Delete(self._own)])
         return result.succeeded
 
-    def _lose(self, why: str) -> NotOwner:
+    async def hand_over(self, timeout: float = DEFAULT_HAND_OVER_TIMEOUT) -> bool:
+        """Give the partition up in order (docs/cluster.md §4): refuse new
+        appends (NotOwner: nothing of them is committed), let the rounds
+        already gathered commit and be acknowledged (for at most
+        ``timeout`` seconds), then ``release``. Rounds still not decided
+        then are refused by etcd (the owner key is gone) or, if their
+        transaction was already applied, stay committed: no acknowledged
+        append is lost either way. True if the fenced delete succeeded."""
+        self._handing_over = True
+        with anyio.move_on_after(timeout):
+            while self._rounds and self.lost is None:
+                await self._space.wait()
+        return await self.release()
+
+    def stop(self, why: str) -> None:
+        """Stop owning (appends get NotOwner from now on) without touching
+        etcd; ``lost`` says ``why`` unless it already said something."""
         if self.lost is None:
             self.lost = why
+            self.ended.set()
+
+    def _lose(self, why: str) -> NotOwner:
+        self.stop(why)
         return NotOwner(f"partition {self.topic}[{self.partition}]: {self.lost}")
 
     def _check_owning(self) -> None:
@@ -280,6 +350,8 @@ class PartitionOwner:
             raise NotOwner(f"partition {self.topic}[{self.partition}] is not acquired")
         if self.lost is not None:
             raise self._lose(self.lost)
+        if self._handing_over:
+            raise NotOwner(f"partition {self.topic}[{self.partition}] is being handed over")
         if not self.keeper.held():
             raise self._lose(f"lease {self.keeper.lease:x} is past its deadline")
 
@@ -300,8 +372,11 @@ class PartitionOwner:
         if not crc_ok:
             raise ValueError("batch CRC mismatch")
         self._check_owning()
-        if timestamp is None:
-            timestamp = time.time_ns() // 1000
+        return await self._enqueue(_Pending(batch, count, time.time_ns() // 1000 if timestamp is None else timestamp))
+
+    async def _enqueue(self, item: _Pending) -> int:
+        """Put ``item`` into the open round (opening one); its base offset
+        once the round is acknowledged, else the round's error."""
         with anyio.fail_after(self.max_commit_delay):  # a bound: the round gives up well before
             while len(self._rounds) > MAX_QUEUED_ROUNDS:
                 await self._space.wait()
@@ -311,16 +386,111 @@ class PartitionOwner:
                 current = _Round(anyio.current_time())
                 self._rounds.append(current)
                 self._wake.set()
-            item = _Pending(batch, count, timestamp)
             current.items.append(item)
-            current.size += HEADER_SIZE + len(batch)
-            if current.size >= self.max_round_bytes:
+            current.size += HEADER_SIZE + len(item.batch)
+            if item.msg_id is not None:
+                current.dedup += 1
+                self._pending_ids[item.msg_id] = (item, current)
+            if current.size >= self.max_round_bytes or current.dedup >= MAX_DEDUP_PER_ROUND:
                 current.closed = True
                 current.full.set()
             await current.done.wait()
         if current.error is not None:
             raise current.error
         return item.base
+
+    async def append_once(self, batch: bytes, msg_id: bytes, timestamp: int | None = None) -> Appended:
+        """Commit an exactly-once batch named ``msg_id`` (1 to 128 bytes):
+        stored once within the dedup window, however often it is sent, on
+        this owner or a later one. A resend gets the original's place
+        (``duplicate``); the same msg-id with another message count is
+        MsgIdConflict. ValueError and AppendError as ``append``."""
+        if not 1 <= len(msg_id) <= MAX_MSG_ID_BYTES:
+            raise ValueError(f"a msg-id is 1 to {MAX_MSG_ID_BYTES} bytes, not {len(msg_id)}")
+        try:
+            count, crc_ok = check_batch(batch)
+        except RemoteProtocolError as exc:
+            raise ValueError(str(exc)) from None
+        if not crc_ok:
+            raise ValueError("batch CRC mismatch")
+        self._check_owning()
+        with anyio.fail_after(self.max_commit_delay):
+            try:
+                await self._load_dedup()
+                for _ in range(3):  # found, pending, or read back once after an unknown outcome
+                    found = self.dedup.find(msg_id, anyio.current_time())
+                    if found is not None:
+                        # An answer from memory: only while the lease certainly holds (§6).
+                        self._check_owning()
+                        return self._duplicate(msg_id, found.base, found.count, count)
+                    pending = self._pending_ids.get(msg_id)
+                    if pending is not None:
+                        item, round_ = pending
+                        await round_.done.wait()
+                        if round_.error is not None:
+                            raise round_.error
+                        return self._duplicate(msg_id, item.base, item.count, count)
+                    if msg_id not in self._uncertain:
+                        break
+                    # A round that carried it ended with its outcome unknown:
+                    # etcd says whether it committed (a round decided later
+                    # would be refused: its next offset would have moved).
+                    kv = await self.etcd.get(self.keys.dedup(self.topic, self.partition, msg_id))
+                    self._uncertain.pop(msg_id, None)
+                    if kv is not None:
+                        self._remember(msg_id, kv.value)
+            except EtcdError as exc:
+                raise AppendFailed(f"could not read the partition's msg-ids: {exc}") from None
+        base = await self._enqueue(_Pending(batch, count, time.time_ns() // 1000 if timestamp is None else timestamp, msg_id=msg_id))
+        return Appended(base, count)
+
+    def _duplicate(self, msg_id: bytes, base: int, stored: int, count: int) -> Appended:
+        if stored != count:
+            raise MsgIdConflict(
+                f"msg-id {msg_id!r:.150} already names a batch of {stored} messages at offset {base} "
+                f"of {self.topic}[{self.partition}], not one of {count}"
+            )
+        self.duplicates += 1
+        return Appended(base, count, duplicate=True)
+
+    def _remember(self, msg_id: bytes, value: bytes) -> None:
+        try:
+            base, count = decode_entry(value)
+        except ValueError:
+            return  # not an entry we can use: as if absent
+        self.dedup.remember(msg_id, base, count, anyio.current_time() + self.dedup_window)
+
+    async def _load_dedup(self) -> None:
+        """Read the partition's ``dedup/`` entries once (those of former
+        owners included: etcd holds them until their window lease ends)."""
+        async with self._dedup_lock:
+            if self._dedup_loaded:
+                return
+            prefix = self.keys.dedup_prefix(self.topic, self.partition)
+            found = await self.etcd.get_prefix(prefix, limit=self.dedup.max_ids)
+            for kv in found.kvs:
+                try:
+                    msg_id = base64.urlsafe_b64decode(kv.key[len(prefix) :] + b"=" * (-len(kv.key[len(prefix) :]) % 4))
+                except ValueError:
+                    continue
+                self._remember(msg_id, kv.value)
+            self._dedup_loaded = True
+
+    def _settle_ids(self, round_: _Round, error: AppendError | None) -> None:
+        """After a round: its msg-ids are stored (remembered), uncertain
+        (read back from etcd when sent again), or not stored (forgotten)."""
+        now = anyio.current_time()
+        for item in round_.items:
+            if item.msg_id is None:
+                continue
+            if self._pending_ids.get(item.msg_id, (None, None))[1] is round_:
+                del self._pending_ids[item.msg_id]
+            if error is None:
+                self.dedup.remember(item.msg_id, item.base, item.count, now + self.dedup_window)
+            elif isinstance(error, OutcomeUnknown):
+                self._uncertain[item.msg_id] = None
+                while len(self._uncertain) > self.dedup.max_ids:
+                    del self._uncertain[next(iter(self._uncertain))]
 
     async def run(self) -> None:
         """Commit rounds until cancelled; then fail every round not committed."""
@@ -337,12 +507,13 @@ class PartitionOwner:
                         await head.full.wait()
                     head.closed = True
                 try:
-                    head.finish(await self._commit(head))
+                    outcome = await self._commit(head)
                 except Exception as exc:  # a fault between PUT and commit, or a bug: fail the round, go on
                     self._stale = True
-                    error = OutcomeUnknown(f"commit round failed: {exc!r}")
-                    error.__cause__ = exc
-                    head.finish(error)
+                    outcome = OutcomeUnknown(f"commit round failed: {exc!r}")
+                    outcome.__cause__ = exc
+                self._settle_ids(head, outcome)
+                head.finish(outcome)
                 committing = None
                 self._rounds.popleft()
                 self._space.set()
@@ -350,13 +521,16 @@ class PartitionOwner:
         finally:
             if committing is not None and not committing.done.is_set():
                 # Stopped during its PUT or transaction: it may have committed.
-                committing.finish(OutcomeUnknown(f"partition {self.topic}[{self.partition}]: the owner stopped mid-commit"))
-            if self.lost is None:
-                self.lost = "the owner's commit loop stopped"
+                stopped = OutcomeUnknown(f"partition {self.topic}[{self.partition}]: the owner stopped mid-commit")
+                self._settle_ids(committing, stopped)
+                committing.finish(stopped)
+            self.stop("the owner's commit loop stopped")
             for pending in self._rounds:
                 if pending is committing:
                     continue
-                pending.finish(AppendFailed(f"partition {self.topic}[{self.partition}]: the owner stopped"))
+                failed = AppendFailed(f"partition {self.topic}[{self.partition}]: the owner stopped")
+                self._settle_ids(pending, failed)
+                pending.finish(failed)
             self._rounds.clear()
             self._space.set()
 
@@ -388,9 +562,22 @@ class PartitionOwner:
         if self.before_commit is not None:
             await self.before_commit(name)
         entry = IndexEntry(expected, name, 0, len(data), base - expected, round_.items[0].timestamp)
-        return await self._transact(entry, put_at)
+        extra: list[Op] = []
+        if round_.dedup:
+            if self.windows is None:
+                self.windows = WindowLeases(self.etcd, self.dedup_window)
+            try:
+                lease = await self.windows.current()
+            except EtcdError as exc:
+                return AppendFailed(f"could not grant a dedup window lease: {exc}")
+            extra = [
+                Put(self.keys.dedup(self.topic, self.partition, item.msg_id), encode_entry(item.base, item.count), lease)
+                for item in round_.items
+                if item.msg_id is not None
+            ]
+        return await self._transact(entry, put_at, extra)
 
-    def _round_txn(self, entry: IndexEntry) -> tuple[list[Compare], list[Op], list[Op]]:
+    def _round_txn(self, entry: IndexEntry, extra: list[Op] | None = None) -> tuple[list[Compare], list[Op], list[Op]]:
         gone = self.keys.gone(entry.object)
         compare = [
             Compare.create_revision(self._own, "==", self.epoch),
@@ -402,11 +589,12 @@ class PartitionOwner:
         success: list[Op] = [
             Put(self._next, str(entry.first + entry.count).encode()),
             Put(self.keys.index(self.topic, self.partition, entry.first), entry.encode()),
+            *(extra or []),
         ]
         return compare, success, [Get(self._own), Get(self._next), Get(gone)]
 
-    async def _transact(self, entry: IndexEntry, put_at: float) -> AppendError | None:
-        compare, success, failure = self._round_txn(entry)
+    async def _transact(self, entry: IndexEntry, put_at: float, extra: list[Op] | None = None) -> AppendError | None:
+        compare, success, failure = self._round_txn(entry, extra)
         for attempt in range(RESOLVE_ATTEMPTS + 1):
             if anyio.current_time() - put_at > self.max_commit_delay:
                 break

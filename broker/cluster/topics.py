@@ -1,0 +1,144 @@
+"""The topic registry (docs/cluster.md §2, §3).
+
+``topics/{topic}`` = ``{"partitions": N, "settings": {...}}``, created by
+any node only if absent (a transaction comparing ``create_revision == 0``)
+and never changed: the partition count is fixed for the topic's life,
+because changing it would move keys between partitions. A message with a
+key goes to partition ``zlib.crc32(key) % N``. Every node reads and watches
+the registry (a ``PrefixMirror``).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any
+
+import attrs
+
+from .etcd import Compare, Etcd, Get, KeyValue, Put
+from .keys import ClusterKeys
+from .mirror import PrefixMirror
+
+#: Bounds: partitions of one topic, topics in the registry, bytes of settings.
+MAX_PARTITIONS = 4096
+MAX_TOPICS = 10_000
+MAX_SETTINGS_BYTES = 16 * 1024
+
+
+class TopicError(Exception):
+    """A topic could not be created or read as asked."""
+
+
+class PartitionCountMismatch(TopicError):
+    """The topic exists with another partition count (it cannot change)."""
+
+    def __init__(self, topic: str, existing: int, asked: int) -> None:
+        super().__init__(
+            f"topic {topic!r} exists with {existing} partitions, not {asked}: "
+            "a topic's partition count cannot change (it would move keys)"
+        )
+        self.topic = topic
+        self.existing = existing
+        self.asked = asked
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition a message key goes to: ``zlib.crc32(key) % partitions``."""
+    if partitions < 1:
+        raise ValueError("a topic has at least one partition")
+    return zlib.crc32(key) % partitions
+
+
+@attrs.frozen
+class TopicInfo:
+    name: str
+    partitions: int
+    settings: dict[str, Any] = attrs.field(factory=dict, eq=False)
+    #: The revision that created the topic's key (0 before it exists).
+    created: int = 0
+
+    def encode(self) -> bytes:
+        return json.dumps({"partitions": self.partitions, "settings": self.settings}, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, name: str, kv: KeyValue) -> TopicInfo:
+        """ValueError when the value is not a topic record within bounds."""
+        try:
+            raw = json.loads(kv.value)
+        except ValueError as exc:
+            raise ValueError(f"topic {name!r}: its record is not JSON: {kv.value!r:.200}") from exc
+        if not isinstance(raw, dict):
+            raise ValueError(f"topic {name!r}: its record is not an object: {kv.value!r:.200}")
+        partitions, settings = raw.get("partitions"), raw.get("settings", {})
+        if not isinstance(partitions, int) or isinstance(partitions, bool) or not 1 <= partitions <= MAX_PARTITIONS:
+            raise ValueError(f"topic {name!r}: partitions must be 1..{MAX_PARTITIONS}, not {partitions!r:.50}")
+        if not isinstance(settings, dict):
+            raise ValueError(f"topic {name!r}: settings must be an object")
+        return cls(name, partitions, settings, kv.create_revision)
+
+    def partition_for(self, key: bytes) -> int:
+        return partition_for(key, self.partitions)
+
+
+class TopicRegistry:
+    """Creates topics and keeps every topic's record current (``run``)."""
+
+    def __init__(self, etcd: Etcd, *, keys: ClusterKeys | None = None, max_topics: int = MAX_TOPICS) -> None:
+        self.etcd = etcd
+        self.keys = keys or ClusterKeys()
+        self.mirror = PrefixMirror(etcd, self.keys.topics_prefix, max_keys=max_topics, name="topics")
+
+    async def create(self, name: str, partitions: int = 1, settings: dict[str, Any] | None = None) -> TopicInfo:
+        """Create the topic if absent; its record. If it exists with the
+        same partition count, the existing record (its settings as they
+        are); with another count, PartitionCountMismatch."""
+        if not name:
+            raise TopicError("a topic needs a name")
+        if not 1 <= partitions <= MAX_PARTITIONS:
+            raise TopicError(f"partitions must be 1..{MAX_PARTITIONS}, not {partitions}")
+        info = TopicInfo(name, partitions, dict(settings or {}))
+        value = info.encode()
+        if len(value) > MAX_SETTINGS_BYTES:
+            raise TopicError(f"topic {name!r}: settings over {MAX_SETTINGS_BYTES} bytes")
+        key = self.keys.topic(name)
+        result = await self.etcd.txn([Compare.create_revision(key, "==", 0)], [Put(key, value)], [Get(key)])
+        if result.succeeded:
+            return attrs.evolve(info, created=result.revision)
+        found = result.responses[0] if result.responses else None
+        if not isinstance(found, list) or not found:  # deleted between compare and read: cannot happen in one txn
+            raise TopicError(f"topic {name!r}: etcd refused its creation and holds no record")
+        existing = self._decode(name, found[0])
+        if existing.partitions != partitions:
+            raise PartitionCountMismatch(name, existing.partitions, partitions)
+        return existing
+
+    async def get(self, name: str) -> TopicInfo | None:
+        """The topic's record read from etcd now (None if there is none)."""
+        kv = await self.etcd.get(self.keys.topic(name))
+        return self._decode(name, kv) if kv is not None else None
+
+    def _decode(self, name: str, kv: KeyValue) -> TopicInfo:
+        try:
+            return TopicInfo.decode(name, kv)
+        except ValueError as exc:
+            raise TopicError(str(exc)) from None
+
+    async def run(self) -> None:
+        await self.mirror.run()
+
+    @property
+    def topics(self) -> dict[str, TopicInfo]:
+        """Every topic with a valid record, as of ``mirror.revision``
+        (records that do not decode are left out)."""
+        out: dict[str, TopicInfo] = {}
+        for key, kv in self.mirror.kvs.items():
+            try:
+                name = self.keys.name_of(self.keys.topics_prefix, key)
+                out[name] = TopicInfo.decode(name, kv)
+            except ValueError:
+                continue
+        return out
+
+    async def changed(self) -> None:
+        await self.mirror.changed()
