@@ -33,7 +33,6 @@ LAYERS: dict[str, int] = {
     "pybroker.server.start": 3,
     "pybroker.server.subscriber": 3,
     "pybroker.server.inboxes": 3,
-    "pybroker.server.recent": 3,  # recent batches, beside the router that fills them
     "pybroker.server.router": 3,
     "pybroker.server.committer": 3,
     "pybroker.server.dedup": 3,
