@@ -126,10 +126,6 @@ class Config:
     #: instead of reading every other one back from the log. The batches
     #: queued for many subscribers are the same bytes objects, shared.
     outbound_queue_bytes: int = attrs.field(default=16 * 1024 * 1024, validator=_AT_LEAST_ONE)
-    #: Bytes of the batches delivered live last, all topics together, kept
-    #: in memory for subscribers that fell behind (broker/recent.py): one
-    #: catching up within them is not served from the log.
-    recent_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=attrs.validators.ge(0))
     #: Bytes of frames in progress (arrived, not yet whole) that all
     #: connections together may hold beyond each one's free allowance
     #: (broker/framebudget.py); when spent, connections needing more stop

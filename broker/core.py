@@ -182,7 +182,7 @@ class Broker:
                 # Locks the data directory and recovers the log.
                 store = FileStore(config.data_dir, config.topic_settings, min_free_bytes=config.min_free_bytes)
         self.store: LogStore = store
-        self.router = Router(store, events=self, inbox_grace=config.inbox_grace, recent_bytes=config.recent_bytes)
+        self.router = Router(store, events=self, inbox_grace=config.inbox_grace)
         self.committer = Committer(store, self.router, config.retention_check_seconds)
         state_dir = config.data_dir / "groups" if isinstance(store, FileStore) else None
         # Delivery counts are written before a delivery is sent, and fsynced

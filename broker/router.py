@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Protocol
 from pybroker.protocol import tokens_match
 
 from .inboxes import DEFAULT_GRACE, RETAIN_BYTES, Inboxes, is_inbox
-from .recent import DEFAULT_RECENT_BYTES, RecentBatches, RecentCache
 from .storage import LogStore, MemoryTopicLog, StorageError, TopicLog
 
 if TYPE_CHECKING:
@@ -100,10 +99,9 @@ class Topic:
         "held",
         "groups",
         "append_many",
-        "recent",
     )
 
-    def __init__(self, name: str, log: TopicLog, recent: RecentBatches | None = None) -> None:
+    def __init__(self, name: str, log: TopicLog) -> None:
         self.name = name
         self.name_bytes = name.encode("utf-8")
         self.log = log
@@ -128,9 +126,6 @@ class Topic:
         self.held: deque[Held] = deque()
         #: Consumer groups reading this topic (they read from the log).
         self.groups: list[Group] = []
-        #: The batches delivered live last, for subscribers that fell
-        #: behind (broker/recent.py); None for inboxes.
-        self.recent = recent
 
     def __repr__(self) -> str:
         return f"Topic({self.name!r})"
@@ -179,10 +174,8 @@ class Router:
         store: LogStore,
         events: RouterEvents | None = None,
         inbox_grace: float = DEFAULT_GRACE,
-        recent_bytes: int = DEFAULT_RECENT_BYTES,
     ) -> None:
         self.store = store
-        self.recent = RecentCache(recent_bytes)
         self.events: RouterEvents = events or NoEvents()
         #: Sequence number of the last batch held for a sync.
         self.held_seq = 0
@@ -214,7 +207,7 @@ class Router:
             return self.inboxes.topic(name)
         topic = self.topics.get(name)
         if topic is None:
-            topic = self.topics[name] = Topic(name, self.store.topic(name), self.recent.topic())
+            topic = self.topics[name] = Topic(name, self.store.topic(name))
             tokens = name.split(".")
             topic.subs.extend(self._exact.get(name, ()))
             topic.subs.extend(s for s in self._wild if tokens_match(s.tokens, tokens))
@@ -228,8 +221,6 @@ class Router:
         if self.topics.get(topic.name) is topic:
             del self.topics[topic.name]
         self._held_topics.pop(topic, None)
-        if topic.recent is not None:
-            topic.recent.clear()
         for sub in topic.subs:
             sub.lag.pop(topic, None)
             sub.subscriber.topic_deleted(sub, topic)
@@ -315,11 +306,8 @@ class Router:
         topic.visible_next = base + count
         if topic.groups:
             self.events.batch_visible(topic)
-        if topic.subs:
-            if topic.recent is not None:
-                topic.recent.add(base, count, timestamp, batch)
-            for sub in topic.subs:
-                sub.subscriber.deliver(sub, topic, base, timestamp, batch, count)
+        for sub in topic.subs:
+            sub.subscriber.deliver(sub, topic, base, timestamp, batch, count)
         return base, timestamp, None
 
     def publish_many(
@@ -369,11 +357,8 @@ class Router:
             self.events.batch_visible(topic)
         subs = topic.subs
         if subs:
-            recent = topic.recent
             for i in range(start, end):
                 batch, count = batches[i], counts[i]
-                if recent is not None:
-                    recent.add(base, count, timestamp, batch)
                 for sub in subs:
                     sub.subscriber.deliver(sub, topic, base, timestamp, batch, count)
                 base += count
@@ -395,8 +380,6 @@ class Router:
                     if h.base >= cut:
                         h.error = error
                 topic.held = held = deque(h for h in held if h.error is None)
-                if topic.recent is not None:
-                    topic.recent.clear()  # the log was cut back: read it, not the window
                 self.events.sync_failed()  # a dead letter among them is redone
             if held and not topic.subs and held[-1].seq <= seq:
                 # All of them, and nobody to deliver to (durable publishing
@@ -408,11 +391,8 @@ class Router:
                 h = held.popleft()
                 base, timestamp, batch, count = h.base, h.timestamp, h.batch, h.count
                 topic.visible_next = base + count
-                if topic.subs:
-                    if topic.recent is not None:
-                        topic.recent.add(base, count, timestamp, batch)
-                    for sub in topic.subs:
-                        sub.subscriber.deliver(sub, topic, base, timestamp, batch, count)
+                for sub in topic.subs:
+                    sub.subscriber.deliver(sub, topic, base, timestamp, batch, count)
             if topic.groups:
                 self.events.batch_visible(topic)
             if not held:

@@ -398,11 +398,7 @@ class Outbox:
                     try:
                         if offset < first:
                             raise DataLoss(topic.name, offset, first - 1, "retention")
-                        room = limit - self.queued_bytes - self.sending
-                        # Not far behind: the batches delivered live moments
-                        # ago are still in memory (broker/recent.py).
-                        recent = topic.recent
-                        batches = (recent.read(offset, room) if recent is not None else None) or log.read(offset, room)
+                        batches = log.read(offset, limit - self.queued_bytes - self.sending)
                     except DataLoss as lost:
                         if lost.last >= topic.visible_next:  # not yet visible: not ours to report
                             lost = DataLoss(lost.topic, lost.first, topic.visible_next - 1, lost.reason)
