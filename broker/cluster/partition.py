@@ -365,12 +365,7 @@ class PartitionOwner:
         """Commit one wire batch; its base offset once acknowledged (its
         messages have offsets base..base+count-1). ValueError for a batch
         that does not check; AppendError when it is not acknowledged."""
-        try:
-            count, crc_ok = check_batch(batch)
-        except RemoteProtocolError as exc:
-            raise ValueError(str(exc)) from None
-        if not crc_ok:
-            raise ValueError("batch CRC mismatch")
+        count = _checked_count(batch)
         self._check_owning()
         return await self._enqueue(_Pending(batch, count, time.time_ns() // 1000 if timestamp is None else timestamp))
 
@@ -407,12 +402,7 @@ class PartitionOwner:
         MsgIdConflict. ValueError and AppendError as ``append``."""
         if not 1 <= len(msg_id) <= MAX_MSG_ID_BYTES:
             raise ValueError(f"a msg-id is 1 to {MAX_MSG_ID_BYTES} bytes, not {len(msg_id)}")
-        try:
-            count, crc_ok = check_batch(batch)
-        except RemoteProtocolError as exc:
-            raise ValueError(str(exc)) from None
-        if not crc_ok:
-            raise ValueError("batch CRC mismatch")
+        count = _checked_count(batch)
         self._check_owning()
         with anyio.fail_after(self.max_commit_delay):
             try:
@@ -754,3 +744,14 @@ def _json_object(value: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return decoded if isinstance(decoded, dict) else None
+
+
+def _checked_count(batch: bytes) -> int:
+    """A wire batch's message count; ValueError when it does not check."""
+    try:
+        count, crc_ok = check_batch(batch)
+    except RemoteProtocolError as exc:
+        raise ValueError(str(exc)) from None
+    if not crc_ok:
+        raise ValueError("batch CRC mismatch")
+    return count
