@@ -106,6 +106,16 @@ class Config:
     data_dir: Path = Path("pybroker-data")
     #: ``file``: the durable log under data_dir; ``memory``: nothing on disk.
     storage: Literal["file", "memory"] = "file"
+    #: Cluster mode (docs/cluster.md): ``etcd://host:port[,host:port][/prefix]``
+    #: and ``s3://host:port/bucket[/prefix]``; both or neither. Topics then
+    #: live in the object store, ordered and owned through etcd.
+    cluster: str | None = None
+    object_store: str | None = None
+    #: The ``host:port`` other nodes name in NOT_OWNER answers (default:
+    #: the bound address).
+    advertise: str | None = None
+    #: This node's name in the cluster (default: host name and address).
+    node_name: str = ""
     #: fsync policy, retention and segment size, per topic pattern.
     topic_settings: SettingsResolver = SettingsResolver()
     retention_check_seconds: float = 5.0

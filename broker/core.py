@@ -17,6 +17,7 @@ groups and auth; nothing here imports a transport.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
 from typing import Any, cast
@@ -168,6 +169,22 @@ class SubscribeRequest:
     options: Mapping[str, str] = attrs.field(factory=dict)
 
 
+def cluster_store(config: Config) -> LogStore:
+    """The store of a cluster node (``--cluster``): imported only then, as
+    it needs the ``cluster`` extra (httpx)."""
+    if not config.object_store:
+        raise ValueError("--cluster needs --object-store s3://host:port/bucket")
+    try:
+        from .cluster.sigv4 import Credentials
+        from .cluster.store import ClusterStore, parse_cluster_urls
+    except ImportError as exc:  # httpx missing
+        raise ValueError(f"cluster mode needs the cluster extra (pip install 'pybroker[cluster]'): {exc}") from None
+    settings = parse_cluster_urls(config.cluster or "", config.object_store, config.node_name)
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    credentials = Credentials(key, secret, os.environ.get("AWS_REGION", "us-east-1")) if key and secret else None
+    return ClusterStore(settings, credentials=credentials)
+
+
 class Broker:
     def __init__(self, config: Config, store: LogStore | None = None) -> None:
         self.config = config
@@ -176,13 +193,20 @@ class Broker:
         #: None when the broker runs without a users file (Config.auth_file).
         self.auth: Authenticator | None = authenticator_for(config)
         if store is None:
-            if config.storage == "memory":
+            if config.cluster is not None:
+                store = cluster_store(config)
+            elif config.storage == "memory":
                 store = MemoryStore(config.memory_retention_bytes)
             else:
                 # Locks the data directory and recovers the log.
                 store = FileStore(config.data_dir, config.topic_settings, min_free_bytes=config.min_free_bytes)
         self.store: LogStore = store
         self.router = Router(store, events=self, inbox_grace=config.inbox_grace)
+        # Cluster mode (broker/cluster/store.py): batches other nodes commit
+        # reach this node's subscribers through the router.
+        attach = getattr(store, "attach", None)
+        if attach is not None:
+            attach(self.router.committed_elsewhere, self.router.copy_positioned)
         self.committer = Committer(store, self.router, config.retention_check_seconds)
         state_dir = config.data_dir / "groups" if isinstance(store, FileStore) else None
         # Delivery counts are written before a delivery is sent, and fsynced
@@ -206,7 +230,7 @@ class Broker:
             return "file"
         if isinstance(self.store, MemoryStore):
             return "memory"
-        return type(self.store).__name__
+        return "cluster" if hasattr(self.store, "attach") else type(self.store).__name__
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -323,7 +347,7 @@ class Broker:
             base, timestamp, held = self.router.publish(topic, batch, count, now)
         except StorageError as exc:
             # Disk full or failing: an answer for this publish, nothing stored.
-            raise Refused(exc.code, exc.message, {"topic": topic_name}) from None
+            raise Refused(exc.code, exc.message, exc.fields(topic_name)) from None
         if msg_id is not None:
             self.dedup.remember(topic, msg_id, Stored(base, count, timestamp, held))
         return Published(topic, base, count, timestamp, held, topic.log.durability)
@@ -432,7 +456,7 @@ class Broker:
                                 topic = topics.get(topic_name) or router.topic(topic_name)
                                 stored = self.dedup.find(topic, msg_id, now)
                             except StorageError as exc:
-                                results.append(Refused(exc.code, exc.message, {"topic": topic_name}))
+                                results.append(Refused(exc.code, exc.message, exc.fields(topic_name)))
                                 continue
                             if stored is not None:
                                 try:
@@ -503,7 +527,7 @@ class Broker:
         for i in range(done, n):
             place = at[i]
             if failed is not None:
-                results[place] = Refused(failed.code, failed.message, {"topic": topic_name})
+                results[place] = Refused(failed.code, failed.message, failed.fields(topic_name))
                 failed = None
                 continue
             try:
@@ -511,7 +535,7 @@ class Broker:
                 base, timestamp, held = router.publish(topic, batches[i], counts[i], now)
             except StorageError as exc:
                 # Disk full or failing: an answer for this publish, nothing stored.
-                results[place] = Refused(exc.code, exc.message, {"topic": topic_name})
+                results[place] = Refused(exc.code, exc.message, exc.fields(topic_name))
                 continue
             results[place] = Published(
                 topic, base, counts[i], timestamp, held, topic.log.durability, False, frames[place][0]
@@ -557,7 +581,7 @@ class Broker:
                 held = Held(self.router.held_seq, NO_OFFSET, now, b"", count)
             self.schedule.add(due_ms, topic_name, batch, dedup, held)
         except StorageError as exc:
-            raise Refused(exc.code, exc.message, {"topic": topic_name}) from None
+            raise Refused(exc.code, exc.message, exc.fields(topic_name)) from None
         if held is not None:
             self.committer.wake()
         return Published(topic, NO_OFFSET, count, now, held, topic.log.durability)
@@ -609,7 +633,8 @@ class Broker:
     def check_held(held: Held) -> None:
         """Refused if the fsync that was to cover ``held`` failed."""
         if held.error is not None:
-            raise Refused(held.error.code, held.error.message)
+            error = held.error
+            raise Refused(error.code, error.message, error.fields(error.topic) if error.topic else None)
 
     def acknowledged(self, durability: Durability, n: int = 1) -> None:
         """Count acknowledgements sent, by what they promise (GET /metrics)."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 from pybroker.protocol import tokens_match
 
 from .inboxes import DEFAULT_GRACE, RETAIN_BYTES, Inboxes, is_inbox
-from .storage import LogStore, MemoryTopicLog, StorageError, TopicLog
+from .storage import LogStore, MemoryTopicLog, StorageError, StoredBatch, TopicLog
 
 if TYPE_CHECKING:
     from .groups import Group, Member
@@ -363,6 +363,30 @@ class Router:
                     sub.subscriber.deliver(sub, topic, base, timestamp, batch, count)
                 base += count
         return stored, first, timestamp, None
+
+    def committed_elsewhere(self, name: str, stored: StoredBatch) -> None:
+        """Cluster mode: a batch the topic's owner (another node, or this one
+        in an earlier term) committed is now in this node's copy of the
+        topic: hand it on as :meth:`publish` does a durable one."""
+        topic = self.topic(name)
+        base, count, timestamp, batch = stored.base_offset, stored.count, stored.timestamp, stored.batch
+        if timestamp > topic.last_timestamp:
+            topic.last_timestamp = timestamp
+        topic.messages_in += count
+        topic.bytes_in += len(batch)
+        topic.visible_next = base + count
+        if topic.groups:
+            self.events.batch_visible(topic)
+        for sub in topic.subs:
+            sub.subscriber.deliver(sub, topic, base, timestamp, batch, count)
+
+    def copy_positioned(self, name: str, offset: int) -> None:
+        """Cluster mode: this node's copy of a topic begins at ``offset``
+        (where the cluster's index window begins): nothing before it is
+        waited for."""
+        topic = self.topics.get(name)
+        if topic is not None and not topic.held and topic.visible_next < offset:
+            topic.visible_next = offset
 
     def release(self, seq: int, failed: Mapping[str, tuple[int, StorageError]] | None = None) -> None:
         """Deliver every held batch with hold sequence <= ``seq``, in order.

@@ -123,12 +123,19 @@ class Server:
                 # The core's tasks outlive the connections: closing sessions
                 # still wait on the committer for their last acknowledgements.
                 await background.start(self.broker.run)
+                # Cluster mode: join once the address others are sent to is known.
+                joining = getattr(self.broker.store, "run", None)
+                if joining is not None:
+                    await background.start(joining, self.config.advertise or f"{self.host}:{self.port}")
                 if self.config.idle_timeout > 0:
                     background.start_soon(self._sweep_idle, self.config.idle_timeout)
                 background.start_soon(self._trim_heap)
                 if self.http is not None:
                     self.http_port = await background.start(self.http.serve)
                 await self._serve_connections(listeners, background, task_status)
+                leave = getattr(self.broker.store, "leave", None)
+                if leave is not None:
+                    await leave()  # hand the partitions over (bounded)
                 if self.http is not None:
                     # Its requests in progress may still wait on the committer.
                     with trio.move_on_after(self.config.shutdown_grace):

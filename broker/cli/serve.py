@@ -31,6 +31,9 @@ def add_parser(commands: Commands[argparse.ArgumentParser]) -> None:
     serve.add_argument("--data-dir", type=Path, default=Path("pybroker-data"), help="data directory (default ./pybroker-data)")
     serve.add_argument("--name", default=None, help="server name announced to clients (default: host name)")
     serve.add_argument("--storage", choices=("file", "memory"), default="file", help="file: the durable log in --data-dir (default); memory: nothing on disk")
+    serve.add_argument("--cluster", default=None, metavar="etcd://HOST:PORT[,HOST:PORT][/PREFIX]", help="cluster mode (docs/cluster.md): share topics with the other brokers of this etcd cluster; needs --object-store and the cluster extra")
+    serve.add_argument("--object-store", default=None, metavar="s3://HOST:PORT/BUCKET[/PREFIX]", help="cluster mode: the S3-compatible bucket that holds the topics' data (credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, if set)")
+    serve.add_argument("--advertise", default=None, metavar="HOST:PORT", help="cluster mode: the address other nodes send this node's publishers to (default: the bound address)")
     serve.add_argument("--fsync", choices=FSYNC_MODES, default="always", help="always: acks wait for the fsync covering them (group commit, default); interval: fsync every --fsync-interval-ms; never: leave it to the OS")
     serve.add_argument("--fsync-interval-ms", type=int, default=200, metavar="MS", help="with --fsync interval: milliseconds between fsyncs (default 200)")
     serve.add_argument("--group-counts-fsync", action="store_true", help="consumer groups: fsync each delivery's count before sending it, so max_deliver holds across power loss too (default: written to the OS first, which survives kill -9; costs group throughput, see benchmarks/README.md)")
@@ -102,6 +105,9 @@ def config_from(args: argparse.Namespace) -> Config:
         http=HttpSettings(cors_origins=tuple(args.http_cors_origin)),
         data_dir=args.data_dir,
         storage=args.storage,
+        cluster=args.cluster,
+        object_store=args.object_store,
+        advertise=args.advertise,
         min_free_bytes=args.min_free_bytes,
         group_counts_fsync=args.group_counts_fsync,
         topic_settings=SettingsResolver.from_specs(default, args.topic),

@@ -369,6 +369,50 @@ class PartitionOwner:
         self._check_owning()
         return await self._enqueue(_Pending(batch, count, time.time_ns() // 1000 if timestamp is None else timestamp))
 
+    @property
+    def accepting(self) -> bool:
+        """Whether an append now would be taken (owning, not handing over)."""
+        return self.owning and not self._handing_over
+
+    @property
+    def stale(self) -> bool:
+        """A round's outcome was not learned: ``next_offset`` may be behind
+        etcd's until :meth:`refresh` (or the next round) re-reads it."""
+        return self._stale
+
+    async def refresh(self) -> bool:
+        """Re-read the next offset after an unknown outcome, fenced on the
+        epoch; False (and the partition dropped) if it is no longer ours."""
+        try:
+            if await self._refresh():
+                return True
+        except EtcdError:
+            return False  # still stale: asked again later
+        self._lose(f"epoch {self.epoch} no longer holds the partition")
+        return False
+
+    async def append_round(self, batches: list[tuple[bytes, int, int]]) -> int:
+        """Commit ``(batch, count, timestamp)`` checked batches as one round
+        of their own, in order, all or none (a cluster broker's group
+        commit, which has done its own batching); the first one's base
+        offset once acknowledged, else the round's AppendError."""
+        self._check_owning()
+        with anyio.fail_after(self.max_commit_delay):
+            while len(self._rounds) > MAX_QUEUED_ROUNDS:
+                await self._space.wait()
+            self._check_owning()
+            round_ = _Round(anyio.current_time())
+            round_.items = [_Pending(batch, count, timestamp) for batch, count, timestamp in batches]
+            round_.size = sum(HEADER_SIZE + len(batch) for batch, _, _ in batches)
+            round_.closed = True
+            round_.full.set()
+            self._rounds.append(round_)
+            self._wake.set()
+            await round_.done.wait()
+        if round_.error is not None:
+            raise round_.error
+        return round_.items[0].base
+
     async def _enqueue(self, item: _Pending) -> int:
         """Put ``item`` into the open round (opening one); its base offset
         once the round is acknowledged, else the round's error."""

@@ -160,7 +160,9 @@ class Acks:
                 # Its fsync failed and the log rolled it back: refused,
                 # never acknowledged.
                 frames.append(
-                    self.outbox.refusal(held.error.code, held.error.message, a.request_id, RefKind.REQUEST)
+                    self.outbox.refusal(
+                        held.error.code, held.error.message, a.request_id, RefKind.REQUEST, held.error.fields(a.topic.name)
+                    )
                 )
                 continue
             durability = synced if held is not None and synced is not None else a.durability

@@ -6,7 +6,7 @@ foundation), the durable file log implements the same interface.
 """
 
 from .base import LogStore, StoredBatch, SyncResult, TopicLog
-from .errors import DataLoss, StorageError
+from .errors import DataLoss, NotOwnerError, StorageError
 from .file import FileStore, FileTopicLog
 from .lock import DataDirLocked
 from .memory import MemoryStore, MemoryTopicLog
@@ -21,6 +21,7 @@ __all__ = [
     "MemoryStore",
     "MemoryTopicLog",
     "SettingsResolver",
+    "NotOwnerError",
     "StorageError",
     "StoredBatch",
     "SyncResult",

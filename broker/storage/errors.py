@@ -37,12 +37,36 @@ class StorageError(Exception):
     def code(self) -> ErrorCode:
         return ErrorCode.STORAGE_FULL if self.full else ErrorCode.STORAGE_ERROR
 
-    @classmethod
-    def from_os(cls, exc: OSError, what: str, topic: str = "") -> StorageError:
+    def fields(self, topic: str) -> dict[str, str]:
+        """The ERROR frame's fields for a PUBLISH to ``topic`` it refused."""
+        return {"topic": topic}
+
+    @staticmethod
+    def from_os(exc: OSError, what: str, topic: str = "") -> StorageError:
         full = exc.errno in FULL_ERRNOS
         reason = exc.strerror or str(exc)
         prefix = "storage full" if full else "storage error"
-        return cls(f"{prefix}: {what}: {reason}", full=full, topic=topic)
+        return StorageError(f"{prefix}: {what}: {reason}", full=full, topic=topic)
+
+
+class NotOwnerError(StorageError):
+    """Cluster mode: this node does not own the topic's partition (or lost
+    it before the batch was committed); nothing was stored. ``owner`` is the
+    owner's ``host:port``, or "" while the partition has none."""
+
+    def __init__(self, message: str, *, topic: str = "", owner: str = "") -> None:
+        super().__init__(message, full=False, topic=topic)
+        self.owner = owner
+
+    @property
+    def code(self) -> ErrorCode:
+        return ErrorCode.NOT_OWNER
+
+    def fields(self, topic: str) -> dict[str, str]:
+        found = {"topic": topic}
+        if self.owner:
+            found["owner"] = self.owner
+        return found
 
 
 class DataLoss(Exception):

@@ -21,7 +21,7 @@ class MemoryTopicLog:
     needs_sync = False
     durability = Durability.MEMORY
 
-    def __init__(self, name: str, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, name: str, max_bytes: int = DEFAULT_MAX_BYTES, *, start: int = 0) -> None:
         self.name = name
         self.max_bytes = max_bytes
         self._batches: list[StoredBatch] = []
@@ -29,7 +29,9 @@ class MemoryTopicLog:
         self._times: list[int] = []
         self._head = 0  # index of the first retained batch
         self._bytes = 0
-        self._next = 0
+        #: An empty log's first offset (a cluster node's copy of a topic
+        #: starts where it joined the topic, not at 0).
+        self._next = start
 
     @property
     def first_offset(self) -> int:
@@ -44,6 +46,10 @@ class MemoryTopicLog:
     @property
     def size_bytes(self) -> int:
         return self._bytes
+
+    @property
+    def last_timestamp(self) -> int:
+        return self._times[-1] if len(self._times) > self._head else 0
 
     def append(self, batch: bytes, count: int, timestamp: int) -> int:
         base = self._next
@@ -66,6 +72,24 @@ class MemoryTopicLog:
             del self._bases[: self._head]
             del self._times[: self._head]
             self._head = 0
+
+    def cut(self, offset: int) -> None:
+        """Drop every batch at or after ``offset`` (a batch's base, or the
+        end): a cluster owner's appends whose commit failed."""
+        i = bisect.bisect_left(self._bases, offset, lo=self._head)
+        at_base = i < len(self._bases) and self._bases[i] == offset
+        if not at_base and not (i == len(self._bases) and offset == self._next):
+            raise ValueError(f"{self.name}: {offset} is not a batch boundary")
+        for b in self._batches[i:]:
+            self._bytes -= len(b.batch)
+        del self._batches[i:], self._bases[i:], self._times[i:]
+        self._next = offset
+        self._head = min(self._head, len(self._batches))
+
+    def skip_to(self, offset: int) -> None:
+        """Go on at ``offset`` past a range that will never be here (lost)."""
+        if offset > self._next:
+            self._next = offset
 
     def purge(self, keep_from: int) -> int:
         """Drop every batch before the one holding ``keep_from`` (all at or

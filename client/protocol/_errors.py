@@ -39,6 +39,7 @@ class ErrorCode(enum.IntEnum):
     STORAGE_ERROR = 213
     UNKNOWN_TOPIC = 216
     TOPIC_DELETED = 217
+    NOT_OWNER = 218
     INTERNAL_ERROR = 500
     SHUTTING_DOWN = 503
 

@@ -1,0 +1,501 @@
+"""A broker's log store in cluster mode (docs/cluster.md §5, §7, §8).
+
+The server depends on the ``LogStore`` interface only (storage/base.py):
+appends are synchronous and cheap, acknowledgements wait for ``sync``
+(group commit), reads are synchronous. In cluster mode:
+
+- every topic is one partition (partition 0) whose owner, found by the
+  ownership manager, is the only node that takes its appends. ``append`` on
+  any other node raises ``NotOwnerError`` naming the owner's address
+  (ERROR 218 NOT_OWNER); nothing is stored.
+- the owner appends to its in-memory copy of the topic at the next offset
+  and keeps the batch pending; ``sync`` (the committer's round) commits all
+  of a topic's pending batches as one round of the ``PartitionOwner``: one
+  object PUT and one fenced etcd transaction, after which the publishers
+  are acknowledged. A round that fails is cut from the copy and its
+  publishers refused (``SyncResult.failed``), as a failed fsync is.
+- every node keeps an in-memory copy of each topic (a window bounded in
+  bytes, like the memory store) and fills it by tailing the partition's
+  committed index (``IndexedReader.tail``): the batches other nodes commit
+  reach this node's subscribers and groups through ``on_committed``.
+
+What is not here yet (docs/cluster.md §14): several partitions per topic,
+reads older than a node's copy (they are reported lost as retention),
+exactly-once across owners (DEDUP works per owner), consumer-group state in
+etcd, topic deletion and settings.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from pybroker.protocol import Durability
+
+from ..logs import get_logger
+from ..storage.base import StoredBatch, SyncResult, TopicLog
+from ..storage.errors import DataLoss, NotOwnerError, StorageError
+from ..storage.memory import DEFAULT_MAX_BYTES, MemoryTopicLog
+from .cache import RangeCache
+from .etcd import Etcd, EtcdError
+from .index import PartitionIndex
+from .keys import ClusterKeys
+from .lease import LeaseKeeper, LeaseLost
+from .members import Membership
+from .objects import ObjectStore, ObjectStoreError
+from .ownership import OwnershipManager
+from .partition import DEFAULT_MAX_ROUND_BYTES, AppendError, NotOwner, OutcomeUnknown, PartitionOwner
+from .tail import IndexedReader
+from .topics import TopicError, TopicRegistry
+
+#: Every topic is partition 0 of itself until partitioned topics land.
+PARTITION = 0
+#: Backoff of a follower whose store failed: doubles from MIN to MAX.
+RETRY_MIN = 0.1
+RETRY_MAX = 2.0
+#: Seconds a graceful stop waits for the partitions to be handed over.
+LEAVE_TIMEOUT = 10.0
+
+#: Bytes of pending batches one round carries (a round is one object).
+ROUND_BYTES = DEFAULT_MAX_ROUND_BYTES // 2
+
+#: ``on_committed(topic, batch)``: a batch another node committed is in this
+#: node's copy of ``topic`` (the router hands it to subscribers).
+Committed = Callable[[str, StoredBatch], None]
+#: ``on_positioned(topic, offset)``: this node's copy of ``topic`` starts at
+#: ``offset`` (where the cluster's index window begins), not at 0.
+Positioned = Callable[[str, int], None]
+
+
+@attrs.frozen
+class ClusterSettings:
+    """What ``pybroker serve --cluster ... --object-store ...`` asks for."""
+
+    etcd: list[str]
+    object_endpoint: str
+    bucket: str
+    keys: ClusterKeys = attrs.field(factory=ClusterKeys)
+    object_prefix: str = ""
+    node: str = ""
+    ttl: int = 10
+    #: The group-commit window of the owners' rounds (PartitionOwner.window).
+    window: float = 0.002
+    #: Bytes of each topic a node keeps in memory.
+    copy_bytes: int = DEFAULT_MAX_BYTES
+    #: Bytes of object ranges a node caches for its followers.
+    cache_bytes: int = 64 * 1024 * 1024
+
+
+def parse_cluster_urls(cluster: str, object_store: str, node: str = "") -> ClusterSettings:
+    """``etcd://host:port[,host:port...][/prefix]`` and
+    ``s3://host:port/bucket[/prefix]`` (``s3s://`` for HTTPS); ValueError
+    for anything else."""
+    if not cluster.startswith("etcd://"):
+        raise ValueError(f"--cluster wants etcd://host:port[,host:port][/prefix], not {cluster!r}")
+    hosts, _, prefix = cluster[len("etcd://") :].partition("/")
+    endpoints = [f"http://{h}" for h in hosts.split(",") if h]
+    if not endpoints:
+        raise ValueError(f"--cluster {cluster!r} names no etcd endpoint")
+    scheme, sep, rest = object_store.partition("://")
+    if not sep or scheme not in ("s3", "s3s"):
+        raise ValueError(f"--object-store wants s3://host:port/bucket[/prefix], not {object_store!r}")
+    host, _, path = rest.partition("/")
+    bucket, _, object_prefix = path.partition("/")
+    if not host or not bucket:
+        raise ValueError(f"--object-store {object_store!r} needs a host and a bucket")
+    keys = ClusterKeys(f"/{prefix.strip('/')}/".encode() if prefix.strip("/") else b"/pybroker/")
+    endpoint = f"{'https' if scheme == 's3s' else 'http'}://{host}"
+    object_prefix = f"{object_prefix.strip('/')}/" if object_prefix.strip("/") else ""
+    return ClusterSettings(endpoints, endpoint, bucket, keys, object_prefix, node)
+
+
+class ClusterTopicLog:
+    """One topic on one node: its in-memory copy (what subscribers read)
+    and, on the owner, the batches appended and not yet committed."""
+
+    needs_sync = True
+    durability = Durability.DISK
+
+    def __init__(self, store: ClusterStore, name: str) -> None:
+        self.name = name
+        self._store = store
+        self.copy = MemoryTopicLog(name, store.settings.copy_bytes)
+        #: Whether ``copy`` starts where the committed log is (set by the follower).
+        self.positioned = False
+        #: (base, batch, count, timestamp) appended, not yet in a round.
+        self.pending: list[tuple[int, bytes, int, int]] = []
+        self.committing = False
+        #: The owner epoch whose committed end ``copy`` was found to match:
+        #: appends are taken only then.
+        self.ready_epoch = 0
+        #: Cancelled to make the follower start again from the copy's end.
+        self.restart = trio.CancelScope()
+        self.follower_started = False
+
+    @property
+    def first_offset(self) -> int:
+        return self.copy.first_offset
+
+    @property
+    def next_offset(self) -> int:
+        return self.copy.next_offset
+
+    @property
+    def size_bytes(self) -> int:
+        return self.copy.size_bytes
+
+    @property
+    def last_timestamp(self) -> int:
+        return self.copy.last_timestamp
+
+    def append(self, batch: bytes, count: int, timestamp: int) -> int:
+        self._store.owner_for(self)
+        base = self.copy.append(batch, count, timestamp)
+        self.pending.append((base, batch, count, timestamp))
+        return base
+
+    def read(self, offset: int, max_bytes: int) -> list[StoredBatch]:
+        if offset < self.copy.first_offset and self.copy.first_offset > 0:
+            raise DataLoss(self.name, offset, self.copy.first_offset - 1, "retention")
+        return self.copy.read(offset, max_bytes)
+
+    def offset_at_time(self, timestamp: int) -> int:
+        return self.copy.offset_at_time(timestamp)
+
+
+class ClusterStore:
+    """All topics of one cluster node. ``run`` (started once the broker's
+    address is known) joins the cluster and runs until cancelled: it grants
+    the member lease, runs the ownership manager, and follows every topic;
+    when the lease is lost it joins again under a new one."""
+
+    def __init__(self, settings: ClusterSettings, *, credentials: Any = None) -> None:
+        self.settings = settings
+        self.etcd = Etcd(settings.etcd)
+        self.objects = ObjectStore(
+            settings.object_endpoint, settings.bucket, prefix=settings.object_prefix, credentials=credentials
+        )
+        self.cache = RangeCache(self.objects, max_bytes=settings.cache_bytes)
+        self.manager: OwnershipManager | None = None
+        self.addr = ""
+        self.on_committed: Committed | None = None
+        self.on_positioned: Positioned | None = None
+        self.joined = trio.Event()
+        self._logs: dict[str, ClusterTopicLog] = {}
+        self._creating: set[str] = set()
+        self._nursery: trio.Nursery | None = None
+        self._left = False
+        self.commit_rounds = 0
+        self.logger: Any = get_logger(component="cluster-store")
+
+    # -- LogStore ----------------------------------------------------------
+
+    @property
+    def durability(self) -> Durability:
+        return Durability.DISK
+
+    @property
+    def needs_sync(self) -> bool:
+        return True
+
+    def attach(self, on_committed: Committed, on_positioned: Positioned) -> None:
+        """The router's hooks for batches other nodes committed."""
+        self.on_committed = on_committed
+        self.on_positioned = on_positioned
+
+    def topic(self, name: str) -> ClusterTopicLog:
+        log = self._logs.get(name)
+        if log is None:
+            log = self._logs[name] = ClusterTopicLog(self, name)
+        self._follow(log)
+        return log
+
+    def topic_names(self) -> list[str]:
+        return list(self._logs)
+
+    def delete_topic(self, name: str) -> TopicLog | None:
+        raise StorageError("cluster mode cannot delete topics yet", full=False, topic=name)
+
+    async def discard(self, log: TopicLog) -> None:
+        return None
+
+    def set_topic(self, name: str, changes: Mapping[str, str]) -> Any:
+        raise ValueError("cluster mode has no per-topic settings yet")
+
+    async def purge(self, log: TopicLog, keep_from: int) -> int:
+        raise StorageError("cluster mode cannot purge topics yet", full=False, topic=log.name)
+
+    problem = None
+    sync_interval = None
+
+    async def probe(self) -> None:
+        return None
+
+    async def sync_interval_topics(self) -> None:
+        return None
+
+    def enforce_retention(self) -> int:
+        return 0  # each copy evicts by bytes as it grows
+
+    def close(self) -> None:
+        self._logs.clear()
+
+    async def sync(self) -> SyncResult:
+        """Commit every topic's pending batches (a round per topic, at once)."""
+        failed: dict[str, tuple[int, StorageError]] = {}
+        work = [log for log in self._logs.values() if log.pending]
+        async with trio.open_nursery() as nursery:
+            for log in work:
+                items, log.pending = log.pending, []
+                nursery.start_soon(self._commit, log, items, failed)
+        return SyncResult(Durability.DISK, failed)
+
+    # -- the owner's side ----------------------------------------------------
+
+    def owner_for(self, log: ClusterTopicLog) -> PartitionOwner:
+        """The PartitionOwner that takes ``log``'s appends now; NotOwnerError
+        when there is none on this node or its copy is not caught up."""
+        name = log.name
+        manager = self.manager
+        owner = manager.local(name, PARTITION) if manager is not None else None
+        if owner is None or not owner.accepting:
+            if manager is not None and name not in manager.topics.topics:
+                self._create(name)
+            info = manager.owner_of(name, PARTITION) if manager is not None else None
+            addr = info.addr if info is not None and info.addr != self.addr else ""
+            where = f"owned by {info.node} at {addr}" if info is not None and addr else "without an owner yet"
+            raise NotOwnerError(f"topic {name!r} is {where}", topic=name, owner=addr)
+        if log.ready_epoch != owner.epoch:
+            if log.pending or log.committing or owner.stale or not log.positioned:
+                raise NotOwnerError(f"topic {name!r}: this node is taking it over", topic=name)
+            if log.copy.next_offset != owner.next_offset:
+                log.restart.cancel()  # the follower reads up to the committed end
+                raise NotOwnerError(
+                    f"topic {name!r}: this node is taking it over (at {log.copy.next_offset} of {owner.next_offset})",
+                    topic=name,
+                )
+            log.ready_epoch = owner.epoch
+        return owner
+
+    async def _commit(
+        self, log: ClusterTopicLog, items: list[tuple[int, bytes, int, int]], failed: dict[str, tuple[int, StorageError]]
+    ) -> None:
+        log.committing = True
+        try:
+            manager = self.manager
+            owner = manager.local(log.name, PARTITION) if manager is not None else None
+            start = 0
+            while start < len(items):
+                end, size = start, 0
+                while end < len(items) and (end == start or size + len(items[end][1]) <= ROUND_BYTES):
+                    size += len(items[end][1])
+                    end += 1
+                chunk = items[start:end]
+                error = await self._commit_round(log, owner, chunk)
+                if error is not None:
+                    self._failed(log, chunk[0][0], error, owner, failed)
+                    return
+                self.commit_rounds += 1
+                start = end
+        finally:
+            log.committing = False
+
+    async def _commit_round(
+        self, log: ClusterTopicLog, owner: PartitionOwner | None, chunk: list[tuple[int, bytes, int, int]]
+    ) -> StorageError | None:
+        base = chunk[0][0]
+        if owner is None or owner.epoch != log.ready_epoch:
+            return NotOwnerError(f"topic {log.name!r}: this node no longer owns it", topic=log.name)
+        try:
+            got = await owner.append_round([(batch, count, ts) for _, batch, count, ts in chunk])
+        except NotOwner as exc:
+            info = self.manager.owner_of(log.name, PARTITION) if self.manager is not None else None
+            addr = info.addr if info is not None and info.addr != self.addr else ""
+            return NotOwnerError(f"not stored: {exc}", topic=log.name, owner=addr)
+        except OutcomeUnknown as exc:
+            return StorageError(f"the cluster commit's outcome is unknown (it may be stored): {exc}", full=False, topic=log.name)
+        except AppendError as exc:
+            return StorageError(f"the cluster commit failed: {exc}", full=False, topic=log.name)
+        except TimeoutError:
+            return StorageError("the cluster commit did not finish in time (it may be stored)", full=False, topic=log.name)
+        if got != base:
+            # Cannot happen while the copy matched the owner's end; if it
+            # does, those batches are at other offsets than answered.
+            self.logger.error("cluster commit at another offset than appended", topic=log.name, expected=base, got=got)
+            return StorageError(f"committed at offset {got}, not {base} (it is stored there)", full=False, topic=log.name)
+        return None
+
+    def _failed(
+        self,
+        log: ClusterTopicLog,
+        cut: int,
+        error: StorageError,
+        owner: PartitionOwner | None,
+        failed: dict[str, tuple[int, StorageError]],
+    ) -> None:
+        """A round was not committed (or not known to be): cut it and
+        everything appended after it from the copy; its publishers and
+        theirs are refused. The copy then takes what the follower reads."""
+        self.logger.warning("cluster commit failed", topic=log.name, offset=cut, error=error.message)
+        log.pending = []
+        log.copy.cut(cut)
+        log.ready_epoch = 0
+        failed[log.name] = (cut, error)
+        log.restart.cancel()
+        if owner is not None and owner.stale and self._nursery is not None:
+            self._nursery.start_soon(owner.refresh)
+
+    def _create(self, name: str) -> None:
+        """Register a topic published to for the first time (in the background:
+        its publishers are told NOT_OWNER until an owner has it)."""
+        if name in self._creating or self._nursery is None or self.manager is None:
+            return
+        self._creating.add(name)
+        self._nursery.start_soon(self._register_topic, name, self.manager.topics)
+
+    async def _register_topic(self, name: str, topics: TopicRegistry) -> None:
+        try:
+            with trio.move_on_after(self.etcd.timeout * 2):
+                await topics.create(name, 1)
+        except (EtcdError, TopicError) as exc:
+            self.logger.warning("could not create topic", topic=name, error=str(exc))
+        finally:
+            self._creating.discard(name)
+
+    # -- every node's side: following the committed log ------------------------
+
+    def _follow(self, log: ClusterTopicLog) -> None:
+        if not log.follower_started and self._nursery is not None:
+            log.follower_started = True
+            self._nursery.start_soon(self._follower, log)
+
+    async def _follower(self, log: ClusterTopicLog) -> None:
+        """Fill ``log``'s copy with the batches committed to the partition, in
+        order, and hand those no local append put there to ``on_committed``."""
+        index = PartitionIndex(self.etcd, log.name, PARTITION, keys=self.settings.keys)
+        reader_pause = RETRY_MIN
+        reader = IndexedReader(index, self.cache)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(index.run)
+            await index.wait_loaded()
+            if not log.positioned:
+                # A node's copy starts at the index window's first batch.
+                log.copy = MemoryTopicLog(log.name, self.settings.copy_bytes, start=index.low)
+                log.positioned = True
+                if self.on_positioned is not None:
+                    self.on_positioned(log.name, index.low)
+            while True:
+                log.restart = trio.CancelScope()
+                with log.restart:
+                    try:
+                        tail = reader.tail(log.copy.next_offset)
+                        async for stored in tail:
+                            reader_pause = RETRY_MIN
+                            end = log.copy.next_offset
+                            if stored.next_offset <= end:
+                                continue  # this node appended it as its owner
+                            if stored.base_offset != end:
+                                break  # not where the copy ends: read again from there
+                            log.copy.append(stored.batch, stored.count, stored.timestamp)
+                            if self.on_committed is not None:
+                                self.on_committed(log.name, stored)
+                    except DataLoss as lost:
+                        self.logger.error("cluster batches lost", topic=log.name, error=str(lost))
+                        if lost.last + 1 > log.copy.next_offset and not log.pending:
+                            log.copy.skip_to(lost.last + 1)
+                    except (EtcdError, ObjectStoreError, OSError) as exc:
+                        self.logger.info("following failed", topic=log.name, error=repr(exc), retry_in=reader_pause)
+                        await trio.sleep(reader_pause)
+                        reader_pause = min(RETRY_MAX, reader_pause * 2)
+                # Restarted, or the tail went past a gap: once more from the end.
+                await trio.sleep(0)
+
+    # -- joining -------------------------------------------------------------
+
+    async def run(self, addr: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Join the cluster as ``addr`` (this broker's ``host:port``) until
+        cancelled or :meth:`leave` returns."""
+        self.addr = addr
+        node = self.settings.node or f"{socket.gethostname()}:{addr}"
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for log in list(self._logs.values()):
+                    self._follow(log)
+                try:
+                    with trio.fail_after(self.etcd.timeout * 2):
+                        await self.objects.create_bucket()
+                except (ObjectStoreError, OSError, TimeoutError) as exc:
+                    # Perhaps not ours to create: the first PUT says whether it is there.
+                    self.logger.warning("could not create the bucket", bucket=self.settings.bucket, error=str(exc))
+                started = False
+                while True:
+                    keeper = LeaseKeeper(self.etcd, self.settings.ttl)
+                    try:
+                        await keeper.grant()
+                    except EtcdError as exc:
+                        self.logger.warning("cannot reach etcd", error=str(exc))
+                        await trio.sleep(RETRY_MAX)
+                        continue
+                    membership = Membership(self.etcd, keeper, node, keys=self.settings.keys, addr=addr)
+                    topics = TopicRegistry(self.etcd, keys=self.settings.keys)
+                    manager = OwnershipManager(
+                        self.etcd, self.objects, keeper, membership, topics,
+                        keys=self.settings.keys, owner_options={"window": self.settings.window},
+                    )  # fmt: skip
+                    self.manager = manager
+                    self.logger.info("joined the cluster", node=node, addr=addr, lease=f"{keeper.lease:x}")
+                    if not started:
+                        started = True
+                        self.joined.set()
+                        task_status.started()
+                    try:
+                        async with trio.open_nursery() as incarnation:
+                            incarnation.start_soon(keeper.run)
+                            incarnation.start_soon(self._follow_registered, manager)
+                            try:
+                                await manager.run()
+                            finally:
+                                incarnation.cancel_scope.cancel()
+                    except* LeaseLost:
+                        self.logger.warning("member lease lost: joining again", node=node)
+                    if self._left:
+                        return
+        finally:
+            self._nursery = None
+            self.manager = None
+            with trio.CancelScope(shield=True):
+                await self.etcd.aclose()
+                await self.objects.aclose()
+
+    async def leave(self) -> None:
+        """A graceful stop, while ``run`` still runs: hand every partition
+        over (their owners commit what they took first) and end the lease,
+        within LEAVE_TIMEOUT; then ``run`` returns."""
+        manager = self.manager
+        if manager is None:
+            return
+        self._left = True
+        with trio.move_on_after(LEAVE_TIMEOUT):
+            try:
+                await manager.leave(LEAVE_TIMEOUT)
+            except (TimeoutError, EtcdError, LeaseLost) as exc:
+                self.logger.warning("leaving the cluster", error=repr(exc))
+            try:
+                await self.etcd.revoke(manager.keeper.lease)
+            except EtcdError:
+                pass  # it runs out by itself
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _follow_registered(self, manager: OwnershipManager) -> None:
+        """Follow every topic the cluster has (this node's subscribers may
+        read any of them)."""
+        while True:
+            for name in list(manager.topics.topics):
+                self.topic(name)
+            await manager.changed()
