@@ -19,6 +19,7 @@ import trio
 
 from helpers.cluster import Server as Process
 from helpers.cluster import etcd_server, weed_server
+from helpers.procs import broker_process
 from helpers.raw import RawClient, raw_client
 from pybroker.protocol import (
     Deliver,
@@ -97,19 +98,32 @@ def owner_node(nodes: list[Server], topic: str) -> Server | None:
     return None
 
 
-async def publish_to_owner(nodes: list[Server], topic: str, payloads: list[bytes], name: str) -> tuple[PubAck, int]:
-    """Publish through any node, following NOT_OWNER to the address it names
-    (again shortly while there is no owner); the acknowledgement and how many
-    NOT_OWNER answers came first."""
-    by_addr = {f"127.0.0.1:{n.port}": n for n in nodes}
-    target = nodes[0]
+def addr_of(node: Server | str) -> str:
+    """A node's ``host:port``: how NOT_OWNER names it."""
+    return f"127.0.0.1:{node.port}" if isinstance(node, Server) else node
+
+
+async def publish_to_owner(
+    nodes: list[Server] | list[str], topic: str, payloads: list[bytes], name: str
+) -> tuple[PubAck, int]:
+    """Publish through the first node, following NOT_OWNER to the address it
+    names (again shortly while there is no owner, or while the one named
+    cannot be reached: a node killed before its lease ran out); the
+    acknowledgement and how many NOT_OWNER answers came first."""
+    live = [addr_of(n) for n in nodes]
+    target = live[0]
     redirects = 0
     with trio.fail_after(WAIT):
         while True:
-            async with raw_client(target) as raw:
-                await hello(raw, name)
-                await raw.send_event(Publish(1, topic, encode_batch(payloads)))
-                event = await raw.next_event()
+            try:
+                async with raw_client(f"pybroker://{target}") as raw:
+                    await hello(raw, name)
+                    await raw.send_event(Publish(1, topic, encode_batch(payloads)))
+                    event = await raw.next_event()
+            except OSError:
+                target = live[0]
+                await trio.sleep(0.1)
+                continue
             if isinstance(event, PubAck):
                 return event, redirects
             assert isinstance(event, Error) and event.code == ErrorCode.NOT_OWNER, event
@@ -117,10 +131,11 @@ async def publish_to_owner(nodes: list[Server], topic: str, payloads: list[bytes
             assert event.fields["topic"] == topic, event
             redirects += 1
             owner = event.fields.get("owner")
-            if owner:
-                target = by_addr[owner]
+            if owner in live:
+                target = owner
             else:
-                await trio.sleep(0.05)  # no owner yet: again shortly
+                target = live[0]
+                await trio.sleep(0.05)  # no owner (or a dead one): again shortly
 
 
 async def test_owner_acknowledges_others_redirect_and_every_node_delivers(urls: dict[str, str], tmp_path: Path) -> None:
@@ -210,3 +225,89 @@ async def test_takeover_continues_where_the_committed_log_ends(urls: dict[str, s
                     assert isinstance(event, Deliver), event
                     seen += [p for p, _ in decode_batch(event.batch)]
         assert seen == [f"before-{i}".encode() for i in range(10)] + [f"after-{i}".encode() for i in range(10, 20)]
+
+
+async def test_a_round_that_fails_is_refused_and_the_next_takes_its_offsets(urls: dict[str, str], tmp_path: Path) -> None:
+    async with cluster_node(urls, "a", tmp_path) as a:
+        ack, _ = await publish_to_owner([a], "faults", [b"zero"], "p")
+        assert ack.base_offset == 0
+        owner = store_of(a).manager.local("faults", 0)  # type: ignore[union-attr]
+        assert owner is not None
+        failures = 0
+
+        async def crash_once(name: str) -> None:
+            # After the object's PUT, before its etcd transaction: the
+            # commit never happens, and the owner cannot know that.
+            nonlocal failures
+            failures += 1
+            owner.before_commit = None
+            raise RuntimeError(f"injected: crash between PUT {name} and the transaction")
+
+        owner.before_commit = crash_once
+        async with raw_client(a) as sub, raw_client(a) as pub:
+            await hello(sub, "sub")
+            await sub.send_event(Subscribe(1, "faults", StartKind.EARLIEST, 0))
+            assert await sub.next_event() == SubAck(1)
+            await hello(pub, "pub")
+            await pub.send_event(Publish(5, "faults", encode_batch([b"refused"])))
+            refused = await pub.next_event()
+            assert isinstance(refused, Error) and refused.code == ErrorCode.STORAGE_ERROR, refused
+            assert refused.ref == 5 and "unknown" in refused.message, refused
+            assert failures == 1
+            # The next publish gets the refused batch's offset.
+            ack, _ = await publish_to_owner([a], "faults", [b"one"], "p")
+            assert ack.base_offset == 1
+            seen: list[tuple[int, bytes]] = []
+            with trio.fail_after(WAIT):
+                while len(seen) < 2:
+                    event = await sub.next_event()
+                    assert isinstance(event, Deliver), event
+                    seen += [(event.base_offset + k, p) for k, (p, _) in enumerate(decode_batch(event.batch))]
+            assert seen == [(0, b"zero"), (1, b"one")]
+        store = store_of(a)
+        reader = PartitionReader(store.etcd, store.objects, "faults", 0, keys=store.settings.keys)
+        assert [p for b in await reader.read(0) for p, _ in decode_batch(b.batch)] == [b"zero", b"one"]
+
+
+async def test_kill_9_of_the_owner_process_loses_no_acknowledged_message(
+    urls: dict[str, str], tmp_path: Path
+) -> None:
+    """Two ``pybroker serve --cluster`` processes; the topic's owner is
+    SIGKILLed (its lease then runs out: 10 s); the survivor takes the topic
+    over and serves every acknowledged message, and publishing goes on at
+    the next offset."""
+    flags = ("--cluster", urls["cluster"], "--object-store", urls["object_store"], "--no-http")
+    async with (
+        broker_process(tmp_path / "d1", tmp_path, *flags) as one,
+        broker_process(tmp_path / "d2", tmp_path, *flags) as two,
+    ):
+        await one.start()
+        await two.start()
+        procs = {one.url.removeprefix("pybroker://"): one, two.url.removeprefix("pybroker://"): two}
+        addrs = list(procs)
+        acked: list[int] = []
+        for i in range(20):
+            ack, _ = await publish_to_owner(addrs, "kill9", [f"m{i}".encode()], "p")
+            acked.append(ack.base_offset)
+        assert acked == list(range(20))
+        # Whoever answers without a redirect is the owner.
+        ack, redirects = await publish_to_owner(addrs, "kill9", [b"m20"], "p")
+        owner = addrs[0] if redirects == 0 else addrs[1]
+        survivor = addrs[1] if owner == addrs[0] else addrs[0]
+        await procs[owner].kill()
+        killed_at = trio.current_time()
+        ack, _ = await publish_to_owner([survivor], "kill9", [b"m21"], "p")
+        took = trio.current_time() - killed_at
+        assert ack.base_offset == 21
+        async with raw_client(f"pybroker://{survivor}") as raw:
+            await hello(raw, "reader")
+            await raw.send_event(Subscribe(1, "kill9", StartKind.EARLIEST, 0))
+            assert await raw.next_event() == SubAck(1)
+            seen: list[bytes] = []
+            with trio.fail_after(WAIT):
+                while len(seen) < 22:
+                    event = await raw.next_event()
+                    assert isinstance(event, Deliver), event
+                    seen += [p for p, _ in decode_batch(event.batch)]
+        assert seen == [f"m{i}".encode() for i in range(22)]
+        print(f"the survivor took the topic over {took:.1f} s after the owner's SIGKILL")
