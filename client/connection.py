@@ -110,6 +110,9 @@ DEFAULT_URL = "pybroker://127.0.0.1:7420"
 DEFAULT_PORT = 7420
 RECEIVE_SIZE = 256 * 1024
 _TOPIC_CACHE_LIMIT = 4096
+#: NOT_OWNER answers a client follows in a row (without a PUBACK between)
+#: before it lets the PUBLISH fail: a bound on moving between cluster nodes.
+MAX_REDIRECTS = 50
 
 Callback = Callable[[Message], Awaitable[None] | None]
 Start = str | int | _dt.datetime
@@ -254,6 +257,7 @@ class Client:
         max_inflight_batches: int,
         credentials: Mapping[str, str] | None = None,
         opener: StreamOpener | None = None,
+        retarget: Callable[[str], bool] | None = None,
         reconnect: Reconnect | None = None,
         connect_timeout: float = 10.0,
         keepalive: float | None = None,
@@ -266,6 +270,11 @@ class Client:
         #: host:port, for error messages.
         self._address = address
         self._opener = opener
+        #: Points the opener at another ``host:port`` (a cluster's NOT_OWNER
+        #: names the topic's owner); False if it cannot.
+        self._retarget = retarget
+        #: NOT_OWNER answers followed since the last PUBACK (bounded).
+        self._redirects = 0
         self._reconnect_policy = reconnect if opener is not None else None
         self._connect_timeout = connect_timeout
         self._keepalive_interval = keepalive
@@ -1444,6 +1453,7 @@ class Client:
         if frame is None:
             return
         self._inflight_frames.pop(ack.request_id, None)
+        self._redirects = 0
         frame.resolve(ack.base_offset, ack.timestamp, ack.durability)  # every message of it at once
         self._settled(frame.count)
 
@@ -1453,6 +1463,28 @@ class Client:
         self._wake.set()  # an in-flight slot is free
         if not self._pending_count:
             self._drained.set()
+
+    def _follow_owner(self, err: Error, error: BrokerError) -> bool:
+        """A cluster node does not own the topic of an unanswered PUBLISH:
+        move this connection to the owner it names (to the same node again,
+        after the reconnect delay, while the topic has no owner), where the
+        PUBLISH is sent again, with its msg-id, like every other one in
+        flight. Only with reconnecting on, and at most MAX_REDIRECTS times
+        in a row without a PUBACK; False when not followed (the PUBLISH
+        fails with NOT_OWNER)."""
+        if err.ref not in self._inflight or self._reconnect_policy is None or self._retarget is None:
+            return False
+        if self._redirects >= MAX_REDIRECTS:
+            return False
+        owner = err.fields.get("owner", "")
+        if owner and not self._retarget(owner):
+            return False
+        self._redirects += 1
+        _log.info("%s; moving to %s", error, owner or f"{self._address} again")
+        if owner:
+            self._address = owner
+        self._lost(ConnectionClosed(f"redirected: {error}"))
+        return True
 
     def _on_error(self, err: Error) -> None:
         error = broker_error(err.code, err.message, err.fields)
@@ -1464,6 +1496,8 @@ class Client:
                 self._fail(closed)
             return
         if err.ref_kind is RefKind.REQUEST:
+            if err.code == ErrorCode.NOT_OWNER and self._follow_owner(err, error):
+                return
             frame = self._inflight.pop(err.ref, None)
             if frame is not None:
                 self._inflight_frames.pop(err.ref, None)
@@ -1706,8 +1740,19 @@ async def connect(
     elif reconnect:
         policy = Reconnect()
 
+    target: list[tuple[str, int]] = [(host, port)]
+
     async def opener() -> ByteStream:
-        return await open_stream(host, port, ssl_context=ssl_context, timeout=connect_timeout)
+        where, number = target[0]
+        return await open_stream(where, number, ssl_context=ssl_context, timeout=connect_timeout)
+
+    def retarget(address: str) -> bool:
+        """``host:port`` from a NOT_OWNER answer; False if it is not one."""
+        name, sep, number = address.rpartition(":")
+        if not sep or not name or not number.isdigit() or not 0 < int(number) < 65536:
+            return False
+        target[0] = (name.strip("[]"), int(number))
+        return True
 
     stream = await opener()
     try:
@@ -1722,6 +1767,7 @@ async def connect(
                 max_inflight_batches=max_inflight_batches,
                 credentials=credentials,
                 opener=opener,
+                retarget=retarget,
                 reconnect=policy,
                 connect_timeout=connect_timeout,
                 keepalive=keepalive,

@@ -55,12 +55,21 @@ class StorageError(BrokerError):
     not stored and will never be delivered (STORAGE_ERROR)."""
 
 
+class NotOwner(BrokerError):
+    """Cluster mode: the broker does not own that publish's topic, which was
+    not stored (NOT_OWNER). ``fields["owner"]`` is the owner's
+    ``host:port`` (absent while the topic has none). A client with
+    reconnecting on follows it by itself; this is raised only when it
+    cannot (reconnecting off, or too many moves in a row)."""
+
+
 _BY_CODE: dict[int, type[BrokerError]] = {
     ErrorCode.AUTH_FAILED: AuthenticationError,
     ErrorCode.PERMISSION_DENIED: PermissionDenied,
     ErrorCode.NO_RECEIVERS: NoReceivers,
     ErrorCode.STORAGE_FULL: StorageFull,
     ErrorCode.STORAGE_ERROR: StorageError,
+    ErrorCode.NOT_OWNER: NotOwner,
 }
 
 

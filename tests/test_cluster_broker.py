@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pybroker
 import trio
 
 from helpers.cluster import Server as Process
 from helpers.cluster import etcd_server, weed_server
+from helpers.http import assert_error, post_json
 from helpers.procs import broker_process
 from helpers.raw import RawClient, raw_client
 from pybroker.protocol import (
@@ -156,6 +158,10 @@ async def test_owner_acknowledges_others_redirect_and_every_node_delivers(urls: 
         assert isinstance(refused, Error) and refused.code == ErrorCode.NOT_OWNER, refused
         assert refused.fields == {"topic": "orders", "owner": f"127.0.0.1:{owner.port}"}
         assert refused.ref == 7 and not refused.fatal
+        # The HTTP side says so too: 421, naming the owner.
+        reply = await post_json(other.http_port, "/v1/topics/orders/messages", {"payload": "lost?"})
+        body = assert_error(reply, 421, "not_owner")
+        assert f"127.0.0.1:{owner.port}" in str(body), body
 
         # A subscriber on each node, from the start of the topic.
         async with raw_client(a) as sub_a, raw_client(b) as sub_b, raw_client(owner) as pub:
@@ -311,3 +317,31 @@ async def test_kill_9_of_the_owner_process_loses_no_acknowledged_message(
                     seen += [p for p, _ in decode_batch(event.batch)]
         assert seen == [f"m{i}".encode() for i in range(22)]
         print(f"the survivor took the topic over {took:.1f} s after the owner's SIGKILL")
+
+
+async def test_the_client_follows_not_owner_to_the_owner(urls: dict[str, str], tmp_path: Path) -> None:
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        nodes = [a, b]
+        await publish_to_owner(nodes, "clients", [b"created"], "creator")
+        owner = owner_node(nodes, "clients")
+        assert owner is not None
+        other = b if owner is a else a
+        # Reconnecting off: NOT_OWNER is the caller's, with the owner's address.
+        async with pybroker.connect(f"pybroker://127.0.0.1:{other.port}", name="stays") as client:
+            with pytest.raises(pybroker.NotOwner) as refused:
+                await client.publish("clients", b"not followed")
+            assert refused.value.fields["owner"] == f"127.0.0.1:{owner.port}"
+        # Reconnecting on: the client moves to the owner and publishes there;
+        # its subscription, made on the other node, is resumed on the owner.
+        async with pybroker.connect(f"pybroker://127.0.0.1:{other.port}", name="follows", reconnect=True) as client:
+            async with client.subscribe("clients", start="earliest") as sub:
+                acks = [await client.publish("clients", f"followed-{i}".encode()) for i in range(5)]
+                assert [ack.offset for ack in acks] == [1, 2, 3, 4, 5]
+                assert client.reconnects == 1
+                got: list[bytes] = []
+                with trio.fail_after(WAIT):
+                    async for message in sub:
+                        got.append(message.payload)
+                        if len(got) == 6:
+                            break
+        assert got == [b"created"] + [f"followed-{i}".encode() for i in range(5)]

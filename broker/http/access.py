@@ -111,6 +111,7 @@ _STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.UNKNOWN_TOPIC: (404, "topic_not_found"),
     ErrorCode.STORAGE_FULL: (507, "storage_full"),
     ErrorCode.STORAGE_ERROR: (503, "storage_error"),
+    ErrorCode.NOT_OWNER: (421, "not_owner"),
 }
 
 
