@@ -64,7 +64,7 @@ from .logs import get_logger
 from .principal import Principal
 from .router import Held, Router, Subscription, Topic
 from .start import resume_offset, start_offset
-from .storage import FileStore, LogStore, MemoryStore, StorageError
+from .storage import FileStore, LogStore, MemoryStore, StorageError, StoredBatch
 from .subscriber import Subscriber
 
 
@@ -206,7 +206,7 @@ class Broker:
         # reach this node's subscribers through the router.
         attach = getattr(store, "attach", None)
         if attach is not None:
-            attach(self.router.committed_elsewhere, self.router.copy_positioned)
+            attach(self._committed_elsewhere, self.router.copy_positioned)
         self.committer = Committer(store, self.router, config.retention_check_seconds)
         state_dir = config.data_dir / "groups" if isinstance(store, FileStore) else None
         # Delivery counts are written before a delivery is sent, and fsynced
@@ -272,6 +272,20 @@ class Broker:
         return problem
 
     # -- router events --------------------------------------------------------
+
+    def _committed_elsewhere(self, name: str, stored: StoredBatch) -> None:
+        """Cluster mode: a batch another owner committed reached this node's
+        copy. Delivered like any other; its msg-id is remembered too, so that
+        a resend to this node, once it owns the topic, is not stored again."""
+        self.router.committed_elsewhere(name, stored)
+        if self.dedup.loaded(name):  # else read back from the copy on first use
+            try:
+                msg_id = first_msg_id(stored.batch)
+            except MalformedBatch:
+                return
+            if msg_id is not None:
+                topic = self.router.topic(name)
+                self.dedup.remember(topic, msg_id, Stored(stored.base_offset, stored.count, stored.timestamp, None))
 
     def topic_created(self, topic: Topic) -> None:
         self.groups.topic_created(topic)

@@ -345,3 +345,49 @@ async def test_the_client_follows_not_owner_to_the_owner(urls: dict[str, str], t
                         if len(got) == 6:
                             break
         assert got == [b"created"] + [f"followed-{i}".encode() for i in range(5)]
+
+
+async def test_a_resend_to_the_next_owner_is_not_stored_twice(urls: dict[str, str], tmp_path: Path) -> None:
+    """Exactly-once across owners: a DEDUP batch acknowledged by one owner
+    and sent again to the next (the publisher never saw the PUBACK, say)
+    gets its original offset there, and nothing is stored again."""
+
+    def named(msg_id: str, payload: bytes) -> bytes:
+        return encode_batch([(payload, {"msg-id": msg_id})])
+
+    async def send(node: Server, batch: bytes) -> PubAck | Error:
+        async with raw_client(node) as raw:
+            await hello(raw, "exactly-once")
+            await raw.send_event(Publish(3, "once", batch, dedup=True))
+            event = await raw.next_event()
+        assert isinstance(event, (PubAck, Error)), event
+        return event
+
+    async with AsyncExitStack() as stack_a, AsyncExitStack() as stack_b:
+        a = await stack_a.enter_async_context(cluster_node(urls, "a", tmp_path))
+        b = await stack_b.enter_async_context(cluster_node(urls, "b", tmp_path))
+        await publish_to_owner([a, b], "once", [b"zero"], "p")
+        owner = owner_node([a, b], "once")
+        assert owner is not None
+        other, stack = (b, stack_a) if owner is a else (a, stack_b)
+        # A DEDUP publish to the other node first: refused, and its msg-ids
+        # for the topic are now in memory there (what it learns later must
+        # be added to them).
+        early = await send(other, named("early", b"early"))
+        assert isinstance(early, Error) and early.code == ErrorCode.NOT_OWNER, early
+        first = await send(owner, named("order-17", b"the order"))
+        assert isinstance(first, PubAck) and first.base_offset == 1, first
+        await stack.aclose()  # the owner stops; the other takes the topic over
+        with trio.fail_after(WAIT):
+            while True:
+                again = await send(other, named("order-17", b"the order"))
+                if isinstance(again, PubAck):
+                    break
+                assert again.code == ErrorCode.NOT_OWNER, again
+                await trio.sleep(0.05)
+        assert (again.base_offset, again.count) == (1, 1), again
+        ack, _ = await publish_to_owner([other], "once", [b"two"], "p")
+        assert ack.base_offset == 2
+        store = store_of(other)
+        reader = PartitionReader(store.etcd, store.objects, "once", 0, keys=store.settings.keys)
+        assert [p for batch in await reader.read(0) for p, _ in decode_batch(batch.batch)] == [b"zero", b"the order", b"two"]
