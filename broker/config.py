@@ -116,6 +116,9 @@ class Config:
     advertise: str | None = None
     #: This node's name in the cluster (default: host name and address).
     node_name: str = ""
+    #: Seconds of the member lease: how long a crashed owner's topics wait
+    #: for another node to take them over.
+    cluster_lease_ttl: int = attrs.field(default=10, validator=attrs.validators.ge(2))
     #: fsync policy, retention and segment size, per topic pattern.
     topic_settings: SettingsResolver = SettingsResolver()
     retention_check_seconds: float = 5.0

@@ -179,7 +179,9 @@ def cluster_store(config: Config) -> LogStore:
         from .cluster.store import ClusterStore, parse_cluster_urls
     except ImportError as exc:  # httpx missing
         raise ValueError(f"cluster mode needs the cluster extra (pip install 'pybroker[cluster]'): {exc}") from None
-    settings = parse_cluster_urls(config.cluster or "", config.object_store, config.node_name)
+    settings = attrs.evolve(
+        parse_cluster_urls(config.cluster or "", config.object_store, config.node_name), ttl=config.cluster_lease_ttl
+    )
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     credentials = Credentials(key, secret, os.environ.get("AWS_REGION", "us-east-1")) if key and secret else None
     return ClusterStore(settings, credentials=credentials)
