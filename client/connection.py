@@ -110,9 +110,10 @@ DEFAULT_URL = "pybroker://127.0.0.1:7420"
 DEFAULT_PORT = 7420
 RECEIVE_SIZE = 256 * 1024
 _TOPIC_CACHE_LIMIT = 4096
-#: NOT_OWNER answers a client follows in a row (without a PUBACK between)
-#: before it lets the PUBLISH fail: a bound on moving between cluster nodes.
-MAX_REDIRECTS = 50
+#: Seconds a client follows NOT_OWNER answers without a PUBACK between
+#: before it lets the PUBLISH fail: a bound on moving between cluster nodes
+#: (a take-over after a crash waits for the owner's lease: 10 s by default).
+REDIRECT_SECONDS = 60.0
 
 Callback = Callable[[Message], Awaitable[None] | None]
 Start = str | int | _dt.datetime
@@ -273,8 +274,9 @@ class Client:
         #: Points the opener at another ``host:port`` (a cluster's NOT_OWNER
         #: names the topic's owner); False if it cannot.
         self._retarget = retarget
-        #: NOT_OWNER answers followed since the last PUBACK (bounded).
-        self._redirects = 0
+        #: When the NOT_OWNER answers followed since the last PUBACK began
+        #: (None: none since).
+        self._redirecting_since: float | None = None
         self._reconnect_policy = reconnect if opener is not None else None
         self._connect_timeout = connect_timeout
         self._keepalive_interval = keepalive
@@ -1453,7 +1455,7 @@ class Client:
         if frame is None:
             return
         self._inflight_frames.pop(ack.request_id, None)
-        self._redirects = 0
+        self._redirecting_since = None
         frame.resolve(ack.base_offset, ack.timestamp, ack.durability)  # every message of it at once
         self._settled(frame.count)
 
@@ -1469,17 +1471,19 @@ class Client:
         move this connection to the owner it names (to the same node again,
         after the reconnect delay, while the topic has no owner), where the
         PUBLISH is sent again, with its msg-id, like every other one in
-        flight. Only with reconnecting on, and at most MAX_REDIRECTS times
-        in a row without a PUBACK; False when not followed (the PUBLISH
-        fails with NOT_OWNER)."""
+        flight. Only with reconnecting on, and for at most
+        REDIRECT_SECONDS without a PUBACK; False when not followed (the
+        PUBLISH fails with NOT_OWNER)."""
         if err.ref not in self._inflight or self._reconnect_policy is None or self._retarget is None:
             return False
-        if self._redirects >= MAX_REDIRECTS:
+        now = anyio.current_time()
+        if self._redirecting_since is None:
+            self._redirecting_since = now
+        elif now - self._redirecting_since > REDIRECT_SECONDS:
             return False
         owner = err.fields.get("owner", "")
         if owner and not self._retarget(owner):
             return False
-        self._redirects += 1
         _log.info("%s; moving to %s", error, owner or f"{self._address} again")
         if owner:
             self._address = owner

@@ -27,6 +27,7 @@ etcd, topic deletion and settings.
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -265,10 +266,7 @@ class ClusterStore:
         if owner is None or not owner.accepting:
             if manager is not None and name not in manager.topics.topics:
                 self._create(name)
-            info = manager.owner_of(name, PARTITION) if manager is not None else None
-            addr = info.addr if info is not None and info.addr != self.addr else ""
-            where = f"owned by {info.node} at {addr}" if info is not None and addr else "without an owner yet"
-            raise NotOwnerError(f"topic {name!r} is {where}", topic=name, owner=addr)
+            raise self._not_owner(name)
         if log.ready_epoch != owner.epoch:
             if log.pending or log.committing or owner.stale or not log.positioned:
                 raise NotOwnerError(f"topic {name!r}: this node is taking it over", topic=name)
@@ -280,6 +278,27 @@ class ClusterStore:
                 )
             log.ready_epoch = owner.epoch
         return owner
+
+    def _not_owner(self, name: str, why: str = "") -> NotOwnerError:
+        """NOT_OWNER for ``name``, naming where to send it: the owner as this
+        node's view of etcd has it; or, while this node has no lease it can
+        rely on (cut off from etcd, or rejoining), its view may be stale, so
+        another member, which knows better; or nobody (send it here again
+        shortly) while the topic simply has no owner yet."""
+        manager = self.manager
+        info = manager.owner_of(name, PARTITION) if manager is not None else None
+        addr = info.addr if info is not None and info.addr != self.addr else ""
+        if manager is not None and not manager.keeper.held():
+            others = sorted(m.addr for node, m in manager.membership.members.items() if m.addr and m.addr != self.addr)
+            if others:
+                addr = random.choice(others)
+                return NotOwnerError(
+                    f"topic {name!r}: this node has lost touch with etcd; ask {addr}", topic=name, owner=addr
+                )
+        if why:
+            return NotOwnerError(f"{why}", topic=name, owner=addr)
+        where = f"owned by {info.node} at {addr}" if info is not None and addr else "without an owner yet"
+        return NotOwnerError(f"topic {name!r} is {where}", topic=name, owner=addr)
 
     async def _commit(
         self, log: ClusterTopicLog, items: list[tuple[int, bytes, int, int]], failed: dict[str, tuple[int, StorageError]]
@@ -313,9 +332,7 @@ class ClusterStore:
         try:
             got = await owner.append_round([(batch, count, ts) for _, batch, count, ts in chunk])
         except NotOwner as exc:
-            info = self.manager.owner_of(log.name, PARTITION) if self.manager is not None else None
-            addr = info.addr if info is not None and info.addr != self.addr else ""
-            return NotOwnerError(f"not stored: {exc}", topic=log.name, owner=addr)
+            return self._not_owner(log.name, f"not stored: {exc}")
         except OutcomeUnknown as exc:
             return StorageError(f"the cluster commit's outcome is unknown (it may be stored): {exc}", full=False, topic=log.name)
         except AppendError as exc:
