@@ -200,6 +200,12 @@ async def test_owner_acknowledges_others_redirect_and_every_node_delivers(urls: 
             batches += more
             stored += [p for batch in more for p, _ in decode_batch(batch.batch)]
         assert stored == want
+        # One of the two is the janitor, and it has swept (nothing to delete).
+        await wait_for(lambda: store_of(a).janitor.sweeps + store_of(b).janitor.sweeps >= 1)
+        sweeping = [n for n in nodes if store_of(n).janitor.sweeps]
+        assert len(sweeping) == 1, [store_of(n).janitor.sweeps for n in nodes]
+        last = store_of(sweeping[0]).janitor.last
+        assert last is not None and last.deleted == 0
 
 
 async def test_takeover_continues_where_the_committed_log_ends(urls: dict[str, str], tmp_path: Path) -> None:

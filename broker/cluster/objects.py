@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Mapping
+from datetime import datetime
 from urllib.parse import urlsplit
 
 import attrs
@@ -50,6 +51,17 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+    #: When the store says it was written, seconds since the epoch (0.0 if
+    #: it did not say).
+    last_modified: float = 0.0
+
+
+def _timestamp(text: str) -> float:
+    """S3's ``LastModified`` (ISO 8601, e.g. 2026-12-05T16:04:38.000Z)."""
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
 
 
 @attrs.frozen
@@ -191,7 +203,14 @@ class ObjectStore:
                 raise ObjectStoreError(f"list {prefix!r}: the store's answer is not XML: {exc}") from exc
             for item in [*root.findall(_NS + "Contents"), *root.findall("Contents")]:
                 key = _child(item, "Key")[len(self.prefix) :]
-                out.append(ObjectInfo(key, int(_child(item, "Size") or 0), _child(item, "ETag").strip('"')))
+                out.append(
+                    ObjectInfo(
+                        key,
+                        int(_child(item, "Size") or 0),
+                        _child(item, "ETag").strip('"'),
+                        _timestamp(_child(item, "LastModified")),
+                    )
+                )
             token = _child(root, "NextContinuationToken")
             if _child(root, "IsTruncated") != "true" or not token:
                 return out

@@ -44,6 +44,7 @@ from ..storage.memory import DEFAULT_MAX_BYTES, MemoryTopicLog
 from .cache import RangeCache
 from .etcd import Etcd, EtcdError
 from .index import PartitionIndex
+from .janitor import DEFAULT_EVERY, DEFAULT_GRACE, Janitor
 from .keys import ClusterKeys
 from .lease import LeaseKeeper, LeaseLost
 from .members import Membership
@@ -89,6 +90,10 @@ class ClusterSettings:
     copy_bytes: int = DEFAULT_MAX_BYTES
     #: Bytes of object ranges a node caches for its followers.
     cache_bytes: int = 64 * 1024 * 1024
+    #: The janitor (janitor.py): how old an unreferenced object must be to
+    #: go, and the time between sweeps.
+    janitor_grace: float = DEFAULT_GRACE
+    janitor_every: float = DEFAULT_EVERY
 
 
 def parse_cluster_urls(cluster: str, object_store: str, node: str = "") -> ClusterSettings:
@@ -181,6 +186,10 @@ class ClusterStore:
             settings.object_endpoint, settings.bucket, prefix=settings.object_prefix, credentials=credentials
         )
         self.cache = RangeCache(self.objects, max_bytes=settings.cache_bytes)
+        #: Runs on the one node that holds the janitor key.
+        self.janitor = Janitor(
+            self.etcd, self.objects, keys=settings.keys, grace=settings.janitor_grace, every=settings.janitor_every
+        )
         self.manager: OwnershipManager | None = None
         self.addr = ""
         self.on_committed: Committed | None = None
@@ -474,6 +483,7 @@ class ClusterStore:
                         async with trio.open_nursery() as incarnation:
                             incarnation.start_soon(keeper.run)
                             incarnation.start_soon(self._follow_registered, manager)
+                            incarnation.start_soon(self.janitor.run, keeper)
                             try:
                                 await manager.run()
                             finally:
