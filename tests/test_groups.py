@@ -1471,6 +1471,12 @@ def net_clock() -> MockClock:
 @asynccontextmanager
 async def clocked_member(**options: Any) -> AsyncIterator[tuple[Server, Client, client.Subscription]]:
     async with broker(retention_check_seconds=3600.0) as server:
+        # The clock jumps only to the next timer: the parking lot's 0.25 s
+        # sweep and the groups' 0.2 s snapshots would make every mock second
+        # cost 9 jumps of 50 ms real time (these tests took 12-46 s each).
+        # Neither is what they are about, and neither changes a delivery.
+        server.lot.sweep = 3600.0
+        server.broker.groups.persist_interval = 5.0
         async with client.connect(server.url) as c:
             async with c.subscribe("jobs", group="g", auto_ack=False, **options) as sub:
                 yield server, c, sub
