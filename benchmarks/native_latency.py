@@ -11,8 +11,9 @@ round runs pybroker with `--fsync never`, pybroker with `--fsync always`
 (`--fsync` picks one) and the reference relay (`pybroker.server.bench.relay`),
 each pinned to the first CPU with the generator on the others, and prints per
 run p50/p99/p99.9/max publish-to-deliver latency in µs, the target's CPU in
-cores (its CPU seconds over the run's wall seconds) and the load average,
-then the medians against issue 17's targets (p99 <= 1 ms with fsync never;
+cores (its CPU seconds over the run's wall seconds), the generator's, the
+other processes' on the shared machine (those alive at both ends of the run)
+and the load average, then the medians against issue 17's targets (p99 <= 1 ms with fsync never;
 p99 <= 2 ms and p99.9 <= 5 ms with fsync always).
 
 The generator publishes `--rate` messages a second for `--duration` seconds,
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -47,6 +49,31 @@ from pybroker.server.bench.procs import cpu_seconds, loadavg, start_broker, star
 SOURCE = Path(__file__).resolve().parent / "native" / "latload.c"
 #: Issue 17's targets, per fsync policy: (percentile key, µs).
 TARGETS = {"never": [("p99_us", 1000.0)], "always": [("p99_us", 2000.0), ("p99.9_us", 5000.0)]}
+
+
+def process_cpu() -> dict[int, float]:
+    """CPU seconds (user + system, all threads) of every process, by pid.
+    Per-process times are exact (the scheduler's runtime); /proc/stat's
+    per-CPU counters are sampled at ticks and miss most of a process that
+    wakes every millisecond, so the neighbours are measured this way."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def children_cpu() -> float:
+    """CPU seconds of the finished children waited for (the generator)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def build(workdir: Path) -> Path:
@@ -74,6 +101,7 @@ def one_run(exe: Path, kind: str, fsync: str | None, workdir: Path, args: argpar
     try:
         url = urlsplit(target.url)
         load_before = loadavg()
+        procs_before, gen_before = process_cpu(), children_cpu()
         cpu_before, wall_before = cpu_seconds(target.pid), time.monotonic()
         proc = subprocess.run(
             generator_argv(exe, url.hostname or "127.0.0.1", url.port or 0, args),
@@ -81,12 +109,20 @@ def one_run(exe: Path, kind: str, fsync: str | None, workdir: Path, args: argpar
             preexec_fn=(lambda: os.sched_setaffinity(0, set(load_cpus))) if load_cpus else None,
         )
         cpu_after, wall = cpu_seconds(target.pid), time.monotonic() - wall_before
+        procs_after, gen_cpu = process_cpu(), children_cpu() - gen_before
         if not proc.stdout.strip():
             raise SystemExit(f"native_latency: the generator failed ({proc.returncode}): {proc.stderr.strip()}")
         result: dict[str, Any] = json.loads(proc.stdout)
         result.update(kind=kind, fsync=fsync, load_before=load_before, load_after=loadavg(), wall_seconds=wall)
         if cpu_before is not None and cpu_after is not None and wall > 0:
             result["cores"] = (cpu_after - cpu_before) / wall
+            result["generator_cores"] = gen_cpu / wall
+            # The machine is shared: the CPU every other process (alive at
+            # both ends of the run) used meanwhile, on any CPU.
+            # (max: a pid reused meanwhile is another process.)
+            others = sum(max(0.0, procs_after[pid] - procs_before[pid]) for pid in procs_after.keys() & procs_before.keys()
+                         if pid not in (target.pid, os.getpid()))
+            result["other_processes_cores"] = others / wall
         if not result["complete"]:
             result["problem"] = proc.stderr.strip() or "not every message arrived, once and in order, in time"
         return result
@@ -149,17 +185,17 @@ def label(run: dict[str, Any]) -> str:
     return run["kind"] if run["fsync"] is None else f"{run['kind']} fsync {run['fsync']}"
 
 
-def _cores(run: dict[str, Any]) -> str:
-    return f"{run['cores']:.2f}" if run.get("cores") is not None else "-"
+def _fmt(run: dict[str, Any], key: str) -> str:
+    return f"{run[key]:.2f}" if run.get(key) is not None else "-"
 
 
 def report(runs: list[dict[str, Any]], kinds: list[tuple[str, str | None]]) -> None:
     print("| round | target | p50 µs | p99 µs | p99.9 µs | max µs | samples | lost/out of order | "
-          "target cores | publisher max behind µs | load avg before → after |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "target cores | generator cores | other processes' cores | publisher max behind µs | load avg before → after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         print(f"| {r['round']} | {label(r)} | {r['p50_us']:,.0f} | {r['p99_us']:,.0f} | {r['p99.9_us']:,.0f} | "
-              f"{r['max_us']:,.0f} | {r['count']:,} | {r['lost']}/{r['out_of_order']} | {_cores(r)} | "
+              f"{r['max_us']:,.0f} | {r['count']:,} | {r['lost']}/{r['out_of_order']} | {_fmt(r, 'cores')} | {_fmt(r, 'generator_cores')} | {_fmt(r, 'other_processes_cores')} | "
               f"{r['publisher_max_behind_us']:,.0f} | {r['load_before']} → {r['load_after']} |")
     for kind, fsync in kinds:
         mine = [r for r in runs if r["kind"] == kind and r["fsync"] == fsync]

@@ -117,6 +117,7 @@ async def test_the_script_alternates_pybroker_and_the_relay(tmp_path: Path) -> N
     for r in runs:
         check_complete(r, published=1000, subscribers=2, sampled=800)
         assert r["cores"] is not None and r["cores"] >= 0
+        assert r["generator_cores"] > 0 and r["other_processes_cores"] >= 0
         assert r["load_before"] and r["load_after"]
     report = proc.stdout.decode()
     assert "median pybroker fsync never" in report and "median relay" in report
