@@ -14,7 +14,13 @@ run p50/p99/p99.9/max publish-to-deliver latency in µs, the target's CPU in
 cores (its CPU seconds over the run's wall seconds), the generator's, the
 other processes' on the shared machine (those alive at both ends of the run)
 and the load average, then the medians against issue 17's targets (p99 <= 1 ms with fsync never;
-p99 <= 2 ms and p99.9 <= 5 ms with fsync always).
+p99 <= 2 ms and p99.9 <= 5 ms with fsync always). On a shared machine the
+upper percentiles are mostly other processes preempting the target and the
+generator; `--realtime` (SCHED_FIFO for both, needs root or CAP_SYS_NICE)
+shows the figures without that, as a diagnostic; it is only meaningful
+while the target stays well below one core, since the kernel stops
+SCHED_FIFO tasks for the rest of each second once they have run 0.95 s of
+it (sched_rt_runtime_us), and the report says when a run came near that.
 
 The generator publishes `--rate` messages a second for `--duration` seconds,
 `--per-frame` messages per PUBLISH (request_id 0: no PUBACKs), paced by an
@@ -85,6 +91,38 @@ def build(workdir: Path) -> Path:
     return exe
 
 
+#: SCHED_FIFO priorities with --realtime (the generator's threads above the
+#: target's; they run on different CPUs, so it matters little).
+GENERATOR_PRIORITY, TARGET_PRIORITY = 50, 40
+
+
+def realtime(pid: int, priority: int) -> None:
+    """SCHED_FIFO for every thread of pid; threads it starts later inherit
+    it. Needs root or CAP_SYS_NICE (PermissionError otherwise)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setscheduler(int(task), os.SCHED_FIFO, os.sched_param(priority))
+
+
+def rt_share() -> float | None:
+    """The share of each period SCHED_FIFO tasks may run before the kernel
+    stops them for the rest of it (0.95 by default: 50 ms of every second)."""
+    try:
+        runtime = int(Path("/proc/sys/kernel/sched_rt_runtime_us").read_text())
+        period = int(Path("/proc/sys/kernel/sched_rt_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if runtime < 0 else runtime / period
+
+
+def generator_setup(load_cpus: list[int] | None, rt: bool) -> Any:
+    def setup() -> None:
+        if load_cpus:
+            os.sched_setaffinity(0, set(load_cpus))
+        if rt:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(GENERATOR_PRIORITY))
+    return setup if load_cpus or rt else None
+
+
 def generator_argv(exe: Path, host: str, port: int, args: argparse.Namespace) -> list[str]:
     return [str(exe), host, str(port), args.topic, str(args.payload), str(args.subscribers), str(args.rate),
             str(args.duration), str(args.warmup), str(args.per_frame), str(args.tick_ms * 1000), str(args.timeout)]
@@ -99,6 +137,8 @@ def one_run(exe: Path, kind: str, fsync: str | None, workdir: Path, args: argpar
     else:
         target = start_broker(run_dir, ["--fsync", str(fsync), *args.broker_arg], target_cpus)
     try:
+        if args.realtime and target.pid is not None:
+            realtime(target.pid, TARGET_PRIORITY)
         url = urlsplit(target.url)
         load_before = loadavg()
         procs_before, gen_before = process_cpu(), children_cpu()
@@ -106,14 +146,14 @@ def one_run(exe: Path, kind: str, fsync: str | None, workdir: Path, args: argpar
         proc = subprocess.run(
             generator_argv(exe, url.hostname or "127.0.0.1", url.port or 0, args),
             capture_output=True, text=True, timeout=args.timeout + 30,
-            preexec_fn=(lambda: os.sched_setaffinity(0, set(load_cpus))) if load_cpus else None,
+            preexec_fn=generator_setup(load_cpus, args.realtime),
         )
         cpu_after, wall = cpu_seconds(target.pid), time.monotonic() - wall_before
         procs_after, gen_cpu = process_cpu(), children_cpu() - gen_before
         if not proc.stdout.strip():
             raise SystemExit(f"native_latency: the generator failed ({proc.returncode}): {proc.stderr.strip()}")
         result: dict[str, Any] = json.loads(proc.stdout)
-        result.update(kind=kind, fsync=fsync, load_before=load_before, load_after=loadavg(), wall_seconds=wall)
+        result.update(kind=kind, fsync=fsync, realtime=args.realtime, load_before=load_before, load_after=loadavg(), wall_seconds=wall)
         if cpu_before is not None and cpu_after is not None and wall > 0:
             result["cores"] = (cpu_after - cpu_before) / wall
             result["generator_cores"] = gen_cpu / wall
@@ -149,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=None, help="seconds a run may take (default: duration + 60)")
     parser.add_argument("--no-relay", action="store_true", help="measure pybroker only")
     parser.add_argument("--broker-arg", action="append", default=[], help="extra `pybroker serve` argument")
+    parser.add_argument("--realtime", action="store_true",
+                        help="run the target and the generator SCHED_FIFO (root or CAP_SYS_NICE): a diagnostic "
+                             "of what the percentiles are without the machine's other processes preempting them")
     parser.add_argument("--json", metavar="FILE", help="write every run's result to FILE")
     args = parser.parse_args(argv)
     if args.timeout is None:
@@ -160,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     cpus = sorted(os.sched_getaffinity(0))
     runs: list[dict[str, Any]] = []
     print(f"load {loadavg()}; {args.rate:,} msg/s offered, {args.subscribers} subscribers, {args.payload} B, "
-          f"{args.per_frame} per frame, {tick(args)}, {args.duration:g} s (first {args.warmup:g} s left out)", file=sys.stderr)
+          f"{args.per_frame} per frame, {tick(args)}, {args.duration:g} s (first {args.warmup:g} s left out)"
+          f"{', SCHED_FIFO' if args.realtime else ''}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="native-latency-") as tmp:
         workdir = Path(tmp)
         exe = build(workdir)
@@ -207,6 +251,12 @@ def report(runs: list[dict[str, Any]], kinds: list[tuple[str, str | None]]) -> N
                         for key, limit in TARGETS[fsync]]
             line += " (target: " + ", ".join(verdicts) + ")"
         print(line)
+    share = rt_share()
+    for r in runs:
+        if r.get("realtime") and share is not None and (r.get("cores") or 0) > share - 0.1:
+            print(f"round {r['round']} {label(r)}: the target used {r['cores']:.2f} core under SCHED_FIFO, near the "
+                  f"kernel's real-time limit ({share:.2f} of each period, then it is stopped for the rest): "
+                  "its tail is that throttling, not a measurement")
     for r in runs:
         if r.get("problem"):
             print(f"round {r['round']} {label(r)}: {r['problem']}")
