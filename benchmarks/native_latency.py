@@ -9,27 +9,30 @@ percentiles. This script builds the C generator with the system's C compiler
 (gcc or cc; a benchmark tool, not a dependency of the package), then per
 round runs pybroker with `--fsync never`, pybroker with `--fsync always`
 (`--fsync` picks one) and the reference relay (`pybroker.server.bench.relay`),
-each pinned to the first CPU with the generator on the others, and prints per
-run p50/p99/p99.9/max publish-to-deliver latency in µs, the target's CPU in
-cores (its CPU seconds over the run's wall seconds), the generator's, the
+each pinned to the first CPU with the generator on the others. Per run it
+prints p50/p99/p99.9/max publish-to-deliver latency in µs, the target's CPU
+in cores (its CPU seconds over the run's wall seconds), the generator's, the
 other processes' on the shared machine (those alive at both ends of the run)
-and the load average, then the medians against issue 17's targets (p99 <= 1 ms with fsync never;
-p99 <= 2 ms and p99.9 <= 5 ms with fsync always). On a shared machine the
-upper percentiles are mostly other processes preempting the target and the
-generator; `--realtime` (SCHED_FIFO for both, needs root or CAP_SYS_NICE)
-shows the figures without that, as a diagnostic; it is only meaningful
-while the target stays well below one core, since the kernel stops
-SCHED_FIFO tasks for the rest of each second once they have run 0.95 s of
-it (sched_rt_runtime_us), and the report says when a run came near that.
+and the load average; then the medians against issue 17's targets (p99 <=
+1 ms with fsync never; p99 <= 2 ms and p99.9 <= 5 ms with fsync always).
 
 The generator publishes `--rate` messages a second for `--duration` seconds,
 `--per-frame` messages per PUBLISH (request_id 0: no PUBACKs), paced by an
 absolute schedule, the frames due every `--tick-ms` in one write as
 `pybroker bench latency` sends them (`--tick-ms 0`: each frame at its own
-due time, a write every 100 µs at 10,000 msg/s); each payload carries the actual send time
-(CLOCK_MONOTONIC, read just before the send) and a sequence number, and every
-subscriber's every message is timed and checked for loss and order. Messages
-of the first `--warmup` seconds are counted, not sampled.
+due time, a write every 100 µs at 10,000 msg/s). Each payload carries the
+actual send time (CLOCK_MONOTONIC, read just before the write) and a
+sequence number; every subscriber's every message is timed and checked for
+loss and order. Messages of the first `--warmup` seconds are counted, not
+sampled.
+
+On a shared machine the upper percentiles are mostly other processes
+preempting the target and the generator (benchmarks/README.md, "Latency
+with a native load side"). `--realtime` (SCHED_FIFO for both; root or
+CAP_SYS_NICE) shows the figures without that, as a diagnostic. It means
+something only while the target stays well below one core: the kernel stops
+SCHED_FIFO tasks for the rest of each second once they have run 0.95 s of it
+(sched_rt_runtime_us), and the report says when a run came near that.
 """
 
 from __future__ import annotations
@@ -153,15 +156,16 @@ def one_run(exe: Path, kind: str, fsync: str | None, workdir: Path, args: argpar
         if not proc.stdout.strip():
             raise SystemExit(f"native_latency: the generator failed ({proc.returncode}): {proc.stderr.strip()}")
         result: dict[str, Any] = json.loads(proc.stdout)
-        result.update(kind=kind, fsync=fsync, realtime=args.realtime, load_before=load_before, load_after=loadavg(), wall_seconds=wall)
+        result.update(kind=kind, fsync=fsync, realtime=args.realtime, load_before=load_before,
+                      load_after=loadavg(), wall_seconds=wall)
         if cpu_before is not None and cpu_after is not None and wall > 0:
             result["cores"] = (cpu_after - cpu_before) / wall
             result["generator_cores"] = gen_cpu / wall
             # The machine is shared: the CPU every other process (alive at
-            # both ends of the run) used meanwhile, on any CPU.
-            # (max: a pid reused meanwhile is another process.)
-            others = sum(max(0.0, procs_after[pid] - procs_before[pid]) for pid in procs_after.keys() & procs_before.keys()
-                         if pid not in (target.pid, os.getpid()))
+            # both ends of the run) used meanwhile, on any CPU. (max: a pid
+            # reused meanwhile is another process.)
+            both = (procs_after.keys() & procs_before.keys()) - {target.pid, os.getpid()}
+            others = sum(max(0.0, procs_after[pid] - procs_before[pid]) for pid in both)
             result["other_processes_cores"] = others / wall
         if not result["complete"]:
             result["problem"] = proc.stderr.strip() or "not every message arrived, once and in order, in time"
@@ -239,7 +243,8 @@ def report(runs: list[dict[str, Any]], kinds: list[tuple[str, str | None]]) -> N
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         print(f"| {r['round']} | {label(r)} | {r['p50_us']:,.0f} | {r['p99_us']:,.0f} | {r['p99.9_us']:,.0f} | "
-              f"{r['max_us']:,.0f} | {r['count']:,} | {r['lost']}/{r['out_of_order']} | {_fmt(r, 'cores')} | {_fmt(r, 'generator_cores')} | {_fmt(r, 'other_processes_cores')} | "
+              f"{r['max_us']:,.0f} | {r['count']:,} | {r['lost']}/{r['out_of_order']} | {_fmt(r, 'cores')} | "
+              f"{_fmt(r, 'generator_cores')} | {_fmt(r, 'other_processes_cores')} | "
               f"{r['publisher_max_behind_us']:,.0f} | {r['load_before']} → {r['load_after']} |")
     for kind, fsync in kinds:
         mine = [r for r in runs if r["kind"] == kind and r["fsync"] == fsync]
