@@ -497,8 +497,8 @@ int main(int argc, char **argv) {
 
     uint64_t expected = total * (uint64_t)nsubs, delivered = 0;
     struct epoll_event evs[64];
-    int open = nsubs;
-    while (delivered < expected && open > 0 && !rd.error) {
+    int open_subs = nsubs;
+    while (delivered < expected && open_subs > 0 && !rd.error) {
         int64_t left = deadline - mono_ns();
         if (left <= 0) break;
         int n = epoll_wait(ep, evs, 64, (int)(left / 1000000) + 1);
@@ -515,7 +515,7 @@ int main(int argc, char **argv) {
                 if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
                 fprintf(stderr, "latload: the %s connection closed\n", s->is_pub ? "publisher's" : "a subscriber's");
                 s->closed = 1;
-                if (!s->is_pub) open--;
+                if (!s->is_pub) open_subs--;
                 epoll_ctl(ep, EPOLL_CTL_DEL, s->fd, NULL);
                 rd.error = 1;
                 continue;
