@@ -64,7 +64,7 @@ from .logs import get_logger
 from .principal import Principal
 from .router import Held, Router, Subscription, Topic
 from .start import resume_offset, start_offset
-from .storage import FileStore, LogStore, MemoryStore, StorageError, StoredBatch
+from .storage import FileStore, LogStore, MemoryStore, NotOwnerError, StorageError, StoredBatch
 from .subscriber import Subscriber
 
 
@@ -214,6 +214,14 @@ class Broker:
         # Delivery counts are written before a delivery is sent, and fsynced
         # first only if asked (README, "Work queues": the throughput cost).
         self.groups = GroupManager(self.router, state_dir, sync=config.group_counts_fsync)
+        if attach is not None:
+            # Cluster mode: groups run at their topic's owner, their state in
+            # etcd (docs/cluster.md §10).
+            from .cluster.groupstate import ClusterGroupState
+            from .cluster.store import ClusterStore
+
+            assert isinstance(store, ClusterStore)
+            self.groups.shared = ClusterGroupState(store, self.groups)
         #: Publish acknowledgements sent, by what they promise (GET /metrics).
         self.acks_by_durability: dict[Durability, int] = dict.fromkeys(Durability, 0)
         self.dedup = DedupWindow(config.dedup_window, config.dedup_max_ids)
@@ -763,6 +771,8 @@ class Broker:
             )
         except ValueError as exc:
             raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
+        except NotOwnerError as exc:  # cluster mode: the group runs at its topic's owner
+            raise Refused(exc.code, exc.message, exc.fields(exc.topic)) from None
         sub.group = self.groups.groups[name]
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -867,6 +877,8 @@ class Broker:
             group, created = self.groups.create(name, pattern, config, start, start_value)
         except ValueError as exc:
             raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
+        except NotOwnerError as exc:  # cluster mode: the group runs at its topic's owner
+            raise Refused(exc.code, exc.message, exc.fields(exc.topic)) from None
         if created:
             self.logger.info("group created", group=name, pattern=pattern, start=start.name.lower())
         room = self.limits.max_frame_bytes - GROUPS_REPLY_FIXED - len(',"created":false')

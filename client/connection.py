@@ -274,9 +274,13 @@ class Client:
         #: Points the opener at another ``host:port`` (a cluster's NOT_OWNER
         #: names the topic's owner); False if it cannot.
         self._retarget = retarget
-        #: When the NOT_OWNER answers followed since the last PUBACK began
-        #: (None: none since).
+        #: When the NOT_OWNER answers followed since the last PUBACK or
+        #: SUBACK began (None: none since), and how many there were.
         self._redirecting_since: float | None = None
+        self._redirects = 0
+        #: Seconds the next reconnect waits first after NOT_OWNER answers in
+        #: a row, doubling per answer (see _follow_owner).
+        self._owner_wait = 0.0
         self._reconnect_policy = reconnect if opener is not None else None
         self._connect_timeout = connect_timeout
         self._keepalive_interval = keepalive
@@ -1234,6 +1238,9 @@ class Client:
         error = self._loss
         _log.warning("connection to %s lost; reconnecting: %s", self._address, error)
         attempts = 0
+        if self._owner_wait:
+            wait, self._owner_wait = self._owner_wait, 0.0
+            await anyio.sleep(wait)
         for delay in self._reconnect_policy.delays():
             await anyio.sleep(delay)
             if self._closed is not None:
@@ -1392,6 +1399,8 @@ class Client:
         elif isinstance(event, SubAck):
             sub = self._subs.get(event.sub_id)
             if sub is not None:
+                self._redirecting_since = None
+                self._redirects = 0
                 sub._resuming = False
                 if sub._registered_us is None:
                     sub._registered_us = event.timestamp
@@ -1456,6 +1465,7 @@ class Client:
             return
         self._inflight_frames.pop(ack.request_id, None)
         self._redirecting_since = None
+        self._redirects = 0
         frame.resolve(ack.base_offset, ack.timestamp, ack.durability)  # every message of it at once
         self._settled(frame.count)
 
@@ -1467,14 +1477,17 @@ class Client:
             self._drained.set()
 
     def _follow_owner(self, err: Error, error: BrokerError) -> bool:
-        """A cluster node does not own the topic of an unanswered PUBLISH:
-        move this connection to the owner it names (to the same node again,
-        after the reconnect delay, while the topic has no owner), where the
-        PUBLISH is sent again, with its msg-id, like every other one in
-        flight. Only with reconnecting on, and for at most
-        REDIRECT_SECONDS without a PUBACK; False when not followed (the
-        PUBLISH fails with NOT_OWNER)."""
-        if err.ref not in self._inflight or self._reconnect_policy is None or self._retarget is None:
+        """A cluster node does not own the topic of an unanswered PUBLISH, or
+        of a consumer group's subscription (refused, or ended because the
+        node stopped owning the topic): move this connection to the owner it
+        names (to the same node again, after the reconnect delay, while the
+        topic has no owner), where the PUBLISH is sent again, with its
+        msg-id, like every other one in flight, and every subscription is
+        made again. Only with reconnecting on, and for at most
+        REDIRECT_SECONDS without a PUBACK or SUBACK; False when not followed
+        (the PUBLISH or SUBSCRIBE fails with NOT_OWNER)."""
+        known = self._inflight if err.ref_kind is RefKind.REQUEST else self._subs
+        if err.ref not in known or self._reconnect_policy is None or self._retarget is None:
             return False
         now = anyio.current_time()
         if self._redirecting_since is None:
@@ -1484,6 +1497,13 @@ class Client:
         owner = err.fields.get("owner", "")
         if owner and not self._retarget(owner):
             return False
+        self._redirects += 1
+        policy = self._reconnect_policy
+        # The first move to an owner named is at once; answers that keep
+        # coming (no owner yet, or one named that cannot be reached: a
+        # take-over can take a lease's TTL) wait longer and longer.
+        steps = self._redirects - (1 if owner else 0)
+        self._owner_wait = min(policy.max_delay, max(policy.initial_delay, 0.05) * 2 ** min(steps - 1, 16)) if steps else 0.0
         _log.info("%s; moving to %s", error, owner or f"{self._address} again")
         if owner:
             self._address = owner
@@ -1513,6 +1533,8 @@ class Client:
                 waiter.done(error)
                 return
         elif err.ref_kind is RefKind.SUBSCRIPTION:
+            if err.code == ErrorCode.NOT_OWNER and self._follow_owner(err, error):
+                return
             waiter = self._waiters.pop(err.ref, None)
             if waiter is not None:
                 waiter.done(error)
@@ -1744,11 +1766,19 @@ async def connect(
     elif reconnect:
         policy = Reconnect()
 
-    target: list[tuple[str, int]] = [(host, port)]
+    given = (host, port)
+    target: list[tuple[str, int]] = [given]
 
     async def opener() -> ByteStream:
         where, number = target[0]
-        return await open_stream(where, number, ssl_context=ssl_context, timeout=connect_timeout)
+        try:
+            return await open_stream(where, number, ssl_context=ssl_context, timeout=connect_timeout)
+        except OSError:
+            # An owner a NOT_OWNER named that cannot be reached (it stopped,
+            # or died): the next try goes to the address given, which names
+            # whoever owns the topic by then.
+            target[0] = given
+            raise
 
     def retarget(address: str) -> bool:
         """``host:port`` from a NOT_OWNER answer; False if it is not one."""

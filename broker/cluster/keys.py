@@ -65,6 +65,11 @@ class ClusterKeys:
         arbitrary bytes) as unpadded base64url."""
         return self.dedup_prefix(topic, partition) + base64.urlsafe_b64encode(msg_id).rstrip(b"=")
 
+    def group(self, group: str, topic: str, partition: int) -> bytes:
+        """``grp/{group}/{topic}/{partition}``: one consumer group's state in
+        one partition (docs/cluster.md §10), written by the partition's owner."""
+        return b"%sgrp/%s/%s/%d" % (self.prefix, escape(group), escape(topic), partition)
+
     def gone(self, object_key: str) -> bytes:
         return self.prefix + b"gone/" + object_key.encode("utf-8")
 

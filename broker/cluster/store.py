@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import random
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -201,6 +201,9 @@ class ClusterStore:
         self._left = False
         self.commit_rounds = 0
         self.logger: Any = get_logger(component="cluster-store")
+        #: Awaited first by a graceful stop, before the partitions are handed
+        #: over: the consumer groups' last save (broker/cluster/groupstate.py).
+        self.before_leave: Callable[[], Awaitable[None]] | None = None
 
     # -- LogStore ----------------------------------------------------------
 
@@ -507,6 +510,8 @@ class ClusterStore:
         if manager is None:
             return
         self._left = True
+        if self.before_leave is not None:
+            await self.before_leave()  # (bounded by its own timeout)
         with trio.move_on_after(LEAVE_TIMEOUT):
             try:
                 await manager.leave(LEAVE_TIMEOUT)

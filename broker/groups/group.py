@@ -721,6 +721,44 @@ class Group:
             if gt.pending.get(offset) is p:
                 self._make_ready(gt, offset, p)
 
+    def pending_due(self, gt: GroupTopic, now: float, wall_ms: int) -> dict[int, tuple[int, int]]:
+        """Cluster mode (docs/cluster.md §10): every pending message of
+        ``gt`` as ``offset -> (deadline, deliveries)``, the deadline in
+        wall-clock milliseconds (so that another node can resume it), 0 for
+        one waiting for a member now."""
+        out: dict[int, tuple[int, int]] = {}
+        for offset, p in gt.pending.items():
+            if p.queued or (p.member is None and p.deadline <= now):
+                due = 0
+            else:
+                due = wall_ms + max(0, round((p.deadline - now) * 1000))
+            out[offset] = (due, p.deliveries)
+        return out
+
+    def resume_at(
+        self, gt: GroupTopic, cursor: int, pending: Mapping[int, tuple[int, int]], now: float, wall_ms: int
+    ) -> None:
+        """Cluster mode: take over ``gt``'s position as another node saved it,
+        before anything is handed out here. The saved cursor is kept as it
+        is (never moved back: the copy of the topic may still be behind it,
+        and dispatch waits for it); a pending message whose deadline has
+        passed is ready at once, the others when their deadline comes."""
+        gt.cursor = cursor
+        gt.pending.clear()
+        gt.ready.clear()
+        gt.ahead.clear()
+        for offset in sorted(pending):
+            due_ms, deliveries = pending[offset]
+            p = gt.pending[offset] = Pending(None, deliveries, 0.0, key_known=False)
+            if offset >= cursor:
+                gt.ahead.add(offset)  # key-ordered groups hand out past the cursor
+            if due_ms <= wall_ms:
+                self._make_ready(gt, offset, p)
+            else:
+                p.deadline = now + (due_ms - wall_ms) / 1000
+                self._timer(p.deadline, gt, offset, offset)
+        self.version += 1
+
     def _settle_published_dead_letters(self, waiting: list[tuple[GroupTopic, int, Pending]]) -> None:
         """Messages a crash caught being dead-lettered: settled if their dead
         letter is in the dead-letter topic, else dead-lettered (again) at

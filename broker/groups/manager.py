@@ -9,6 +9,12 @@ for the fsync covering them (one per round for all groups, in a worker
 thread, the way the log's group commit holds PUBACKs). Each group that
 changed is snapshotted into the journal at most every ``persist_interval``
 seconds (acks reach the disk this way), and at shutdown.
+
+In cluster mode the groups' state is the cluster's, not this node's: a
+``SharedGroupState`` (broker/cluster/groupstate.py) admits groups only for
+the topics this node owns, loads a group's saved state before it
+dispatches, holds every hand-out until its count is saved in etcd, and
+evicts the groups of a topic this node stops owning (``evict``).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import itertools
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -32,6 +38,26 @@ from .group import Group, GroupTopic, Member, Pending
 
 if TYPE_CHECKING:
     from ..router import Router, Subscription, Topic
+
+
+class SharedGroupState(Protocol):
+    """Group state kept outside this node (cluster mode, docs/cluster.md §10)."""
+
+    def admit(self, name: str, pattern: str) -> None:
+        """May group ``name`` reading ``pattern`` be run here? NotOwnerError
+        (another node owns its topic), ValueError (not in this mode)."""
+
+    def created(self, group: Group) -> None:
+        """A group was made here: its saved state is to be loaded first."""
+
+    def may_dispatch(self, group: Group) -> bool:
+        """Whether ``group`` may time out and hand out messages now."""
+
+    def hold(self, group: Group, send: Callable[[], None]) -> None:
+        """Send a hand-out once the state that counts it is saved."""
+
+    async def run(self) -> None:
+        """Save what changed, follow ownership; until cancelled."""
 
 
 class GroupManager:
@@ -66,6 +92,8 @@ class GroupManager:
         # max_ack_pending, a dead letter is one of the group's pending messages.
         self._held: list[Callable[[], None]] = []
         self._writer_wake = trio.Event()
+        #: Cluster mode: the groups' state in etcd (None on a single node).
+        self.shared: SharedGroupState | None = None
 
     @property
     def broken(self) -> bool:
@@ -102,6 +130,8 @@ class GroupManager:
         ValueError if it exists with another pattern. A group created
         without members (GROUPS create) keeps its position from now on:
         what it reads waits for its first member."""
+        if self.shared is not None:
+            self.shared.admit(name, pattern)  # (may evict a stale copy of the group first)
         group = self.groups.get(name)
         created = group is None
         if group is None:
@@ -112,6 +142,8 @@ class GroupManager:
                 if group.matches(topic):
                     group.attach(topic)
                     topic.groups.append(group)
+            if self.shared is not None:
+                self.shared.created(group)
         elif group.pattern != pattern:
             raise ValueError(f"group {name!r} reads {group.pattern!r}, not {pattern!r}")
         if self.state.persistent and name not in self._persisted:
@@ -131,6 +163,24 @@ class GroupManager:
             self._append(encode_removed(group.name_bytes))
         for gt in group.topics.values():
             gt.topic.groups = [g for g in gt.topic.groups if g is not group]
+
+    def evict(self, name: str, tell: Callable[[Member, str], None]) -> None:
+        """Cluster mode: this node no longer runs group ``name`` (another
+        node owns its topic now). Its members are told (``tell``: a
+        NOT_OWNER on their sub_id, so that clients move to the owner) and
+        let go; what they hold unsettled is the next owner's to redeliver.
+        The group is forgotten here; it is loaded again if it comes back."""
+        group = self.groups.pop(name, None)
+        if group is None:
+            return
+        for member in group.members:
+            member.active = False  # held deliveries are not sent
+            for gt in group.topics.values():
+                tell(member, gt.topic.name)
+        group.members = []
+        for gt in group.topics.values():
+            gt.topic.groups = [g for g in gt.topic.groups if g is not group]
+        self.logger.info("group evicted", group=name)
 
     def topic_created(self, topic: Topic) -> None:
         for group in self.groups.values():
@@ -166,7 +216,10 @@ class GroupManager:
 
     def run_once(self) -> None:
         now = trio.current_time()
+        shared = self.shared
         for group in list(self.groups.values()):
+            if shared is not None and not shared.may_dispatch(group):
+                continue  # its state is not loaded (or not ours) yet: timers wait too
             group.run_timers(now)
             if not self.broken:
                 # (While it is, nothing could be sent: handing out more would
@@ -187,7 +240,10 @@ class GroupManager:
         deliveries: int,
         batch: bytes,
     ) -> None:
-        """Send a GROUP_DELIVER once the journal has counted it."""
+        """Send a GROUP_DELIVER once the journal (or etcd) has counted it."""
+        if self.shared is not None:
+            self.shared.hold(group, partial(_send, member, topic, base, timestamp, deliveries, batch))
+            return
         if not self.state.persistent:
             member.sub.subscriber.deliver_group(member.sub, topic, base, timestamp, deliveries, batch)
             return
@@ -351,12 +407,19 @@ class GroupManager:
         async with trio.open_nursery() as nursery:
             if self.state.persistent:
                 nursery.start_soon(self._writer)
+            if self.shared is not None:
+                nursery.start_soon(self.shared.run)
             await self._dispatch_loop(task_status)
 
     async def _dispatch_loop(self, task_status: Any) -> None:
         task_status.started()
         while True:
-            deadlines = [d for g in self.groups.values() if (d := g.next_deadline) is not None]
+            shared = self.shared
+            deadlines = [
+                d
+                for g in self.groups.values()
+                if (d := g.next_deadline) is not None and (shared is None or shared.may_dispatch(g))
+            ]
             with trio.move_on_at(min(deadlines) if deadlines else float("inf")):
                 await self._wake.wait()
             self._wake = trio.Event()

@@ -1,0 +1,440 @@
+"""Consumer-group state in etcd, run by each topic's owner (docs/cluster.md §10).
+
+A group's dispatch runs on the node that owns its topic (partition 0), and
+only there: a group SUBSCRIBE anywhere else is refused with NOT_OWNER
+naming the owner (``admit``), which clients follow as they follow it for a
+PUBLISH. The state of one (group, topic) is one key,
+``grp/{group}/{topic}/0``::
+
+    {"v": 1, "cursor": n, "pending": {"offset": [deadline_ms, deliveries]},
+     "group": {"pattern", "start", "start_value", "config": {...}}}
+
+with deadlines in wall-clock milliseconds (0: due now), so that the next
+owner can resume them, and the group's settings, so that they survive
+with it.
+
+- **Loaded before anything is handed out.** A group made on this node
+  (its first member joined here) reads its key first; until then, and
+  until this node's copy of the topic has caught up with the saved cursor
+  and pending offsets, it neither dispatches nor runs its timers. The
+  saved cursor is taken as it is: cursors never move backwards.
+- **Counted before sent.** Every hand-out is held until a transaction has
+  saved the state that counts it (protocol.md: ``deliveries`` is never
+  lower than the number of GROUP_DELIVERs sent). Changes are gathered for
+  ``window`` seconds after the first held hand-out (acks and naks alone:
+  for ``interval``) and written in one transaction per topic, which
+  compares the owner key's create revision (the epoch) and each group
+  key's mod revision as last written. Held hand-outs go out once it
+  succeeded and only while the owner's lease holds (§6).
+- **Fenced.** A transaction refused on its compares means another node
+  owns the topic (or wrote the key): the topic's groups are evicted here,
+  their held hand-outs dropped unsent, and their members told NOT_OWNER on
+  their sub_id. A transaction whose answer was lost keeps its hand-outs
+  held; the next one either succeeds or, refused only because the lost
+  one did apply (the key holds exactly what it wrote), adopts it.
+- **Ownership lost.** When this node stops owning a topic (a hand-over, a
+  fenced commit, a lost lease) the topic's groups are saved once more if
+  the epoch still holds, then evicted as above. A graceful stop saves
+  every group before the partitions are handed over (``leave``).
+
+What is not here: groups reading several topics (a pattern with wildcards
+is refused in cluster mode), dead-letter progress (a dead letter is
+published through this node's router: when another node owns the
+dead-letter topic it is retried every second), GROUPS delete of the saved
+key, and several partitions per topic.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from pybroker.protocol import ErrorCode, RefKind, StartKind
+
+from ..groups.config import GroupConfig
+from ..inboxes import has_wildcard
+from ..logs import get_logger
+from ..storage.errors import NotOwnerError
+from .etcd import Compare, EtcdError, Put
+from .partition import PartitionOwner
+
+if TYPE_CHECKING:
+    from ..groups.group import Group, Member
+    from ..groups.manager import GroupManager
+    from .store import ClusterStore
+
+#: Topics are partition 0 of themselves (broker/cluster/store.py).
+PARTITION = 0
+#: The format of a group key's value.
+FORMAT = 1
+#: Seconds hand-outs are gathered into one transaction, and how often
+#: changes without hand-outs (acks, naks) are saved.
+DEFAULT_WINDOW = 0.005
+DEFAULT_INTERVAL = 0.2
+#: Groups written by one transaction (two compares and a put each stay
+#: under etcd's 128 operations per transaction).
+GROUPS_PER_TXN = 60
+#: How often ownership is checked besides the ownership manager's changes.
+RECHECK = 1.0
+#: Backoff of a group whose saved state could not be read.
+LOAD_RETRY_MIN = 0.1
+LOAD_RETRY_MAX = 2.0
+#: A graceful stop's bound on the final save.
+LEAVE_TIMEOUT = 5.0
+
+
+@attrs.define(eq=False)
+class _Bound:
+    """One group run here, under one owner epoch of its topic."""
+
+    topic: str
+    key: bytes
+    owner: PartitionOwner
+    #: The group key's mod revision as last written or read (0: absent).
+    mod_revision: int = 0
+    #: The group's version last saved (-1: nothing saved by this node yet).
+    saved_version: int = -1
+    loaded: bool = False
+    #: Offsets the topic's copy must reach before dispatch (from the saved state).
+    needs: int = 0
+    #: Hand-outs waiting for the transaction that counts them.
+    held: list[Callable[[], None]] = attrs.field(factory=list)
+    #: The value of a transaction whose answer was lost (adopted if it applied).
+    unsure: bytes | None = None
+
+
+class ClusterGroupState:
+    """The ``SharedGroupState`` of a cluster node (broker/groups/manager.py)."""
+
+    def __init__(
+        self,
+        store: ClusterStore,
+        groups: GroupManager,
+        *,
+        window: float = DEFAULT_WINDOW,
+        interval: float = DEFAULT_INTERVAL,
+    ) -> None:
+        self.store = store
+        self.groups = groups
+        self.window = window
+        self.interval = interval
+        self._bound: dict[str, _Bound] = {}
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._leaving = False
+        #: Transactions written and refused, for the record (and the tests).
+        self.writes = 0
+        self.refused = 0
+        #: Fault hook: awaited before each transaction (raise to fail it).
+        self.before_write: Callable[[str], Any] | None = None
+        self.logger: Any = get_logger(component="cluster-groups")
+        store.before_leave = self.leave
+
+    # -- admission ------------------------------------------------------------
+
+    def _owner(self, topic: str) -> PartitionOwner | None:
+        manager = self.store.manager
+        owner = manager.local(topic, PARTITION) if manager is not None else None
+        if owner is None or not owner.accepting or self._leaving:
+            return None
+        return owner
+
+    def _owner_addr(self, topic: str) -> str:
+        manager = self.store.manager
+        info = manager.owner_of(topic, PARTITION) if manager is not None else None
+        return info.addr if info is not None and info.addr != self.store.addr else ""
+
+    def admit(self, name: str, pattern: str) -> None:
+        if has_wildcard(pattern):
+            raise ValueError("in cluster mode a group reads one topic (a pattern without wildcards)")
+        owner = self._owner(pattern)
+        if owner is None:
+            addr = self._owner_addr(pattern)
+            where = f"owned by {addr}" if addr else "without an owner here yet"
+            raise NotOwnerError(f"group {name!r}: topic {pattern!r} is {where}", topic=pattern, owner=addr)
+        bound = self._bound.get(name)
+        if bound is not None and bound.owner is not owner:
+            self._evict(bound, name, "an earlier term of the topic")  # then made again, and loaded
+        self.groups.router.topic(pattern)  # the group follows it from its creation
+
+    def created(self, group: Group) -> None:
+        owner = self._owner(group.pattern)
+        assert owner is not None  # admitted just before, with no await between
+        bound = self._bound[group.name] = _Bound(
+            group.pattern, self.store.settings.keys.group(group.name, group.pattern, PARTITION), owner
+        )
+        if self._nursery is not None:
+            self._nursery.start_soon(self._load, group, bound)
+
+    # -- dispatch ------------------------------------------------------------------
+
+    def may_dispatch(self, group: Group) -> bool:
+        bound = self._bound.get(group.name)
+        if bound is None or not bound.loaded or self._leaving or not bound.owner.accepting:
+            return False
+        if bound.needs:
+            topic = self.groups.router.topics.get(bound.topic)
+            if topic is None or topic.visible_next < bound.needs:
+                return False  # the copy is behind what the last owner handed out
+            bound.needs = 0
+        return True
+
+    def hold(self, group: Group, send: Callable[[], None]) -> None:
+        bound = self._bound.get(group.name)
+        if bound is None:
+            return  # evicted meanwhile: never sent
+        bound.held.append(send)
+        self._wake.set()
+
+    # -- loading ---------------------------------------------------------------------
+
+    async def _load(self, group: Group, bound: _Bound) -> None:
+        """Read the group's saved state (retried while this is its binding)."""
+        pause = LOAD_RETRY_MIN
+        etcd = self.store.etcd
+        while self._bound.get(group.name) is bound:
+            try:
+                with trio.fail_after(etcd.timeout * 2):
+                    kv = await etcd.get(bound.key)
+                break
+            except (EtcdError, TimeoutError) as exc:
+                self.logger.info("group state not read", group=group.name, error=repr(exc), retry_in=pause)
+                await trio.sleep(pause)
+                pause = min(LOAD_RETRY_MAX, pause * 2)
+        else:
+            return
+        if self._bound.get(group.name) is not bound:
+            return
+        if kv is not None:
+            bound.mod_revision = kv.mod_revision
+            try:
+                self._apply(group, bound, kv.value)
+            except (ValueError, KeyError, TypeError) as exc:
+                # Written whole by an owner: a value that does not read came
+                # from outside. The group starts as its SUBSCRIBE says.
+                self.logger.error("unreadable group state ignored", group=group.name, error=repr(exc))
+        bound.loaded = True
+        self.logger.info(
+            "group loaded", group=group.name, topic=bound.topic, found=kv is not None, epoch=bound.owner.epoch
+        )
+        self.groups.wake()
+
+    def _apply(self, group: Group, bound: _Bound, value: bytes) -> None:
+        doc = json.loads(value)
+        if doc.get("v") != FORMAT:
+            raise ValueError(f"format {doc.get('v')!r}")
+        cursor = int(doc["cursor"])
+        pending = {int(o): (int(d), int(n)) for o, (d, n) in doc["pending"].items()}
+        if cursor < 0 or any(o < 0 or n < 0 for o, (_, n) in pending.items()):
+            raise ValueError("negative offsets or counts")
+        saved = doc.get("group") or {}
+        if "config" in saved:
+            group.config = _config_from(saved["config"])
+            group.start, group.start_value = StartKind(int(saved["start"])), int(saved["start_value"])
+        topic = self.groups.router.topics.get(bound.topic)
+        gt = group.topics.get(topic) if topic is not None else None
+        if gt is None:
+            raise ValueError(f"the group does not follow {bound.topic!r}")
+        group.resume_at(gt, cursor, pending, trio.current_time(), time.time_ns() // 1_000_000)
+        bound.needs = max([cursor, *(o + 1 for o in pending)])
+
+    # -- saving ------------------------------------------------------------------------
+
+    def _encode(self, group: Group, bound: _Bound) -> bytes | None:
+        topic = self.groups.router.topics.get(bound.topic)
+        gt = group.topics.get(topic) if topic is not None else None
+        if gt is None:
+            return None
+        pending = group.pending_due(gt, trio.current_time(), time.time_ns() // 1_000_000)
+        c = group.config
+        doc = {
+            "v": FORMAT,
+            "cursor": gt.cursor,
+            "pending": {str(o): [d, n] for o, (d, n) in sorted(pending.items())},
+            "group": {
+                "pattern": group.pattern,
+                "start": int(group.start),
+                "start_value": group.start_value,
+                "config": {
+                    "ack_wait": c.ack_wait,
+                    "max_deliver": c.max_deliver,
+                    "backoff": list(c.backoff),
+                    "backoff_jitter": c.backoff_jitter,
+                    "max_ack_pending": c.max_ack_pending,
+                    "dead_letter": c.dead_letter,
+                    "ordering": c.ordering,
+                },
+            },
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    async def flush(self) -> None:
+        """Save every group that changed (one transaction per topic, at once)."""
+        work: dict[PartitionOwner, list[tuple[_Bound, str, bytes, int, list[Callable[[], None]]]]] = {}
+        for name, bound in list(self._bound.items()):
+            group = self.groups.groups.get(name)
+            if group is None:
+                del self._bound[name]  # deleted (GROUPS delete): nothing more to save
+                continue
+            if not bound.loaded or (group.version == bound.saved_version and not bound.held):
+                continue
+            value = self._encode(group, bound)
+            if value is None:
+                continue
+            held, bound.held = bound.held, []
+            work.setdefault(bound.owner, []).append((bound, name, value, group.version, held))
+        if not work:
+            return
+        async with trio.open_nursery() as nursery:
+            for owner, items in work.items():
+                for start in range(0, len(items), GROUPS_PER_TXN):
+                    nursery.start_soon(self._write, owner, items[start : start + GROUPS_PER_TXN])
+
+    async def _write(
+        self, owner: PartitionOwner, items: list[tuple[_Bound, str, bytes, int, list[Callable[[], None]]]]
+    ) -> None:
+        etcd = self.store.etcd
+        keys = self.store.settings.keys
+        own = keys.own(owner.topic, PARTITION)
+        compares = [Compare.create_revision(own, "==", owner.epoch)]
+        compares += [Compare.mod_revision(bound.key, "==", bound.mod_revision) for bound, *_ in items]
+        try:
+            if self.before_write is not None:
+                await self.before_write(owner.topic)
+            with trio.fail_after(etcd.timeout * 2):
+                result = await etcd.txn(compares, [Put(bound.key, value) for bound, _, value, _, _ in items])
+        except (EtcdError, TimeoutError, OSError) as exc:
+            # Perhaps applied: the hand-outs stay held (not sent before their
+            # counts are known to be saved); the next transaction decides.
+            self.logger.warning("group state not saved", topic=owner.topic, error=repr(exc))
+            for bound, _, value, _, held in items:
+                bound.unsure = value
+                bound.held[:0] = held
+            self._wake.set()
+            return
+        if result.succeeded:
+            self.writes += 1
+            sending = owner.owning
+            for bound, name, _, version, held in items:
+                bound.mod_revision = result.revision
+                bound.saved_version = version
+                bound.unsure = None
+                if sending and self._bound.get(name) is bound:
+                    for send in held:
+                        send()
+            return
+        self.refused += 1
+        await self._resolve_refused(owner, items)
+
+    async def _resolve_refused(
+        self, owner: PartitionOwner, items: list[tuple[_Bound, str, bytes, int, list[Callable[[], None]]]]
+    ) -> None:
+        """A refused transaction: fenced (another epoch, or another writer of
+        a group key: its groups are evicted), or refused only because an
+        earlier transaction whose answer was lost did apply (adopted: the
+        changes are written again next time)."""
+        etcd = self.store.etcd
+        try:
+            with trio.fail_after(etcd.timeout * 2):
+                own = await etcd.get(self.store.settings.keys.own(owner.topic, PARTITION))
+                found = [await etcd.get(bound.key) for bound, *_ in items]
+        except (EtcdError, TimeoutError, OSError):
+            own, found = None, []
+        fenced = own is None or own.create_revision != owner.epoch or not found
+        for (bound, name, _, _, held), kv in zip(items, found or [None] * len(items)):
+            if not fenced and kv is not None and bound.unsure is not None and kv.value == bound.unsure:
+                bound.mod_revision = kv.mod_revision
+                bound.unsure = None
+                bound.saved_version = -1  # written again with what changed since
+                bound.held[:0] = held
+                self._wake.set()
+                continue
+            why = "the owner epoch moved" if fenced else "another writer changed the group's key"
+            self.logger.warning("group state refused: fenced", group=name, topic=owner.topic, why=why)
+            if self._bound.get(name) is bound:
+                self._evict(bound, name, why)
+
+    # -- ownership ----------------------------------------------------------------------
+
+    def _evict(self, bound: _Bound, name: str, why: str) -> None:
+        """Stop running group ``name`` here; its members are told NOT_OWNER."""
+        if self._bound.get(name) is bound:
+            del self._bound[name]
+        bound.held = []  # counted (perhaps saved), never sent: redelivered by the owner
+        addr = self._owner_addr(bound.topic)
+
+        def tell(member: Member, topic: str) -> None:
+            subscriber = member.sub.subscriber
+            refuse = getattr(subscriber, "refuse", None)  # a TCP session's outbox
+            if refuse is None or not subscriber.accepting:
+                return
+            fields = {"topic": topic, "owner": addr} if addr else {"topic": topic}
+            message = f"group {name!r}: this node no longer runs it ({why}); topic {topic!r} is " + (
+                f"owned by {addr}" if addr else "without an owner here"
+            )
+            refuse(ErrorCode.NOT_OWNER, message, member.sub.sub_id, RefKind.SUBSCRIPTION, fields)
+
+        self.groups.evict(name, tell)
+
+    def _check(self) -> list[_Bound]:
+        """The bindings whose topic this node no longer owns (or is handing over)."""
+        gone = []
+        for bound in self._bound.values():
+            current = self.store.manager.local(bound.topic, PARTITION) if self.store.manager is not None else None
+            if current is not bound.owner or not bound.owner.accepting:
+                gone.append(bound)
+        return gone
+
+    async def _follow_ownership(self) -> None:
+        while True:
+            manager = self.store.manager
+            with trio.move_on_after(RECHECK):
+                if manager is not None:
+                    await manager.changed()
+                else:
+                    await trio.sleep_forever()
+            gone = self._check()
+            if not gone:
+                continue
+            if any(b.owner.lost is None for b in gone):
+                await self.flush()  # the last save, while the epoch may still hold
+            for bound in gone:
+                for name, b in list(self._bound.items()):
+                    if b is bound:
+                        self._evict(bound, name, "the topic's ownership moved")
+
+    async def leave(self) -> None:
+        """A graceful stop: dispatch no more and save every group once more,
+        before the partitions are handed over (bounded)."""
+        self._leaving = True
+        with trio.move_on_after(LEAVE_TIMEOUT):
+            await self.flush()
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._follow_ownership)
+            while True:
+                with trio.move_on_after(self.interval):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                if any(b.held for b in self._bound.values()):
+                    await trio.sleep(self.window)  # gather a window's hand-outs into one transaction
+                await self.flush()
+
+
+def _config_from(c: dict[str, Any]) -> GroupConfig:
+    return GroupConfig(
+        float(c["ack_wait"]),
+        int(c["max_deliver"]),
+        tuple(float(b) for b in c["backoff"]),
+        int(c["max_ack_pending"]),
+        str(c["dead_letter"]),
+        float(c.get("backoff_jitter", 0.0)),
+        str(c.get("ordering", "")),
+    )

@@ -1,0 +1,119 @@
+"""Brokers in cluster mode for the tests, in process, on a real etcd and a
+real SeaweedFS (tests/helpers/cluster.py): the fixtures ``servers`` (both
+servers, once per test module) and ``urls`` (``--cluster`` and
+``--object-store`` with the test's own prefixes), a node started with
+``cluster_node``, and ways to find and reach a topic's owner. A test module
+uses them with ``from helpers.cluster_broker import servers, urls, ...``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from helpers.cluster import Server as Process
+from helpers.cluster import etcd_server, weed_server
+from helpers.raw import RawClient, raw_client
+from pybroker.protocol import Error, ErrorCode, PubAck, Publish, RefKind, encode_batch
+from pybroker.server.cluster.store import ClusterStore
+from pybroker.server.server import Server
+from pybroker.server.testing import running_broker
+
+WAIT = 60.0
+BUCKET = "pybroker-broker-tests"
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Process, str]]:
+    tmp = tmp_path_factory.mktemp("cluster-broker")
+    with etcd_server(tmp) as (etcd_url, etcd), weed_server(tmp) as (s3_url, _weed):
+        yield etcd_url, etcd, s3_url
+
+
+@pytest.fixture
+def urls(servers: tuple[str, Process, str], request: pytest.FixtureRequest) -> dict[str, str]:
+    """``--cluster`` and ``--object-store`` for this test: its own etcd
+    prefix and object prefix, so tests share the servers, not their data."""
+    etcd_url, _etcd, s3_url = servers
+    name = request.node.name.replace("[", "-").replace("]", "")
+    return {
+        "cluster": f"etcd://{etcd_url.removeprefix('http://')}/t/{name}",
+        "object_store": f"s3://{s3_url.removeprefix('http://')}/{BUCKET}/{name}",
+    }
+
+
+def store_of(server: Server) -> ClusterStore:
+    store = server.broker.store
+    assert isinstance(store, ClusterStore), store
+    return store
+
+
+@asynccontextmanager
+async def cluster_node(urls: dict[str, str], name: str, tmp_path: Path, **overrides: Any) -> AsyncIterator[Server]:
+    async with running_broker(data_dir=tmp_path / name, node_name=name, **urls, **overrides) as server:
+        with trio.fail_after(WAIT):
+            await store_of(server).joined.wait()
+        yield server
+
+
+async def hello(raw: RawClient, name: str) -> None:
+    await raw.handshake(name, {"error_fields": "1"})
+
+
+async def wait_for(predicate: Any, timeout: float = WAIT) -> None:
+    """Poll (bounded) a condition that changes with etcd watch events."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+def owner_node(nodes: list[Server], topic: str) -> Server | None:
+    for node in nodes:
+        manager = store_of(node).manager
+        if manager is not None and manager.local(topic, 0) is not None:
+            return node
+    return None
+
+
+def addr_of(node: Server | str) -> str:
+    """A node's ``host:port``: how NOT_OWNER names it."""
+    return f"127.0.0.1:{node.port}" if isinstance(node, Server) else node
+
+
+async def publish_to_owner(
+    nodes: list[Server] | list[str], topic: str, payloads: list[bytes], name: str
+) -> tuple[PubAck, int]:
+    """Publish through the first node, following NOT_OWNER to the address it
+    names (again shortly while there is no owner, or while the one named
+    cannot be reached: a node killed before its lease ran out); the
+    acknowledgement and how many NOT_OWNER answers came first."""
+    live = [addr_of(n) for n in nodes]
+    target = live[0]
+    redirects = 0
+    with trio.fail_after(WAIT):
+        while True:
+            try:
+                async with raw_client(f"pybroker://{target}") as raw:
+                    await hello(raw, name)
+                    await raw.send_event(Publish(1, topic, encode_batch(payloads)))
+                    event = await raw.next_event()
+            except OSError:
+                target = live[0]
+                await trio.sleep(0.1)
+                continue
+            if isinstance(event, PubAck):
+                return event, redirects
+            assert isinstance(event, Error) and event.code == ErrorCode.NOT_OWNER, event
+            assert event.ref == 1 and event.ref_kind is RefKind.REQUEST and not event.fatal, event
+            assert event.fields["topic"] == topic, event
+            redirects += 1
+            owner = event.fields.get("owner")
+            if owner in live:
+                target = owner
+            else:
+                target = live[0]
+                await trio.sleep(0.05)  # no owner (or a dead one): again shortly

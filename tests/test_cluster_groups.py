@@ -1,0 +1,297 @@
+"""Consumer groups in cluster mode (docs/cluster.md §10), against a real
+etcd and a real SeaweedFS on loopback: a group runs at its topic's owner
+only (a member that subscribes anywhere else is told NOT_OWNER and the
+client follows it); the owner saves each group's cursor and pending
+messages in etcd, each delivery count before the delivery goes out, in
+transactions fenced on its epoch; the next owner resumes from there, so
+across a graceful stop or a SIGKILL of the owner every message is
+delivered at least once and none that was acked comes again.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pybroker
+import trio
+
+from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
+    WAIT,
+    addr_of,
+    cluster_node,
+    hello,
+    owner_node,
+    publish_to_owner,
+    servers,
+    store_of,
+    urls,
+)
+from helpers.procs import broker_process
+from helpers.raw import raw_client
+from pybroker.protocol import Error, ErrorCode, GroupDeliver, RefKind, StartKind, SubAck, Subscribe, decode_batch
+from pybroker.server.cluster.etcd import Etcd
+from pybroker.server.cluster.groupstate import ClusterGroupState
+from pybroker.server.cluster.store import parse_cluster_urls
+from pybroker.server.server import Server
+
+pytest.importorskip("httpx", reason="cluster mode needs the cluster extra (httpx)")
+
+
+def group_key(urls: dict[str, str], group: str, topic: str) -> bytes:
+    return parse_cluster_urls(urls["cluster"], urls["object_store"]).keys.group(group, topic, 0)
+
+
+async def saved_state(etcd: Etcd, key: bytes) -> dict[str, Any] | None:
+    kv = await etcd.get(key)
+    return None if kv is None else dict(json.loads(kv.value))
+
+
+def shared_of(node: Server) -> ClusterGroupState:
+    shared = node.broker.groups.shared
+    assert isinstance(shared, ClusterGroupState), shared
+    return shared
+
+
+async def wait_saved(etcd: Etcd, key: bytes, predicate: Any) -> dict[str, Any]:
+    """The group's saved state once ``predicate`` holds for it (polled,
+    bounded: it changes with the owner's next transaction)."""
+    with trio.fail_after(WAIT):
+        while True:
+            state = await saved_state(etcd, key)
+            if state is not None and predicate(state):
+                return state
+            await trio.sleep(0.02)
+
+
+async def group_owner(addr: str, topic: str) -> str:
+    """The owner of ``topic`` (which has one), as a group SUBSCRIBE to the
+    node at ``addr`` finds it: SUBACK there, or NOT_OWNER naming it."""
+    async with raw_client(f"pybroker://{addr}") as raw:
+        await hello(raw, "probe")
+        await raw.send_event(Subscribe(1, topic, StartKind.NEW, 0, options={"group": "probe"}))
+        answer = await raw.next_event()
+    if answer == SubAck(1):
+        return addr
+    assert isinstance(answer, Error) and answer.code == ErrorCode.NOT_OWNER and "owner" in answer.fields, answer
+    return answer.fields["owner"]
+
+
+async def test_a_member_on_another_node_is_sent_to_the_owner(urls: dict[str, str], tmp_path: Path) -> None:
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        nodes = [a, b]
+        await publish_to_owner(nodes, "work", [b"m0"], "creator")
+        owner = owner_node(nodes, "work")
+        assert owner is not None
+        other = b if owner is a else a
+        # Refused on the sub_id, naming the owner; nothing is registered there.
+        async with raw_client(other) as raw:
+            await hello(raw, "misdirected")
+            await raw.send_event(Subscribe(4, "work", StartKind.EARLIEST, 0, options={"group": "workers"}))
+            refused = await raw.next_event()
+        assert isinstance(refused, Error) and refused.code == ErrorCode.NOT_OWNER, refused
+        assert (refused.ref_kind, refused.ref, refused.fatal) == (RefKind.SUBSCRIPTION, 4, False), refused
+        assert refused.fields == {"topic": "work", "owner": addr_of(owner)}
+        assert "workers" not in other.broker.groups.groups
+        # A pattern with wildcards: one topic per group in cluster mode, said plainly.
+        async with raw_client(owner) as raw:
+            await hello(raw, "wild")
+            await raw.send_event(Subscribe(5, "work.*", StartKind.EARLIEST, 0, options={"group": "wild"}))
+            wild = await raw.next_event()
+        assert isinstance(wild, Error) and wild.code == ErrorCode.BAD_REQUEST and "one topic" in wild.message, wild
+
+        # The client follows the answer: the subscription is made at the owner.
+        got: list[tuple[int, int, bytes]] = []
+        async with pybroker.connect(f"pybroker://{addr_of(other)}", name="member", reconnect=True) as client:
+            async with client.subscribe("work", group="workers", start="earliest", auto_ack=False, max_ack_pending=50) as sub:
+                assert client.reconnects == 1
+                for i in range(1, 6):
+                    await publish_to_owner(nodes, "work", [f"m{i}".encode()], "publisher")
+                with trio.fail_after(WAIT):
+                    async for message in sub:
+                        got.append((message.offset, message.deliveries, message.payload))
+                        await message.ack()
+                        if len(got) == 6:
+                            break
+                await client.ping()  # the acks have reached the owner
+        assert got == [(i, 1, f"m{i}".encode()) for i in range(6)]
+        assert "workers" in owner.broker.groups.groups and "workers" not in other.broker.groups.groups
+        # The owner saved the group: cursor past every message, nothing pending.
+        state = await wait_saved(store_of(owner).etcd, group_key(urls, "workers", "work"), lambda s: not s["pending"])
+        assert state["cursor"] == 6 and state["group"]["pattern"] == "work"
+
+
+async def test_a_graceful_stop_of_the_owner_redelivers_only_what_was_not_acked(
+    urls: dict[str, str], tmp_path: Path
+) -> None:
+    async with AsyncExitStack() as stack_a, AsyncExitStack() as stack_b:
+        a = await stack_a.enter_async_context(cluster_node(urls, "a", tmp_path))
+        b = await stack_b.enter_async_context(cluster_node(urls, "b", tmp_path))
+        nodes = [a, b]
+        await publish_to_owner(nodes, "jobs", [f"m{i}".encode() for i in range(20)], "publisher")
+        owner = owner_node(nodes, "jobs")
+        assert owner is not None
+        survivor, owner_stack = (b, stack_a) if owner is a else (a, stack_b)
+        key = group_key(urls, "g", "jobs")
+        first: list[tuple[int, int]] = []
+        async with pybroker.connect(f"pybroker://{addr_of(owner)}", name="first") as client:
+            async with client.subscribe("jobs", group="g", start="earliest", auto_ack=False, max_ack_pending=100) as sub:
+                with trio.fail_after(WAIT):
+                    async for message in sub:
+                        first.append((message.offset, message.deliveries))
+                        if message.offset < 10:
+                            await message.ack()
+                        if len(first) == 20:
+                            break
+                await client.ping()  # the acks have reached the owner
+                # Counted before sent: every delivery received is in etcd already.
+                state = await saved_state(store_of(owner).etcd, key)
+                assert state is not None
+                assert state["cursor"] == 20
+                assert all(int(o) < 20 for o in state["pending"]), state
+        assert first == [(i, 1) for i in range(20)]
+        # The owner stops gracefully: it saves the group, then hands the topic over.
+        await owner_stack.aclose()
+        state = await saved_state(store_of(survivor).etcd, key)
+        assert state is not None
+        assert state["cursor"] == 20 and sorted(int(o) for o in state["pending"]) == list(range(10, 20)), state
+        assert all(d == 0 and n == 1 for d, n in state["pending"].values()), state  # member gone: due now
+
+        second: list[tuple[int, int]] = []
+        async with pybroker.connect(f"pybroker://{addr_of(survivor)}", name="second", reconnect=True) as client:
+            async with client.subscribe("jobs", group="g", start="earliest", auto_ack=False, max_ack_pending=100) as sub:
+                with trio.fail_after(WAIT):
+                    async for message in sub:
+                        second.append((message.offset, message.deliveries))
+                        await message.ack()
+                        if len(second) == 10:
+                            break
+                # New messages go on where the cursor was; the ones acked on
+                # the first owner never come again (redeliveries go first).
+                await publish_to_owner([survivor], "jobs", [f"m{i}".encode() for i in range(20, 25)], "publisher")
+                with trio.fail_after(WAIT):
+                    async for message in sub:
+                        second.append((message.offset, message.deliveries))
+                        await message.ack()
+                        if len(second) == 15:
+                            break
+                await client.ping()
+        assert sorted(second[:10]) == [(i, 2) for i in range(10, 20)]
+        assert second[10:] == [(i, 1) for i in range(20, 25)]
+        state = await wait_saved(store_of(survivor).etcd, key, lambda s: not s["pending"])
+        assert state["cursor"] == 25
+
+
+async def test_kill_9_of_the_owner_redelivers_what_was_not_acked_and_nothing_acked(
+    urls: dict[str, str], tmp_path: Path
+) -> None:
+    """Two ``pybroker serve --cluster`` processes; a member (connected to the
+    node that does not own the topic, and sent to the owner) acks half of
+    what it got; the owner is SIGKILLed; once the other node has taken the
+    topic over (its lease ran out: 10 s) the same client, moved back, gets
+    the unacked half again and the acked half never."""
+    flags = ("--cluster", urls["cluster"], "--object-store", urls["object_store"], "--no-http")
+    settings = parse_cluster_urls(urls["cluster"], urls["object_store"])
+    key = settings.keys.group("g", "kill9", 0)
+    async with (
+        broker_process(tmp_path / "d1", tmp_path, *flags) as one,
+        broker_process(tmp_path / "d2", tmp_path, *flags) as two,
+        Etcd(settings.etcd) as etcd,
+    ):
+        await one.start()
+        await two.start()
+        procs = {one.url.removeprefix("pybroker://"): one, two.url.removeprefix("pybroker://"): two}
+        addrs = list(procs)
+        await publish_to_owner(addrs, "kill9", [f"m{i}".encode() for i in range(30)], "p")
+        owner = await group_owner(addrs[0], "kill9")
+        survivor = addrs[1] if owner == addrs[0] else addrs[0]
+        received: list[tuple[int, int]] = []
+        async with pybroker.connect(f"pybroker://{survivor}", name="member", reconnect=True) as client:
+            async with client.subscribe(
+                "kill9", group="g", start="earliest", auto_ack=False, max_ack_pending=100, ack_wait=2.0
+            ) as sub:
+                assert client.reconnects == 1  # sent to the owner
+                with trio.fail_after(WAIT):
+                    async for message in sub:
+                        if not received:
+                            # Counted before sent: the first delivery's count is in etcd.
+                            state = await saved_state(etcd, key)
+                            assert state is not None and state["pending"]["0"][1] == 1, state
+                        received.append((message.offset, message.deliveries))
+                        if message.offset < 15:
+                            await message.ack()
+                        if len(received) == 30:
+                            break
+                await client.ping()
+                # The acks are saved (the next transaction after them).
+                await wait_saved(etcd, key, lambda s: sorted(map(int, s["pending"])) == list(range(15, 30)))
+                await procs[owner].kill()
+                with trio.fail_after(WAIT):
+                    async for message in sub:
+                        received.append((message.offset, message.deliveries))
+                        await message.ack()
+                        if len(received) == 45:
+                            break
+                # The client is on the new owner now: new messages come after.
+                await publish_to_owner([survivor], "kill9", [b"m30", b"m31"], "p")
+                with trio.fail_after(WAIT):
+                    async for message in sub:
+                        received.append((message.offset, message.deliveries))
+                        await message.ack()
+                        if len(received) == 47:
+                            break
+                await client.ping()
+        assert received[:30] == [(i, 1) for i in range(30)]
+        assert sorted(received[30:45]) == [(i, 2) for i in range(15, 30)]
+        assert received[45:] == [(30, 1), (31, 1)]
+        state = await wait_saved(etcd, key, lambda s: not s["pending"])
+        assert state["cursor"] == 32
+
+
+async def test_a_refused_state_transaction_sends_nothing_and_ends_the_membership(
+    urls: dict[str, str], tmp_path: Path
+) -> None:
+    """The group key changed behind the owner's back (the stand-in for a
+    fenced owner: its transaction compares the key's mod revision as well
+    as its epoch): the delivery waiting for that transaction is never
+    sent, the member is told NOT_OWNER on its sub_id, and a new
+    subscription resumes from what etcd holds."""
+    async with cluster_node(urls, "a", tmp_path) as a:
+        await publish_to_owner([a], "fenced", [b"zero"], "p")
+        key = group_key(urls, "g", "fenced")
+        etcd = store_of(a).etcd
+        shared = shared_of(a)
+        async with raw_client(a) as raw:
+            await hello(raw, "member")
+            await raw.send_event(
+                Subscribe(1, "fenced", StartKind.EARLIEST, 0, options={"group": "g", "max_ack_pending": "10"})
+            )
+            assert await raw.next_event() == SubAck(1)
+            first = await raw.next_event()
+            assert isinstance(first, GroupDeliver) and (first.base_offset, first.deliveries) == (0, 1), first
+            saved = await etcd.get(key)
+            assert saved is not None
+            await etcd.put(key, saved.value)  # the same state, written by someone else
+            refused_before = shared.refused
+            await publish_to_owner([a], "fenced", [b"one"], "p")
+            told = await raw.next_event()
+            assert isinstance(told, Error) and told.code == ErrorCode.NOT_OWNER, told
+            assert (told.ref_kind, told.ref) == (RefKind.SUBSCRIPTION, 1), told
+            assert told.fields == {"topic": "fenced"}  # this node owns the topic: no other owner to name
+            assert shared.refused == refused_before + 1
+            assert "g" not in a.broker.groups.groups
+            # Subscribing again loads the state etcd has: offset 0 pending
+            # (its ack wait not over), offset 1 never sent, so sent now, first time.
+            await raw.send_event(
+                Subscribe(2, "fenced", StartKind.EARLIEST, 0, options={"group": "g", "max_ack_pending": "10"})
+            )
+            assert await raw.next_event() == SubAck(2)
+            again = await raw.next_event()
+            assert isinstance(again, GroupDeliver), again
+            assert (again.sub_id, again.base_offset, again.deliveries) == (2, 1, 1), again
+            assert [p for p, _ in decode_batch(again.batch)] == [b"one"]
+        state = await saved_state(etcd, key)
+        assert state is not None and state["cursor"] == 2
