@@ -32,7 +32,7 @@ from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
 )
 from helpers.procs import broker_process
 from helpers.raw import raw_client
-from pybroker.protocol import Error, ErrorCode, GroupDeliver, RefKind, StartKind, SubAck, Subscribe, decode_batch
+from pybroker.protocol import Ack, AckKind, Error, ErrorCode, GroupDeliver, RefKind, StartKind, SubAck, Subscribe, decode_batch
 from pybroker.server.cluster.etcd import Etcd
 from pybroker.server.cluster.groupstate import ClusterGroupState
 from pybroker.server.cluster.store import parse_cluster_urls
@@ -295,3 +295,69 @@ async def test_a_refused_state_transaction_sends_nothing_and_ends_the_membership
             assert [p for p, _ in decode_batch(again.batch)] == [b"one"]
         state = await saved_state(etcd, key)
         assert state is not None and state["cursor"] == 2
+
+
+async def test_members_are_told_when_their_node_loses_the_topic(urls: dict[str, str], tmp_path: Path) -> None:
+    """The owner's lease is revoked behind its back (etcd deletes its keys;
+    its commits would be refused): it evicts the group and tells the member
+    NOT_OWNER on its sub_id; subscribed again at whichever node owns the
+    topic now, the member gets what it had not acked, and nothing it had."""
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        nodes = [a, b]
+        await publish_to_owner(nodes, "moving", [f"m{i}".encode() for i in range(10)], "p")
+        owner = owner_node(nodes, "moving")
+        assert owner is not None
+        other = b if owner is a else a
+        key = group_key(urls, "g", "moving")
+        options = {"group": "g", "max_ack_pending": "100", "ack_wait_ms": "2000"}
+        async with raw_client(owner) as raw:
+            await hello(raw, "member")
+            await raw.send_event(Subscribe(1, "moving", StartKind.EARLIEST, 0, options=options))
+            assert await raw.next_event() == SubAck(1)
+            first: list[int] = []
+            with trio.fail_after(WAIT):
+                while len(first) < 10:
+                    event = await raw.next_event()
+                    assert isinstance(event, GroupDeliver) and event.deliveries == 1, event
+                    first += range(event.base_offset, event.base_offset + len(decode_batch(event.batch)))
+            assert first == list(range(10))
+            await raw.send_event(Ack(1, AckKind.ACK, "moving", ((0, 4),)))
+            await wait_saved(store_of(other).etcd, key, lambda s: sorted(map(int, s["pending"])) == list(range(5, 10)))
+            manager = store_of(owner).manager
+            assert manager is not None
+            await store_of(other).etcd.revoke(manager.keeper.lease)
+            with trio.fail_after(WAIT):
+                while True:
+                    event = await raw.next_event()
+                    if isinstance(event, Error):
+                        break
+                    # (Its ack wait may run out first: redelivered there, still unacked.)
+                    assert isinstance(event, GroupDeliver) and 5 <= event.base_offset < 10, event
+        assert event.code == ErrorCode.NOT_OWNER and (event.ref_kind, event.ref) == (RefKind.SUBSCRIPTION, 1), event
+        assert event.fields.get("topic") == "moving", event
+
+        # Subscribed again, following NOT_OWNER to the owner (or waiting for
+        # one). The topic may move twice: the node that lost its lease joins
+        # again, under a new one, and takes back what it ranks first for.
+        again: list[tuple[int, int]] = []
+        target = addr_of(other)
+        moves = 0
+        with trio.fail_after(WAIT):
+            while {o for o, _ in again} != set(range(5, 10)):
+                async with raw_client(f"pybroker://{target}") as raw:
+                    await hello(raw, "member again")
+                    await raw.send_event(Subscribe(1, "moving", StartKind.EARLIEST, 0, options=options))
+                    answer = await raw.next_event()
+                    while answer == SubAck(1) or isinstance(answer, GroupDeliver):
+                        if isinstance(answer, GroupDeliver):
+                            again += [(answer.base_offset, answer.deliveries)]
+                            if {o for o, _ in again} == set(range(5, 10)):
+                                break
+                        answer = await raw.next_event()
+                    else:
+                        assert isinstance(answer, Error) and answer.code == ErrorCode.NOT_OWNER, answer
+                        moves += 1
+                        target = answer.fields.get("owner", target)
+                        await trio.sleep(0.05)  # no owner yet: again shortly
+        assert all(5 <= o < 10 and n >= 2 for o, n in again), again
+        print(f"the member moved {moves} times before it was back at the owner")
