@@ -32,7 +32,20 @@ from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
 )
 from helpers.procs import broker_process
 from helpers.raw import raw_client
-from pybroker.protocol import Ack, AckKind, Error, ErrorCode, GroupDeliver, RefKind, StartKind, SubAck, Subscribe, decode_batch
+from pybroker.protocol import (
+    Ack,
+    AckKind,
+    Error,
+    ErrorCode,
+    GroupDeliver,
+    Ping,
+    Pong,
+    RefKind,
+    StartKind,
+    SubAck,
+    Subscribe,
+    decode_batch,
+)
 from pybroker.server.cluster.etcd import Etcd
 from pybroker.server.cluster.groupstate import ClusterGroupState
 from pybroker.server.cluster.store import parse_cluster_urls
@@ -361,3 +374,46 @@ async def test_members_are_told_when_their_node_loses_the_topic(urls: dict[str, 
                         await trio.sleep(0.05)  # no owner yet: again shortly
         assert all(5 <= o < 10 and n >= 2 for o, n in again), again
         print(f"the member moved {moves} times before it was back at the owner")
+
+
+async def test_a_delivery_waits_for_the_transaction_that_counts_it(urls: dict[str, str], tmp_path: Path) -> None:
+    """Counted before sent, with the state transaction held up and then
+    failing (a fault injected before it is sent): the delivery is not sent
+    meanwhile (a PING sent after it was handed out is answered first), and
+    goes out once a later transaction has saved its count."""
+    async with cluster_node(urls, "a", tmp_path) as a:
+        await publish_to_owner([a], "counted", [b"created"], "p")
+        key = group_key(urls, "g", "counted")
+        shared = shared_of(a)
+        async with raw_client(a) as raw:
+            await hello(raw, "member")
+            await raw.send_event(Subscribe(1, "counted", StartKind.NEW, 0, options={"group": "g"}))
+            assert await raw.next_event() == SubAck(1)
+            await wait_saved(store_of(a).etcd, key, lambda s: s["cursor"] == 1)  # loaded, and saved once
+            writing = trio.Event()
+            release = trio.Event()
+            failures = 0
+
+            async def held_then_failed(topic: str) -> None:
+                nonlocal failures
+                writing.set()
+                await release.wait()
+                failures += 1
+                shared.before_write = None
+                raise OSError("injected: etcd cannot be reached")
+
+            shared.before_write = held_then_failed
+            await publish_to_owner([a], "counted", [b"one"], "p")
+            with trio.fail_after(WAIT):
+                await writing.wait()  # the hand-out is held, its transaction about to go
+            await raw.send_event(Ping(1))
+            assert await raw.next_event() == Pong(1)  # before any GROUP_DELIVER: none was sent
+            state = await saved_state(store_of(a).etcd, key)
+            assert state is not None and state["cursor"] == 1 and not state["pending"], state
+            release.set()
+            delivered = await raw.next_event()
+            assert isinstance(delivered, GroupDeliver), delivered
+            assert (delivered.base_offset, delivered.deliveries) == (1, 1), delivered
+            assert failures == 1
+            state = await saved_state(store_of(a).etcd, key)
+            assert state is not None and state["cursor"] == 2 and state["pending"]["1"][1] == 1, state
