@@ -417,3 +417,31 @@ async def test_a_delivery_waits_for_the_transaction_that_counts_it(urls: dict[st
             assert failures == 1
             state = await saved_state(store_of(a).etcd, key)
             assert state is not None and state["cursor"] == 2 and state["pending"]["1"][1] == 1, state
+
+
+async def test_groups_delete_at_the_owner_deletes_the_saved_state(urls: dict[str, str], tmp_path: Path) -> None:
+    async with cluster_node(urls, "a", tmp_path) as a:
+        await publish_to_owner([a], "deleted", [b"zero", b"one"], "p")
+        key = group_key(urls, "g", "deleted")
+        etcd = store_of(a).etcd
+        async with pybroker.connect(f"pybroker://127.0.0.1:{a.port}", name="member") as client:
+            async with client.subscribe("deleted", group="g", start="earliest", auto_ack=False) as sub:
+                with trio.fail_after(WAIT):
+                    async for message in sub:
+                        await message.ack()
+                        if message.offset == 1:
+                            break
+                await client.ping()
+            await wait_saved(etcd, key, lambda s: s["cursor"] == 2 and not s["pending"])
+            answer = await client.groups("delete", "g")
+            assert answer.get("deleted") == "g", answer
+        with trio.fail_after(WAIT):
+            while await etcd.get(key) is not None:
+                await trio.sleep(0.02)  # the fenced delete is the group state's next transaction
+        # Made again, the group starts as its SUBSCRIBE says: from the start.
+        async with pybroker.connect(f"pybroker://127.0.0.1:{a.port}", name="member") as client:
+            async with client.subscribe("deleted", group="g", start="earliest", auto_ack=False) as sub:
+                with trio.fail_after(WAIT):
+                    async for message in sub:
+                        break
+        assert (message.offset, message.deliveries) == (0, 1)

@@ -40,8 +40,8 @@ with it.
 What is not here: groups reading several topics (a pattern with wildcards
 is refused in cluster mode), dead-letter progress (a dead letter is
 published through this node's router: when another node owns the
-dead-letter topic it is retried every second), GROUPS delete of the saved
-key, and several partitions per topic.
+dead-letter topic it is retried every second), and several partitions per
+topic. GROUPS delete (on the owner) deletes the key too, fenced.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from ..groups.config import GroupConfig
 from ..inboxes import has_wildcard
 from ..logs import get_logger
 from ..storage.errors import NotOwnerError
-from .etcd import Compare, EtcdError, Put
+from .etcd import Compare, Delete, EtcdError, Put
 from .partition import PartitionOwner
 
 if TYPE_CHECKING:
@@ -190,6 +190,30 @@ class ClusterGroupState:
             return  # evicted meanwhile: never sent
         bound.held.append(send)
         self._wake.set()
+
+    def deleted(self, name: str) -> None:
+        bound = self._bound.pop(name, None)
+        if bound is not None and bound.loaded and self._nursery is not None:
+            self._nursery.start_soon(self._delete_key, name, bound)
+
+    async def _delete_key(self, name: str, bound: _Bound) -> None:
+        """GROUPS delete: the group's key goes, fenced like every write (a
+        group of the same name made again meanwhile and already saved keeps
+        its key: the mod revision moved)."""
+        etcd = self.store.etcd
+        own = self.store.settings.keys.own(bound.topic, PARTITION)
+        compares = [
+            Compare.create_revision(own, "==", bound.owner.epoch),
+            Compare.mod_revision(bound.key, "==", bound.mod_revision),
+        ]
+        try:
+            with trio.fail_after(etcd.timeout * 2):
+                result = await etcd.txn(compares, [Delete(bound.key)])
+        except (EtcdError, TimeoutError, OSError) as exc:
+            self.logger.warning("deleted group's state not removed", group=name, error=repr(exc))
+            return
+        if not result.succeeded:
+            self.logger.warning("deleted group's state not removed: fenced", group=name, topic=bound.topic)
 
     # -- loading ---------------------------------------------------------------------
 

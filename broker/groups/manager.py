@@ -56,6 +56,9 @@ class SharedGroupState(Protocol):
     def hold(self, group: Group, send: Callable[[], None]) -> None:
         """Send a hand-out once the state that counts it is saved."""
 
+    def deleted(self, name: str) -> None:
+        """Group ``name`` was deleted here: its saved state goes too."""
+
     async def run(self) -> None:
         """Save what changed, follow ownership; until cancelled."""
 
@@ -159,6 +162,8 @@ class GroupManager:
         if group.members:
             raise ValueError(f"group {name!r} has {len(group.members)} members")
         del self.groups[name]
+        if self.shared is not None:
+            self.shared.deleted(name)
         if self._persisted.pop(name, None) is not None:
             self._append(encode_removed(group.name_bytes))
         for gt in group.topics.values():
