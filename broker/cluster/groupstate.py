@@ -145,18 +145,17 @@ class ClusterGroupState:
         return owner
 
     def _owner_addr(self, topic: str) -> str:
-        manager = self.store.manager
-        info = manager.owner_of(topic, PARTITION) if manager is not None else None
-        return info.addr if info is not None and info.addr != self.store.addr else ""
+        """Where to send a member: the owner as this node sees it (or, from a
+        node cut off from etcd, another member: the store's NOT_OWNER rule)."""
+        return self.store._not_owner(topic).owner
 
     def admit(self, name: str, pattern: str) -> None:
         if has_wildcard(pattern):
             raise ValueError("in cluster mode a group reads one topic (a pattern without wildcards)")
         owner = self._owner(pattern)
         if owner is None:
-            addr = self._owner_addr(pattern)
-            where = f"owned by {addr}" if addr else "without an owner here yet"
-            raise NotOwnerError(f"group {name!r}: topic {pattern!r} is {where}", topic=pattern, owner=addr)
+            refused = self.store._not_owner(pattern)
+            raise NotOwnerError(f"group {name!r}: {refused.message}", topic=pattern, owner=refused.owner)
         bound = self._bound.get(name)
         if bound is not None and bound.owner is not owner:
             self._evict(bound, name, "an earlier term of the topic")  # then made again, and loaded

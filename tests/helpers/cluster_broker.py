@@ -27,6 +27,7 @@ from pybroker.server.testing import running_broker
 WAIT = 60.0
 BUCKET = "pybroker-broker-tests"
 
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Process, str]]:
     tmp = tmp_path_factory.mktemp("cluster-broker")
