@@ -11,7 +11,6 @@ delivered at least once and none that was acked comes again.
 from __future__ import annotations
 
 import json
-from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
     owner_node,
     publish_to_owner,
     servers,
+    stop_gracefully,
     store_of,
     urls,
 )
@@ -140,14 +140,12 @@ async def test_a_member_on_another_node_is_sent_to_the_owner(urls: dict[str, str
 async def test_a_graceful_stop_of_the_owner_redelivers_only_what_was_not_acked(
     urls: dict[str, str], tmp_path: Path
 ) -> None:
-    async with AsyncExitStack() as stack_a, AsyncExitStack() as stack_b:
-        a = await stack_a.enter_async_context(cluster_node(urls, "a", tmp_path))
-        b = await stack_b.enter_async_context(cluster_node(urls, "b", tmp_path))
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
         nodes = [a, b]
         await publish_to_owner(nodes, "jobs", [f"m{i}".encode() for i in range(20)], "publisher")
         owner = owner_node(nodes, "jobs")
         assert owner is not None
-        survivor, owner_stack = (b, stack_a) if owner is a else (a, stack_b)
+        survivor = b if owner is a else a
         key = group_key(urls, "g", "jobs")
         first: list[tuple[int, int]] = []
         async with pybroker.connect(f"pybroker://{addr_of(owner)}", name="first") as client:
@@ -167,7 +165,7 @@ async def test_a_graceful_stop_of_the_owner_redelivers_only_what_was_not_acked(
                 assert all(int(o) < 20 for o in state["pending"]), state
         assert first == [(i, 1) for i in range(20)]
         # The owner stops gracefully: it saves the group, then hands the topic over.
-        await owner_stack.aclose()
+        await stop_gracefully(owner)
         state = await saved_state(store_of(survivor).etcd, key)
         assert state is not None
         assert state["cursor"] == 20 and sorted(int(o) for o in state["pending"]) == list(range(10, 20)), state

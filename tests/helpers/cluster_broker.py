@@ -61,6 +61,17 @@ async def cluster_node(urls: dict[str, str], name: str, tmp_path: Path, **overri
         yield server
 
 
+async def stop_gracefully(server: Server) -> None:
+    """Stop one node gracefully (it hands its topics over) while the test
+    goes on with the others. Its ``cluster_node`` is left when the test
+    leaves it: closing nodes' contexts out of their nesting order (an
+    AsyncExitStack per node, the outer one closed first) would exit trio
+    nurseries out of order, which trio refuses."""
+    server.shutdown()
+    with trio.fail_after(WAIT):
+        await server.wait_stopped()
+
+
 async def hello(raw: RawClient, name: str) -> None:
     await raw.handshake(name, {"error_fields": "1"})
 
