@@ -9,7 +9,6 @@ over where the committed log ends.
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
     owner_node,
     publish_to_owner,
     servers,
+    stop_gracefully,
     store_of,
     urls,
     wait_for,
@@ -119,19 +119,17 @@ async def test_owner_acknowledges_others_redirect_and_every_node_delivers(urls: 
 
 
 async def test_takeover_continues_where_the_committed_log_ends(urls: dict[str, str], tmp_path: Path) -> None:
-    async with AsyncExitStack() as stack_a, AsyncExitStack() as stack_b:
-        a = await stack_a.enter_async_context(cluster_node(urls, "a", tmp_path))
-        b = await stack_b.enter_async_context(cluster_node(urls, "b", tmp_path))
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
         nodes = [a, b]
         for i in range(10):
             ack, _ = await publish_to_owner(nodes, "jobs", [f"before-{i}".encode()], "p")
             assert ack.base_offset == i
         owner = owner_node(nodes, "jobs")
         assert owner is not None
-        survivor, stack = (b, stack_a) if owner is a else (a, stack_b)
+        survivor = b if owner is a else a
         # The owner stops (gracefully: it hands the topic over); the
         # survivor takes it where the committed log ends.
-        await stack.aclose()
+        await stop_gracefully(owner)
         for i in range(10, 20):
             ack, _ = await publish_to_owner([survivor], "jobs", [f"after-{i}".encode()], "p")
             assert ack.base_offset == i
@@ -279,13 +277,11 @@ async def test_a_resend_to_the_next_owner_is_not_stored_twice(urls: dict[str, st
         assert isinstance(event, (PubAck, Error)), event
         return event
 
-    async with AsyncExitStack() as stack_a, AsyncExitStack() as stack_b:
-        a = await stack_a.enter_async_context(cluster_node(urls, "a", tmp_path))
-        b = await stack_b.enter_async_context(cluster_node(urls, "b", tmp_path))
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
         await publish_to_owner([a, b], "once", [b"zero"], "p")
         owner = owner_node([a, b], "once")
         assert owner is not None
-        other, stack = (b, stack_a) if owner is a else (a, stack_b)
+        other = b if owner is a else a
         # A DEDUP publish to the other node first: refused, and its msg-ids
         # for the topic are now in memory there (what it learns later must
         # be added to them).
@@ -293,7 +289,7 @@ async def test_a_resend_to_the_next_owner_is_not_stored_twice(urls: dict[str, st
         assert isinstance(early, Error) and early.code == ErrorCode.NOT_OWNER, early
         first = await send(owner, named("order-17", b"the order"))
         assert isinstance(first, PubAck) and first.base_offset == 1, first
-        await stack.aclose()  # the owner stops; the other takes the topic over
+        await stop_gracefully(owner)  # the owner stops; the other takes the topic over
         with trio.fail_after(WAIT):
             while True:
                 again = await send(other, named("order-17", b"the order"))
