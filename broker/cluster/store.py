@@ -19,10 +19,12 @@ appends are synchronous and cheap, acknowledgements wait for ``sync``
   committed index (``IndexedReader.tail``): the batches other nodes commit
   reach this node's subscribers and groups through ``on_committed``.
 
-What is not here yet (docs/cluster.md §14): several partitions per topic,
-reads older than a node's copy (they are reported lost as retention),
-exactly-once across owners (DEDUP works per owner), consumer-group state in
-etcd, topic deletion and settings.
+Consumer groups run at their topic's owner with their state in etcd
+(groupstate.py); a msg-id resend to the next owner is found in its copy
+(the core's exactly-once window reads it back). What is not here yet
+(docs/cluster.md §14): several partitions per topic, reads older than a
+node's copy (they are reported lost as retention), topic deletion and
+settings.
 """
 
 from __future__ import annotations
