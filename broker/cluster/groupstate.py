@@ -257,7 +257,7 @@ class ClusterGroupState:
             raise ValueError("negative offsets or counts")
         saved = doc.get("group") or {}
         if "config" in saved:
-            group.config = _config_from(saved["config"])
+            group.config = GroupConfig.from_doc(saved["config"])
             group.start, group.start_value = StartKind(int(saved["start"])), int(saved["start_value"])
         topic = self.groups.router.topics.get(bound.topic)
         gt = group.topics.get(topic) if topic is not None else None
@@ -274,7 +274,7 @@ class ClusterGroupState:
         if gt is None:
             return None
         pending = group.pending_due(gt, trio.current_time(), time.time_ns() // 1_000_000)
-        c = group.config
+        config = group.config
         doc = {
             "v": FORMAT,
             "cursor": gt.cursor,
@@ -283,15 +283,7 @@ class ClusterGroupState:
                 "pattern": group.pattern,
                 "start": int(group.start),
                 "start_value": group.start_value,
-                "config": {
-                    "ack_wait": c.ack_wait,
-                    "max_deliver": c.max_deliver,
-                    "backoff": list(c.backoff),
-                    "backoff_jitter": c.backoff_jitter,
-                    "max_ack_pending": c.max_ack_pending,
-                    "dead_letter": c.dead_letter,
-                    "ordering": c.ordering,
-                },
+                "config": config.to_doc(),
             },
         }
         return json.dumps(doc, separators=(",", ":")).encode()
@@ -449,15 +441,3 @@ class ClusterGroupState:
                 if any(b.held for b in self._bound.values()):
                     await trio.sleep(self.window)  # gather a window's hand-outs into one transaction
                 await self.flush()
-
-
-def _config_from(c: dict[str, Any]) -> GroupConfig:
-    return GroupConfig(
-        float(c["ack_wait"]),
-        int(c["max_deliver"]),
-        tuple(float(b) for b in c["backoff"]),
-        int(c["max_ack_pending"]),
-        str(c["dead_letter"]),
-        float(c.get("backoff_jitter", 0.0)),
-        str(c.get("ordering", "")),
-    )

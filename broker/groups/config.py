@@ -9,6 +9,7 @@ keeps the creating SUBSCRIBE's value for members that do not send one.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
@@ -46,6 +47,31 @@ class GroupConfig:
     #: "key": messages with the same ``key`` header go to one member at a
     #: time, in offset order (protocol.md, "Key-ordered groups"); "": none.
     ordering: str = ""
+
+    def to_doc(self) -> dict[str, Any]:
+        """As saved (the file store's journal, a cluster's etcd key)."""
+        return {
+            "ack_wait": self.ack_wait,
+            "max_deliver": self.max_deliver,
+            "backoff": list(self.backoff),
+            "backoff_jitter": self.backoff_jitter,
+            "max_ack_pending": self.max_ack_pending,
+            "dead_letter": self.dead_letter,
+            "ordering": self.ordering,
+        }
+
+    @classmethod
+    def from_doc(cls, c: Mapping[str, Any]) -> GroupConfig:
+        """What :meth:`to_doc` saved (older saves lack the later fields)."""
+        return cls(
+            float(c["ack_wait"]),
+            int(c["max_deliver"]),
+            tuple(float(b) for b in c["backoff"]),
+            int(c["max_ack_pending"]),
+            str(c["dead_letter"]),
+            float(c.get("backoff_jitter", 0.0)),
+            str(c.get("ordering", "")),
+        )
 
     @classmethod
     def from_options(cls, name: str, options: Mapping[str, str]) -> GroupConfig:

@@ -657,7 +657,6 @@ class Group:
     def snapshot(self) -> dict[str, Any]:
         """Everything a restart needs (broker/storage/groupstate.py: the snapshot
         that starts a journal)."""
-        c = self.config
         # Dead letters the dead-letter topic has made durable are settled.
         self._confirm_dead_letters()
         topics: dict[str, Any] = {}
@@ -678,15 +677,7 @@ class Group:
             "pattern": self.pattern,
             "start": int(self.start),
             "start_value": self.start_value,
-            "config": {
-                "ack_wait": c.ack_wait,
-                "max_deliver": c.max_deliver,
-                "backoff": list(c.backoff),
-                "backoff_jitter": c.backoff_jitter,
-                "max_ack_pending": c.max_ack_pending,
-                "dead_letter": c.dead_letter,
-                "ordering": c.ordering,
-            },
+            "config": self.config.to_doc(),
             "topics": topics,
         }
 

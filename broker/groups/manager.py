@@ -344,16 +344,7 @@ class GroupManager:
             self.state.sync_now()
 
     def _group_from(self, snap: dict[str, Any]) -> Group:
-        c = snap["config"]
-        config = GroupConfig(
-            float(c["ack_wait"]),
-            int(c["max_deliver"]),
-            tuple(float(b) for b in c["backoff"]),
-            int(c["max_ack_pending"]),
-            str(c["dead_letter"]),
-            float(c.get("backoff_jitter", 0.0)),  # (saved by older versions without it)
-            str(c.get("ordering", "")),
-        )
+        config = GroupConfig.from_doc(snap["config"])
         start, start_value = StartKind(snap["start"]), int(snap["start_value"])
         return Group(self, str(snap["name"]), str(snap["pattern"]), config, start, start_value)
 
