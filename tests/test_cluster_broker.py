@@ -19,9 +19,9 @@ from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
     WAIT,
     cluster_node,
     hello,
-    owner_node,
     publish_to_owner,
     servers,
+    settled_owner,
     stop_gracefully,
     store_of,
     urls,
@@ -57,8 +57,7 @@ async def test_owner_acknowledges_others_redirect_and_every_node_delivers(urls: 
         # answer is NOT_OWNER without an address.
         ack, _ = await publish_to_owner(nodes, "orders", [b"first"], "creator")
         assert (ack.base_offset, ack.count, ack.durability) == (0, 1, Durability.DISK)
-        owner = owner_node(nodes, "orders")
-        assert owner is not None
+        owner = await settled_owner(nodes, "orders")
         other = b if owner is a else a
         # The other node names the owner, and stores nothing.
         async with raw_client(other) as raw:
@@ -124,8 +123,7 @@ async def test_takeover_continues_where_the_committed_log_ends(urls: dict[str, s
         for i in range(10):
             ack, _ = await publish_to_owner(nodes, "jobs", [f"before-{i}".encode()], "p")
             assert ack.base_offset == i
-        owner = owner_node(nodes, "jobs")
-        assert owner is not None
+        owner = await settled_owner(nodes, "jobs")
         survivor = b if owner is a else a
         # The owner stops (gracefully: it hands the topic over); the
         # survivor takes it where the committed log ends.
@@ -133,7 +131,7 @@ async def test_takeover_continues_where_the_committed_log_ends(urls: dict[str, s
         for i in range(10, 20):
             ack, _ = await publish_to_owner([survivor], "jobs", [f"after-{i}".encode()], "p")
             assert ack.base_offset == i
-        assert owner_node([survivor], "jobs") is survivor
+        assert await settled_owner([survivor], "jobs") is survivor
         async with raw_client(survivor) as raw:
             await hello(raw, "reader")
             await raw.send_event(Subscribe(1, "jobs", StartKind.EARLIEST, 0))
@@ -237,8 +235,7 @@ async def test_the_client_follows_not_owner_to_the_owner(urls: dict[str, str], t
     async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
         nodes = [a, b]
         await publish_to_owner(nodes, "clients", [b"created"], "creator")
-        owner = owner_node(nodes, "clients")
-        assert owner is not None
+        owner = await settled_owner(nodes, "clients")
         other = b if owner is a else a
         # Reconnecting off: NOT_OWNER is the caller's, with the owner's address.
         async with pybroker.connect(f"pybroker://127.0.0.1:{other.port}", name="stays") as client:
@@ -279,8 +276,7 @@ async def test_a_resend_to_the_next_owner_is_not_stored_twice(urls: dict[str, st
 
     async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
         await publish_to_owner([a, b], "once", [b"zero"], "p")
-        owner = owner_node([a, b], "once")
-        assert owner is not None
+        owner = await settled_owner([a, b], "once")
         other = b if owner is a else a
         # A DEDUP publish to the other node first: refused, and its msg-ids
         # for the topic are now in memory there (what it learns later must

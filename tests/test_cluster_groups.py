@@ -23,9 +23,9 @@ from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
     addr_of,
     cluster_node,
     hello,
-    owner_node,
     publish_to_owner,
     servers,
+    settled_owner,
     stop_gracefully,
     store_of,
     urls,
@@ -97,8 +97,7 @@ async def test_a_member_on_another_node_is_sent_to_the_owner(urls: dict[str, str
     async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
         nodes = [a, b]
         await publish_to_owner(nodes, "work", [b"m0"], "creator")
-        owner = owner_node(nodes, "work")
-        assert owner is not None
+        owner = await settled_owner(nodes, "work")
         other = b if owner is a else a
         # Refused on the sub_id, naming the owner; nothing is registered there.
         async with raw_client(other) as raw:
@@ -143,8 +142,7 @@ async def test_a_graceful_stop_of_the_owner_redelivers_only_what_was_not_acked(
     async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
         nodes = [a, b]
         await publish_to_owner(nodes, "jobs", [f"m{i}".encode() for i in range(20)], "publisher")
-        owner = owner_node(nodes, "jobs")
-        assert owner is not None
+        owner = await settled_owner(nodes, "jobs")
         survivor = b if owner is a else a
         key = group_key(urls, "g", "jobs")
         first: list[tuple[int, int]] = []
@@ -316,8 +314,7 @@ async def test_members_are_told_when_their_node_loses_the_topic(urls: dict[str, 
     async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
         nodes = [a, b]
         await publish_to_owner(nodes, "moving", [f"m{i}".encode() for i in range(10)], "p")
-        owner = owner_node(nodes, "moving")
-        assert owner is not None
+        owner = await settled_owner(nodes, "moving")
         other = b if owner is a else a
         key = group_key(urls, "g", "moving")
         options = {"group": "g", "max_ack_pending": "100", "ack_wait_ms": "2000"}

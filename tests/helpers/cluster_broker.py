@@ -83,12 +83,38 @@ async def wait_for(predicate: Any, timeout: float = WAIT) -> None:
             await trio.sleep(0.02)
 
 
-def owner_node(nodes: list[Server], topic: str) -> Server | None:
-    for node in nodes:
-        manager = store_of(node).manager
-        if manager is not None and manager.local(topic, 0) is not None:
-            return node
-    return None
+async def settled_owner(nodes: list[Server], topic: str) -> Server:
+    """The node that owns ``topic`` once ownership has settled: every node
+    sees all the others, ranks the same node first, and names it as the
+    owner, and that node holds the topic and takes appends. (Right after
+    the first publish it may still move: the node that took it may not
+    have seen the one ranked first yet, and hands it over.)"""
+    names = {store_of(n).manager.node for n in nodes if store_of(n).manager is not None}  # type: ignore[union-attr]
+
+    def settled() -> Server | None:
+        holders = []
+        for node in nodes:
+            manager = store_of(node).manager
+            if manager is None or set(manager.membership.members) != names:
+                return None
+            owner = manager.local(topic, 0)
+            if owner is not None and owner.accepting:
+                holders.append(node)
+        if len(holders) != 1:
+            return None
+        holder = holders[0]
+        for node in nodes:
+            manager = store_of(node).manager
+            assert manager is not None
+            info = manager.owner_of(topic, 0)
+            if info is None or info.addr != addr_of(holder) or manager.first_choice(topic, 0) != info.node:
+                return None
+        return holder
+
+    await wait_for(lambda: settled() is not None)
+    found = settled()
+    assert found is not None
+    return found
 
 
 def addr_of(node: Server | str) -> str:
