@@ -169,7 +169,13 @@ class ClusterTopicLog:
     def read(self, offset: int, max_bytes: int) -> list[StoredBatch]:
         if offset < self.copy.first_offset and self.copy.first_offset > 0:
             raise DataLoss(self.name, offset, self.copy.first_offset - 1, "retention")
-        return self.copy.read(offset, max_bytes)
+        batches = self.copy.read(offset, max_bytes)
+        if batches and batches[0].next_offset <= offset:
+            # In a range the follower could not get (skip_to): lost, said so,
+            # never the batch before it handed out as if it held the offset.
+            end = batches[1].base_offset if len(batches) > 1 else self.copy.next_offset
+            raise DataLoss(self.name, offset, end - 1, "missing")
+        return batches
 
     def offset_at_time(self, timestamp: int) -> int:
         return self.copy.offset_at_time(timestamp)
