@@ -427,6 +427,7 @@ class ClusterStore:
                     self.on_positioned(log.name, index.low)
             while True:
                 log.restart = trio.CancelScope()
+                mismatched = False
                 with log.restart:
                     try:
                         tail = reader.tail(log.copy.next_offset)
@@ -436,7 +437,8 @@ class ClusterStore:
                             if stored.next_offset <= end:
                                 continue  # this node appended it as its owner
                             if stored.base_offset != end:
-                                break  # not where the copy ends: read again from there
+                                mismatched = True  # not where the copy ends: read again from there
+                                break
                             log.copy.append(stored.batch, stored.count, stored.timestamp)
                             if self.on_committed is not None:
                                 self.on_committed(log.name, stored)
@@ -448,8 +450,9 @@ class ClusterStore:
                         self.logger.info("following failed", topic=log.name, error=repr(exc), retry_in=reader_pause)
                         await trio.sleep(reader_pause)
                         reader_pause = min(RETRY_MAX, reader_pause * 2)
-                # Restarted, or the tail went past a gap: once more from the end.
-                await trio.sleep(0)
+                # Restarted (at once: a take-over waits for it), or the tail
+                # did not meet the copy's end (after a pause: no busy loop).
+                await trio.sleep(RETRY_MIN if mismatched else 0)
 
     # -- joining -------------------------------------------------------------
 
