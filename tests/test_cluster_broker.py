@@ -44,6 +44,7 @@ from pybroker.protocol import (
     decode_batch,
     encode_batch,
 )
+from pybroker.server.cluster.objects import ObjectStoreError
 from pybroker.server.cluster.partition import PartitionReader
 from pybroker.server.server import Server
 
@@ -299,3 +300,47 @@ async def test_a_resend_to_the_next_owner_is_not_stored_twice(urls: dict[str, st
         store = store_of(other)
         reader = PartitionReader(store.etcd, store.objects, "once", 0, keys=store.settings.keys)
         assert [p for batch in await reader.read(0) for p, _ in decode_batch(batch.batch)] == [b"zero", b"the order", b"two"]
+
+
+async def test_a_put_the_object_store_refuses_is_refused_to_the_publisher(
+    urls: dict[str, str], tmp_path: Path
+) -> None:
+    """A storage shim fails the owner's next PUT as a full store would
+    (507 InsufficientStorage): that publish gets STORAGE_ERROR, nothing of it
+    is stored or delivered, and the next publish takes its offset."""
+    async with cluster_node(urls, "a", tmp_path) as a:
+        ack, _ = await publish_to_owner([a], "full", [b"zero"], "p")
+        assert ack.base_offset == 0
+        objects = store_of(a).objects
+        real_put = objects.put_if_absent
+        failures: list[str] = []
+
+        async def full_once(key: str, data: bytes) -> bool:
+            if not failures:
+                failures.append(key)
+                raise ObjectStoreError(f"put {key}: InsufficientStorage", 507, "InsufficientStorage")
+            return await real_put(key, data)
+
+        objects.put_if_absent = full_once  # type: ignore[method-assign]
+        async with raw_client(a) as sub, raw_client(a) as pub:
+            await hello(sub, "sub")
+            await sub.send_event(Subscribe(1, "full", StartKind.EARLIEST, 0))
+            assert await sub.next_event() == SubAck(1)
+            await hello(pub, "pub")
+            await pub.send_event(Publish(4, "full", encode_batch([b"refused"])))
+            refused = await pub.next_event()
+            assert isinstance(refused, Error) and refused.code == ErrorCode.STORAGE_ERROR, refused
+            assert refused.ref == 4 and refused.fields == {"topic": "full"}, refused
+            assert len(failures) == 1
+            ack, _ = await publish_to_owner([a], "full", [b"one"], "p")
+            assert ack.base_offset == 1
+            seen: list[tuple[int, bytes]] = []
+            with trio.fail_after(WAIT):
+                while len(seen) < 2:
+                    event = await sub.next_event()
+                    assert isinstance(event, Deliver), event
+                    seen += [(event.base_offset + k, p) for k, (p, _) in enumerate(decode_batch(event.batch))]
+            assert seen == [(0, b"zero"), (1, b"one")]
+        store = store_of(a)
+        reader = PartitionReader(store.etcd, store.objects, "full", 0, keys=store.settings.keys)
+        assert [p for b in await reader.read(0) for p, _ in decode_batch(b.batch)] == [b"zero", b"one"]
