@@ -1212,7 +1212,9 @@ class Client:
         """Run the reader and writer of each connection; between connections,
         reconnect (when allowed) and resume where the last one stopped."""
         while True:
-            self._reader_done = anyio.Event()
+            # The first connection's event is the one made in __init__: aclose
+            # may already wait on it before this task runs (a client closed
+            # right after connect). A reconnect makes a fresh one below.
             async with anyio.create_task_group() as tasks:
                 self._conn_scope = tasks.cancel_scope
                 tasks.start_soon(self._reader, name="pybroker reader")
@@ -1229,6 +1231,7 @@ class Client:
                 if self._closed is not None:
                     return
             await anyio.aclose_forcefully(self._stream)  # the lost one
+            self._reader_done = anyio.Event()  # for the next connection's reader
             if not await self._reconnect():
                 return
 
