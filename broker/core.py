@@ -230,6 +230,12 @@ class Broker:
         buckets = FileBuckets(config.data_dir / "delayed") if isinstance(store, FileStore) else MemoryBuckets()
         self.schedule = Schedule(buckets)
         self.committer.also_sync = self.schedule.sync
+        #: Whether a DELAYED batch can be kept as durably as its topic's
+        #: messages. Not on a cluster node: its buckets would be its own,
+        #: in memory, while the acknowledgement promises what the cluster
+        #: promises (docs/cluster.md §14). WELCOME then leaves out
+        #: max_delay_ms and such a publish is refused.
+        self.keeps_delayed = self.storage_kind != "cluster"
         #: Releases publish as the broker itself (the publisher's rights were
         #: checked when it scheduled them).
         self._releaser = Principal()
@@ -589,7 +595,14 @@ class Broker:
                 ErrorCode.BAD_REQUEST,
                 f"{DELIVER_AT_HEADER} is {(due_ms - now_ms) / 1000:.0f} s ahead; the limit is {max_ms // 1000} s (max_delay_ms)",
             )
-        return due_ms if due_ms > now_ms else None
+        if due_ms <= now_ms:
+            return None
+        if not self.keeps_delayed:
+            raise Refused(
+                ErrorCode.BAD_REQUEST,
+                "flag DELAYED: a cluster node does not keep delayed messages (no max_delay_ms in its WELCOME)",
+            )
+        return due_ms
 
     def _schedule(self, topic_name: str, batch: bytes, count: int, due_ms: int, dedup: bool, now: int) -> Published:
         """Keep a delayed batch until it is due (broker/delays/). Its

@@ -9,6 +9,7 @@ over where the committed log ends.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -344,3 +345,47 @@ async def test_a_put_the_object_store_refuses_is_refused_to_the_publisher(
         store = store_of(a)
         reader = PartitionReader(store.etcd, store.objects, "full", 0, keys=store.settings.keys)
         assert [p for b in await reader.read(0) for p, _ in decode_batch(b.batch)] == [b"zero", b"one"]
+
+
+async def test_a_cluster_node_refuses_to_keep_delayed_messages(urls: dict[str, str], tmp_path: Path) -> None:
+    """A node's delay buckets would be its own, in memory, while the
+    acknowledgement promises what the cluster promises (DISK): an acked
+    delayed message would die with the node. So a cluster node does not
+    announce max_delay_ms and refuses a DELAYED publish that is not yet
+    due (207, nothing kept); one already due is published at once, as on a
+    single node."""
+    async with cluster_node(urls, "a", tmp_path) as a:
+        async with raw_client(a) as raw:
+            welcome = await raw.handshake("delays", {"error_fields": "1"})
+            assert "max_delay_ms" not in welcome.limits, welcome.limits
+            assert "dedup_window_ms" in welcome.limits  # the other announcements stay
+            later = str(int(time.time() * 1000) + 60_000)
+            await raw.send_event(
+                Publish(1, "timers", encode_batch([(b"later", {"deliver-at": later})]), delayed=True)
+            )
+            refused = await raw.next_event()
+            assert isinstance(refused, Error) and refused.code == ErrorCode.BAD_REQUEST, refused
+            assert "does not keep delayed messages" in refused.message and not refused.fatal, refused
+        assert a.broker.schedule.pending == 0 and a.broker.schedule.next_due() is None
+        # Already due: published now (following NOT_OWNER until an owner has it).
+        due = str(int(time.time() * 1000) - 1)
+        with trio.fail_after(WAIT):
+            while True:
+                async with raw_client(a) as raw:
+                    await hello(raw, "due")
+                    await raw.send_event(
+                        Publish(2, "timers", encode_batch([(b"due", {"deliver-at": due})]), delayed=True)
+                    )
+                    event = await raw.next_event()
+                if isinstance(event, PubAck):
+                    break
+                assert isinstance(event, Error) and event.code == ErrorCode.NOT_OWNER, event
+                await trio.sleep(0.05)
+        assert (event.base_offset, event.count) == (0, 1), event
+        # The client finds out before sending, and HTTP refuses ?delay=.
+        async with pybroker.connect(a.url) as c:
+            with pytest.raises(RuntimeError, match="delayed delivery"):
+                await c.publish("timers", b"later", delay=60)
+        reply = await post_json(a.http_port, "/v1/topics/timers/messages?delay=60", {"payload": "later"})
+        assert_error(reply, 400, "bad_request")
+        assert a.broker.schedule.pending == 0 and a.broker.schedule.next_due() is None

@@ -575,7 +575,11 @@ class Session:
                 **self.limits.announced(),
                 "dedup_window_ms": int(self.config.dedup_window * 1000),
                 # max_delay_ms: PUBLISH flag DELAYED is understood, and how far ahead.
-                "max_delay_ms": int(self.config.max_delay * 1000),
+                **(
+                    {"max_delay_ms": int(self.config.max_delay * 1000)}
+                    if self.broker.keeps_delayed
+                    else {}
+                ),
             },
         )
         self.outbox.queue(self.conn.send(welcome))
