@@ -89,6 +89,10 @@ class FrameBudget:
         #: Bytes given back in amounts of at least LARGE_RETURN, ever: the
         #: server trims the heap when this grows (Server._trim_heap).
         self.large_returned = 0
+        #: Set when ``large_returned`` grows; the trimmer replaces it once
+        #: the returns so far are covered (an idle broker then has no timer
+        #: waking it every second to look).
+        self.large_return = trio.Event()
 
     def take(self, holder: object, want: int, *, optional: bool = False) -> int:
         """Grant up to ``want`` bytes at once (maybe fewer, maybe none).
@@ -126,6 +130,7 @@ class FrameBudget:
         self.used -= amount
         if amount >= LARGE_RETURN:
             self.large_returned += amount
+            self.large_return.set()
         if self._waiting:
             self._returned.set()
             self._returned = trio.Event()

@@ -230,14 +230,14 @@ class Server:
         """After large frames were decoded or dropped, give their memory
         back to the operating system (framebudget.trim_heap): at most once
         per TRIM_INTERVAL, and not at all while only small frames flow."""
-        trimmed_at = 0
+        budget = self.frame_budget
         while True:
+            await budget.large_return.wait()
+            # Returns within the interval share one trim.
             await trio.sleep(TRIM_INTERVAL)
-            returned = self.frame_budget.large_returned
-            if returned != trimmed_at:
-                trimmed_at = returned
-                if not await trio.to_thread.run_sync(trim_heap):
-                    return
+            budget.large_return = trio.Event()  # what was returned so far, this trim covers
+            if not await trio.to_thread.run_sync(trim_heap):
+                return
 
     def _check_descriptor_limit(self) -> None:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
