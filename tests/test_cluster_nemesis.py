@@ -19,7 +19,11 @@ SIGSTOPped past its lease and continued, the etcd leader SIGKILLed (then
 restarted), and the owner cut off from etcd alone (its etcd traffic goes
 through a proxy in the test that stops forwarding, as a partition drops
 packets, and later delivers what it held) while clients and the object
-store still reach it. Each test prints the counts and the time from each
+store still reach it. And the owner SIGKILLed by itself at a failpoint
+of a round (broker/cluster/failpoints.py): before its PUT, between its PUT
+and its transaction, after its transaction before any acknowledgement;
+each proven by the status, the failpoint's log line and what the object
+store and etcd hold for that round. Each test prints the counts and the time from each
 fault to the next acknowledged append.
 """
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -59,8 +64,9 @@ pytest.importorskip("httpx", reason="cluster mode needs the cluster extra (httpx
 
 from pybroker.server.cluster.etcd import Etcd, EtcdError  # noqa: E402
 from pybroker.server.cluster.keys import ClusterKeys  # noqa: E402
-from pybroker.server.cluster.objects import ObjectStore  # noqa: E402
-from pybroker.server.cluster.partition import PartitionReader  # noqa: E402
+from pybroker.server.cluster import failpoints  # noqa: E402
+from pybroker.server.cluster.objects import NoSuchKey, ObjectStore  # noqa: E402
+from pybroker.server.cluster.partition import IndexEntry, PartitionReader  # noqa: E402
 from pybroker.server.cluster.ranking import first  # noqa: E402
 
 TTL = 3
@@ -296,6 +302,21 @@ def workdir(tmp_path: Path, n: int) -> Path:
     return path
 
 
+async def topic_owned_by(servers: Servers, keys: ClusterKeys, victim: str, stem: str) -> str:
+    """A topic name the broker at ``victim`` ranks first for once all three
+    brokers are members, so that it will own the topic."""
+    with trio.fail_after(WAIT):
+        while True:
+            async with Etcd(servers.etcd_urls) as etcd:
+                found = await etcd.get_prefix(keys.members_prefix)
+            members = {keys.name_of(keys.members_prefix, kv.key): json.loads(kv.value)["addr"] for kv in found.kvs}
+            if len(members) == 3:
+                break
+            await trio.sleep(0.1)
+    victim_node = next(node for node, addr in members.items() if addr == victim)
+    return next(t for t in (f"{stem}-{i}" for i in range(1000)) if first(set(members), t, 0) == victim_node)
+
+
 #: A fault: injects itself, heals, and returns when it struck (trio time)
 #: and the broker it struck ("" for none).
 Fault = Callable[[Cluster], Awaitable[tuple[float, str]]]
@@ -399,6 +420,114 @@ async def test_nemesis(
     assert counts["acked"] > 0 and counts["lost"] == 0
 
 
+#: The round at whose failpoint the victim dies: late enough that it dies
+#: under load, with every publisher's appends in flight.
+FAILPOINT_HIT = 20
+
+
+async def killed_round(cluster: Cluster, marker: dict[str, Any]) -> tuple[bool, str | None]:
+    """What the round the failpoint killed left behind: whether its object is
+    in the object store, and which object etcd's index names at its first
+    offset (None: no entry)."""
+    async with (
+        Etcd(cluster.servers.etcd_urls) as etcd,
+        ObjectStore(cluster.servers.s3_url, BUCKET, prefix=cluster.object_prefix) as objects,
+    ):
+        kv = await etcd.get(cluster.keys.index(cluster.topic, 0, marker["first"]))
+        try:
+            await objects.get(marker["object"], 0, 0)
+            present = True
+        except NoSuchKey:
+            present = False
+    return present, (IndexEntry.decode(marker["first"], kv.value).object if kv is not None else None)
+
+
+@pytest.mark.parametrize("point", failpoints.POINTS)
+async def test_nemesis_failpoint(servers: Servers, tmp_path: Path, point: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The owner dies by SIGKILL at a chosen place of a round
+    (broker/cluster/failpoints.py, armed on it alone through
+    PYBROKER_FAILPOINTS): before the round's PUT, between the PUT and the
+    transaction, or after the transaction before anything is acknowledged.
+    The test proves it died there (status -SIGKILL, its ``failpoint`` log
+    line, and the object store and etcd as only that place leaves them),
+    restarts it disarmed, lets ownership settle under load, and checks the
+    history as above."""
+    name = f"fp-{point}"
+    prefix = f"/nemesis/{name}/"
+    hosts = ",".join(u.removeprefix("http://") for u in servers.etcd_urls)
+    flags = (
+        "--cluster", f"etcd://{hosts}{prefix.rstrip('/')}",
+        "--object-store", f"s3://{servers.s3_url.removeprefix('http://')}/{BUCKET}/{name}",
+        "--cluster-lease-ttl", str(TTL), "--no-http",
+    )  # fmt: skip
+    histories = [tmp_path / f"history-{i}.jsonl" for i in range(PUBLISHERS + 1)]
+    async with (
+        broker_process(tmp_path / "d0", workdir(tmp_path, 0), *flags) as b0,
+        broker_process(tmp_path / "d1", workdir(tmp_path, 1), *flags) as b1,
+        broker_process(tmp_path / "d2", workdir(tmp_path, 2), *flags) as b2,
+    ):
+        keys = ClusterKeys(prefix.encode())
+        cluster = Cluster(servers, keys, f"{name}/", [b0, b1, b2])
+        await b0.start()
+        await b1.start()
+        monkeypatch.setenv(failpoints.ENV, f"{point}=kill@{FAILPOINT_HIT}")
+        await b2.start()
+        monkeypatch.delenv(failpoints.ENV)  # its restart is disarmed
+        victim = b2.url.removeprefix("pybroker://")
+        cluster.topic = await topic_owned_by(servers, keys, victim, name)
+        stop = trio.Event()
+        writers = [HistoryWriter(path, i) for i, path in enumerate(histories)]
+        try:
+            async with trio.open_nursery() as nursery:
+                for i in range(PUBLISHERS):
+                    nursery.start_soon(Publisher(cluster, i, writers[i]).run, stop)
+                with trio.fail_after(WAIT * 2):
+                    assert b2.proc is not None
+                    await b2.proc.wait()  # by its own failpoint: nothing here kills it
+                    struck, struck_wall = trio.current_time(), time.time()
+                    status = await b2.kill()  # already reaped: its status
+                    markers = [r for r in b2.log_records() if r.get("event") == "failpoint"]
+                    await b2.start()
+                    recovery = await cluster.wait_ack_after(struck, victim)
+                    await cluster.wait_owner()  # settled: the restarted node may take the topic back
+                    await trio.sleep(0.5)
+                stop.set()
+            end = await final_reads(cluster, writers[PUBLISHERS])
+        finally:
+            for writer in writers:
+                writer.close()
+        assert status == -signal.SIGKILL, status
+        assert [(m["point"], m["hit"], m["topic"]) for m in markers] == [(point, FAILPOINT_HIT, cluster.topic)], markers
+        marker = markers[0]
+        present, indexed = await killed_round(cluster, marker)
+    ops = read_histories(histories)
+    report = check(ops)
+    counts = report.summary()["keys"][f"{cluster.topic}/0"]
+    # The killed round's offsets as acknowledged later: never by the victim
+    # (it died first), so only after a resend (deduplicated by msg-id).
+    span = range(marker["first"], marker["first"] + marker["count"])
+    in_round = [op for op in ops if op["type"] == "ok" and op["f"] == "append" and op["offset"] in span]
+    # A resend of a committed msg-id may be answered by any node's copy; the
+    # first append sent once and acknowledged needs an owner again.
+    fresh = min(op["time"] for op in ops if op["type"] == "ok" and op["f"] == "append" and not op.get("resent") and op["time"] > struck_wall)
+    print(
+        f"{name}: died at round {FAILPOINT_HIT} (offsets {span.start}..{span.stop - 1}, object {marker['object']}), "
+        f"{end} stored, counts {counts}, seconds from the kill to the next acknowledgement {recovery:.2f} "
+        f"(to the next of an append sent once {fresh - struck_wall:.2f}), "
+        f"acknowledged appends at the killed round's offsets {len(in_round)}, "
+        f"of them after a resend {sum(1 for op in in_round if op.get('resent'))}"
+    )
+    if point == "before-put":
+        assert (present, indexed != marker["object"]) == (False, True), (present, indexed)
+    elif point == "after-put":
+        assert (present, indexed != marker["object"]) == (True, True), (present, indexed)
+    else:
+        assert (present, indexed) == (True, marker["object"]), (present, indexed)
+        assert in_round and all(op.get("resent") for op in in_round), in_round
+    assert report.valid, report.summary()
+    assert counts["acked"] > 0 and counts["lost"] == 0
+
+
 async def test_nemesis_owner_cut_off_from_etcd(servers: Servers, tmp_path: Path) -> None:
     """The owner loses etcd (not its clients, not the object store): it must
     stop acknowledging by its lease deadline, another node takes the topic
@@ -426,17 +555,7 @@ async def test_nemesis_owner_cut_off_from_etcd(servers: Servers, tmp_path: Path)
             for broker in cluster.brokers:
                 await broker.start()
             victim = b2.url.removeprefix("pybroker://")
-            # A topic the victim ranks first for, so that it owns it.
-            with trio.fail_after(WAIT):
-                while True:
-                    async with Etcd(servers.etcd_urls) as etcd:
-                        found = await etcd.get_prefix(keys.members_prefix)
-                    members = {keys.name_of(keys.members_prefix, kv.key): json.loads(kv.value)["addr"] for kv in found.kvs}
-                    if len(members) == 3:
-                        break
-                    await trio.sleep(0.1)
-            victim_node = next(node for node, addr in members.items() if addr == victim)
-            cluster.topic = next(t for t in (f"cut-{i}" for i in range(1000)) if first(set(members), t, 0) == victim_node)
+            cluster.topic = await topic_owned_by(servers, keys, victim, "cut")
             stop = trio.Event()
             writers = [HistoryWriter(path, i) for i, path in enumerate(histories)]
             try:
