@@ -733,10 +733,13 @@ async def test_nemesis_owner_cut_off_from_etcd(servers: Servers, tmp_path: Path)
                     writer.close()
         background.cancel_scope.cancel()
     late = [round(when - struck, 2) for when, addr, _ in cluster.acks if addr == victim and struck + ttl < when < healed]
-    report = check(read_histories(histories))
+    ops = read_histories(histories)
+    report = check(ops)
     counts = report.summary()["keys"][f"{cluster.topic}/0"]
+    resent = sum(1 for op in ops if op["type"] == "ok" and op["f"] == "append" and op.get("resent"))
     print(
-        f"{name}: {end} stored, counts {counts}, seconds from the cut to the next acknowledgement {recovery:.2f}; "
+        f"{name}: {end} stored, {resent} acknowledged only after a resend, counts {counts}, "
+        f"seconds from the cut to the next acknowledgement {recovery:.2f}; "
         f"{group_figures(report, member)}"
     )
     assert report.valid, report.summary()
