@@ -13,13 +13,22 @@ from etcd and the object store and through a subscriber on every broker
 (``final`` reads), and tests/helpers/checker.py checks the history: nothing
 acknowledged lost, no offset with two values, dense offsets, no value
 stored twice, nothing refused stored, nothing stored that nobody sent.
+A member of a consumer group reads the topic throughout (following
+NOT_OWNER to the owner, acking every hand-out) and records each delivery;
+etcd's saved group cursor is read every 0.1 s; the checker adds: no cursor
+moving backwards or past the end, every acknowledged append delivered at
+least once (at the offset it is stored at), and the cursor ends at the end.
 
 Faults: the owner SIGKILLed under load (then restarted), the owner
 SIGSTOPped past its lease and continued, the etcd leader SIGKILLed (then
 restarted), and the owner cut off from etcd alone (its etcd traffic goes
 through a proxy in the test that stops forwarding, as a partition drops
 packets, and later delivers what it held) while clients and the object
-store still reach it. Each test prints the counts and the time from each
+store still reach it. And the owner SIGKILLed by itself at a failpoint
+of a round (broker/cluster/failpoints.py): before its PUT, between its PUT
+and its transaction, after its transaction before any acknowledgement;
+each proven by the status, the failpoint's log line and what the object
+store and etcd hold for that round. Each test prints the counts and the time from each
 fault to the next acknowledged append.
 """
 
@@ -27,7 +36,8 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +45,7 @@ import attrs
 import pytest
 import trio
 
-from helpers.checker import check
+from helpers.checker import Report, check
 from helpers.cluster import Server as Process
 from helpers.cluster import etcd_cluster, restart, weed_server
 from helpers.history import HistoryWriter, read_histories
@@ -43,9 +53,14 @@ from helpers.procs import BrokerProcess, broker_process
 from helpers.raw import RawClient
 from helpers.tcpproxy import PartitionProxy
 from pybroker.protocol import (
+    Ack,
+    AckKind,
     Deliver,
     Error,
     ErrorCode,
+    GroupDeliver,
+    Ping,
+    Pong,
     PubAck,
     Publish,
     StartKind,
@@ -59,8 +74,9 @@ pytest.importorskip("httpx", reason="cluster mode needs the cluster extra (httpx
 
 from pybroker.server.cluster.etcd import Etcd, EtcdError  # noqa: E402
 from pybroker.server.cluster.keys import ClusterKeys  # noqa: E402
-from pybroker.server.cluster.objects import ObjectStore  # noqa: E402
-from pybroker.server.cluster.partition import PartitionReader  # noqa: E402
+from pybroker.server.cluster import failpoints  # noqa: E402
+from pybroker.server.cluster.objects import NoSuchKey, ObjectStore  # noqa: E402
+from pybroker.server.cluster.partition import IndexEntry, PartitionReader  # noqa: E402
 from pybroker.server.cluster.ranking import first  # noqa: E402
 
 TTL = 3
@@ -106,8 +122,11 @@ class Cluster:
     object_prefix: str
     brokers: list[BrokerProcess]
     topic: str = TOPIC
-    #: (when, from which broker) of every acknowledgement.
-    acks: list[tuple[float, str]] = attrs.field(factory=list)
+    #: (when, from which broker, whether only after a resend) of every
+    #: acknowledgement.
+    acks: list[tuple[float, str, bool]] = attrs.field(factory=list)
+    #: The values acknowledged.
+    acked_values: set[str] = attrs.field(factory=set)
 
     def addrs(self) -> list[str]:
         return [b.url.removeprefix("pybroker://") for b in self.brokers if b.proc is not None]
@@ -142,19 +161,21 @@ class Cluster:
                     found = await self.owner()
                 except EtcdError:
                     found = None
-                recent = [addr for _, addr in self.acks[-PUBLISHERS * 2 :]]
+                recent = [addr for _, addr, _ in self.acks[-PUBLISHERS * 2 :]]
                 if found in self.addrs() and len(recent) == PUBLISHERS * 2 and set(recent) == {found}:
                     return found
                 await trio.sleep(0.1)
 
-    async def wait_ack_after(self, moment: float, victim: str = "") -> float:
+    async def wait_ack_after(self, moment: float, victim: str = "", *, fresh: bool = False) -> float:
         """Seconds from ``moment`` to the first acknowledgement after it from
         a broker other than ``victim`` (a PUBACK the victim sent just before
-        the fault may still be read after it)."""
+        the fault may still be read after it); with ``fresh``, of an append
+        sent once (a resend of a committed msg-id is answered by any node
+        from its copy, without an owner)."""
         with trio.fail_after(RECOVERY):
             while True:
-                for when, addr in self.acks:
-                    if when > moment and addr != victim:
+                for when, addr, resent in self.acks:
+                    if when > moment and addr != victim and not (fresh and resent):
                         return when - moment
                 await trio.sleep(0.02)
 
@@ -183,7 +204,8 @@ class Publisher:
             outcome, offset = await self.append(value)
             if outcome == "ok":
                 self.history.complete(op, "ok", "append", key=key, value=value, offset=offset, resent=self.resent)
-                self.cluster.acks.append((trio.current_time(), self.target))
+                self.cluster.acks.append((trio.current_time(), self.target, self.resent))
+                self.cluster.acked_values.add(value)
             else:
                 self.history.complete(op, outcome, "append", key=key, value=value)
         await self.drop()
@@ -250,6 +272,137 @@ class Publisher:
         return ("info" if unknown else "fail"), None
 
 
+GROUP = "nemesis-group"
+#: A member's options: redelivery 2 s after a hand-out nobody acked.
+GROUP_OPTIONS = {"group": GROUP, "max_ack_pending": "100", "ack_wait_ms": "2000"}
+#: A member that hears nothing for this long subscribes again (its node may
+#: be paused, or cut off and not yet aware of it).
+IDLE = 5.0
+
+
+class GroupMember:
+    """One member of GROUP on the topic: subscribes at the owner (following
+    NOT_OWNER, reconnecting after a drop or a silence), acks every hand-out
+    at once, and records each message it is handed as a ``deliver``."""
+
+    def __init__(self, cluster: Cluster, history: HistoryWriter) -> None:
+        self.cluster = cluster
+        self.history = history
+        self.target = ""
+        #: The values handed to this member (any number of times).
+        self.got: set[str] = set()
+        self.subscribes = 0
+        self.handed = 0
+        #: Once stopped: the group's saved cursor and the partition's end.
+        self.final_cursor = -1
+        self.end = -1
+
+    def next_target(self) -> None:
+        addrs = self.cluster.addrs()
+        if addrs:
+            self.target = addrs[(addrs.index(self.target) + 1) % len(addrs)] if self.target in addrs else addrs[0]
+
+    async def run(self) -> None:
+        """Until cancelled."""
+        key, topic = f"{self.cluster.topic}/0", self.cluster.topic
+        while True:
+            if self.target not in self.cluster.addrs():
+                self.next_target()
+            stream: trio.SocketStream | None = None
+            owner = ""
+            try:
+                host, port = self.target.rsplit(":", 1)
+                with trio.fail_after(ATTEMPT):
+                    stream = await trio.open_tcp_stream(host, int(port))
+                    raw = RawClient(stream, timeout=ATTEMPT)
+                    await raw.handshake("group-member")
+                    await raw.send_event(Subscribe(1, topic, StartKind.EARLIEST, 0, options=GROUP_OPTIONS))
+                    self.subscribes += 1
+                while True:
+                    event = await raw.next_event(IDLE)
+                    if isinstance(event, GroupDeliver):
+                        messages = decode_batch(event.batch)
+                        for k, (payload, _headers) in enumerate(messages):
+                            self.got.add(payload.decode())
+                            self.handed += 1
+                            self.history.observe("deliver", group=GROUP, key=key, offset=event.base_offset + k,
+                                                 value=payload.decode(), deliveries=event.deliveries)
+                        last = event.base_offset + len(messages) - 1
+                        await raw.send_event(Ack(1, AckKind.ACK, topic, ((event.base_offset, last),)))
+                    elif isinstance(event, Ping):
+                        await raw.send_event(Pong(event.nonce))
+                    elif isinstance(event, Error):
+                        # NOT_OWNER (at subscribe, or the node lost the topic).
+                        assert event.code == ErrorCode.NOT_OWNER, event
+                        owner = event.fields.get("owner", "")
+                        break
+                    elif event is None:
+                        break
+                    else:
+                        assert isinstance(event, SubAck), event
+            except (trio.TooSlowError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                if stream is not None:
+                    await trio.aclose_forcefully(stream)
+            if owner and owner != self.target:
+                self.target = owner
+            else:
+                self.next_target()
+                await trio.sleep(0.05)
+
+
+async def watch_cursor(cluster: Cluster, history: HistoryWriter) -> None:
+    """Until cancelled: the group's saved cursor, as etcd holds it, recorded
+    as a ``cursor`` each time it is read (every 0.1 s; etcd may be down)."""
+    key = cluster.keys.group(GROUP, cluster.topic, 0)
+    async with Etcd(cluster.servers.etcd_urls) as etcd:
+        while True:
+            try:
+                kv = await etcd.get(key)
+            except EtcdError:
+                kv = None
+            if kv is not None:
+                history.observe("cursor", group=GROUP, key=f"{cluster.topic}/0", offset=int(json.loads(kv.value)["cursor"]))
+            await trio.sleep(0.1)
+
+
+@asynccontextmanager
+async def group_consumer(cluster: Cluster, member: HistoryWriter, cursor: HistoryWriter) -> AsyncIterator[GroupMember]:
+    """A GroupMember and the cursor watcher for the body's duration; on the
+    way out, once the publishers have stopped, it waits (bounded) until the
+    member has been handed every acknowledged value and the saved cursor
+    has reached the partition's end, then stops them (``final_cursor`` and
+    ``end`` say where they got)."""
+    consumer = GroupMember(cluster, member)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(consumer.run)
+        nursery.start_soon(watch_cursor, cluster, cursor)
+        yield consumer
+        with trio.move_on_after(WAIT):
+            while not cluster.acked_values <= consumer.got:
+                await trio.sleep(0.05)
+            async with Etcd(cluster.servers.etcd_urls) as etcd:
+                while True:
+                    saved = await etcd.get(cluster.keys.group(GROUP, cluster.topic, 0))
+                    next_kv = await etcd.get(cluster.keys.next(cluster.topic, 0))
+                    consumer.end = int(next_kv.value) if next_kv is not None else 0
+                    consumer.final_cursor = int(json.loads(saved.value)["cursor"]) if saved is not None else -1
+                    if consumer.final_cursor == consumer.end:
+                        break
+                    await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+
+def group_figures(report: Report, member: GroupMember) -> str:
+    group = report.groups[(GROUP, f"{member.cluster.topic}/0")]
+    return (
+        f"group: {group.delivered} values handed out, {member.handed} messages with redeliveries, "
+        f"{member.subscribes} subscribes, {group.cursors} cursor readings, final cursor {member.final_cursor} of {member.end}, "
+        f"{len(group.backwards)} backwards, {len(group.undelivered)} undelivered"
+    )
+
+
 async def final_reads(cluster: Cluster, history: HistoryWriter) -> int:
     """Read the whole partition from etcd and the object store, and through
     a subscriber on every broker; record each as a ``final`` read. Returns
@@ -294,6 +447,21 @@ def workdir(tmp_path: Path, n: int) -> Path:
     path = tmp_path / f"w{n}"
     path.mkdir(exist_ok=True)
     return path
+
+
+async def topic_owned_by(servers: Servers, keys: ClusterKeys, victim: str, stem: str) -> str:
+    """A topic name the broker at ``victim`` ranks first for once all three
+    brokers are members, so that it will own the topic."""
+    with trio.fail_after(WAIT):
+        while True:
+            async with Etcd(servers.etcd_urls) as etcd:
+                found = await etcd.get_prefix(keys.members_prefix)
+            members = {keys.name_of(keys.members_prefix, kv.key): json.loads(kv.value)["addr"] for kv in found.kvs}
+            if len(members) == 3:
+                break
+            await trio.sleep(0.1)
+    victim_node = next(node for node, addr in members.items() if addr == victim)
+    return next(t for t in (f"{stem}-{i}" for i in range(1000)) if first(set(members), t, 0) == victim_node)
 
 
 #: A fault: injects itself, heals, and returns when it struck (trio time)
@@ -359,7 +527,7 @@ async def test_nemesis(
         "--object-store", f"s3://{servers.s3_url.removeprefix('http://')}/{BUCKET}/{name}",
         "--cluster-lease-ttl", str(ttl), "--no-http",
     )  # fmt: skip
-    histories = [tmp_path / f"history-{i}.jsonl" for i in range(PUBLISHERS + 1)]
+    histories = [tmp_path / f"history-{i}.jsonl" for i in range(PUBLISHERS + 3)]
     async with (
         broker_process(tmp_path / "d0", workdir(tmp_path, 0), *flags) as b0,
         broker_process(tmp_path / "d1", workdir(tmp_path, 1), *flags) as b1,
@@ -370,19 +538,22 @@ async def test_nemesis(
             await broker.start()
         stop = trio.Event()
         recoveries: list[float] = []
+        fresh: list[float] = []
         writers = [HistoryWriter(path, i) for i, path in enumerate(histories)]
         try:
-            async with trio.open_nursery() as nursery:
-                for i in range(PUBLISHERS):
-                    nursery.start_soon(Publisher(cluster, i, writers[i]).run, stop)
-                with trio.fail_after(WAIT * (rounds + 1)):
-                    await cluster.wait_ack_after(-1.0)  # the topic exists and takes appends
-                    for _ in range(rounds):
-                        await trio.sleep(0.5)  # under load
-                        struck, victim = await fault(cluster)
-                        recoveries.append(await cluster.wait_ack_after(struck, victim))
-                    await trio.sleep(0.5)
-                stop.set()
+            async with group_consumer(cluster, writers[PUBLISHERS + 1], writers[PUBLISHERS + 2]) as member:
+                async with trio.open_nursery() as nursery:
+                    for i in range(PUBLISHERS):
+                        nursery.start_soon(Publisher(cluster, i, writers[i]).run, stop)
+                    with trio.fail_after(WAIT * (rounds + 1)):
+                        await cluster.wait_ack_after(-1.0)  # the topic exists and takes appends
+                        for _ in range(rounds):
+                            await trio.sleep(0.5)  # under load
+                            struck, victim = await fault(cluster)
+                            recoveries.append(await cluster.wait_ack_after(struck, victim))
+                            fresh.append(await cluster.wait_ack_after(struck, victim, fresh=True))
+                        await trio.sleep(0.5)
+                    stop.set()
             end = await final_reads(cluster, writers[PUBLISHERS])
         finally:
             for writer in writers:
@@ -393,10 +564,120 @@ async def test_nemesis(
     resent = sum(1 for op in ops if op["type"] == "ok" and op["f"] == "append" and op.get("resent"))
     print(
         f"{name}: {rounds} faults, {end} stored, {resent} acknowledged only after a resend, counts {counts}, "
-        f"seconds from each fault to the next acknowledgement {[round(r, 2) for r in recoveries]}"
+        f"seconds from each fault to the next acknowledgement {[round(r, 2) for r in recoveries]} "
+        f"(to the next of an append sent once {[round(r, 2) for r in fresh]}); {group_figures(report, member)}"
     )
     assert report.valid, report.summary()
     assert counts["acked"] > 0 and counts["lost"] == 0
+    assert (member.final_cursor, member.end) == (end, end)
+
+
+#: The round at whose failpoint the victim dies: late enough that it dies
+#: under load, with every publisher's appends in flight.
+FAILPOINT_HIT = 20
+
+
+async def killed_round(cluster: Cluster, marker: dict[str, Any]) -> tuple[bool, str | None]:
+    """What the round the failpoint killed left behind: whether its object is
+    in the object store, and which object etcd's index names at its first
+    offset (None: no entry)."""
+    async with (
+        Etcd(cluster.servers.etcd_urls) as etcd,
+        ObjectStore(cluster.servers.s3_url, BUCKET, prefix=cluster.object_prefix) as objects,
+    ):
+        kv = await etcd.get(cluster.keys.index(cluster.topic, 0, marker["first"]))
+        try:
+            await objects.get(marker["object"], 0, 0)
+            present = True
+        except NoSuchKey:
+            present = False
+    return present, (IndexEntry.decode(marker["first"], kv.value).object if kv is not None else None)
+
+
+@pytest.mark.parametrize("point", failpoints.POINTS)
+async def test_nemesis_failpoint(servers: Servers, tmp_path: Path, point: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The owner dies by SIGKILL at a chosen place of a round
+    (broker/cluster/failpoints.py, armed on it alone through
+    PYBROKER_FAILPOINTS): before the round's PUT, between the PUT and the
+    transaction, or after the transaction before anything is acknowledged.
+    The test proves it died there (status -SIGKILL, its ``failpoint`` log
+    line, and the object store and etcd as only that place leaves them),
+    restarts it disarmed, lets ownership settle under load, and checks the
+    history as above."""
+    name = f"fp-{point}"
+    prefix = f"/nemesis/{name}/"
+    hosts = ",".join(u.removeprefix("http://") for u in servers.etcd_urls)
+    flags = (
+        "--cluster", f"etcd://{hosts}{prefix.rstrip('/')}",
+        "--object-store", f"s3://{servers.s3_url.removeprefix('http://')}/{BUCKET}/{name}",
+        "--cluster-lease-ttl", str(TTL), "--no-http",
+    )  # fmt: skip
+    histories = [tmp_path / f"history-{i}.jsonl" for i in range(PUBLISHERS + 3)]
+    async with (
+        broker_process(tmp_path / "d0", workdir(tmp_path, 0), *flags) as b0,
+        broker_process(tmp_path / "d1", workdir(tmp_path, 1), *flags) as b1,
+        broker_process(tmp_path / "d2", workdir(tmp_path, 2), *flags) as b2,
+    ):
+        keys = ClusterKeys(prefix.encode())
+        cluster = Cluster(servers, keys, f"{name}/", [b0, b1, b2])
+        await b0.start()
+        await b1.start()
+        monkeypatch.setenv(failpoints.ENV, f"{point}=kill@{FAILPOINT_HIT}")
+        await b2.start()
+        monkeypatch.delenv(failpoints.ENV)  # its restart is disarmed
+        victim = b2.url.removeprefix("pybroker://")
+        cluster.topic = await topic_owned_by(servers, keys, victim, name)
+        stop = trio.Event()
+        writers = [HistoryWriter(path, i) for i, path in enumerate(histories)]
+        try:
+            async with group_consumer(cluster, writers[PUBLISHERS + 1], writers[PUBLISHERS + 2]) as member:
+                async with trio.open_nursery() as nursery:
+                    for i in range(PUBLISHERS):
+                        nursery.start_soon(Publisher(cluster, i, writers[i]).run, stop)
+                    with trio.fail_after(WAIT * 2):
+                        assert b2.proc is not None
+                        await b2.proc.wait()  # by its own failpoint: nothing here kills it
+                        struck = trio.current_time()
+                        status = await b2.kill()  # already reaped: its status
+                        markers = [r for r in b2.log_records() if r.get("event") == "failpoint"]
+                        await b2.start()
+                        recovery = await cluster.wait_ack_after(struck, victim)
+                        fresh = await cluster.wait_ack_after(struck, victim, fresh=True)
+                        await cluster.wait_owner()  # settled: the restarted node may take the topic back
+                        await trio.sleep(0.5)
+                    stop.set()
+            end = await final_reads(cluster, writers[PUBLISHERS])
+        finally:
+            for writer in writers:
+                writer.close()
+        assert status == -signal.SIGKILL, status
+        assert [(m["point"], m["hit"], m["topic"]) for m in markers] == [(point, FAILPOINT_HIT, cluster.topic)], markers
+        marker = markers[0]
+        present, indexed = await killed_round(cluster, marker)
+    ops = read_histories(histories)
+    report = check(ops)
+    counts = report.summary()["keys"][f"{cluster.topic}/0"]
+    # The killed round's offsets as acknowledged later: never by the victim
+    # (it died first), so only after a resend (deduplicated by msg-id).
+    span = range(marker["first"], marker["first"] + marker["count"])
+    in_round = [op for op in ops if op["type"] == "ok" and op["f"] == "append" and op["offset"] in span]
+    print(
+        f"{name}: died at round {FAILPOINT_HIT} (offsets {span.start}..{span.stop - 1}, object {marker['object']}), "
+        f"{end} stored, counts {counts}, seconds from the kill to the next acknowledgement {recovery:.2f} "
+        f"(to the next of an append sent once {fresh:.2f}), "
+        f"acknowledged appends at the killed round's offsets {len(in_round)}, "
+        f"of them after a resend {sum(1 for op in in_round if op.get('resent'))}; {group_figures(report, member)}"
+    )
+    if point == "before-put":
+        assert (present, indexed != marker["object"]) == (False, True), (present, indexed)
+    elif point == "after-put":
+        assert (present, indexed != marker["object"]) == (True, True), (present, indexed)
+    else:
+        assert (present, indexed) == (True, marker["object"]), (present, indexed)
+        assert in_round and all(op.get("resent") for op in in_round), in_round
+    assert report.valid, report.summary()
+    assert counts["acked"] > 0 and counts["lost"] == 0
+    assert (member.final_cursor, member.end) == (end, end)
 
 
 async def test_nemesis_owner_cut_off_from_etcd(servers: Servers, tmp_path: Path) -> None:
@@ -411,7 +692,7 @@ async def test_nemesis_owner_cut_off_from_etcd(servers: Servers, tmp_path: Path)
     hosts = ",".join(u.removeprefix("http://") for u in servers.etcd_urls)
     common = ("--object-store", f"s3://{servers.s3_url.removeprefix('http://')}/{BUCKET}/{name}",
               "--cluster-lease-ttl", str(ttl), "--no-http")  # fmt: skip
-    histories = [tmp_path / f"history-{i}.jsonl" for i in range(PUBLISHERS + 1)]
+    histories = [tmp_path / f"history-{i}.jsonl" for i in range(PUBLISHERS + 3)]
     proxies = [PartitionProxy("127.0.0.1", int(url.rsplit(":", 1)[1])) for url in servers.etcd_urls]
     async with trio.open_nursery() as background:
         ports = [await background.start(p.run) for p in proxies]
@@ -426,45 +707,43 @@ async def test_nemesis_owner_cut_off_from_etcd(servers: Servers, tmp_path: Path)
             for broker in cluster.brokers:
                 await broker.start()
             victim = b2.url.removeprefix("pybroker://")
-            # A topic the victim ranks first for, so that it owns it.
-            with trio.fail_after(WAIT):
-                while True:
-                    async with Etcd(servers.etcd_urls) as etcd:
-                        found = await etcd.get_prefix(keys.members_prefix)
-                    members = {keys.name_of(keys.members_prefix, kv.key): json.loads(kv.value)["addr"] for kv in found.kvs}
-                    if len(members) == 3:
-                        break
-                    await trio.sleep(0.1)
-            victim_node = next(node for node, addr in members.items() if addr == victim)
-            cluster.topic = next(t for t in (f"cut-{i}" for i in range(1000)) if first(set(members), t, 0) == victim_node)
+            cluster.topic = await topic_owned_by(servers, keys, victim, "cut")
             stop = trio.Event()
             writers = [HistoryWriter(path, i) for i, path in enumerate(histories)]
             try:
-                async with trio.open_nursery() as nursery:
-                    for i in range(PUBLISHERS):
-                        nursery.start_soon(Publisher(cluster, i, writers[i]).run, stop)
-                    with trio.fail_after(WAIT * 2):
-                        assert await cluster.wait_owner() == victim
-                        for proxy in proxies:
-                            proxy.cut()
-                        struck = trio.current_time()
-                        recovery = await cluster.wait_ack_after(struck, victim)
-                        await trio.sleep(max(0.0, struck + ttl + 2 - trio.current_time()))
-                        healed = trio.current_time()
-                        for proxy in proxies:
-                            proxy.heal()
-                        await trio.sleep(2)  # the held requests arrive; the victim rejoins
-                    stop.set()
+                async with group_consumer(cluster, writers[PUBLISHERS + 1], writers[PUBLISHERS + 2]) as member:
+                    async with trio.open_nursery() as nursery:
+                        for i in range(PUBLISHERS):
+                            nursery.start_soon(Publisher(cluster, i, writers[i]).run, stop)
+                        with trio.fail_after(WAIT * 2):
+                            assert await cluster.wait_owner() == victim
+                            for proxy in proxies:
+                                proxy.cut()
+                            struck = trio.current_time()
+                            recovery = await cluster.wait_ack_after(struck, victim)
+                            await trio.sleep(max(0.0, struck + ttl + 2 - trio.current_time()))
+                            healed = trio.current_time()
+                            for proxy in proxies:
+                                proxy.heal()
+                            await trio.sleep(2)  # the held requests arrive; the victim rejoins
+                        stop.set()
                 end = await final_reads(cluster, writers[PUBLISHERS])
             finally:
                 for writer in writers:
                     writer.close()
         background.cancel_scope.cancel()
-    late = [round(when - struck, 2) for when, addr in cluster.acks if addr == victim and struck + ttl < when < healed]
-    report = check(read_histories(histories))
+    late = [round(when - struck, 2) for when, addr, _ in cluster.acks if addr == victim and struck + ttl < when < healed]
+    ops = read_histories(histories)
+    report = check(ops)
     counts = report.summary()["keys"][f"{cluster.topic}/0"]
-    print(f"{name}: {end} stored, counts {counts}, seconds from the cut to the next acknowledgement {recovery:.2f}")
+    resent = sum(1 for op in ops if op["type"] == "ok" and op["f"] == "append" and op.get("resent"))
+    print(
+        f"{name}: {end} stored, {resent} acknowledged only after a resend, counts {counts}, "
+        f"seconds from the cut to the next acknowledgement {recovery:.2f}; "
+        f"{group_figures(report, member)}"
+    )
     assert report.valid, report.summary()
     assert counts["acked"] > 0 and counts["lost"] == 0
+    assert (member.final_cursor, member.end) == (end, end)
     # Nothing acknowledged by the cut-off node after its lease deadline.
     assert not late, late

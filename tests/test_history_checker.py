@@ -157,6 +157,33 @@ def test_a_group_that_got_everything_in_order_is_valid(tmp_path: Path) -> None:
     assert report.groups[("g", KEY)].delivered == 1
 
 
+def test_a_delivery_at_an_offset_holding_another_value_is_a_conflict(tmp_path: Path) -> None:
+    with HistoryWriter(tmp_path / "p1.jsonl", 1) as h:
+        _append(h, "a", "ok", 0)
+        _append(h, "b", "ok", 1)
+        h.observe("deliver", group="g", key=KEY, offset=0, value="a")
+        h.observe("deliver", group="g", key=KEY, offset=0, value="b")  # b is at 1
+        _read(h, [(0, "a"), (1, "b")], final=True)
+    report = check(read_histories([tmp_path / "p1.jsonl"]))
+    assert report.keys[KEY].conflicts == [(0, ["a", "b"])]
+    assert report.groups[("g", KEY)].valid  # every value was handed out
+    assert not report.valid
+
+
+def test_a_cursor_past_the_partitions_end_is_ahead(tmp_path: Path) -> None:
+    with HistoryWriter(tmp_path / "p1.jsonl", 1) as h:
+        _append(h, "a", "ok", 0)
+        h.observe("deliver", group="g", key=KEY, offset=0, value="a")
+        h.observe("cursor", group="g", key=KEY, offset=1)  # the end: fine
+        h.observe("cursor", group="g", key=KEY, offset=3)  # counts two messages nobody stored
+        _read(h, [(0, "a")], final=True)
+    report = check(read_histories([tmp_path / "p1.jsonl"]))
+    group = report.groups[("g", KEY)]
+    assert (group.ahead, group.backwards, group.undelivered) == ([(3, 1)], [], [])
+    assert report.keys[KEY].valid and not report.valid
+    assert report.summary()["groups"][f"g@{KEY}"]["ahead"] == 1
+
+
 def test_an_outcome_without_its_invocation_is_refused(tmp_path: Path) -> None:
     with HistoryWriter(tmp_path / "p1.jsonl", 1) as h:
         h.complete(7, "ok", "append", key=KEY, value="a", offset=0)

@@ -37,6 +37,7 @@ from pybroker.server.storage.base import StoredBatch
 from pybroker.server.storage.errors import DataLoss
 from pybroker.server.storage.scan import ENVELOPE, HEADER, HEADER_SIZE, batch_ok, header_crc
 
+from . import failpoints
 from .dedup import (
     DEFAULT_DEDUP_MAX_IDS,
     DEFAULT_DEDUP_WINDOW,
@@ -587,12 +588,16 @@ class PartitionOwner:
         data = b"".join(parts)
         assert self.names is not None
         name = self.names.next()
+        if failpoints.ARMED:  # a test facility (failpoints.py): one check per round
+            failpoints.hit("before-put", topic=self.topic, object=name, first=expected, count=base - expected)
         try:
             if not await self.store.put_if_absent(name, data):
                 return AppendFailed(f"object {name} already exists: another writer holds this node's name")
         except ObjectStoreError as exc:
             return AppendFailed(f"PUT {name}: {exc}")
         put_at = anyio.current_time()
+        if failpoints.ARMED:
+            failpoints.hit("after-put", topic=self.topic, object=name, first=expected, count=base - expected)
         if self.before_commit is not None:
             await self.before_commit(name)
         entry = IndexEntry(expected, name, 0, len(data), base - expected, round_.items[0].timestamp)
@@ -609,7 +614,13 @@ class PartitionOwner:
                 for item in round_.items
                 if item.msg_id is not None
             ]
-        return await self._transact(entry, put_at, extra)
+        outcome = await self._transact(entry, put_at, extra)
+        if outcome is None and failpoints.ARMED:
+            # Committed; run() hands the round back to its appenders (and
+            # ClusterStore.sync to the committer, which acknowledges) only
+            # after this returns.
+            failpoints.hit("after-commit", topic=self.topic, object=name, first=expected, count=base - expected)
+        return outcome
 
     def _round_txn(self, entry: IndexEntry, extra: list[Op] | None = None) -> tuple[list[Compare], list[Op], list[Op]]:
         gone = self.keys.gone(entry.object)

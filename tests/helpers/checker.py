@@ -5,8 +5,8 @@ during the run and the ``final`` reads made after every fault healed:
 
 - **lost**: an acknowledged append that the final reads do not hold at its
   offset (must be 0);
-- **conflicts**: an offset seen with two different values, by any reads or
-  acknowledgements (no offset ever holds two values);
+- **conflicts**: an offset seen with two different values, by any reads,
+  acknowledgements or group deliveries (no offset ever holds two values);
 - **gaps**: offsets missing between 0 and the final end (offsets are dense);
 - **duplicates**: a value stored at more than one offset (an append whose
   outcome was unknown, retried or not, appears at most once; an
@@ -21,9 +21,11 @@ during the run and the ``final`` reads made after every fault healed:
   and how many of them were stored (allowed, once).
 
 For each consumer group and partition: **backwards**, a committed cursor
-observed lower than one observed before it; **undelivered**, an
-acknowledged append the group's members never received (delivery is at
-least once).
+observed lower than one observed before it; **ahead**, a committed cursor
+past the partition's final end (it counts messages that do not exist);
+**undelivered**, an acknowledged append the group's members never received
+(delivery is at least once). A delivery of a value at an offset that holds
+another is a conflict of the partition.
 """
 
 from __future__ import annotations
@@ -72,12 +74,15 @@ class GroupReport:
     group: str
     key: str
     delivered: int = 0
+    #: Cursor readings in the history.
+    cursors: int = 0
     backwards: list[tuple[int, int]] = attrs.field(factory=list)
+    ahead: list[tuple[int, int]] = attrs.field(factory=list)
     undelivered: list[tuple[int, str]] = attrs.field(factory=list)
 
     @property
     def valid(self) -> bool:
-        return not self.backwards and not self.undelivered
+        return not self.backwards and not self.ahead and not self.undelivered
 
 
 @attrs.define
@@ -97,7 +102,10 @@ class Report:
             "open_ops": self.open_ops,
             "keys": {k: r.counts() for k, r in sorted(self.keys.items())},
             "groups": {
-                f"{g}@{k}": {"delivered": r.delivered, "backwards": len(r.backwards), "undelivered": len(r.undelivered)}
+                f"{g}@{k}": {
+                    "delivered": r.delivered, "cursors": r.cursors, "backwards": len(r.backwards), "ahead": len(r.ahead),
+                    "undelivered": len(r.undelivered),
+                }
                 for (g, k), r in sorted(self.groups.items())
             },
         }
@@ -160,6 +168,8 @@ def check(ops: Iterable[Op]) -> Report:
             r.unknown += 1
 
     final: dict[str, dict[int, str]] = defaultdict(dict)
+    #: The end of each partition as its final reads found it.
+    final_end: dict[str, int] = {}
     longest: dict[tuple[Any, str], int] = {}
     for op in reads:
         key = op["key"]
@@ -172,12 +182,18 @@ def check(ops: Iterable[Op]) -> Report:
             seen[key][o].add(v)
             if op.get("final"):
                 final[key].setdefault(o, v)
+        if op.get("final"):
+            final_end[key] = max(final_end.get(key, 0), offsets[-1] + 1 if offsets else op["offset"])
         if op.get("complete"):
             end = offsets[-1] + 1 if offsets else op["offset"]
             before = longest.get((op["process"], key), 0)
             if end < before:
                 r.nonmonotonic.append(f"read by {op['process']} ended at {end}, after one that ended at {before}")
             longest[(op["process"], key)] = max(before, end)
+    # What a group was handed is an observation of the offset, as a read is.
+    for op in delivers:
+        report(op["key"])
+        seen[op["key"]][int(op["offset"])].add(op["value"])
 
     for key, r in keys.items():
         for offset, values in sorted(seen[key].items()):
@@ -209,9 +225,13 @@ def check(ops: Iterable[Op]) -> Report:
     for op in cursors:
         ident = (op["group"], op["key"])
         g = groups.setdefault(ident, GroupReport(*ident))
+        g.cursors += 1
         if ident in highest and op["offset"] < highest[ident]:
             g.backwards.append((highest[ident], op["offset"]))
         highest[ident] = max(op["offset"], highest.get(ident, op["offset"]))
+        final_at = final_end.get(op["key"])
+        if final_at is not None and op["offset"] > final_at:
+            g.ahead.append((op["offset"], final_at))
     got: dict[tuple[str, str], set[str]] = defaultdict(set)
     for op in delivers:
         groups.setdefault((op["group"], op["key"]), GroupReport(op["group"], op["key"]))
