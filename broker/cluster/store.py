@@ -18,17 +18,29 @@ appends are synchronous and cheap, acknowledgements wait for ``sync``
   bytes, like the memory store) and fills it by tailing the partition's
   committed index (``IndexedReader.tail``): the batches other nodes commit
   reach this node's subscribers and groups through ``on_committed``.
+- a read older than the copy (and not older than the partition's first
+  index entry, its ``floor``) is served from the object store: the first
+  such read starts one bounded background fetch (replay.py) and raises
+  ``ReadPending``; a subscriber catching up waits for it, without blocking
+  anything, and reads again. A range the fetch finds lost is DATA_LOST for
+  exactly that range. ``first_offset`` is the floor, so SUBSCRIBE from an
+  offset or ``earliest`` starts there. ``offset_at_time`` before the copy
+  answers from the index entries' times (an entry's first batch): the
+  entry that may hold the time, so never late, at most one entry early;
+  before the index window, the floor.
 
 Consumer groups run at their topic's owner with their state in etcd
 (groupstate.py); a msg-id resend to the next owner is found in its copy
 (the core's exactly-once window reads it back). What is not here yet
-(docs/cluster.md §14): several partitions per topic, reads older than a
-node's copy (they are reported lost as retention), topic deletion and
-settings.
+(docs/cluster.md §14): several partitions per topic, topic deletion and
+settings; consumer groups and the HTTP side read only what the copy holds
+(older offsets are DATA_LOST to them, as retention, while a fetch they
+started fills the node's replay cache).
 """
 
 from __future__ import annotations
 
+import bisect
 import random
 import socket
 from collections.abc import Awaitable, Callable, Mapping
@@ -52,6 +64,8 @@ from .lease import LeaseKeeper, LeaseLost
 from .members import Membership
 from .objects import ObjectStore, ObjectStoreError
 from .ownership import OwnershipManager
+from .replay import DEFAULT_MAX_BYTES as DEFAULT_REPLAY_BYTES
+from .replay import DEFAULT_MAX_FETCHES, Replay
 from .partition import DEFAULT_MAX_ROUND_BYTES, AppendError, NotOwner, OutcomeUnknown, PartitionOwner
 from .tail import IndexedReader
 from .topics import TopicError, TopicRegistry
@@ -92,6 +106,10 @@ class ClusterSettings:
     copy_bytes: int = DEFAULT_MAX_BYTES
     #: Bytes of object ranges a node caches for its followers.
     cache_bytes: int = 64 * 1024 * 1024
+    #: Batches older than the copies, fetched for readers (replay.py): the
+    #: bytes a node keeps and the fetches it runs at once.
+    replay_bytes: int = DEFAULT_REPLAY_BYTES
+    replay_fetches: int = DEFAULT_MAX_FETCHES
     #: The janitor (janitor.py): how old an unreferenced object must be to
     #: go, and the time between sweeps.
     janitor_grace: float = DEFAULT_GRACE
@@ -143,10 +161,17 @@ class ClusterTopicLog:
         #: Cancelled to make the follower start again from the copy's end.
         self.restart = trio.CancelScope()
         self.follower_started = False
+        #: The partition's first indexed offset, once known (None: reads
+        #: below the copy are lost, as before the follower found it), and
+        #: the follower's reader that fetches what lies below the copy.
+        self.floor: int | None = None
+        self.reader: IndexedReader | None = None
 
     @property
     def first_offset(self) -> int:
-        return self.copy.first_offset
+        first = self.copy.first_offset
+        floor = self.floor
+        return first if floor is None or floor > first else floor
 
     @property
     def next_offset(self) -> int:
@@ -167,8 +192,14 @@ class ClusterTopicLog:
         return base
 
     def read(self, offset: int, max_bytes: int) -> list[StoredBatch]:
-        if offset < self.copy.first_offset and self.copy.first_offset > 0:
-            raise DataLoss(self.name, offset, self.copy.first_offset - 1, "retention")
+        first = self.copy.first_offset
+        if offset < first:
+            floor, reader = self.floor, self.reader
+            if floor is None or reader is None or offset < floor:
+                lowest = first if floor is None else min(floor, first)
+                raise DataLoss(self.name, offset, lowest - 1, "retention")
+            # Older than the copy: fetched (ReadPending until it is here).
+            return self._store.replay.read(self.name, reader, offset, first, max_bytes)
         batches = self.copy.read(offset, max_bytes)
         if batches and batches[0].next_offset <= offset:
             # In a range the follower could not get (skip_to): lost, said so,
@@ -178,7 +209,18 @@ class ClusterTopicLog:
         return batches
 
     def offset_at_time(self, timestamp: int) -> int:
-        return self.copy.offset_at_time(timestamp)
+        found = self.copy.offset_at_time(timestamp)
+        first = self.copy.first_offset
+        floor, reader = self.floor, self.reader
+        if found > first or floor is None or reader is None or floor >= first:
+            return found
+        # At or before the copy's first batch: the index entries below the
+        # copy know their first batch's time. The last one starting before
+        # ``timestamp`` may hold later batches, so it is the answer (never
+        # late, at most an entry early); before all of them, the floor.
+        entries = [e for e in reader.index.entries() if e.first < first]
+        i = bisect.bisect_left([e.timestamp for e in entries], timestamp)
+        return entries[i - 1].first if i > 0 else floor
 
 
 class ClusterStore:
@@ -194,6 +236,7 @@ class ClusterStore:
             settings.object_endpoint, settings.bucket, prefix=settings.object_prefix, credentials=credentials
         )
         self.cache = RangeCache(self.objects, max_bytes=settings.cache_bytes)
+        self.replay = Replay(max_bytes=settings.replay_bytes, max_fetches=settings.replay_fetches)
         #: Runs on the one node that holds the janitor key.
         self.janitor = Janitor(
             self.etcd, self.objects, keys=settings.keys, grace=settings.janitor_grace, every=settings.janitor_every
@@ -425,6 +468,9 @@ class ClusterStore:
                 log.positioned = True
                 if self.on_positioned is not None:
                     self.on_positioned(log.name, index.low)
+            if log.reader is None:
+                log.reader = reader
+                nursery.start_soon(self._find_floor, log, index)
             while True:
                 log.restart = trio.CancelScope()
                 mismatched = False
@@ -454,6 +500,27 @@ class ClusterStore:
                 # did not meet the copy's end (after a pause: no busy loop).
                 await trio.sleep(RETRY_MIN if mismatched else 0)
 
+    async def _find_floor(self, log: ClusterTopicLog, index: PartitionIndex) -> None:
+        """The partition's first indexed offset (what reads below the copy
+        can reach): the window's own first when it starts at 0, else the
+        first entry in etcd (retried while etcd does not answer)."""
+        pause = RETRY_MIN
+        while index.low > 0:
+            try:
+                entries, _ = await index.lookup(0, 1)
+            except ValueError as exc:  # it does not decode: read from the window's first, as a lookup there would
+                self.logger.error("the first index entry is damaged", topic=log.name, error=str(exc))
+                log.floor = index.low
+                return
+            except EtcdError as exc:
+                self.logger.info("cannot read the first index entry", topic=log.name, error=repr(exc), retry_in=pause)
+                await trio.sleep(pause)
+                pause = min(RETRY_MAX, pause * 2)
+                continue
+            log.floor = entries[0].first if entries else index.low
+            return
+        log.floor = 0
+
     # -- joining -------------------------------------------------------------
 
     async def run(self, addr: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -463,7 +530,7 @@ class ClusterStore:
         node = self.settings.node or f"{socket.gethostname()}:{addr}"
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+                self._nursery = self.replay.nursery = nursery
                 for log in list(self._logs.values()):
                     self._follow(log)
                 try:
@@ -507,7 +574,7 @@ class ClusterStore:
                     if self._left:
                         return
         finally:
-            self._nursery = None
+            self._nursery = self.replay.nursery = None
             self.manager = None
             with trio.CancelScope(shield=True):
                 await self.etcd.aclose()

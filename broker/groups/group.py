@@ -39,6 +39,7 @@ from pybroker.protocol import (
 
 from ..start import start_offset
 from ..storage import DataLoss, StorageError, StoredBatch
+from ..storage.errors import ReadPending
 from ..storage.groupstate import FORMAT, SavedTopic, find_dead_letters
 from .config import DEAD_LETTER_RETRY_SECONDS, KEY_HEADER, KEY_SCAN_LIMIT, GroupConfig
 
@@ -373,7 +374,8 @@ class Group:
                 if p is None:
                     continue
                 p.queued = False
-                self._redeliver(gt, offset, p, member, now)
+                if not self._redeliver(gt, offset, p, member, now):
+                    return  # its batch is being fetched: this pass ends, the fetch wakes the next
         if self.config.ordering == "key":
             for gt in list(self.topics.values()):
                 if not self._deliver_new_by_key(gt, now):
@@ -391,7 +393,11 @@ class Group:
         False once no member has room. A message waits until the one before
         it with its key is settled, so one key is never worked on twice at
         once and never out of order, while other keys go on."""
-        busy = self._busy_keys(gt)
+        try:
+            busy = self._busy_keys(gt)
+        except ReadPending as pending:
+            pending.notify(self.manager.wake)  # a pending message's key is being fetched
+            return False
         visible = gt.topic.visible_next
         offset = gt.cursor
         scanned = 0
@@ -406,6 +412,11 @@ class Group:
                 continue
             try:
                 batch = gt.batch_at(offset)
+            except ReadPending as pending:
+                # Cluster mode, older than the node's copy: being fetched.
+                pending.notify(self.manager.wake)
+                self._advance(gt)
+                return False
             except DataLoss as lost:
                 self.lost += lost.count
                 self.manager.logger.error(
@@ -465,7 +476,8 @@ class Group:
 
     def _busy_keys(self, gt: GroupTopic) -> set[str]:
         """The keys of the topic's pending messages (read back from the log
-        for those restored after a restart)."""
+        for those restored after a restart; ReadPending while one is being
+        fetched, cluster mode)."""
         busy: set[str] = set()
         for offset, p in gt.pending.items():
             if not p.key_known:
@@ -481,6 +493,8 @@ class Group:
             if stored is None:
                 return None
             return record_key(gt.records_of(stored)[offset - stored.base_offset])
+        except ReadPending:
+            raise  # not known yet (the caller waits): not "no key"
         except (DataLoss, MalformedBatch):
             return None
 
@@ -495,6 +509,11 @@ class Group:
             gt.cursor = log.first_offset  # retention removed what we had not read
         try:
             batch = gt.batch_at(gt.cursor)
+        except ReadPending as pending:
+            # Cluster mode, older than the node's copy: being fetched. This
+            # pass ends; the fetch wakes the next (asking again adds nothing).
+            pending.notify(self.manager.wake)
+            return False
         except DataLoss as lost:
             # Damaged or missing in the log: nobody can be given these.
             self.lost += lost.count
@@ -543,9 +562,18 @@ class Group:
             base += count
         return True
 
-    def _redeliver(self, gt: GroupTopic, offset: int, p: Pending, member: Member, now: float) -> None:
+    def _redeliver(self, gt: GroupTopic, offset: int, p: Pending, member: Member, now: float) -> bool:
+        """Hand ``offset`` out again (or settle it as lost, malformed or
+        dead); False when its batch is being fetched (cluster mode, older
+        than the node's copy): it stays first in line, and the fetch wakes
+        the next dispatch."""
         try:
             stored = gt.batch_at(offset)
+        except ReadPending as pending:
+            gt.ready.appendleft(offset)
+            p.queued = True
+            pending.notify(self.manager.wake)
+            return False
         except DataLoss as lost:
             del gt.pending[offset]
             self.lost += 1
@@ -553,22 +581,22 @@ class Group:
                 "group message lost from the log", group=self.name, topic=gt.topic.name,
                 offset=offset, reason=lost.reason,
             )
-            return
+            return True
         if stored is None:
             del gt.pending[offset]  # removed by retention meanwhile
             self.manager.logger.warning(
                 "group message lost to retention", group=self.name, topic=gt.topic.name, offset=offset
             )
-            return
+            return True
         try:
             record = gt.records_of(stored)[offset - stored.base_offset]
         except MalformedBatch as exc:
             del gt.pending[offset]
             self._settle_malformed(gt, range(offset, offset + 1), exc)
-            return
+            return True
         if self._exhausted(p):
             self.manager.dead_letter(self, gt, offset, p, stored.timestamp, record, now)
-            return
+            return True
         p.deliveries += 1
         self.version += 1
         p.member = member
@@ -579,6 +607,7 @@ class Group:
         self._timer(p.deadline, gt, offset, offset)
         payload = encode_batch_from_records([record])
         self.manager.hand_out(self, member, gt.topic, offset, 1, stored.timestamp, p.deliveries, payload)
+        return True
 
     def _settle_malformed(self, gt: GroupTopic, offsets: range, exc: MalformedBatch) -> None:
         """Messages of a stored batch that does not split into its records.

@@ -41,6 +41,7 @@ from pybroker.protocol import (
 
 from ..logs import get_logger
 from ..storage import DataLoss
+from ..storage.errors import ReadPending
 from ..subscriber import SubscriberInfo
 from . import flushing
 
@@ -387,7 +388,8 @@ class Outbox:
                 # Read only what is visible: with fsync "always", batches
                 # still waiting for their fsync are delivered on release.
                 # Every pass delivers a batch, steps over lost offsets, or
-                # leaves the loop: it cannot spin.
+                # leaves the loop (a read pending leaves it until woken):
+                # it cannot spin.
                 while offset < topic.visible_next:
                     if sub.credit <= 0:
                         break
@@ -399,6 +401,12 @@ class Outbox:
                         if offset < first:
                             raise DataLoss(topic.name, offset, first - 1, "retention")
                         batches = log.read(offset, limit - self.queued_bytes - self.sending)
+                    except ReadPending as pending:
+                        # Cluster mode, older than the node's copy: being
+                        # fetched. Read again when it is here (the writer is
+                        # woken then; asking again adds no second wake-up).
+                        pending.notify(self.wake_writer)
+                        break
                     except DataLoss as lost:
                         if lost.last >= topic.visible_next:  # not yet visible: not ours to report
                             lost = DataLoss(lost.topic, lost.first, topic.visible_next - 1, lost.reason)

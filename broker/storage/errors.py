@@ -9,12 +9,20 @@ Two kinds, told apart because callers answer them differently:
 - :class:`DataLoss`: a read reached offsets that cannot be served: removed
   by retention, damaged on disk, or missing. The reader reports the range
   (DATA_LOST) and goes on after it; no damaged byte is ever handed out.
+
+And one signal that is neither: :class:`ReadPending`, "not yet". A cluster
+node's read below its in-memory copy starts fetching those batches from the
+object store and raises it; a caller that can wait (a subscription catching
+up, broker/session/outbox.py) asks to be woken when they are there and
+reads again. It is a DataLoss for the rest, so a caller that cannot wait
+reports the range as it always did (lost to retention), never blocks.
 """
 
 from __future__ import annotations
 
 import errno
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, Protocol
 
 from pybroker.protocol import ErrorCode
 
@@ -99,3 +107,26 @@ class DataLoss(Exception):
             "missing": "are missing from the log",
         }[self.reason]
         return f"topic {self.topic}: offsets {self.first}..{self.last} {why}"
+
+
+class Waitable(Protocol):
+    """Something a reader waits for without blocking: ``notify(wake)`` calls
+    ``wake()`` once, when it is done (at once if it already is). Asking
+    again with an equal callable before then does not add a second call."""
+
+    def notify(self, wake: Callable[[], None]) -> None: ...
+
+
+class ReadPending(DataLoss):
+    """Offsets ``first..last`` of ``topic`` are being fetched (cluster mode: a
+    read below the node's in-memory copy); read again once ``waitable``
+    says so. Raised instead of blocking, as ``TopicLog.read`` is
+    synchronous. Callers that cannot wait see a DataLoss (retention), which
+    is what such a read answered before it could be fetched."""
+
+    def __init__(self, topic: str, first: int, last: int, waitable: Waitable) -> None:
+        super().__init__(topic, first, last, "retention")
+        self.waitable = waitable
+
+    def notify(self, wake: Callable[[], None]) -> None:
+        self.waitable.notify(wake)

@@ -2,8 +2,9 @@
 real SeaweedFS (tests/helpers/cluster.py): the fixtures ``servers`` (both
 servers, once per test module) and ``urls`` (``--cluster`` and
 ``--object-store`` with the test's own prefixes), a node started with
-``cluster_node``, and ways to find and reach a topic's owner. A test module
-uses them with ``from helpers.cluster_broker import servers, urls, ...``.
+``cluster_node`` (its settings changed with ``tune``), and ways to find
+and reach a topic's owner. A test module uses them with
+``from helpers.cluster_broker import servers, urls, ...``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -50,6 +52,19 @@ def urls(servers: tuple[str, Process, str], request: pytest.FixtureRequest) -> d
 def store_of(server: Server) -> ClusterStore:
     store = server.broker.store
     assert isinstance(store, ClusterStore), store
+    return store
+
+
+def tune(server: Server, **settings: Any) -> ClusterStore:
+    """Change a running node's ClusterSettings: the copies it makes from now
+    on and those it has take ``copy_bytes`` (they evict as they grow), the
+    replay takes its bounds; so a test holds more than a node's copy
+    without publishing 64 MiB."""
+    store = store_of(server)
+    store.settings = attrs.evolve(store.settings, **settings)
+    for name in store.topic_names():
+        store.topic(name).copy.max_bytes = store.settings.copy_bytes
+    store.replay.bound(store.settings.replay_bytes, store.settings.replay_fetches)
     return store
 
 

@@ -1,0 +1,275 @@
+"""Reads older than a node's in-memory copy of a topic, in cluster mode
+(docs/cluster.md §7): brokers in process on a real etcd and a real
+SeaweedFS, each node's copy made small (``tune``) so that most of a topic
+is only in the object store. Subscribers on the owner and on another node
+replay it from offset 0, by ``earliest`` and by time, and so does a new
+consumer group; a missing object in the old range is DATA_LOST for
+exactly its range; the fetches are single flight and bounded in number
+and bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
+    WAIT,
+    cluster_node,
+    hello,
+    publish_to_owner,
+    servers,
+    settled_owner,
+    store_of,
+    tune,
+    urls,
+    wait_for,
+)
+from helpers.raw import RawClient, raw_client
+from pybroker.protocol import (
+    Ack,
+    AckKind,
+    Deliver,
+    GroupDeliver,
+    Error,
+    ErrorCode,
+    PubAck,
+    Publish,
+    RefKind,
+    StartKind,
+    SubAck,
+    Subscribe,
+    decode_batch,
+    encode_batch,
+)
+from pybroker.server.server import Server
+from pybroker.server.storage.errors import ReadPending
+
+pytest.importorskip("httpx", reason="cluster mode needs the cluster extra (httpx)")
+
+#: Small enough that a few hundred small batches overflow them many times.
+SMALL = {"copy_bytes": 4096, "replay_bytes": 16384, "replay_fetches": 2}
+
+
+async def publish_all(owner: Server, topic: str, batches: list[list[bytes]], *, at_once: int) -> None:
+    """Publish ``batches`` to the owner, ``at_once`` in flight at a time
+    (fewer means more rounds, so more index entries and objects)."""
+    async with raw_client(owner) as pub:
+        await hello(pub, "publisher")
+        request = 0
+        for start in range(0, len(batches), at_once):
+            group = batches[start : start + at_once]
+            for payloads in group:
+                request += 1
+                await pub.send_event(Publish(request, topic, encode_batch(payloads)))
+            for _ in group:
+                with trio.fail_after(WAIT):
+                    ack = await pub.next_event()
+                assert isinstance(ack, PubAck), ack
+
+
+async def collect(raw: RawClient, sub_id: int, until: int) -> tuple[list[tuple[int, bytes, int]], list[Error]]:
+    """What a subscription gets until it has gone past ``until - 1``: each
+    message as (offset, payload, its batch's timestamp), and the DATA_LOST
+    errors (a delivery or a loss moves the position on; nothing else may come)."""
+    seen: list[tuple[int, bytes, int]] = []
+    lost: list[Error] = []
+    position = None
+    with trio.fail_after(WAIT):
+        while position is None or position < until:
+            event = await raw.next_event()
+            if isinstance(event, Deliver):
+                assert event.sub_id == sub_id, event
+                payloads = [p for p, _ in decode_batch(event.batch)]
+                seen += [(event.base_offset + k, p, event.timestamp) for k, p in enumerate(payloads)]
+                position = event.base_offset + len(payloads)
+            else:
+                assert isinstance(event, Error) and event.code == ErrorCode.DATA_LOST, event
+                assert event.ref == sub_id and event.ref_kind is RefKind.SUBSCRIPTION and not event.fatal, event
+                lost.append(event)
+                position = int(event.fields["last"]) + 1
+    return seen, lost
+
+
+async def subscribe(raw: RawClient, name: str, topic: str, start: StartKind, value: int = 0) -> None:
+    await hello(raw, name)
+    await raw.send_event(Subscribe(1, topic, start, value))
+    with trio.fail_after(WAIT):
+        assert await raw.next_event() == SubAck(1)
+
+
+async def caught_up(node: Server, topic: str, end: int) -> None:
+    """``node``'s copy of ``topic`` holds up to ``end``, knows the partition
+    starts at 0, and no longer holds offset 0 (it is only in the object store)."""
+    store = store_of(node)
+
+    def done() -> bool:
+        log = store.topic(topic)
+        return log.next_offset == end and log.floor == 0 and log.copy.first_offset > 0
+
+    await wait_for(done)
+
+
+def check_bounds(node: Server) -> None:
+    stats = store_of(node).replay.statistics()
+    assert stats.fetches >= 1, stats
+    assert 1 <= stats.peak_fetches <= store_of(node).replay.max_fetches, stats
+    assert stats.peak_bytes <= stats.max_bytes, stats
+    assert stats.in_flight == 0, stats
+
+
+async def test_subscribers_on_the_owner_and_another_node_replay_from_zero(urls: dict[str, str], tmp_path: Path) -> None:
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        for node in (a, b):
+            tune(node, **SMALL)
+        await publish_to_owner([a, b], "old", [b"m0"], "creator")
+        owner = await settled_owner([a, b], "old")
+        other = b if owner is a else a
+        batches = [[f"m{i}.{j}-".encode() + b"x" * 90 for j in range(3)] for i in range(1, 151)]
+        await publish_all(owner, "old", batches, at_once=5)
+        want = [b"m0"] + [p for batch in batches for p in batch]
+        for node in (a, b):
+            await caught_up(node, "old", len(want))
+            assert store_of(node).topic("old").first_offset == 0
+
+        async with raw_client(other) as sub_other, raw_client(owner) as sub_owner:
+            await subscribe(sub_other, "from-zero", "old", StartKind.OFFSET, 0)
+            await subscribe(sub_owner, "earliest", "old", StartKind.EARLIEST)
+            for raw in (sub_other, sub_owner):
+                seen, lost = await collect(raw, 1, len(want))
+                assert lost == []
+                assert [(offset, payload) for offset, payload, _ in seen] == list(enumerate(want))
+        for node in (a, b):
+            check_bounds(node)
+        # The other node read everything below its copy from the object store,
+        # in more than one fetch: its copy and its replay cache are far smaller
+        # than the topic.
+        stats = store_of(other).replay.statistics()
+        assert stats.fetches > 2 and stats.pending >= stats.fetches, stats
+
+        # By time: the timestamp of a batch far below the copy starts the
+        # subscription at or before that batch (an index entry's first
+        # batch carries the time), never after it.
+        target = seen[200]
+        async with raw_client(other) as sub_time:
+            await subscribe(sub_time, "by-time", "old", StartKind.TIME, target[2])
+            got, lost = await collect(sub_time, 1, len(want))
+        assert lost == []
+        first = got[0][0]
+        assert first <= min(o for o, _, ts in seen if ts == target[2]), (first, target)
+        assert [(offset, payload) for offset, payload, _ in got] == list(enumerate(want))[first:]
+
+
+async def test_a_missing_object_below_the_copy_is_lost_for_its_range_only(urls: dict[str, str], tmp_path: Path) -> None:
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        for node in (a, b):
+            tune(node, **SMALL)
+        await publish_to_owner([a, b], "holey", [b"m0"], "creator")
+        owner = await settled_owner([a, b], "holey")
+        batches = [[f"m{i}.{j}-".encode() + b"y" * 90 for j in range(2)] for i in range(1, 91)]
+        await publish_all(owner, "holey", batches, at_once=3)
+        want = [b"m0"] + [p for batch in batches for p in batch]
+        # An object in the lower third of the topic goes from the store.
+        entries = store_of(owner).topic("holey").reader.index.entries()  # type: ignore[union-attr]
+        assert len(entries) > 10, entries
+        gone = next(e for e in entries if e.first >= len(want) // 4)
+        await store_of(owner).objects.delete(gone.object)
+        gone_range = range(gone.first, gone.first + gone.count)
+
+        # A node that has never read it (its range cache is cold).
+        async with cluster_node(urls, "c", tmp_path) as c:
+            store = tune(c, **SMALL)
+            # One more publish: the copies evict to their new bound as it comes.
+            await publish_all(owner, "holey", [[b"last"]], at_once=1)
+            want.append(b"last")
+            await caught_up(c, "holey", len(want))
+            assert store.topic("holey").copy.first_offset > gone_range[-1]
+            async with raw_client(c) as raw:
+                await subscribe(raw, "replay", "holey", StartKind.OFFSET, 0)
+                seen, lost = await collect(raw, 1, len(want))
+            assert [e.fields for e in lost] == [
+                {"topic": "holey", "first": str(gone_range[0]), "last": str(gone_range[-1]), "reason": "missing"}
+            ]
+            assert [(o, p) for o, p, _ in seen] == [(o, p) for o, p in enumerate(want) if o not in gone_range]
+            check_bounds(c)
+            stats = store.replay.statistics()
+            assert stats.lost == 1, stats  # found once: the reader went on past it, no fetch again
+            # A read in the lost range says so again, for its range from there.
+            with pytest.raises(Exception) as again:
+                store.topic("holey").read(gone_range[-1], 1 << 20)
+            assert not isinstance(again.value, ReadPending)
+            found = (again.value.first, again.value.last, again.value.reason)  # type: ignore[attr-defined]
+            assert found == (gone_range[-1], gone_range[-1], "missing")
+
+
+async def test_one_fetch_per_range_and_a_batch_larger_than_the_bound(urls: dict[str, str], tmp_path: Path) -> None:
+    async with cluster_node(urls, "a", tmp_path) as a:
+        # Each batch is larger than the copy and the replay cache hold.
+        store = tune(a, copy_bytes=2048, replay_bytes=1024, replay_fetches=1)
+        await publish_to_owner([a], "big", [b"b0" + b"z" * 3000], "creator")
+        await settled_owner([a], "big")
+        batches = [[f"b{i}".encode() + b"z" * 3000] for i in range(1, 10)]
+        await publish_all(a, "big", batches, at_once=1)
+        want = [b"b0" + b"z" * 3000] + [p for batch in batches for p in batch]
+        await caught_up(a, "big", len(want))
+        log = store.topic("big")
+        assert log.copy.first_offset == len(want) - 1  # the newest batch only
+
+        # Readers of one range, and of an offset after it, wait for one fetch.
+        with pytest.raises(ReadPending) as one:
+            log.read(0, 1 << 20)
+        with pytest.raises(ReadPending) as two:
+            log.read(0, 1 << 20)
+        with pytest.raises(ReadPending) as three:
+            log.read(4, 1 << 20)
+        assert one.value.waitable is two.value.waitable is three.value.waitable
+        assert (one.value.topic, one.value.first, one.value.last) == ("big", 0, len(want) - 2)
+        assert store.replay.statistics().fetches == 1
+        with trio.fail_after(WAIT):
+            await one.value.waitable.wait()  # type: ignore[attr-defined]
+        got = log.read(0, 1 << 20)
+        assert [b.base_offset for b in got] == [0]  # one batch: the bound
+        assert decode_batch(got[0].batch)[0][0] == want[0]
+
+        # A subscriber from 0 gets every batch, each alone over the bound
+        # (kept as the newest: no fetch of the same range forever).
+        async with raw_client(a) as raw:
+            await subscribe(raw, "replay", "big", StartKind.EARLIEST)
+            seen, lost = await collect(raw, 1, len(want))
+        assert lost == []
+        assert [(o, p) for o, p, _ in seen] == list(enumerate(want))
+        stats = store.replay.statistics()
+        assert stats.peak_fetches == 1 and stats.in_flight == 0, stats
+        assert stats.batches == 1 and stats.peak_bytes <= 3100, stats
+        assert stats.fetches <= len(want), stats
+
+
+async def test_a_new_group_from_earliest_gets_what_is_below_the_copy(urls: dict[str, str], tmp_path: Path) -> None:
+    async with cluster_node(urls, "a", tmp_path) as a:
+        store = tune(a, **SMALL)
+        await publish_to_owner([a], "jobs", [b"m0"], "creator")
+        await settled_owner([a], "jobs")
+        batches = [[f"m{i}.{j}-".encode() + b"w" * 90 for j in range(3)] for i in range(1, 101)]
+        await publish_all(a, "jobs", batches, at_once=5)
+        want = [b"m0"] + [p for batch in batches for p in batch]
+        await caught_up(a, "jobs", len(want))
+        got: list[tuple[int, bytes]] = []
+        async with raw_client(a) as raw:
+            await hello(raw, "member")
+            await raw.send_event(Subscribe(1, "jobs", StartKind.EARLIEST, 0, options={"group": "late"}))
+            with trio.fail_after(WAIT):
+                assert await raw.next_event() == SubAck(1)
+                while len(got) < len(want):
+                    event = await raw.next_event()
+                    assert isinstance(event, GroupDeliver) and event.deliveries == 1, event
+                    payloads = [p for p, _ in decode_batch(event.batch)]
+                    got += [(event.base_offset + k, p) for k, p in enumerate(payloads)]
+                    last = event.base_offset + len(payloads) - 1
+                    await raw.send_event(Ack(1, AckKind.ACK, "jobs", ((event.base_offset, last),)))
+        assert sorted(got) == list(enumerate(want))
+        group = a.broker.groups.groups["late"]
+        assert group.lost == 0
+        check_bounds(a)
+        assert store.replay.statistics().fetches > 2
