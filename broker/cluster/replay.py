@@ -160,14 +160,6 @@ class Replay:
         self._pending += 1
         raise ReadPending(topic, offset, end - 1, self._fetch_for(topic, reader, offset, end))
 
-    def forget(self, topic: str) -> None:
-        """Drop what is held for ``topic`` (its copy holds it again, or it went)."""
-        for base in self._bases.pop(topic, []):
-            stored = self._batches.pop((topic, base))
-            self._bytes -= len(stored.batch)
-        for key in [k for k in self._lost if k[0] == topic]:
-            del self._lost[key]
-
     # -- what is held -----------------------------------------------------------
 
     def _lost_at(self, topic: str, offset: int) -> DataLoss | None:

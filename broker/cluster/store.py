@@ -21,8 +21,8 @@ appends are synchronous and cheap, acknowledgements wait for ``sync``
 - a read older than the copy (and not older than the partition's first
   index entry, its ``floor``) is served from the object store: the first
   such read starts one bounded background fetch (replay.py) and raises
-  ``ReadPending``; a subscriber catching up waits for it, without blocking
-  anything, and reads again. A range the fetch finds lost is DATA_LOST for
+  ``ReadPending``; a subscriber catching up, or a consumer group, waits
+  for it without blocking anything and reads again. A range the fetch finds lost is DATA_LOST for
   exactly that range. ``first_offset`` is the floor, so SUBSCRIBE from an
   offset or ``earliest`` starts there. ``offset_at_time`` before the copy
   answers from the index entries' times (an entry's first batch): the
@@ -33,9 +33,9 @@ Consumer groups run at their topic's owner with their state in etcd
 (groupstate.py); a msg-id resend to the next owner is found in its copy
 (the core's exactly-once window reads it back). What is not here yet
 (docs/cluster.md §14): several partitions per topic, topic deletion and
-settings; consumer groups and the HTTP side read only what the copy holds
-(older offsets are DATA_LOST to them, as retention, while a fetch they
-started fills the node's replay cache).
+settings. The HTTP fetch, SSE and the exactly-once window's read-back
+cannot wait: older than the copy is lost (retention) to them, as before,
+while the fetch they started fills the node's replay cache.
 """
 
 from __future__ import annotations
