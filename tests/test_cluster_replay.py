@@ -100,14 +100,14 @@ async def subscribe(raw: RawClient, name: str, topic: str, start: StartKind, val
         assert await raw.next_event() == SubAck(1)
 
 
-async def caught_up(node: Server, topic: str, end: int) -> None:
+async def caught_up(node: Server, topic: str, end: int, floor: int = 0) -> None:
     """``node``'s copy of ``topic`` holds up to ``end``, knows the partition
-    starts at 0, and no longer holds offset 0 (it is only in the object store)."""
+    starts at ``floor``, and no longer holds it (it is only in the object store)."""
     store = store_of(node)
 
     def done() -> bool:
         log = store.topic(topic)
-        return log.next_offset == end and log.floor == 0 and log.copy.first_offset > 0
+        return log.next_offset == end and log.floor == floor and log.copy.first_offset > floor
 
     await wait_for(done)
 
@@ -202,6 +202,47 @@ async def test_a_missing_object_below_the_copy_is_lost_for_its_range_only(urls: 
             assert not isinstance(again.value, ReadPending)
             found = (again.value.first, again.value.last, again.value.reason)
             assert found == (gone_range[-1], gone_range[-1], "missing")
+
+
+async def test_below_the_first_index_entry_stays_lost(urls: dict[str, str], tmp_path: Path) -> None:
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        for node in (a, b):
+            tune(node, **SMALL)
+        await publish_to_owner([a, b], "cut", [b"m0"], "creator")
+        owner = await settled_owner([a, b], "cut")
+        other = b if owner is a else a
+        batches = [[f"m{i}-".encode() + b"v" * 150] for i in range(1, 61)]
+        await publish_all(owner, "cut", batches, at_once=3)
+        want = [b"m0"] + [p for batch in batches for p in batch]
+        for node in (a, b):
+            await caught_up(node, "cut", len(want))
+        # The partition's first entry goes from etcd, as retention would cut it.
+        store = store_of(owner)
+        assert await store.etcd.delete(store.settings.keys.index("cut", 0, 0)) == 1
+
+        async with cluster_node(urls, "c", tmp_path) as c:
+            fresh = tune(c, **SMALL)
+            await publish_all(owner, "cut", [[b"last"]], at_once=1)
+            want.append(b"last")
+            await caught_up(c, "cut", len(want), floor=1)
+            log = fresh.topic("cut")
+            assert log.first_offset == 1
+            with pytest.raises(DataLoss) as below:
+                log.read(0, 1 << 20)
+            assert not isinstance(below.value, ReadPending)
+            assert (below.value.first, below.value.last, below.value.reason) == (0, 0, "retention")
+            # From offset 0: clamped to what is retained, as on one node.
+            async with raw_client(c) as raw:
+                await subscribe(raw, "from-zero", "cut", StartKind.OFFSET, 0)
+                seen, lost = await collect(raw, 1, len(want))
+            assert lost == []
+            assert [(o, p) for o, p, _ in seen] == list(enumerate(want))[1:]
+        # A node that learnt the floor before the cut finds it when it fetches.
+        async with raw_client(other) as raw:
+            await subscribe(raw, "stale-floor", "cut", StartKind.OFFSET, 0)
+            seen, lost = await collect(raw, 1, len(want))
+        assert [e.fields for e in lost] == [{"topic": "cut", "first": "0", "last": "0", "reason": "retention"}]
+        assert [(o, p) for o, p, _ in seen] == list(enumerate(want))[1:]
 
 
 async def test_one_fetch_per_range_and_a_batch_larger_than_the_bound(urls: dict[str, str], tmp_path: Path) -> None:
