@@ -287,7 +287,10 @@ async def test_one_fetch_per_range_and_a_batch_larger_than_the_bound(urls: dict[
         assert stats.fetches <= len(want), stats
 
 
-async def test_a_new_group_from_earliest_gets_what_is_below_the_copy(urls: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("ordering", ["", "key"])
+async def test_a_new_group_from_earliest_gets_what_is_below_the_copy(
+    urls: dict[str, str], tmp_path: Path, ordering: str
+) -> None:
     async with cluster_node(urls, "a", tmp_path) as a:
         store = tune(a, **SMALL)
         await publish_to_owner([a], "jobs", [b"m0"], "creator")
@@ -299,7 +302,8 @@ async def test_a_new_group_from_earliest_gets_what_is_below_the_copy(urls: dict[
         got: list[tuple[int, bytes]] = []
         async with raw_client(a) as raw:
             await hello(raw, "member")
-            await raw.send_event(Subscribe(1, "jobs", StartKind.EARLIEST, 0, options={"group": "late"}))
+            options = {"group": "late", "ordering": ordering} if ordering else {"group": "late"}
+            await raw.send_event(Subscribe(1, "jobs", StartKind.EARLIEST, 0, options=options))
             with trio.fail_after(WAIT):
                 assert await raw.next_event() == SubAck(1)
                 while len(got) < len(want):

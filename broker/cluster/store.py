@@ -22,8 +22,8 @@ appends are synchronous and cheap, acknowledgements wait for ``sync``
   index entry, its ``floor``) is served from the object store: the first
   such read starts one bounded background fetch (replay.py) and raises
   ``ReadPending``; a subscriber catching up, or a consumer group, waits
-  for it without blocking anything and reads again. A range the fetch finds lost is DATA_LOST for
-  exactly that range. ``first_offset`` is the floor, so SUBSCRIBE from an
+  for it without blocking anything and reads again. A range the fetch
+  finds lost is DATA_LOST for exactly that range. ``first_offset`` is the floor, so SUBSCRIBE from an
   offset or ``earliest`` starts there. ``offset_at_time`` before the copy
   answers from the index entries' times (an entry's first batch): the
   entry that may hold the time, so never late, at most one entry early;
@@ -64,9 +64,9 @@ from .lease import LeaseKeeper, LeaseLost
 from .members import Membership
 from .objects import ObjectStore, ObjectStoreError
 from .ownership import OwnershipManager
+from .partition import DEFAULT_MAX_ROUND_BYTES, AppendError, NotOwner, OutcomeUnknown, PartitionOwner
 from .replay import DEFAULT_MAX_BYTES as DEFAULT_REPLAY_BYTES
 from .replay import DEFAULT_MAX_FETCHES, Replay
-from .partition import DEFAULT_MAX_ROUND_BYTES, AppendError, NotOwner, OutcomeUnknown, PartitionOwner
 from .tail import IndexedReader
 from .topics import TopicError, TopicRegistry
 
@@ -508,7 +508,7 @@ class ClusterStore:
         while index.low > 0:
             try:
                 entries, _ = await index.lookup(0, 1)
-            except ValueError as exc:  # it does not decode: read from the window's first, as a lookup there would
+            except ValueError as exc:  # it does not decode: the window's first is the floor
                 self.logger.error("the first index entry is damaged", topic=log.name, error=str(exc))
                 log.floor = index.low
                 return
