@@ -3,9 +3,9 @@
 SeaweedFS, each node's copy made small (``tune``) so that most of a topic
 is only in the object store. Subscribers on the owner and on another node
 replay it from offset 0, by ``earliest`` and by time, and so does a new
-consumer group; a missing object in the old range is DATA_LOST for
-exactly its range; the fetches are single flight and bounded in number
-and bytes.
+consumer group; a missing or damaged object in the old range is DATA_LOST
+for exactly its range; below the partition's first index entry stays lost;
+the fetches are single flight and bounded in number and bytes.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from pybroker.protocol import (
     decode_batch,
     encode_batch,
 )
+from pybroker.server.cluster.partition import decode_stored
 from pybroker.server.server import Server
 from pybroker.server.storage.errors import DataLoss, ReadPending
 
@@ -134,10 +135,11 @@ async def test_subscribers_on_the_owner_and_another_node_replay_from_zero(urls: 
             await caught_up(node, "old", len(want))
             assert store_of(node).topic("old").first_offset == 0
 
-        async with raw_client(other) as sub_other, raw_client(owner) as sub_owner:
+        async with raw_client(other) as sub_other, raw_client(owner) as sub_owner, raw_client(other) as sub_earliest:
             await subscribe(sub_other, "from-zero", "old", StartKind.OFFSET, 0)
-            await subscribe(sub_owner, "earliest", "old", StartKind.EARLIEST)
-            for raw in (sub_other, sub_owner):
+            await subscribe(sub_owner, "from-zero", "old", StartKind.OFFSET, 0)
+            await subscribe(sub_earliest, "earliest", "old", StartKind.EARLIEST)
+            for raw in (sub_other, sub_owner, sub_earliest):
                 seen, lost = await collect(raw, 1, len(want))
                 assert lost == []
                 assert [(offset, payload) for offset, payload, _ in seen] == list(enumerate(want))
@@ -162,7 +164,9 @@ async def test_subscribers_on_the_owner_and_another_node_replay_from_zero(urls: 
         assert [(offset, payload) for offset, payload, _ in got] == list(enumerate(want))[first:]
 
 
-async def test_a_missing_object_below_the_copy_is_lost_for_its_range_only(urls: dict[str, str], tmp_path: Path) -> None:
+async def test_a_missing_or_damaged_object_below_the_copy_is_lost_for_its_range_only(
+    urls: dict[str, str], tmp_path: Path
+) -> None:
     async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
         for node in (a, b):
             tune(node, **SMALL)
@@ -171,12 +175,24 @@ async def test_a_missing_object_below_the_copy_is_lost_for_its_range_only(urls: 
         batches = [[f"m{i}.{j}-".encode() + b"y" * 90 for j in range(2)] for i in range(1, 91)]
         await publish_all(owner, "holey", batches, at_once=3)
         want = [b"m0"] + [p for batch in batches for p in batch]
-        # An object in the lower third of the topic goes from the store.
+        # An object in the lower third of the topic goes from the store; a
+        # later one gets a byte flipped in its range (its CRC fails).
+        objects = store_of(owner).objects
         entries = store_of(owner).topic("holey").reader.index.entries()  # type: ignore[union-attr]
         assert len(entries) > 10, entries
         gone = next(e for e in entries if e.first >= len(want) // 4)
-        await store_of(owner).objects.delete(gone.object)
+        await objects.delete(gone.object)
         gone_range = range(gone.first, gone.first + gone.count)
+        # (An entry of several batches: a round that took more than one publish.)
+        bad = next(e for e in entries if e.first >= gone.first + gone.count + 10 and e.count > 2)
+        data = bytearray(await objects.get(bad.object))
+        # The entry's last batch is damaged: only its offsets are lost (the
+        # intact batches before it in the entry are served).
+        last_batch = decode_stored(bytes(data[bad.start : bad.start + bad.size]), bad.first, bad.count, "holey")[-1]
+        data[bad.start + bad.size - 2] ^= 0xFF
+        await objects.delete(bad.object)
+        assert await objects.put_if_absent(bad.object, bytes(data))
+        bad_range = range(last_batch.base_offset, last_batch.next_offset)
 
         # A node that has never read it (its range cache is cold).
         async with cluster_node(urls, "c", tmp_path) as c:
@@ -185,17 +201,20 @@ async def test_a_missing_object_below_the_copy_is_lost_for_its_range_only(urls: 
             await publish_all(owner, "holey", [[b"last"]], at_once=1)
             want.append(b"last")
             await caught_up(c, "holey", len(want))
-            assert store.topic("holey").copy.first_offset > gone_range[-1]
+            assert store.topic("holey").copy.first_offset > bad_range[-1] > gone_range[-1]
             async with raw_client(c) as raw:
                 await subscribe(raw, "replay", "holey", StartKind.OFFSET, 0)
                 seen, lost = await collect(raw, 1, len(want))
             assert [e.fields for e in lost] == [
-                {"topic": "holey", "first": str(gone_range[0]), "last": str(gone_range[-1]), "reason": "missing"}
+                {"topic": "holey", "first": str(gone_range[0]), "last": str(gone_range[-1]), "reason": "missing"},
+                {"topic": "holey", "first": str(bad_range[0]), "last": str(bad_range[-1]), "reason": "damaged"},
             ]
-            assert [(o, p) for o, p, _ in seen] == [(o, p) for o, p in enumerate(want) if o not in gone_range]
+            assert [(o, p) for o, p, _ in seen] == [
+                (o, p) for o, p in enumerate(want) if o not in gone_range and o not in bad_range
+            ]
             check_bounds(c)
             stats = store.replay.statistics()
-            assert stats.lost == 1, stats  # found once: the reader went on past it, no fetch again
+            assert stats.lost == 2, stats  # each found once: the reader went on past it, no fetch again
             # A read in the lost range says so again, for its range from there.
             with pytest.raises(DataLoss) as again:
                 store.topic("holey").read(gone_range[-1], 1 << 20)

@@ -114,7 +114,11 @@ class Replay:
     ``nursery`` (set by the store while it runs) is where fetches run."""
 
     def __init__(
-        self, *, max_bytes: int = DEFAULT_MAX_BYTES, max_fetches: int = DEFAULT_MAX_FETCHES, fetch_bytes: int = FETCH_BYTES
+        self,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_fetches: int = DEFAULT_MAX_FETCHES,
+        fetch_bytes: int = FETCH_BYTES,
     ) -> None:
         self.bound(max_bytes, max_fetches, fetch_bytes)
         self.nursery: trio.Nursery | None = None
@@ -249,13 +253,22 @@ class Replay:
                 try:
                     batches = await reader.read(start, self.fetch_bytes)
                 except DataLoss as lost:
-                    # Exactly the range that cannot be served, as the reader found it.
-                    self.logger.error("old batches lost", topic=topic, first=lost.first, last=lost.last, reason=lost.reason)
-                    self._record_lost(DataLoss(topic, lost.first, lost.last, lost.reason))
+                    # Exactly the range that cannot be served, as the reader
+                    # found it (it holds ``start``: IndexedReader.read's
+                    # contract; were it not to, it is made to, or the readers
+                    # at ``start`` would fetch it again and again).
+                    first, last = lost.first, lost.last
+                    if not first <= start <= last:
+                        self.logger.error("a loss not holding the offset", topic=topic, offset=start, error=str(lost))
+                        first, last = start, max(start, last)
+                    self.logger.error("old batches lost", topic=topic, first=first, last=last, reason=lost.reason)
+                    self._record_lost(DataLoss(topic, first, last, lost.reason))
                     return
                 except (EtcdError, ObjectStoreError, OSError) as exc:
                     self._retries += 1
-                    self.logger.info("fetching old batches failed", topic=topic, offset=start, error=repr(exc), retry_in=pause)
+                    self.logger.info(
+                        "fetching old batches failed", topic=topic, offset=start, error=repr(exc), retry_in=pause
+                    )
                     await trio.sleep(pause)
                     pause = min(RETRY_MAX, pause * 2)
                     continue

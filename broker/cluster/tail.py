@@ -5,9 +5,11 @@ the range cache (docs/cluster.md §7).
 single-node ``TopicLog.read``'s): batches from the one holding the offset
 on, in order, dense, both CRCs checked, up to about ``max_bytes`` (at least
 one batch while the offset is committed), ``DataLoss`` for what cannot be
-served. But it asks etcd nothing for offsets inside the index window (the
-view follows etcd's watch) and the object store nothing for ranges in the
-cache; only readers far behind the window cost etcd reads.
+served, always holding the offset read (a damaged batch loses itself and
+the rest of its index entry, not the intact batches before it). But it
+asks etcd nothing for offsets inside the index window (the view follows
+etcd's watch) and the object store nothing for ranges in the cache; only
+readers far behind the window cost etcd reads.
 
 ``IndexedReader.tail(offset)`` is an async iterator over the batches from
 ``offset`` on, waiting for new ones as they are committed (an event from
@@ -20,6 +22,7 @@ from collections import deque
 
 from pybroker.server.storage.base import StoredBatch
 from pybroker.server.storage.errors import DataLoss
+from pybroker.server.storage.scan import HEADER, HEADER_SIZE
 
 from .cache import RangeCache
 from .index import PartitionIndex
@@ -76,15 +79,24 @@ class IndexedReader:
                         raise DataLoss(self.name, pos, entry.first - 1, "missing")
                     pos = entry.first  # below the first entry (retention): read from there
             try:
-                batches = [b for b in await self._batches(entry) if b.next_offset > pos]
+                good, lost = await self._batches(entry)
             except DataLoss:
                 if out:
                     break  # what was read is good; the next read, from pos, reports the loss
                 raise
+            batches = [b for b in good if b.next_offset > pos]
+            if lost is not None and not batches:
+                # pos is in the damaged part of the entry (the intact batches
+                # before it, if any, were handed out by an earlier read).
+                if out:
+                    break
+                raise DataLoss(lost.topic, max(lost.first, pos), lost.last, lost.reason)
             if out and (not batches or batches[0].base_offset != pos):
                 break  # entries that do not meet (the index changed meanwhile): read again from pos
             out.extend(batches)
             size += sum(len(b.batch) for b in batches)
+            if lost is not None:
+                break  # the intact batches before the damage; the next read, from there, reports it
             pos = entry.first + entry.count
         return out
 
@@ -103,7 +115,10 @@ class IndexedReader:
             older.extend(e for e in entries if e.first + e.count > pos)
         return (older[0] if older else None), below_first
 
-    async def _batches(self, entry: IndexEntry) -> list[StoredBatch]:
+    async def _batches(self, entry: IndexEntry) -> tuple[list[StoredBatch], DataLoss | None]:
+        """The entry's batches; or, when a batch in it is damaged, the intact
+        ones before it and the loss from there to the entry's end. DataLoss
+        when none is intact."""
         last = entry.first + entry.count - 1
         try:
             data = await self.cache.get(entry.object, entry.start, entry.size)
@@ -112,12 +127,21 @@ class IndexedReader:
         if len(data) != entry.size:
             raise DataLoss(self.name, entry.first, last, "damaged")
         try:
-            return decode_stored(data, entry.first, entry.count, self.name)
-        except DataLoss:
+            return decode_stored(data, entry.first, entry.count, self.name), None
+        except DataLoss as lost:
             # Damaged in the store or on the way: not served, and not kept
             # either, so a later read fetches it again.
             self.cache.discard(entry.object, entry.start, entry.size)
-            raise
+            if lost.first <= entry.first:
+                raise
+            # The batches before the damage checked (decode_stored reads in
+            # order): they are served, checked again on their own.
+            pos, expected = 0, entry.first
+            while expected < lost.first:
+                base, n, length = HEADER.unpack_from(data, pos)[:3]
+                pos += HEADER_SIZE + length
+                expected = base + n
+            return decode_stored(data[:pos], entry.first, lost.first - entry.first, self.name), lost
 
     def tail(self, offset: int, *, max_bytes: int = DEFAULT_TAIL_BYTES) -> Tail:
         """The batches from the one holding ``offset`` on, as they are
