@@ -22,7 +22,8 @@ the batches fetched so far or, when they are not there:
   and the reader goes on after it. Such records are few and bounded
   (``MAX_LOST``); one forgotten is fetched, and found lost, again.
 - a store that fails (etcd or the object store unreachable) is retried by
-  the fetch with a doubling pause; its readers wait meanwhile.
+  the fetch with a doubling pause; its readers wait meanwhile. Once the
+  node stops (its fetches cancelled), no fetch starts again.
 """
 
 from __future__ import annotations
@@ -287,6 +288,13 @@ class Replay:
                     keep += 1
                 self._insert(topic, batches[:keep])
                 return
+        except trio.Cancelled:
+            # The store is stopping (its nursery is cancelled, nothing else
+            # cancels a fetch): no fetch starts from now on, or the readers
+            # this one wakes would start one after another, each cancelled
+            # at once, for as long as their connections last.
+            self.nursery = None
+            raise
         finally:
             del self._fetches[(topic, start)]
             slot, self._slot = self._slot, Waiter()
