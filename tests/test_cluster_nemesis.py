@@ -442,6 +442,24 @@ async def final_reads(cluster: Cluster, history: HistoryWriter) -> int:
     return end
 
 
+def node_flags(servers: Servers, name: str, ttl: int, hosts: str | None = None) -> tuple[str, ...]:
+    """``pybroker serve`` flags of a node of the test ``name``: its own etcd
+    key prefix (/nemesis/NAME) and object prefix, the member lease ``ttl``;
+    ``hosts`` the etcd members it is given (all of them by default)."""
+    if hosts is None:
+        hosts = ",".join(u.removeprefix("http://") for u in servers.etcd_urls)
+    return (
+        "--cluster", f"etcd://{hosts}/nemesis/{name}",
+        "--object-store", f"s3://{servers.s3_url.removeprefix('http://')}/{BUCKET}/{name}",
+        "--cluster-lease-ttl", str(ttl), "--no-http",
+    )  # fmt: skip
+
+
+def histories_in(tmp_path: Path) -> list[Path]:
+    """One history file per publisher, and for the group member and the readers."""
+    return [tmp_path / f"history-{i}.jsonl" for i in range(PUBLISHERS + 3)]
+
+
 def workdir(tmp_path: Path, n: int) -> Path:
     """Broker ``n``'s own directory for its log files (broker-{start}.log)."""
     path = tmp_path / f"w{n}"
@@ -522,12 +540,8 @@ async def test_nemesis(
     (and the restart of the member) should not cost anyone their lease."""
     name = request.node.callspec.id
     prefix = f"/nemesis/{name}/"
-    flags = (
-        "--cluster", f"etcd://{','.join(u.removeprefix('http://') for u in servers.etcd_urls)}{prefix.rstrip('/')}",
-        "--object-store", f"s3://{servers.s3_url.removeprefix('http://')}/{BUCKET}/{name}",
-        "--cluster-lease-ttl", str(ttl), "--no-http",
-    )  # fmt: skip
-    histories = [tmp_path / f"history-{i}.jsonl" for i in range(PUBLISHERS + 3)]
+    flags = node_flags(servers, name, ttl)
+    histories = histories_in(tmp_path)
     async with (
         broker_process(tmp_path / "d0", workdir(tmp_path, 0), *flags) as b0,
         broker_process(tmp_path / "d1", workdir(tmp_path, 1), *flags) as b1,
@@ -606,13 +620,8 @@ async def test_nemesis_failpoint(servers: Servers, tmp_path: Path, point: str, m
     history as above."""
     name = f"fp-{point}"
     prefix = f"/nemesis/{name}/"
-    hosts = ",".join(u.removeprefix("http://") for u in servers.etcd_urls)
-    flags = (
-        "--cluster", f"etcd://{hosts}{prefix.rstrip('/')}",
-        "--object-store", f"s3://{servers.s3_url.removeprefix('http://')}/{BUCKET}/{name}",
-        "--cluster-lease-ttl", str(TTL), "--no-http",
-    )  # fmt: skip
-    histories = [tmp_path / f"history-{i}.jsonl" for i in range(PUBLISHERS + 3)]
+    flags = node_flags(servers, name, TTL)
+    histories = histories_in(tmp_path)
     async with (
         broker_process(tmp_path / "d0", workdir(tmp_path, 0), *flags) as b0,
         broker_process(tmp_path / "d1", workdir(tmp_path, 1), *flags) as b1,
@@ -689,18 +698,15 @@ async def test_nemesis_owner_cut_off_from_etcd(servers: Servers, tmp_path: Path)
     name = "cut-off"
     prefix = f"/nemesis/{name}/"
     ttl = TTL
-    hosts = ",".join(u.removeprefix("http://") for u in servers.etcd_urls)
-    common = ("--object-store", f"s3://{servers.s3_url.removeprefix('http://')}/{BUCKET}/{name}",
-              "--cluster-lease-ttl", str(ttl), "--no-http")  # fmt: skip
-    histories = [tmp_path / f"history-{i}.jsonl" for i in range(PUBLISHERS + 3)]
+    histories = histories_in(tmp_path)
     proxies = [PartitionProxy("127.0.0.1", int(url.rsplit(":", 1)[1])) for url in servers.etcd_urls]
     async with trio.open_nursery() as background:
         ports = [await background.start(p.run) for p in proxies]
         through = ",".join(f"127.0.0.1:{port}" for port in ports)
         async with (
-            broker_process(tmp_path / "d0", workdir(tmp_path, 0), "--cluster", f"etcd://{hosts}{prefix.rstrip('/')}", *common) as b0,
-            broker_process(tmp_path / "d1", workdir(tmp_path, 1), "--cluster", f"etcd://{hosts}{prefix.rstrip('/')}", *common) as b1,
-            broker_process(tmp_path / "d2", workdir(tmp_path, 2), "--cluster", f"etcd://{through}{prefix.rstrip('/')}", *common) as b2,
+            broker_process(tmp_path / "d0", workdir(tmp_path, 0), *node_flags(servers, name, ttl)) as b0,
+            broker_process(tmp_path / "d1", workdir(tmp_path, 1), *node_flags(servers, name, ttl)) as b1,
+            broker_process(tmp_path / "d2", workdir(tmp_path, 2), *node_flags(servers, name, ttl, through)) as b2,
         ):
             keys = ClusterKeys(prefix.encode())
             cluster = Cluster(servers, keys, f"{name}/", [b0, b1, b2])
