@@ -30,7 +30,7 @@ from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
 )
 from helpers.http import assert_error, post_json
 from helpers.procs import broker_process
-from helpers.raw import raw_client
+from helpers.raw import RawClient, raw_client
 from pybroker.protocol import (
     Deliver,
     Durability,
@@ -50,6 +50,24 @@ from pybroker.server.cluster.partition import PartitionReader
 from pybroker.server.server import Server
 
 pytest.importorskip("httpx", reason="cluster mode needs the cluster extra (httpx)")
+
+
+async def offsets_and_payloads(sub: RawClient, count: int) -> list[tuple[int, bytes]]:
+    """The next ``count`` messages DELIVERed to ``sub``, with their offsets."""
+    seen: list[tuple[int, bytes]] = []
+    with trio.fail_after(WAIT):
+        while len(seen) < count:
+            event = await sub.next_event()
+            assert isinstance(event, Deliver), event
+            seen += [(event.base_offset + k, p) for k, (p, _) in enumerate(decode_batch(event.batch))]
+    return seen
+
+
+async def committed_payloads(node: Server, topic: str) -> list[bytes]:
+    """What the cluster holds for ``topic``, read back from etcd and the object store."""
+    store = store_of(node)
+    reader = PartitionReader(store.etcd, store.objects, topic, 0, keys=store.settings.keys)
+    return [p for b in await reader.read(0) for p, _ in decode_batch(b.batch)]
 
 
 async def test_owner_acknowledges_others_redirect_and_every_node_delivers(urls: dict[str, str], tmp_path: Path) -> None:
@@ -91,14 +109,7 @@ async def test_owner_acknowledges_others_redirect_and_every_node_delivers(urls: 
                 expected_offset += 3
             want = [b"first"] + [f"m{i}.{j}".encode() for i in range(1, 40) for j in range(3)]
             for raw in (sub_a, sub_b):
-                seen: list[tuple[int, bytes]] = []
-                with trio.fail_after(WAIT):
-                    while len(seen) < len(want):
-                        event = await raw.next_event()
-                        assert isinstance(event, Deliver), event
-                        for k, (payload, _headers) in enumerate(decode_batch(event.batch)):
-                            seen.append((event.base_offset + k, payload))
-                assert seen == list(enumerate(want))
+                assert await offsets_and_payloads(raw, len(want)) == list(enumerate(want))
 
         # What was acknowledged is in the object store, dense, at its offsets.
         store = store_of(a)
@@ -177,16 +188,8 @@ async def test_a_round_that_fails_is_refused_and_the_next_takes_its_offsets(urls
             # The next publish gets the refused batch's offset.
             ack, _ = await publish_to_owner([a], "faults", [b"one"], "p")
             assert ack.base_offset == 1
-            seen: list[tuple[int, bytes]] = []
-            with trio.fail_after(WAIT):
-                while len(seen) < 2:
-                    event = await sub.next_event()
-                    assert isinstance(event, Deliver), event
-                    seen += [(event.base_offset + k, p) for k, (p, _) in enumerate(decode_batch(event.batch))]
-            assert seen == [(0, b"zero"), (1, b"one")]
-        store = store_of(a)
-        reader = PartitionReader(store.etcd, store.objects, "faults", 0, keys=store.settings.keys)
-        assert [p for b in await reader.read(0) for p, _ in decode_batch(b.batch)] == [b"zero", b"one"]
+            assert await offsets_and_payloads(sub, 2) == [(0, b"zero"), (1, b"one")]
+        assert await committed_payloads(a, "faults") == [b"zero", b"one"]
 
 
 async def test_kill_9_of_the_owner_process_loses_no_acknowledged_message(
@@ -337,16 +340,8 @@ async def test_a_put_the_object_store_refuses_is_refused_to_the_publisher(
             assert len(failures) == 1
             ack, _ = await publish_to_owner([a], "full", [b"one"], "p")
             assert ack.base_offset == 1
-            seen: list[tuple[int, bytes]] = []
-            with trio.fail_after(WAIT):
-                while len(seen) < 2:
-                    event = await sub.next_event()
-                    assert isinstance(event, Deliver), event
-                    seen += [(event.base_offset + k, p) for k, (p, _) in enumerate(decode_batch(event.batch))]
-            assert seen == [(0, b"zero"), (1, b"one")]
-        store = store_of(a)
-        reader = PartitionReader(store.etcd, store.objects, "full", 0, keys=store.settings.keys)
-        assert [p for b in await reader.read(0) for p, _ in decode_batch(b.batch)] == [b"zero", b"one"]
+            assert await offsets_and_payloads(sub, 2) == [(0, b"zero"), (1, b"one")]
+        assert await committed_payloads(a, "full") == [b"zero", b"one"]
 
 
 async def test_a_cluster_node_refuses_to_keep_delayed_messages(urls: dict[str, str], tmp_path: Path) -> None:
@@ -371,19 +366,8 @@ async def test_a_cluster_node_refuses_to_keep_delayed_messages(urls: dict[str, s
         assert a.broker.schedule.pending == 0 and a.broker.schedule.next_due() is None
         # Already due: published now (following NOT_OWNER until an owner has it).
         due = str(int(time.time() * 1000) - 1)
-        with trio.fail_after(WAIT):
-            while True:
-                async with raw_client(a) as raw:
-                    await hello(raw, "due")
-                    await raw.send_event(
-                        Publish(2, "timers", encode_batch([(b"due", {"deliver-at": due})]), delayed=True)
-                    )
-                    event = await raw.next_event()
-                if isinstance(event, PubAck):
-                    break
-                assert isinstance(event, Error) and event.code == ErrorCode.NOT_OWNER, event
-                await trio.sleep(0.05)
-        assert (event.base_offset, event.count) == (0, 1), event
+        ack, _ = await publish_to_owner([a], "timers", [(b"due", {"deliver-at": due})], "due", delayed=True)
+        assert (ack.base_offset, ack.count) == (0, 1), ack
         # The client finds out before sending, and HTTP refuses ?delay=.
         async with pybroker.connect(a.url) as c:
             with pytest.raises(RuntimeError, match="delayed delivery"):

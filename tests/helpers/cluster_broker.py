@@ -9,7 +9,7 @@ and reach a topic's owner. A test module uses them with
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -138,7 +138,12 @@ def addr_of(node: Server | str) -> str:
 
 
 async def publish_to_owner(
-    nodes: list[Server] | list[str], topic: str, payloads: list[bytes], name: str
+    nodes: list[Server] | list[str],
+    topic: str,
+    payloads: Sequence[bytes | tuple[bytes, Mapping[str, str]]],
+    name: str,
+    *,
+    delayed: bool = False,
 ) -> tuple[PubAck, int]:
     """Publish through the first node, following NOT_OWNER to the address it
     names (again shortly while there is no owner, or while the one named
@@ -152,7 +157,7 @@ async def publish_to_owner(
             try:
                 async with raw_client(f"pybroker://{target}") as raw:
                     await hello(raw, name)
-                    await raw.send_event(Publish(1, topic, encode_batch(payloads)))
+                    await raw.send_event(Publish(1, topic, encode_batch(payloads), delayed=delayed))
                     event = await raw.next_event()
             except OSError:
                 target = live[0]
