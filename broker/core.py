@@ -230,12 +230,12 @@ class Broker:
         buckets = FileBuckets(config.data_dir / "delayed") if isinstance(store, FileStore) else MemoryBuckets()
         self.schedule = Schedule(buckets)
         self.committer.also_sync = self.schedule.sync
-        #: Whether a DELAYED batch can be kept as durably as its topic's
-        #: messages. Not on a cluster node: its buckets would be its own,
-        #: in memory, while the acknowledgement promises what the cluster
-        #: promises (docs/cluster.md §14). WELCOME then leaves out
-        #: max_delay_ms and such a publish is refused.
-        self.keeps_delayed = self.storage_kind != "cluster"
+        #: Whether a DELAYED batch can be kept as durably as the store
+        #: keeps messages: in files, or in memory when that is all the store
+        #: promises. Not so on a cluster node, whose acknowledgements promise
+        #: the cluster's durability (docs/cluster.md §14). WELCOME then
+        #: leaves out max_delay_ms and such a publish is refused.
+        self.keeps_delayed = isinstance(buckets, FileBuckets) or store.durability is Durability.MEMORY
         #: Releases publish as the broker itself (the publisher's rights were
         #: checked when it scheduled them).
         self._releaser = Principal()
