@@ -25,6 +25,7 @@ from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
     settled_owner,
     stop_gracefully,
     store_of,
+    tune,
     urls,
     wait_for,
 )
@@ -45,6 +46,8 @@ from pybroker.protocol import (
     decode_batch,
     encode_batch,
 )
+from pybroker.server.cluster.compaction import CompactionSettings
+from pybroker.server.cluster.janitor import Janitor
 from pybroker.server.cluster.objects import ObjectStoreError
 from pybroker.server.cluster.partition import PartitionReader
 from pybroker.server.server import Server
@@ -156,6 +159,43 @@ async def test_takeover_continues_where_the_committed_log_ends(urls: dict[str, s
                     assert isinstance(event, Deliver), event
                     seen += [p for p, _ in decode_batch(event.batch)]
         assert seen == [f"before-{i}".encode() for i in range(10)] + [f"after-{i}".encode() for i in range(10, 20)]
+
+
+async def test_a_node_joining_after_index_compaction_delivers_every_message(urls: dict[str, str], tmp_path: Path) -> None:
+    """The owner compacts the index as rounds come (docs/cluster.md §13):
+    the etcd index stays small, the janitor takes the objects merged away,
+    and a node that joins afterwards delivers every message from the start,
+    read from the merged objects."""
+    small = CompactionSettings(keep=5, fan_in=4, max_object_bytes=1 << 20)
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        nodes = [a, b]
+        for node in nodes:
+            tune(node, compaction=small)
+        await publish_to_owner(nodes, "history", [b"m0"], "p")
+        owner = await settled_owner(nodes, "history")
+        async with raw_client(owner) as pub:
+            await hello(pub, "publisher")
+            for i in range(1, 40):  # one round each: 40 index entries before compaction
+                await pub.send_event(Publish(i, "history", encode_batch([f"m{i}".encode()])))
+                ack = await pub.next_event()
+                assert isinstance(ack, PubAck) and ack.base_offset == i, ack
+        manager = store_of(owner).manager
+        assert manager is not None
+        # 40 entries, the newest 5 kept: eight runs of 4 at level 0, two at
+        # level 1; 10 entries remain.
+        await wait_for(lambda: manager.compaction_stats().merges >= 10)
+        store = store_of(owner)
+        index = (await store.etcd.get_prefix(store.settings.keys.index_prefix("history", 0))).kvs
+        assert len(index) == 10, [kv.key for kv in index]
+        swept = await Janitor(store.etcd, store.objects, keys=store.settings.keys, grace=0).sweep()
+        # 40 rounds' objects and 10 merged: 32 + 8 level-1 ones were merged away.
+        assert (swept.listed, swept.deleted) == (50, 40)
+        want = [(i, f"m{i}".encode()) for i in range(40)]
+        async with cluster_node(urls, "c", tmp_path) as c, raw_client(c) as sub:
+            await hello(sub, "late-reader")
+            await sub.send_event(Subscribe(1, "history", StartKind.EARLIEST, 0))
+            assert await sub.next_event() == SubAck(1)
+            assert await offsets_and_payloads(sub, 40) == want
 
 
 async def test_a_round_that_fails_is_refused_and_the_next_takes_its_offsets(urls: dict[str, str], tmp_path: Path) -> None:

@@ -23,6 +23,8 @@
   leases its ``dedup/`` entries live under.
 - ``ranking``, ``ownership``: rendezvous ranking, and the ownership
   manager that acquires, hands over and takes over partitions.
+- ``compaction``: the owner merging runs of old index entries into one
+  larger object and entry, so etcd holds a bounded index per partition.
 
 Nothing here imports the broker's core, sessions or HTTP side: these are
 storage-level building blocks (``partition`` uses the single-node log's

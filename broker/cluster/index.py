@@ -26,7 +26,7 @@ megabyte per partition). Offsets older than the window are looked up in
 etcd (``lookup``: one reverse range read for the entry holding the offset,
 one forward read for the entries after it), which costs a round trip per
 read but only for readers catching up from far behind. With index
-compaction (§13, not built yet) a partition's index stays around 256 + a
+compaction (§13, compaction.py) a partition's index stays around 256 + a
 few hundred entries, inside the default window.
 
 Readers wait for the index to grow with ``wait_beyond(offset)`` (an

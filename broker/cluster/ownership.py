@@ -31,6 +31,7 @@ import anyio
 import attrs
 
 from ..logs import get_logger
+from .compaction import CompactionSettings, CompactionStats, IndexCompactor
 from .dedup import DEFAULT_DEDUP_WINDOW, WindowLeases
 from .etcd import Compare, Delete, Etcd, EtcdError
 from .keys import ClusterKeys
@@ -73,6 +74,7 @@ class _Held:
     owner: PartitionOwner
     scope: anyio.CancelScope
     handing_over: bool = False
+    compactor: IndexCompactor | None = None
 
 
 class OwnershipManager:
@@ -99,6 +101,7 @@ class OwnershipManager:
         resync: float = DEFAULT_RESYNC,
         hand_over_timeout: float = DEFAULT_HAND_OVER_TIMEOUT,
         owner_options: dict[str, Any] | None = None,
+        compaction: CompactionSettings | None = None,
     ) -> None:
         self.etcd = etcd
         self.store = store
@@ -113,6 +116,12 @@ class OwnershipManager:
         self.hand_over_timeout = hand_over_timeout
         #: Passed to every PartitionOwner (window, max_round_bytes, ...).
         self.owner_options = dict(owner_options or {})
+        #: Index compaction of the partitions this node owns (compaction.py;
+        #: None: none), one merge at a time on this node, and what the
+        #: compactors of partitions no longer held did.
+        self.compaction = compaction
+        self._compacting = anyio.CapacityLimiter(1)
+        self._compacted = CompactionStats()
         self.owners = PrefixMirror(etcd, self.keys.own_prefix, max_keys=MAX_OWNER_KEYS, name="own")
         self.leaving = False
         #: Counts changes of this node's view or holdings (``changed()`` wakes on each).
@@ -155,6 +164,14 @@ class OwnershipManager:
         if held is None or held.owner.lost is not None:
             return None
         return held.owner
+
+    def compaction_stats(self) -> CompactionStats:
+        """What index compaction did on this node, summed over its partitions."""
+        total = self._compacted
+        for held in self._held.values():
+            if held.compactor is not None:
+                total = _sum_stats(total, held.compactor.stats)
+        return total
 
     def held(self) -> list[Partition]:
         """The partitions this node holds now (handing over included)."""
@@ -391,12 +408,17 @@ class OwnershipManager:
             with held.scope:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(held.owner.run)
+                    if self.compaction is not None:
+                        held.compactor = IndexCompactor(held.owner, self.compaction, limiter=self._compacting)
+                        tg.start_soon(held.compactor.run)
                     await held.owner.ended.wait()
                     # Lost (fenced, refused, released): let run() fail what is
                     # queued, now, rather than at the next window.
                     tg.cancel_scope.cancel()
         finally:
             held.owner.stop("the node stopped serving the partition")
+            if held.compactor is not None:
+                self._compacted = _sum_stats(self._compacted, held.compactor.stats)
             if self._held.get(tp) is held:
                 del self._held[tp]
             self._poke()
@@ -426,3 +448,7 @@ class OwnershipManager:
             self._failed(tp, "deleting an unserved owner key", exc)
             return
         self._retry.pop(tp, None)
+
+
+def _sum_stats(a: CompactionStats, b: CompactionStats) -> CompactionStats:
+    return CompactionStats(*(x + y for x, y in zip(attrs.astuple(a), attrs.astuple(b), strict=True)))

@@ -127,7 +127,9 @@ def decode_stored(data: bytes, first: int, count: int, topic: str) -> list[Store
 class IndexEntry:
     """``idx/{t}/{p}/{first:020d}``: messages ``first..first+count-1`` are
     bytes ``[start, start+size)`` of ``object``; ``timestamp`` is the first
-    batch's (µs)."""
+    batch's (µs). ``level`` is 0 for a commit round's entry and one more
+    than its parts' for an entry index compaction merged (compaction.py);
+    it is written only when it is not 0."""
 
     first: int
     object: str
@@ -135,22 +137,25 @@ class IndexEntry:
     size: int
     count: int
     timestamp: int
+    level: int = 0
 
     def encode(self) -> bytes:
-        return json.dumps(
-            {"o": self.object, "b": self.start, "n": self.size, "c": self.count, "ts": self.timestamp},
-            separators=(",", ":"),
-        ).encode()
+        fields: dict[str, Any] = {"o": self.object, "b": self.start, "n": self.size, "c": self.count, "ts": self.timestamp}
+        if self.level:
+            fields["l"] = self.level
+        return json.dumps(fields, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, first: int, value: bytes) -> IndexEntry:
         """Raises ValueError when the value is not an entry."""
         try:
             raw = json.loads(value)
-            entry = cls(first, str(raw["o"]), int(raw["b"]), int(raw["n"]), int(raw["c"]), int(raw["ts"]))
-        except (ValueError, KeyError, TypeError) as exc:
+            entry = cls(
+                first, str(raw["o"]), int(raw["b"]), int(raw["n"]), int(raw["c"]), int(raw["ts"]), int(raw.get("l", 0))
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"index entry {first} is not one: {value!r:.200}") from exc
-        if entry.start < 0 or entry.size <= 0 or entry.count <= 0:
+        if entry.start < 0 or entry.size <= 0 or entry.count <= 0 or entry.level < 0:
             raise ValueError(f"index entry {first} is out of range: {value!r:.200}")
         return entry
 
@@ -280,6 +285,10 @@ class PartitionOwner:
         self._pending_ids: dict[bytes, tuple[_Pending, _Round]] = {}
         self._uncertain: dict[bytes, None] = {}
         self._next = self.keys.next(topic, partition)
+        #: Rounds this owner committed; ``wait_commits`` wakes on each (the
+        #: index compactor runs after every so many).
+        self.commits = 0
+        self._commit_event = anyio.Event()
 
     # -- ownership --------------------------------------------------------
 
@@ -687,10 +696,18 @@ class PartitionOwner:
             return True, self._lose(f"epoch {self.epoch} no longer holds the partition")
         return False, None
 
+    async def wait_commits(self, count: int) -> None:
+        """Return once this owner has committed ``count`` rounds."""
+        while self.commits < count:  # each wake-up is one more commit
+            await self._commit_event.wait()
+
     def _committed(self, entry: IndexEntry) -> AppendError | None:
         self.next_offset = entry.first + entry.count
         self._next_exists = True
         self._stale = False
+        self.commits += 1
+        self._commit_event.set()
+        self._commit_event = anyio.Event()
         if not self.keeper.held():
             # Committed, but acknowledgements stop at the lease's deadline
             # (docs/cluster.md §6): the publisher resends (deduplicated by msg-id).

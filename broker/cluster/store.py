@@ -56,6 +56,7 @@ from ..storage.base import StoredBatch, SyncResult, TopicLog
 from ..storage.errors import DataLoss, NotOwnerError, StorageError
 from ..storage.memory import DEFAULT_MAX_BYTES, MemoryTopicLog
 from .cache import RangeCache
+from .compaction import CompactionSettings
 from .etcd import Etcd, EtcdError
 from .index import PartitionIndex
 from .janitor import DEFAULT_EVERY, DEFAULT_GRACE, Janitor
@@ -114,6 +115,8 @@ class ClusterSettings:
     #: go, and the time between sweeps.
     janitor_grace: float = DEFAULT_GRACE
     janitor_every: float = DEFAULT_EVERY
+    #: Index compaction by each partition's owner (compaction.py, §13).
+    compaction: CompactionSettings = attrs.field(factory=CompactionSettings)
 
 
 def parse_cluster_urls(cluster: str, object_store: str, node: str = "") -> ClusterSettings:
@@ -553,6 +556,7 @@ class ClusterStore:
                     manager = OwnershipManager(
                         self.etcd, self.objects, keeper, membership, topics,
                         keys=self.settings.keys, owner_options={"window": self.settings.window},
+                        compaction=self.settings.compaction,
                     )  # fmt: skip
                     self.manager = manager
                     self.logger.info("joined the cluster", node=node, addr=addr, lease=f"{keeper.lease:x}")

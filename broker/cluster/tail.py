@@ -79,7 +79,7 @@ class IndexedReader:
                         raise DataLoss(self.name, pos, entry.first - 1, "missing")
                     pos = entry.first  # below the first entry (retention): read from there
             try:
-                good, lost = await self._batches(entry)
+                entry, (good, lost) = await self._entry_batches(entry, pos)
             except DataLoss:
                 if out:
                     break  # what was read is good; the next read, from pos, reports the loss
@@ -114,6 +114,28 @@ class IndexedReader:
                 raise DataLoss(self.name, pos, pos, "damaged") from None
             older.extend(e for e in entries if e.first + e.count > pos)
         return (older[0] if older else None), below_first
+
+    async def _entry_batches(
+        self, entry: IndexEntry, pos: int
+    ) -> tuple[IndexEntry, tuple[list[StoredBatch], DataLoss | None]]:
+        """``_batches(entry)``; but when its object is gone, the entry that
+        holds ``pos`` now, read from etcd: index compaction may have
+        replaced the one this reader held, and the janitor may delete a
+        replaced entry's object at once (compaction.py). Missing only if
+        etcd still names that object, or nothing, for ``pos``."""
+        try:
+            return entry, await self._batches(entry)
+        except DataLoss as lost:
+            if lost.reason != "missing":
+                raise
+            try:
+                entries, _ = await self.index.lookup(pos, 1)
+            except ValueError:
+                raise DataLoss(self.name, pos, pos, "damaged") from None
+            fresh = entries[0] if entries else None
+            if fresh is None or fresh.object == entry.object or not fresh.first <= pos < fresh.first + fresh.count:
+                raise
+            return fresh, await self._batches(fresh)
 
     async def _batches(self, entry: IndexEntry) -> tuple[list[StoredBatch], DataLoss | None]:
         """The entry's batches; or, when a batch in it is damaged, the intact
