@@ -180,7 +180,9 @@ def cluster_store(config: Config) -> LogStore:
     except ImportError as exc:  # httpx missing
         raise ValueError(f"cluster mode needs the cluster extra (pip install 'pybroker[cluster]'): {exc}") from None
     settings = attrs.evolve(
-        parse_cluster_urls(config.cluster or "", config.object_store, config.node_name), ttl=config.cluster_lease_ttl
+        parse_cluster_urls(config.cluster or "", config.object_store, config.node_name),
+        ttl=config.cluster_lease_ttl,
+        topic_settings=config.topic_settings,
     )
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     credentials = Credentials(key, secret, os.environ.get("AWS_REGION", "us-east-1")) if key and secret else None

@@ -49,8 +49,9 @@ from pybroker.protocol import (
 from pybroker.server.cluster.compaction import CompactionSettings
 from pybroker.server.cluster.janitor import Janitor
 from pybroker.server.cluster.objects import ObjectStoreError
-from pybroker.server.cluster.partition import PartitionReader
+from pybroker.server.cluster.partition import IndexEntry, PartitionReader
 from pybroker.server.server import Server
+from pybroker.server.storage.settings import SettingsResolver, TopicSettings
 
 pytest.importorskip("httpx", reason="cluster mode needs the cluster extra (httpx)")
 
@@ -196,6 +197,53 @@ async def test_a_node_joining_after_index_compaction_delivers_every_message(urls
             await sub.send_event(Subscribe(1, "history", StartKind.EARLIEST, 0))
             assert await sub.next_event() == SubAck(1)
             assert await offsets_and_payloads(sub, 40) == want
+
+
+async def test_retention_cuts_the_oldest_messages_in_cluster_mode(urls: dict[str, str], tmp_path: Path) -> None:
+    """``--retention-bytes`` in cluster mode: the owner cuts the oldest index
+    entries past the limit; a node that joins then starts ``earliest``
+    subscribers, and those from an offset below it, at the first message
+    kept, as a single node does."""
+    limit = 10_000
+    resolver = SettingsResolver(TopicSettings(retention_bytes=limit))
+    often = CompactionSettings(retention_every=0.2)
+    async with (
+        cluster_node(urls, "a", tmp_path, topic_settings=resolver) as a,
+        cluster_node(urls, "b", tmp_path, topic_settings=resolver) as b,
+    ):
+        nodes = [a, b]
+        for node in nodes:
+            tune(node, compaction=often)
+        payloads = [b"%04d" % i + b"x" * 996 for i in range(40)]
+        await publish_to_owner(nodes, "kept", [payloads[0]], "p")
+        owner = await settled_owner(nodes, "kept")
+        async with raw_client(owner) as pub:
+            await hello(pub, "publisher")
+            for i in range(1, 40):  # one round, so one index entry, each
+                await pub.send_event(Publish(i, "kept", encode_batch([payloads[i]])))
+                ack = await pub.next_event()
+                assert isinstance(ack, PubAck) and ack.base_offset == i, ack
+        store = store_of(owner)
+        prefix = store.settings.keys.index_prefix("kept", 0)
+        size = IndexEntry.decode(39, (await store.etcd.get(prefix + b"%020d" % 39)).value).size  # type: ignore[union-attr]
+        first = 40 - limit // size  # the newest entries that fit in the limit stay
+        manager = store.manager
+        assert manager is not None and 20 < first < 40
+        await wait_for(lambda: manager.compaction_stats().retention_cut >= first)
+        index = (await store.etcd.get_prefix(prefix)).kvs
+        assert [int(kv.key[len(prefix) :]) for kv in index] == list(range(first, 40))
+        async with cluster_node(urls, "c", tmp_path, topic_settings=resolver) as c:
+            async with raw_client(c) as sub:
+                await hello(sub, "earliest")
+                await sub.send_event(Subscribe(1, "kept", StartKind.EARLIEST, 0))
+                assert await sub.next_event() == SubAck(1)
+                assert await offsets_and_payloads(sub, 40 - first) == list(enumerate(payloads))[first:]
+            async with raw_client(c) as sub:
+                await hello(sub, "from-zero")
+                await sub.send_event(Subscribe(1, "kept", StartKind.OFFSET, 0))
+                assert await sub.next_event() == SubAck(1)
+                # Below the first retained offset: from there (protocol.md, SUBSCRIBE).
+                assert await offsets_and_payloads(sub, 40 - first) == list(enumerate(payloads))[first:]
 
 
 async def test_a_round_that_fails_is_refused_and_the_next_takes_its_offsets(urls: dict[str, str], tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ merge is refused; an entry whose bytes do not check is left alone."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import attrs
@@ -31,6 +32,7 @@ from pybroker.server.cluster.keys import ClusterKeys  # noqa: E402
 from pybroker.server.cluster.lease import LeaseKeeper  # noqa: E402
 from pybroker.server.cluster.objects import ObjectStore  # noqa: E402
 from pybroker.server.cluster.partition import IndexEntry, PartitionOwner, PartitionReader  # noqa: E402
+from pybroker.server.cluster.retention import Cut, Retention, cut  # noqa: E402
 from pybroker.server.cluster.tail import IndexedReader  # noqa: E402
 from pybroker.server.storage.base import StoredBatch  # noqa: E402
 from pybroker.server.storage.errors import DataLoss  # noqa: E402
@@ -265,4 +267,72 @@ async def test_an_entry_whose_bytes_do_not_check_is_left_alone(cluster: Cluster)
             assert (lost.value.first, lost.value.reason) == (damaged.first, "damaged")
             got = await reader.read(damaged.first + damaged.count, 1)
             assert got[0].base_offset == damaged.first + damaged.count
+            nursery.cancel_scope.cancel()
+
+
+# -- retention (retention.py) -------------------------------------------------------
+
+
+async def sized_rounds(owner: PartitionOwner, n: int, *, timestamp: int | None = None) -> int:
+    """``n`` rounds of one 1000-byte message each; an entry's size."""
+    for i in range(n):
+        await owner.append(encode_batch([b"%04d" % i + b"x" * 996]), timestamp)
+    entries = await owner.etcd.get_prefix(owner.keys.index_prefix(TOPIC, 0), limit=1)
+    return IndexEntry.decode(0, entries.kvs[0].value).size
+
+
+async def test_retention_by_bytes_cuts_the_oldest_entries_and_keeps_the_newest(cluster: Cluster) -> None:
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            owner = await cluster.owner()
+            nursery.start_soon(owner.run)
+            size = await sized_rounds(owner, 10)
+            limits = Retention(max_bytes=size * 7 // 2)  # three and a half entries: three stay
+            done = await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, limits, time.time_ns() // 1000)
+            assert done == Cut(7, 7)
+            assert [e.first for e in await cluster.entries()] == [7, 8, 9]
+            # Below the first entry reads start there (the store says DATA_LOST for it).
+            got = await PartitionReader(cluster.etcd, cluster.store, TOPIC, 0, keys=cluster.keys).read(0)
+            assert [b.base_offset for b in got] == [7, 8, 9]
+            # Nothing more to cut; a limit below one entry keeps the newest alone.
+            assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, limits, 0) is None
+            tiny = Retention(max_bytes=1)
+            assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, tiny, 0) == Cut(2, 9)
+            assert [e.first for e in await cluster.entries()] == [9]
+            assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, tiny, 0) is None
+            nursery.cancel_scope.cancel()
+
+
+async def test_retention_by_age_cuts_entries_whose_successor_began_before_the_cutoff(cluster: Cluster) -> None:
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            owner = await cluster.owner()
+            nursery.start_soon(owner.run)
+            now = time.time_ns() // 1000
+            await sized_rounds(owner, 5, timestamp=now - 1000 * 1_000_000)
+            await sized_rounds(owner, 3, timestamp=now)
+            limits = Retention(max_age=500.0)
+            # Entries 0-3 go: the entry after each began 1000 s ago. Entry 4
+            # stays: the one after it began now, so 4 may hold later messages.
+            assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, limits, now) == Cut(4, 4)
+            assert [e.first for e in await cluster.entries()] == [4, 5, 6, 7]
+            assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, limits, now) is None
+            # Much later everything but the newest entry goes.
+            later = now + 3600 * 1_000_000
+            assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, limits, later) == Cut(3, 7)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_former_owners_cut_deletes_nothing(cluster: Cluster) -> None:
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            old = await cluster.owner()
+            nursery.start_soon(old.run)
+            await sized_rounds(old, 6)
+            await cluster.etcd.delete(cluster.keys.own(TOPIC, 0))
+            new = await cluster.owner()
+            tiny = Retention(max_bytes=1)
+            assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, old.epoch, tiny, 0) is None
+            assert len(await cluster.entries()) == 6
+            assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, new.epoch, tiny, 0) == Cut(5, 5)
             nursery.cancel_scope.cancel()

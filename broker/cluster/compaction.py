@@ -39,6 +39,8 @@ each merges something (``MAX_PASSES``).
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 
 import anyio
@@ -50,6 +52,7 @@ from ..logs import get_logger
 from .etcd import Compare, Delete, EtcdError, KeyValue, Op, Put, prefix_end
 from .objects import NoSuchKey, ObjectStoreError
 from .partition import IndexEntry, PartitionOwner, decode_stored
+from .retention import Cut, Retention, cut
 
 #: docs/cluster.md §13: entries kept as they are, entries per merge, and
 #: the largest merged object (a merge holds its parts and their join).
@@ -66,6 +69,7 @@ PAGE = 512
 MAX_PASSES = 64
 #: Entries whose bytes did not check, remembered so runs go around them.
 MAX_BAD = 1024
+DEFAULT_RETENTION_EVERY = 30.0
 #: Backoff after a pass failed (etcd or the object store): doubles up to MAX.
 RETRY_MIN = 0.5
 RETRY_MAX = 30.0
@@ -76,6 +80,9 @@ class CompactionSettings:
     keep: int = DEFAULT_KEEP
     fan_in: int = DEFAULT_FAN_IN
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+    #: Seconds between retention cuts of a partition that has a retention
+    #: limit (retention.py), besides one after every ``fan_in`` rounds.
+    retention_every: float = DEFAULT_RETENTION_EVERY
 
     def __attrs_post_init__(self) -> None:
         if self.keep < 1:
@@ -98,6 +105,8 @@ class CompactionStats:
     refused: int = 0
     unknown: int = 0
     damaged: int = 0
+    #: Index entries retention cut (retention.py).
+    retention_cut: int = 0
 
 
 @attrs.frozen
@@ -161,9 +170,12 @@ class IndexCompactor:
         settings: CompactionSettings | None = None,
         *,
         limiter: anyio.CapacityLimiter | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self.owner = owner
         self.settings = settings or CompactionSettings()
+        #: The partition's retention limits (cut before each compaction pass).
+        self.retention = retention if retention is not None and retention.active else None
         self.limiter = limiter or anyio.CapacityLimiter(1)
         self.stats = CompactionStats()
         self.name = f"{owner.topic}[{owner.partition}]"
@@ -176,13 +188,19 @@ class IndexCompactor:
 
     async def run(self) -> None:
         """A pass at once, then after every ``fan_in`` rounds the owner
-        commits, until cancelled (the owner's task group ends it)."""
+        commits (and every ``retention_every`` seconds when the partition
+        has a retention limit), until cancelled (the owner's task group
+        ends it). Each pass cuts what retention no longer keeps first."""
         pause = RETRY_MIN
         seen = self.owner.commits - self.settings.fan_in
+        every = self.settings.retention_every if self.retention is not None else math.inf
         while True:
-            await self.owner.wait_commits(seen + self.settings.fan_in)
+            with anyio.move_on_after(every):
+                await self.owner.wait_commits(seen + self.settings.fan_in)
             seen = self.owner.commits
             try:
+                if self.retention is not None and self.owner.owning:
+                    await self.cut()
                 for _ in range(MAX_PASSES):
                     if not self.owner.owning or not await self.compact():
                         break
@@ -191,6 +209,20 @@ class IndexCompactor:
                 self._log.info("index compaction failed", error=repr(exc), retry_in=pause)
                 await anyio.sleep(pause)
                 pause = min(RETRY_MAX, pause * 2)
+
+    async def cut(self) -> Cut | None:
+        """Cut the entries the partition's retention no longer keeps (fenced
+        on the owner's epoch); what went, or None."""
+        if self.retention is None:
+            return None
+        owner = self.owner
+        done = await cut(
+            owner.etcd, owner.keys, owner.topic, owner.partition, owner.epoch, self.retention, time.time_ns() // 1000
+        )
+        if done is not None:
+            self.stats.retention_cut += done.entries
+            self._log.info("retention cut the index", entries=done.entries, first=done.first)
+        return done
 
     async def compact(self) -> int:
         """One pass: the merges it committed (0 when there was nothing to do)."""

@@ -185,12 +185,16 @@ class _KeyRange:
 
     key: bytes
     prefix: bool = False
+    #: Every key in ``[key, range_end)`` (instead of ``prefix``).
+    range_end: bytes | None = None
     #: The request's name in a transaction.
     request: ClassVar[str] = ""
 
     def to_json(self) -> dict[str, Any]:
         body = {"key": _b64(self.key)}
-        if self.prefix:
+        if self.range_end is not None:
+            body["range_end"] = _b64(self.range_end)
+        elif self.prefix:
             body["range_end"] = _b64(prefix_end(self.key))
         return {self.request: body}
 

@@ -41,6 +41,7 @@ from .mirror import PrefixMirror
 from .objects import ObjectStore
 from .partition import DEFAULT_HAND_OVER_TIMEOUT, NotOwner, ObjectNames, PartitionOwner
 from .ranking import first
+from .retention import Retention
 from .topics import TopicRegistry
 
 Partition = tuple[str, int]
@@ -102,6 +103,7 @@ class OwnershipManager:
         hand_over_timeout: float = DEFAULT_HAND_OVER_TIMEOUT,
         owner_options: dict[str, Any] | None = None,
         compaction: CompactionSettings | None = None,
+        retention: Callable[[str], Retention] | None = None,
     ) -> None:
         self.etcd = etcd
         self.store = store
@@ -120,6 +122,8 @@ class OwnershipManager:
         #: None: none), one merge at a time on this node, and what the
         #: compactors of partitions no longer held did.
         self.compaction = compaction
+        #: Each topic's retention limits, cut by its compactor (retention.py).
+        self.retention = retention
         self._compacting = anyio.CapacityLimiter(1)
         self._compacted = CompactionStats()
         self.owners = PrefixMirror(etcd, self.keys.own_prefix, max_keys=MAX_OWNER_KEYS, name="own")
@@ -409,7 +413,10 @@ class OwnershipManager:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(held.owner.run)
                     if self.compaction is not None:
-                        held.compactor = IndexCompactor(held.owner, self.compaction, limiter=self._compacting)
+                        retention = self.retention(tp[0]) if self.retention is not None else None
+                        held.compactor = IndexCompactor(
+                            held.owner, self.compaction, limiter=self._compacting, retention=retention
+                        )
                         tg.start_soon(held.compactor.run)
                     await held.owner.ended.wait()
                     # Lost (fenced, refused, released): let run() fail what is

@@ -33,7 +33,8 @@ Consumer groups run at their topic's owner with their state in etcd
 (groupstate.py); a msg-id resend to the next owner is found in its copy
 (the core's exactly-once window reads it back). What is not here yet
 (docs/cluster.md §14): several partitions per topic, topic deletion and
-settings. The HTTP fetch, SSE and the exactly-once window's read-back
+settings changed at run time (the ``--retention`` settings the node
+starts with apply: each owner cuts its partitions, retention.py). The HTTP fetch, SSE and the exactly-once window's read-back
 cannot wait: older than the copy is lost (retention) to them, as before,
 while the fetch they started fills the node's replay cache.
 """
@@ -55,6 +56,7 @@ from ..logs import get_logger
 from ..storage.base import StoredBatch, SyncResult, TopicLog
 from ..storage.errors import DataLoss, NotOwnerError, StorageError
 from ..storage.memory import DEFAULT_MAX_BYTES, MemoryTopicLog
+from ..storage.settings import SettingsResolver
 from .cache import RangeCache
 from .compaction import CompactionSettings
 from .etcd import Etcd, EtcdError
@@ -68,6 +70,7 @@ from .ownership import OwnershipManager
 from .partition import DEFAULT_MAX_ROUND_BYTES, AppendError, NotOwner, OutcomeUnknown, PartitionOwner
 from .replay import DEFAULT_MAX_BYTES as DEFAULT_REPLAY_BYTES
 from .replay import DEFAULT_MAX_FETCHES, Replay
+from .retention import Retention
 from .tail import IndexedReader
 from .topics import TopicError, TopicRegistry
 
@@ -117,6 +120,10 @@ class ClusterSettings:
     janitor_every: float = DEFAULT_EVERY
     #: Index compaction by each partition's owner (compaction.py, §13).
     compaction: CompactionSettings = attrs.field(factory=CompactionSettings)
+    #: Per-topic settings (``--retention``, ``--retention-bytes``,
+    #: ``--topic``): the owner cuts what retention no longer keeps
+    #: (retention.py); the fsync and segment settings mean nothing here.
+    topic_settings: SettingsResolver = attrs.field(factory=SettingsResolver)
 
 
 def parse_cluster_urls(cluster: str, object_store: str, node: str = "") -> ClusterSettings:
@@ -291,7 +298,10 @@ class ClusterStore:
         return None
 
     def set_topic(self, name: str, changes: Mapping[str, str]) -> Any:
-        raise ValueError("cluster mode has no per-topic settings yet")
+        raise ValueError(
+            "cluster mode cannot change topic settings while it runs yet "
+            "(start the nodes with --retention, --retention-bytes or --topic)"
+        )
 
     async def purge(self, log: TopicLog, keep_from: int) -> int:
         raise StorageError("cluster mode cannot purge topics yet", full=False, topic=log.name)
@@ -503,26 +513,40 @@ class ClusterStore:
                 # did not meet the copy's end (after a pause: no busy loop).
                 await trio.sleep(RETRY_MIN if mismatched else 0)
 
+    def retention_of(self, topic: str) -> Retention:
+        return Retention.of(self.settings.topic_settings(topic))
+
     async def _find_floor(self, log: ClusterTopicLog, index: PartitionIndex) -> None:
         """The partition's first indexed offset (what reads below the copy
         can reach): the window's own first when it starts at 0, else the
-        first entry in etcd (retried while etcd does not answer)."""
+        first entry in etcd (retried while etcd does not answer). Read
+        again every ``retention_every`` seconds for a topic with a
+        retention limit (its owner cuts the oldest entries); it only rises."""
         pause = RETRY_MIN
-        while index.low > 0:
+        again = self.retention_of(log.name).active
+        while True:
             try:
-                entries, _ = await index.lookup(0, 1)
-            except ValueError as exc:  # it does not decode: the window's first is the floor
-                self.logger.error("the first index entry is damaged", topic=log.name, error=str(exc))
-                log.floor = index.low
-                return
+                floor = await self._read_floor(log, index)
             except EtcdError as exc:
                 self.logger.info("cannot read the first index entry", topic=log.name, error=repr(exc), retry_in=pause)
                 await trio.sleep(pause)
                 pause = min(RETRY_MAX, pause * 2)
                 continue
-            log.floor = entries[0].first if entries else index.low
-            return
-        log.floor = 0
+            log.floor = floor if log.floor is None else max(log.floor, floor)
+            if not again:
+                return
+            pause = RETRY_MIN
+            await trio.sleep(self.settings.compaction.retention_every)
+
+    async def _read_floor(self, log: ClusterTopicLog, index: PartitionIndex) -> int:
+        if index.low == 0 and log.floor is None:
+            return 0
+        try:
+            entries, _ = await index.lookup(0, 1)
+        except ValueError as exc:  # it does not decode: the window's first is the floor
+            self.logger.error("the first index entry is damaged", topic=log.name, error=str(exc))
+            return index.low
+        return entries[0].first if entries else index.low
 
     # -- joining -------------------------------------------------------------
 
@@ -556,7 +580,7 @@ class ClusterStore:
                     manager = OwnershipManager(
                         self.etcd, self.objects, keeper, membership, topics,
                         keys=self.settings.keys, owner_options={"window": self.settings.window},
-                        compaction=self.settings.compaction,
+                        compaction=self.settings.compaction, retention=self.retention_of,
                     )  # fmt: skip
                     self.manager = manager
                     self.logger.info("joined the cluster", node=node, addr=addr, lease=f"{keeper.lease:x}")
