@@ -46,6 +46,7 @@ from pybroker.protocol import (
     decode_batch,
     encode_batch,
 )
+from pybroker.server.cluster.cache import RangeCache
 from pybroker.server.cluster.compaction import CompactionSettings
 from pybroker.server.cluster.janitor import Janitor
 from pybroker.server.cluster.objects import ObjectStoreError
@@ -197,6 +198,37 @@ async def test_a_node_joining_after_index_compaction_delivers_every_message(urls
             await sub.send_event(Subscribe(1, "history", StartKind.EARLIEST, 0))
             assert await sub.next_event() == SubAck(1)
             assert await offsets_and_payloads(sub, 40) == want
+
+
+async def test_the_owner_reads_its_own_rounds_from_memory(urls: dict[str, str], tmp_path: Path) -> None:
+    """Every node tails every committed round, the owner too (its copy
+    already has them): it keeps each object it commits in its read cache,
+    so it never GETs back what it just wrote; the other node GETs each."""
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        nodes = [a, b]
+        await publish_to_owner(nodes, "echo", [b"m0"], "p")
+        owner = await settled_owner(nodes, "echo")
+        other = b if owner is a else a
+        mine, theirs = store_of(owner).cache, store_of(other).cache
+
+        def reads(cache: RangeCache) -> int:
+            stats = cache.statistics()
+            return stats.hits + stats.fetches
+
+        # The first round may have been another node's (before ownership
+        # settled): the owner's tail reads it from the store.
+        await wait_for(lambda: reads(mine) >= 1)
+        before = mine.statistics()
+        async with raw_client(owner) as pub:
+            await hello(pub, "publisher")
+            for i in range(1, 21):  # one round each
+                await pub.send_event(Publish(i, "echo", encode_batch([f"m{i}".encode()])))
+                ack = await pub.next_event()
+                assert isinstance(ack, PubAck) and ack.base_offset == i, ack
+        await wait_for(lambda: reads(mine) >= before.hits + before.fetches + 20 and reads(theirs) >= 21)
+        after = mine.statistics()
+        assert (after.fetches, after.hits) == (before.fetches, before.hits + 20)
+        assert theirs.statistics().fetches >= 20
 
 
 async def test_retention_cuts_the_oldest_messages_in_cluster_mode(urls: dict[str, str], tmp_path: Path) -> None:

@@ -238,6 +238,7 @@ class PartitionOwner:
         dedup_window: float = DEFAULT_DEDUP_WINDOW,
         dedup_max_ids: int = DEFAULT_DEDUP_MAX_IDS,
         windows: WindowLeases | None = None,
+        on_written: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.etcd = etcd
         self.store = store
@@ -262,6 +263,10 @@ class PartitionOwner:
         #: Called with the object's name after its PUT and before the
         #: transaction: a fault hook (raise to simulate a crash in between).
         self.before_commit: Callable[[str], Awaitable[None]] | None = None
+        #: Called with each round's object name and bytes once its PUT
+        #: succeeded (a node's read cache keeps them, so its own tail reads
+        #: them from memory instead of GETting back what it just wrote).
+        self.on_written = on_written
         self._next_exists = False
         #: After an unresolved outcome: re-read the next offset before committing.
         self._stale = False
@@ -623,6 +628,11 @@ class PartitionOwner:
                 for item in round_.items
                 if item.msg_id is not None
             ]
+        if self.on_written is not None:
+            # Before the transaction: etcd's watch may tell this node's tail
+            # of the entry before the transaction's own answer is read here.
+            # (If it is refused, nothing names the object and it ages out.)
+            self.on_written(name, data)
         outcome = await self._transact(entry, put_at, extra)
         if outcome is None and failpoints.ARMED:
             # Committed; run() hands the round back to its appenders (and

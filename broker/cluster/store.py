@@ -579,7 +579,8 @@ class ClusterStore:
                     topics = TopicRegistry(self.etcd, keys=self.settings.keys)
                     manager = OwnershipManager(
                         self.etcd, self.objects, keeper, membership, topics,
-                        keys=self.settings.keys, owner_options={"window": self.settings.window},
+                        keys=self.settings.keys,
+                        owner_options={"window": self.settings.window, "on_written": self.cache.put},
                         compaction=self.settings.compaction, retention=self.retention_of,
                     )  # fmt: skip
                     self.manager = manager
