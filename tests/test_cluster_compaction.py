@@ -336,3 +336,22 @@ async def test_a_former_owners_cut_deletes_nothing(cluster: Cluster) -> None:
             assert len(await cluster.entries()) == 6
             assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, new.epoch, tiny, 0) == Cut(5, 5)
             nursery.cancel_scope.cancel()
+
+
+async def test_a_merge_reads_the_rounds_the_nodes_cache_holds_from_memory(cluster: Cluster) -> None:
+    """The owner puts each round's object in its read cache (its tail reads
+    it there); compaction reads the same rounds from there, not the store."""
+    cache = RangeCache(cluster.store, max_bytes=1 << 20)
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            owner = await cluster.owner()
+            owner.on_written = cache.put
+            nursery.start_soon(owner.run)
+            await rounds(owner, 13)
+            before = await cluster.read_all()
+            compactor = IndexCompactor(owner, SMALL, cache=cache)
+            assert await compactor.compact() == 2  # 8 entries older than the newest 5
+            stats = cache.statistics()
+            assert (stats.hits, stats.fetches) == (8, 0)
+            assert await cluster.read_all() == before
+            nursery.cancel_scope.cancel()

@@ -49,6 +49,7 @@ import attrs
 from pybroker.server.storage.errors import DataLoss
 
 from ..logs import get_logger
+from .cache import RangeCache
 from .etcd import Compare, Delete, EtcdError, KeyValue, Op, Put, prefix_end
 from .objects import NoSuchKey, ObjectStoreError
 from .partition import IndexEntry, PartitionOwner, decode_stored
@@ -171,8 +172,12 @@ class IndexCompactor:
         *,
         limiter: anyio.CapacityLimiter | None = None,
         retention: Retention | None = None,
+        cache: RangeCache | None = None,
     ) -> None:
         self.owner = owner
+        #: The node's read cache: the newest rounds a merge reads are
+        #: usually there (the owner put them there), else they are fetched.
+        self.cache = cache
         self.settings = settings or CompactionSettings()
         #: The partition's retention limits (cut before each compaction pass).
         self.retention = retention if retention is not None and retention.active else None
@@ -272,7 +277,10 @@ class IndexCompactor:
         for held in run:
             entry = held.entry
             try:
-                data = await owner.store.get(entry.object, entry.start, entry.start + entry.size - 1)
+                if self.cache is not None and (entry.object, entry.start, entry.size) in self.cache:
+                    data = await self.cache.get(entry.object, entry.start, entry.size)
+                else:  # not through the cache: old ranges would only push out what readers need
+                    data = await owner.store.get(entry.object, entry.start, entry.start + entry.size - 1)
                 if len(data) != entry.size:
                     raise DataLoss(self.name, entry.first, entry.first + entry.count - 1, "damaged")
                 decode_stored(data, entry.first, entry.count, self.name)

@@ -31,6 +31,7 @@ import anyio
 import attrs
 
 from ..logs import get_logger
+from .cache import RangeCache
 from .compaction import CompactionSettings, CompactionStats, IndexCompactor
 from .dedup import DEFAULT_DEDUP_WINDOW, WindowLeases
 from .etcd import Compare, Delete, Etcd, EtcdError
@@ -104,6 +105,7 @@ class OwnershipManager:
         owner_options: dict[str, Any] | None = None,
         compaction: CompactionSettings | None = None,
         retention: Callable[[str], Retention] | None = None,
+        cache: RangeCache | None = None,
     ) -> None:
         self.etcd = etcd
         self.store = store
@@ -124,6 +126,8 @@ class OwnershipManager:
         self.compaction = compaction
         #: Each topic's retention limits, cut by its compactor (retention.py).
         self.retention = retention
+        #: The node's read cache, which compaction reads through when it holds a range.
+        self.cache = cache
         self._compacting = anyio.CapacityLimiter(1)
         self._compacted = CompactionStats()
         self.owners = PrefixMirror(etcd, self.keys.own_prefix, max_keys=MAX_OWNER_KEYS, name="own")
@@ -415,7 +419,7 @@ class OwnershipManager:
                     if self.compaction is not None:
                         retention = self.retention(tp[0]) if self.retention is not None else None
                         held.compactor = IndexCompactor(
-                            held.owner, self.compaction, limiter=self._compacting, retention=retention
+                            held.owner, self.compaction, limiter=self._compacting, retention=retention, cache=self.cache
                         )
                         tg.start_soon(held.compactor.run)
                     await held.owner.ended.wait()

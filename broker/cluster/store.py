@@ -581,7 +581,7 @@ class ClusterStore:
                         self.etcd, self.objects, keeper, membership, topics,
                         keys=self.settings.keys,
                         owner_options={"window": self.settings.window, "on_written": self.cache.put},
-                        compaction=self.settings.compaction, retention=self.retention_of,
+                        compaction=self.settings.compaction, retention=self.retention_of, cache=self.cache,
                     )  # fmt: skip
                     self.manager = manager
                     self.logger.info("joined the cluster", node=node, addr=addr, lease=f"{keeper.lease:x}")
