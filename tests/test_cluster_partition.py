@@ -23,8 +23,9 @@ from pybroker.protocol import encode_batch
 from pybroker.server.cluster.etcd import Etcd, EtcdUnavailable, TxnResult
 from pybroker.server.cluster.keys import ClusterKeys
 from pybroker.server.cluster.lease import LeaseKeeper
-from pybroker.server.cluster.objects import ObjectStore
+from pybroker.server.cluster.objects import ObjectStore, ObjectStoreError
 from pybroker.server.cluster.partition import (
+    AppendFailed,
     IndexEntry,
     NotOwner,
     OutcomeUnknown,
@@ -65,12 +66,16 @@ class Cluster:
     def reader(self) -> PartitionReader:
         return PartitionReader(self.etcd, self.store, TOPIC, 0, keys=self.keys)
 
-    async def owner(self, *, ttl: int = 10, window: float = 0.005, etcd: Etcd | None = None) -> PartitionOwner:
+    async def owner(
+        self, *, ttl: int = 10, window: float = 0.005, etcd: Etcd | None = None, store: ObjectStore | None = None
+    ) -> PartitionOwner:
         """A node's owner of partition 0, with a fresh lease (not yet acquired)."""
         etcd = etcd or self.etcd
         keeper = LeaseKeeper(etcd, ttl)
         await keeper.grant()
-        return PartitionOwner(etcd, self.store, keeper, TOPIC, 0, keys=self.keys, window=window, node=f"node-{keeper.lease:x}")
+        return PartitionOwner(
+            etcd, store or self.store, keeper, TOPIC, 0, keys=self.keys, window=window, node=f"node-{keeper.lease:x}"
+        )
 
     async def data_objects(self) -> list[str]:
         return [info.key for info in await self.store.list("data/")]
@@ -492,6 +497,65 @@ async def test_a_lost_commit_answer_is_resolved_from_the_index(cluster: Cluster,
                 nursery.cancel_scope.cancel()
         assert await read_all(cluster.reader(), 6) == sent
         assert len(await cluster.indexed_objects()) == 3 == len(await cluster.data_objects())
+
+
+class FailsFirstPut(ObjectStore):
+    """An object store whose first conditional PUT fails: ``applied`` (the
+    object is stored, then the answer is lost: status 0), ``unsent`` (lost
+    before it reached the store), ``busy`` (503 SlowDown), or ``forbidden``
+    (403, which no retry mends)."""
+
+    def __init__(self, endpoint: str, prefix: str, mode: str) -> None:
+        super().__init__(endpoint, BUCKET, prefix=prefix)
+        self.mode = mode
+        self.armed = False
+        self.puts = 0
+
+    async def put_if_absent(self, key: str, data: bytes) -> bool:
+        self.puts += 1
+        if not self.armed:
+            return await super().put_if_absent(key, data)
+        self.armed = False
+        if self.mode == "applied":
+            assert await super().put_if_absent(key, data)
+        status, code = {"applied": (0, ""), "unsent": (0, ""), "busy": (503, "SlowDown"), "forbidden": (403, "AccessDenied")}[
+            self.mode
+        ]
+        raise ObjectStoreError(f"injected: put {key} failed ({self.mode})", status, code)
+
+
+@pytest.mark.parametrize("mode", ["applied", "unsent", "busy", "forbidden"])
+async def test_a_put_that_may_pass_is_tried_again(cluster: Cluster, mode: str) -> None:
+    """A PUT whose answer was lost, or that the store was too busy for, is
+    tried again (a 412 then means the first try stored it): the append is
+    acknowledged once, at its offset, in one object. A refusal no retry
+    mends (403) refuses the append at once, and the next takes its offset."""
+    with trio.fail_after(WAIT):
+        store = FailsFirstPut(cluster.s3_url, cluster.object_prefix, mode)
+        async with store:
+            owner = await cluster.owner(store=store)
+            assert await owner.acquire()
+            sent: dict[int, bytes] = {}
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(owner.run)
+                batch = batch_of("first", 2)
+                sent[await owner.append(batch)] = batch
+                store.armed = True
+                batch = batch_of("put-failed", 3)
+                if mode == "forbidden":
+                    with pytest.raises(AppendFailed, match="forbidden"):
+                        await owner.append(batch)
+                    assert (store.puts, owner.put_retries) == (2, 0)
+                else:
+                    assert await owner.append(batch) == 2
+                    sent[2] = batch
+                    assert (store.puts, owner.put_retries) == (3, 1)
+                batch = batch_of("after", 1)
+                sent[await owner.append(batch)] = batch
+                nursery.cancel_scope.cancel()
+        end = 3 if mode == "forbidden" else 6
+        assert await read_all(cluster.reader(), end) == sent
+        assert len(await cluster.indexed_objects()) == len(sent) == len(await cluster.data_objects())
 
 
 def test_keys_escape_topic_names() -> None:

@@ -64,6 +64,11 @@ MAX_QUEUED_ROUNDS = 4
 #: between them (each try is bounded by the etcd client's timeout).
 RESOLVE_ATTEMPTS = 5
 RESOLVE_PAUSE = 0.1
+#: A round's PUT: tries in all, the pause before the second (doubling),
+#: and the failures worth another try (0: unreachable or no answer).
+PUT_ATTEMPTS = 3
+PUT_PAUSE = 0.1
+PUT_RETRY_STATUSES = frozenset({0, 409, 500, 502, 503, 504})
 #: Exactly-once batches in one round: each adds a put to the round's
 #: transaction, which etcd bounds at 128 operations (--max-txn-ops).
 MAX_DEDUP_PER_ROUND = 120
@@ -294,6 +299,8 @@ class PartitionOwner:
         #: index compactor runs after every so many).
         self.commits = 0
         self._commit_event = anyio.Event()
+        #: PUTs tried again (``_put``).
+        self.put_retries = 0
 
     # -- ownership --------------------------------------------------------
 
@@ -605,7 +612,7 @@ class PartitionOwner:
         if failpoints.ARMED:  # a test facility (failpoints.py): one check per round
             failpoints.hit("before-put", topic=self.topic, object=name, first=expected, count=base - expected)
         try:
-            if not await self.store.put_if_absent(name, data):
+            if not await self._put(name, data):
                 return AppendFailed(f"object {name} already exists: another writer holds this node's name")
         except ObjectStoreError as exc:
             return AppendFailed(f"PUT {name}: {exc}")
@@ -640,6 +647,28 @@ class PartitionOwner:
             # after this returns.
             failpoints.hit("after-commit", topic=self.topic, object=name, first=expected, count=base - expected)
         return outcome
+
+    async def _put(self, name: str, data: bytes) -> bool:
+        """PUT a round's object (``If-None-Match: *``); True once it is
+        there. A failure that may pass (the store unreachable or its
+        answer lost, 500/502/503/504, 409 for a conditional write still in
+        flight) is tried again, ``PUT_ATTEMPTS`` in all, while the lease
+        holds. On a retry a 412 means an earlier try created it (the name
+        is this owner's alone), which a read-back confirms (anyone else's
+        bytes under our name: False, the round is abandoned). Any other
+        failure is raised at once."""
+        for attempt in range(PUT_ATTEMPTS):
+            try:
+                if await self.store.put_if_absent(name, data):
+                    return True
+            except ObjectStoreError as exc:
+                if exc.status not in PUT_RETRY_STATUSES or attempt + 1 == PUT_ATTEMPTS or not self.keeper.held():
+                    raise
+                self.put_retries += 1
+                await anyio.sleep(PUT_PAUSE * 2**attempt)
+                continue
+            return attempt > 0 and await self.store.get(name) == data
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _round_txn(self, entry: IndexEntry, extra: list[Op] | None = None) -> tuple[list[Compare], list[Op], list[Op]]:
         gone = self.keys.gone(entry.object)
