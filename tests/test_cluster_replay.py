@@ -27,7 +27,9 @@ from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
     urls,
     wait_for,
 )
+from helpers.http import get_json
 from helpers.raw import RawClient, raw_client
+from helpers.sse import events, stream
 from pybroker.protocol import (
     Ack,
     AckKind,
@@ -162,6 +164,37 @@ async def test_subscribers_on_the_owner_and_another_node_replay_from_zero(urls: 
         first = got[0][0]
         assert first <= min(o for o, _, ts in seen if ts == target[2]), (first, target)
         assert [(offset, payload) for offset, payload, _ in got] == list(enumerate(want))[first:]
+
+
+async def test_http_fetch_and_event_streams_wait_for_what_is_below_the_copy(
+    urls: dict[str, str], tmp_path: Path
+) -> None:
+    """``GET .../messages?from=0`` and ``GET .../events?from=0`` on a node
+    whose copy holds only the newest messages: the rest is in the object
+    store, so they wait for the node's fetches rather than report it lost."""
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        for node in (a, b):
+            tune(node, **SMALL)
+        await publish_to_owner([a, b], "web", [b"m0"], "creator")
+        owner = await settled_owner([a, b], "web")
+        other = b if owner is a else a
+        batches = [[f"m{i}.{j}-".encode() + b"x" * 90 for j in range(3)] for i in range(1, 101)]
+        await publish_all(owner, "web", batches, at_once=5)
+        want = [b"m0"] + [p for batch in batches for p in batch]
+        await caught_up(other, "web", len(want))
+        port = other.http_port
+        assert port is not None
+        fetched = await get_json(port, f"/v1/topics/web/messages?from=0&limit={len(want)}")
+        assert "missing" not in fetched, fetched.get("missing")
+        assert [(m["offset"], m["payload"]) for m in fetched["messages"]] == [
+            (i, p.decode()) for i, p in enumerate(want)
+        ]
+        assert fetched["next_offset"] == len(want)
+        async with stream(port, "/v1/topics/web/events?from=0") as reader:
+            got = await events(reader, len(want))
+        assert {e["event"] for e in got} == {"message"}, [e for e in got if e["event"] != "message"][:1]
+        assert [(e["data"]["offset"], e["data"]["payload"]) for e in got] == [(i, p.decode()) for i, p in enumerate(want)]
+        assert store_of(other).replay.statistics().pending >= 2
 
 
 async def test_a_missing_or_damaged_object_below_the_copy_is_lost_for_its_range_only(

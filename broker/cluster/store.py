@@ -34,9 +34,10 @@ Consumer groups run at their topic's owner with their state in etcd
 (the core's exactly-once window reads it back). What is not here yet
 (docs/cluster.md §14): several partitions per topic, topic deletion and
 settings changed at run time (the ``--retention`` settings the node
-starts with apply: each owner cuts its partitions, retention.py). The HTTP fetch, SSE and the exactly-once window's read-back
-cannot wait: older than the copy is lost (retention) to them, as before,
-while the fetch they started fills the node's replay cache.
+starts with apply: each owner cuts its partitions, retention.py). The
+HTTP fetch and event streams wait for a fetch as subscribers do; the
+exactly-once window's read-back cannot: older than the copy is lost
+(retention) to it, as before.
 """
 
 from __future__ import annotations

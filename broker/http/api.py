@@ -25,11 +25,13 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from pybroker.protocol import DELIVER_AT_HEADER, MSG_ID_HEADER, NO_OFFSET, MalformedBatch, decode_batch, encode_batch, encode_headers, max_deliver_batch
 
 from .. import __version__
 from ..core import Refused
-from ..storage import DataLoss
+from ..storage import DataLoss, ReadPending
 from . import state
 from .access import principal, readable, refused, require_admin, require_publish, require_read
 from .messages import HttpError, Request, Response, json_response
@@ -47,6 +49,10 @@ MAX_FETCH_BYTES = 1024 * 1024
 #: Log reads one fetch makes at most (each returns at least one batch or
 #: one lost range, so a log full of holes cannot keep a request busy).
 MAX_FETCH_PASSES = 2 * MAX_FETCH_LIMIT
+#: Seconds one fetch waits, in all, for older batches a cluster node is
+#: fetching from the object store (ReadPending); then it answers with what
+#: it has, and ``next_offset`` says where to go on.
+PENDING_WAIT = 10.0
 _MESSAGE_KEYS = frozenset({"payload", "payload_base64", "headers"})
 
 
@@ -294,6 +300,16 @@ async def publish_messages(http: HttpServer, request: Request, params: Mapping[s
 # -- reading ------------------------------------------------------------------
 
 
+async def fetched(pending: ReadPending, deadline: float) -> bool:
+    """Wait until the batches ``pending`` names are fetched; False if
+    ``deadline`` (trio time) comes first."""
+    ready = trio.Event()
+    pending.notify(ready.set)
+    with trio.move_on_at(deadline):
+        await ready.wait()
+    return ready.is_set()
+
+
 async def fetch_messages(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
     check_query(request, {"from", "limit"})
     require_read(request, params["topic"])
@@ -312,12 +328,20 @@ async def fetch_messages(http: HttpServer, request: Request, params: Mapping[str
         missing.append({"first": start, "last": first - 1, "reason": "retention"})
     read = 0
     payload_bytes = 0
-    # Bounded: every pass moves ``offset`` forward or stops.
+    deadline = trio.current_time() + PENDING_WAIT
+    # Bounded: every pass moves ``offset`` forward, waits for a fetch (until
+    # the deadline), or stops.
     for _ in range(MAX_FETCH_PASSES):
         if len(messages) >= limit or offset >= topic.visible_next or read >= MAX_FETCH_BYTES:
             break
         try:
             batches = log.read(offset, MAX_FETCH_BYTES - read)
+        except ReadPending as pending:
+            # Still in the object store (cluster mode): not lost; wait for
+            # the node's fetch, or answer with what is read so far.
+            if await fetched(pending, deadline):
+                continue
+            break
         except DataLoss as lost:
             # Damaged or missing in the log: say which offsets, go on after.
             last = min(lost.last, topic.visible_next - 1)

@@ -56,7 +56,7 @@ from ..core import Refused, SubscribeRequest
 from ..inboxes import has_wildcard, is_inbox
 from ..router import Subscription, Topic
 from ..start import resume_offset
-from ..storage import DataLoss
+from ..storage import DataLoss, ReadPending
 from ..subscriber import SubscriberInfo
 from .access import principal, require_read
 from .messages import HttpError, Request, Send, StreamResponse
@@ -103,6 +103,7 @@ class SseConsumer:
         #: Named events to send before any message ("deleted").
         self.notices: list[bytes] = []
         self._wake = trio.Event()
+        self._wakes: dict[Topic, Callable[[], None]] = {}
 
     def deliver(
         self,
@@ -130,6 +131,7 @@ class SseConsumer:
     def topic_deleted(self, sub: Subscription, topic: Topic) -> None:
         # A topic created later under the name starts again from offset 0.
         self.dirty.pop(topic, None)
+        self._wakes.pop(topic, None)
         self.positions.pop(topic.name, None)
         self.last_sent.pop(topic.name, None)
         self.notices.append(_named("deleted", {"topic": topic.name}))
@@ -138,6 +140,21 @@ class SseConsumer:
     @property
     def accepting(self) -> bool:
         return True
+
+    def _fetched(self, topic: Topic) -> Callable[[], None]:
+        """A wake for a topic whose batches a cluster node is fetching. One
+        per topic, kept, so asking again while the fetch runs adds no second
+        call (Waitable.notify)."""
+        wake = self._wakes.get(topic)
+        if wake is None:
+
+            def wake() -> None:
+                if self._wakes.get(topic) is wake:  # not deleted meanwhile
+                    self.dirty[topic] = None
+                    self._wake.set()
+
+            self._wakes[topic] = wake
+        return wake
 
     def position(self, sub: Subscription, topic: Topic) -> int:
         return self.positions.get(topic.name, topic.log.first_offset)
@@ -168,7 +185,9 @@ class SseConsumer:
             if part.last is not None and self.pattern is not None:
                 self.last_sent.pop(topic.name, None)
                 self.last_sent[topic.name] = part.last
-            if part.position < topic.visible_next:
+            if part.pending is not None:
+                part.pending.notify(self._fetched(topic))  # dirty again once the batches are here
+            elif part.position < topic.visible_next:
                 self.dirty[topic] = None
             out.extend(part.events)
             events += part.sent
@@ -217,7 +236,7 @@ def parse_id(text: str, pattern: str) -> tuple[int, dict[str, int]]:
 class _Part:
     """What one read of one topic gave."""
 
-    __slots__ = ("events", "position", "last", "sent", "size")
+    __slots__ = ("events", "position", "last", "sent", "size", "pending")
 
     def __init__(self) -> None:
         self.events: list[bytes] = []
@@ -226,6 +245,8 @@ class _Part:
         self.last: int | None = None
         self.sent = 0
         self.size = 0
+        #: Batches from ``position`` on are being fetched (cluster mode).
+        self.pending: ReadPending | None = None
 
 
 def _read_topic(topic: Topic, position: int, max_events: int, max_bytes: int, offset_ids: bool) -> _Part:
@@ -242,6 +263,12 @@ def _read_topic(topic: Topic, position: int, max_events: int, max_bytes: int, of
     start = position
     try:
         batches = log.read(position, max_bytes) if position < topic.visible_next else []
+    except ReadPending as pending:
+        # Still in the object store (cluster mode): not lost; read again
+        # from here once fetched.
+        part.pending = pending
+        part.position = position
+        return part
     except DataLoss as lost:
         # Damaged or missing in the log: say so, go on after it next time.
         last = min(lost.last, topic.visible_next - 1)

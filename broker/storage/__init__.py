@@ -6,7 +6,7 @@ foundation), the durable file log implements the same interface.
 """
 
 from .base import LogStore, StoredBatch, SyncResult, TopicLog
-from .errors import DataLoss, NotOwnerError, StorageError
+from .errors import DataLoss, NotOwnerError, ReadPending, StorageError
 from .file import FileStore, FileTopicLog
 from .lock import DataDirLocked
 from .memory import MemoryStore, MemoryTopicLog
@@ -15,6 +15,7 @@ from .settings import SettingsResolver, TopicSettings
 __all__ = [
     "DataDirLocked",
     "DataLoss",
+    "ReadPending",
     "FileStore",
     "FileTopicLog",
     "LogStore",
