@@ -46,6 +46,7 @@ from pybroker.protocol import (
     decode_batch,
     encode_batch,
 )
+from pybroker.server.cluster.objects import ObjectStoreError
 from pybroker.server.cluster.partition import decode_stored
 from pybroker.server.server import Server
 from pybroker.server.storage.errors import DataLoss, ReadPending
@@ -195,6 +196,43 @@ async def test_http_fetch_and_event_streams_wait_for_what_is_below_the_copy(
         assert {e["event"] for e in got} == {"message"}, [e for e in got if e["event"] != "message"][:1]
         assert [(e["data"]["offset"], e["data"]["payload"]) for e in got] == [(i, p.decode()) for i, p in enumerate(want)]
         assert store_of(other).replay.statistics().pending >= 2
+
+
+async def test_a_fetch_the_object_store_fails_is_retried_and_nothing_is_lost(
+    urls: dict[str, str], tmp_path: Path
+) -> None:
+    """A storage shim fails the other node's next four GETs (unreachable,
+    as a store that is down would): its replay retries with a pause, the
+    subscriber from offset 0 waits meanwhile, and gets every message,
+    with no DATA_LOST."""
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        for node in (a, b):
+            tune(node, **SMALL, cache_bytes=4096)  # so the replay GETs, not the read cache
+        await publish_to_owner([a, b], "flaky", [b"m0"], "creator")
+        owner = await settled_owner([a, b], "flaky")
+        other = b if owner is a else a
+        batches = [[f"m{i}.{j}-".encode() + b"x" * 90 for j in range(3)] for i in range(1, 61)]
+        await publish_all(owner, "flaky", batches, at_once=5)
+        want = [b"m0"] + [p for batch in batches for p in batch]
+        await caught_up(other, "flaky", len(want))
+        objects = store_of(other).objects
+        real_get = objects.get
+        failed: list[str] = []
+
+        async def down_for_four(key: str, start: int | None = None, end: int | None = None) -> bytes:
+            if len(failed) < 4:
+                failed.append(key)
+                raise ObjectStoreError(f"injected: the store is unreachable for get {key}")
+            return await real_get(key, start, end)
+
+        objects.get = down_for_four  # type: ignore[method-assign]
+        async with raw_client(other) as sub:
+            await subscribe(sub, "from-zero", "flaky", StartKind.OFFSET, 0)
+            seen, lost = await collect(sub, 1, len(want))
+        assert lost == []
+        assert [(offset, payload) for offset, payload, _ in seen] == list(enumerate(want))
+        assert len(failed) == 4
+        assert store_of(other).replay.statistics().retries >= 4
 
 
 async def test_a_missing_or_damaged_object_below_the_copy_is_lost_for_its_range_only(

@@ -58,14 +58,15 @@ def store_of(server: Server) -> ClusterStore:
 def tune(server: Server, **settings: Any) -> ClusterStore:
     """Change a running node's ClusterSettings: the copies it makes from now
     on and those it has take ``copy_bytes`` (they evict as they grow), the
-    replay takes its bounds (so a test holds more than a node's copy
-    without publishing 64 MiB), and partitions it takes from now on are
+    replay and the read cache take their bounds (so a test holds more
+    than a node's copy without publishing 64 MiB), and partitions it takes from now on are
     compacted with ``compaction``."""
     store = store_of(server)
     store.settings = attrs.evolve(store.settings, **settings)
     for name in store.topic_names():
         store.topic(name).copy.max_bytes = store.settings.copy_bytes
     store.replay.bound(store.settings.replay_bytes, store.settings.replay_fetches)
+    store.cache.max_bytes = store.settings.cache_bytes  # (what it holds over it goes at the next insert)
     if store.manager is not None:
         store.manager.compaction = store.settings.compaction  # for the partitions it takes from now on
     return store
