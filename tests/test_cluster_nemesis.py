@@ -275,6 +275,10 @@ class Publisher:
 GROUP = "nemesis-group"
 #: A member's options: redelivery 2 s after a hand-out nobody acked.
 GROUP_OPTIONS = {"group": GROUP, "max_ack_pending": "100", "ack_wait_ms": "2000"}
+#: A member's pause before subscribing again where no owner is known:
+#: doubling from the first to the last while it gets no SUBACK.
+RETRY_FIRST = 0.05
+RETRY_MAX = 1.0
 #: A member that hears nothing for this long subscribes again (its node may
 #: be paused, or cut off and not yet aware of it).
 IDLE = 5.0
@@ -305,6 +309,7 @@ class GroupMember:
     async def run(self) -> None:
         """Until cancelled."""
         key, topic = f"{self.cluster.topic}/0", self.cluster.topic
+        pause = RETRY_FIRST
         while True:
             if self.target not in self.cluster.addrs():
                 self.next_target()
@@ -340,6 +345,7 @@ class GroupMember:
                         break
                     else:
                         assert isinstance(event, SubAck), event
+                        pause = RETRY_FIRST
             except (trio.TooSlowError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:
@@ -348,8 +354,11 @@ class GroupMember:
             if owner and owner != self.target:
                 self.target = owner
             else:
+                # No owner known (a take-over waits for a lease to run out):
+                # as the client library does, wait longer each time.
                 self.next_target()
-                await trio.sleep(0.05)
+                await trio.sleep(pause)
+                pause = min(RETRY_MAX, pause * 2)
 
 
 async def watch_cursor(cluster: Cluster, history: HistoryWriter) -> None:
