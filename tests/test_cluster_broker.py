@@ -9,8 +9,10 @@ over where the committed log ends.
 
 from __future__ import annotations
 
+import datetime
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pybroker
@@ -29,7 +31,7 @@ from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
     urls,
     wait_for,
 )
-from helpers.http import assert_error, post_json
+from helpers.http import assert_error, in_thread, post_json
 from helpers.procs import broker_process
 from helpers.raw import RawClient, raw_client
 from pybroker.protocol import (
@@ -462,6 +464,35 @@ async def test_a_put_the_object_store_refuses_is_refused_to_the_publisher(
             assert ack.base_offset == 1
             assert await offsets_and_payloads(sub, 2) == [(0, b"zero"), (1, b"one")]
         assert await committed_payloads(a, "full") == [b"zero", b"one"]
+
+
+async def test_kombu_leaves_a_countdown_to_the_worker_on_a_cluster_node(urls: dict[str, str], tmp_path: Path) -> None:
+    """A cluster node keeps no delayed messages (no max_delay_ms in its
+    WELCOME): the kombu transport then sends a task with an eta at once,
+    eta header and all, for the worker to hold, as Celery does by default,
+    instead of failing the send."""
+    kombu = pytest.importorskip("kombu")
+    import pybroker.contrib.kombu  # noqa: F401 (registers pybroker://)
+
+    eta = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)).isoformat()
+    async with cluster_node(urls, "a", tmp_path) as a:
+        # The queue's topic exists (a first publish creates a topic in
+        # cluster mode): the transport's group is created at its owner.
+        await publish_to_owner([a], pybroker.contrib.kombu.queue_topic("later"), [b"opening"], "creator")
+
+        def send_and_get() -> tuple[dict[str, Any], Any]:
+            with kombu.Connection(f"pybroker://127.0.0.1:{a.port}") as conn:
+                queue = conn.SimpleQueue("later")
+                try:
+                    queue.put({"task": "x"}, headers={"eta": eta})
+                    message = queue.get(timeout=WAIT)
+                    message.ack()
+                    return dict(message.headers), message.payload
+                finally:
+                    queue.close()
+
+        headers, payload = await in_thread(send_and_get)
+    assert headers["eta"] == eta and payload == {"task": "x"}
 
 
 async def test_a_cluster_node_refuses_to_keep_delayed_messages(urls: dict[str, str], tmp_path: Path) -> None:

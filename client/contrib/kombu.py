@@ -41,7 +41,9 @@ How AMQP's model maps onto pybroker (README, "Celery"):
 - A task with a **countdown or eta** is kept by the broker until due
   (delayed delivery) rather than held by a worker; the transport option
   **delay_at_broker** (default True) set to False gives Celery's usual
-  behaviour (the worker holds it, taking a prefetch slot).
+  behaviour (the worker holds it, taking a prefetch slot), which is also
+  what happens with a broker that keeps no delayed messages (a cluster
+  node: its WELCOME has no max_delay_ms).
 """
 
 from __future__ import annotations
@@ -282,7 +284,7 @@ class Channel(virtual.Channel):
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         payload = json.dumps(message).encode()
-        due = _eta(message) if self.delay_at_broker else None
+        due = _eta(message) if self.delay_at_broker and self._broker_delays() else None
         if due is not None and due > time.time():
             # Kept by the broker until due (protocol.md, "Delayed delivery");
             # always confirmed: the ack says it is kept.
@@ -292,6 +294,13 @@ class Channel(virtual.Channel):
             self._client.publish(self._topic(queue), payload, timeout=TIMEOUT)
         else:
             self._client.send(self._topic(queue), payload, timeout=TIMEOUT)
+
+    def _broker_delays(self) -> bool:
+        """Whether the broker keeps delayed messages (its WELCOME names
+        max_delay_ms; a cluster node does not): else a countdown or eta is
+        left to the worker, as Celery does by default."""
+        welcome = self._client.server
+        return welcome is not None and "max_delay_ms" in welcome.limits
 
     # -- consuming --------------------------------------------------------
 
