@@ -14,7 +14,9 @@ topic's owner) measures:
 - throughput: ``--messages`` 1 KiB messages from ``--window`` publishes
   in flight at once (rounds then carry many messages);
 - the CPU seconds each process spent per 1000 messages of the throughput
-  run (from /proc), which is where work saved shows on a shared machine.
+  run (from /proc), which is where work saved shows on a shared machine;
+- the topic's index entries in etcd at the end (the owner compacts them
+  as rounds come: docs/cluster.md §13) and the objects in the bucket.
 
 docs/cluster.md §12 compares the latency with its model (window + PUT +
 transaction). Prints one JSON object.
@@ -41,8 +43,12 @@ import trio  # noqa: E402
 
 import pybroker  # noqa: E402
 from helpers.cluster import etcd_server, weed_server  # noqa: E402
+from pybroker.server.cluster.etcd import Etcd  # noqa: E402
+from pybroker.server.cluster.keys import ClusterKeys  # noqa: E402
+from pybroker.server.cluster.objects import ObjectStore  # noqa: E402
 
 PAYLOAD = b"x" * 1024
+TOPIC = f"bench-{os.getpid()}"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -69,8 +75,18 @@ async def wait_serving(url: str, deadline: float) -> None:
             await trio.sleep(0.1)
 
 
+async def index_size(etcd_url: str, s3_url: str, topic: str) -> dict[str, int]:
+    """What the topic's index holds in etcd once compaction has run (its
+    owner compacts as rounds come), and the objects in the bucket."""
+    keys = ClusterKeys(b"/bench/")
+    async with Etcd(etcd_url) as etcd, ObjectStore(s3_url, "bench") as objects:
+        entries = (await etcd.get_prefix(keys.index_prefix(topic, 0))).kvs
+        stored = await objects.list("data/")
+    return {"index_entries": len(entries), "data_objects": len(stored)}
+
+
 async def measure(urls: list[str], args: argparse.Namespace) -> dict[str, object]:
-    topic = f"bench-{os.getpid()}"
+    topic = TOPIC
     async with pybroker.connect(urls[0], reconnect=True) as client:
         await client.publish(topic, b"warm-up")  # creates the topic, finds its owner
         latencies = []
@@ -139,6 +155,7 @@ def main() -> int:
                 before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 result = trio.run(measure, urls, args)
                 after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                result.update(trio.run(index_size, etcd_url, s3_url, TOPIC))
             finally:
                 for process in brokers:
                     process.kill()
