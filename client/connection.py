@@ -46,6 +46,7 @@ from .errors import (
     ConnectionClosed,
     MessageTooLarge,
     NoReceivers,
+    NotOwner,
     Timeout,
     broker_error,
 )
@@ -114,6 +115,9 @@ _TOPIC_CACHE_LIMIT = 4096
 #: before it lets the PUBLISH fail: a bound on moving between cluster nodes
 #: (a take-over after a crash waits for the owner's lease: 10 s by default).
 REDIRECT_SECONDS = 60.0
+#: Redirects one admin request follows at most (REDIRECT_SECONDS bounds
+#: them first unless they come quickly).
+MAX_ASK_REDIRECTS = 1000
 
 Callback = Callable[[Message], Awaitable[None] | None]
 Start = str | int | _dt.datetime
@@ -1092,6 +1096,24 @@ class Client:
             raise waiter.error
         return waiter.result
 
+    async def _ask_owner(self, make: Callable[[int], Info | Groups | Topics]) -> Any:
+        """``_ask``, following NOT_OWNER as a PUBLISH does (a cluster: a
+        group is made at its topic's owner): the connection moves to the
+        owner named, or back to this node after the reconnect delay while
+        the topic has no owner yet, and the request is asked again there."""
+        for _ in range(MAX_ASK_REDIRECTS):
+            try:
+                reply = await self._ask(make)
+            except NotOwner as refused:
+                if not self._move_to_owner(refused.fields.get("owner", ""), refused):
+                    raise
+                await self._wait_connected()
+                continue
+            self._redirecting_since = None
+            self._redirects = 0
+            return reply
+        raise ConnectionClosed(f"no owner answered in {MAX_ASK_REDIRECTS} redirects")
+
     async def _topics_request(
         self, topic: str, action: TopicsAction, keep_from: int = 0, settings: Mapping[str, str] | None = None
     ) -> dict[str, Any]:
@@ -1200,7 +1222,7 @@ class Client:
         options = _group_options(
             ack_wait, max_deliver, backoff, backoff_jitter, max_ack_pending, dead_letter, ordering
         )
-        reply: GroupsReply = await self._ask(
+        reply: GroupsReply = await self._ask_owner(
             lambda rid: Groups(rid, GroupsAction.CREATE, name, pattern, kind, value, options)
         )
         document: dict[str, Any] = json.loads(reply.document)
@@ -1490,14 +1512,22 @@ class Client:
         REDIRECT_SECONDS without a PUBACK or SUBACK; False when not followed
         (the PUBLISH or SUBSCRIBE fails with NOT_OWNER)."""
         known = self._inflight if err.ref_kind is RefKind.REQUEST else self._subs
-        if err.ref not in known or self._reconnect_policy is None or self._retarget is None:
+        if err.ref not in known:
+            return False
+        return self._move_to_owner(err.fields.get("owner", ""), error)
+
+    def _move_to_owner(self, owner: str, error: BrokerError) -> bool:
+        """Move this connection to ``owner`` (a NOT_OWNER answer's; "": to
+        the same node again after the reconnect delay); False when it is not
+        followed: reconnecting off, REDIRECT_SECONDS of answers without a
+        PUBACK, SUBACK or GROUPS reply, or not an address."""
+        if self._reconnect_policy is None or self._retarget is None:
             return False
         now = anyio.current_time()
         if self._redirecting_since is None:
             self._redirecting_since = now
         elif now - self._redirecting_since > REDIRECT_SECONDS:
             return False
-        owner = err.fields.get("owner", "")
         if owner and not self._retarget(owner):
             return False
         self._redirects += 1

@@ -56,8 +56,8 @@ class StorageError(BrokerError):
 
 
 class NotOwner(BrokerError):
-    """Cluster mode: the broker does not own that publish's topic, which was
-    not stored (NOT_OWNER). ``fields["owner"]`` is the owner's
+    """Cluster mode: the broker does not own that publish's (or group's)
+    topic; nothing was stored or made (NOT_OWNER). ``fields["owner"]`` is the owner's
     ``host:port`` (absent while the topic has none). A client with
     reconnecting on follows it by itself; this is raised only when it
     cannot (reconnecting off, or too many moves in a row)."""

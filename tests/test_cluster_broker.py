@@ -466,19 +466,39 @@ async def test_a_put_the_object_store_refuses_is_refused_to_the_publisher(
         assert await committed_payloads(a, "full") == [b"zero", b"one"]
 
 
+async def test_a_group_made_through_another_node_is_made_at_the_owner(urls: dict[str, str], tmp_path: Path) -> None:
+    """create_group on a node that does not own the topic: the client
+    follows NOT_OWNER to the owner (reconnecting on) and the group is made
+    there, holding what was published before its first member joins."""
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        await publish_to_owner([a, b], "jobs", [b"job-0"], "creator")
+        owner = await settled_owner([a, b], "jobs")
+        other = b if owner is a else a
+        async with pybroker.connect(other.url, reconnect=True) as client:
+            summary = await client.create_group("workers", "jobs", start="earliest")
+            assert summary["created"] is True, summary
+            assert client.reconnects == 1  # moved to the owner once
+            async with client.subscribe("jobs", group="workers") as members:
+                with trio.fail_after(WAIT):
+                    message = await members.__anext__()
+                assert message.payload == b"job-0"
+                await message.ack()
+
+
 async def test_kombu_leaves_a_countdown_to_the_worker_on_a_cluster_node(urls: dict[str, str], tmp_path: Path) -> None:
     """A cluster node keeps no delayed messages (no max_delay_ms in its
     WELCOME): the kombu transport then sends a task with an eta at once,
     eta header and all, for the worker to hold, as Celery does by default,
-    instead of failing the send."""
+    instead of failing the send. The queue is declared before anything was
+    published to it: its group registers the topic and waits for an owner."""
     kombu = pytest.importorskip("kombu")
     import pybroker.contrib.kombu  # noqa: F401 (registers pybroker://)
 
     eta = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)).isoformat()
     async with cluster_node(urls, "a", tmp_path) as a:
-        # The queue's topic exists (a first publish creates a topic in
-        # cluster mode): the transport's group is created at its owner.
-        await publish_to_owner([a], pybroker.contrib.kombu.queue_topic("later"), [b"opening"], "creator")
+        # Nothing was published to the queue's topic yet: the transport's
+        # group (made when the queue is declared) registers it, and follows
+        # NOT_OWNER until the topic has an owner.
 
         def send_and_get() -> tuple[dict[str, Any], Any]:
             with kombu.Connection(f"pybroker://127.0.0.1:{a.port}") as conn:

@@ -154,6 +154,9 @@ class ClusterGroupState:
             raise ValueError("in cluster mode a group reads one topic (a pattern without wildcards)")
         owner = self._owner(pattern)
         if owner is None:
+            # A group made before anything was published: the topic is
+            # registered so that it gets an owner, where the member follows.
+            self.store.register(pattern)
             refused = self.store._not_owner(pattern)
             raise NotOwnerError(f"group {name!r}: {refused.message}", topic=pattern, owner=refused.owner)
         bound = self._bound.get(name)

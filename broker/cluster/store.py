@@ -341,8 +341,7 @@ class ClusterStore:
         manager = self.manager
         owner = manager.local(name, PARTITION) if manager is not None else None
         if owner is None or not owner.accepting:
-            if manager is not None and name not in manager.topics.topics:
-                self._create(name)
+            self.register(name)
             raise self._not_owner(name)
         if log.ready_epoch != owner.epoch:
             if log.pending or log.committing or owner.stale or not log.positioned:
@@ -443,13 +442,15 @@ class ClusterStore:
         if owner is not None and owner.stale and self._nursery is not None:
             self._nursery.start_soon(owner.refresh)
 
-    def _create(self, name: str) -> None:
-        """Register a topic published to for the first time (in the background:
-        its publishers are told NOT_OWNER until an owner has it)."""
-        if name in self._creating or self._nursery is None or self.manager is None:
+    def register(self, name: str) -> None:
+        """Register ``name`` in the cluster if it is not yet (a first publish,
+        or a consumer group made before anything was published): in the
+        background; until an owner has it, it is NOT_OWNER without an owner."""
+        manager = self.manager
+        if manager is None or name in manager.topics.topics or name in self._creating or self._nursery is None:
             return
         self._creating.add(name)
-        self._nursery.start_soon(self._register_topic, name, self.manager.topics)
+        self._nursery.start_soon(self._register_topic, name, manager.topics)
 
     async def _register_topic(self, name: str, topics: TopicRegistry) -> None:
         try:
