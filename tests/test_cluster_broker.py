@@ -10,6 +10,7 @@ over where the committed log ends.
 from __future__ import annotations
 
 import datetime
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import pybroker
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
     WAIT,
@@ -31,7 +33,7 @@ from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
     urls,
     wait_for,
 )
-from helpers.http import assert_error, in_thread, post_json
+from helpers.http import assert_error, in_thread, post_json, request
 from helpers.procs import broker_process
 from helpers.raw import RawClient, raw_client
 from pybroker.protocol import (
@@ -231,6 +233,49 @@ async def test_the_owner_reads_its_own_rounds_from_memory(urls: dict[str, str], 
         after = mine.statistics()
         assert (after.fetches, after.hits) == (before.fetches, before.hits + 20)
         assert theirs.statistics().fetches >= 20
+
+
+async def test_metrics_show_the_cluster_side(urls: dict[str, str], tmp_path: Path) -> None:
+    """/metrics on a cluster node: its membership and ownership, its commit
+    rounds, index compaction, the read cache; parsed by prometheus_client
+    and checked by promtool."""
+    async with cluster_node(urls, "a", tmp_path) as a:
+        tune(a, compaction=CompactionSettings(keep=5, fan_in=4))
+        for i in range(12):  # one round each
+            ack, _ = await publish_to_owner([a], "measured", [f"m{i}".encode()], "p")
+            assert ack.base_offset == i
+        manager = store_of(a).manager
+        assert manager is not None
+        await wait_for(lambda: manager.compaction_stats().merges >= 1)
+        port = a.http_port
+        assert port is not None
+        reply = await request(port, "GET", "/metrics")
+        assert reply.status == 200
+        found = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(reply.body.decode())
+            for s in family.samples
+        }
+    assert found[("pybroker_cluster_member", ())] == 1
+    assert found[("pybroker_cluster_members", ())] == 1
+    assert found[("pybroker_cluster_owned_partitions", ())] == 1
+    assert found[("pybroker_cluster_commit_rounds_total", ())] >= 12
+    # 12 entries, the newest 5 kept: one run of 4 merged.
+    assert found[("pybroker_cluster_index_merges_total", ())] == 1
+    assert found[("pybroker_cluster_index_entries_merged_total", ())] == 4
+    assert found[("pybroker_cluster_index_merged_bytes_total", ())] > 0
+    assert found[("pybroker_cluster_index_merges_not_taken_total", (("why", "refused"),))] == 0
+    # The owner's tail and the merge read its own rounds from the cache.
+    assert found[("pybroker_cluster_cache_requests_total", (("result", "hit"),))] >= 12
+    assert found[("pybroker_cluster_cache_requests_total", (("result", "fetch"),))] == 0
+    promtool = shutil.which("promtool")
+    if promtool is not None:  # (the single-node metrics test says when it is missing)
+        with trio.fail_after(30):
+            checked = await trio.run_process(
+                [promtool, "check", "metrics"], stdin=reply.body, capture_stdout=True, capture_stderr=True, check=False
+            )
+        output = (checked.stdout + checked.stderr).decode()
+        assert checked.returncode == 0 and output.strip() == "", output
 
 
 async def test_retention_cuts_the_oldest_messages_in_cluster_mode(urls: dict[str, str], tmp_path: Path) -> None:

@@ -73,6 +73,8 @@ class Janitor:
         self.max_objects = max_objects
         self.sweeps = 0
         self.last: Sweep | None = None
+        #: Objects the sweeps of this node deleted, in all.
+        self.deleted = 0
         self._log: Any = get_logger(component="cluster-janitor")
 
     @property
@@ -87,6 +89,7 @@ class Janitor:
                 if await self._hold(keeper):
                     self.last = await self.sweep()
                     self.sweeps += 1
+                    self.deleted += self.last.deleted
                     self._log.info("swept", **attrs.asdict(self.last))
             except (EtcdError, ObjectStoreError, OSError, TimeoutError) as exc:
                 self._log.warning("sweep failed; again at the next", error=repr(exc))

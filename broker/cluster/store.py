@@ -58,8 +58,8 @@ from ..storage.base import StoredBatch, SyncResult, TopicLog
 from ..storage.errors import DataLoss, NotOwnerError, StorageError
 from ..storage.memory import DEFAULT_MAX_BYTES, MemoryTopicLog
 from ..storage.settings import SettingsResolver
-from .cache import RangeCache
-from .compaction import CompactionSettings
+from .cache import CacheStatistics, RangeCache
+from .compaction import CompactionSettings, CompactionStats
 from .etcd import Etcd, EtcdError
 from .index import PartitionIndex
 from .janitor import DEFAULT_EVERY, DEFAULT_GRACE, Janitor
@@ -70,7 +70,7 @@ from .objects import ObjectStore, ObjectStoreError
 from .ownership import OwnershipManager
 from .partition import DEFAULT_MAX_ROUND_BYTES, AppendError, NotOwner, OutcomeUnknown, PartitionOwner
 from .replay import DEFAULT_MAX_BYTES as DEFAULT_REPLAY_BYTES
-from .replay import DEFAULT_MAX_FETCHES, Replay
+from .replay import DEFAULT_MAX_FETCHES, Replay, ReplayStatistics
 from .retention import Retention
 from .tail import IndexedReader
 from .topics import TopicError, TopicRegistry
@@ -125,6 +125,24 @@ class ClusterSettings:
     #: ``--topic``): the owner cuts what retention no longer keeps
     #: (retention.py); the fsync and segment settings mean nothing here.
     topic_settings: SettingsResolver = attrs.field(factory=SettingsResolver)
+
+
+@attrs.frozen
+class ClusterFigures:
+    """What a node's cluster side did, for ``/metrics`` (read on the event
+    loop; plain values)."""
+
+    #: Whether the node holds its member lease now, the members it sees,
+    #: and the partitions it owns.
+    member: bool
+    members: int
+    owned: int
+    commit_rounds: int
+    compaction: CompactionStats
+    replay: ReplayStatistics
+    cache: CacheStatistics
+    janitor_sweeps: int
+    janitor_deleted: int
 
 
 def parse_cluster_urls(cluster: str, object_store: str, node: str = "") -> ClusterSettings:
@@ -331,6 +349,20 @@ class ClusterStore:
                 items, log.pending = log.pending, []
                 nursery.start_soon(self._commit, log, items, failed)
         return SyncResult(Durability.DISK, failed)
+
+    def cluster_figures(self) -> ClusterFigures:
+        manager = self.manager
+        return ClusterFigures(
+            member=manager is not None and manager.keeper.held(),
+            members=len(manager.membership.members) if manager is not None else 0,
+            owned=len(manager.held()) if manager is not None else 0,
+            commit_rounds=self.commit_rounds,
+            compaction=manager.compaction_stats() if manager is not None else CompactionStats(),
+            replay=self.replay.statistics(),
+            cache=self.cache.statistics(),
+            janitor_sweeps=self.janitor.sweeps,
+            janitor_deleted=self.janitor.deleted,
+        )
 
     # -- the owner's side ----------------------------------------------------
 

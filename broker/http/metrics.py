@@ -35,6 +35,16 @@ under the name without it in OpenMetrics, with it in 0.0.4, as
   ``pybroker_storage_errors_total`` by kind (full, io),
   ``pybroker_fsync_failures_total``, ``pybroker_storage_damaged_batches_total``,
   ``pybroker_topic_holes`` per topic, ``pybroker_group_lost_total`` per group
+- cluster mode (``--cluster``): ``pybroker_cluster_member``,
+  ``..._members``, ``..._owned_partitions``, ``..._commit_rounds_total``,
+  index compaction (``..._index_merges_total``,
+  ``..._index_entries_merged_total``, ``..._index_merged_bytes_total``,
+  ``..._index_merges_not_taken_total`` by why,
+  ``..._index_entries_damaged_total``), ``..._retention_cut_entries_total``,
+  old reads (``..._replay_fetches_total``, ``..._replay_fetch_retries_total``,
+  ``..._replay_lost_ranges_total``, ``..._replay_bytes``), the read cache
+  (``..._cache_requests_total`` by result, ``..._cache_bytes``) and the
+  janitor (``..._janitor_sweeps_total``, ``..._janitor_deleted_objects_total``)
 - per consumer group: ``pybroker_group_members``, ``pybroker_group_pending``
   (delivered or waiting to be, not yet settled), and the counters
   ``pybroker_group_delivered_total``, ``..._redelivered_total``,
@@ -68,6 +78,7 @@ from .access import require_admin
 from .messages import Request, Response
 
 if TYPE_CHECKING:
+    from ..cluster.store import ClusterFigures
     from .server import HttpServer
 
 
@@ -101,6 +112,64 @@ def _counter(
     name: str, help_text: str, samples: Iterable[tuple[Sequence[str], float]], labels: Sequence[str] = (), unit: str = ""
 ) -> Family:
     return Family(CounterMetricFamily, name, help_text, tuple(labels), list(samples), unit)
+
+
+def _cluster(f: ClusterFigures) -> Iterator[Family]:
+    """Cluster mode (docs/cluster.md): this node's membership, ownership,
+    commits, index compaction and retention, old reads, cache and janitor."""
+    c, r, k = f.compaction, f.replay, f.cache
+    gauges: list[tuple[str, str, float, str]] = [
+        ("pybroker_cluster_member", "1 while this node holds its member lease, else 0.", int(f.member), ""),
+        ("pybroker_cluster_members", "Cluster members this node sees.", f.members, ""),
+        ("pybroker_cluster_owned_partitions", "Partitions this node owns.", f.owned, ""),
+        ("pybroker_cluster_replay_bytes", "Bytes of fetched old batches held.", r.bytes, "bytes"),
+        ("pybroker_cluster_cache_bytes", "Bytes the read cache holds.", k.bytes, "bytes"),
+    ]
+    counters: list[tuple[str, str, float, str]] = [
+        (
+            "pybroker_cluster_commit_rounds",
+            "Rounds this node committed as an owner (one object PUT and one etcd transaction each).",
+            f.commit_rounds, "",
+        ),
+        ("pybroker_cluster_index_merges", "Index compactions committed (runs of entries merged).", c.merges, ""),
+        ("pybroker_cluster_index_entries_merged", "Index entries replaced by merges.", c.entries_merged, ""),
+        ("pybroker_cluster_index_merged_bytes", "Bytes written into merged objects.", c.bytes_written, "bytes"),
+        (
+            "pybroker_cluster_index_entries_damaged",
+            "Index entries compaction left as they were because their bytes did not check.", c.damaged, "",
+        ),
+        (
+            "pybroker_cluster_retention_cut_entries",
+            "Index entries retention cut (their objects go with the janitor).", c.retention_cut, "",
+        ),
+        ("pybroker_cluster_replay_fetches", "Fetches of batches older than the node's copy.", r.fetches, ""),
+        (
+            "pybroker_cluster_replay_fetch_retries",
+            "Fetch attempts that failed (etcd or the object store) and were tried again.", r.retries, "",
+        ),
+        ("pybroker_cluster_replay_lost_ranges", "Old ranges found lost (missing or damaged objects).", r.lost, ""),
+        ("pybroker_cluster_janitor_sweeps", "Janitor sweeps this node ran.", f.janitor_sweeps, ""),
+        (
+            "pybroker_cluster_janitor_deleted_objects",
+            "Unreferenced objects this node's janitor deleted.", f.janitor_deleted, "",
+        ),
+    ]  # fmt: skip
+    for name, help_text, value, unit in gauges:
+        yield _gauge(name, help_text, [((), value)], unit=unit)
+    for name, help_text, value, unit in counters:
+        yield _counter(name, help_text, [((), value)], unit=unit)
+    yield _counter(
+        "pybroker_cluster_index_merges_not_taken",
+        "Merges not committed: refused by etcd (the epoch or an entry changed), or their outcome unknown.",
+        [(("refused",), c.refused), (("unknown",), c.unknown)],
+        ["why"],
+    )
+    yield _counter(
+        "pybroker_cluster_cache_requests",
+        "Object byte ranges asked of the read cache: hit (memory), fetch (a GET), joined (waited for another's GET).",
+        [(("hit",), k.hits), (("fetch",), k.fetches), (("joined",), k.joined)],
+        ["result"],
+    )
 
 
 def _le(bound: float) -> str:
@@ -208,6 +277,9 @@ class BrokerCollector:
             [((), int(broker.problem is not None))],
         )
         store = broker.store
+        cluster_figures = getattr(store, "cluster_figures", None)  # cluster mode (its module needs httpx)
+        if cluster_figures is not None:
+            yield from _cluster(cluster_figures())
         if isinstance(store, FileStore):
             yield _counter("pybroker_fsyncs", "fsync rounds of the file log.", [((), store.fsyncs)])
             hist = store.fsync_seconds
