@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 
 import attrs
 import pytest
@@ -147,6 +148,21 @@ async def cluster(servers: tuple[str, str], request: pytest.FixtureRequest) -> A
         yield Cluster(etcd_url, s3_url, ClusterKeys(f"/c/{name}/".encode()), f"{name}/", etcd, store)
 
 
+@asynccontextmanager
+async def running_owner(
+    cluster: Cluster, *, on_written: Callable[[str, bytes], None] | None = None
+) -> AsyncIterator[PartitionOwner]:
+    """A node's owner of the partition, acquired and committing rounds, for
+    the body's duration (bounded by WAIT)."""
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            owner = await cluster.owner()
+            owner.on_written = on_written
+            nursery.start_soon(owner.run)
+            yield owner
+            nursery.cancel_scope.cancel()
+
+
 async def rounds(owner: PartitionOwner, n: int, tag: str = "m") -> None:
     """``n`` commit rounds of one batch each (2 messages): ``n`` index entries."""
     for i in range(n):
@@ -164,110 +180,94 @@ async def compact_until_done(compactor: IndexCompactor) -> int:
 
 
 async def test_merged_entries_read_back_the_same_bytes_and_superseded_objects_go(cluster: Cluster) -> None:
-    with trio.fail_after(WAIT):
-        async with trio.open_nursery() as nursery:
-            owner = await cluster.owner()
-            nursery.start_soon(owner.run)
-            await rounds(owner, 30)
-            before = await cluster.read_all()
-            assert len(before) == 30 and len(await cluster.entries()) == 30
-            compactor = IndexCompactor(owner, SMALL)
-            # Pass 1: the 25 entries older than the newest 5 make six runs
-            # of 4 at level 0 (one left); pass 2: four of those six level-1
-            # entries make one at level 2; pass 3: nothing.
-            assert await compact_until_done(compactor) == 7
-            entries = await cluster.entries()
-            assert [e.level for e in entries] == [2, 1, 1, 0, 0, 0, 0, 0, 0]
-            assert [e.count for e in entries] == [32, 8, 8, 2, 2, 2, 2, 2, 2]
-            assert all(a.first + a.count == b.first for a, b in zip(entries, entries[1:], strict=False))
-            assert compactor.stats.entries_merged == 28 and compactor.stats.refused == 0
-            assert await cluster.read_all() == before
-            # The 28 objects it superseded are garbage: the janitor takes
-            # them; the merged ones and the newest rounds' stay and read.
-            swept = await Janitor(cluster.etcd, cluster.store, keys=cluster.keys, grace=0).sweep()
-            assert (swept.deleted, swept.kept) == (28, 9)
-            assert await cluster.read_all() == before
-            # New rounds go on at the next offset; the next passes merge
-            # again: two level-0 runs, then the four level-1 entries.
-            await rounds(owner, 8, tag="n")
-            assert await compact_until_done(compactor) == 3
-            assert [e.level for e in await cluster.entries()] == [2, 2, 0, 0, 0, 0, 0, 0]
-            after = await cluster.read_all()
-            assert after[:30] == before and len(after) == 38
-            nursery.cancel_scope.cancel()
+    async with running_owner(cluster) as owner:
+        await rounds(owner, 30)
+        before = await cluster.read_all()
+        assert len(before) == 30 and len(await cluster.entries()) == 30
+        compactor = IndexCompactor(owner, SMALL)
+        # Pass 1: the 25 entries older than the newest 5 make six runs
+        # of 4 at level 0 (one left); pass 2: four of those six level-1
+        # entries make one at level 2; pass 3: nothing.
+        assert await compact_until_done(compactor) == 7
+        entries = await cluster.entries()
+        assert [e.level for e in entries] == [2, 1, 1, 0, 0, 0, 0, 0, 0]
+        assert [e.count for e in entries] == [32, 8, 8, 2, 2, 2, 2, 2, 2]
+        assert all(a.first + a.count == b.first for a, b in zip(entries, entries[1:], strict=False))
+        assert compactor.stats.entries_merged == 28 and compactor.stats.refused == 0
+        assert await cluster.read_all() == before
+        # The 28 objects it superseded are garbage: the janitor takes
+        # them; the merged ones and the newest rounds' stay and read.
+        swept = await Janitor(cluster.etcd, cluster.store, keys=cluster.keys, grace=0).sweep()
+        assert (swept.deleted, swept.kept) == (28, 9)
+        assert await cluster.read_all() == before
+        # New rounds go on at the next offset; the next passes merge
+        # again: two level-0 runs, then the four level-1 entries.
+        await rounds(owner, 8, tag="n")
+        assert await compact_until_done(compactor) == 3
+        assert [e.level for e in await cluster.entries()] == [2, 2, 0, 0, 0, 0, 0, 0]
+        after = await cluster.read_all()
+        assert after[:30] == before and len(after) == 38
 
 
 async def test_a_reader_that_held_a_replaced_entry_reads_the_merged_one(cluster: Cluster) -> None:
     """A node's index view that has not yet seen the compaction (its watch
     stopped here) names objects the janitor deleted: the read finds the
     entry that replaced it in etcd, instead of reporting the range lost."""
-    with trio.fail_after(WAIT):
-        async with trio.open_nursery() as nursery:
-            owner = await cluster.owner()
-            nursery.start_soon(owner.run)
-            await rounds(owner, 20)
-            before = await cluster.read_all()
-            index = PartitionIndex(cluster.etcd, TOPIC, 0, keys=cluster.keys)
-            async with trio.open_nursery() as following:
-                await following.start(index.run)
-                following.cancel_scope.cancel()  # the view keeps what it loaded: the old entries
-            assert len(index) == 20
-            reader = IndexedReader(index, RangeCache(cluster.store, max_bytes=1 << 20))
-            assert await compact_until_done(IndexCompactor(owner, SMALL)) >= 3
-            swept = await Janitor(cluster.etcd, cluster.store, keys=cluster.keys, grace=0).sweep()
-            assert swept.deleted >= 12
-            assert await batches_from(reader.read, 40) == before
-            nursery.cancel_scope.cancel()
+    async with running_owner(cluster) as owner:
+        await rounds(owner, 20)
+        before = await cluster.read_all()
+        index = PartitionIndex(cluster.etcd, TOPIC, 0, keys=cluster.keys)
+        async with trio.open_nursery() as following:
+            await following.start(index.run)
+            following.cancel_scope.cancel()  # the view keeps what it loaded: the old entries
+        assert len(index) == 20
+        reader = IndexedReader(index, RangeCache(cluster.store, max_bytes=1 << 20))
+        assert await compact_until_done(IndexCompactor(owner, SMALL)) >= 3
+        swept = await Janitor(cluster.etcd, cluster.store, keys=cluster.keys, grace=0).sweep()
+        assert swept.deleted >= 12
+        assert await batches_from(reader.read, 40) == before
 
 
 async def test_a_former_owners_merge_changes_nothing(cluster: Cluster) -> None:
-    with trio.fail_after(WAIT):
-        async with trio.open_nursery() as nursery:
-            old = await cluster.owner()
-            nursery.start_soon(old.run)
-            await rounds(old, 12)
-            before = await cluster.entries()
-            # The partition moves on: the old owner's key goes (its lease
-            # ran out, say) and a new owner takes it, with a new epoch.
-            await cluster.etcd.delete(cluster.keys.own(TOPIC, 0))
-            new = await cluster.owner()
-            assert new.epoch != old.epoch and old.owning  # the old one does not know yet
-            stale = IndexCompactor(old, SMALL)
-            assert await stale.compact() == 0
-            assert stale.stats.refused == 1
-            assert await cluster.entries() == before
-            # The new owner's merges are taken.
-            assert await IndexCompactor(new, SMALL).compact() == 1
-            assert len(await cluster.entries()) == len(before) - 3
-            nursery.cancel_scope.cancel()
+    async with running_owner(cluster) as old:
+        await rounds(old, 12)
+        before = await cluster.entries()
+        # The partition moves on: the old owner's key goes (its lease
+        # ran out, say) and a new owner takes it, with a new epoch.
+        await cluster.etcd.delete(cluster.keys.own(TOPIC, 0))
+        new = await cluster.owner()
+        assert new.epoch != old.epoch and old.owning  # the old one does not know yet
+        stale = IndexCompactor(old, SMALL)
+        assert await stale.compact() == 0
+        assert stale.stats.refused == 1
+        assert await cluster.entries() == before
+        # The new owner's merges are taken.
+        assert await IndexCompactor(new, SMALL).compact() == 1
+        assert len(await cluster.entries()) == len(before) - 3
 
 
 async def test_an_entry_whose_bytes_do_not_check_is_left_alone(cluster: Cluster) -> None:
-    with trio.fail_after(WAIT):
-        async with trio.open_nursery() as nursery:
-            owner = await cluster.owner()
-            nursery.start_soon(owner.run)
-            await rounds(owner, 14)
-            entries = await cluster.entries()
-            damaged = entries[2]
-            data = bytearray(await cluster.store.get(damaged.object))
-            data[len(data) // 2] ^= 0x40  # a flipped bit in a payload
-            await cluster.store.delete(damaged.object)
-            assert await cluster.store.put_if_absent(damaged.object, bytes(data))
-            compactor = IndexCompactor(owner, SMALL)
-            await compact_until_done(compactor)
-            assert compactor.stats.damaged == 1
-            after = await cluster.entries()
-            assert damaged in after  # as it was
-            # The run that held it (0-3) stays as it was, the next (4-7) is merged.
-            assert [e.level for e in after] == [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
-            reader = PartitionReader(cluster.etcd, cluster.store, TOPIC, 0, keys=cluster.keys)
-            with pytest.raises(DataLoss) as lost:
-                await reader.read(damaged.first)
-            assert (lost.value.first, lost.value.reason) == (damaged.first, "damaged")
-            got = await reader.read(damaged.first + damaged.count, 1)
-            assert got[0].base_offset == damaged.first + damaged.count
-            nursery.cancel_scope.cancel()
+    async with running_owner(cluster) as owner:
+        await rounds(owner, 14)
+        entries = await cluster.entries()
+        damaged = entries[2]
+        data = bytearray(await cluster.store.get(damaged.object))
+        data[len(data) // 2] ^= 0x40  # a flipped bit in a payload
+        await cluster.store.delete(damaged.object)
+        assert await cluster.store.put_if_absent(damaged.object, bytes(data))
+        compactor = IndexCompactor(owner, SMALL)
+        await compact_until_done(compactor)
+        assert compactor.stats.damaged == 1
+        after = await cluster.entries()
+        assert damaged in after  # as it was
+        # The run that held it (0-3) stays as it was, the next (4-7) is merged.
+        assert [e.level for e in after] == [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+        reader = PartitionReader(cluster.etcd, cluster.store, TOPIC, 0, keys=cluster.keys)
+        with pytest.raises(DataLoss) as lost:
+            await reader.read(damaged.first)
+        assert (lost.value.first, lost.value.reason) == (damaged.first, "damaged")
+        got = await reader.read(damaged.first + damaged.count, 1)
+        assert got[0].base_offset == damaged.first + damaged.count
 
 
 # -- retention (retention.py) -------------------------------------------------------
@@ -282,76 +282,59 @@ async def sized_rounds(owner: PartitionOwner, n: int, *, timestamp: int | None =
 
 
 async def test_retention_by_bytes_cuts_the_oldest_entries_and_keeps_the_newest(cluster: Cluster) -> None:
-    with trio.fail_after(WAIT):
-        async with trio.open_nursery() as nursery:
-            owner = await cluster.owner()
-            nursery.start_soon(owner.run)
-            size = await sized_rounds(owner, 10)
-            limits = Retention(max_bytes=size * 7 // 2)  # three and a half entries: three stay
-            done = await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, limits, time.time_ns() // 1000)
-            assert done == Cut(7, 7)
-            assert [e.first for e in await cluster.entries()] == [7, 8, 9]
-            # Below the first entry reads start there (the store says DATA_LOST for it).
-            got = await PartitionReader(cluster.etcd, cluster.store, TOPIC, 0, keys=cluster.keys).read(0)
-            assert [b.base_offset for b in got] == [7, 8, 9]
-            # Nothing more to cut; a limit below one entry keeps the newest alone.
-            assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, limits, 0) is None
-            tiny = Retention(max_bytes=1)
-            assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, tiny, 0) == Cut(2, 9)
-            assert [e.first for e in await cluster.entries()] == [9]
-            assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, tiny, 0) is None
-            nursery.cancel_scope.cancel()
+    async with running_owner(cluster) as owner:
+        size = await sized_rounds(owner, 10)
+        limits = Retention(max_bytes=size * 7 // 2)  # three and a half entries: three stay
+        done = await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, limits, time.time_ns() // 1000)
+        assert done == Cut(7, 7)
+        assert [e.first for e in await cluster.entries()] == [7, 8, 9]
+        # Below the first entry reads start there (the store says DATA_LOST for it).
+        got = await PartitionReader(cluster.etcd, cluster.store, TOPIC, 0, keys=cluster.keys).read(0)
+        assert [b.base_offset for b in got] == [7, 8, 9]
+        # Nothing more to cut; a limit below one entry keeps the newest alone.
+        assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, limits, 0) is None
+        tiny = Retention(max_bytes=1)
+        assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, tiny, 0) == Cut(2, 9)
+        assert [e.first for e in await cluster.entries()] == [9]
+        assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, tiny, 0) is None
 
 
 async def test_retention_by_age_cuts_entries_whose_successor_began_before_the_cutoff(cluster: Cluster) -> None:
-    with trio.fail_after(WAIT):
-        async with trio.open_nursery() as nursery:
-            owner = await cluster.owner()
-            nursery.start_soon(owner.run)
-            now = time.time_ns() // 1000
-            await sized_rounds(owner, 5, timestamp=now - 1000 * 1_000_000)
-            await sized_rounds(owner, 3, timestamp=now)
-            limits = Retention(max_age=500.0)
-            # Entries 0-3 go: the entry after each began 1000 s ago. Entry 4
-            # stays: the one after it began now, so 4 may hold later messages.
-            assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, limits, now) == Cut(4, 4)
-            assert [e.first for e in await cluster.entries()] == [4, 5, 6, 7]
-            assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, limits, now) is None
-            # Much later everything but the newest entry goes.
-            later = now + 3600 * 1_000_000
-            assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, limits, later) == Cut(3, 7)
-            nursery.cancel_scope.cancel()
+    async with running_owner(cluster) as owner:
+        now = time.time_ns() // 1000
+        await sized_rounds(owner, 5, timestamp=now - 1000 * 1_000_000)
+        await sized_rounds(owner, 3, timestamp=now)
+        limits = Retention(max_age=500.0)
+        # Entries 0-3 go: the entry after each began 1000 s ago. Entry 4
+        # stays: the one after it began now, so 4 may hold later messages.
+        assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, limits, now) == Cut(4, 4)
+        assert [e.first for e in await cluster.entries()] == [4, 5, 6, 7]
+        assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, limits, now) is None
+        # Much later everything but the newest entry goes.
+        later = now + 3600 * 1_000_000
+        assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, owner.epoch, limits, later) == Cut(3, 7)
 
 
 async def test_a_former_owners_cut_deletes_nothing(cluster: Cluster) -> None:
-    with trio.fail_after(WAIT):
-        async with trio.open_nursery() as nursery:
-            old = await cluster.owner()
-            nursery.start_soon(old.run)
-            await sized_rounds(old, 6)
-            await cluster.etcd.delete(cluster.keys.own(TOPIC, 0))
-            new = await cluster.owner()
-            tiny = Retention(max_bytes=1)
-            assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, old.epoch, tiny, 0) is None
-            assert len(await cluster.entries()) == 6
-            assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, new.epoch, tiny, 0) == Cut(5, 5)
-            nursery.cancel_scope.cancel()
+    async with running_owner(cluster) as old:
+        await sized_rounds(old, 6)
+        await cluster.etcd.delete(cluster.keys.own(TOPIC, 0))
+        new = await cluster.owner()
+        tiny = Retention(max_bytes=1)
+        assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, old.epoch, tiny, 0) is None
+        assert len(await cluster.entries()) == 6
+        assert await cut(cluster.etcd, cluster.keys, TOPIC, 0, new.epoch, tiny, 0) == Cut(5, 5)
 
 
 async def test_a_merge_reads_the_rounds_the_nodes_cache_holds_from_memory(cluster: Cluster) -> None:
     """The owner puts each round's object in its read cache (its tail reads
     it there); compaction reads the same rounds from there, not the store."""
     cache = RangeCache(cluster.store, max_bytes=1 << 20)
-    with trio.fail_after(WAIT):
-        async with trio.open_nursery() as nursery:
-            owner = await cluster.owner()
-            owner.on_written = cache.put
-            nursery.start_soon(owner.run)
-            await rounds(owner, 13)
-            before = await cluster.read_all()
-            compactor = IndexCompactor(owner, SMALL, cache=cache)
-            assert await compactor.compact() == 2  # 8 entries older than the newest 5
-            stats = cache.statistics()
-            assert (stats.hits, stats.fetches) == (8, 0)
-            assert await cluster.read_all() == before
-            nursery.cancel_scope.cancel()
+    async with running_owner(cluster, on_written=cache.put) as owner:
+        await rounds(owner, 13)
+        before = await cluster.read_all()
+        compactor = IndexCompactor(owner, SMALL, cache=cache)
+        assert await compactor.compact() == 2  # 8 entries older than the newest 5
+        stats = cache.statistics()
+        assert (stats.hits, stats.fetches) == (8, 0)
+        assert await cluster.read_all() == before

@@ -12,7 +12,7 @@ in etcd and object prefix in the bucket.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import attrs
 import pytest
@@ -439,6 +439,25 @@ async def test_an_append_whose_next_offset_moved_is_refused(cluster: Cluster) ->
         assert [b.batch for b in await cluster.reader().read(0)] == [first]
 
 
+async def around_a_fault(owner: PartitionOwner, arm: Callable[[], None], faulty: bytes) -> dict[int, bytes]:
+    """Acquire and run ``owner``; append a first batch, then ``arm()`` a
+    fault and append ``faulty`` (an AppendFailed leaves it out), then one
+    more batch. What was acknowledged, by offset."""
+    assert await owner.acquire()
+    sent: dict[int, bytes] = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(owner.run)
+        for i, batch in enumerate([batch_of("first", 2), faulty, batch_of("after", 1)]):
+            if i == 1:
+                arm()
+            try:
+                sent[await owner.append(batch)] = batch
+            except AppendFailed:
+                assert i == 1
+        nursery.cancel_scope.cancel()
+    return sent
+
+
 class LosesFirstCommitAnswer(Etcd):
     """An etcd client that loses the answer to its first transaction once
     armed, in one of three ways: ``applied`` (etcd ran it, the answer never
@@ -480,21 +499,9 @@ async def test_a_lost_commit_answer_is_resolved_from_the_index(cluster: Cluster,
         etcd = LosesFirstCommitAnswer(cluster.etcd_url, cluster.etcd_server, mode)
         async with etcd:
             owner = await cluster.owner(etcd=etcd)
-            assert await owner.acquire()
-            sent: dict[int, bytes] = {}
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(owner.run)
-                batch = batch_of("first", 2)
-                sent[await owner.append(batch)] = batch
-                etcd.armed = True
-                batch = batch_of("answer-lost", 3)
-                assert await owner.append(batch) == 2
-                sent[2] = batch
-                assert etcd.lost_answers == 1
-                batch = batch_of("after", 1)
-                assert await owner.append(batch) == 5
-                sent[5] = batch
-                nursery.cancel_scope.cancel()
+            sent = await around_a_fault(owner, lambda: setattr(etcd, "armed", True), batch_of("answer-lost", 3))
+            assert etcd.lost_answers == 1
+        assert list(sent) == [0, 2, 5]
         assert await read_all(cluster.reader(), 6) == sent
         assert len(await cluster.indexed_objects()) == 3 == len(await cluster.data_objects())
 
@@ -518,9 +525,8 @@ class FailsFirstPut(ObjectStore):
         self.armed = False
         if self.mode == "applied":
             assert await super().put_if_absent(key, data)
-        status, code = {"applied": (0, ""), "unsent": (0, ""), "busy": (503, "SlowDown"), "forbidden": (403, "AccessDenied")}[
-            self.mode
-        ]
+        failures = {"applied": (0, ""), "unsent": (0, ""), "busy": (503, "SlowDown"), "forbidden": (403, "AccessDenied")}
+        status, code = failures[self.mode]
         raise ObjectStoreError(f"injected: put {key} failed ({self.mode})", status, code)
 
 
@@ -534,27 +540,14 @@ async def test_a_put_that_may_pass_is_tried_again(cluster: Cluster, mode: str) -
         store = FailsFirstPut(cluster.s3_url, cluster.object_prefix, mode)
         async with store:
             owner = await cluster.owner(store=store)
-            assert await owner.acquire()
-            sent: dict[int, bytes] = {}
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(owner.run)
-                batch = batch_of("first", 2)
-                sent[await owner.append(batch)] = batch
-                store.armed = True
-                batch = batch_of("put-failed", 3)
-                if mode == "forbidden":
-                    with pytest.raises(AppendFailed, match="forbidden"):
-                        await owner.append(batch)
-                    assert (store.puts, owner.put_retries) == (2, 0)
-                else:
-                    assert await owner.append(batch) == 2
-                    sent[2] = batch
-                    assert (store.puts, owner.put_retries) == (3, 1)
-                batch = batch_of("after", 1)
-                sent[await owner.append(batch)] = batch
-                nursery.cancel_scope.cancel()
-        end = 3 if mode == "forbidden" else 6
-        assert await read_all(cluster.reader(), end) == sent
+            sent = await around_a_fault(owner, lambda: setattr(store, "armed", True), batch_of("put-failed", 3))
+        if mode == "forbidden":
+            assert list(sent) == [0, 2]  # refused: the next append took its offset
+            assert (store.puts, owner.put_retries) == (3, 0)
+        else:
+            assert list(sent) == [0, 2, 5]
+            assert (store.puts, owner.put_retries) == (4, 1)
+        assert await read_all(cluster.reader(), 3 if mode == "forbidden" else 6) == sent
         assert len(await cluster.indexed_objects()) == len(sent) == len(await cluster.data_objects())
 
 

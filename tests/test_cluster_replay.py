@@ -11,6 +11,7 @@ the fetches are single flight and bounded in number and bytes.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -104,6 +105,20 @@ async def subscribe(raw: RawClient, name: str, topic: str, start: StartKind, val
         assert await raw.next_event() == SubAck(1)
 
 
+async def with_history(
+    a: Server, b: Server, topic: str, batches: list[list[bytes]], *, at_once: int, **settings: Any
+) -> tuple[Server, Server, list[bytes]]:
+    """Both nodes tuned (``SMALL`` and ``settings``), ``topic`` made by a
+    first message ``m0``, then ``batches`` published at its owner; (the
+    owner, the other node, every payload in order)."""
+    for node in (a, b):
+        tune(node, **{**SMALL, **settings})
+    await publish_to_owner([a, b], topic, [b"m0"], "creator")
+    owner = await settled_owner([a, b], topic)
+    await publish_all(owner, topic, batches, at_once=at_once)
+    return owner, (b if owner is a else a), [b"m0"] + [p for batch in batches for p in batch]
+
+
 async def caught_up(node: Server, topic: str, end: int, floor: int = 0) -> None:
     """``node``'s copy of ``topic`` holds up to ``end``, knows the partition
     starts at ``floor``, and no longer holds it (it is only in the object store)."""
@@ -126,14 +141,8 @@ def check_bounds(node: Server) -> None:
 
 async def test_subscribers_on_the_owner_and_another_node_replay_from_zero(urls: dict[str, str], tmp_path: Path) -> None:
     async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
-        for node in (a, b):
-            tune(node, **SMALL)
-        await publish_to_owner([a, b], "old", [b"m0"], "creator")
-        owner = await settled_owner([a, b], "old")
-        other = b if owner is a else a
         batches = [[f"m{i}.{j}-".encode() + b"x" * 90 for j in range(3)] for i in range(1, 151)]
-        await publish_all(owner, "old", batches, at_once=5)
-        want = [b"m0"] + [p for batch in batches for p in batch]
+        owner, other, want = await with_history(a, b, "old", batches, at_once=5)
         for node in (a, b):
             await caught_up(node, "old", len(want))
             assert store_of(node).topic("old").first_offset == 0
@@ -174,27 +183,20 @@ async def test_http_fetch_and_event_streams_wait_for_what_is_below_the_copy(
     whose copy holds only the newest messages: the rest is in the object
     store, so they wait for the node's fetches rather than report it lost."""
     async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
-        for node in (a, b):
-            tune(node, **SMALL)
-        await publish_to_owner([a, b], "web", [b"m0"], "creator")
-        owner = await settled_owner([a, b], "web")
-        other = b if owner is a else a
         batches = [[f"m{i}.{j}-".encode() + b"x" * 90 for j in range(3)] for i in range(1, 101)]
-        await publish_all(owner, "web", batches, at_once=5)
-        want = [b"m0"] + [p for batch in batches for p in batch]
+        owner, other, want = await with_history(a, b, "web", batches, at_once=5)
         await caught_up(other, "web", len(want))
         port = other.http_port
         assert port is not None
+        expected = [(i, p.decode()) for i, p in enumerate(want)]
         fetched = await get_json(port, f"/v1/topics/web/messages?from=0&limit={len(want)}")
         assert "missing" not in fetched, fetched.get("missing")
-        assert [(m["offset"], m["payload"]) for m in fetched["messages"]] == [
-            (i, p.decode()) for i, p in enumerate(want)
-        ]
+        assert [(m["offset"], m["payload"]) for m in fetched["messages"]] == expected
         assert fetched["next_offset"] == len(want)
         async with stream(port, "/v1/topics/web/events?from=0") as reader:
             got = await events(reader, len(want))
         assert {e["event"] for e in got} == {"message"}, [e for e in got if e["event"] != "message"][:1]
-        assert [(e["data"]["offset"], e["data"]["payload"]) for e in got] == [(i, p.decode()) for i, p in enumerate(want)]
+        assert [(e["data"]["offset"], e["data"]["payload"]) for e in got] == expected
         assert store_of(other).replay.statistics().pending >= 2
 
 
@@ -206,14 +208,9 @@ async def test_a_fetch_the_object_store_fails_is_retried_and_nothing_is_lost(
     subscriber from offset 0 waits meanwhile, and gets every message,
     with no DATA_LOST."""
     async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
-        for node in (a, b):
-            tune(node, **SMALL, cache_bytes=4096)  # so the replay GETs, not the read cache
-        await publish_to_owner([a, b], "flaky", [b"m0"], "creator")
-        owner = await settled_owner([a, b], "flaky")
-        other = b if owner is a else a
         batches = [[f"m{i}.{j}-".encode() + b"x" * 90 for j in range(3)] for i in range(1, 61)]
-        await publish_all(owner, "flaky", batches, at_once=5)
-        want = [b"m0"] + [p for batch in batches for p in batch]
+        # A small read cache: the replay GETs rather than finding the ranges there.
+        owner, other, want = await with_history(a, b, "flaky", batches, at_once=5, cache_bytes=4096)
         await caught_up(other, "flaky", len(want))
         objects = store_of(other).objects
         real_get = objects.get
@@ -239,13 +236,8 @@ async def test_a_missing_or_damaged_object_below_the_copy_is_lost_for_its_range_
     urls: dict[str, str], tmp_path: Path
 ) -> None:
     async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
-        for node in (a, b):
-            tune(node, **SMALL)
-        await publish_to_owner([a, b], "holey", [b"m0"], "creator")
-        owner = await settled_owner([a, b], "holey")
         batches = [[f"m{i}.{j}-".encode() + b"y" * 90 for j in range(2)] for i in range(1, 91)]
-        await publish_all(owner, "holey", batches, at_once=3)
-        want = [b"m0"] + [p for batch in batches for p in batch]
+        owner, _other, want = await with_history(a, b, "holey", batches, at_once=3)
         # An object in the lower third of the topic goes from the store; a
         # later one gets a byte flipped in its range (its CRC fails).
         objects = store_of(owner).objects
@@ -296,14 +288,8 @@ async def test_a_missing_or_damaged_object_below_the_copy_is_lost_for_its_range_
 
 async def test_below_the_first_index_entry_stays_lost(urls: dict[str, str], tmp_path: Path) -> None:
     async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
-        for node in (a, b):
-            tune(node, **SMALL)
-        await publish_to_owner([a, b], "cut", [b"m0"], "creator")
-        owner = await settled_owner([a, b], "cut")
-        other = b if owner is a else a
         batches = [[f"m{i}-".encode() + b"v" * 150] for i in range(1, 61)]
-        await publish_all(owner, "cut", batches, at_once=3)
-        want = [b"m0"] + [p for batch in batches for p in batch]
+        owner, other, want = await with_history(a, b, "cut", batches, at_once=3)
         for node in (a, b):
             await caught_up(node, "cut", len(want))
         # The partition's first entry goes from etcd, as retention would cut it.
