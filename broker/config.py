@@ -119,6 +119,12 @@ class Config:
     #: Seconds of the member lease: how long a crashed owner's topics wait
     #: for another node to take them over.
     cluster_lease_ttl: int = attrs.field(default=10, validator=attrs.validators.ge(2))
+    #: Index compaction (docs/cluster.md §13): the newest entries of each
+    #: topic's index left as they are, and the entries merged at a time.
+    cluster_index_keep: int = attrs.field(default=256, validator=attrs.validators.ge(1))
+    cluster_index_fan_in: int = attrs.field(
+        default=100, validator=[attrs.validators.ge(2), attrs.validators.le(120)]
+    )
     #: fsync policy, retention and segment size, per topic pattern.
     topic_settings: SettingsResolver = SettingsResolver()
     retention_check_seconds: float = 5.0

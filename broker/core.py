@@ -175,6 +175,7 @@ def cluster_store(config: Config) -> LogStore:
     if not config.object_store:
         raise ValueError("--cluster needs --object-store s3://host:port/bucket")
     try:
+        from .cluster.compaction import CompactionSettings
         from .cluster.sigv4 import Credentials
         from .cluster.store import ClusterStore, parse_cluster_urls
     except ImportError as exc:  # httpx missing
@@ -183,6 +184,7 @@ def cluster_store(config: Config) -> LogStore:
         parse_cluster_urls(config.cluster or "", config.object_store, config.node_name),
         ttl=config.cluster_lease_ttl,
         topic_settings=config.topic_settings,
+        compaction=CompactionSettings(keep=config.cluster_index_keep, fan_in=config.cluster_index_fan_in),
     )
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     credentials = Credentials(key, secret, os.environ.get("AWS_REGION", "us-east-1")) if key and secret else None

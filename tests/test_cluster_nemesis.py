@@ -34,6 +34,8 @@ fault to the next acknowledged append.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -451,17 +453,31 @@ async def final_reads(cluster: Cluster, history: HistoryWriter) -> int:
     return end
 
 
-def node_flags(servers: Servers, name: str, ttl: int, hosts: str | None = None) -> tuple[str, ...]:
+def node_flags(
+    servers: Servers, name: str, ttl: int, hosts: str | None = None, *, compacting: bool = False
+) -> tuple[str, ...]:
     """``pybroker serve`` flags of a node of the test ``name``: its own etcd
     key prefix (/nemesis/NAME) and object prefix, the member lease ``ttl``;
-    ``hosts`` the etcd members it is given (all of them by default)."""
+    ``hosts`` the etcd members it is given (all of them by default);
+    ``compacting``: the owner merges index entries all the time (the newest
+    8 kept, 4 at a time), so compaction runs through the faults."""
     if hosts is None:
         hosts = ",".join(u.removeprefix("http://") for u in servers.etcd_urls)
     return (
         "--cluster", f"etcd://{hosts}/nemesis/{name}",
         "--object-store", f"s3://{servers.s3_url.removeprefix('http://')}/{BUCKET}/{name}",
         "--cluster-lease-ttl", str(ttl), "--no-http",
+        *(("--cluster-index-keep", "8", "--cluster-index-fan-in", "4") if compacting else ()),
     )  # fmt: skip
+
+
+async def index_levels(cluster: Cluster) -> Counter[int]:
+    """How many of the partition's index entries etcd holds at each level
+    (0: a round's; more: merged by compaction)."""
+    prefix = cluster.keys.index_prefix(cluster.topic, 0)
+    async with Etcd(cluster.servers.etcd_urls) as etcd:
+        kvs = (await etcd.get_prefix(prefix)).kvs
+    return Counter(IndexEntry.decode(int(kv.key[len(prefix) :]), kv.value).level for kv in kvs)
 
 
 def histories_in(tmp_path: Path) -> list[Path]:
@@ -549,7 +565,7 @@ async def test_nemesis(
     (and the restart of the member) should not cost anyone their lease."""
     name = request.node.callspec.id
     prefix = f"/nemesis/{name}/"
-    flags = node_flags(servers, name, ttl)
+    flags = node_flags(servers, name, ttl, compacting=True)
     histories = histories_in(tmp_path)
     async with (
         broker_process(tmp_path / "d0", workdir(tmp_path, 0), *flags) as b0,
@@ -578,6 +594,7 @@ async def test_nemesis(
                         await trio.sleep(0.5)
                     stop.set()
             end = await final_reads(cluster, writers[PUBLISHERS])
+            levels = await index_levels(cluster)
         finally:
             for writer in writers:
                 writer.close()
@@ -588,11 +605,14 @@ async def test_nemesis(
     print(
         f"{name}: {rounds} faults, {end} stored, {resent} acknowledged only after a resend, counts {counts}, "
         f"seconds from each fault to the next acknowledgement {[round(r, 2) for r in recoveries]} "
-        f"(to the next of an append sent once {[round(r, 2) for r in fresh]}); {group_figures(report, member)}"
+        f"(to the next of an append sent once {[round(r, 2) for r in fresh]}); {group_figures(report, member)}; "
+        f"index entries by level {dict(sorted(levels.items()))}"
     )
     assert report.valid, report.summary()
     assert counts["acked"] > 0 and counts["lost"] == 0
     assert (member.final_cursor, member.end) == (end, end)
+    # Compaction ran through the faults: what was read back came from merged objects too.
+    assert any(level > 0 for level in levels), levels
 
 
 #: The round at whose failpoint the victim dies: late enough that it dies
@@ -713,9 +733,11 @@ async def test_nemesis_owner_cut_off_from_etcd(servers: Servers, tmp_path: Path)
         ports = [await background.start(p.run) for p in proxies]
         through = ",".join(f"127.0.0.1:{port}" for port in ports)
         async with (
-            broker_process(tmp_path / "d0", workdir(tmp_path, 0), *node_flags(servers, name, ttl)) as b0,
-            broker_process(tmp_path / "d1", workdir(tmp_path, 1), *node_flags(servers, name, ttl)) as b1,
-            broker_process(tmp_path / "d2", workdir(tmp_path, 2), *node_flags(servers, name, ttl, through)) as b2,
+            broker_process(tmp_path / "d0", workdir(tmp_path, 0), *node_flags(servers, name, ttl, compacting=True)) as b0,
+            broker_process(tmp_path / "d1", workdir(tmp_path, 1), *node_flags(servers, name, ttl, compacting=True)) as b1,
+            broker_process(
+                tmp_path / "d2", workdir(tmp_path, 2), *node_flags(servers, name, ttl, through, compacting=True)
+            ) as b2,
         ):
             keys = ClusterKeys(prefix.encode())
             cluster = Cluster(servers, keys, f"{name}/", [b0, b1, b2])
@@ -743,6 +765,7 @@ async def test_nemesis_owner_cut_off_from_etcd(servers: Servers, tmp_path: Path)
                             await trio.sleep(2)  # the held requests arrive; the victim rejoins
                         stop.set()
                 end = await final_reads(cluster, writers[PUBLISHERS])
+                levels = await index_levels(cluster)
             finally:
                 for writer in writers:
                     writer.close()
@@ -755,10 +778,11 @@ async def test_nemesis_owner_cut_off_from_etcd(servers: Servers, tmp_path: Path)
     print(
         f"{name}: {end} stored, {resent} acknowledged only after a resend, counts {counts}, "
         f"seconds from the cut to the next acknowledgement {recovery:.2f}; "
-        f"{group_figures(report, member)}"
+        f"{group_figures(report, member)}; index entries by level {dict(sorted(levels.items()))}"
     )
     assert report.valid, report.summary()
     assert counts["acked"] > 0 and counts["lost"] == 0
     assert (member.final_cursor, member.end) == (end, end)
     # Nothing acknowledged by the cut-off node after its lease deadline.
     assert not late, late
+    assert any(level > 0 for level in levels), levels

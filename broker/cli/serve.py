@@ -35,6 +35,8 @@ def add_parser(commands: Commands[argparse.ArgumentParser]) -> None:
     serve.add_argument("--object-store", default=None, metavar="s3://HOST:PORT/BUCKET[/PREFIX]", help="cluster mode: the S3-compatible bucket that holds the topics' data (credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, if set)")
     serve.add_argument("--advertise", default=None, metavar="HOST:PORT", help="cluster mode: the address other nodes send this node's publishers to (default: the bound address)")
     serve.add_argument("--cluster-lease-ttl", type=int, default=Config().cluster_lease_ttl, metavar="S", help=f"cluster mode: seconds of this node's etcd lease, and so how long its topics wait after it crashes before another node takes them over (default {Config().cluster_lease_ttl}, at least 2)")
+    serve.add_argument("--cluster-index-keep", type=int, default=Config().cluster_index_keep, metavar="N", help=f"cluster mode: the newest N entries of each topic's index in etcd are left as they are; the topic's owner merges older ones into larger objects (default {Config().cluster_index_keep})")
+    serve.add_argument("--cluster-index-fan-in", type=int, default=Config().cluster_index_fan_in, metavar="N", help=f"cluster mode: index entries merged into one at a time, 2 to 120 (default {Config().cluster_index_fan_in})")
     serve.add_argument("--fsync", choices=FSYNC_MODES, default="always", help="always: acks wait for the fsync covering them (group commit, default); interval: fsync every --fsync-interval-ms; never: leave it to the OS")
     serve.add_argument("--fsync-interval-ms", type=int, default=200, metavar="MS", help="with --fsync interval: milliseconds between fsyncs (default 200)")
     serve.add_argument("--group-counts-fsync", action="store_true", help="consumer groups: fsync each delivery's count before sending it, so max_deliver holds across power loss too (default: written to the OS first, which survives kill -9; costs group throughput, see benchmarks/README.md)")
@@ -110,6 +112,8 @@ def config_from(args: argparse.Namespace) -> Config:
         object_store=args.object_store,
         advertise=args.advertise,
         cluster_lease_ttl=args.cluster_lease_ttl,
+        cluster_index_keep=args.cluster_index_keep,
+        cluster_index_fan_in=args.cluster_index_fan_in,
         min_free_bytes=args.min_free_bytes,
         group_counts_fsync=args.group_counts_fsync,
         topic_settings=SettingsResolver.from_specs(default, args.topic),
