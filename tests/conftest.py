@@ -10,6 +10,8 @@ import pytest
 import structlog
 
 from helpers.certs import Certs, make_certs
+from helpers.cluster import Server as ServerProcess
+from helpers.cluster import etcd_server, weed_server
 from helpers.taskworkers import sync_client_threads
 
 
@@ -58,3 +60,15 @@ def no_sync_client_left_behind() -> Iterator[None]:
     before = sync_client_threads()
     yield
     assert sync_client_threads() == before
+
+
+@pytest.fixture(scope="session")
+def cluster_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServerProcess, str]]:
+    """One etcd member and one SeaweedFS for the cluster test modules that
+    neither stop nor restart them: (etcd URL, etcd's process, S3 endpoint).
+    Started on first use; every test keeps to its own key prefix, object
+    prefix or bucket. Modules that stop, pause or kill a server start their
+    own (tests/helpers/cluster.py)."""
+    tmp = tmp_path_factory.mktemp("cluster-shared")
+    with etcd_server(tmp) as (etcd_url, etcd), weed_server(tmp, max_volumes=64) as (s3_url, _weed):
+        yield etcd_url, etcd, s3_url

@@ -7,14 +7,13 @@ merge is refused; an entry whose bytes do not check is left alone."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import attrs
 import pytest
 import trio
 
-from helpers.cluster import etcd_server, weed_server
 
 pytest.importorskip("httpx", reason="cluster mode needs the cluster extra (httpx)")
 
@@ -90,11 +89,11 @@ def test_settings_stay_within_etcds_transaction_limit() -> None:
 # -- on etcd and SeaweedFS --------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    tmp = tmp_path_factory.mktemp("compaction")
-    with etcd_server(tmp) as (etcd_url, _etcd), weed_server(tmp) as (s3_url, _weed):
-        yield etcd_url, s3_url
+@pytest.fixture
+def servers(cluster_servers: tuple[str, object, str]) -> tuple[str, str]:
+    """The suite's shared etcd and SeaweedFS (conftest.py)."""
+    etcd_url, _etcd, s3_url = cluster_servers
+    return etcd_url, s3_url
 
 
 @attrs.frozen

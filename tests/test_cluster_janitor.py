@@ -6,12 +6,11 @@ tombstones go, and one node at a time is the janitor."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
 
-from helpers.cluster import etcd_server, weed_server
 from helpers.cluster_nodes import ClusterConfig, ClusterNode, Publisher, batch_of, check_partition, wait_until
 
 pytest.importorskip("httpx", reason="cluster mode needs the cluster extra (httpx)")
@@ -29,11 +28,11 @@ BUCKET = "pybroker-janitor-tests"
 TOPIC = "swept"
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    tmp = tmp_path_factory.mktemp("janitor")
-    with etcd_server(tmp) as (etcd_url, _etcd), weed_server(tmp) as (s3_url, _weed):
-        yield etcd_url, s3_url
+@pytest.fixture
+def servers(cluster_servers: tuple[str, object, str]) -> tuple[str, str]:
+    """The suite's shared etcd and SeaweedFS (conftest.py)."""
+    etcd_url, _etcd, s3_url = cluster_servers
+    return etcd_url, s3_url
 
 
 @pytest.fixture

@@ -44,7 +44,6 @@ from pathlib import Path
 
 import pytest
 
-from helpers.cluster import etcd_server, weed_server
 from helpers.procs import START_TIMEOUT, child_env, read_json_lines
 from helpers.readme import blocks, section, with_url
 
@@ -244,7 +243,7 @@ def test_the_fastapi_example_serves(project: Project, broker_url: str) -> None:
     assert second["offset"] == first["offset"] + 1
 
 
-def test_the_cluster_example_serves(project: Project, tmp_path: Path) -> None:
+def test_the_cluster_example_serves(project: Project, cluster_servers: tuple[str, object, str]) -> None:
     """The two ``pybroker serve --cluster`` commands of "Cluster mode", run
     from the project (the same directory for both, as a reader would) on a
     real etcd and SeaweedFS. The changes made to them: etcd's and the
@@ -253,50 +252,50 @@ def test_the_cluster_example_serves(project: Project, tmp_path: Path) -> None:
     published through one node is read through the other."""
     commands = [line for line in blocks(section("Cluster mode (in progress)"), "sh")[0].splitlines() if line.strip()]
     assert len(commands) == 2 and all(c.startswith(".venv/bin/pybroker serve ") for c in commands), commands
-    with etcd_server(tmp_path) as (etcd_url, _etcd), weed_server(tmp_path) as (s3_url, _weed):
-        procs: list[subprocess.Popen[bytes]] = []
-        logs = [project.root / f"cluster-{i}.log" for i in range(2)]
-        try:
-            for command, log_path in zip(commands, logs, strict=True):
-                for port in ("7420", "7430", "7431"):
-                    command = command.replace(f" {port}", " 0")
-                command = command.replace("127.0.0.1:2379", etcd_url.removeprefix("http://"))
-                command = command.replace("127.0.0.1:8333", s3_url.removeprefix("http://"))
-                args = shlex.split(command)
-                args[0] = str(project.venv / "bin" / "pybroker")
-                with open(log_path, "wb") as log:
-                    procs.append(
-                        subprocess.Popen(
-                            args, cwd=project.root, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                            env=child_env(),
-                        )  # fmt: skip
-                    )
-            urls = [listening_url(log_path, proc) for log_path, proc in zip(logs, procs, strict=True)]
-            script = project.root / "cluster_check.py"
-            script.write_text(
-                textwrap.dedent(
-                    f"""
-                    import pybroker.sync
-                    with pybroker.sync.connect({urls[0]!r}, reconnect=True) as pub:
-                        ack = pub.publish("readme.cluster", b"across nodes")
-                    with pybroker.sync.connect({urls[1]!r}, reconnect=True) as sub:
-                        with sub.subscribe("readme.cluster", start="earliest") as messages:
-                            message = messages.get(timeout=60)
-                    print(ack.offset, message.offset, message.payload.decode())
-                    """
-                ),
-                encoding="utf-8",
-            )
-            assert project.run(str(script)).stdout.split() == ["0", "0", "across", "nodes"]
-        finally:
-            for proc in procs:
-                proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    etcd_url, _etcd, s3_url = cluster_servers  # (conftest.py: the suite's shared servers)
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = [project.root / f"cluster-{i}.log" for i in range(2)]
+    try:
+        for command, log_path in zip(commands, logs, strict=True):
+            for port in ("7420", "7430", "7431"):
+                command = command.replace(f" {port}", " 0")
+            command = command.replace("127.0.0.1:2379", etcd_url.removeprefix("http://"))
+            command = command.replace("127.0.0.1:8333", s3_url.removeprefix("http://"))
+            args = shlex.split(command)
+            args[0] = str(project.venv / "bin" / "pybroker")
+            with open(log_path, "wb") as log:
+                procs.append(
+                    subprocess.Popen(
+                        args, cwd=project.root, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                        env=child_env(),
+                    )  # fmt: skip
+                )
+        urls = [listening_url(log_path, proc) for log_path, proc in zip(logs, procs, strict=True)]
+        script = project.root / "cluster_check.py"
+        script.write_text(
+            textwrap.dedent(
+                f"""
+                import pybroker.sync
+                with pybroker.sync.connect({urls[0]!r}, reconnect=True) as pub:
+                    ack = pub.publish("readme.cluster", b"across nodes")
+                with pybroker.sync.connect({urls[1]!r}, reconnect=True) as sub:
+                    with sub.subscribe("readme.cluster", start="earliest") as messages:
+                        message = messages.get(timeout=60)
+                print(ack.offset, message.offset, message.payload.decode())
+                """
+            ),
+            encoding="utf-8",
+        )
+        assert project.run(str(script)).stdout.split() == ["0", "0", "across", "nodes"]
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def listening_url(log_path: Path, proc: subprocess.Popen[bytes]) -> str:

@@ -211,10 +211,12 @@ def weed_s3_config(path: Path, access_key: str, secret_key: str) -> Path:
 
 
 @contextmanager
-def weed_server(tmp: Path, *, s3_config: Path | None = None) -> Iterator[tuple[str, Server]]:
+def weed_server(tmp: Path, *, s3_config: Path | None = None, max_volumes: int = 16) -> Iterator[tuple[str, Server]]:
     """``weed server`` (master, volume, filer, S3 gateway) on free loopback
     ports; yields (S3 endpoint URL, server). Without ``s3_config`` the S3
-    gateway takes unsigned requests."""
+    gateway takes unsigned requests. Each bucket is a collection that takes
+    several of the ``max_volumes`` volumes (files that grow as written):
+    a server several buckets share needs more than the default."""
     binary = need_weed()
     master, volume, filer, s3, master_grpc, volume_grpc, filer_grpc, s3_grpc = free_ports(8)
     data = tmp / f"weed-{s3}"
@@ -225,7 +227,7 @@ def weed_server(tmp: Path, *, s3_config: Path | None = None) -> Iterator[tuple[s
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master}", f"-master.port.grpc={master_grpc}",
         "-master.telemetry=false", "-master.volumeSizeLimitMB=32",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=16",
+        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", f"-volume.max={max_volumes}",
         "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
         f"-filer.localSocket={data}/filer.sock",
         "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}",

@@ -9,7 +9,7 @@ and reach a topic's owner. A test module uses them with
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,6 @@ import pytest
 import trio
 
 from helpers.cluster import Server as Process
-from helpers.cluster import etcd_server, weed_server
 from helpers.raw import RawClient, raw_client
 from pybroker.protocol import Error, ErrorCode, PubAck, Publish, RefKind, encode_batch
 from pybroker.server.cluster.store import ClusterStore
@@ -30,11 +29,11 @@ WAIT = 60.0
 BUCKET = "pybroker-broker-tests"
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Process, str]]:
-    tmp = tmp_path_factory.mktemp("cluster-broker")
-    with etcd_server(tmp) as (etcd_url, etcd), weed_server(tmp) as (s3_url, _weed):
-        yield etcd_url, etcd, s3_url
+@pytest.fixture
+def servers(cluster_servers: tuple[str, Process, str]) -> tuple[str, Process, str]:
+    """The suite's shared etcd and SeaweedFS (conftest.py): these tests stop
+    broker processes, never the servers."""
+    return cluster_servers
 
 
 @pytest.fixture
