@@ -34,8 +34,10 @@ with it.
   one did apply (the key holds exactly what it wrote), adopts it.
 - **Ownership lost.** When this node stops owning a topic (a hand-over, a
   fenced commit, a lost lease) the topic's groups are saved once more if
-  the epoch still holds, then evicted as above. A graceful stop saves
-  every group before the partitions are handed over (``leave``).
+  the epoch still holds, then evicted as above. A hand-over saves them
+  before the owner key goes (``PartitionOwner.before_release``), and a
+  graceful stop saves every group before the partitions are handed over
+  (``leave``).
 
 What is not here: groups reading several topics (a pattern with wildcards
 is refused in cluster mode), dead-letter progress (a dead letter is
@@ -127,6 +129,7 @@ class ClusterGroupState:
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._leaving = False
+        self._flushing = trio.Lock()
         #: Transactions written and refused, for the record (and the tests).
         self.writes = 0
         self.refused = 0
@@ -170,6 +173,9 @@ class ClusterGroupState:
         bound = self._bound[group.name] = _Bound(
             group.pattern, self.store.settings.keys.group(group.name, group.pattern, PARTITION), owner
         )
+        # A hand-over saves the groups before the owner key goes (their
+        # transactions are fenced on it): acks since the last save are kept.
+        owner.before_release = self.flush
         if self._nursery is not None:
             self._nursery.start_soon(self._load, group, bound)
 
@@ -292,7 +298,13 @@ class ClusterGroupState:
         return json.dumps(doc, separators=(",", ":")).encode()
 
     async def flush(self) -> None:
-        """Save every group that changed (one transaction per topic, at once)."""
+        """Save every group that changed (one transaction per topic, at once).
+        One flush at a time: two at once would write a key with the same
+        expected revision, and the second, refused, would evict the group."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         work: dict[PartitionOwner, list[tuple[_Bound, str, bytes, int, list[Callable[[], None]]]]] = {}
         for name, bound in list(self._bound.items()):
             group = self.groups.groups.get(name)

@@ -268,6 +268,11 @@ class PartitionOwner:
         #: Called with the object's name after its PUT and before the
         #: transaction: a fault hook (raise to simulate a crash in between).
         self.before_commit: Callable[[str], Awaitable[None]] | None = None
+        #: Awaited by ``hand_over`` once the rounds gathered are decided and
+        #: before the owner key goes (within its timeout): the last save of
+        #: what else the owner keeps for the partition (its consumer groups,
+        #: whose saves are fenced on this epoch and refused once it is gone).
+        self.before_release: Callable[[], Awaitable[None]] | None = None
         #: Called with each round's object name and bytes once its PUT
         #: succeeded (a node's read cache keeps them, so its own tail reads
         #: them from memory instead of GETting back what it just wrote).
@@ -345,8 +350,9 @@ class PartitionOwner:
     async def hand_over(self, timeout: float = DEFAULT_HAND_OVER_TIMEOUT) -> bool:
         """Give the partition up in order (docs/cluster.md §4): refuse new
         appends (NotOwner: nothing of them is committed), let the rounds
-        already gathered commit and be acknowledged (for at most
-        ``timeout`` seconds), then ``release``. Rounds still not decided
+        already gathered commit and be acknowledged and ``before_release``
+        save what else it keeps (for at most ``timeout`` seconds), then
+        ``release``. Rounds still not decided
         then are refused by etcd (the owner key is gone) or, if their
         transaction was already applied, stay committed: no acknowledged
         append is lost either way. True if the fenced delete succeeded."""
@@ -354,6 +360,8 @@ class PartitionOwner:
         with anyio.move_on_after(timeout):
             while self._rounds and self.lost is None:
                 await self._space.wait()
+            if self.before_release is not None and self.lost is None:
+                await self.before_release()
         return await self.release()
 
     def stop(self, why: str) -> None:
