@@ -119,7 +119,9 @@ class _Held:
     mod_revision: int
 
 
-def plan(entries: Sequence[_Held], fan_in: int, max_bytes: int, bad: frozenset[int] = frozenset()) -> tuple[list[list[_Held]], int | None]:
+def plan(
+    entries: Sequence[_Held], fan_in: int, max_bytes: int, bad: frozenset[int] = frozenset()
+) -> tuple[list[list[_Held]], int | None]:
     """The runs to merge among ``entries`` (in offset order), and the first
     offset a later pass must look at again (None: all of them): the start
     of the first run that may still grow. Entries before it are merged now
@@ -290,7 +292,9 @@ class IndexCompactor:
                 self._bad[entry.first] = None
                 while len(self._bad) > MAX_BAD:
                     del self._bad[next(iter(self._bad))]
-                self._log.warning("index entry not compacted: its bytes do not check", first=entry.first, error=repr(exc))
+                self._log.warning(
+                    "index entry not compacted: its bytes do not check", first=entry.first, error=repr(exc)
+                )
                 return 0
             parts.append(data)
         data = b"".join(parts)
@@ -332,6 +336,11 @@ class IndexCompactor:
         self.stats.entries_merged += len(run)
         self.stats.bytes_written += len(data)
         self._log.info(
-            "index compacted", first=merged.first, entries=len(run), messages=merged.count, bytes=len(data), level=merged.level
+            "index compacted",
+            first=merged.first,
+            entries=len(run),
+            messages=merged.count,
+            bytes=len(data),
+            level=merged.level,
         )
         return 1

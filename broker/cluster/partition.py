@@ -145,7 +145,9 @@ class IndexEntry:
     level: int = 0
 
     def encode(self) -> bytes:
-        fields: dict[str, Any] = {"o": self.object, "b": self.start, "n": self.size, "c": self.count, "ts": self.timestamp}
+        fields: dict[str, Any] = {
+            "o": self.object, "b": self.start, "n": self.size, "c": self.count, "ts": self.timestamp,
+        }  # fmt: skip
         if self.level:
             fields["l"] = self.level
         return json.dumps(fields, separators=(",", ":")).encode()
