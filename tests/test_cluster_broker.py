@@ -231,7 +231,7 @@ async def test_the_owner_reads_its_own_rounds_from_memory(urls: dict[str, str], 
                 assert isinstance(ack, PubAck) and ack.base_offset == i, ack
         await wait_for(lambda: reads(mine) >= before.hits + before.fetches + 20 and reads(theirs) >= 21)
         after = mine.statistics()
-        assert (after.fetches, after.hits) == (before.fetches, before.hits + 20)
+        assert after.fetches == before.fetches and after.hits >= before.hits + 20
         assert theirs.statistics().fetches >= 20
 
 

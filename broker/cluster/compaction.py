@@ -199,12 +199,16 @@ class IndexCompactor:
         has a retention limit), until cancelled (the owner's task group
         ends it). Each pass cuts what retention no longer keeps first."""
         pause = RETRY_MIN
-        seen = self.owner.commits - self.settings.fan_in
+        fan_in = self.settings.fan_in
+        next_pass = self.owner.commits  # one at once
         every = self.settings.retention_every if self.retention is not None else math.inf
         while True:
             with anyio.move_on_after(every):
-                await self.owner.wait_commits(seen + self.settings.fan_in)
-            seen = self.owner.commits
+                await self.owner.wait_commits(next_pass)
+            # The next at the next multiple of fan_in, counted before this
+            # pass reads the index: rounds committed while it runs are
+            # looked at by a pass of their own, whenever the wake-up came.
+            next_pass = (self.owner.commits // fan_in + 1) * fan_in
             try:
                 if self.retention is not None and self.owner.owning:
                     await self.cut()
