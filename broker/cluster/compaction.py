@@ -269,7 +269,7 @@ class IndexCompactor:
         out = []
         for kv in kvs:
             try:
-                entry = IndexEntry.decode(int(kv.key[len(self._prefix) :]), kv.value)
+                entry = IndexEntry.from_key(self._prefix, kv.key, kv.value)
             except ValueError:
                 continue  # not an entry: a gap in the runs, which go around it
             out.append(_Held(entry, kv.key, kv.mod_revision))

@@ -352,8 +352,4 @@ class PartitionIndex:
         self._changed = anyio.Event()
 
     def _decode(self, kv: KeyValue) -> IndexEntry:
-        try:
-            first = int(kv.key[len(self._prefix) :])
-        except ValueError:
-            raise ValueError(f"index key {kv.key!r:.200} is not an offset") from None
-        return IndexEntry.decode(first, kv.value)
+        return IndexEntry.from_key(self._prefix, kv.key, kv.value)

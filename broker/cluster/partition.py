@@ -153,6 +153,16 @@ class IndexEntry:
         return json.dumps(fields, separators=(",", ":")).encode()
 
     @classmethod
+    def from_key(cls, prefix: bytes, key: bytes, value: bytes) -> IndexEntry:
+        """The entry at ``key`` (``prefix`` + its first offset); ValueError
+        when the key holds no offset or the value is not an entry."""
+        try:
+            first = int(key[len(prefix) :])
+        except ValueError:
+            raise ValueError(f"index key {key!r:.200} is not an offset") from None
+        return cls.decode(first, value)
+
+    @classmethod
     def decode(cls, first: int, value: bytes) -> IndexEntry:
         """Raises ValueError when the value is not an entry."""
         try:

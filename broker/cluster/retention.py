@@ -58,10 +58,6 @@ class Cut:
     first: int
 
 
-def _offset(prefix: bytes, key: bytes) -> int:
-    return int(key[len(prefix) :])
-
-
 async def _bytes_boundary(etcd: Etcd, prefix: bytes, max_bytes: int) -> bytes | None:
     """The key of the oldest entry the bytes rule keeps (keys below it go),
     or None when it cuts nothing."""
@@ -72,7 +68,7 @@ async def _bytes_boundary(etcd: Etcd, prefix: bytes, max_bytes: int) -> bytes | 
         for i, kv in enumerate(page.kvs):
             seen += 1
             try:
-                total += IndexEntry.decode(_offset(prefix, kv.key), kv.value).size
+                total += IndexEntry.from_key(prefix, kv.key, kv.value).size
             except ValueError:
                 pass  # a damaged entry: its bytes are not known; it goes by position
             if total > max_bytes:
@@ -112,7 +108,7 @@ async def _age_boundary(etcd: Etcd, prefix: bytes, cutoff_us: int) -> bytes | No
 def _began(prefix: bytes, kv: KeyValue) -> int:
     """An entry's first batch's time (µs); a damaged entry counts as new."""
     try:
-        return IndexEntry.decode(_offset(prefix, kv.key), kv.value).timestamp
+        return IndexEntry.from_key(prefix, kv.key, kv.value).timestamp
     except ValueError:
         return 1 << 62
 
@@ -139,4 +135,4 @@ async def cut(
     if not result.succeeded:
         return None
     deleted = result.responses[0] if result.responses else 0
-    return Cut(deleted if isinstance(deleted, int) else 0, _offset(prefix, boundary))
+    return Cut(deleted if isinstance(deleted, int) else 0, int(boundary[len(prefix) :]))
