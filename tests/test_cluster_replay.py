@@ -47,8 +47,11 @@ from pybroker.protocol import (
     decode_batch,
     encode_batch,
 )
+from pybroker.server.cluster.index import PartitionIndex
 from pybroker.server.cluster.objects import ObjectStoreError
 from pybroker.server.cluster.partition import decode_stored
+from pybroker.server.cluster.store import PARTITION
+from pybroker.server.cluster.tail import IndexedReader
 from pybroker.server.server import Server
 from pybroker.server.storage.errors import DataLoss, ReadPending
 
@@ -361,6 +364,41 @@ async def test_one_fetch_per_range_and_a_batch_larger_than_the_bound(urls: dict[
         assert stats.peak_fetches == 1 and stats.in_flight == 0, stats
         assert stats.batches == 1 and stats.peak_bytes <= 3100, stats
         assert stats.fetches <= len(want), stats
+
+
+async def test_a_fetch_waits_for_an_index_view_that_lags_the_commits(urls: dict[str, str], tmp_path: Path) -> None:
+    # A view's watch may lag the commits a node's copy already holds (a
+    # busy machine): the fetch must wait for it, not take the range for
+    # cut by retention (seen once in CI). Here the view stops following
+    # before anything is published, and follows again once the fetch runs.
+    async with cluster_node(urls, "a", tmp_path) as a:
+        store = store_of(a)
+        index = PartitionIndex(store.etcd, "lag", PARTITION, keys=store.settings.keys)
+        reader = IndexedReader(index, store.cache)
+        async with trio.open_nursery() as nursery:
+            following = trio.CancelScope()
+
+            async def follow() -> None:
+                with following:
+                    await index.run()
+
+            nursery.start_soon(follow)
+            with trio.fail_after(WAIT):
+                await index.wait_loaded()
+            following.cancel()
+            await publish_to_owner([a], "lag", [b"l0"], "creator")
+            await settled_owner([a], "lag")
+            await publish_all(a, "lag", [[b"l1"], [b"l2"]], at_once=1)
+            assert index.next_offset == 0  # the view saw none of it
+
+            with pytest.raises(ReadPending) as pending:
+                store.replay.read("lag", reader, 0, 3, 1 << 20)
+            nursery.start_soon(index.run)  # the view catches up
+            with trio.fail_after(WAIT):
+                await pending.value.waitable.wait()  # type: ignore[attr-defined]
+            got = store.replay.read("lag", reader, 0, 3, 1 << 20)
+            assert [decode_batch(b.batch)[0][0] for b in got] == [b"l0", b"l1", b"l2"]
+            nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("ordering", ["", "key"])

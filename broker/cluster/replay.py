@@ -53,6 +53,10 @@ MAX_LOST = 1024
 #: Pauses between a failed fetch's attempts: doubling from MIN to MAX.
 RETRY_MIN = 0.1
 RETRY_MAX = 2.0
+#: Seconds a fetch waits for its reader's index view to reach the offset
+#: (the view follows etcd's watch, which may lag the commits the copy
+#: already holds); past it, the fetch reads what the view has.
+INDEX_WAIT = 10.0
 
 
 class Waiter:
@@ -250,6 +254,12 @@ class Replay:
         topic, start = fetch.topic, fetch.start
         pause = RETRY_MIN
         try:
+            # The copy starts at ``end``, so the partition holds ``start``;
+            # a view that has not yet seen it (its watch lagging the commits
+            # under load) would read nothing, and the range would be taken
+            # for cut by retention.
+            with trio.move_on_after(INDEX_WAIT):
+                await reader.index.wait_beyond(start)
             while True:
                 try:
                     batches = await reader.read(start, self.fetch_bytes)
