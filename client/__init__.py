@@ -16,7 +16,7 @@ The server lives in :mod:`pybroker.server` (``pybroker serve``, or
 
 from ._version import __version__
 
-from .connection import DEFAULT_URL, Client, PendingAck, connect, parse_url, url_credentials
+from .connection import DEFAULT_URL, Client, PendingAck, connect, parse_url, parse_urls, url_credentials
 from .errors import (
     AuthenticationError,
     BrokerError,
@@ -64,5 +64,6 @@ __all__ = [
     "WouldBlock",
     "connect",
     "parse_url",
+    "parse_urls",
     "url_credentials",
 ]

@@ -144,22 +144,59 @@ _RETRY_AFTER = (
 
 def parse_url(url: str) -> tuple[str, int]:
     """``pybroker://host:port`` or ``pybrokers://host:port`` (TLS; port
-    defaults to 7420) -> (host, port)."""
-    host, port, _ = _split_url(url)
-    return host, port
+    defaults to 7420) -> (host, port): the first address of a URL that
+    lists several (:func:`parse_urls`)."""
+    return parse_urls(url)[0]
 
 
-def _split_url(url: str) -> tuple[str, int, bool]:
-    """(host, port, whether the scheme asks for TLS)."""
+def parse_urls(url: str) -> list[tuple[str, int]]:
+    """Every (host, port) of a URL, in order: ``pybroker://h1:7420,h2:7421``
+    names several brokers of one cluster (a client tries them in turn).
+    ValueError for a URL that is not one, an empty or unbracketed IPv6
+    address, a port out of range, or more than MAX_ADDRESSES."""
+    return _split_url(url)[0]
+
+
+#: Addresses one URL may list.
+MAX_ADDRESSES = 64
+
+
+def _split_url(url: str) -> tuple[list[tuple[str, int]], bool]:
+    """(the (host, port) addresses, whether the scheme asks for TLS)."""
     parts = urlsplit(url)
     if parts.scheme not in ("pybroker", "pybrokers"):
         raise ValueError(
             f"unsupported URL scheme in {url!r}: expected pybroker://host:port"
             " or pybrokers://host:port (TLS)"
         )
-    if not parts.hostname:
+    # urlsplit's hostname and port take one address; a cluster's URL lists
+    # several, comma-separated, after the user info.
+    hosts = parts.netloc.rpartition("@")[2]
+    if not hosts:
         raise ValueError(f"no host in {url!r}")
-    return parts.hostname, parts.port or DEFAULT_PORT, parts.scheme == "pybrokers"
+    items = hosts.split(",")
+    if len(items) > MAX_ADDRESSES:
+        raise ValueError(f"more than {MAX_ADDRESSES} addresses in {url!r}")
+    return [_split_address(item, url) for item in items], parts.scheme == "pybrokers"
+
+
+def _split_address(item: str, url: str) -> tuple[str, int]:
+    if item.startswith("["):  # [IPv6]:port
+        host, closed, rest = item[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad address {item!r} in {url!r}")
+        port_text = rest[1:]
+    else:
+        host, _, port_text = item.partition(":")
+        if ":" in port_text:
+            raise ValueError(f"bad address {item!r} in {url!r}: an IPv6 address goes in brackets")
+    if not host:
+        raise ValueError(f"no host in {item!r} of {url!r}")
+    if not port_text:
+        return host.lower(), DEFAULT_PORT
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port {port_text!r} in {url!r}")
+    return host.lower(), int(port_text)
 
 
 def url_credentials(url: str) -> dict[str, str]:
@@ -1762,6 +1799,12 @@ async def connect(
     (up to ``max_pending``) and requests wait. The first connection is not
     retried: a broker that is not there fails ``connect`` at once.
 
+    A cluster's URL may list several of its brokers,
+    ``pybroker://h1:7420,h2:7420,h3:7420``: the first connection tries
+    them in order (and fails if none answers), and a reconnect that cannot
+    reach a broker tries the next one, so a client outlives the node it
+    was connected to.
+
     Credentials for a broker with a users file: ``token``, or ``user`` and
     ``password``, or in the URL (``pybroker://user:password@host``,
     ``pybroker://token@host``). Refused ones raise
@@ -1790,7 +1833,8 @@ async def connect(
     """
     if keepalive is not None and not keepalive > 0:
         raise ValueError("keepalive must be a positive number of seconds")
-    host, port, url_tls = _split_url(url)
+    addresses, url_tls = _split_url(url)
+    host, port = addresses[0]
     ssl_context = client_context(tls, ca_file, url_tls=url_tls)
     credentials = _credentials(url, token, user, password)
     policy: Reconnect | None = None
@@ -1799,18 +1843,19 @@ async def connect(
     elif reconnect:
         policy = Reconnect()
 
-    given = (host, port)
-    target: list[tuple[str, int]] = [given]
+    target: list[tuple[str, int]] = [addresses[0]]
 
     async def opener() -> ByteStream:
         where, number = target[0]
         try:
             return await open_stream(where, number, ssl_context=ssl_context, timeout=connect_timeout)
         except OSError:
-            # An owner a NOT_OWNER named that cannot be reached (it stopped,
-            # or died): the next try goes to the address given, which names
-            # whoever owns the topic by then.
-            target[0] = given
+            # A broker that cannot be reached (it stopped, or died): the next
+            # try goes to the next address the URL gives; from an owner a
+            # NOT_OWNER named, to the first one, which names whoever owns
+            # the topic by then.
+            at = addresses.index(target[0]) + 1 if target[0] in addresses else 0
+            target[0] = addresses[at % len(addresses)]
             raise
 
     def retarget(address: str) -> bool:
@@ -1821,7 +1866,14 @@ async def connect(
         target[0] = (name.strip("[]"), int(number))
         return True
 
-    stream = await opener()
+    # The first connection tries each address once, in order.
+    for attempt in range(len(addresses)):
+        try:
+            stream = await opener()
+            break
+        except OSError:
+            if attempt == len(addresses) - 1:
+                raise
     try:
         async with anyio.create_task_group() as task_group:
             client = Client(

@@ -167,6 +167,36 @@ async def test_takeover_continues_where_the_committed_log_ends(urls: dict[str, s
         assert seen == [f"before-{i}".encode() for i in range(10)] + [f"after-{i}".encode() for i in range(10, 20)]
 
 
+async def test_a_client_given_several_nodes_outlives_the_one_it_was_on(urls: dict[str, str], tmp_path: Path) -> None:
+    """A URL listing the cluster's nodes: the node a publisher and a
+    subscriber were connected to stops; they reconnect to the next one
+    listed and go on there, the subscriber with no gap and no repeat."""
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        nodes = [a, b]
+        await publish_to_owner(nodes, "moving", [b"m0"], "creator")
+        owner = await settled_owner(nodes, "moving")
+        survivor = b if owner is a else a
+        url = f"pybroker://127.0.0.1:{owner.port},127.0.0.1:{survivor.port}"
+        reconnect = pybroker.Reconnect(max_attempts=200, initial_delay=0.05, max_delay=0.5)
+        async with pybroker.connect(url, reconnect=reconnect) as client:
+            async with client.subscribe("moving", start="earliest") as sub:
+                for i in range(1, 10):
+                    await client.publish("moving", f"m{i}".encode())
+                await stop_gracefully(owner)
+                for i in range(10, 20):
+                    with trio.fail_after(WAIT):
+                        await client.publish("moving", f"m{i}".encode())
+                got: list[tuple[int, bytes]] = []
+                with trio.fail_after(WAIT):
+                    async for message in sub:
+                        got.append((message.offset, message.payload))
+                        if len(got) == 20:
+                            break
+            assert client.reconnects >= 1
+        assert got == [(i, f"m{i}".encode()) for i in range(20)]
+        assert await settled_owner([survivor], "moving") is survivor
+
+
 async def test_a_node_joining_after_index_compaction_delivers_every_message(urls: dict[str, str], tmp_path: Path) -> None:
     """The owner compacts the index as rounds come (docs/cluster.md §13):
     the etcd index stays small, the janitor takes the objects merged away,
