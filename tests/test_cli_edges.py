@@ -140,6 +140,16 @@ async def test_an_unreachable_broker_is_named() -> None:
     assert f"cannot connect to the broker at 127.0.0.1:{port}: Connection refused" in result.stderr.decode()
 
 
+async def test_a_url_of_several_unreachable_brokers_is_named() -> None:
+    with socket.socket() as s, socket.socket() as t:
+        s.bind(("127.0.0.1", 0))
+        t.bind(("127.0.0.1", 0))  # both bound, neither listening: refused
+        url = f"pybroker://127.0.0.1:{s.getsockname()[1]},127.0.0.1:{t.getsockname()[1]}"
+        result = await run(["pub", "t.x", "hi", "--url", url])
+    assert result.returncode == 1
+    assert f"cannot connect to any of the brokers at {url}: Connection refused" in result.stderr.decode()
+
+
 def test_a_name_that_does_not_resolve_is_named() -> None:
     # The error getaddrinfo raises, without asking a resolver.
     exc = socket.gaierror(socket.EAI_NONAME, "Name or service not known")

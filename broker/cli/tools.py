@@ -82,9 +82,10 @@ def failure(url: str, exc: BaseException) -> str:
     import pybroker
 
     try:
-        host, port = pybroker.parse_url(url)
+        addresses = pybroker.parse_urls(url)
     except ValueError:
         return str(exc)
+    host, port = addresses[0]
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve the broker's host {host!r} ({url}): {exc.strerror}"
     if isinstance(exc, ssl.SSLError):
@@ -98,6 +99,8 @@ def failure(url: str, exc: BaseException) -> str:
         elif exc.__cause__ is not None:
             cause = exc.__cause__
         reason = os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno else str(cause)
+        if len(addresses) > 1:  # each was tried; the error is the last one's
+            return f"cannot connect to any of the brokers at {url}: {reason}"
         return f"cannot connect to the broker at {host}:{port}: {reason}"
     if isinstance(exc, pybroker.ConnectionClosed) and "no WELCOME" in str(exc) and url.startswith("pybroker://"):
         # A TLS port answers a plain HELLO by closing: say what to try.
