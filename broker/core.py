@@ -70,6 +70,10 @@ from .subscriber import Subscriber
 
 #: A GROUPS_REPLY's body before its document: request_id (8), length (4).
 GROUPS_REPLY_FIXED = 12
+#: Refusals of a handed-off batch that no retry can change (it is dropped).
+_PERMANENT = frozenset(
+    {ErrorCode.BAD_TOPIC, ErrorCode.BAD_REQUEST, ErrorCode.BATCH_LIMIT, ErrorCode.CHECKSUM_MISMATCH}
+)
 
 
 def _bounded(statistics: dict[str, Any], room: int) -> dict[str, Any]:
@@ -226,6 +230,11 @@ class Broker:
 
             assert isinstance(store, ClusterStore)
             self.groups.shared = ClusterGroupState(store, self.groups)
+            # Dead letters to a topic another node owns go through etcd
+            # (broker/cluster/handoff.py); those handed to this node's
+            # topics are published here.
+            self.groups.hand_off = store.hand_offs.send
+            store.hand_offs.take = self._take_hand_off
         #: Publish acknowledgements sent, by what they promise (GET /metrics).
         self.acks_by_durability: dict[Durability, int] = dict.fromkeys(Durability, 0)
         self.dedup = DedupWindow(config.dedup_window, config.dedup_max_ids)
@@ -306,6 +315,19 @@ class Broker:
             if msg_id is not None:
                 topic = self.router.topic(name)
                 self.dedup.remember(topic, msg_id, Stored(stored.base_offset, stored.count, stored.timestamp, None))
+
+    async def _take_hand_off(self, topic_name: str, batch: bytes) -> None:
+        """Cluster mode: a batch another node handed to this one, the owner
+        of its topic (a dead letter): published here as the broker itself,
+        stored once by its msg-id however often it is handed over, and
+        durable when this returns."""
+        from .cluster.handoff import TakeRefused
+
+        try:
+            published = self.publish(self._releaser, topic_name, batch, dedup=True)
+            await self.durable(published)
+        except Refused as exc:
+            raise TakeRefused(f"{exc.code.name}: {exc.message}", permanent=exc.code in _PERMANENT) from None
 
     def topic_created(self, topic: Topic) -> None:
         self.groups.topic_created(topic)

@@ -295,6 +295,7 @@ async def test_metrics_show_the_cluster_side(urls: dict[str, str], tmp_path: Pat
     assert found[("pybroker_cluster_index_entries_merged_total", ())] == 4
     assert found[("pybroker_cluster_index_merged_bytes_total", ())] > 0
     assert found[("pybroker_cluster_index_merges_not_taken_total", (("why", "refused"),))] == 0
+    assert found[("pybroker_cluster_hand_offs_sent_total", ())] == found[("pybroker_cluster_hand_offs_taken_total", ())] == 0
     # The owner's tail and the merge read its own rounds from the cache.
     assert found[("pybroker_cluster_cache_requests_total", (("result", "hit"),))] >= 12
     assert found[("pybroker_cluster_cache_requests_total", (("result", "fetch"),))] == 0

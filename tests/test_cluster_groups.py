@@ -45,6 +45,7 @@ from pybroker.protocol import (
     SubAck,
     Subscribe,
     decode_batch,
+    first_msg_id,
 )
 from pybroker.server.cluster.etcd import Etcd
 from pybroker.server.cluster.groupstate import ClusterGroupState
@@ -454,6 +455,67 @@ async def test_a_delivery_waits_for_the_transaction_that_counts_it(urls: dict[st
             assert failures == 1
             state = await saved_state(store_of(a).etcd, key)
             assert state is not None and state["cursor"] == 2 and state["pending"]["1"][1] == 1, state
+
+
+async def test_a_dead_letter_to_a_topic_another_node_owns_is_handed_to_it(urls: dict[str, str], tmp_path: Path) -> None:
+    """The dead-letter topic is owned by the other node: the group's owner
+    hands the dead letter over through etcd, the other node stores it, the
+    group settles it, and a hand-off taken twice is stored once."""
+    jobs_node = first(["a", "b"], "jobs", 0)
+    dead = next(f"dead.{i}" for i in range(64) if first(["a", "b"], f"dead.{i}", 0) != jobs_node)
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        nodes = [a, b]
+        await publish_to_owner(nodes, "jobs", [b"poison"], "creator")
+        await publish_to_owner(nodes, dead, [b"earlier"], "creator")
+        owner, dead_owner = await settled_owner(nodes, "jobs"), await settled_owner(nodes, dead)
+        assert owner is not dead_owner
+        letters: list[pybroker.Message] = []
+        async with pybroker.connect(f"pybroker://{addr_of(owner)}", name="member", reconnect=True) as client:
+            async with client.subscribe(dead, start="earliest") as dead_letters:
+                async with client.subscribe(
+                    "jobs", group="workers", start="earliest", auto_ack=False, max_deliver=2, dead_letter=dead
+                ) as sub:
+                    deliveries = []
+                    with trio.fail_after(WAIT):
+                        async for message in sub:
+                            deliveries.append(message.deliveries)
+                            await message.nak(0)
+                            if len(deliveries) == 2:
+                                break
+                    # (Still a member: a group dead-letters at a message's next turn.)
+                    with trio.fail_after(WAIT):
+                        async for message in dead_letters:
+                            letters.append(message)
+                            if len(letters) == 2:
+                                break
+        assert deliveries == [1, 2]
+        assert [m.payload for m in letters] == [b"earlier", b"poison"]
+        letter = letters[1]
+        assert letter.offset == 1
+        assert {k: letter.headers[k] for k in ("x-original-topic", "x-original-offset", "x-group", "x-deliveries")} == {
+            "x-original-topic": "jobs", "x-original-offset": "0", "x-group": "workers", "x-deliveries": "2",
+        }  # fmt: skip
+        # Named (the client hands msg-ids to nobody): as stored, by the group.
+        (stored,) = store_of(dead_owner).topic(dead).read(1, 1 << 20)
+        msg_id = first_msg_id(stored.batch)
+        assert msg_id is not None and msg_id.startswith("dead-letter-"), msg_id
+        # The group settled it once handed off: nothing pending is saved.
+        await wait_saved(store_of(owner).etcd, group_key(urls, "workers", "jobs"), lambda s: not s["pending"])
+        sender, taker = store_of(owner).hand_offs, store_of(dead_owner).hand_offs
+        assert (sender.sent, taker.taken) == (1, 1)
+        key = sender.key(dead, msg_id)
+
+        async def taken(times: int) -> None:
+            with trio.fail_after(WAIT):
+                while taker.taken < times or await store_of(owner).etcd.get(key) is not None:
+                    await trio.sleep(0.02)  # (bounded) taken on the owner's next look
+
+        await taken(1)
+        # The same hand-off again (a group's retry after a crash): stored once.
+        await store_of(owner).etcd.put(key, b"i" + stored.batch)
+        await taken(2)
+        assert store_of(dead_owner).topic(dead).next_offset == 2
+        assert dead_owner.broker.dedup.duplicates >= 1
 
 
 async def test_groups_delete_at_the_owner_deletes_the_saved_state(urls: dict[str, str], tmp_path: Path) -> None:

@@ -40,10 +40,9 @@ with it.
   (``leave``).
 
 What is not here: groups reading several topics (a pattern with wildcards
-is refused in cluster mode), dead-letter progress (a dead letter is
-published through this node's router: when another node owns the
-dead-letter topic it is retried every second), and several partitions per
-topic. GROUPS delete (on the owner) deletes the key too, fenced.
+is refused in cluster mode) and several partitions per topic. A dead
+letter whose topic another node owns is handed to that node through etcd
+(handoff.py). GROUPS delete (on the owner) deletes the key too, fenced.
 """
 
 from __future__ import annotations

@@ -61,6 +61,7 @@ from ..storage.settings import SettingsResolver
 from .cache import CacheStatistics, RangeCache
 from .compaction import CompactionSettings, CompactionStats
 from .etcd import Etcd, EtcdError
+from .handoff import HandOffs
 from .index import PartitionIndex
 from .janitor import DEFAULT_EVERY, DEFAULT_GRACE, Janitor
 from .keys import ClusterKeys
@@ -143,6 +144,9 @@ class ClusterFigures:
     cache: CacheStatistics
     janitor_sweeps: int
     janitor_deleted: int
+    #: Batches (dead letters) handed to other nodes' topics, and taken here.
+    hand_offs_sent: int = 0
+    hand_offs_taken: int = 0
 
 
 def parse_cluster_urls(cluster: str, object_store: str, node: str = "") -> ClusterSettings:
@@ -270,6 +274,9 @@ class ClusterStore:
         self.janitor = Janitor(
             self.etcd, self.objects, keys=settings.keys, grace=settings.janitor_grace, every=settings.janitor_every
         )
+        #: Dead letters to topics other nodes own, and those handed to
+        #: this node's (handoff.py).
+        self.hand_offs = HandOffs(self.etcd, self.objects, settings.keys, self.register)
         self.manager: OwnershipManager | None = None
         self.addr = ""
         self.on_committed: Committed | None = None
@@ -362,6 +369,8 @@ class ClusterStore:
             cache=self.cache.statistics(),
             janitor_sweeps=self.janitor.sweeps,
             janitor_deleted=self.janitor.deleted,
+            hand_offs_sent=self.hand_offs.sent,
+            hand_offs_taken=self.hand_offs.taken,
         )
 
     # -- the owner's side ----------------------------------------------------
@@ -591,7 +600,7 @@ class ClusterStore:
         node = self.settings.node or f"{socket.gethostname()}:{addr}"
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = self.replay.nursery = nursery
+                self._nursery = self.replay.nursery = self.hand_offs.nursery = nursery
                 for log in list(self._logs.values()):
                     self._follow(log)
                 try:
@@ -628,6 +637,7 @@ class ClusterStore:
                             incarnation.start_soon(keeper.run)
                             incarnation.start_soon(self._follow_registered, manager)
                             incarnation.start_soon(self.janitor.run, keeper)
+                            incarnation.start_soon(self.hand_offs.run, manager)
                             try:
                                 await manager.run()
                             finally:
@@ -637,7 +647,7 @@ class ClusterStore:
                     if self._left:
                         return
         finally:
-            self._nursery = self.replay.nursery = None
+            self._nursery = self.replay.nursery = self.hand_offs.nursery = None
             self.manager = None
             with trio.CancelScope(shield=True):
                 await self.etcd.aclose()

@@ -17,14 +17,17 @@ batch's own bytes only when it takes all of it.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import random
 import time
 from collections import deque
 from collections.abc import Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from pybroker.protocol import (
+    MSG_ID_HEADER,
     RECORD_HEADER,
     AckKind,
     MalformedBatch,
@@ -39,7 +42,7 @@ from pybroker.protocol import (
 
 from ..start import start_offset
 from ..storage import DataLoss, StorageError, StoredBatch
-from ..storage.errors import ReadPending
+from ..storage.errors import NotOwnerError, ReadPending
 from ..storage.groupstate import FORMAT, SavedTopic, find_dead_letters
 from .config import DEAD_LETTER_RETRY_SECONDS, KEY_HEADER, KEY_SCAN_LIMIT, GroupConfig
 
@@ -635,6 +638,9 @@ class Group:
         try:
             self._dead_letter(gt, offset, p, timestamp, record)
         except StorageError as exc:
+            if isinstance(exc, NotOwnerError) and self.manager.hand_off is not None:
+                self._hand_off(gt, offset, p, record, now)
+                return
             # Nothing was stored: a restart that looks for it finds nothing
             # and publishes it then, as the retry would.
             p.dead_letter_from = None
@@ -645,25 +651,36 @@ class Group:
                 group=self.name, topic=gt.topic.name, offset=offset, error=exc.message,
             )
 
+    def _hand_off(self, gt: GroupTopic, offset: int, p: Pending, record: bytes, now: float) -> None:
+        """Cluster mode, the dead-letter topic owned by another node: hand
+        the dead letter to it through etcd, named so that it is stored once
+        however often it is handed off; settled once handed off. Meanwhile
+        it stays pending and comes back after the retry pause (a hand-off
+        still in flight is not started again)."""
+        hand_off = self.manager.hand_off
+        assert hand_off is not None
+        digest = hashlib.sha256(f"{self.name}\0{gt.topic.name}\0{offset}".encode()).hexdigest()[:32]
+        msg_id = f"dead-letter-{digest}"
+        batch = self._dead_letter_batch(gt, offset, p, record, {MSG_ID_HEADER: msg_id})
+        p.deadline = now + DEAD_LETTER_RETRY_SECONDS
+        self._timer(p.deadline, gt, offset, offset)
+        hand_off(self.config.dead_letter, msg_id, batch, partial(self._handed_off, gt, offset, p))
+
+    def _handed_off(self, gt: GroupTopic, offset: int, p: Pending) -> None:
+        if gt.pending.get(offset) is not p or self.manager.groups.get(self.name) is not self:
+            return  # settled meanwhile (a late ack), or the group deleted
+        del gt.pending[offset]
+        self.version += 1
+        self.dead_lettered += 1
+        self.manager.logger.info(
+            "dead-lettered (handed to the owner of its topic)",
+            group=self.name, topic=gt.topic.name, offset=offset, deliveries=p.deliveries,
+            dead_letter=self.config.dead_letter,
+        )  # fmt: skip
+        self.manager.wake()
+
     def _dead_letter(self, gt: GroupTopic, offset: int, p: Pending, timestamp: int, record: bytes) -> None:
-        dead_letter_headers = {
-            "x-original-topic": gt.topic.name,
-            "x-original-offset": str(offset),
-            "x-group": self.name,
-            "x-deliveries": str(p.deliveries),
-            "x-reason": "max_deliver",
-        }
-        try:
-            ((payload, headers),) = decode_batch(encode_batch_from_records([record]))
-        except MalformedBatch:
-            # The record splits but its headers do not parse: keep the payload.
-            headers_len = RECORD_HEADER.unpack_from(record, 0)[1]
-            payload, headers = record[RECORD_HEADER.size + headers_len :], {}
-        try:
-            batch = encode_batch([(payload, {**headers, **dead_letter_headers})])
-        except ValueError:
-            # Headers already near the 65535-byte block limit: ours must fit.
-            batch = encode_batch([(payload, dead_letter_headers)])
+        batch = self._dead_letter_batch(gt, offset, p, record)
         router = self.manager.router
         dlq = router.topic(self.config.dead_letter)
         dlq_offset, _, held = router.publish(dlq, batch, 1, time.time_ns() // 1000)
@@ -680,6 +697,31 @@ class Group:
             deliveries=p.deliveries,
             dead_letter=self.config.dead_letter,
         )
+
+    def _dead_letter_batch(
+        self, gt: GroupTopic, offset: int, p: Pending, record: bytes, extra: Mapping[str, str] | None = None
+    ) -> bytes:
+        """The dead letter: the message's payload and headers, and ours
+        (``extra`` last: a hand-off's msg-id replaces the original's)."""
+        dead_letter_headers = {
+            "x-original-topic": gt.topic.name,
+            "x-original-offset": str(offset),
+            "x-group": self.name,
+            "x-deliveries": str(p.deliveries),
+            "x-reason": "max_deliver",
+            **(extra or {}),
+        }
+        try:
+            ((payload, headers),) = decode_batch(encode_batch_from_records([record]))
+        except MalformedBatch:
+            # The record splits but its headers do not parse: keep the payload.
+            headers_len = RECORD_HEADER.unpack_from(record, 0)[1]
+            payload, headers = record[RECORD_HEADER.size + headers_len :], {}
+        try:
+            return encode_batch([(payload, {**headers, **dead_letter_headers})])
+        except ValueError:
+            # Headers already near the 65535-byte block limit: ours must fit.
+            return encode_batch([(payload, dead_letter_headers)])
 
     # -- persistence --------------------------------------------------------
 

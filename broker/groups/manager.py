@@ -97,6 +97,9 @@ class GroupManager:
         self._writer_wake = trio.Event()
         #: Cluster mode: the groups' state in etcd (None on a single node).
         self.shared: SharedGroupState | None = None
+        #: Cluster mode: hands a dead letter to the node that owns its topic
+        #: (topic, msg-id, batch, done), broker/cluster/handoff.py.
+        self.hand_off: Callable[[str, str, bytes, Callable[[], None]], None] | None = None
 
     @property
     def broken(self) -> bool:

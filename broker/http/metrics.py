@@ -45,6 +45,8 @@ under the name without it in OpenMetrics, with it in 0.0.4, as
   ``..._replay_lost_ranges_total``, ``..._replay_bytes``), the read cache
   (``..._cache_requests_total`` by result, ``..._cache_bytes``) and the
   janitor (``..._janitor_sweeps_total``, ``..._janitor_deleted_objects_total``)
+  and dead letters handed between nodes (``..._hand_offs_sent_total``,
+  ``..._hand_offs_taken_total``)
 - per consumer group: ``pybroker_group_members``, ``pybroker_group_pending``
   (delivered or waiting to be, not yet settled), and the counters
   ``pybroker_group_delivered_total``, ``..._redelivered_total``,
@@ -152,6 +154,14 @@ def _cluster(f: ClusterFigures) -> Iterator[Family]:
         (
             "pybroker_cluster_janitor_deleted_objects",
             "Unreferenced objects this node's janitor deleted.", f.janitor_deleted, "",
+        ),
+        (
+            "pybroker_cluster_hand_offs_sent",
+            "Dead letters this node handed to the owner of their topic, through etcd.", f.hand_offs_sent, "",
+        ),
+        (
+            "pybroker_cluster_hand_offs_taken",
+            "Dead letters handed to this node's topics that it stored.", f.hand_offs_taken, "",
         ),
     ]  # fmt: skip
     for name, help_text, value, unit in gauges:
