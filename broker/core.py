@@ -293,6 +293,12 @@ class Broker:
         self.store.close()
 
     @property
+    def stepped_aside(self) -> bool:
+        """Cluster mode: this node is cut off from etcd while another node
+        is ready, and sends its clients there (broker/cluster/stepaside.py)."""
+        return bool(getattr(self.store, "stepped_aside", False))
+
+    @property
     def problem(self) -> str | None:
         """Why the broker is degraded (storage), or None (GET /readyz)."""
         problem = self.store.problem

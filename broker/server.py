@@ -123,15 +123,18 @@ class Server:
                 # The core's tasks outlive the connections: closing sessions
                 # still wait on the committer for their last acknowledgements.
                 await background.start(self.broker.run)
+                if self.http is not None:
+                    self.http_port = await background.start(self.http.serve)
                 # Cluster mode: join once the address others are sent to is known.
                 joining = getattr(self.broker.store, "run", None)
                 if joining is not None:
-                    await background.start(joining, self.config.advertise or f"{self.host}:{self.port}")
+                    await background.start(joining, self.config.advertise or f"{self.host}:{self.port}", self._http_addr())
+                    # A node cut off from etcd may send its clients to the
+                    # others (broker/cluster/stepaside.py).
+                    self.broker.store.step_aside.on_step_aside = self._send_clients_away  # type: ignore[attr-defined]
                 if self.config.idle_timeout > 0:
                     background.start_soon(self._sweep_idle, self.config.idle_timeout)
                 background.start_soon(self._trim_heap)
-                if self.http is not None:
-                    self.http_port = await background.start(self.http.serve)
                 await self._serve_connections(listeners, background, task_status)
                 leave = getattr(self.broker.store, "leave", None)
                 if leave is not None:
@@ -197,6 +200,21 @@ class Server:
             connections.cancel_scope.deadline = (
                 trio.current_time() + self.config.shutdown_grace + 1.0
             )
+
+    def _http_addr(self) -> str:
+        """``host:port`` other cluster nodes reach this one's HTTP side at
+        ("" without one): the advertised host, else the one it listens on."""
+        if self.http is None or self.http_port is None:
+            return ""
+        host = (self.config.advertise or "").rpartition(":")[0] or self.config.http_host or self.host
+        return f"[{host}]:{self.http_port}" if ":" in host and not host.startswith("[") else f"{host}:{self.http_port}"
+
+    def _send_clients_away(self) -> None:
+        """Every client connection ends (GOODBYE); new ones are refused while
+        the node stays cut off (Session: HELLO answered 503)."""
+        self.logger.warning("ending every client connection: this node is cut off from the cluster", connections=len(self.sessions))
+        for session in list(self.sessions):
+            session.shutdown()
 
     def _log_auth(self) -> None:
         if self.broker.auth is not None:

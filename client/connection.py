@@ -300,6 +300,7 @@ class Client:
         credentials: Mapping[str, str] | None = None,
         opener: StreamOpener | None = None,
         retarget: Callable[[str], bool] | None = None,
+        advance: Callable[[], None] | None = None,
         reconnect: Reconnect | None = None,
         connect_timeout: float = 10.0,
         keepalive: float | None = None,
@@ -315,6 +316,10 @@ class Client:
         #: Points the opener at another ``host:port`` (a cluster's NOT_OWNER
         #: names the topic's owner); False if it cannot.
         self._retarget = retarget
+        #: Points the opener at the next address of the URL (a broker that
+        #: answered the HELLO with a retryable refusal: e.g. a cluster node
+        #: cut off from the cluster, which sends its clients elsewhere).
+        self._advance = advance
         #: When the NOT_OWNER answers followed since the last PUBACK or
         #: SUBACK began (None: none since), and how many there were.
         self._redirecting_since: float | None = None
@@ -1320,6 +1325,8 @@ class Client:
                 # may never have become self._stream, which aclose() closes.
                 if stream is not None:
                     await anyio.aclose_forcefully(stream)
+                    if self._advance is not None and isinstance(exc, _RETRY_AFTER):
+                        self._advance()  # it answered, but not with a WELCOME: try the next one
                 if isinstance(exc, BrokerError) and exc.code not in RETRYABLE_CODES:
                     self._fail(ConnectionClosed(f"reconnecting was refused: {exc}"))
                     return False
@@ -1850,13 +1857,16 @@ async def connect(
         try:
             return await open_stream(where, number, ssl_context=ssl_context, timeout=connect_timeout)
         except OSError:
-            # A broker that cannot be reached (it stopped, or died): the next
-            # try goes to the next address the URL gives; from an owner a
-            # NOT_OWNER named, to the first one, which names whoever owns
-            # the topic by then.
-            at = addresses.index(target[0]) + 1 if target[0] in addresses else 0
-            target[0] = addresses[at % len(addresses)]
+            advance()
             raise
+
+    def advance() -> None:
+        """After a broker that cannot be reached (it stopped, or died) or
+        that refused the HELLO: the next try goes to the next address the
+        URL gives; from an owner a NOT_OWNER named, to the first one, which
+        names whoever owns the topic by then."""
+        at = addresses.index(target[0]) + 1 if target[0] in addresses else 0
+        target[0] = addresses[at % len(addresses)]
 
     def retarget(address: str) -> bool:
         """``host:port`` from a NOT_OWNER answer; False if it is not one."""
@@ -1887,16 +1897,27 @@ async def connect(
                 credentials=credentials,
                 opener=opener,
                 retarget=retarget,
+                advance=advance,
                 reconnect=policy,
                 connect_timeout=connect_timeout,
                 keepalive=keepalive,
                 idempotent=idempotent,
             )
-            try:
-                await client._handshake()  # bounded by connect_timeout
-            except BaseException:
-                await anyio.aclose_forcefully(stream)
-                raise
+            # Bounded by connect_timeout each; a retryable refusal (a broker
+            # stopping, or a cluster node cut off from the cluster) moves on
+            # to the next address, once each.
+            for tried in range(1, len(addresses) + 1):
+                try:
+                    await client._handshake()
+                    break
+                except BaseException as exc:
+                    await anyio.aclose_forcefully(client._stream)
+                    retryable = isinstance(exc, BrokerError) and exc.code in RETRYABLE_CODES
+                    if not retryable or tried == len(addresses):
+                        raise
+                advance()
+                client._stream = await opener()
+                client._conn = Connection(Role.CLIENT)
             task_group.start_soon(client._run, name="pybroker connection")
             try:
                 yield client

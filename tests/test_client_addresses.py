@@ -13,10 +13,13 @@ from functools import partial
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
+from anyio.abc import SocketAttribute
 
 import pybroker
 from pybroker import sync
+from pybroker.protocol import NEED_DATA, Connection, Error, ErrorCode, Hello, Role
 
 from helpers.anybroker import serving
 from helpers.collect import Collector
@@ -73,6 +76,45 @@ async def test_the_first_connection_tries_each_address_in_turn(tmp_path: Path) -
         with pytest.raises(OSError):
             async with pybroker.connect(f"pybroker://127.0.0.1:{closed},127.0.0.1:{free_port()}"):
                 pass  # pragma: no cover (neither answers)
+
+
+async def test_the_first_connection_moves_past_a_broker_that_refuses_the_hello(tmp_path: Path) -> None:
+    """A broker that answers HELLO with a retryable refusal (503, as a
+    cluster node cut off from the cluster does): the next address is tried;
+    a refusal that is not retryable (AUTH_FAILED) is the caller's at once."""
+    hellos: list[int] = []
+
+    async def refusing(code: ErrorCode, stream: anyio.abc.SocketStream) -> None:
+        conn = Connection(Role.SERVER)
+        async with stream:
+            with anyio.move_on_after(TIMEOUT):
+                while True:
+                    event = conn.next_event()
+                    if event is NEED_DATA:
+                        try:
+                            conn.receive_data(await stream.receive(65536))
+                        except (anyio.EndOfStream, anyio.BrokenResourceError):
+                            return
+                    elif isinstance(event, Hello):
+                        hellos.append(int(code))
+                        await stream.send(conn.send(Error(int(code), "not here", fatal=True)))
+                        return
+
+    stopping = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    denying = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    async with stopping, denying, anyio.create_task_group() as nursery, serving(data_dir=tmp_path / "d") as server:
+        nursery.start_soon(stopping.serve, partial(refusing, ErrorCode.SHUTTING_DOWN))
+        nursery.start_soon(denying.serve, partial(refusing, ErrorCode.AUTH_FAILED))
+        stopping_port = stopping.extra(SocketAttribute.local_port)
+        denying_port = denying.extra(SocketAttribute.local_port)
+        async with pybroker.connect(f"pybroker://127.0.0.1:{stopping_port},127.0.0.1:{server.port}") as c:
+            assert (await c.publish("t", b"past the refusal")).offset == 0
+        assert hellos == [ErrorCode.SHUTTING_DOWN]
+        with pytest.raises(pybroker.AuthenticationError):
+            async with pybroker.connect(f"pybroker://127.0.0.1:{denying_port},127.0.0.1:{server.port}"):
+                pass  # pragma: no cover (refused)
+        assert hellos == [ErrorCode.SHUTTING_DOWN, ErrorCode.AUTH_FAILED]
+        nursery.cancel_scope.cancel()
 
 
 def test_the_blocking_client_takes_the_same_urls(tmp_path: Path, no_sync_client_left_behind: None) -> None:

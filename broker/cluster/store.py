@@ -73,6 +73,7 @@ from .partition import DEFAULT_MAX_ROUND_BYTES, AppendError, NotOwner, OutcomeUn
 from .replay import DEFAULT_MAX_BYTES as DEFAULT_REPLAY_BYTES
 from .replay import DEFAULT_MAX_FETCHES, Replay, ReplayStatistics
 from .retention import Retention
+from .stepaside import StepAside
 from .tail import IndexedReader
 from .topics import TopicError, TopicRegistry
 
@@ -277,6 +278,9 @@ class ClusterStore:
         #: Dead letters to topics other nodes own, and those handed to
         #: this node's (handoff.py).
         self.hand_offs = HandOffs(self.etcd, self.objects, settings.keys, self.register)
+        #: Sends the clients elsewhere while this node is cut off from etcd
+        #: and another is not (stepaside.py).
+        self.step_aside = StepAside(settings.ttl)
         self.manager: OwnershipManager | None = None
         self.addr = ""
         self.on_committed: Committed | None = None
@@ -332,7 +336,20 @@ class ClusterStore:
     async def purge(self, log: TopicLog, keep_from: int) -> int:
         raise StorageError("cluster mode cannot purge topics yet", full=False, topic=log.name)
 
-    problem = None
+    @property
+    def problem(self) -> str | None:
+        """Why this node is degraded (GET /readyz answers 503 with it, and
+        other nodes' StepAside reads that): no member lease it may rely on."""
+        manager = self.manager
+        if manager is not None and not manager.keeper.held():
+            return "no cluster lease to rely on (cut off from etcd, or joining again): publishes are refused"
+        return None
+
+    @property
+    def stepped_aside(self) -> bool:
+        """Cut off from etcd while another node is ready: clients go there."""
+        return self.step_aside.stepped_aside
+
     sync_interval = None
 
     async def probe(self) -> None:
@@ -593,14 +610,16 @@ class ClusterStore:
 
     # -- joining -------------------------------------------------------------
 
-    async def run(self, addr: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Join the cluster as ``addr`` (this broker's ``host:port``) until
-        cancelled or :meth:`leave` returns."""
+    async def run(self, addr: str, http: str = "", *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Join the cluster as ``addr`` (this broker's ``host:port``; ``http``
+        that of its HTTP side, if it has one) until cancelled or
+        :meth:`leave` returns."""
         self.addr = addr
         node = self.settings.node or f"{socket.gethostname()}:{addr}"
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = self.replay.nursery = self.hand_offs.nursery = nursery
+                nursery.start_soon(self.step_aside.run, lambda: self.manager, addr)
                 for log in list(self._logs.values()):
                     self._follow(log)
                 try:
@@ -618,7 +637,7 @@ class ClusterStore:
                         self.logger.warning("cannot reach etcd", error=str(exc))
                         await trio.sleep(RETRY_MAX)
                         continue
-                    membership = Membership(self.etcd, keeper, node, keys=self.settings.keys, addr=addr)
+                    membership = Membership(self.etcd, keeper, node, keys=self.settings.keys, addr=addr, http=http)
                     topics = TopicRegistry(self.etcd, keys=self.settings.keys)
                     manager = OwnershipManager(
                         self.etcd, self.objects, keeper, membership, topics,

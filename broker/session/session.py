@@ -544,7 +544,13 @@ class Session:
         # Pong: nothing to do.
 
     async def _hello(self, hello: Hello, deadline: float) -> bool:
-        """WELCOME, or AUTH_FAILED (False); then frames of any size."""
+        """WELCOME, or AUTH_FAILED or SHUTTING_DOWN (False); then frames of any size."""
+        if self.broker.stepped_aside:
+            self._fatal(
+                ErrorCode.SHUTTING_DOWN,
+                "this node is cut off from the cluster's coordination (etcd): connect to another node",
+            )
+            return False
         auth = self.broker.auth
         if auth is not None:
             user = None
