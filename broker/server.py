@@ -202,12 +202,14 @@ class Server:
             )
 
     def _http_addr(self) -> str:
-        """``host:port`` other cluster nodes reach this one's HTTP side at
-        ("" without one): the advertised host, else the one it listens on."""
+        """The URL other cluster nodes reach this one's HTTP side at ("" without
+        one): the advertised host, else the one it listens on."""
         if self.http is None or self.http_port is None:
             return ""
         host = (self.config.advertise or "").rpartition(":")[0] or self.config.http_host or self.host
-        return f"[{host}]:{self.http_port}" if ":" in host and not host.startswith("[") else f"{host}:{self.http_port}"
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{'https' if self.tls is not None else 'http'}://{host}:{self.http_port}"
 
     def _send_clients_away(self) -> None:
         """Every client connection ends (GOODBYE); new ones are refused while
