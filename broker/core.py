@@ -970,12 +970,13 @@ class Broker:
         self.logger.info("topic purged", topic=name, first_offset=first, purged=first - before, by=who.name)
         return {"topic": name, "first_offset": first, "next_offset": log.next_offset, "purged": first - before}
 
-    def set_topic(self, who: Principal, name: str, changes: Mapping[str, str]) -> dict[str, Any]:
+    async def set_topic(self, who: Principal, name: str, changes: Mapping[str, str]) -> dict[str, Any]:
         """TOPICS set: change a topic's retention or segment size while
-        running (saved for restarts); its settings as they are now."""
+        running (saved for restarts; in cluster mode, in etcd for every
+        node); its settings as they are now."""
         self._managed_topic(who, name)
         try:
-            settings = self.store.set_topic(name, changes)
+            settings = await self.store.set_topic(name, changes)
         except KeyError:
             raise Refused(ErrorCode.UNKNOWN_TOPIC, f"no topic {name!r}") from None
         except ValueError as exc:

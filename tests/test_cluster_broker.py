@@ -10,6 +10,7 @@ over where the committed log ends.
 from __future__ import annotations
 
 import datetime
+import json
 import shutil
 import time
 from pathlib import Path
@@ -354,6 +355,54 @@ async def test_retention_cuts_the_oldest_messages_in_cluster_mode(urls: dict[str
                 assert await sub.next_event() == SubAck(1)
                 # Below the first retained offset: from there (protocol.md, SUBSCRIBE).
                 assert await offsets_and_payloads(sub, 40 - first) == list(enumerate(payloads))[first:]
+
+
+async def test_retention_set_at_run_time_applies_on_every_node(urls: dict[str, str], tmp_path: Path) -> None:
+    """TOPICS set on any node: the limit goes into the topic's record in
+    etcd, the owner cuts by it from its next pass, and the other node's
+    floor follows; lifting it stops the cuts. What means nothing in cluster
+    mode (segment_bytes) is refused, and so is an unknown topic."""
+    limit = 10_000
+    often = CompactionSettings(retention_every=0.2)
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        nodes = [a, b]
+        for node in nodes:
+            tune(node, compaction=often)
+        payloads = [b"%04d" % i + b"x" * 996 for i in range(40)]
+        await publish_to_owner(nodes, "later", [payloads[0]], "p")
+        owner = await settled_owner(nodes, "later")
+        other = b if owner is a else a
+        async with raw_client(owner) as pub:
+            await hello(pub, "publisher")
+            for i in range(1, 40):  # one round, so one index entry, each
+                await pub.send_event(Publish(i, "later", encode_batch([payloads[i]])))
+                ack = await pub.next_event()
+                assert isinstance(ack, PubAck) and ack.base_offset == i, ack
+        manager = store_of(owner).manager
+        assert manager is not None and manager.compaction_stats().retention_cut == 0
+        async with pybroker.connect(other.url) as client:
+            answer = await client.set_topic("later", retention_bytes=limit)
+            assert answer["topic"] == "later" and answer["settings"]["retention_bytes"] == limit
+            with pytest.raises(pybroker.BrokerError) as refused:
+                await client.set_topic("later", segment_bytes=1 << 20)
+            assert refused.value.code == ErrorCode.BAD_REQUEST and "cluster mode" in str(refused.value)
+            with pytest.raises(pybroker.BrokerError) as missing:
+                await client.set_topic("never.published", retention_bytes=1)
+            assert missing.value.code == ErrorCode.UNKNOWN_TOPIC
+        store = store_of(owner)
+        prefix = store.settings.keys.index_prefix("later", 0)
+        size = IndexEntry.decode(39, (await store.etcd.get(prefix + b"%020d" % 39)).value).size  # type: ignore[union-attr]
+        first = 40 - limit // size
+        await wait_for(lambda: manager.compaction_stats().retention_cut >= first)
+        assert [int(kv.key[len(prefix) :]) for kv in (await store.etcd.get_prefix(prefix)).kvs] == list(range(first, 40))
+        await wait_for(lambda: store_of(other).topic("later").floor == first)
+        record = json.loads((await store.etcd.get(store.settings.keys.topic("later"))).value)  # type: ignore[union-attr]
+        assert record["settings"] == {"retention_bytes": limit}
+        # Lifted: no node has a limit for it any more.
+        async with pybroker.connect(owner.url) as client:
+            lifted = await client.set_topic("later", retention_bytes=None)
+        assert lifted["settings"]["retention_bytes"] is None
+        await wait_for(lambda: not any(store_of(n).retention_of("later").active for n in nodes))
 
 
 async def test_a_round_that_fails_is_refused_and_the_next_takes_its_offsets(urls: dict[str, str], tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 import attrs
@@ -173,7 +173,7 @@ class IndexCompactor:
         settings: CompactionSettings | None = None,
         *,
         limiter: anyio.CapacityLimiter | None = None,
-        retention: Retention | None = None,
+        retention: Retention | Callable[[], Retention] | None = None,
         cache: RangeCache | None = None,
     ) -> None:
         self.owner = owner
@@ -181,8 +181,10 @@ class IndexCompactor:
         #: usually there (the owner put them there), else they are fetched.
         self.cache = cache
         self.settings = settings or CompactionSettings()
-        #: The partition's retention limits (cut before each compaction pass).
-        self.retention = retention if retention is not None and retention.active else None
+        #: The partition's retention limits (cut before each compaction
+        #: pass): fixed, or asked for at each pass (they may change while
+        #: the cluster runs: TOPICS set).
+        self._retention = retention
         self.limiter = limiter or anyio.CapacityLimiter(1)
         self.stats = CompactionStats()
         self.name = f"{owner.topic}[{owner.partition}]"
@@ -201,7 +203,7 @@ class IndexCompactor:
         pause = RETRY_MIN
         fan_in = self.settings.fan_in
         next_pass = self.owner.commits  # one at once
-        every = self.settings.retention_every if self.retention is not None else math.inf
+        every = self.settings.retention_every if self._retention is not None else math.inf
         while True:
             with anyio.move_on_after(every):
                 await self.owner.wait_commits(next_pass)
@@ -210,7 +212,7 @@ class IndexCompactor:
             # looked at by a pass of their own, whenever the wake-up came.
             next_pass = (self.owner.commits // fan_in + 1) * fan_in
             try:
-                if self.retention is not None and self.owner.owning:
+                if self.owner.owning:
                     await self.cut()
                 for _ in range(MAX_PASSES):
                     if not self.owner.owning or not await self.compact():
@@ -221,14 +223,21 @@ class IndexCompactor:
                 await anyio.sleep(pause)
                 pause = min(RETRY_MAX, pause * 2)
 
+    @property
+    def retention(self) -> Retention | None:
+        """The partition's retention limits now (None without any)."""
+        retention = self._retention() if callable(self._retention) else self._retention
+        return retention if retention is not None and retention.active else None
+
     async def cut(self) -> Cut | None:
         """Cut the entries the partition's retention no longer keeps (fenced
         on the owner's epoch); what went, or None."""
-        if self.retention is None:
+        retention = self.retention
+        if retention is None:
             return None
         owner = self.owner
         done = await cut(
-            owner.etcd, owner.keys, owner.topic, owner.partition, owner.epoch, self.retention, time.time_ns() // 1000
+            owner.etcd, owner.keys, owner.topic, owner.partition, owner.epoch, retention, time.time_ns() // 1000
         )
         if done is not None:
             self.stats.retention_cut += done.entries

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -417,7 +418,8 @@ class OwnershipManager:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(held.owner.run)
                     if self.compaction is not None:
-                        retention = self.retention(tp[0]) if self.retention is not None else None
+                        # Asked at each pass: TOPICS set may change it meanwhile.
+                        retention = partial(self.retention, tp[0]) if self.retention is not None else None
                         held.compactor = IndexCompactor(
                             held.owner, self.compaction, limiter=self._compacting, retention=retention, cache=self.cache
                         )

@@ -57,7 +57,7 @@ from ..logs import get_logger
 from ..storage.base import StoredBatch, SyncResult, TopicLog
 from ..storage.errors import DataLoss, NotOwnerError, StorageError
 from ..storage.memory import DEFAULT_MAX_BYTES, MemoryTopicLog
-from ..storage.settings import SettingsResolver
+from ..storage.settings import SettingsResolver, TopicSettings, parse_runtime_settings
 from .cache import CacheStatistics, RangeCache
 from .compaction import CompactionSettings, CompactionStats
 from .etcd import Etcd, EtcdError
@@ -327,11 +327,24 @@ class ClusterStore:
     async def discard(self, log: TopicLog) -> None:
         return None
 
-    def set_topic(self, name: str, changes: Mapping[str, str]) -> Any:
-        raise ValueError(
-            "cluster mode cannot change topic settings while it runs yet "
-            "(start the nodes with --retention, --retention-bytes or --topic)"
-        )
+    async def set_topic(self, name: str, changes: Mapping[str, str]) -> TopicSettings:
+        """TOPICS set: the topic's retention, for every node: kept in its
+        record in etcd (``topics/{topic}``), over what the nodes were started
+        with; the owner cuts by it from its next pass, every node reads the
+        floor by it. KeyError for no such topic, ValueError for a setting
+        that cannot change so, StorageError when etcd cannot be reached."""
+        manager = self.manager
+        if manager is None:
+            raise StorageError("this node has not joined the cluster", full=False, topic=name)
+        parsed: dict[str, Any] = dict(parse_runtime_settings(changes))
+        if "segment_bytes" in parsed:
+            raise ValueError("segment_bytes means nothing in cluster mode: the nodes keep no segments")
+        attrs.evolve(self.retention_settings(name), **parsed)  # checks the values first
+        try:
+            info = await manager.topics.set_settings(name, parsed)
+        except (EtcdError, TopicError) as exc:
+            raise StorageError(f"could not change the settings of {name!r}: {exc}", full=False, topic=name) from None
+        return self._with_registered(name, info.settings)
 
     async def purge(self, log: TopicLog, keep_from: int) -> int:
         raise StorageError("cluster mode cannot purge topics yet", full=False, topic=log.name)
@@ -574,16 +587,39 @@ class ClusterStore:
                 await trio.sleep(RETRY_MIN if mismatched else 0)
 
     def retention_of(self, topic: str) -> Retention:
-        return Retention.of(self.settings.topic_settings(topic))
+        return Retention.of(self.retention_settings(topic))
+
+    def retention_settings(self, topic: str) -> TopicSettings:
+        """The topic's settings: what the node was started with, under what
+        TOPICS set put in the topic's record in etcd (set_topic)."""
+        manager = self.manager
+        info = manager.topics.info(topic) if manager is not None else None
+        return self._with_registered(topic, info.settings if info is not None else {})
+
+    def _with_registered(self, topic: str, registered: Mapping[str, Any]) -> TopicSettings:
+        base = self.settings.topic_settings(topic)
+        known: dict[str, Any] = {}
+        for key in ("retention_bytes", "retention_seconds"):
+            if key not in registered:
+                continue
+            value = registered[key]
+            usable = value is None or (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+            )
+            if not usable:  # a record no node of this version wrote: the node's own setting stays
+                self.logger.error("a topic setting in etcd does not apply", topic=topic, key=key, value=repr(value)[:100])
+                continue
+            known[key] = int(value) if key == "retention_bytes" and value is not None else value
+        return attrs.evolve(base, **known)
 
     async def _find_floor(self, log: ClusterTopicLog, index: PartitionIndex) -> None:
         """The partition's first indexed offset (what reads below the copy
         can reach): the window's own first when it starts at 0, else the
         first entry in etcd (retried while etcd does not answer). Read
-        again every ``retention_every`` seconds for a topic with a
-        retention limit (its owner cuts the oldest entries); it only rises."""
+        again every ``retention_every`` seconds while the topic has a
+        retention limit (its owner cuts the oldest entries; a limit TOPICS
+        set gives it later counts from then on); it only rises."""
         pause = RETRY_MIN
-        again = self.retention_of(log.name).active
         while True:
             try:
                 floor = await self._read_floor(log, index)
@@ -593,10 +629,11 @@ class ClusterStore:
                 pause = min(RETRY_MAX, pause * 2)
                 continue
             log.floor = floor if log.floor is None else max(log.floor, floor)
-            if not again:
-                return
             pause = RETRY_MIN
-            await trio.sleep(self.settings.compaction.retention_every)
+            while True:  # (no etcd read while the topic has no limit)
+                await trio.sleep(self.settings.compaction.retention_every)
+                if self.retention_of(log.name).active:
+                    break
 
     async def _read_floor(self, log: ClusterTopicLog, index: PartitionIndex) -> int:
         if index.low == 0 and log.floor is None:

@@ -1,9 +1,11 @@
 """The topic registry (docs/cluster.md §2, §3).
 
 ``topics/{topic}`` = ``{"partitions": N, "settings": {...}}``, created by
-any node only if absent (a transaction comparing ``create_revision == 0``)
-and never changed: the partition count is fixed for the topic's life,
-because changing it would move keys between partitions. A message with a
+any node only if absent (a transaction comparing ``create_revision == 0``).
+The partition count is fixed for the topic's life, because changing it
+would move keys between partitions; the settings (retention) may change
+while the cluster runs (``set_settings``: TOPICS set on any node), compared
+on the key's mod revision so that two changes at once both apply. A message with a
 key goes to partition ``zlib.crc32(key) % N``. Every node reads and watches
 the registry (a ``PrefixMirror``).
 """
@@ -21,6 +23,8 @@ from .keys import ClusterKeys
 from .mirror import PrefixMirror
 
 #: Bounds: partitions of one topic, topics in the registry, bytes of settings.
+#: Tries of a settings change that another one keeps overtaking.
+SET_ATTEMPTS = 16
 MAX_PARTITIONS = 4096
 MAX_TOPICS = 10_000
 MAX_SETTINGS_BYTES = 16 * 1024
@@ -112,6 +116,37 @@ class TopicRegistry:
         if existing.partitions != partitions:
             raise PartitionCountMismatch(name, existing.partitions, partitions)
         return existing
+
+    async def set_settings(self, name: str, changes: dict[str, Any]) -> TopicInfo:
+        """Merge ``changes`` into the topic's settings in etcd (a value of
+        None lifts a limit; it is kept as null); the new record. KeyError if
+        the topic has no record, TopicError over the size bound or when
+        other changes keep overtaking this one."""
+        key = self.keys.topic(name)
+        for _ in range(SET_ATTEMPTS):
+            kv = await self.etcd.get(key)
+            if kv is None:
+                raise KeyError(name)
+            found = self._decode(name, kv)
+            info = attrs.evolve(found, settings={**found.settings, **changes})
+            value = info.encode()
+            if len(value) > MAX_SETTINGS_BYTES:
+                raise TopicError(f"topic {name!r}: settings over {MAX_SETTINGS_BYTES} bytes")
+            result = await self.etcd.txn([Compare.mod_revision(key, "==", kv.mod_revision)], [Put(key, value)])
+            if result.succeeded:
+                return info
+        raise TopicError(f"topic {name!r}: its settings kept changing under this change; try again")
+
+    def info(self, name: str) -> TopicInfo | None:
+        """The topic's record as the mirror has it (None if none, or if it
+        does not decode)."""
+        kv = self.mirror.kvs.get(self.keys.topic(name))
+        if kv is None:
+            return None
+        try:
+            return TopicInfo.decode(name, kv)
+        except ValueError:
+            return None
 
     async def get(self, name: str) -> TopicInfo | None:
         """The topic's record read from etcd now (None if there is none)."""

@@ -149,7 +149,7 @@ async def set_topic(http: HttpServer, request: Request, params: Mapping[str, str
         raise HttpError(422, "the body must be a JSON object of settings, e.g. {\"retention_seconds\": 86400}")
     changes = {str(k): "none" if v is None else str(v) for k, v in body.items()}
     try:
-        answer = http.broker.set_topic(principal(request), params["topic"], changes)
+        answer = await http.broker.set_topic(principal(request), params["topic"], changes)
     except Refused as refusal:
         raise refused(refusal) from None
     return json_response(answer)

@@ -685,7 +685,7 @@ class Session:
             elif req.action is TopicsAction.PURGE:
                 document = await self.broker.purge_topic(self.principal, req.topic, req.keep_from)
             elif req.action is TopicsAction.SET:
-                document = self.broker.set_topic(self.principal, req.topic, req.settings)
+                document = await self.broker.set_topic(self.principal, req.topic, req.settings)
             else:
                 raise Refused(ErrorCode.BAD_REQUEST, f"unknown TOPICS action {int(req.action)}")
         except Refused as refused:

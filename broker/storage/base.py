@@ -103,7 +103,7 @@ class LogStore(Protocol):
     async def discard(self, log: TopicLog) -> None:
         """Close and remove a log :meth:`delete_topic` took out."""
 
-    def set_topic(self, name: str, changes: Mapping[str, str]) -> Any:
+    async def set_topic(self, name: str, changes: Mapping[str, str]) -> Any:
         """Change a topic's retention or segment size while running, saved
         for restarts; the new settings. KeyError for no such topic,
         ValueError for what cannot be set so."""

@@ -411,7 +411,7 @@ class FileStore:
         changed = self._changed.get(name)
         return attrs.evolve(base, **changed) if changed else base
 
-    def set_topic(self, name: str, changes: Mapping[str, str]) -> TopicSettings:
+    async def set_topic(self, name: str, changes: Mapping[str, str]) -> TopicSettings:
         """TOPICS set: change a topic's retention or segment size at run time,
         saved in DATA_DIR/topic-settings.json (durably, before it applies);
         ValueError for a setting that cannot change so, or a bad value."""

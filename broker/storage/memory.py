@@ -150,7 +150,7 @@ class MemoryStore:
     def delete_topic(self, name: str) -> MemoryTopicLog | None:
         return self._topics.pop(name, None)
 
-    def set_topic(self, name: str, changes: Mapping[str, str]) -> None:
+    async def set_topic(self, name: str, changes: Mapping[str, str]) -> None:
         if name not in self._topics:
             raise KeyError(name)
         raise ValueError("the memory store has no per-topic settings (--retention-bytes bounds every topic)")
