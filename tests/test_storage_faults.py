@@ -25,18 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 import trio
 
 import pybroker as client
 from pybroker.server.config import Config
 from pybroker.server.storage import DataDirLocked, FileStore
 from pybroker.server.server import Server, run_broker
-from pybroker.protocol import Durability
+from pybroker.protocol import Durability, Publish, encode_batch
 
 from helpers.faults import FaultyOps
 from helpers.http import assert_error, get_json, post_json, request
 from helpers.logs import open_store
 from helpers.procs import find_event, run, spawn
+from helpers.raw import raw_client
 
 TIMEOUT = 15.0
 
@@ -454,3 +456,29 @@ async def test_a_dead_letter_whose_fsync_failed_is_dead_lettered_again(tmp_path:
         got = await replay(server.url, "dlq.g", 1)
         assert [p for _, p in got] == [b"bad job"]
         assert await end_offset(server.url, "dlq.g") == 1
+
+
+async def test_refusals_owed_to_a_peer_that_is_gone_are_dropped(tmp_path: Path) -> None:
+    """A failed fsync's refusal owed to a connection whose writer already
+    found the peer gone (Connection.send_failed): dropped, not an internal
+    error. (Before, building the ERROR frame raised and the session logged
+    an internal error; seen under a benchmark whose publisher left at its
+    first refusal while the object store was failing.)"""
+    ops = FaultyOps()
+    store = open_store(tmp_path, ops)
+    async with broker(store) as server:
+        with structlog.testing.capture_logs() as logs:
+            async with raw_client(server) as raw:
+                await raw.handshake()
+                (session,) = server.sessions
+                ops.sync_errno = errno.EIO
+                session.conn.send_failed()  # what the writer does when a write finds the peer gone
+                await raw.send_event(Publish(1, "t", encode_batch([b"x"])))
+                with trio.fail_after(TIMEOUT):
+                    while session.acks.unacked or not ops.calls["fdatasync"]:
+                        await trio.sleep(0.01)  # (bounded) until the failed round was answered
+            with trio.fail_after(TIMEOUT):
+                while server.sessions:
+                    await trio.sleep(0.01)  # (bounded) until the session has ended
+        assert not [e for e in logs if e.get("log_level") in ("error", "exception") and "internal" in e["event"]], logs
+        ops.sync_errno = None

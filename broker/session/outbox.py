@@ -33,6 +33,7 @@ from pybroker.protocol import (
     Connection,
     Error,
     ErrorCode,
+    Event,
     FrameType,
     RefKind,
     deliver_header,
@@ -270,6 +271,14 @@ class Outbox:
         """Queue a request's ERROR (not fatal)."""
         self.queue(self.refusal(code, message, ref, ref_kind, fields))
 
+    def send(self, event: Event) -> bytes:
+        """``event``'s frame; nothing once the connection can send nothing
+        more (the writer found the peer gone, or the session finished):
+        answers still owed then have nobody to go to."""
+        if self.conn.we_finished:
+            return b""
+        return self.conn.send(event)
+
     def refusal(
         self,
         code: ErrorCode,
@@ -278,11 +287,13 @@ class Outbox:
         ref_kind: RefKind,
         fields: Mapping[str, str] | None = None,
     ) -> bytes:
-        """A request's ERROR frame, with fields if the client asked for them."""
+        """A request's ERROR frame, with fields if the client asked for them;
+        nothing once the connection can send nothing more (the writer found
+        the peer gone, or the session finished): the answer has nobody to go to."""
         self.logger.info("request refused", code=int(code), error=code.name, detail=message, ref=ref)
         if not self.error_fields:
             fields = None
-        return self.conn.send(Error(int(code), message, ref, ref_kind, fatal=False, fields=dict(fields or {})))
+        return self.send(Error(int(code), message, ref, ref_kind, fatal=False, fields=dict(fields or {})))
 
     def _data_lost(self, sub: Subscription, lost: DataLoss) -> None:
         """Tell a subscription which offsets it will never get, and why."""

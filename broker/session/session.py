@@ -507,7 +507,7 @@ class Session:
             self._idle_pinged = True
             self._idle_deadline = now + idle
             self._ping_nonce += 1
-            self.outbox.queue(self.conn.send(Ping(self._ping_nonce)))
+            self.outbox.queue(self.outbox.send(Ping(self._ping_nonce)))
             self.logger.debug("idle; ping sent", idle_timeout=idle)
             return
         self._idle_expired = True
@@ -528,7 +528,7 @@ class Session:
             self._on_unsubscribe(event)
         elif isinstance(event, Ping):
             # After the answers to every earlier PUBLISH: a PONG is a barrier.
-            self.acks.pong(self.conn.send(Pong(event.nonce)))
+            self.acks.pong(self.outbox.send(Pong(event.nonce)))
         elif isinstance(event, Info):
             self._on_info(event)
         elif isinstance(event, Groups):
@@ -641,7 +641,7 @@ class Session:
             self._refused(refused, sid, RefKind.SUBSCRIPTION)
             return
         self.subs[sid] = sub
-        self.outbox.queue(self.conn.send(SubAck(sid, time.time_ns() // 1000)))
+        self.outbox.queue(self.outbox.send(SubAck(sid, time.time_ns() // 1000)))
         self.outbox.start_lagging(sub)
         self.logger.debug("subscribed", sub_id=sid, pattern=req.pattern, group=req.options.get("group"))
 
@@ -651,7 +651,7 @@ class Session:
         except Refused as refused:
             self._refused(refused, req.request_id, RefKind.REQUEST)
             return
-        self.outbox.queue(self.conn.send(InfoReply(req.request_id, tuple(entries), truncated)))
+        self.outbox.queue(self.outbox.send(InfoReply(req.request_id, tuple(entries), truncated)))
 
     def _on_groups(self, req: Groups) -> None:
         try:
@@ -664,7 +664,7 @@ class Session:
         except Refused as refused:
             self._refused(refused, req.request_id, RefKind.REQUEST)
             return
-        self.outbox.queue(self.conn.send(GroupsReply(req.request_id, document)))
+        self.outbox.queue(self.outbox.send(GroupsReply(req.request_id, document)))
 
     def _on_topics(self, req: Topics) -> None:
         if self._topics_requests >= MAX_TOPICS_REQUESTS or self._nursery is None:
@@ -691,7 +691,7 @@ class Session:
         except Refused as refused:
             self._refused(refused, req.request_id, RefKind.REQUEST)
         else:
-            self.outbox.queue(self.conn.send(TopicsReply(req.request_id, json.dumps(document))))
+            self.outbox.queue(self.outbox.send(TopicsReply(req.request_id, json.dumps(document))))
         finally:
             self._topics_requests -= 1
 
@@ -709,7 +709,7 @@ class Session:
             return
         self.broker.unsubscribe(sub)
         self.outbox.forget(sub)
-        self.outbox.queue(self.conn.send(UnsubAck(req.sub_id)))
+        self.outbox.queue(self.outbox.send(UnsubAck(req.sub_id)))
 
     def _on_ack(self, req: Ack) -> None:
         sub = self.subs.get(req.sub_id)
