@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
     wait_for,
 )
 from helpers.http import assert_error, in_thread, post_json, request
-from helpers.procs import broker_process
+from helpers.procs import PYBROKER, broker_process, child_env
 from helpers.raw import RawClient, raw_client
 from pybroker.protocol import (
     Deliver,
@@ -671,3 +672,29 @@ async def test_a_cluster_node_refuses_to_keep_delayed_messages(urls: dict[str, s
         reply = await post_json(a.http_port, "/v1/topics/timers/messages?delay=60", {"payload": "later"})
         assert_error(reply, 400, "bad_request")
         assert a.broker.schedule.pending == 0 and a.broker.schedule.next_due() is None
+
+
+@pytest.mark.parametrize("publisher", ["fast", "client"])
+async def test_pybroker_bench_runs_against_a_cluster_node(
+    urls: dict[str, str], tmp_path: Path, publisher: str
+) -> None:
+    """``pybroker bench durable --url`` at a cluster node: its publisher
+    finds the topic's owner without publishing (a group made and deleted:
+    NOT_OWNER names the owner, or none until the new topic has one) and
+    every message is acknowledged in order, verified."""
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path):
+        out, workdir = tmp_path / "bench.json", tmp_path / "bench"
+        workdir.mkdir()
+        done = await trio.run_process(
+            [
+                *PYBROKER, "bench", "durable", "--url", a.url, "--messages", "2000", "--policies", "always",
+                "--publisher", publisher, "--json", str(out), "--workdir", str(workdir), "--quiet",
+            ],  # fmt: skip
+            stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False, env=child_env(),
+        )  # fmt: skip
+        text = done.stdout.decode() + done.stderr.decode()
+        assert done.returncode == 0 and "NOT VERIFIED" not in text, text
+        data = json.loads(out.read_text())
+        assert data["verified"] is True and data["problems"] == []
+        (row,) = data["scenarios"]["durable"]["rows"]
+        assert row["acked"] == 2000 and row["ack_durability"] == {"DISK": 2000}

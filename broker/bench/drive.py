@@ -109,7 +109,7 @@ def drive(load: Load, workdir: Path, progress: Progress) -> Outcome:
     n = load.subscribers
     board = b.Board(workdir / "board", 2 + n, create=True)
     deadline = time.time() + load.timeout
-    common = {"url": load.target.url, "topic": load.topic, "board": str(board.path),
+    common = {"url": load.target.url, "target": load.target.kind, "topic": load.topic, "board": str(board.path),
               "board_slots": board.slots, "deadline": deadline, "messages": load.messages}
     slots = list(range(2, 2 + n))
     procs = max(1, min(load.sub_procs, n))

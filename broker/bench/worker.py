@@ -58,14 +58,19 @@ from pybroker.protocol import (
     Deliver,
     Durability,
     Error,
+    ErrorCode,
     FrameType,
     Goodbye,
+    Groups,
+    GroupsAction,
+    GroupsReply,
     Hello,
     Ping,
     Pong,
     ProtocolError,
     PubAck,
     Role,
+    StartKind,
     SubAck,
     Subscribe,
     Welcome,
@@ -201,11 +206,60 @@ async def _next_event(stream: trio.SocketStream, conn: Connection, closed: str) 
         conn.receive_data(data)
 
 
-async def _handshake(stream: trio.SocketStream, conn: Connection, name: str) -> None:
-    await stream.send_all(conn.send(Hello(name)))
+async def _handshake(stream: trio.SocketStream, conn: Connection, name: str, options: dict[str, str] | None = None) -> None:
+    await stream.send_all(conn.send(Hello(client_name=name, options=options or {})))
     event = await _next_event(stream, conn, "connection closed during the handshake")
     if not isinstance(event, Welcome):
         raise ConnectionError(f"no WELCOME: {event!r}")
+
+
+#: Seconds a publisher waits for its topic to get an owner (cluster mode),
+#: and between asking again while it has none.
+OWNER_WAIT = 60.0
+OWNER_PAUSE = 0.1
+#: The group a publisher makes, then deletes, to find its topic's owner.
+PROBE_GROUP = "bench-owner-probe"
+
+
+def _url(host: str, port: int) -> str:
+    return f"pybroker://[{host}]:{port}" if ":" in host else f"pybroker://{host}:{port}"
+
+
+async def _publish_address(spec: Spec, topic: str) -> tuple[str, int]:
+    """Where PUBLISHes to ``topic`` go: the broker at the spec's URL or, in
+    cluster mode, the topic's owner (the relay: its URL). Nothing is
+    published to find it (subscribers count every message): a group made
+    for the topic is answered NOT_OWNER naming the owner, or naming none
+    while the topic has none yet (making the group registers the topic);
+    made at the owner (or on a single broker), it is deleted again."""
+    host, port = parse_url(spec["url"])
+    if spec.get("target") == "relay":
+        return host, port
+    with trio.fail_after(OWNER_WAIT):
+        while True:
+            stream = await trio.open_tcp_stream(host, port)
+            try:
+                conn = Connection(Role.CLIENT, max_frame_bytes=MAX_SERVER_FRAME)
+                await _handshake(stream, conn, "bench-owner-probe", {"error_fields": "1"})
+                await stream.send_all(conn.send(Groups(1, GroupsAction.CREATE, PROBE_GROUP, topic, StartKind.NEW)))
+                event = await _next_event(stream, conn, "the broker closed the connection")
+                if isinstance(event, GroupsReply):
+                    await stream.send_all(conn.send(Groups(2, GroupsAction.DELETE, PROBE_GROUP)))
+                    event = await _next_event(stream, conn, "the broker closed the connection")
+                    if not isinstance(event, GroupsReply):
+                        raise RuntimeError(f"deleting the group {PROBE_GROUP!r}: {event!r}")
+                    await stream.send_all(conn.send(Goodbye()))
+                    return host, port
+                if not (isinstance(event, Error) and event.code == ErrorCode.NOT_OWNER):
+                    raise RuntimeError(f"finding where to publish to {topic!r}: {event!r}")
+            finally:
+                await trio.aclose_forcefully(stream)
+            owner = event.fields.get("owner", "")
+            name, _, number = owner.rpartition(":")
+            if name and number.isdigit():
+                host, port = name.strip("[]"), int(number)
+            else:
+                await trio.sleep(OWNER_PAUSE)  # no owner yet
 
 
 # -- publishers --------------------------------------------------------------
@@ -281,7 +335,7 @@ async def _publish_fast(spec: Spec, board: b.Board, state: Result) -> None:
     one message per frame."""
     slot, topic = spec["slot"], spec["topic"]
     per_batch, window = spec["batch"], spec["window"]
-    host, port = parse_url(spec["url"])
+    host, port = await _publish_address(spec, topic)
     stream = await trio.open_tcp_stream(host, port)
     conn = Connection(Role.CLIENT, max_frame_bytes=MAX_SERVER_FRAME)
     await _handshake(stream, conn, "bench-pub-fast")
@@ -474,7 +528,8 @@ async def _publish_client(spec: Spec, board: b.Board, state: Result) -> None:
             state["acked"] += 1
 
     remaining = _sending(spec, state)
-    async with connect(spec["url"], name="bench-pub-client", max_pending=spec["max_pending"]) as c:
+    host, port = await _publish_address(spec, topic)
+    async with connect(_url(host, port), name="bench-pub-client", max_pending=spec["max_pending"]) as c:
         board.set(slot, b.STATE, b.RUNNING)
         state["start"] = time.time()
         while (left := remaining()) > 0:
@@ -541,7 +596,7 @@ async def _ticks(spec: Spec, board: b.Board, state: Result, send: Callable[[int]
 
 
 async def _paced_fast(spec: Spec, board: b.Board, state: Result, pad: bytes) -> None:
-    host, port = parse_url(spec["url"])
+    host, port = await _publish_address(spec, spec["topic"])
     stream = await trio.open_tcp_stream(host, port)
     conn = Connection(Role.CLIENT, max_frame_bytes=MAX_SERVER_FRAME)
     await _handshake(stream, conn, "bench-pub-paced")
@@ -588,7 +643,8 @@ async def _paced_fast(spec: Spec, board: b.Board, state: Result, pad: bytes) -> 
 async def _paced_client(spec: Spec, board: b.Board, state: Result, pad: bytes) -> None:
     pending: list[PendingAck] = []
 
-    async with connect(spec["url"], name="bench-pub-paced", max_pending=1 << 20) as c:
+    host, port = await _publish_address(spec, spec["topic"])
+    async with connect(_url(host, port), name="bench-pub-paced", max_pending=1 << 20) as c:
 
         async def send(n: int) -> None:
             for _ in range(n):
