@@ -19,10 +19,11 @@ from anyio.abc import SocketAttribute
 
 import pybroker
 from pybroker import sync
-from pybroker.protocol import NEED_DATA, Connection, Error, ErrorCode, Hello, Role
+from pybroker.protocol import Connection, Error, ErrorCode, Event, Hello
 
 from helpers.anybroker import serving
 from helpers.collect import Collector
+from helpers.fakebroker import serve_client
 from helpers.restarts import FAST, batch, free_port, publish_all, serve_until
 
 pytestmark = pytest.mark.anyio
@@ -84,21 +85,15 @@ async def test_the_first_connection_moves_past_a_broker_that_refuses_the_hello(t
     a refusal that is not retryable (AUTH_FAILED) is the caller's at once."""
     hellos: list[int] = []
 
+    async def refuse(code: ErrorCode, stream: anyio.abc.SocketStream, conn: Connection, event: Event) -> bool:
+        if isinstance(event, Hello):
+            hellos.append(int(code))
+            await stream.send(conn.send(Error(int(code), "not here", fatal=True)))
+            return False
+        return True
+
     async def refusing(code: ErrorCode, stream: anyio.abc.SocketStream) -> None:
-        conn = Connection(Role.SERVER)
-        async with stream:
-            with anyio.move_on_after(TIMEOUT):
-                while True:
-                    event = conn.next_event()
-                    if event is NEED_DATA:
-                        try:
-                            conn.receive_data(await stream.receive(65536))
-                        except (anyio.EndOfStream, anyio.BrokenResourceError):
-                            return
-                    elif isinstance(event, Hello):
-                        hellos.append(int(code))
-                        await stream.send(conn.send(Error(int(code), "not here", fatal=True)))
-                        return
+        await serve_client(stream, partial(refuse, code), TIMEOUT)
 
     stopping = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     denying = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)

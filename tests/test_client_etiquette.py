@@ -18,11 +18,12 @@ import pytest
 from anyio.abc import SocketAttribute
 
 import pybroker
-from pybroker.protocol import NEED_DATA, Connection, Hello, Role, Welcome
+from pybroker.protocol import Connection, Event, Hello, Welcome
 from pybroker.server.server import Server
 
 from helpers.anybroker import pybroker_server  # noqa: F401 (the fixture, under either backend)
 from helpers.collect import take
+from helpers.fakebroker import serve_client
 
 pytestmark = pytest.mark.anyio
 
@@ -34,19 +35,13 @@ async def mute_broker(welcome: bool) -> AsyncIterator[int]:
     """A listener that reads everything and answers nothing (or only the
     handshake, with ``welcome``); yields its port."""
 
+    async def answer(stream: anyio.abc.SocketStream, conn: Connection, event: Event) -> bool:
+        if isinstance(event, Hello) and welcome:
+            await stream.send(conn.send(Welcome("0", "mute", {})))
+        return True
+
     async def handle(stream: anyio.abc.SocketStream) -> None:
-        conn = Connection(Role.SERVER)
-        async with stream:
-            with anyio.move_on_after(TIMEOUT):
-                while True:
-                    event = conn.next_event()
-                    if event is NEED_DATA:
-                        try:
-                            conn.receive_data(await stream.receive())
-                        except (anyio.EndOfStream, anyio.BrokenResourceError):
-                            return
-                    elif isinstance(event, Hello) and welcome:
-                        await stream.send(conn.send(Welcome("0", "mute", {})))
+        await serve_client(stream, answer, TIMEOUT)
 
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     async with listener, anyio.create_task_group() as tasks:

@@ -311,6 +311,20 @@ async def test_metrics_show_the_cluster_side(urls: dict[str, str], tmp_path: Pat
         assert checked.returncode == 0 and output.strip() == "", output
 
 
+async def forty_rounds(nodes: list[Server], topic: str, payloads: list[bytes]) -> Server:
+    """Publish ``payloads`` to ``topic``, each alone (one round, so one index
+    entry, each) and acknowledged at its offset; the owner."""
+    await publish_to_owner(nodes, topic, [payloads[0]], "p")
+    owner = await settled_owner(nodes, topic)
+    async with raw_client(owner) as pub:
+        await hello(pub, "publisher")
+        for i in range(1, len(payloads)):
+            await pub.send_event(Publish(i, topic, encode_batch([payloads[i]])))
+            ack = await pub.next_event()
+            assert isinstance(ack, PubAck) and ack.base_offset == i, ack
+    return owner
+
+
 async def test_retention_cuts_the_oldest_messages_in_cluster_mode(urls: dict[str, str], tmp_path: Path) -> None:
     """``--retention-bytes`` in cluster mode: the owner cuts the oldest index
     entries past the limit; a node that joins then starts ``earliest``
@@ -327,14 +341,7 @@ async def test_retention_cuts_the_oldest_messages_in_cluster_mode(urls: dict[str
         for node in nodes:
             tune(node, compaction=often)
         payloads = [b"%04d" % i + b"x" * 996 for i in range(40)]
-        await publish_to_owner(nodes, "kept", [payloads[0]], "p")
-        owner = await settled_owner(nodes, "kept")
-        async with raw_client(owner) as pub:
-            await hello(pub, "publisher")
-            for i in range(1, 40):  # one round, so one index entry, each
-                await pub.send_event(Publish(i, "kept", encode_batch([payloads[i]])))
-                ack = await pub.next_event()
-                assert isinstance(ack, PubAck) and ack.base_offset == i, ack
+        owner = await forty_rounds(nodes, "kept", payloads)
         store = store_of(owner)
         prefix = store.settings.keys.index_prefix("kept", 0)
         size = IndexEntry.decode(39, (await store.etcd.get(prefix + b"%020d" % 39)).value).size  # type: ignore[union-attr]
@@ -370,15 +377,8 @@ async def test_retention_set_at_run_time_applies_on_every_node(urls: dict[str, s
         for node in nodes:
             tune(node, compaction=often)
         payloads = [b"%04d" % i + b"x" * 996 for i in range(40)]
-        await publish_to_owner(nodes, "later", [payloads[0]], "p")
-        owner = await settled_owner(nodes, "later")
+        owner = await forty_rounds(nodes, "later", payloads)
         other = b if owner is a else a
-        async with raw_client(owner) as pub:
-            await hello(pub, "publisher")
-            for i in range(1, 40):  # one round, so one index entry, each
-                await pub.send_event(Publish(i, "later", encode_batch([payloads[i]])))
-                ack = await pub.next_event()
-                assert isinstance(ack, PubAck) and ack.base_offset == i, ack
         manager = store_of(owner).manager
         assert manager is not None and manager.compaction_stats().retention_cut == 0
         async with pybroker.connect(other.url) as client:

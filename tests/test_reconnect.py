@@ -23,13 +23,12 @@ from anyio.abc import SocketAttribute
 import pybroker as client
 from pybroker import Message, Reconnect
 from pybroker.protocol import (
-    NEED_DATA,
     Connection,
     Deliver,
     Error,
     ErrorCode,
+    Event,
     Hello,
-    Role,
     StartKind,
     SubAck,
     Subscribe,
@@ -40,6 +39,7 @@ from helpers.auth import user_entry, write_users
 from helpers.anybroker import pybroker_server, serving, trio_only  # noqa: F401 (a fixture)
 from helpers.certs import Certs
 from helpers.collect import Collector
+from helpers.fakebroker import serve_client
 from helpers.procs import broker_process
 from helpers.raw import raw_client
 from helpers.restarts import FAST, batch, free_port, publish_all, publish_one_batch, serve_until
@@ -488,22 +488,12 @@ async def test_keepalive_notices_a_silent_broker_and_reconnects() -> None:
         connections += 1
         if connections == 2:
             second.set()
-        conn = Connection(Role.SERVER)
-        async with stream:
-            await _silent(stream, conn)
+        await serve_client(stream, _silent, TIMEOUT)
 
-    async def _silent(stream: anyio.abc.SocketStream, conn: Connection) -> None:
-        with anyio.move_on_after(TIMEOUT):
-            while True:
-                event = conn.next_event()
-                if event is NEED_DATA:
-                    try:
-                        conn.receive_data(await stream.receive(65536))
-                    except (anyio.EndOfStream, anyio.BrokenResourceError):
-                        return
-                elif isinstance(event, Hello):
-                    await stream.send(conn.send(Welcome("0", "silent", {})))
-                # anything else: no answer, ever
+    async def _silent(stream: anyio.abc.SocketStream, conn: Connection, event: Event) -> bool:
+        if isinstance(event, Hello):
+            await stream.send(conn.send(Welcome("0", "silent", {})))
+        return True  # anything else: no answer, ever
 
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     async with listener, anyio.create_task_group() as nursery:
