@@ -311,7 +311,7 @@ async def test_metrics_show_the_cluster_side(urls: dict[str, str], tmp_path: Pat
         assert checked.returncode == 0 and output.strip() == "", output
 
 
-async def forty_rounds(nodes: list[Server], topic: str, payloads: list[bytes]) -> Server:
+async def one_round_each(nodes: list[Server], topic: str, payloads: list[bytes]) -> Server:
     """Publish ``payloads`` to ``topic``, each alone (one round, so one index
     entry, each) and acknowledged at its offset; the owner."""
     await publish_to_owner(nodes, topic, [payloads[0]], "p")
@@ -341,7 +341,7 @@ async def test_retention_cuts_the_oldest_messages_in_cluster_mode(urls: dict[str
         for node in nodes:
             tune(node, compaction=often)
         payloads = [b"%04d" % i + b"x" * 996 for i in range(40)]
-        owner = await forty_rounds(nodes, "kept", payloads)
+        owner = await one_round_each(nodes, "kept", payloads)
         store = store_of(owner)
         prefix = store.settings.keys.index_prefix("kept", 0)
         size = IndexEntry.decode(39, (await store.etcd.get(prefix + b"%020d" % 39)).value).size  # type: ignore[union-attr]
@@ -377,7 +377,7 @@ async def test_retention_set_at_run_time_applies_on_every_node(urls: dict[str, s
         for node in nodes:
             tune(node, compaction=often)
         payloads = [b"%04d" % i + b"x" * 996 for i in range(40)]
-        owner = await forty_rounds(nodes, "later", payloads)
+        owner = await one_round_each(nodes, "later", payloads)
         other = b if owner is a else a
         manager = store_of(owner).manager
         assert manager is not None and manager.compaction_stats().retention_cut == 0
@@ -404,6 +404,51 @@ async def test_retention_set_at_run_time_applies_on_every_node(urls: dict[str, s
             lifted = await client.set_topic("later", retention_bytes=None)
         assert lifted["settings"]["retention_bytes"] is None
         await wait_for(lambda: not any(store_of(n).retention_of("later").active for n in nodes))
+
+
+async def earliest(node: Server, topic: str, n: int) -> list[tuple[int, bytes]]:
+    """The first ``n`` messages a subscriber from ``earliest`` gets on ``node``."""
+    got: list[tuple[int, bytes]] = []
+    async with pybroker.connect(node.url) as client:
+        async with client.subscribe(topic, start="earliest") as sub:
+            with trio.fail_after(WAIT):
+                async for message in sub:
+                    got.append((message.offset, message.payload))
+                    if len(got) == n:
+                        break
+    return got
+
+
+async def test_a_purge_on_any_node_drops_the_messages_before_it_everywhere(urls: dict[str, str], tmp_path: Path) -> None:
+    """TOPICS purge on the node that does not own the topic: the index
+    entries before the one holding ``keep_from`` go from etcd, both nodes'
+    copies drop them, subscribers from ``earliest`` on either node start at
+    the first kept; a purge of everything leaves offsets going on."""
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        nodes = [a, b]
+        payloads = [b"m%d" % i for i in range(10)]
+        owner = await one_round_each(nodes, "purged", payloads)
+        other = b if owner is a else a
+        await wait_for(lambda: all(store_of(n).topic("purged").next_offset == 10 for n in nodes))
+        async with pybroker.connect(other.url) as client:
+            answer = await client.purge_topic("purged", keep_from=6)
+        assert answer == {"topic": "purged", "first_offset": 6, "next_offset": 10, "purged": 6}
+        store = store_of(owner)
+        prefix = store.settings.keys.index_prefix("purged", 0)
+        assert [int(kv.key[len(prefix) :]) for kv in (await store.etcd.get_prefix(prefix)).kvs] == [6, 7, 8, 9]
+        await wait_for(lambda: all(store_of(n).topic("purged").first_offset == 6 for n in nodes))
+        for node in nodes:
+            assert await earliest(node, "purged", 4) == list(enumerate(payloads))[6:]
+        # Everything: offsets go on where they were.
+        async with pybroker.connect(owner.url) as client:
+            answer = await client.purge_topic("purged")
+        assert (answer["first_offset"], answer["next_offset"]) == (10, 10)
+        assert (await store.etcd.get_prefix(prefix)).kvs == []
+        ack, _ = await publish_to_owner(nodes, "purged", [b"after"], "p")
+        assert ack.base_offset == 10
+        await wait_for(lambda: all(store_of(n).topic("purged").first_offset == 10 for n in nodes))
+        for node in nodes:
+            assert await earliest(node, "purged", 1) == [(10, b"after")]
 
 
 async def test_a_round_that_fails_is_refused_and_the_next_takes_its_offsets(urls: dict[str, str], tmp_path: Path) -> None:

@@ -72,6 +72,8 @@ from .ownership import OwnershipManager
 from .partition import DEFAULT_MAX_ROUND_BYTES, AppendError, NotOwner, OutcomeUnknown, PartitionOwner
 from .replay import DEFAULT_MAX_BYTES as DEFAULT_REPLAY_BYTES
 from .replay import DEFAULT_MAX_FETCHES, Replay, ReplayStatistics
+from .purge import PurgeError
+from .purge import purge as purge_partition
 from .retention import Retention
 from .stepaside import StepAside
 from .tail import IndexedReader
@@ -347,7 +349,25 @@ class ClusterStore:
         return self._with_registered(name, info.settings)
 
     async def purge(self, log: TopicLog, keep_from: int) -> int:
-        raise StorageError("cluster mode cannot purge topics yet", full=False, topic=log.name)
+        """TOPICS purge, for every node (purge.py): the index entries before
+        the one holding ``keep_from`` go and the topic's record gets the new
+        floor, which every node applies to its copy; the first offset now."""
+        assert isinstance(log, ClusterTopicLog), log
+        try:
+            first = await purge_partition(self.etcd, self.settings.keys, log.name, PARTITION, keep_from)
+        except KeyError:
+            raise StorageError(f"topic {log.name!r} is not registered in the cluster yet", full=False, topic=log.name) from None
+        except (EtcdError, PurgeError) as exc:
+            raise StorageError(f"could not purge {log.name!r}: {exc}", full=False, topic=log.name) from None
+        self._apply_floor(log, first)
+        return log.first_offset
+
+    def _apply_floor(self, log: ClusterTopicLog, floor: int) -> None:
+        """A purge's floor: nothing below it is read from here on, and the
+        copy drops what it holds below it."""
+        if log.floor is None or floor > log.floor:
+            log.floor = floor
+            log.copy.purge(floor)
 
     @property
     def problem(self) -> str | None:
@@ -735,6 +755,8 @@ class ClusterStore:
         """Follow every topic the cluster has (this node's subscribers may
         read any of them)."""
         while True:
-            for name in list(manager.topics.topics):
-                self.topic(name)
+            for name, info in list(manager.topics.topics.items()):
+                log = self.topic(name)
+                if info.floor:
+                    self._apply_floor(log, info.floor)  # purged, perhaps by another node
             await manager.changed()

@@ -61,9 +61,15 @@ class TopicInfo:
     settings: dict[str, Any] = attrs.field(factory=dict, eq=False)
     #: The revision that created the topic's key (0 before it exists).
     created: int = 0
+    #: The first offset a purge kept (TOPICS purge, purge.py): every node
+    #: drops what its copy holds below it. 0: never purged.
+    floor: int = 0
 
     def encode(self) -> bytes:
-        return json.dumps({"partitions": self.partitions, "settings": self.settings}, separators=(",", ":")).encode()
+        record: dict[str, Any] = {"partitions": self.partitions, "settings": self.settings}
+        if self.floor:
+            record["floor"] = self.floor
+        return json.dumps(record, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, name: str, kv: KeyValue) -> TopicInfo:
@@ -79,7 +85,10 @@ class TopicInfo:
             raise ValueError(f"topic {name!r}: partitions must be 1..{MAX_PARTITIONS}, not {partitions!r:.50}")
         if not isinstance(settings, dict):
             raise ValueError(f"topic {name!r}: settings must be an object")
-        return cls(name, partitions, settings, kv.create_revision)
+        floor = raw.get("floor", 0)
+        if not isinstance(floor, int) or isinstance(floor, bool) or floor < 0:
+            raise ValueError(f"topic {name!r}: floor must be an offset, not {floor!r:.50}")
+        return cls(name, partitions, settings, kv.create_revision, floor)
 
     def partition_for(self, key: bytes) -> int:
         return partition_for(key, self.partitions)
