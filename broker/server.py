@@ -146,8 +146,13 @@ class Server:
                 background.cancel_scope.cancel()
         finally:
             self.lot.release()
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
+            # Shielded: when the broker is cancelled (not shut down), an
+            # outer cancellation passes through aclose_forcefully, and the
+            # store (its fsync thread, its data directory's lock) would
+            # never be closed.
+            with trio.CancelScope(shield=True):
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
             self.broker.close()
             self._stopped.set()
             self.logger.info("stopped")

@@ -8,10 +8,12 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pybroker
 import pytest
 import trio
 
 from pybroker.server.storage.syncthread import SyncThread
+from pybroker.server.testing import running_broker
 
 from helpers.logs import open_store
 
@@ -91,3 +93,30 @@ async def test_a_file_store_syncs_in_one_thread_and_stops_it_on_close(tmp_path: 
     assert threading.active_count() == before + 1
     store.close()
     assert not any(t.name == "pybroker fsync" for t in threading.enumerate())
+
+
+@pytest.mark.trio
+async def test_a_broker_cancelled_rather_than_shut_down_closes_its_store(tmp_path: Path) -> None:
+    """Cancelling a running broker (an application's nursery ending) still
+    closes its store: the fsync thread ends and the data directory's lock
+    is released. Before, the cancellation passed through closing the
+    listeners and the store was never closed."""
+    async with trio.open_nursery() as nursery:
+        ready = trio.Event()
+
+        async def serve() -> None:
+            async with running_broker(data_dir=tmp_path) as server:
+                async with pybroker.connect(server.url) as client:
+                    await client.publish("t", b"synced")  # the fsync thread runs
+                ready.set()
+                await trio.sleep_forever()
+
+        nursery.start_soon(serve)
+        with trio.fail_after(TIMEOUT):
+            await ready.wait()
+        assert any(t.name == "pybroker fsync" for t in threading.enumerate())
+        nursery.cancel_scope.cancel()
+    assert not any(t.name == "pybroker fsync" for t in threading.enumerate())
+    store = open_store(tmp_path)  # the lock is free: DataDirLocked otherwise
+    assert store.topic("t").next_offset == 1
+    store.close()
