@@ -96,12 +96,13 @@ async def test_owner_acknowledges_others_redirect_and_every_node_delivers(urls: 
             await raw.send_event(Publish(7, "orders", encode_batch([b"lost?"])))
             refused = await raw.next_event()
         assert isinstance(refused, Error) and refused.code == ErrorCode.NOT_OWNER, refused
-        assert refused.fields == {"topic": "orders", "owner": f"127.0.0.1:{owner.port}"}
+        owner_url = f"http://127.0.0.1:{owner.http_port}"  # its HTTP side, as it registered it
+        assert refused.fields == {"topic": "orders", "owner": f"127.0.0.1:{owner.port}", "owner_url": owner_url}
         assert refused.ref == 7 and not refused.fatal
-        # The HTTP side says so too: 421, naming the owner.
+        # The HTTP side says so too: 421, naming the owner and its URL.
         reply = await post_json(other.http_port, "/v1/topics/orders/messages", {"payload": "lost?"})
         body = assert_error(reply, 421, "not_owner")
-        assert f"127.0.0.1:{owner.port}" in str(body), body
+        assert (body["owner"], body["owner_url"]) == (f"127.0.0.1:{owner.port}", owner_url), body
 
         # A subscriber on each node, from the start of the topic.
         async with raw_client(a) as sub_a, raw_client(b) as sub_b, raw_client(owner) as pub:

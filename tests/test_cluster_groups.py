@@ -108,7 +108,7 @@ async def test_a_member_on_another_node_is_sent_to_the_owner(urls: dict[str, str
             refused = await raw.next_event()
         assert isinstance(refused, Error) and refused.code == ErrorCode.NOT_OWNER, refused
         assert (refused.ref_kind, refused.ref, refused.fatal) == (RefKind.SUBSCRIPTION, 4, False), refused
-        assert refused.fields == {"topic": "work", "owner": addr_of(owner)}
+        assert refused.fields == {"topic": "work", "owner": addr_of(owner), "owner_url": f"http://127.0.0.1:{owner.http_port}"}
         assert "workers" not in other.broker.groups.groups
         # A pattern with wildcards: one topic per group in cluster mode, said plainly.
         async with raw_client(owner) as raw:

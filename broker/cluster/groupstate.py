@@ -160,7 +160,9 @@ class ClusterGroupState:
             # registered so that it gets an owner, where the member follows.
             self.store.register(pattern)
             refused = self.store._not_owner(pattern)
-            raise NotOwnerError(f"group {name!r}: {refused.message}", topic=pattern, owner=refused.owner)
+            raise NotOwnerError(
+                f"group {name!r}: {refused.message}", topic=pattern, owner=refused.owner, owner_url=refused.owner_url
+            )
         bound = self._bound.get(name)
         if bound is not None and bound.owner is not owner:
             self._evict(bound, name, "an earlier term of the topic")  # then made again, and loaded

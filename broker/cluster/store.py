@@ -456,16 +456,20 @@ class ClusterStore:
         info = manager.owner_of(name, PARTITION) if manager is not None else None
         addr = info.addr if info is not None and info.addr != self.addr else ""
         if manager is not None and not manager.keeper.held():
-            others = sorted(m.addr for node, m in manager.membership.members.items() if m.addr and m.addr != self.addr)
+            others = sorted(
+                ((m.addr, m.http) for m in manager.membership.members.values() if m.addr and m.addr != self.addr)
+            )
             if others:
-                addr = random.choice(others)
+                addr, url = random.choice(others)
                 return NotOwnerError(
-                    f"topic {name!r}: this node has lost touch with etcd; ask {addr}", topic=name, owner=addr
+                    f"topic {name!r}: this node has lost touch with etcd; ask {addr}", topic=name, owner=addr, owner_url=url
                 )
+        member = manager.membership.members.get(info.node) if manager is not None and info is not None and addr else None
+        url = member.http if member is not None else ""
         if why:
-            return NotOwnerError(f"{why}", topic=name, owner=addr)
+            return NotOwnerError(f"{why}", topic=name, owner=addr, owner_url=url)
         where = f"owned by {info.node} at {addr}" if info is not None and addr else "without an owner yet"
-        return NotOwnerError(f"topic {name!r} is {where}", topic=name, owner=addr)
+        return NotOwnerError(f"topic {name!r} is {where}", topic=name, owner=addr, owner_url=url)
 
     async def _commit(
         self, log: ClusterTopicLog, items: list[tuple[int, bytes, int, int]], failed: dict[str, tuple[int, StorageError]]

@@ -118,4 +118,9 @@ _STATUS: dict[ErrorCode, tuple[int, str]] = {
 def refused(refusal: Refused) -> HttpError:
     """The HTTP answer to a refusal of the core."""
     status, code = _STATUS.get(refusal.code, (400, "bad_request"))
+    if refusal.code == ErrorCode.NOT_OWNER:
+        # Where to send it: the owner's TCP address and, when it serves
+        # HTTP, its URL (docs/cluster.md §8).
+        where = {k: refusal.fields[k] for k in ("owner", "owner_url") if refusal.fields.get(k)}
+        return HttpError(status, refusal.message, code=code, details=where)
     return HttpError(status, refusal.message, code=code)

@@ -50,15 +50,18 @@ class HttpError(Exception):
         *,
         code: str | None = None,
         headers: Mapping[str, str] | None = None,
+        details: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code or ERROR_CODES.get(status, "error")
         self.headers = dict(headers or {})
+        #: More of the answer, as data (421 not_owner: where to go).
+        self.details = dict(details or {})
 
     def response(self) -> Response:
-        body = {"error": self.message, "code": self.code, "status": self.status}
+        body = {**self.details, "error": self.message, "code": self.code, "status": self.status}
         return json_response(body, self.status, headers=self.headers)
 
 

@@ -60,11 +60,13 @@ class StorageError(Exception):
 class NotOwnerError(StorageError):
     """Cluster mode: this node does not own the topic's partition (or lost
     it before the batch was committed); nothing was stored. ``owner`` is the
-    owner's ``host:port``, or "" while the partition has none."""
+    owner's ``host:port``, or "" while the partition has none; ``owner_url``
+    the URL of its HTTP side, when it has one."""
 
-    def __init__(self, message: str, *, topic: str = "", owner: str = "") -> None:
+    def __init__(self, message: str, *, topic: str = "", owner: str = "", owner_url: str = "") -> None:
         super().__init__(message, full=False, topic=topic)
         self.owner = owner
+        self.owner_url = owner_url
 
     @property
     def code(self) -> ErrorCode:
@@ -74,6 +76,8 @@ class NotOwnerError(StorageError):
         found = {"topic": topic}
         if self.owner:
             found["owner"] = self.owner
+        if self.owner_url:
+            found["owner_url"] = self.owner_url
         return found
 
 
