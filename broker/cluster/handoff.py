@@ -25,7 +25,9 @@ dead-letter topic's owner finds it:
 At-least-once, as dead letters are: a crash between the publish and the
 delete publishes again, deduplicated within the window. Bounded: at most
 ``MAX_SENDING`` hand-offs in flight per node (beyond that ``send`` does
-nothing and the group's retry comes back), ``PAGE`` keys read per poll.
+nothing and the group's retry comes back), as many being taken
+(``MAX_TAKING``; the rest wait for the next look), ``PAGE`` keys read per
+read.
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ if TYPE_CHECKING:
 
 #: Batches larger than this go to the object store, their name to etcd.
 INLINE_BYTES = 512 * 1024
-#: Hand-offs in flight from one node.
+#: Hand-offs in flight from one node, and being taken by one node.
 MAX_SENDING = 64
+MAX_TAKING = 64
 #: Seconds between looks for hand-offs to take; keys read per look.
 POLL = 1.0
 PAGE = 256
@@ -116,7 +119,7 @@ class HandOffs:
             if len(batch) <= INLINE_BYTES:
                 value = b"i" + batch
             else:
-                name = "handoff/" + key[len(self.prefix) :].decode("ascii", "replace")
+                name = "handoff/" + key[len(self.prefix) :].decode("utf-8")  # (topic names are UTF-8)
                 await self.objects.put_if_absent(name, batch)  # (False: there from an earlier try)
                 value = b"o" + name.encode("utf-8")
             await self.etcd.put(key, value)
@@ -150,6 +153,8 @@ class HandOffs:
                     topic = self.topic_of(kv.key)
                 except ValueError:
                     continue  # not written by this code: left alone
+                if len(self._taking) >= MAX_TAKING:
+                    return  # the rest at the next look
                 if kv.key not in self._taking and manager.local(topic, PARTITION) is not None:
                     self._taking.add(kv.key)
                     nursery.start_soon(self._take, topic, kv)
