@@ -319,3 +319,36 @@ async def test_a_running_worker_carries_on_across_a_broker_kill_and_restart(tmp_
                     await trio.to_thread.run_sync(close_app, app)
                 expected = {f"before-{i}" for i in range(100)} | {f"after-{i}" for i in range(100)}
                 await got.wait_for(lambda items: expected <= {r.get("key") for r in items}, timeout=90)
+
+
+def test_a_failover_url_gives_the_client_every_broker(tmp_path: Path) -> None:
+    """kombu's failover URL (``;``-separated) reaches the pybroker client as
+    one URL of every broker, so that it moves to the next broker by itself
+    when the one it is on goes away (a cluster node stopping) instead of
+    retrying that one until kombu gives the connection up. Here one
+    broker's data moves to another port, which is the same thing as far as
+    the client can tell."""
+    from kombu import Connection
+
+    from pybroker.contrib.kombu import broker_url
+    from pybroker.server.testing import broker_thread
+
+    assert broker_url(Connection("pybroker://u:p@h1:1;pybroker://u:p@h2:2;pybroker://h1:1")) == "pybroker://h1:1,h2:2"
+    first, second = free_port(), free_port()
+    data = tmp_path / "data"
+    conn = Connection(f"pybroker://127.0.0.1:{first};pybroker://127.0.0.1:{second}")
+    try:
+        with broker_thread(data_dir=data, port=first):
+            queue = conn.SimpleQueue("moving")
+            queue.put({"n": 1})
+            message = queue.get(timeout=30)
+            assert message.payload == {"n": 1}
+            message.ack()
+        with broker_thread(data_dir=data, port=second):
+            queue.put({"n": 2})  # the client moved to the second broker by itself
+            message = queue.get(timeout=30)
+            assert message.payload == {"n": 2}
+            message.ack()
+            queue.close()
+    finally:
+        conn.release()

@@ -63,7 +63,7 @@ from amqp.protocol import queue_declare_ok_t  # type: ignore[import-untyped]  # 
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport.virtual.exchange import DirectExchange
 
-from .. import BrokerError, ConnectionClosed, Reconnect
+from .. import BrokerError, ConnectionClosed, Reconnect, parse_urls
 from .. import sync
 from ..protocol import ErrorCode
 from . import _names
@@ -422,6 +422,24 @@ class Channel(virtual.Channel):
         super().close()
 
 
+def broker_url(conninfo: Any) -> str:
+    """The pybroker URL of a kombu Connection: its host first, then the other
+    brokers of a failover URL (``pybroker://h1:7420;pybroker://h2:7420``,
+    kombu's syntax), so that the client moves to the next one by itself
+    when the broker it is on goes away (a cluster node stopping), instead
+    of retrying that one until kombu gives the connection up."""
+    first = (conninfo.hostname or "127.0.0.1", conninfo.port or DEFAULT_PORT)
+    addresses = [first]
+    for alternate in conninfo.alt or ():
+        try:
+            for address in parse_urls(alternate):
+                if address not in addresses:
+                    addresses.append(address)
+        except ValueError:
+            continue  # not a pybroker URL: kombu's own failover has it
+    return "pybroker://" + ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
+
+
 class Transport(virtual.Transport):
     """kombu's transport for ``pybroker://[user:password@]host[:port]``."""
 
@@ -460,11 +478,9 @@ class Transport(virtual.Transport):
 
     def _connect(self) -> sync.Client:
         conninfo: Any = self.client  # the kombu Connection
-        host = conninfo.hostname or "127.0.0.1"
-        port = conninfo.port or DEFAULT_PORT
         options = conninfo.transport_options
         return sync.connect(
-            f"pybroker://{host}:{port}",
+            broker_url(conninfo),
             name=str(options.get("client_name", "kombu")),
             user=conninfo.userid or None,
             password=conninfo.password or None,
