@@ -33,6 +33,7 @@ from pybroker.protocol import (
     RemoteProtocolError,
     DELIVER_AT_HEADER,
     MAX_MSG_ID_BYTES,
+    MAX_PARTITIONS,
     MSG_ID_HEADER,
     NO_OFFSET,
     RESUME_OPTION_PREFIX,
@@ -49,6 +50,8 @@ from pybroker.protocol import (
     info_entry_size,
     info_reply_room,
     pattern_error,
+    partition_of,
+    partition_topic,
     tokens_match,
     topic_error,
 )
@@ -362,6 +365,32 @@ class Broker:
             return None
         return topic_error(name, self.limits.max_topic_bytes, self.limits.max_topic_depth)
 
+    def new_topic_refusal(self, name: str) -> Refused | None:
+        """Why a publish may not go to ``name``, a topic the router does not
+        hold yet, or None: an invalid name; a partitioned topic (each of its
+        partitions is a topic, ``orders~3``, and publishes go to them); a
+        partition its topic does not have (protocol.md, "Partitioned
+        topics")."""
+        problem = topic_error(name, self.limits.max_topic_bytes, self.limits.max_topic_depth)
+        if problem is not None:
+            return Refused(ErrorCode.BAD_TOPIC, problem)
+        count = self.store.partition_count(name)
+        if count:
+            return Refused(
+                ErrorCode.PARTITIONED,
+                f"topic {name!r} has {count} partitions: publish to one of them, "
+                f"{partition_topic(name, 0)!r} to {partition_topic(name, count - 1)!r}",
+                {"topic": name, "partitions": str(count)},
+            )
+        named = partition_of(name)
+        if named is not None:
+            base, p = named
+            count = self.store.partition_count(base)
+            if p >= count:
+                has = f"has {count} partitions" if count else "is not a partitioned topic (TOPICS create makes one)"
+                return Refused(ErrorCode.BAD_TOPIC, f"{name!r} names partition {p} of {base!r}, which {has}")
+        return None
+
     def publish(
         self,
         who: Principal,
@@ -379,9 +408,9 @@ class Broker:
         window is not stored again: the original's place comes back."""
         topic = self.router.topics.get(topic_name)
         if topic is None:
-            problem = topic_error(topic_name, self.limits.max_topic_bytes, self.limits.max_topic_depth)
-            if problem is not None:
-                raise Refused(ErrorCode.BAD_TOPIC, problem)
+            refused = self.new_topic_refusal(topic_name)
+            if refused is not None:
+                raise refused
         if not who.may_publish(topic_name):
             raise Refused.denied(who, f"publish to {topic_name!r}")
         count, crc_ok = check_batch(batch)
@@ -477,9 +506,9 @@ class Broker:
                         batches, counts, at, names = [], [], [], {}
                     checked = None
                     if topic_name not in topics:
-                        problem = topic_error(topic_name, limits.max_topic_bytes, limits.max_topic_depth)
-                        if problem is not None:
-                            results.append(Refused(ErrorCode.BAD_TOPIC, problem))
+                        refusal = self.new_topic_refusal(topic_name)
+                        if refusal is not None:
+                            results.append(refusal)
                             continue
                     if not who.may_publish(topic_name):
                         results.append(Refused.denied(who, f"publish to {topic_name!r}"))
@@ -931,11 +960,66 @@ class Broker:
 
     # -- topic administration -----------------------------------------------------
 
+    async def create_topic(self, who: Principal, name: str, settings: Mapping[str, str]) -> dict[str, Any]:
+        """TOPICS create: a topic of ``partitions`` partitions (1: a plain
+        topic, as a first publish makes), its partitions' logs opened at
+        once; ``created`` false when it exists so already."""
+        self._check_manageable(who, name)
+        if partition_of(name) is not None:
+            raise Refused(ErrorCode.BAD_TOPIC, f"{name!r} names a partition: create the topic itself")
+        unknown = sorted(set(settings) - {"partitions"})
+        text = settings.get("partitions", "1")
+        if unknown or not text.isascii() or not text.isdigit():
+            raise Refused(ErrorCode.BAD_REQUEST, f"create takes partitions=N (1 to {MAX_PARTITIONS}) only")
+        partitions = int(text)
+        try:
+            created = await self.store.create_topic(name, partitions)
+        except ValueError as exc:
+            raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
+        except StorageError as exc:
+            raise Refused(exc.code, exc.message, {"topic": name}) from None
+        except NotOwnerError as exc:
+            raise Refused(exc.code, exc.message, exc.fields(exc.topic)) from None
+        names = [name] if partitions == 1 else [partition_topic(name, p) for p in range(partitions)]
+        try:
+            for each in names:
+                self.router.topic(each)
+        except StorageError as exc:
+            raise Refused(exc.code, exc.message, {"topic": name}) from None
+        if created:
+            self.logger.info("topic created", topic=name, partitions=partitions, by=who.name)
+        return {"topic": name, "partitions": partitions, "created": created}
+
+    def _partitions_of(self, who: Principal, name: str, action: str) -> list[str] | None:
+        """A partitioned topic's partitions (those the router holds), for a
+        TOPICS action on the whole topic; None for any other topic. One
+        partition alone is refused: ``action`` goes to its topic."""
+        self._check_manageable(who, name)
+        named = partition_of(name)
+        if named is not None and self.store.partition_count(named[0]) > named[1]:
+            raise Refused(ErrorCode.BAD_REQUEST, f"{action} the topic {named[0]!r}, not one of its partitions")
+        count = self.store.partition_count(name)
+        if not count:
+            return None
+        names = [partition_topic(name, p) for p in range(count)]
+        return [each for each in names if each in self.router.topics]
+
     async def delete_topic(self, who: Principal, name: str) -> dict[str, Any]:
         """TOPICS delete: the topic, its messages and its files go; its
         subscribers and the groups reading it are told; a publish to the
         name afterwards starts a new topic at offset 0. What was published
-        before is acknowledged first (its fsync is awaited), then deleted."""
+        before is acknowledged first (its fsync is awaited), then deleted.
+        A partitioned topic goes partition by partition, its count with the
+        last one."""
+        partitions = self._partitions_of(who, name, "delete")
+        if partitions is not None:
+            messages = 0
+            for each in partitions:
+                messages += (await self._delete_one(who, each))["messages"]
+            return {"deleted": name, "messages": messages, "partitions": len(partitions)}
+        return await self._delete_one(who, name)
+
+    async def _delete_one(self, who: Principal, name: str) -> dict[str, Any]:
         topic = await self._settled_topic(who, name)
         log = topic.log
         messages = log.next_offset - log.first_offset
@@ -958,7 +1042,12 @@ class Broker:
         ``keep_from`` (all of them at or past the end). Offsets go on from
         where they were; a subscriber behind the new first offset gets
         DATA_LOST for what it missed. What was published before is
-        acknowledged first, as for delete."""
+        acknowledged first, as for delete. Offsets belong to a partition:
+        a partitioned topic is purged partition by partition."""
+        named = partition_of(name)
+        if named is None and self.store.partition_count(name):
+            self._check_manageable(who, name)
+            raise Refused(ErrorCode.BAD_REQUEST, f"offsets are per partition: purge {partition_topic(name, 0)!r} and so on")
         topic = await self._settled_topic(who, name)
         log = topic.log
         before = log.first_offset
@@ -973,10 +1062,14 @@ class Broker:
     async def set_topic(self, who: Principal, name: str, changes: Mapping[str, str]) -> dict[str, Any]:
         """TOPICS set: change a topic's retention or segment size while
         running (saved for restarts; in cluster mode, in etcd for every
-        node); its settings as they are now."""
-        self._managed_topic(who, name)
+        node); its settings as they are now. A partitioned topic's
+        settings are its partitions'."""
+        partitions = self._partitions_of(who, name, "set")
+        if partitions is None:
+            self._managed_topic(who, name)
         try:
-            settings = await self.store.set_topic(name, changes)
+            for each in partitions or [name]:
+                settings = await self.store.set_topic(each, changes)
         except KeyError:
             raise Refused(ErrorCode.UNKNOWN_TOPIC, f"no topic {name!r}") from None
         except ValueError as exc:
@@ -999,7 +1092,7 @@ class Broker:
                 raise Refused(ErrorCode.UNKNOWN_TOPIC, f"no topic {name!r}")
         return topic
 
-    def _managed_topic(self, who: Principal, name: str) -> Topic:
+    def _check_manageable(self, who: Principal, name: str) -> None:
         problem = topic_error(name, self.limits.max_topic_bytes, self.limits.max_topic_depth)
         if problem is not None:
             raise Refused(ErrorCode.BAD_TOPIC, problem)
@@ -1007,6 +1100,9 @@ class Broker:
             raise Refused(ErrorCode.BAD_TOPIC, "an inbox is no topic: it goes with its owner")
         if not who.may_manage(name):
             raise Refused.denied(who, f"manage topic {name!r}")
+
+    def _managed_topic(self, who: Principal, name: str) -> Topic:
+        self._check_manageable(who, name)
         topic = self.router.topics.get(name)
         if topic is None:
             raise Refused(ErrorCode.UNKNOWN_TOPIC, f"no topic {name!r}")

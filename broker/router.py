@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
-from pybroker.protocol import tokens_match
+from pybroker.protocol import PARTITION_MARK, partition_of, tokens_match
 
 from .inboxes import DEFAULT_GRACE, RETAIN_BYTES, Inboxes, is_inbox
 from .storage import LogStore, MemoryTopicLog, StorageError, StoredBatch, TopicLog
@@ -187,6 +187,9 @@ class Router:
         # topic is matched against the wildcards only.
         self._exact: dict[str, list[Subscription]] = {}
         self._wild: list[Subscription] = []
+        # The partitions (``orders~3``) of each partitioned topic that has
+        # any here: an exact subscription to the topic matches them all.
+        self._partitions: dict[str, list[Topic]] = {}
 
     def recover(self) -> list[str]:
         """Open every stored topic; return the inboxes found in the store
@@ -210,6 +213,10 @@ class Router:
             topic = self.topics[name] = Topic(name, self.store.topic(name))
             tokens = name.split(".")
             topic.subs.extend(self._exact.get(name, ()))
+            named = partition_of(name) if PARTITION_MARK in name else None
+            if named is not None:
+                self._partitions.setdefault(named[0], []).append(topic)
+                topic.subs.extend(self._exact.get(named[0], ()))
             topic.subs.extend(s for s in self._wild if tokens_match(s.tokens, tokens))
             self.events.topic_created(topic)
         return topic
@@ -220,6 +227,12 @@ class Router:
         to its name then creates a new topic."""
         if self.topics.get(topic.name) is topic:
             del self.topics[topic.name]
+        named = partition_of(topic.name)
+        if named is not None and topic in self._partitions.get(named[0], ()):
+            siblings = self._partitions[named[0]]
+            siblings.remove(topic)
+            if not siblings:
+                del self._partitions[named[0]]
         self._held_topics.pop(topic, None)
         for sub in topic.subs:
             sub.lag.pop(topic, None)
@@ -235,6 +248,9 @@ class Router:
         if topic is not None:
             return bool(topic.subs or topic.groups)
         if name in self._exact:
+            return True
+        named = partition_of(name)
+        if named is not None and named[0] in self._exact:
             return True
         tokens = name.split(".")
         if any(tokens_match(s.tokens, tokens) for s in self._wild):
@@ -252,8 +268,7 @@ class Router:
             ]
         else:
             self._exact.setdefault(sub.pattern, []).append(sub)
-            t = self.topics.get(sub.pattern)
-            matched = [t] if t is not None else []
+            matched = self._named(sub.pattern)
         for t in matched:
             t.subs.append(sub)
         return matched
@@ -271,14 +286,19 @@ class Router:
             subs.remove(sub)
             if not subs:
                 del self._exact[sub.pattern]
-            t = self.topics.get(sub.pattern)
-            candidates = [t] if t is not None else []
+            candidates = self._named(sub.pattern)
         for t in candidates:
             if sub in t.subs:
                 # Rebuild rather than mutate: a publish may be iterating the
                 # old list (deliver never awaits, but be safe and cheap).
                 t.subs = [s for s in t.subs if s is not sub]
         sub.lag.clear()
+
+    def _named(self, name: str) -> list[Topic]:
+        """The topics an exact pattern matches: the topic of that name, or
+        the partitions of a partitioned topic."""
+        t = self.topics.get(name)
+        return [t] if t is not None else list(self._partitions.get(name, ()))
 
     def publish(self, topic: Topic, batch: bytes, count: int, now: int) -> tuple[int, int, Held | None]:
         """Append a checked batch; hand it to every matching subscription now,

@@ -28,7 +28,7 @@ _MEMORY = Durability.MEMORY
 class Frame:
     """One PUBLISH frame's messages: where they landed, once acknowledged."""
 
-    __slots__ = ("run", "count", "base", "timestamp_us", "durability", "error")
+    __slots__ = ("run", "count", "base", "timestamp_us", "durability", "error", "moved")
 
     def __init__(self, run: Run, count: int) -> None:
         self.run = run
@@ -37,6 +37,13 @@ class Frame:
         self.timestamp_us = 0
         self.durability = _MEMORY
         self.error: BaseException | None = None
+        #: Where its messages were published again, one by one, when the
+        #: broker refused the frame because its topic is partitioned.
+        self.moved: list[PendingAck] | None = None
+
+    def move(self, pendings: list[PendingAck]) -> None:
+        self.moved = pendings
+        self.run.wake()
 
     def resolve(self, base: int, timestamp_us: int, durability: Durability) -> None:
         self.base = base
@@ -135,37 +142,58 @@ class PendingAck:
         k = bisect_right(starts, index) - 1 if len(starts) > 1 else 0
         return run.frames[k], index - starts[k]
 
+    def _moved(self) -> PendingAck | None:
+        """Where this message was published again, if it was."""
+        frame, place = self._frame()
+        return frame.moved[place] if frame is not None and frame.moved is not None else None
+
     @property
     def offset(self) -> int:
         """Where the message landed; -1 until acknowledged."""
+        moved = self._moved()
+        if moved is not None:
+            return moved.offset
         frame, place = self._frame()
         return frame.base + place if frame is not None and frame.base >= 0 else -1
 
     @property
     def timestamp_us(self) -> int:
+        moved = self._moved()
+        if moved is not None:
+            return moved.timestamp_us
         frame, _ = self._frame()
         return frame.timestamp_us if frame is not None else 0
 
     @property
     def durability(self) -> Durability:
+        moved = self._moved()
+        if moved is not None:
+            return moved.durability
         frame, _ = self._frame()
         return frame.durability if frame is not None else _MEMORY
 
     @property
     def error(self) -> BaseException | None:
         """Why it failed, if it did."""
+        moved = self._moved()
+        if moved is not None:
+            return moved.error
         frame, _ = self._frame()
         return frame.error if frame is not None else self._run.error
 
     def done(self) -> bool:
-        frame, _ = self._frame()
+        frame, place = self._frame()
         if frame is None:
             return self._run.error is not None
+        if frame.moved is not None:
+            return frame.moved[place].done()
         return frame.base >= 0 or frame.error is not None
 
     def result(self) -> PublishAck:
         """The acknowledgement; raises if it failed or has not arrived."""
         frame, place = self._frame()
+        if frame is not None and frame.moved is not None:
+            return frame.moved[place].result()
         error = frame.error if frame is not None else self._run.error
         if error is not None:
             raise error
@@ -181,6 +209,9 @@ class PendingAck:
         else:
             run = self._run
             while not self.done():
+                moved = self._moved()
+                if moved is not None:  # its new run's events wake it now
+                    return await moved.wait()
                 # One event per run, woken whenever a frame of it settles.
                 if run.event is None:
                     run.event = anyio.Event()

@@ -38,6 +38,7 @@ import anyio.lowlevel
 from anyio.abc import ByteStream, TaskGroup
 
 from ._cancel import cancel_check
+from ._partitions import Partitioner, unbatched
 from ._publishing import Frame, Run, Topic
 from ._publishing import PendingAck as PendingAck  # re-exported: pybroker.PendingAck
 from .errors import (
@@ -57,6 +58,7 @@ from .protocol import (
     DELIVER_AT_HEADER,
     ERROR_FIELDS_OPTION,
     MAX_ACK_RANGES,
+    MAX_PARTITIONS,
     NEED_DATA,
     UNLIMITED_CREDIT,
     Connection,
@@ -79,6 +81,7 @@ from .protocol import (
     Pong,
     ProtocolError,
     PubAck,
+    Publish,
     RefKind,
     Role,
     StartKind,
@@ -93,6 +96,7 @@ from .protocol import (
     Welcome,
     check_batch,
     decode_batch_columns,
+    decode_frame,
     encode_batch_from_records,
     encode_publish,
     encode_record,
@@ -100,6 +104,7 @@ from .protocol import (
     max_publish_records,
     pattern_error,
     server_frame_limit,
+    split_records,
     topic_error,
     with_msg_id,
     MSG_ID_HEADER,
@@ -385,6 +390,8 @@ class Client:
         #: Valid topics published to (the check depends on the WELCOME's
         #: limits: redone with each).
         self._topics: dict[str, Topic] = {}
+        #: Partitioned topics' counts, and where their messages go.
+        self._partitioner = Partitioner()
         self._closed: ConnectionClosed | None = None
         self._goodbye_received = anyio.Event()
         self._reader_done = anyio.Event()
@@ -567,13 +574,18 @@ class Client:
 
     # -- publishing -------------------------------------------------------
 
-    def _topic(self, topic: str) -> Topic:
-        """``topic``'s queue and limit; ValueError if ``topic`` is no valid
-        topic name. Kept for the topics published to (up to a bound): a hot
-        loop of publishes pays one dict lookup for both checks."""
+    def _topic(self, topic: str, headers: Mapping[str, str] | None = None) -> Topic:
+        """``topic``'s queue and limit, or, for a partitioned topic, those of
+        the partition a message with ``headers`` goes to; ValueError if
+        ``topic`` is no valid topic name. Kept for the topics published to
+        (up to a bound, partitioned ones never): a hot loop of publishes
+        pays one dict lookup for both checks."""
         known = self._topics.get(topic)
         if known is not None:
             return known
+        partition = self._partitioner.route(topic, headers)
+        if partition is not None:
+            return self._topic(partition)
         problem = topic_error(topic, self._max_topic_bytes, self._max_topic_depth)
         if problem is not None:
             raise ValueError(problem)
@@ -603,7 +615,8 @@ class Client:
             raise self._closed
         known = self._topics.get(topic)
         if known is None:
-            known = self._topic(topic)
+            known = self._topic(topic, headers)
+            topic = known.name  # a partitioned topic's partition
         count = self._pending_count
         if count >= self._max_pending:
             raise anyio.WouldBlock
@@ -665,7 +678,8 @@ class Client:
             raise self._closed
         known = self._topics.get(topic)
         if known is None:
-            known = self._topic(topic)
+            known = self._topic(topic, headers)
+            topic = known.name  # a partitioned topic's partition
         count = self._pending_count
         if type(payload) is not bytes:
             payload = _payload_bytes(payload)
@@ -720,7 +734,8 @@ class Client:
             return await pending.wait()
         due_ms = _due_ms(delay, deliver_at)
         self._check_open()
-        limit = self._topic(topic).limit
+        known = self._topic(topic, headers)
+        topic, limit = known.name, known.limit
         if not self._delay_supported:
             raise RuntimeError("this broker does not support delayed delivery (no max_delay_ms in its WELCOME)")
         delayed_headers = dict(headers or {})
@@ -1209,13 +1224,35 @@ class Client:
                 return {"groups": listed}
             after = following
 
+    async def create_topic(self, topic: str, partitions: int = 1) -> dict[str, Any]:
+        """Create ``topic`` before its first publish, with ``partitions``
+        partitions (1 to 4096; protocol.md, "Partitioned topics"): topics
+        ``topic~0`` to ``topic~N-1``, each ordered on its own, that
+        :meth:`publish` to ``topic`` spreads messages over (by their
+        ``key`` header) and subscriptions to ``topic`` read together. Same
+        rights as :meth:`delete_topic`. Returns ``{"topic", "partitions",
+        "created"}`` (created false when it exists so already); BrokerError
+        BAD_REQUEST when it exists with another partition count."""
+        if not 1 <= partitions <= MAX_PARTITIONS:
+            raise ValueError(f"partitions must be 1 to {MAX_PARTITIONS}")
+        answer: dict[str, Any] = await self._topics_request(
+            topic, TopicsAction.CREATE, settings={"partitions": str(partitions)}
+        )
+        if partitions > 1:
+            self._partitioner.learn(topic, partitions)
+            self._topics.pop(topic, None)
+        return answer
+
     async def delete_topic(self, topic: str) -> dict[str, Any]:
         """Delete ``topic``: its messages and files; its subscribers and
         the groups reading it are told, and a publish to the name later
         starts a new topic at offset 0. Needs admin or a ``manage``
         permission for it (PermissionDenied). Returns ``{"deleted": topic,
-        "messages": n}``; BrokerError UNKNOWN_TOPIC if there is none."""
-        return await self._topics_request(topic, TopicsAction.DELETE)
+        "messages": n}``; BrokerError UNKNOWN_TOPIC if there is none. A
+        partitioned topic goes whole, partitions and all."""
+        answer = await self._topics_request(topic, TopicsAction.DELETE)
+        self._partitioner.counts.pop(topic, None)
+        return answer
 
     async def set_topic(self, topic: str, **settings: int | float | str | None) -> dict[str, Any]:
         """Change ``topic``'s ``retention_bytes``, ``retention_seconds`` (a
@@ -1587,6 +1624,58 @@ class Client:
         self._lost(ConnectionClosed(f"redirected: {error}"))
         return True
 
+    def _partitioned(self, err: Error) -> bool:
+        """A PUBLISH to a partitioned topic was refused: learn the count,
+        and publish every message to that topic not yet acknowledged again,
+        each to its partition, in the order they were sent (those in flight
+        first: the broker refuses them all); a delayed one fails. False when
+        the refusal is not of ours to follow."""
+        topic = err.fields.get("topic", "")
+        count_text = err.fields.get("partitions", "")
+        if not count_text.isdigit() or not 1 < int(count_text) <= MAX_PARTITIONS:
+            return False
+        frame = self._inflight.get(err.ref)
+        if frame is None:
+            return self._partitioner.counts.get(topic) == int(count_text)  # moved already
+        if frame.run.topic != topic:
+            return False
+        self._partitioner.learn(topic, int(count_text))
+        known = self._topics.pop(topic, None)
+        self._unsent.pop(topic, None)
+        for request_id in sorted(r for r, f in self._inflight.items() if f.run.topic == topic):
+            frame = self._inflight.pop(request_id)
+            sent = decode_frame(self._inflight_frames.pop(request_id))
+            assert isinstance(sent, Publish), sent
+            if sent.delayed:
+                frame.fail(broker_error(err.code, err.message, err.fields))
+            else:
+                frame.move([self._publish_again(topic, record) for record in split_records(sent.batch)])
+            self._settled(frame.count)
+        if known is not None:
+            known.seal()
+            for run in known.sealed:
+                records, run.records = run.records, []
+                self._unsent_count -= len(records)
+                run.frame(len(records)).move([self._publish_again(topic, record) for record in records])
+                self._settled(len(records))
+        _log.info("topic %s has %s partitions: publishing to them", topic, count_text)
+        return True
+
+    def _publish_again(self, topic: str, record: bytes) -> PendingAck:
+        """Queue a message taken out of a refused PUBLISH to partitioned
+        ``topic`` for its partition; room was taken when it was first sent."""
+        record, headers = unbatched(record)
+        known = self._topic(topic, headers)
+        records = known.run.records
+        pending = PendingAck(known.name, known.run, len(records))
+        if not records:
+            self._unsent[known.name] = known
+        records.append(record)
+        self._unsent_count += 1
+        self._pending_count += 1
+        self._wake.set()
+        return pending
+
     def _on_error(self, err: Error) -> None:
         error = broker_error(err.code, err.message, err.fields)
         if err.fatal:
@@ -1598,6 +1687,8 @@ class Client:
             return
         if err.ref_kind is RefKind.REQUEST:
             if err.code == ErrorCode.NOT_OWNER and self._follow_owner(err, error):
+                return
+            if err.code == ErrorCode.PARTITIONED and self._partitioned(err):
                 return
             frame = self._inflight.pop(err.ref, None)
             if frame is not None:

@@ -63,6 +63,14 @@ class NotOwner(BrokerError):
     cannot (reconnecting off, or too many moves in a row)."""
 
 
+class Partitioned(BrokerError):
+    """That publish went to a topic made of partitions (PARTITIONED);
+    nothing was stored. The client library publishes to the partitions by
+    itself once it has seen this; it is raised only for what it cannot
+    move (a delayed publish: send it again). ``fields["partitions"]`` is
+    the topic's partition count."""
+
+
 _BY_CODE: dict[int, type[BrokerError]] = {
     ErrorCode.AUTH_FAILED: AuthenticationError,
     ErrorCode.PERMISSION_DENIED: PermissionDenied,
@@ -70,6 +78,7 @@ _BY_CODE: dict[int, type[BrokerError]] = {
     ErrorCode.STORAGE_FULL: StorageFull,
     ErrorCode.STORAGE_ERROR: StorageError,
     ErrorCode.NOT_OWNER: NotOwner,
+    ErrorCode.PARTITIONED: Partitioned,
 }
 
 

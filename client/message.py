@@ -10,7 +10,7 @@ import attrs
 import anyio
 import anyio.lowlevel
 
-from .protocol import AckKind, Durability
+from .protocol import PARTITION_MARK, AckKind, Durability, partition_of
 
 
 def _utc(timestamp_us: int) -> _dt.datetime:
@@ -46,6 +46,14 @@ class Message:
     @property
     def is_group_message(self) -> bool:
         return self._settler is not None
+
+    @property
+    def partition(self) -> int | None:
+        """The partition this message is in, when its topic is a partition
+        of a partitioned topic (``orders~3``: 3); offsets count per
+        partition. None for a topic of its own."""
+        named = partition_of(self.topic) if PARTITION_MARK in self.topic else None
+        return named[1] if named is not None else None
 
     def _settle(self, kind: AckKind, delay: float = 0.0) -> None:
         if self._settler is None:

@@ -848,6 +848,14 @@ class Client:
 
         return self._call(purge, timeout, f"purging topic {topic!r}")
 
+    def create_topic(self, topic: str, partitions: int = 1, *, timeout: float | None = TIMEOUT) -> dict[str, Any]:
+        """Create a topic, with ``partitions`` partitions (see the async ``create_topic``)."""
+
+        async def create() -> dict[str, Any]:
+            return await self._client.create_topic(topic, partitions)
+
+        return self._call(create, timeout, f"creating topic {topic!r}")
+
     def delete_topic(self, topic: str, *, timeout: float | None = TIMEOUT) -> dict[str, Any]:
         """Delete a topic (see the async ``delete_topic``)."""
 

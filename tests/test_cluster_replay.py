@@ -50,7 +50,6 @@ from pybroker.protocol import (
 from pybroker.server.cluster.index import PartitionIndex
 from pybroker.server.cluster.objects import ObjectStoreError
 from pybroker.server.cluster.partition import decode_stored
-from pybroker.server.cluster.store import PARTITION
 from pybroker.server.cluster.tail import IndexedReader
 from pybroker.server.server import Server
 from pybroker.server.storage.errors import DataLoss, ReadPending
@@ -373,7 +372,7 @@ async def test_a_fetch_waits_for_an_index_view_that_lags_the_commits(urls: dict[
     # before anything is published, and follows again once the fetch runs.
     async with cluster_node(urls, "a", tmp_path) as a:
         store = store_of(a)
-        index = PartitionIndex(store.etcd, "lag", PARTITION, keys=store.settings.keys)
+        index = PartitionIndex(store.etcd, *store.address("lag"), keys=store.settings.keys)
         reader = IndexedReader(index, store.cache)
         async with trio.open_nursery() as nursery:
             following = trio.CancelScope()

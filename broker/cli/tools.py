@@ -67,10 +67,11 @@ def add_parsers(commands: Commands[argparse.ArgumentParser]) -> None:
     create.add_argument("--dead-letter", metavar="TOPIC", help="where messages go after --max-deliver deliveries (default dlq.NAME)")
     create.add_argument("--ordering", choices=("key",), default=None, help="key: messages with the same 'key' header one at a time, in order")
 
-    topics = commands.add_parser("topics", help="list topics with their first and next offsets; delete, purge or set NAME")
-    topics.add_argument("pattern", nargs="?", default=">", help="topic pattern (default: every topic), or 'delete', 'purge' or 'set'")
-    topics.add_argument("name", nargs="?", default=None, help="with 'delete', 'purge' or 'set': the topic (admin, or a manage permission)")
+    topics = commands.add_parser("topics", help="list topics with their first and next offsets; create, delete, purge or set NAME")
+    topics.add_argument("pattern", nargs="?", default=">", help="topic pattern (default: every topic), or 'create', 'delete', 'purge' or 'set'")
+    topics.add_argument("name", nargs="?", default=None, help="with 'create', 'delete', 'purge' or 'set': the topic (admin, or a manage permission)")
     topics.add_argument("settings", nargs="*", default=[], metavar="KEY=VALUE", help="with 'set': retention_bytes, retention_seconds (e.g. 7d; none: no limit) or segment_bytes")
+    topics.add_argument("--partitions", type=int, default=None, metavar="N", help="with 'create': the topic's partitions, NAME~0 to NAME~N-1 (default 1)")
     topics.add_argument("--keep-from", type=int, default=None, metavar="OFFSET", help="with 'purge': keep messages from the stored batch holding OFFSET on (default: purge them all)")
     add_connection_flags(topics)
     topics.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -349,11 +350,14 @@ async def topics(args: argparse.Namespace) -> int:
     import pybroker
 
     if args.name is not None:
-        if args.pattern not in ("delete", "purge", "set"):
+        if args.pattern not in ("create", "delete", "purge", "set"):
             print(f"pybroker topics: {args.pattern!r} takes no topic name (did you mean 'delete {args.name}'?)", file=sys.stderr)
             return 2
         if args.keep_from is not None and args.pattern != "purge":
             print("pybroker topics: --keep-from goes with purge", file=sys.stderr)
+            return 2
+        if args.partitions is not None and args.pattern != "create":
+            print("pybroker topics: --partitions goes with create", file=sys.stderr)
             return 2
         if (args.pattern == "set") != bool(args.settings):
             print("pybroker topics: KEY=VALUE settings go with set (and set needs some)", file=sys.stderr)
@@ -361,7 +365,9 @@ async def topics(args: argparse.Namespace) -> int:
         changes = dict(item.partition("=")[::2] for item in args.settings)
         try:
             async with _connect(args) as c:
-                if args.pattern == "delete":
+                if args.pattern == "create":
+                    doc = await c.create_topic(args.name, 1 if args.partitions is None else args.partitions)
+                elif args.pattern == "delete":
                     doc = await c.delete_topic(args.name)
                 elif args.pattern == "set":
                     doc = await c.set_topic(args.name, **changes)
@@ -372,6 +378,9 @@ async def topics(args: argparse.Namespace) -> int:
             return 1
         if args.json:
             print(json.dumps(doc))
+        elif args.pattern == "create":
+            made = "created" if doc["created"] else "already exists as"
+            print(f"{made} topic {doc['topic']} with {doc['partitions']} partition{'s' if doc['partitions'] > 1 else ''}")
         elif args.pattern == "delete":
             print(f"deleted topic {doc['deleted']} ({doc['messages']} messages)")
         elif args.pattern == "set":

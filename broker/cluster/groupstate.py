@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from pybroker.protocol import ErrorCode, RefKind, StartKind
+from pybroker.protocol import ErrorCode, RefKind, StartKind, partition_topic
 
 from ..groups.config import GroupConfig
 from ..inboxes import has_wildcard
@@ -69,8 +69,6 @@ if TYPE_CHECKING:
     from ..groups.manager import GroupManager
     from .store import ClusterStore
 
-#: Topics are partition 0 of themselves (broker/cluster/store.py).
-PARTITION = 0
 #: The format of a group key's value.
 FORMAT = 1
 #: Seconds hand-outs are gathered into one transaction, and how often
@@ -141,7 +139,7 @@ class ClusterGroupState:
 
     def _owner(self, topic: str) -> PartitionOwner | None:
         manager = self.store.manager
-        owner = manager.local(topic, PARTITION) if manager is not None else None
+        owner = manager.local(*self.store.address(topic)) if manager is not None else None
         if owner is None or not owner.accepting or self._leaving:
             return None
         return owner
@@ -154,6 +152,12 @@ class ClusterGroupState:
     def admit(self, name: str, pattern: str) -> None:
         if has_wildcard(pattern):
             raise ValueError("in cluster mode a group reads one topic (a pattern without wildcards)")
+        partitions = self.store.partition_count(pattern)
+        if partitions:
+            raise ValueError(
+                f"in cluster mode a group reads one partition: {pattern!r} has {partitions}, "
+                f"{partition_topic(pattern, 0)!r} to {partition_topic(pattern, partitions - 1)!r}"
+            )
         owner = self._owner(pattern)
         if owner is None:
             # A group made before anything was published: the topic is
@@ -172,7 +176,7 @@ class ClusterGroupState:
         owner = self._owner(group.pattern)
         assert owner is not None  # admitted just before, with no await between
         bound = self._bound[group.name] = _Bound(
-            group.pattern, self.store.settings.keys.group(group.name, group.pattern, PARTITION), owner
+            group.pattern, self.store.settings.keys.group(group.name, *self.store.address(group.pattern)), owner
         )
         # A hand-over saves the groups before the owner key goes (their
         # transactions are fenced on it): acks since the last save are kept.
@@ -210,7 +214,7 @@ class ClusterGroupState:
         group of the same name made again meanwhile and already saved keeps
         its key: the mod revision moved)."""
         etcd = self.store.etcd
-        own = self.store.settings.keys.own(bound.topic, PARTITION)
+        own = self.store.settings.keys.own(*self.store.address(bound.topic))
         compares = [
             Compare.create_revision(own, "==", bound.owner.epoch),
             Compare.mod_revision(bound.key, "==", bound.mod_revision),
@@ -331,7 +335,7 @@ class ClusterGroupState:
     ) -> None:
         etcd = self.store.etcd
         keys = self.store.settings.keys
-        own = keys.own(owner.topic, PARTITION)
+        own = keys.own(owner.topic, owner.partition)
         compares = [Compare.create_revision(own, "==", owner.epoch)]
         compares += [Compare.mod_revision(bound.key, "==", bound.mod_revision) for bound, *_ in items]
         try:
@@ -372,7 +376,7 @@ class ClusterGroupState:
         etcd = self.store.etcd
         try:
             with trio.fail_after(etcd.timeout * 2):
-                own = await etcd.get(self.store.settings.keys.own(owner.topic, PARTITION))
+                own = await etcd.get(self.store.settings.keys.own(owner.topic, owner.partition))
                 found = [await etcd.get(bound.key) for bound, *_ in items]
         except (EtcdError, TimeoutError, OSError):
             own, found = None, []
@@ -416,7 +420,7 @@ class ClusterGroupState:
         """The bindings whose topic this node no longer owns (or is handing over)."""
         gone = []
         for bound in self._bound.values():
-            current = self.store.manager.local(bound.topic, PARTITION) if self.store.manager is not None else None
+            current = self.store.manager.local(*self.store.address(bound.topic)) if self.store.manager is not None else None
             if current is not bound.owner or not bound.owner.accepting:
                 gone.append(bound)
         return gone

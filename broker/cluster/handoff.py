@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from pybroker.protocol import partition_of
+
 from ..logs import get_logger
 from .etcd import Compare, Delete, EtcdError, prefix_end
 from .keys import escape, unescape
@@ -57,8 +59,6 @@ MAX_TAKING = 64
 #: Seconds between looks for hand-offs to take; keys read per look.
 POLL = 1.0
 PAGE = 256
-#: Partition of a topic (topics are one partition: store.py).
-PARTITION = 0
 
 Take = Callable[[str, bytes], Awaitable[None]]
 
@@ -155,7 +155,7 @@ class HandOffs:
                     continue  # not written by this code: left alone
                 if len(self._taking) >= MAX_TAKING:
                     return  # the rest at the next look
-                if kv.key not in self._taking and manager.local(topic, PARTITION) is not None:
+                if kv.key not in self._taking and manager.local(*(partition_of(topic) or (topic, 0))) is not None:
                     self._taking.add(kv.key)
                     nursery.start_soon(self._take, topic, kv)
             if not found.more or not found.kvs:

@@ -4,8 +4,10 @@ The server depends on the ``LogStore`` interface only (storage/base.py):
 appends are synchronous and cheap, acknowledgements wait for ``sync``
 (group commit), reads are synchronous. In cluster mode:
 
-- every topic is one partition (partition 0) whose owner, found by the
-  ownership manager, is the only node that takes its appends. ``append`` on
+- every log is one partition: a plain topic's is partition 0 of it; a
+  partitioned topic's partitions (``orders~3``, protocol.md) are
+  partitions of its record in etcd (``address``). A partition's owner,
+  found by the ownership manager, is the only node that takes its appends. ``append`` on
   any other node raises ``NotOwnerError`` naming the owner's address
   (ERROR 218 NOT_OWNER); nothing is stored.
 - the owner appends to its in-memory copy of the topic at the next offset
@@ -32,9 +34,8 @@ appends are synchronous and cheap, acknowledgements wait for ``sync``
 Consumer groups run at their topic's owner with their state in etcd
 (groupstate.py); a msg-id resend to the next owner is found in its copy
 (the core's exactly-once window reads it back). What is not here yet
-(docs/cluster.md §14): several partitions per topic, topic deletion and
-settings changed at run time (the ``--retention`` settings the node
-starts with apply: each owner cuts its partitions, retention.py). The
+(docs/cluster.md §14): topic deletion, purging one partition of a
+partitioned topic, and consumer groups reading more than one partition. The
 HTTP fetch and event streams wait for a fetch as subscribers do; the
 exactly-once window's read-back cannot: older than the copy is lost
 (retention) to it, as before.
@@ -51,7 +52,7 @@ from typing import Any
 import attrs
 import trio
 
-from pybroker.protocol import Durability
+from pybroker.protocol import Durability, partition_of, partition_topic
 
 from ..logs import get_logger
 from ..storage.base import StoredBatch, SyncResult, TopicLog
@@ -77,10 +78,8 @@ from .purge import purge as purge_partition
 from .retention import Retention
 from .stepaside import StepAside
 from .tail import IndexedReader
-from .topics import TopicError, TopicRegistry
+from .topics import PartitionCountMismatch, TopicError, TopicRegistry
 
-#: Every topic is partition 0 of itself until partitioned topics land.
-PARTITION = 0
 #: Backoff of a follower whose store failed: doubles from MIN to MAX.
 RETRY_MIN = 0.1
 RETRY_MAX = 2.0
@@ -323,6 +322,38 @@ class ClusterStore:
     def topic_names(self) -> list[str]:
         return list(self._logs)
 
+    @staticmethod
+    def address(name: str) -> tuple[str, int]:
+        """Where log ``name`` is kept in etcd: partition p of its topic for
+        a partition's name (``orders~3``: ``("orders", 3)``), else partition
+        0 of a topic of its own (docs/cluster.md §2)."""
+        return partition_of(name) or (name, 0)
+
+    def partition_count(self, name: str) -> int:
+        manager = self.manager
+        info = manager.topics.info(name) if manager is not None else None
+        return info.partitions if info is not None and info.partitions > 1 else 0
+
+    async def create_topic(self, name: str, partitions: int) -> bool:
+        """TOPICS create, for every node: the topic's record in etcd with its
+        partition count (topics.py), which the ownership manager spreads
+        over the nodes partition by partition; returns once this node's
+        view holds it (so that its partitions take publishes here)."""
+        manager = self.manager
+        if manager is None:
+            raise StorageError("this node has not joined the cluster", full=False, topic=name)
+        try:
+            with trio.fail_after(self.etcd.timeout * 2):
+                info = await manager.topics.create(name, partitions)
+                while manager.topics.info(name) is None:
+                    await manager.changed()
+        except PartitionCountMismatch as exc:
+            noun = "partition" if exc.existing == 1 else "partitions"
+            raise ValueError(f"topic {name!r} exists with {exc.existing} {noun}, not {partitions}") from None
+        except (EtcdError, TopicError, TimeoutError) as exc:
+            raise StorageError(f"could not create {name!r}: {exc}", full=False, topic=name) from None
+        return info.new
+
     def delete_topic(self, name: str) -> TopicLog | None:
         raise StorageError("cluster mode cannot delete topics yet", full=False, topic=name)
 
@@ -343,7 +374,7 @@ class ClusterStore:
             raise ValueError("segment_bytes means nothing in cluster mode: the nodes keep no segments")
         attrs.evolve(self.retention_settings(name), **parsed)  # checks the values first
         try:
-            info = await manager.topics.set_settings(name, parsed)
+            info = await manager.topics.set_settings(self.address(name)[0], parsed)
         except (EtcdError, TopicError) as exc:
             raise StorageError(f"could not change the settings of {name!r}: {exc}", full=False, topic=name) from None
         return self._with_registered(name, info.settings)
@@ -353,8 +384,11 @@ class ClusterStore:
         the one holding ``keep_from`` go and the topic's record gets the new
         floor, which every node applies to its copy; the first offset now."""
         assert isinstance(log, ClusterTopicLog), log
+        if partition_of(log.name) is not None:
+            # The floor is kept in the topic's record, one for the topic.
+            raise StorageError("cluster mode does not purge partitions yet", full=False, topic=log.name)
         try:
-            first = await purge_partition(self.etcd, self.settings.keys, log.name, PARTITION, keep_from)
+            first = await purge_partition(self.etcd, self.settings.keys, log.name, 0, keep_from)
         except KeyError:
             raise StorageError(f"topic {log.name!r} is not registered in the cluster yet", full=False, topic=log.name) from None
         except (EtcdError, PurgeError) as exc:
@@ -430,7 +464,7 @@ class ClusterStore:
         when there is none on this node or its copy is not caught up."""
         name = log.name
         manager = self.manager
-        owner = manager.local(name, PARTITION) if manager is not None else None
+        owner = manager.local(*self.address(name)) if manager is not None else None
         if owner is None or not owner.accepting:
             self.register(name)
             raise self._not_owner(name)
@@ -453,7 +487,7 @@ class ClusterStore:
         another member, which knows better; or nobody (send it here again
         shortly) while the topic simply has no owner yet."""
         manager = self.manager
-        info = manager.owner_of(name, PARTITION) if manager is not None else None
+        info = manager.owner_of(*self.address(name)) if manager is not None else None
         addr = info.addr if info is not None and info.addr != self.addr else ""
         if manager is not None and not manager.keeper.held():
             others = sorted(
@@ -477,7 +511,7 @@ class ClusterStore:
         log.committing = True
         try:
             manager = self.manager
-            owner = manager.local(log.name, PARTITION) if manager is not None else None
+            owner = manager.local(*self.address(log.name)) if manager is not None else None
             start = 0
             while start < len(items):
                 end, size = start, 0
@@ -544,6 +578,8 @@ class ClusterStore:
         manager = self.manager
         if manager is None or name in manager.topics.topics or name in self._creating or self._nursery is None:
             return
+        if partition_of(name) is not None:
+            return  # its topic is registered by TOPICS create, with its count
         self._creating.add(name)
         self._nursery.start_soon(self._register_topic, name, manager.topics)
 
@@ -566,7 +602,7 @@ class ClusterStore:
     async def _follower(self, log: ClusterTopicLog) -> None:
         """Fill ``log``'s copy with the batches committed to the partition, in
         order, and hand those no local append put there to ``on_committed``."""
-        index = PartitionIndex(self.etcd, log.name, PARTITION, keys=self.settings.keys)
+        index = PartitionIndex(self.etcd, *self.address(log.name), keys=self.settings.keys)
         reader_pause = RETRY_MIN
         reader = IndexedReader(index, self.cache)
         async with trio.open_nursery() as nursery:
@@ -617,7 +653,7 @@ class ClusterStore:
         """The topic's settings: what the node was started with, under what
         TOPICS set put in the topic's record in etcd (set_topic)."""
         manager = self.manager
-        info = manager.topics.info(topic) if manager is not None else None
+        info = manager.topics.info(self.address(topic)[0]) if manager is not None else None
         return self._with_registered(topic, info.settings if info is not None else {})
 
     def _with_registered(self, topic: str, registered: Mapping[str, Any]) -> TopicSettings:
@@ -760,6 +796,10 @@ class ClusterStore:
         read any of them)."""
         while True:
             for name, info in list(manager.topics.topics.items()):
+                if info.partitions > 1:
+                    for p in range(info.partitions):
+                        self.topic(partition_topic(name, p))
+                    continue
                 log = self.topic(name)
                 if info.floor:
                     self._apply_floor(log, info.floor)  # purged, perhaps by another node

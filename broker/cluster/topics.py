@@ -64,6 +64,8 @@ class TopicInfo:
     #: The first offset a purge kept (TOPICS purge, purge.py): every node
     #: drops what its copy holds below it. 0: never purged.
     floor: int = 0
+    #: Set on the record ``create`` returns when that call made it.
+    new: bool = attrs.field(default=False, eq=False)
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {"partitions": self.partitions, "settings": self.settings}
@@ -117,7 +119,7 @@ class TopicRegistry:
         key = self.keys.topic(name)
         result = await self.etcd.txn([Compare.create_revision(key, "==", 0)], [Put(key, value)], [Get(key)])
         if result.succeeded:
-            return attrs.evolve(info, created=result.revision)
+            return attrs.evolve(info, created=result.revision, new=True)
         found = result.responses[0] if result.responses else None
         if not isinstance(found, list) or not found:  # deleted between compare and read: cannot happen in one txn
             raise TopicError(f"topic {name!r}: etcd refused its creation and holds no record")

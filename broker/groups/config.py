@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from pybroker.protocol import topic_error
+from pybroker.protocol import KEY_HEADER, topic_error
 
 DEFAULT_ACK_WAIT = 30.0
 DEFAULT_MAX_DELIVER = 5
@@ -24,8 +24,6 @@ DEFAULT_MAX_DELIVER = 5
 DEFAULT_MAX_ACK_PENDING = 1000
 #: Group ordering modes: none (""), or per message key ("key").
 ORDERINGS = ("", "key")
-#: The header whose value is a message's key in a key-ordered group.
-KEY_HEADER = "key"
 #: Messages a key-ordered group looks at past its cursor in one dispatch
 #: for ones whose key is free (others wait behind a busy key): the bound
 #: on that scan's work, and on how far ahead of a blocked key it hands out.

@@ -27,6 +27,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from pybroker.protocol import (
+    KEY_HEADER,
     MSG_ID_HEADER,
     RECORD_HEADER,
     AckKind,
@@ -44,7 +45,7 @@ from ..start import start_offset
 from ..storage import DataLoss, StorageError, StoredBatch
 from ..storage.errors import NotOwnerError, ReadPending
 from ..storage.groupstate import FORMAT, SavedTopic, find_dead_letters
-from .config import DEAD_LETTER_RETRY_SECONDS, KEY_HEADER, KEY_SCAN_LIMIT, GroupConfig
+from .config import DEAD_LETTER_RETRY_SECONDS, KEY_SCAN_LIMIT, GroupConfig
 
 if TYPE_CHECKING:
     from ..router import Held, Subscription, Topic

@@ -112,6 +112,7 @@ _STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.STORAGE_FULL: (507, "storage_full"),
     ErrorCode.STORAGE_ERROR: (503, "storage_error"),
     ErrorCode.NOT_OWNER: (421, "not_owner"),
+    ErrorCode.PARTITIONED: (409, "partitioned"),
 }
 
 
@@ -123,4 +124,7 @@ def refused(refusal: Refused) -> HttpError:
         # HTTP, its URL (docs/cluster.md §8).
         where = {k: refusal.fields[k] for k in ("owner", "owner_url") if refusal.fields.get(k)}
         return HttpError(status, refusal.message, code=code, details=where)
+    if refusal.code == ErrorCode.PARTITIONED:
+        # Publish to one of its partitions (protocol.md, "Partitioned topics").
+        return HttpError(status, refusal.message, code=code, details={"partitions": int(refusal.fields["partitions"])})
     return HttpError(status, refusal.message, code=code)

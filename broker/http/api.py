@@ -130,6 +130,24 @@ async def topic_detail(http: HttpServer, request: Request, params: Mapping[str, 
     return json_response(body)
 
 
+async def create_topic(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
+    """A topic made before its first publish, with ``{"partitions": N}``
+    partitions (admin, or a ``manage`` permission); 201 when made, 200 when
+    it exists so already."""
+    check_query(request, ())
+    body = request.json() if request.body else {}
+    if not isinstance(body, dict) or set(body) - {"partitions"}:
+        raise HttpError(422, 'the body must be {"partitions": N} or empty')
+    partitions = body.get("partitions", 1)
+    if type(partitions) is not int:
+        raise HttpError(422, "partitions must be a whole number")
+    try:
+        answer = await http.broker.create_topic(principal(request), params["topic"], {"partitions": str(partitions)})
+    except Refused as refusal:
+        raise refused(refusal) from None
+    return json_response(answer, status=201 if answer["created"] else 200)
+
+
 async def delete_topic(http: HttpServer, request: Request, params: Mapping[str, str]) -> Response:
     """The topic, its messages and files (admin, or a ``manage`` permission)."""
     check_query(request, ())

@@ -50,14 +50,15 @@ class HttpError(Exception):
         *,
         code: str | None = None,
         headers: Mapping[str, str] | None = None,
-        details: Mapping[str, str] | None = None,
+        details: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code or ERROR_CODES.get(status, "error")
         self.headers = dict(headers or {})
-        #: More of the answer, as data (421 not_owner: where to go).
+        #: More of the answer, as data (421 not_owner: where to go; 409
+        #: partitioned: how many partitions).
         self.details = dict(details or {})
 
     def response(self) -> Response:

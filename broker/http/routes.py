@@ -65,6 +65,7 @@ def build_routes(http: HttpServer) -> list[Route]:
             GET=bind(api.topic_detail),
             DELETE=bind(api.delete_topic),
             PATCH=bind(api.set_topic),
+            PUT=bind(api.create_topic),
         ),
         _route(
             "/v1/topics/{topic}/messages",

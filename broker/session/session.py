@@ -686,6 +686,8 @@ class Session:
                 document = await self.broker.purge_topic(self.principal, req.topic, req.keep_from)
             elif req.action is TopicsAction.SET:
                 document = await self.broker.set_topic(self.principal, req.topic, req.settings)
+            elif req.action is TopicsAction.CREATE:
+                document = await self.broker.create_topic(self.principal, req.topic, req.settings)
             else:
                 raise Refused(ErrorCode.BAD_REQUEST, f"unknown TOPICS action {int(req.action)}")
         except Refused as refused:

@@ -95,6 +95,16 @@ class LogStore(Protocol):
     def topic_names(self) -> list[str]:
         """Topics that already exist (recovered on start)."""
 
+    def partition_count(self, name: str) -> int:
+        """How many partitions topic ``name`` was created with (TOPICS
+        create), when more than one; else 0 (a plain topic, or none)."""
+
+    async def create_topic(self, name: str, partitions: int) -> bool:
+        """TOPICS create: make ``name`` with ``partitions`` partitions (its
+        partitions' logs are then opened with :meth:`topic`), saved for
+        restarts; False when it exists so already. ValueError when it
+        exists otherwise (partitions.check_partitions)."""
+
     def delete_topic(self, name: str) -> TopicLog | None:
         """Take a topic out of the store at once (a later ``topic(name)``
         starts a new, empty log); None if there is none. Its files go with

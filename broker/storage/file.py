@@ -31,7 +31,7 @@ from urllib.parse import quote, unquote
 import attrs
 import trio
 
-from pybroker.protocol import Durability, topic_error
+from pybroker.protocol import Durability, partition_of, partition_topic, topic_error
 
 from ..logs import get_logger
 from ..stats import Histogram
@@ -39,6 +39,7 @@ from .base import StoredBatch, SyncResult, TopicLog
 from .errors import DataLoss, LossReason, StorageError
 from .fileops import REAL, FileOps, fsync_dir, replace_durably
 from .lock import DataDirLock
+from .partitions import PartitionCounts, check_partitions
 from .recovery import Finding, Hole, TopicRecovery
 from .segment import Damage, Segment, SyncMark
 from .settings import SettingsResolver, TopicSettings, parse_runtime_settings
@@ -328,6 +329,7 @@ class FileStore:
             # What a deletion interrupted by a crash left behind.
             shutil.rmtree(self.trash_dir, ignore_errors=True)
             self._changed = read_changed_settings(self.data_dir / SETTINGS_FILE)
+            self._partitions = PartitionCounts()
             self._recover()
         except BaseException:
             self._lock.release()
@@ -347,6 +349,10 @@ class FileStore:
                 continue
             log, findings = FileTopicLog.recover(self, name, directory, self.settings_of(name))
             self._topics[name] = log
+            self._partitions.opened(name)
+            named = partition_of(name)
+            if named is not None:
+                self._partitions.set(named[0], read_partitions(directory))
             for found in findings:
                 self.findings.append(found)
                 self.logger.warning(
@@ -399,10 +405,35 @@ class FileStore:
                 self.failed(exc)
                 raise
             self._topics[name] = log
+            self._partitions.opened(name)
         return log
 
     def topic_names(self) -> list[str]:
         return list(self._topics)
+
+    def partition_count(self, name: str) -> int:
+        return self._partitions.count(name)
+
+    async def create_topic(self, name: str, partitions: int) -> bool:
+        """TOPICS create: a partitioned topic's partitions are made at once,
+        each directory holding the count (PARTITIONS, durably), so that any
+        of them tells a restart what the topic is."""
+        have = self._partitions.count(name) or (1 if name in self._topics else 0)
+        if not check_partitions(name, partitions, have):
+            return False
+        if partitions == 1:
+            self.topic(name)
+            return True
+        for p in range(partitions):
+            log = self.topic(partition_topic(name, p))
+            try:
+                write_partitions(log.directory, partitions, self.ops)
+            except OSError as exc:
+                error = StorageError.from_os(exc, "saving the partition count", log.name)
+                self.failed(error)
+                raise error from exc
+        self._partitions.set(name, partitions)
+        return True
 
     def settings_of(self, name: str) -> TopicSettings:
         """A topic's settings: from the command line (``--topic``, the
@@ -451,6 +482,7 @@ class FileStore:
             self.failed(error)
             raise error from exc
         del self._topics[name]
+        self._partitions.removed(name)
         log.directory = trash
         if name in self._changed:
             # A topic of the name later starts from the command line's settings.
@@ -755,6 +787,23 @@ def read_changed_settings(path: Path) -> dict[str, dict[str, Any]]:
 
 def write_changed_settings(path: Path, changed: Mapping[str, Mapping[str, Any]], ops: FileOps) -> None:
     replace_durably(path, json.dumps(changed, indent=1, sort_keys=True).encode("utf-8"), ops)
+
+
+#: A partition's topic's partition count, in the partition's directory.
+PARTITIONS_FILE = "PARTITIONS"
+
+
+def read_partitions(directory: Path) -> int:
+    """The partition count a partition's directory holds (0 if none: one
+    made by a publish after a crash cut its topic's creation short)."""
+    try:
+        return int((directory / PARTITIONS_FILE).read_text("ascii").strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def write_partitions(directory: Path, partitions: int, ops: FileOps) -> None:
+    replace_durably(directory / PARTITIONS_FILE, f"{partitions}\n".encode("ascii"), ops)
 
 
 #: A purged topic's first offset (protocol.md, "TOPICS"), in its directory.

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pybroker.protocol import Durability
 
 from .base import StoredBatch, SyncResult, TopicLog
+from .partitions import PartitionCounts, check_partitions
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
@@ -129,6 +130,7 @@ class MemoryStore:
     def __init__(self, max_bytes_per_topic: int = DEFAULT_MAX_BYTES) -> None:
         self.max_bytes_per_topic = max_bytes_per_topic
         self._topics: dict[str, MemoryTopicLog] = {}
+        self._partitions = PartitionCounts()
 
     @property
     def durability(self) -> Durability:
@@ -142,13 +144,28 @@ class MemoryStore:
         log = self._topics.get(name)
         if log is None:
             log = self._topics[name] = MemoryTopicLog(name, self.max_bytes_per_topic)
+            self._partitions.opened(name)
         return log
 
     def topic_names(self) -> list[str]:
         return list(self._topics)
 
+    def partition_count(self, name: str) -> int:
+        return self._partitions.count(name)
+
+    async def create_topic(self, name: str, partitions: int) -> bool:
+        have = self._partitions.count(name) or (1 if name in self._topics else 0)
+        if not check_partitions(name, partitions, have):
+            return False
+        if partitions > 1:
+            self._partitions.set(name, partitions)
+        return True
+
     def delete_topic(self, name: str) -> MemoryTopicLog | None:
-        return self._topics.pop(name, None)
+        log = self._topics.pop(name, None)
+        if log is not None:
+            self._partitions.removed(name)
+        return log
 
     async def set_topic(self, name: str, changes: Mapping[str, str]) -> None:
         if name not in self._topics:

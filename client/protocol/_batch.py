@@ -50,6 +50,9 @@ def encode_record(payload: bytes, headers: Headers | None = None) -> bytes:
     return RECORD_HEADER.pack(len(payload), len(block)) + block + payload
 
 
+#: The header that names a message's key: a partitioned topic's partition
+#: (protocol.md, "Partitioned topics"), a key-ordered group's order.
+KEY_HEADER = "key"
 #: The header that names a batch for exactly-once publishing (flag DEDUP).
 MSG_ID_HEADER = "msg-id"
 #: The longest msg-id a server accepts, in bytes.

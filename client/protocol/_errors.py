@@ -40,6 +40,7 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_TOPIC = 216
     TOPIC_DELETED = 217
     NOT_OWNER = 218
+    PARTITIONED = 219
     INTERNAL_ERROR = 500
     SHUTTING_DOWN = 503
 

@@ -233,6 +233,7 @@ class TopicsAction(enum.IntEnum):
     DELETE = 0
     PURGE = 1
     SET = 2
+    CREATE = 3
 
 
 @attrs.frozen
@@ -244,7 +245,8 @@ class Topics:
     topic: str
     #: PURGE: the first offset to keep; at or past the topic's end, all of it.
     keep_from: int = 0
-    #: SET only (on the wire for action 2 alone): the settings to change.
+    #: SET and CREATE only (on the wire for actions 2 and 3 alone): the
+    #: settings to change, or the new topic's (``partitions``).
     settings: Mapping[str, str] = attrs.field(factory=dict)
 
 

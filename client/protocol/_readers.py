@@ -287,7 +287,7 @@ def _d_topics(b: _Body) -> Topics:
         kind = TopicsAction(action)
     except ValueError:
         kind = action
-    if kind is TopicsAction.SET:
+    if kind is TopicsAction.SET or kind is TopicsAction.CREATE:
         return Topics(request_id, kind, topic, keep_from, b.str_map())
     return Topics(request_id, kind, topic, keep_from)  # type: ignore[arg-type]
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 DEFAULT_MAX_TOPIC_BYTES = 255
 DEFAULT_MAX_TOPIC_DEPTH = 16
+#: Partitions a topic may be created with (protocol.md, "Partitioned topics").
+MAX_PARTITIONS = 4096
+#: Partition ``p`` of topic ``orders`` is the topic ``orders~p``.
+PARTITION_MARK = "~"
 
 _FORBIDDEN = frozenset(".*>") | frozenset(chr(c) for c in range(0x20)) | {"\x7f"}
 
@@ -78,12 +82,46 @@ def is_wildcard(pattern: str) -> bool:
     return any(t in ("*", ">") for t in pattern.split("."))
 
 
+def partition_of(topic: str) -> tuple[str, int] | None:
+    """``(base, p)`` when ``topic`` names partition ``p`` of topic ``base``
+    (``orders~3``: its last token ends in ``~`` and a partition number,
+    decimal without leading zeros, below MAX_PARTITIONS); else None."""
+    mark = topic.rfind(PARTITION_MARK)
+    if mark <= 0:
+        return None
+    digits = topic[mark + 1 :]
+    if not digits.isdigit() or not digits.isascii() or (len(digits) > 1 and digits[0] == "0"):
+        return None
+    p = int(digits)
+    if p >= MAX_PARTITIONS or topic[mark - 1] == ".":
+        return None
+    return topic[:mark], p
+
+
+def partition_topic(base: str, partition: int) -> str:
+    """The name of partition ``partition`` of topic ``base``."""
+    return f"{base}{PARTITION_MARK}{partition}"
+
+
 def matches(pattern: str, topic: str) -> bool:
     """Whether a valid ``pattern`` matches a valid ``topic``."""
     return tokens_match(pattern.split("."), topic.split("."))
 
 
 def tokens_match(pattern: list[str], topic: list[str]) -> bool:
+    """Whether ``pattern``'s tokens match ``topic``'s; a partition of a
+    topic (``orders~3``) is matched by what matches the topic (``orders``)
+    as well as by what matches its own name."""
+    if _tokens_match(pattern, topic):
+        return True
+    last = topic[-1]
+    if PARTITION_MARK not in last:
+        return False
+    named = partition_of(last)
+    return named is not None and _tokens_match(pattern, [*topic[:-1], named[0]])
+
+
+def _tokens_match(pattern: list[str], topic: list[str]) -> bool:
     n = len(pattern)
     for i, token in enumerate(pattern):
         if token == ">":

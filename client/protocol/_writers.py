@@ -249,7 +249,7 @@ def encode_event(event: Event) -> bytes:
         body = U64.pack(event.request_id) + U32.pack(len(doc)) + doc
     elif isinstance(event, Topics):
         body = TOPICS_FIXED.pack(event.request_id, event.action, event.keep_from) + _s16(event.topic)
-        if event.action == TopicsAction.SET:
+        if event.action == TopicsAction.SET or event.action == TopicsAction.CREATE:
             body += _str_map(event.settings)
     elif isinstance(event, Info):
         body = U64.pack(event.request_id) + _s16(event.pattern)

@@ -1,0 +1,137 @@
+"""Partitioned topics in cluster mode (docs/cluster.md §2, protocol.md
+"Partitioned topics"), against a real etcd and a real SeaweedFS on
+loopback: TOPICS create writes the topic's record with its count; the
+ownership manager gives each partition its own owner, spread over the
+nodes; a partition's publishes go to its owner (NOT_OWNER elsewhere, naming
+it), each partition's offsets are dense and committed under its own keys;
+subscribers on every node read every partition."""
+
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import pybroker
+import trio
+
+from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
+    WAIT,
+    addr_of,
+    cluster_node,
+    hello,
+    servers,
+    store_of,
+    urls,
+    wait_for,
+)
+from helpers.raw import raw_client
+from pybroker.protocol import Error, ErrorCode, Publish, decode_batch, encode_batch, partition_topic
+from pybroker.server.cluster.partition import PartitionReader
+from pybroker.server.server import Server
+
+pytest.importorskip("httpx", reason="cluster mode needs the cluster extra (httpx)")
+
+PARTITIONS = 8
+
+
+def partition_owners(nodes: list[Server], topic: str, partitions: int) -> list[str] | None:
+    """Each partition's owner (``host:port``) once ownership has settled:
+    one node holds it and takes appends, and every node names that one."""
+    owners = []
+    for p in range(partitions):
+        holders = []
+        for node in nodes:
+            manager = store_of(node).manager
+            if manager is None:
+                return None
+            owner = manager.local(topic, p)
+            if owner is not None and owner.accepting:
+                holders.append(node)
+        if len(holders) != 1:
+            return None
+        for node in nodes:
+            info = store_of(node).manager.owner_of(topic, p)  # type: ignore[union-attr]
+            if info is None or info.addr != addr_of(holders[0]):
+                return None
+        owners.append(addr_of(holders[0]))
+    return owners
+
+
+async def settled_partitions(nodes: list[Server], topic: str, partitions: int) -> list[str]:
+    await wait_for(lambda: partition_owners(nodes, topic, partitions) is not None)
+    owners = partition_owners(nodes, topic, partitions)
+    assert owners is not None
+    return owners
+
+
+async def test_partitions_are_owned_across_the_nodes_and_read_on_each(urls: dict[str, str], tmp_path: Path) -> None:
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        nodes = [a, b]
+        async with pybroker.connect(a.url) as admin:
+            assert await admin.create_topic("orders", partitions=PARTITIONS) == {
+                "topic": "orders",
+                "partitions": PARTITIONS,
+                "created": True,
+            }
+        # Another node sees the same record: the same count again is no
+        # change, another count is refused.
+        async with pybroker.connect(b.url) as admin:
+            assert (await admin.create_topic("orders", partitions=PARTITIONS))["created"] is False
+            with pytest.raises(pybroker.BrokerError) as other_count:
+                await admin.create_topic("orders", partitions=2)
+            assert other_count.value.code == ErrorCode.BAD_REQUEST
+        owners = await settled_partitions(nodes, "orders", PARTITIONS)
+        # Rendezvous hashing over 8 partitions leaves a node none with
+        # probability 2/256; these node names give each some.
+        assert set(owners) == {addr_of(a), addr_of(b)}, owners
+
+        # The topic itself is refused on every node with its count; a
+        # partition on a node that does not own it, naming its owner.
+        for node in nodes:
+            async with raw_client(node) as raw:
+                await hello(raw, "raw")
+                await raw.send_event(Publish(1, "orders", encode_batch([b"x"])))
+                refused = await raw.next_event()
+                assert isinstance(refused, Error) and refused.code == ErrorCode.PARTITIONED, refused
+                assert refused.fields["partitions"] == str(PARTITIONS)
+                elsewhere = next(p for p, owner in enumerate(owners) if owner != addr_of(node))
+                await raw.send_event(Publish(2, partition_topic("orders", elsewhere), encode_batch([b"x"])))
+                redirected = await raw.next_event()
+                assert isinstance(redirected, Error) and redirected.code == ErrorCode.NOT_OWNER, redirected
+                assert redirected.fields["owner"] == owners[elsewhere]
+
+        both = f"pybroker://{addr_of(a)},{addr_of(b)}"
+        keys = [f"customer-{i % 16}" for i in range(120)]
+        async with pybroker.connect(a.url) as on_a, pybroker.connect(b.url) as on_b:
+            subs = [await on_a.subscribe("orders", start="earliest"), await on_b.subscribe("orders", start="earliest")]
+            # A publisher that knows nothing: refused with the count, then
+            # each message to its key's partition, at that partition's owner.
+            async with pybroker.connect(both, name="publisher", reconnect=True) as pub:
+                acks = [await pub.publish("orders", b"%d" % i, {"key": key}) for i, key in enumerate(keys)]
+            per_partition: dict[str, list[int]] = defaultdict(list)
+            for key, ack in zip(keys, acks):
+                assert ack.topic == partition_topic("orders", zlib.crc32(key.encode()) % PARTITIONS)
+                per_partition[ack.topic].append(ack.offset)
+            for offsets in per_partition.values():
+                assert offsets == list(range(len(offsets)))
+            # Every node's subscriber gets each message once, each key's in order.
+            for sub in subs:
+                got: dict[str, list[int]] = defaultdict(list)
+                with trio.fail_after(WAIT):
+                    async for m in sub:
+                        got[m.headers["key"]].append(int(m.payload))
+                        if sum(map(len, got.values())) == len(keys):
+                            break
+                for key in set(keys):
+                    assert got[key] == [i for i, k in enumerate(keys) if k == key]
+
+        # Each partition is committed under its own keys, read back from
+        # etcd and the object store.
+        store = store_of(a)
+        for name, offsets in per_partition.items():
+            p = int(name.rpartition("~")[2])
+            reader = PartitionReader(store.etcd, store.objects, "orders", p, keys=store.settings.keys)
+            stored = [int(payload) for b in await reader.read(0, 1 << 20) for payload, _ in decode_batch(b.batch)]
+            assert stored == [i for i, ack in enumerate(acks) if ack.topic == name]
