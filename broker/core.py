@@ -387,6 +387,15 @@ class Broker:
             base, p = named
             count = self.store.partition_count(base)
             if p >= count:
+                if not count and self.storage_kind == "cluster":
+                    # This node's view of the cluster's topics follows etcd
+                    # and may lag a creation made through another node: ask
+                    # again shortly, as for a topic without an owner yet.
+                    return Refused(
+                        ErrorCode.NOT_OWNER,
+                        f"{name!r}: this node does not know {base!r} as a partitioned topic (yet)",
+                        {"topic": name},
+                    )
                 has = f"has {count} partitions" if count else "is not a partitioned topic (TOPICS create makes one)"
                 return Refused(ErrorCode.BAD_TOPIC, f"{name!r} names partition {p} of {base!r}, which {has}")
         return None

@@ -150,35 +150,33 @@ class PendingAck:
     @property
     def offset(self) -> int:
         """Where the message landed; -1 until acknowledged."""
-        moved = self._moved()
-        if moved is not None:
-            return moved.offset
         frame, place = self._frame()
-        return frame.base + place if frame is not None and frame.base >= 0 else -1
+        if frame is None:
+            return -1
+        if frame.moved is not None:
+            return frame.moved[place].offset
+        return frame.base + place if frame.base >= 0 else -1
 
     @property
     def timestamp_us(self) -> int:
-        moved = self._moved()
-        if moved is not None:
-            return moved.timestamp_us
-        frame, _ = self._frame()
+        frame, place = self._frame()
+        if frame is not None and frame.moved is not None:
+            return frame.moved[place].timestamp_us
         return frame.timestamp_us if frame is not None else 0
 
     @property
     def durability(self) -> Durability:
-        moved = self._moved()
-        if moved is not None:
-            return moved.durability
-        frame, _ = self._frame()
+        frame, place = self._frame()
+        if frame is not None and frame.moved is not None:
+            return frame.moved[place].durability
         return frame.durability if frame is not None else _MEMORY
 
     @property
     def error(self) -> BaseException | None:
         """Why it failed, if it did."""
-        moved = self._moved()
-        if moved is not None:
-            return moved.error
-        frame, _ = self._frame()
+        frame, place = self._frame()
+        if frame is not None and frame.moved is not None:
+            return frame.moved[place].error
         return frame.error if frame is not None else self._run.error
 
     def done(self) -> bool:

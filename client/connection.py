@@ -29,7 +29,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -38,6 +38,7 @@ import anyio.lowlevel
 from anyio.abc import ByteStream, TaskGroup
 
 from ._cancel import cancel_check
+from ._owners import Held, Owners, Peer, PeerFactory
 from ._partitions import Partitioner, unbatched
 from ._publishing import Frame, Run, Topic
 from ._publishing import PendingAck as PendingAck  # re-exported: pybroker.PendingAck
@@ -392,6 +393,9 @@ class Client:
         self._topics: dict[str, Topic] = {}
         #: Partitioned topics' counts, and where their messages go.
         self._partitioner = Partitioner()
+        #: A connection per cluster node that owns topics published to
+        #: (_owners.py); set by connect() for a client that reconnects.
+        self._owners: Owners | None = None
         self._closed: ConnectionClosed | None = None
         self._goodbye_received = anyio.Event()
         self._reader_done = anyio.Event()
@@ -498,6 +502,12 @@ class Client:
             frame.fail(error)
         self._inflight.clear()
         self._inflight_frames.clear()
+        if self._owners is not None:
+            for held in self._owners.held.values():
+                for frame, _ in held.frames:
+                    frame.fail(error)
+            self._owners.held.clear()
+            self._owners.closing.set()
         self._pending_count = self._unsent_count = 0
         for waiters in (self._waiters, self._info_waiters, self._replies):
             for waiter in waiters.values():
@@ -555,6 +565,8 @@ class Client:
             if graceful and self._closed is None:
                 with anyio.move_on_after(timeout):
                     await self.flush()
+                    if self._owners is not None:
+                        await self._owners.close()
                     if self._closed is None and self._connected.is_set():
                         if self._settlements:
                             self._out.extend(self._take_settlements())
@@ -615,8 +627,10 @@ class Client:
             raise self._closed
         known = self._topics.get(topic)
         if known is None:
-            known = self._topic(topic, headers)
-            topic = known.name  # a partitioned topic's partition
+            topic, peer = self._destination(topic, headers)
+            if peer is not None:
+                return peer.publish_nowait(topic, payload, headers)
+            known = self._topic(topic)
         count = self._pending_count
         if count >= self._max_pending:
             raise anyio.WouldBlock
@@ -642,6 +656,18 @@ class Client:
             self._wake_set = True
             self._wake.set()
         return pending
+
+    def _destination(self, topic: str, headers: Mapping[str, str] | None) -> tuple[str, Client | None]:
+        """Where a message to ``topic`` goes: its partition for a
+        partitioned topic, and the peer that publishes that topic, if one
+        does (None: this connection)."""
+        name = self._partitioner.route(topic, headers) or topic
+        owners = self._owners
+        peer = owners.routes.get(name) if owners is not None else None
+        if peer is not None and peer.closed:  # it gave up: this connection, and NOT_OWNER again
+            del owners.routes[name]  # type: ignore[union-attr]
+            peer = None
+        return name, peer
 
     def _too_large(self, topic: str, record: bytes, payload_len: int) -> None:
         """A message must fit one PUBLISH frame under the broker's
@@ -678,8 +704,10 @@ class Client:
             raise self._closed
         known = self._topics.get(topic)
         if known is None:
-            known = self._topic(topic, headers)
-            topic = known.name  # a partitioned topic's partition
+            topic, peer = self._destination(topic, headers)
+            if peer is not None:
+                return await peer.send(topic, payload, headers)
+            known = self._topic(topic)
         count = self._pending_count
         if type(payload) is not bytes:
             payload = _payload_bytes(payload)
@@ -734,8 +762,10 @@ class Client:
             return await pending.wait()
         due_ms = _due_ms(delay, deliver_at)
         self._check_open()
-        known = self._topic(topic, headers)
-        topic, limit = known.name, known.limit
+        topic, peer = self._destination(topic, headers)
+        if peer is not None:
+            return await peer.publish(topic, payload, headers, delay=delay, deliver_at=deliver_at)
+        limit = self._topic(topic).limit
         if not self._delay_supported:
             raise RuntimeError("this broker does not support delayed delivery (no max_delay_ms in its WELCOME)")
         delayed_headers = dict(headers or {})
@@ -887,6 +917,8 @@ class Client:
         with anyio.move_on_after(math.inf if timeout is None else timeout) as scope:
             while self._pending_count and self._closed is None:
                 await self._drained.wait()
+            if self._owners is not None:
+                await self._owners.flush()
             await anyio.lowlevel.checkpoint()
         if scope.cancelled_caught:
             raise Timeout(
@@ -909,7 +941,10 @@ class Client:
         the broker's limits; the rest waits for the next acknowledgement."""
         frames: list[bytes] = []
         max_messages = self._max_batch_messages
+        held = self._owners.held if self._owners is not None else None
         for topic in list(self._unsent):
+            if held and topic in held:
+                continue  # waiting to go to its owner's peer (_owners.py)
             known = self._unsent[topic]
             known.seal()
             max_body = max_publish_records(self._max_frame_bytes, topic, self._dedup)
@@ -1154,8 +1189,8 @@ class Client:
         return waiter.result
 
     async def _ask_owner(self, make: Callable[[int], Info | Groups | Topics]) -> Any:
-        """``_ask``, following NOT_OWNER as a PUBLISH does (a cluster: a
-        group is made at its topic's owner): the connection moves to the
+        """``_ask``, following NOT_OWNER (a cluster: a group is made at its
+        topic's owner, where its members subscribe): the connection moves to the
         owner named, or back to this node after the reconnect delay while
         the topic has no owner yet, and the request is asked again there."""
         for _ in range(MAX_ASK_REDIRECTS):
@@ -1574,6 +1609,8 @@ class Client:
         self._redirects = 0
         frame.resolve(ack.base_offset, ack.timestamp, ack.durability)  # every message of it at once
         self._settled(frame.count)
+        if self._owners is not None and self._owners.held:
+            self._hand_over(frame.run.topic)
 
     def _settled(self, count: int) -> None:
         self._pending_count -= count
@@ -1585,7 +1622,9 @@ class Client:
     def _follow_owner(self, err: Error, error: BrokerError) -> bool:
         """A cluster node does not own the topic of an unanswered PUBLISH, or
         of a consumer group's subscription (refused, or ended because the
-        node stopped owning the topic): move this connection to the owner it
+        node stopped owning the topic). A PUBLISH naming an owner goes to
+        that owner's peer, with its topic (_hold, _owners.py). Otherwise
+        move this connection to the owner it
         names (to the same node again, after the reconnect delay, while the
         topic has no owner), where the PUBLISH is sent again, with its
         msg-id, like every other one in flight, and every subscription is
@@ -1595,7 +1634,16 @@ class Client:
         known = self._inflight if err.ref_kind is RefKind.REQUEST else self._subs
         if err.ref not in known:
             return False
-        return self._move_to_owner(err.fields.get("owner", ""), error)
+        owner = err.fields.get("owner", "")
+        if (
+            err.ref_kind is RefKind.REQUEST
+            and self._owners is not None
+            and owner
+            and owner != self._address
+            and self._hold(err.ref, owner)
+        ):
+            return True
+        return self._move_to_owner(owner, error)
 
     def _move_to_owner(self, owner: str, error: BrokerError) -> bool:
         """Move this connection to ``owner`` (a NOT_OWNER answer's; "": to
@@ -1652,20 +1700,32 @@ class Client:
                 frame.move([self._publish_again(topic, record) for record in split_records(sent.batch)])
             self._settled(frame.count)
         if known is not None:
-            known.seal()
-            for run in known.sealed:
-                records, run.records = run.records, []
-                self._unsent_count -= len(records)
-                run.frame(len(records)).move([self._publish_again(topic, record) for record in records])
-                self._settled(len(records))
+            self._move_unsent(known, self)
         _log.info("topic %s has %s partitions: publishing to them", topic, count_text)
         return True
 
+    def _move_unsent(self, known: Topic, target: Client) -> None:
+        """Publish the messages queued to ``known`` and not yet sent again
+        through ``target`` (routed again: to its partition, its peer)."""
+        known.seal()
+        for run in known.sealed:
+            records, run.records = run.records, []
+            if not records:
+                continue
+            self._unsent_count -= len(records)
+            run.frame(len(records)).move([target._publish_again(known.name, record) for record in records])
+            self._settled(len(records))
+        known.sealed.clear()
+
     def _publish_again(self, topic: str, record: bytes) -> PendingAck:
-        """Queue a message taken out of a refused PUBLISH to partitioned
-        ``topic`` for its partition; room was taken when it was first sent."""
+        """Queue a message taken out of a refused PUBLISH (or out of a
+        queue moving to a peer) for where it goes now: its partition, its
+        owner's peer. Room was taken when it was first queued."""
         record, headers = unbatched(record)
-        known = self._topic(topic, headers)
+        name, peer = self._destination(topic, headers)
+        if peer is not None and peer is not self:
+            return peer._publish_again(name, record)
+        known = self._topic(name)
         records = known.run.records
         pending = PendingAck(known.name, known.run, len(records))
         if not records:
@@ -1675,6 +1735,80 @@ class Client:
         self._pending_count += 1
         self._wake.set()
         return pending
+
+    def _hold(self, request_id: int, owner: str) -> bool:
+        """A PUBLISH refused with NOT_OWNER naming ``owner``: keep it (and
+        send nothing more to its topic here) for the owner's peer, which
+        gets everything of the topic once no answer is owed here
+        (_owners.py). False when that is not for it: a request or a delayed
+        publish (the connection moves to the owner, as without peers: a
+        request's reply comes to this connection's inbox), an owner that
+        is no ``host:port``, or no peer to be had (too many)."""
+        owners = self._owners
+        assert owners is not None
+        frame = self._inflight[request_id]
+        topic = frame.run.topic
+        sent = decode_frame(self._inflight_frames[request_id])
+        if not isinstance(sent, Publish) or sent.needs_receiver or sent.delayed:
+            return False
+        host, sep, number = owner.rpartition(":")
+        if not sep or not host or not number.isdigit() or not 0 < int(number) < 65536:
+            return False
+        if owners.peer(self, owner) is None:
+            return False
+        held = owners.held.get(topic)
+        if held is None:
+            held = owners.held[topic] = Held(owner)
+        held.owner = owner
+        del self._inflight[request_id]
+        held.frames.append((frame, self._inflight_frames.pop(request_id)))
+        self._hand_over(topic)
+        return True
+
+    def _hand_over(self, topic: str) -> None:
+        """Give a held topic to its owner's peer, if the peer is open and
+        every PUBLISH to the topic sent here has been answered."""
+        owners = self._owners
+        if owners is None or topic not in owners.held:
+            return
+        held = owners.held[topic]
+        peer = owners.peers.get(held.owner)
+        if peer is None or peer.client is None or peer.client.closed:
+            return
+        if any(frame.run.topic == topic for frame in self._inflight.values()):
+            return  # its answer first: answers come in PUBLISH order
+        target = peer.client
+        del owners.held[topic]
+        owners.route(topic, target)
+        for frame, data in held.frames:
+            sent = decode_frame(data)
+            assert isinstance(sent, Publish), sent  # plain ones only (_hold)
+            frame.move([target._publish_again(topic, record) for record in split_records(sent.batch)])
+            self._settled(frame.count)
+        known = self._topics.pop(topic, None)
+        self._unsent.pop(topic, None)
+        if known is not None:
+            self._move_unsent(known, target)
+        _log.info("publishing %s through %s, its owner", topic, held.owner)
+
+    def _peer_failed(self, peer: Peer) -> None:
+        """A peer could not be opened (no node of the URL answered): what
+        waited for it fails with why."""
+        owners = self._owners
+        assert owners is not None
+        error = ConnectionClosed(f"cannot reach {peer.address}, the owner named by NOT_OWNER: {peer.error}")
+        for topic in [t for t, h in owners.held.items() if h.owner == peer.address]:
+            held = owners.held.pop(topic)
+            for frame, _ in held.frames:
+                frame.fail(error)
+                self._settled(frame.count)
+            known = self._topics.pop(topic, None)
+            if known is not None:
+                queued = sum(len(run.records) for run in (*known.sealed, known.run))
+                known.fail(error)
+                self._unsent.pop(topic, None)
+                self._unsent_count -= queued
+                self._settled(queued)
 
     def _on_error(self, err: Error) -> None:
         error = broker_error(err.code, err.message, err.fields)
@@ -1695,6 +1829,8 @@ class Client:
                 self._inflight_frames.pop(err.ref, None)
                 frame.fail(error)
                 self._settled(frame.count)
+                if self._owners is not None and self._owners.held:
+                    self._hand_over(frame.run.topic)
                 return
             waiter = self._info_waiters.pop(err.ref, None)
             if waiter is not None:
@@ -1921,6 +2057,12 @@ async def connect(
     answer within S more: a broker that vanished without closing the
     connection is noticed in at most 2 S.
 
+    In a cluster (with reconnecting on), a publish a node refuses with
+    NOT_OWNER goes to the owner it names over one more connection, kept
+    per owner for the topics it owns, while subscriptions stay where they
+    are: a publisher to partitions that several nodes own publishes to
+    each directly, in order per topic.
+
     Publishing is exactly-once across reconnects (``idempotent=True``, the
     default, with a broker that announces it): every batch carries a
     ``msg-id`` header on its first message, unique to this client, and a
@@ -2009,6 +2151,35 @@ async def connect(
                 advance()
                 client._stream = await opener()
                 client._conn = Connection(Role.CLIENT)
+            if policy is not None:
+
+                def peer_factory(address: str) -> AbstractAsyncContextManager[Client]:
+                    """A connection to ``address`` (an owner NOT_OWNER named), then
+                    the URL's brokers; for publishing, with this one's settings
+                    and credentials (the URL's user info, as it was written)."""
+                    where, _, number = address.rpartition(":")
+                    owner = (where.strip("[]"), int(number))
+                    listed = [owner, *(a for a in addresses if a != owner)]
+                    scheme = "pybrokers" if url_tls else "pybroker"
+                    userinfo, at, _ = urlsplit(url).netloc.rpartition("@")
+                    return connect(
+                        f"{scheme}://{userinfo}{at}" + ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in listed),
+                        name=name,
+                        linger=linger,
+                        max_pending=max_pending,
+                        max_inflight_batches=max_inflight_batches,
+                        connect_timeout=connect_timeout,
+                        close_timeout=close_timeout,
+                        reconnect=policy,
+                        tls=ssl_context,
+                        keepalive=keepalive,
+                        idempotent=idempotent,
+                        token=token,
+                        user=user,
+                        password=password,
+                    )
+
+                client._owners = Owners(peer_factory)
             task_group.start_soon(client._run, name="pybroker connection")
             try:
                 yield client

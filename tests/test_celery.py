@@ -346,9 +346,17 @@ def test_a_failover_url_gives_the_client_every_broker(tmp_path: Path) -> None:
             message.ack()
         with broker_thread(data_dir=data, port=second):
             queue.put({"n": 2})  # the client moved to the second broker by itself
-            message = queue.get(timeout=30)
-            assert message.payload == {"n": 2}
-            message.ack()
+            # The ack of n=1 is sent, not awaited: when the first broker
+            # stopped before it arrived, n=1 comes again (at-least-once;
+            # seen in about one run in fifteen), then n=2.
+            seen = []
+            for _ in range(2):
+                message = queue.get(timeout=30)
+                seen.append(message.payload["n"])
+                message.ack()
+                if seen[-1] == 2:
+                    break
+            assert seen in ([2], [1, 2]), seen
             queue.close()
     finally:
         conn.release()

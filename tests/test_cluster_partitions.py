@@ -60,6 +60,11 @@ def partition_owners(nodes: list[Server], topic: str, partitions: int) -> list[s
 
 
 async def settled_partitions(nodes: list[Server], topic: str, partitions: int) -> list[str]:
+    """Each partition's owner, once ownership has settled and every node
+    knows the topic's count (its view of the topics follows etcd's watch
+    and may lag the owner keys': until then a node answers a partition's
+    publish with NOT_OWNER and no owner, "ask again shortly")."""
+    await wait_for(lambda: all(store_of(n).partition_count(topic) == partitions for n in nodes))
     await wait_for(lambda: partition_owners(nodes, topic, partitions) is not None)
     owners = partition_owners(nodes, topic, partitions)
     assert owners is not None
@@ -107,9 +112,14 @@ async def test_partitions_are_owned_across_the_nodes_and_read_on_each(urls: dict
         async with pybroker.connect(a.url) as on_a, pybroker.connect(b.url) as on_b:
             subs = [await on_a.subscribe("orders", start="earliest"), await on_b.subscribe("orders", start="earliest")]
             # A publisher that knows nothing: refused with the count, then
-            # each message to its key's partition, at that partition's owner.
+            # each message to its key's partition, at that partition's
+            # owner: through its own connection (to a) for a's partitions,
+            # through one more, to b, for b's, without moving (before
+            # connections per owner, 45 moves for these 120 publishes).
             async with pybroker.connect(both, name="publisher", reconnect=True) as pub:
                 acks = [await pub.publish("orders", b"%d" % i, {"key": key}) for i, key in enumerate(keys)]
+                assert pub.reconnects == 0
+                assert pub._owners is not None and list(pub._owners.peers) == [addr_of(b)]
             per_partition: dict[str, list[int]] = defaultdict(list)
             for key, ack in zip(keys, acks):
                 assert ack.topic == partition_topic("orders", zlib.crc32(key.encode()) % PARTITIONS)
@@ -135,3 +145,35 @@ async def test_partitions_are_owned_across_the_nodes_and_read_on_each(urls: dict
             reader = PartitionReader(store.etcd, store.objects, "orders", p, keys=store.settings.keys)
             stored = [int(payload) for b in await reader.read(0, 1 << 20) for payload, _ in decode_batch(b.batch)]
             assert stored == [i for i, ack in enumerate(acks) if ack.topic == name]
+
+
+async def test_pipelined_publishes_refused_by_a_node_reach_the_owner_in_order(
+    urls: dict[str, str], tmp_path: Path
+) -> None:
+    """Thousands of sends in flight to a node that does not own the topic:
+    the client stops sending that topic there at the first NOT_OWNER,
+    waits for the answers it is owed, and hands everything not yet
+    acknowledged to the owner's connection in the order it was queued; its
+    subscription stays on the first node."""
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        nodes = [a, b]
+        async with pybroker.connect(a.url) as admin:
+            await admin.create_topic("lines", partitions=2)
+        owners = await settled_partitions(nodes, "lines", 2)
+        # A client on the node that does not own partition 0.
+        other = b if owners[0] == addr_of(a) else a
+        async with pybroker.connect(other.url, name="pipelined", reconnect=True) as client:
+            sub = await client.subscribe(partition_topic("lines", 0), start="earliest")
+            pendings = [await client.send(partition_topic("lines", 0), b"%d" % i) for i in range(3000)]
+            acks = [await p.wait() for p in pendings]
+            assert [ack.offset for ack in acks] == list(range(3000))
+            assert client.reconnects == 0 and client.connected
+            got = []
+            with trio.fail_after(WAIT):
+                async for m in sub:
+                    got.append(int(m.payload))
+                    if len(got) == 3000:
+                        break
+            assert got == list(range(3000))
+            # Later publishes go straight to the owner's connection.
+            assert (await client.publish(partition_topic("lines", 0), b"later")).offset == 3000

@@ -193,3 +193,28 @@ async def test_http_and_cli(tmp_path: Path) -> None:
         assert result.returncode == 0 and all(b"cli~%d" % p in result.stdout for p in range(3)), result.stdout
         result = await run(["pub", "--url", server.url, "cli", "hello"])
         assert result.returncode == 0, result.stderr
+
+
+async def test_dead_letters_to_a_partitioned_topic_go_to_its_first_partition(tmp_path: Path) -> None:
+    """One place for them, so that a restart finds what it dead-lettered
+    where it looks; never a log of the partitioned topic's own name."""
+    async with running_broker(data_dir=tmp_path) as server:
+        async with pybroker.connect(server.url) as c:
+            await c.create_topic("dead", partitions=3)
+            await c.publish("jobs", b"poison")
+            async with c.subscribe("dead", start="earliest") as letters:
+                async with c.subscribe(
+                    "jobs", group="workers", start="earliest", auto_ack=False, max_deliver=2, dead_letter="dead"
+                ) as sub:
+                    deliveries = 0
+                    with trio.fail_after(TIMEOUT):
+                        async for message in sub:
+                            deliveries += 1
+                            await message.nak(0)
+                            if deliveries == 2:
+                                break
+                    with trio.fail_after(TIMEOUT):
+                        async for letter in letters:
+                            break
+            assert (letter.topic, letter.partition, letter.payload) == ("dead~0", 0, b"poison")
+            assert sorted(t.topic for t in await c.topics("dead")) == ["dead~0", "dead~1", "dead~2"]

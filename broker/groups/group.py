@@ -665,7 +665,7 @@ class Group:
         batch = self._dead_letter_batch(gt, offset, p, record, {MSG_ID_HEADER: msg_id})
         p.deadline = now + DEAD_LETTER_RETRY_SECONDS
         self._timer(p.deadline, gt, offset, offset)
-        hand_off(self.config.dead_letter, msg_id, batch, partial(self._handed_off, gt, offset, p))
+        hand_off(self.manager.dead_letter_topic(self.config.dead_letter), msg_id, batch, partial(self._handed_off, gt, offset, p))
 
     def _handed_off(self, gt: GroupTopic, offset: int, p: Pending) -> None:
         if gt.pending.get(offset) is not p or self.manager.groups.get(self.name) is not self:
@@ -683,7 +683,7 @@ class Group:
     def _dead_letter(self, gt: GroupTopic, offset: int, p: Pending, timestamp: int, record: bytes) -> None:
         batch = self._dead_letter_batch(gt, offset, p, record)
         router = self.manager.router
-        dlq = router.topic(self.config.dead_letter)
+        dlq = router.topic(self.manager.dead_letter_topic(self.config.dead_letter))
         dlq_offset, _, held = router.publish(dlq, batch, 1, time.time_ns() // 1000)
         if held is not None:
             self.unconfirmed.append((dlq, dlq_offset, gt, offset, p.deliveries, p.dead_letter_from, held))
@@ -828,7 +828,7 @@ class Group:
         their next turn, since their count has reached max_deliver."""
         if not waiting:
             return
-        dlq = self.manager.router.topics.get(self.config.dead_letter)
+        dlq = self.manager.router.topics.get(self.manager.dead_letter_topic(self.config.dead_letter))
         wanted = {(gt.topic.name, offset) for gt, offset, _ in waiting}
         start = min(p.dead_letter_from or 0 for _, _, p in waiting)
         found = find_dead_letters(dlq.log, self.name, wanted, start) if dlq is not None else set()

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from pybroker.protocol import AckKind, StartKind, pattern_error
+from pybroker.protocol import AckKind, StartKind, partition_topic, pattern_error
 
 from ..logs import get_logger
 from ..storage.fileops import REAL, FileOps
@@ -106,6 +106,12 @@ class GroupManager:
         """The saved state cannot be written: hand-outs wait until a new
         generation (a checkpoint of everything) is written and fsynced."""
         return self.state.broken
+
+    def dead_letter_topic(self, name: str) -> str:
+        """Where dead letters to ``name`` go: the topic, or partition 0 of
+        a partitioned one (protocol.md, "Partitioned topics"): one place,
+        so that a restart finds what it dead-lettered where it looks."""
+        return partition_topic(name, 0) if self.router.store.partition_count(name) else name
 
     def wake(self) -> None:
         self._wake.set()
@@ -273,7 +279,7 @@ class GroupManager:
         if not self.state.persistent:
             group._try_dead_letter(gt, offset, p, timestamp, record, now)
             return
-        dlq = self.router.topics.get(group.config.dead_letter)
+        dlq = self.router.topics.get(self.dead_letter_topic(group.config.dead_letter))
         p.dead_letter_from = dlq.log.next_offset if dlq is not None else 0
         group.version += 1
         self._records += encode_dead_lettering(
