@@ -219,7 +219,7 @@ class Broker:
         # reach this node's subscribers through the router.
         attach = getattr(store, "attach", None)
         if attach is not None:
-            attach(self._committed_elsewhere, self.router.copy_positioned)
+            attach(self._committed_elsewhere, self.router.copy_positioned, self._deleted_elsewhere)
         self.committer = Committer(store, self.router, config.retention_check_seconds)
         state_dir = config.data_dir / "groups" if isinstance(store, FileStore) else None
         # Delivery counts are written before a delivery is sent, and fsynced
@@ -324,6 +324,18 @@ class Broker:
             if msg_id is not None:
                 topic = self.router.topic(name)
                 self.dedup.remember(topic, msg_id, Stored(stored.base_offset, stored.count, stored.timestamp, None))
+
+    def _deleted_elsewhere(self, name: str) -> None:
+        """Cluster mode: a topic was deleted through another node. It leaves
+        this node as a deletion here makes it leave: its subscribers and
+        groups are told, its exactly-once window forgotten."""
+        topic = self.router.topics.get(name)
+        if topic is None:
+            return
+        self.router.drop(topic)
+        self.groups.topic_deleted(topic)
+        self.dedup.forget(name)
+        self.logger.info("topic deleted through another node", topic=name)
 
     async def _take_hand_off(self, topic_name: str, batch: bytes) -> None:
         """Cluster mode: a batch another node handed to this one, the owner
@@ -1010,8 +1022,11 @@ class Broker:
         count = self.store.partition_count(name)
         if not count:
             return None
-        names = [partition_topic(name, p) for p in range(count)]
-        return [each for each in names if each in self.router.topics]
+        # Every one (a cluster node holds those it has seen traffic of).
+        try:
+            return [self.router.topic(partition_topic(name, p)).name for p in range(count)]
+        except StorageError as exc:
+            raise Refused(exc.code, exc.message, {"topic": name}) from None
 
     async def delete_topic(self, who: Principal, name: str) -> dict[str, Any]:
         """TOPICS delete: the topic, its messages and its files go; its
@@ -1032,10 +1047,12 @@ class Broker:
         topic = await self._settled_topic(who, name)
         log = topic.log
         messages = log.next_offset - log.first_offset
-        # From here to the store's move, no await: nothing is appended to
-        # the old log once it has left the router.
+        # From here to the store's move, no checkpoint for a local store:
+        # nothing is appended to the old log once it has left the router. A
+        # cluster's awaits etcd: a publish meanwhile is refused, its owner
+        # fenced by the deletion (cluster/deletion.py).
         try:
-            self.store.delete_topic(name)
+            await self.store.delete_topic(name)
         except StorageError as exc:
             raise Refused(exc.code, exc.message, {"topic": name}) from None
         self.router.drop(topic)

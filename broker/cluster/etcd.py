@@ -352,11 +352,15 @@ class Etcd:
         limit: int = 0,
         revision: int = 0,
         descending: bool = False,
+        keys_only: bool = False,
     ) -> RangeResult:
         """Keys in ``[key, range_end)`` (just ``key`` without ``range_end``),
         in key order, or in reverse key order when ``descending`` (with
-        ``limit=1``: the greatest key below ``range_end``, in one read)."""
+        ``limit=1``: the greatest key below ``range_end``, in one read);
+        ``keys_only``: without their values."""
         body: dict[str, Any] = {"key": _b64(key)}
+        if keys_only:
+            body["keys_only"] = True
         if descending:
             body["sort_order"] = "DESCEND"
             body["sort_target"] = "KEY"

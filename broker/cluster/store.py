@@ -78,6 +78,8 @@ from .purge import purge as purge_partition
 from .retention import Retention
 from .stepaside import StepAside
 from .tail import IndexedReader
+from .deletion import DeleteError
+from .deletion import delete_topic as delete_topic_keys
 from .topics import PartitionCountMismatch, TopicError, TopicRegistry
 
 #: Backoff of a follower whose store failed: doubles from MIN to MAX.
@@ -95,6 +97,8 @@ Committed = Callable[[str, StoredBatch], None]
 #: ``on_positioned(topic, offset)``: this node's copy of ``topic`` starts at
 #: ``offset`` (where the cluster's index window begins), not at 0.
 Positioned = Callable[[str, int], None]
+#: The router's hook for a topic deleted through another node.
+Deleted = Callable[[str], None]
 
 
 @attrs.frozen
@@ -196,6 +200,12 @@ class ClusterTopicLog:
         #: Cancelled to make the follower start again from the copy's end.
         self.restart = trio.CancelScope()
         self.follower_started = False
+        #: Cancelled when the log is dropped (its topic deleted).
+        self.scope = trio.CancelScope()
+        #: The create revision of its topic's record once seen: a record
+        #: of another generation means the topic was deleted (and perhaps
+        #: made again) since.
+        self.generation = 0
         #: The partition's first indexed offset, once known (None: reads
         #: below the copy are lost, as before the follower found it), and
         #: the follower's reader that fetches what lies below the copy.
@@ -286,6 +296,9 @@ class ClusterStore:
         self.addr = ""
         self.on_committed: Committed | None = None
         self.on_positioned: Positioned | None = None
+        self.on_deleted: Deleted | None = None
+        #: Logs dropped with batches still pending: the next sync refuses them.
+        self._orphans: list[ClusterTopicLog] = []
         self.joined = trio.Event()
         self._logs: dict[str, ClusterTopicLog] = {}
         self._creating: set[str] = set()
@@ -307,10 +320,12 @@ class ClusterStore:
     def needs_sync(self) -> bool:
         return True
 
-    def attach(self, on_committed: Committed, on_positioned: Positioned) -> None:
-        """The router's hooks for batches other nodes committed."""
+    def attach(self, on_committed: Committed, on_positioned: Positioned, on_deleted: Deleted) -> None:
+        """The router's hooks for batches other nodes committed, and for
+        topics deleted through other nodes."""
         self.on_committed = on_committed
         self.on_positioned = on_positioned
+        self.on_deleted = on_deleted
 
     def topic(self, name: str) -> ClusterTopicLog:
         log = self._logs.get(name)
@@ -354,8 +369,42 @@ class ClusterStore:
             raise StorageError(f"could not create {name!r}: {exc}", full=False, topic=name) from None
         return info.new
 
-    def delete_topic(self, name: str) -> TopicLog | None:
-        raise StorageError("cluster mode cannot delete topics yet", full=False, topic=name)
+    async def delete_topic(self, name: str) -> TopicLog | None:
+        """TOPICS delete, for every node: the topic's record and everything
+        etcd holds of it go in one transaction (deletion.py), its owners
+        fenced; this node drops its copy at once, the others when their
+        view sees the record go. A partition's name deletes its whole topic
+        (the core deletes a partitioned topic partition by partition: the
+        first does it)."""
+        manager = self.manager
+        if manager is None:
+            raise StorageError("this node has not joined the cluster", full=False, topic=name)
+        base, _ = self.address(name)
+        info = manager.topics.info(base)
+        if info is not None:
+            try:
+                with trio.fail_after(self.etcd.timeout * 2):
+                    await delete_topic_keys(self.etcd, self.settings.keys, info)
+            except (EtcdError, DeleteError, TimeoutError) as exc:
+                raise StorageError(f"could not delete {base!r}: {exc}", full=False, topic=name) from None
+            # This node's view sees it gone before the name is used again
+            # here (a new log must not take the old generation).
+            with trio.move_on_after(self.etcd.timeout * 2):
+                while (seen := manager.topics.info(base)) is not None and seen.created == info.created:
+                    await manager.changed()
+        log = self._logs.get(name)
+        if log is not None:
+            self._drop(log)
+        return log
+
+    def _drop(self, log: ClusterTopicLog) -> None:
+        """Forget a log whose topic was deleted: its follower stops; batches
+        still pending in it are refused by the next sync."""
+        if self._logs.get(log.name) is log:
+            del self._logs[log.name]
+        log.scope.cancel()
+        if log.pending:
+            self._orphans.append(log)
 
     async def discard(self, log: TopicLog) -> None:
         return None
@@ -435,6 +484,9 @@ class ClusterStore:
         """Commit every topic's pending batches (a round per topic, at once)."""
         failed: dict[str, tuple[int, StorageError]] = {}
         work = [log for log in self._logs.values() if log.pending]
+        if self._orphans:
+            work += [log for log in self._orphans if log.pending]
+            self._orphans = []
         async with trio.open_nursery() as nursery:
             for log in work:
                 items, log.pending = log.pending, []
@@ -600,6 +652,10 @@ class ClusterStore:
             self._nursery.start_soon(self._follower, log)
 
     async def _follower(self, log: ClusterTopicLog) -> None:
+        with log.scope:
+            await self._follow_committed(log)
+
+    async def _follow_committed(self, log: ClusterTopicLog) -> None:
         """Fill ``log``'s copy with the batches committed to the partition, in
         order, and hand those no local append put there to ``on_committed``."""
         index = PartitionIndex(self.etcd, *self.address(log.name), keys=self.settings.keys)
@@ -795,7 +851,17 @@ class ClusterStore:
         """Follow every topic the cluster has (this node's subscribers may
         read any of them)."""
         while True:
-            for name, info in list(manager.topics.topics.items()):
+            registered = manager.topics.topics
+            for log in list(self._logs.values()):
+                info = registered.get(self.address(log.name)[0])
+                if info is not None and not log.generation:
+                    log.generation = info.created
+                elif log.generation and (info is None or info.created != log.generation):
+                    # Deleted (and perhaps made again) through another node.
+                    self._drop(log)
+                    if self.on_deleted is not None:
+                        self.on_deleted(log.name)
+            for name, info in list(registered.items()):
                 if info.partitions > 1:
                     for p in range(info.partitions):
                         self.topic(partition_topic(name, p))

@@ -105,10 +105,11 @@ class LogStore(Protocol):
         restarts; False when it exists so already. ValueError when it
         exists otherwise (partitions.check_partitions)."""
 
-    def delete_topic(self, name: str) -> TopicLog | None:
-        """Take a topic out of the store at once (a later ``topic(name)``
-        starts a new, empty log); None if there is none. Its files go with
-        :meth:`discard`, which must follow."""
+    async def delete_topic(self, name: str) -> TopicLog | None:
+        """Take a topic out of the store (a later ``topic(name)`` starts a
+        new, empty log); None if there is none. Its files go with
+        :meth:`discard`, which must follow. A local store does it without
+        a checkpoint (no append comes between); a cluster's awaits etcd."""
 
     async def discard(self, log: TopicLog) -> None:
         """Close and remove a log :meth:`delete_topic` took out."""

@@ -463,7 +463,7 @@ class FileStore:
         log.settings = settings
         return settings
 
-    def delete_topic(self, name: str) -> FileTopicLog | None:
+    async def delete_topic(self, name: str) -> FileTopicLog | None:
         """Take topic ``name`` out (TOPICS delete): its directory moves to
         DATA_DIR/trash at once, so that a topic of the same name starts
         afresh, and a restart never brings it back; :meth:`discard` closes

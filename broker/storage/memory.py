@@ -161,7 +161,7 @@ class MemoryStore:
             self._partitions.set(name, partitions)
         return True
 
-    def delete_topic(self, name: str) -> MemoryTopicLog | None:
+    async def delete_topic(self, name: str) -> MemoryTopicLog | None:
         log = self._topics.pop(name, None)
         if log is not None:
             self._partitions.removed(name)

@@ -1,0 +1,76 @@
+"""Deleting a topic in cluster mode (TOPICS delete; docs/cluster.md §13).
+
+One etcd transaction, compared on the topic record's create revision (the
+topic's generation, so that a topic deleted and made again meanwhile is not
+deleted by mistake), deletes everything etcd holds of the topic: its
+record, and under every partition its owner keys, next offsets, index
+entries, exactly-once entries, pending hand-offs and the consumer groups'
+state. Deleting the owner keys fences the owners: a round in flight
+compares its owner key's create revision and is refused, so nothing is
+acknowledged into a deleted topic. Every node sees the record go (its
+mirror) and drops its copies, telling its subscribers (TOPIC_DELETED); a
+topic made later under the name is a new generation whose offsets start
+at 0. The data objects are referenced by no index entry any more: the
+janitor deletes them after its grace period (§9), as it does other
+garbage.
+"""
+
+from __future__ import annotations
+
+from pybroker.protocol import partition_topic
+
+from .etcd import Compare, Delete, Etcd
+from .keys import ClusterKeys, escape
+from .topics import TopicInfo
+
+#: Consumer groups whose state in one topic one transaction deletes, and
+#: group keys read a page at a time (etcd takes at most 128 operations
+#: per transaction; the rest of the transaction is 7 of them).
+MAX_GROUP_KEYS = 100
+PAGE = 1000
+#: Pages of group keys looked through at most.
+MAX_PAGES = 1000
+
+
+class DeleteError(Exception):
+    """The topic could not be deleted; nothing was."""
+
+
+async def group_keys(etcd: Etcd, keys: ClusterKeys, topic: str) -> list[bytes]:
+    """The ``grp/{group}/{topic}/{partition}`` keys of ``topic``, read a
+    page at a time (keys only). DeleteError past MAX_GROUP_KEYS."""
+    prefix = keys.prefix + b"grp/"
+    wanted = escape(topic)
+    found: list[bytes] = []
+    start, end = prefix, prefix + b"\xff"
+    for _ in range(MAX_PAGES):
+        page = await etcd.range(start, end, limit=PAGE, keys_only=True)
+        for kv in page.kvs:
+            parts = kv.key[len(prefix) :].split(b"/")
+            if len(parts) == 3 and parts[1] == wanted:
+                found.append(kv.key)
+        if len(found) > MAX_GROUP_KEYS:
+            raise DeleteError(f"more than {MAX_GROUP_KEYS} consumer groups read {topic!r}: delete some first")
+        if not page.more or not page.kvs:
+            return found
+        start = page.kvs[-1].key + b"\x00"
+    raise DeleteError(f"more than {MAX_PAGES * PAGE} consumer group keys to look through")
+
+
+async def delete_topic(etcd: Etcd, keys: ClusterKeys, info: TopicInfo) -> bool:
+    """Delete topic ``info.name`` of generation ``info.created`` and all
+    etcd holds of it; False when that generation was gone already (deleted
+    through another node, or made again)."""
+    topic = info.name
+    groups = await group_keys(etcd, keys, topic)
+    record = keys.topic(topic)
+    # Dead letters to a partitioned topic go to its partition 0 (groups).
+    handed = partition_topic(topic, 0) if info.partitions > 1 else topic
+    ops: list[Delete] = [
+        Delete(record),
+        *(Delete(b"%s%s/%s/" % (keys.prefix, kind, escape(topic)), prefix=True) for kind in (b"own", b"next", b"idx", b"dedup")),
+        Delete(keys.prefix + b"handoff/" + escape(handed) + b"/", prefix=True),
+        *(Delete(key) for key in groups),
+    ]
+    result = await etcd.txn([Compare.create_revision(record, "==", info.created)], list(ops))
+    return result.succeeded
