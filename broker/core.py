@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 import trio
@@ -69,6 +69,10 @@ from .router import Held, Router, Subscription, Topic
 from .start import resume_offset, start_offset
 from .storage import FileStore, LogStore, MemoryStore, NotOwnerError, StorageError, StoredBatch
 from .subscriber import Subscriber
+
+if TYPE_CHECKING:
+    from .cluster.delayed import ClusterSchedule
+    from .cluster.store import ClusterStore
 
 
 #: A GROUPS_REPLY's body before its document: request_id (8), length (4).
@@ -243,15 +247,24 @@ class Broker:
         self.dedup = DedupWindow(config.dedup_window, config.dedup_max_ids)
         # Delayed delivery: its buckets beside the topics (or in memory),
         # made durable in the committer's rounds.
-        buckets = FileBuckets(config.data_dir / "delayed") if isinstance(store, FileStore) else MemoryBuckets()
-        self.schedule = Schedule(buckets)
-        self.committer.also_sync = self.schedule.sync
+        # A cluster node keeps them in etcd and the object store, as durably
+        # as the cluster keeps messages (broker/cluster/delayed.py).
         #: Whether a DELAYED batch can be kept as durably as the store
-        #: keeps messages: in files, or in memory when that is all the store
-        #: promises. Not so on a cluster node, whose acknowledgements promise
-        #: the cluster's durability (docs/cluster.md §14). WELCOME then
-        #: leaves out max_delay_ms and such a publish is refused.
-        self.keeps_delayed = isinstance(buckets, FileBuckets) or store.durability is Durability.MEMORY
+        #: keeps messages: in files, in the cluster, or in memory when that
+        #: is all the store promises. WELCOME otherwise leaves out
+        #: max_delay_ms and such a publish is refused.
+        self.keeps_delayed: bool
+        self.schedule: Schedule | ClusterSchedule
+        if self.storage_kind == "cluster":
+            from .cluster.delayed import ClusterSchedule
+
+            self.schedule = ClusterSchedule(cast("ClusterStore", store))
+            self.keeps_delayed = True
+        else:
+            buckets = FileBuckets(config.data_dir / "delayed") if isinstance(store, FileStore) else MemoryBuckets()
+            self.schedule = Schedule(buckets)
+            self.keeps_delayed = isinstance(buckets, FileBuckets) or store.durability is Durability.MEMORY
+        self.committer.also_sync = self.schedule.sync
         #: Releases publish as the broker itself (the publisher's rights were
         #: checked when it scheduled them).
         self._releaser = Principal()
@@ -682,7 +695,7 @@ class Broker:
         if not self.keeps_delayed:
             raise Refused(
                 ErrorCode.BAD_REQUEST,
-                "flag DELAYED: a cluster node does not keep delayed messages (no max_delay_ms in its WELCOME)",
+                "flag DELAYED: this broker does not keep delayed messages (no max_delay_ms in its WELCOME)",
             )
         return due_ms
 

@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "pybroker.server.storage": 2,
     "pybroker.server.cluster": 2,  # etcd and S3 clients: storage-level, below the core
     "pybroker.server.cluster.groupstate": 3,  # consumer groups' state in etcd: beside the groups
+    "pybroker.server.cluster.delayed": 3,  # delayed batches in etcd: beside broker/delays
     "pybroker.server.config": 3,
     "pybroker.server.permissions": 3,
     "pybroker.server.auth": 3,

@@ -42,8 +42,8 @@ How AMQP's model maps onto pybroker (README, "Celery"):
   (delayed delivery) rather than held by a worker; the transport option
   **delay_at_broker** (default True) set to False gives Celery's usual
   behaviour (the worker holds it, taking a prefetch slot), which is also
-  what happens with a broker that keeps no delayed messages (a cluster
-  node: its WELCOME has no max_delay_ms).
+  what happens with a broker that keeps no delayed messages (its WELCOME
+  has no max_delay_ms).
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ class Channel(virtual.Channel):
 
     def _broker_delays(self) -> bool:
         """Whether the broker keeps delayed messages (its WELCOME names
-        max_delay_ms; a cluster node does not): else a countdown or eta is
+        max_delay_ms): else a countdown or eta is
         left to the worker, as Celery does by default."""
         welcome = self._client.server
         return welcome is not None and "max_delay_ms" in welcome.limits
