@@ -12,7 +12,6 @@ STICKY messages (so that keyless messages still make large batches).
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping
 
 from .protocol import (
@@ -20,6 +19,7 @@ from .protocol import (
     MSG_ID_HEADER,
     RECORD_HEADER,
     encode_record,
+    partition_for,
     partition_topic,
     record_headers,
 )
@@ -29,11 +29,6 @@ STICKY = 128
 #: Partitioned topics remembered (a publisher to more starts over: each
 #: forgotten one costs one refused PUBLISH to learn again).
 MAX_KNOWN = 4096
-
-
-def partition_for(key: str, partitions: int) -> int:
-    """The partition of a message whose key is ``key``."""
-    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % partitions
 
 
 class Partitioner:

@@ -25,7 +25,8 @@ from pybroker.server.cluster.keys import ClusterKeys
 from pybroker.server.cluster.lease import LeaseKeeper, LeaseLost
 from pybroker.server.cluster.members import Membership
 from pybroker.server.cluster.mirror import MirrorTooLarge, PrefixMirror
-from pybroker.server.cluster.topics import PartitionCountMismatch, TopicError, TopicRegistry, partition_for
+from pybroker.protocol import partition_for
+from pybroker.server.cluster.topics import PartitionCountMismatch, TopicError, TopicRegistry
 
 WAIT = 30.0
 TTL = 2

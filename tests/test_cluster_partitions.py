@@ -177,3 +177,46 @@ async def test_pipelined_publishes_refused_by_a_node_reach_the_owner_in_order(
             assert got == list(range(3000))
             # Later publishes go straight to the owner's connection.
             assert (await client.publish(partition_topic("lines", 0), b"later")).offset == 3000
+
+
+async def test_one_partition_is_purged_on_every_node_and_the_others_keep_theirs(
+    urls: dict[str, str], tmp_path: Path
+) -> None:
+    """Offsets are per partition, so purges are: the floor goes into the
+    topic's record for that partition alone (``floors``), etcd loses that
+    partition's entries before it, every node's copy follows."""
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        nodes = [a, b]
+        async with pybroker.connect(a.url) as admin:
+            await admin.create_topic("logs", partitions=2)
+        owners = await settled_partitions(nodes, "logs", 2)
+        for p in (0, 1):
+            owner = a if owners[p] == addr_of(a) else b
+            async with pybroker.connect(owner.url) as pub:
+                for i in range(5):  # one at a time: a round, so an index entry, each
+                    assert (await pub.publish(partition_topic("logs", p), b"%d" % i)).offset == i
+        await wait_for(
+            lambda: all(store_of(n).topic(partition_topic("logs", p)).next_offset == 5 for n in nodes for p in (0, 1))
+        )
+        # Purged through the node that does not own partition 1.
+        other = b if owners[1] == addr_of(a) else a
+        async with pybroker.connect(other.url) as admin:
+            answer = await admin.purge_topic(partition_topic("logs", 1), keep_from=3)
+        assert answer == {"topic": "logs~1", "first_offset": 3, "next_offset": 5, "purged": 3}
+        store = store_of(a)
+        for p, first in ((0, 0), (1, 3)):
+            prefix = store.settings.keys.index_prefix("logs", p)
+            kept = [int(kv.key[len(prefix) :]) for kv in (await store.etcd.get_prefix(prefix)).kvs]
+            assert kept == list(range(first, 5)), (p, kept)
+        await wait_for(lambda: all(store_of(n).topic("logs~1").first_offset == 3 for n in nodes))
+        assert all(store_of(n).topic("logs~0").first_offset == 0 for n in nodes)
+        for node in nodes:
+            async with pybroker.connect(node.url) as c:
+                async with c.subscribe("logs", start="earliest") as sub:
+                    got = []
+                    with trio.fail_after(WAIT):
+                        async for m in sub:
+                            got.append((m.topic, m.offset))
+                            if len(got) == 7:
+                                break
+            assert sorted(got) == [("logs~0", i) for i in range(5)] + [("logs~1", 3), ("logs~1", 4)]

@@ -10,7 +10,7 @@ end, every entry goes. Offsets go on from where they were.
 Any node may purge (an operator's request need not find the owner): one
 etcd transaction deletes the index keys below the first one kept, as one
 range, and writes that offset into the topic's record (``topics/{topic}``
-``floor``). It compares the record's mod revision and the kept entry's,
+``floor``, or ``floors`` by partition for partitions other than 0). It compares the record's mod revision and the kept entry's,
 so that neither a concurrent purge or settings change nor a compaction
 that merged the kept entry into one starting below it (whose key the range
 would take with data past ``keep_from``) is overwritten: a refused
@@ -66,13 +66,13 @@ async def purge(etcd: Etcd, keys: ClusterKeys, topic: str, partition: int, keep_
                 first = keep_from
         else:
             first = end
-        first = max(first, info.floor)  # a floor never goes down
+        first = max(first, info.floor_of(partition))  # a floor never goes down
         compare = [Compare.mod_revision(record_key, "==", record.mod_revision)]
         if kept is not None:
             compare.append(Compare.mod_revision(kept.key, "==", kept.mod_revision))
         success: list[Op] = [
             Delete(prefix, range_end=keys.index(topic, partition, first)),
-            Put(record_key, TopicInfo(topic, info.partitions, info.settings, floor=first).encode()),
+            Put(record_key, info.with_floor(partition, first).encode()),
         ]
         result = await etcd.txn(compare, success)
         if result.succeeded:

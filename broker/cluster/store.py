@@ -34,8 +34,7 @@ appends are synchronous and cheap, acknowledgements wait for ``sync``
 Consumer groups run at their topic's owner with their state in etcd
 (groupstate.py); a msg-id resend to the next owner is found in its copy
 (the core's exactly-once window reads it back). What is not here yet
-(docs/cluster.md §14): topic deletion, purging one partition of a
-partitioned topic, and consumer groups reading more than one partition. The
+(docs/cluster.md §14): consumer groups reading more than one partition. The
 HTTP fetch and event streams wait for a fetch as subscribers do; the
 exactly-once window's read-back cannot: older than the copy is lost
 (retention) to it, as before.
@@ -433,11 +432,8 @@ class ClusterStore:
         the one holding ``keep_from`` go and the topic's record gets the new
         floor, which every node applies to its copy; the first offset now."""
         assert isinstance(log, ClusterTopicLog), log
-        if partition_of(log.name) is not None:
-            # The floor is kept in the topic's record, one for the topic.
-            raise StorageError("cluster mode does not purge partitions yet", full=False, topic=log.name)
         try:
-            first = await purge_partition(self.etcd, self.settings.keys, log.name, 0, keep_from)
+            first = await purge_partition(self.etcd, self.settings.keys, *self.address(log.name), keep_from)
         except KeyError:
             raise StorageError(f"topic {log.name!r} is not registered in the cluster yet", full=False, topic=log.name) from None
         except (EtcdError, PurgeError) as exc:
@@ -864,7 +860,9 @@ class ClusterStore:
             for name, info in list(registered.items()):
                 if info.partitions > 1:
                     for p in range(info.partitions):
-                        self.topic(partition_topic(name, p))
+                        log = self.topic(partition_topic(name, p))
+                        if info.floor_of(p):
+                            self._apply_floor(log, info.floor_of(p))  # purged, perhaps by another node
                     continue
                 log = self.topic(name)
                 if info.floor:

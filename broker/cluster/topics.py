@@ -13,10 +13,11 @@ the registry (a ``PrefixMirror``).
 from __future__ import annotations
 
 import json
-import zlib
 from typing import Any
 
 import attrs
+
+from pybroker.protocol import partition_for
 
 from .etcd import Compare, Etcd, Get, KeyValue, Put
 from .keys import ClusterKeys
@@ -47,13 +48,6 @@ class PartitionCountMismatch(TopicError):
         self.asked = asked
 
 
-def partition_for(key: bytes, partitions: int) -> int:
-    """The partition a message key goes to: ``zlib.crc32(key) % partitions``."""
-    if partitions < 1:
-        raise ValueError("a topic has at least one partition")
-    return zlib.crc32(key) % partitions
-
-
 @attrs.frozen
 class TopicInfo:
     name: str
@@ -62,15 +56,28 @@ class TopicInfo:
     #: The revision that created the topic's key (0 before it exists).
     created: int = 0
     #: The first offset a purge kept (TOPICS purge, purge.py): every node
-    #: drops what its copy holds below it. 0: never purged.
+    #: drops what its copy holds below it. 0: never purged. Partition 0's;
+    #: ``floors`` has the others' (a partitioned topic's partitions are
+    #: purged one by one).
     floor: int = 0
     #: Set on the record ``create`` returns when that call made it.
     new: bool = attrs.field(default=False, eq=False)
+    floors: dict[int, int] = attrs.field(factory=dict, eq=False)
+
+    def floor_of(self, partition: int) -> int:
+        return self.floor if partition == 0 else self.floors.get(partition, 0)
+
+    def with_floor(self, partition: int, floor: int) -> TopicInfo:
+        if partition == 0:
+            return attrs.evolve(self, floor=floor, new=False)
+        return attrs.evolve(self, floors={**self.floors, partition: floor}, new=False)
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {"partitions": self.partitions, "settings": self.settings}
         if self.floor:
             record["floor"] = self.floor
+        if self.floors:
+            record["floors"] = {str(p): f for p, f in sorted(self.floors.items())}
         return json.dumps(record, separators=(",", ":")).encode()
 
     @classmethod
@@ -88,12 +95,23 @@ class TopicInfo:
         if not isinstance(settings, dict):
             raise ValueError(f"topic {name!r}: settings must be an object")
         floor = raw.get("floor", 0)
-        if not isinstance(floor, int) or isinstance(floor, bool) or floor < 0:
+        if not _offset(floor):
             raise ValueError(f"topic {name!r}: floor must be an offset, not {floor!r:.50}")
-        return cls(name, partitions, settings, kv.create_revision, floor)
+        floors = raw.get("floors", {})
+        if not isinstance(floors, dict) or not all(
+            isinstance(p, str) and p.isdigit() and 0 < int(p) < partitions and _offset(f) for p, f in floors.items()
+        ):
+            raise ValueError(f"topic {name!r}: floors must map partitions to offsets, not {floors!r:.50}")
+        return cls(
+            name, partitions, settings, kv.create_revision, floor, floors={int(p): f for p, f in floors.items()}
+        )
 
     def partition_for(self, key: bytes) -> int:
         return partition_for(key, self.partitions)
+
+
+def _offset(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class TopicRegistry:

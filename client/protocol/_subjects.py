@@ -7,6 +7,8 @@ ERROR frame later).
 
 from __future__ import annotations
 
+import zlib
+
 DEFAULT_MAX_TOPIC_BYTES = 255
 DEFAULT_MAX_TOPIC_DEPTH = 16
 #: Partitions a topic may be created with (protocol.md, "Partitioned topics").
@@ -96,6 +98,16 @@ def partition_of(topic: str) -> tuple[str, int] | None:
     if p >= MAX_PARTITIONS or topic[mark - 1] == ".":
         return None
     return topic[:mark], p
+
+
+def partition_for(key: str | bytes, partitions: int) -> int:
+    """The partition a message whose ``key`` header is ``key`` goes to:
+    ``zlib.crc32`` of its UTF-8, mod the topic's partition count (the rule
+    every client keeps, so one key's messages stay in one partition)."""
+    if partitions < 1:
+        raise ValueError("a topic has at least one partition")
+    data = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else key
+    return zlib.crc32(data) % partitions
 
 
 def partition_topic(base: str, partition: int) -> str:
