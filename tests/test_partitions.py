@@ -218,3 +218,36 @@ async def test_dead_letters_to_a_partitioned_topic_go_to_its_first_partition(tmp
                             break
             assert (letter.topic, letter.partition, letter.payload) == ("dead~0", 0, b"poison")
             assert sorted(t.topic for t in await c.topics("dead")) == ["dead~0", "dead~1", "dead~2"]
+
+
+async def test_a_consumer_group_reads_every_partition_with_each_key_in_order(tmp_path: Path) -> None:
+    """On one broker a group over a partitioned topic reads all its
+    partitions (its pattern matches them), and ordering=key keeps each
+    key's messages in order across two members."""
+    async with running_broker(data_dir=tmp_path) as server:
+        async with pybroker.connect(server.url) as c:
+            await c.create_topic("work", partitions=3)
+            await c.create_group("workers", "work", start="earliest", ordering="key")
+            keys = [f"k{i % 7}" for i in range(90)]
+            for i, key in enumerate(keys):
+                await c.publish("work", b"%d" % i, {"key": key})
+            got: dict[str, list[int]] = defaultdict(list)
+            partitions = set()
+
+            async def member(name: str) -> None:
+                async with pybroker.connect(server.url, name=name) as m:
+                    async with m.subscribe("work", group="workers", auto_ack=False, max_ack_pending=5) as sub:
+                        async for message in sub:
+                            got[message.headers["key"]].append(int(message.payload))
+                            partitions.add(message.partition)
+                            await message.ack()
+                            if sum(map(len, got.values())) == len(keys):
+                                nursery.cancel_scope.cancel()
+
+            with trio.fail_after(TIMEOUT):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(member, "one")
+                    nursery.start_soon(member, "two")
+            assert partitions == {0, 1, 2}
+            for key in set(keys):
+                assert got[key] == [i for i, k in enumerate(keys) if k == key]
