@@ -222,6 +222,8 @@ class Server:
         self.logger.warning("ending every client connection: this node is cut off from the cluster", connections=len(self.sessions))
         for session in list(self.sessions):
             session.shutdown()
+        if self.http is not None:
+            self.http.end_streams()  # browsers reconnect, and get 503 here
 
     def _log_auth(self) -> None:
         if self.broker.auth is not None:

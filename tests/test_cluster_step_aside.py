@@ -23,6 +23,7 @@ from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
     urls,
     wait_for,
 )
+from helpers.http import assert_error, request
 from helpers.raw import raw_client
 from helpers.restarts import FAST
 from helpers.tcpproxy import PartitionProxy
@@ -63,12 +64,28 @@ async def test_a_node_cut_off_from_etcd_sends_its_clients_to_another(urls: dict[
                         async for message in sub:
                             got.append((message.offset, message.payload))
                             break
+                    # An HTTP event stream on a, open before the cut.
+                    stream = await trio.open_tcp_stream("127.0.0.1", a.http_port)
+                    await stream.send_all(
+                        f"GET /v1/topics/{topic}/events HTTP/1.1\r\nhost: a\r\n\r\n".encode()
+                    )
+                    with trio.fail_after(WAIT):
+                        head = await stream.receive_some(65536)
+                    assert head.startswith(b"HTTP/1.1 200"), head
                     proxy.cut()
                     await wait_for(lambda: store_of(a).stepped_aside)
                     # The others are told to go elsewhere meanwhile.
                     refused = await hello_answer(a)
                     assert isinstance(refused, Error) and refused.code == ErrorCode.SHUTTING_DOWN, refused
                     assert "cut off" in refused.message
+                    # The stream ended (its connection closed), and a new
+                    # one is refused with 503 while a is cut off.
+                    with trio.fail_after(WAIT):
+                        while await stream.receive_some(65536):
+                            pass
+                    await stream.aclose()
+                    again = await request(a.http_port, "GET", f"/v1/topics/{topic}/events")
+                    assert_error(again, 503, "unavailable")
                     # The client is on b now, which took the topic over.
                     for i in range(1, 6):
                         with trio.fail_after(WAIT):

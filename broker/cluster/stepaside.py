@@ -13,9 +13,11 @@ connection (GOODBYE) and answers each HELLO with ERROR 503
 another node their URL lists and resume there. If none is ready, etcd
 itself is down for everyone: moving clients would gain nothing, and the
 node keeps them. Without an HTTP side on the others (``--no-http``),
-there is nothing to ask and the node keeps its clients. Only the broker
-protocol's connections are ended: HTTP event streams on the node stay
-(their clients see no new events until it holds a lease again).
+there is nothing to ask and the node keeps its clients. Its HTTP event
+streams end too, and new ones are answered 503 meanwhile (a browser's
+EventSource then gives up on this node; a load balancer's /readyz check
+already sends requests elsewhere), while the rest of its HTTP side
+(health, metrics) keeps answering.
 """
 
 from __future__ import annotations

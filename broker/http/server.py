@@ -111,6 +111,13 @@ class HttpServer:
         for conn in list(self.connections.values()):
             conn.stop()
 
+    def end_streams(self) -> None:
+        """End every event stream (its connection closes once it has);
+        other connections go on (a cluster node stepping aside)."""
+        for conn in list(self.connections.values()):
+            if conn.streaming:
+                conn.stop()
+
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
@@ -192,6 +199,10 @@ class HttpConnection:
         self._got_bytes = False
         self._idle_scope: trio.CancelScope | None = None
         self._stream_scope: trio.CancelScope | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return self._stream_scope is not None
 
     def stop(self) -> None:
         """Server shutdown: finish the request in progress, then close."""

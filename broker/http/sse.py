@@ -317,8 +317,18 @@ def _read_topic(topic: Topic, position: int, max_events: int, max_bytes: int, of
 # -- the two routes -------------------------------------------------------------
 
 
+def refuse_when_stepped_aside(http: HttpServer) -> None:
+    """A cluster node cut off from etcd while another is ready ends its
+    streams and takes no new ones (its copies no longer grow): 503, as
+    its /readyz says, so that the browser or the load balancer goes to
+    another node (docs/cluster.md §11)."""
+    if http.broker.stepped_aside:
+        raise HttpError(503, "this node is cut off from the cluster: stream from another node", code="unavailable")
+
+
 async def events(http: HttpServer, request: Request, params: Mapping[str, str]) -> StreamResponse:
     """``GET /v1/topics/{topic}/events``."""
+    refuse_when_stepped_aside(http)
     name = valid_topic(http, params["topic"])
     check_query(request, {"from"})
     require_read(request, name)
@@ -349,6 +359,7 @@ async def events(http: HttpServer, request: Request, params: Mapping[str, str]) 
 
 async def pattern_events(http: HttpServer, request: Request, params: Mapping[str, str]) -> StreamResponse:
     """``GET /v1/events?pattern=P``."""
+    refuse_when_stepped_aside(http)
     check_query(request, {"pattern", "from"})
     pattern = request.query.get("pattern")
     if not pattern:
