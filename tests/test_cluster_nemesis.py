@@ -60,7 +60,9 @@ from pybroker.protocol import (
     Deliver,
     Error,
     ErrorCode,
+    Goodbye,
     GroupDeliver,
+    Hello,
     Ping,
     Pong,
     PubAck,
@@ -68,6 +70,7 @@ from pybroker.protocol import (
     StartKind,
     SubAck,
     Subscribe,
+    Welcome,
     decode_batch,
     encode_batch,
 )
@@ -182,6 +185,16 @@ class Cluster:
                 await trio.sleep(0.02)
 
 
+async def handshake(raw: RawClient, name: str, options: dict[str, str] | None = None) -> None:
+    """HELLO, and its WELCOME; any other answer (a node stepping aside
+    answers ERROR 503 SHUTTING_DOWN) is a drop, raised as OSError, for the
+    caller to go to another node."""
+    await raw.send_event(Hello(client_name=name, options=dict(options or {})))
+    answer = await raw.next_event()
+    if not isinstance(answer, Welcome):
+        raise ConnectionRefusedError(f"HELLO answered {answer!r}")
+
+
 class Publisher:
     """Appends ``p{n}-{i}`` values one at a time, recording each append."""
 
@@ -238,7 +251,7 @@ class Publisher:
                             host, port = self.target.rsplit(":", 1)
                             self.stream = await trio.open_tcp_stream(host, int(port))
                             self.raw = RawClient(self.stream, timeout=ATTEMPT)
-                            await self.raw.handshake(f"publisher-{self.n}", {"error_fields": "1"})
+                            await handshake(self.raw, f"publisher-{self.n}", {"error_fields": "1"})
                         self.request_id += 1
                         sent = self.request_id
                         await self.raw.send_event(Publish(sent, self.cluster.topic, batch, dedup=True))
@@ -322,7 +335,7 @@ class GroupMember:
                 with trio.fail_after(ATTEMPT):
                     stream = await trio.open_tcp_stream(host, int(port))
                     raw = RawClient(stream, timeout=ATTEMPT)
-                    await raw.handshake("group-member")
+                    await handshake(raw, "group-member")
                     await raw.send_event(Subscribe(1, topic, StartKind.EARLIEST, 0, options=GROUP_OPTIONS))
                     self.subscribes += 1
                 while True:
@@ -343,8 +356,8 @@ class GroupMember:
                         assert event.code == ErrorCode.NOT_OWNER, event
                         owner = event.fields.get("owner", "")
                         break
-                    elif event is None:
-                        break
+                    elif event is None or isinstance(event, Goodbye):
+                        break  # (GOODBYE: a node stepping aside ends its connections)
                     else:
                         assert isinstance(event, SubAck), event
                         pause = RETRY_FIRST
@@ -437,10 +450,16 @@ async def final_reads(cluster: Cluster, history: HistoryWriter) -> int:
         seen: list[tuple[int, str]] = []
         op = history.invoke("read", key=key, offset=0)
         with trio.fail_after(WAIT):
-            stream = await trio.open_tcp_stream(host, int(port))
-            try:
+            while True:  # a node that stepped aside takes clients once it holds a lease again
+                stream = await trio.open_tcp_stream(host, int(port))
                 raw = RawClient(stream, timeout=WAIT)
-                await raw.handshake("final-reader")
+                try:
+                    await handshake(raw, "final-reader")
+                    break
+                except ConnectionRefusedError:
+                    await trio.aclose_forcefully(stream)
+                    await trio.sleep(0.2)
+            try:
                 await raw.send_event(Subscribe(1, topic, StartKind.EARLIEST, 0))
                 assert await raw.next_event() == SubAck(1)
                 while len(seen) < end:
@@ -454,19 +473,21 @@ async def final_reads(cluster: Cluster, history: HistoryWriter) -> int:
 
 
 def node_flags(
-    servers: Servers, name: str, ttl: int, hosts: str | None = None, *, compacting: bool = False
+    servers: Servers, name: str, ttl: int, hosts: str | None = None, *, compacting: bool = False, http: bool = False
 ) -> tuple[str, ...]:
     """``pybroker serve`` flags of a node of the test ``name``: its own etcd
     key prefix (/nemesis/NAME) and object prefix, the member lease ``ttl``;
     ``hosts`` the etcd members it is given (all of them by default);
     ``compacting``: the owner merges index entries all the time (the newest
-    8 kept, 4 at a time), so compaction runs through the faults."""
+    8 kept, 4 at a time), so compaction runs through the faults; ``http``:
+    an HTTP side on a free port (members probe each other's /readyz to
+    step aside: broker/cluster/stepaside.py), else none."""
     if hosts is None:
         hosts = ",".join(u.removeprefix("http://") for u in servers.etcd_urls)
     return (
         "--cluster", f"etcd://{hosts}/nemesis/{name}",
         "--object-store", f"s3://{servers.s3_url.removeprefix('http://')}/{BUCKET}/{name}",
-        "--cluster-lease-ttl", str(ttl), "--no-http",
+        "--cluster-lease-ttl", str(ttl), *(("--http-port", "0") if http else ("--no-http",)),
         *(("--cluster-index-keep", "8", "--cluster-index-fan-in", "4") if compacting else ()),
     )  # fmt: skip
 
@@ -716,6 +737,97 @@ async def test_nemesis_failpoint(servers: Servers, tmp_path: Path, point: str, m
     assert report.valid, report.summary()
     assert counts["acked"] > 0 and counts["lost"] == 0
     assert (member.final_cursor, member.end) == (end, end)
+
+
+async def hello_refused(addr: str) -> bool:
+    """Whether the node at ``addr`` answers a HELLO with ERROR 503 (it has
+    stepped aside); False on a WELCOME or no answer."""
+    host, port = addr.rsplit(":", 1)
+    try:
+        with trio.fail_after(ATTEMPT):
+            stream = await trio.open_tcp_stream(host, int(port))
+            try:
+                raw = RawClient(stream, timeout=ATTEMPT)
+                await raw.send_event(Hello(client_name="probe", options={}))
+                answer = await raw.next_event()
+            finally:
+                await trio.aclose_forcefully(stream)
+    except (trio.TooSlowError, OSError, trio.BrokenResourceError):
+        return False
+    return isinstance(answer, Error) and answer.code == ErrorCode.SHUTTING_DOWN
+
+
+async def test_nemesis_owner_cut_off_from_etcd_steps_aside(servers: Servers, tmp_path: Path) -> None:
+    """As below, with every node serving HTTP, so the cut-off owner asks
+    the others' /readyz and steps aside: it ends every connection
+    (GOODBYE) and refuses HELLO (503) until it holds a lease again; the
+    publishers and the group member move to the other nodes. The cut
+    lasts until it has stepped aside and a little more, then heals, and
+    the node takes clients again. Then the checker, as for every fault."""
+    name = "step-aside"
+    prefix = f"/nemesis/{name}/"
+    ttl = TTL
+    histories = histories_in(tmp_path)
+    proxies = [PartitionProxy("127.0.0.1", int(url.rsplit(":", 1)[1])) for url in servers.etcd_urls]
+    async with trio.open_nursery() as background:
+        ports = [await background.start(p.run) for p in proxies]
+        through = ",".join(f"127.0.0.1:{port}" for port in ports)
+        flags = {"compacting": True, "http": True}
+        async with (
+            broker_process(tmp_path / "d0", workdir(tmp_path, 0), *node_flags(servers, name, ttl, **flags)) as b0,
+            broker_process(tmp_path / "d1", workdir(tmp_path, 1), *node_flags(servers, name, ttl, **flags)) as b1,
+            broker_process(tmp_path / "d2", workdir(tmp_path, 2), *node_flags(servers, name, ttl, through, **flags)) as b2,
+        ):
+            keys = ClusterKeys(prefix.encode())
+            cluster = Cluster(servers, keys, f"{name}/", [b0, b1, b2])
+            for broker in cluster.brokers:
+                await broker.start()
+            victim = b2.url.removeprefix("pybroker://")
+            cluster.topic = await topic_owned_by(servers, keys, victim, "aside")
+            stop = trio.Event()
+            writers = [HistoryWriter(path, i) for i, path in enumerate(histories)]
+            try:
+                async with group_consumer(cluster, writers[PUBLISHERS + 1], writers[PUBLISHERS + 2]) as member:
+                    async with trio.open_nursery() as nursery:
+                        for i in range(PUBLISHERS):
+                            nursery.start_soon(Publisher(cluster, i, writers[i]).run, stop)
+                        with trio.fail_after(WAIT * 2):
+                            assert await cluster.wait_owner() == victim
+                            for proxy in proxies:
+                                proxy.cut()
+                            struck = trio.current_time()
+                            recovery = await cluster.wait_ack_after(struck, victim)
+                            while not await hello_refused(victim):
+                                await trio.sleep(0.2)
+                            aside = trio.current_time() - struck
+                            acks_then = len(cluster.acks)
+                            await cluster.wait_ack_after(trio.current_time(), victim)
+                            healed = trio.current_time()
+                            for proxy in proxies:
+                                proxy.heal()
+                            while await hello_refused(victim):
+                                await trio.sleep(0.2)
+                            back = trio.current_time() - healed
+                        stop.set()
+                end = await final_reads(cluster, writers[PUBLISHERS])
+            finally:
+                for writer in writers:
+                    writer.close()
+        background.cancel_scope.cancel()
+    late = [round(when - struck, 2) for when, addr, _ in cluster.acks if addr == victim and struck + ttl < when < healed]
+    ops = read_histories(histories)
+    report = check(ops)
+    counts = report.summary()["keys"][f"{cluster.topic}/0"]
+    print(
+        f"{name}: {end} stored, counts {counts}, seconds from the cut to the next acknowledgement {recovery:.2f}, "
+        f"to stepping aside {aside:.2f}, from healing to taking clients again {back:.2f}; {group_figures(report, member)}"
+    )
+    assert report.valid, report.summary()
+    assert counts["acked"] > 0 and counts["lost"] == 0
+    assert (member.final_cursor, member.end) == (end, end)
+    assert not late, late
+    # Publishing went on at the other nodes while the victim stood aside.
+    assert len(cluster.acks) > acks_then
 
 
 async def test_nemesis_owner_cut_off_from_etcd(servers: Servers, tmp_path: Path) -> None:
