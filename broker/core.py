@@ -1025,7 +1025,7 @@ class Broker:
         return {"topic": name, "partitions": partitions, "created": created}
 
     def _partitions_of(self, who: Principal, name: str, action: str) -> list[str] | None:
-        """A partitioned topic's partitions (those the router holds), for a
+        """A partitioned topic's partitions, every one opened here, for a
         TOPICS action on the whole topic; None for any other topic. One
         partition alone is refused: ``action`` goes to its topic."""
         self._check_manageable(who, name)
@@ -1103,12 +1103,10 @@ class Broker:
         running (saved for restarts; in cluster mode, in etcd for every
         node); its settings as they are now. A partitioned topic's
         settings are its partitions'."""
-        partitions = self._partitions_of(who, name, "set")
-        if partitions is None:
+        if self._partitions_of(who, name, "set") is None:
             self._managed_topic(who, name)
         try:
-            for each in partitions or [name]:
-                settings = await self.store.set_topic(each, changes)
+            settings = await self.store.set_topic(name, changes)
         except KeyError:
             raise Refused(ErrorCode.UNKNOWN_TOPIC, f"no topic {name!r}") from None
         except ValueError as exc:

@@ -8,6 +8,7 @@ and the CLI."""
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections import defaultdict
 from pathlib import Path
@@ -158,6 +159,8 @@ async def test_set_and_delete_act_on_every_partition(tmp_path: Path) -> None:
                 await c.publish("d", b"%d" % i, {"key": str(i)})
             answer = await c.set_topic("d", retention_bytes=1_000_000)
             assert answer["settings"]["retention_bytes"] == 1_000_000
+            saved = json.loads((tmp_path / "topic-settings.json").read_text())
+            assert {name: value["retention_bytes"] for name, value in saved.items()} == {"d~0": 1_000_000, "d~1": 1_000_000}
             assert await c.delete_topic("d") == {"deleted": "d", "messages": 4, "partitions": 2}
             assert await c.topics("d") == []
             assert not [p for p in (tmp_path / "topics").iterdir() if p.name.startswith("d")]

@@ -116,7 +116,8 @@ class LogStore(Protocol):
 
     async def set_topic(self, name: str, changes: Mapping[str, str]) -> Any:
         """Change a topic's retention or segment size while running, saved
-        for restarts; the new settings. KeyError for no such topic,
+        for restarts; the new settings. A partitioned topic's name changes
+        every one of its partitions. KeyError for no such topic,
         ValueError for what cannot be set so."""
 
     async def purge(self, log: TopicLog, keep_from: int) -> int:

@@ -445,14 +445,22 @@ class FileStore:
     async def set_topic(self, name: str, changes: Mapping[str, str]) -> TopicSettings:
         """TOPICS set: change a topic's retention or segment size at run time,
         saved in DATA_DIR/topic-settings.json (durably, before it applies);
-        ValueError for a setting that cannot change so, or a bad value."""
+        ValueError for a setting that cannot change so, or a bad value. A
+        partitioned topic's partitions all change, in one write."""
         log = self._topics.get(name)
-        if log is None:
-            raise KeyError(name)
+        if log is not None:
+            logs = [log]
+        else:
+            names = (partition_topic(name, p) for p in range(self._partitions.count(name)))
+            logs = [self._topics[n] for n in names if n in self._topics]
+            if not logs:
+                raise KeyError(name)
         parsed = parse_runtime_settings(changes)
-        merged = {**self._changed.get(name, {}), **parsed}
-        settings = attrs.evolve(self.settings_for(name), **merged)  # checks them
-        saved = {**self._changed, name: merged}
+        saved = dict(self._changed)
+        updated = []
+        for each in logs:
+            merged = saved[each.name] = {**self._changed.get(each.name, {}), **parsed}
+            updated.append((each, attrs.evolve(self.settings_for(each.name), **merged)))  # checks them
         try:
             write_changed_settings(self.data_dir / SETTINGS_FILE, saved, self.ops)
         except OSError as exc:
@@ -460,8 +468,9 @@ class FileStore:
             self.failed(error)
             raise error from exc
         self._changed = saved
-        log.settings = settings
-        return settings
+        for each, settings in updated:
+            each.settings = settings
+        return updated[0][1]
 
     async def delete_topic(self, name: str) -> FileTopicLog | None:
         """Take topic ``name`` out (TOPICS delete): its directory moves to

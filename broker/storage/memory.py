@@ -168,7 +168,7 @@ class MemoryStore:
         return log
 
     async def set_topic(self, name: str, changes: Mapping[str, str]) -> None:
-        if name not in self._topics:
+        if name not in self._topics and not self._partitions.count(name):
             raise KeyError(name)
         raise ValueError("the memory store has no per-topic settings (--retention-bytes bounds every topic)")
 
