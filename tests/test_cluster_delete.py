@@ -25,6 +25,7 @@ from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
     wait_for,
 )
 from helpers.raw import raw_client
+from pybroker.server.cluster.delayed import INLINE_BYTES
 from pybroker.protocol import Error, ErrorCode, RefKind, StartKind, SubAck, Subscribe, partition_topic
 from pybroker.server.server import Server
 
@@ -65,6 +66,16 @@ async def test_a_topic_deleted_through_any_node_goes_everywhere(urls: dict[str, 
         with trio.fail_after(WAIT):  # the group's state is saved within 0.2 s
             while not any(b"grp/" in key for key in await etcd_keys_of(owner, "doomed")):
                 await trio.sleep(0.05)
+        # Delayed batches waiting for it (one in an object), and one for
+        # another topic, which stays.
+        async with pybroker.connect(owner.url) as client:
+            await client.publish("doomed", b"later", delay=600)
+            await client.publish("doomed", b"L" * (INLINE_BYTES + 1), delay=600)
+            await client.publish("kept", b"later", delay=600)
+        store = store_of(owner)
+        delay_prefix = store.settings.keys.prefix + b"delay/"
+        assert len((await store.etcd.get_prefix(delay_prefix)).kvs) == 3
+        assert len(await store.objects.list("delay/")) == 1
         async with raw_client(a) as sub_a, raw_client(b) as sub_b:
             for raw, name in ((sub_a, "sub-a"), (sub_b, "sub-b")):
                 await hello(raw, name)
@@ -81,6 +92,9 @@ async def test_a_topic_deleted_through_any_node_goes_everywhere(urls: dict[str, 
                             break
                 assert (event.code, event.ref_kind, event.ref) == (ErrorCode.TOPIC_DELETED, RefKind.SUBSCRIPTION, 1)
         assert await etcd_keys_of(a, "doomed") == []
+        left = (await store.etcd.get_prefix(delay_prefix)).kvs
+        assert [kv.key.split(b"/")[-2] for kv in left] == [b"kept"]
+        assert await store.objects.list("delay/") == []
         await wait_for(lambda: all("doomed" not in store_of(n).topic_names() for n in nodes))
         # The name again: a new topic, from offset 0, and the group starts
         # from the new topic's beginning, not from its old cursor.

@@ -21,6 +21,7 @@ from pybroker.protocol import partition_topic
 
 from .etcd import Compare, Delete, Etcd
 from .keys import ClusterKeys, escape
+from .objects import ObjectStore
 from .topics import TopicInfo
 
 #: Consumer groups whose state in one topic one transaction deletes, and
@@ -55,6 +56,39 @@ async def group_keys(etcd: Etcd, keys: ClusterKeys, topic: str) -> list[bytes]:
             return found
         start = page.kvs[-1].key + b"\x00"
     raise DeleteError(f"more than {MAX_PAGES * PAGE} consumer group keys to look through")
+
+
+async def delete_delayed(etcd: Etcd, objects: ObjectStore, keys: ClusterKeys, info: TopicInfo) -> int:
+    """Delete the delayed batches (delayed.py) still waiting for the topic
+    or its partitions, after the topic's own transaction, so that none is
+    released into the name later. Their keys sort by due time: found by a
+    keys-only scan of ``delay/``, each read then deleted with the object
+    holding a large one (objects under ``delay/`` are not the janitor's).
+    A crash part-way leaves the rest, released into the name when due, as
+    before this ran. How many went."""
+    prefix = keys.prefix + b"delay/"
+    names = {escape(info.name)}
+    if info.partitions > 1:
+        names |= {escape(partition_topic(info.name, p)) for p in range(info.partitions)}
+    start, end = prefix, prefix + b"\xff"
+    deleted = 0
+    for _ in range(MAX_PAGES):
+        page = await etcd.range(start, end, limit=PAGE, keys_only=True)
+        for kv in page.kvs:
+            parts = kv.key[len(prefix) :].split(b"/")
+            if len(parts) != 3 or parts[1] not in names:
+                continue
+            found = await etcd.get(kv.key)
+            if found is None:
+                continue  # released meanwhile
+            if found.value[:1] == b"o":
+                await objects.delete(found.value[2:].decode("utf-8", "replace"))
+            await etcd.txn([Compare.mod_revision(kv.key, "==", found.mod_revision)], [Delete(kv.key)])
+            deleted += 1
+        if not page.more or not page.kvs:
+            return deleted
+        start = page.kvs[-1].key + b"\x00"
+    return deleted
 
 
 async def delete_topic(etcd: Etcd, keys: ClusterKeys, info: TopicInfo) -> bool:

@@ -78,6 +78,7 @@ from .retention import Retention
 from .stepaside import StepAside
 from .tail import IndexedReader
 from .deletion import DeleteError
+from .deletion import delete_delayed
 from .deletion import delete_topic as delete_topic_keys
 from .topics import PartitionCountMismatch, TopicError, TopicRegistry
 
@@ -383,9 +384,15 @@ class ClusterStore:
         if info is not None:
             try:
                 with trio.fail_after(self.etcd.timeout * 2):
-                    await delete_topic_keys(self.etcd, self.settings.keys, info)
+                    deleted = await delete_topic_keys(self.etcd, self.settings.keys, info)
             except (EtcdError, DeleteError, TimeoutError) as exc:
                 raise StorageError(f"could not delete {base!r}: {exc}", full=False, topic=name) from None
+            if deleted:
+                try:
+                    with trio.fail_after(self.etcd.timeout * 20):
+                        await delete_delayed(self.etcd, self.objects, self.settings.keys, info)
+                except (EtcdError, ObjectStoreError, OSError, TimeoutError) as exc:
+                    self.logger.warning("delayed batches of a deleted topic left to be released", topic=base, error=repr(exc))
             # This node's view sees it gone before the name is used again
             # here (a new log must not take the old generation).
             with trio.move_on_after(self.etcd.timeout * 2):
