@@ -38,7 +38,14 @@ PARTITIONS = 8
 
 def partition_owners(nodes: list[Server], topic: str, partitions: int) -> list[str] | None:
     """Each partition's owner (``host:port``) once ownership has settled:
-    one node holds it and takes appends, and every node names that one."""
+    every node sees the others, one node holds it and takes appends, every
+    node names that one, and it is the one the ranking puts first (right
+    after the topic is made a node that has not seen another yet may take
+    a partition, and then hands it over: helpers/cluster_broker.py's
+    settled_owner)."""
+    names = {store_of(n).manager.node for n in nodes if store_of(n).manager is not None}  # type: ignore[union-attr]
+    if any(store_of(n).manager is None or set(store_of(n).manager.membership.members) != names for n in nodes):  # type: ignore[union-attr]
+        return None
     owners = []
     for p in range(partitions):
         holders = []
@@ -52,8 +59,10 @@ def partition_owners(nodes: list[Server], topic: str, partitions: int) -> list[s
         if len(holders) != 1:
             return None
         for node in nodes:
-            info = store_of(node).manager.owner_of(topic, p)  # type: ignore[union-attr]
-            if info is None or info.addr != addr_of(holders[0]):
+            manager = store_of(node).manager
+            assert manager is not None
+            info = manager.owner_of(topic, p)
+            if info is None or info.addr != addr_of(holders[0]) or manager.first_choice(topic, p) != info.node:
                 return None
         owners.append(addr_of(holders[0]))
     return owners
