@@ -26,7 +26,8 @@ and the key's deletion leaves it for the next owner, which publishes it
 again (stored once when it was published exactly-once). Bounded: at most
 MAX_SCHEDULED keys in the cluster (a delayed publish past it is refused,
 STORAGE_FULL), MAX_WAITING scheduled and not yet written per node, PAGE
-keys per look, RELEASE_ROUND releases per look, WRITERS writes at once.
+keys per read and PAGES reads per look, RELEASE_ROUND releases per look,
+WRITERS writes at once.
 The release time is the due time to within POLL seconds (a single broker:
 to within its timers').
 """
@@ -58,8 +59,10 @@ if TYPE_CHECKING:
 INLINE_BYTES = 512 * 1024
 #: Seconds between looks for due batches.
 POLL = 1.0
-#: Keys read per look, and released per look (in due order).
+#: Keys read per page, pages read per look at most, and batches released
+#: per look (in due order).
 PAGE = 256
+PAGES = 16
 RELEASE_ROUND = 256
 #: Delayed batches the cluster keeps at most (etcd stays far below its quota:
 #: docs/cluster.md §13), and scheduled on one node, not yet written.
@@ -180,23 +183,34 @@ class ClusterSchedule:
         etcd = self.store.etcd
         counted = await etcd.range(self.prefix, self.prefix + b"\xff", limit=1, keys_only=True)
         self.pending = counted.count
-        end = b"%s%0*d" % (self.prefix, DUE_DIGITS, self.clock() + 1)
-        found = await etcd.range(self.prefix, end, limit=PAGE)
+        start, end = self.prefix, b"%s%0*d" % (self.prefix, DUE_DIGITS, self.clock() + 1)
         released = 0
-        for kv in found.kvs:
-            if released >= RELEASE_ROUND:
+        # Pages on while this node finds nothing of its own in them (others'
+        # due batches, or those of a topic waiting for an owner, must not
+        # hold its own back), within a bound.
+        for _ in range(PAGES):
+            # Keys only: a page of values could be PAGE inline batches of
+            # up to INLINE_BYTES each; a batch is read when it is released.
+            found = await etcd.range(start, end, limit=PAGE, keys_only=True)
+            for listed in found.kvs:
+                if released >= RELEASE_ROUND:
+                    return released
+                try:
+                    due_ms, topic = self.parse(listed.key)
+                except ValueError:
+                    continue  # not written by this code: left alone
+                if not self._owned(topic) or listed.key in self._releasing:
+                    continue
+                self._releasing.add(listed.key)
+                try:
+                    kv = await etcd.get(listed.key)
+                    if kv is not None:  # (else released meanwhile)
+                        released += await self._release(kv, due_ms, topic, release, durable)
+                finally:
+                    self._releasing.discard(listed.key)
+            if not found.more or not found.kvs:
                 break
-            try:
-                due_ms, topic = self.parse(kv.key)
-            except ValueError:
-                continue  # not written by this code: left alone
-            if not self._owned(topic) or kv.key in self._releasing:
-                continue
-            self._releasing.add(kv.key)
-            try:
-                released += await self._release(kv, due_ms, topic, release, durable)
-            finally:
-                self._releasing.discard(kv.key)
+            start = found.kvs[-1].key + b"\x00"
         return released
 
     def _owned(self, topic: str) -> bool:

@@ -60,6 +60,8 @@ from ..storage.memory import DEFAULT_MAX_BYTES, MemoryTopicLog
 from ..storage.settings import SettingsResolver, TopicSettings, parse_runtime_settings
 from .cache import CacheStatistics, RangeCache
 from .compaction import CompactionSettings, CompactionStats
+from .deletion import DeleteError, delete_delayed
+from .deletion import delete_topic as delete_topic_keys
 from .etcd import Etcd, EtcdError
 from .handoff import HandOffs
 from .index import PartitionIndex
@@ -77,9 +79,6 @@ from .purge import purge as purge_partition
 from .retention import Retention
 from .stepaside import StepAside
 from .tail import IndexedReader
-from .deletion import DeleteError
-from .deletion import delete_delayed
-from .deletion import delete_topic as delete_topic_keys
 from .topics import PartitionCountMismatch, TopicError, TopicRegistry
 
 #: Backoff of a follower whose store failed: doubles from MIN to MAX.
