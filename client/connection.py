@@ -49,6 +49,7 @@ from .errors import (
     MessageTooLarge,
     NoReceivers,
     NotOwner,
+    Partitioned,
     Timeout,
     broker_error,
 )
@@ -586,18 +587,14 @@ class Client:
 
     # -- publishing -------------------------------------------------------
 
-    def _topic(self, topic: str, headers: Mapping[str, str] | None = None) -> Topic:
-        """``topic``'s queue and limit, or, for a partitioned topic, those of
-        the partition a message with ``headers`` goes to; ValueError if
-        ``topic`` is no valid topic name. Kept for the topics published to
-        (up to a bound, partitioned ones never): a hot loop of publishes
-        pays one dict lookup for both checks."""
+    def _topic(self, topic: str) -> Topic:
+        """``topic``'s queue and limit; ValueError if ``topic`` is no valid
+        topic name. Kept for the topics published to (up to a bound; a
+        partitioned topic's name never: _destination routes it first): a
+        hot loop of publishes pays one dict lookup for both checks."""
         known = self._topics.get(topic)
         if known is not None:
             return known
-        partition = self._partitioner.route(topic, headers)
-        if partition is not None:
-            return self._topic(partition)
         problem = topic_error(topic, self._max_topic_bytes, self._max_topic_depth)
         if problem is not None:
             raise ValueError(problem)
@@ -825,43 +822,18 @@ class Client:
         use a new inbox.
         """
         self._check_open()
-        limit = self._topic(topic).limit
         payload = _payload_bytes(payload)
         waiter: _Waiter | None = None
         with anyio.move_on_after(timeout) as scope:
-            inbox = await self._reply_inbox()
-            correlation = str(next(self._request_ids))
-            request_headers = dict(headers or {})
-            request_headers["reply-to"] = inbox
-            request_headers["correlation-id"] = correlation
-            record = encode_record(payload, request_headers)
-            if len(record) > limit:
-                self._too_large(topic, record, len(payload))
-            # Not held to the batch window: waiting for a slot there could
-            # starve behind a busy publisher. Past the broker's
-            # max_inflight_publishes it merely reads us more slowly.
-            waiter = self._replies[correlation] = _Waiter()
-            try:
-                run = Run(topic)
-                pending = PendingAck(topic, run, 0)
-                request_id = next(self._request_ids)
-                self._inflight[request_id] = run.frame(1)
-                self._pending_count += 1
-                self._drained = anyio.Event() if self._drained.is_set() else self._drained
-                batch = encode_batch_from_records([record])
-                frame = encode_publish(request_id, topic, batch, needs_receiver=True)
-                self._inflight_frames[request_id] = frame
-                if self._connected.is_set():
-                    self._queue(frame)  # else it goes out when reconnected
+            # A partitioned topic's partition; learned from the broker's
+            # refusal of the first request to it, then asked again.
+            for attempt in range(2):
                 try:
-                    await pending.wait()
-                except BrokerError as exc:
-                    if exc.code == ErrorCode.NO_RECEIVERS:
-                        raise NoReceivers(exc.code, exc.message) from None
-                    raise
-                await waiter.event.wait()
-            finally:
-                self._replies.pop(correlation, None)
+                    waiter = await self._request_once(topic, payload, headers)
+                    break
+                except Partitioned:
+                    if attempt or self._partitioner.route(topic, headers) is None:
+                        raise
         if scope.cancelled_caught:
             raise Timeout(f"request on topic {topic!r}: no reply within {timeout:g} s")
         assert waiter is not None
@@ -869,6 +841,46 @@ class Client:
             raise waiter.error
         reply: Message = waiter.result
         return reply
+
+    async def _request_once(self, topic: str, payload: bytes, headers: Mapping[str, str] | None) -> _Waiter:
+        """Send one request (to its partition, for a partitioned topic) and
+        wait for its reply; the waiter holding it."""
+        topic = self._partitioner.route(topic, headers) or topic
+        limit = self._topic(topic).limit
+        inbox = await self._reply_inbox()
+        correlation = str(next(self._request_ids))
+        request_headers = dict(headers or {})
+        request_headers["reply-to"] = inbox
+        request_headers["correlation-id"] = correlation
+        record = encode_record(payload, request_headers)
+        if len(record) > limit:
+            self._too_large(topic, record, len(payload))
+        # Not held to the batch window: waiting for a slot there could
+        # starve behind a busy publisher. Past the broker's
+        # max_inflight_publishes it merely reads us more slowly.
+        waiter = self._replies[correlation] = _Waiter()
+        try:
+            run = Run(topic)
+            pending = PendingAck(topic, run, 0)
+            request_id = next(self._request_ids)
+            self._inflight[request_id] = run.frame(1)
+            self._pending_count += 1
+            self._drained = anyio.Event() if self._drained.is_set() else self._drained
+            batch = encode_batch_from_records([record])
+            frame = encode_publish(request_id, topic, batch, needs_receiver=True)
+            self._inflight_frames[request_id] = frame
+            if self._connected.is_set():
+                self._queue(frame)  # else it goes out when reconnected
+            try:
+                await pending.wait()
+            except BrokerError as exc:
+                if exc.code == ErrorCode.NO_RECEIVERS:
+                    raise NoReceivers(exc.code, exc.message) from None
+                raise
+            await waiter.event.wait()
+        finally:
+            self._replies.pop(correlation, None)
+        return waiter
 
     async def respond(
         self, request: Message, payload: bytes | str, headers: Mapping[str, str] | None = None
@@ -1694,7 +1706,9 @@ class Client:
             frame = self._inflight.pop(request_id)
             sent = decode_frame(self._inflight_frames.pop(request_id))
             assert isinstance(sent, Publish), sent
-            if sent.delayed:
+            if sent.delayed or sent.needs_receiver:
+                # Their flags do not survive a move: a request asks again,
+                # routed (request()); a delayed publish fails.
                 frame.fail(broker_error(err.code, err.message, err.fields))
             else:
                 frame.move([self._publish_again(topic, record) for record in split_records(sent.batch)])

@@ -254,3 +254,25 @@ async def test_a_consumer_group_reads_every_partition_with_each_key_in_order(tmp
             assert partitions == {0, 1, 2}
             for key in set(keys):
                 assert got[key] == [i for i, k in enumerate(keys) if k == key]
+
+
+async def test_a_request_to_a_partitioned_topic_goes_to_a_partition_and_keeps_its_receiver_check(
+    tmp_path: Path,
+) -> None:
+    """A request is a PUBLISH flagged NEEDS_RECEIVER, which a move to a
+    partition would lose: refused with the count, it is asked again,
+    routed, flag and all."""
+    async with running_broker(data_dir=tmp_path) as server:
+        async with pybroker.connect(server.url) as admin:
+            await admin.create_topic("svc", partitions=2)
+            await admin.create_topic("nobody", partitions=2)
+        async with pybroker.connect(server.url) as responder, pybroker.connect(server.url) as asker:
+
+            async def answer(message: pybroker.Message) -> None:
+                await responder.respond(message, b"re:" + message.payload)
+
+            async with responder.subscribe("svc", answer):
+                reply = await asker.request("svc", b"ping", {"key": "k"}, timeout=TIMEOUT)
+                assert reply.payload == b"re:ping"
+                with pytest.raises(pybroker.NoReceivers):
+                    await asker.request("nobody", b"anyone?", timeout=TIMEOUT)
