@@ -56,7 +56,8 @@ from pybroker.server.cluster.cache import RangeCache
 from pybroker.server.cluster.compaction import CompactionSettings
 from pybroker.server.cluster.janitor import Janitor
 from pybroker.server.cluster.objects import ObjectStoreError
-from pybroker.server.cluster.partition import IndexEntry, PartitionReader
+from pybroker.server.cluster.entries import IndexEntry
+from pybroker.server.cluster.partition import PartitionReader
 from pybroker.server.server import Server
 from pybroker.server.storage.settings import SettingsResolver, TopicSettings
 

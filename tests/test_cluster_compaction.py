@@ -31,7 +31,8 @@ from pybroker.server.cluster.janitor import Janitor  # noqa: E402
 from pybroker.server.cluster.keys import ClusterKeys  # noqa: E402
 from pybroker.server.cluster.lease import LeaseKeeper  # noqa: E402
 from pybroker.server.cluster.objects import ObjectStore  # noqa: E402
-from pybroker.server.cluster.partition import IndexEntry, PartitionOwner, PartitionReader  # noqa: E402
+from pybroker.server.cluster.entries import IndexEntry  # noqa: E402
+from pybroker.server.cluster.partition import PartitionOwner, PartitionReader  # noqa: E402
 from pybroker.server.cluster.retention import Cut, Retention, cut  # noqa: E402
 from pybroker.server.cluster.tail import IndexedReader  # noqa: E402
 from pybroker.server.storage.base import StoredBatch  # noqa: E402

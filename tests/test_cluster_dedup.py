@@ -24,14 +24,8 @@ from pybroker.server.cluster.etcd import Etcd, EtcdUnavailable, KeyValue, TxnRes
 from pybroker.server.cluster.keys import ClusterKeys
 from pybroker.server.cluster.lease import LeaseKeeper
 from pybroker.server.cluster.objects import ObjectStore
-from pybroker.server.cluster.partition import (
-    Appended,
-    MsgIdConflict,
-    NotOwner,
-    OutcomeUnknown,
-    PartitionOwner,
-    PartitionReader,
-)
+from pybroker.server.cluster.outcomes import MsgIdConflict, NotOwner, OutcomeUnknown
+from pybroker.server.cluster.partition import Appended, PartitionOwner, PartitionReader
 
 WAIT = 30.0
 TOPIC = "pay/ments"

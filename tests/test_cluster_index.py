@@ -28,7 +28,8 @@ from pybroker.server.cluster.index import PartitionIndex
 from pybroker.server.cluster.keys import ClusterKeys
 from pybroker.server.cluster.lease import LeaseKeeper
 from pybroker.server.cluster.objects import ObjectStore
-from pybroker.server.cluster.partition import IndexEntry, PartitionOwner, PartitionReader, encode_stored
+from pybroker.server.cluster.entries import IndexEntry, encode_stored
+from pybroker.server.cluster.partition import PartitionOwner, PartitionReader
 from pybroker.server.cluster.tail import IndexedReader, Tail
 from pybroker.server.storage.base import StoredBatch
 from pybroker.server.storage.errors import DataLoss

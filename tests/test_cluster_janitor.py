@@ -20,7 +20,8 @@ from pybroker.server.cluster.janitor import Janitor  # noqa: E402
 from pybroker.server.cluster.keys import ClusterKeys  # noqa: E402
 from pybroker.server.cluster.lease import LeaseKeeper  # noqa: E402
 from pybroker.server.cluster.objects import ObjectStore  # noqa: E402
-from pybroker.server.cluster.partition import NotOwner, PartitionReader  # noqa: E402
+from pybroker.server.cluster.outcomes import NotOwner  # noqa: E402
+from pybroker.server.cluster.partition import PartitionReader  # noqa: E402
 from pybroker.server.cluster.topics import TopicRegistry  # noqa: E402
 
 WAIT = 60.0

@@ -81,7 +81,8 @@ from pybroker.server.cluster.etcd import Etcd, EtcdError  # noqa: E402
 from pybroker.server.cluster.keys import ClusterKeys  # noqa: E402
 from pybroker.server.cluster import failpoints  # noqa: E402
 from pybroker.server.cluster.objects import NoSuchKey, ObjectStore  # noqa: E402
-from pybroker.server.cluster.partition import IndexEntry, PartitionReader  # noqa: E402
+from pybroker.server.cluster.entries import IndexEntry  # noqa: E402
+from pybroker.server.cluster.partition import PartitionReader  # noqa: E402
 from pybroker.server.cluster.ranking import first  # noqa: E402
 
 TTL = 3

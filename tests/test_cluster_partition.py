@@ -20,20 +20,13 @@ import trio
 
 from helpers.cluster import Server, etcd_server, weed_server
 from pybroker.protocol import encode_batch
+from pybroker.server.cluster.entries import IndexEntry, decode_stored, encode_stored
 from pybroker.server.cluster.etcd import Etcd, EtcdUnavailable, TxnResult
 from pybroker.server.cluster.keys import ClusterKeys
 from pybroker.server.cluster.lease import LeaseKeeper
 from pybroker.server.cluster.objects import ObjectStore, ObjectStoreError
-from pybroker.server.cluster.partition import (
-    AppendFailed,
-    IndexEntry,
-    NotOwner,
-    OutcomeUnknown,
-    PartitionOwner,
-    PartitionReader,
-    decode_stored,
-    encode_stored,
-)
+from pybroker.server.cluster.outcomes import AppendFailed, NotOwner, OutcomeUnknown
+from pybroker.server.cluster.partition import PartitionOwner, PartitionReader
 from pybroker.server.storage.errors import DataLoss
 
 WAIT = 30.0
@@ -543,10 +536,10 @@ async def test_a_put_that_may_pass_is_tried_again(cluster: Cluster, mode: str) -
             sent = await around_a_fault(owner, lambda: setattr(store, "armed", True), batch_of("put-failed", 3))
         if mode == "forbidden":
             assert list(sent) == [0, 2]  # refused: the next append took its offset
-            assert (store.puts, owner.put_retries) == (3, 0)
+            assert (store.puts, owner.rounds.put_retries) == (3, 0)
         else:
             assert list(sent) == [0, 2, 5]
-            assert (store.puts, owner.put_retries) == (4, 1)
+            assert (store.puts, owner.rounds.put_retries) == (4, 1)
         assert await read_all(cluster.reader(), 3 if mode == "forbidden" else 6) == sent
         assert len(await cluster.indexed_objects()) == len(sent) == len(await cluster.data_objects())
 

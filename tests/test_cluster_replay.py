@@ -49,7 +49,7 @@ from pybroker.protocol import (
 )
 from pybroker.server.cluster.index import PartitionIndex
 from pybroker.server.cluster.objects import ObjectStoreError
-from pybroker.server.cluster.partition import decode_stored
+from pybroker.server.cluster.entries import decode_stored
 from pybroker.server.cluster.tail import IndexedReader
 from pybroker.server.server import Server
 from pybroker.server.storage.errors import DataLoss, ReadPending

@@ -52,7 +52,8 @@ from ..logs import get_logger
 from .cache import RangeCache
 from .etcd import Compare, Delete, EtcdError, KeyValue, Op, Put, prefix_end
 from .objects import NoSuchKey, ObjectStoreError
-from .partition import IndexEntry, PartitionOwner, decode_stored
+from .entries import IndexEntry, decode_stored
+from .partition import PartitionOwner
 from .retention import Cut, Retention, cut
 
 #: docs/cluster.md §13: entries kept as they are, entries per merge, and

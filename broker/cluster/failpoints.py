@@ -8,7 +8,8 @@ this module is first imported, e.g.::
     PYBROKER_FAILPOINTS="after-put=kill@5"            # SIGKILL at the 5th round's after-put
     PYBROKER_FAILPOINTS="before-put=kill,after-commit=kill@3"
 
-``kill`` alone is ``kill@1``. The points (partition.py, ``PartitionOwner``):
+``kill`` alone is ``kill@1``. The points (rounds.py, ``RoundCommitter``; each
+partition's round in a group passes each point once):
 
 - ``before-put``: a round is sequenced and its object named; nothing is
   written yet;

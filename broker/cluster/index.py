@@ -45,7 +45,7 @@ import attrs
 
 from .etcd import Etcd, EtcdError, EtcdUnavailable, KeyValue, WatchBatch, WatchCanceled, prefix_end
 from .keys import ClusterKeys
-from .partition import IndexEntry
+from .entries import IndexEntry
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from .etcd import Compare, Delete, Etcd, EtcdError, Put, prefix_end
 from .keys import ClusterKeys
 from .lease import LeaseKeeper
 from .objects import NoSuchKey, ObjectStore, ObjectStoreError
-from .partition import IndexEntry
+from .entries import IndexEntry
 
 #: docs/cluster.md §9: the grace period and the time between sweeps.
 DEFAULT_GRACE = 3600.0

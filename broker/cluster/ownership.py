@@ -41,7 +41,9 @@ from .lease import LeaseKeeper, LeaseLost
 from .members import Membership
 from .mirror import PrefixMirror
 from .objects import ObjectStore
-from .partition import DEFAULT_HAND_OVER_TIMEOUT, NotOwner, ObjectNames, PartitionOwner
+from .outcomes import NotOwner
+from .partition import DEFAULT_HAND_OVER_TIMEOUT, PartitionOwner
+from .rounds import ObjectNames, RoundCommitter
 from .ranking import first
 from .retention import Retention
 from .topics import TopicRegistry
@@ -144,6 +146,9 @@ class OwnershipManager:
         self._limiter = anyio.CapacityLimiter(max_concurrent)
         self._names: ObjectNames | None = None
         self._windows: WindowLeases | None = None
+        #: One committer for all of this node's partitions: the rounds they
+        #: close together go out as one object and one transaction.
+        self.rounds = RoundCommitter()
         self._wake = anyio.Event()
         self._changed = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -240,6 +245,7 @@ class OwnershipManager:
                     tg.start_soon(mirror.run)
                     tg.start_soon(self._forward, mirror)
                 tg.start_soon(watch_lease)
+                tg.start_soon(self.rounds.run)
                 if not await self._register():
                     lease_lost = True
                     tg.cancel_scope.cancel()
@@ -394,7 +400,7 @@ class OwnershipManager:
         owner = PartitionOwner(
             self.etcd, self.store, self.keeper, topic, partition,
             keys=self.keys, node=self.node, addr=self.addr, names=self._names, windows=self._windows,
-            **self.owner_options,
+            rounds=self.rounds, **self.owner_options,
         )  # fmt: skip
         try:
             with anyio.fail_after(self.etcd.timeout * 2):

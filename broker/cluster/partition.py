@@ -2,15 +2,18 @@
 
 docs/cluster.md §4-§7. The owner creates ``own/{topic}/{partition}`` only
 if absent, under its member lease; the create revision is its **epoch**.
-Appends arriving within one commit window become one round:
+Appends arriving within one commit window become one round, which the
+node's RoundCommitter (rounds.py) commits with the rounds its other
+partitions closed at the same time:
 
-1. the round's batches, in the single-node log's stored format (header
+1. the rounds' batches, in the single-node log's stored format (header
    with CRC, then the wire batch with its own CRC), become ONE immutable
    object ``data/{incarnation:016x}/{round:012d}``, written with
    ``If-None-Match: *``;
-2. ONE etcd transaction compares the epoch, the expected next offset and
-   the object's tombstone (``gone/{object}`` absent), and writes the new
-   next offset and the index entry ``idx/{t}/{p}/{first:020d}``;
+2. ONE etcd transaction compares, per partition, the epoch, the expected
+   next offset and the object's tombstone (``gone/{object}`` absent), and
+   writes the new next offset and the index entry
+   ``idx/{t}/{p}/{first:020d}`` naming the partition's byte range;
 3. only then, and only while the lease is certainly held
    (``LeaseKeeper.held()``), are the offsets returned.
 
@@ -35,9 +38,8 @@ import attrs
 from pybroker.protocol import RemoteProtocolError, check_batch
 from pybroker.server.storage.base import StoredBatch
 from pybroker.server.storage.errors import DataLoss
-from pybroker.server.storage.scan import ENVELOPE, HEADER, HEADER_SIZE, batch_ok, header_crc
+from pybroker.server.storage.scan import HEADER_SIZE
 
-from . import failpoints
 from .dedup import (
     DEFAULT_DEDUP_MAX_IDS,
     DEFAULT_DEDUP_WINDOW,
@@ -47,10 +49,13 @@ from .dedup import (
     decode_entry,
     encode_entry,
 )
-from .etcd import Compare, Delete, Etcd, EtcdError, EtcdUnavailable, Get, KeyValue, Op, Put, TxnResult, prefix_end
-from .keys import ClusterKeys, object_name
+from .entries import IndexEntry, decode_stored, encode_stored
+from .etcd import Compare, Delete, Etcd, EtcdError, Get, KeyValue, Op, Put, TxnResult, prefix_end
+from .keys import ClusterKeys
 from .lease import LeaseKeeper
-from .objects import NoSuchKey, ObjectStore, ObjectStoreError
+from .objects import NoSuchKey, ObjectStore
+from .outcomes import AppendError, AppendFailed, MsgIdConflict, NotOwner, OutcomeUnknown
+from .rounds import ObjectNames, RoundCommitter
 
 #: docs/cluster.md §5: the commit window and the size that closes a round early.
 DEFAULT_WINDOW = 0.005
@@ -60,134 +65,12 @@ DEFAULT_MAX_ROUND_BYTES = 8 << 20
 DEFAULT_MAX_COMMIT_DELAY = 600.0
 #: Rounds closed and waiting for their commit, beyond which appends wait.
 MAX_QUEUED_ROUNDS = 4
-#: Tries at resolving a transaction whose outcome is unknown, and the pause
-#: between them (each try is bounded by the etcd client's timeout).
-RESOLVE_ATTEMPTS = 5
-RESOLVE_PAUSE = 0.1
-#: A round's PUT: tries in all, the pause before the second (doubling),
-#: and the failures worth another try (0: unreachable or no answer).
-PUT_ATTEMPTS = 3
-PUT_PAUSE = 0.1
-PUT_RETRY_STATUSES = frozenset({0, 409, 500, 502, 503, 504})
 #: Exactly-once batches in one round: each adds a put to the round's
 #: transaction, which etcd bounds at 128 operations (--max-txn-ops).
 MAX_DEDUP_PER_ROUND = 120
 #: How long a hand-over waits for the rounds already gathered to commit.
 DEFAULT_HAND_OVER_TIMEOUT = 10.0
 
-
-class AppendError(Exception):
-    """An append was not acknowledged."""
-
-
-class NotOwner(AppendError):
-    """This node does not own the partition (or no longer does): nothing of
-    the append was committed. The publisher should go to the owner."""
-
-
-class AppendFailed(AppendError):
-    """Nothing of the append was committed (the object store or etcd failed
-    before the commit was sent); retryable."""
-
-
-class MsgIdConflict(AppendError):
-    """The msg-id already names a batch with another message count: nothing
-    was committed (the single-node broker answers BAD_REQUEST)."""
-
-
-class OutcomeUnknown(AppendError):
-    """The append may have been committed; it is not acknowledged. A resend
-    with a msg-id is deduplicated, one without may be stored twice."""
-
-
-def encode_stored(base_offset: int, count: int, timestamp: int, batch: bytes) -> bytes:
-    """One batch in the single-node log's stored format (storage/scan.py):
-    a 36-byte header whose CRC covers it and the batch's envelope, then the
-    batch (which carries its records' CRC)."""
-    fields = HEADER.pack(base_offset, count, len(batch), timestamp, timestamp, 0)[: HEADER_SIZE - 4]
-    return fields + header_crc(fields, batch[:ENVELOPE]).to_bytes(4, "big") + batch
-
-
-def decode_stored(data: bytes, first: int, count: int, topic: str) -> list[StoredBatch]:
-    """The batches of one index entry's bytes, which must hold intact
-    batches with dense offsets ``first`` to ``first + count`` exactly;
-    DataLoss (damaged) for anything else: no damaged byte is handed out."""
-    out: list[StoredBatch] = []
-    pos, expected = 0, first
-    while pos < len(data):
-        if not batch_ok(data, pos):
-            raise DataLoss(topic, expected, first + count - 1, "damaged")
-        base, n, length, first_ts, _last, _crc = HEADER.unpack_from(data, pos)
-        if base != expected or base + n > first + count:
-            raise DataLoss(topic, expected, first + count - 1, "damaged")
-        out.append(StoredBatch(base, n, first_ts, data[pos + HEADER_SIZE : pos + HEADER_SIZE + length]))
-        pos += HEADER_SIZE + length
-        expected = base + n
-    if expected != first + count:
-        raise DataLoss(topic, expected, first + count - 1, "damaged")
-    return out
-
-
-@attrs.frozen
-class IndexEntry:
-    """``idx/{t}/{p}/{first:020d}``: messages ``first..first+count-1`` are
-    bytes ``[start, start+size)`` of ``object``; ``timestamp`` is the first
-    batch's (µs). ``level`` is 0 for a commit round's entry and one more
-    than its parts' for an entry index compaction merged (compaction.py);
-    it is written only when it is not 0."""
-
-    first: int
-    object: str
-    start: int
-    size: int
-    count: int
-    timestamp: int
-    level: int = 0
-
-    def encode(self) -> bytes:
-        fields: dict[str, Any] = {
-            "o": self.object, "b": self.start, "n": self.size, "c": self.count, "ts": self.timestamp,
-        }  # fmt: skip
-        if self.level:
-            fields["l"] = self.level
-        return json.dumps(fields, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_key(cls, prefix: bytes, key: bytes, value: bytes) -> IndexEntry:
-        """The entry at ``key`` (``prefix`` + its first offset); ValueError
-        when the key holds no offset or the value is not an entry."""
-        try:
-            first = int(key[len(prefix) :])
-        except ValueError:
-            raise ValueError(f"index key {key!r:.200} is not an offset") from None
-        return cls.decode(first, value)
-
-    @classmethod
-    def decode(cls, first: int, value: bytes) -> IndexEntry:
-        """Raises ValueError when the value is not an entry."""
-        try:
-            raw = json.loads(value)
-            entry = cls(
-                first, str(raw["o"]), int(raw["b"]), int(raw["n"]), int(raw["c"]), int(raw["ts"]), int(raw.get("l", 0))
-            )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"index entry {first} is not one: {value!r:.200}") from exc
-        if entry.start < 0 or entry.size <= 0 or entry.count <= 0 or entry.level < 0:
-            raise ValueError(f"index entry {first} is out of range: {value!r:.200}")
-        return entry
-
-
-class ObjectNames:
-    """Names for one node's commit rounds: its incarnation (member lease
-    id) and a round counter. Share one between the partitions of a node."""
-
-    def __init__(self, incarnation: int) -> None:
-        self.incarnation = incarnation
-        self.rounds = 0
-
-    def next(self) -> str:
-        self.rounds += 1
-        return object_name(self.incarnation, self.rounds)
 
 
 @attrs.frozen
@@ -249,6 +132,7 @@ class PartitionOwner:
         node: str = "",
         addr: str = "",
         names: ObjectNames | None = None,
+        rounds: RoundCommitter | None = None,
         window: float = DEFAULT_WINDOW,
         max_round_bytes: int = DEFAULT_MAX_ROUND_BYTES,
         max_commit_delay: float = DEFAULT_MAX_COMMIT_DELAY,
@@ -266,6 +150,11 @@ class PartitionOwner:
         self.node = node
         self.addr = addr
         self.names = names
+        #: Commits this owner's rounds: the node's (shared by its partitions,
+        #: run by the ownership manager) or, without one, this owner's own,
+        #: which ``run`` runs.
+        self.rounds = rounds if rounds is not None else RoundCommitter()
+        self._runs_rounds = rounds is None
         self.window = window
         self.max_round_bytes = max_round_bytes
         self.max_commit_delay = max_commit_delay
@@ -316,8 +205,6 @@ class PartitionOwner:
         #: index compactor runs after every so many).
         self.commits = 0
         self._commit_event = anyio.Event()
-        #: PUTs tried again (``_put``).
-        self.put_retries = 0
 
     # -- ownership --------------------------------------------------------
 
@@ -383,7 +270,7 @@ class PartitionOwner:
             self.lost = why
             self.ended.set()
 
-    def _lose(self, why: str) -> NotOwner:
+    def lose(self, why: str) -> NotOwner:
         self.stop(why)
         return NotOwner(f"partition {self.topic}[{self.partition}]: {self.lost}")
 
@@ -391,11 +278,11 @@ class PartitionOwner:
         if not self.epoch:
             raise NotOwner(f"partition {self.topic}[{self.partition}] is not acquired")
         if self.lost is not None:
-            raise self._lose(self.lost)
+            raise self.lose(self.lost)
         if self._handing_over:
             raise NotOwner(f"partition {self.topic}[{self.partition}] is being handed over")
         if not self.keeper.held():
-            raise self._lose(f"lease {self.keeper.lease:x} is past its deadline")
+            raise self.lose(f"lease {self.keeper.lease:x} is past its deadline")
 
     def _set_next(self, kvs: list[KeyValue]) -> None:
         self._next_exists = bool(kvs)
@@ -430,7 +317,7 @@ class PartitionOwner:
                 return True
         except EtcdError:
             return False  # still stale: asked again later
-        self._lose(f"epoch {self.epoch} no longer holds the partition")
+        self.lose(f"epoch {self.epoch} no longer holds the partition")
         return False
 
     async def append_round(self, batches: list[tuple[bytes, int, int]]) -> int:
@@ -569,7 +456,19 @@ class PartitionOwner:
                     del self._uncertain[next(iter(self._uncertain))]
 
     async def run(self) -> None:
-        """Commit rounds until cancelled; then fail every round not committed."""
+        """Commit rounds until cancelled; then fail every round not committed.
+        Runs this owner's own RoundCommitter too when it was given none."""
+        if not self._runs_rounds:
+            await self._run()
+            return
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.rounds.run)
+            try:
+                await self._run()
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def _run(self) -> None:
         committing: _Round | None = None
         try:
             while True:
@@ -582,12 +481,7 @@ class PartitionOwner:
                     with anyio.move_on_after(max(0.0, head.opened + self.window - anyio.current_time())):
                         await head.full.wait()
                     head.closed = True
-                try:
-                    outcome = await self._commit(head)
-                except Exception as exc:  # a fault between PUT and commit, or a bug: fail the round, go on
-                    self._stale = True
-                    outcome = OutcomeUnknown(f"commit round failed: {exc!r}")
-                    outcome.__cause__ = exc
+                outcome = await self.rounds.commit(self, head)
                 self._settle_ids(head, outcome)
                 head.finish(outcome)
                 committing = None
@@ -597,100 +491,71 @@ class PartitionOwner:
         finally:
             if committing is not None and not committing.done.is_set():
                 # Stopped during its PUT or transaction: it may have committed.
-                stopped = OutcomeUnknown(f"partition {self.topic}[{self.partition}]: the owner stopped mid-commit")
+                stopped = OutcomeUnknown(f"partition {self.label}: the owner stopped mid-commit")
                 self._settle_ids(committing, stopped)
                 committing.finish(stopped)
             self.stop("the owner's commit loop stopped")
             for pending in self._rounds:
                 if pending is committing:
                     continue
-                failed = AppendFailed(f"partition {self.topic}[{self.partition}]: the owner stopped")
+                failed = AppendFailed(f"partition {self.label}: the owner stopped")
                 self._settle_ids(pending, failed)
                 pending.finish(failed)
             self._rounds.clear()
             self._space.set()
 
-    async def _commit(self, round_: _Round) -> AppendError | None:
-        """Write and commit one round: None if acknowledged, else why not."""
+    # -- what the RoundCommitter asks of the partition (rounds.py) --------------
+
+    @property
+    def label(self) -> str:
+        return f"{self.topic}[{self.partition}]"
+
+    def mark_stale(self) -> None:
+        """A round's outcome was not learned: re-read the next offset first."""
+        self._stale = True
+
+    async def sequence(self, round_: _Round) -> bytes | AppendError:
+        """Give the round's batches their offsets, from the next one this
+        owner knows (re-read first after an unknown outcome): the round's
+        bytes in the stored format, else why it cannot be committed."""
         if self.lost is not None or not self.keeper.held():
-            return self._lose(self.lost or f"lease {self.keeper.lease:x} is past its deadline")
+            return self.lose(self.lost or f"lease {self.keeper.lease:x} is past its deadline")
         if self._stale:
             try:
                 if not await self._refresh():
-                    return self._lose(f"epoch {self.epoch} no longer holds the partition")
+                    return self.lose(f"epoch {self.epoch} no longer holds the partition")
             except EtcdError as exc:
                 return AppendFailed(f"could not re-read the next offset: {exc}")
-        expected = self.next_offset
-        parts, base = [], expected
+        parts, base = [], self.next_offset
         for item in round_.items:
             item.base = base
             parts.append(encode_stored(base, item.count, item.timestamp, item.batch))
             base += item.count
-        data = b"".join(parts)
-        assert self.names is not None
-        name = self.names.next()
-        if failpoints.ARMED:  # a test facility (failpoints.py): one check per round
-            failpoints.hit("before-put", topic=self.topic, object=name, first=expected, count=base - expected)
-        try:
-            if not await self._put(name, data):
-                return AppendFailed(f"object {name} already exists: another writer holds this node's name")
-        except ObjectStoreError as exc:
-            return AppendFailed(f"PUT {name}: {exc}")
-        put_at = anyio.current_time()
-        if failpoints.ARMED:
-            failpoints.hit("after-put", topic=self.topic, object=name, first=expected, count=base - expected)
-        if self.before_commit is not None:
-            await self.before_commit(name)
-        entry = IndexEntry(expected, name, 0, len(data), base - expected, round_.items[0].timestamp)
-        extra: list[Op] = []
-        if round_.dedup:
-            if self.windows is None:
-                self.windows = WindowLeases(self.etcd, self.dedup_window)
-            try:
-                lease = await self.windows.current()
-            except EtcdError as exc:
-                return AppendFailed(f"could not grant a dedup window lease: {exc}")
-            extra = [
-                Put(self.keys.dedup(self.topic, self.partition, item.msg_id), encode_entry(item.base, item.count), lease)
-                for item in round_.items
-                if item.msg_id is not None
-            ]
-        if self.on_written is not None:
-            # Before the transaction: etcd's watch may tell this node's tail
-            # of the entry before the transaction's own answer is read here.
-            # (If it is refused, nothing names the object and it ages out.)
-            self.on_written(name, data)
-        outcome = await self._transact(entry, put_at, extra)
-        if outcome is None and failpoints.ARMED:
-            # Committed; run() hands the round back to its appenders (and
-            # ClusterStore.sync to the committer, which acknowledges) only
-            # after this returns.
-            failpoints.hit("after-commit", topic=self.topic, object=name, first=expected, count=base - expected)
-        return outcome
+        return b"".join(parts)
 
-    async def _put(self, name: str, data: bytes) -> bool:
-        """PUT a round's object (``If-None-Match: *``); True once it is
-        there. A failure that may pass (the store unreachable or its
-        answer lost, 500/502/503/504, 409 for a conditional write still in
-        flight) is tried again, ``PUT_ATTEMPTS`` in all, while the lease
-        holds. On a retry a 412 means an earlier try created it (the name
-        is this owner's alone), which a read-back confirms (anyone else's
-        bytes under our name: False, the round is abandoned). Any other
-        failure is raised at once."""
-        for attempt in range(PUT_ATTEMPTS):
-            try:
-                if await self.store.put_if_absent(name, data):
-                    return True
-            except ObjectStoreError as exc:
-                if exc.status not in PUT_RETRY_STATUSES or attempt + 1 == PUT_ATTEMPTS or not self.keeper.held():
-                    raise
-                self.put_retries += 1
-                await anyio.sleep(PUT_PAUSE * 2**attempt)
-                continue
-            return attempt > 0 and await self.store.get(name) == data
-        raise AssertionError("unreachable: the last attempt returns or raises")
+    def entry_for(self, round_: _Round, name: str, start: int, size: int) -> IndexEntry:
+        """The index entry of a sequenced round written at bytes
+        ``[start, start+size)`` of object ``name``."""
+        first, last = round_.items[0], round_.items[-1]
+        return IndexEntry(first.base, name, start, size, last.base + last.count - first.base, first.timestamp)
 
-    def _round_txn(self, entry: IndexEntry, extra: list[Op] | None = None) -> tuple[list[Compare], list[Op], list[Op]]:
+    async def dedup_writes(self, round_: _Round) -> list[Op]:
+        """The round's msg-ids as puts under the current window lease (EtcdError
+        when none can be granted); none for a round without any."""
+        if not round_.dedup:
+            return []
+        if self.windows is None:
+            self.windows = WindowLeases(self.etcd, self.dedup_window)
+        lease = await self.windows.current()
+        return [
+            Put(self.keys.dedup(self.topic, self.partition, item.msg_id), encode_entry(item.base, item.count), lease)
+            for item in round_.items
+            if item.msg_id is not None
+        ]
+
+    def round_txn(self, entry: IndexEntry, extra: list[Op] | None = None) -> tuple[list[Compare], list[Op], list[Op]]:
+        """This partition's part of a round's transaction: three compares,
+        its writes, and three reads for when it is refused (``refusal``)."""
         gone = self.keys.gone(entry.object)
         compare = [
             Compare.create_revision(self._own, "==", self.epoch),
@@ -706,61 +571,28 @@ class PartitionOwner:
         ]
         return compare, success, [Get(self._own), Get(self._next), Get(gone)]
 
-    async def _transact(self, entry: IndexEntry, put_at: float, extra: list[Op] | None = None) -> AppendError | None:
-        compare, success, failure = self._round_txn(entry, extra)
-        for attempt in range(RESOLVE_ATTEMPTS + 1):
-            if anyio.current_time() - put_at > self.max_commit_delay:
-                break
-            if attempt:
-                # The last answer was lost: did that transaction commit?
-                try:
-                    await anyio.sleep(RESOLVE_PAUSE)
-                    decided, outcome = await self._resolve(entry)
-                except EtcdUnavailable:
-                    continue
-                if decided:
-                    return outcome
-            try:
-                result = await self.etcd.txn(compare, success, failure)
-            except EtcdUnavailable:
-                continue
-            except EtcdError as exc:  # etcd refused the request itself: not applied
-                return AppendFailed(f"etcd refused the commit of {entry.object}: {exc}")
-            if result.succeeded:
-                return self._committed(entry)
-            return self._refused(entry, result)
-        self._stale = True
-        return OutcomeUnknown(
-            f"partition {self.topic}[{self.partition}]: the commit of {entry.object} "
-            f"(offsets {entry.first}..{entry.first + entry.count - 1}) could not be confirmed"
-        )
+    async def indexed_at(self, first: int) -> str | None:
+        """The object the index entry at ``first`` names ("?" when it is
+        not an entry), None when there is none."""
+        found = await self.etcd.get(self.keys.index(self.topic, self.partition, first))
+        if found is None:
+            return None
+        try:
+            return IndexEntry.decode(first, found.value).object
+        except ValueError:
+            return "?"
 
-    async def _resolve(self, entry: IndexEntry) -> tuple[bool, AppendError | None]:
-        """After a lost answer: (True, outcome) if the round is decided (the
-        index names our object: committed, outcome None unless the deadline
-        passed; the epoch is gone: refused), (False, None) if the
-        transaction may be sent again (no entry and the epoch holds: its
-        compares make a repeat harmless)."""
-        found = await self.etcd.get(self.keys.index(self.topic, self.partition, entry.first))
-        if found is not None:
-            try:
-                named = IndexEntry.decode(entry.first, found.value).object
-            except ValueError:
-                named = "?"
-            if named == entry.object:
-                return True, self._committed(entry)
-            return True, self._lose(f"offset {entry.first} was committed by {named}, not by this owner")
+    async def epoch_holds(self) -> bool:
         own = await self.etcd.get(self._own)
-        if own is None or own.create_revision != self.epoch:
-            return True, self._lose(f"epoch {self.epoch} no longer holds the partition")
-        return False, None
+        return own is not None and own.create_revision == self.epoch
 
     async def wait_commits(self, count: int) -> None:
         """Return once this owner has committed ``count`` rounds."""
         while self.commits < count:  # each wake-up is one more commit
             await self._commit_event.wait()
 
-    def _committed(self, entry: IndexEntry) -> AppendError | None:
+    def committed(self, entry: IndexEntry) -> AppendError | None:
+        """A round's transaction committed: None when it may be acknowledged."""
         self.next_offset = entry.first + entry.count
         self._next_exists = True
         self._stale = False
@@ -770,21 +602,30 @@ class PartitionOwner:
         if not self.keeper.held():
             # Committed, but acknowledgements stop at the lease's deadline
             # (docs/cluster.md §6): the publisher resends (deduplicated by msg-id).
-            self._lose(f"lease {self.keeper.lease:x} passed its deadline during the commit")
+            self.lose(f"lease {self.keeper.lease:x} passed its deadline during the commit")
             return OutcomeUnknown(
-                f"partition {self.topic}[{self.partition}]: committed at {entry.first} "
-                "but not acknowledged: the lease passed its deadline"
+                f"partition {self.label}: committed at {entry.first} but not acknowledged: the lease passed its deadline"
             )
         return None
 
-    def _refused(self, entry: IndexEntry, result: TxnResult) -> NotOwner:
-        own, nxt, gone = _kvs(result, 0), _kvs(result, 1), _kvs(result, 2)
+    def refusal(self, entry: IndexEntry, result: TxnResult, at: int = 0) -> NotOwner | None:
+        """After a refused transaction, from this partition's reads at
+        ``at``: NotOwner (the partition lost) when its own compares fail,
+        None when they held (another partition's refused it)."""
+        own, nxt, gone = _kvs(result, at), _kvs(result, at + 1), _kvs(result, at + 2)
+        expected = [str(entry.first).encode()] if self._next_exists else []
+        if own and own[0].create_revision == self.epoch and not gone and [kv.value for kv in nxt] == expected:
+            return None
+        return self.refused(entry, result, at)
+
+    def refused(self, entry: IndexEntry, result: TxnResult, at: int = 0) -> NotOwner:
+        own, nxt, gone = _kvs(result, at), _kvs(result, at + 1), _kvs(result, at + 2)
         if not own or own[0].create_revision != self.epoch:
             now = f"epoch {own[0].create_revision}" if own else "no owner"
-            return self._lose(f"fenced: epoch {self.epoch} was replaced ({now})")
+            return self.lose(f"fenced: epoch {self.epoch} was replaced ({now})")
         if gone:
-            return self._lose(f"object {entry.object} was tombstoned before its commit")
-        return self._lose(
+            return self.lose(f"object {entry.object} was tombstoned before its commit")
+        return self.lose(
             f"next offset moved: expected {entry.first}, etcd has {nxt[0].value.decode() if nxt else 'none'}"
         )
 

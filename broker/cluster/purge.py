@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from .etcd import Compare, Delete, Etcd, Op, Put
 from .keys import ClusterKeys
-from .partition import IndexEntry
+from .entries import IndexEntry
 from .topics import TopicInfo
 
 #: Transactions tried while others keep changing what a purge compares.

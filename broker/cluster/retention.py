@@ -31,7 +31,7 @@ from pybroker.server.storage.settings import TopicSettings
 
 from .etcd import Compare, Delete, Etcd, KeyValue, prefix_end
 from .keys import ClusterKeys
-from .partition import IndexEntry
+from .entries import IndexEntry
 
 SCAN_LIMIT = 4096
 PAGE = 512

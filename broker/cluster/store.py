@@ -71,7 +71,8 @@ from .lease import LeaseKeeper, LeaseLost
 from .members import Membership
 from .objects import ObjectStore, ObjectStoreError
 from .ownership import OwnershipManager
-from .partition import DEFAULT_MAX_ROUND_BYTES, AppendError, NotOwner, OutcomeUnknown, PartitionOwner
+from .outcomes import AppendError, NotOwner, OutcomeUnknown
+from .partition import DEFAULT_MAX_ROUND_BYTES, PartitionOwner
 from .replay import DEFAULT_MAX_BYTES as DEFAULT_REPLAY_BYTES
 from .replay import DEFAULT_MAX_FETCHES, Replay, ReplayStatistics
 from .purge import PurgeError

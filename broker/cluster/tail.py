@@ -27,7 +27,7 @@ from pybroker.server.storage.scan import HEADER, HEADER_SIZE
 from .cache import RangeCache
 from .index import PartitionIndex
 from .objects import NoSuchKey
-from .partition import IndexEntry, decode_stored
+from .entries import IndexEntry, decode_stored
 
 #: Entries read from etcd at a time for offsets below the window.
 DEFAULT_LOOKUP = 64

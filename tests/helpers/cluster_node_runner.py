@@ -30,7 +30,7 @@ import trio  # noqa: E402
 
 from helpers.cluster_nodes import ClusterConfig, ClusterNode, batch_of  # noqa: E402
 from pybroker.server.cluster.keys import ClusterKeys  # noqa: E402
-from pybroker.server.cluster.partition import AppendError, NotOwner, OutcomeUnknown  # noqa: E402
+from pybroker.server.cluster.outcomes import AppendError, NotOwner, OutcomeUnknown  # noqa: E402
 
 
 async def append_loop(node: ClusterNode, topic: str, partition: int, history: object) -> None:

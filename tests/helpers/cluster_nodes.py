@@ -19,7 +19,8 @@ from pybroker.server.cluster.lease import LeaseKeeper, LeaseLost
 from pybroker.server.cluster.members import Membership
 from pybroker.server.cluster.objects import ObjectStore
 from pybroker.server.cluster.ownership import OwnershipManager
-from pybroker.server.cluster.partition import AppendError, NotOwner, OutcomeUnknown, PartitionReader
+from pybroker.server.cluster.outcomes import AppendError, NotOwner, OutcomeUnknown
+from pybroker.server.cluster.partition import PartitionReader
 from pybroker.server.cluster.ranking import first
 from pybroker.server.cluster.topics import TopicRegistry
 

@@ -1,0 +1,32 @@
+"""What a cluster append comes to when it is not acknowledged (docs/cluster.md §5-§6).
+
+Shared by the partition's owner, which sequences appends, and the node's
+commit rounds (rounds.py), which write and commit them.
+"""
+
+from __future__ import annotations
+
+
+class AppendError(Exception):
+    """An append was not acknowledged."""
+
+
+class NotOwner(AppendError):
+    """This node does not own the partition (or no longer does): nothing of
+    the append was committed. The publisher should go to the owner."""
+
+
+class AppendFailed(AppendError):
+    """Nothing of the append was committed (the object store or etcd failed
+    before the commit was sent); retryable."""
+
+
+class MsgIdConflict(AppendError):
+    """The msg-id already names a batch with another message count: nothing
+    was committed (the single-node broker answers BAD_REQUEST)."""
+
+
+class OutcomeUnknown(AppendError):
+    """The append may have been committed; it is not acknowledged. A resend
+    with a msg-id is deduplicated, one without may be stored twice."""
+

@@ -1,0 +1,222 @@
+"""A node's commit rounds across its partitions, on real etcd and SeaweedFS
+(pybroker.server.cluster.rounds; docs/cluster.md §5).
+
+The rounds a node's partitions close together (a cluster store commits
+all its topics' pending batches at once) go out as one object and one
+etcd transaction; each partition's index entry names its own byte range
+of the object. A partition refused in the transaction (fenced) is refused
+alone and the others commit; a lost answer is resolved for all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from helpers.cluster import Server, etcd_server, weed_server
+from pybroker.protocol import check_batch, encode_batch
+from pybroker.server.cluster.entries import IndexEntry
+from pybroker.server.cluster.etcd import Etcd, EtcdUnavailable, TxnResult
+from pybroker.server.cluster.keys import ClusterKeys
+from pybroker.server.cluster.lease import LeaseKeeper
+from pybroker.server.cluster.objects import ObjectStore
+from pybroker.server.cluster.outcomes import NotOwner
+from pybroker.server.cluster.partition import PartitionOwner, PartitionReader
+from pybroker.server.cluster.rounds import MAX_GROUP, ObjectNames, RoundCommitter
+
+WAIT = 30.0
+TOPIC = "metrics"
+BUCKET = "pybroker-rounds-tests"
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Server, str]]:
+    tmp = tmp_path_factory.mktemp("cluster")
+    with etcd_server(tmp) as (etcd_url, etcd), weed_server(tmp) as (s3_url, _weed):
+        yield etcd_url, etcd, s3_url
+
+
+class CountsTxns(Etcd):
+    """An etcd client that counts its transactions and, once ``lose`` is
+    set, loses the answer to the next one: ``applied`` (etcd ran it) or
+    ``unsent`` (it never reached etcd)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, timeout=2.0)
+        self.txns = 0
+        self.lose = ""
+
+    async def txn(self, *args: Any, **kwargs: Any) -> TxnResult:
+        self.txns += 1
+        mode, self.lose = self.lose, ""
+        if mode == "applied":
+            assert (await super().txn(*args, **kwargs)).succeeded
+        if mode:
+            raise EtcdUnavailable(f"injected: the answer was lost ({mode})")
+        return await super().txn(*args, **kwargs)
+
+
+@attrs.define
+class Node:
+    """One node's partitions of TOPIC: owners sharing a keeper, object
+    names and a RoundCommitter, as a cluster node's ownership manager
+    makes them."""
+
+    etcd: CountsTxns
+    store: ObjectStore
+    keys: ClusterKeys
+    keeper: LeaseKeeper
+    rounds: RoundCommitter = attrs.field(factory=RoundCommitter)
+    owners: list[PartitionOwner] = attrs.field(factory=list)
+
+    async def own(self, partitions: Sequence[int]) -> None:
+        names = ObjectNames(self.keeper.lease)
+        for p in partitions:
+            owner = PartitionOwner(
+                self.etcd, self.store, self.keeper, TOPIC, p, keys=self.keys, names=names, rounds=self.rounds
+            )
+            assert await owner.acquire()
+            self.owners.append(owner)
+
+    async def data_objects(self) -> list[str]:
+        return [info.key for info in await self.store.list("data/")]
+
+    async def entries(self, partition: int) -> list[IndexEntry]:
+        prefix = self.keys.index_prefix(TOPIC, partition)
+        kvs = (await self.etcd.get_prefix(prefix)).kvs
+        return [IndexEntry.from_key(prefix, kv.key, kv.value) for kv in kvs]
+
+    async def read(self, partition: int) -> list[bytes]:
+        reader = PartitionReader(self.etcd, self.store, TOPIC, partition, keys=self.keys)
+        return [b.batch for b in await reader.read(0)]
+
+
+@pytest.fixture
+async def node(servers: tuple[str, Server, str], request: pytest.FixtureRequest) -> AsyncIterator[Node]:
+    etcd_url, _, s3_url = servers
+    name = request.node.name
+    async with CountsTxns(etcd_url) as etcd, ObjectStore(s3_url, BUCKET, prefix=f"{name}/") as store:
+        with trio.fail_after(WAIT):
+            await store.create_bucket()
+            keeper = LeaseKeeper(etcd, 10)
+            await keeper.grant()
+        yield Node(etcd, store, ClusterKeys(f"/r/{name}/".encode()), keeper)
+
+
+def batch_of(tag: str, count: int) -> bytes:
+    return encode_batch([f"{tag}:{i}".encode() for i in range(count)])
+
+
+async def append_all(
+    node: Node, batches: dict[int, list[bytes]], outcomes: dict[int, int | Exception]
+) -> None:
+    """Run the node's committer and owners; append each partition's
+    batches as one closed round, all at once (as ``ClusterStore.sync``
+    does); record each partition's base offset or error."""
+
+    async def append(owner: PartitionOwner) -> None:
+        rounds = [(b, check_batch(b)[0], 0) for b in batches[owner.partition]]
+        try:
+            outcomes[owner.partition] = await owner.append_round(rounds)
+        except Exception as exc:  # the outcome under test
+            outcomes[owner.partition] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node.rounds.run)
+        for owner in node.owners:
+            nursery.start_soon(owner.run)
+        async with trio.open_nursery() as appenders:
+            for owner in node.owners:
+                if owner.partition in batches:
+                    appenders.start_soon(append, owner)
+        nursery.cancel_scope.cancel()
+
+
+async def test_rounds_closed_together_share_one_object_and_one_transaction(node: Node) -> None:
+    with trio.fail_after(WAIT):
+        await node.own([0, 1, 2])
+        before = node.etcd.txns
+        batches = {p: [batch_of(f"p{p}b{i}", 1 + p + i) for i in range(2)] for p in range(3)}
+        outcomes: dict[int, int | Exception] = {}
+        await append_all(node, batches, outcomes)
+        assert outcomes == {0: 0, 1: 0, 2: 0}
+        assert (node.etcd.txns - before, node.rounds.groups, node.rounds.rounds) == (1, 1, 3)
+        (obj,) = await node.data_objects()
+        ranges = []
+        for p in range(3):
+            (entry,) = await node.entries(p)
+            assert (entry.object, entry.first, entry.count) == (obj, 0, sum(1 + p + i for i in range(2)))
+            ranges.append((entry.start, entry.size))
+            assert await node.read(p) == batches[p]
+            assert node.owners[p].next_offset == entry.count
+        # The partitions' runs lie one after another in the object (in the
+        # order their rounds reached the committer).
+        ranges.sort()
+        assert ranges[0][0] == 0 and all(ranges[i][0] == sum(ranges[i - 1]) for i in (1, 2))
+        assert sum(ranges[-1]) == len(await node.store.get(obj))
+
+
+async def test_a_fenced_partition_is_refused_alone_and_the_others_commit(node: Node) -> None:
+    """Partition 1 was taken over behind the node's back (its owner key
+    deleted and taken under another lease): the group's transaction is
+    refused, partition 1's round with NotOwner, and the others commit in
+    a second transaction naming the same object."""
+    with trio.fail_after(WAIT):
+        await node.own([0, 1, 2])
+        await node.etcd.delete(node.keys.own(TOPIC, 1))
+        other = LeaseKeeper(node.etcd, 10)
+        await other.grant()
+        thief = PartitionOwner(node.etcd, node.store, other, TOPIC, 1, keys=node.keys)
+        assert await thief.acquire()
+        before = node.etcd.txns
+        batches = {p: [batch_of(f"p{p}", 2)] for p in range(3)}
+        outcomes: dict[int, int | Exception] = {}
+        await append_all(node, batches, outcomes)
+        assert outcomes[0] == 0 == outcomes[2]
+        assert isinstance(outcomes[1], NotOwner) and "fenced" in str(outcomes[1])
+        assert node.owners[1].lost is not None
+        assert (node.etcd.txns - before, node.rounds.groups) == (2, 1)
+        (obj,) = await node.data_objects()
+        assert [e.object for p in (0, 2) for e in await node.entries(p)] == [obj, obj]
+        assert await node.entries(1) == []
+        assert await node.read(0) == batches[0] and await node.read(2) == batches[2]
+
+
+@pytest.mark.parametrize("mode", ["applied", "unsent"])
+async def test_a_lost_answer_is_resolved_for_every_partition_of_the_group(node: Node, mode: str) -> None:
+    """The group's transaction loses its answer: the first partition's
+    index entry says whether it committed (applied: nothing is sent again)
+    or not (unsent: sent again once); each partition is stored once."""
+    with trio.fail_after(WAIT):
+        await node.own([0, 1])
+        node.etcd.lose = mode
+        before = node.etcd.txns
+        batches = {p: [batch_of(f"p{p}", 3)] for p in range(2)}
+        outcomes: dict[int, int | Exception] = {}
+        await append_all(node, batches, outcomes)
+        assert outcomes == {0: 0, 1: 0}
+        assert node.etcd.txns - before == (1 if mode == "applied" else 2)
+        for p in range(2):
+            assert [(e.first, e.count) for e in await node.entries(p)] == [(0, 3)]
+            assert await node.read(p) == batches[p]
+            assert node.owners[p].next_offset == 3
+
+
+async def test_a_group_holds_no_more_partitions_than_one_transaction_may(node: Node) -> None:
+    """More partitions than one transaction's compares allow (etcd's 128
+    operations): the rounds go out in two groups, every one committed."""
+    with trio.fail_after(WAIT * 2):
+        count = MAX_GROUP + 3
+        await node.own(range(count))
+        batches = {p: [batch_of(f"p{p}", 1)] for p in range(count)}
+        outcomes: dict[int, int | Exception] = {}
+        await append_all(node, batches, outcomes)
+        assert outcomes == dict.fromkeys(range(count), 0)
+        assert (node.rounds.groups, node.rounds.rounds) == (2, count)
+        assert len(await node.data_objects()) == 2
+        for p in (0, count - 1):
+            assert await node.read(p) == batches[p]
