@@ -8,9 +8,11 @@ subscribers on every node read every partition."""
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pybroker
@@ -22,6 +24,7 @@ from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
     cluster_node,
     hello,
     servers,
+    stop_gracefully,
     store_of,
     urls,
     wait_for,
@@ -229,3 +232,88 @@ async def test_one_partition_is_purged_on_every_node_and_the_others_keep_theirs(
                             if len(got) == 7:
                                 break
             assert sorted(got) == [("logs~0", i) for i in range(5)] + [("logs~1", 3), ("logs~1", 4)]
+
+
+async def saved_group(node: Server, group: str, topic: str, partitions: int) -> list[dict[str, Any] | None]:
+    """The group's saved state in each partition of ``topic``, from etcd."""
+    store = store_of(node)
+    out: list[dict[str, Any] | None] = []
+    for p in range(partitions):
+        kv = await store.etcd.get(store.settings.keys.group(group, topic, p))
+        out.append(None if kv is None else json.loads(kv.value))
+    return out
+
+
+async def test_a_group_over_a_partitioned_topic_reads_every_partition_and_resumes_each(
+    urls: dict[str, str], tmp_path: Path
+) -> None:
+    """A consumer group over a partitioned topic runs at the owner of its
+    partition 0 and reads every partition from that node's copies, wherever
+    each is committed; ordering=key keeps each key's messages in order
+    across two members. Its state is saved per partition
+    (``grp/{group}/{topic}/{p}``), so after a graceful stop of that node the
+    other resumes each partition where it was: nothing acked comes again."""
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        nodes = [a, b]
+        async with pybroker.connect(a.url) as admin:
+            await admin.create_topic("jobs", partitions=4)
+        owners = await settled_partitions(nodes, "jobs", 4)
+        assert set(owners) == {addr_of(a), addr_of(b)}, owners  # the group reads partitions of both
+        both = f"pybroker://{addr_of(a)},{addr_of(b)}"
+        keys = [f"k{i % 9}" for i in range(60)]
+        async with pybroker.connect(both, name="publisher", reconnect=True) as pub:
+            acks = [await pub.publish("jobs", b"%d" % i, {"key": key}) for i, key in enumerate(keys)]
+        counts = [sum(1 for ack in acks if ack.topic == partition_topic("jobs", p)) for p in range(4)]
+        got: dict[str, list[int]] = defaultdict(list)
+        seen: list[tuple[str, int]] = []
+
+        async def member(name: str) -> None:
+            async with pybroker.connect(both, name=name, reconnect=True) as m:
+                async with m.subscribe(
+                    "jobs", group="workers", start="earliest", ordering="key", auto_ack=False, max_ack_pending=5
+                ) as sub:
+                    async for message in sub:
+                        got[message.headers["key"]].append(int(message.payload))
+                        seen.append((message.topic, message.offset))
+                        await message.ack()
+                        if len(seen) == len(keys):
+                            await m.ping()  # the last ack is sent
+                            nursery.cancel_scope.cancel()
+
+        with trio.fail_after(WAIT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(member, "one")
+                nursery.start_soon(member, "two")
+        assert sorted(seen) == sorted((ack.topic, ack.offset) for ack in acks)
+        for key in set(keys):
+            assert got[key] == [i for i, k in enumerate(keys) if k == key]
+        coordinator = a if owners[0] == addr_of(a) else b
+        survivor = b if coordinator is a else a
+        with trio.fail_after(WAIT):
+            while True:  # saved by the coordinator's next transaction after the acks
+                states = await saved_group(survivor, "workers", "jobs", 4)
+                if [(s or {}).get("cursor") for s in states] == counts and not any(s and s["pending"] for s in states):
+                    break
+                await trio.sleep(0.02)
+
+        await stop_gracefully(coordinator)
+        await wait_for(lambda: partition_owners([survivor], "jobs", 4) is not None)
+        async with pybroker.connect(survivor.url, name="publisher") as pub:
+            more = [await pub.publish("jobs", b"%d" % i, {"key": f"k{i % 9}"}) for i in range(60, 80)]
+        async with pybroker.connect(survivor.url, name="three") as m:
+            async with m.subscribe("jobs", group="workers", auto_ack=False) as sub:
+                again: list[tuple[str, int, int]] = []
+                with trio.fail_after(WAIT):
+                    async for message in sub:
+                        again.append((message.topic, message.offset, message.deliveries))
+                        await message.ack()
+                        if len(again) == len(more):
+                            break
+        assert sorted(again) == sorted((ack.topic, ack.offset, 1) for ack in more)
+        # Deleting the topic deletes the group's keys in every partition.
+        store = store_of(survivor)
+        prefix = store.settings.keys.group_prefix("workers", "jobs")
+        assert len((await store.etcd.get_prefix(prefix)).kvs) == 4
+        async with pybroker.connect(survivor.url) as admin:
+            await admin.delete_topic("jobs")
+        assert (await store.etcd.get_prefix(prefix)).kvs == []

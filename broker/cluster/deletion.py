@@ -24,8 +24,9 @@ from .keys import ClusterKeys, escape
 from .objects import ObjectStore
 from .topics import TopicInfo
 
-#: Consumer groups whose state in one topic one transaction deletes, and
-#: group keys read a page at a time (etcd takes at most 128 operations
+#: Consumer groups whose state in one topic one transaction deletes (one
+#: prefix delete each, for all of its partitions), and group keys read a
+#: page at a time (etcd takes at most 128 operations
 #: per transaction; the rest of the transaction is 7 of them).
 MAX_GROUP_KEYS = 100
 PAGE = 1000
@@ -37,23 +38,24 @@ class DeleteError(Exception):
     """The topic could not be deleted; nothing was."""
 
 
-async def group_keys(etcd: Etcd, keys: ClusterKeys, topic: str) -> list[bytes]:
-    """The ``grp/{group}/{topic}/{partition}`` keys of ``topic``, read a
-    page at a time (keys only). DeleteError past MAX_GROUP_KEYS."""
+async def group_prefixes(etcd: Etcd, keys: ClusterKeys, topic: str) -> list[bytes]:
+    """The ``grp/{group}/{topic}/`` prefix of each group with state in
+    ``topic`` (a key per partition under it), found by reading ``grp/`` a
+    page at a time (keys only). DeleteError past MAX_GROUP_KEYS groups."""
     prefix = keys.prefix + b"grp/"
     wanted = escape(topic)
-    found: list[bytes] = []
+    found: dict[bytes, None] = {}
     start, end = prefix, prefix + b"\xff"
     for _ in range(MAX_PAGES):
         page = await etcd.range(start, end, limit=PAGE, keys_only=True)
         for kv in page.kvs:
             parts = kv.key[len(prefix) :].split(b"/")
             if len(parts) == 3 and parts[1] == wanted:
-                found.append(kv.key)
+                found[kv.key[: kv.key.rindex(b"/") + 1]] = None
         if len(found) > MAX_GROUP_KEYS:
             raise DeleteError(f"more than {MAX_GROUP_KEYS} consumer groups read {topic!r}: delete some first")
         if not page.more or not page.kvs:
-            return found
+            return list(found)
         start = page.kvs[-1].key + b"\x00"
     raise DeleteError(f"more than {MAX_PAGES * PAGE} consumer group keys to look through")
 
@@ -96,7 +98,7 @@ async def delete_topic(etcd: Etcd, keys: ClusterKeys, info: TopicInfo) -> bool:
     etcd holds of it; False when that generation was gone already (deleted
     through another node, or made again)."""
     topic = info.name
-    groups = await group_keys(etcd, keys, topic)
+    groups = await group_prefixes(etcd, keys, topic)
     record = keys.topic(topic)
     # Dead letters to a partitioned topic go to its partition 0 (groups).
     handed = partition_topic(topic, 0) if info.partitions > 1 else topic
@@ -104,7 +106,7 @@ async def delete_topic(etcd: Etcd, keys: ClusterKeys, info: TopicInfo) -> bool:
         Delete(record),
         *(Delete(b"%s%s/%s/" % (keys.prefix, kind, escape(topic)), prefix=True) for kind in (b"own", b"next", b"idx", b"dedup")),
         Delete(keys.prefix + b"handoff/" + escape(handed) + b"/", prefix=True),
-        *(Delete(key) for key in groups),
+        *(Delete(group, prefix=True) for group in groups),
     ]
     result = await etcd.txn([Compare.create_revision(record, "==", info.created)], list(ops))
     return result.succeeded

@@ -1,10 +1,12 @@
 """Consumer-group state in etcd, run by each topic's owner (docs/cluster.md §10).
 
-A group's dispatch runs on the node that owns its topic (partition 0), and
-only there: a group SUBSCRIBE anywhere else is refused with NOT_OWNER
-naming the owner (``admit``), which clients follow as they follow it for a
-PUBLISH. The state of one (group, topic) is one key,
-``grp/{group}/{topic}/0``::
+A group's dispatch runs on the node that owns its topic (partition 0 of a
+partitioned topic), and only there: a group SUBSCRIBE anywhere else is
+refused with NOT_OWNER naming the owner (``admit``), which clients follow
+as they follow it for a PUBLISH. A group over a partitioned topic reads
+every partition from this node's copies (every node follows every
+partition), wherever each partition's appends are committed. The state of
+one (group, partition) is one key, ``grp/{group}/{topic}/{partition}``::
 
     {"v": 1, "cursor": n, "pending": {"offset": [deadline_ms, deliveries]},
      "group": {"pattern", "start", "start_value", "config": {...}}}
@@ -23,8 +25,9 @@ with it.
   lower than the number of GROUP_DELIVERs sent). Changes are gathered for
   ``window`` seconds after the first held hand-out (acks and naks alone:
   for ``interval``) and written in one transaction per topic, which
-  compares the owner key's create revision (the epoch) and each group
-  key's mod revision as last written. Held hand-outs go out once it
+  compares the owner key's create revision (the epoch of the topic, or of
+  its partition 0) and each group key's mod revision as last written; a
+  key whose value did not change is not written. Held hand-outs go out once it
   succeeded and only while the owner's lease holds (§6).
 - **Fenced.** A transaction refused on its compares means another node
   owns the topic (or wrote the key): the topic's groups are evicted here,
@@ -40,7 +43,7 @@ with it.
   (``leave``).
 
 What is not here: groups reading several topics (a pattern with wildcards
-is refused in cluster mode) and several partitions per topic. A dead
+is refused in cluster mode). A dead
 letter whose topic another node owns is handed to that node through etcd
 (handoff.py). GROUPS delete (on the owner) deletes the key too, fenced.
 """
@@ -75,8 +78,8 @@ FORMAT = 1
 #: changes without hand-outs (acks, naks) are saved.
 DEFAULT_WINDOW = 0.005
 DEFAULT_INTERVAL = 0.2
-#: Groups written by one transaction (two compares and a put each stay
-#: under etcd's 128 operations per transaction).
+#: Group keys written by one transaction (a compare and a put each, and
+#: the epoch's compare, stay under etcd's 128 operations per transaction).
 GROUPS_PER_TXN = 60
 #: How often ownership is checked besides the ownership manager's changes.
 RECHECK = 1.0
@@ -88,23 +91,50 @@ LEAVE_TIMEOUT = 5.0
 
 
 @attrs.define(eq=False)
-class _Bound:
-    """One group run here, under one owner epoch of its topic."""
+class _Part:
+    """One topic a group reads (its topic, or one partition of it) and its key."""
 
     topic: str
     key: bytes
-    owner: PartitionOwner
-    #: The group key's mod revision as last written or read (0: absent).
+    #: The key's mod revision as last written or read (0: absent).
     mod_revision: int = 0
-    #: The group's version last saved (-1: nothing saved by this node yet).
-    saved_version: int = -1
-    loaded: bool = False
+    #: The value last written or read (a part whose value is unchanged and
+    #: holds no hand-outs is not written again).
+    saved: bytes | None = None
     #: Offsets the topic's copy must reach before dispatch (from the saved state).
     needs: int = 0
     #: Hand-outs waiting for the transaction that counts them.
     held: list[Callable[[], None]] = attrs.field(factory=list)
     #: The value of a transaction whose answer was lost (adopted if it applied).
     unsure: bytes | None = None
+
+
+@attrs.define(eq=False)
+class _Bound:
+    """One group run here, under one owner epoch of its topic (partition 0
+    of a partitioned topic), with a part per topic it reads."""
+
+    topic: str
+    owner: PartitionOwner
+    parts: dict[str, _Part]
+    #: The group's version last saved (-1: to be saved).
+    saved_version: int = -1
+    loaded: bool = False
+
+    @property
+    def held(self) -> bool:
+        return any(part.held for part in self.parts.values())
+
+
+@attrs.frozen
+class _Item:
+    """One part's write in a save: the value and the hand-outs it counts."""
+
+    name: str
+    bound: _Bound
+    part: _Part
+    value: bytes
+    held: list[Callable[[], None]]
 
 
 class ClusterGroupState:
@@ -152,12 +182,6 @@ class ClusterGroupState:
     def admit(self, name: str, pattern: str) -> None:
         if has_wildcard(pattern):
             raise ValueError("in cluster mode a group reads one topic (a pattern without wildcards)")
-        partitions = self.store.partition_count(pattern)
-        if partitions:
-            raise ValueError(
-                f"in cluster mode a group reads one partition: {pattern!r} has {partitions}, "
-                f"{partition_topic(pattern, 0)!r} to {partition_topic(pattern, partitions - 1)!r}"
-            )
         owner = self._owner(pattern)
         if owner is None:
             # A group made before anything was published: the topic is
@@ -170,14 +194,20 @@ class ClusterGroupState:
         bound = self._bound.get(name)
         if bound is not None and bound.owner is not owner:
             self._evict(bound, name, "an earlier term of the topic")  # then made again, and loaded
-        self.groups.router.topic(pattern)  # the group follows it from its creation
+        for topic in self._topics_of(pattern):
+            self.groups.router.topic(topic)  # the group follows it from its creation
+
+    def _topics_of(self, pattern: str) -> list[str]:
+        """What a group over ``pattern`` reads: its partitions, or itself."""
+        count = self.store.partition_count(pattern)
+        return [partition_topic(pattern, p) for p in range(count)] if count else [pattern]
 
     def created(self, group: Group) -> None:
         owner = self._owner(group.pattern)
         assert owner is not None  # admitted just before, with no await between
-        bound = self._bound[group.name] = _Bound(
-            group.pattern, self.store.settings.keys.group(group.name, *self.store.address(group.pattern)), owner
-        )
+        keys = self.store.settings.keys
+        parts = {t: _Part(t, keys.group(group.name, *self.store.address(t))) for t in self._topics_of(group.pattern)}
+        bound = self._bound[group.name] = _Bound(group.pattern, owner, parts)
         # A hand-over saves the groups before the owner key goes (their
         # transactions are fenced on it): acks since the last save are kept.
         owner.before_release = self.flush
@@ -190,18 +220,20 @@ class ClusterGroupState:
         bound = self._bound.get(group.name)
         if bound is None or not bound.loaded or self._leaving or not bound.owner.accepting:
             return False
-        if bound.needs:
-            topic = self.groups.router.topics.get(bound.topic)
-            if topic is None or topic.visible_next < bound.needs:
-                return False  # the copy is behind what the last owner handed out
-            bound.needs = 0
+        for part in bound.parts.values():
+            if part.needs:
+                topic = self.groups.router.topics.get(part.topic)
+                if topic is None or topic.visible_next < part.needs:
+                    return False  # the copy is behind what the last owner handed out
+                part.needs = 0
         return True
 
-    def hold(self, group: Group, send: Callable[[], None]) -> None:
+    def hold(self, group: Group, topic: str, send: Callable[[], None]) -> None:
         bound = self._bound.get(group.name)
-        if bound is None:
+        part = bound.parts.get(topic) if bound is not None else None
+        if part is None:
             return  # evicted meanwhile: never sent
-        bound.held.append(send)
+        part.held.append(send)
         self._wake.set()
 
     def deleted(self, name: str) -> None:
@@ -210,34 +242,38 @@ class ClusterGroupState:
             self._nursery.start_soon(self._delete_key, name, bound)
 
     async def _delete_key(self, name: str, bound: _Bound) -> None:
-        """GROUPS delete: the group's key goes, fenced like every write (a
+        """GROUPS delete: the group's keys go, fenced like every write (a
         group of the same name made again meanwhile and already saved keeps
-        its key: the mod revision moved)."""
+        its keys: their mod revisions moved)."""
         etcd = self.store.etcd
         own = self.store.settings.keys.own(*self.store.address(bound.topic))
-        compares = [
-            Compare.create_revision(own, "==", bound.owner.epoch),
-            Compare.mod_revision(bound.key, "==", bound.mod_revision),
-        ]
-        try:
-            with trio.fail_after(etcd.timeout * 2):
-                result = await etcd.txn(compares, [Delete(bound.key)])
-        except (EtcdError, TimeoutError, OSError) as exc:
-            self.logger.warning("deleted group's state not removed", group=name, error=repr(exc))
-            return
-        if not result.succeeded:
-            self.logger.warning("deleted group's state not removed: fenced", group=name, topic=bound.topic)
+        parts = list(bound.parts.values())
+        for start in range(0, len(parts), GROUPS_PER_TXN):
+            chunk = parts[start : start + GROUPS_PER_TXN]
+            compares = [Compare.create_revision(own, "==", bound.owner.epoch)]
+            compares += [Compare.mod_revision(part.key, "==", part.mod_revision) for part in chunk]
+            try:
+                with trio.fail_after(etcd.timeout * 2):
+                    result = await etcd.txn(compares, [Delete(part.key) for part in chunk])
+            except (EtcdError, TimeoutError, OSError) as exc:
+                self.logger.warning("deleted group's state not removed", group=name, error=repr(exc))
+                return
+            if not result.succeeded:
+                self.logger.warning("deleted group's state not removed: fenced", group=name, topic=bound.topic)
+                return
 
     # -- loading ---------------------------------------------------------------------
 
     async def _load(self, group: Group, bound: _Bound) -> None:
-        """Read the group's saved state (retried while this is its binding)."""
+        """Read the group's saved state, every part's key in one range read
+        (retried while this is its binding)."""
         pause = LOAD_RETRY_MIN
         etcd = self.store.etcd
+        prefix = self.store.settings.keys.group_prefix(group.name, self.store.address(bound.topic)[0])
         while self._bound.get(group.name) is bound:
             try:
                 with trio.fail_after(etcd.timeout * 2):
-                    kv = await etcd.get(bound.key)
+                    found = await etcd.get_prefix(prefix, limit=len(bound.parts) + 1)
                 break
             except (EtcdError, TimeoutError) as exc:
                 self.logger.info("group state not read", group=group.name, error=repr(exc), retry_in=pause)
@@ -247,21 +283,26 @@ class ClusterGroupState:
             return
         if self._bound.get(group.name) is not bound:
             return
-        if kv is not None:
-            bound.mod_revision = kv.mod_revision
+        by_key = {part.key: part for part in bound.parts.values()}
+        loaded = 0
+        for kv in found.kvs:
+            part = by_key.get(kv.key)
+            if part is None:
+                continue  # not a partition the topic has now
+            part.mod_revision = kv.mod_revision
+            part.saved = kv.value
+            loaded += 1
             try:
-                self._apply(group, bound, kv.value)
+                self._apply(group, part, kv.value)
             except (ValueError, KeyError, TypeError) as exc:
                 # Written whole by an owner: a value that does not read came
-                # from outside. The group starts as its SUBSCRIBE says.
-                self.logger.error("unreadable group state ignored", group=group.name, error=repr(exc))
+                # from outside. That part starts as the SUBSCRIBE says.
+                self.logger.error("unreadable group state ignored", group=group.name, topic=part.topic, error=repr(exc))
         bound.loaded = True
-        self.logger.info(
-            "group loaded", group=group.name, topic=bound.topic, found=kv is not None, epoch=bound.owner.epoch
-        )
+        self.logger.info("group loaded", group=group.name, topic=bound.topic, found=loaded, epoch=bound.owner.epoch)
         self.groups.wake()
 
-    def _apply(self, group: Group, bound: _Bound, value: bytes) -> None:
+    def _apply(self, group: Group, part: _Part, value: bytes) -> None:
         doc = json.loads(value)
         if doc.get("v") != FORMAT:
             raise ValueError(f"format {doc.get('v')!r}")
@@ -273,17 +314,17 @@ class ClusterGroupState:
         if "config" in saved:
             group.config = GroupConfig.from_doc(saved["config"])
             group.start, group.start_value = StartKind(int(saved["start"])), int(saved["start_value"])
-        topic = self.groups.router.topics.get(bound.topic)
+        topic = self.groups.router.topics.get(part.topic)
         gt = group.topics.get(topic) if topic is not None else None
         if gt is None:
-            raise ValueError(f"the group does not follow {bound.topic!r}")
+            raise ValueError(f"the group does not follow {part.topic!r}")
         group.resume_at(gt, cursor, pending, trio.current_time(), time.time_ns() // 1_000_000)
-        bound.needs = max([cursor, *(o + 1 for o in pending)])
+        part.needs = max([cursor, *(o + 1 for o in pending)])
 
     # -- saving ------------------------------------------------------------------------
 
-    def _encode(self, group: Group, bound: _Bound) -> bytes | None:
-        topic = self.groups.router.topics.get(bound.topic)
+    def _encode(self, group: Group, part: _Part) -> bytes | None:
+        topic = self.groups.router.topics.get(part.topic)
         gt = group.topics.get(topic) if topic is not None else None
         if gt is None:
             return None
@@ -310,7 +351,7 @@ class ClusterGroupState:
             await self._flush()
 
     async def _flush(self) -> None:
-        work: dict[PartitionOwner, list[tuple[_Bound, str, bytes, int, list[Callable[[], None]]]]] = {}
+        work: dict[PartitionOwner, list[_Item]] = {}
         for name, bound in list(self._bound.items()):
             group = self.groups.groups.get(name)
             if group is None:
@@ -318,11 +359,14 @@ class ClusterGroupState:
                 continue
             if not bound.loaded or (group.version == bound.saved_version and not bound.held):
                 continue
-            value = self._encode(group, bound)
-            if value is None:
-                continue
-            held, bound.held = bound.held, []
-            work.setdefault(bound.owner, []).append((bound, name, value, group.version, held))
+            # Saved as of this version unless a write fails (then -1 again).
+            bound.saved_version = group.version
+            for part in bound.parts.values():
+                value = self._encode(group, part)
+                if value is None or (value == part.saved and not part.held):
+                    continue
+                held, part.held = part.held, []
+                work.setdefault(bound.owner, []).append(_Item(name, bound, part, value, held))
         if not work:
             return
         async with trio.open_nursery() as nursery:
@@ -330,45 +374,42 @@ class ClusterGroupState:
                 for start in range(0, len(items), GROUPS_PER_TXN):
                     nursery.start_soon(self._write, owner, items[start : start + GROUPS_PER_TXN])
 
-    async def _write(
-        self, owner: PartitionOwner, items: list[tuple[_Bound, str, bytes, int, list[Callable[[], None]]]]
-    ) -> None:
+    async def _write(self, owner: PartitionOwner, items: list[_Item]) -> None:
         etcd = self.store.etcd
         keys = self.store.settings.keys
         own = keys.own(owner.topic, owner.partition)
         compares = [Compare.create_revision(own, "==", owner.epoch)]
-        compares += [Compare.mod_revision(bound.key, "==", bound.mod_revision) for bound, *_ in items]
+        compares += [Compare.mod_revision(item.part.key, "==", item.part.mod_revision) for item in items]
         try:
             if self.before_write is not None:
                 await self.before_write(owner.topic)
             with trio.fail_after(etcd.timeout * 2):
-                result = await etcd.txn(compares, [Put(bound.key, value) for bound, _, value, _, _ in items])
+                result = await etcd.txn(compares, [Put(item.part.key, item.value) for item in items])
         except (EtcdError, TimeoutError, OSError) as exc:
             # Perhaps applied: the hand-outs stay held (not sent before their
             # counts are known to be saved); the next transaction decides.
             self.logger.warning("group state not saved", topic=owner.topic, error=repr(exc))
-            for bound, _, value, _, held in items:
-                bound.unsure = value
-                bound.held[:0] = held
+            for item in items:
+                item.part.unsure = item.value
+                item.part.held[:0] = item.held
+                item.bound.saved_version = -1
             self._wake.set()
             return
         if result.succeeded:
             self.writes += 1
             sending = owner.owning
-            for bound, name, _, version, held in items:
-                bound.mod_revision = result.revision
-                bound.saved_version = version
-                bound.unsure = None
-                if sending and self._bound.get(name) is bound:
-                    for send in held:
+            for item in items:
+                item.part.mod_revision = result.revision
+                item.part.saved = item.value
+                item.part.unsure = None
+                if sending and self._bound.get(item.name) is item.bound:
+                    for send in item.held:
                         send()
             return
         self.refused += 1
         await self._resolve_refused(owner, items)
 
-    async def _resolve_refused(
-        self, owner: PartitionOwner, items: list[tuple[_Bound, str, bytes, int, list[Callable[[], None]]]]
-    ) -> None:
+    async def _resolve_refused(self, owner: PartitionOwner, items: list[_Item]) -> None:
         """A refused transaction: fenced (another epoch, or another writer of
         a group key: its groups are evicted), or refused only because an
         earlier transaction whose answer was lost did apply (adopted: the
@@ -377,22 +418,24 @@ class ClusterGroupState:
         try:
             with trio.fail_after(etcd.timeout * 2):
                 own = await etcd.get(self.store.settings.keys.own(owner.topic, owner.partition))
-                found = [await etcd.get(bound.key) for bound, *_ in items]
+                found = [await etcd.get(item.part.key) for item in items]
         except (EtcdError, TimeoutError, OSError):
             own, found = None, []
         fenced = own is None or own.create_revision != owner.epoch or not found
-        for (bound, name, _, _, held), kv in zip(items, found or [None] * len(items)):
-            if not fenced and kv is not None and bound.unsure is not None and kv.value == bound.unsure:
-                bound.mod_revision = kv.mod_revision
-                bound.unsure = None
-                bound.saved_version = -1  # written again with what changed since
-                bound.held[:0] = held
+        for item, kv in zip(items, found or [None] * len(items)):
+            part = item.part
+            if not fenced and kv is not None and part.unsure is not None and kv.value == part.unsure:
+                part.mod_revision = kv.mod_revision
+                part.saved = kv.value
+                part.unsure = None
+                item.bound.saved_version = -1  # written again with what changed since
+                part.held[:0] = item.held
                 self._wake.set()
                 continue
             why = "the owner epoch moved" if fenced else "another writer changed the group's key"
-            self.logger.warning("group state refused: fenced", group=name, topic=owner.topic, why=why)
-            if self._bound.get(name) is bound:
-                self._evict(bound, name, why)
+            self.logger.warning("group state refused: fenced", group=item.name, topic=part.topic, why=why)
+            if self._bound.get(item.name) is item.bound:
+                self._evict(item.bound, item.name, why)
 
     # -- ownership ----------------------------------------------------------------------
 
@@ -400,7 +443,8 @@ class ClusterGroupState:
         """Stop running group ``name`` here; its members are told NOT_OWNER."""
         if self._bound.get(name) is bound:
             del self._bound[name]
-        bound.held = []  # counted (perhaps saved), never sent: redelivered by the owner
+        for part in bound.parts.values():
+            part.held = []  # counted (perhaps saved), never sent: redelivered by the owner
         addr = self._owner_addr(bound.topic)
 
         def tell(member: Member, topic: str) -> None:

@@ -70,6 +70,10 @@ class ClusterKeys:
         one partition (docs/cluster.md §10), written by the partition's owner."""
         return b"%sgrp/%s/%s/%d" % (self.prefix, escape(group), escape(topic), partition)
 
+    def group_prefix(self, group: str, topic: str) -> bytes:
+        """``grp/{group}/{topic}/``: the group's keys in each partition of ``topic``."""
+        return b"%sgrp/%s/%s/" % (self.prefix, escape(group), escape(topic))
+
     def gone(self, object_key: str) -> bytes:
         return self.prefix + b"gone/" + object_key.encode("utf-8")
 

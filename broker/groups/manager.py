@@ -53,8 +53,8 @@ class SharedGroupState(Protocol):
     def may_dispatch(self, group: Group) -> bool:
         """Whether ``group`` may time out and hand out messages now."""
 
-    def hold(self, group: Group, send: Callable[[], None]) -> None:
-        """Send a hand-out once the state that counts it is saved."""
+    def hold(self, group: Group, topic: str, send: Callable[[], None]) -> None:
+        """Send a hand-out from ``topic`` once the state that counts it is saved."""
 
     def deleted(self, name: str) -> None:
         """Group ``name`` was deleted here: its saved state goes too."""
@@ -256,7 +256,7 @@ class GroupManager:
     ) -> None:
         """Send a GROUP_DELIVER once the journal (or etcd) has counted it."""
         if self.shared is not None:
-            self.shared.hold(group, partial(_send, member, topic, base, timestamp, deliveries, batch))
+            self.shared.hold(group, topic.name, partial(_send, member, topic, base, timestamp, deliveries, batch))
             return
         if not self.state.persistent:
             member.sub.subscriber.deliver_group(member.sub, topic, base, timestamp, deliveries, batch)
