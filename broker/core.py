@@ -194,6 +194,8 @@ def cluster_store(config: Config) -> LogStore:
     settings = attrs.evolve(
         parse_cluster_urls(config.cluster or "", config.object_store, config.node_name),
         ttl=config.cluster_lease_ttl,
+        dedup_window=config.dedup_window,
+        dedup_max_ids=config.dedup_max_ids,
         topic_settings=config.topic_settings,
         compaction=CompactionSettings(keep=config.cluster_index_keep, fan_in=config.cluster_index_fan_in),
     )
@@ -223,7 +225,7 @@ class Broker:
         # reach this node's subscribers through the router.
         attach = getattr(store, "attach", None)
         if attach is not None:
-            attach(self._committed_elsewhere, self.router.copy_positioned, self._deleted_elsewhere)
+            attach(self._committed_elsewhere, self.router.copy_positioned, self._deleted_elsewhere, self._older_ids)
         self.committer = Committer(store, self.router, config.retention_check_seconds)
         state_dir = config.data_dir / "groups" if isinstance(store, FileStore) else None
         # Delivery counts are written before a delivery is sent, and fsynced
@@ -337,6 +339,14 @@ class Broker:
             if msg_id is not None:
                 topic = self.router.topic(name)
                 self.dedup.remember(topic, msg_id, Stored(stored.base_offset, stored.count, stored.timestamp, None))
+
+    def _older_ids(self, name: str, named: list[tuple[str, int, int, int]]) -> None:
+        """Cluster mode, at a take-over: the msg-ids of the batches committed
+        within the exactly-once window but older than this node's copy (read
+        from etcd), which reading the copy back cannot see."""
+        topic = self.router.topic(name)
+        stored = [(msg_id, Stored(base, count, timestamp, None)) for msg_id, base, count, timestamp in named]
+        self.dedup.add_older(topic, stored, time.time_ns() // 1000)
 
     def _deleted_elsewhere(self, name: str) -> None:
         """Cluster mode: a topic was deleted through another node. It leaves

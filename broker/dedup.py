@@ -100,6 +100,19 @@ class DedupWindow:
             order.append((stored.timestamp, msg_id))
         self._expire(ids, named[-1][1].timestamp)
 
+    def add_older(self, topic: Topic, named: list[tuple[str, Stored]], now_us: int) -> None:
+        """Ids of batches stored before what the log now holds (cluster mode:
+        read from etcd by a node taking the topic over), merged in time
+        order with those read back from the log or remembered since; an id
+        already known keeps what is known."""
+        ids = self._ids(topic, now_us)
+        fresh = [(stored.timestamp, msg_id) for msg_id, stored in named if msg_id not in ids.by_id]
+        for msg_id, stored in named:
+            ids.by_id.setdefault(msg_id, stored)
+        if fresh:
+            ids.order = collections.deque(sorted([*fresh, *ids.order], key=lambda entry: entry[0]))
+        self._expire(ids, now_us)
+
     def forget(self, topic_name: str) -> None:
         self._topics.pop(topic_name, None)
 

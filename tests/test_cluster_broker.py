@@ -562,21 +562,39 @@ async def test_the_client_follows_not_owner_to_the_owner(urls: dict[str, str], t
         assert got == [b"created"] + [f"followed-{i}".encode() for i in range(5)]
 
 
+def named(msg_id: str, payload: bytes) -> bytes:
+    return encode_batch([(payload, {"msg-id": msg_id})])
+
+
+async def send_once(node: Server, topic: str, batch: bytes) -> PubAck | Error:
+    """One DEDUP publish of ``batch`` on a connection of its own: its answer."""
+    async with raw_client(node) as raw:
+        await hello(raw, "exactly-once")
+        await raw.send_event(Publish(3, topic, batch, dedup=True))
+        event = await raw.next_event()
+    assert isinstance(event, (PubAck, Error)), event
+    return event
+
+
+async def resend_until_taken(node: Server, topic: str, batch: bytes) -> PubAck:
+    """Send ``batch`` to ``node`` until it takes it (NOT_OWNER while it is
+    taking the topic over): its PUBACK."""
+    with trio.fail_after(WAIT):
+        while True:
+            again = await send_once(node, topic, batch)
+            if isinstance(again, PubAck):
+                return again
+            assert again.code == ErrorCode.NOT_OWNER, again
+            await trio.sleep(0.05)
+
+
 async def test_a_resend_to_the_next_owner_is_not_stored_twice(urls: dict[str, str], tmp_path: Path) -> None:
     """Exactly-once across owners: a DEDUP batch acknowledged by one owner
     and sent again to the next (the publisher never saw the PUBACK, say)
     gets its original offset there, and nothing is stored again."""
 
-    def named(msg_id: str, payload: bytes) -> bytes:
-        return encode_batch([(payload, {"msg-id": msg_id})])
-
     async def send(node: Server, batch: bytes) -> PubAck | Error:
-        async with raw_client(node) as raw:
-            await hello(raw, "exactly-once")
-            await raw.send_event(Publish(3, "once", batch, dedup=True))
-            event = await raw.next_event()
-        assert isinstance(event, (PubAck, Error)), event
-        return event
+        return await send_once(node, "once", batch)
 
     async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
         await publish_to_owner([a, b], "once", [b"zero"], "p")
@@ -590,19 +608,60 @@ async def test_a_resend_to_the_next_owner_is_not_stored_twice(urls: dict[str, st
         first = await send(owner, named("order-17", b"the order"))
         assert isinstance(first, PubAck) and first.base_offset == 1, first
         await stop_gracefully(owner)  # the owner stops; the other takes the topic over
-        with trio.fail_after(WAIT):
-            while True:
-                again = await send(other, named("order-17", b"the order"))
-                if isinstance(again, PubAck):
-                    break
-                assert again.code == ErrorCode.NOT_OWNER, again
-                await trio.sleep(0.05)
+        again = await resend_until_taken(other, "once", named("order-17", b"the order"))
         assert (again.base_offset, again.count) == (1, 1), again
         ack, _ = await publish_to_owner([other], "once", [b"two"], "p")
         assert ack.base_offset == 2
         store = store_of(other)
         reader = PartitionReader(store.etcd, store.objects, "once", 0, keys=store.settings.keys)
         assert [p for batch in await reader.read(0) for p, _ in decode_batch(batch.batch)] == [b"zero", b"the order", b"two"]
+
+
+async def test_a_resend_older_than_the_next_owners_copy_is_not_stored_twice(
+    urls: dict[str, str], tmp_path: Path
+) -> None:
+    """Exactly-once across owners beyond the next owner's copy: that node
+    keeps only the newest 4 KiB of the topic in memory, so the resent
+    batch's msg-id is not in its copy. Taking the topic over, it reads the
+    window's msg-ids from the rounds' ``ids/`` keys in etcd (below its
+    copy), and the resend gets its original offset. (Before those keys,
+    it was stored again at a new offset: the test fails without them.)"""
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        for node in (a, b):
+            tune(node, copy_bytes=4096)
+        await publish_to_owner([a, b], "deep", [b"zero"], "p")
+        owner = await settled_owner([a, b], "deep")
+        other = b if owner is a else a
+        first = await send_once(owner, "deep", named("order-1", b"the order"))
+        assert isinstance(first, PubAck) and first.base_offset == 1, first
+        fillers = [named(f"filler-{i}", b"x" * 200) for i in range(60)]
+        async with raw_client(owner) as raw:
+            await hello(raw, "fillers")
+            for i, batch in enumerate(fillers):  # one at a time: a round each
+                await raw.send_event(Publish(10 + i, "deep", batch, dedup=True))
+                ack = await raw.next_event()
+                assert isinstance(ack, PubAck) and ack.base_offset == 2 + i, ack
+        copy = store_of(other).topic("deep").copy
+        await wait_for(lambda: copy.next_offset == 62)
+        assert copy.first_offset > 2  # "order-1" is only in the object store now
+        await stop_gracefully(owner)  # the owner stops; the other takes the topic over
+        again = await resend_until_taken(other, "deep", named("order-1", b"the order"))
+        assert (again.base_offset, again.count) == (1, 1), again
+        newest = await send_once(other, "deep", fillers[-1])  # in the copy: known as before
+        assert isinstance(newest, PubAck) and newest.base_offset == 61, newest
+        ack, _ = await publish_to_owner([other], "deep", [b"after"], "p")
+        assert ack.base_offset == 62
+        store = store_of(other)
+        reader = PartitionReader(store.etcd, store.objects, "deep", 0, keys=store.settings.keys)
+        payloads: list[bytes] = []
+        offset = 0
+        for _ in range(100):  # bounded: each read returns at least one batch
+            batches = await reader.read(offset)
+            if not batches:
+                break
+            payloads += [p for batch in batches for p, _ in decode_batch(batch.batch)]
+            offset = batches[-1].next_offset
+        assert payloads == [b"zero", b"the order"] + [b"x" * 200] * 60 + [b"after"]
 
 
 async def test_a_put_the_object_store_refuses_is_refused_to_the_publisher(

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from helpers.cluster import Server, etcd_server, weed_server
 from pybroker.protocol import check_batch, encode_batch
@@ -129,6 +130,9 @@ async def append_all(
         nursery.start_soon(node.rounds.run)
         for owner in node.owners:
             nursery.start_soon(owner.run)
+        # Every loop waiting, as on a running node: the rounds then reach
+        # the committer in one turn of the scheduler.
+        await trio.testing.wait_all_tasks_blocked()
         async with trio.open_nursery() as appenders:
             for owner in node.owners:
                 if owner.partition in batches:

@@ -13,6 +13,7 @@ keeps them in memory (bounded, oldest forgotten first, as on a single node).
 
 from __future__ import annotations
 
+import json
 import math
 from collections import OrderedDict
 
@@ -38,6 +39,34 @@ def decode_entry(value: bytes) -> tuple[int, int]:
     if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[1]) < 1:
         raise ValueError(f"not a dedup entry: {value!r:.100}")
     return int(parts[0]), int(parts[1])
+
+
+#: One named batch of a broker round's ``ids/`` key: (msg-id, base, count, timestamp µs).
+Named = tuple[str, int, int, int]
+
+
+def encode_ids(named: list[Named]) -> bytes:
+    """The value of an ``ids/`` key: ``[[msg-id, base, count, ts], ...]``."""
+    return json.dumps([list(n) for n in named], separators=(",", ":")).encode()
+
+
+def decode_ids(value: bytes) -> list[Named]:
+    """The named batches of an ``ids/`` value; what does not read is left
+    out (written whole by an owner: anything else came from outside)."""
+    try:
+        raw = json.loads(value)
+    except ValueError:
+        return []
+    out: list[Named] = []
+    for entry in raw if isinstance(raw, list) else []:
+        if (
+            isinstance(entry, list)
+            and len(entry) == 4
+            and isinstance(entry[0], str)
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in entry[1:])
+        ):
+            out.append((entry[0], entry[1], entry[2], entry[3]))
+    return out
 
 
 @attrs.frozen

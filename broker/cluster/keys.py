@@ -57,6 +57,15 @@ class ClusterKeys:
     def index(self, topic: str, partition: int, first: int) -> bytes:
         return self.index_prefix(topic, partition) + b"%0*d" % (OFFSET_DIGITS, first)
 
+    def ids_prefix(self, topic: str, partition: int) -> bytes:
+        return self._partition(b"ids", topic, partition) + b"/"
+
+    def ids(self, topic: str, partition: int, first: int) -> bytes:
+        """``ids/{topic}/{partition}/{first:020d}``: the msg-ids of the
+        batches of the broker's commit round from ``first`` (the
+        exactly-once window below a new owner's copy, docs/cluster.md §7)."""
+        return self.ids_prefix(topic, partition) + b"%0*d" % (OFFSET_DIGITS, first)
+
     def dedup_prefix(self, topic: str, partition: int) -> bytes:
         return self._partition(b"dedup", topic, partition) + b"/"
 

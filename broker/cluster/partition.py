@@ -29,7 +29,7 @@ import base64
 import json
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -48,6 +48,7 @@ from .dedup import (
     WindowLeases,
     decode_entry,
     encode_entry,
+    encode_ids,
 )
 from .entries import IndexEntry, decode_stored, encode_stored
 from .etcd import Compare, Delete, Etcd, EtcdError, Get, KeyValue, Op, Put, TxnResult, prefix_end
@@ -90,6 +91,9 @@ class _Pending:
     timestamp: int
     base: int = -1
     msg_id: bytes | None = None
+    #: The batch's msg-id as the broker names it (``append_round``): kept in
+    #: the round's ``ids/`` key for the exactly-once window of a next owner.
+    named: str | None = None
 
 
 @attrs.define(eq=False)
@@ -99,6 +103,8 @@ class _Round:
     size: int = 0
     #: Exactly-once batches in the round (each adds a put to its transaction).
     dedup: int = 0
+    #: Batches with a broker msg-id (all in one ``ids/`` put).
+    named: int = 0
     closed: bool = False
     full: anyio.Event = attrs.field(factory=anyio.Event)
     done: anyio.Event = attrs.field(factory=anyio.Event)
@@ -320,11 +326,15 @@ class PartitionOwner:
         self.lose(f"epoch {self.epoch} no longer holds the partition")
         return False
 
-    async def append_round(self, batches: list[tuple[bytes, int, int]]) -> int:
+    async def append_round(
+        self, batches: list[tuple[bytes, int, int]], names: Sequence[str | None] | None = None
+    ) -> int:
         """Commit ``(batch, count, timestamp)`` checked batches as one round
         of their own, in order, all or none (a cluster broker's group
         commit, which has done its own batching); the first one's base
-        offset once acknowledged, else the round's AppendError."""
+        offset once acknowledged, else the round's AppendError. ``names``
+        are the batches' msg-ids (None: none), written with the round as
+        one ``ids/`` key under the dedup window's lease."""
         self._check_owning()
         with anyio.fail_after(self.max_commit_delay):
             while len(self._rounds) > MAX_QUEUED_ROUNDS:
@@ -332,6 +342,10 @@ class PartitionOwner:
             self._check_owning()
             round_ = _Round(anyio.current_time())
             round_.items = [_Pending(batch, count, timestamp) for batch, count, timestamp in batches]
+            if names is not None:
+                for item, name in zip(round_.items, names, strict=True):
+                    item.named = name
+                round_.named = sum(1 for name in names if name is not None)
             round_.size = sum(HEADER_SIZE + len(batch) for batch, _, _ in batches)
             round_.closed = True
             round_.full.set()
@@ -541,17 +555,23 @@ class PartitionOwner:
 
     async def dedup_writes(self, round_: _Round) -> list[Op]:
         """The round's msg-ids as puts under the current window lease (EtcdError
-        when none can be granted); none for a round without any."""
-        if not round_.dedup:
+        when none can be granted): one per ``append_once`` batch, and one
+        ``ids/`` key for the named batches of an ``append_round``; none for
+        a round without any."""
+        if not round_.dedup and not round_.named:
             return []
         if self.windows is None:
             self.windows = WindowLeases(self.etcd, self.dedup_window)
         lease = await self.windows.current()
-        return [
+        writes: list[Op] = [
             Put(self.keys.dedup(self.topic, self.partition, item.msg_id), encode_entry(item.base, item.count), lease)
             for item in round_.items
             if item.msg_id is not None
         ]
+        if round_.named:
+            named = [(i.named, i.base, i.count, i.timestamp) for i in round_.items if i.named is not None]
+            writes.append(Put(self.keys.ids(self.topic, self.partition, round_.items[0].base), encode_ids(named), lease))
+        return writes
 
     def round_txn(self, entry: IndexEntry, extra: list[Op] | None = None) -> tuple[list[Compare], list[Op], list[Op]]:
         """This partition's part of a round's transaction: three compares,

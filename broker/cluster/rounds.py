@@ -65,6 +65,9 @@ MAX_GROUP = MAX_TXN_OPS // 3
 #: Bytes in one group's object beyond its first round (a round closes at
 #: 8 MiB by default; this keeps an object, and a retried PUT, bounded).
 MAX_GROUP_BYTES = 16 << 20
+#: Named batches (``ids/`` entries, up to about 170 bytes each) in one
+#: group beyond its first round, under etcd's 1.5 MiB per request.
+MAX_GROUP_NAMED = 4096
 
 
 class ObjectNames:
@@ -94,7 +97,7 @@ class _Slot:
 
     @property
     def writes(self) -> int:
-        return 2 + self.round.dedup
+        return 2 + self.round.dedup + (1 if self.round.named else 0)
 
     def decide(self, outcome: AppendError | None) -> None:
         if not self.decided.is_set():
@@ -147,17 +150,19 @@ class RoundCommitter:
         """The first waiting round and those after it that still fit one
         transaction and the group's bytes; the rest wait for the next."""
         group: list[_Slot] = []
-        writes = size = 0
+        writes = size = named = 0
         for slot in self._waiting:
             if group and (
                 len(group) == MAX_GROUP
                 or writes + slot.writes > MAX_TXN_OPS
                 or size + slot.round.size > MAX_GROUP_BYTES + group[0].round.size
+                or named + slot.round.named > MAX_GROUP_NAMED + group[0].round.named
             ):
                 continue
             group.append(slot)
             writes += slot.writes
             size += slot.round.size
+            named += slot.round.named
             slot.taken = True
         self._waiting = [slot for slot in self._waiting if not slot.taken]
         return group

@@ -45,13 +45,15 @@ from __future__ import annotations
 import bisect
 import random
 import socket
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
 import trio
 
-from pybroker.protocol import Durability, partition_of, partition_topic
+from pybroker.protocol import Durability, MalformedBatch, first_msg_id, partition_of, partition_topic
 
 from ..logs import get_logger
 from ..storage.base import StoredBatch, SyncResult, TopicLog
@@ -60,6 +62,7 @@ from ..storage.memory import DEFAULT_MAX_BYTES, MemoryTopicLog
 from ..storage.settings import SettingsResolver, TopicSettings, parse_runtime_settings
 from .cache import CacheStatistics, RangeCache
 from .compaction import CompactionSettings, CompactionStats
+from .dedup import DEFAULT_DEDUP_MAX_IDS, DEFAULT_DEDUP_WINDOW, Named, decode_ids
 from .deletion import DeleteError, delete_delayed
 from .deletion import delete_topic as delete_topic_keys
 from .etcd import Etcd, EtcdError
@@ -88,8 +91,14 @@ RETRY_MAX = 2.0
 #: Seconds a graceful stop waits for the partitions to be handed over.
 LEAVE_TIMEOUT = 10.0
 
-#: Bytes of pending batches one round carries (a round is one object).
+#: Bytes of pending batches one round carries (a round is one object),
+#: and batches (each msg-id goes into the round's ``ids/`` key).
 ROUND_BYTES = DEFAULT_MAX_ROUND_BYTES // 2
+ROUND_BATCHES = 1024
+#: ``ids/`` keys read per range and ranges read at most, at a take-over
+#: (the keys expire with the exactly-once window: this is its rounds).
+IDS_PAGE = 64
+IDS_PAGES = 1024
 
 #: ``on_committed(topic, batch)``: a batch another node committed is in this
 #: node's copy of ``topic`` (the router hands it to subscribers).
@@ -99,6 +108,9 @@ Committed = Callable[[str, StoredBatch], None]
 Positioned = Callable[[str, int], None]
 #: The router's hook for a topic deleted through another node.
 Deleted = Callable[[str], None]
+#: ``on_older_ids(topic, named)``: at a take-over, the msg-ids committed
+#: within the exactly-once window below this node's copy of ``topic``.
+OlderIds = Callable[[str, list[Named]], None]
 
 
 @attrs.frozen
@@ -116,6 +128,10 @@ class ClusterSettings:
     window: float = 0.002
     #: Bytes of each topic a node keeps in memory.
     copy_bytes: int = DEFAULT_MAX_BYTES
+    #: The exactly-once window (``--dedup-window``, its msg-ids at most):
+    #: the lifetime of the rounds' ``ids/`` keys, read at a take-over.
+    dedup_window: float = DEFAULT_DEDUP_WINDOW
+    dedup_max_ids: int = DEFAULT_DEDUP_MAX_IDS
     #: Bytes of object ranges a node caches for its followers.
     cache_bytes: int = 64 * 1024 * 1024
     #: Batches older than the copies, fetched for readers (replay.py): the
@@ -197,6 +213,10 @@ class ClusterTopicLog:
         #: The owner epoch whose committed end ``copy`` was found to match:
         #: appends are taken only then.
         self.ready_epoch = 0
+        #: The owner epoch for which the msg-ids below the copy were read
+        #: (appends wait for that too), and whether they are being read.
+        self.ids_epoch = 0
+        self.ids_loading = False
         #: Cancelled to make the follower start again from the copy's end.
         self.restart = trio.CancelScope()
         self.follower_started = False
@@ -297,6 +317,7 @@ class ClusterStore:
         self.on_committed: Committed | None = None
         self.on_positioned: Positioned | None = None
         self.on_deleted: Deleted | None = None
+        self.on_older_ids: OlderIds | None = None
         #: Logs dropped with batches still pending: the next sync refuses them.
         self._orphans: list[ClusterTopicLog] = []
         self.joined = trio.Event()
@@ -320,12 +341,16 @@ class ClusterStore:
     def needs_sync(self) -> bool:
         return True
 
-    def attach(self, on_committed: Committed, on_positioned: Positioned, on_deleted: Deleted) -> None:
-        """The router's hooks for batches other nodes committed, and for
-        topics deleted through other nodes."""
+    def attach(
+        self, on_committed: Committed, on_positioned: Positioned, on_deleted: Deleted, on_older_ids: OlderIds
+    ) -> None:
+        """The core's hooks for batches other nodes committed, for topics
+        deleted through other nodes, and for the msg-ids of the window a
+        take-over reads from etcd."""
         self.on_committed = on_committed
         self.on_positioned = on_positioned
         self.on_deleted = on_deleted
+        self.on_older_ids = on_older_ids
 
     def topic(self, name: str) -> ClusterTopicLog:
         log = self._logs.get(name)
@@ -532,6 +557,13 @@ class ClusterStore:
                     f"topic {name!r}: this node is taking it over (at {log.copy.next_offset} of {owner.next_offset})",
                     topic=name,
                 )
+            if log.ids_epoch != owner.epoch and self._window_in_copy(log):
+                log.ids_epoch = owner.epoch  # the core reads every msg-id of the window back from the copy
+            if log.ids_epoch != owner.epoch:
+                if not log.ids_loading and self._nursery is not None:
+                    log.ids_loading = True
+                    self._nursery.start_soon(self._load_ids, log, owner.epoch)
+                raise NotOwnerError(f"topic {name!r}: this node is taking it over (its exactly-once window)", topic=name)
             log.ready_epoch = owner.epoch
         return owner
 
@@ -570,7 +602,9 @@ class ClusterStore:
             start = 0
             while start < len(items):
                 end, size = start, 0
-                while end < len(items) and (end == start or size + len(items[end][1]) <= ROUND_BYTES):
+                while end < len(items) and (
+                    end == start or (size + len(items[end][1]) <= ROUND_BYTES and end - start < ROUND_BATCHES)
+                ):
                     size += len(items[end][1])
                     end += 1
                 chunk = items[start:end]
@@ -590,7 +624,9 @@ class ClusterStore:
         if owner is None or owner.epoch != log.ready_epoch:
             return NotOwnerError(f"topic {log.name!r}: this node no longer owns it", topic=log.name)
         try:
-            got = await owner.append_round([(batch, count, ts) for _, batch, count, ts in chunk])
+            got = await owner.append_round(
+                [(batch, count, ts) for _, batch, count, ts in chunk], [_msg_id(batch) for _, batch, _, _ in chunk]
+            )
         except NotOwner as exc:
             return self._not_owner(log.name, f"not stored: {exc}")
         except OutcomeUnknown as exc:
@@ -605,6 +641,43 @@ class ClusterStore:
             self.logger.error("cluster commit at another offset than appended", topic=log.name, expected=base, got=got)
             return StorageError(f"committed at offset {got}, not {base} (it is stored there)", full=False, topic=log.name)
         return None
+
+    def _window_in_copy(self, log: ClusterTopicLog) -> bool:
+        """Whether ``log``'s copy holds the whole exactly-once window: the
+        partition from its start, or a batch older than the window."""
+        copy = log.copy
+        if copy.first_offset <= (log.floor if log.floor is not None else 0):
+            return True
+        oldest = time.time_ns() // 1000 - int(self.settings.dedup_window * 1_000_000)
+        return copy.offset_at_time(oldest) > copy.first_offset
+
+    async def _load_ids(self, log: ClusterTopicLog, epoch: int) -> None:
+        """At a take-over: the msg-ids of the rounds committed below this
+        node's copy that are still within the exactly-once window (their
+        ``ids/`` keys expire with it), for the core's window, which reads
+        the rest back from the copy (docs/cluster.md §7). The newest
+        ``dedup_max_ids`` are kept. A failed read is tried again by the next
+        append (which is refused until then)."""
+        topic, partition = self.address(log.name)
+        keys = self.settings.keys
+        start, end = keys.ids_prefix(topic, partition), keys.ids(topic, partition, log.copy.first_offset)
+        named: deque[Named] = deque(maxlen=self.settings.dedup_max_ids)
+        try:
+            for _ in range(IDS_PAGES):
+                page = await self.etcd.range(start, end, limit=IDS_PAGE)
+                for kv in page.kvs:
+                    named.extend(decode_ids(kv.value))
+                if not page.more or not page.kvs:
+                    break
+                start = page.kvs[-1].key + b"\x00"
+        except EtcdError as exc:
+            self.logger.warning("exactly-once window not read at a take-over", topic=log.name, error=str(exc))
+            return
+        finally:
+            log.ids_loading = False
+        if named and self.on_older_ids is not None:
+            self.on_older_ids(log.name, list(named))
+        log.ids_epoch = epoch
 
     def _failed(
         self,
@@ -798,7 +871,11 @@ class ClusterStore:
                     manager = OwnershipManager(
                         self.etcd, self.objects, keeper, membership, topics,
                         keys=self.settings.keys,
-                        owner_options={"window": self.settings.window, "on_written": self.cache.put},
+                        owner_options={
+                            "window": self.settings.window,
+                            "on_written": self.cache.put,
+                            "dedup_window": self.settings.dedup_window,
+                        },
                         compaction=self.settings.compaction, retention=self.retention_of, cache=self.cache,
                     )  # fmt: skip
                     self.manager = manager
@@ -875,3 +952,10 @@ class ClusterStore:
                 if info.floor:
                     self._apply_floor(log, info.floor)  # purged, perhaps by another node
             await manager.changed()
+
+
+def _msg_id(batch: bytes) -> str | None:
+    try:
+        return first_msg_id(batch)
+    except MalformedBatch:
+        return None
