@@ -25,7 +25,7 @@ from pybroker.server.cluster.etcd import Etcd, EtcdUnavailable, TxnResult
 from pybroker.server.cluster.keys import ClusterKeys
 from pybroker.server.cluster.lease import LeaseKeeper
 from pybroker.server.cluster.objects import ObjectStore
-from pybroker.server.cluster.outcomes import NotOwner
+from pybroker.server.cluster.outcomes import NotOwner, OutcomeUnknown
 from pybroker.server.cluster.partition import PartitionOwner, PartitionReader
 from pybroker.server.cluster.rounds import MAX_GROUP, ObjectNames, RoundCommitter
 
@@ -224,3 +224,53 @@ async def test_a_group_holds_no_more_partitions_than_one_transaction_may(node: N
         assert len(await node.data_objects()) == 2
         for p in (0, count - 1):
             assert await node.read(p) == batches[p]
+
+
+async def test_an_owner_stopped_mid_commit_leaves_the_rest_of_its_group_to_commit(node: Node) -> None:
+    """The group is sent by the committer's runner, not by an owner's task:
+    partition 0's owner is stopped (handed over, say) while the group's
+    object is written; its round is answered OutcomeUnknown (it may have
+    committed: here it did), and partition 1's round commits as if
+    nothing happened."""
+    with trio.fail_after(WAIT):
+        await node.own([0, 1])
+        written = trio.Event()
+        go_on = trio.Event()
+
+        async def pause(name: str) -> None:
+            written.set()
+            await go_on.wait()
+
+        node.owners[0].before_commit = pause
+        outcomes: dict[int, int | Exception] = {}
+
+        async def append(owner: PartitionOwner) -> None:
+            try:
+                outcomes[owner.partition] = await owner.append_round([(batch_of(f"p{owner.partition}", 2), 2, 0)])
+            except Exception as exc:  # the outcome under test
+                outcomes[owner.partition] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.rounds.run)
+            scopes = [trio.CancelScope(), trio.CancelScope()]
+
+            async def run(owner: PartitionOwner, scope: trio.CancelScope) -> None:
+                with scope:
+                    await owner.run()
+
+            for owner, scope in zip(node.owners, scopes):
+                nursery.start_soon(run, owner, scope)
+            await trio.testing.wait_all_tasks_blocked()
+            async with trio.open_nursery() as appenders:
+                for owner in node.owners:
+                    appenders.start_soon(append, owner)
+                await written.wait()
+                scopes[0].cancel()  # partition 0's owner stops mid-commit
+                await trio.testing.wait_all_tasks_blocked()
+                go_on.set()
+            nursery.cancel_scope.cancel()
+        assert isinstance(outcomes[0], OutcomeUnknown) and "mid-commit" in str(outcomes[0]), outcomes
+        assert outcomes[1] == 0
+        assert node.rounds.groups == 1
+        assert [(e.first, e.count) for e in await node.entries(1)] == [(0, 2)]
+        assert [(e.first, e.count) for e in await node.entries(0)] == [(0, 2)]  # it did commit
