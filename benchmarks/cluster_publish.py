@@ -13,8 +13,9 @@ topic's owner) measures:
   (each waits for its round's PUT and etcd transaction);
 - throughput: ``--messages`` 1 KiB messages from ``--window`` publishes
   in flight at once (rounds then carry many messages);
-- the CPU seconds each process spent per 1000 messages of the throughput
-  run (from /proc), which is where work saved shows on a shared machine;
+- the CPU seconds each process spent per 1000 messages of the latency and
+  throughput runs (from /proc; "client" is this process, the publishing
+  client), which is where work saved shows on a shared machine;
 - the topic's index entries in etcd at the end (the owner compacts them
   as rounds come: docs/cluster.md §13) and the objects in the bucket.
 
@@ -165,7 +166,10 @@ def main() -> int:
                 deadline = time.monotonic() + 60
                 for url in urls:
                     trio.run(wait_serving, url, deadline)
-                pids = {f"broker{i}": p.pid for i, p in enumerate(brokers)} | {"etcd": etcd.process.pid, "weed": weed.process.pid}
+                # "client": this process, which runs the publishing client.
+                pids = {f"broker{i}": p.pid for i, p in enumerate(brokers)} | {
+                    "etcd": etcd.process.pid, "weed": weed.process.pid, "client": os.getpid()
+                }  # fmt: skip
                 before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 result = trio.run(measure, urls, args)
                 after = {name: cpu_seconds(pid) for name, pid in pids.items()}
