@@ -25,7 +25,7 @@ from pybroker.server.cluster.etcd import Etcd, EtcdUnavailable, TxnResult
 from pybroker.server.cluster.keys import ClusterKeys
 from pybroker.server.cluster.lease import LeaseKeeper
 from pybroker.server.cluster.objects import ObjectStore
-from pybroker.server.cluster.outcomes import NotOwner, OutcomeUnknown
+from pybroker.server.cluster.outcomes import AppendFailed, NotOwner, OutcomeUnknown
 from pybroker.server.cluster.partition import PartitionOwner, PartitionReader
 from pybroker.server.cluster.rounds import MAX_GROUP, ObjectNames, RoundCommitter
 
@@ -274,3 +274,32 @@ async def test_an_owner_stopped_mid_commit_leaves_the_rest_of_its_group_to_commi
         assert node.rounds.groups == 1
         assert [(e.first, e.count) for e in await node.entries(1)] == [(0, 2)]
         assert [(e.first, e.count) for e in await node.entries(0)] == [(0, 2)]  # it did commit
+
+
+async def test_a_round_waiting_when_the_committer_stops_is_refused_not_left_waiting(node: Node) -> None:
+    """The runner stops (the node's incarnation ends) with a round waiting
+    to be taken: the round is answered AppendFailed (nothing was sent),
+    rather than leaving its owner waiting for ever."""
+    with trio.fail_after(WAIT):
+        await node.own([0])
+        owner = node.owners[0]
+        outcome: list[int | Exception] = []
+
+        async def append() -> None:
+            try:
+                outcome.append(await owner.append_round([(batch_of("p0", 1), 1, 0)]))
+            except Exception as exc:  # the outcome under test
+                outcome.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(owner.run)
+            nursery.start_soon(append)
+            await trio.testing.wait_all_tasks_blocked()  # the round waits: no runner yet
+            async with trio.open_nursery() as runner:
+                runner.start_soon(node.rounds.run)
+                runner.cancel_scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert len(outcome) == 1 and isinstance(outcome[0], AppendFailed), outcome
+        assert "committer stopped" in str(outcome[0])
+        assert await node.data_objects() == [] and await node.entries(0) == []

@@ -135,16 +135,23 @@ class RoundCommitter:
 
     async def run(self) -> None:
         """Send the waiting rounds as groups until cancelled; a group in
-        flight then answers its rounds OutcomeUnknown."""
-        async with anyio.create_task_group() as tg:
-            while True:
-                while not self._waiting:
-                    await self._wake.wait()
-                    self._wake = anyio.Event()
-                # One more turn of the scheduler: the other owners woken by
-                # the same store sync reach ``commit`` and join this group.
-                await anyio.sleep(0)
-                tg.start_soon(self._commit_group, self._take())
+        flight then answers its rounds OutcomeUnknown, a round not yet
+        sent AppendFailed."""
+        try:
+            async with anyio.create_task_group() as tg:
+                while True:
+                    while not self._waiting:
+                        await self._wake.wait()
+                        self._wake = anyio.Event()
+                    # One more turn of the scheduler: the other owners woken by
+                    # the same store sync reach ``commit`` and join this group.
+                    await anyio.sleep(0)
+                    tg.start_soon(self._commit_group, self._take())
+        finally:
+            waiting, self._waiting = self._waiting, []
+            for slot in waiting:
+                slot.taken = True  # (so that its owner does not look for it)
+                slot.decide(AppendFailed(f"partition {slot.owner.label}: the node's committer stopped"))
 
     def _take(self) -> list[_Slot]:
         """The first waiting round and those after it that still fit one
