@@ -110,12 +110,18 @@ async def test_a_member_on_another_node_is_sent_to_the_owner(urls: dict[str, str
         assert (refused.ref_kind, refused.ref, refused.fatal) == (RefKind.SUBSCRIPTION, 4, False), refused
         assert refused.fields == {"topic": "work", "owner": addr_of(owner), "owner_url": f"http://127.0.0.1:{owner.http_port}"}
         assert "workers" not in other.broker.groups.groups
-        # A pattern with wildcards: one topic per group in cluster mode, said plainly.
+        # A pattern with wildcards is no topic's: the group's coordinator
+        # runs it. Asked first, a node sends the member to the node ranked
+        # first for the group, or (being that node) takes the group and
+        # has it asked again; nothing is registered meanwhile.
         async with raw_client(owner) as raw:
             await hello(raw, "wild")
             await raw.send_event(Subscribe(5, "work.*", StartKind.EARLIEST, 0, options={"group": "wild"}))
             wild = await raw.next_event()
-        assert isinstance(wild, Error) and wild.code == ErrorCode.BAD_REQUEST and "one topic" in wild.message, wild
+        assert isinstance(wild, Error) and wild.code == ErrorCode.NOT_OWNER, wild
+        assert (wild.ref, wild.fields["topic"]) == (5, "work.*"), wild
+        assert wild.fields.get("owner", addr_of(other)) == addr_of(other), wild
+        assert "wild" not in owner.broker.groups.groups
 
         # The client follows the answer: the subscription is made at the owner.
         got: list[tuple[int, int, bytes]] = []
@@ -544,3 +550,66 @@ async def test_groups_delete_at_the_owner_deletes_the_saved_state(urls: dict[str
                     async for message in sub:
                         break
         assert (message.offset, message.deliveries) == (0, 1)
+
+
+async def test_a_group_over_several_topics_runs_at_its_coordinator_and_resumes_at_the_next(
+    urls: dict[str, str], tmp_path: Path
+) -> None:
+    """A group whose pattern has wildcards reads topics that different
+    nodes own: the node the ranking puts first for its name coordinates it
+    (it holds ``grpown/{group}``) and dispatches every matching topic from
+    its own copies, a topic made after the group included; each topic's
+    state is its own key, saved in transactions fenced on the coordinator's
+    epoch. After a graceful stop of the coordinator the other node
+    coordinates the group and resumes every topic: nothing acked comes
+    again, and what was published since arrives once."""
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        nodes = [a, b]
+        first_topics = ["orders.eu", "orders.us", "orders.uk", "orders.jp"]
+        for topic in first_topics:
+            await publish_to_owner(nodes, topic, [b"m0", b"m1"], "p")
+        owners = {addr_of(await settled_owner(nodes, topic)) for topic in first_topics}
+        assert owners == {addr_of(a), addr_of(b)}, owners  # the group reads topics both nodes own
+        both = f"pybroker://{addr_of(a)},{addr_of(b)}"
+        got: list[tuple[str, bytes]] = []
+        async with pybroker.connect(both, name="member", reconnect=True) as member:
+            async with member.subscribe("orders.*", group="all", start="earliest", auto_ack=False) as sub:
+                with trio.fail_after(WAIT):
+                    async for message in sub:
+                        got.append((message.topic, message.payload))
+                        await message.ack()
+                        if len(got) == 8:
+                            break
+                    # A topic made after the group is read too.
+                    await publish_to_owner(nodes, "orders.asia", [b"a0"], "p")
+                    async for message in sub:
+                        got.append((message.topic, message.payload))
+                        await message.ack()
+                        break
+                await member.ping()
+        assert sorted(got) == sorted([(t, p) for t in first_topics for p in (b"m0", b"m1")] + [("orders.asia", b"a0")])
+        settings = parse_cluster_urls(urls["cluster"], urls["object_store"])
+        async with Etcd(settings.etcd) as etcd:
+            held = await etcd.get(settings.keys.coordinator("all"))
+            assert held is not None
+            coordinator = a if json.loads(held.value)["addr"] == addr_of(a) else b
+            survivor = b if coordinator is a else a
+            cursors = {**{t: 2 for t in first_topics}, "orders.asia": 1}
+            for topic, cursor in cursors.items():
+                await wait_saved(
+                    etcd, settings.keys.group("all", topic, 0), lambda s, c=cursor: s["cursor"] == c and not s["pending"]
+                )
+            await stop_gracefully(coordinator)  # it saves the group and gives its key up
+            assert await etcd.get(settings.keys.coordinator("all")) is None
+        for topic in cursors:
+            await publish_to_owner([survivor], topic, [b"later"], "p")
+        again: list[tuple[str, bytes, int]] = []
+        async with pybroker.connect(survivor.url, name="member", reconnect=True) as member:
+            async with member.subscribe("orders.*", group="all", auto_ack=False) as sub:
+                with trio.fail_after(WAIT):
+                    async for message in sub:
+                        again.append((message.topic, message.payload, message.deliveries))
+                        await message.ack()
+                        if len(again) == len(cursors):
+                            break
+        assert sorted(again) == sorted((t, b"later", 1) for t in cursors)

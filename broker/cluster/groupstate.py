@@ -42,10 +42,12 @@ with it.
   graceful stop saves every group before the partitions are handed over
   (``leave``).
 
-What is not here: groups reading several topics (a pattern with wildcards
-is refused in cluster mode). A dead
-letter whose topic another node owns is handed to that node through etcd
-(handoff.py). GROUPS delete (on the owner) deletes the key too, fenced.
+A group whose pattern has wildcards is no topic's: the node coordinating
+it (coordinator.py) runs it, its writes fenced on the coordinator key's
+create revision, with a part per matching topic (topics met later are
+added, their keys read first). A dead letter whose topic another node
+owns is handed to that node through etcd (handoff.py). GROUPS delete (on
+the owner) deletes the keys too, fenced.
 """
 
 from __future__ import annotations
@@ -58,12 +60,13 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from pybroker.protocol import ErrorCode, RefKind, StartKind, partition_topic
+from pybroker.protocol import ErrorCode, RefKind, StartKind, matches, partition_topic
 
 from ..groups.config import GroupConfig
 from ..inboxes import has_wildcard
 from ..logs import get_logger
 from ..storage.errors import NotOwnerError
+from .coordinator import Coordinators, GroupCoordinator
 from .etcd import Compare, Delete, EtcdError, Put
 from .partition import PartitionOwner
 
@@ -83,6 +86,9 @@ DEFAULT_INTERVAL = 0.2
 GROUPS_PER_TXN = 60
 #: How often ownership is checked besides the ownership manager's changes.
 RECHECK = 1.0
+#: Keys of a group over several topics read at its load (one per topic and
+#: partition it reads; more are read one by one as the topics are met).
+MAX_KEYS_READ = 10_000
 #: Backoff of a group whose saved state could not be read.
 LOAD_RETRY_MIN = 0.1
 LOAD_RETRY_MAX = 2.0
@@ -107,15 +113,24 @@ class _Part:
     held: list[Callable[[], None]] = attrs.field(factory=list)
     #: The value of a transaction whose answer was lost (adopted if it applied).
     unsure: bytes | None = None
+    #: A topic a group over several topics met after it was loaded: its key
+    #: is being read (the group waits for it).
+    loading: bool = False
+
+
+#: What fences a group's writes: its topic's owner (partition 0 of a
+#: partitioned topic), or the coordinator of a group over several topics.
+EpochHolder = PartitionOwner | GroupCoordinator
 
 
 @attrs.define(eq=False)
 class _Bound:
-    """One group run here, under one owner epoch of its topic (partition 0
-    of a partitioned topic), with a part per topic it reads."""
+    """One group run here, under one epoch of its topic's owner (partition
+    0 of a partitioned topic) or of its coordinator (a pattern with
+    wildcards), with a part per topic it reads."""
 
     topic: str
-    owner: PartitionOwner
+    owner: EpochHolder
     parts: dict[str, _Part]
     #: The group's version last saved (-1: to be saved).
     saved_version: int = -1
@@ -163,6 +178,8 @@ class ClusterGroupState:
         #: Fault hook: awaited before each transaction (raise to fail it).
         self.before_write: Callable[[str], Any] | None = None
         self.logger: Any = get_logger(component="cluster-groups")
+        #: Groups over several topics this node coordinates (coordinator.py).
+        self.coordinators = Coordinators(store)
         store.before_leave = self.leave
 
     # -- admission ------------------------------------------------------------
@@ -181,7 +198,19 @@ class ClusterGroupState:
 
     def admit(self, name: str, pattern: str) -> None:
         if has_wildcard(pattern):
-            raise ValueError("in cluster mode a group reads one topic (a pattern without wildcards)")
+            coordinator = self.coordinators.admit(name, pattern) if not self._leaving else None
+            if coordinator is None:
+                raise NotOwnerError(f"group {name!r}: this node is stopping", topic=pattern)
+            bound = self._bound.get(name)
+            if bound is not None and bound.owner is not coordinator:
+                self._evict(bound, name, "an earlier term of its coordination")
+            manager = self.store.manager
+            registered = list(manager.topics.topics) if manager is not None else []
+            for topic in registered:
+                for each in self._topics_of(topic):
+                    if matches(pattern, each):
+                        self.groups.router.topic(each)  # followed here: the group reads it
+            return
         owner = self._owner(pattern)
         if owner is None:
             # A group made before anything was published: the topic is
@@ -203,10 +232,16 @@ class ClusterGroupState:
         return [partition_topic(pattern, p) for p in range(count)] if count else [pattern]
 
     def created(self, group: Group) -> None:
-        owner = self._owner(group.pattern)
-        assert owner is not None  # admitted just before, with no await between
         keys = self.store.settings.keys
-        parts = {t: _Part(t, keys.group(group.name, *self.store.address(t))) for t in self._topics_of(group.pattern)}
+        owner: EpochHolder | None
+        if has_wildcard(group.pattern):
+            owner = self.coordinators.local(group.name)
+            topics = [gt.topic.name for gt in group.topics.values()]
+        else:
+            owner = self._owner(group.pattern)
+            topics = self._topics_of(group.pattern)
+        assert owner is not None  # admitted just before, with no await between
+        parts = {t: _Part(t, keys.group(group.name, *self.store.address(t))) for t in topics}
         bound = self._bound[group.name] = _Bound(group.pattern, owner, parts)
         # A hand-over saves the groups before the owner key goes (their
         # transactions are fenced on it): acks since the last save are kept.
@@ -216,11 +251,48 @@ class ClusterGroupState:
 
     # -- dispatch ------------------------------------------------------------------
 
+    def attached(self, group: Group, topic: str) -> None:
+        """A group over several topics met one more (made, or first seen
+        here, after the group): its saved state there is read before the
+        group goes on."""
+        bound = self._bound.get(group.name)
+        if bound is None or topic in bound.parts:
+            return
+        part = bound.parts[topic] = _Part(topic, self.store.settings.keys.group(group.name, *self.store.address(topic)))
+        if bound.loaded and self._nursery is not None:
+            part.loading = True
+            self._nursery.start_soon(self._load_part, group, bound, part)
+
+    async def _load_part(self, group: Group, bound: _Bound, part: _Part) -> None:
+        pause = LOAD_RETRY_MIN
+        etcd = self.store.etcd
+        while self._bound.get(group.name) is bound:
+            try:
+                with trio.fail_after(etcd.timeout * 2):
+                    kv = await etcd.get(part.key)
+                break
+            except (EtcdError, TimeoutError) as exc:
+                self.logger.info("group state not read", group=group.name, topic=part.topic, error=repr(exc))
+                await trio.sleep(pause)
+                pause = min(LOAD_RETRY_MAX, pause * 2)
+        else:
+            return
+        if kv is not None:
+            part.mod_revision, part.saved = kv.mod_revision, kv.value
+            try:
+                self._apply(group, part, kv.value)
+            except (ValueError, KeyError, TypeError) as exc:
+                self.logger.error("unreadable group state ignored", group=group.name, topic=part.topic, error=repr(exc))
+        part.loading = False
+        self.groups.wake()
+
     def may_dispatch(self, group: Group) -> bool:
         bound = self._bound.get(group.name)
         if bound is None or not bound.loaded or self._leaving or not bound.owner.accepting:
             return False
         for part in bound.parts.values():
+            if part.loading:
+                return False
             if part.needs:
                 topic = self.groups.router.topics.get(part.topic)
                 if topic is None or topic.visible_next < part.needs:
@@ -239,14 +311,21 @@ class ClusterGroupState:
     def deleted(self, name: str) -> None:
         bound = self._bound.pop(name, None)
         if bound is not None and bound.loaded and self._nursery is not None:
-            self._nursery.start_soon(self._delete_key, name, bound)
+            self._nursery.start_soon(self._delete_keys, name, bound)
+
+    async def _delete_keys(self, name: str, bound: _Bound) -> None:
+        try:
+            await self._delete_key(name, bound)
+        finally:
+            if isinstance(bound.owner, GroupCoordinator):
+                await self.coordinators.release(name)  # (after: its deletes are fenced on it)
 
     async def _delete_key(self, name: str, bound: _Bound) -> None:
         """GROUPS delete: the group's keys go, fenced like every write (a
         group of the same name made again meanwhile and already saved keeps
         its keys: their mod revisions moved)."""
         etcd = self.store.etcd
-        own = self.store.settings.keys.own(*self.store.address(bound.topic))
+        own = bound.owner.own_key
         parts = list(bound.parts.values())
         for start in range(0, len(parts), GROUPS_PER_TXN):
             chunk = parts[start : start + GROUPS_PER_TXN]
@@ -269,11 +348,15 @@ class ClusterGroupState:
         (retried while this is its binding)."""
         pause = LOAD_RETRY_MIN
         etcd = self.store.etcd
-        prefix = self.store.settings.keys.group_prefix(group.name, self.store.address(bound.topic)[0])
+        keys = self.store.settings.keys
+        if has_wildcard(bound.topic):
+            prefix, limit = keys.groups_prefix(group.name), MAX_KEYS_READ
+        else:
+            prefix, limit = keys.group_prefix(group.name, self.store.address(bound.topic)[0]), len(bound.parts) + 1
         while self._bound.get(group.name) is bound:
             try:
                 with trio.fail_after(etcd.timeout * 2):
-                    found = await etcd.get_prefix(prefix, limit=len(bound.parts) + 1)
+                    found = await etcd.get_prefix(prefix, limit=limit)
                 break
             except (EtcdError, TimeoutError) as exc:
                 self.logger.info("group state not read", group=group.name, error=repr(exc), retry_in=pause)
@@ -351,7 +434,7 @@ class ClusterGroupState:
             await self._flush()
 
     async def _flush(self) -> None:
-        work: dict[PartitionOwner, list[_Item]] = {}
+        work: dict[EpochHolder, list[_Item]] = {}
         for name, bound in list(self._bound.items()):
             group = self.groups.groups.get(name)
             if group is None:
@@ -374,11 +457,9 @@ class ClusterGroupState:
                 for start in range(0, len(items), GROUPS_PER_TXN):
                     nursery.start_soon(self._write, owner, items[start : start + GROUPS_PER_TXN])
 
-    async def _write(self, owner: PartitionOwner, items: list[_Item]) -> None:
+    async def _write(self, owner: EpochHolder, items: list[_Item]) -> None:
         etcd = self.store.etcd
-        keys = self.store.settings.keys
-        own = keys.own(owner.topic, owner.partition)
-        compares = [Compare.create_revision(own, "==", owner.epoch)]
+        compares = [Compare.create_revision(owner.own_key, "==", owner.epoch)]
         compares += [Compare.mod_revision(item.part.key, "==", item.part.mod_revision) for item in items]
         try:
             if self.before_write is not None:
@@ -409,7 +490,7 @@ class ClusterGroupState:
         self.refused += 1
         await self._resolve_refused(owner, items)
 
-    async def _resolve_refused(self, owner: PartitionOwner, items: list[_Item]) -> None:
+    async def _resolve_refused(self, owner: EpochHolder, items: list[_Item]) -> None:
         """A refused transaction: fenced (another epoch, or another writer of
         a group key: its groups are evicted), or refused only because an
         earlier transaction whose answer was lost did apply (adopted: the
@@ -417,7 +498,7 @@ class ClusterGroupState:
         etcd = self.store.etcd
         try:
             with trio.fail_after(etcd.timeout * 2):
-                own = await etcd.get(self.store.settings.keys.own(owner.topic, owner.partition))
+                own = await etcd.get(owner.own_key)
                 found = [await etcd.get(item.part.key) for item in items]
         except (EtcdError, TimeoutError, OSError):
             own, found = None, []
@@ -445,7 +526,7 @@ class ClusterGroupState:
             del self._bound[name]
         for part in bound.parts.values():
             part.held = []  # counted (perhaps saved), never sent: redelivered by the owner
-        addr = self._owner_addr(bound.topic)
+        addr = self.coordinators.where(name)[0] if has_wildcard(bound.topic) else self._owner_addr(bound.topic)
 
         def tell(member: Member, topic: str) -> None:
             subscriber = member.sub.subscriber
@@ -463,8 +544,13 @@ class ClusterGroupState:
     def _check(self) -> list[_Bound]:
         """The bindings whose topic this node no longer owns (or is handing over)."""
         gone = []
-        for bound in self._bound.values():
-            current = self.store.manager.local(*self.store.address(bound.topic)) if self.store.manager is not None else None
+        manager = self.store.manager
+        for name, bound in self._bound.items():
+            current: EpochHolder | None
+            if has_wildcard(bound.topic):
+                current = self.coordinators.local(name)
+            else:
+                current = manager.local(*self.store.address(bound.topic)) if manager is not None else None
             if current is not bound.owner or not bound.owner.accepting:
                 gone.append(bound)
         return gone
@@ -493,10 +579,12 @@ class ClusterGroupState:
         self._leaving = True
         with trio.move_on_after(LEAVE_TIMEOUT):
             await self.flush()
+            # Another node may coordinate them at once (their state is saved).
+            await self.coordinators.release_all()
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+            self._nursery = self.coordinators.nursery = nursery
             nursery.start_soon(self._follow_ownership)
             while True:
                 with trio.move_on_after(self.interval):

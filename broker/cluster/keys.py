@@ -79,6 +79,15 @@ class ClusterKeys:
         one partition (docs/cluster.md §10), written by the partition's owner."""
         return b"%sgrp/%s/%s/%d" % (self.prefix, escape(group), escape(topic), partition)
 
+    def coordinator(self, group: str) -> bytes:
+        """``grpown/{group}``: the node coordinating a group over several
+        topics (coordinator.py), under its member lease."""
+        return b"%sgrpown/%s" % (self.prefix, escape(group))
+
+    def groups_prefix(self, group: str) -> bytes:
+        """``grp/{group}/``: the group's keys in every topic it reads."""
+        return b"%sgrp/%s/" % (self.prefix, escape(group))
+
     def group_prefix(self, group: str, topic: str) -> bytes:
         """``grp/{group}/{topic}/``: the group's keys in each partition of ``topic``."""
         return b"%sgrp/%s/%s/" % (self.prefix, escape(group), escape(topic))

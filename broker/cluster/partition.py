@@ -524,6 +524,11 @@ class PartitionOwner:
     def label(self) -> str:
         return f"{self.topic}[{self.partition}]"
 
+    @property
+    def own_key(self) -> bytes:
+        """The owner key whose create revision is the epoch."""
+        return self._own
+
     def mark_stale(self) -> None:
         """A round's outcome was not learned: re-read the next offset first."""
         self._stale = True

@@ -50,6 +50,10 @@ class SharedGroupState(Protocol):
     def created(self, group: Group) -> None:
         """A group was made here: its saved state is to be loaded first."""
 
+    def attached(self, group: Group, topic: str) -> None:
+        """A group met a topic after it was made: its saved state there is
+        to be loaded before it goes on."""
+
     def may_dispatch(self, group: Group) -> bool:
         """Whether ``group`` may time out and hand out messages now."""
 
@@ -202,6 +206,8 @@ class GroupManager:
                 group.attach(topic, created_now=True)
                 topic.groups.append(group)
                 group.version += 1  # its cursor there is saved with the next snapshot
+                if self.shared is not None:
+                    self.shared.attached(group, topic.name)
 
     def topic_deleted(self, topic: Topic) -> None:
         """A deleted topic: every group reading it lets it go, with what was
