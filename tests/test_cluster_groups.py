@@ -613,3 +613,58 @@ async def test_a_group_over_several_topics_runs_at_its_coordinator_and_resumes_a
                         if len(again) == len(cursors):
                             break
         assert sorted(again) == sorted((t, b"later", 1) for t in cursors)
+
+
+async def test_kill_9_of_a_coordinator_hands_the_group_over_when_its_lease_ends(
+    urls: dict[str, str], tmp_path: Path
+) -> None:
+    """Two ``pybroker serve --cluster`` processes; a group over ``jobs.*``
+    (two topics) acks half of what it got at its coordinator, which is then
+    SIGKILLed: once its lease has run out (3 s) its key is gone, the other
+    node coordinates the group, and the same client, moved there, gets the
+    unacked half again and the acked half never."""
+    flags = ("--cluster", urls["cluster"], "--object-store", urls["object_store"], "--no-http", "--cluster-lease-ttl", "3")
+    settings = parse_cluster_urls(urls["cluster"], urls["object_store"])
+    async with (
+        broker_process(tmp_path / "d1", tmp_path, *flags) as one,
+        broker_process(tmp_path / "d2", tmp_path, *flags) as two,
+        Etcd(settings.etcd) as etcd,
+    ):
+        await one.start()
+        await two.start()
+        procs = {one.url.removeprefix("pybroker://"): one, two.url.removeprefix("pybroker://"): two}
+        addrs = list(procs)
+        for topic in ("jobs.a", "jobs.b"):
+            await publish_to_owner(addrs, topic, [f"{topic}-{i}".encode() for i in range(10)], "p")
+        received: list[tuple[str, int, int]] = []
+        async with pybroker.connect(f"pybroker://{addrs[0]},{addrs[1]}", name="member", reconnect=True) as client:
+            async with client.subscribe(
+                "jobs.*", group="g", start="earliest", auto_ack=False, max_ack_pending=100, ack_wait=2.0
+            ) as sub:
+                with trio.fail_after(WAIT):
+                    async for message in sub:
+                        received.append((message.topic, message.offset, message.deliveries))
+                        if message.offset < 5:
+                            await message.ack()
+                        if len(received) == 20:
+                            break
+                await client.ping()
+                held = await etcd.get(settings.keys.coordinator("g"))
+                assert held is not None
+                coordinator = json.loads(held.value)["addr"]
+                for topic in ("jobs.a", "jobs.b"):
+                    await wait_saved(
+                        etcd, settings.keys.group("g", topic, 0), lambda s: sorted(map(int, s["pending"])) == list(range(5, 10))
+                    )
+                await procs[coordinator].kill()
+                with trio.fail_after(WAIT):
+                    async for message in sub:
+                        received.append((message.topic, message.offset, message.deliveries))
+                        await message.ack()
+                        if len(received) == 30:
+                            break
+                await client.ping()
+        assert sorted(received[:20]) == sorted((t, i, 1) for t in ("jobs.a", "jobs.b") for i in range(10))
+        assert sorted(received[20:]) == sorted((t, i, 2) for t in ("jobs.a", "jobs.b") for i in range(5, 10))
+        held = await etcd.get(settings.keys.coordinator("g"))
+        assert held is not None and json.loads(held.value)["addr"] != coordinator
