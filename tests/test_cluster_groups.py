@@ -11,6 +11,8 @@ delivered at least once and none that was acked comes again.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
     store_of,
     urls,
 )
-from helpers.procs import broker_process
+from helpers.procs import BrokerProcess, broker_process
 from helpers.raw import raw_client
 from pybroker.protocol import (
     Ack,
@@ -80,6 +82,23 @@ async def wait_saved(etcd: Etcd, key: bytes, predicate: Any) -> dict[str, Any]:
             if state is not None and predicate(state):
                 return state
             await trio.sleep(0.02)
+
+
+@asynccontextmanager
+async def two_processes(urls: dict[str, str], tmp_path: Path) -> AsyncIterator[tuple[dict[str, BrokerProcess], Etcd]]:
+    """Two ``pybroker serve --cluster`` processes, started, by ``host:port``,
+    and a client of their etcd. A 3 s lease: a take-over after a SIGKILL
+    waits for it to run out (the default 10 s would add 7 s to the suite
+    and show nothing more)."""
+    flags = ("--cluster", urls["cluster"], "--object-store", urls["object_store"], "--no-http", "--cluster-lease-ttl", "3")
+    async with (
+        broker_process(tmp_path / "d1", tmp_path, *flags) as one,
+        broker_process(tmp_path / "d2", tmp_path, *flags) as two,
+        Etcd(parse_cluster_urls(urls["cluster"], urls["object_store"]).etcd) as etcd,
+    ):
+        await one.start()
+        await two.start()
+        yield {one.url.removeprefix("pybroker://"): one, two.url.removeprefix("pybroker://"): two}, etcd
 
 
 async def group_owner(addr: str, topic: str) -> str:
@@ -249,19 +268,9 @@ async def test_kill_9_of_the_owner_redelivers_what_was_not_acked_and_nothing_ack
     what it got; the owner is SIGKILLed; once the other node has taken the
     topic over (its lease ran out: 3 s here) the same client, moved back,
     gets the unacked half again and the acked half never."""
-    # A 3 s lease: the take-over waits for it to run out (the default 10 s
-    # would add 7 s to the suite and show nothing more).
-    flags = ("--cluster", urls["cluster"], "--object-store", urls["object_store"], "--no-http", "--cluster-lease-ttl", "3")
     settings = parse_cluster_urls(urls["cluster"], urls["object_store"])
     key = settings.keys.group("g", "kill9", 0)
-    async with (
-        broker_process(tmp_path / "d1", tmp_path, *flags) as one,
-        broker_process(tmp_path / "d2", tmp_path, *flags) as two,
-        Etcd(settings.etcd) as etcd,
-    ):
-        await one.start()
-        await two.start()
-        procs = {one.url.removeprefix("pybroker://"): one, two.url.removeprefix("pybroker://"): two}
+    async with two_processes(urls, tmp_path) as (procs, etcd):
         addrs = list(procs)
         await publish_to_owner(addrs, "kill9", [f"m{i}".encode() for i in range(30)], "p")
         owner = await group_owner(addrs[0], "kill9")
@@ -623,16 +632,8 @@ async def test_kill_9_of_a_coordinator_hands_the_group_over_when_its_lease_ends(
     SIGKILLed: once its lease has run out (3 s) its key is gone, the other
     node coordinates the group, and the same client, moved there, gets the
     unacked half again and the acked half never."""
-    flags = ("--cluster", urls["cluster"], "--object-store", urls["object_store"], "--no-http", "--cluster-lease-ttl", "3")
     settings = parse_cluster_urls(urls["cluster"], urls["object_store"])
-    async with (
-        broker_process(tmp_path / "d1", tmp_path, *flags) as one,
-        broker_process(tmp_path / "d2", tmp_path, *flags) as two,
-        Etcd(settings.etcd) as etcd,
-    ):
-        await one.start()
-        await two.start()
-        procs = {one.url.removeprefix("pybroker://"): one, two.url.removeprefix("pybroker://"): two}
+    async with two_processes(urls, tmp_path) as (procs, etcd):
         addrs = list(procs)
         for topic in ("jobs.a", "jobs.b"):
             await publish_to_owner(addrs, topic, [f"{topic}-{i}".encode() for i in range(10)], "p")
