@@ -773,23 +773,33 @@ class Client:
             self._too_large(topic, record, len(payload))
         while self._pending_count >= self._max_pending:
             await self._wait_room()
+        dedup = self._dedup
+        if dedup:
+            record = with_msg_id(record, f"{self._producer}.{next(self._batch_names)}")
+        pending = self._send_single(topic, record, dedup=dedup, delayed=True)
+        ack = await pending.wait()
+        if ack.offset == -1:
+            return PublishAck(ack.topic, -1, ack.timestamp_us, ack.durability, deliver_at=due_ms / 1000)
+        return ack
+
+    def _send_single(
+        self, topic: str, record: bytes, *, dedup: bool = False, delayed: bool = False, needs_receiver: bool = False
+    ) -> PendingAck:
+        """One record as a PUBLISH of its own, outside the batch writer (a
+        delayed publish, a request: their flags are per frame), in flight
+        like any other (resent on a reconnect); its PendingAck."""
         run = Run(topic)
         pending = PendingAck(topic, run, 0)
         request_id = next(self._request_ids)
         self._inflight[request_id] = run.frame(1)
         self._pending_count += 1
         self._drained = anyio.Event() if self._drained.is_set() else self._drained
-        dedup = self._dedup
-        if dedup:
-            record = with_msg_id(record, f"{self._producer}.{next(self._batch_names)}")
-        frame = encode_publish(request_id, topic, encode_batch_from_records([record]), dedup=dedup, delayed=True)
+        batch = encode_batch_from_records([record])
+        frame = encode_publish(request_id, topic, batch, dedup=dedup, delayed=delayed, needs_receiver=needs_receiver)
         self._inflight_frames[request_id] = frame
         if self._connected.is_set():
             self._queue(frame)  # else it goes out when reconnected
-        ack = await pending.wait()
-        if ack.offset == -1:
-            return PublishAck(ack.topic, -1, ack.timestamp_us, ack.durability, deliver_at=due_ms / 1000)
-        return ack
+        return pending
 
     async def publish_many(
         self, topic: str, payloads: Iterable[bytes | str | tuple[bytes | str, Mapping[str, str] | None]]
@@ -860,17 +870,7 @@ class Client:
         # max_inflight_publishes it merely reads us more slowly.
         waiter = self._replies[correlation] = _Waiter()
         try:
-            run = Run(topic)
-            pending = PendingAck(topic, run, 0)
-            request_id = next(self._request_ids)
-            self._inflight[request_id] = run.frame(1)
-            self._pending_count += 1
-            self._drained = anyio.Event() if self._drained.is_set() else self._drained
-            batch = encode_batch_from_records([record])
-            frame = encode_publish(request_id, topic, batch, needs_receiver=True)
-            self._inflight_frames[request_id] = frame
-            if self._connected.is_set():
-                self._queue(frame)  # else it goes out when reconnected
+            pending = self._send_single(topic, record, needs_receiver=True)
             try:
                 await pending.wait()
             except BrokerError as exc:
