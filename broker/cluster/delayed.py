@@ -36,8 +36,7 @@ from __future__ import annotations
 
 import base64
 import secrets
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -45,6 +44,7 @@ import trio
 from pybroker.protocol import MalformedBatch, first_msg_id
 
 from ..delays import Entry
+from ..delays.schedule import Durable, Release, wall_ms
 from ..logs import get_logger
 from ..storage.errors import StorageError
 from .etcd import Compare, Delete, EtcdError, Put
@@ -71,14 +71,6 @@ MAX_WAITING = 10_000
 #: Writes to etcd (and the object store) at once, per node.
 WRITERS = 16
 DUE_DIGITS = 15
-
-Release = Callable[[Entry], Any]
-Durable = Callable[[Any], Awaitable[Any]]
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
 
 class ClusterSchedule:
     """What ``broker/delays/Schedule`` is to a single broker, for a cluster node."""
