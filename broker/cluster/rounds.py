@@ -366,9 +366,9 @@ def _refused(pending: list[_Slot], result: TxnResult) -> list[_Slot]:
         else:
             slot.decide(refusal)
     if len(again) == len(pending):
-        for slot in pending:
+        for i, slot in enumerate(pending):
             assert slot.entry is not None
-            slot.decide(slot.owner.refused(slot.entry, result, 3 * pending.index(slot)))
+            slot.decide(slot.owner.refused(slot.entry, result, 3 * i))
         return []
     return again
 
