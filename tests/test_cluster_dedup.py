@@ -1,17 +1,19 @@
-"""Exactly-once appends in cluster mode on real etcd and SeaweedFS
-(PartitionOwner.append_once, pybroker.server.cluster.dedup;
-docs/cluster.md §3, §5).
+"""What a cluster commit round keeps of its msg-ids in etcd, on real etcd
+and SeaweedFS (pybroker.server.cluster.dedup, ``PartitionOwner.ids_writes``;
+docs/cluster.md §3, §5, §7).
 
-An exactly-once batch commits ``dedup/{topic}/{partition}/{msg-id}`` =
-``"{base} {count}"`` in its round's transaction, under a window lease that
-ends on its own; a resend, to the same owner or to a later one, gets the
-original's offsets and is not stored again.
+The broker's exactly-once window reads msg-ids back from a node's copy of
+the topic; for a node taking a partition over beyond its copy, each round
+with named batches writes ``ids/{topic}/{partition}/{first}`` (msg-id,
+offset, count, time of each) in its transaction, under a window lease
+that ends on its own. What a next owner does with them is tested with
+broker processes in tests/test_cluster_broker.py
+(``test_a_resend_older_than_the_next_owners_copy_is_not_stored_twice``).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import attrs
 import pytest
@@ -19,13 +21,12 @@ import trio
 
 from helpers.cluster import Server, etcd_server, weed_server
 from pybroker.protocol import encode_batch
-from pybroker.server.cluster.dedup import DedupMemory, decode_entry, encode_entry
-from pybroker.server.cluster.etcd import Etcd, EtcdUnavailable, KeyValue, TxnResult
+from pybroker.server.cluster.dedup import decode_ids, encode_ids
+from pybroker.server.cluster.etcd import Etcd
 from pybroker.server.cluster.keys import ClusterKeys
 from pybroker.server.cluster.lease import LeaseKeeper
 from pybroker.server.cluster.objects import ObjectStore
-from pybroker.server.cluster.outcomes import MsgIdConflict, NotOwner, OutcomeUnknown
-from pybroker.server.cluster.partition import Appended, PartitionOwner, PartitionReader
+from pybroker.server.cluster.partition import PartitionOwner, PartitionReader
 
 WAIT = 30.0
 TOPIC = "pay/ments"
@@ -47,13 +48,10 @@ class Cluster:
     etcd: Etcd
     store: ObjectStore
 
-    async def owner(self, *, window: float = 0.005, dedup_window: float = 60.0, etcd: Etcd | None = None) -> PartitionOwner:
-        etcd = etcd or self.etcd
-        keeper = LeaseKeeper(etcd, 10)
+    async def owner(self, *, dedup_window: float = 60.0) -> PartitionOwner:
+        keeper = LeaseKeeper(self.etcd, 10)
         await keeper.grant()
-        owner = PartitionOwner(
-            etcd, self.store, keeper, TOPIC, 0, keys=self.keys, window=window, dedup_window=dedup_window
-        )
+        owner = PartitionOwner(self.etcd, self.store, keeper, TOPIC, 0, keys=self.keys, dedup_window=dedup_window)
         assert await owner.acquire()
         return owner
 
@@ -87,168 +85,60 @@ def batch_of(tag: str, count: int) -> bytes:
     return encode_batch([f"{tag}#{i}".encode() for i in range(count)])
 
 
-def test_entries_and_memory() -> None:
-    assert decode_entry(encode_entry(42, 3)) == (42, 3)
-    for bad in (b"", b"1", b"1 0", b"a b", b"1 2 3", b"-1 2"):
-        with pytest.raises(ValueError):
-            decode_entry(bad)
-    memory = DedupMemory(max_ids=2)
-    memory.remember(b"a", 0, 1, expires=10.0)
-    memory.remember(b"b", 1, 1, expires=10.0)
-    memory.remember(b"c", 2, 1, expires=10.0)  # over the bound: the oldest goes
-    assert memory.find(b"a", 0.0) is None and memory.find(b"c", 0.0) is not None
-    assert memory.find(b"b", 10.0) is None  # expired
-    keys = ClusterKeys(b"/p/")
-    assert keys.dedup("a/b", 1, b"\xff\x00id") == b"/p/dedup/a%2Fb/1/_wBpZA"  # base64url, unpadded
+def test_ids_values_and_keys() -> None:
+    named = [("order-1", 0, 2, 1_700_000_000_000_000), ("é/ü", 5, 1, 7)]
+    assert decode_ids(encode_ids(named)) == named
+    # Written whole by an owner: anything else is left out, never raised.
+    assert decode_ids(b"not json") == [] and decode_ids(b'{"a": 1}') == []
+    assert decode_ids(b'[["ok", 1, 1, 1], ["short", 1], [1, 1, 1, 1], ["bool", true, 1, 1]]') == [("ok", 1, 1, 1)]
+    assert ClusterKeys(b"/p/").ids("a/b", 1, 42) == b"/p/ids/a%2Fb/1/00000000000000000042"
 
 
-async def test_a_resent_batch_is_stored_once(cluster: Cluster) -> None:
-    """Resends after the acknowledgement and concurrent duplicates within
-    one round get the original's offsets; the batch is stored once; the
-    same msg-id with another count is refused; the entry is in etcd under
-    a window lease of 1.25 x the window."""
+def rounds_of(*tags: str) -> list[tuple[bytes, int, int]]:
+    return [(batch_of(tag, 1), 1, 1000 + i) for i, tag in enumerate(tags)]
+
+
+async def test_a_round_with_msg_ids_writes_them_under_a_window_lease(cluster: Cluster) -> None:
+    """A round's named batches go into one ``ids/`` key at its first offset,
+    in its transaction, under a window lease of 1.25 x the window (not the
+    member lease), shared by the rounds of the next window/4; a round
+    without msg-ids writes none."""
     with trio.fail_after(WAIT):
-        owner = await cluster.owner(window=0.5)
+        owner = await cluster.owner()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(owner.run)
-            first = batch_of("first", 2)
-            assert await owner.append_once(first, b"id-1") == Appended(0, 2, duplicate=False)
-            assert await owner.append_once(first, b"id-1") == Appended(0, 2, duplicate=True)
-            with pytest.raises(MsgIdConflict, match="already names a batch of 2 messages at offset 0"):
-                await owner.append_once(batch_of("other", 3), b"id-1")
-            plain = batch_of("plain", 1)
-            assert await owner.append(plain) == 2  # without a msg-id: stored whatever
-            answers: list[Appended] = []
-
-            async def send(batch: bytes) -> None:
-                answers.append(await owner.append_once(batch, b"id-concurrent"))
-
-            concurrent = batch_of("concurrent", 4)
-            async with trio.open_nursery() as senders:
-                for _ in range(5):
-                    senders.start_soon(send, concurrent)
-            assert sorted(answers, key=lambda a: a.duplicate) == [Appended(3, 4)] + [Appended(3, 4, True)] * 4
-            assert owner.duplicates == 5
-            with pytest.raises(ValueError):
-                await owner.append_once(first, b"")
-            with pytest.raises(ValueError):
-                await owner.append_once(first, b"x" * 129)
+            assert await owner.append_round(rounds_of("plain")) == 0
+            assert await owner.append_round(rounds_of("a", "b", "c"), ["id-a", None, "id-c"]) == 1
+            assert await owner.append_round(rounds_of("d"), ["id-d"]) == 4
             nursery.cancel_scope.cancel()
-        assert await cluster.stored() == [first, plain, concurrent]
-        entry = await cluster.etcd.get(cluster.keys.dedup(TOPIC, 0, b"id-1"))
-        assert entry is not None and entry.value == b"0 2"
-        assert entry.lease not in (0, owner.keeper.lease)  # a window lease, not the member lease
-        assert 60 <= await cluster.etcd.time_to_live(entry.lease) <= 75
+        assert len(await cluster.stored()) == 5
+        found = await cluster.etcd.get_prefix(cluster.keys.ids_prefix(TOPIC, 0))
+        assert [kv.key for kv in found.kvs] == [cluster.keys.ids(TOPIC, 0, 1), cluster.keys.ids(TOPIC, 0, 4)]
+        assert decode_ids(found.kvs[0].value) == [("id-a", 1, 1, 1000), ("id-c", 3, 1, 1002)]
+        assert decode_ids(found.kvs[1].value) == [("id-d", 4, 1, 1000)]
+        lease = found.kvs[0].lease
+        assert lease not in (0, owner.keeper.lease) and found.kvs[1].lease == lease
+        assert 60 <= await cluster.etcd.time_to_live(lease) <= 75
+        assert owner.windows is not None and owner.windows.granted == 1
 
 
-async def test_a_new_owner_answers_the_former_owners_msg_ids(cluster: Cluster) -> None:
-    """The owner commits an exactly-once batch but cannot acknowledge it
-    (its lease passes its deadline during the commit), then dies; the
-    publisher resends to the next owner, which finds the msg-id in etcd and
-    answers with the original offsets without storing it again."""
-    with trio.fail_after(WAIT):
-        old = await cluster.owner()
-
-        async def deadline_passes(_name: str) -> None:
-            old.keeper.safe_until = trio.current_time()
-
-        batch = batch_of("once", 3)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(old.run)
-            assert await old.append_once(batch_of("before", 1), b"before") == Appended(0, 1)
-            old.before_commit = deadline_passes
-            with pytest.raises(OutcomeUnknown, match="not acknowledged"):
-                await old.append_once(batch, b"the-id")
-            with pytest.raises(NotOwner):
-                await old.append_once(batch, b"the-id")  # it answers nothing more, not even from memory
-            nursery.cancel_scope.cancel()
-        await cluster.etcd.revoke(old.keeper.lease)  # it dies
-        new = await cluster.owner()
-        assert new.epoch > old.epoch and new.next_offset == 4
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(new.run)
-            assert await new.append_once(batch, b"the-id") == Appended(1, 3, duplicate=True)
-            assert await new.append_once(batch_of("before", 1), b"before") == Appended(0, 1, duplicate=True)
-            after = batch_of("after", 1)
-            assert await new.append_once(after, b"after") == Appended(4, 1)
-            nursery.cancel_scope.cancel()
-        assert await cluster.stored() == [batch_of("before", 1), batch, after]
-
-
-class LosesAnswersWhileArmed(Etcd):
-    """Once armed, the next transaction is applied but its answer lost, and
-    every call after it fails as unreachable until disarmed: the owner
-    cannot resolve the round, whose outcome stays unknown."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url, timeout=2.0)
-        self.armed = False
-        self.applied = False
-
-    async def txn(self, *args: Any, **kwargs: Any) -> TxnResult:
-        if self.armed:
-            if not self.applied:
-                self.applied = True
-                assert (await super().txn(*args, **kwargs)).succeeded
-            raise EtcdUnavailable("injected: no answer")
-        return await super().txn(*args, **kwargs)
-
-    async def get(self, key: bytes) -> KeyValue | None:
-        if self.armed:
-            raise EtcdUnavailable("injected: no answer")
-        return await super().get(key)
-
-
-async def test_a_resend_after_an_unknown_outcome_is_read_back_from_etcd(cluster: Cluster) -> None:
-    """A round's commit is applied but the owner never learns it (every
-    answer lost until it gives up: outcome unknown). The resend of its
-    exactly-once batch reads the msg-id back from etcd and gets the
-    original's offsets; a resend of one whose commit never happened (a
-    fault between PUT and transaction) is stored then."""
-    with trio.fail_after(WAIT):
-        etcd = LosesAnswersWhileArmed(cluster.etcd_url)
-        async with etcd:
-            owner = await cluster.owner(etcd=etcd)
-
-            async def crash(_name: str) -> None:
-                raise RuntimeError("injected crash between PUT and transaction")
-
-            applied, crashed = batch_of("applied", 2), batch_of("crashed", 1)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(owner.run)
-                etcd.armed = True
-                with pytest.raises(OutcomeUnknown, match="could not be confirmed"):
-                    await owner.append_once(applied, b"applied")
-                etcd.armed = False
-                owner.before_commit = crash
-                with pytest.raises(OutcomeUnknown, match="injected crash"):
-                    await owner.append_once(crashed, b"crashed")
-                owner.before_commit = None
-                assert await owner.append_once(applied, b"applied") == Appended(0, 2, duplicate=True)
-                assert await owner.append_once(crashed, b"crashed") == Appended(2, 1)
-                nursery.cancel_scope.cancel()
-        assert await cluster.stored() == [applied, crashed]
-
-
-async def test_msg_ids_end_with_their_window_lease(cluster: Cluster) -> None:
-    """With a 2 s window the entry's lease (TTL 3 s, never renewed) ends on
-    its own and takes the entry with it; a send of the same msg-id after
-    that is stored again, as on a single node after the window."""
+async def test_ids_keys_end_with_their_window_lease(cluster: Cluster) -> None:
+    """With a 2 s window the key's lease (TTL 3 s, never renewed) ends on
+    its own and takes the key with it, so etcd holds msg-ids for the window
+    and no longer; a later round gets a new lease."""
     with trio.fail_after(WAIT):
         owner = await cluster.owner(dedup_window=2.0)
-        batch = batch_of("windowed", 1)
-        key = cluster.keys.dedup(TOPIC, 0, b"w")
+        key = cluster.keys.ids(TOPIC, 0, 0)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(owner.run)
             async with cluster.etcd.watch(key) as watch:
-                assert await owner.append_once(batch, b"w") == Appended(0, 1)
+                assert await owner.append_round(rounds_of("w"), ["w"]) == 0
                 put = await watch.__anext__()
                 assert [e.type for e in put.events] == ["PUT"]
                 assert 0 < await cluster.etcd.time_to_live(put.events[0].kv.lease) <= 3
-                assert await owner.append_once(batch, b"w") == Appended(0, 1, duplicate=True)
                 gone = await watch.__anext__()  # the window lease ends by itself
                 assert [e.type for e in gone.events] == ["DELETE"]
-            assert await owner.append_once(batch, b"w") == Appended(1, 1)
-            assert owner.windows is not None and owner.windows.granted == 2  # a new lease for the later entry
+            assert await owner.append_round(rounds_of("later"), ["later"]) == 1
+            assert owner.windows is not None and owner.windows.granted == 2
             nursery.cancel_scope.cancel()
-        assert await cluster.stored() == [batch, batch]
+        assert await cluster.etcd.get(cluster.keys.ids(TOPIC, 0, 1)) is not None

@@ -250,7 +250,7 @@ def test_the_cluster_example_serves(project: Project, cluster_servers: tuple[str
     store's addresses become the test servers', and the ports 0 (free
     ones); the nodes' addresses are read from their logs. A message
     published through one node is read through the other."""
-    commands = [line for line in blocks(section("Cluster mode (in progress)"), "sh")[0].splitlines() if line.strip()]
+    commands = [line for line in blocks(section("Cluster mode"), "sh")[0].splitlines() if line.strip()]
     assert len(commands) == 2 and all(c.startswith(".venv/bin/pybroker serve ") for c in commands), commands
     etcd_url, _etcd, s3_url = cluster_servers  # (conftest.py: the suite's shared servers)
     procs: list[subprocess.Popen[bytes]] = []

@@ -1,46 +1,30 @@
-"""Exactly-once publishing in cluster mode: what a partition's owner
-remembers of msg-ids, and the window leases its ``dedup/`` entries live
-under (docs/cluster.md §3, §5).
+"""Exactly-once publishing in cluster mode: what a commit round keeps of
+its msg-ids in etcd, and the window leases it is kept under
+(docs/cluster.md §3, §5, §7).
 
-Each exactly-once batch commits ``dedup/{topic}/{partition}/{msg-id}`` =
-``"{base} {count}"`` in the same transaction as its index entry, attached
-to the newest **window lease**: a lease of TTL ``window + window/4``
-granted every ``window/4`` and never renewed, so entries end on their own
-after at least the window and at most 1.25 times it, whatever happens to
-the node. A new owner reads the partition's entries from etcd; the owner
-keeps them in memory (bounded, oldest forgotten first, as on a single node).
+The broker's exactly-once window (broker/dedup.py) works on a cluster
+node as on a single one, reading msg-ids back from its copy of the topic.
+For a node taking a partition over whose copy does not reach back over
+the whole window, each commit round with named batches also writes
+``ids/{topic}/{partition}/{first}`` = ``[[msg-id, base, count, ts], ...]``
+in its transaction, attached to the newest **window lease**: a lease of
+TTL ``window + window/4`` granted every ``window/4`` and never renewed, so
+the key ends on its own after at least the window and at most 1.25 times
+it, whatever happens to the node.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections import OrderedDict
 
 import anyio
-import attrs
 
 from .etcd import Etcd
 
 #: Defaults as on a single node (``--dedup-window``, ``--dedup-max-ids``).
 DEFAULT_DEDUP_WINDOW = 120.0
 DEFAULT_DEDUP_MAX_IDS = 100_000
-#: A msg-id is 1 to this many bytes (protocol.md, "Publishing exactly once").
-MAX_MSG_ID_BYTES = 128
-
-
-def encode_entry(base: int, count: int) -> bytes:
-    return b"%d %d" % (base, count)
-
-
-def decode_entry(value: bytes) -> tuple[int, int]:
-    """(base, count) of a ``dedup/`` value; ValueError if it is not one."""
-    parts = value.split(b" ")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[1]) < 1:
-        raise ValueError(f"not a dedup entry: {value!r:.100}")
-    return int(parts[0]), int(parts[1])
-
-
 #: One named batch of a broker round's ``ids/`` key: (msg-id, base, count, timestamp µs).
 Named = tuple[str, int, int, int]
 
@@ -69,45 +53,10 @@ def decode_ids(value: bytes) -> list[Named]:
     return out
 
 
-@attrs.frozen
-class Remembered:
-    base: int
-    count: int
-    #: Monotonic time after which it is forgotten.
-    expires: float
-
-
-class DedupMemory:
-    """msg-id -> where its batch was stored, for ``window`` seconds, at
-    most ``max_ids`` of them (the oldest forgotten first)."""
-
-    def __init__(self, max_ids: int = DEFAULT_DEDUP_MAX_IDS) -> None:
-        if max_ids < 1:
-            raise ValueError("max_ids must be at least 1")
-        self.max_ids = max_ids
-        self._ids: OrderedDict[bytes, Remembered] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def find(self, msg_id: bytes, now: float) -> Remembered | None:
-        found = self._ids.get(msg_id)
-        if found is not None and found.expires <= now:
-            del self._ids[msg_id]
-            return None
-        return found
-
-    def remember(self, msg_id: bytes, base: int, count: int, expires: float) -> None:
-        self._ids.pop(msg_id, None)
-        self._ids[msg_id] = Remembered(base, count, expires)
-        while len(self._ids) > self.max_ids:
-            self._ids.popitem(last=False)
-
-
 class WindowLeases:
     """The newest window lease: a lease of TTL ``ceil(window * 1.25)``
     granted when the newest is ``window / 4`` old (lazily, on the first
-    exactly-once commit after that), never renewed. Share one between the
+    commit with msg-ids after that), never renewed. Share one between the
     partitions of a node."""
 
     def __init__(self, etcd: Etcd, window: float = DEFAULT_DEDUP_WINDOW) -> None:

@@ -104,7 +104,7 @@ async def delete_topic(etcd: Etcd, keys: ClusterKeys, info: TopicInfo) -> bool:
     handed = partition_topic(topic, 0) if info.partitions > 1 else topic
     ops: list[Delete] = [
         Delete(record),
-        *(Delete(b"%s%s/%s/" % (keys.prefix, kind, escape(topic)), prefix=True) for kind in (b"own", b"next", b"idx", b"dedup", b"ids")),
+        *(Delete(b"%s%s/%s/" % (keys.prefix, kind, escape(topic)), prefix=True) for kind in (b"own", b"next", b"idx", b"ids")),
         Delete(keys.prefix + b"handoff/" + escape(handed) + b"/", prefix=True),
         *(Delete(group, prefix=True) for group in groups),
     ]

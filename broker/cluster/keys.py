@@ -8,7 +8,6 @@ reaches another's keys (``a`` and ``a/b`` are both valid topic names).
 
 from __future__ import annotations
 
-import base64
 
 import attrs
 
@@ -65,14 +64,6 @@ class ClusterKeys:
         batches of the broker's commit round from ``first`` (the
         exactly-once window below a new owner's copy, docs/cluster.md §7)."""
         return self.ids_prefix(topic, partition) + b"%0*d" % (OFFSET_DIGITS, first)
-
-    def dedup_prefix(self, topic: str, partition: int) -> bytes:
-        return self._partition(b"dedup", topic, partition) + b"/"
-
-    def dedup(self, topic: str, partition: int, msg_id: bytes) -> bytes:
-        """``dedup/{topic}/{partition}/{msg-id}``, the msg-id (1 to 128
-        arbitrary bytes) as unpadded base64url."""
-        return self.dedup_prefix(topic, partition) + base64.urlsafe_b64encode(msg_id).rstrip(b"=")
 
     def group(self, group: str, topic: str, partition: int) -> bytes:
         """``grp/{group}/{topic}/{partition}``: one consumer group's state in

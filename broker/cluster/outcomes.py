@@ -21,12 +21,8 @@ class AppendFailed(AppendError):
     before the commit was sent); retryable."""
 
 
-class MsgIdConflict(AppendError):
-    """The msg-id already names a batch with another message count: nothing
-    was committed (the single-node broker answers BAD_REQUEST)."""
-
-
 class OutcomeUnknown(AppendError):
     """The append may have been committed; it is not acknowledged. A resend
-    with a msg-id is deduplicated, one without may be stored twice."""
+    with a msg-id is deduplicated (by the broker's exactly-once window), one
+    without may be stored twice."""
 

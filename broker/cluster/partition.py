@@ -25,7 +25,6 @@ range, fetched with a ranged GET.
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections import deque
@@ -40,22 +39,13 @@ from pybroker.server.storage.base import StoredBatch
 from pybroker.server.storage.errors import DataLoss
 from pybroker.server.storage.scan import HEADER_SIZE
 
-from .dedup import (
-    DEFAULT_DEDUP_MAX_IDS,
-    DEFAULT_DEDUP_WINDOW,
-    MAX_MSG_ID_BYTES,
-    DedupMemory,
-    WindowLeases,
-    decode_entry,
-    encode_entry,
-    encode_ids,
-)
+from .dedup import DEFAULT_DEDUP_WINDOW, WindowLeases, encode_ids
 from .entries import IndexEntry, decode_stored, encode_stored
 from .etcd import Compare, Delete, Etcd, EtcdError, Get, KeyValue, Op, Put, TxnResult, prefix_end
 from .keys import ClusterKeys
 from .lease import LeaseKeeper
 from .objects import NoSuchKey, ObjectStore
-from .outcomes import AppendError, AppendFailed, MsgIdConflict, NotOwner, OutcomeUnknown
+from .outcomes import AppendError, AppendFailed, NotOwner, OutcomeUnknown
 from .rounds import ObjectNames, RoundCommitter
 
 #: docs/cluster.md §5: the commit window and the size that closes a round early.
@@ -66,22 +56,9 @@ DEFAULT_MAX_ROUND_BYTES = 8 << 20
 DEFAULT_MAX_COMMIT_DELAY = 600.0
 #: Rounds closed and waiting for their commit, beyond which appends wait.
 MAX_QUEUED_ROUNDS = 4
-#: Exactly-once batches in one round: each adds a put to the round's
-#: transaction, which etcd bounds at 128 operations (--max-txn-ops).
-MAX_DEDUP_PER_ROUND = 120
 #: How long a hand-over waits for the rounds already gathered to commit.
 DEFAULT_HAND_OVER_TIMEOUT = 10.0
 
-
-
-@attrs.frozen
-class Appended:
-    """Where an exactly-once batch is: its base offset and count, and
-    whether it had been stored before (a resend, not stored again)."""
-
-    base: int
-    count: int
-    duplicate: bool = False
 
 
 @attrs.define(eq=False)
@@ -90,7 +67,6 @@ class _Pending:
     count: int
     timestamp: int
     base: int = -1
-    msg_id: bytes | None = None
     #: The batch's msg-id as the broker names it (``append_round``): kept in
     #: the round's ``ids/`` key for the exactly-once window of a next owner.
     named: str | None = None
@@ -101,8 +77,6 @@ class _Round:
     opened: float
     items: list[_Pending] = attrs.field(factory=list)
     size: int = 0
-    #: Exactly-once batches in the round (each adds a put to its transaction).
-    dedup: int = 0
     #: Batches with a broker msg-id (all in one ``ids/`` put).
     named: int = 0
     closed: bool = False
@@ -143,7 +117,6 @@ class PartitionOwner:
         max_round_bytes: int = DEFAULT_MAX_ROUND_BYTES,
         max_commit_delay: float = DEFAULT_MAX_COMMIT_DELAY,
         dedup_window: float = DEFAULT_DEDUP_WINDOW,
-        dedup_max_ids: int = DEFAULT_DEDUP_MAX_IDS,
         windows: WindowLeases | None = None,
         on_written: Callable[[str, bytes], None] | None = None,
     ) -> None:
@@ -195,17 +168,10 @@ class PartitionOwner:
         self._wake = anyio.Event()
         self._space = anyio.Event()
         self._own = self.keys.own(topic, partition)
-        #: Exactly-once (docs/cluster.md §3): msg-ids stored (loaded from
-        #: etcd on the first exactly-once append), in rounds not yet
-        #: decided, and of rounds whose outcome is unknown (read from etcd).
+        #: The exactly-once window (docs/cluster.md §3): a round's ``ids/``
+        #: key lives under a lease of about this long (``windows``).
         self.dedup_window = dedup_window
-        self.dedup = DedupMemory(dedup_max_ids)
         self.windows = windows
-        self.duplicates = 0
-        self._dedup_loaded = False
-        self._dedup_lock = anyio.Lock()
-        self._pending_ids: dict[bytes, tuple[_Pending, _Round]] = {}
-        self._uncertain: dict[bytes, None] = {}
         self._next = self.keys.next(topic, partition)
         #: Rounds this owner committed; ``wait_commits`` wakes on each (the
         #: index compactor runs after every so many).
@@ -370,104 +336,13 @@ class PartitionOwner:
                 self._wake.set()
             current.items.append(item)
             current.size += HEADER_SIZE + len(item.batch)
-            if item.msg_id is not None:
-                current.dedup += 1
-                self._pending_ids[item.msg_id] = (item, current)
-            if current.size >= self.max_round_bytes or current.dedup >= MAX_DEDUP_PER_ROUND:
+            if current.size >= self.max_round_bytes:
                 current.closed = True
                 current.full.set()
             await current.done.wait()
         if current.error is not None:
             raise current.error
         return item.base
-
-    async def append_once(self, batch: bytes, msg_id: bytes, timestamp: int | None = None) -> Appended:
-        """Commit an exactly-once batch named ``msg_id`` (1 to 128 bytes):
-        stored once within the dedup window, however often it is sent, on
-        this owner or a later one. A resend gets the original's place
-        (``duplicate``); the same msg-id with another message count is
-        MsgIdConflict. ValueError and AppendError as ``append``."""
-        if not 1 <= len(msg_id) <= MAX_MSG_ID_BYTES:
-            raise ValueError(f"a msg-id is 1 to {MAX_MSG_ID_BYTES} bytes, not {len(msg_id)}")
-        count = _checked_count(batch)
-        self._check_owning()
-        with anyio.fail_after(self.max_commit_delay):
-            try:
-                await self._load_dedup()
-                for _ in range(3):  # found, pending, or read back once after an unknown outcome
-                    found = self.dedup.find(msg_id, anyio.current_time())
-                    if found is not None:
-                        # An answer from memory: only while the lease certainly holds (§6).
-                        self._check_owning()
-                        return self._duplicate(msg_id, found.base, found.count, count)
-                    pending = self._pending_ids.get(msg_id)
-                    if pending is not None:
-                        item, round_ = pending
-                        await round_.done.wait()
-                        if round_.error is not None:
-                            raise round_.error
-                        return self._duplicate(msg_id, item.base, item.count, count)
-                    if msg_id not in self._uncertain:
-                        break
-                    # A round that carried it ended with its outcome unknown:
-                    # etcd says whether it committed (a round decided later
-                    # would be refused: its next offset would have moved).
-                    kv = await self.etcd.get(self.keys.dedup(self.topic, self.partition, msg_id))
-                    self._uncertain.pop(msg_id, None)
-                    if kv is not None:
-                        self._remember(msg_id, kv.value)
-            except EtcdError as exc:
-                raise AppendFailed(f"could not read the partition's msg-ids: {exc}") from None
-        base = await self._enqueue(_Pending(batch, count, time.time_ns() // 1000 if timestamp is None else timestamp, msg_id=msg_id))
-        return Appended(base, count)
-
-    def _duplicate(self, msg_id: bytes, base: int, stored: int, count: int) -> Appended:
-        if stored != count:
-            raise MsgIdConflict(
-                f"msg-id {msg_id!r:.150} already names a batch of {stored} messages at offset {base} "
-                f"of {self.topic}[{self.partition}], not one of {count}"
-            )
-        self.duplicates += 1
-        return Appended(base, count, duplicate=True)
-
-    def _remember(self, msg_id: bytes, value: bytes) -> None:
-        try:
-            base, count = decode_entry(value)
-        except ValueError:
-            return  # not an entry we can use: as if absent
-        self.dedup.remember(msg_id, base, count, anyio.current_time() + self.dedup_window)
-
-    async def _load_dedup(self) -> None:
-        """Read the partition's ``dedup/`` entries once (those of former
-        owners included: etcd holds them until their window lease ends)."""
-        async with self._dedup_lock:
-            if self._dedup_loaded:
-                return
-            prefix = self.keys.dedup_prefix(self.topic, self.partition)
-            found = await self.etcd.get_prefix(prefix, limit=self.dedup.max_ids)
-            for kv in found.kvs:
-                try:
-                    msg_id = base64.urlsafe_b64decode(kv.key[len(prefix) :] + b"=" * (-len(kv.key[len(prefix) :]) % 4))
-                except ValueError:
-                    continue
-                self._remember(msg_id, kv.value)
-            self._dedup_loaded = True
-
-    def _settle_ids(self, round_: _Round, error: AppendError | None) -> None:
-        """After a round: its msg-ids are stored (remembered), uncertain
-        (read back from etcd when sent again), or not stored (forgotten)."""
-        now = anyio.current_time()
-        for item in round_.items:
-            if item.msg_id is None:
-                continue
-            if self._pending_ids.get(item.msg_id, (None, None))[1] is round_:
-                del self._pending_ids[item.msg_id]
-            if error is None:
-                self.dedup.remember(item.msg_id, item.base, item.count, now + self.dedup_window)
-            elif isinstance(error, OutcomeUnknown):
-                self._uncertain[item.msg_id] = None
-                while len(self._uncertain) > self.dedup.max_ids:
-                    del self._uncertain[next(iter(self._uncertain))]
 
     async def run(self) -> None:
         """Commit rounds until cancelled; then fail every round not committed.
@@ -496,7 +371,6 @@ class PartitionOwner:
                         await head.full.wait()
                     head.closed = True
                 outcome = await self.rounds.commit(self, head)
-                self._settle_ids(head, outcome)
                 head.finish(outcome)
                 committing = None
                 self._rounds.popleft()
@@ -505,16 +379,12 @@ class PartitionOwner:
         finally:
             if committing is not None and not committing.done.is_set():
                 # Stopped during its PUT or transaction: it may have committed.
-                stopped = OutcomeUnknown(f"partition {self.label}: the owner stopped mid-commit")
-                self._settle_ids(committing, stopped)
-                committing.finish(stopped)
+                committing.finish(OutcomeUnknown(f"partition {self.label}: the owner stopped mid-commit"))
             self.stop("the owner's commit loop stopped")
             for pending in self._rounds:
                 if pending is committing:
                     continue
-                failed = AppendFailed(f"partition {self.label}: the owner stopped")
-                self._settle_ids(pending, failed)
-                pending.finish(failed)
+                pending.finish(AppendFailed(f"partition {self.label}: the owner stopped"))
             self._rounds.clear()
             self._space.set()
 
@@ -558,25 +428,18 @@ class PartitionOwner:
         first, last = round_.items[0], round_.items[-1]
         return IndexEntry(first.base, name, start, size, last.base + last.count - first.base, first.timestamp)
 
-    async def dedup_writes(self, round_: _Round) -> list[Op]:
-        """The round's msg-ids as puts under the current window lease (EtcdError
-        when none can be granted): one per ``append_once`` batch, and one
-        ``ids/`` key for the named batches of an ``append_round``; none for
-        a round without any."""
-        if not round_.dedup and not round_.named:
+    async def ids_writes(self, round_: _Round) -> list[Op]:
+        """The round's ``ids/`` key (its named batches' msg-ids, offsets,
+        counts and times) as a put under the current window lease, for the
+        exactly-once window of a next owner (EtcdError when no lease can be
+        granted); nothing for a round without msg-ids."""
+        if not round_.named:
             return []
         if self.windows is None:
             self.windows = WindowLeases(self.etcd, self.dedup_window)
         lease = await self.windows.current()
-        writes: list[Op] = [
-            Put(self.keys.dedup(self.topic, self.partition, item.msg_id), encode_entry(item.base, item.count), lease)
-            for item in round_.items
-            if item.msg_id is not None
-        ]
-        if round_.named:
-            named = [(i.named, i.base, i.count, i.timestamp) for i in round_.items if i.named is not None]
-            writes.append(Put(self.keys.ids(self.topic, self.partition, round_.items[0].base), encode_ids(named), lease))
-        return writes
+        named = [(i.named, i.base, i.count, i.timestamp) for i in round_.items if i.named is not None]
+        return [Put(self.keys.ids(self.topic, self.partition, round_.items[0].base), encode_ids(named), lease)]
 
     def round_txn(self, entry: IndexEntry, extra: list[Op] | None = None) -> tuple[list[Compare], list[Op], list[Op]]:
         """This partition's part of a round's transaction: three compares,

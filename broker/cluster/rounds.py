@@ -97,7 +97,7 @@ class _Slot:
 
     @property
     def writes(self) -> int:
-        return 2 + self.round.dedup + (1 if self.round.named else 0)
+        return 2 + (1 if self.round.named else 0)
 
     def decide(self, outcome: AppendError | None) -> None:
         if not self.decided.is_set():
@@ -235,7 +235,7 @@ class RoundCommitter:
                 await slot.owner.before_commit(name)
         for slot in live:
             try:
-                slot.extra = await slot.owner.dedup_writes(slot.round)
+                slot.extra = await slot.owner.ids_writes(slot.round)
             except EtcdError as exc:
                 slot.decide(AppendFailed(f"could not grant a dedup window lease: {exc}"))
         live = [slot for slot in live if not slot.decided.is_set()]
