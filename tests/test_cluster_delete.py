@@ -26,7 +26,17 @@ from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
 )
 from helpers.raw import raw_client
 from pybroker.server.cluster.delayed import INLINE_BYTES
-from pybroker.protocol import Error, ErrorCode, RefKind, StartKind, SubAck, Subscribe, partition_topic
+from pybroker.protocol import (
+    Deliver,
+    Error,
+    ErrorCode,
+    RefKind,
+    StartKind,
+    SubAck,
+    Subscribe,
+    decode_batch,
+    partition_topic,
+)
 from pybroker.server.server import Server
 
 pytest.importorskip("httpx", reason="cluster mode needs the cluster extra (httpx)")
@@ -130,3 +140,42 @@ async def test_a_partitioned_topic_is_deleted_whole_and_made_again_with_another_
             await wait_for(lambda: all(store_of(n).partition_count("parts") == 2 for n in nodes))
             ack = await client.publish("parts", b"again", {"key": "k"})
             assert ack.offset == 0 and ack.topic in (partition_topic("parts", 0), partition_topic("parts", 1))
+
+
+async def test_a_node_that_joins_again_does_not_take_its_topics_for_deleted(
+    urls: dict[str, str], tmp_path: Path
+) -> None:
+    """A node whose member lease ends behind its back joins again as a new
+    incarnation, whose topic registry starts empty until its first read.
+    Its subscribers are not told TOPIC_DELETED for a topic nobody deleted,
+    and get what is published after it rejoined. (Before the registry's
+    first read was waited for, every topic it knew looked deleted: the
+    subscriber got TOPIC_DELETED.)"""
+    async with cluster_node(urls, "a", tmp_path) as a, cluster_node(urls, "b", tmp_path) as b:
+        nodes = [a, b]
+        await publish_to_owner(nodes, "lasting", [b"before"], "p")
+        owner = await settled_owner(nodes, "lasting")
+        other = b if owner is a else a
+        async with raw_client(owner) as sub:
+            await hello(sub, "sub")
+            await sub.send_event(Subscribe(1, "lasting", StartKind.EARLIEST, 0))
+            assert await sub.next_event() == SubAck(1)
+            first = await sub.next_event()
+            assert isinstance(first, Deliver) and first.base_offset == 0, first
+            old = store_of(owner).manager
+            assert old is not None
+            await store_of(other).etcd.revoke(old.keeper.lease)
+
+            def rejoined() -> bool:
+                manager = store_of(owner).manager
+                return manager is not None and manager is not old and manager.keeper.held()
+
+            await wait_for(rejoined)
+            await settled_owner(nodes, "lasting")
+            ack, _ = await publish_to_owner(nodes, "lasting", [b"after"], "p")
+            assert ack.base_offset == 1
+            with trio.fail_after(WAIT):
+                event = await sub.next_event()
+            assert isinstance(event, Deliver), event
+            assert (event.base_offset, [p for p, _ in decode_batch(event.batch)]) == (1, [b"after"])
+        assert "lasting" in store_of(owner).topic_names()

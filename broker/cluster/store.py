@@ -930,6 +930,9 @@ class ClusterStore:
     async def _follow_registered(self, manager: OwnershipManager) -> None:
         """Follow every topic the cluster has (this node's subscribers may
         read any of them)."""
+        # A new incarnation's registry starts empty: until its first read,
+        # every topic this node knows would look deleted elsewhere.
+        await manager.topics.mirror.synced.wait()
         while True:
             registered = manager.topics.topics
             for log in list(self._logs.values()):
