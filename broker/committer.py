@@ -80,8 +80,9 @@ class Committer:
                 self.router.release(target, result.failed)
                 if result.failed:
                     self.logger.error(
-                        "fsync failed; the batches it covered are refused",
+                        "a sync failed; the batches it covered are refused",
                         topics={name: cut for name, (cut, _) in result.failed.items()},
+                        errors={name: str(error)[:200] for name, (_, error) in result.failed.items()},
                     )
                     # Batches appended during the failed round were dropped
                     # too: a round soon settles their waiters.
