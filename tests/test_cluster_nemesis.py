@@ -30,15 +30,18 @@ and its transaction, after its transaction before any acknowledgement;
 each proven by the status, the failpoint's log line and what the object
 store and etcd hold for that round. Each test prints the counts and the time from each
 fault to the next acknowledged append.
+
+The cluster, the publishers, the faults and the final reads are in
+tests/helpers/nemesis.py, shared with the nemesis over a partitioned topic
+(tests/test_cluster_nemesis_partitions.py).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-
 import json
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -48,16 +51,36 @@ import pytest
 import trio
 
 from helpers.checker import Report, check
-from helpers.cluster import Server as Process
-from helpers.cluster import etcd_cluster, restart, weed_server
 from helpers.history import HistoryWriter, read_histories
-from helpers.procs import BrokerProcess, broker_process
+from helpers.nemesis import (  # noqa: F401 (servers: the module's fixture)
+    ATTEMPT,
+    BUCKET,
+    PUBLISHERS,
+    TOPIC,
+    TTL,
+    WAIT,
+    Cluster,
+    Fault,
+    Servers,
+    final_reads,
+    handshake,
+    histories_in,
+    kill_etcd_leader,
+    kill_owner,
+    nemesis_cluster,
+    node_flags,
+    pause_owner,
+    publishing,
+    resent,
+    servers,
+    strike_rounds,
+    topic_owned_by,
+)
 from helpers.raw import RawClient
 from helpers.tcpproxy import PartitionProxy
 from pybroker.protocol import (
     Ack,
     AckKind,
-    Deliver,
     Error,
     ErrorCode,
     Goodbye,
@@ -65,227 +88,20 @@ from pybroker.protocol import (
     Hello,
     Ping,
     Pong,
-    PubAck,
-    Publish,
     StartKind,
     SubAck,
     Subscribe,
-    Welcome,
     decode_batch,
-    encode_batch,
 )
 
 pytest.importorskip("httpx", reason="cluster mode needs the cluster extra (httpx)")
 
 from pybroker.server.cluster.etcd import Etcd, EtcdError  # noqa: E402
-from pybroker.server.cluster.keys import ClusterKeys  # noqa: E402
 from pybroker.server.cluster import failpoints  # noqa: E402
 from pybroker.server.cluster.objects import NoSuchKey, ObjectStore  # noqa: E402
 from pybroker.server.cluster.entries import IndexEntry  # noqa: E402
-from pybroker.server.cluster.partition import PartitionReader  # noqa: E402
-from pybroker.server.cluster.ranking import first  # noqa: E402
 
-TTL = 3
-TOPIC = "nemesis"
 KEY = f"{TOPIC}/0"
-PUBLISHERS = 3
-#: Bounds: one attempt of an append, one append with its resends, the
-#: wait for recovery after a fault, the final reads.
-ATTEMPT = 2.0
-APPEND = 40.0
-RECOVERY = 40.0
-WAIT = 60.0
-BUCKET = "pybroker-nemesis"
-
-
-@attrs.define
-class Servers:
-    etcd: list[tuple[str, Process]]
-    s3_url: str
-    tmp: Path
-
-    @property
-    def etcd_urls(self) -> list[str]:
-        return [url for url, _ in self.etcd]
-
-
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    tmp = tmp_path_factory.mktemp("nemesis")
-    with etcd_cluster(tmp, 3) as members, weed_server(tmp) as (s3_url, _weed):
-        state = Servers(list(members), s3_url, tmp)
-        try:
-            yield state
-        finally:
-            for _url, process in state.etcd:  # restarted ones too
-                process.kill()
-
-
-@attrs.define
-class Cluster:
-    servers: Servers
-    keys: ClusterKeys
-    object_prefix: str
-    brokers: list[BrokerProcess]
-    topic: str = TOPIC
-    #: (when, from which broker, whether only after a resend) of every
-    #: acknowledgement.
-    acks: list[tuple[float, str, bool]] = attrs.field(factory=list)
-    #: The values acknowledged.
-    acked_values: set[str] = attrs.field(factory=set)
-
-    def addrs(self) -> list[str]:
-        return [b.url.removeprefix("pybroker://") for b in self.brokers if b.proc is not None]
-
-    def broker_at(self, addr: str) -> BrokerProcess:
-        for broker in self.brokers:
-            if broker.url.removeprefix("pybroker://") == addr:
-                return broker
-        raise AssertionError(f"no broker at {addr} (brokers: {[b.url for b in self.brokers]})")
-
-    async def owner(self) -> str | None:
-        """The topic's owner's address, as etcd's ``own/`` key says, if it is
-        the member ranked first (else a hand-over is due: a restarted node
-        takes back what it ranks first for)."""
-        async with Etcd(self.servers.etcd_urls) as etcd:
-            kv = await etcd.get(self.keys.own(self.topic, 0))
-            found = await etcd.get_prefix(self.keys.members_prefix)
-        if kv is None:
-            return None
-        members = {self.keys.name_of(self.keys.members_prefix, m.key): json.loads(m.value)["addr"] for m in found.kvs}
-        addr = json.loads(kv.value).get("addr")
-        return addr if members and members.get(first(set(members), self.topic, 0) or "") == addr else None
-
-    async def wait_owner(self) -> str:
-        """The owner's address once it is a running broker's and the last
-        acknowledgements came from it (a killed owner's key lasts until its
-        lease runs out; a restarted broker listens on a new port and may be
-        handed the topic back as it rejoins)."""
-        with trio.fail_after(RECOVERY):
-            while True:
-                try:
-                    found = await self.owner()
-                except EtcdError:
-                    found = None
-                recent = [addr for _, addr, _ in self.acks[-PUBLISHERS * 2 :]]
-                if found in self.addrs() and len(recent) == PUBLISHERS * 2 and set(recent) == {found}:
-                    return found
-                await trio.sleep(0.1)
-
-    async def wait_ack_after(self, moment: float, victim: str = "", *, fresh: bool = False) -> float:
-        """Seconds from ``moment`` to the first acknowledgement after it from
-        a broker other than ``victim`` (a PUBACK the victim sent just before
-        the fault may still be read after it); with ``fresh``, of an append
-        sent once (a resend of a committed msg-id is answered by any node
-        from its copy, without an owner)."""
-        with trio.fail_after(RECOVERY):
-            while True:
-                for when, addr, resent in self.acks:
-                    if when > moment and addr != victim and not (fresh and resent):
-                        return when - moment
-                await trio.sleep(0.02)
-
-
-async def handshake(raw: RawClient, name: str, options: dict[str, str] | None = None) -> None:
-    """HELLO, and its WELCOME; any other answer (a node stepping aside
-    answers ERROR 503 SHUTTING_DOWN) is a drop, raised as OSError, for the
-    caller to go to another node."""
-    await raw.send_event(Hello(client_name=name, options=dict(options or {})))
-    answer = await raw.next_event()
-    if not isinstance(answer, Welcome):
-        raise ConnectionRefusedError(f"HELLO answered {answer!r}")
-
-
-class Publisher:
-    """Appends ``p{n}-{i}`` values one at a time, recording each append."""
-
-    def __init__(self, cluster: Cluster, n: int, history: HistoryWriter) -> None:
-        self.cluster = cluster
-        self.n = n
-        self.history = history
-        self.raw: RawClient | None = None
-        self.stream: trio.SocketStream | None = None
-        self.target = ""
-        self.request_id = 0
-        #: Whether the append in progress was sent again after an unknown outcome.
-        self.resent = False
-
-    async def run(self, stop: trio.Event) -> None:
-        i = 0
-        while not stop.is_set():
-            value = f"p{self.n}-{i}"
-            i += 1
-            key = f"{self.cluster.topic}/0"
-            op = self.history.invoke("append", key=key, value=value)
-            outcome, offset = await self.append(value)
-            if outcome == "ok":
-                self.history.complete(op, "ok", "append", key=key, value=value, offset=offset, resent=self.resent)
-                self.cluster.acks.append((trio.current_time(), self.target, self.resent))
-                self.cluster.acked_values.add(value)
-            else:
-                self.history.complete(op, outcome, "append", key=key, value=value)
-        await self.drop()
-
-    async def drop(self) -> None:
-        if self.stream is not None:
-            await trio.aclose_forcefully(self.stream)
-        self.raw = self.stream = None
-
-    def next_target(self) -> None:
-        addrs = self.cluster.addrs()
-        if addrs:
-            self.target = addrs[(addrs.index(self.target) + 1) % len(addrs)] if self.target in addrs else addrs[0]
-
-    async def append(self, value: str) -> tuple[str, int | None]:
-        """("ok", offset), ("fail", None) if every attempt was certainly
-        refused, else ("info", None)."""
-        batch = encode_batch([(value.encode(), {"msg-id": value})])
-        unknown = False
-        self.resent = False
-        with trio.move_on_after(APPEND):
-            while True:
-                if not self.target:
-                    self.next_target()
-                try:
-                    with trio.fail_after(ATTEMPT):
-                        if self.raw is None:
-                            host, port = self.target.rsplit(":", 1)
-                            self.stream = await trio.open_tcp_stream(host, int(port))
-                            self.raw = RawClient(self.stream, timeout=ATTEMPT)
-                            await handshake(self.raw, f"publisher-{self.n}", {"error_fields": "1"})
-                        self.request_id += 1
-                        sent = self.request_id
-                        await self.raw.send_event(Publish(sent, self.cluster.topic, batch, dedup=True))
-                        event = await self.raw.next_event()
-                        while not isinstance(event, (PubAck, Error)) and event is not None:
-                            event = await self.raw.next_event()  # a PING, say
-                except (trio.TooSlowError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                    event = None
-                if event is None:
-                    # Dropped, or no answer in time: it may have been stored.
-                    unknown = self.resent = True
-                    await self.drop()
-                    self.next_target()
-                    await trio.sleep(0.05)
-                    continue
-                if isinstance(event, PubAck):
-                    assert event.request_id == sent, event
-                    return "ok", event.base_offset
-                if event.code == ErrorCode.NOT_OWNER:
-                    owner = event.fields.get("owner")  # certainly not stored
-                    if owner and owner != self.target:
-                        await self.drop()
-                        self.target = owner
-                    else:
-                        await trio.sleep(0.05)  # no owner yet
-                    continue
-                # STORAGE_ERROR: a round failed, perhaps after its
-                # transaction reached etcd: unknown, sent again.
-                assert event.code == ErrorCode.STORAGE_ERROR, event
-                unknown = self.resent = True
-                await trio.sleep(0.05)
-        await self.drop()
-        return ("info" if unknown else "fail"), None
 
 
 GROUP = "nemesis-group"
@@ -318,9 +134,7 @@ class GroupMember:
         self.end = -1
 
     def next_target(self) -> None:
-        addrs = self.cluster.addrs()
-        if addrs:
-            self.target = addrs[(addrs.index(self.target) + 1) % len(addrs)] if self.target in addrs else addrs[0]
+        self.target = self.cluster.next_addr(self.target)
 
     async def run(self) -> None:
         """Until cancelled."""
@@ -428,71 +242,6 @@ def group_figures(report: Report, member: GroupMember) -> str:
     )
 
 
-async def final_reads(cluster: Cluster, history: HistoryWriter) -> int:
-    """Read the whole partition from etcd and the object store, and through
-    a subscriber on every broker; record each as a ``final`` read. Returns
-    the partition's length."""
-    topic, key = cluster.topic, f"{cluster.topic}/0"
-    async with (
-        Etcd(cluster.servers.etcd_urls) as etcd,
-        ObjectStore(cluster.servers.s3_url, BUCKET, prefix=cluster.object_prefix) as objects,
-    ):
-        reader = PartitionReader(etcd, objects, topic, 0, keys=cluster.keys)
-        end = await reader.next_offset()
-        values: list[tuple[int, str]] = []
-        with trio.fail_after(WAIT):
-            while len(values) < end:
-                for batch in await reader.read(len(values)):
-                    values += [(batch.base_offset + k, p.decode()) for k, (p, _) in enumerate(decode_batch(batch.batch))]
-    op = history.invoke("read", key=key, offset=0)
-    history.complete(op, "ok", "read", key=key, offset=0, values=values, final=True, complete=True)
-    for addr in cluster.addrs():
-        host, port = addr.rsplit(":", 1)
-        seen: list[tuple[int, str]] = []
-        op = history.invoke("read", key=key, offset=0)
-        with trio.fail_after(WAIT):
-            while True:  # a node that stepped aside takes clients once it holds a lease again
-                stream = await trio.open_tcp_stream(host, int(port))
-                raw = RawClient(stream, timeout=WAIT)
-                try:
-                    await handshake(raw, "final-reader")
-                    break
-                except ConnectionRefusedError:
-                    await trio.aclose_forcefully(stream)
-                    await trio.sleep(0.2)
-            try:
-                await raw.send_event(Subscribe(1, topic, StartKind.EARLIEST, 0))
-                assert await raw.next_event() == SubAck(1)
-                while len(seen) < end:
-                    event = await raw.next_event()
-                    assert isinstance(event, Deliver), event
-                    seen += [(event.base_offset + k, p.decode()) for k, (p, _) in enumerate(decode_batch(event.batch))]
-            finally:
-                await trio.aclose_forcefully(stream)
-        history.complete(op, "ok", "read", key=key, offset=0, values=seen, final=True, complete=True)
-    return end
-
-
-def node_flags(
-    servers: Servers, name: str, ttl: int, hosts: str | None = None, *, compacting: bool = False, http: bool = False
-) -> tuple[str, ...]:
-    """``pybroker serve`` flags of a node of the test ``name``: its own etcd
-    key prefix (/nemesis/NAME) and object prefix, the member lease ``ttl``;
-    ``hosts`` the etcd members it is given (all of them by default);
-    ``compacting``: the owner merges index entries all the time (the newest
-    8 kept, 4 at a time), so compaction runs through the faults; ``http``:
-    an HTTP side on a free port (members probe each other's /readyz to
-    step aside: broker/cluster/stepaside.py), else none."""
-    if hosts is None:
-        hosts = ",".join(u.removeprefix("http://") for u in servers.etcd_urls)
-    return (
-        "--cluster", f"etcd://{hosts}/nemesis/{name}",
-        "--object-store", f"s3://{servers.s3_url.removeprefix('http://')}/{BUCKET}/{name}",
-        "--cluster-lease-ttl", str(ttl), *(("--http-port", "0") if http else ("--no-http",)),
-        *(("--cluster-index-keep", "8", "--cluster-index-fan-in", "4") if compacting else ()),
-    )  # fmt: skip
-
-
 async def index_levels(cluster: Cluster) -> Counter[int]:
     """How many of the partition's index entries etcd holds at each level
     (0: a round's; more: merged by compaction)."""
@@ -500,78 +249,6 @@ async def index_levels(cluster: Cluster) -> Counter[int]:
     async with Etcd(cluster.servers.etcd_urls) as etcd:
         kvs = (await etcd.get_prefix(prefix)).kvs
     return Counter(IndexEntry.decode(int(kv.key[len(prefix) :]), kv.value).level for kv in kvs)
-
-
-def histories_in(tmp_path: Path) -> list[Path]:
-    """One history file per publisher, and for the group member and the readers."""
-    return [tmp_path / f"history-{i}.jsonl" for i in range(PUBLISHERS + 3)]
-
-
-def workdir(tmp_path: Path, n: int) -> Path:
-    """Broker ``n``'s own directory for its log files (broker-{start}.log)."""
-    path = tmp_path / f"w{n}"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-async def topic_owned_by(servers: Servers, keys: ClusterKeys, victim: str, stem: str) -> str:
-    """A topic name the broker at ``victim`` ranks first for once all three
-    brokers are members, so that it will own the topic."""
-    with trio.fail_after(WAIT):
-        while True:
-            async with Etcd(servers.etcd_urls) as etcd:
-                found = await etcd.get_prefix(keys.members_prefix)
-            members = {keys.name_of(keys.members_prefix, kv.key): json.loads(kv.value)["addr"] for kv in found.kvs}
-            if len(members) == 3:
-                break
-            await trio.sleep(0.1)
-    victim_node = next(node for node, addr in members.items() if addr == victim)
-    return next(t for t in (f"{stem}-{i}" for i in range(1000)) if first(set(members), t, 0) == victim_node)
-
-
-#: A fault: injects itself, heals, and returns when it struck (trio time)
-#: and the broker it struck ("" for none).
-Fault = Callable[[Cluster], Awaitable[tuple[float, str]]]
-
-
-async def kill_owner(cluster: Cluster) -> tuple[float, str]:
-    """SIGKILL the owner under load, then start it again (same flags)."""
-    victim = await cluster.wait_owner()
-    broker = cluster.broker_at(victim)
-    await broker.kill()
-    struck = trio.current_time()
-    await broker.start()
-    return struck, victim
-
-
-async def pause_owner(cluster: Cluster) -> tuple[float, str]:
-    """SIGSTOP the owner until its lease has run out, then SIGCONT."""
-    victim = await cluster.wait_owner()
-    broker = cluster.broker_at(victim)
-    assert broker.proc is not None
-    broker.proc.send_signal(signal.SIGSTOP)
-    struck = trio.current_time()
-    try:
-        await trio.sleep(TTL + 2)
-    finally:
-        broker.proc.send_signal(signal.SIGCONT)
-    return struck, victim
-
-
-async def kill_etcd_leader(cluster: Cluster) -> tuple[float, str]:
-    """SIGKILL the etcd leader, then start it again on its data."""
-    servers = cluster.servers
-    async with Etcd(servers.etcd_urls) as etcd:
-        _me, leader = await etcd.status()
-    for i, (url, process) in enumerate(servers.etcd):
-        async with Etcd(url) as one:
-            if (await one.status())[0] == leader:
-                process.kill()
-                struck = trio.current_time()
-                again = await trio.to_thread.run_sync(restart, process, servers.tmp)
-                servers.etcd[i] = (url, again)
-                return struck, ""
-    raise AssertionError("no etcd member is the leader")
 
 
 @pytest.mark.parametrize(
@@ -586,35 +263,16 @@ async def test_nemesis(
     out; the default 10 s with the etcd leader killed, where an election
     (and the restart of the member) should not cost anyone their lease."""
     name = request.node.callspec.id
-    prefix = f"/nemesis/{name}/"
     flags = node_flags(servers, name, ttl, compacting=True)
     histories = histories_in(tmp_path)
-    async with (
-        broker_process(tmp_path / "d0", workdir(tmp_path, 0), *flags) as b0,
-        broker_process(tmp_path / "d1", workdir(tmp_path, 1), *flags) as b1,
-        broker_process(tmp_path / "d2", workdir(tmp_path, 2), *flags) as b2,
-    ):
-        cluster = Cluster(servers, ClusterKeys(prefix.encode()), f"{name}/", [b0, b1, b2])
+    async with nemesis_cluster(servers, tmp_path, name, [flags] * 3) as cluster:
         for broker in cluster.brokers:
             await broker.start()
-        stop = trio.Event()
-        recoveries: list[float] = []
-        fresh: list[float] = []
         writers = [HistoryWriter(path, i) for i, path in enumerate(histories)]
         try:
             async with group_consumer(cluster, writers[PUBLISHERS + 1], writers[PUBLISHERS + 2]) as member:
-                async with trio.open_nursery() as nursery:
-                    for i in range(PUBLISHERS):
-                        nursery.start_soon(Publisher(cluster, i, writers[i]).run, stop)
-                    with trio.fail_after(WAIT * (rounds + 1)):
-                        await cluster.wait_ack_after(-1.0)  # the topic exists and takes appends
-                        for _ in range(rounds):
-                            await trio.sleep(0.5)  # under load
-                            struck, victim = await fault(cluster)
-                            recoveries.append(await cluster.wait_ack_after(struck, victim))
-                            fresh.append(await cluster.wait_ack_after(struck, victim, fresh=True))
-                        await trio.sleep(0.5)
-                    stop.set()
+                async with publishing(cluster, writers[:PUBLISHERS]):
+                    recoveries = await strike_rounds(cluster, fault, rounds)
             end = await final_reads(cluster, writers[PUBLISHERS])
             levels = await index_levels(cluster)
         finally:
@@ -623,11 +281,10 @@ async def test_nemesis(
     ops = read_histories(histories)
     report = check(ops)
     counts = report.summary()["keys"][KEY]
-    resent = sum(1 for op in ops if op["type"] == "ok" and op["f"] == "append" and op.get("resent"))
     print(
-        f"{name}: {rounds} faults, {end} stored, {resent} acknowledged only after a resend, counts {counts}, "
-        f"seconds from each fault to the next acknowledgement {[round(r, 2) for r in recoveries]} "
-        f"(to the next of an append sent once {[round(r, 2) for r in fresh]}); {group_figures(report, member)}; "
+        f"{name}: {rounds} faults, {end} stored, {resent(ops)} acknowledged only after a resend, counts {counts}, "
+        f"seconds from each fault to the next acknowledgement {[round(r.seconds, 2) for r in recoveries]} "
+        f"(to the next of an append sent once {[round(r.fresh, 2) for r in recoveries]}); {group_figures(report, member)}; "
         f"index entries by level {dict(sorted(levels.items()))}"
     )
     assert report.valid, report.summary()
@@ -670,30 +327,21 @@ async def test_nemesis_failpoint(servers: Servers, tmp_path: Path, point: str, m
     restarts it disarmed, lets ownership settle under load, and checks the
     history as above."""
     name = f"fp-{point}"
-    prefix = f"/nemesis/{name}/"
     flags = node_flags(servers, name, TTL)
     histories = histories_in(tmp_path)
-    async with (
-        broker_process(tmp_path / "d0", workdir(tmp_path, 0), *flags) as b0,
-        broker_process(tmp_path / "d1", workdir(tmp_path, 1), *flags) as b1,
-        broker_process(tmp_path / "d2", workdir(tmp_path, 2), *flags) as b2,
-    ):
-        keys = ClusterKeys(prefix.encode())
-        cluster = Cluster(servers, keys, f"{name}/", [b0, b1, b2])
+    async with nemesis_cluster(servers, tmp_path, name, [flags] * 3) as cluster:
+        b0, b1, b2 = cluster.brokers
         await b0.start()
         await b1.start()
         monkeypatch.setenv(failpoints.ENV, f"{point}=kill@{FAILPOINT_HIT}")
         await b2.start()
         monkeypatch.delenv(failpoints.ENV)  # its restart is disarmed
         victim = b2.url.removeprefix("pybroker://")
-        cluster.topic = await topic_owned_by(servers, keys, victim, name)
-        stop = trio.Event()
+        cluster.topic = await topic_owned_by(servers, cluster.keys, victim, name)
         writers = [HistoryWriter(path, i) for i, path in enumerate(histories)]
         try:
             async with group_consumer(cluster, writers[PUBLISHERS + 1], writers[PUBLISHERS + 2]) as member:
-                async with trio.open_nursery() as nursery:
-                    for i in range(PUBLISHERS):
-                        nursery.start_soon(Publisher(cluster, i, writers[i]).run, stop)
+                async with publishing(cluster, writers[:PUBLISHERS]):
                     with trio.fail_after(WAIT * 2):
                         assert b2.proc is not None
                         await b2.proc.wait()  # by its own failpoint: nothing here kills it
@@ -705,7 +353,6 @@ async def test_nemesis_failpoint(servers: Servers, tmp_path: Path, point: str, m
                         fresh = await cluster.wait_ack_after(struck, victim, fresh=True)
                         await cluster.wait_owner()  # settled: the restarted node may take the topic back
                         await trio.sleep(0.5)
-                    stop.set()
             end = await final_reads(cluster, writers[PUBLISHERS])
         finally:
             for writer in writers:
@@ -799,29 +446,20 @@ async def cut_off_run(
     async with trio.open_nursery() as background:
         ports = [await background.start(p.run) for p in proxies]
         through = ",".join(f"127.0.0.1:{port}" for port in ports)
-        flags = {"compacting": True, "http": http}
-        async with (
-            broker_process(tmp_path / "d0", workdir(tmp_path, 0), *node_flags(servers, name, TTL, **flags)) as b0,
-            broker_process(tmp_path / "d1", workdir(tmp_path, 1), *node_flags(servers, name, TTL, **flags)) as b1,
-            broker_process(tmp_path / "d2", workdir(tmp_path, 2), *node_flags(servers, name, TTL, through, **flags)) as b2,
-        ):
-            keys = ClusterKeys(f"/nemesis/{name}/".encode())
-            cluster = Cluster(servers, keys, f"{name}/", [b0, b1, b2])
+        direct = node_flags(servers, name, TTL, compacting=True, http=http)
+        cut = node_flags(servers, name, TTL, through, compacting=True, http=http)
+        async with nemesis_cluster(servers, tmp_path, name, [direct, direct, cut]) as cluster:
             for broker in cluster.brokers:
                 await broker.start()
-            run = CutOff(cluster, b2.url.removeprefix("pybroker://"), proxies)
-            cluster.topic = await topic_owned_by(servers, keys, run.victim, hint)
-            stop = trio.Event()
+            run = CutOff(cluster, cluster.brokers[2].url.removeprefix("pybroker://"), proxies)
+            cluster.topic = await topic_owned_by(servers, cluster.keys, run.victim, hint)
             writers = [HistoryWriter(path, i) for i, path in enumerate(histories)]
             try:
                 async with group_consumer(cluster, writers[PUBLISHERS + 1], writers[PUBLISHERS + 2]) as member:
-                    async with trio.open_nursery() as nursery:
-                        for i in range(PUBLISHERS):
-                            nursery.start_soon(Publisher(cluster, i, writers[i]).run, stop)
+                    async with publishing(cluster, writers[:PUBLISHERS]):
                         with trio.fail_after(WAIT * 2):
-                            assert await cluster.wait_owner() == run.victim
+                            assert (await cluster.wait_owner()).addr == run.victim
                             await fault(run)
-                        stop.set()
                 run.member = member
                 run.end = await final_reads(cluster, writers[PUBLISHERS])
                 run.levels = await index_levels(cluster)
@@ -839,11 +477,10 @@ def check_cut_off(run: CutOff, name: str) -> None:
     after its lease deadline."""
     report = check(run.ops)
     counts = report.summary()["keys"][f"{run.cluster.topic}/0"]
-    resent = sum(1 for op in run.ops if op["type"] == "ok" and op["f"] == "append" and op.get("resent"))
     figures = ", ".join(f"{k} {v:.2f} s" for k, v in run.figures.items())
     assert run.member is not None
     print(
-        f"{name}: {run.end} stored, {resent} acknowledged only after a resend, counts {counts}; {figures}; "
+        f"{name}: {run.end} stored, {resent(run.ops)} acknowledged only after a resend, counts {counts}; {figures}; "
         f"{group_figures(report, run.member)}; index entries by level {dict(sorted(run.levels.items()))}"
     )
     assert report.valid, report.summary()
@@ -851,7 +488,7 @@ def check_cut_off(run: CutOff, name: str) -> None:
     assert (run.member.final_cursor, run.member.end) == (run.end, run.end)
     late = [
         round(when - run.struck, 2)
-        for when, addr, _ in run.cluster.acks
+        for when, addr, *_ in run.cluster.acks
         if addr == run.victim and run.struck + TTL < when < run.healed
     ]
     assert not late, late
