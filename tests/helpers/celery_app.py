@@ -16,7 +16,10 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import worker_ready
 
+from kombu import Connection
+
 import pybroker.contrib.kombu  # noqa: F401  (registers pybroker:// with kombu)
+from pybroker.contrib.kombu import broker_url
 import pybroker.sync
 
 app = Celery("taskq", broker=os.environ.get("TASKQ_BROKER", "pybroker://127.0.0.1:7420"), backend="rpc://")
@@ -43,9 +46,9 @@ def report(event: str, **fields: Any) -> None:
         if _client is None:
             # linger: reports from the worker threads go out in batches.
             # reconnect: reports queued while the broker restarts go out after.
-            _client = pybroker.sync.connect(
-                os.environ["TASKQ_BROKER"], name="taskq-report", linger=0.01, reconnect=True
-            )
+            # A kombu failover URL (``;``) becomes one URL of every broker.
+            url = broker_url(Connection(os.environ["TASKQ_BROKER"]))
+            _client = pybroker.sync.connect(url, name="taskq-report", linger=0.01, reconnect=True)
     body = {"event": event, "pid": os.getpid(), "at": time.time(), **fields}
     _client.send(os.environ["TASKQ_REPORTS"], json.dumps(body).encode())
 
