@@ -7,6 +7,8 @@ per round, covering every batch appended before the round started (one
 fsync for all of them, whatever connection they came from), then releases
 the held deliveries in append order and wakes the sessions waiting for
 their acknowledgements. Appends arriving during a sync go to the next round.
+A store whose ``sync_depth`` is above 1 (a cluster's) gets the next round's
+sync while the last one's is still out; results are released in order.
 
 It also runs the timed work of the store: fsync every interval for
 ``interval`` topics, and retention.
@@ -64,30 +66,60 @@ class Committer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._timed_work)
             task_status.started()
+            # A store whose sync is a round trip to other servers (a
+            # cluster's object PUT and etcd transaction) lets the next
+            # round start before the last is answered; a local fsync does not.
+            depth = max(1, self.store.sync_depth)
+            slots = trio.Semaphore(depth)
+            previous: trio.Event | None = None
             while True:
                 await self._wake.wait()
                 self._wake = trio.Event()
+                await slots.acquire()
+                # The round covers every batch held before its sync starts.
                 target = self.router.held_seq
-                # A failed fsync is never retried and then trusted: the store
-                # rolled those segments back to their last good sync, and the
-                # batches it would have covered are refused (release below).
-                result = await self.store.sync()
-                if self.also_sync is not None:
-                    await self.also_sync()
-                self.durability = result.durability
-                self.committed_seq = target
-                self.rounds += 1
-                self.router.release(target, result.failed)
-                if result.failed:
-                    self.logger.error(
-                        "a sync failed; the batches it covered are refused",
-                        topics={name: cut for name, (cut, _) in result.failed.items()},
-                        errors={name: str(error)[:200] for name, (_, error) in result.failed.items()},
-                    )
-                    # Batches appended during the failed round were dropped
-                    # too: a round soon settles their waiters.
-                    self._wake.set()
-                self._finish_round()
+                if depth == 1:
+                    await self._round(target, None)
+                    slots.release()
+                    continue
+                done = trio.Event()
+                nursery.start_soon(self._overlapping_round, target, previous, done, slots)
+                previous = done
+
+    async def _overlapping_round(
+        self, target: int, previous: trio.Event | None, done: trio.Event, slots: trio.Semaphore
+    ) -> None:
+        try:
+            await self._round(target, previous)
+        finally:
+            done.set()
+            slots.release()
+
+    async def _round(self, target: int, previous: trio.Event | None) -> None:
+        # A failed fsync is never retried and then trusted: the store
+        # rolled those segments back to their last good sync, and the
+        # batches it would have covered are refused (release below).
+        result = await self.store.sync()
+        if previous is not None:
+            await previous.wait()  # results go out in the order the syncs began
+        if self.also_sync is not None:
+            await self.also_sync()
+        self.durability = result.durability
+        self.committed_seq = target
+        self.rounds += 1
+        self.router.release(target, result.failed)
+        if result.on_released is not None:
+            result.on_released()
+        if result.failed:
+            self.logger.error(
+                "a sync failed; the batches it covered are refused",
+                topics={name: cut for name, (cut, _) in result.failed.items()},
+                errors={name: str(error)[:200] for name, (_, error) in result.failed.items()},
+            )
+            # Batches appended during the failed round were dropped
+            # too: a round soon settles their waiters.
+            self._wake.set()
+        self._finish_round()
 
     def _finish_round(self) -> None:
         done, self._round_done = self._round_done, trio.Event()

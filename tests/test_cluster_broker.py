@@ -57,7 +57,9 @@ from pybroker.server.cluster.compaction import CompactionSettings
 from pybroker.server.cluster.janitor import Janitor
 from pybroker.server.cluster.objects import ObjectStoreError
 from pybroker.server.cluster.entries import IndexEntry
+from pybroker.server.cluster.etcd import Etcd
 from pybroker.server.cluster.partition import PartitionReader
+from pybroker.server.cluster.store import parse_cluster_urls
 from pybroker.server.server import Server
 from pybroker.server.storage.settings import SettingsResolver, TopicSettings
 
@@ -662,6 +664,111 @@ async def test_a_resend_older_than_the_next_owners_copy_is_not_stored_twice(
             payloads += [p for batch in batches for p, _ in decode_batch(batch.batch)]
             offset = batches[-1].next_offset
         assert payloads == [b"zero", b"the order"] + [b"x" * 200] * 60 + [b"after"]
+
+
+async def test_a_round_after_a_failed_one_is_refused_with_it(urls: dict[str, str], tmp_path: Path) -> None:
+    """Two syncs out at once (docs/cluster.md §5): the first one's PUT is
+    held, and a publish arriving meanwhile gets a sync and a PUT of its
+    own, its offset after the first's. The held PUT then fails (507): the
+    first publish is refused, and so is the second, whose round is never
+    committed (its offsets followed a round that was not); neither is
+    delivered, and the next publish takes the first's offset. (One sync
+    at a time, the second PUT waits for the first sync: the test fails so.)"""
+    async with cluster_node(urls, "a", tmp_path) as a:
+        ack, _ = await publish_to_owner([a], "chain", [b"zero"], "p")
+        assert ack.base_offset == 0
+        objects = store_of(a).objects
+        real_put = objects.put_if_absent
+        gate, first_put = trio.Event(), trio.Event()
+        puts: list[str] = []
+
+        async def held_then_full(key: str, data: bytes) -> bool:
+            puts.append(key)
+            if len(puts) == 1:
+                first_put.set()
+                await gate.wait()
+                raise ObjectStoreError(f"put {key}: InsufficientStorage", 507, "InsufficientStorage")
+            return await real_put(key, data)
+
+        objects.put_if_absent = held_then_full  # type: ignore[method-assign]
+        async with raw_client(a) as sub, raw_client(a) as first, raw_client(a) as second:
+            await hello(sub, "sub")
+            await sub.send_event(Subscribe(1, "chain", StartKind.EARLIEST, 0))
+            assert await sub.next_event() == SubAck(1)
+            assert await offsets_and_payloads(sub, 1) == [(0, b"zero")]
+            for raw, name in ((first, "first"), (second, "second")):
+                await hello(raw, name)
+            await first.send_event(Publish(1, "chain", encode_batch([b"first"])))
+            with trio.fail_after(WAIT):
+                await first_put.wait()
+            await second.send_event(Publish(2, "chain", encode_batch([b"second"])))
+            await wait_for(lambda: len(puts) == 2)  # its PUT went while the first's is held
+            gate.set()
+            for raw, ref in ((first, 1), (second, 2)):
+                with trio.fail_after(WAIT):
+                    refused = await raw.next_event()
+                assert isinstance(refused, Error) and refused.code == ErrorCode.STORAGE_ERROR, refused
+                assert refused.ref == ref, refused
+            objects.put_if_absent = real_put  # type: ignore[method-assign]
+            ack, _ = await publish_to_owner([a], "chain", [b"third"], "p")
+            assert ack.base_offset == 1
+            assert await offsets_and_payloads(sub, 1) == [(1, b"third")]
+        assert await committed_payloads(a, "chain") == [b"zero", b"third"]
+
+
+async def test_two_rounds_out_when_the_owner_stops_are_refused_and_the_node_goes_on(
+    urls: dict[str, str], tmp_path: Path
+) -> None:
+    """Two syncs out at once when the owner stops: the first round's
+    transaction is held, the second round's object is PUT and waits for
+    it; the node's lease is revoked behind its back, so the owner stops
+    with both out and answers both "outcome unknown". Each sync reports
+    its own failure, the second's past the first's cut; the node goes on
+    (it used to cut its copy a second time, past its end, and crash), joins
+    again, and the topic continues from what etcd holds."""
+    async with cluster_node(urls, "a", tmp_path) as a:
+        ack, _ = await publish_to_owner([a], "stopped", [b"zero"], "p")
+        assert ack.base_offset == 0
+        store = store_of(a)
+        etcd, objects = store.etcd, store.objects
+        real_txn, real_put = etcd.txn, objects.put_if_absent
+        gate, held = trio.Event(), trio.Event()
+        puts: list[str] = []
+
+        async def held_txn(*args: Any, **kwargs: Any) -> Any:
+            if puts and not held.is_set():  # the first commit after arming
+                held.set()
+                await gate.wait()
+            return await real_txn(*args, **kwargs)
+
+        async def counted_put(key: str, data: bytes) -> bool:
+            puts.append(key)
+            return await real_put(key, data)
+
+        etcd.txn = held_txn  # type: ignore[method-assign]
+        objects.put_if_absent = counted_put  # type: ignore[method-assign]
+        manager = store.manager
+        assert manager is not None
+        async with raw_client(a) as first, raw_client(a) as second:
+            for raw, name in ((first, "first"), (second, "second")):
+                await hello(raw, name)
+            await first.send_event(Publish(1, "stopped", encode_batch([b"first"])))
+            with trio.fail_after(WAIT):
+                await held.wait()
+            await second.send_event(Publish(2, "stopped", encode_batch([b"second"])))
+            await wait_for(lambda: len(puts) == 2)
+            async with Etcd(parse_cluster_urls(urls["cluster"], urls["object_store"]).etcd) as other:
+                await other.revoke(manager.keeper.lease)
+            await wait_for(lambda: store.manager is not manager)  # it stopped, and joins again
+            gate.set()
+            for raw, ref in ((first, 1), (second, 2)):
+                with trio.fail_after(WAIT):
+                    refused = await raw.next_event()
+                assert isinstance(refused, Error) and refused.ref == ref, refused
+        etcd.txn, objects.put_if_absent = real_txn, real_put  # type: ignore[method-assign]
+        ack, _ = await publish_to_owner([a], "stopped", [b"after"], "p")
+        assert ack.base_offset == 1  # the held round was refused: its owner key went with the lease
+        assert await committed_payloads(a, "stopped") == [b"zero", b"after"]
 
 
 async def test_a_put_the_object_store_refuses_is_refused_to_the_publisher(

@@ -21,11 +21,11 @@ import trio.testing
 from helpers.cluster import Server, etcd_server, weed_server
 from pybroker.protocol import check_batch, encode_batch
 from pybroker.server.cluster.entries import IndexEntry
-from pybroker.server.cluster.etcd import Etcd, EtcdUnavailable, TxnResult
+from pybroker.server.cluster.etcd import Etcd, EtcdError, EtcdUnavailable, TxnResult
 from pybroker.server.cluster.keys import ClusterKeys
 from pybroker.server.cluster.lease import LeaseKeeper
 from pybroker.server.cluster.objects import ObjectStore
-from pybroker.server.cluster.outcomes import AppendFailed, NotOwner, OutcomeUnknown
+from pybroker.server.cluster.outcomes import AppendFailed, ChainBroken, NotOwner, OutcomeUnknown
 from pybroker.server.cluster.partition import PartitionOwner, PartitionReader
 from pybroker.server.cluster.rounds import MAX_GROUP, ObjectNames, RoundCommitter
 
@@ -44,15 +44,36 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Ser
 class CountsTxns(Etcd):
     """An etcd client that counts its transactions and, once ``lose`` is
     set, loses the answer to the next one: ``applied`` (etcd ran it) or
-    ``unsent`` (it never reached etcd)."""
+    ``unsent`` (it never reached etcd). With ``hold`` set, the next
+    transaction waits for it before it is sent (``held`` is set then);
+    with ``refuse`` set, the next one is refused by etcd itself (not
+    applied). ``events`` records each transaction's start and end."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url, timeout=2.0)
         self.txns = 0
         self.lose = ""
+        self.hold: trio.Event | None = None
+        self.held = trio.Event()
+        self.refuse = False
+        self.events: list[str] = []
 
     async def txn(self, *args: Any, **kwargs: Any) -> TxnResult:
         self.txns += 1
+        self.events.append(f"txn {self.txns}")
+        hold, self.hold = self.hold, None
+        if hold is not None:
+            self.held.set()
+            await hold.wait()
+        if self.refuse:
+            self.refuse = False
+            raise EtcdError("injected: etcdserver: too many operations in txn request")
+        try:
+            return await self._answer(*args, **kwargs)
+        finally:
+            self.events.append(f"txn {self.txns} answered")
+
+    async def _answer(self, *args: Any, **kwargs: Any) -> TxnResult:
         mode, self.lose = self.lose, ""
         if mode == "applied":
             assert (await super().txn(*args, **kwargs)).succeeded
@@ -303,3 +324,88 @@ async def test_a_round_waiting_when_the_committer_stops_is_refused_not_left_wait
         assert len(outcome) == 1 and isinstance(outcome[0], AppendFailed), outcome
         assert "committer stopped" in str(outcome[0])
         assert await node.data_objects() == [] and await node.entries(0) == []
+
+
+def recording_puts(node: Node) -> None:
+    """Record each PUT of the node's object store in ``node.etcd.events``
+    (one timeline with the transactions)."""
+    real = node.store.put_if_absent
+
+    async def put(key: str, data: bytes) -> bool:
+        node.etcd.events.append(f"put {key}")
+        return await real(key, data)
+
+    node.store.put_if_absent = put  # type: ignore[method-assign]
+
+
+async def test_a_partitions_next_round_is_put_while_its_last_transaction_is_out(node: Node) -> None:
+    """Two rounds of one partition handed over back to back (two store
+    syncs overlapping): the second's object is PUT while the first's
+    transaction is held; its own transaction goes only once the first has
+    committed, and its offsets follow the first's. (With the owner's
+    ``pipeline`` at 1 the second PUT waits for the first transaction: the
+    test fails so.)"""
+    with trio.fail_after(WAIT):
+        await node.own([0])
+        owner = node.owners[0]
+        recording_puts(node)
+        first, second = [batch_of("first", 3)], [batch_of("second", 2)]
+        gate = trio.Event()
+        node.etcd.hold = gate
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.rounds.run)
+            nursery.start_soon(owner.run)
+            await trio.testing.wait_all_tasks_blocked()
+            rounds = [owner.submit_round([(b, check_batch(b)[0], 0) for b in batches]) for batches in (first, second)]
+            await node.etcd.held.wait()  # the first round's transaction is out
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+            bases = [await owner.round_outcome(r) for r in rounds]
+            nursery.cancel_scope.cancel()
+        assert bases == [0, 3]
+        timeline = node.etcd.events[2:]  # after the acquisition's transaction
+        puts = [i for i, e in enumerate(timeline) if e.startswith("put")]
+        assert len(puts) == 2 and puts[1] < timeline.index("txn 2 answered"), timeline
+        assert [e for e in timeline if e.startswith("txn")] == ["txn 2", "txn 2 answered", "txn 3", "txn 3 answered"]
+        entries = await node.entries(0)
+        assert [(e.first, e.count) for e in entries] == [(0, 3), (3, 2)]
+        assert entries[0].object != entries[1].object
+        assert await node.read(0) == first + second
+        assert owner.next_offset == 5
+
+
+async def test_a_round_after_one_not_committed_is_not_sent(node: Node) -> None:
+    """The first of two rounds out at once is refused by etcd (not
+    applied) while the second's object is already PUT: the second is
+    ChainBroken without its transaction being sent (its offsets followed
+    the first's), the partition stays owned, and the next round commits
+    at offset 0."""
+    with trio.fail_after(WAIT):
+        await node.own([0])
+        owner = node.owners[0]
+        recording_puts(node)
+        before = node.etcd.txns
+        gate = trio.Event()
+        node.etcd.hold = gate
+        node.etcd.refuse = True
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.rounds.run)
+            nursery.start_soon(owner.run)
+            await trio.testing.wait_all_tasks_blocked()
+            batches = [batch_of("refused", 3), batch_of("after", 2)]
+            rounds = [owner.submit_round([(b, check_batch(b)[0], 0)]) for b in batches]
+            await node.etcd.held.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert len([e for e in node.etcd.events if e.startswith("put")]) == 2, node.etcd.events
+            gate.set()
+            with pytest.raises(AppendFailed, match="etcd refused"):
+                await owner.round_outcome(rounds[0])
+            with pytest.raises(ChainBroken, match="the round before it was not committed"):
+                await owner.round_outcome(rounds[1])
+            assert node.etcd.txns - before == 1  # the second round's was never sent
+            again = batch_of("again", 1)
+            assert await owner.append_round([(again, 1, 0)]) == 0
+            assert owner.lost is None  # still the partition's owner
+            nursery.cancel_scope.cancel()
+        assert [(e.first, e.count) for e in await node.entries(0)] == [(0, 1)]
+        assert await node.read(0) == [again]

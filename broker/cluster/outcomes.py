@@ -21,6 +21,13 @@ class AppendFailed(AppendError):
     before the commit was sent); retryable."""
 
 
+class ChainBroken(AppendFailed):
+    """Not sent: the partition's round before it, still out when this one
+    was written, was not committed (its offsets followed that round's).
+    Whoever sent that round is told why; a cluster store does not report
+    this one again, since the earlier round's failure already covers it."""
+
+
 class OutcomeUnknown(AppendError):
     """The append may have been committed; it is not acknowledged. A resend
     with a msg-id is deduplicated (by the broker's exactly-once window), one

@@ -4,7 +4,8 @@ docs/cluster.md §4-§7. The owner creates ``own/{topic}/{partition}`` only
 if absent, under its member lease; the create revision is its **epoch**.
 Appends arriving within one commit window become one round, which the
 node's RoundCommitter (rounds.py) commits with the rounds its other
-partitions closed at the same time:
+partitions closed at the same time (a partition's next round may be PUT
+while its last one's transaction is out; the transactions go in order):
 
 1. the rounds' batches, in the single-node log's stored format (header
    with CRC, then the wire batch with its own CRC), become ONE immutable
@@ -26,6 +27,7 @@ range, fetched with a ranged GET.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -46,7 +48,7 @@ from .keys import ClusterKeys
 from .lease import LeaseKeeper
 from .objects import NoSuchKey, ObjectStore
 from .outcomes import AppendError, AppendFailed, NotOwner, OutcomeUnknown
-from .rounds import ObjectNames, RoundCommitter
+from .rounds import ObjectNames, RoundCommitter, Slot
 
 #: docs/cluster.md §5: the commit window and the size that closes a round early.
 DEFAULT_WINDOW = 0.005
@@ -56,6 +58,10 @@ DEFAULT_MAX_ROUND_BYTES = 8 << 20
 DEFAULT_MAX_COMMIT_DELAY = 600.0
 #: Rounds closed and waiting for their commit, beyond which appends wait.
 MAX_QUEUED_ROUNDS = 4
+#: A partition's rounds out at once (docs/cluster.md §5): the next one's
+#: PUT goes while the last one's transaction is out; the transactions
+#: still go one at a time, in order.
+DEFAULT_PIPELINE = 2
 #: How long a hand-over waits for the rounds already gathered to commit.
 DEFAULT_HAND_OVER_TIMEOUT = 10.0
 
@@ -94,7 +100,8 @@ class PartitionOwner:
     """Sequences and commits the appends of one partition while it owns it.
 
     ``acquire`` takes ownership; ``run`` (in a task group, for as long as
-    the node owns the partition) commits one round per window; ``append``
+    the node owns the partition) commits its rounds, each window's
+    appends one round, up to ``pipeline`` of them out at once; ``append``
     waits for its round and returns its base offset. Once the partition is
     lost (refused transaction, lease gone or past its deadline) ``lost``
     says why and every append raises NotOwner.
@@ -135,6 +142,8 @@ class PartitionOwner:
         self.rounds = rounds if rounds is not None else RoundCommitter()
         self._runs_rounds = rounds is None
         self.window = window
+        #: Rounds out at once (DEFAULT_PIPELINE; 1: each decided before the next).
+        self.pipeline = DEFAULT_PIPELINE
         self.max_round_bytes = max_round_bytes
         self.max_commit_delay = max_commit_delay
         #: The create revision of our owner key; 0 until acquired.
@@ -305,18 +314,32 @@ class PartitionOwner:
         with anyio.fail_after(self.max_commit_delay):
             while len(self._rounds) > MAX_QUEUED_ROUNDS:
                 await self._space.wait()
-            self._check_owning()
-            round_ = _Round(anyio.current_time())
-            round_.items = [_Pending(batch, count, timestamp) for batch, count, timestamp in batches]
-            if names is not None:
-                for item, name in zip(round_.items, names, strict=True):
-                    item.named = name
-                round_.named = sum(1 for name in names if name is not None)
-            round_.size = sum(HEADER_SIZE + len(batch) for batch, _, _ in batches)
-            round_.closed = True
-            round_.full.set()
-            self._rounds.append(round_)
-            self._wake.set()
+        return await self.round_outcome(self.submit_round(batches, names))
+
+    def submit_round(self, batches: list[tuple[bytes, int, int]], names: Sequence[str | None] | None = None) -> _Round:
+        """``append_round``'s first half, without waiting: the round is
+        queued behind every round submitted before it (NotOwner when this
+        owner takes none); ``round_outcome`` waits for it. A cluster store
+        submits all of a sync's rounds at once, so that a later sync's
+        cannot come between them."""
+        self._check_owning()
+        round_ = _Round(anyio.current_time())
+        round_.items = [_Pending(batch, count, timestamp) for batch, count, timestamp in batches]
+        if names is not None:
+            for item, name in zip(round_.items, names, strict=True):
+                item.named = name
+            round_.named = sum(1 for name in names if name is not None)
+        round_.size = sum(HEADER_SIZE + len(batch) for batch, _, _ in batches)
+        round_.closed = True
+        round_.full.set()
+        self._rounds.append(round_)
+        self._wake.set()
+        return round_
+
+    async def round_outcome(self, round_: _Round) -> int:
+        """The first base offset of a submitted round once acknowledged,
+        else its AppendError (TimeoutError past ``max_commit_delay``)."""
+        with anyio.fail_after(self.max_commit_delay):
             await round_.done.wait()
         if round_.error is not None:
             raise round_.error
@@ -339,6 +362,7 @@ class PartitionOwner:
             if current.size >= self.max_round_bytes:
                 current.closed = True
                 current.full.set()
+                self._wake.set()
             await current.done.wait()
         if current.error is not None:
             raise current.error
@@ -358,33 +382,45 @@ class PartitionOwner:
                 tg.cancel_scope.cancel()
 
     async def _run(self) -> None:
-        committing: _Round | None = None
+        # Rounds handed to the committer and not yet answered, in order: at
+        # most ``pipeline``; each one's offsets follow the one before it.
+        out: deque[tuple[_Round, Slot]] = deque()
         try:
             while True:
-                while not self._rounds:
+                while out and out[0][1].decided.is_set():  # answered in order
+                    round_, slot = out.popleft()
+                    round_.finish(slot.outcome)
+                    self._rounds.popleft()
+                    self._space.set()
+                    self._space = anyio.Event()
+                wait = math.inf
+                while len(out) < self.pipeline and len(self._rounds) > len(out):
+                    head = self._rounds[len(out)]
+                    if not head.closed:
+                        left = head.opened + self.window - anyio.current_time()
+                        if left > 0:
+                            wait = left  # its window is still open
+                            break
+                        head.closed = True
+                    out.append((head, self.rounds.submit(self, head, out[-1][1] if out else None)))
+                with anyio.move_on_after(wait):
                     await self._wake.wait()
-                    self._wake = anyio.Event()
-                head = self._rounds[0]
-                committing = head
-                if not head.closed:
-                    with anyio.move_on_after(max(0.0, head.opened + self.window - anyio.current_time())):
-                        await head.full.wait()
-                    head.closed = True
-                outcome = await self.rounds.commit(self, head)
-                head.finish(outcome)
-                committing = None
-                self._rounds.popleft()
-                self._space.set()
-                self._space = anyio.Event()
+                self._wake = anyio.Event()
         finally:
-            if committing is not None and not committing.done.is_set():
-                # Stopped during its PUT or transaction: it may have committed.
-                committing.finish(OutcomeUnknown(f"partition {self.label}: the owner stopped mid-commit"))
             self.stop("the owner's commit loop stopped")
+            for round_, slot in out:
+                if slot.decided.is_set():
+                    round_.finish(slot.outcome)
+                elif self.rounds.withdraw(slot):
+                    not_sent = AppendFailed(f"partition {self.label}: the owner stopped")
+                    slot.decide(not_sent)
+                    round_.finish(not_sent)
+                else:
+                    # Stopped during its PUT or transaction: it may have committed.
+                    round_.finish(OutcomeUnknown(f"partition {self.label}: the owner stopped mid-commit"))
             for pending in self._rounds:
-                if pending is committing:
-                    continue
-                pending.finish(AppendFailed(f"partition {self.label}: the owner stopped"))
+                if not pending.done.is_set():
+                    pending.finish(AppendFailed(f"partition {self.label}: the owner stopped"))
             self._rounds.clear()
             self._space.set()
 
@@ -399,23 +435,33 @@ class PartitionOwner:
         """The owner key whose create revision is the epoch."""
         return self._own
 
+    def poke(self) -> None:
+        """One of this owner's rounds was decided: its loop looks again."""
+        self._wake.set()
+
     def mark_stale(self) -> None:
         """A round's outcome was not learned: re-read the next offset first."""
         self._stale = True
 
-    async def sequence(self, round_: _Round) -> bytes | AppendError:
-        """Give the round's batches their offsets, from the next one this
-        owner knows (re-read first after an unknown outcome): the round's
-        bytes in the stored format, else why it cannot be committed."""
+    async def sequence(self, round_: _Round, after: int | None = None) -> bytes | AppendError:
+        """Give the round's batches their offsets, from ``after`` (the end
+        of the partition's round before it, still out) or else from the
+        next one this owner knows (re-read first after an unknown outcome):
+        the round's bytes in the stored format, else why it cannot be
+        committed."""
         if self.lost is not None or not self.keeper.held():
             return self.lose(self.lost or f"lease {self.keeper.lease:x} is past its deadline")
-        if self._stale:
+        if after is not None:
+            base = after  # (an unknown outcome of that round breaks this one's chain)
+        elif self._stale:
             try:
                 if not await self._refresh():
                     return self.lose(f"epoch {self.epoch} no longer holds the partition")
             except EtcdError as exc:
                 return AppendFailed(f"could not re-read the next offset: {exc}")
-        parts, base = [], self.next_offset
+        if after is None:
+            base = self.next_offset
+        parts = []
         for item in round_.items:
             item.base = base
             parts.append(encode_stored(base, item.count, item.timestamp, item.batch))

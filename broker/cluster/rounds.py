@@ -1,14 +1,18 @@
 """A node's commit rounds: the rounds its partitions close together become
 one object and one etcd transaction (docs/cluster.md §5).
 
-Each ``PartitionOwner`` still sequences its own partition: it closes a
-round, hands it to ``RoundCommitter.commit`` and waits for the outcome
-before it closes the next, so a partition's offsets are assigned in order
-and one of its rounds is decided before the next is sent. The committer's
-runner takes every round waiting at that moment (a cluster store commits
-all its topics' pending batches at once, so one window's rounds arrive
-together), as many as one etcd transaction may hold, and commits them as
-one *group*:
+Each ``PartitionOwner`` still sequences its own partition: it hands its
+closed rounds to ``RoundCommitter.submit`` in order, at most two out at
+once; the second one's offsets follow the first's (``Slot.after``), its
+object is PUT while the first's transaction is out, and its transaction
+waits until the first is decided, so a partition's transactions go one
+at a time, in order. When the first is not committed the second is
+decided ``ChainBroken`` without being sent (its compare on the next
+offset would be refused, which would mean the partition was lost). The
+committer's runner takes every round waiting at that moment (a cluster
+store commits all its topics' pending batches at once, so one sync's
+rounds arrive together), one per partition and as many as one etcd
+transaction may hold, and commits them as one *group*:
 
 1. each partition's batches are laid out one run after another in one
    object ``data/{incarnation}/{round}``, PUT once with ``If-None-Match: *``;
@@ -43,7 +47,7 @@ from .entries import IndexEntry
 from .etcd import EtcdError, EtcdUnavailable, Op, TxnResult
 from .keys import object_name
 from .objects import ObjectStoreError
-from .outcomes import AppendError, AppendFailed, OutcomeUnknown
+from .outcomes import AppendError, AppendFailed, ChainBroken, OutcomeUnknown
 
 if TYPE_CHECKING:
     from .partition import PartitionOwner, _Round
@@ -84,25 +88,49 @@ class ObjectNames:
 
 
 @attrs.define(eq=False)
-class _Slot:
+class Slot:
     """One partition's round in a group."""
 
     owner: PartitionOwner
     round: _Round
+    #: The partition's round before this one, when it was still out as
+    #: this one was handed over: this one's offsets follow it, and its
+    #: transaction waits for it to be decided.
+    after: Slot | None = None
+    #: The partition's round after this one, if handed over meanwhile.
+    next: Slot | None = None
     entry: IndexEntry | None = None
     extra: list[Op] = attrs.field(factory=list)
     taken: bool = False
     outcome: AppendError | None = None
     decided: anyio.Event = attrs.field(factory=anyio.Event)
+    #: Set once the round has its offsets (``entry``) or is decided.
+    ready: anyio.Event = attrs.field(factory=anyio.Event)
 
     @property
     def writes(self) -> int:
         return 2 + (1 if self.round.named else 0)
 
     def decide(self, outcome: AppendError | None) -> None:
-        if not self.decided.is_set():
-            self.outcome = outcome
-            self.decided.set()
+        if self.decided.is_set():
+            return
+        self.outcome = outcome
+        self.decided.set()
+        self.ready.set()
+        self.owner.poke()
+        if outcome is not None and self.next is not None:
+            # Its offsets followed this round's: its compare on the next
+            # offset would be refused, which would mean the partition lost.
+            self.next.decide(
+                ChainBroken(f"partition {self.owner.label}: not sent, the round before it was not committed ({outcome})")
+            )
+
+    def end(self) -> int | None:
+        """The offset after this round while it is out (sequenced, not
+        decided): where the partition's next round starts."""
+        if self.decided.is_set() or self.entry is None:
+            return None
+        return self.entry.first + self.entry.count
 
 
 class RoundCommitter:
@@ -112,25 +140,44 @@ class RoundCommitter:
     what was committed: their ratio is the rounds each object carried."""
 
     def __init__(self) -> None:
-        self._waiting: list[_Slot] = []
+        self._waiting: list[Slot] = []
         self._wake = anyio.Event()
         #: Groups sent (one PUT each), rounds in them, PUTs tried again.
         self.groups = 0
         self.rounds = 0
         self.put_retries = 0
 
+    def submit(self, owner: PartitionOwner, round_: _Round, after: Slot | None = None) -> Slot:
+        """Hand ``owner``'s closed round over, to be committed with whatever
+        else is waiting; ``after`` is the partition's round before it if
+        that one is still out. The slot's ``decided`` is set once it is
+        (``outcome`` None: acknowledged)."""
+        slot = Slot(owner, round_, after)
+        if after is not None:
+            after.next = slot
+            if after.decided.is_set() and after.outcome is not None:
+                slot.decide(ChainBroken(f"partition {owner.label}: not sent, the round before it was not committed"))
+                return slot
+        self._waiting.append(slot)
+        self._wake.set()
+        return slot
+
+    def withdraw(self, slot: Slot) -> bool:
+        """Take a slot back that no group has taken yet: True if it was."""
+        if slot.taken or slot not in self._waiting:
+            return False
+        self._waiting.remove(slot)
+        return True
+
     async def commit(self, owner: PartitionOwner, round_: _Round) -> AppendError | None:
         """Commit ``owner``'s closed round with whatever else is waiting:
         None once acknowledged, else why not. Cancelled before its group
         is taken, the round is withdrawn; after, its group goes on."""
-        slot = _Slot(owner, round_)
-        self._waiting.append(slot)
-        self._wake.set()
+        slot = self.submit(owner, round_)
         try:
             await slot.decided.wait()
         finally:
-            if not slot.taken:
-                self._waiting.remove(slot)
+            self.withdraw(slot)
         return slot.outcome
 
     async def run(self) -> None:
@@ -153,12 +200,20 @@ class RoundCommitter:
                 slot.taken = True  # (so that its owner does not look for it)
                 slot.decide(AppendFailed(f"partition {slot.owner.label}: the node's committer stopped"))
 
-    def _take(self) -> list[_Slot]:
+    def _take(self) -> list[Slot]:
         """The first waiting round and those after it that still fit one
-        transaction and the group's bytes; the rest wait for the next."""
-        group: list[_Slot] = []
+        transaction and the group's bytes, one per partition (a partition's
+        later round goes in a later group); the rest wait for the next."""
+        group: list[Slot] = []
         writes = size = named = 0
+        seen: set[int] = set()  # owners with a round in this group, or one left waiting
         for slot in self._waiting:
+            if slot.decided.is_set():
+                slot.taken = True  # (decided while waiting: a broken chain) dropped
+                continue
+            if id(slot.owner) in seen:
+                continue
+            seen.add(id(slot.owner))
             if group and (
                 len(group) == MAX_GROUP
                 or writes + slot.writes > MAX_TXN_OPS
@@ -174,7 +229,7 @@ class RoundCommitter:
         self._waiting = [slot for slot in self._waiting if not slot.taken]
         return group
 
-    async def _commit_group(self, group: list[_Slot]) -> None:
+    async def _commit_group(self, group: list[Slot]) -> None:
         try:
             await self._write_and_commit(group)
         except Exception as exc:  # a fault between PUT and commit, or a bug: fail the rounds, go on
@@ -190,11 +245,15 @@ class RoundCommitter:
                     slot.owner.mark_stale()
                     slot.decide(OutcomeUnknown(f"partition {slot.owner.label}: the node stopped mid-commit"))
 
-    async def _write_and_commit(self, group: list[_Slot]) -> None:
-        live: list[_Slot] = []
+    async def _write_and_commit(self, group: list[Slot]) -> None:
+        live: list[Slot] = []
         parts: list[bytes] = []
         for slot in group:
-            sequenced = await slot.owner.sequence(slot.round)
+            if slot.after is not None:
+                await slot.after.ready.wait()  # sequenced (or decided) before this one
+            if slot.decided.is_set():
+                continue  # its chain broke meanwhile
+            sequenced = await slot.owner.sequence(slot.round, slot.after.end() if slot.after is not None else None)
             if isinstance(sequenced, AppendError):
                 slot.decide(sequenced)
             else:
@@ -209,6 +268,7 @@ class RoundCommitter:
         start = 0
         for slot, data in zip(live, parts, strict=True):
             slot.entry = slot.owner.entry_for(slot.round, name, start, len(data))
+            slot.ready.set()
             start += len(data)
         if failpoints.ARMED:  # a test facility (failpoints.py): once per partition's round
             for slot in live:
@@ -238,6 +298,11 @@ class RoundCommitter:
                 slot.extra = await slot.owner.ids_writes(slot.round)
             except EtcdError as exc:
                 slot.decide(AppendFailed(f"could not grant a dedup window lease: {exc}"))
+        # A partition's transactions go in order: this one's compare on the
+        # next offset holds only once the round before it has committed.
+        for slot in live:
+            if slot.after is not None:
+                await slot.after.decided.wait()
         live = [slot for slot in live if not slot.decided.is_set()]
         # Before the transaction: etcd's watch may tell this node's tail of
         # the entries before the transaction's own answer is read here. (If
@@ -278,7 +343,7 @@ class RoundCommitter:
             return attempt > 0 and await owner.store.get(name) == data
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _transact(self, live: list[_Slot], put_at: float, max_delay: float) -> None:
+    async def _transact(self, live: list[Slot], put_at: float, max_delay: float) -> None:
         """Send the group's transaction until every round in it is decided:
         committed, refused (its partition lost), or, past the tries or the
         deadline after the PUT, OutcomeUnknown."""
@@ -329,7 +394,7 @@ class RoundCommitter:
                 )
             )
 
-    async def _resolve(self, pending: list[_Slot]) -> list[_Slot]:
+    async def _resolve(self, pending: list[Slot]) -> list[Slot]:
         """After a lost answer: the rounds to send again (none when the
         transaction committed, or every round is decided otherwise)."""
         first = pending[0]
@@ -353,11 +418,11 @@ class RoundCommitter:
         return again
 
 
-def _refused(pending: list[_Slot], result: TxnResult) -> list[_Slot]:
+def _refused(pending: list[Slot], result: TxnResult) -> list[Slot]:
     """After a refused transaction: each round whose partition's compares
     failed is refused (its partition lost); the others, to send again. A
     refusal none of the reads explains refuses them all."""
-    again: list[_Slot] = []
+    again: list[Slot] = []
     for i, slot in enumerate(pending):
         assert slot.entry is not None
         refusal = slot.owner.refusal(slot.entry, result, 3 * i)
@@ -373,7 +438,7 @@ def _refused(pending: list[_Slot], result: TxnResult) -> list[_Slot]:
     return again
 
 
-def _hit(point: str, slot: _Slot) -> None:
+def _hit(point: str, slot: Slot) -> None:
     entry = slot.entry
     assert entry is not None
     failpoints.hit(point, topic=slot.owner.topic, object=entry.object, first=entry.first, count=entry.count)

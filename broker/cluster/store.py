@@ -74,8 +74,8 @@ from .lease import LeaseKeeper, LeaseLost
 from .members import Membership
 from .objects import ObjectStore, ObjectStoreError
 from .ownership import OwnershipManager
-from .outcomes import AppendError, NotOwner, OutcomeUnknown
-from .partition import DEFAULT_MAX_ROUND_BYTES, PartitionOwner
+from .outcomes import AppendError, ChainBroken, NotOwner, OutcomeUnknown
+from .partition import DEFAULT_MAX_ROUND_BYTES, PartitionOwner, _Round
 from .replay import DEFAULT_MAX_BYTES as DEFAULT_REPLAY_BYTES
 from .replay import DEFAULT_MAX_FETCHES, Replay, ReplayStatistics
 from .purge import PurgeError
@@ -209,7 +209,8 @@ class ClusterTopicLog:
         self.positioned = False
         #: (base, batch, count, timestamp) appended, not yet in a round.
         self.pending: list[tuple[int, bytes, int, int]] = []
-        self.committing = False
+        #: Syncs covering this log not yet released by the committer.
+        self.committing = 0
         #: The owner epoch whose committed end ``copy`` was found to match:
         #: appends are taken only then.
         self.ready_epoch = 0
@@ -508,18 +509,40 @@ class ClusterStore:
     def close(self) -> None:
         self._logs.clear()
 
+    #: The committer's syncs out at once: the next one's rounds are PUT
+    #: while the last one's transactions are out (docs/cluster.md §5).
+    sync_depth = 2
+
     async def sync(self) -> SyncResult:
-        """Commit every topic's pending batches (a round per topic, at once)."""
+        """Commit every topic's pending batches (a round per topic, at once).
+        Every round is handed to its owner before anything is awaited, so
+        that a partition's rounds are in sync order whatever overlaps. A
+        log stays ``committing`` until the committer has released this
+        sync's results (``on_released``): after a failure its appends are
+        refused until then, so that no later result's cut covers them."""
         failed: dict[str, tuple[int, StorageError]] = {}
         work = [log for log in self._logs.values() if log.pending]
         if self._orphans:
             work += [log for log in self._orphans if log.pending]
             self._orphans = []
-        async with trio.open_nursery() as nursery:
-            for log in work:
-                items, log.pending = log.pending, []
-                nursery.start_soon(self._commit, log, items, failed)
-        return SyncResult(Durability.DISK, failed)
+        submitted = []
+        for log in work:
+            items, log.pending = log.pending, []
+            log.committing += 1
+            submitted.append((log, self._submit(log, items)))
+
+        def released() -> None:
+            for log, _ in submitted:
+                log.committing -= 1
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for log, rounds in submitted:
+                    nursery.start_soon(self._settle, log, rounds, failed)
+        except BaseException:
+            released()
+            raise
+        return SyncResult(Durability.DISK, failed, on_released=released)
 
     def cluster_figures(self) -> ClusterFigures:
         manager = self.manager
@@ -592,41 +615,62 @@ class ClusterStore:
         where = f"owned by {info.node} at {addr}" if info is not None and addr else "without an owner yet"
         return NotOwnerError(f"topic {name!r} is {where}", topic=name, owner=addr, owner_url=url)
 
-    async def _commit(
-        self, log: ClusterTopicLog, items: list[tuple[int, bytes, int, int]], failed: dict[str, tuple[int, StorageError]]
-    ) -> None:
-        log.committing = True
-        try:
-            manager = self.manager
-            owner = manager.local(*self.address(log.name)) if manager is not None else None
-            start = 0
-            while start < len(items):
-                end, size = start, 0
-                while end < len(items) and (
-                    end == start or (size + len(items[end][1]) <= ROUND_BYTES and end - start < ROUND_BATCHES)
-                ):
-                    size += len(items[end][1])
-                    end += 1
-                chunk = items[start:end]
-                error = await self._commit_round(log, owner, chunk)
-                if error is not None:
-                    self._failed(log, chunk[0][0], error, owner, failed)
-                    return
-                self.commit_rounds += 1
-                start = end
-        finally:
-            log.committing = False
+    def _submit(self, log: ClusterTopicLog, items: list[tuple[int, bytes, int, int]]) -> _Submitted:
+        """Hand ``items`` to the partition's owner as rounds (of at most
+        ROUND_BYTES and ROUND_BATCHES), in order, without waiting: each
+        round's first offset and the round, or the error that stopped it
+        (the rounds after it are not handed over)."""
+        manager = self.manager
+        owner = manager.local(*self.address(log.name)) if manager is not None else None
+        rounds: list[tuple[int, _Round | StorageError]] = []
+        start = 0
+        while start < len(items):
+            end, size = start, 0
+            while end < len(items) and (
+                end == start or (size + len(items[end][1]) <= ROUND_BYTES and end - start < ROUND_BATCHES)
+            ):
+                size += len(items[end][1])
+                end += 1
+            chunk = items[start:end]
+            base = chunk[0][0]
+            if owner is None or owner.epoch != log.ready_epoch:
+                rounds.append((base, NotOwnerError(f"topic {log.name!r}: this node no longer owns it", topic=log.name)))
+                break
+            try:
+                round_ = owner.submit_round(
+                    [(batch, count, ts) for _, batch, count, ts in chunk], [_msg_id(batch) for _, batch, _, _ in chunk]
+                )
+            except NotOwner as exc:
+                rounds.append((base, self._not_owner(log.name, f"not stored: {exc}")))
+                break
+            rounds.append((base, round_))
+            start = end
+        return _Submitted(owner, rounds)
 
-    async def _commit_round(
-        self, log: ClusterTopicLog, owner: PartitionOwner | None, chunk: list[tuple[int, bytes, int, int]]
+    async def _settle(
+        self, log: ClusterTopicLog, submitted: _Submitted, failed: dict[str, tuple[int, StorageError]]
+    ) -> None:
+        """Wait for a log's rounds in order; at the first not committed, cut
+        the copy there and report it (once: the rounds after it are not
+        committed either)."""
+        owner = submitted.owner
+        for base, round_ in submitted.rounds:
+            error = round_ if isinstance(round_, StorageError) else await self._outcome(log, owner, base, round_)
+            if error is _CHAIN_BROKEN:
+                return  # the round before it failed, in an earlier sync that reported it
+            if error is not None:
+                self._failed(log, base, error, owner, failed)
+                return
+            self.commit_rounds += 1
+
+    async def _outcome(
+        self, log: ClusterTopicLog, owner: PartitionOwner | None, base: int, round_: _Round
     ) -> StorageError | None:
-        base = chunk[0][0]
-        if owner is None or owner.epoch != log.ready_epoch:
-            return NotOwnerError(f"topic {log.name!r}: this node no longer owns it", topic=log.name)
+        assert owner is not None  # (a round was submitted to it)
         try:
-            got = await owner.append_round(
-                [(batch, count, ts) for _, batch, count, ts in chunk], [_msg_id(batch) for _, batch, _, _ in chunk]
-            )
+            got = await owner.round_outcome(round_)
+        except ChainBroken:
+            return _CHAIN_BROKEN
         except NotOwner as exc:
             return self._not_owner(log.name, f"not stored: {exc}")
         except OutcomeUnknown as exc:
@@ -692,7 +736,10 @@ class ClusterStore:
         theirs are refused. The copy then takes what the follower reads."""
         self.logger.warning("cluster commit failed", topic=log.name, offset=cut, error=error.message)
         log.pending = []
-        log.copy.cut(cut)
+        if cut < log.copy.next_offset:
+            # (Two syncs out at once may both fail, the later one's rounds
+            # past the earlier one's cut, whichever is reported first.)
+            log.copy.cut(cut)
         log.ready_epoch = 0
         failed[log.name] = (cut, error)
         log.restart.cancel()
@@ -955,6 +1002,18 @@ class ClusterStore:
                 if info.floor:
                     self._apply_floor(log, info.floor)  # purged, perhaps by another node
             await manager.changed()
+
+
+@attrs.frozen
+class _Submitted:
+    """One sync's rounds of one log, handed to its owner (``_submit``)."""
+
+    owner: PartitionOwner | None
+    rounds: list[tuple[int, _Round | StorageError]]
+
+
+#: ``_outcome`` of a round whose chain broke (outcomes.ChainBroken).
+_CHAIN_BROKEN = StorageError("not sent: the round before it failed", full=False)
 
 
 def _msg_id(batch: bytes) -> str | None:

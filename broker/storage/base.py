@@ -7,7 +7,7 @@ can hand the stored bytes on without re-encoding them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import attrs
@@ -37,6 +37,10 @@ class SyncResult:
     #: Topics whose fsync failed, with the offset their log was cut back to
     #: (every batch appended at or after it is gone) and the error.
     failed: Mapping[str, tuple[int, StorageError]] = attrs.field(factory=dict)
+    #: Called by the committer once the round's results are released to
+    #: the router (a store whose syncs overlap keeps a failed topic's
+    #: appends refused until then: LogStore.sync_depth).
+    on_released: Callable[[], None] | None = None
 
 
 class TopicLog(Protocol):
@@ -139,6 +143,14 @@ class LogStore(Protocol):
     @property
     def sync_interval(self) -> float | None:
         """Seconds between :meth:`sync_interval_topics` calls, or None."""
+
+    @property
+    def sync_depth(self) -> int:
+        """Calls of :meth:`sync` the committer may have in flight at once
+        (1: one at a time). With more, it releases their results in call
+        order, and the store must keep a later call's failures from
+        covering batches appended after an earlier one's cut (by refusing
+        a failed topic's appends until ``SyncResult.on_released``)."""
 
     async def sync_interval_topics(self) -> None:
         """fsync what ``interval`` topics appended since the last call."""

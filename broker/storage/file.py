@@ -538,6 +538,9 @@ class FileStore:
             log.close()
         await trio.to_thread.run_sync(partial(shutil.rmtree, log.directory, ignore_errors=True))
 
+    #: One fsync round at a time (the committer's rounds do not overlap).
+    sync_depth = 1
+
     @property
     def sync_interval(self) -> float | None:
         """Seconds between fsyncs for ``interval`` topics (the shortest)."""

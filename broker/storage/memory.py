@@ -183,6 +183,7 @@ class MemoryStore:
         return SyncResult(Durability.MEMORY)
 
     sync_interval = None
+    sync_depth = 1
     #: Memory does not fill up the way a disk does (retention evicts).
     problem = None
 
