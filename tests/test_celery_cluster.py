@@ -13,8 +13,6 @@ hands when the owner died come again)."""
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -27,8 +25,8 @@ import pybroker  # noqa: E402
 from pybroker.contrib.kombu import queue_topic  # noqa: E402
 from pybroker.protocol import Error, ErrorCode, StartKind, SubAck, Subscribe  # noqa: E402
 
-from helpers.cluster_broker import hello, servers, urls  # noqa: E402,F401 (servers, urls: fixtures)
-from helpers.procs import BrokerProcess, broker_process  # noqa: E402
+from helpers.cluster_broker import cluster_processes, hello, servers, urls  # noqa: E402,F401 (servers, urls: fixtures)
+from helpers.procs import BrokerProcess  # noqa: E402
 from helpers.raw import raw_client  # noqa: E402
 from helpers.restarts import FAST  # noqa: E402
 from helpers.taskworkers import REPORTS, reports  # noqa: E402
@@ -41,20 +39,6 @@ TASKS = 60
 #: Bound on a task batch's reports: a take-over (the 3 s lease) and the
 #: clients' reconnection backoff on a shared 2-core machine.
 DONE_WITHIN = 90.0
-
-
-@asynccontextmanager
-async def two_nodes(urls: dict[str, str], tmp_path: Path) -> AsyncIterator[list[BrokerProcess]]:
-    """Two ``pybroker serve --cluster`` processes, started, with a 3 s
-    member lease (the default 10 s would only lengthen the take-over)."""
-    flags = ("--cluster", urls["cluster"], "--object-store", urls["object_store"], "--no-http", "--cluster-lease-ttl", "3")
-    async with (
-        broker_process(tmp_path / "d1", tmp_path, *flags) as one,
-        broker_process(tmp_path / "d2", tmp_path, *flags) as two,
-    ):
-        await one.start()
-        await two.start()
-        yield [one, two]
 
 
 async def group_owner(nodes: list[BrokerProcess], topic: str) -> BrokerProcess:
@@ -76,7 +60,7 @@ async def group_owner(nodes: list[BrokerProcess], topic: str) -> BrokerProcess:
 async def test_a_worker_and_a_sender_carry_on_when_the_queues_owner_is_killed(
     urls: dict[str, str], tmp_path: Path
 ) -> None:
-    async with two_nodes(urls, tmp_path) as nodes:
+    async with cluster_processes(urls, tmp_path) as nodes:
         addrs = [node.url.removeprefix("pybroker://") for node in nodes]
         failover = ";".join(f"pybroker://{addr}" for addr in addrs)  # kombu's failover URL
         every = "pybroker://" + ",".join(addrs)

@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
     WAIT,
     cluster_node,
+    cluster_processes,
     hello,
     publish_to_owner,
     servers,
@@ -36,7 +37,7 @@ from helpers.cluster_broker import (  # noqa: F401 (servers, urls: fixtures)
     wait_for,
 )
 from helpers.http import assert_error, in_thread, post_json, request
-from helpers.procs import PYBROKER, broker_process, child_env
+from helpers.procs import PYBROKER, child_env
 from helpers.raw import RawClient, raw_client
 from pybroker.protocol import (
     Deliver,
@@ -496,16 +497,8 @@ async def test_kill_9_of_the_owner_process_loses_no_acknowledged_message(
     SIGKILLed (its lease then runs out: 3 s here, 10 s by default); the survivor takes the topic
     over and serves every acknowledged message, and publishing goes on at
     the next offset."""
-    # A 3 s lease: the take-over waits for it to run out (the default 10 s
-    # would add 7 s to the suite and show nothing more).
-    flags = ("--cluster", urls["cluster"], "--object-store", urls["object_store"], "--no-http", "--cluster-lease-ttl", "3")
-    async with (
-        broker_process(tmp_path / "d1", tmp_path, *flags) as one,
-        broker_process(tmp_path / "d2", tmp_path, *flags) as two,
-    ):
-        await one.start()
-        await two.start()
-        procs = {one.url.removeprefix("pybroker://"): one, two.url.removeprefix("pybroker://"): two}
+    async with cluster_processes(urls, tmp_path) as started:
+        procs = {proc.url.removeprefix("pybroker://"): proc for proc in started}
         addrs = list(procs)
         acked: list[int] = []
         for i in range(20):

@@ -9,8 +9,9 @@ and reach a topic's owner. A test module uses them with
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,12 @@ import pytest
 import trio
 
 from helpers.cluster import Server as Process
+from helpers.procs import BrokerProcess, broker_process
 from helpers.raw import RawClient, raw_client
 from pybroker.protocol import Error, ErrorCode, PubAck, Publish, RefKind, encode_batch
+from pybroker.server.cluster.etcd import Etcd
+from pybroker.server.cluster.keys import ClusterKeys
+from pybroker.server.cluster.ranking import first
 from pybroker.server.cluster.store import ClusterStore
 from pybroker.server.server import Server
 from pybroker.server.testing import running_broker
@@ -178,3 +183,34 @@ async def publish_to_owner(
             else:
                 target = live[0]
                 await trio.sleep(0.05)  # no owner (or a dead one): again shortly
+
+
+@asynccontextmanager
+async def cluster_processes(urls: Mapping[str, str], tmp_path: Path, count: int = 2) -> AsyncIterator[list[BrokerProcess]]:
+    """``count`` ``pybroker serve --cluster`` processes, started, as users
+    start them. A 3 s member lease: a take-over after a SIGKILL waits for
+    it to run out (the default 10 s would only lengthen the tests)."""
+    flags = ("--cluster", urls["cluster"], "--object-store", urls["object_store"], "--no-http", "--cluster-lease-ttl", "3")
+    async with AsyncExitStack() as stack:
+        procs = [
+            await stack.enter_async_context(broker_process(tmp_path / f"d{i + 1}", tmp_path, *flags)) for i in range(count)
+        ]
+        for proc in procs:
+            await proc.start()
+        yield procs
+
+
+async def ranked_owners(etcd: Etcd, keys: ClusterKeys, topic: str, partitions: int = 1) -> list[tuple[str, int] | None]:
+    """Each partition's owner, (address, member lease), as etcd's ``own/``
+    key says, where it is the member the ranking puts first; else None (a
+    hand-over is due: right after a topic is made, or a node joins, the
+    partition may still move)."""
+    kvs = [await etcd.get(keys.own(topic, p)) for p in range(partitions)]
+    found = await etcd.get_prefix(keys.members_prefix)
+    members = {keys.name_of(keys.members_prefix, m.key): json.loads(m.value)["addr"] for m in found.kvs}
+    owners: list[tuple[str, int] | None] = []
+    for p, kv in enumerate(kvs):
+        addr = json.loads(kv.value).get("addr") if kv is not None else None
+        ranked = members.get(first(set(members), topic, p) or "")
+        owners.append((addr, kv.lease) if kv is not None and addr and ranked == addr else None)
+    return owners

@@ -33,6 +33,7 @@ import trio
 
 from helpers.cluster import Server as Process
 from helpers.cluster import etcd_cluster, restart, weed_server
+from helpers.cluster_broker import ranked_owners
 from helpers.history import HistoryWriter
 from helpers.procs import BrokerProcess, broker_process
 from helpers.raw import RawClient
@@ -170,15 +171,7 @@ class Cluster:
         a hand-over is due; a restarted node takes back what it ranks first
         for)."""
         async with Etcd(self.servers.etcd_urls) as etcd:
-            kvs = [await etcd.get(self.keys.own(self.topic, p)) for p in range(self.partitions)]
-            found = await etcd.get_prefix(self.keys.members_prefix)
-        members = {self.keys.name_of(self.keys.members_prefix, m.key): json.loads(m.value)["addr"] for m in found.kvs}
-        owners: list[tuple[str, int] | None] = []
-        for p, kv in enumerate(kvs):
-            addr = json.loads(kv.value).get("addr") if kv is not None else None
-            ranked = members.get(first(set(members), self.topic, p) or "")
-            owners.append((addr, kv.lease) if kv is not None and addr and ranked == addr else None)
-        return owners
+            return await ranked_owners(etcd, self.keys, self.topic, self.partitions)
 
     def settled(self, partition: int, owner: tuple[str, int] | None) -> bool:
         """Whether ``owner`` is a running broker's and the partition's last
