@@ -409,3 +409,40 @@ async def test_a_round_after_one_not_committed_is_not_sent(node: Node) -> None:
             nursery.cancel_scope.cancel()
         assert [(e.first, e.count) for e in await node.entries(0)] == [(0, 1)]
         assert await node.read(0) == [again]
+
+
+async def test_a_round_queued_behind_a_failed_one_is_not_sent_at_other_offsets(node: Node) -> None:
+    """Three rounds of one sync, appended at offsets 0, 3 and 5: two are
+    out at once, the third waits. The first is refused by etcd: the second
+    is ChainBroken, and the third, handed over only then, would start at 0,
+    not where it was appended: it fails unsent rather than be stored at
+    offsets its appender never gave it (whose publishers the store refuses
+    with the first). A round appended at 0 then commits there."""
+    with trio.fail_after(WAIT):
+        await node.own([0])
+        owner = node.owners[0]
+        before = node.etcd.txns
+        gate = trio.Event()
+        node.etcd.hold = gate
+        node.etcd.refuse = True
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.rounds.run)
+            nursery.start_soon(owner.run)
+            await trio.testing.wait_all_tasks_blocked()
+            batches = [batch_of("a", 3), batch_of("b", 2), batch_of("c", 1)]
+            rounds = [
+                owner.submit_round([(b, check_batch(b)[0], 0)], base=base) for b, base in zip(batches, (0, 3, 5), strict=True)
+            ]
+            await node.etcd.held.wait()
+            gate.set()
+            with pytest.raises(AppendFailed, match="etcd refused"):
+                await owner.round_outcome(rounds[0])
+            with pytest.raises(ChainBroken):
+                await owner.round_outcome(rounds[1])
+            with pytest.raises(AppendFailed, match="would start at 0, not at 5"):
+                await owner.round_outcome(rounds[2])
+            assert node.etcd.txns - before == 1  # only the refused one was sent
+            again = batch_of("again", 1)
+            assert await owner.round_outcome(owner.submit_round([(again, 1, 0)], base=0)) == 0
+            nursery.cancel_scope.cancel()
+        assert await node.read(0) == [again]

@@ -81,6 +81,9 @@ class _Pending:
 @attrs.define(eq=False)
 class _Round:
     opened: float
+    #: Where its appender put its batches (``submit_round``): it is sent
+    #: only at that offset.
+    expected: int | None = None
     items: list[_Pending] = attrs.field(factory=list)
     size: int = 0
     #: Batches with a broker msg-id (all in one ``ids/`` put).
@@ -316,14 +319,19 @@ class PartitionOwner:
                 await self._space.wait()
         return await self.round_outcome(self.submit_round(batches, names))
 
-    def submit_round(self, batches: list[tuple[bytes, int, int]], names: Sequence[str | None] | None = None) -> _Round:
+    def submit_round(
+        self, batches: list[tuple[bytes, int, int]], names: Sequence[str | None] | None = None, base: int | None = None
+    ) -> _Round:
         """``append_round``'s first half, without waiting: the round is
         queued behind every round submitted before it (NotOwner when this
         owner takes none); ``round_outcome`` waits for it. A cluster store
         submits all of a sync's rounds at once, so that a later sync's
-        cannot come between them."""
+        cannot come between them. With ``base`` (the offset the appender
+        gave its first batch) it is committed there or not at all: after a
+        round before it failed, its offsets would move, and it fails
+        unsent instead (AppendFailed)."""
         self._check_owning()
-        round_ = _Round(anyio.current_time())
+        round_ = _Round(anyio.current_time(), base)
         round_.items = [_Pending(batch, count, timestamp) for batch, count, timestamp in batches]
         if names is not None:
             for item, name in zip(round_.items, names, strict=True):
@@ -461,6 +469,11 @@ class PartitionOwner:
                 return AppendFailed(f"could not re-read the next offset: {exc}")
         if after is None:
             base = self.next_offset
+        if round_.expected is not None and base != round_.expected:
+            return AppendFailed(
+                f"partition {self.label}: not sent: its offsets would start at {base}, "
+                f"not at {round_.expected} where they were appended (a round before it failed)"
+            )
         parts = []
         for item in round_.items:
             item.base = base

@@ -638,7 +638,7 @@ class ClusterStore:
                 break
             try:
                 round_ = owner.submit_round(
-                    [(batch, count, ts) for _, batch, count, ts in chunk], [_msg_id(batch) for _, batch, _, _ in chunk]
+                    [(batch, count, ts) for _, batch, count, ts in chunk], [_msg_id(batch) for _, batch, _, _ in chunk], base
                 )
             except NotOwner as exc:
                 rounds.append((base, self._not_owner(log.name, f"not stored: {exc}")))
